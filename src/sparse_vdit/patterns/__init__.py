@@ -1,0 +1,23 @@
+"""Patterns: per-head rules that become block tables (see DESIGN.md, "Pattern definitions")."""
+
+from .band import diagonal, multi_diagonal, spatial, temporal
+from .base import Pattern, head_rows, pattern_names
+from .fixed import dense, skip
+from .table import DEFAULT_BLOCK, BlockTable, compile_layer
+from .vertical import vertical
+
+__all__ = [
+    "DEFAULT_BLOCK",
+    "BlockTable",
+    "Pattern",
+    "compile_layer",
+    "dense",
+    "diagonal",
+    "head_rows",
+    "multi_diagonal",
+    "pattern_names",
+    "skip",
+    "spatial",
+    "temporal",
+    "vertical",
+]

@@ -1,0 +1,172 @@
+"""A pattern: one head's rule for which key blocks each query block visits.
+
+Each pattern family describes a head's rows as a few key-block intervals per query block
+(:func:`register` below); :func:`head_rows` merges them into the compiled form, a count and an
+ascending list of key-block indices per query block, without ever forming a dense mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+from ..layout import VideoLayout
+
+# name -> (interval builder, needs token-major order)
+_FAMILIES: dict[str, tuple[Callable, bool]] = {}
+
+
+def register(name: str, token_major: bool = False):
+    """Register an interval builder ``fn(pattern, geometry) -> (lo, hi)`` of shape [Qb, m]."""
+
+    def wrap(fn):
+        _FAMILIES[name] = (fn, token_major)
+        return fn
+
+    return wrap
+
+
+def pattern_names() -> tuple[str, ...]:
+    return tuple(_FAMILIES)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One head's pattern and its parameters (layout-relative units; see DESIGN.md).
+
+    Build them with the named functions (``dense()``, ``diagonal(1.0)``, ...), not directly.
+    ``width`` is in frames for frame-major patterns and a fraction of the video for token-major
+    ones; ``columns`` are ``(start, end)`` ranges of the video in frames.
+    """
+
+    name: str
+    width: float = 0.0
+    columns: tuple[tuple[float, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.name not in _FAMILIES:
+            raise ValueError(f"unknown pattern {self.name!r}; known: {', '.join(_FAMILIES)}")
+        if not self.width >= 0:
+            raise ValueError(f"pattern {self.name}: width must be >= 0, got {self.width!r}")
+        for lo, hi in self.columns:
+            if not 0 <= lo < hi:
+                raise ValueError(f"pattern {self.name}: column range ({lo}, {hi}) must satisfy 0 <= start < end")
+
+    @property
+    def token_major(self) -> bool:
+        """Whether the head's tokens are permuted to token-major order before attention."""
+        return _FAMILIES[self.name][1]
+
+    def to_dict(self) -> dict:
+        out: dict = {"name": self.name}
+        if self.width:
+            out["width"] = self.width
+        if self.columns:
+            out["columns"] = [list(c) for c in self.columns]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Pattern:
+        unknown = set(data) - {"name", "width", "columns"}
+        if unknown:
+            raise ValueError(f"pattern {data.get('name')!r}: unknown parameters {sorted(unknown)}")
+        if "name" not in data:
+            raise ValueError(f"pattern without a name: {data}")
+        columns = tuple((float(lo), float(hi)) for lo, hi in data.get("columns", ()))
+        return cls(str(data["name"]), float(data.get("width", 0.0)), columns)
+
+    def __str__(self) -> str:
+        args = [f"{self.width:g}"] if self.width else []
+        args += [f"{lo:g}-{hi:g}" for lo, hi in self.columns]
+        return f"{self.name}({', '.join(args)})"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Block geometry of one layout: what interval builders need."""
+
+    layout: VideoLayout
+    block: int
+
+    @property
+    def num_q_blocks(self) -> int:
+        return -(-self.layout.num_tokens // self.block)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return -(-self.layout.kv_len // self.block)
+
+    def centres(self, count: int) -> torch.Tensor:
+        """Centre (in sequence positions) of the first ``count`` blocks; the last may be ragged."""
+        start = torch.arange(count, dtype=torch.float64) * self.block
+        end = torch.clamp(start + self.block, max=self.layout.num_tokens)
+        return (start + end - 1) / 2
+
+    def token_blocks(self, start: int, end: int, limit: int) -> tuple[int, int]:
+        """Key-block interval covering sequence tokens ``[start, end)``, clipped to ``limit`` blocks."""
+        if end <= start:
+            return 0, 0
+        return min(start // self.block, limit), min(-(-end // self.block), limit)
+
+
+def band(geometry: Geometry, half_width: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key blocks whose centre lies within ``half_width`` tokens of the query block's centre."""
+    cq = geometry.centres(geometry.num_q_blocks)
+    ck = geometry.centres(geometry.num_kv_blocks)
+    lo = torch.searchsorted(ck, cq - half_width - 1e-6, right=False)
+    hi = torch.searchsorted(ck, cq + half_width + 1e-6, right=True)
+    return lo[:, None], hi[:, None]
+
+
+def text_intervals(geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """DESIGN.md text rules: text query blocks visit every key; every query visits the text keys."""
+    layout, qb, kb = geometry.layout, geometry.num_q_blocks, geometry.num_kv_blocks
+    lo = torch.zeros(qb, 2, dtype=torch.long)
+    hi = torch.zeros(qb, 2, dtype=torch.long)
+    if layout.text == 0:
+        return lo, hi
+    valid = layout.text if layout.text_valid is None else layout.text_valid
+    lo[:, 0], hi[:, 0] = geometry.token_blocks(layout.text_start, layout.text_start + valid, kb)
+    q_lo, q_hi = geometry.token_blocks(layout.text_start, layout.text_start + layout.text, qb)
+    hi[q_lo:q_hi, 1] = kb
+    return lo, hi
+
+
+def merge_intervals(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Union of ``m`` intervals per row -> (count [Qb], ascending indices [Qb, max_count]).
+
+    Unused slots repeat the row's last index (or 0 for an empty row), so every slot is a valid
+    key-block index, as FlexAttention and FlashAttention-4 require.
+    """
+    hi = torch.maximum(hi, lo)
+    lo, order = torch.sort(lo, dim=1)
+    hi = torch.gather(hi, 1, order)
+    covered = torch.cummax(hi, dim=1).values
+    previous = torch.cat([torch.zeros_like(covered[:, :1]), covered[:, :-1]], dim=1)
+    start = torch.maximum(lo, previous)
+    length = torch.clamp(hi - start, min=0)
+    ends = torch.cumsum(length, dim=1)
+    count = ends[:, -1]
+    width = max(int(count.max()) if count.numel() else 0, 1)
+    slot = torch.arange(width).expand(len(count), width).contiguous()
+    which = torch.searchsorted(ends, slot, right=True).clamp(max=lo.shape[1] - 1)
+    index = torch.gather(start, 1, which) + slot - (torch.gather(ends, 1, which) - torch.gather(length, 1, which))
+    last = torch.gather(index, 1, (count - 1).clamp(min=0)[:, None])
+    index = torch.where(slot < count[:, None], index, last)
+    index = torch.where(count[:, None] > 0, index, torch.zeros_like(index))
+    return count.to(torch.int32), index.to(torch.int32)
+
+
+@lru_cache(maxsize=512)
+def head_rows(pattern: Pattern, layout: VideoLayout, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compiled rows of one head: (kv_num_blocks [Qb], kv_indices [Qb, max_visited]), on the CPU."""
+    geometry = Geometry(layout, block)
+    builder, _ = _FAMILIES[pattern.name]
+    lo, hi = builder(pattern, geometry)
+    if pattern.name != "skip":
+        text_lo, text_hi = text_intervals(geometry)
+        lo, hi = torch.cat([lo, text_lo], 1), torch.cat([hi, text_hi], 1)
+    return merge_intervals(lo, hi)
