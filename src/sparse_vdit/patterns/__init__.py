@@ -2,6 +2,7 @@
 
 from .band import diagonal, multi_diagonal, spatial, temporal
 from .base import Pattern, head_rows, pattern_names
+from .draw import draw_pattern, draw_table
 from .fixed import dense, skip
 from .table import DEFAULT_BLOCK, BlockTable, compile_layer
 from .vertical import vertical
@@ -13,6 +14,8 @@ __all__ = [
     "compile_layer",
     "dense",
     "diagonal",
+    "draw_pattern",
+    "draw_table",
     "head_rows",
     "multi_diagonal",
     "pattern_names",

@@ -97,8 +97,10 @@ def compile_layer(
 ) -> BlockTable:
     """Build the block table of a layer from one pattern per head; cached.
 
-    Heads that share a pattern share its rows (built once per layout); the result is padded to
-    the layer's largest visited count, so memory is O(heads x query blocks x visited blocks).
+    Each distinct pattern's rows are built once per layout and kept on ``device``; a layer's
+    table stacks them, padded to the layer's largest visited count, so its memory is
+    ``4 x heads x query blocks x max visited`` bytes (O(heads x query blocks x visited blocks)).
+    The last 128 layer tables stay cached.
     """
     patterns = tuple(patterns)
     if not patterns:
@@ -111,17 +113,17 @@ def compile_layer(
     return _compile(patterns, layout, block_size, torch.device(device))
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=1024)
+def _device_rows(pattern: Pattern, layout: VideoLayout, block: int, device: torch.device):
+    count, index = head_rows(pattern, layout, block)
+    return count.to(device), index.to(device)
+
+
+@lru_cache(maxsize=128)
 def _compile(patterns: tuple[Pattern, ...], layout: VideoLayout, block: int, device: torch.device) -> BlockTable:
-    rows = {p: head_rows(p, layout, block) for p in set(patterns)}
-    width = max(index.shape[1] for _, index in rows.values())
-    qb = -(-layout.num_tokens // block)
-    counts = torch.empty(len(patterns), qb, dtype=torch.int32)
-    indices = torch.empty(len(patterns), qb, width, dtype=torch.int32)
-    for h, p in enumerate(patterns):
-        count, index = rows[p]
-        counts[h] = count
-        indices[h, :, : index.shape[1]] = index
-        indices[h, :, index.shape[1] :] = index[:, -1:]
-    token_major = torch.tensor([p.token_major for p in patterns], dtype=torch.bool)
-    return BlockTable(layout, block, patterns, counts.to(device), indices.to(device), token_major.to(device))
+    rows = [_device_rows(p, layout, block, device) for p in patterns]
+    width = max(index.shape[1] for _, index in rows)
+    counts = torch.stack([count for count, _ in rows])
+    indices = torch.stack([torch.cat([index, index[:, -1:].expand(-1, width - index.shape[1])], 1) for _, index in rows])
+    token_major = torch.tensor([p.token_major for p in patterns], dtype=torch.bool, device=device)
+    return BlockTable(layout, block, patterns, counts, indices, token_major)

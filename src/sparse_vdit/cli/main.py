@@ -1,0 +1,28 @@
+"""`sparse-vdit` command line: one subcommand per module of this package."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> (module under sparse_vdit.cli, one-line help)
+SUBCOMMANDS = {
+    "demo": ("demo", "the main job: what sparse-vdit does, end to end, on this machine"),
+    "check": ("check", "every pattern through every available backend, checked against the reference"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sparse-vdit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        importlib.import_module(f"sparse_vdit.cli.{module}").add_arguments(sub.add_parser(name, help=help_text))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return importlib.import_module(f"sparse_vdit.cli.{SUBCOMMANDS[args.command][0]}").run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

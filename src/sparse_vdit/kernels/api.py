@@ -1,0 +1,213 @@
+"""`sparse_attention`: the one entry point to every backend, with checks and head reordering."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from functools import lru_cache
+
+import torch
+
+from ..patterns.table import BlockTable
+from . import dense
+
+logger = logging.getLogger("sparse_vdit")
+
+BACKENDS = ("auto", "reference", "flex", "fa4", "triton")
+FAST_HEAD_DIMS = (64, 128)
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: BlockTable,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Block-sparse self-attention of one layer, every head in one kernel launch.
+
+    Args:
+        q, k, v: ``(batch, seq, heads, head_dim)`` tensors of one dtype (bf16, fp16 or fp32) on
+            one device; ``seq`` must equal ``table.layout.num_tokens`` and ``heads`` the table's.
+        table: the layer's :class:`~sparse_vdit.patterns.BlockTable` (``compile_layer``); moved
+            to the tensors' device if needed (cached).
+        softmax_scale: defaults to ``head_dim ** -0.5``.
+        backend: ``"fa4"`` (FlashAttention-4 block sparsity, Hopper/Blackwell), ``"triton"``
+            (ours), ``"flex"`` (FlexAttention), ``"reference"`` (plain torch, any device), or
+            ``"auto"``: the fastest one available, said once in the ``sparse_vdit`` log.
+
+    Heads whose pattern needs token-major order are permuted together in one gather before the
+    kernel and scattered back after it. Padded text keys (``layout.kv_len``) are never attended;
+    a query row that visits no key block (``skip`` heads) comes out exactly zero.
+
+    Returns:
+        ``(batch, seq, heads, head_dim)`` output in the dtype of ``q``.
+    """
+    scale = _check(q, k, v, table, softmax_scale)
+    name = resolve_backend(backend, q)
+    table = table if table.device == q.device else table.to(q.device)
+    layout = table.layout
+    if table.all_skip:
+        return torch.zeros_like(q)
+    if table.all_dense and backend != "reference":
+        return dense.forward(q, k, v, kv_len=layout.kv_len, softmax_scale=scale, use_fa4=name == "fa4")
+    to_order, from_order = _head_orders(table)
+    return torch.ops.sparse_vdit.sparse_attention(
+        q, k, v, table.kv_num_blocks, table.kv_indices, to_order, from_order,
+        table.block_size, layout.kv_len, scale, name,
+    )  # fmt: skip
+
+
+def _check(q, k, v, table, softmax_scale) -> float:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(table, BlockTable):
+        raise TypeError(f"table must be a BlockTable (sparse_vdit.patterns.compile_layer), got {type(table).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be (batch, seq, heads, head_dim), got shape {tuple(q.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"dtype {q.dtype} not supported; use one of {[str(d) for d in _DTYPES]}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    _, seq, heads, dim = q.shape
+    if seq != table.layout.num_tokens:
+        raise ValueError(
+            f"sequence length {seq} does not match the table's layout "
+            f"({table.layout.describe()} = {table.layout.num_tokens} tokens): table built for another layout"
+        )
+    if heads != table.num_heads:
+        raise ValueError(f"{heads} heads in q but the table has {table.num_heads}")
+    if dim > 256 or dim % 8:
+        raise ValueError(f"head_dim {dim} not supported (a multiple of 8, at most 256)")
+    if softmax_scale is None:
+        return dim**-0.5
+    if not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be positive, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def _backend_module(name: str):
+    return importlib.import_module(f"sparse_vdit.kernels.{name}")
+
+
+def _input_problem(name: str, dtype: torch.dtype, head_dim: int) -> str | None:
+    if name == "reference":
+        return None
+    if head_dim not in FAST_HEAD_DIMS:
+        return f"backend {name!r} supports head dims {FAST_HEAD_DIMS}, not {head_dim}"
+    if name == "fa4" and dtype == torch.float32:
+        return "backend 'fa4' needs bf16 or fp16 inputs, not float32"
+    return None
+
+
+@lru_cache(maxsize=None)
+def _availability(name: str, device: torch.device) -> tuple[bool, str]:
+    if name == "reference":
+        return True, "plain torch"
+    if device.type != "cuda":
+        return False, f"{name} needs a CUDA GPU, tensors are on {device}"
+    try:
+        module = _backend_module(name)
+    except ImportError as err:
+        return False, f"sparse_vdit.kernels.{name} could not be imported ({err})"
+    return module.is_available(device)
+
+
+_AUTO_ORDER = ("fa4", "triton", "flex", "reference")
+
+
+@lru_cache(maxsize=None)
+def _auto(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, str]:
+    """The first usable backend of ``_AUTO_ORDER`` and why the ones before it were passed over."""
+    reasons = []
+    for name in _AUTO_ORDER:
+        problem = _input_problem(name, dtype, head_dim)
+        ok, why = (False, problem) if problem else _availability(name, device)
+        if ok:
+            return name, "; ".join(reasons)
+        reasons.append(f"{name}: {why}")
+    raise AssertionError("the reference backend is always available")
+
+
+_SAID: set = set()
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """The backend ``backend`` names for tensors like ``q`` (``auto`` resolved; availability checked)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    device = q.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if backend == "auto":
+        name, skipped = _auto(device, q.dtype, q.shape[-1])
+        key = (device, q.dtype, q.shape[-1])
+        if key not in _SAID and not torch.compiler.is_compiling():
+            _SAID.add(key)
+            logger.warning(
+                "sparse_vdit: backend 'auto' uses %r for %s head_dim=%d on %s%s",
+                name, str(q.dtype).removeprefix("torch."), q.shape[-1], device, f" ({skipped})" if skipped else "",
+            )  # fmt: skip
+        return name
+    problem = _input_problem(backend, q.dtype, q.shape[-1])
+    if problem:
+        raise ValueError(problem)
+    ok, why = _availability(backend, device)
+    if not ok:
+        raise RuntimeError(f"backend {backend!r} is not available: {why}")
+    return backend
+
+
+@lru_cache(maxsize=256)
+def _head_orders(table: BlockTable) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Flat gather indices over ``seq * heads`` that put token-major heads in their order and back."""
+    heads = table.token_major
+    if not table.token_major_heads:
+        return None, None
+    n, h = table.layout.num_tokens, table.num_heads
+    base = torch.arange(n, device=table.device)[:, None] * h + torch.arange(h, device=table.device)
+    perm = table.layout.token_major_order(table.device)[:, None] * h + torch.arange(h, device=table.device)
+    inverse = table.layout.frame_major_order(table.device)[:, None] * h + torch.arange(h, device=table.device)
+    to_order = torch.where(heads[None, :], perm, base).flatten()
+    from_order = torch.where(heads[None, :], inverse, base).flatten()
+    return to_order, from_order
+
+
+def _reorder(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    if order is None:
+        return x
+    b, n, h, d = x.shape
+    return x.reshape(b, n * h, d).index_select(1, order).view(b, n, h, d)
+
+
+@torch.library.custom_op("sparse_vdit::sparse_attention", mutates_args=())
+def _sparse_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    to_order: torch.Tensor | None,
+    from_order: torch.Tensor | None,
+    block_size: int,
+    kv_len: int,
+    softmax_scale: float,
+    backend: str,
+) -> torch.Tensor:
+    q, k, v = (_reorder(t, to_order) for t in (q, k, v))
+    out = _backend_module(backend).forward(
+        q, k, v, kv_num_blocks, kv_indices, block_size=block_size, kv_len=kv_len, softmax_scale=softmax_scale
+    )
+    return _reorder(out, from_order)
+
+
+@_sparse_attention_op.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, to_order, from_order, block_size, kv_len, softmax_scale, backend):
+    return torch.empty_like(q)

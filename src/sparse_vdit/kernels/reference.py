@@ -1,0 +1,41 @@
+"""Plain-torch block-sparse attention: the oracle every other backend is checked against."""
+
+from __future__ import annotations
+
+import torch
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    *,
+    block_size: int,
+    kv_len: int,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Block-sparse attention on ``[B, N, H, D]`` tensors in float32 (float64 for float64 input).
+
+    One query block at a time: scores against every key, then the keys outside the block's
+    visited key blocks (or at/after ``kv_len``) are masked out. A row that visits nothing is zero.
+    """
+    batch, n, heads, _ = q.shape
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = (t.transpose(1, 2).to(compute) for t in (q, k[:, :kv_len], v[:, :kv_len]))
+    out = torch.zeros(batch, heads, n, v.shape[-1], dtype=compute, device=q.device)
+    num_kv_blocks = -(-kv_len // block_size)
+    slots = torch.arange(kv_indices.shape[-1], device=q.device)
+    for i in range(kv_num_blocks.shape[1]):
+        rows = slice(i * block_size, min((i + 1) * block_size, n))
+        visited = torch.zeros(heads, num_kv_blocks + 1, dtype=torch.bool, device=q.device)
+        used = slots[None, :] < kv_num_blocks[:, i, None]
+        index = torch.where(used, kv_indices[:, i].long(), num_kv_blocks)  # unused -> spare column
+        visited.scatter_(1, index, True)
+        keys = visited[:, :num_kv_blocks].repeat_interleave(block_size, dim=1)[:, :kv_len]
+        scores = (qf[:, :, rows] @ kf.transpose(-1, -2)) * softmax_scale
+        scores = scores.masked_fill(~keys[None, :, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key: all -inf -> 0
+        out[:, :, rows] = probs @ vf
+    return out.transpose(1, 2).to(q.dtype)

@@ -1,0 +1,71 @@
+"""Slow, obviously-correct oracles shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_vdit.layout import VideoLayout
+from sparse_vdit.patterns import Pattern
+
+
+def oracle_block_map(pattern: Pattern, layout: VideoLayout, block: int) -> torch.Tensor:
+    """Bool [Qb, Kb] of visited blocks, straight from DESIGN.md's definitions, one pair at a time."""
+    n, kv_len = layout.num_tokens, layout.kv_len
+    qb, kb = -(-n // block), -(-kv_len // block)
+    s, v0, nv = layout.frame_tokens, layout.video_start, layout.video_tokens
+
+    def tokens(b):
+        return range(b * block, min((b + 1) * block, n))
+
+    def centre(b):
+        t = tokens(b)
+        return (t[0] + t[-1]) / 2
+
+    valid_text = layout.text if layout.text_valid is None else layout.text_valid
+    text_q = set(range(layout.text_start, layout.text_start + layout.text))
+    text_k = set(range(layout.text_start, layout.text_start + valid_text))
+    out = torch.zeros(qb, kb, dtype=torch.bool)
+    if pattern.name == "skip":
+        return out
+    for i in range(qb):
+        for j in range(kb):
+            if pattern.name == "dense":
+                hit = True
+            elif pattern.name in ("diagonal", "spatial", "vertical"):
+                hit = abs(centre(i) - centre(j)) <= pattern.width * s
+            elif pattern.name in ("multi_diagonal", "temporal"):
+                hit = abs(centre(i) - centre(j)) <= pattern.width * nv
+            else:
+                raise AssertionError(pattern.name)
+            for lo, hi in pattern.columns:
+                cols = range(v0 + round(lo * s), v0 + min(round(hi * s), nv))
+                hit |= any(t in cols for t in tokens(j))
+            hit |= any(t in text_q for t in tokens(i)) or any(t in text_k for t in tokens(j))
+            out[i, j] = hit
+    return out
+
+
+def token_mask(table, head: int) -> torch.Tensor:
+    """Bool [N, kv_len] token mask of one head in the original (frame-major) order."""
+    layout, block = table.layout, table.block_size
+    blocks = table.block_mask(head)
+    mask = blocks.repeat_interleave(block, 0)[: layout.num_tokens].repeat_interleave(block, 1)
+    mask = mask[:, : layout.kv_len]
+    if table.patterns[head].token_major:
+        pos = layout.frame_major_order()  # position of each original token in token-major order
+        # padded text is a suffix the permutation never moves, so pos[:kv_len] < kv_len
+        mask = mask[pos][:, pos[: layout.kv_len]]
+    return mask
+
+
+def masked_attention(q, k, v, mask, scale):
+    """Float64 attention of one head [B, N, D] with a token mask [N, kv_len]; empty rows give 0."""
+    kv = mask.shape[1]
+    s = (q.double() @ k[:, :kv].double().transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, -1).nan_to_num(0.0) @ v[:, :kv].double()
+
+
+def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
