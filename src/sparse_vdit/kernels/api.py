@@ -111,7 +111,7 @@ def _input_problem(name: str, dtype: torch.dtype, head_dim: int) -> str | None:
 def _availability(name: str, device: torch.device) -> tuple[bool, str]:
     if name == "reference":
         return True, "plain torch"
-    if device.type != "cuda":
+    if device.type != "cuda" and name != "triton":  # triton also runs under TRITON_INTERPRET=1
         return False, f"{name} needs a CUDA GPU, tensors are on {device}"
     try:
         module = _backend_module(name)
@@ -126,6 +126,8 @@ _AUTO_ORDER = ("fa4", "triton", "flex", "reference")
 @lru_cache(maxsize=None)
 def _auto(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, str]:
     """The first usable backend of ``_AUTO_ORDER`` and why the ones before it were passed over."""
+    if device.type != "cuda":
+        return "reference", f"no fast backend on {device.type}"
     reasons = []
     for name in _AUTO_ORDER:
         problem = _input_problem(name, dtype, head_dim)

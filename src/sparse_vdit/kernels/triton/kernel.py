@@ -1,0 +1,69 @@
+"""Block-sparse FlashAttention-style forward in Triton, reading our block tables."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def block_sparse_attention_fwd(
+    Q, K, V, O,  # [B, N, H, D]; last dim contiguous
+    COUNTS,  # int32 [H, Qb]: visited key blocks per (head, table query block)
+    INDICES,  # int32 [H, Qb, W]: their indices, ascending
+    SCHEDULE,  # int32 [H * Qb * TILES_PER_BLOCK]: work items, heaviest first
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_ch, stride_ih, stride_im,
+    N, KV_LEN, NUM_Q_TILES,
+    qk_scale,  # softmax_scale * log2(e)
+    TABLE_BLOCK: tl.constexpr,  # block size of the table (tokens)
+    BLOCK_M: tl.constexpr,  # query tile; divides TABLE_BLOCK
+    BLOCK_N: tl.constexpr,  # key tile; divides TABLE_BLOCK
+    HEAD_DIM: tl.constexpr,
+    IEEE: tl.constexpr,  # exact fp32 dots (no tf32) for float32 inputs
+):  # fmt: skip
+    item = tl.load(SCHEDULE + tl.program_id(0))
+    head = item // NUM_Q_TILES
+    tile = item % NUM_Q_TILES
+    batch = tl.program_id(1)
+    row = tile * BLOCK_M // TABLE_BLOCK  # the table's query block holding this tile
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < N, other=0.0)  # [BLOCK_M, D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    count = tl.load(COUNTS + head * stride_ch + row)
+    index_row = INDICES + head * stride_ih + row * stride_im
+    k_base = K + batch * stride_kb + head * stride_kh
+    v_base = V + batch * stride_vb + head * stride_vh
+    for j in range(0, count):
+        kv_block = tl.load(index_row + j)
+        for sub in tl.static_range(TABLE_BLOCK // BLOCK_N):
+            offs_n = kv_block * TABLE_BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid = offs_n < KV_LEN
+            k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
+            if IEEE:
+                qk = tl.dot(q, k, input_precision="ieee")
+            else:
+                qk = tl.dot(q, k)
+            qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N]
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with no valid key
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that visit nothing stay 0
+    o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < N)

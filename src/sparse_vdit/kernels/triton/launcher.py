@@ -1,0 +1,102 @@
+"""Launcher of the Triton block-sparse kernel: tile choice, work schedule, checks."""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+
+import torch
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def is_available(device: torch.device | None = None) -> tuple[bool, str]:
+    """Whether the Triton backend can run on ``device`` (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return False, f"triton is not installed ({err})"
+    if device is not None and device.type == "cpu":
+        return (True, "Triton interpreter") if interpreting() else (False, "needs CUDA (or TRITON_INTERPRET=1)")
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU"
+    return True, "Triton on CUDA"
+
+
+def _tiles(block_size: int, head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this GPU generation."""
+    if device.type == "cpu":
+        return block_size, block_size, 4, 1
+    major, _ = torch.cuda.get_device_capability(device)
+    block_m = min(block_size, 128)
+    block_n = min(block_size, 64 if head_dim > 64 or major < 9 else 128)
+    warps = 8 if block_m * head_dim >= 128 * 128 else 4
+    stages = 3 if major >= 8 else 2
+    return block_m, block_n, warps, stages
+
+
+def _schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: int) -> torch.Tensor:
+    """Work items ``head * num_q_tiles + tile``, the heaviest first (no idle tail behind dense heads)."""
+    heads = kv_num_blocks.shape[0]
+    work = kv_num_blocks.repeat_interleave(tiles_per_block, dim=1)[:, :num_q_tiles]
+    order = torch.argsort(work.flatten(), descending=True, stable=True)
+    assert order.numel() == heads * num_q_tiles
+    return order.to(torch.int32)
+
+
+_schedules: dict = {}
+
+
+def _cached_schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: int) -> torch.Tensor:
+    key = (kv_num_blocks.data_ptr(), tuple(kv_num_blocks.shape), kv_num_blocks.device, tiles_per_block, num_q_tiles)
+    hit = _schedules.get(key)
+    if hit is None or hit[0] is not kv_num_blocks:
+        if len(_schedules) > 512:
+            _schedules.clear()
+        hit = _schedules[key] = (kv_num_blocks, _schedule(kv_num_blocks, tiles_per_block, num_q_tiles))
+    return hit[1]
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    *,
+    block_size: int,
+    kv_len: int,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Block-sparse attention on ``[B, N, H, D]`` tensors with one Triton launch for all heads."""
+    from .kernel import block_sparse_attention_fwd
+
+    batch, n, heads, dim = q.shape
+    for t in (q, k, v):
+        if t.stride(-1) != 1:
+            raise ValueError("the Triton backend needs the head dim contiguous (stride 1)")
+    block_m, block_n, warps, stages = _tiles(block_size, dim, q.device)
+    num_q_tiles = math.ceil(n / block_m)
+    schedule = _cached_schedule(kv_num_blocks, block_size // block_m, num_q_tiles)
+    out = torch.empty_like(q)
+    counts, indices = kv_num_blocks.contiguous(), kv_indices.contiguous()
+    extra = {} if q.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
+    block_sparse_attention_fwd[(heads * num_q_tiles, batch)](
+        q, k, v, out, counts, indices, schedule,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        counts.stride(0), indices.stride(0), indices.stride(1),
+        n, kv_len, num_q_tiles,
+        softmax_scale * LOG2E,
+        TABLE_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
+        IEEE=q.dtype == torch.float32,
+        **extra,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,59 @@
+"""The Triton backend against the reference: interpreter on the CPU (fp16/fp32), bf16 on a GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from helpers import rel_rms  # noqa: E402
+from sparse_vdit import VideoLayout, compile_layer, sparse_attention  # noqa: E402
+from sparse_vdit.kernels.triton import launcher  # noqa: E402
+from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, spatial, temporal, vertical  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float16, torch.float32]
+MIXED = [dense(), skip(), diagonal(0.5), multi_diagonal(0.1), vertical(((0.0, 1.0),), 0.3)]
+CASES = {
+    "mixed-text-suffix-padded-batch2": (VideoLayout(3, 5, 9, 40, "suffix", text_valid=7), 16, MIXED, 2, 64),
+    "mixed-text-prefix-d128": (VideoLayout(3, 4, 7, 13, "prefix"), 16, MIXED, 1, 128),
+    "svg-spatial-temporal": (VideoLayout(4, 4, 6), 32, [spatial(1.0), temporal(0.2), spatial(0.0)], 2, 64),
+    "ragged-1560-token-frames": (VideoLayout(2, 30, 52), 128, [diagonal(0.5), multi_diagonal(0.05)], 1, 64),
+}
+
+
+def _torch_error(q, k, v, expected):
+    """How wrong plain torch attention is at this precision (the DESIGN.md yardstick)."""
+    return rel_rms(F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_triton_matches_reference(case, dtype, monkeypatch):
+    layout, block, heads, batch, dim = CASES[case]
+    table = compile_layer(heads, layout, block, DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    q, k, v = (torch.randn(batch, layout.num_tokens, len(heads), dim, generator=g, device=DEVICE).to(dtype) for _ in range(3))
+    empty_like = torch.empty_like
+
+    def poisoned(x, *args, **kwargs):  # output buffers start as NaN, so unwritten elements show
+        out = empty_like(x, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(launcher.torch, "empty_like", poisoned)
+    out = sparse_attention(q, k, v, table, backend="triton")
+    monkeypatch.undo()
+    ref = sparse_attention(q.float(), k.float(), v.float(), table, backend="reference")
+    assert not out.isnan().any()
+    for h, p in enumerate(heads):
+        if p.name == "skip":
+            assert torch.equal(out[:, :, h], torch.zeros_like(out[:, :, h]))
+    dense_expected = F.scaled_dot_product_attention(*(t.transpose(1, 2).double() for t in (q, k, v))).transpose(1, 2)
+    bound = max(2 * _torch_error(q, k, v, dense_expected), 1e-6)
+    assert rel_rms(out, ref) <= bound, f"{rel_rms(out, ref):.2e} > {bound:.2e}"
+
+
+def test_schedule_puts_heavy_work_first():
+    counts = torch.tensor([[1, 1, 2], [5, 5, 5]], dtype=torch.int32)
+    order = launcher._schedule(counts, tiles_per_block=1, num_q_tiles=3)
+    assert order.tolist()[:3] == [3, 4, 5] and sorted(order.tolist()) == list(range(6))
