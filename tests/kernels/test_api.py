@@ -73,7 +73,8 @@ def test_custom_op_passes_opcheck_and_compiles():
     table = compile_layer(MIXED, layout, block)
     q, k, v = qkv(layout)
     to_order, from_order = api._head_orders(table)
-    args = (q, k, v, table.kv_num_blocks, table.kv_indices, to_order, from_order, block, layout.kv_len, 0.2, "reference")
+    args = (q, k, v, table.kv_num_blocks, table.kv_indices, table.range_starts, table.range_ends, to_order, from_order,
+            block, layout.kv_len, 0.2, "reference")  # fmt: skip
     torch.library.opcheck(torch.ops.sparse_vdit.sparse_attention.default, args)
     compiled = torch.compile(lambda q, k, v: sparse_attention(q, k, v, table), backend="aot_eager", fullgraph=True)
     assert rel_rms(compiled(q, k, v), sparse_attention(q, k, v, table)) == 0.0

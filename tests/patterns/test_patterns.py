@@ -8,7 +8,8 @@ from sparse_vdit.patterns import (
     compile_layer,
     dense,
     diagonal,
-    head_rows,
+    expand_ranges,
+    head_ranges,
     multi_diagonal,
     skip,
     spatial,
@@ -85,7 +86,7 @@ def test_pattern_dict_round_trip_and_validation():
 def test_hunyuan_720p_rows_are_visited_sized():
     """Rows are O(query blocks x visited blocks): a narrow band never holds Kb slots."""
     layout = VideoLayout(33, 45, 80, 256, "suffix", text_valid=100)
-    count, index = head_rows(diagonal(0.5), layout, 128)
+    count, index = expand_ranges(*head_ranges(diagonal(0.5), layout, 128))
     assert index.shape == (931, int(count.max()))
     video_rows = count[:928]  # the last 3 query blocks hold text, which visits every key
     assert int(video_rows.max()) < 40  # band of ~29 blocks + the text block; Kb is 929
@@ -100,22 +101,24 @@ base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 layout = VideoLayout(33, 45, 80, 256, "suffix", text_valid=100)
 heads = [P.dense(), P.skip(), P.diagonal(1.0), P.multi_diagonal(0.05), P.vertical(((0, 1),), 0.5), P.temporal(0.1)] * 4
 table = P.compile_layer(heads, layout)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024, table.kv_indices.nbytes)
+stored = table.range_starts.nbytes + table.range_ends.nbytes
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024, stored, table.range_starts.shape[2])
 """
 
-HUNYUAN_LAYER_BOUND = 512 * 2**20
+HUNYUAN_LAYER_BOUND = 64 * 2**20
 
 
 def test_hunyuan_720p_layer_tables_stay_under_memory_bound():
-    """All tables of a HunyuanVideo 720p layer (24 mixed heads, 119,056 tokens) in < 512 MiB.
+    """Building a HunyuanVideo 720p layer's table (24 mixed heads, 119,056 tokens) peaks < 64 MiB.
 
-    An N x N bool mask would take 14 GB. The padded table itself is 4 x 24 x 931 x 929 bytes
-    (79 MiB, wide because text rows and dense heads visit every key block).
+    An N x N bool mask would take 14 GB, and even a padded [H, Qb, Kb] index list 79 MiB; the
+    stored ranges are 8 x 24 x 931 x R bytes with R (ranges per row) a handful.
     """
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, check=True).stdout
-    peak, table_bytes = map(int, out.split())
-    assert table_bytes == 4 * 24 * 931 * 929
+    peak, table_bytes, ranges = map(int, out.split())
+    assert ranges <= 4
+    assert table_bytes == 8 * 24 * 931 * ranges
     assert peak < HUNYUAN_LAYER_BOUND, f"peak {peak / 2**20:.0f} MiB"

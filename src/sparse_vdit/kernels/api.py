@@ -15,6 +15,7 @@ logger = logging.getLogger("sparse_vdit")
 
 BACKENDS = ("auto", "reference", "flex", "fa4", "triton")
 FAST_HEAD_DIMS = (64, 128)
+RANGE_BACKENDS = ("triton",)  # read key-block ranges; the others read index lists
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -54,8 +55,9 @@ def sparse_attention(
     if table.all_dense and backend != "reference":
         return dense.forward(q, k, v, kv_len=layout.kv_len, softmax_scale=scale, use_fa4=name == "fa4")
     to_order, from_order = _head_orders(table)
+    kv_indices = None if name in RANGE_BACKENDS else table.kv_indices
     return torch.ops.sparse_vdit.sparse_attention(
-        q, k, v, table.kv_num_blocks, table.kv_indices, to_order, from_order,
+        q, k, v, table.kv_num_blocks, kv_indices, table.range_starts, table.range_ends, to_order, from_order,
         table.block_size, layout.kv_len, scale, name,
     )  # fmt: skip
 
@@ -195,7 +197,9 @@ def _sparse_attention_op(
     k: torch.Tensor,
     v: torch.Tensor,
     kv_num_blocks: torch.Tensor,
-    kv_indices: torch.Tensor,
+    kv_indices: torch.Tensor | None,
+    range_starts: torch.Tensor,
+    range_ends: torch.Tensor,
     to_order: torch.Tensor | None,
     from_order: torch.Tensor | None,
     block_size: int,
@@ -204,12 +208,13 @@ def _sparse_attention_op(
     backend: str,
 ) -> torch.Tensor:
     q, k, v = (_reorder(t, to_order) for t in (q, k, v))
+    extra = {"ranges": (range_starts, range_ends)} if backend in RANGE_BACKENDS else {}
     out = _backend_module(backend).forward(
-        q, k, v, kv_num_blocks, kv_indices, block_size=block_size, kv_len=kv_len, softmax_scale=softmax_scale
+        q, k, v, kv_num_blocks, kv_indices, block_size=block_size, kv_len=kv_len, softmax_scale=softmax_scale, **extra
     )
     return _reorder(out, from_order)
 
 
 @_sparse_attention_op.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, to_order, from_order, block_size, kv_len, softmax_scale, backend):
+def _(q, k, v, kv_num_blocks, kv_indices, range_starts, range_ends, to_order, from_order, block_size, kv_len, softmax_scale, backend):
     return torch.empty_like(q)

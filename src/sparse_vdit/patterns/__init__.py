@@ -1,7 +1,7 @@
 """Patterns: per-head rules that become block tables (see DESIGN.md, "Pattern definitions")."""
 
 from .band import diagonal, multi_diagonal, spatial, temporal
-from .base import Pattern, head_rows, pattern_names
+from .base import Pattern, expand_ranges, head_ranges, pattern_names
 from .draw import draw_pattern, draw_table
 from .fixed import dense, skip
 from .table import DEFAULT_BLOCK, BlockTable, compile_layer
@@ -16,7 +16,8 @@ __all__ = [
     "diagonal",
     "draw_pattern",
     "draw_table",
-    "head_rows",
+    "expand_ranges",
+    "head_ranges",
     "multi_diagonal",
     "pattern_names",
     "skip",

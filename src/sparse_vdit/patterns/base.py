@@ -136,33 +136,57 @@ def text_intervals(geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def merge_intervals(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Union of ``m`` intervals per row -> (count [Qb], ascending indices [Qb, max_count]).
+    """Union of ``m`` intervals ``[lo, hi)`` per row -> ascending disjoint ranges (starts, ends).
 
-    Unused slots repeat the row's last index (or 0 for an empty row), so every slot is a valid
-    key-block index, as FlexAttention and FlashAttention-4 require.
+    Shapes [Qb, R] with R the most ranges any row needs; touching ranges are joined, and unused
+    slots hold empty ranges (start == end == 0) after the used ones.
     """
-    hi = torch.maximum(hi, lo)
+    rows, m = lo.shape
+    empty = hi <= lo
+    lo = torch.where(empty, torch.iinfo(torch.long).max, lo)
     lo, order = torch.sort(lo, dim=1)
-    hi = torch.gather(hi, 1, order)
+    hi = torch.gather(torch.where(empty, -1, hi), 1, order)
+    valid = torch.gather(~empty, 1, order)
     covered = torch.cummax(hi, dim=1).values
-    previous = torch.cat([torch.zeros_like(covered[:, :1]), covered[:, :-1]], dim=1)
-    start = torch.maximum(lo, previous)
-    length = torch.clamp(hi - start, min=0)
-    ends = torch.cumsum(length, dim=1)
-    count = ends[:, -1]
+    previous = torch.cat([torch.full_like(covered[:, :1], -1), covered[:, :-1]], dim=1)
+    opens = (lo > previous) & valid  # this interval starts a new range
+    group = torch.cumsum(opens, dim=1) - 1
+    group = torch.where(valid, group, m)  # empty intervals go to a spare column
+    starts = torch.full((rows, m + 1), torch.iinfo(torch.long).max, dtype=torch.long)
+    ends = torch.zeros(rows, m + 1, dtype=torch.long)
+    starts = starts.scatter_reduce(1, group, torch.where(valid, lo, 0), "amin")
+    ends = ends.scatter_reduce(1, group, hi.clamp(min=0), "amax")
+    used = torch.arange(m + 1)[None, :] < opens.sum(1, keepdim=True)
+    width = max(int(used.sum(1).max()) if rows else 0, 1)
+    starts = torch.where(used, starts, 0)[:, :width]
+    ends = torch.where(used, ends, 0)[:, :width]
+    return starts.to(torch.int32), ends.to(torch.int32)
+
+
+def expand_ranges(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranges [..., R] -> (count [...], ascending indices [..., max count]), on their device.
+
+    Unused index slots repeat the row's last index (0 for an empty row), so every slot is a
+    valid key-block index, as FlexAttention and FlashAttention-4 require.
+    """
+    shape = starts.shape[:-1]
+    starts, ends = starts.reshape(-1, starts.shape[-1]).long(), ends.reshape(-1, ends.shape[-1]).long()
+    length = ends - starts
+    cum = torch.cumsum(length, dim=1)
+    count = cum[:, -1]
     width = max(int(count.max()) if count.numel() else 0, 1)
-    slot = torch.arange(width).expand(len(count), width).contiguous()
-    which = torch.searchsorted(ends, slot, right=True).clamp(max=lo.shape[1] - 1)
-    index = torch.gather(start, 1, which) + slot - (torch.gather(ends, 1, which) - torch.gather(length, 1, which))
+    slot = torch.arange(width, device=starts.device).expand(len(count), width).contiguous()
+    which = torch.searchsorted(cum, slot, right=True).clamp(max=starts.shape[1] - 1)
+    index = torch.gather(starts, 1, which) + slot - (torch.gather(cum, 1, which) - torch.gather(length, 1, which))
     last = torch.gather(index, 1, (count - 1).clamp(min=0)[:, None])
     index = torch.where(slot < count[:, None], index, last)
-    index = torch.where(count[:, None] > 0, index, torch.zeros_like(index))
-    return count.to(torch.int32), index.to(torch.int32)
+    index = torch.where(count[:, None] > 0, index, 0)
+    return count.to(torch.int32).reshape(shape), index.to(torch.int32).reshape(*shape, width)
 
 
 @lru_cache(maxsize=512)
-def head_rows(pattern: Pattern, layout: VideoLayout, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compiled rows of one head: (kv_num_blocks [Qb], kv_indices [Qb, max_visited]), on the CPU."""
+def head_ranges(pattern: Pattern, layout: VideoLayout, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head's visited key blocks as ranges: (starts, ends), int32 [Qb, R], on the CPU."""
     geometry = Geometry(layout, block)
     builder, _ = _FAMILIES[pattern.name]
     lo, hi = builder(pattern, geometry)

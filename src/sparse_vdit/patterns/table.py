@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -9,26 +10,29 @@ from functools import cached_property, lru_cache
 import torch
 
 from ..layout import VideoLayout
-from .base import Pattern, head_rows
+from .base import Pattern, expand_ranges, head_ranges
 
 DEFAULT_BLOCK = 128
+INDEX_CACHE_BYTES = 1 << 30  # expanded index lists kept for reuse, all tables together
 
 
 @dataclass(frozen=True, eq=False)
 class BlockTable:
-    """Per head, per query block: how many key blocks it visits and which (FlexAttention's shape).
+    """Which key blocks each query block of each head visits, for one layer and one layout.
 
-    ``kv_indices[h, i, :kv_num_blocks[h, i]]`` are ascending key-block indices of head ``h``'s
-    query block ``i``; later slots repeat a valid index. Heads with ``token_major[h]`` are laid out
-    token-major (:meth:`VideoLayout.token_major_order`) and their indices refer to that order.
+    Stored compactly as ascending, disjoint key-block ranges ``[range_starts, range_ends)``
+    (int32 [H, Qb, R], R = the most ranges a row needs, a handful); the FlexAttention-style
+    index form ``kv_num_blocks`` [H, Qb] / ``kv_indices`` [H, Qb, max visited] is derived on
+    the table's device when a backend asks for it. Heads with ``token_major[h]`` are laid out
+    token-major (:meth:`VideoLayout.token_major_order`) and their blocks refer to that order.
     Key blocks cover only the first ``layout.kv_len`` tokens (padded text is never a key).
     """
 
     layout: VideoLayout
     block_size: int
     patterns: tuple[Pattern, ...]
-    kv_num_blocks: torch.Tensor  # int32 [H, Qb]
-    kv_indices: torch.Tensor  # int32 [H, Qb, max_visited]
+    range_starts: torch.Tensor  # int32 [H, Qb, R]
+    range_ends: torch.Tensor  # int32 [H, Qb, R]
     token_major: torch.Tensor  # bool [H]
 
     @property
@@ -37,7 +41,7 @@ class BlockTable:
 
     @property
     def num_q_blocks(self) -> int:
-        return self.kv_num_blocks.shape[1]
+        return self.range_starts.shape[1]
 
     @property
     def num_kv_blocks(self) -> int:
@@ -45,7 +49,21 @@ class BlockTable:
 
     @property
     def device(self) -> torch.device:
-        return self.kv_indices.device
+        return self.range_starts.device
+
+    @cached_property
+    def kv_num_blocks(self) -> torch.Tensor:
+        """int32 [H, Qb]: how many key blocks each (head, query block) visits."""
+        return (self.range_ends - self.range_starts).sum(-1, dtype=torch.int32)
+
+    @property
+    def kv_indices(self) -> torch.Tensor:
+        """int32 [H, Qb, max visited]: the visited key blocks, ascending; later slots repeat one.
+
+        Built on the table's device from the ranges and kept in a cache bounded by
+        ``INDEX_CACHE_BYTES`` (a dense head makes it [H, Qb, Kb]).
+        """
+        return _index_cache.get(self)
 
     @cached_property
     def token_major_heads(self) -> tuple[int, ...]:
@@ -74,12 +92,10 @@ class BlockTable:
 
     def block_mask(self, head: int) -> torch.Tensor:
         """Dense bool [Qb, Kb] map of one head's visited blocks (for drawing and tests only)."""
-        out = torch.zeros(self.num_q_blocks, self.num_kv_blocks, dtype=torch.bool)
-        counts, index = self.kv_num_blocks[head].cpu(), self.kv_indices[head].cpu().long()
-        used = torch.arange(index.shape[1])[None, :] < counts[:, None]
-        rows = torch.arange(self.num_q_blocks)[:, None].expand_as(index)
-        out[rows[used], index[used]] = True
-        return out
+        columns = torch.arange(self.num_kv_blocks)
+        starts, ends = self.range_starts[head].cpu(), self.range_ends[head].cpu()
+        inside = (columns[None, None, :] >= starts[..., None]) & (columns[None, None, :] < ends[..., None])
+        return inside.any(1)
 
     def __repr__(self) -> str:
         names = sorted({str(p) for p in self.patterns})
@@ -87,6 +103,31 @@ class BlockTable:
             f"BlockTable({self.layout.describe()}, block={self.block_size}, heads={self.num_heads}, "
             f"density={self.density:.3f}, patterns={names})"
         )
+
+
+class _IndexCache:
+    """Expanded index lists of recently used tables, least recently used dropped past a byte budget."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used = budget, 0
+        self.entries: OrderedDict[int, tuple[BlockTable, torch.Tensor]] = OrderedDict()
+
+    def get(self, table: BlockTable) -> torch.Tensor:
+        key = id(table)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] is table:
+            self.entries.move_to_end(key)
+            return hit[1]
+        _, index = expand_ranges(table.range_starts, table.range_ends)
+        self.entries[key] = (table, index)
+        self.used += index.nbytes
+        while self.used > self.budget and len(self.entries) > 1:
+            _, (_, old) = self.entries.popitem(last=False)
+            self.used -= old.nbytes
+        return index
+
+
+_index_cache = _IndexCache(INDEX_CACHE_BYTES)
 
 
 def compile_layer(
@@ -97,10 +138,8 @@ def compile_layer(
 ) -> BlockTable:
     """Build the block table of a layer from one pattern per head; cached.
 
-    Each distinct pattern's rows are built once per layout and kept on ``device``; a layer's
-    table stacks them, padded to the layer's largest visited count, so its memory is
-    ``4 x heads x query blocks x max visited`` bytes (O(heads x query blocks x visited blocks)).
-    The last 128 layer tables stay cached.
+    Each distinct pattern's ranges are built once per layout and kept on ``device``; a layer's
+    table stacks them: ``8 x heads x query blocks x ranges`` bytes, ranges being a handful.
     """
     patterns = tuple(patterns)
     if not patterns:
@@ -114,16 +153,20 @@ def compile_layer(
 
 
 @lru_cache(maxsize=1024)
-def _device_rows(pattern: Pattern, layout: VideoLayout, block: int, device: torch.device):
-    count, index = head_rows(pattern, layout, block)
-    return count.to(device), index.to(device)
+def _device_ranges(pattern: Pattern, layout: VideoLayout, block: int, device: torch.device):
+    starts, ends = head_ranges(pattern, layout, block)
+    return starts.to(device), ends.to(device)
 
 
-@lru_cache(maxsize=128)
+def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros(x.shape[0], width - x.shape[1])], 1)
+
+
+@lru_cache(maxsize=1024)
 def _compile(patterns: tuple[Pattern, ...], layout: VideoLayout, block: int, device: torch.device) -> BlockTable:
-    rows = [_device_rows(p, layout, block, device) for p in patterns]
-    width = max(index.shape[1] for _, index in rows)
-    counts = torch.stack([count for count, _ in rows])
-    indices = torch.stack([torch.cat([index, index[:, -1:].expand(-1, width - index.shape[1])], 1) for _, index in rows])
+    rows = [_device_ranges(p, layout, block, device) for p in patterns]
+    width = max(starts.shape[1] for starts, _ in rows)
+    starts = torch.stack([_pad(s, width) for s, _ in rows])
+    ends = torch.stack([_pad(e, width) for _, e in rows])
     token_major = torch.tensor([p.token_major for p in patterns], dtype=torch.bool, device=device)
-    return BlockTable(layout, block, patterns, counts, indices, token_major)
+    return BlockTable(layout, block, patterns, starts, ends, token_major)

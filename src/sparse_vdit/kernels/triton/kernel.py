@@ -7,15 +7,14 @@ import triton.language as tl
 @triton.jit
 def block_sparse_attention_fwd(
     Q, K, V, O,  # [B, N, H, D]; last dim contiguous
-    COUNTS,  # int32 [H, Qb]: visited key blocks per (head, table query block)
-    INDICES,  # int32 [H, Qb, W]: their indices, ascending
+    STARTS, ENDS,  # int32 [H, Qb, R]: visited key blocks as ranges [start, end), ascending
     SCHEDULE,  # int32 [H * Qb * TILES_PER_BLOCK]: work items, heaviest first
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh,
-    stride_ch, stride_ih, stride_im,
-    N, KV_LEN, NUM_Q_TILES,
+    stride_rh, stride_rm,
+    N, KV_LEN, NUM_Q_TILES, NUM_RANGES,
     qk_scale,  # softmax_scale * log2(e)
     TABLE_BLOCK: tl.constexpr,  # block size of the table (tokens)
     BLOCK_M: tl.constexpr,  # query tile; divides TABLE_BLOCK
@@ -37,14 +36,15 @@ def block_sparse_attention_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    count = tl.load(COUNTS + head * stride_ch + row)
-    index_row = INDICES + head * stride_ih + row * stride_im
+    ranges = head * stride_rh + row * stride_rm
     k_base = K + batch * stride_kb + head * stride_kh
     v_base = V + batch * stride_vb + head * stride_vh
-    for j in range(0, count):
-        kv_block = tl.load(index_row + j)
-        for sub in tl.static_range(TABLE_BLOCK // BLOCK_N):
-            offs_n = kv_block * TABLE_BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+    for r in range(0, NUM_RANGES):
+        # a range of key blocks is a contiguous run of keys: no index list to read
+        first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
+        last = tl.load(ENDS + ranges + r) * TABLE_BLOCK
+        for start in range(first, last, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
             valid = offs_n < KV_LEN
             k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
             if IEEE:
@@ -59,9 +59,10 @@ def block_sparse_attention_fwd(
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
             if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that visit nothing stay 0

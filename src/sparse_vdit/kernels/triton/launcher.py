@@ -67,13 +67,18 @@ def forward(
     k: torch.Tensor,
     v: torch.Tensor,
     kv_num_blocks: torch.Tensor,
-    kv_indices: torch.Tensor,
+    kv_indices: torch.Tensor | None,
     *,
     block_size: int,
     kv_len: int,
     softmax_scale: float,
+    ranges: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """Block-sparse attention on ``[B, N, H, D]`` tensors with one Triton launch for all heads."""
+    """Block-sparse attention on ``[B, N, H, D]`` tensors with one Triton launch for all heads.
+
+    Reads the table's key-block ``ranges`` (starts, ends: int32 [H, Qb, R]) directly, so
+    ``kv_indices`` is not needed; ``kv_num_blocks`` orders the work, heaviest first.
+    """
     from .kernel import block_sparse_attention_fwd
 
     batch, n, heads, dim = q.shape
@@ -84,16 +89,16 @@ def forward(
     num_q_tiles = math.ceil(n / block_m)
     schedule = _cached_schedule(kv_num_blocks, block_size // block_m, num_q_tiles)
     out = torch.empty_like(q)
-    counts, indices = kv_num_blocks.contiguous(), kv_indices.contiguous()
+    starts, ends = (r.contiguous() for r in ranges)
     extra = {} if q.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
     block_sparse_attention_fwd[(heads * num_q_tiles, batch)](
-        q, k, v, out, counts, indices, schedule,
+        q, k, v, out, starts, ends, schedule,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        counts.stride(0), indices.stride(0), indices.stride(1),
-        n, kv_len, num_q_tiles,
+        starts.stride(0), starts.stride(1),
+        n, kv_len, num_q_tiles, starts.shape[2],
         softmax_scale * LOG2E,
         TABLE_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
         IEEE=q.dtype == torch.float32,
