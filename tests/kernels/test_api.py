@@ -72,9 +72,9 @@ def test_custom_op_passes_opcheck_and_compiles():
     layout, block = LAYOUTS["text-suffix-padded"]
     table = compile_layer(MIXED, layout, block)
     q, k, v = qkv(layout)
-    to_order, from_order = api._head_orders(table)
-    args = (q, k, v, table.kv_num_blocks, table.kv_indices, table.range_starts, table.range_ends, to_order, from_order,
-            block, layout.kv_len, 0.2, "reference")  # fmt: skip
+    args = (q, k, v, table.kv_num_blocks, table.kv_indices, table.range_starts, table.range_ends,
+            list(table.token_major_heads), layout.frames, layout.height, layout.width, layout.text,
+            layout.text_position, block, layout.kv_len, 0.2, "reference")  # fmt: skip
     torch.library.opcheck(torch.ops.sparse_vdit.sparse_attention.default, args)
     compiled = torch.compile(lambda q, k, v: sparse_attention(q, k, v, table), backend="aot_eager", fullgraph=True)
     assert rel_rms(compiled(q, k, v), sparse_attention(q, k, v, table)) == 0.0
@@ -120,3 +120,14 @@ def test_gpu_backends_refuse_cpu_tensors_with_a_reason():
     for backend in ("fa4", "flex"):
         with pytest.raises(RuntimeError, match="CUDA"):
             sparse_attention(q, k, v, table, backend=backend)
+
+
+@pytest.mark.parametrize("heads", [[0, 1, 2], [1, 2], [0, 2], []], ids=["all", "contiguous", "scattered", "none"])
+def test_reorder_heads_round_trips_and_moves_only_the_given_heads(heads):
+    layout = VideoLayout(3, 4, 5, 6, "prefix")
+    x = torch.randn(2, layout.num_tokens, 3, 8)
+    y = api.reorder_heads(x, layout, heads)
+    assert torch.equal(api.reorder_heads(y, layout, heads, to_token_major=False), x)
+    perm = layout.token_major_order()
+    for h in range(3):
+        assert torch.equal(y[:, :, h], x[:, perm, h] if h in heads else x[:, :, h])

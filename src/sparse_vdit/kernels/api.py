@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
 
+from ..layout import VideoLayout
 from ..patterns.table import BlockTable
 from . import dense
 
@@ -39,8 +41,8 @@ def sparse_attention(
             (ours), ``"flex"`` (FlexAttention), ``"reference"`` (plain torch, any device), or
             ``"auto"``: the fastest one available, said once in the ``sparse_vdit`` log.
 
-    Heads whose pattern needs token-major order are permuted together in one gather before the
-    kernel and scattered back after it. Padded text keys (``layout.kv_len``) are never attended;
+    Heads whose pattern needs token-major order are permuted together by one strided copy
+    before the kernel and back after it (:func:`reorder_heads`). Padded text keys (``layout.kv_len``) are never attended;
     a query row that visits no key block (``skip`` heads) comes out exactly zero.
 
     Returns:
@@ -48,16 +50,18 @@ def sparse_attention(
     """
     scale = _check(q, k, v, table, softmax_scale)
     name = resolve_backend(backend, q)
+    if name == "fa4":
+        name = _fa4_tiles_or_fallback(backend, table.block_size, q)
     table = table if table.device == q.device else table.to(q.device)
     layout = table.layout
     if table.all_skip:
         return torch.zeros_like(q)
     if table.all_dense and backend != "reference":
         return dense.forward(q, k, v, kv_len=layout.kv_len, softmax_scale=scale, use_fa4=name == "fa4")
-    to_order, from_order = _head_orders(table)
     kv_indices = None if name in RANGE_BACKENDS else table.kv_indices
     return torch.ops.sparse_vdit.sparse_attention(
-        q, k, v, table.kv_num_blocks, kv_indices, table.range_starts, table.range_ends, to_order, from_order,
+        q, k, v, table.kv_num_blocks, kv_indices, table.range_starts, table.range_ends, list(table.token_major_heads),
+        layout.frames, layout.height, layout.width, layout.text, layout.text_position,
         table.block_size, layout.kv_len, scale, name,
     )  # fmt: skip
 
@@ -143,6 +147,21 @@ def _auto(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str,
 _SAID: set = set()
 
 
+def _fa4_tiles_or_fallback(backend: str, block_size: int, q: torch.Tensor) -> str:
+    """FA4 runs only some block sizes (64/128 on Hopper, multiples of 256 on Blackwell)."""
+    from . import fa4
+
+    ok, why = fa4.supports(block_size, q.shape[-1], q.dtype, q.device)
+    if ok:
+        return "fa4"
+    if backend != "auto":
+        raise ValueError(why)
+    for name in _AUTO_ORDER[1:]:
+        if not _input_problem(name, q.dtype, q.shape[-1]) and _availability(name, q.device)[0]:
+            return name
+    return "reference"
+
+
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """The backend ``backend`` names for tensors like ``q`` (``auto`` resolved; availability checked)."""
     if backend not in BACKENDS:
@@ -169,26 +188,29 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     return backend
 
 
-@lru_cache(maxsize=256)
-def _head_orders(table: BlockTable) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Flat gather indices over ``seq * heads`` that put token-major heads in their order and back."""
-    heads = table.token_major
-    if not table.token_major_heads:
-        return None, None
-    n, h = table.layout.num_tokens, table.num_heads
-    base = torch.arange(n, device=table.device)[:, None] * h + torch.arange(h, device=table.device)
-    perm = table.layout.token_major_order(table.device)[:, None] * h + torch.arange(h, device=table.device)
-    inverse = table.layout.frame_major_order(table.device)[:, None] * h + torch.arange(h, device=table.device)
-    to_order = torch.where(heads[None, :], perm, base).flatten()
-    from_order = torch.where(heads[None, :], inverse, base).flatten()
-    return to_order, from_order
+def reorder_heads(x: torch.Tensor, layout: VideoLayout, heads: Sequence[int], to_token_major: bool = True) -> torch.Tensor:
+    """Put the video tokens of ``heads`` in token-major order (or back); other heads and text unchanged.
 
-
-def _reorder(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
-    if order is None:
+    ``x`` is ``(batch, seq, heads, dim)``. One strided copy of the video part: frame-major
+    ``(F, S)`` becomes token-major ``(S, F)``; with some heads only, the rest is copied as is.
+    """
+    if not heads:
         return x
-    b, n, h, d = x.shape
-    return x.reshape(b, n * h, d).index_select(1, order).view(b, n, h, d)
+    b, _, h, d = x.shape
+    f, s, v0 = layout.frames, layout.frame_tokens, layout.video_start
+    v1 = v0 + layout.video_tokens
+    src_shape, dst_shape = ((b, f, s, h, d), (b, s, f, h, d)) if to_token_major else ((b, s, f, h, d), (b, f, s, h, d))
+    x = x.contiguous()
+    if len(heads) == h:
+        out = torch.empty_like(x)
+        out[:, :v0], out[:, v1:] = x[:, :v0], x[:, v1:]
+        out[:, v0:v1].view(dst_shape).copy_(x[:, v0:v1].view(src_shape).transpose(1, 2))
+        return out
+    out = x.clone()
+    first, last = heads[0], heads[-1] + 1
+    pick = slice(first, last) if last - first == len(heads) else torch.tensor(heads, device=x.device)
+    out[:, v0:v1].view(dst_shape)[:, :, :, pick] = x[:, v0:v1].view(src_shape).transpose(1, 2)[:, :, :, pick]
+    return out
 
 
 @torch.library.custom_op("sparse_vdit::sparse_attention", mutates_args=())
@@ -200,21 +222,26 @@ def _sparse_attention_op(
     kv_indices: torch.Tensor | None,
     range_starts: torch.Tensor,
     range_ends: torch.Tensor,
-    to_order: torch.Tensor | None,
-    from_order: torch.Tensor | None,
+    token_major_heads: list[int],
+    frames: int,
+    height: int,
+    width: int,
+    text: int,
+    text_position: str,
     block_size: int,
     kv_len: int,
     softmax_scale: float,
     backend: str,
 ) -> torch.Tensor:
-    q, k, v = (_reorder(t, to_order) for t in (q, k, v))
+    layout = VideoLayout(frames, height, width, text, text_position)
+    q, k, v = (reorder_heads(t, layout, token_major_heads) for t in (q, k, v))
     extra = {"ranges": (range_starts, range_ends)} if backend in RANGE_BACKENDS else {}
     out = _backend_module(backend).forward(
         q, k, v, kv_num_blocks, kv_indices, block_size=block_size, kv_len=kv_len, softmax_scale=softmax_scale, **extra
     )
-    return _reorder(out, from_order)
+    return reorder_heads(out, layout, token_major_heads, to_token_major=False)
 
 
 @_sparse_attention_op.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, range_starts, range_ends, to_order, from_order, block_size, kv_len, softmax_scale, backend):
+def _(q, k, v, kv_num_blocks, kv_indices, range_starts, range_ends, *args):
     return torch.empty_like(q)

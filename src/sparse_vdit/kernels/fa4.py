@@ -1,0 +1,191 @@
+"""FlashAttention-4 backend: our block tables fed to FA4's block-sparse forward (CuTe DSL).
+
+FA4 (PyPI ``flash-attn-4``, tested with 4.0.0b36) takes block sparsity as a
+``BlockSparseTensorsTorch`` of int32 tensors: ``mask_block_cnt`` [B, H, Qb] and
+``mask_block_idx`` [B, H, Qb, W] for *partial* blocks (masked by a ``mask_mod``), and
+``full_block_cnt`` / ``full_block_idx`` of the same shapes for *full* blocks; batch and head
+dims may be 1 (broadcast); ``W`` may be smaller than the number of key blocks (only the first
+``cnt`` slots are read); ``block_size=(block_q, block_kv)``. We pass every visited block as a
+full block and an all-zero partial list. FA4 masks the ragged last key block itself (by
+``seqlen_k``) on the first full block it processes, which is the *last* of the list, so indices
+must ascend (ours do). A query tile with no block at all is written as zeros.
+
+Tile constraints (``flash_attn/cute/interface.py``): on Hopper (sm90) the key block must equal
+the kernel's ``tile_n`` (128, or 64 with 64x64 tiles), and the query block a multiple of
+``tile_m`` (128 for D=128; D=64 uses 128x128 tiles when told ``block_size=(128, 128)``). On
+datacenter Blackwell (sm100/sm103) the forward processes two 128-row Q tiles per CTA
+(``q_stage=2``), so query blocks must be multiples of 256.
+
+The import of ``flash_attn`` is lazy: this module imports without flash-attn-4.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+
+_FA4 = None
+_IMPORT_ERROR: str | None = None
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 64
+_SUPPORTED_ARCH = {(9, 0): "Hopper", (10, 0): "Blackwell", (10, 3): "Blackwell"}
+
+# Tests set this to fill the output with NaN before the kernel runs (checks every element is written).
+_POISON = False
+
+
+def _import():
+    """(flash_attn.cute.interface, BlockSparseTensorsTorch), imported once."""
+    global _FA4, _IMPORT_ERROR
+    if _FA4 is None:
+        if _IMPORT_ERROR is not None:
+            raise ImportError(_IMPORT_ERROR)
+        try:
+            from flash_attn.cute import interface
+            from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+        except Exception as exc:  # ImportError, or a CUDA / cutlass-dsl library failing to load
+            _IMPORT_ERROR = (
+                f"flash-attn-4 is not importable ({type(exc).__name__}: {exc}); "
+                "install it with `pip install 'sparse-vdit[fa4]'`"
+            )
+            raise ImportError(_IMPORT_ERROR) from exc
+        _FA4 = (interface, BlockSparseTensorsTorch)
+    return _FA4
+
+
+def version() -> str | None:
+    """Installed flash-attn-4 version, or None."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("flash-attn-4")
+    except PackageNotFoundError:
+        return None
+
+
+def _arch(device: torch.device | None = None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def is_available(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether FA4 block-sparse attention can run on ``device`` (default: the current GPU), and why (not)."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type != "cuda":
+        return False, f"FA4 needs CUDA tensors, not {device.type}"
+    if not torch.cuda.is_available():
+        return False, "FA4 needs a CUDA GPU (none visible)"
+    major, minor = _arch(device)
+    if (major, minor) not in _SUPPORTED_ARCH:
+        return False, (
+            f"FA4 block sparsity runs on Hopper (sm90) and datacenter Blackwell (sm100/sm103); "
+            f"this GPU ({torch.cuda.get_device_name(device)}) is sm{major}{minor}"
+        )
+    try:
+        _import()
+    except ImportError as exc:
+        return False, str(exc)
+    return True, f"FA4 {version() or '?'} on {_SUPPORTED_ARCH[(major, minor)]} sm{major}{minor}"
+
+
+def supports(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether FA4 can run a table of ``block_size`` at this head dim and dtype on ``device``."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False, f"FA4 takes float16 or bfloat16 inputs, got {dtype}"
+    if head_dim % 8 or not 8 <= head_dim <= 256:
+        return False, f"FA4 takes head dims that are multiples of 8 up to 256, got {head_dim}"
+    if not torch.cuda.is_available():
+        return False, "FA4 needs a CUDA GPU (none visible)"
+    major, minor = _arch(torch.device(device) if device is not None else None)
+    if major == 9:
+        if block_size not in (64, 128):
+            return False, f"FA4 on Hopper needs block_size 64 or 128 (its tile_n), got {block_size}"
+    elif (major, minor) in _SUPPORTED_ARCH:
+        if block_size % 256:
+            return False, (
+                f"FA4 on Blackwell processes query blocks of 256 (two 128-row tiles per CTA); "
+                f"compile the table with block_size=256, got {block_size}"
+            )
+    else:
+        return False, f"FA4 block sparsity needs sm90/sm100/sm103, this GPU is sm{major}{minor}"
+    return True, "ok"
+
+
+def _sparse_tensors(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size: int, kv_len: int):
+    """FA4's BlockSparseTensorsTorch for a table (cached while the table's tensors live)."""
+    key = (
+        id(kv_num_blocks), kv_num_blocks.data_ptr(), kv_num_blocks._version,
+        id(kv_indices), kv_indices.data_ptr(), kv_indices._version,
+        tuple(kv_indices.shape), kv_indices.device, block_size, kv_len,
+    )
+    entry = _CACHE.get(key)
+    if entry is not None:
+        refs, value = entry
+        if refs[0]() is kv_num_blocks and refs[1]() is kv_indices:
+            _CACHE.move_to_end(key)
+            return value
+        del _CACHE[key]
+    _, BlockSparseTensorsTorch = _import()
+    heads, qb, width = kv_indices.shape
+    kb = -(-kv_len // block_size)
+    counts = kv_num_blocks.to(torch.int32).contiguous()[None]
+    index = kv_indices[..., : min(width, kb)].to(torch.int32).contiguous()[None]
+    empty_counts = torch.zeros_like(counts)
+    empty_index = torch.zeros(1, heads, qb, 1, dtype=torch.int32, device=kv_indices.device)
+    value = BlockSparseTensorsTorch(
+        mask_block_cnt=empty_counts,
+        mask_block_idx=empty_index,
+        full_block_cnt=counts,
+        full_block_idx=index,
+        block_size=(block_size, block_size),
+    )
+    _CACHE[key] = ((weakref.ref(kv_num_blocks), weakref.ref(kv_indices)), value)
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    *,
+    block_size: int,
+    kv_len: int,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Block-sparse attention through FA4; [B, N, H, D] in, [B, N, H, D] out (q's dtype)."""
+    interface, _ = _import()
+    batch, n, heads, dim = q.shape
+    ok, why = supports(block_size, dim, q.dtype, q.device)
+    if not ok:
+        raise ValueError(why)
+    if kv_num_blocks.shape != (heads, -(-n // block_size)):
+        raise ValueError(f"table counts of shape {tuple(kv_num_blocks.shape)} do not fit q of shape {tuple(q.shape)}")
+    if kv_num_blocks.device != q.device:
+        kv_num_blocks, kv_indices = kv_num_blocks.to(q.device), kv_indices.to(q.device)
+    if k.shape[1] != kv_len:
+        k, v = k[:, :kv_len], v[:, :kv_len]
+    sparse = _sparse_tensors(kv_num_blocks, kv_indices, block_size, kv_len)
+    out = torch.full_like(q, float("nan")) if _POISON else torch.empty_like(q)
+    with torch.cuda.device(q.device):
+        interface._flash_attn_fwd(
+            q, k, v, softmax_scale=float(softmax_scale), block_sparse_tensors=sparse, out=out
+        )
+    return out
+
+
+def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
+    """Plain dense FA4 forward on [B, N, H, D] (a benchmark baseline)."""
+    interface, _ = _import()
+    out = torch.empty_like(q)
+    with torch.cuda.device(q.device):
+        interface._flash_attn_fwd(q, k, v, softmax_scale=softmax_scale, out=out)
+    return out
+
+
+__all__ = ["dense", "forward", "is_available", "supports", "version"]
