@@ -3,7 +3,23 @@
 from .kernels import sparse_attention
 from .layout import VideoLayout
 from .patterns import BlockTable, Pattern, compile_layer
+from .plan import ModelSpec, Plan, PlanError
+from .integrations.diffusers import apply, model_spec, remove, sparse
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockTable", "Pattern", "VideoLayout", "compile_layer", "sparse_attention", "__version__"]
+__all__ = [
+    "BlockTable",
+    "ModelSpec",
+    "Pattern",
+    "Plan",
+    "PlanError",
+    "VideoLayout",
+    "apply",
+    "compile_layer",
+    "model_spec",
+    "remove",
+    "sparse",
+    "sparse_attention",
+    "__version__",
+]

@@ -11,6 +11,7 @@ import sys
 SUBCOMMANDS = {
     "demo": ("demo", "the main job: what sparse-vdit does, end to end, on this machine"),
     "check": ("check", "every pattern through every available backend, checked against the reference"),
+    "generate": ("generate", "a video from a diffusers pipeline with a sparse-attention plan applied"),
 }
 
 

@@ -1,0 +1,222 @@
+"""`sparse-vdit generate`: a video from a diffusers pipeline with a sparse-attention plan applied.
+
+Writes the video (mp4, imageio-ffmpeg) and a JSON sidecar beside it: total and per-step time,
+attention time per step (the processor calls timed with CUDA events), its share, and the plan's
+density at the video's layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..plan import Plan, PlanError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local pipeline folder or hub id already in the HF cache")
+    parser.add_argument("--plan", required=True, help="plan JSON file, 'dense' (our dense path) or 'none' (unpatched)")
+    parser.add_argument("--prompt", help="text prompt")
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--prompt-embeds", type=Path,
+                        help="torch.save'd dict of pipeline inputs (prompt_embeds, negative_prompt_embeds, ...) "
+                             "instead of --prompt")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path("video.mp4"))
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--frames", type=int)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--fps", type=int, default=16)
+    parser.add_argument("--backend", default="auto", help="sparse kernel: auto, fa4, triton, flex, reference")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_pipeline(model: str, dtype: torch.dtype, device: str, text_encoders: bool = True):
+    """``DiffusionPipeline.from_pretrained`` from a local folder or the hub cache, never the network.
+
+    Without ``text_encoders`` the tokenizers and text encoders are not loaded (prompt embeddings
+    are given instead).
+    """
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    # diffusers 0.42 renamed `torch_dtype` to `dtype`
+    new = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 42)
+    kwargs: dict[str, Any] = {"dtype" if new else "torch_dtype": dtype, "local_files_only": True}
+    try:
+        if not text_encoders:
+            config = DiffusionPipeline.load_config(model, local_files_only=True)
+            kwargs.update({k: None for k in config if k.startswith(("text_encoder", "tokenizer"))})
+        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    except (OSError, ValueError) as err:
+        if Path(model).exists():
+            raise SystemExit(f"sparse-vdit generate: cannot load a diffusers pipeline from {model}: {err}") from None
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise SystemExit(
+            f"sparse-vdit generate: {model!r} is neither a local folder nor in the Hugging Face cache "
+            f"({HF_HUB_CACHE}); download it first (e.g. `huggingface-cli download {model}`) or pass a folder"
+        ) from None
+    return pipe.to(device)
+
+
+def generate_video(
+    pipe,
+    plan: Plan | None,
+    out: Path,
+    *,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    inputs: dict[str, Any] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+    steps: int = 50,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    fps: int = 16,
+    backend: str = "auto",
+) -> dict:
+    """Run ``pipe`` with ``plan`` applied (None: unpatched), write ``out`` and its JSON sidecar.
+
+    Returns the sidecar's content.
+    """
+    from ..integrations.diffusers import apply, remove
+
+    device = pipe.transformer.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    kwargs: dict[str, Any] = dict(num_inference_steps=steps, output_type="np")
+    kwargs["generator"] = torch.Generator(device="cpu").manual_seed(seed)
+    for key, value in (("prompt", prompt), ("negative_prompt", negative_prompt), ("height", height),
+                       ("width", width), ("num_frames", frames), ("guidance_scale", guidance_scale)):  # fmt: skip
+        if value is not None:
+            kwargs[key] = value
+    for key, value in (inputs or {}).items():
+        kwargs[key] = value.to(device) if isinstance(value, torch.Tensor) else value
+
+    forward_times: list[float] = []
+    step_ends: list[float] = []
+
+    def on_forward(module, args, kwargs_):
+        sync()
+        forward_times.append(time.perf_counter())
+
+    def on_step_end(pipeline, i, t, callback_kwargs):
+        sync()
+        step_ends.append(time.perf_counter())
+        return {}
+
+    kwargs["callback_on_step_end"] = on_step_end
+    state = apply(pipe, plan, backend=backend) if plan is not None else None
+    hook = pipe.transformer.register_forward_pre_hook(on_forward, with_kwargs=True)
+    try:
+        if state is not None:
+            state.timing = True
+        sync()
+        start = time.perf_counter()
+        result = pipe(**kwargs)
+        sync()
+        total = time.perf_counter() - start
+        attention = state.attention_seconds() if state is not None else {}
+        layout = state.last_layout if state is not None else None
+    finally:
+        hook.remove()
+        if state is not None:
+            remove(pipe)
+
+    video = result.frames[0]
+    write_video(video, out, fps)
+    starts = [forward_times[0] if forward_times else start] + step_ends[:-1]
+    per_step = [end - begin for begin, end in zip(starts, step_ends)]
+    attention_steps = [attention.get(i, 0.0) for i in range(len(per_step))] if state is not None else None
+    denoise = sum(per_step)
+    sidecar = {
+        "video": str(out),
+        "model": getattr(pipe, "name_or_path", None) or type(pipe).__name__,
+        "plan": None if plan is None else {"method": plan.made_by.get("method"), "warmup_steps": plan.warmup_steps,
+                                           "warmup_layers": plan.warmup_layers, "block_size": plan.block_size},  # fmt: skip
+        "plan_density": None if plan is None or layout is None else plan.density(layout, steps=len(per_step) or None),
+        "layout": None if layout is None else layout.describe(),
+        "prompt": prompt,
+        "seed": seed,
+        "steps": len(per_step),
+        "frames": int(video.shape[0]),
+        "height": int(video.shape[1]),
+        "width": int(video.shape[2]),
+        "backend": backend,
+        "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "total_seconds": total,
+        "denoise_seconds": denoise,
+        "step_seconds": per_step,
+        "attention_seconds": attention_steps,
+        "attention_share": None if attention_steps is None or not denoise else sum(attention_steps) / denoise,
+    }
+    sidecar_path = out.with_suffix(".json")
+    sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
+    return sidecar
+
+
+def write_video(frames, path: Path, fps: int) -> Path:
+    """Write ``(frames, height, width, 3)`` floats in [0, 1] (or uint8) as an H.264 mp4."""
+    import imageio
+    import numpy as np
+
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimwrite(path, list(frames), fps=fps, codec="libx264", macro_block_size=1)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.prompt is None and args.prompt_embeds is None:
+        raise SystemExit("sparse-vdit generate: give --prompt or --prompt-embeds")
+    try:  # a broken plan file fails before the (slow) pipeline load
+        plan = Plan.load(args.plan) if args.plan not in ("dense", "none") else None
+    except PlanError as err:
+        raise SystemExit(f"sparse-vdit generate: {err}") from None
+    device = args.device
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    pipe = load_pipeline(args.model, dtype, device, text_encoders=args.prompt_embeds is None)
+    if args.plan == "dense":
+        plan = Plan.dense(pipe.transformer)
+    elif plan is not None:
+        try:
+            plan.check(pipe.transformer)
+        except PlanError as err:
+            raise SystemExit(f"sparse-vdit generate: {err}") from None
+    inputs = None
+    if args.prompt_embeds is not None:
+        inputs = torch.load(args.prompt_embeds, map_location="cpu", weights_only=True)
+        inputs = inputs if isinstance(inputs, dict) else {"prompt_embeds": inputs}
+        inputs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+    info = generate_video(
+        pipe, plan, args.out, prompt=args.prompt, negative_prompt=args.negative_prompt, inputs=inputs,
+        height=args.height, width=args.width, frames=args.frames, steps=args.steps, seed=args.seed,
+        guidance_scale=args.guidance_scale, fps=args.fps, backend=args.backend,
+    )  # fmt: skip
+    share = info["attention_share"]
+    density = info["plan_density"]
+    print(
+        f"wrote {args.out} ({info['frames']} frames {info['width']}x{info['height']}) and "
+        f"{args.out.with_suffix('.json')}: {info['total_seconds']:.2f} s total, {info['denoise_seconds']:.2f} s "
+        f"denoising ({info['steps']} steps)"
+        + ("" if share is None else f", attention {share:.0%}")
+        + ("" if density is None else f", plan density {density:.1%}")
+    )
+    return 0

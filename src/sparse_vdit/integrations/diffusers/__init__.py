@@ -1,0 +1,25 @@
+"""Sparse self-attention for diffusers video transformers (Wan, HunyuanVideo, CogVideoX).
+
+Importing this package does not import diffusers; models are recognised by class name.
+"""
+
+from .api import apply, remove, sparse, state_of
+from .families import FAMILIES, Family, family_of, model_spec
+from .processor import AttentionCall, SparseAttnProcessor, SparseState, plan_source
+from .steps import StepTracker
+
+__all__ = [
+    "FAMILIES",
+    "AttentionCall",
+    "Family",
+    "SparseAttnProcessor",
+    "SparseState",
+    "StepTracker",
+    "apply",
+    "family_of",
+    "model_spec",
+    "plan_source",
+    "remove",
+    "sparse",
+    "state_of",
+]

@@ -1,0 +1,123 @@
+"""``apply`` / ``remove`` / ``sparse``: install and undo sparse attention on a diffusers model."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ...kernels import BACKENDS
+from ...plan import Plan
+from .families import family_of, transformer_of
+from .processor import PatternSource, SparseAttnProcessor, SparseState
+from .steps import install_step_hook, wrap_scheduler
+
+logger = logging.getLogger("sparse_vdit")
+
+STATE_ATTR = "_sparse_vdit_state"
+
+
+def apply(
+    pipe_or_transformer: Any,
+    plan: Plan | str | Path | None = None,
+    *,
+    backend: str = "auto",
+    pattern_source: PatternSource | None = None,
+    block_size: int | None = None,
+) -> SparseState:
+    """Make a diffusers pipeline's (or transformer's) self-attention sparse according to ``plan``.
+
+    Supports ``WanTransformer3DModel`` (``attn1``), ``HunyuanVideoTransformer3DModel`` (dual- and
+    single-stream joint attention) and ``CogVideoXTransformer3DModel`` (joint attention);
+    cross-attention is untouched. Everything is validated before anything is installed.
+
+    Args:
+        pipe_or_transformer: a pipeline with a ``transformer`` attribute, or the transformer.
+        plan: a :class:`~sparse_vdit.plan.Plan` or the path of a plan file; it must fit the model.
+        backend: kernel for sparse layers (``"auto"``, ``"fa4"``, ``"triton"``, ``"flex"``,
+            ``"reference"``); dense layers and steps always run the fastest dense kernel.
+        pattern_source: decides the patterns per call instead of the plan (online methods, search);
+            see :class:`~sparse_vdit.integrations.diffusers.processor.AttentionCall`.
+        block_size: block size of the tables (default: the plan's, else 128).
+
+    Returns:
+        The shared :class:`SparseState` (current step, timings, hook points).
+
+    Example::
+
+        state = sparse_vdit.apply(pipe, Plan.load("plan.json"))
+        video = pipe(prompt="...").frames[0]
+        sparse_vdit.remove(pipe)
+    """
+    model = transformer_of(pipe_or_transformer)
+    family = family_of(model)
+    spec = family.spec(model)
+    if getattr(model, STATE_ATTR, None) is not None:
+        raise RuntimeError("sparse-vdit is already applied to this model; call sparse_vdit.remove() first")
+    if isinstance(plan, (str, Path)):
+        plan = Plan.load(plan)
+    if plan is None and pattern_source is None:
+        raise ValueError("sparse_vdit.apply needs a plan (or a pattern_source)")
+    if plan is not None:
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a Plan or a path to a plan file, got {type(plan).__name__}")
+        plan.check(spec)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1)):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+    modules = family.attention_modules(model)
+    for i, module in enumerate(modules):
+        processor = module.processor
+        name = type(processor).__name__
+        if name not in family.processor_classes:
+            raise RuntimeError(
+                f"layer {i} uses attention processor {name}, not diffusers' {' / '.join(family.processor_classes)}; "
+                "sparse-vdit replaces only the stock processors (reset them with set_default_attn_processor "
+                "or remove the other patch first)"
+            )
+        if getattr(processor, "_parallel_config", None) is not None:
+            raise RuntimeError("sparse-vdit does not support diffusers context parallelism")
+    if getattr(pipe_or_transformer, "transformer_2", None) is not None:
+        logger.warning("sparse-vdit: only pipe.transformer is patched, not pipe.transformer_2")
+
+    state = SparseState(family, spec, plan=plan, pattern_source=pattern_source, backend=backend, block_size=block_size)
+    originals = [module.processor for module in modules]
+    hook = install_step_hook(model, family, state.steps)
+    undo_scheduler = wrap_scheduler(pipe_or_transformer, state.steps) if model is not pipe_or_transformer else None
+    for i, module in enumerate(modules):
+        module.set_processor(SparseAttnProcessor(family, i, state, originals[i]))
+    state._installed = (model, modules, originals, hook, undo_scheduler)
+    setattr(model, STATE_ATTR, state)
+    return state
+
+
+def state_of(pipe_or_transformer: Any) -> SparseState | None:
+    """The :class:`SparseState` applied to a pipeline or transformer, or None."""
+    return getattr(transformer_of(pipe_or_transformer), STATE_ATTR, None)
+
+
+def remove(pipe_or_transformer: Any) -> None:
+    """Undo :func:`apply`: the exact original processor objects, no hooks left."""
+    model = transformer_of(pipe_or_transformer)
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise RuntimeError("sparse-vdit is not applied to this model")
+    _, modules, originals, hook, undo_scheduler = state._installed
+    for module, original in zip(modules, originals):
+        module.set_processor(original)
+    hook.remove()
+    if undo_scheduler is not None:
+        undo_scheduler()
+    delattr(model, STATE_ATTR)
+
+
+@contextmanager
+def sparse(pipe_or_transformer: Any, plan: Plan | str | Path | None = None, **kwargs):
+    """``with sparse_vdit.sparse(pipe, plan): ...``: :func:`apply` on entry, :func:`remove` on exit."""
+    state = apply(pipe_or_transformer, plan, **kwargs)
+    try:
+        yield state
+    finally:
+        remove(pipe_or_transformer)

@@ -1,0 +1,322 @@
+"""One attention processor for every family, and the state its layers share.
+
+:class:`SparseAttnProcessor` is installed on each self-attention layer with its layer index; the
+family adapter computes q, k, v exactly as diffusers does, and :class:`SparseState` decides and
+runs the attention: it builds the layout from the sequence length and the latent grid the step
+hook recorded, asks its ``pattern_source`` for one pattern per head (a plan by default), and runs
+the dense kernel (cuDNN / FlashAttention-4) or :func:`~sparse_vdit.sparse_attention`.
+
+Hook points for search and online methods:
+
+- ``state.pattern_source(call) -> patterns | None``: called once per layer call with an
+  :class:`AttentionCall` (step, layer, q, k, v, layout); ``None`` means dense. ``call.dense_output()``
+  and ``call.output(patterns)`` compute candidates on the same fast path.
+- ``state.observers``: ``fn(call, patterns, out)`` after every layer call.
+
+Under ``torch.compile`` the attention step is one opaque custom op, so the graph has no break
+inside a block and the Python decisions run eagerly at run time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...kernels import dense as dense_kernels
+from ...kernels import resolve_backend, sparse_attention
+from ...layout import VideoLayout
+from ...patterns import Pattern, compile_layer
+from ...plan import ModelSpec, Plan
+from .families import Family
+from .steps import StepTracker
+
+PatternSource = Callable[["AttentionCall"], "Sequence[Pattern] | None"]
+Observer = Callable[["AttentionCall", "Sequence[Pattern] | None", torch.Tensor], None]
+
+
+def plan_source(plan: Plan) -> PatternSource:
+    """The pattern source of a fixed plan: its patterns for (step, layer), ``None`` where dense."""
+
+    def source(call: AttentionCall):
+        if plan.is_dense(call.step, call.layer):
+            return None
+        return plan.patterns_for(call.step, call.layer)
+
+    source.plan = plan  # type: ignore[attr-defined]
+    return source
+
+
+@dataclass(eq=False)
+class AttentionCall:
+    """One self-attention call: what a pattern source decides from (tensors are ``(B, N, H, D)``)."""
+
+    step: int
+    layer: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    layout: VideoLayout
+    state: SparseState
+
+    def dense_output(self) -> torch.Tensor:
+        """Dense attention of this call on the fastest dense kernel."""
+        return self.state.compute(self.q, self.k, self.v, self.layout, None)
+
+    def output(self, patterns: Sequence[Pattern] | None) -> torch.Tensor:
+        """Attention of this call with one pattern per head (``None``: dense)."""
+        return self.state.compute(self.q, self.k, self.v, self.layout, patterns)
+
+
+_STATES: weakref.WeakValueDictionary[int, SparseState] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+class SparseState:
+    """What every layer of one patched model shares: pattern source, backend, step, timings."""
+
+    def __init__(
+        self,
+        family: Family,
+        spec: ModelSpec,
+        *,
+        plan: Plan | None = None,
+        pattern_source: PatternSource | None = None,
+        backend: str = "auto",
+        block_size: int | None = None,
+    ) -> None:
+        if plan is None and pattern_source is None:
+            raise ValueError("give a plan or a pattern_source")
+        self.family, self.spec, self.backend = family, spec, backend
+        self.plan = plan
+        self.pattern_source: PatternSource = pattern_source or plan_source(plan)
+        self.block_size = block_size or (plan.block_size if plan is not None else 128)
+        self.steps = StepTracker()
+        self.observers: list[Observer] = []
+        self.timing = False
+        self._timings: list[tuple[int, Any, Any]] = []
+        self._memo: dict = {}
+        self._valid: tuple = (None, None)  # (key, groups) of the last key mask read
+        self.last_layout: VideoLayout | None = None  # of the last call, padding included
+        self.handle = next(_HANDLES)
+        _STATES[self.handle] = self
+
+    # --- configuration ------------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """The current denoising step (0-based) of the current generation."""
+        return self.steps.step
+
+    def set_plan(self, plan: Plan) -> None:
+        """Switch to another plan for the same model (validated first); keeps the step count."""
+        plan.check(self.spec)
+        self.plan, self.pattern_source, self.block_size = plan, plan_source(plan), plan.block_size
+        self._memo.clear()
+
+    # --- the attention step -------------------------------------------------------------------
+
+    def layout(self, seq_len: int) -> VideoLayout:
+        """Layout of a self-attention sequence of ``seq_len`` tokens at the recorded latent grid."""
+        key = ("layout", seq_len, self.steps.grid)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        grid = self.steps.grid
+        if grid is None:
+            raise RuntimeError(
+                "sparse-vdit: no latent shape recorded; call the transformer itself (its forward "
+                "records the video size), not its blocks, or set state.steps.grid = (frames, height, width)"
+            )
+        frames, height, width = grid
+        text = seq_len - frames * height * width
+        position = self.family.text_position if text else "none"
+        if text < 0 or (text and position == "none"):
+            raise RuntimeError(
+                f"sparse-vdit: a self-attention sequence of {seq_len} tokens does not fit the latent grid "
+                f"{frames} x {height} x {width} of the {self.family.name} transformer's input"
+            )
+        layout = VideoLayout(frames, height, width, text, position)
+        self._memo[key] = layout
+        return layout
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Attention of one layer call: layout, text padding, patterns, kernel, timing, observers."""
+        layout = self.layout(q.shape[1])
+        start = self._clock(q) if self.timing else None
+        valid = self._text_valid(key_mask, layout, q.shape[0])
+        if valid is None or len(valid) == 1:
+            layout = layout if valid is None else self._padded(layout, next(iter(valid)))
+            out = self._attend(layer, q, k, v, layout)
+        else:  # samples with different prompt lengths: one call per length
+            out = torch.empty_like(q)
+            for count, samples in valid.items():
+                index = torch.tensor(samples, device=q.device)
+                out[index] = self._attend(layer, q[index], k[index], v[index], self._padded(layout, count))
+        self.last_layout = layout
+        if start is not None:
+            self._timings.append((self.steps.step, start, self._clock(q)))
+        return out
+
+    def _attend(self, layer, q, k, v, layout) -> torch.Tensor:
+        call = AttentionCall(self.steps.step, layer, q, k, v, layout, self)
+        patterns = self.pattern_source(call)
+        out = self.compute(q, k, v, layout, patterns)
+        for observer in self.observers:
+            observer(call, patterns, out)
+        return out
+
+    def compute(self, q, k, v, layout: VideoLayout, patterns: Sequence[Pattern] | None) -> torch.Tensor:
+        """Attention of ``(B, N, H, D)`` tensors at ``layout`` with one pattern per head (``None``: dense)."""
+        if patterns is not None and len(patterns) != q.shape[2]:
+            raise ValueError(f"{len(patterns)} patterns for {q.shape[2]} heads")
+        if patterns is None or self._all_dense(patterns):
+            use_fa4 = q.is_cuda and self.backend != "reference" and resolve_backend(self.backend, q) == "fa4"
+            return dense_kernels.forward(q, k, v, kv_len=layout.kv_len, softmax_scale=q.shape[-1] ** -0.5,
+                                         use_fa4=use_fa4)  # fmt: skip
+        key = ("table", id(patterns), layout, q.device)
+        hit = self._memo.get(key)
+        if hit is None or hit[0] is not patterns:
+            hit = (patterns, compile_layer(tuple(patterns), layout, self.block_size, q.device))
+            self._remember(key, hit)
+        return sparse_attention(q, k, v, hit[1], backend=self.backend)
+
+    def _all_dense(self, patterns: Sequence[Pattern]) -> bool:
+        key = ("dense", id(patterns))
+        hit = self._memo.get(key)
+        if hit is None or hit[0] is not patterns:
+            hit = (patterns, all(p.name == "dense" for p in patterns))
+            self._remember(key, hit)
+        return hit[1]
+
+    def _remember(self, key, value) -> None:
+        if len(self._memo) > 4096:
+            self._memo.clear()
+        self._memo[key] = value
+
+    def _padded(self, layout: VideoLayout, valid: int) -> VideoLayout:
+        """``layout`` with ``valid`` real text tokens (padding after them), memoised."""
+        if valid >= layout.text:
+            return layout
+        key = ("padded", layout, valid)
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = layout.with_text_valid(valid)
+            self._remember(key, hit)
+        return hit
+
+    def _text_valid(self, key_mask: torch.Tensor | None, layout: VideoLayout, batch: int) -> dict[int, list[int]] | None:
+        """Samples grouped by their number of real text tokens, from a ``[B, 1, 1, N]`` key mask.
+
+        Read once per forward (one device-to-host copy); the mask must keep every video token and
+        the first text tokens, as diffusers builds it.
+        """
+        if key_mask is None or not self.family.uses_key_mask or layout.text == 0:
+            return None
+        key = (self.steps.forwards, key_mask.data_ptr(), tuple(key_mask.shape), layout.num_tokens)
+        if self._valid[0] == key:
+            return self._valid[1]
+        keep = key_mask.reshape(key_mask.shape[0], -1)
+        keep = keep if keep.dtype == torch.bool else keep == 0  # additive masks: 0 keeps a key
+        if keep.shape[1] != layout.num_tokens:
+            raise RuntimeError(f"key mask of {keep.shape[1]} tokens for a sequence of {layout.num_tokens}")
+        text = keep[:, layout.text_start :]
+        counts = text.sum(-1)
+        prefix = torch.arange(layout.text, device=text.device)[None, :] < counts[:, None]
+        checks = torch.stack([(text == prefix).all(), keep[:, : layout.text_start].all()])
+        values = torch.cat([counts.long(), checks.long()]).tolist()
+        if not all(values[-2:]):
+            raise RuntimeError("sparse-vdit: the attention mask must keep every video token and the first "
+                               "text tokens, padding last (as diffusers builds it)")  # fmt: skip
+        counts = values[:-2] * (batch if len(values) == 3 else 1)  # a mask of batch 1 broadcasts
+        groups: dict[int, list[int]] = {}
+        for sample, count in enumerate(counts):
+            groups.setdefault(count, []).append(sample)
+        self._valid = (key, groups)
+        return groups
+
+    # --- timing -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _clock(q: torch.Tensor):
+        if q.is_cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def attention_seconds(self) -> dict[int, float]:
+        """Seconds spent in attention per step since the last :meth:`reset_timings` (synchronises)."""
+        out: dict[int, float] = {}
+        for step, start, end in self._timings:
+            if isinstance(start, float):
+                seconds = end - start
+            else:
+                end.synchronize()
+                seconds = start.elapsed_time(end) / 1e3
+            out[step] = out.get(step, 0.0) + seconds
+        return out
+
+    def reset_timings(self) -> None:
+        self._timings.clear()
+
+    def __repr__(self) -> str:
+        source = "plan" if self.plan is not None and getattr(self.pattern_source, "plan", None) is self.plan else "custom"
+        return (f"SparseState({self.spec.describe()}, patterns from {source}, backend={self.backend!r}, "
+                f"block={self.block_size}, step={self.step}, generation={self.steps.generation})")  # fmt: skip
+
+
+@torch.library.custom_op("sparse_vdit::diffusers_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, layer: torch.Tensor, handle: int
+) -> torch.Tensor:
+    state = _STATES.get(handle)
+    if state is None:
+        raise RuntimeError("sparse-vdit: this compiled graph belongs to a model whose sparse attention was removed")
+    return state.attend(int(layer), q, k, v, key_mask).contiguous()
+
+
+@_attention_op.register_fake
+def _(q, k, v, key_mask, layer, handle):
+    return q.new_empty(q.shape)  # contiguous, as the real op returns
+
+
+class SparseAttnProcessor:
+    """Diffusers attention processor of one self-attention layer (any supported family).
+
+    Calls that are not the self-attention this family sparsifies go to ``original``.
+    """
+
+    def __init__(self, family: Family, layer: int, state: SparseState, original: Any) -> None:
+        self.family, self.layer, self.state, self.original = family, layer, state, original
+        # a tensor, not an int: torch.compile then does not specialise one block graph per layer
+        self.layer_index = torch.tensor(layer)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ):
+        family = self.family
+        if not family.supports(attn, encoder_hidden_states, attention_mask):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        projected = family.project(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        q, k, v = projected.q, projected.k, projected.v
+        key_mask = attention_mask if family.uses_key_mask else None
+        if torch.compiler.is_compiling():
+            out = _attention_op(q, k, v, key_mask, self.layer_index, self.state.handle)
+        else:
+            out = self.state.attend(self.layer, q, k, v, key_mask)
+        return family.finish(attn, out, projected)
+
+    def __repr__(self) -> str:
+        return f"SparseAttnProcessor({self.family.name}, layer={self.layer})"

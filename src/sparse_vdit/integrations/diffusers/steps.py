@@ -1,0 +1,116 @@
+"""Step tracking: which denoising step the transformer is at, and the latent grid of its input.
+
+Diffusers does not tell attention processors the step. A forward pre-hook on the transformer
+reads the timestep and the latent shape of every call:
+
+- the first call, and any call whose timestep is *higher* than the previous one, starts a new
+  generation at step 0 (diffusion timesteps only decrease within one generation);
+- a call with the same timestep as the previous one is the same step (the second pass of
+  classifier-free guidance run separately; a batched pass is one call anyway);
+- a lower timestep is the next step.
+
+With a pipeline, ``scheduler.set_timesteps`` (called at the start of every generation) also
+resets the count, so a generation that starts at a lower timestep is still counted from 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class StepTracker:
+    """Current step and generation, the last timestep, and the latent grid of the last call."""
+
+    step: int = 0
+    generation: int = 0
+    forwards: int = 0  # transformer calls seen (also keys per-forward caches)
+    last_timestep: float | None = None
+    grid: tuple[int, int, int] | None = None  # (frames, height, width) after patchify
+    num_steps: int | None = None  # from the scheduler, where a pipeline was given
+    _fresh: bool = field(default=True, repr=False)
+
+    def reset(self) -> None:
+        """Make the next call step 0 of a new generation."""
+        self._fresh = True
+        self.last_timestep = None
+
+    def observe(self, timestep: float, grid: tuple[int, int, int] | None = None) -> int:
+        """Record one transformer call; returns its step."""
+        last = self.last_timestep
+        if self._fresh or last is None or timestep > last:
+            if self.forwards:
+                self.generation += 1
+            self.step, self._fresh = 0, False
+        elif timestep < last:
+            self.step += 1
+        self.last_timestep = timestep
+        self.forwards += 1
+        if grid is not None:
+            self.grid = grid
+        return self.step
+
+
+def timestep_value(timestep: Any) -> float:
+    """One number for a timestep argument: a scalar, or the largest entry of a tensor (one sync)."""
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.detach().max()) if timestep.numel() else 0.0
+    return float(timestep)
+
+
+def install_step_hook(model: torch.nn.Module, family, tracker: StepTracker):
+    """Register the pre-hook on ``model``; returns its removable handle."""
+    signature = inspect.signature(type(model).forward)
+    names = [n for n in signature.parameters if n != "self"]
+    for needed in ("hidden_states", "timestep"):
+        if needed not in names:
+            raise TypeError(f"{type(model).__name__}.forward has no {needed!r} argument; cannot track steps")
+
+    def argument(name: str, args: tuple, kwargs: dict):
+        if name in kwargs:
+            return kwargs[name]
+        index = names.index(name)
+        return args[index] if index < len(args) else None
+
+    @torch.compiler.disable
+    def hook(module, args, kwargs):
+        hidden_states = argument("hidden_states", args, kwargs)
+        timestep = argument("timestep", args, kwargs)
+        grid = family.latent_grid(module, hidden_states) if isinstance(hidden_states, torch.Tensor) else None
+        tracker.observe(0.0 if timestep is None else timestep_value(timestep), grid)
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def wrap_scheduler(pipe: Any, tracker: StepTracker) -> Callable[[], None] | None:
+    """Reset ``tracker`` whenever ``pipe.scheduler.set_timesteps`` runs; returns the undo function."""
+    scheduler = getattr(pipe, "scheduler", None)
+    original = getattr(scheduler, "set_timesteps", None)
+    if original is None:
+        return None
+    had_own = "set_timesteps" in vars(scheduler)
+    previous = vars(scheduler).get("set_timesteps")
+
+    @functools.wraps(original)  # keeps the signature: pipelines inspect it for `timesteps` / `sigmas`
+    def set_timesteps(*args, **kwargs):
+        tracker.reset()
+        result = original(*args, **kwargs)
+        timesteps = getattr(scheduler, "timesteps", None)
+        tracker.num_steps = None if timesteps is None else len(timesteps)
+        return result
+
+    scheduler.set_timesteps = set_timesteps
+
+    def undo() -> None:
+        if vars(scheduler).get("set_timesteps") is set_timesteps:
+            if had_own:
+                scheduler.set_timesteps = previous
+            else:
+                del scheduler.set_timesteps
+
+    return undo
