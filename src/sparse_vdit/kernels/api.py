@@ -207,10 +207,21 @@ def reorder_heads(x: torch.Tensor, layout: VideoLayout, heads: Sequence[int], to
         out[:, v0:v1].view(dst_shape).copy_(x[:, v0:v1].view(src_shape).transpose(1, 2))
         return out
     out = x.clone()
-    first, last = heads[0], heads[-1] + 1
-    pick = slice(first, last) if last - first == len(heads) else torch.tensor(heads, device=x.device)
-    out[:, v0:v1].view(dst_shape)[:, :, :, pick] = x[:, v0:v1].view(src_shape).transpose(1, 2)[:, :, :, pick]
+    src, dst = x[:, v0:v1].view(src_shape).transpose(1, 2), out[:, v0:v1].view(dst_shape)
+    for first, last in _runs(heads):  # one strided copy per run of adjacent heads, no index tensor
+        dst[:, :, :, first:last].copy_(src[:, :, :, first:last])
     return out
+
+
+def _runs(heads: Sequence[int]) -> list[tuple[int, int]]:
+    """Ascending head indices as ``[first, last)`` runs of adjacent heads."""
+    runs: list[tuple[int, int]] = []
+    for h in heads:
+        if runs and runs[-1][1] == h:
+            runs[-1] = (runs[-1][0], h + 1)
+        else:
+            runs.append((h, h + 1))
+    return runs
 
 
 @torch.library.custom_op("sparse_vdit::sparse_attention", mutates_args=())
