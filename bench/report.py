@@ -1,0 +1,117 @@
+"""Render the result files of bench/results/ as the tables of BENCHMARKS.md.
+
+    python bench/report.py            # rewrites the generated sections of BENCHMARKS.md in place
+
+Each generated section sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``; the prose
+around them is written by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+TARGETS = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def attention(data: dict) -> str:
+    v = data["versions"]
+    out = [
+        f"Device: {v['gpu']} (sm{v['sm'].replace('.', '')}, {v['sms']} SMs); torch {v['torch']}, cuDNN {v['cudnn']}, "
+        f"triton {v['triton']}, flash-attn-4 {v['flash_attn_4']}; {data['dtype']}, batch {data['batch']}, "
+        f"block {data['block']}; run took {data['wall_s']:.0f} s.",
+        "",
+        "Dense baselines (ms, TFLOP/s):",
+        "",
+    ]
+    rows = data["rows"]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    dense = {(r["shape"], r["backend"]): r for r in rows if r["kind"] == "dense"}
+    names = ["cudnn", "fa2", "fa4-dense", "flex-dense"]
+    out.append(_table(["shape", "cuDNN SDPA", "FlashAttention-2 SDPA", "FA4 dense", "FlexAttention dense"], [
+        [s] + [f"{dense[s, n]['ms']:.2f} ({dense[s, n]['tflops']:.0f})" if (s, n) in dense else "-" for n in names]
+        for s in shapes
+    ]))  # fmt: skip
+    cells = defaultdict(dict)
+    for r in rows:
+        if r["kind"] not in ("dense", "all-dense"):
+            cells[r["backend"], r["shape"], r["kind"]][r["target"]] = r
+    full = {(r["backend"], r["shape"]): r for r in rows if r["kind"] == "all-dense"}
+    for backend in dict.fromkeys(b for b, _, _ in cells):
+        out += ["", f"`{backend}`: block efficiency (ms); last column: an all-dense table through the API / "
+                    "the backend's own block path", ""]  # fmt: skip
+        table_rows = []
+        for (b, shape, kind), by_target in cells.items():
+            if b != backend:
+                continue
+            row = [shape, kind]
+            for t in TARGETS:
+                r = by_target.get(t)
+                row.append(f"{r['block_eff']:.2f} ({r['ms']:.2f})" if r else "-")
+            api, direct = full.get((backend, shape)), full.get((backend + "-direct", shape))
+            first = kind == next(k for b2, s2, k in cells if b2 == backend and s2 == shape)
+            row.append(f"{api['block_eff']:.2f} / {direct['block_eff']:.2f}" if first and api and direct else "")
+            table_rows.append(row)
+        out.append(_table(["shape", "table"] + [f"{t:.0%}" for t in TARGETS] + ["100%"], table_rows))
+    return "\n".join(out)
+
+
+def e2e(data: dict) -> str:
+    run = data["runs"][-1]
+    out = [
+        f"Device: {run['device']}; torch {run['torch']}, diffusers {run['diffusers']}, triton {run['triton']}; "
+        f"{run['date']}.",
+        "",
+    ]
+    rows = [
+        [r["model"], r["mode"], r["variant"], f"{r['density']:.1%}", f"{r['seconds'] * 1e3:.1f}",
+         f"{r['attention_share']:.0%}", f"{r['speedup_vs_unpatched']:.2f}",
+         f"{r['speedup_vs_dense']:.2f}" if "speedup_vs_dense" in r else ""]
+        for r in data["results"] if not r.get("dry_run")
+    ]  # fmt: skip
+    out.append(_table(["model", "mode", "variant", "attention density", "forward ms", "attention share",
+                       "x unpatched", "x best dense"], rows))  # fmt: skip
+    return "\n".join(out)
+
+
+def tables(data: dict) -> str:
+    rows = [
+        [r["model"], f"{r['layers']} x {r['heads']}", f"{r['tokens']:,}", f"{r['cold_s']:.3f}",
+         f"{r['cached_s'] * 1e3:.2f}", f"{r['tables_mib']:.0f}"]
+        for r in data["rows"]
+    ]  # fmt: skip
+    return f"Device: {data['device']}, torch {data['torch']}.\n\n" + _table(
+        ["model", "layers x heads", "tokens", "cold s", "cached ms", "stored MiB"], rows
+    )
+
+
+SECTIONS = {"attention": attention, "e2e": e2e, "tables": tables}
+
+
+def main() -> None:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text()
+    for name, render in SECTIONS.items():
+        source = RESULTS / f"{name}.json"
+        if not source.exists():
+            continue
+        body = render(json.loads(source.read_text()))
+        pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"BENCHMARKS.md has no <!-- {name}:begin --> ... <!-- {name}:end --> section")
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
