@@ -12,10 +12,16 @@ SUBCOMMANDS = {
     "demo": ("demo", "the main job: what sparse-vdit does, end to end, on this machine"),
     "check": ("check", "every pattern through every available backend, checked against the reference"),
     "generate": ("generate", "a video from a diffusers pipeline with a sparse-attention plan applied"),
+    "train-organism": ("train_organism", "train the small video DiT the demo and fidelity benchmark use"),
 }
+
+PASS_THROUGH = {"train-organism": "train_organism"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASS_THROUGH:  # commands with a parser of their own
+        return importlib.import_module(f"sparse_vdit.cli.{PASS_THROUGH[argv[0]]}").main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="sparse-vdit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():

@@ -229,8 +229,8 @@ def _sample_object(rng, frames, aspect, camera, *, motion=None, through=None) ->
 
 def _inside(o: ObjectAttrs, aspect: float) -> bool:
     r = _bound(o.shape, o.size) - 1e-9
-    p = o.positions
-    return bool((p[:, 0] >= r).all() and (p[:, 0] <= aspect - r).all() and (p[:, 1] >= r).all() and (p[:, 1] <= 1 - r).all())
+    lo, hi = o.positions.min(0), o.positions.max(0)
+    return bool(lo[0] >= r and lo[1] >= r and hi[0] <= aspect - r and hi[1] <= 1 - r)
 
 
 def _apart(a: ObjectAttrs, b: ObjectAttrs) -> bool:
@@ -477,7 +477,9 @@ class SceneStream(torch.utils.data.IterableDataset):
     training device.
     """
 
-    def __init__(self, seed: int, batch_size: int, vocab: Vocabulary, frames: int = FRAMES, aspect: float = 1.0, first: int = 0):
+    def __init__(
+        self, seed: int, batch_size: int, vocab: Vocabulary, frames: int = FRAMES, aspect: float = 1.0, first: int = 0
+    ):
         self.seed, self.batch_size, self.vocab = seed, batch_size, vocab
         self.frames, self.aspect, self.first = frames, aspect, first
 

@@ -188,7 +188,7 @@ def sample(
     spec = spec or OrganismSpec()
     captions = [captions] if isinstance(captions, str) else list(captions)
     guidance_scale = spec.guidance_scale if guidance_scale is None else guidance_scale
-    param = next(transformer.parameters())
+    param = transformer.patch_embedding.weight  # not a module kept in float32
     device, dtype = param.device, param.dtype
     n = len(captions)
     text = spec.vocabulary().embed(captions)

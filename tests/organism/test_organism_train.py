@@ -1,0 +1,58 @@
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from sparse_vdit.organism import model as M  # noqa: E402
+from sparse_vdit.organism import train as T  # noqa: E402
+
+TINY_ARGS = [
+    "--steps", "3", "--batch-size", "2", "--layers", "1", "--heads", "1", "--ffn-dim", "128",
+    "--size", "32", "--sample-steps", "2", "--samples", "2", "--log-every", "1", "--device", "cpu",
+    "--workers", "0", "--minutes", "0",
+]
+
+
+def test_three_cpu_steps_write_weights_and_reports(tmp_path):
+    info = T.main([*TINY_ARGS, "--out", str(tmp_path)])
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", M.WEIGHTS_FILE, M.SPEC_FILE, "train_info.json", "loss.png", "samples.png"} <= files
+    saved = json.loads((tmp_path / "train_info.json").read_text())
+    assert saved == json.loads(json.dumps(info))
+    assert saved["steps"] == 3 and math.isfinite(saved["final_loss"])
+    assert saved["command"].startswith(T.PROG) and "--steps 3" in saved["command"]
+    assert saved["config"]["num_layers"] == 1 and saved["data_seed"] == 0
+    assert saved["device"].startswith("cpu") and saved["wall_seconds"] > 0
+    assert saved["spec"]["height"] == 32
+    model = M.load_organism(tmp_path)
+    assert model.config.num_layers == 1
+    video = M.sample(model, saved["preview_captions"][0], steps=1, spec=M.load_spec(tmp_path), progress=False)
+    assert video.shape == (1, 8, 3, 32, 32) and torch.isfinite(video).all()
+
+
+def test_lr_schedule_warms_up_then_decays():
+    assert T.lr_at(0, 0.0, 1.0, 10) == pytest.approx(0.1)
+    assert T.lr_at(10, 0.0, 1.0, 10) == pytest.approx(1.0)
+    assert T.lr_at(50, 0.5, 1.0, 10) == pytest.approx(0.55)
+    assert T.lr_at(99, 1.0, 1.0, 10) == pytest.approx(0.1)
+    assert T.lr_at(99, 3.0, 1.0, 10) == pytest.approx(0.1)
+
+
+def test_flow_loss_target_is_noise_minus_data():
+    class Oracle(torch.nn.Module):
+        """Knows x0, so it can return the exact velocity ``(x_t - x0) / t``."""
+
+        def __init__(self, x0):
+            super().__init__()
+            self.x0 = x0
+
+        def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict):
+            t = (timestep / 1000).view(-1, 1, 1, 1, 1)
+            return ((hidden_states - self.x0) / t,)
+
+    x0 = torch.randn(3, 12, 2, 4, 4)
+    loss = T.flow_loss(Oracle(x0), x0, torch.zeros(3, 4, 8), torch.Generator().manual_seed(0), autocast=False)
+    assert loss.item() < 1e-8
