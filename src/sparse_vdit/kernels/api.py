@@ -17,7 +17,8 @@ logger = logging.getLogger("sparse_vdit")
 
 BACKENDS = ("auto", "reference", "flex", "fa4", "triton")
 FAST_HEAD_DIMS = (64, 128)
-RANGE_BACKENDS = ("triton",)  # read key-block ranges; the others read index lists
+RANGE_BACKENDS = ("triton",)  # read key-block ranges and token-major heads in place; the others
+# read index lists and need token-major heads permuted in memory
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -60,7 +61,8 @@ def sparse_attention(
         return dense.forward(q, k, v, kv_len=layout.kv_len, softmax_scale=scale, use_fa4=name == "fa4")
     kv_indices = None if name in RANGE_BACKENDS else table.kv_indices
     return torch.ops.sparse_vdit.sparse_attention(
-        q, k, v, table.kv_num_blocks, kv_indices, table.range_starts, table.range_ends, list(table.token_major_heads),
+        q, k, v, table.kv_num_blocks, kv_indices, table.range_starts, table.range_ends, table.token_major,
+        list(table.token_major_heads),
         layout.frames, layout.height, layout.width, layout.text, layout.text_position,
         table.block_size, layout.kv_len, scale, name,
     )  # fmt: skip
@@ -233,6 +235,7 @@ def _sparse_attention_op(
     kv_indices: torch.Tensor | None,
     range_starts: torch.Tensor,
     range_ends: torch.Tensor,
+    token_major: torch.Tensor,
     token_major_heads: list[int],
     frames: int,
     height: int,
@@ -245,11 +248,14 @@ def _sparse_attention_op(
     backend: str,
 ) -> torch.Tensor:
     layout = VideoLayout(frames, height, width, text, text_position)
+    kwargs = dict(block_size=block_size, kv_len=kv_len, softmax_scale=softmax_scale)
+    if backend in RANGE_BACKENDS:
+        order = (layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens)
+        tm = token_major if token_major_heads else None
+        ranges = (range_starts, range_ends)
+        return _backend_module(backend).forward(q, k, v, kv_num_blocks, None, ranges=ranges, token_major=tm, layout=order, **kwargs)
     q, k, v = (reorder_heads(t, layout, token_major_heads) for t in (q, k, v))
-    extra = {"ranges": (range_starts, range_ends)} if backend in RANGE_BACKENDS else {}
-    out = _backend_module(backend).forward(
-        q, k, v, kv_num_blocks, kv_indices, block_size=block_size, kv_len=kv_len, softmax_scale=softmax_scale, **extra
-    )
+    out = _backend_module(backend).forward(q, k, v, kv_num_blocks, kv_indices, **kwargs)
     return reorder_heads(out, layout, token_major_heads, to_token_major=False)
 
 

@@ -73,11 +73,16 @@ def forward(
     kv_len: int,
     softmax_scale: float,
     ranges: tuple[torch.Tensor, torch.Tensor],
+    token_major: torch.Tensor | None = None,
+    layout: tuple[int, int, int, int] = (1, 1, 0, 0),
 ) -> torch.Tensor:
     """Block-sparse attention on ``[B, N, H, D]`` tensors with one Triton launch for all heads.
 
     Reads the table's key-block ``ranges`` (starts, ends: int32 [H, Qb, R]) directly, so
-    ``kv_indices`` is not needed; ``kv_num_blocks`` orders the work, heaviest first.
+    ``kv_indices`` is not needed; ``kv_num_blocks`` orders the work, heaviest first. Heads with
+    ``token_major[h]`` (bool [H]; None when there are none) have tables in token-major order: the kernel reads and writes
+    their rows through that order (``layout`` = frames, frame tokens, video start, video
+    tokens), so q, k, v and the output stay frame-major in memory.
     """
     from .kernel import block_sparse_attention_fwd
 
@@ -90,18 +95,20 @@ def forward(
     schedule = _cached_schedule(kv_num_blocks, block_size // block_m, num_q_tiles)
     out = torch.empty_like(q)
     starts, ends = (r.contiguous() for r in ranges)
+    any_token_major = token_major is not None  # None: every head is frame-major
+    flags = token_major.to(torch.int8) if any_token_major else starts  # any pointer when unused
     extra = {} if q.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
     block_sparse_attention_fwd[(heads * num_q_tiles, batch)](
-        q, k, v, out, starts, ends, schedule,
+        q, k, v, out, starts, ends, schedule, flags,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         starts.stride(0), starts.stride(1),
-        n, kv_len, num_q_tiles, starts.shape[2],
+        n, kv_len, num_q_tiles, starts.shape[2], *layout,
         softmax_scale * LOG2E,
         TABLE_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, ANY_TOKEN_MAJOR=any_token_major,
         **extra,
     )  # fmt: skip
     return out
