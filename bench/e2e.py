@@ -18,6 +18,12 @@ Variants, each in each mode (``eager``; ``compiled`` = every transformer block c
 - ``sparse-NN``: our integration with a plan of NN% attention density (computed share of
   blocks at the model's layout, text included): 5% skipped heads, some dense heads at high
   densities, the rest diagonal / multi-diagonal / vertical with widths found by bisection.
+- ``svg-NN`` (``--svg-densities``, default 0.3,0.25,0.2): Sparse VideoGen, heads classified
+  spatial/temporal online in every layer call (64 sampled rows; the first layer dense, as SVG
+  does; no warm-up steps: every forward here is a sparse step); ``svg-NN-flex``: the same through
+  FlexAttention (``--svg-backends``, default ``auto,flex``). Their ``profile`` column is the
+  classification's own time (CUDA events) as a share of the attention time, which includes it;
+  ``density`` is the realised one (dense first layer included).
 
 Reported: forward latency (median of ``--repeats`` after one warm-up, CUDA events), attention
 time and its share (CUDA events around the attention calls), speedup against ``unpatched`` and
@@ -28,6 +34,10 @@ time left (one 10-minute GPU call); suggested splits for an H100:
     python bench/e2e.py --models wan-1.3b,cogvideox1.5
     python bench/e2e.py --models wan-14b --modes eager     (then --modes compiled)
     python bench/e2e.py --models hunyuan --modes eager --repeats 1   (then --modes compiled)
+
+SVG rows alone (the speedups need ``unpatched`` and ``dense`` from the same call, which run anyway):
+
+    python bench/e2e.py --models wan-14b --modes eager --densities ""
 """
 
 from __future__ import annotations
@@ -313,24 +323,34 @@ def cudnn_first():
 
 
 @torch.no_grad()
-def measure(model, inputs, repeats: int, attention_seconds=None) -> dict:
-    """Warm-up forward, then ``repeats`` timed forwards: median seconds and attention share."""
+def measure(model, inputs, repeats: int, attention_seconds=None, profile_seconds=None) -> dict:
+    """Warm-up forward, then ``repeats`` timed forwards: median seconds and attention share.
+
+    ``profile_seconds`` (SVG): seconds of online classification in the last forward, reported
+    with its share of the attention time.
+    """
     device = inputs["hidden_states"].device
     context = cudnn_first() if device.type == "cuda" else contextlib.nullcontext()
-    times, attention = [], []
+    times, attention, profile = [], [], []
     with context:
         for i in range(repeats + 1):
             start = clock(inputs["hidden_states"])
             model(**inputs)
             seconds = elapsed(start, clock(inputs["hidden_states"]))
             att = attention_seconds() if attention_seconds else None
+            prof = profile_seconds() if profile_seconds else None
             if i:  # the first forward is the warm-up (kernels, tables, compilation)
                 times.append(seconds)
                 attention.append(att)
+                profile.append(prof)
     median = statistics.median(times)
     att = None if attention[0] is None else statistics.median(attention)
-    return {"seconds": median, "all_seconds": times, "attention_seconds": att,
-            "attention_share": None if att is None else att / median}  # fmt: skip
+    result = {"seconds": median, "all_seconds": times, "attention_seconds": att,
+              "attention_share": None if att is None else att / median}  # fmt: skip
+    if profile[0] is not None:
+        prof = statistics.median(profile)
+        result.update(profile_seconds=prof, profile_share=prof / att if att else None)
+    return result
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -445,17 +465,85 @@ def run_mode(run: Mode, model, inputs, plans: dict, layout: VideoLayout) -> None
             release_tables()
     finally:
         sparse_vdit.remove(model)
+    run_svg(run, model, inputs, layout)
+
+
+def svg_backend(run: Mode, name: str) -> str:
+    """The sparse backend of an SVG row: ``flex`` as named; ``auto`` as for the plans. On a dry
+    run flex (compiled inductor C++ on the CPU, slow to build) is stood in for by the reference."""
+    if name == "auto":
+        return run.args.backend
+    return "reference" if run.args.dry_run and name == "flex" else name
+
+
+def run_svg(run: Mode, model, inputs, layout: VideoLayout) -> None:
+    """SVG rows: each density through each of ``--svg-backends``; profiling time as its own column.
+
+    One ``apply`` for all rows (a new SVG source and backend swapped in per row), so compiled
+    blocks see one set of processors and do not recompile per row.
+    """
+    from sparse_vdit.methods.svg import SVG
+
+    if not run.args.svg_densities:
+        return
+    state = sparse_vdit.apply(model, method="svg", block_size=run.args.block_size)
+    state.timing = True
+
+    def attention_seconds() -> float:
+        seconds = sum(state.attention_seconds().values())
+        state.reset_timings()
+        return seconds
+
+    def profile_seconds() -> float:
+        seconds = sum(state.svg.profile_seconds().values())
+        state.svg.reset_timings()
+        return seconds
+
+    try:
+        for density in run.args.svg_densities:
+            for name in run.args.svg_backends:
+                if not run.fits():
+                    return
+                svg = SVG(density, warmup_steps=0, record=True, block_size=run.args.block_size)
+                svg.spec, svg.timing = state.svg.spec, True
+                state.pattern_source = state.svg = svg
+                state.backend = svg_backend(run, name)
+                result = measure(model, inputs, run.args.repeats, attention_seconds, profile_seconds)
+                plan = svg.to_plan()
+                names = [p.name for layer in plan.schedule[-1].layers for p in layer if p.name != "dense"]
+                result.update(target_density=density, svg_backend=state.backend, profile_backend=svg.last_profile_backend,
+                              temporal_share=names.count("temporal") / max(1, len(names)),
+                              svg_widths=plan.made_by["widths"])  # fmt: skip
+                variant = f"svg-{round(density * 100):02d}" + ("" if name == "auto" else f"-{name}")
+                run.record(variant, result, plan.density(layout))
+                release_tables()
+                release_backend_caches()
+    finally:
+        sparse_vdit.remove(model)
+
+
+def release_backend_caches() -> None:
+    """Drop FA4's and FlexAttention's per-table caches (an SVG row makes new tables every call)."""
+    import importlib
+
+    for name in ("fa4", "flex"):
+        try:
+            getattr(importlib.import_module(f"sparse_vdit.kernels.{name}"), "_CACHE", {}).clear()
+        except ImportError:
+            pass
 
 
 def table(rows: list) -> str:
-    head = f"{'model':<13} {'mode':<9} {'variant':<10} {'density':>8} {'ms':>10} {'attn':>6} {'x unpatched':>12} {'x dense':>8}"
+    head = (f"{'model':<13} {'mode':<9} {'variant':<13} {'density':>8} {'ms':>10} {'attn':>6} {'x unpatched':>12} "
+            f"{'x dense':>8} {'profile':>8}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
         share = "" if r.get("attention_share") is None else f"{r['attention_share']:.0%}"
         vs_u = f"{r['speedup_vs_unpatched']:.2f}" if "speedup_vs_unpatched" in r else ""
         vs_d = f"{r['speedup_vs_dense']:.2f}" if "speedup_vs_dense" in r else ""
-        lines.append(f"{r['model']:<13} {r['mode']:<9} {r['variant']:<10} {r['density']:>8.1%} "
-                     f"{r['seconds'] * 1e3:>10.1f} {share:>6} {vs_u:>12} {vs_d:>8}")  # fmt: skip
+        prof = "" if r.get("profile_share") is None else f"{r['profile_share']:.1%}"
+        lines.append(f"{r['model']:<13} {r['mode']:<9} {r['variant']:<13} {r['density']:>8.1%} "
+                     f"{r['seconds'] * 1e3:>10.1f} {share:>6} {vs_u:>12} {vs_d:>8} {prof:>8}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -467,7 +555,8 @@ def merge(path: Path, env: dict, rows: list) -> list:
     results = kept + rows
     order = {name: i for i, name in enumerate(MODELS)}
     results.sort(key=lambda r: (r.get("dry_run", False), order.get(r["model"], 99), r["mode"] != "eager",
-                                r["variant"] != "unpatched", r["variant"] != "dense", -r["density"]))  # fmt: skip
+                                r["variant"] != "unpatched", r["variant"] != "dense", r["variant"].startswith("svg"),
+                                -r.get("target_density", r["density"]), r["variant"]))  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"runs": old.get("runs", []) + [env], "results": results}, indent=2) + "\n")
     return results
@@ -478,6 +567,8 @@ def parse_args(argv=None):
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     p.add_argument("--modes", default=None, help="eager,compiled (default both; eager only with --dry-run)")
     p.add_argument("--densities", default="0.5,0.3,0.2,0.1")
+    p.add_argument("--svg-densities", default="0.3,0.25,0.2", help="SVG rows ('' for none)")
+    p.add_argument("--svg-backends", default="auto,flex", help="sparse backends of the SVG rows (auto = --backend)")
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant, after one warm-up")
     p.add_argument("--backend", default="auto", help="sparse backend of our integration")
     p.add_argument("--block-size", type=int, default=128)
@@ -495,6 +586,10 @@ def parse_args(argv=None):
     if set(args.modes) - {"eager", "compiled"}:
         p.error("--modes takes eager and/or compiled")
     args.densities = [float(d) for d in args.densities.split(",") if d.strip()]
+    args.svg_densities = [float(d) for d in args.svg_densities.split(",") if d.strip()]
+    args.svg_backends = [b.strip() for b in args.svg_backends.split(",") if b.strip()]
+    if set(args.svg_backends) - {"auto", "flex", "triton", "fa4", "reference"}:
+        p.error("--svg-backends takes auto, flex, triton, fa4, reference")
     if args.dry_run:
         args.block_size = min(args.block_size, 16)
     if args.out is None:  # CPU dry runs stay out of the results folder
@@ -511,7 +606,8 @@ def main(argv=None) -> int:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     env = environment(device)
     say(f"e2e on {env['device']}: torch {env['torch']}, diffusers {env['diffusers']}, triton {env['triton']}, "
-        f"flash_attn {env['flash_attn']}; models {args.models}, modes {args.modes}, densities {args.densities}")  # fmt: skip
+        f"flash_attn {env['flash_attn']}; models {args.models}, modes {args.modes}, densities {args.densities}, "
+        f"svg {args.svg_densities} via {args.svg_backends}")  # fmt: skip
     deadline = START + args.budget_s
     rows: list = []
     for name in args.models:

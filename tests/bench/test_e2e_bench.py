@@ -23,13 +23,18 @@ def e2e():
 
 def test_dry_run_writes_results_and_table(e2e, tmp_path, capsys):
     out = tmp_path / "e2e.json"
-    assert e2e.main(["--dry-run", "--models", "hunyuan", "--densities", "0.3", "--repeats", "1", "--out", str(out)]) == 0
+    assert e2e.main(["--dry-run", "--models", "hunyuan", "--densities", "0.3", "--svg-densities", "0.3", "--repeats",
+                     "1", "--out", str(out)]) == 0  # fmt: skip
     rows = json.loads(out.read_text())["results"]
-    assert [r["variant"] for r in rows] == ["unpatched", "dense", "sparse-30"]
+    assert [r["variant"] for r in rows] == ["unpatched", "dense", "sparse-30", "svg-30", "svg-30-flex"]
     assert all(r["seconds"] > 0 and r["dry_run"] for r in rows)
     assert rows[2]["speedup_vs_unpatched"] > 0 and rows[2]["speedup_vs_dense"] > 0
     assert 0 < rows[2]["attention_share"] < 1
-    assert "x unpatched" in capsys.readouterr().out.splitlines()[-5]  # the table comes last
+    for svg in rows[3:]:  # the profiling overhead is its own column, part of the attention time
+        assert 0 < svg["profile_seconds"] < svg["attention_seconds"] and 0 < svg["profile_share"] < 1
+        assert 0 < svg["density"] < 1 and svg["target_density"] == 0.3 and "profile_share" not in rows[2]
+    assert rows[4]["svg_backend"] == "reference"  # the CPU stand-in for flex
+    assert "x unpatched" in capsys.readouterr().out.splitlines()[-7]  # the table comes last
 
 
 def test_mixed_plans_hit_their_density(e2e):
@@ -44,3 +49,17 @@ def test_mixed_plans_hit_their_density(e2e):
         names = [p.name for layer in plan.schedule[0].layers for p in layer]
         assert names.count("skip") == round(0.05 * len(names))
         assert {"diagonal", "multi_diagonal", "vertical"} <= set(names)
+
+
+def test_svg_attention_bench_dry_run(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_svg", SCRIPT.with_name("svg.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    result = module.main(["--dry-run", "--shapes", "tiny-text", "--densities", "0.4", "--profile-backends", "torch",
+                          "--out", str(tmp_path)])  # fmt: skip
+    parts = {r["part"] for r in result["rows"] if "ms" in r}
+    assert parts == {"cudnn-dense", "profile", "decide", "attn-fast", "attn-flex", "layer-fast", "layer-flex"}
+    (summary,) = result["summary"]
+    assert summary["profile_share"] > 0 and summary["flex_over_fast"] > 0 and summary["profile_backend"] == "torch"
+    assert json.loads((tmp_path / "svg-dry-run.json").read_text())["summary"] == result["summary"]

@@ -2,7 +2,9 @@
 
 Writes the video (mp4, imageio-ffmpeg) and a JSON sidecar beside it: total and per-step time,
 attention time per step (the processor calls timed with CUDA events), its share, and the plan's
-density at the video's layout.
+density at the video's layout. With ``--method svg`` the heads are decided online (Sparse
+VideoGen) instead: the sidecar adds the profiling time per step (part of the attention time) and
+the decisions' density; ``--record-plan`` saves those decisions as a plan.
 """
 
 from __future__ import annotations
@@ -23,7 +25,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local pipeline folder or hub id already in the HF cache")
-    parser.add_argument("--plan", required=True, help="plan JSON file, 'dense' (our dense path) or 'none' (unpatched)")
+    parser.add_argument("--plan", help="plan JSON file, 'dense' (our dense path) or 'none' (unpatched); "
+                                       "required unless --method svg")  # fmt: skip
+    parser.add_argument("--method", choices=("plan", "svg"), default="plan",
+                        help="'plan' (default) or 'svg': Sparse VideoGen, spatial/temporal heads decided every step")
+    svg = parser.add_argument_group("--method svg")
+    svg.add_argument("--density", type=float, default=0.3, help="computed share of blocks of a sparse layer")
+    svg.add_argument("--warmup-steps", type=float, default=None,
+                     help="dense steps first: a count (>= 1) or a fraction of the steps (< 1); default 0.25")
+    svg.add_argument("--warmup-layers", type=int, default=1, help="dense layers first")
+    svg.add_argument("--sampled-rows", type=int, default=64, help="query rows profiled per layer and step")
+    svg.add_argument("--record-plan", type=Path, help="save SVG's decisions as a plan JSON file")  # fmt: skip
     parser.add_argument("--prompt", help="text prompt")
     parser.add_argument("--negative-prompt")
     parser.add_argument("--prompt-embeds", type=Path,
@@ -38,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float)
     parser.add_argument("--fps", type=int, default=16)
     parser.add_argument("--backend", default="auto", help="sparse kernel: auto, fa4, triton, flex, reference")
+    parser.add_argument("--block-size", type=int, help="block size of the tables (default: the plan's, else 128)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -87,10 +100,14 @@ def generate_video(
     guidance_scale: float | None = None,
     fps: int = 16,
     backend: str = "auto",
+    svg: dict[str, Any] | None = None,
+    record_plan: Path | None = None,
+    block_size: int | None = None,
 ) -> dict:
     """Run ``pipe`` with ``plan`` applied (None: unpatched), write ``out`` and its JSON sidecar.
 
-    Returns the sidecar's content.
+    With ``svg`` (options of :class:`~sparse_vdit.methods.svg.SVG`) the plan is ignored and
+    SVG decides online; ``record_plan`` then saves its decisions. Returns the sidecar's content.
     """
     from ..integrations.diffusers import apply, remove
 
@@ -118,11 +135,16 @@ def generate_video(
         return {}
 
     kwargs["callback_on_step_end"] = on_step_end
-    state = apply(pipe, plan, backend=backend) if plan is not None else None
+    if svg is not None:
+        state = apply(pipe, method="svg", backend=backend, block_size=block_size, **{"record": True, **svg})
+    else:
+        state = apply(pipe, plan, backend=backend, block_size=block_size) if plan is not None else None
     hook = pipe.transformer.register_forward_pre_hook(on_forward, with_kwargs=True)
     try:
         if state is not None:
             state.timing = True
+            if state.svg is not None:
+                state.svg.timing = True
         sync()
         start = time.perf_counter()
         result = pipe(**kwargs)
@@ -130,6 +152,9 @@ def generate_video(
         total = time.perf_counter() - start
         attention = state.attention_seconds() if state is not None else {}
         layout = state.last_layout if state is not None else None
+        svg_info = _svg_summary(state.svg, record_plan) if svg is not None else None
+        if svg_info is not None:
+            plan = svg_info.pop("plan")
     finally:
         hook.remove()
         if state is not None:
@@ -164,9 +189,30 @@ def generate_video(
         "attention_seconds": attention_steps,
         "attention_share": None if attention_steps is None or not denoise else sum(attention_steps) / denoise,
     }
+    if svg_info is not None:
+        by_step = svg_info.pop("profile_seconds")
+        profile = [by_step.get(i, 0.0) for i in range(len(per_step))]
+        sidecar["svg"] = {**svg_info, "profile_seconds": profile,
+                          "profile_share_of_attention": sum(profile) / sum(attention_steps) if attention_steps and
+                          sum(attention_steps) else None}  # fmt: skip
     sidecar_path = out.with_suffix(".json")
     sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
     return sidecar
+
+
+def _svg_summary(svg, record_plan: Path | None) -> dict:
+    """What the sidecar says about an SVG run; the decisions as a plan (None before any sparse step)."""
+    info: dict[str, Any] = {"density": svg.density, "warmup_steps": svg.warmup_steps_now(),
+                            "warmup_layers": svg.warmup_layers, "sampled_rows": svg.sampled_rows,
+                            "profile_seconds": svg.profile_seconds(), "plan": None}  # fmt: skip
+    if any(g["steps"] for g in svg.generations):
+        plan = info["plan"] = svg.to_plan()
+        info["widths"] = plan.made_by["widths"]
+        names = [p.name for r in plan.schedule for layer in r.layers for p in layer if p.name != "dense"]
+        info["temporal_share"] = names.count("temporal") / len(names) if names else None
+        if record_plan is not None:
+            info["recorded_plan"] = str(plan.save(record_plan))
+    return info
 
 
 def write_video(frames, path: Path, fps: int) -> Path:
@@ -183,11 +229,35 @@ def write_video(frames, path: Path, fps: int) -> Path:
     return path
 
 
+def svg_options(args: argparse.Namespace) -> dict[str, Any]:
+    """SVG's options from the command line, checked before the (slow) pipeline load."""
+    from ..methods.svg import SVG
+
+    warmup = args.warmup_steps
+    options = {"density": args.density, "warmup_layers": args.warmup_layers, "sampled_rows": args.sampled_rows}
+    if warmup is not None:
+        options["warmup_steps"] = int(warmup) if warmup >= 1 and warmup == int(warmup) else warmup
+    try:
+        SVG(**options)
+    except ValueError as err:
+        raise SystemExit(f"sparse-vdit generate: {err}") from None
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
     if args.prompt is None and args.prompt_embeds is None:
         raise SystemExit("sparse-vdit generate: give --prompt or --prompt-embeds")
+    svg = None
+    if args.method == "svg":
+        if args.plan is not None:
+            raise SystemExit("sparse-vdit generate: --method svg decides the heads itself; give no --plan")
+        svg = svg_options(args)
+    elif args.plan is None:
+        raise SystemExit("sparse-vdit generate: give --plan (a plan file, 'dense' or 'none') or --method svg")
+    elif args.record_plan is not None:
+        raise SystemExit("sparse-vdit generate: --record-plan needs --method svg")
     try:  # a broken plan file fails before the (slow) pipeline load
-        plan = Plan.load(args.plan) if args.plan not in ("dense", "none") else None
+        plan = Plan.load(args.plan) if args.plan not in ("dense", "none", None) else None
     except PlanError as err:
         raise SystemExit(f"sparse-vdit generate: {err}") from None
     device = args.device
@@ -208,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
     info = generate_video(
         pipe, plan, args.out, prompt=args.prompt, negative_prompt=args.negative_prompt, inputs=inputs,
         height=args.height, width=args.width, frames=args.frames, steps=args.steps, seed=args.seed,
-        guidance_scale=args.guidance_scale, fps=args.fps, backend=args.backend,
+        guidance_scale=args.guidance_scale, fps=args.fps, backend=args.backend, svg=svg, record_plan=args.record_plan,
+        block_size=args.block_size,
     )  # fmt: skip
     share = info["attention_share"]
     density = info["plan_density"]
@@ -218,5 +289,13 @@ def run(args: argparse.Namespace) -> int:
         f"denoising ({info['steps']} steps)"
         + ("" if share is None else f", attention {share:.0%}")
         + ("" if density is None else f", plan density {density:.1%}")
+        + ("" if "svg" not in info else _svg_line(info["svg"]))
     )
     return 0
+
+
+def _svg_line(info: dict) -> str:
+    share = info.get("profile_share_of_attention")
+    text = f"; svg profiling {sum(info['profile_seconds']):.2f} s"
+    text += "" if share is None else f" ({share:.1%} of attention)"
+    return text + ("" if "recorded_plan" not in info else f", decisions saved to {info['recorded_plan']}")

@@ -22,9 +22,11 @@ def apply(
     pipe_or_transformer: Any,
     plan: Plan | str | Path | None = None,
     *,
+    method: str | None = None,
     backend: str = "auto",
     pattern_source: PatternSource | None = None,
     block_size: int | None = None,
+    **options: Any,
 ) -> SparseState:
     """Make a diffusers pipeline's (or transformer's) self-attention sparse according to ``plan``.
 
@@ -35,6 +37,11 @@ def apply(
     Args:
         pipe_or_transformer: a pipeline with a ``transformer`` attribute, or the transformer.
         plan: a :class:`~sparse_vdit.plan.Plan` or the path of a plan file; it must fit the model.
+        method: ``"svg"`` for Sparse VideoGen, decided online every step instead of a plan
+            (:class:`~sparse_vdit.methods.svg.SVG`); ``options`` go to it: ``density=0.3``,
+            ``warmup_steps`` (default 25% of the scheduler's steps), ``warmup_layers=1``,
+            ``sampled_rows=64``, ``record=False``, ``error``, ``seed``. The source is
+            ``state.svg`` (``state.svg.to_plan()`` after a generation with ``record=True``).
         backend: kernel for sparse layers (``"auto"``, ``"fa4"``, ``"triton"``, ``"flex"``,
             ``"reference"``); dense layers and steps always run the fastest dense kernel.
         pattern_source: decides the patterns per call instead of the plan (online methods, search);
@@ -49,12 +56,16 @@ def apply(
         state = sparse_vdit.apply(pipe, Plan.load("plan.json"))
         video = pipe(prompt="...").frames[0]
         sparse_vdit.remove(pipe)
+
+        state = sparse_vdit.apply(pipe, method="svg", density=0.25, record=True)
     """
     model = transformer_of(pipe_or_transformer)
     family = family_of(model)
     spec = family.spec(model)
     if getattr(model, STATE_ATTR, None) is not None:
         raise RuntimeError("sparse-vdit is already applied to this model; call sparse_vdit.remove() first")
+    svg = _method_source(method, options, plan, pattern_source, block_size)
+    pattern_source = svg if svg is not None else pattern_source
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     if plan is None and pattern_source is None:
@@ -89,8 +100,32 @@ def apply(
     for i, module in enumerate(modules):
         module.set_processor(SparseAttnProcessor(family, i, state, originals[i]))
     state._installed = (model, modules, originals, hook, undo_scheduler)
+    state.svg = svg
+    if svg is not None:
+        svg.spec = spec
+        if svg.num_steps is None:  # the scheduler's step count, once a pipeline has set it
+            svg.num_steps = lambda: state.steps.num_steps
     setattr(model, STATE_ATTR, state)
     return state
+
+
+def _method_source(method, options: dict, plan, pattern_source, block_size):
+    """The pattern source of an online ``method`` (None without one); checks the arguments."""
+    if method is None or method == "plan":
+        if options:
+            raise TypeError(f"sparse_vdit.apply got unexpected arguments {sorted(options)} "
+                            "(method options need method='svg')")  # fmt: skip
+        return None
+    if method != "svg":
+        raise ValueError(f"unknown method {method!r}; choose 'plan' (the default) or 'svg'")
+    if plan is not None or pattern_source is not None:
+        raise ValueError("method='svg' decides the patterns itself: give no plan or pattern_source")
+    from ...methods.svg import SVG
+
+    try:
+        return SVG(**options, block_size=block_size or 128)
+    except TypeError as err:
+        raise TypeError(f"sparse_vdit.apply(method='svg'): {err}") from None
 
 
 def state_of(pipe_or_transformer: Any) -> SparseState | None:

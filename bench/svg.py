@@ -1,0 +1,248 @@
+"""SVG at the attention level: profiling overhead, and our fast path against FlexAttention.
+
+    python bench/svg.py [--shapes wan14b-720p ...] [--densities 0.3 0.25 0.2] [--rows 64]
+                        [--profile-backends triton torch] [--chunks 16777216] [--out DIR] [--budget-s 480]
+    python bench/svg.py --dry-run      # tiny shapes on the CPU, reference backend for both paths
+
+For each shape of ``bench/attention.py`` (random bf16 q/k/v, batch 1, rotated input sets) and
+each density, one SVG layer call (no warm-up) is timed in parts, CUDA events, median:
+
+- ``profile``: :meth:`SVG.classify` alone, the sampled rows' exact and masked attention (the
+  GPU time the classification adds; the issue's target is <= 3% of the attention at Wan-14B 720p),
+  through the fused Triton pass and through the torch path (``--profile-backends``);
+- ``decide``: the whole pattern-source call, i.e. ``profile`` plus the host sync and the table
+  choice (the GPU idles while the host decides);
+- ``attn-<backend>``: ``sparse_attention`` with the chosen mixed table (spatial heads frame-major,
+  temporal heads token-major, one launch), through the fast path (``auto``: FA4 on Hopper) and
+  through FlexAttention with the same table (the issue's target: fast >= 1.5x flex);
+- ``layer-<backend>``: ``decide`` followed by the attention, as the integration runs it;
+- ``cudnn-dense``: dense cuDNN SDPA, the bar.
+
+Random data gives near-uniform attention, so the spatial/temporal mix is whatever the
+classifier picks (reported as ``temporal_share``); timings depend on it only through the
+permutation of the temporal heads. ``--chunks`` (torch path), ``--rows`` and ``--tiles``
+(Triton path: block_m,block_n,warps,stages) sweep the classifier's settings.
+Writes ``svg.json`` to ``--out`` and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+try:  # run as a script from a checkout without installing
+    import sparse_vdit  # noqa: F401
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from sparse_vdit import VideoLayout, compile_layer, sparse_attention
+from sparse_vdit.kernels import resolve_backend
+from sparse_vdit.kernels.dense import sdpa
+from sparse_vdit.methods.svg import DEFAULT_CHUNK, SVG
+
+
+def _attention_bench():
+    """bench/attention.py (its shapes, timer and version report), imported by path."""
+    spec = importlib.util.spec_from_file_location("bench_attention", Path(__file__).with_name("attention.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ATT = _attention_bench()
+BLOCK = ATT.BLOCK
+DRY_SHAPES = {  # --dry-run: small, awkward layouts (text, ragged blocks), block 16
+    "tiny-video": ATT.Shape("tiny-video", VideoLayout(5, 6, 10), 3, 32),
+    "tiny-text": ATT.Shape("tiny-text", VideoLayout(4, 6, 7, 19, "suffix"), 3, 32),
+}
+
+
+def cpu_time(fn, sets, reps: int = 1):
+    """Median ms of ``fn(*set)`` on the CPU (dry runs only)."""
+    fn(*sets[0])
+    times = []
+    for i in range(reps):
+        start = time.perf_counter()
+        fn(*sets[i % len(sets)])
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times), None, reps
+
+
+def run_shape(shape, args, device, dtype, record, over_budget) -> None:
+    layout = shape.layout
+    block = 16 if args.dry_run else BLOCK
+    g = torch.Generator(device=device).manual_seed(0)
+    sets = [tuple(torch.randn(1, layout.num_tokens, shape.heads, shape.dim, generator=g, device=device, dtype=dtype)
+                  for _ in range(3)) for _ in range(args.sets)]  # fmt: skip
+    timer = cpu_time if args.dry_run else (lambda fn, s: ATT.time_fn(fn, s, target_ms=args.target_ms))
+    fast = "reference" if args.dry_run else resolve_backend("auto", sets[0][0])
+    flex = "reference" if args.dry_run else "flex"
+    print(f"== {shape.name}: {layout.describe()}, {shape.heads} heads x {shape.dim}; fast path {fast!r}", flush=True)
+    base = dict(shape=shape.name, tokens=layout.num_tokens, heads=shape.heads, dim=shape.dim)
+    ms, _, _ = timer(lambda q, k, v: sdpa(q, k, v, shape.dim**-0.5), sets)
+    record(**base, part="cudnn-dense", ms=ms)
+    settings = [(pb, c) for pb in args.profile_backends for c in (args.chunks if pb == "torch" else [0])]
+    for density in args.densities:
+        for rows in args.rows:
+            for profile_backend, chunk in settings:
+                if over_budget(f"{shape.name}/{density}/{rows}/{profile_backend}/{chunk}"):
+                    return
+                svg = SVG(density, warmup_steps=0, warmup_layers=0, sampled_rows=rows, block_size=block,
+                          profile_backend=profile_backend, chunk=chunk or DEFAULT_CHUNK)  # fmt: skip
+                calls = [SimpleNamespace(step=0, layer=i, q=q, k=k, v=v, layout=layout) for i, (q, k, v) in enumerate(sets)]
+                patterns = svg(calls[0])
+                table = compile_layer(patterns, layout, block, device)
+                row = dict(base, density=density, table_density=table.density, rows=rows, chunk=chunk,
+                           profile_backend=svg.last_profile_backend,
+                           temporal_share=len(table.token_major_heads) / shape.heads)  # fmt: skip
+                index = {id(c.q): c for c in calls}
+                parts = {
+                    "profile": lambda q, k, v: svg.classify(q, k, v, layout, 0, 0),
+                    "decide": lambda q, k, v: svg(index[id(q)]),
+                }
+                backends = {"fast": fast, "flex": flex}
+                for name, backend in backends.items():
+                    parts[f"attn-{name}"] = lambda q, k, v, b=backend: sparse_attention(q, k, v, table, backend=b)
+                    parts[f"layer-{name}"] = lambda q, k, v, b=backend: sparse_attention(
+                        q, k, v, compile_layer(svg(index[id(q)]), layout, block, device), backend=b)  # fmt: skip
+                for part, fn in parts.items():
+                    try:
+                        ms, _, _ = timer(fn, sets)
+                    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+                        print(f"  {part}: {type(exc).__name__}: {exc}", flush=True)
+                        record(**row, part=part, error=str(exc)[:300])
+                        continue
+                    record(**row, part=part, ms=ms, backend=backends.get(part.partition("-")[2]))
+    del sets
+    if device.type == "cuda":
+        from sparse_vdit.kernels import fa4 as fa4_backend
+        from sparse_vdit.kernels import flex as flex_backend
+
+        fa4_backend._CACHE.clear()
+        flex_backend._CACHE.clear()
+        torch.cuda.empty_cache()
+
+
+def _key(r: dict) -> tuple:
+    return r["shape"], r.get("density"), r.get("rows"), r.get("profile_backend"), r.get("chunk")
+
+
+def summarise(rows: list) -> list:
+    """One line per (shape, density, rows, profile backend, chunk): the ratios the targets are about."""
+    out = []
+    for key in dict.fromkeys(_key(r) for r in rows if "density" in r):
+        shape, density, n_rows, profile_backend, chunk = key
+        ms = {r["part"]: r["ms"] for r in rows if _key(r) == key and "ms" in r}
+        dense = next((r["ms"] for r in rows if r["shape"] == shape and r["part"] == "cudnn-dense"), None)
+        attn = ms.get("attn-fast")
+
+        def ratio(a, b):
+            return None if a is None or not b else a / b
+
+        out.append(dict(shape=shape, density=density, rows=n_rows, profile_backend=profile_backend, chunk=chunk,
+                        attn_fast_ms=attn, profile_ms=ms.get("profile"),
+                        profile_share=ratio(ms.get("profile"), attn),
+                        layer_overhead=ratio(ms.get("layer-fast"), attn) and ratio(ms.get("layer-fast"), attn) - 1,
+                        flex_over_fast=ratio(ms.get("attn-flex"), attn),
+                        layer_flex_over_fast=ratio(ms.get("layer-flex"), ms.get("layer-fast")),
+                        speedup_vs_cudnn=ratio(dense, ms.get("layer-fast"))))  # fmt: skip
+    return out
+
+
+def print_summary(summary: list) -> None:
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    print(f"\n{'shape':18s} {'dens':>5s} {'rows':>4s} {'profile on':>10s} {'chunk':>9s} {'attn ms':>8s} {'profile':>8s} "
+          f"{'layer+':>7s} {'flex/fast':>9s} {'layer flex/fast':>15s} {'x cudnn':>7s}")  # fmt: skip
+    for s in summary:
+        print(f"{s['shape']:18s} {s['density']:5.2f} {s['rows']:4d} {str(s['profile_backend']):>10s} {s['chunk']:9d} "
+              f"{f(s['attn_fast_ms'], '8.3f')} "
+              f"{f(s['profile_share'], '8.1%')} {f(s['layer_overhead'], '7.1%')} {f(s['flex_over_fast'], '9.2f')} "
+              f"{f(s['layer_flex_over_fast'], '15.2f')} {f(s['speedup_vs_cudnn'], '7.2f')}")  # fmt: skip
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="*", default=None, help=f"of {', '.join(ATT.SHAPES)} (default all)")
+    p.add_argument("--densities", nargs="*", type=float, default=[0.3, 0.25, 0.2])
+    p.add_argument("--rows", nargs="*", type=int, default=[64], help="sampled rows per call")
+    p.add_argument("--profile-backends", nargs="*", default=["triton", "torch"], choices=["triton", "torch"])
+    p.add_argument("--chunks", nargs="*", type=int, default=[DEFAULT_CHUNK], help="torch path: score elements at once")
+    p.add_argument("--tiles", default=None, help="Triton path: block_m,block_n,num_warps,num_stages (0 = default)")
+    p.add_argument("--sets", type=int, default=3, help="rotated input sets")
+    p.add_argument("--target-ms", type=float, default=300.0)
+    p.add_argument("--budget-s", type=float, default=480.0, help="stop starting rows after this long")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, reference backend (checks the script)")
+    args = p.parse_args(argv)
+    if args.tiles:
+        from sparse_vdit.kernels.triton import sampled
+
+        values = [int(x) for x in args.tiles.split(",")]
+        sampled.TUNING.update({k: v or None for k, v in zip(("block_m", "block_n", "num_warps", "num_stages"), values)})
+    if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
+        args.profile_backends = [b for b in args.profile_backends if b != "triton"] or ["torch"]
+    names = DRY_SHAPES if args.dry_run else ATT.SHAPES
+    args.shapes = args.shapes or list(names)
+    unknown = set(args.shapes) - set(names)
+    if unknown:
+        p.error(f"unknown shapes {sorted(unknown)}; choose from {', '.join(names)}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    start = time.time()
+    if args.dry_run:
+        device, dtype, info = torch.device("cpu"), torch.float32, {"device": "cpu", "torch": torch.__version__}
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench/svg.py needs a CUDA GPU (or --dry-run)")
+        device, dtype, info = torch.device("cuda"), torch.bfloat16, ATT.versions()
+    print("device:", json.dumps(info), flush=True)
+    result = {"command": "python bench/svg.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "versions": info, "dry_run": args.dry_run, "rows": [], "incomplete": []}  # fmt: skip
+
+    def record(**row):
+        result["rows"].append(row)
+        if "ms" in row:
+            extra = "" if "density" not in row else f" d={row['density']:.2f} rows={row['rows']} chunk={row['chunk']}"
+            print(f"  {row['shape']:18s} {row['part']:12s} {row['ms']:9.3f} ms{extra}", flush=True)
+
+    def over_budget(what) -> bool:
+        if time.time() - start > args.budget_s:
+            result["incomplete"].append(what)
+            return True
+        return False
+
+    shapes = DRY_SHAPES if args.dry_run else ATT.SHAPES
+    for name in args.shapes:
+        try:
+            run_shape(shapes[name], args, device, dtype, record, over_budget)
+        except torch.cuda.OutOfMemoryError as err:  # keep what was measured
+            print(f"{name}: out of memory ({err})", flush=True)
+            torch.cuda.empty_cache()
+    result["summary"] = summarise(result["rows"])
+    result["wall_s"] = time.time() - start
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "svg-dry-run.json" if args.dry_run else "svg.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print_summary(result["summary"])
+    print(f"wrote {path} ({result['wall_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Sampled-row attention under two masks, fused (SVG's online profiling) in Triton.
+
+For a few query rows, one pass over the keys gives three attention outputs at once: exact, and
+restricted to each row's key-block ranges under two masks (one frame-major, one token-major: the
+spatial and temporal bands). Scores are never written to memory; each (row tile, sample, head,
+key split) program keeps three FlashAttention-style accumulators that share the exact row's
+running max, and the splits are merged in torch. The torch reference is
+:func:`sparse_vdit.methods.svg.sampled_outputs` with ``backend="torch"``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _inside(RS, RE, offs_m, row_ok, key_block, NUM_ROWS, NR: tl.constexpr):
+    """[BLOCK_M, BLOCK_N]: whether each key block lies in one of its row's ``NR`` ranges."""
+    hit = (offs_m[:, None] < 0) & (key_block[None, :] < 0)  # all False, [BLOCK_M, BLOCK_N]
+    for r in tl.static_range(NR):
+        lo = tl.load(RS + r * NUM_ROWS + offs_m, mask=row_ok, other=0)
+        hi = tl.load(RE + r * NUM_ROWS + offs_m, mask=row_ok, other=0)
+        hit = hit | ((key_block[None, :] >= lo[:, None]) & (key_block[None, :] < hi[:, None]))
+    return hit
+
+
+@triton.jit
+def sampled_rows_fwd(
+    QR, K, V,  # QR [B, R, H, D] (the sampled rows); K, V [B, N, H, D]; last dims contiguous
+    RS0, RE0, RS1, RE1,  # int32 [NR, R]: key-block ranges of each row under mask 0 / mask 1
+    PM, PL, PO,  # partials: max [B, H, S, R], sums [B, H, S, 3, R], outputs [B, H, S, 3, R, D] (fp32)
+    stride_qb, stride_qr, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    NUM_ROWS, HEADS, KV_LEN, KEYS_PER_SPLIT, SPLITS,
+    FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+    qk_scale,  # softmax_scale * log2(e)
+    TABLE_BLOCK: tl.constexpr,
+    TOKEN_MAJOR_0: tl.constexpr,  # whether mask 0's ranges count token-major key blocks
+    TOKEN_MAJOR_1: tl.constexpr,
+    NR: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    tile, bh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    batch, head = bh // HEADS, bh % HEADS
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < NUM_ROWS
+    q = tl.load(QR + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qr + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)  # fmt: skip
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_0 = tl.zeros([BLOCK_M], tl.float32)
+    l_1 = tl.zeros([BLOCK_M], tl.float32)
+    l_2 = tl.zeros([BLOCK_M], tl.float32)
+    acc_0 = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc_1 = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc_2 = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_base = K + batch * stride_kb + head * stride_kh
+    v_base = V + batch * stride_vb + head * stride_vh
+    first = split * KEYS_PER_SPLIT
+    last = tl.minimum(first + KEYS_PER_SPLIT, KV_LEN)
+    for start in range(first, last, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        valid = offs_n < last
+        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
+        if IEEE:
+            qk = tl.dot(q, k, input_precision="ieee")
+        else:
+            qk = tl.dot(q, k)
+        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
+        # key blocks in frame-major and token-major order (video token f*S+p sits at p*F+f)
+        j = offs_n - VIDEO_START
+        video = (j >= 0) & (j < VIDEO_TOKENS)
+        token_major = tl.where(video, VIDEO_START + (j % FRAME_TOKENS) * FRAMES + j // FRAME_TOKENS, offs_n)
+        block_0 = (token_major if TOKEN_MAJOR_0 else offs_n) // TABLE_BLOCK
+        block_1 = (token_major if TOKEN_MAJOR_1 else offs_n) // TABLE_BLOCK
+        in_0 = _inside(RS0, RE0, offs_m, row_ok, block_0, NUM_ROWS, NR)
+        in_1 = _inside(RS1, RE1, offs_m, row_ok, block_1, NUM_ROWS, NR)
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        p_0 = tl.where(in_0, p, 0.0)
+        p_1 = tl.where(in_1, p, 0.0)
+        l_0 = l_0 * alpha + tl.sum(p, 1)
+        l_1 = l_1 * alpha + tl.sum(p_0, 1)
+        l_2 = l_2 * alpha + tl.sum(p_1, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            acc_1 = acc_1 * alpha[:, None] + tl.dot(p_0.to(v.dtype), v, input_precision="ieee")
+            acc_2 = acc_2 * alpha[:, None] + tl.dot(p_1.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc_1 = acc_1 * alpha[:, None] + tl.dot(p_0.to(v.dtype), v)
+            acc_2 = acc_2 * alpha[:, None] + tl.dot(p_1.to(v.dtype), v)
+        m_i = m_new
+
+    part = (batch * HEADS + head) * SPLITS + split  # [B, H, S] flattened
+    tl.store(PM + part * NUM_ROWS + offs_m, m_i, mask=row_ok)
+    l_ptrs = PL + part * 3 * NUM_ROWS + offs_m
+    tl.store(l_ptrs, l_0, mask=row_ok)
+    tl.store(l_ptrs + NUM_ROWS, l_1, mask=row_ok)
+    tl.store(l_ptrs + 2 * NUM_ROWS, l_2, mask=row_ok)
+    o_ptrs = PO + part * 3 * NUM_ROWS * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptrs, acc_0, mask=row_ok[:, None])
+    tl.store(o_ptrs + NUM_ROWS * HEAD_DIM, acc_1, mask=row_ok[:, None])
+    tl.store(o_ptrs + 2 * NUM_ROWS * HEAD_DIM, acc_2, mask=row_ok[:, None])
+
+
+# Tile overrides for benchmarks (None: the choice below): block_m, block_n, num_warps, num_stages.
+TUNING: dict[str, int | None] = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None}
+
+
+def _tiles(rows: int, dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): three accumulators of BLOCK_M x dim float32 per
+    program, so the row tile shrinks as dim grows (sm90 cubins compiled offline: no spills at
+    dim 64 / 128 / 256 with 64 / 32 / 16 rows, 32 keys, 8 warps: 181 / 211 / 207 registers)."""
+    block_m = {256: 16, 128: 32}.get(dim, 64)
+    block_m = min(block_m, max(16, triton.next_power_of_2(rows)))
+    chosen = (block_m, 32, 8, 2)
+    return tuple(c if TUNING.get(k) is None else TUNING[k]
+                 for k, c in zip(("block_m", "block_n", "num_warps", "num_stages"), chosen))  # fmt: skip
+
+
+def _splits(programs: int, kv_len: int, block_n: int, device: torch.device) -> int:
+    """Key splits so that the GPU gets about four programs per SM (two on the interpreter)."""
+    if device.type == "cpu":
+        return min(2, max(1, kv_len // (4 * block_n)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(math.ceil(4 * sms / programs), kv_len // (8 * block_n)))
+
+
+def sampled_outputs(
+    q_rows: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    token_major: tuple[bool, bool],
+    *,
+    kv_len: int,
+    softmax_scale: float,
+    block_size: int,
+    layout: tuple[int, int, int, int],
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact and two-mask attention of sampled rows, in one launch (plus a small torch merge).
+
+    Args:
+        q_rows: ``[B, R, H, D]`` the sampled query rows; k, v: ``[B, N, H, D]``.
+        starts, ends: int32 ``[2, R, NR]`` key-block ranges of every row under each mask (in
+            token-major block numbers where ``token_major[i]``).
+        layout: frames, frame tokens, video start, video tokens (for token-major key blocks).
+
+    Returns:
+        outputs float32 ``[B, H, 3, R, D]`` (exact, mask 0, mask 1; each normalised by its own
+        mass) and masses float32 ``[B, H, 3, R]`` relative to the exact row's (the first is 1).
+    """
+    batch, rows, heads, dim = q_rows.shape
+    q_rows, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_rows, k, v))
+    block_m, block_n, warps, stages = _tiles(rows, dim, q_rows.device)
+    row_tiles = triton.cdiv(rows, block_m)
+    splits = splits or _splits(row_tiles * batch * heads, kv_len, block_n, q_rows.device)
+    per_split = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
+    splits = triton.cdiv(kv_len, per_split)
+    nr = starts.shape[-1]
+    rs = starts.permute(0, 2, 1).contiguous().to(torch.int32)  # [2, NR, R]
+    re = ends.permute(0, 2, 1).contiguous().to(torch.int32)
+    dev = q_rows.device
+    pm = torch.empty(batch, heads, splits, rows, dtype=torch.float32, device=dev)
+    pl = torch.empty(batch, heads, splits, 3, rows, dtype=torch.float32, device=dev)
+    po = torch.empty(batch, heads, splits, 3, rows, dim, dtype=torch.float32, device=dev)
+    extra = {} if dev.type == "cpu" else {"num_warps": warps, "num_stages": stages}
+    sampled_rows_fwd[(row_tiles, batch * heads, splits)](
+        q_rows, k, v, rs[0], re[0], rs[1], re[1], pm, pl, po,
+        q_rows.stride(0), q_rows.stride(1), q_rows.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        rows, heads, kv_len, per_split, splits, *layout,
+        softmax_scale * LOG2E,
+        TABLE_BLOCK=block_size, TOKEN_MAJOR_0=bool(token_major[0]), TOKEN_MAJOR_1=bool(token_major[1]), NR=nr,
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim, IEEE=q_rows.dtype == torch.float32,
+        **extra,
+    )  # fmt: skip
+    top = pm.amax(2, keepdim=True)
+    weight = torch.exp2(pm - top.clamp_min(-1e30)).nan_to_num(0.0)  # [B, H, S, R]
+    sums = (pl * weight[:, :, :, None]).sum(2)  # [B, H, 3, R]
+    out = (po * weight[:, :, :, None, :, None]).sum(2) / sums.clamp_min(1e-30)[..., None]
+    return out, sums / sums[:, :, :1].clamp_min(1e-30)
