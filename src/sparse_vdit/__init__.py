@@ -5,6 +5,7 @@ from .layout import VideoLayout
 from .patterns import BlockTable, Pattern, compile_layer
 from .plan import ModelSpec, Plan, PlanError
 from .integrations.diffusers import apply, model_spec, remove, sparse
+from .methods.search import search
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "compile_layer",
     "model_spec",
     "remove",
+    "search",
     "sparse",
     "sparse_attention",
     "__version__",

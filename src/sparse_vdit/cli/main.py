@@ -12,6 +12,8 @@ SUBCOMMANDS = {
     "demo": ("demo", "the main job: what sparse-vdit does, end to end, on this machine"),
     "check": ("check", "every pattern through every available backend, checked against the reference"),
     "generate": ("generate", "a video from a diffusers pipeline with a sparse-attention plan applied"),
+    "search": ("search", "find a plan by the Sparse-vDiT offline search (paper setting or ours)"),
+    "show": ("show", "a plan's summary, and its picture with --out"),
     "train-organism": ("train_organism", "train the small video DiT the demo and fidelity benchmark use"),
 }
 

@@ -1,0 +1,12 @@
+"""Methods: how a plan comes to be (offline search, online SVG, fixed baselines)."""
+
+from .candidates import Fixed, MassVertical
+from .cost import BlockCost, CostTable, FixedCost, MeasuredCost
+from .search import SearchSettings, Searcher, organism_sampler, pipeline_sampler
+from .svg import SVG, band_widths
+
+__all__ = [
+    "SVG", "band_widths",
+    "BlockCost", "CostTable", "Fixed", "FixedCost", "MassVertical", "MeasuredCost", "SearchSettings", "Searcher",
+    "organism_sampler", "pipeline_sampler",
+]  # fmt: skip
