@@ -66,6 +66,7 @@ import sparse_vdit
 from sparse_vdit import Plan, VideoLayout
 from sparse_vdit.integrations.diffusers import model_spec
 from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, vertical
+from sparse_vdit.timing import clock, seconds_between
 
 START = time.perf_counter()
 
@@ -296,22 +297,7 @@ class SdpaTimer:
             torch.nn.functional.scaled_dot_product_attention = original
 
     def seconds(self) -> float:
-        return sum(elapsed(a, b) for a, b in self.pairs)
-
-
-def clock(t: torch.Tensor):
-    if t.is_cuda:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-    return time.perf_counter()
-
-
-def elapsed(start, end) -> float:
-    if isinstance(start, float):
-        return end - start
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
+        return sum(seconds_between(a, b) for a, b in self.pairs)
 
 
 def cudnn_first():
@@ -336,7 +322,7 @@ def measure(model, inputs, repeats: int, attention_seconds=None, profile_seconds
         for i in range(repeats + 1):
             start = clock(inputs["hidden_states"])
             model(**inputs)
-            seconds = elapsed(start, clock(inputs["hidden_states"]))
+            seconds = seconds_between(start, clock(inputs["hidden_states"]))
             att = attention_seconds() if attention_seconds else None
             prof = profile_seconds() if profile_seconds else None
             if i:  # the first forward is the warm-up (kernels, tables, compilation)

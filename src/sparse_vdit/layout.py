@@ -77,6 +77,17 @@ class VideoLayout:
         pad = 0 if self.text_valid is None else self.text - self.text_valid
         return self.num_tokens - pad
 
+    def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (``VideoLayout(**d)`` builds it back)."""
+        return {
+            "frames": self.frames,
+            "height": self.height,
+            "width": self.width,
+            "text": self.text,
+            "text_position": self.text_position,
+            "text_valid": self.text_valid,
+        }
+
     def with_text_valid(self, text_valid: int | None) -> VideoLayout:
         return VideoLayout(self.frames, self.height, self.width, self.text, self.text_position, text_valid)
 

@@ -293,7 +293,7 @@ class Plan:
             "format": FORMAT,
             "version": VERSION,
             "model": model,
-            "layout": None if self.layout is None else _layout_to_dict(self.layout),
+            "layout": None if self.layout is None else self.layout.to_dict(),
             "block_size": self.block_size,
             "warmup": {"steps": self.warmup_steps, "layers": self.warmup_layers},
             "made_by": self.made_by,
@@ -404,15 +404,6 @@ def _validate(plan: Plan) -> None:
                     raise PlanError(f"schedule[{i}] layer {layer} head {head}: not a Pattern: {p!r}")
 
 
-def _layout_to_dict(layout: VideoLayout) -> dict:
-    return {
-        "frames": layout.frames,
-        "height": layout.height,
-        "width": layout.width,
-        "text": layout.text,
-        "text_position": layout.text_position,
-        "text_valid": layout.text_valid,
-    }
 
 
 _TOP_KEYS = {"format", "version", "model", "layout", "block_size", "warmup", "made_by", "patterns", "schedule"}

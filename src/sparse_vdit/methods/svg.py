@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -43,6 +42,7 @@ import torch
 from ..layout import VideoLayout
 from ..patterns import Pattern, compile_layer, dense, head_ranges, spatial, temporal
 from ..plan import ModelSpec, Plan, StepRange, as_spec
+from ..timing import clock, seconds_between
 
 logger = logging.getLogger("sparse_vdit")
 
@@ -299,21 +299,6 @@ def sampled_errors(outputs: torch.Tensor, masses: torch.Tensor, error: str = "ou
 # --- the pattern source ----------------------------------------------------------------------
 
 
-def _clock(t: torch.Tensor):
-    if t.is_cuda:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-    return time.perf_counter()
-
-
-def _seconds(start, end) -> float:
-    if isinstance(start, float):
-        return end - start
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
-
-
 class SVG:
     """SVG as a pattern source: ``source(call) -> patterns | None`` (see the diffusers integration).
 
@@ -413,10 +398,10 @@ class SVG:
         warmup = self.warmup_steps_now()
         if self.density >= 1.0 or step < warmup or layer < self.warmup_layers:
             return None
-        start = _clock(call.q) if self.timing else None
+        start = clock(call.q) if self.timing else None
         errors = self.classify(call.q, call.k, call.v, layout, step, layer)
         if start is not None:
-            self._timings.append((step, start, _clock(call.q)))
+            self._timings.append((step, start, clock(call.q)))
         errors = errors.cpu()  # the one sync: the table is chosen on the host
         temporal_heads = tuple((errors[1] < errors[0]).tolist())
         patterns = self._patterns(layout, temporal_heads)
@@ -519,7 +504,7 @@ class SVG:
         """Seconds spent classifying, per step, since :meth:`reset_timings` (needs ``timing``; synchronises)."""
         out: dict[int, float] = {}
         for step, start, end in self._timings:
-            out[step] = out.get(step, 0.0) + _seconds(start, end)
+            out[step] = out.get(step, 0.0) + seconds_between(start, end)
         return out
 
     def reset_timings(self) -> None:

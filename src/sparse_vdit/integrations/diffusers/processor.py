@@ -20,7 +20,6 @@ inside a block and the Python decisions run eagerly at run time.
 from __future__ import annotations
 
 import itertools
-import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from ...kernels import resolve_backend, sparse_attention
 from ...layout import VideoLayout
 from ...patterns import Pattern, compile_layer
 from ...plan import ModelSpec, Plan
+from ...timing import clock, seconds_between
 from .families import Family
 from .steps import StepTracker
 
@@ -149,7 +149,7 @@ class SparseState:
                key_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Attention of one layer call: layout, text padding, patterns, kernel, timing, observers."""
         layout = self.layout(q.shape[1])
-        start = self._clock(q) if self.timing else None
+        start = clock(q) if self.timing else None
         valid = self._text_valid(key_mask, layout, q.shape[0])
         if valid is None or len(valid) == 1:
             layout = layout if valid is None else self._padded(layout, next(iter(valid)))
@@ -161,7 +161,7 @@ class SparseState:
                 out[index] = self._attend(layer, q[index], k[index], v[index], self._padded(layout, count))
         self.last_layout = layout
         if start is not None:
-            self._timings.append((self.steps.step, start, self._clock(q)))
+            self._timings.append((self.steps.step, start, clock(q)))
         return out
 
     def _attend(self, layer, q, k, v, layout) -> torch.Tensor:
@@ -243,24 +243,11 @@ class SparseState:
 
     # --- timing -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _clock(q: torch.Tensor):
-        if q.is_cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
     def attention_seconds(self) -> dict[int, float]:
         """Seconds spent in attention per step since the last :meth:`reset_timings` (synchronises)."""
         out: dict[int, float] = {}
         for step, start, end in self._timings:
-            if isinstance(start, float):
-                seconds = end - start
-            else:
-                end.synchronize()
-                seconds = start.elapsed_time(end) / 1e3
-            out[step] = out.get(step, 0.0) + seconds
+            out[step] = out.get(step, 0.0) + seconds_between(start, end)
         return out
 
     def reset_timings(self) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-from functools import lru_cache
 
 import torch
 
