@@ -95,7 +95,26 @@ def tables(data: dict) -> str:
     )
 
 
-SECTIONS = {"attention": attention, "e2e": e2e, "tables": tables}
+def fidelity(data: dict) -> str:
+    env = data["environment"]
+    speed = "" if data["speedup_meaningful"] else " (CPU: speedups NOT meaningful)"
+    out = [
+        f"Device: {env['device']}; torch {env['torch']}, diffusers {env['diffusers']}; {env['date']}. "
+        f"{data['model']}, {data['videos']} videos x {data['steps']} steps, layout {data['layout']}, "
+        f"block {data['block_size']}{' (dry run)' if data.get('dry_run') else ''}.",
+        "",
+    ]
+    rows = [
+        [r["method"], f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['density']:.1%}", f"{r['flop_reduction']:.2f}",
+         f"{r['attention_speedup']:.2f}", f"{r['speedup']:.2f}"]
+        for r in data["rows"]
+    ]  # fmt: skip
+    out.append(_table(["method", "PSNR dB", "SSIM", "attention density", "FLOP reduction",
+                       f"attention speedup{speed}", f"generation speedup{speed}"], rows))  # fmt: skip
+    return "\n".join(out)
+
+
+SECTIONS = {"attention": attention, "e2e": e2e, "tables": tables, "fidelity": fidelity}
 
 
 def main() -> None:

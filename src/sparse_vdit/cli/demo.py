@@ -1,11 +1,149 @@
-"""`sparse-vdit demo`: the main job.
+"""`sparse-vdit demo`: the main job, end to end on the organism (the project's small Wan video DiT).
 
-Until the small trained model ships (issue 6), the demo is the kernel check: every pattern on a
-small layout through every available backend, compared with the reference, with pictures.
+Generates one video (a fixed caption and seed) three ways: dense, with the offline plan (the
+shipped ``organism/weights/plan.json``, found by the Sparse-vDiT search on this model) and with
+SVG (online); writes them side by side (GIF) with a picture of the plan, and prints time,
+attention density and PSNR / SSIM against dense. On a GPU the sparse layers run on the fastest
+backend (``auto``).
+
+Without shipped weights it says so and runs the same path on a randomly initialised organism at
+reduced size (so every piece runs, the numbers mean nothing about fidelity), with a plan searched
+on the fly, then the kernel check of ``sparse-vdit check``. ``--quick`` is a tiny version for CI.
 """
 
 from __future__ import annotations
 
-from .check import add_arguments, run
+import argparse
+import json
+import time
+from pathlib import Path
 
-__all__ = ["add_arguments", "run"]
+import torch
+
+CAPTION = "red striped square moves right, blue plain disc bounces down, gradient background still"
+SEED = 0
+SEARCH_SCENES = (4242, 3)  # (data seed, count): captions the on-the-fly search runs on (not CAPTION)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", type=Path, help="organism weights folder (default: the shipped weights)")
+    parser.add_argument("--random-weights", action="store_true", help="untrained weights even if weights are shipped")
+    parser.add_argument("--plan", help="plan JSON file, 'search' (search now) or 'uniform' (diagonal 1 frame); "
+                                       "default: the shipped plan, else 'search'")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="tiny random organism, 3 steps, no kernel check (CI)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default 12; 8 with random weights; 3 --quick)")
+    parser.add_argument("--caption", default=CAPTION)
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--svg-density", type=float, default=0.25, help="SVG's share of blocks in a sparse layer")
+    parser.add_argument("--backend", default="auto", help="sparse kernel: auto, fa4, triton, flex, reference")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-check", action="store_true", help="skip the kernel check (random weights only)")
+    parser.add_argument("--out", type=Path, default=Path("sparse-vdit-demo"), help="folder for videos and pictures")
+
+
+def _model(args):
+    """(transformer, spec, block size, what was loaded: one line)."""
+    from ..organism import model as M
+
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    if args.quick:
+        spec = M.OrganismSpec(frames=4, height=32, width=32)
+        config = M.organism_config(spec, num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)
+        return M.to_dtype(M.build_organism(config), dtype).to(args.device).eval(), spec, 16, "tiny random organism (--quick)"
+    path = args.weights or M.WEIGHTS_DIR
+    if not args.random_weights:
+        try:
+            return M.load_organism(path, args.device, dtype), M.load_spec(path), 64, f"organism weights from {path}"
+        except FileNotFoundError:
+            if args.weights is not None:
+                raise SystemExit(f"sparse-vdit demo: no organism weights in {path}") from None
+            print(f"No organism weights shipped in {path} yet (trained on a GPU: `sparse-vdit train-organism`): "
+                  "running the demo path on a RANDOMLY INITIALISED organism at reduced size (4 of 8 layers); "
+                  "its videos are noise and its PSNR/SSIM say nothing about fidelity.")  # fmt: skip
+    spec = M.OrganismSpec()
+    transformer = M.to_dtype(M.build_organism(M.organism_config(spec, num_layers=4)), dtype).to(args.device).eval()
+    return transformer, spec, 64, "random organism, 4 layers (no trained weights)"
+
+
+def _plan(args, transformer, spec, block: int, steps: int, trained: bool):
+    """(plan, label) as ``--plan`` says; default: ``plan.json`` beside trained weights, else a search now."""
+    from ..organism import model as M
+    from ..organism.data import sample_scene
+    from ..patterns import diagonal
+    from ..plan import Plan
+
+    choice = args.plan
+    shipped = (args.weights or M.WEIGHTS_DIR) / "plan.json"  # the plan found on these weights
+    if choice is None:
+        choice = str(shipped) if trained and shipped.exists() else "search"
+    if choice == "uniform":
+        return Plan.uniform(transformer, diagonal(1.0), block_size=block, warmup_steps=1), "uniform diagonal(1 frame)"
+    if choice == "search":
+        from ..compare import search_plan
+
+        seed, count = SEARCH_SCENES
+        captions = [sample_scene(seed, i).caption for i in range(count)]
+        print(f"searching a plan now ({count} captions x 1 seed, {steps} steps; not a shipped plan) ...")
+        plan = search_plan(transformer, spec, captions, steps=steps, block_size=block, backend=args.backend)
+        return plan, f"searched now ({count} captions, {steps} steps)"
+    plan = Plan.load(choice, transformer)
+    label = f"plan {choice}" if Path(choice) != shipped else "shipped plan" if args.weights is None else "plan beside weights"
+    return plan, label
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..compare import Method, layout_of, run_method, score, side_by_side
+    from ..plan_view import draw_plan
+
+    started = time.perf_counter()
+    transformer, spec, block, loaded = _model(args)
+    trained = loaded.startswith("organism weights")
+    steps = args.steps or (12 if trained else 3 if args.quick else 8)
+    plan, plan_label = _plan(args, transformer, spec, block, steps, trained)
+    layout = layout_of(spec)
+    print(f"{loaded}; layout {layout.describe()}, block {plan.block_size}; {steps} steps; "
+          f"device {args.device}, backend {args.backend}")  # fmt: skip
+    print(f'caption "{args.caption}", seed {args.seed}')
+
+    methods = [
+        Method("dense", "dense"),
+        Method("offline plan", "plan", plan, note=plan_label),
+        Method(f"SVG {args.svg_density:.0%}", "svg", svg={"density": args.svg_density}, note="online"),
+    ]
+    video = [(args.caption, args.seed)]
+    if args.device.startswith("cuda"):  # compile kernels and fill caches before timing
+        for m in methods:
+            run_method(transformer, m, video, steps=2, spec=spec, backend=args.backend, block_size=block, progress=False)
+    runs = [run_method(transformer, m, video, steps=steps, spec=spec, backend=args.backend, block_size=plan.block_size)
+            for m in methods]  # fmt: skip
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    gif = side_by_side(runs, args.out / "dense_plan_svg.gif")
+    picture = draw_plan(plan, args.out / "plan.png", layout, title=f"offline plan: {plan_label}")
+    rows = []
+    for r in runs:
+        s = score(r, runs[0])
+        rows.append({"method": r.method.name, "note": r.method.note, "seconds": r.seconds,
+                     "attention_seconds": r.attention_seconds, "density": r.density, "psnr": s["psnr"],
+                     "ssim": s["ssim"]})  # fmt: skip
+    info = {"model": loaded, "layout": layout.describe(), "steps": steps, "caption": args.caption, "seed": args.seed,
+            "device": args.device, "backend": args.backend, "plan": plan_label, "rows": rows}  # fmt: skip
+    (args.out / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    print(f"\n{'method':<14} {'time s':>7} {'attn s':>7} {'density':>8} {'PSNR dB':>8} {'SSIM':>6}  note")
+    for r in rows:
+        print(f"{r['method']:<14} {r['seconds']:>7.2f} {r['attention_seconds']:>7.2f} {r['density']:>8.1%} "
+              f"{r['psnr']:>8.2f} {r['ssim']:>6.3f}  {r['note']}")  # fmt: skip
+    if not args.device.startswith("cuda"):
+        print("(CPU: sparse layers run the plain-torch reference kernel, so times are not speedups)")
+    print(f"\nvideos side by side (dense | plan | SVG): {gif}; plan picture: {picture}; numbers: {args.out}/demo.json")
+    print(f"demo took {time.perf_counter() - started:.0f} s")
+
+    if trained or args.quick or args.no_check:
+        return 0
+    print("\nKernel check (sparse-vdit check): every pattern through every backend against the reference")
+    from . import check
+
+    parser = argparse.ArgumentParser()
+    check.add_arguments(parser)
+    return check.run(parser.parse_args(["--device", args.device, "--out", str(args.out / "check")]))

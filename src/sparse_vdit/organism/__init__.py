@@ -16,6 +16,7 @@ _MODEL = (
     "organism_config",
     "sample",
     "save_organism",
+    "to_dtype",
 )
 
 __all__ = ["Scene", "VideoDataset", "Vocabulary", "make_batch", "render", "sample_scene", *_MODEL]

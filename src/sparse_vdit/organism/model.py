@@ -136,12 +136,17 @@ def load_organism(
     model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(path))
     state = load_file(path / WEIGHTS_FILE)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return to_dtype(model, dtype).to(device).eval()
+
+
+def to_dtype(model: WanTransformer3DModel, dtype: torch.dtype) -> WanTransformer3DModel:
+    """Cast the parameters to ``dtype`` in place, except the modules Wan keeps in float32."""
     if dtype != torch.float32:
         keep = set(model._keep_in_fp32_modules or ())
         for name, p in model.named_parameters():
             if not keep.intersection(name.split(".")):
                 p.data = p.data.to(dtype)
-    return model.to(device).eval()
+    return model
 
 
 def make_scheduler(name: str = "unipc", shift: float = 3.0):
