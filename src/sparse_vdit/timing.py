@@ -22,3 +22,11 @@ def seconds_between(start, end) -> float:
         return end - start
     end.synchronize()
     return start.elapsed_time(end) / 1e3
+
+
+def seconds_per_step(timings) -> dict[int, float]:
+    """Sum ``(step, start, end)`` clock pairs into seconds per step (waits for CUDA events)."""
+    out: dict[int, float] = {}
+    for step, start, end in timings:
+        out[step] = out.get(step, 0.0) + seconds_between(start, end)
+    return out

@@ -42,7 +42,7 @@ import torch
 from ..layout import VideoLayout
 from ..patterns import Pattern, compile_layer, dense, head_ranges, spatial, temporal
 from ..plan import ModelSpec, Plan, StepRange, as_spec
-from ..timing import clock, seconds_between
+from ..timing import clock, seconds_per_step
 
 logger = logging.getLogger("sparse_vdit")
 
@@ -502,10 +502,7 @@ class SVG:
 
     def profile_seconds(self) -> dict[int, float]:
         """Seconds spent classifying, per step, since :meth:`reset_timings` (needs ``timing``; synchronises)."""
-        out: dict[int, float] = {}
-        for step, start, end in self._timings:
-            out[step] = out.get(step, 0.0) + seconds_between(start, end)
-        return out
+        return seconds_per_step(self._timings)
 
     def reset_timings(self) -> None:
         self._timings.clear()

@@ -32,7 +32,7 @@ from ...kernels import resolve_backend, sparse_attention
 from ...layout import VideoLayout
 from ...patterns import Pattern, compile_layer
 from ...plan import ModelSpec, Plan
-from ...timing import clock, seconds_between
+from ...timing import clock, seconds_per_step
 from .families import Family
 from .steps import StepTracker
 
@@ -245,10 +245,7 @@ class SparseState:
 
     def attention_seconds(self) -> dict[int, float]:
         """Seconds spent in attention per step since the last :meth:`reset_timings` (synchronises)."""
-        out: dict[int, float] = {}
-        for step, start, end in self._timings:
-            out[step] = out.get(step, 0.0) + seconds_between(start, end)
-        return out
+        return seconds_per_step(self._timings)
 
     def reset_timings(self) -> None:
         self._timings.clear()
