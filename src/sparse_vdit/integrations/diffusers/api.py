@@ -10,7 +10,7 @@ from typing import Any
 from ...kernels import BACKENDS
 from ...plan import Plan
 from .families import family_of, transformer_of
-from .processor import PatternSource, SparseAttnProcessor, SparseState
+from .processor import PatternSource, SparseAttnProcessor, SparseState, ulysses_group
 from .steps import install_step_hook, wrap_scheduler
 
 logger = logging.getLogger("sparse_vdit")
@@ -47,6 +47,12 @@ def apply(
         pattern_source: decides the patterns per call instead of the plan (online methods, search);
             see :class:`~sparse_vdit.integrations.diffusers.processor.AttentionCall`.
         block_size: block size of the tables (default: the plan's, else 128).
+
+    Composes with diffusers' Ulysses context parallelism (``enable_parallelism`` with
+    ``ContextParallelConfig(ulysses_degree=n)``, called before or after ``apply``): each rank
+    all-to-alls q/k/v to the full sequence and ``heads / n`` heads, runs the plan's patterns of
+    its global heads in one launch per layer, and all-to-alls back. Ring attention, and head
+    counts ``n`` does not divide, raise.
 
     Returns:
         The shared :class:`SparseState` (current step, timings, hook points).
@@ -88,8 +94,7 @@ def apply(
                 "sparse-vdit replaces only the stock processors (reset them with set_default_attn_processor "
                 "or remove the other patch first)"
             )
-        if getattr(processor, "_parallel_config", None) is not None:
-            raise RuntimeError("sparse-vdit does not support diffusers context parallelism")
+        ulysses_group(getattr(processor, "_parallel_config", None), spec.num_heads)  # raises for ring / odd heads
     if getattr(pipe_or_transformer, "transformer_2", None) is not None:
         logger.warning("sparse-vdit: only pipe.transformer is patched, not pipe.transformer_2")
 

@@ -13,6 +13,12 @@ Hook points for search and online methods:
   and ``call.output(patterns)`` compute candidates on the same fast path.
 - ``state.observers``: ``fn(call, patterns, out)`` after every layer call.
 
+Under diffusers' Ulysses context parallelism (``transformer.enable_parallelism`` with a
+``ContextParallelConfig(ulysses_degree=n)``, before or after :func:`apply`), the processor
+all-to-alls q, k, v from sequence shards to (full sequence, ``heads / n`` heads) with diffusers' own
+exchange, runs the patterns of this rank's global heads (``call.heads``) in one launch, and
+all-to-alls the output back; see :func:`ulysses_group`.
+
 Under ``torch.compile`` the attention step is one opaque custom op, so the graph has no break
 inside a block and the Python decisions run eagerly at run time.
 """
@@ -63,6 +69,7 @@ class AttentionCall:
     v: torch.Tensor
     layout: VideoLayout
     state: SparseState
+    heads: range | None = None  # global head indices of q's heads under Ulysses parallelism (None: all)
 
     def dense_output(self) -> torch.Tensor:
         """Dense attention of this call on the fastest dense kernel."""
@@ -146,27 +153,33 @@ class SparseState:
         return layout
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               key_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """Attention of one layer call: layout, text padding, patterns, kernel, timing, observers."""
+               key_mask: torch.Tensor | None = None, heads: range | None = None) -> torch.Tensor:  # fmt: skip
+        """Attention of one layer call: layout, text padding, patterns, kernel, timing, observers.
+
+        ``heads``: the global indices of q's heads when they are a slice of the layer's (Ulysses);
+        a pattern source may then return patterns for all heads (a plan) or for q's heads only.
+        """
         layout = self.layout(q.shape[1])
         start = clock(q) if self.timing else None
         valid = self._text_valid(key_mask, layout, q.shape[0])
         if valid is None or len(valid) == 1:
             layout = layout if valid is None else self._padded(layout, next(iter(valid)))
-            out = self._attend(layer, q, k, v, layout)
+            out = self._attend(layer, q, k, v, layout, heads)
         else:  # samples with different prompt lengths: one call per length
             out = torch.empty_like(q)
             for count, samples in valid.items():
                 index = torch.tensor(samples, device=q.device)
-                out[index] = self._attend(layer, q[index], k[index], v[index], self._padded(layout, count))
+                out[index] = self._attend(layer, q[index], k[index], v[index], self._padded(layout, count), heads)
         self.last_layout = layout
         if start is not None:
             self._timings.append((self.steps.step, start, clock(q)))
         return out
 
-    def _attend(self, layer, q, k, v, layout) -> torch.Tensor:
-        call = AttentionCall(self.steps.step, layer, q, k, v, layout, self)
+    def _attend(self, layer, q, k, v, layout, heads=None) -> torch.Tensor:
+        call = AttentionCall(self.steps.step, layer, q, k, v, layout, self, heads)
         patterns = self.pattern_source(call)
+        if heads is not None and patterns is not None and len(patterns) != q.shape[2]:
+            patterns = self._sliced(patterns, heads)
         out = self.compute(q, k, v, layout, patterns)
         for observer in self.observers:
             observer(call, patterns, out)
@@ -192,6 +205,17 @@ class SparseState:
         hit = self._memo.get(key)
         if hit is None or hit[0] is not patterns:
             hit = (patterns, all(p.name == "dense" for p in patterns))
+            self._remember(key, hit)
+        return hit[1]
+
+    def _sliced(self, patterns: Sequence[Pattern], heads: range) -> tuple[Pattern, ...]:
+        """The patterns of global ``heads``, one memoised tuple per source tuple (table memo keys on it)."""
+        key = ("slice", id(patterns), heads.start, heads.stop)
+        hit = self._memo.get(key)
+        if hit is None or hit[0] is not patterns:
+            if heads.stop > len(patterns):
+                raise ValueError(f"{len(patterns)} patterns for global heads {heads.start}..{heads.stop - 1}")
+            hit = (patterns, tuple(patterns[heads.start : heads.stop]))
             self._remember(key, hit)
         return hit[1]
 
@@ -296,11 +320,79 @@ class SparseAttnProcessor:
         projected = family.project(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         q, k, v = projected.q, projected.k, projected.v
         key_mask = attention_mask if family.uses_key_mask else None
+        group = ulysses_group(self._parallel_config, q.shape[2])
+        heads = None
+        if group is not None:  # sequence shards -> (full sequence, this rank's heads)
+            q, k, v, key_mask, heads = _ulysses_in(q, k, v, key_mask, group)
+            if self.state.layout(q.shape[1]).text:
+                # the gathered order of a joint text+video sequence depends on how the model's cp
+                # plan shards the text; no supported family has such a plan in diffusers yet
+                raise NotImplementedError(f"sparse-vdit: context parallelism with text tokens in self-attention "
+                                          f"({family.name}) is not supported yet")  # fmt: skip
         if torch.compiler.is_compiling():
+            if heads is not None:
+                raise NotImplementedError("sparse-vdit: torch.compile with context parallelism is not supported yet")
             out = _attention_op(q, k, v, key_mask, self.layer_index, self.state.handle)
         else:
-            out = self.state.attend(self.layer, q, k, v, key_mask)
+            out = self.state.attend(self.layer, q, k, v, key_mask, heads)
+        if group is not None:
+            out = _ulysses_out(out, group)
         return family.finish(attn, out, projected)
+
+    # diffusers' enable_parallelism sets ``processor._parallel_config`` on every processor that has
+    # one; ours forwards it to the original, so remove() hands back correctly configured processors
+    @property
+    def _parallel_config(self):
+        return getattr(self.original, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, config) -> None:
+        self.original._parallel_config = config
 
     def __repr__(self) -> str:
         return f"SparseAttnProcessor({self.family.name}, layer={self.layer})"
+
+
+def ulysses_group(parallel_config: Any, heads: int | None = None):
+    """The Ulysses process group of a diffusers ``ParallelConfig`` (None without context parallelism).
+
+    Raises for what sparse-vdit does not run: ring attention, and a head count the Ulysses degree
+    does not divide (each rank must own whole heads to run their patterns).
+    """
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    if cp is None:
+        return None
+    ring, ulysses = getattr(cp, "ring_degree", 1) or 1, getattr(cp, "ulysses_degree", 1) or 1
+    if ring > 1:
+        raise NotImplementedError(f"sparse-vdit supports diffusers' Ulysses context parallelism, not ring attention "
+                                  f"(ring_degree={ring})")  # fmt: skip
+    if ulysses <= 1:
+        return None
+    if heads is not None and heads % ulysses:
+        raise ValueError(f"sparse-vdit: {heads} attention heads are not divisible by the Ulysses degree {ulysses}; "
+                         "each rank must own whole heads")  # fmt: skip
+    if cp._ulysses_mesh is None:
+        raise RuntimeError("sparse-vdit: the context parallel config has no device mesh (enable_parallelism not run?)")
+    return cp._ulysses_mesh.get_group()
+
+
+def _ulysses_in(q, k, v, key_mask, group):
+    """(B, N/n, H, D) shards -> (B, N, H/n, D) with diffusers' all-to-all; global heads of this rank."""
+    import torch.distributed as dist
+    from diffusers.models.attention_dispatch import _all_to_all_dim_exchange
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    local = q.shape[2] // world
+    q, k, v = (_all_to_all_dim_exchange(t.contiguous(), 2, 1, group) for t in (q, k, v))
+    if key_mask is not None and key_mask.shape[-1] * world == k.shape[1]:  # a mask of the local keys
+        parts = [torch.empty_like(key_mask) for _ in range(world)]
+        dist.all_gather(parts, key_mask.contiguous(), group=group)
+        key_mask = torch.cat(parts, dim=-1)
+    return q, k, v, key_mask, range(rank * local, (rank + 1) * local)
+
+
+def _ulysses_out(out, group):
+    """(B, N, H/n, D) -> (B, N/n, H, D), the inverse exchange."""
+    from diffusers.models.attention_dispatch import _all_to_all_dim_exchange
+
+    return _all_to_all_dim_exchange(out.contiguous(), 1, 2, group)

@@ -1,0 +1,235 @@
+"""Sparse attention under Ulysses sequence parallelism: real-size forward, dense vs sparse, 1 vs N GPUs.
+
+    torchrun --nproc-per-node 1 bench/sp.py [--models wan-14b] [--densities 0.3,0.2] [--repeats 2]
+    torchrun --nproc-per-node 4 bench/sp.py [--models wan-14b] ...      (same flags; rows merge)
+    python bench/sp.py --dry-run [--world 2]   # tiny models, CPU, gloo, --world processes spawned here
+
+Each run builds the published diffusers config with random bf16 weights (``bench/e2e.py``'s
+``build``, no download), enables diffusers context parallelism with
+``ContextParallelConfig(ulysses_degree=WORLD_SIZE)`` when ``WORLD_SIZE > 1``, and times one
+denoising forward (median of ``--repeats`` after a warm-up) for:
+
+- ``dense``: ``sparse_vdit.apply`` with a dense plan (best dense kernel);
+- ``sparse-NN``: a mixed plan of NN% attention density (``e2e.mixed_plan``; the same plan on 1 and
+  N GPUs, each rank running the patterns of its own global heads in one launch per layer).
+
+Reported per row (model, world, variant): forward seconds (the slowest rank's), attention
+seconds per rank (their spread is the imbalance between ranks whose heads have different
+densities), the sparse speedup against ``dense`` of the same world, and, when rows of world 1
+exist in ``--out``, the N-GPU sparse speedup over the 1-GPU one (issue 8's target: within 10%).
+
+Models: ``wan-14b`` (Wan2.1-T2V-14B, 1280x720, 81 frames: 75,600 tokens, 40 heads) and
+``wan-1.3b``; ``hunyuan`` (HunyuanVideo 720p, 129 frames) is listed but diffusers 0.42 has no
+``_cp_plan`` for it and joint text+video self-attention under context parallelism is not
+supported by sparse-vdit yet, so it runs only with ``WORLD_SIZE == 1`` (the 1-GPU baseline) and is
+skipped otherwise with a message. The world size must divide the head count (40, 12, 24) and the
+video token count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e
+
+import sparse_vdit
+from sparse_vdit import Plan
+from sparse_vdit.timing import clock, seconds_between
+
+CP_MODELS = {"wan-14b", "wan-1.3b"}  # families with a diffusers _cp_plan that sparse-vdit supports
+DEFAULT_MODELS = "wan-14b,hunyuan"
+
+
+def say(*args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        e2e.say(*args)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated subset of {', '.join(e2e.MODELS)}")
+    p.add_argument("--densities", default="0.3,0.2", help="sparse plan densities")
+    p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant, after one warm-up")
+    p.add_argument("--backend", default="auto", help="sparse backend")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/sp.json)")
+    p.add_argument("--budget-s", type=float, default=540.0, help="stop starting measurements after this long")
+    p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU (fp32, gloo)")
+    p.add_argument("--world", type=int, default=2, help="--dry-run without torchrun: processes to spawn")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = set(args.models) - set(e2e.MODELS)
+    if unknown:
+        p.error(f"unknown models {sorted(unknown)}; choose from {', '.join(e2e.MODELS)}")
+    args.densities = [float(d) for d in args.densities.split(",") if d.strip()]
+    if args.dry_run:
+        args.block_size = min(args.block_size, 16)
+        args.backend = "reference" if args.backend == "auto" else args.backend
+    if args.out is None:
+        folder = Path(tempfile.gettempdir()) if args.dry_run else Path(__file__).parent / "results"
+        args.out = folder / ("sp-dry-run.json" if args.dry_run else "sp.json")
+    return args
+
+
+def setup(args) -> tuple[int, int, torch.device]:
+    """Process group from torchrun's environment (nccl on GPUs, gloo on the CPU); rank, world, device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if args.dry_run:
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench/sp.py needs CUDA GPUs (or --dry-run)")
+    else:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo" if device.type == "cpu" else "nccl", rank=rank, world_size=world)
+        if device.type == "cpu" and torch.accelerator.device_count() == 0:
+            # diffusers picks its device as rank % torch.accelerator.device_count(): 0 on a CPU-only torch
+            torch.accelerator.device_count = lambda: 1
+    return rank, world, device
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@torch.no_grad()
+def measure(model, inputs, state, repeats: int, device) -> dict:
+    times, attention = [], []
+    for i in range(repeats + 1):
+        state.reset_timings()
+        synchronize(device)
+        start = clock(inputs["hidden_states"])
+        model(**inputs)
+        synchronize(device)
+        seconds = seconds_between(start, clock(inputs["hidden_states"]))
+        if i:
+            times.append(seconds)
+            attention.append(sum(state.attention_seconds().values()))
+    mine = [statistics.median(times), statistics.median(attention)]
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+    else:
+        parts = [mine]
+    return {"seconds": max(p[0] for p in parts), "attention_seconds_per_rank": [p[1] for p in parts]}
+
+
+def run_model(bench, args, world: int, device, dtype, rows: list, deadline: float) -> None:
+    if world > 1 and bench.name not in CP_MODELS:
+        say(f"{bench.name}: skipped at world {world}: no diffusers context-parallel plan / joint text attention "
+            "under context parallelism not supported yet")  # fmt: skip
+        return
+    say(f"{bench.name}: building {bench.cls} on {device}, world {world}")
+    model = e2e.build(bench, device, dtype)
+    inputs = e2e.make_inputs(bench, model, device, dtype)
+    layout = e2e.layout_of(bench, model, inputs)
+    spec = sparse_vdit.integrations.diffusers.model_spec(model)
+    if spec.num_heads % world or layout.video_tokens % world:
+        say(f"{bench.name}: skipped: world {world} divides neither {spec.num_heads} heads nor "
+            f"{layout.video_tokens} tokens")  # fmt: skip
+        return
+    if world > 1:
+        from diffusers import ContextParallelConfig
+
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    plans = {"dense": Plan.dense(model, block_size=args.block_size, layout=layout)}
+    for density in args.densities:
+        plans[f"sparse-{round(density * 100)}"] = e2e.mixed_plan(spec, layout, density, args.block_size)
+    for variant, plan in plans.items():
+        if time.perf_counter() > deadline:
+            say(f"{bench.name} {variant}: skipped, out of budget")
+            continue
+        state = sparse_vdit.apply(model, plan, backend=args.backend)
+        state.timing = True
+        try:
+            result = measure(model, inputs, state, args.repeats, device)
+        finally:
+            sparse_vdit.remove(model)
+            e2e.release_tables()
+        row = dict(model=bench.name, world=world, variant=variant, density=plan.density(layout), dry_run=args.dry_run,
+                   tokens=layout.num_tokens, **result)  # fmt: skip
+        rows.append(row)
+        say(f"{bench.name} world {world} {variant}: {row['seconds'] * 1e3:.1f} ms, attention per rank "
+            f"{[round(a * 1e3, 1) for a in row['attention_seconds_per_rank']]} ms")  # fmt: skip
+
+
+def merge(path: Path, env: dict, rows: list) -> list:
+    old = json.loads(path.read_text())["results"] if path.exists() else []
+    keys = {(r["model"], r["world"], r["variant"]) for r in rows}
+    results = [r for r in old if (r["model"], r["world"], r["variant"]) not in keys] + rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": env, "results": results}, indent=1))
+    return results
+
+
+def table(results: list) -> str:
+    """Speedup vs dense of the same world; the N-GPU sparse speedup relative to the 1-GPU one."""
+    by = {(r["model"], r["world"], r["variant"]): r for r in results}
+    lines = [("| model | world | variant | density | forward ms | attention ms per rank (min-max) "
+              "| speedup vs dense | vs 1-GPU speedup |"), "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (model, world, variant), r in sorted(by.items()):
+        dense = by.get((model, world, "dense"))
+        speedup = dense["seconds"] / r["seconds"] if dense else None
+        one, one_dense = by.get((model, 1, variant)), by.get((model, 1, "dense"))
+        ratio = speedup / (one_dense["seconds"] / one["seconds"]) if speedup and one and one_dense and world > 1 else None
+        att = r["attention_seconds_per_rank"]
+        lines.append(f"| {model} | {world} | {variant} | {r['density']:.2f} | {r['seconds'] * 1e3:.1f} | "
+                     f"{min(att) * 1e3:.1f}-{max(att) * 1e3:.1f} | {'' if speedup is None else f'{speedup:.2f}x'} | "
+                     f"{'' if ratio is None else f'{ratio:.2f}'} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run and "WORLD_SIZE" not in os.environ and args.world > 1:
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_spawned, args=(args.world, f"{tmp}/rendezvous", argv), nprocs=args.world, join=True)
+        return 0
+    rank, world, device = setup(args)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    env = e2e.environment(device)
+    deadline = e2e.START + args.budget_s
+    rows: list = []
+    torch.manual_seed(0)
+    try:
+        for name in args.models:
+            run_model((e2e.TINY if args.dry_run else e2e.MODELS)[name], args, world, device, dtype, rows, deadline)
+        if rank == 0:
+            results = merge(args.out, {**env, "world": world}, rows)
+            say(f"wrote {args.out}")
+            print(table([r for r in results if r.get("dry_run", False) == args.dry_run]), flush=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _spawned(rank: int, world: int, rendezvous: str, argv) -> None:
+    """--dry-run without torchrun: one of ``world`` local gloo processes (file rendezvous)."""
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
