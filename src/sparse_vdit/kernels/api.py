@@ -43,8 +43,9 @@ def sparse_attention(
             ``"auto"``: the fastest one available, said once in the ``sparse_vdit`` log.
 
     Heads whose pattern needs token-major order are permuted together by one strided copy
-    before the kernel and back after it (:func:`reorder_heads`). Padded text keys (``layout.kv_len``) are never attended;
-    a query row that visits no key block (``skip`` heads) comes out exactly zero.
+    before the kernel and back after it (:func:`reorder_heads`), or read in place by the Triton
+    kernel. Padded text keys (``layout.kv_len``) are never attended; a query row that visits no
+    key block (``skip`` heads) comes out exactly zero.
 
     Returns:
         ``(batch, seq, heads, head_dim)`` output in the dtype of ``q``.
@@ -132,12 +133,12 @@ _AUTO_ORDER = ("fa4", "triton", "flex", "reference")
 
 
 @lru_cache(maxsize=None)
-def _auto(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, str]:
-    """The first usable backend of ``_AUTO_ORDER`` and why the ones before it were passed over."""
+def _auto(device: torch.device, dtype: torch.dtype, head_dim: int, passed_over: tuple[str, ...] = ()) -> tuple[str, str]:
+    """The first usable backend of ``_AUTO_ORDER`` (less ``passed_over``) and why earlier ones were not."""
     if device.type != "cuda":
         return "reference", f"no fast backend on {device.type}"
     reasons = []
-    for name in _AUTO_ORDER:
+    for name in (n for n in _AUTO_ORDER if n not in passed_over):
         problem = _input_problem(name, dtype, head_dim)
         ok, why = (False, problem) if problem else _availability(name, device)
         if ok:
@@ -149,19 +150,21 @@ def _auto(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str,
 _SAID: set = set()
 
 
-def _fa4_tiles_or_fallback(backend: str, block_size: int, q: torch.Tensor) -> str:
-    """FA4 runs only some block sizes (64/128 on Hopper, multiples of 256 on Blackwell)."""
+@lru_cache(maxsize=None)
+def _fa4_supports(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
     from . import fa4
 
-    ok, why = fa4.supports(block_size, q.shape[-1], q.dtype, q.device)
+    return fa4.supports(block_size, head_dim, dtype, device)
+
+
+def _fa4_tiles_or_fallback(backend: str, block_size: int, q: torch.Tensor) -> str:
+    """FA4 runs only some block sizes (64/128 on Hopper, multiples of 256 on Blackwell)."""
+    ok, why = _fa4_supports(block_size, q.shape[-1], q.dtype, q.device)
     if ok:
         return "fa4"
     if backend != "auto":
         raise ValueError(why)
-    for name in _AUTO_ORDER[1:]:
-        if not _input_problem(name, q.dtype, q.shape[-1]) and _availability(name, q.device)[0]:
-            return name
-    return "reference"
+    return _auto(q.device, q.dtype, q.shape[-1], ("fa4",))[0]
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
