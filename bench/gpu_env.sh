@@ -1,0 +1,26 @@
+# Source on a lent GPU machine: install the wheels carried in .whl*/ (FA4, CuTe DSL, diffusers) to
+# /tmp/site once and put them and src/ on PYTHONPATH. The GPU image has no network and no diffusers.
+#
+# The cutlass-dsl CUDA 13 library wheel (~92 MB) is over what one call carries beside the tree, so it
+# travels in parts (cu13.part.aa, .ab, ...; CU13_PARTS of them, default 3) in calls made back to back
+# while the machine is warm; earlier calls copy their part to /tmp/wheels (`cp .whlA/* /tmp/wheels/`).
+mkdir -p /tmp/wheels
+for d in .whl*; do
+    [ -d "$d" ] && cp -n "$d"/* /tmp/wheels/ 2>/dev/null
+done
+parts=$(ls /tmp/wheels/cu13.part.* 2>/dev/null | wc -l)
+if [ "$parts" -gt 0 ]; then
+    if [ "$parts" -eq "${CU13_PARTS:-3}" ]; then
+        cat /tmp/wheels/cu13.part.* \
+            >/tmp/wheels/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+        rm -f /tmp/wheels/cu13.part.*
+    else
+        echo "only $parts of ${CU13_PARTS:-3} parts of the cu13 wheel are here" >&2
+    fi
+fi
+if [ ! -f /tmp/site/.installed ] && ls /tmp/wheels/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site /tmp/wheels/*.whl && touch /tmp/site/.installed || echo "wheel install failed" >&2
+fi
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD/src:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1
