@@ -12,7 +12,12 @@ Methods (every one through the diffusers integration on the same captions x seed
 - ``svg-NN``: Sparse VideoGen online at each ``--svg-densities`` (25% dense warm-up, first layer dense);
 - ``window-spatial-W``: every head ``diagonal(W frames)``; ``window-temporal-W``: every head
   ``multi_diagonal(W)`` (share of the token-major sequence); both after ``--warmup-steps`` dense steps;
-- ``skip-only``: the search with ``skip`` as its only candidate (heads dense or skipped).
+- ``skip-only``: the search with ``skip`` as its only candidate (heads dense or skipped);
+- ``offline-paper`` (``--paper``): the search in the paper's setting (``mode="paper"``: one caption,
+  one seed, absolute MSE, full outputs, the four fixed modes, block-count cost, epsilon 1, lambda 0.5).
+
+``--save-plans DIR`` writes every searched plan there (``<method>.json``); the rows carry each
+search's wall time and its cost per video against one dense generation (``search_cost_vs_dense``).
 
 Per method: PSNR and SSIM against dense (mean over videos), attention FLOP density (computed share
 of blocks over all steps, warm-up included), measured attention speedup (dense attention time /
@@ -51,7 +56,7 @@ from sparse_vdit.organism import model as M  # noqa: E402
 from sparse_vdit.patterns import diagonal, multi_diagonal  # noqa: E402
 
 EVAL_DATA_SEED, SEARCH_DATA_SEED = 777, 4242  # evaluation captions and (held-out) search captions
-FAMILIES = ("dense", "offline", "svg", "window-spatial", "window-temporal", "skip-only")
+FAMILIES = ("dense", "offline", "offline-paper", "svg", "window-spatial", "window-temporal", "skip-only")
 
 
 def floats(text: str) -> list[float]:
@@ -67,15 +72,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--captions", type=int, default=8, help="evaluation captions (scenes of data seed 777)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--epsilons", type=floats, default=floats("0.02,0.05,0.1,0.2"), help="offline search epsilons")
+    p.add_argument("--epsilons", type=floats, default=floats("0.0003,0.001,0.003,0.01,0.03"),
+                   help="offline search epsilons (relative MSE per head)")
+    p.add_argument("--lam", default="epsilon",
+                   help="the search's lambda: a number, or 'epsilon' (default: lambda = epsilon, so a head goes "
+                        "sparse when its relative error is under epsilon x the share of cost it saves)")
     p.add_argument("--search-captions", type=int, default=4, help="held-out captions the search runs on")
     p.add_argument("--search-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--plans", type=Path, nargs="*", default=[], help="offline plan files, evaluated as they are")
-    p.add_argument("--svg-densities", type=floats, default=floats("0.4,0.25,0.15"))
-    p.add_argument("--spatial-widths", type=floats, default=floats("2,1,0.5"), help="window-spatial, frames")
-    p.add_argument("--temporal-widths", type=floats, default=floats("0.2,0.1,0.05"),
+    p.add_argument("--svg-densities", type=floats, default=floats("0.6,0.4,0.25"))
+    p.add_argument("--spatial-widths", type=floats, default=floats("4,2,1"), help="window-spatial, frames")
+    p.add_argument("--temporal-widths", type=floats, default=floats("0.4,0.2,0.1"),
                    help="window-temporal, share of the token-major sequence")  # fmt: skip
     p.add_argument("--no-skip-only", action="store_true")
+    p.add_argument("--search-cost", default="blocks",
+                   help="cost in the search's loss: blocks (default: at the organism's 2,048 tokens kernels are "
+                        "launch-bound, so measured times say nothing), auto, or a cost table JSON")  # fmt: skip
+    p.add_argument("--paper", action="store_true", help="add the search in the paper's setting (offline-paper)")
+    p.add_argument("--save-plans", type=Path, help="folder for the searched plans (<method>.json)")
     p.add_argument("--warmup-steps", type=int, help="dense steps of the window baselines (default: 10%% of the steps)")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--backend", default="auto", help="sparse kernel: auto, fa4, triton, flex, reference")
@@ -85,8 +99,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.captions, args.seeds, args.steps, args.search_captions = 2, [0], 3, 2
-        args.epsilons, args.svg_densities = args.epsilons[1:3], args.svg_densities[1:2]
-        args.spatial_widths, args.temporal_widths = args.spatial_widths[1:2], args.temporal_widths[1:2]
+        def middle(xs: list, n: int) -> list:  # defaults shrink to their middle; short lists stay
+            return xs[1 : 1 + n] if len(xs) > n + 1 else xs
+
+        args.epsilons, args.svg_densities = middle(args.epsilons, 2), middle(args.svg_densities, 1)
+        args.spatial_widths, args.temporal_widths = middle(args.spatial_widths, 1), middle(args.temporal_widths, 1)
         args.block_size, args.random_weights = 16, True
         args.out = args.out or Path(tempfile.mkdtemp(prefix="fidelity-")) / "fidelity.json"
     args.out = args.out or HERE / "results" / "fidelity.json"
@@ -118,12 +135,28 @@ def methods(args, transformer, spec) -> list[Method]:
     steps, block = args.steps, args.block_size
     warmup = round(0.1 * steps) if args.warmup_steps is None else args.warmup_steps
     search_captions = [D.sample_scene(SEARCH_DATA_SEED, i).caption for i in range(args.search_captions)]
-    search = dict(steps=steps, seeds=args.search_seeds, block_size=block, backend=args.backend, progress=True)
+    search = dict(steps=steps, seeds=args.search_seeds, block_size=block, backend=args.backend, progress=True,
+                  cost=args.search_cost)  # fmt: skip
     out = [Method("dense", "dense", note="dense")]
+
+    def searched(name: str, family: str, captions=search_captions, **settings) -> Method:
+        print(f"searching {name} ...", flush=True)
+        plan = search_plan(transformer, spec, captions, time_dense=True, **{**search, **settings})
+        if args.save_plans:
+            args.save_plans.mkdir(parents=True, exist_ok=True)
+            plan.save(args.save_plans / f"{name}.json")
+        stats = plan.made_by["stats"]
+        runs = len(stats["run_seconds"])  # search cost per video against one dense generation of it
+        info = {"search_seconds": stats["search_seconds"], "search_runs": runs,
+                "search_cost_vs_dense": stats["search_seconds"] / runs / stats["dense_seconds"]}  # fmt: skip
+        return Method(name, "plan", plan, note=family, info=info)
+
     for eps in args.epsilons:
-        print(f"searching offline plan, epsilon {eps:g} ...", flush=True)
-        plan = search_plan(transformer, spec, search_captions, epsilon=eps, **search)
-        out.append(Method(f"offline-eps={eps:g}", "plan", plan, note="offline"))
+        lam = eps if args.lam == "epsilon" else float(args.lam)
+        out.append(searched(f"offline-eps={eps:g}", "offline", epsilon=eps, lam=lam))
+    if args.paper:
+        out.append(searched("offline-paper", "offline-paper", search_captions[:1], mode="paper",
+                            seeds=args.search_seeds[:1]))  # fmt: skip
     for path in args.plans:
         out.append(Method(f"offline-{path.stem}", "plan", Plan.load(path, transformer), note="offline"))
     for d in args.svg_densities:
@@ -134,9 +167,7 @@ def methods(args, transformer, spec) -> list[Method]:
             plan = Plan.uniform(transformer, make(w), warmup_steps=warmup, block_size=block)
             out.append(Method(f"{family}-{w:g}", "plan", plan, note=family))
     if not args.no_skip_only:
-        print("searching skip-only plan ...", flush=True)
-        plan = search_plan(transformer, spec, search_captions, candidates=["skip"], **search)
-        out.append(Method("skip-only", "plan", plan, note="skip-only"))
+        out.append(searched("skip-only", "skip-only", candidates=["skip"]))
     return out
 
 
@@ -199,11 +230,11 @@ def main(argv=None) -> int:
     for r in runs:
         s = score(r, dense)
         rows.append({"method": r.method.name, "family": r.method.note, "psnr": s["psnr"], "ssim": s["ssim"],
-                     "density": r.density, "flop_reduction": 1 / r.density,
+                     "density": r.density, "flop_reduction": 1 / r.density if r.density else float("inf"),
                      "attention_speedup": dense.attention_seconds / r.attention_seconds,
                      "speedup": dense.seconds / r.seconds, "seconds": r.seconds,
                      "attention_seconds": r.attention_seconds, "psnr_per_video": s["psnr_per_video"],
-                     "ssim_per_video": s["ssim_per_video"]})  # fmt: skip
+                     "ssim_per_video": s["ssim_per_video"], **r.method.info})  # fmt: skip
     data = {"model": what, "videos": len(videos), "steps": args.steps, "block_size": args.block_size,
             "layout": layout_of(spec).describe(), "backend": args.backend, "dry_run": args.quick,
             "speedup_meaningful": args.device.startswith("cuda"), "environment": environment(args),

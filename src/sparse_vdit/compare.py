@@ -36,6 +36,7 @@ class Method:
     plan: Plan | None = None
     svg: dict = field(default_factory=dict)  # options of apply(method="svg"), e.g. {"density": 0.3}
     note: str = ""
+    info: dict = field(default_factory=dict)  # recorded beside the method's scores (e.g. search time)
 
     def __post_init__(self) -> None:
         if self.kind not in ("dense", "plan", "svg"):

@@ -13,11 +13,16 @@ pytest.importorskip("skimage")
 SCRIPT = Path(__file__).parents[2] / "bench" / "fidelity.py"
 
 
-def test_quick_run_writes_results_plot_and_table(tmp_path, capsys):
+def _script():
     spec = importlib.util.spec_from_file_location("bench_fidelity", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_results_plot_and_table(tmp_path, capsys):
+    module = _script()
     out = tmp_path / "fidelity.json"
     assert module.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
@@ -30,4 +35,23 @@ def test_quick_run_writes_results_plot_and_table(tmp_path, capsys):
     assert data["rows"][0]["psnr"] == float("inf") and min(r["density"] for r in data["rows"]) < 0.5
     assert out.with_suffix(".png").stat().st_size > 0
     text = capsys.readouterr().out
-    assert "| window-temporal-0.1 |" in text and "NOT meaningful" in text
+    assert "| window-temporal-0.2 |" in text and "NOT meaningful" in text
+
+
+def test_paper_setting_and_saved_plans(tmp_path):
+    from sparse_vdit import Plan
+
+    module = _script()
+    out, plans = tmp_path / "fidelity.json", tmp_path / "plans"
+    args = ["--quick", "--device", "cpu", "--out", str(out), "--paper", "--save-plans", str(plans),
+            "--epsilons", "0.01", "--no-skip-only", "--svg-densities", "", "--spatial-widths", "",
+            "--temporal-widths", ""]  # fmt: skip
+    assert module.main(args) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["dense", "offline-eps=0.01", "offline-paper"]
+    assert rows["offline-paper"]["family"] == "offline-paper"
+    for name in ("offline-eps=0.01", "offline-paper"):
+        assert rows[name]["search_cost_vs_dense"] > 0 and rows[name]["search_runs"] >= 1
+        plan = Plan.load(plans / f"{name}.json")
+        assert plan.made_by["mode"] == ("paper" if name == "offline-paper" else "ours")
+    assert json.loads((plans / "offline-eps=0.01.json").read_text())["made_by"]["epsilon"] == 0.01
