@@ -29,11 +29,17 @@ def attention(data: dict) -> str:
     out = [
         f"Device: {v['gpu']} (sm{v['sm'].replace('.', '')}, {v['sms']} SMs); torch {v['torch']}, cuDNN {v['cudnn']}, "
         f"triton {v['triton']}, flash-attn-4 {v['flash_attn_4']}; {data['dtype']}, batch {data['batch']}, "
-        f"block {data['block']}; run took {data['wall_s']:.0f} s.",
-        "",
-        "Dense baselines (ms, TFLOP/s):",
+        f"block {data['block']}; {'runs' if data.get('runs') else 'run'} took {data['wall_s']:.0f} s.",
         "",
     ]
+    runs = data.get("runs") or []
+    if runs:  # rows merged from several runs: each cell's efficiency is against its own run's cuDNN
+        out += ["Runs (a cell marked `[n]` comes from run n; unmarked: run 2):", ""]
+        out += [f"{r['run']}. `{r['command']}` ({r['wall_s']:.0f} s){': ' + r['note'] if r.get('note') else ''}"
+                for r in runs]  # fmt: skip
+        out.append("")
+    out += ["Dense baselines (ms, TFLOP/s):", ""]
+    mark = (lambda r: f" [{r['run']}]" if r.get("run", 2) != 2 else "") if runs else (lambda r: "")
     rows = data["rows"]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     dense = {(r["shape"], r["backend"]): r for r in rows if r["kind"] == "dense"}
@@ -57,7 +63,7 @@ def attention(data: dict) -> str:
             row = [shape, kind]
             for t in TARGETS:
                 r = by_target.get(t)
-                row.append(f"{r['block_eff']:.2f} ({r['ms']:.2f})" if r else "-")
+                row.append(f"{r['block_eff']:.2f} ({r['ms']:.2f}){mark(r)}" if r else "-")
             api, direct = full.get((backend, shape)), full.get((backend + "-direct", shape))
             first = kind == next(k for b2, s2, k in cells if b2 == backend and s2 == shape)
             row.append(f"{api['block_eff']:.2f} / {direct['block_eff']:.2f}" if first and api and direct else "")
@@ -106,15 +112,39 @@ def fidelity(data: dict) -> str:
     ]
     rows = [
         [r["method"], f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['density']:.1%}", f"{r['flop_reduction']:.2f}",
-         f"{r['attention_speedup']:.2f}", f"{r['speedup']:.2f}"]
+         f"{r['attention_speedup']:.2f}", f"{r['speedup']:.2f}",
+         f"{r['search_cost_vs_dense']:.1f}" if "search_cost_vs_dense" in r else ""]
         for r in data["rows"]
     ]  # fmt: skip
     out.append(_table(["method", "PSNR dB", "SSIM", "attention density", "FLOP reduction",
-                       f"attention speedup{speed}", f"generation speedup{speed}"], rows))  # fmt: skip
+                       f"attention speedup{speed}", f"generation speedup{speed}",
+                       "search cost (x one dense generation)"], rows))  # fmt: skip
     return "\n".join(out)
 
 
-SECTIONS = {"attention": attention, "e2e": e2e, "tables": tables, "fidelity": fidelity}
+def svg(data: dict) -> str:
+    v = data["versions"]
+    dense = {r["shape"]: r["ms"] for r in data["rows"] if r["part"] == "cudnn-dense"}
+    fast = {r["shape"]: r["backend"] for r in data["rows"] if r["part"] == "attn-fast"}
+    out = [
+        f"Device: {v['gpu']}; torch {v['torch']}, triton {v['triton']}, flash-attn-4 {v['flash_attn_4']}. "
+        f"Command: `{data['command'].replace('/tmp/results', '$OUT')}` ({data['wall_s']:.0f} s). Fast path: "
+        + ", ".join(f"{s} `{b}`" for s, b in fast.items()) + ".",
+        "",
+    ]
+    rows = [
+        [r["shape"], f"{r['density']:.2f}", str(r["rows"]), r["profile_backend"], f"{dense[r['shape']]:.1f}",
+         f"{r['attn_fast_ms']:.2f}", f"{r['profile_ms']:.2f}", f"{r['profile_share']:.1%}", f"{r['layer_overhead']:.1%}",
+         f"{r['flex_over_fast']:.2f}", f"{r['layer_flex_over_fast']:.2f}", f"{r['speedup_vs_cudnn']:.2f}"]
+        for r in data["summary"]
+    ]  # fmt: skip
+    out.append(_table(["shape", "density", "rows", "profiling", "cuDNN dense ms", "SVG attention ms",
+                       "profile ms", "profile / attention", "(layer - attention) / attention", "flex / fast (attention)",
+                       "flex / fast (layer)", "layer x cuDNN dense"], rows))  # fmt: skip
+    return "\n".join(out)
+
+
+SECTIONS = {"attention": attention, "e2e": e2e, "tables": tables, "fidelity": fidelity, "svg": svg}
 
 
 def main() -> None:
