@@ -4,8 +4,8 @@ from .kernels import sparse_attention
 from .layout import VideoLayout
 from .patterns import BlockTable, Pattern, compile_layer
 from .plan import ModelSpec, Plan, PlanError
-from .integrations.diffusers import apply, model_spec, remove, sparse
-from .methods.search import search
+from .integrations.diffusers import apply, model_spec, organism_sampler, pipeline_sampler, remove, sparse
+from .integrations.diffusers.search import search
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,8 @@ __all__ = [
     "apply",
     "compile_layer",
     "model_spec",
+    "organism_sampler",
+    "pipeline_sampler",
     "remove",
     "search",
     "sparse",

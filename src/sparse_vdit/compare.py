@@ -128,7 +128,7 @@ def search_plan(
     **settings: Any,
 ) -> Plan:
     """Sparse-vDiT offline search on the organism (``settings``: epsilon, lam, candidates, ...)."""
-    from .methods.search import organism_sampler, search
+    from .integrations.diffusers.search import organism_sampler, search
 
     return search(transformer, list(captions), steps=steps, seeds=seeds, sampler=organism_sampler(transformer, spec),
                   block_size=block_size, backend=backend, progress=progress, **settings)  # fmt: skip

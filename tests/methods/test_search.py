@@ -9,7 +9,9 @@ pytest.importorskip("diffusers")
 
 import sparse_vdit  # noqa: E402
 from sparse_vdit import Plan, VideoLayout, compile_layer, sparse_attention  # noqa: E402
-from sparse_vdit.methods import MassVertical, MeasuredCost, Searcher, SearchSettings, organism_sampler  # noqa: E402
+from sparse_vdit import organism_sampler  # noqa: E402
+from sparse_vdit.integrations.diffusers import run_search as drive  # noqa: E402
+from sparse_vdit.methods import MassVertical, MeasuredCost, Searcher, SearchSettings  # noqa: E402
 from sparse_vdit.methods import cost as cost_module  # noqa: E402
 from sparse_vdit.methods.candidates import (  # noqa: E402
     Fixed,
@@ -40,9 +42,8 @@ def organism():
 
 def run_search(model, steps=3, prompts=CAPTIONS[:1], **kwargs):
     kwargs.setdefault("block_size", BLOCK)
-    searcher = Searcher(model, prompts, steps=steps, seeds=kwargs.pop("seeds", (0,)),
-                        sampler=organism_sampler(model, SPEC), settings=SearchSettings(**kwargs), progress=False)  # fmt: skip
-    return searcher.run(), searcher
+    searcher = Searcher(model, prompts, steps=steps, seeds=kwargs.pop("seeds", (0,)), settings=SearchSettings(**kwargs))
+    return drive(searcher, model, organism_sampler(model, SPEC), progress=False), searcher
 
 
 def names(plan):
@@ -142,11 +143,11 @@ def test_buckets_warmup_and_paper_settings():
 
 def test_paper_mode_searches_one_prompt(organism):
     with pytest.raises(ValueError, match="one prompt with one seed"):
-        Searcher(
-            organism, CAPTIONS, steps=2, sampler=organism_sampler(organism, SPEC), settings=SearchSettings("paper")
-        )
+        Searcher(organism, CAPTIONS, steps=2, settings=SearchSettings("paper"))
     with pytest.raises(TypeError, match="pass sampler="):
-        Searcher(organism, CAPTIONS, steps=2)
+        sparse_vdit.search(organism, CAPTIONS, steps=2)
+    with pytest.raises(TypeError, match="pass sampler="):
+        drive(Searcher(organism, CAPTIONS, steps=2), organism)
 
 
 # --- error estimates -------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def test_measured_cost_table_is_cached_per_layout(tmp_path, monkeypatch):
 def test_search_through_a_diffusers_pipeline_counts_cfg_calls_as_one_step():
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
-    from sparse_vdit.methods import pipeline_sampler
+    from sparse_vdit.integrations.diffusers import pipeline_sampler
 
     torch.manual_seed(0)
     transformer = WanTransformer3DModel(
@@ -266,9 +267,8 @@ def test_search_through_a_diffusers_pipeline_counts_cfg_calls_as_one_step():
         "prompt_embeds": torch.randn(1, 8, 32, generator=g),
         "negative_prompt_embeds": torch.randn(1, 8, 32, generator=g),
     }
-    searcher = Searcher(pipe, [inputs], steps=3, sampler=pipeline_sampler(pipe, height=64, width=64, num_frames=9),
-                        settings=SearchSettings(block_size=BLOCK, epsilon=2.0), progress=False)  # fmt: skip
-    plan = searcher.run()
+    searcher = Searcher(pipe.transformer, [inputs], steps=3, settings=SearchSettings(block_size=BLOCK, epsilon=2.0))
+    plan = drive(searcher, pipe, pipeline_sampler(pipe, height=64, width=64, num_frames=9), progress=False)
     assert plan.layout == VideoLayout(3, 4, 4) and plan.num_layers == 2 and plan.num_heads == 2
     # guidance runs the transformer twice per step: both calls are the same step
     assert [(r.step, r.layer) for r in searcher.records] == [

@@ -93,7 +93,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def load_model(args: argparse.Namespace, dtype: torch.dtype):
     """(model, sampler) for ``--model``."""
-    from ..methods.search import organism_sampler, pipeline_sampler
+    from ..integrations.diffusers import organism_sampler, pipeline_sampler
 
     if args.model == "organism":
         from ..organism import model as organism
@@ -141,6 +141,8 @@ def settings_from(args: argparse.Namespace) -> SearchSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..integrations.diffusers import run_search
+    from ..integrations.diffusers.families import transformer_of
     from ..methods.search import Searcher
     from ..plan_view import summary_text
 
@@ -149,9 +151,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     model, sampler = load_model(args, dtype)
     try:
-        searcher = Searcher(model, prompts, steps=args.steps, seeds=args.seeds, sampler=sampler, settings=settings,
-                            time_dense=args.time_dense, progress=not args.no_progress)  # fmt: skip
-        plan = searcher.run()
+        searcher = Searcher(transformer_of(model), prompts, steps=args.steps, seeds=args.seeds, settings=settings)
+        plan = run_search(searcher, model, sampler, time_dense=args.time_dense, progress=not args.no_progress)
     except ValueError as err:  # bad settings, prompts the model cannot read, ...
         raise SystemExit(f"sparse-vdit search: {err}") from None
     if args.model == "organism":

@@ -2,11 +2,10 @@
 
 from .candidates import Fixed, MassVertical
 from .cost import BlockCost, CostTable, FixedCost, MeasuredCost
-from .search import SearchSettings, Searcher, organism_sampler, pipeline_sampler
+from .search import SearchSettings, Searcher
 from .svg import SVG, band_widths
 
 __all__ = [
     "SVG", "band_widths",
     "BlockCost", "CostTable", "Fixed", "FixedCost", "MassVertical", "MeasuredCost", "SearchSettings", "Searcher",
-    "organism_sampler", "pipeline_sampler",
 ]  # fmt: skip

@@ -1,7 +1,9 @@
 """Sparse-vDiT offline search: one pattern per (step range, layer, head), found in real sampling passes.
 
-:func:`search` installs a pattern source on the model (:func:`sparse_vdit.apply`) and runs the
-sampler. At every layer call after the warm-up it scores each candidate per head,
+This module is the method: :class:`Searcher` is a pattern source and drives nothing. The driver,
+:func:`sparse_vdit.search` (in the diffusers integration), installs it on the model
+(:func:`sparse_vdit.apply`), runs the sampler on every prompt x seed and asks it for the plan
+(:meth:`Searcher.plan`). At every layer call after the warm-up it scores each candidate per head,
 ``loss = error(O_candidate, O_dense) + lam * cost``, gives each head its lowest-loss candidate if
 that loss is under ``epsilon`` (and, where dense competes, under dense's own loss ``lam * 1``;
 else dense), and returns those patterns: the layer computes with them, so the next layer sees the
@@ -21,18 +23,16 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from ..integrations.diffusers import apply, remove, sparse
-from ..integrations.diffusers.families import transformer_of
 from ..layout import VideoLayout
 from ..patterns import Pattern, dense
 from ..plan import Plan, StepRange, as_spec
-from .candidates import Candidate, MassVertical, as_candidates, paper_candidates, tuned_candidates
+from .candidates import MassVertical, as_candidates, paper_candidates, tuned_candidates
 from .cost import MeasuredCost, Shape, as_cost_model, device_name
 from .estimate import block_rows, default_sample_blocks, output_errors, probe, sample_query_blocks
 
@@ -43,8 +43,6 @@ ESTIMATES = ("sampled", "full")
 # relative MSE (squared relative RMS error of the head's output, 1.0 for a skipped head). On the
 # organism (BENCHMARKS.md, fidelity) epsilon = lambda = 0.01 kept 21.5 dB, 0.003 26.8 dB, 0.05 17 dB.
 DEFAULTS = {"absolute": (1.0, 0.5), "relative": (0.01, 0.01)}
-
-Sampler = Callable[[Any, int, int], Any]  # (prompt, seed, steps) -> anything; runs one generation
 
 
 @dataclass(frozen=True)
@@ -179,48 +177,54 @@ def decide(loss: torch.Tensor, epsilon: float, dense_loss: float | None = None) 
 
 
 class Searcher:
-    """The search as an object: :meth:`run` gives the plan; :attr:`records` keeps every layer call.
+    """The search as a pattern source (``searcher(call)``): :meth:`plan` gives the plan from the
+    losses recorded so far; :attr:`records` keeps every layer call.
 
-    Arguments as :func:`search`. Also the pattern source itself (``searcher(call)``).
+    It drives nothing: the driver (``run_search`` of the diffusers integration) installs it, calls
+    :meth:`start_run` before each prompt x seed and may set :attr:`bar`.
+
+    Args:
+        spec: the model's :class:`~sparse_vdit.ModelSpec`, or its transformer (anything
+            :func:`~sparse_vdit.plan.as_spec` reads).
+        prompts, steps, seeds: as :func:`sparse_vdit.search`; runs are every prompt x seed.
+        settings: the :class:`SearchSettings` (default: ``mode="ours"``).
+        device: where the model runs (decides ``cost="auto"``); default: that of ``spec``'s
+            parameters if it is a module, else the CPU.
     """
 
     def __init__(
         self,
-        model: Any,
+        spec: Any,
         prompts: Sequence[Any],
         *,
         steps: int,
         seeds: Sequence[int] = (0,),
-        sampler: Sampler | None = None,
         settings: SearchSettings | None = None,
-        time_dense: bool = False,
-        progress: bool = True,
+        device: torch.device | str | None = None,
     ) -> None:
-        self.model = model
-        self.transformer = transformer_of(model)
-        self.spec = as_spec(self.transformer)
+        self.spec = as_spec(spec)
         self.prompts = [prompts] if isinstance(prompts, (str, Mapping)) else list(prompts)
         self.seeds = [int(s) for s in seeds]
         if not self.prompts or not self.seeds:
             raise ValueError("search needs at least one prompt and one seed")
         self.steps = steps
-        self.sampler = sampler or _default_sampler(model)
-        device = next(self.transformer.parameters()).device
-        self.settings = (settings or SearchSettings()).resolve(steps, device)
+        if device is None:
+            param = next(spec.parameters(), None) if isinstance(spec, torch.nn.Module) else None
+            device = param.device if param is not None else torch.device("cpu")
+        self.settings = (settings or SearchSettings()).resolve(steps, torch.device(device))
         if self.settings.mode == "paper" and len(self.prompts) * len(self.seeds) > 1:
             raise ValueError(
                 f"mode='paper' searches one prompt with one seed, as the paper does; got {len(self.prompts)} "
                 f"prompts x {len(self.seeds)} seeds (use mode='ours', whose other switches can be set as the paper's)"
             )
         self.cost_model = as_cost_model(self.settings.cost)
-        self.time_dense, self.progress = time_dense, progress
         self.records: list[CallRecord] = []
         self.layout: VideoLayout | None = None
+        self.bar = None  # a tqdm-like progress bar over (run, step, layer), set by the driver
         self._sums: dict[tuple[int, int, int], _Sums] = {}
         self._contexts: dict[tuple, _Context] = {}
         self._starts = self.settings.bucket_starts(steps)
         self._run = 0
-        self._bar = None
         self._seen: set = set()
         self.cost_seconds = 0.0  # spent building cost tables (inside the first run)
 
@@ -303,13 +307,13 @@ class Searcher:
 
     def _tick(self, call) -> None:
         key = (self._run, call.step, call.layer)
-        if self._bar is not None and key not in self._seen:
+        if self.bar is not None and key not in self._seen:
             self._seen.add(key)
-            self._bar.update(1)
+            self.bar.update(1)
             if call.layer == 0:
-                self._bar.set_postfix_str(f"run {self._run + 1}/{self._runs} step {call.step + 1}/{self.steps}")
+                self.bar.set_postfix_str(f"run {self._run + 1}/{self._runs} step {call.step + 1}/{self.steps}")
 
-    # --- running -------------------------------------------------------------------------------
+    # --- runs ----------------------------------------------------------------------------------
 
     @property
     def _dense_loss(self) -> float | None:
@@ -320,45 +324,13 @@ class Searcher:
     def _runs(self) -> int:
         return len(self.prompts) * len(self.seeds)
 
-    def run(self) -> Plan:
-        """Run every prompt x seed through the sampler with the search installed; the plan."""
-        from tqdm.auto import tqdm
+    def runs(self) -> list[tuple[Any, int]]:
+        """The ``(prompt, seed)`` of every run, in order: every prompt with every seed."""
+        return [(p, seed) for p in self.prompts for seed in self.seeds]
 
-        s = self.settings
-        runs = [(p, seed) for p in self.prompts for seed in self.seeds]
-        total = len(runs) * self.steps * self.spec.num_layers
-        self._bar = tqdm(total=total, desc="search", unit="layer", disable=not self.progress)
-        run_seconds = []
-        start = time.perf_counter()
-        try:
-            apply(self.model, pattern_source=self, backend=s.backend, block_size=s.block_size)
-            try:
-                for i, (prompt, seed) in enumerate(runs):
-                    self._run = i
-                    t0 = time.perf_counter()
-                    self.sampler(prompt, seed, self.steps)
-                    _sync(self.transformer)
-                    run_seconds.append(time.perf_counter() - t0)
-            finally:
-                remove(self.model)
-        finally:
-            self._bar.close()
-            self._bar = None
-        seconds = time.perf_counter() - start
-        if self.layout is None:
-            raise RuntimeError("the sampler ran no searched layer call: check steps, warm-up and the sampler")
-        dense_seconds = self._time_dense(runs[0]) if self.time_dense else None
-        return self.plan(search_seconds=seconds, run_seconds=run_seconds, cost_table_seconds=self.cost_seconds,
-                         dense_seconds=dense_seconds)  # fmt: skip
-
-    def _time_dense(self, run) -> float:
-        """Seconds of one generation with every head dense (our dense path: cuDNN / FA4 dense)."""
-        plan = Plan.dense(self.spec, block_size=self.settings.block_size)
-        with sparse(self.model, plan, backend=self.settings.backend):
-            t0 = time.perf_counter()
-            self.sampler(run[0], run[1], self.steps)
-            _sync(self.transformer)
-            return time.perf_counter() - t0
+    def start_run(self, index: int) -> None:
+        """The layer calls from now on belong to run ``index`` (of :meth:`runs`)."""
+        self._run = index
 
     # --- the plan ------------------------------------------------------------------------------
 
@@ -468,107 +440,3 @@ def _version() -> str:
 
 def _key_blocks(layout: VideoLayout, block: int) -> int:
     return -(-layout.kv_len // block)
-
-
-def _sync(model) -> None:
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# --- samplers --------------------------------------------------------------------------------
-
-
-def pipeline_sampler(pipe: Any, **kwargs) -> Sampler:
-    """Runs ``pipe(prompt, num_inference_steps=steps, generator=seed, output_type="latent", **kwargs)``.
-
-    A prompt may be a string or a dict of pipeline inputs (e.g. ``prompt_embeds``). The pipeline's
-    own progress bar is hidden while it runs.
-    """
-
-    def run(prompt, seed: int, steps: int):
-        args = dict(kwargs)
-        args.update(prompt if isinstance(prompt, Mapping) else {"prompt": prompt})
-        args.setdefault("output_type", "latent")
-        config = dict(getattr(pipe, "_progress_bar_config", {}))
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
-        try:
-            return pipe(num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed), **args)
-        finally:
-            if hasattr(pipe, "set_progress_bar_config"):
-                pipe._progress_bar_config = config
-
-    return run
-
-
-def organism_sampler(transformer: Any, spec: Any = None, **kwargs) -> Sampler:
-    """Runs :func:`sparse_vdit.organism.sample` (the organism's own sampler) on one caption."""
-    from ..organism.model import sample
-
-    def run(prompt, seed: int, steps: int):
-        return sample(transformer, [prompt], seed=seed, steps=steps, spec=spec, progress=False, **kwargs)
-
-    return run
-
-
-def _default_sampler(model: Any) -> Sampler:
-    if getattr(model, "transformer", None) is not None and callable(model):
-        return pipeline_sampler(model)
-    raise TypeError(
-        f"search got a {type(model).__name__}, not a diffusers pipeline: pass sampler=, e.g. "
-        "sparse_vdit.methods.organism_sampler(model) for the organism, or any fn(prompt, seed, steps)"
-    )
-
-
-# --- the public function -----------------------------------------------------------------------
-
-
-def search(
-    model: Any,
-    prompts: Sequence[Any] | str,
-    *,
-    steps: int,
-    epsilon: float | None = None,
-    lam: float | None = None,
-    candidates: Sequence[Candidate | Pattern | str] | None = None,
-    mode: str = "ours",
-    seeds: Sequence[int] = (0,),
-    sampler: Sampler | None = None,
-    time_dense: bool = False,
-    progress: bool = True,
-    **settings,
-) -> Plan:
-    """Find a plan by the Sparse-vDiT offline search in real sampling passes.
-
-    Args:
-        model: a diffusers pipeline (Wan, HunyuanVideo, CogVideoX), or its transformer with ``sampler``.
-        prompts: prompts (strings, or dicts of pipeline inputs); each is run with every seed.
-        steps: denoising steps of each run (the plan's step ranges refer to them).
-        epsilon, lam: a head takes its lowest ``error + lam * cost`` candidate if under ``epsilon``,
-            else dense. Defaults: 1.0, 0.5 (the paper) for absolute errors, 0.01, 0.01 for relative.
-        candidates: sparse patterns to try (patterns, names, or
-            :class:`~sparse_vdit.methods.candidates.MassVertical`); dense is always the fallback.
-            Default: the paper's four modes, or our tuned set (``tune=True``).
-        mode: ``"paper"`` (absolute MSE on whole outputs, four fixed modes, block-count cost, one
-            step range, one prompt) or ``"ours"``; see :class:`SearchSettings` for each switch.
-        seeds: seeds of the runs.
-        sampler: ``fn(prompt, seed, steps)`` running one generation through ``model``'s transformer
-            (default for pipelines: :func:`pipeline_sampler`).
-        time_dense: also time one dense generation (our dense kernels) for the search-cost ratio.
-        progress: a progress bar over steps and layers.
-        **settings: :class:`SearchSettings` fields (``error``, ``estimate``, ``sample_blocks``,
-            ``tune``, ``cost``, ``warmup_steps``, ``warmup_layers``, ``buckets``, ``block_size``, ``backend``).
-
-    Returns:
-        The :class:`~sparse_vdit.Plan`; ``plan.made_by`` holds every setting and ``["stats"]`` the
-        search time, density, expected attention speedup and, with several runs, the stability.
-    """
-    unknown = set(settings) - set(SearchSettings.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"search() got unknown settings {sorted(unknown)}")
-    config = SearchSettings(mode=mode, epsilon=epsilon, lam=lam,
-                            candidates=None if candidates is None else tuple(candidates), **settings)  # fmt: skip
-    searcher = Searcher(model, prompts, steps=steps, seeds=seeds, sampler=sampler, settings=config,
-                        time_dense=time_dense, progress=progress)  # fmt: skip
-    return searcher.run()
