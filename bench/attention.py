@@ -283,6 +283,8 @@ def parse(argv):
     p.add_argument("--target-ms", type=float, default=500.0, help="time spent timing one row (after warm-up)")
     p.add_argument("--budget-s", type=float, default=330.0, help="stop starting new rows after this long")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--triton-autotune", action="store_true",
+                   help="measured Triton tiles (SPARSE_VDIT_TRITON_AUTOTUNE=1): tuned in a warm-up, cached")
     p.add_argument("--permutation", action="store_true", help="only time the token-major permutation (API gather vs strided copy)")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # tests of this script only
     p.add_argument("--dry-run", action="store_true", help="build the tables and print their densities only (CPU)")
@@ -291,6 +293,8 @@ def parse(argv):
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.triton_autotune:  # before any launch: the launcher reads it per call
+        os.environ["SPARSE_VDIT_TRITON_AUTOTUNE"] = "1"
     shapes = args.shapes or (QUICK_SHAPES if args.quick else list(SHAPES))
     densities = args.densities or ((0.10, 0.30, 1.00) if args.quick else DENSITIES)
     t_start = time.time()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
 import statistics
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..cache import cache_root
 from ..kernels import dense as dense_kernels
 from ..kernels import resolve_backend, sparse_attention
 from ..layout import VideoLayout
@@ -36,11 +36,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def cache_dir() -> Path:
-    """``$SPARSE_VDIT_CACHE/costs``, else ``$XDG_CACHE_HOME/sparse-vdit/costs`` (``~/.cache`` by default)."""
-    root = os.environ.get("SPARSE_VDIT_CACHE")
-    if root:
-        return Path(root) / "costs"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparse-vdit" / "costs"
+    """``cache_root()/costs``: ``$SPARSE_VDIT_CACHE/costs``, else ``$XDG_CACHE_HOME/sparse-vdit/costs``."""
+    return cache_root() / "costs"
 
 
 @dataclass(frozen=True)

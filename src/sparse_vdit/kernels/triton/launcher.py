@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from . import tuning
+
 LOG2E = 1.4426950408889634
 
 
@@ -27,8 +29,16 @@ def is_available(device: torch.device | None = None) -> tuple[bool, str]:
     return True, "Triton on CUDA"
 
 
-def _tiles(block_size: int, head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this GPU generation."""
+def _tiles(
+    block_size: int, head_dim: int, device: torch.device, override: tuple[int, int, int, int] | None = None
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this GPU generation, or ``override`` once checked."""
+    if override is not None:
+        block_m, block_n, warps, stages = (int(x) for x in override)
+        for name, tile in (("BLOCK_M", block_m), ("BLOCK_N", block_n)):
+            if tile < 16 or tile & (tile - 1) or block_size % tile:
+                raise ValueError(f"{name}={tile} must be a power of two >= 16 dividing the block size {block_size}")
+        return block_m, block_n, warps, stages
     if device.type == "cpu":
         return block_size, block_size, 4, 1
     major, _ = torch.cuda.get_device_capability(device)
@@ -74,6 +84,7 @@ def forward(
     ranges: tuple[torch.Tensor, torch.Tensor],
     token_major: torch.Tensor | None = None,
     layout: tuple[int, int, int, int] = (1, 1, 0, 0),
+    tiles: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention on ``[B, N, H, D]`` tensors with one Triton launch for all heads.
 
@@ -82,6 +93,10 @@ def forward(
     ``token_major[h]`` (bool [H]; None when there are none) have tables in token-major order: the kernel reads and writes
     their rows through that order (``layout`` = frames, frame tokens, video start, video
     tokens), so q, k, v and the output stay frame-major in memory.
+
+    ``tiles`` (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the tile choice; without it,
+    ``SPARSE_VDIT_TRITON_AUTOTUNE=1`` on CUDA uses the measured, cached choice of ``tuning``
+    and anything else the fixed rule of ``_tiles``.
     """
     from .kernel import block_sparse_attention_fwd
 
@@ -89,7 +104,9 @@ def forward(
     for t in (q, k, v):
         if t.stride(-1) != 1:
             raise ValueError("the Triton backend needs the head dim contiguous (stride 1)")
-    block_m, block_n, warps, stages = _tiles(block_size, dim, q.device)
+    if tiles is None and q.device.type == "cuda" and tuning.enabled():
+        tiles = tuning.tuned_tiles(batch, heads, n, dim, q.dtype, block_size, q.device)
+    block_m, block_n, warps, stages = _tiles(block_size, dim, q.device, tiles)
     num_q_tiles = math.ceil(n / block_m)
     schedule = _cached_schedule(kv_num_blocks, block_size // block_m, num_q_tiles)
     out = torch.empty_like(q)

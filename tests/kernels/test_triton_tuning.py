@@ -1,0 +1,93 @@
+"""Measured Triton tiles: the pruner, the JSON cache, forced tiles against the reference (CPU)."""
+
+import json
+
+import pytest
+import torch
+from helpers import rel_rms
+
+from sparse_vdit import VideoLayout, compile_layer
+from sparse_vdit.kernels import reference
+from sparse_vdit.kernels.triton import launcher, tuning
+from sparse_vdit.patterns import dense, diagonal, skip, vertical
+
+T = tuning.Tiles
+LARGE = 1 << 30
+
+
+def test_pruner_keeps_tiles_dividing_the_block():
+    kept = tuning.prune(tuning.candidates(), block_size=64, head_dim=64, elem_bytes=2, smem_limit=LARGE)
+    assert kept and all(t.block_m == 64 and t.block_n in (32, 64) for t in kept)
+    assert tuning.prune(tuning.candidates(), block_size=32, head_dim=64, elem_bytes=2, smem_limit=LARGE) == []
+    assert len(tuning.prune(tuning.candidates(), block_size=128, head_dim=64, elem_bytes=2, smem_limit=LARGE)) == 27
+
+
+def test_pruner_drops_configs_over_the_shared_memory_limit():
+    fits, over = T(128, 64, 8, 2), T(128, 64, 8, 3)  # (128 + 2*64*s) * 64 * 2 bytes: 49152 and 65536
+    limit = tuning.shared_memory_estimate(fits, 64, 2)
+    assert limit == 49152 and tuning.shared_memory_estimate(over, 64, 2) == 65536
+    assert tuning.prune([fits, over], block_size=128, head_dim=64, elem_bytes=2, smem_limit=limit) == [fits]
+    assert tuning.prune([fits], block_size=128, head_dim=64, elem_bytes=4, smem_limit=limit) == []  # fp32: twice
+
+
+def test_pruner_warps_and_tile_area_rules():
+    configs = [T(64, 32, 8, 2), T(64, 32, 4, 2), T(128, 32, 8, 2), T(32, 32, 4, 2)]
+    kept = tuning.prune(configs, block_size=128, head_dim=64, elem_bytes=2, smem_limit=LARGE)
+    assert kept == [T(64, 32, 4, 2), T(128, 32, 8, 2)]  # 8 warps need 128 rows; 32 x 32 is too small
+
+
+def test_cache_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_VDIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning, "_memory", {})
+    key = tuning.cache_key("Fake GPU", (9, 0), 128, 128, torch.bfloat16)
+    assert key == "Fake GPU/sm90/d128/block128/bfloat16"
+    assert tuning.load(key) is None
+    path = tuning.store(key, (128, 64, 8, 3), {"ms": 1.5})
+    assert path == tmp_path / "triton" / "tiles.json"
+    tuning.store(tuning.cache_key("Fake GPU", (9, 0), 64, 128, torch.bfloat16), T(128, 128, 4, 3))
+    tuning._memory.clear()
+    assert tuning.load(key) == T(128, 64, 8, 3)  # from the file
+    assert key in tuning._memory
+    entries = json.loads(path.read_text())["entries"]
+    assert entries[key] == {"tiles": [128, 64, 8, 3], "ms": 1.5} and len(entries) == 2
+
+
+def test_autotune_refuses_the_cpu():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        tuning.autotune(1, 2, 256, 64, torch.float16, 128, "cpu")
+
+
+def test_override_is_checked():
+    assert launcher._tiles(128, 64, torch.device("cpu"), (64, 32, 4, 2)) == (64, 32, 4, 2)
+    with pytest.raises(ValueError, match="BLOCK_N=48"):
+        launcher._tiles(96, 64, torch.device("cpu"), (32, 48, 4, 2))
+    with pytest.raises(ValueError, match="BLOCK_M=128"):
+        launcher._tiles(64, 64, torch.device("cpu"), (128, 64, 4, 2))
+
+
+@pytest.mark.skipif(not launcher.is_available(torch.device("cpu"))[0], reason="needs triton and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("tiles", [None, T(64, 32, 4, 2), T(128, 64, 8, 3)], ids=["rule", "m64-n32", "m128-n64"])
+def test_forced_tiles_match_reference(tiles, monkeypatch):
+    monkeypatch.setenv(tuning.ENV, "1")  # ignored on the CPU: the rule decides unless tiles are forced
+    monkeypatch.setattr(tuning, "tuned_tiles", lambda *a: pytest.fail("tuned on the CPU"))
+    layout = VideoLayout(2, 10, 15)  # 300 tokens: blocks of 128, 128, 44
+    heads = [dense(), diagonal(0.5), vertical(((0.0, 0.5),), 0.0), skip()]
+    table = compile_layer(heads, layout, 128, "cpu")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, layout.num_tokens, len(heads), 32, generator=g) for _ in range(3))
+    empty_like = torch.empty_like
+
+    def poisoned(x, *args, **kwargs):  # output buffers start as NaN, so unwritten elements show
+        out = empty_like(x, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(launcher.torch, "empty_like", poisoned)
+    ranges = (table.range_starts, table.range_ends)
+    out = launcher.forward(q, k, v, table.kv_num_blocks, None, block_size=128, kv_len=layout.kv_len,
+                           softmax_scale=32**-0.5, ranges=ranges, tiles=tiles)  # fmt: skip
+    monkeypatch.undo()
+    ref = reference.forward(q, k, v, table.kv_num_blocks, table.kv_indices, block_size=128, kv_len=layout.kv_len,
+                            softmax_scale=32**-0.5)  # fmt: skip
+    assert not out.isnan().any()
+    assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
+    assert rel_rms(out, ref) < 1e-5
