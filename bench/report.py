@@ -132,13 +132,17 @@ def svg(data: dict) -> str:
         + ", ".join(f"{s} `{b}`" for s, b in fast.items()) + ".",
         "",
     ]
+    sweep = any(r.get("programs_per_sm") not in (None, 4) or r.get("tiles") not in (None, "default")
+                for r in data["summary"])  # a launch-shape sweep: say which shape each line is
+    launch = (lambda r: [str(r.get("tiles") or "-"), str(r.get("programs_per_sm") or "-")]) if sweep else (lambda r: [])
     rows = [
-        [r["shape"], f"{r['density']:.2f}", str(r["rows"]), r["profile_backend"], f"{dense[r['shape']]:.1f}",
+        [r["shape"], f"{r['density']:.2f}", str(r["rows"]), r["profile_backend"], *launch(r), f"{dense[r['shape']]:.1f}",
          f"{r['attn_fast_ms']:.2f}", f"{r['profile_ms']:.2f}", f"{r['profile_share']:.1%}", f"{r['layer_overhead']:.1%}",
          f"{r['flex_over_fast']:.2f}", f"{r['layer_flex_over_fast']:.2f}", f"{r['speedup_vs_cudnn']:.2f}"]
         for r in data["summary"]
     ]  # fmt: skip
-    out.append(_table(["shape", "density", "rows", "profiling", "cuDNN dense ms", "SVG attention ms",
+    out.append(_table(["shape", "density", "rows", "profiling", *(["tiles", "programs / SM"] if sweep else []),
+                       "cuDNN dense ms", "SVG attention ms",
                        "profile ms", "profile / attention", "(layer - attention) / attention", "flex / fast (attention)",
                        "flex / fast (layer)", "layer x cuDNN dense"], rows))  # fmt: skip
     return "\n".join(out)

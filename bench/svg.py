@@ -2,7 +2,20 @@
 
     python bench/svg.py [--shapes wan14b-720p ...] [--densities 0.3 0.25 0.2] [--rows 64]
                         [--profile-backends triton torch] [--chunks 16777216] [--out DIR] [--budget-s 480]
+                        [--tiles default 16,32,4,2 ...] [--programs-per-sm 4 8 ...]
     python bench/svg.py --dry-run      # tiny shapes on the CPU, reference backend for both paths
+                                       # (the fused Triton profile through TRITON_INTERPRET=1)
+
+Launch sweep of the fused profiling kernel (next GPU session, H100; Wan-14B 720p, where the
+4.1 ms profile must come under 3% of the attention): 5 tiles x 5 targets = 25 points, every part
+timed at each (~5 s a point plus one Triton compile per tile: about 3 min):
+
+    python bench/svg.py --shapes wan14b-720p --densities 0.25 --profile-backends triton \
+        --programs-per-sm 2 4 8 16 32 --tiles default 32,64,8,2 32,32,4,2 16,32,4,2 16,64,4,3 \
+        --budget-s 420 --out $OUT
+
+then read ``summary`` (or the printed table): ``profile_kernel_ms`` against ``profile_merge_ms``
+and ``profile_other_ms`` per point, with each row's ``launch`` (grid, splits, programs per SM).
 
 For each shape of ``bench/attention.py`` (random bf16 q/k/v, batch 1, rotated input sets) and
 each density, one SVG layer call (no warm-up) is timed in parts, CUDA events, median:
@@ -10,6 +23,11 @@ each density, one SVG layer call (no warm-up) is timed in parts, CUDA events, me
 - ``profile``: :meth:`SVG.classify` alone, the sampled rows' exact and masked attention (the
   GPU time the classification adds; the issue's target is <= 3% of the attention at Wan-14B 720p),
   through the fused Triton pass and through the torch path (``--profile-backends``);
+- ``profile-kernel`` / ``profile-fused`` (Triton path only): the launches of
+  ``sampled_rows_fwd`` that ``profile`` made, replayed alone with the same arguments, and the
+  whole fused ``sampled_outputs`` call (kernel, partial buffers, the torch merge of the key
+  splits) replayed the same way; the summary splits ``profile`` into kernel, merge (fused -
+  kernel) and other (profile - fused: row sampling, key-block ranges, errors);
 - ``decide``: the whole pattern-source call, i.e. ``profile`` plus the host sync and the table
   choice (the GPU idles while the host decides);
 - ``attn-<backend>``: ``sparse_attention`` with the chosen mixed table (spatial heads frame-major,
@@ -20,14 +38,18 @@ each density, one SVG layer call (no warm-up) is timed in parts, CUDA events, me
 
 Random data gives near-uniform attention, so the spatial/temporal mix is whatever the
 classifier picks (reported as ``temporal_share``); timings depend on it only through the
-permutation of the temporal heads. ``--chunks`` (torch path), ``--rows`` and ``--tiles``
-(Triton path: block_m,block_n,warps,stages) sweep the classifier's settings.
+permutation of the temporal heads. ``--chunks`` (torch path), ``--rows``, and on the Triton path
+``--tiles`` (block_m,block_n,warps,stages; 0 = that field's default, ``default`` = all) crossed
+with ``--programs-per-sm`` (the key splits' target, ``sampled.TUNING["programs_per_sm"]``) sweep
+the classifier's settings; every timed row records ``tiles``, ``programs_per_sm`` (None on the
+torch path) and the kernel's actual ``launch`` (grid, tile, splits, programs per SM).
 Writes ``svg.json`` to ``--out`` and prints a table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -38,6 +60,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+if __name__ == "__main__" and "--dry-run" in sys.argv[1:]:  # before triton.jit: dry runs interpret
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:  # run as a script from a checkout without installing
     import sparse_vdit  # noqa: F401
@@ -78,9 +103,98 @@ def cpu_time(fn, sets, reps: int = 1):
     return statistics.median(times), None, reps
 
 
+TILE_KEYS = ("block_m", "block_n", "num_warps", "num_stages")
+
+
+def parse_tiles(spec: str) -> str:
+    """``--tiles`` value: ``default`` or four ints (0 = that field's default), normalised."""
+    if spec == "default":
+        return spec
+    values = [int(x) for x in spec.split(",")]
+    if len(values) != 4 or min(values) < 0:
+        raise ValueError(f"tiles {spec!r}: want block_m,block_n,num_warps,num_stages (0 = default) or 'default'")
+    return ",".join(map(str, values))
+
+
+@contextlib.contextmanager
+def launch_setting(tiles: str | None, programs_per_sm: int | None):
+    """The fused kernel's ``TUNING`` for one sweep point (restored after); nothing on the torch path."""
+    if tiles is None and programs_per_sm is None:
+        yield
+        return
+    from sparse_vdit.kernels.triton import sampled
+
+    saved = dict(sampled.TUNING)
+    values = [None] * 4 if tiles == "default" else [int(x) or None for x in tiles.split(",")]
+    sampled.TUNING.update(zip(TILE_KEYS, values), programs_per_sm=programs_per_sm)
+    try:
+        yield
+    finally:
+        sampled.TUNING.clear()
+        sampled.TUNING.update(saved)
+
+
+@contextlib.contextmanager
+def capture_fused():
+    """Records, while active, each fused ``sampled_outputs`` call and each ``sampled_rows_fwd`` launch
+    (the module attributes are looked up at call time, so patching them sees every call)."""
+    from sparse_vdit.kernels.triton import sampled
+
+    kernel, fused = sampled.sampled_rows_fwd, sampled.sampled_outputs
+    seen = SimpleNamespace(launches=[], calls=[])
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                seen.launches.append((grid, a, kw))
+                return kernel[grid](*a, **kw)
+
+            return launch
+
+    def outputs(*a, **kw):
+        seen.calls.append((a, kw))
+        return fused(*a, **kw)
+
+    sampled.sampled_rows_fwd, sampled.sampled_outputs = Kernel(), outputs
+    try:
+        yield seen
+    finally:
+        sampled.sampled_rows_fwd, sampled.sampled_outputs = kernel, fused
+
+
+def replay_parts(svg, sets, layout, device) -> tuple[dict, dict]:
+    """The Triton path's sub-parts of ``profile`` (timed by replaying what one classify per input set
+    launched), and the launch geometry of the first set's kernel."""
+    from sparse_vdit.kernels.triton import sampled
+
+    launches, calls = [], []
+    for q, k, v in sets:
+        with capture_fused() as seen:
+            svg.classify(q, k, v, layout, 0, 0)
+        launches.append((seen.launches,))
+        calls.append((seen.calls,))
+    if not all(ls for (ls,) in launches):
+        return {}, {}
+
+    def kernel(ls):
+        for grid, a, kw in ls:
+            sampled.sampled_rows_fwd[grid](*a, **kw)
+
+    def fused(cs):
+        for a, kw in cs:
+            sampled.sampled_outputs(*a, **kw)
+
+    grid, _, kw = launches[0][0][0]
+    programs = grid[0] * grid[1] * grid[2]
+    launch = dict(grid=list(grid), block_m=kw["BLOCK_M"], block_n=kw["BLOCK_N"], num_warps=kw.get("num_warps"),
+                  num_stages=kw.get("num_stages"), splits=grid[2], programs=programs)  # fmt: skip
+    if device.type == "cuda":
+        launch["programs_per_sm"] = programs / torch.cuda.get_device_properties(device).multi_processor_count
+    return {"profile-kernel": (kernel, launches), "profile-fused": (fused, calls)}, launch
+
+
 def run_shape(shape, args, device, dtype, record, over_budget) -> None:
     layout = shape.layout
-    block = 16 if args.dry_run else BLOCK
     g = torch.Generator(device=device).manual_seed(0)
     sets = [tuple(torch.randn(1, layout.num_tokens, shape.heads, shape.dim, generator=g, device=device, dtype=dtype)
                   for _ in range(3)) for _ in range(args.sets)]  # fmt: skip
@@ -91,38 +205,17 @@ def run_shape(shape, args, device, dtype, record, over_budget) -> None:
     base = dict(shape=shape.name, tokens=layout.num_tokens, heads=shape.heads, dim=shape.dim)
     ms, _, _ = timer(lambda q, k, v: sdpa(q, k, v, shape.dim**-0.5), sets)
     record(**base, part="cudnn-dense", ms=ms)
-    settings = [(pb, c) for pb in args.profile_backends for c in (args.chunks if pb == "torch" else [0])]
+    launches = [(t, p) for t in args.tiles for p in args.programs_per_sm]  # the Triton path's sweep
+    settings = [(pb, c, t, p) for pb in args.profile_backends
+                for c, t, p in ([(c, None, None) for c in args.chunks] if pb == "torch" else [(0, *x) for x in launches])]
     for density in args.densities:
         for rows in args.rows:
-            for profile_backend, chunk in settings:
-                if over_budget(f"{shape.name}/{density}/{rows}/{profile_backend}/{chunk}"):
+            for profile_backend, chunk, tiles, per_sm in settings:
+                if over_budget(f"{shape.name}/{density}/{rows}/{profile_backend}/{chunk}/{tiles}/{per_sm}"):
                     return
-                svg = SVG(density, warmup_steps=0, warmup_layers=0, sampled_rows=rows, block_size=block,
-                          profile_backend=profile_backend, chunk=chunk or DEFAULT_CHUNK)  # fmt: skip
-                calls = [SimpleNamespace(step=0, layer=i, q=q, k=k, v=v, layout=layout) for i, (q, k, v) in enumerate(sets)]
-                patterns = svg(calls[0])
-                table = compile_layer(patterns, layout, block, device)
-                row = dict(base, density=density, table_density=table.density, rows=rows, chunk=chunk,
-                           profile_backend=svg.last_profile_backend,
-                           temporal_share=len(table.token_major_heads) / shape.heads)  # fmt: skip
-                index = {id(c.q): c for c in calls}
-                parts = {
-                    "profile": lambda q, k, v: svg.classify(q, k, v, layout, 0, 0),
-                    "decide": lambda q, k, v: svg(index[id(q)]),
-                }
-                backends = {"fast": fast, "flex": flex}
-                for name, backend in backends.items():
-                    parts[f"attn-{name}"] = lambda q, k, v, b=backend: sparse_attention(q, k, v, table, backend=b)
-                    parts[f"layer-{name}"] = lambda q, k, v, b=backend: sparse_attention(
-                        q, k, v, compile_layer(svg(index[id(q)]), layout, block, device), backend=b)  # fmt: skip
-                for part, fn in parts.items():
-                    try:
-                        ms, _, _ = timer(fn, sets)
-                    except Exception as exc:  # noqa: BLE001 - reported, not fatal
-                        print(f"  {part}: {type(exc).__name__}: {exc}", flush=True)
-                        record(**row, part=part, error=str(exc)[:300])
-                        continue
-                    record(**row, part=part, ms=ms, backend=backends.get(part.partition("-")[2]))
+                with launch_setting(tiles, per_sm):
+                    run_setting(shape, args, device, sets, record, density, rows, profile_backend, chunk, tiles,
+                                per_sm, base, fast, flex)  # fmt: skip
     del sets
     if device.type == "cuda":
         from sparse_vdit.kernels import fa4 as fa4_backend
@@ -133,24 +226,76 @@ def run_shape(shape, args, device, dtype, record, over_budget) -> None:
         torch.cuda.empty_cache()
 
 
+def run_setting(shape, args, device, sets, record, density, rows, profile_backend, chunk, tiles, per_sm, base,
+                fast, flex) -> None:  # fmt: skip
+    """One SVG configuration (and launch setting, on the Triton path): every part timed."""
+    layout = shape.layout
+    block = 16 if args.dry_run else BLOCK
+    timer = cpu_time if args.dry_run else (lambda fn, s: ATT.time_fn(fn, s, target_ms=args.target_ms))
+    row = dict(base, density=density, rows=rows, chunk=chunk, profile_backend=profile_backend, tiles=tiles,
+               programs_per_sm=per_sm)  # fmt: skip
+    try:
+        svg = SVG(density, warmup_steps=0, warmup_layers=0, sampled_rows=rows, block_size=block,
+                  profile_backend=profile_backend, chunk=chunk or DEFAULT_CHUNK)  # fmt: skip
+        calls = [SimpleNamespace(step=0, layer=i, q=q, k=k, v=v, layout=layout) for i, (q, k, v) in enumerate(sets)]
+        patterns = svg(calls[0])
+        table = compile_layer(patterns, layout, block, device)
+        replays, launch = replay_parts(svg, sets, layout, device) if svg.last_profile_backend == "triton" else ({}, {})
+    except Exception as exc:  # noqa: BLE001 - a tile that does not compile, say: reported, not fatal
+        print(f"  {shape.name} {tiles} x{per_sm}: {type(exc).__name__}: {exc}", flush=True)
+        record(**row, part="profile", error=str(exc)[:300])
+        return
+    row = dict(base, density=density, table_density=table.density, rows=rows, chunk=chunk,
+               profile_backend=svg.last_profile_backend, tiles=tiles, programs_per_sm=per_sm,
+               temporal_share=len(table.token_major_heads) / shape.heads)  # fmt: skip
+    if launch:
+        row["launch"] = launch
+    index = {id(c.q): c for c in calls}
+    parts = {"profile": (lambda q, k, v: svg.classify(q, k, v, layout, 0, 0), sets)}
+    parts.update(replays)
+    parts["decide"] = (lambda q, k, v: svg(index[id(q)]), sets)
+    backends = {"fast": fast, "flex": flex}
+    for name, backend in backends.items():
+        parts[f"attn-{name}"] = (lambda q, k, v, b=backend: sparse_attention(q, k, v, table, backend=b), sets)
+        parts[f"layer-{name}"] = (lambda q, k, v, b=backend: sparse_attention(
+            q, k, v, compile_layer(svg(index[id(q)]), layout, block, device), backend=b), sets)  # fmt: skip
+    for part, (fn, inputs) in parts.items():
+        try:
+            ms, _, _ = timer(fn, inputs)
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            print(f"  {part}: {type(exc).__name__}: {exc}", flush=True)
+            record(**row, part=part, error=str(exc)[:300])
+            continue
+        record(**row, part=part, ms=ms, backend=backends.get(part.partition("-")[2]))
+
+
 def _key(r: dict) -> tuple:
-    return r["shape"], r.get("density"), r.get("rows"), r.get("profile_backend"), r.get("chunk")
+    return (r["shape"], r.get("density"), r.get("rows"), r.get("profile_backend"), r.get("chunk"), r.get("tiles"),
+            r.get("programs_per_sm"))  # fmt: skip
 
 
 def summarise(rows: list) -> list:
-    """One line per (shape, density, rows, profile backend, chunk): the ratios the targets are about."""
+    """One line per (shape, density, rows, profile backend, chunk, tiles, programs per SM) whose
+    profile was timed: the ratios the targets are about, and the profile split into kernel, merge
+    and the rest (Triton path; None on the torch path)."""
     out = []
     for key in dict.fromkeys(_key(r) for r in rows if "density" in r):
-        shape, density, n_rows, profile_backend, chunk = key
+        shape, density, n_rows, profile_backend, chunk, tiles, per_sm = key
         ms = {r["part"]: r["ms"] for r in rows if _key(r) == key and "ms" in r}
+        if "profile" not in ms:  # failed (its rows say why); bench/report.py wants numbers
+            continue
         dense = next((r["ms"] for r in rows if r["shape"] == shape and r["part"] == "cudnn-dense"), None)
         attn = ms.get("attn-fast")
+        kernel, fused = ms.get("profile-kernel"), ms.get("profile-fused")
 
         def ratio(a, b):
             return None if a is None or not b else a / b
 
         out.append(dict(shape=shape, density=density, rows=n_rows, profile_backend=profile_backend, chunk=chunk,
+                        tiles=tiles, programs_per_sm=per_sm,
                         attn_fast_ms=attn, profile_ms=ms.get("profile"),
+                        profile_kernel_ms=kernel, profile_merge_ms=None if None in (kernel, fused) else fused - kernel,
+                        profile_other_ms=None if fused is None else ms["profile"] - fused,
                         profile_share=ratio(ms.get("profile"), attn),
                         layer_overhead=ratio(ms.get("layer-fast"), attn) and ratio(ms.get("layer-fast"), attn) - 1,
                         flex_over_fast=ratio(ms.get("attn-flex"), attn),
@@ -161,12 +306,15 @@ def summarise(rows: list) -> list:
 
 def print_summary(summary: list) -> None:
     def f(x, fmt):
-        return "-" if x is None else format(x, fmt)
+        return format(x, fmt) if x is not None else "-".rjust(int(fmt.split(".")[0] or 0))
 
-    print(f"\n{'shape':18s} {'dens':>5s} {'rows':>4s} {'profile on':>10s} {'chunk':>9s} {'attn ms':>8s} {'profile':>8s} "
+    print(f"\n{'shape':18s} {'dens':>5s} {'rows':>4s} {'profile on':>10s} {'chunk':>9s} {'tiles':>11s} {'/SM':>3s} "
+          f"{'prof ms':>7s} {'kernel':>7s} {'merge':>7s} {'other':>7s} {'attn ms':>8s} {'profile':>8s} "
           f"{'layer+':>7s} {'flex/fast':>9s} {'layer flex/fast':>15s} {'x cudnn':>7s}")  # fmt: skip
     for s in summary:
         print(f"{s['shape']:18s} {s['density']:5.2f} {s['rows']:4d} {str(s['profile_backend']):>10s} {s['chunk']:9d} "
+              f"{str(s['tiles'] or '-'):>11s} {str(s['programs_per_sm'] or '-'):>3s} {f(s['profile_ms'], '7.3f')} "
+              f"{f(s['profile_kernel_ms'], '7.3f')} {f(s['profile_merge_ms'], '7.3f')} {f(s['profile_other_ms'], '7.3f')} "
               f"{f(s['attn_fast_ms'], '8.3f')} "
               f"{f(s['profile_share'], '8.1%')} {f(s['layer_overhead'], '7.1%')} {f(s['flex_over_fast'], '9.2f')} "
               f"{f(s['layer_flex_over_fast'], '15.2f')} {f(s['speedup_vs_cudnn'], '7.2f')}")  # fmt: skip
@@ -179,18 +327,23 @@ def parse(argv):
     p.add_argument("--rows", nargs="*", type=int, default=[64], help="sampled rows per call")
     p.add_argument("--profile-backends", nargs="*", default=["triton", "torch"], choices=["triton", "torch"])
     p.add_argument("--chunks", nargs="*", type=int, default=[DEFAULT_CHUNK], help="torch path: score elements at once")
-    p.add_argument("--tiles", default=None, help="Triton path: block_m,block_n,num_warps,num_stages (0 = default)")
+    p.add_argument("--tiles", nargs="*", default=["default"],
+                   help="Triton path, swept: block_m,block_n,num_warps,num_stages (0 = default) or 'default'")
+    p.add_argument("--programs-per-sm", nargs="*", type=int, default=[4],
+                   help="Triton path, swept (crossed with --tiles): the key splits' target programs per SM")
     p.add_argument("--sets", type=int, default=3, help="rotated input sets")
     p.add_argument("--target-ms", type=float, default=300.0)
     p.add_argument("--budget-s", type=float, default=480.0, help="stop starting rows after this long")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, reference backend (checks the script)")
     args = p.parse_args(argv)
-    if args.tiles:
-        from sparse_vdit.kernels.triton import sampled
-
-        values = [int(x) for x in args.tiles.split(",")]
-        sampled.TUNING.update({k: v or None for k, v in zip(("block_m", "block_n", "num_warps", "num_stages"), values)})
+    try:
+        args.tiles = list(dict.fromkeys(parse_tiles(t) for t in args.tiles or ["default"]))
+    except ValueError as err:
+        p.error(str(err))
+    args.programs_per_sm = list(dict.fromkeys(args.programs_per_sm or [4]))
+    if min(args.programs_per_sm) < 1:
+        p.error("--programs-per-sm: want positive integers")
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
         args.profile_backends = [b for b in args.profile_backends if b != "triton"] or ["torch"]
     names = DRY_SHAPES if args.dry_run else ATT.SHAPES
@@ -218,6 +371,8 @@ def main(argv=None) -> dict:
         result["rows"].append(row)
         if "ms" in row:
             extra = "" if "density" not in row else f" d={row['density']:.2f} rows={row['rows']} chunk={row['chunk']}"
+            if row.get("programs_per_sm") is not None:
+                extra += f" tiles={row['tiles']} per_sm={row['programs_per_sm']} splits={row.get('launch', {}).get('splits')}"
             print(f"  {row['shape']:18s} {row['part']:12s} {row['ms']:9.3f} ms{extra}", flush=True)
 
     def over_budget(what) -> bool:

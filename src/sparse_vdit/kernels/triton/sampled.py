@@ -119,8 +119,11 @@ def sampled_rows_fwd(
     tl.store(o_ptrs + 2 * NUM_ROWS * HEAD_DIM, acc_2, mask=row_ok[:, None])
 
 
-# Tile overrides for benchmarks (None: the choice below): block_m, block_n, num_warps, num_stages.
-TUNING: dict[str, int | None] = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None}
+# Launch overrides for benchmarks (None: the choice below): the tile (block_m, block_n, num_warps,
+# num_stages, see _tiles) and how many programs per SM the key splits aim at (see _splits).
+TUNING: dict[str, int | None] = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None,
+                                 "programs_per_sm": None}  # fmt: skip
+PROGRAMS_PER_SM = 4  # the default target of _splits on CUDA
 
 
 def _tiles(rows: int, dim: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -135,11 +138,14 @@ def _tiles(rows: int, dim: int, device: torch.device) -> tuple[int, int, int, in
 
 
 def _splits(programs: int, kv_len: int, block_n: int, device: torch.device) -> int:
-    """Key splits so that the GPU gets about four programs per SM (two on the interpreter)."""
+    """Key splits so that the GPU gets about ``TUNING["programs_per_sm"]`` (default
+    :data:`PROGRAMS_PER_SM`, four) programs per SM, each split at least eight key tiles long
+    (two splits on the interpreter, whatever the target)."""
     if device.type == "cpu":
         return min(2, max(1, kv_len // (4 * block_n)))
+    per_sm = TUNING.get("programs_per_sm") or PROGRAMS_PER_SM
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(math.ceil(4 * sms / programs), kv_len // (8 * block_n)))
+    return max(1, min(math.ceil(per_sm * sms / programs), kv_len // (8 * block_n)))
 
 
 def sampled_outputs(

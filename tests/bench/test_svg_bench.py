@@ -1,0 +1,131 @@
+"""bench/svg.py's launch sweep of the fused profiling kernel (--tiles x --programs-per-sm), checked on
+the CPU through its dry run (no timing assertions), and the kernel's programs-per-SM tunable.
+
+The dry run itself (parts, summary) is also covered by tests/bench/test_e2e_bench.py."""
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parents[2] / "bench" / "svg.py"
+BENCH = SCRIPT.parent
+
+
+def _triton_ready():
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_svg", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_svg_bench_dry_run_sweeps_programs_per_sm_and_splits_the_profile(bench, tmp_path):
+    _triton_ready()
+    from sparse_vdit.kernels.triton import sampled
+
+    before = dict(sampled.TUNING)
+    result = bench.main(["--dry-run", "--shapes", "tiny-text", "--densities", "0.4", "--rows", "16", "--sets", "1",
+                         "--profile-backends", "triton", "torch", "--programs-per-sm", "2", "8",
+                         "--tiles", "default", "16,16,0,0", "--out", str(tmp_path)])  # fmt: skip
+    assert sampled.TUNING == before  # each sweep point's overrides are undone
+    saved = json.loads((tmp_path / "svg-dry-run.json").read_text())
+    assert saved["summary"] == result["summary"]
+    rows = [r for r in saved["rows"] if "density" in r]
+    assert rows and all("programs_per_sm" in r and "tiles" in r for r in rows)
+    assert not [r for r in rows if "error" in r]
+
+    triton = [r for r in rows if r["profile_backend"] == "triton"]
+    points = {(t, p) for t in ("default", "16,16,0,0") for p in (2, 8)}
+    assert {(r["tiles"], r["programs_per_sm"]) for r in triton} == points
+    for point in points:  # every part at every point, the profile split into kernel and fused call
+        parts = {r["part"] for r in triton if (r["tiles"], r["programs_per_sm"]) == point and "ms" in r}
+        assert parts == {"profile", "profile-kernel", "profile-fused", "decide", "attn-fast", "attn-flex",
+                         "layer-fast", "layer-flex"}  # fmt: skip
+    for r in triton:  # the launch the kernel actually got
+        launch = r["launch"]
+        assert launch["programs"] == launch["grid"][0] * launch["grid"][1] * launch["grid"][2]
+        assert launch["splits"] == launch["grid"][2] >= 1 and launch["grid"][1] == r["heads"]
+        assert launch["block_n"] == (16 if r["tiles"] == "16,16,0,0" else 32)
+    torch_rows = [r for r in rows if r["profile_backend"] == "torch"]
+    assert torch_rows and all(r["programs_per_sm"] is None and r["tiles"] is None for r in torch_rows)
+    assert not {"profile-kernel", "profile-fused"} & {r["part"] for r in torch_rows}
+
+    summary = {(s["profile_backend"], s["tiles"], s["programs_per_sm"]): s for s in result["summary"]}
+    assert set(summary) == {("triton", *p) for p in points} | {("torch", None, None)}
+    for key, s in summary.items():
+        assert s["profile_ms"] > 0 and s["attn_fast_ms"] > 0
+        if key[0] == "triton":
+            assert s["profile_kernel_ms"] > 0
+            assert s["profile_merge_ms"] is not None and s["profile_other_ms"] is not None
+        else:
+            assert s["profile_kernel_ms"] is None and s["profile_merge_ms"] is None
+
+    # bench/report.py still renders the summary (one table line per sweep point)
+    spec = importlib.util.spec_from_file_location("bench_report", BENCH / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    saved["versions"].update(gpu="cpu", triton="-", flash_attn_4="-")
+    table = report.svg(saved)
+    assert table.count("| tiny-text | 0.40 | 16 |") == len(summary)
+
+
+def test_svg_bench_rejects_bad_tiles(bench):
+    with pytest.raises(SystemExit):
+        bench.parse(["--dry-run", "--tiles", "32,32,8"])
+    with pytest.raises(SystemExit):
+        bench.parse(["--dry-run", "--programs-per-sm", "0"])
+    args = bench.parse(["--dry-run", "--tiles", "32,32,8,2", "default", "32,32,8,2"])
+    assert args.tiles == ["32,32,8,2", "default"] and args.programs_per_sm == [4]
+
+
+def test_svg_splits_follow_the_programs_per_sm_tunable(monkeypatch):
+    pytest.importorskip("triton")
+    from sparse_vdit.kernels.triton import sampled
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    programs, kv_len, block_n = 2 * 40, 75_600, 32  # Wan-14B 720p: 2 row tiles x 40 heads
+    assert sampled._splits(programs, kv_len, block_n, cuda) == 7  # ceil(4 * 132 / 80): unchanged default
+    monkeypatch.setitem(sampled.TUNING, "programs_per_sm", 16)
+    assert sampled._splits(programs, kv_len, block_n, cuda) == 27
+    monkeypatch.setitem(sampled.TUNING, "programs_per_sm", 10_000)
+    assert sampled._splits(programs, kv_len, block_n, cuda) == kv_len // (8 * block_n)  # splits stay >= 8 tiles
+    monkeypatch.setitem(sampled.TUNING, "programs_per_sm", None)
+    assert sampled._splits(programs, kv_len, block_n, cuda) == 7
+    assert sampled._splits(programs, kv_len, block_n, torch.device("cpu")) == 2  # the interpreter ignores it
+
+
+def test_svg_fused_profile_takes_explicit_splits():
+    _triton_ready()
+    from sparse_vdit import VideoLayout
+    from sparse_vdit.kernels.triton.sampled import sampled_outputs
+    from sparse_vdit.methods.svg import band_widths, row_ranges, sample_rows
+
+    layout, block = VideoLayout(4, 6, 8), 16
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, layout.num_tokens, 2, 32, generator=g).to(device) for _ in range(3))
+    rows = sample_rows(layout, 16, 0, 0).to(device)
+    patterns = band_widths(layout, 0.3, block).patterns()
+    starts, ends = row_ranges(rows, layout, patterns, block)
+    kw = dict(kv_len=layout.kv_len, softmax_scale=32**-0.5, block_size=block,
+              layout=(layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens))  # fmt: skip
+    args = (q.index_select(1, rows).contiguous(), k, v, starts, ends, tuple(p.token_major for p in patterns))
+    auto = sampled_outputs(*args, **kw)
+    for splits in (1, 3):
+        got = sampled_outputs(*args, **kw, splits=splits)
+        for a, b in zip(got, auto):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
