@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# One lent-GPU call that runs the organism fidelity benchmark (searches included), the SVG kernel
-# benchmark and the attention benchmark (fa4 + triton), each under its own time limit, and packs
-# everything into $OUT/results.tar (the device returns at most 8 files).
+# One lent-GPU call that runs named benchmark steps, each under its own time limit, and packs every
+# result and log into $OUT/results.tar (the device returns at most 8 files).
 #
-#   bash bench/gpu_session.sh            (wheels carried as bench/gpu_env.sh says)
+#   bash bench/gpu_session.sh [STEP ...]      (wheels carried as bench/gpu_env.sh says)
+#
+# Steps (default: fidelity svg attention, the set run on 2026-11-23; seconds in parentheses):
+#   fidelity       organism fidelity, searches included: bench/fidelity.py --steps 12 --paper   (~140)
+#   svg            SVG layer call, fast path vs flex, profiling overhead: bench/svg.py           (~50)
+#   attention      block-sparse attention, fa4 + triton: bench/attention.py                      (~125)
+#   svg-sweep      SVG profiling launch shapes (programs per SM x tiles), Wan-14B 25%             (~180)
+#   triton-tuned   Triton with measured tiles (--triton-autotune) on two shapes                   (~150)
+#   search-cost    offline search vs one dense generation at real size, Wan-1.3B                  (~200)
+#   e2e-compiled   end to end with torch.compile, Wan-1.3B and CogVideoX1.5, 25% and 10%          (~300)
+#   e2e-wan14b     end to end eager, Wan-14B, 25% and SVG 25%                                     (~150)
+# Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -25,8 +35,26 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $R/NAME.log,
     pack
 }
 
-step fidelity "${FIDELITY_S:-250}" python3 bench/fidelity.py --steps 12 --epsilons 0.02,0.05,0.1,0.2,0.4 --paper \
-    --save-plans "$R/plans" --out "$R/fidelity.json"
-TAIL=8 step svg "${SVG_S:-120}" python3 bench/svg.py --shapes wan14b-720p wan1.3b-480p --profile-backends triton \
-    --budget-s 90 --out "$R"
-TAIL=40 step attention "${ATTENTION_S:-150}" python3 bench/attention.py --backends fa4 triton --budget-s 120 --out "$R"
+[ $# -gt 0 ] || set -- fidelity svg attention
+for name in "$@"; do
+    case $name in
+    fidelity) step fidelity 250 python3 bench/fidelity.py --steps 12 --paper --save-plans "$R/plans" \
+        --out "$R/fidelity.json" ;;
+    svg) TAIL=8 step svg 120 python3 bench/svg.py --shapes wan14b-720p wan1.3b-480p --profile-backends triton \
+        --budget-s 90 --out "$R" ;;
+    attention) TAIL=40 step attention 150 python3 bench/attention.py --backends fa4 triton --budget-s 120 --out "$R" ;;
+    svg-sweep) mkdir -p "$R/svg-sweep" && TAIL=30 step svg-sweep 240 python3 bench/svg.py --shapes wan14b-720p \
+        --densities 0.25 --profile-backends triton --programs-per-sm 2 4 8 16 32 \
+        --tiles default 32,64,8,2 32,32,4,2 16,32,4,2 16,64,4,3 --budget-s 200 --out "$R/svg-sweep" ;;
+    triton-tuned) mkdir -p "$R/tuned" && TAIL=40 step triton-tuned 200 python3 bench/attention.py --backends triton \
+        --triton-autotune --shapes wan1.3b-480p hunyuan-720p --budget-s 160 --out "$R/tuned" ;;
+    search-cost) step search-cost 300 python3 bench/search_cost.py --models wan-1.3b --modes ours,paper --repeats 2 \
+        --budget-s 260 --save-plans "$R/search-plans" --out "$R/search_cost.json" ;;
+    e2e-compiled) step e2e-compiled 330 python3 bench/e2e.py --models wan-1.3b,cogvideox1.5 --modes compiled \
+        --densities 0.25,0.1 --svg-densities 0.25 --svg-backends auto --repeats 2 --budget-s 300 \
+        --out "$R/e2e_compiled.json" ;;
+    e2e-wan14b) step e2e-wan14b 200 python3 bench/e2e.py --models wan-14b --modes eager --densities 0.25 \
+        --svg-densities 0.25 --svg-backends auto,flex --repeats 1 --budget-s 180 --out "$R/e2e_wan14b.json" ;;
+    *) echo "unknown step $name" >&2 ;;
+    esac
+done
