@@ -578,18 +578,28 @@ def parse_args(argv=None):
         p.error("--svg-backends takes auto, flex, triton, fa4, reference")
     if args.dry_run:
         args.block_size = min(args.block_size, 16)
-    if args.out is None:  # CPU dry runs stay out of the results folder
-        folder = Path(tempfile.gettempdir()) if args.dry_run else Path(__file__).parent / "results"
-        args.out = folder / ("e2e-dry-run.json" if args.dry_run else "e2e.json")
+    args.out = args.out or results_path("e2e", args.dry_run)
     return args
+
+
+def results_path(stem: str, dry_run: bool) -> Path:
+    """``bench/results/<stem>.json``; a dry run's goes to the temp folder, out of the results."""
+    if dry_run:
+        return Path(tempfile.gettempdir()) / f"{stem}-dry-run.json"
+    return Path(__file__).parent / "results" / f"{stem}.json"
+
+
+def device_and_dtype(dry_run: bool, script: str) -> tuple[torch.device, torch.dtype]:
+    """CUDA in bf16 (the measurement), or the CPU in fp32 for a dry run; exits without a GPU otherwise."""
+    device = torch.device("cpu" if dry_run or not torch.cuda.is_available() else "cuda")
+    if device.type != "cuda" and not dry_run:
+        raise SystemExit(f"{script} needs a CUDA GPU (or --dry-run)")
+    return device, torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
-    if device.type != "cuda" and not args.dry_run:
-        raise SystemExit("bench/e2e.py needs a CUDA GPU (or --dry-run)")
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    device, dtype = device_and_dtype(args.dry_run, "bench/e2e.py")
     env = environment(device)
     say(f"e2e on {env['device']}: torch {env['torch']}, diffusers {env['diffusers']}, triton {env['triton']}, "
         f"flash_attn {env['flash_attn']}; models {args.models}, modes {args.modes}, densities {args.densities}, "

@@ -17,7 +17,6 @@ Writes ``--out`` (JSON) and prints a table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
@@ -37,17 +36,11 @@ except ImportError:  # pragma: no cover
 from sparse_vdit import Plan
 from sparse_vdit.integrations.diffusers import model_spec
 
+sys.path.insert(0, str(HERE))  # sibling bench scripts
+import e2e  # noqa: E402  (its tiny configs, model builder, inputs, layouts, mixed plans)
+
 # dense forward (ms) and attention layer calls on the H100 (bench/results/e2e.json), for the share
 GPU_DENSE_STEP = {"wan-1.3b": (606.3, 30), "hunyuan": (20234.9, 60), "cogvideox1.5": (3173.4, 42)}
-
-
-def _e2e():
-    """bench/e2e.py (its tiny configs, model builder, inputs, layouts, mixed plans), imported by path."""
-    spec = importlib.util.spec_from_file_location("bench_e2e", HERE / "e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _median_forward(model, inputs, repeats: int) -> float:
@@ -67,11 +60,10 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", type=Path, default=HERE / "results" / "overhead.json")
     args = p.parse_args(argv)
-    e2e = _e2e()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # host work, not kernels
     try:
-        rows = _measure(e2e, args)
+        rows = _measure(args)
     finally:
         torch.set_num_threads(threads)
     data = {"command": "python bench/overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -88,7 +80,7 @@ def main(argv=None) -> dict:
     return data
 
 
-def _measure(e2e, args) -> list[dict]:
+def _measure(args) -> list[dict]:
     device, dtype = torch.device("cpu"), torch.float32
     rows = []
     for name in args.models.split(","):

@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import statistics
@@ -88,16 +87,8 @@ except ImportError:  # pragma: no cover
 import sparse_vdit
 
 
-def _e2e_bench():
-    """bench/e2e.py (its models, builder, inputs, timing helpers), imported by path."""
-    spec = importlib.util.spec_from_file_location("bench_e2e", Path(__file__).with_name("e2e.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-E2E = _e2e_bench()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling bench scripts
+import e2e as E2E  # noqa: E402  (its models, builder, inputs, timing helpers)
 MODELS, TINY, say = E2E.MODELS, E2E.TINY, E2E.say
 # flow shift of each model's scheduler (Wan 480p 3.0, 720p 5.0; HunyuanVideo 7.0; CogVideoX none)
 SHIFT = {"wan-1.3b": 3.0, "wan-14b": 5.0, "hunyuan": 7.0, "cogvideox1.5": 1.0}
@@ -304,18 +295,13 @@ def parse_args(argv=None):
         args.block_size = min(args.block_size, 16)
     if args.steps < 1 or args.prompts < 1 or args.repeats < 1:
         p.error("--steps, --prompts and --repeats must be >= 1")
-    if args.out is None:  # CPU dry runs stay out of the results folder
-        folder = Path(tempfile.gettempdir()) if args.dry_run else Path(__file__).parent / "results"
-        args.out = folder / ("search_cost-dry-run.json" if args.dry_run else "search_cost.json")
+    args.out = args.out or E2E.results_path("search_cost", args.dry_run)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
-    if device.type != "cuda" and not args.dry_run:
-        raise SystemExit("bench/search_cost.py needs a CUDA GPU (or --dry-run)")
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    device, dtype = E2E.device_and_dtype(args.dry_run, "bench/search_cost.py")
     env = E2E.environment(device)
     env["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     say(f"search cost on {env['device']}: torch {env['torch']}, diffusers {env['diffusers']}, triton {env['triton']}, "

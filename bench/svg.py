@@ -50,13 +50,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -75,16 +73,8 @@ from sparse_vdit.kernels.dense import sdpa
 from sparse_vdit.methods.svg import DEFAULT_CHUNK, SVG
 
 
-def _attention_bench():
-    """bench/attention.py (its shapes, timer and version report), imported by path."""
-    spec = importlib.util.spec_from_file_location("bench_attention", Path(__file__).with_name("attention.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ATT = _attention_bench()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling bench scripts
+import attention as ATT  # noqa: E402  (its shapes, timer and version report)
 BLOCK = ATT.BLOCK
 DRY_SHAPES = {  # --dry-run: small, awkward layouts (text, ragged blocks), block 16
     "tiny-video": ATT.Shape("tiny-video", VideoLayout(5, 6, 10), 3, 32),

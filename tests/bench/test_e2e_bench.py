@@ -1,24 +1,15 @@
 """bench/e2e.py runs end to end on tiny models on the CPU (--dry-run); its plans hit their density."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("diffusers")
 
-SCRIPT = Path(__file__).parents[2] / "bench" / "e2e.py"
-
 
 @pytest.fixture(scope="module")
-def e2e():
-    spec = importlib.util.spec_from_file_location("bench_e2e", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def e2e(load_script):
+    return load_script("e2e")
 
 
 def test_dry_run_writes_results_and_table(e2e, tmp_path, capsys):
@@ -51,11 +42,8 @@ def test_mixed_plans_hit_their_density(e2e):
         assert {"diagonal", "multi_diagonal", "vertical"} <= set(names)
 
 
-def test_svg_attention_bench_dry_run(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_svg", SCRIPT.with_name("svg.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+def test_svg_attention_bench_dry_run(tmp_path, load_script):
+    module = load_script("svg")
     result = module.main(["--dry-run", "--shapes", "tiny-text", "--densities", "0.4", "--profile-backends", "torch",
                           "--out", str(tmp_path)])  # fmt: skip
     parts = {r["part"] for r in result["rows"] if "ms" in r}

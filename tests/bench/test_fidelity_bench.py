@@ -1,28 +1,15 @@
 """bench/fidelity.py --quick: every method family on a tiny random organism, JSON, Pareto PNG, table."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("diffusers")
 pytest.importorskip("skimage")
 
-SCRIPT = Path(__file__).parents[2] / "bench" / "fidelity.py"
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_fidelity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_quick_run_writes_results_plot_and_table(tmp_path, capsys):
-    module = _script()
+def test_quick_run_writes_results_plot_and_table(tmp_path, capsys, load_script):
+    module = load_script("fidelity")
     out = tmp_path / "fidelity.json"
     assert module.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
@@ -38,10 +25,10 @@ def test_quick_run_writes_results_plot_and_table(tmp_path, capsys):
     assert "| window-temporal-0.2 |" in text and "NOT meaningful" in text
 
 
-def test_paper_setting_and_saved_plans(tmp_path):
+def test_paper_setting_and_saved_plans(tmp_path, load_script):
     from sparse_vdit import Plan
 
-    module = _script()
+    module = load_script("fidelity")
     out, plans = tmp_path / "fidelity.json", tmp_path / "plans"
     args = ["--quick", "--device", "cpu", "--out", str(out), "--paper", "--save-plans", str(plans),
             "--epsilons", "0.01", "--no-skip-only", "--svg-densities", "", "--spatial-widths", "",

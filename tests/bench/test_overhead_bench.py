@@ -1,22 +1,14 @@
 """bench/overhead.py: runs on a tiny Wan and writes its rows."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("diffusers")
 
-SCRIPT = Path(__file__).parents[2] / "bench" / "overhead.py"
 
-
-def test_overhead_rows(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+def test_overhead_rows(tmp_path, load_script):
+    module = load_script("overhead")
     out = tmp_path / "overhead.json"
     module.main(["--models", "wan-1.3b", "--repeats", "2", "--out", str(out)])
     (row,) = json.loads(out.read_text())["rows"]

@@ -1,26 +1,17 @@
 """bench/search_cost.py runs end to end on tiny models on the CPU (--dry-run): JSON fields and table."""
 
-import importlib.util
 import json
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("diffusers")
 
-SCRIPT = Path(__file__).parents[2] / "bench" / "search_cost.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_search_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(load_script):
+    return load_script("search_cost")
 
 
 @pytest.fixture(autouse=True)

@@ -3,18 +3,12 @@ the CPU through its dry run (no timing assertions), and the kernel's programs-pe
 
 The dry run itself (parts, summary) is also covered by tests/bench/test_e2e_bench.py."""
 
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).parents[2] / "bench" / "svg.py"
-BENCH = SCRIPT.parent
 
 
 def _triton_ready():
@@ -24,15 +18,11 @@ def _triton_ready():
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_svg", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(load_script):
+    return load_script("svg")
 
 
-def test_svg_bench_dry_run_sweeps_programs_per_sm_and_splits_the_profile(bench, tmp_path):
+def test_svg_bench_dry_run_sweeps_programs_per_sm_and_splits_the_profile(bench, tmp_path, load_script):
     _triton_ready()
     from sparse_vdit.kernels.triton import sampled
 
@@ -74,9 +64,7 @@ def test_svg_bench_dry_run_sweeps_programs_per_sm_and_splits_the_profile(bench, 
             assert s["profile_kernel_ms"] is None and s["profile_merge_ms"] is None
 
     # bench/report.py still renders the summary (one table line per sweep point)
-    spec = importlib.util.spec_from_file_location("bench_report", BENCH / "report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_script("report")
     saved["versions"].update(gpu="cpu", triton="-", flash_attn_4="-")
     table = report.svg(saved)
     assert table.count("| tiny-text | 0.40 | 16 |") == len(summary)

@@ -1,0 +1,24 @@
+"""Shared by the tests of the bench/ scripts: load a script by name as a module."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[2] / "bench"
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``load_script("e2e")`` -> bench/e2e.py as the module ``bench_e2e`` (registered: dataclasses
+    look their module up)."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load
