@@ -564,10 +564,7 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting measurements after this long")
     p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU (fp32), to check the script")
     args = p.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = set(args.models) - set(MODELS)
-    if unknown:
-        p.error(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    args.models = model_names(p, args.models)
     args.modes = [m.strip() for m in (args.modes or ("eager" if args.dry_run else "eager,compiled")).split(",")]
     if set(args.modes) - {"eager", "compiled"}:
         p.error("--modes takes eager and/or compiled")
@@ -580,6 +577,15 @@ def parse_args(argv=None):
         args.block_size = min(args.block_size, 16)
     args.out = args.out or results_path("e2e", args.dry_run)
     return args
+
+
+def model_names(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """``--models`` (comma-separated) checked against :data:`MODELS`."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = set(names) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    return names
 
 
 def results_path(stem: str, dry_run: bool) -> Path:

@@ -280,10 +280,7 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=480.0, help="stop starting models / searches after this long")
     p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU (fp32, reference, 2 steps)")
     args = p.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = set(args.models) - set(MODELS)
-    if unknown:
-        p.error(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    args.models = E2E.model_names(p, args.models)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.modes or set(args.modes) - {"ours", "paper"}:
         p.error("--modes takes ours and/or paper")
