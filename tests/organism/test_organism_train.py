@@ -33,6 +33,20 @@ def test_three_cpu_steps_write_weights_and_reports(tmp_path):
     assert video.shape == (1, 8, 3, 32, 32) and torch.isfinite(video).all()
 
 
+def test_init_continues_from_saved_weights_and_keeps_their_size(tmp_path):
+    first = T.main([*TINY_ARGS, "--out", str(tmp_path / "a")])
+    i, j = TINY_ARGS.index("--layers"), TINY_ARGS.index("--size")
+    args = [a for k, a in enumerate(TINY_ARGS) if k not in (i, i + 1, j, j + 1)]  # size comes from --init
+    info = T.main([*args, "--steps", "2", "--data-seed", "1", "--init", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+    assert info["config"] == first["config"] and info["spec"] == first["spec"]
+    assert info["init"] == {"from": str(tmp_path / "a"), "previous": first}
+    assert info["steps"] == 2 and info["total_videos_seen"] == first["videos_seen"] + info["videos_seen"]
+    assert info["total_train_seconds"] == pytest.approx(first["train_seconds"] + info["train_seconds"], abs=0.11)
+    third = T.main([*args, "--steps", "1", "--init", str(tmp_path / "b"), "--out", str(tmp_path / "c")])
+    assert third["total_videos_seen"] == info["total_videos_seen"] + third["videos_seen"]
+    assert M.load_organism(tmp_path / "c").config.num_layers == 1
+
+
 def test_lr_schedule_warms_up_then_decays():
     assert T.lr_at(0, 0.0, 1.0, 10) == pytest.approx(0.1)
     assert T.lr_at(10, 0.0, 1.0, 10) == pytest.approx(1.0)

@@ -26,7 +26,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import SceneStream, make_batch, render, sample_scene
-from .model import OrganismSpec, build_organism, encode_video, organism_config, sample, save_organism
+from .model import (
+    OrganismSpec,
+    build_organism,
+    encode_video,
+    load_organism,
+    load_spec,
+    organism_config,
+    sample,
+    save_organism,
+)
 
 PROG = "python -m sparse_vdit.organism.train"
 PREVIEW_SEED = 12345  # scenes whose captions the sample strip shows (not a training seed)
@@ -48,10 +57,16 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--workers", type=int, default=None, help="data workers (default 6 on cuda, 0 on cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="DIR",
+        help="continue from the weights saved in DIR (its config and size; fresh optimizer state)",
+    )
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--sample-steps", type=int, default=30, help="sampler steps for the preview strip")
     p.add_argument("--samples", type=int, default=4, help="captions in the preview strip")
-    g = p.add_argument_group("size (defaults: the shipped organism)")
+    g = p.add_argument_group("size (defaults: the shipped organism; taken from DIR with --init)")
     g.add_argument("--frames", type=int, default=OrganismSpec.frames)
     g.add_argument("--size", type=int, default=OrganismSpec.height, help="frame height = width in pixels")
     g.add_argument("--layers", type=int, default=organism_config()["num_layers"])
@@ -153,6 +168,15 @@ def save_sample_gif(videos: torch.Tensor, path: Path, scale: int = 2) -> bool:
     return True
 
 
+def _earlier(info: dict) -> list[dict]:
+    """The ``train_info`` of every run before the one ``info`` continued from (oldest last)."""
+    runs = []
+    while "init" in info:
+        info = info["init"]["previous"]
+        runs.append(info)
+    return runs
+
+
 def train(args: argparse.Namespace, command: str) -> dict:
     """Run training as ``args`` say; return the ``train_info`` written beside the weights."""
     start = time.time()
@@ -163,11 +187,19 @@ def train(args: argparse.Namespace, command: str) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = OrganismSpec(frames=args.frames, height=args.size, width=args.size)
-    config = organism_config(
-        spec, num_layers=args.layers, num_attention_heads=args.heads, ffn_dim=args.ffn_dim
-    )
-    model = build_organism(config, seed=args.seed).to(device).train()
+    previous = None
+    if args.init:
+        spec = load_spec(args.init)
+        model = load_organism(args.init, device=device).train()
+        config = dict(model.config)
+        info_file = Path(args.init) / "train_info.json"
+        previous = json.loads(info_file.read_text()) if info_file.exists() else {}
+    else:
+        spec = OrganismSpec(frames=args.frames, height=args.size, width=args.size)
+        config = organism_config(
+            spec, num_layers=args.layers, num_attention_heads=args.heads, ffn_dim=args.ffn_dim
+        )
+        model = build_organism(config, seed=args.seed).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema > 0 else None
     forward = torch.compile(model) if args.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -248,6 +280,7 @@ def train(args: argparse.Namespace, command: str) -> dict:
     save_sample_strip(videos, refs, captions, out / "samples.png")
     save_sample_gif(videos, out / "samples.gif")
 
+    config = {k: config[k] for k in organism_config()} if args.init else config
     info = {
         "command": command,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
@@ -272,6 +305,11 @@ def train(args: argparse.Namespace, command: str) -> dict:
         "preview_captions": captions,
         "files": sorted({p.name for p in out.iterdir()} | {"train_info.json"}),
     }
+    if previous is not None:
+        info["init"] = {"from": str(args.init), "previous": previous}
+        before = [previous, *_earlier(previous)]
+        info["total_train_seconds"] = round(train_seconds + sum(i.get("train_seconds", 0) for i in before), 1)
+        info["total_videos_seen"] = info["videos_seen"] + sum(i.get("videos_seen", 0) for i in before)
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     tqdm.write(f"wrote {out}: {step} steps, final loss {info['final_loss']}, {info['wall_seconds']} s")
     return info
