@@ -3,7 +3,8 @@
 #
 # The cutlass-dsl CUDA 13 library wheel (~92 MB) is over what one call carries beside the tree, so it
 # travels in parts (cu13.part.aa, .ab, ...; CU13_PARTS of them, default 3) in calls made back to back
-# while the machine is warm; earlier calls copy their part to /tmp/wheels (`cp .whlA/* /tmp/wheels/`).
+# while the machine is warm; each call sourcing this copies what it carries to /tmp/wheels and
+# installs the wheels that are new there, so the calls before the last part can run work too.
 mkdir -p /tmp/wheels
 for d in .whl*; do
     [ -d "$d" ] && cp -n "$d"/* /tmp/wheels/ 2>/dev/null
@@ -18,9 +19,18 @@ if [ "$parts" -gt 0 ]; then
         echo "only $parts of ${CU13_PARTS:-3} parts of the cu13 wheel are here" >&2
     fi
 fi
-if [ ! -f /tmp/site/.installed ] && ls /tmp/wheels/*.whl >/dev/null 2>&1; then
+# Install the wheels not installed by an earlier call (/tmp/site/.installed lists those that were).
+# The cutlass-dsl wheels share one top-level folder, which `pip --target --upgrade` would replace
+# wholesale, so they (and what needs them) wait until the cu13 wheel is whole and go in together.
+mkdir -p /tmp/site
+touch /tmp/site/.installed
+new=$(ls /tmp/wheels/*.whl 2>/dev/null | sort | comm -23 - <(sort /tmp/site/.installed))
+if ls /tmp/wheels/cu13.part.* >/dev/null 2>&1; then
+    new=$(printf '%s\n' $new | grep -v -E '/(nvidia_cutlass_dsl|flash_attn|quack_kernels)[^/]*$')
+fi
+if [ -n "$new" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site /tmp/wheels/*.whl && touch /tmp/site/.installed || echo "wheel install failed" >&2
+        --target /tmp/site $new && printf '%s\n' $new >> /tmp/site/.installed || echo "wheel install failed" >&2
 fi
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD/src:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1

@@ -13,6 +13,8 @@
 #   search-cost    offline search vs one dense generation at real size, Wan-1.3B                  (~200)
 #   e2e-compiled   end to end with torch.compile, Wan-1.3B and CogVideoX1.5, 25% and 10%          (~300)
 #   e2e-wan14b     end to end eager, Wan-14B, 25% and SVG 25%                                     (~150)
+#   e2e-wan14b-compiled  the same with torch.compile (no flex row)                               (~300)
+#   tests          the GPU tests: kernels, patterns, layout, SVG's fused profiling kernel         (~60)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +57,12 @@ for name in "$@"; do
         --out "$R/e2e_compiled.json" ;;
     e2e-wan14b) step e2e-wan14b 200 python3 bench/e2e.py --models wan-14b --modes eager --densities 0.25 \
         --svg-densities 0.25 --svg-backends auto,flex --repeats 1 --budget-s 180 --out "$R/e2e_wan14b.json" ;;
+    e2e-wan14b-compiled) step e2e-wan14b-compiled 400 python3 bench/e2e.py --models wan-14b --modes compiled \
+        --densities 0.25 --svg-densities 0.25 --svg-backends auto --repeats 1 --budget-s 370 \
+        --out "$R/e2e_wan14b_compiled.json" ;;
+    tests) TAIL=6 step tests 300 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels \
+        tests/patterns tests/test_layout.py tests/methods; python3 -m pytest -q -p no:cacheprovider \
+        tests/methods/test_svg.py -k triton" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done
