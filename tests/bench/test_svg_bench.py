@@ -48,7 +48,8 @@ def test_svg_bench_dry_run_sweeps_programs_per_sm_and_splits_the_profile(bench, 
         launch = r["launch"]
         assert launch["programs"] == launch["grid"][0] * launch["grid"][1] * launch["grid"][2]
         assert launch["splits"] == launch["grid"][2] >= 1 and launch["grid"][1] == r["heads"]
-        assert launch["block_n"] == (16 if r["tiles"] == "16,16,0,0" else 32)
+        default_n = sampled._tiles(16, r.get("head_dim", 64), torch.device("cpu"))[1]
+        assert launch["block_n"] == (16 if r["tiles"] == "16,16,0,0" else default_n)
     torch_rows = [r for r in rows if r["profile_backend"] == "torch"]
     assert torch_rows and all(r["programs_per_sm"] is None and r["tiles"] is None for r in torch_rows)
     assert not {"profile-kernel", "profile-fused"} & {r["part"] for r in torch_rows}
@@ -85,10 +86,10 @@ def test_svg_splits_follow_the_programs_per_sm_tunable(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
     cuda = torch.device("cuda")
-    programs, kv_len, block_n = 2 * 40, 75_600, 32  # Wan-14B 720p: 2 row tiles x 40 heads
-    assert sampled._splits(programs, kv_len, block_n, cuda) == 7  # ceil(4 * 132 / 80): unchanged default
+    programs, kv_len, block_n = 4 * 40, 75_600, 64  # Wan-14B 720p: 4 row tiles (64 rows / 16) x 40 heads
+    assert sampled._splits(programs, kv_len, block_n, cuda) == 7  # ceil(8 * 132 / 160): the default
     monkeypatch.setitem(sampled.TUNING, "programs_per_sm", 16)
-    assert sampled._splits(programs, kv_len, block_n, cuda) == 27
+    assert sampled._splits(programs, kv_len, block_n, cuda) == 14
     monkeypatch.setitem(sampled.TUNING, "programs_per_sm", 10_000)
     assert sampled._splits(programs, kv_len, block_n, cuda) == kv_len // (8 * block_n)  # splits stay >= 8 tiles
     monkeypatch.setitem(sampled.TUNING, "programs_per_sm", None)

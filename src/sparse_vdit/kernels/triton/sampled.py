@@ -123,23 +123,21 @@ def sampled_rows_fwd(
 # num_stages, see _tiles) and how many programs per SM the key splits aim at (see _splits).
 TUNING: dict[str, int | None] = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None,
                                  "programs_per_sm": None}  # fmt: skip
-PROGRAMS_PER_SM = 4  # the default target of _splits on CUDA
+PROGRAMS_PER_SM = 8  # the default target of _splits on CUDA
 
 
 def _tiles(rows: int, dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): three accumulators of BLOCK_M x dim float32 per
-    program, so the row tile shrinks as dim grows (sm90 cubins compiled offline: no spills at
-    dim 64 / 128 / 256 with 64 / 32 / 16 rows, 32 keys, 8 warps: 181 / 211 / 207 registers)."""
-    block_m = {256: 16, 128: 32}.get(dim, 64)
-    block_m = min(block_m, max(16, triton.next_power_of_2(rows)))
-    chosen = (block_m, 32, 8, 2)
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): 16 rows x 64 keys, 4 warps, 3 stages (2 at
+    dim 256, for shared memory), the fastest of the launch shapes swept on an H100 at Wan-14B
+    720p (BENCHMARKS.md, "SVG profiling launch shapes"); three float32 accumulators of 16 x dim."""
+    chosen = (16, 64, 4, 3 if dim <= 128 else 2)
     return tuple(c if TUNING.get(k) is None else TUNING[k]
                  for k, c in zip(("block_m", "block_n", "num_warps", "num_stages"), chosen))  # fmt: skip
 
 
 def _splits(programs: int, kv_len: int, block_n: int, device: torch.device) -> int:
     """Key splits so that the GPU gets about ``TUNING["programs_per_sm"]`` (default
-    :data:`PROGRAMS_PER_SM`, four) programs per SM, each split at least eight key tiles long
+    :data:`PROGRAMS_PER_SM`, eight) programs per SM, each split at least eight key tiles long
     (two splits on the interpreter, whatever the target)."""
     if device.type == "cpu":
         return min(2, max(1, kv_len // (4 * block_n)))
