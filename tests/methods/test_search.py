@@ -171,13 +171,17 @@ def structured_inputs(layout, dim=16, seed=0):
     return torch.stack(qs, 1)[None], torch.stack(ks, 1)[None], torch.randn(1, n, 4, dim, generator=g)
 
 
-def test_probe_on_every_row_equals_full_outputs():
-    """With all rows the block-partial probe is exact, text and token-major heads included."""
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_probe_on_every_row_equals_full_outputs(kernel):
+    """With all rows the block-partial probe is exact, text and token-major heads included (the
+    Triton partials through the interpreter on the CPU)."""
+    if kernel == "triton":
+        pytest.importorskip("triton")
     torch.manual_seed(0)
     for layout in (VideoLayout(3, 5, 9, 13, "prefix"), VideoLayout(3, 5, 9, 40, "suffix", text_valid=7)):
         q, k, v = (torch.randn(2, layout.num_tokens, 3, 16) * 2 for _ in range(3))
         cands = tuned_candidates()
-        result = probe(q, k, v, layout, BLOCK, torch.arange(layout.num_tokens), cands)
+        result = probe(q, k, v, layout, BLOCK, torch.arange(layout.num_tokens), cands, kernel=kernel)
         ref = sparse_attention(q, k, v, compile_layer([dense()] * 3, layout, BLOCK), backend="reference")
         for i, heads in enumerate(result.patterns):
             out = sparse_attention(q, k, v, compile_layer(heads, layout, BLOCK), backend="reference")

@@ -6,10 +6,13 @@ score maximum per row). Any candidate's output on those rows is then a masked co
 partials: ``rows x key blocks x head_dim`` work per candidate instead of ``rows x tokens x
 head_dim``, so a dozen candidates cost about two dense passes over the sampled rows. Token-major
 candidates use partials over keys in token-major order. Nothing of size ``N x N`` is formed.
+On CUDA the partials come from one Triton kernel (:mod:`sparse_vdit.kernels.triton.partials`)
+that never stores the scores; the torch path (:func:`_partials`) is its reference.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +23,9 @@ from ..layout import VideoLayout
 from .candidates import Candidate, Fixed, MassVertical, num_key_blocks, row_mask
 
 PROBE_BYTES = 1 << 30  # partial sums kept at once (heads are probed in chunks under this)
+KERNELS = ("auto", "torch", "triton")
+logger = logging.getLogger("sparse_vdit")
+_triton_failed = False  # set once "auto" saw the Triton partials fail; torch from then on
 
 
 def default_sample_blocks(num_blocks: int) -> int:
@@ -71,14 +77,46 @@ def probe(
     *,
     softmax_scale: float | None = None,
     budget: int = PROBE_BYTES,
+    kernel: str = "auto",
 ) -> Probe:
     """Candidate errors on the query ``rows`` (frame-major sequence positions) of ``(B, N, H, D)`` inputs.
 
     Heads go in chunks whose partial sums fit in ``budget`` bytes; on CUDA the fp32 matmuls run
-    on TensorFloat-32.
+    on TensorFloat-32. ``kernel`` computes the partials: ``"triton"`` (fused, scores never
+    stored), ``"torch"``, or ``"auto"``: Triton on CUDA where it applies, torch otherwise (and
+    from the first Triton failure on, with a warning).
     """
+    global _triton_failed
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        applies = _triton_applies(block, q.shape[-1], q.dtype)
+        kernel = "triton" if q.is_cuda and not _triton_failed and applies else "torch"
+    try:
+        return _probe(q, k, v, layout, block, rows, candidates, softmax_scale, budget, kernel)
+    except Exception as err:  # noqa: BLE001 - only where "auto" chose triton
+        if kernel != "triton" or _triton_failed:
+            raise
+        _triton_failed = True
+        logger.warning("sparse-vdit search: the Triton probe failed (%s: %s); using torch from now on",
+                       type(err).__name__, err)  # fmt: skip
+        return _probe(q, k, v, layout, block, rows, candidates, softmax_scale, budget, "torch")
+
+
+def _triton_applies(block: int, dim: int, dtype: torch.dtype) -> bool:
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    try:
+        from ..kernels.triton.partials import supports
+    except ImportError:
+        return False
+    return supports(block, dim)
+
+
+def _probe(q, k, v, layout, block, rows, candidates, softmax_scale, budget, kernel) -> Probe:
     batch, _, heads, dim = q.shape
-    setup = _Setup(layout, block, rows.to(q.device), candidates, dim**-0.5 if softmax_scale is None else softmax_scale)
+    scale = dim**-0.5 if softmax_scale is None else softmax_scale
+    setup = _Setup(layout, block, rows.to(q.device), candidates, scale, kernel)
     result = Probe(
         sq=torch.zeros(len(candidates), heads, dtype=torch.float64),
         ref=torch.zeros(heads, dtype=torch.float64),
@@ -103,9 +141,10 @@ def probe(
 class _Setup:
     """What a probe call needs for every head chunk: row query blocks, fixed masks, key order."""
 
-    def __init__(self, layout: VideoLayout, block: int, rows: torch.Tensor, candidates, scale: float) -> None:
+    def __init__(self, layout: VideoLayout, block: int, rows: torch.Tensor, candidates, scale: float, kernel: str):
         device = rows.device
         self.layout, self.block, self.rows, self.candidates, self.scale = layout, block, rows, candidates, scale
+        self.kernel = kernel
         self.kb = num_key_blocks(layout, block)
         q_blocks = {False: rows // block, True: layout.frame_major_order(device)[rows] // block}
         # fixed candidates: one mask [1, r, kb] for every head; fitted ones keep their band here
@@ -122,13 +161,24 @@ class _Setup:
 def _probe_chunk(setup: _Setup, q, k, v, hs: slice, result: Probe, chosen: dict) -> None:
     """Errors, reference norms and mass of the heads ``hs``, written into ``result`` / ``chosen``."""
     layout, kb, rows = setup.layout, setup.kb, setup.rows
-    qh = q[:, rows, hs].float().transpose(1, 2)  # [B, h, r, D]
-    kh, vh = (t[:, : layout.kv_len, hs].float().transpose(1, 2) for t in (k, v))  # [B, h, kv, D]
-    scores = (qh @ kh.transpose(-1, -2)) * setup.scale  # [B, h, r, kv]
-    parts = {False: _partials(scores, vh, setup.block, kb)}
-    if setup.token_major is not None:
-        parts[True] = _partials(scores[..., setup.token_major], vh[:, :, setup.token_major], setup.block, kb)
-    del scores
+    if setup.kernel == "triton":
+        from ..kernels.triton.partials import block_partials
+
+        qr, kh, vh = q[:, rows, hs], k[:, :, hs], v[:, :, hs]
+        orders = {False: None} | ({True: setup.token_major} if setup.token_major is not None else {})
+        parts = {
+            key: block_partials(qr, kh, vh, kv_len=layout.kv_len, block=setup.block, softmax_scale=setup.scale,
+                                order=order)
+            for key, order in orders.items()
+        }  # fmt: skip
+    else:
+        qh = q[:, rows, hs].float().transpose(1, 2)  # [B, h, r, D]
+        kh, vh = (t[:, : layout.kv_len, hs].float().transpose(1, 2) for t in (k, v))  # [B, h, kv, D]
+        scores = (qh @ kh.transpose(-1, -2)) * setup.scale  # [B, h, r, kv]
+        parts = {False: _partials(scores, vh, setup.block, kb)}
+        if setup.token_major is not None:
+            parts[True] = _partials(scores[..., setup.token_major], vh[:, :, setup.token_major], setup.block, kb)
+        del scores
     dense = _combine(parts[False], torch.ones(1, 1, len(rows), kb, dtype=torch.bool, device=q.device))[0]
     result.ref[hs] = dense.double().square().sum((0, 2, 3)).cpu()
     head_mass = _block_share(parts[False]).mean((0, 2))  # [h, kb]
