@@ -65,6 +65,7 @@ except ImportError:  # pragma: no cover
 import sparse_vdit
 from sparse_vdit import Plan, VideoLayout
 from sparse_vdit.integrations.diffusers import model_spec
+from sparse_vdit.kernels import fa4
 from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, vertical
 from sparse_vdit.timing import clock, seconds_between
 
@@ -348,11 +349,11 @@ def environment(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-    for name in ("triton", "flash_attn"):
-        try:
-            info[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001
-            info[name] = None
+    try:
+        info["triton"] = __import__("triton").__version__
+    except ImportError:
+        info["triton"] = None
+    info["flash_attn"] = fa4.version()
     return info
 
 

@@ -81,7 +81,7 @@ def e2e(data: dict) -> str:
     ]
     rows = [
         [r["model"], r["mode"], r["variant"], f"{r['density']:.1%}", f"{r['seconds'] * 1e3:.1f}",
-         f"{r['attention_share']:.0%}", f"{r['speedup_vs_unpatched']:.2f}",
+         "" if r.get("attention_share") is None else f"{r['attention_share']:.0%}", f"{r['speedup_vs_unpatched']:.2f}",
          f"{r['speedup_vs_dense']:.2f}" if "speedup_vs_dense" in r else ""]
         for r in data["results"] if not r.get("dry_run")
     ]  # fmt: skip
