@@ -97,11 +97,11 @@ class VideoLayout:
         Video tokens go from frame-major ``f * S + p`` to token-major ``p * F + f``; text stays.
         The inverse is :meth:`frame_major_order`.
         """
-        return _orders(self, True).to(device)
+        return _orders(self, True, torch.device(device))
 
     def frame_major_order(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Inverse of :meth:`token_major_order`: ``x = x_token_major[:, inverse]``."""
-        return _orders(self, False).to(device)
+        return _orders(self, False, torch.device(device))
 
     def describe(self) -> str:
         text = "" if self.text == 0 else f" + {self.text} text ({self.text_position}"
@@ -112,7 +112,10 @@ class VideoLayout:
 
 
 @lru_cache(maxsize=64)
-def _orders(layout: VideoLayout, token_major: bool) -> torch.Tensor:
+def _orders(layout: VideoLayout, token_major: bool, device: torch.device) -> torch.Tensor:
+    """The permutation, built once per layout and device (callers must not write into it)."""
+    if device.type != "cpu":
+        return _orders(layout, token_major, torch.device("cpu")).to(device)
     f, s = layout.frames, layout.frame_tokens
     # position j of the token-major video sequence holds frame-major token p*F+f -> f*S+p
     j = torch.arange(layout.video_tokens)

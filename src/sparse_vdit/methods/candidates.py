@@ -17,7 +17,8 @@ import torch
 
 from .. import patterns as _patterns
 from ..layout import VideoLayout
-from ..patterns import Pattern, diagonal, head_ranges, multi_diagonal, pattern_names, skip, vertical
+from ..patterns import Pattern, diagonal, multi_diagonal, pattern_names, skip, vertical
+from ..patterns.table import device_ranges
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def row_mask(pattern: Pattern, layout: VideoLayout, block: int, q_blocks: torch.
     ``q_blocks`` are the rows' query blocks in the pattern's own order (token-major for
     token-major patterns); the key blocks are in that order too.
     """
-    starts, ends = (t.to(q_blocks.device) for t in head_ranges(pattern, layout, block))
+    starts, ends = device_ranges(pattern, layout, block, q_blocks.device)
     starts, ends = starts[q_blocks].long(), ends[q_blocks].long()  # [rows, R]
     columns = torch.arange(num_key_blocks(layout, block), device=q_blocks.device)
     inside = (columns[None, None, :] >= starts[..., None]) & (columns[None, None, :] < ends[..., None])

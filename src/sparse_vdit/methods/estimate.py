@@ -16,6 +16,7 @@ import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -23,6 +24,7 @@ from ..layout import VideoLayout
 from .candidates import Candidate, Fixed, MassVertical, num_key_blocks, row_mask
 
 PROBE_BYTES = 1 << 30  # partial sums kept at once (heads are probed in chunks under this)
+PROBE_FREE_SHARE = 4  # with the Triton kernel on CUDA: up to 1/4 of the free memory, if more
 KERNELS = ("auto", "torch", "triton")
 logger = logging.getLogger("sparse_vdit")
 _triton_failed = False  # set once "auto" saw the Triton partials fail; torch from then on
@@ -76,13 +78,15 @@ def probe(
     candidates: Sequence[Candidate],
     *,
     softmax_scale: float | None = None,
-    budget: int = PROBE_BYTES,
+    budget: int | None = None,
     kernel: str = "auto",
 ) -> Probe:
     """Candidate errors on the query ``rows`` (frame-major sequence positions) of ``(B, N, H, D)`` inputs.
 
-    Heads go in chunks whose partial sums fit in ``budget`` bytes; on CUDA the fp32 matmuls run
-    on TensorFloat-32. ``kernel`` computes the partials: ``"triton"`` (fused, scores never
+    Heads go in chunks whose partial sums fit in ``budget`` bytes (default :data:`PROBE_BYTES`,
+    or a quarter of the free GPU memory where that is more and the Triton kernel runs: fewer
+    chunks, fewer launches); on CUDA the fp32 matmuls run on TensorFloat-32. Results stay on
+    the device until one transfer at the end. ``kernel`` computes the partials: ``"triton"`` (fused, scores never
     stored), ``"torch"``, or ``"auto"``: Triton on CUDA where it applies, torch otherwise (and
     from the first Triton failure on, with a warning).
     """
@@ -116,20 +120,27 @@ def _triton_applies(block: int, dim: int, dtype: torch.dtype) -> bool:
 def _probe(q, k, v, layout, block, rows, candidates, softmax_scale, budget, kernel) -> Probe:
     batch, _, heads, dim = q.shape
     scale = dim**-0.5 if softmax_scale is None else softmax_scale
-    setup = _Setup(layout, block, rows.to(q.device), candidates, scale, kernel)
+    device = q.device
+    setup = _Setup(layout, block, rows.to(device), candidates, scale, kernel)
     result = Probe(
-        sq=torch.zeros(len(candidates), heads, dtype=torch.float64),
-        ref=torch.zeros(heads, dtype=torch.float64),
+        sq=torch.zeros(len(candidates), heads, dtype=torch.float64, device=device),
+        ref=torch.zeros(heads, dtype=torch.float64, device=device),
         count=batch * len(rows) * dim,
-        mass=torch.zeros(heads, setup.kb, dtype=torch.float32),
+        mass=torch.zeros(heads, setup.kb, dtype=torch.float32, device=device),
         patterns=[],
     )
-    chosen = {i: torch.zeros(heads, setup.kb, dtype=torch.bool) for i in setup.fitted}
+    chosen = {i: torch.zeros(heads, setup.kb, dtype=torch.bool, device=device) for i in setup.fitted}
+    if budget is None:
+        budget = PROBE_BYTES
+        if device.type == "cuda" and kernel == "triton":
+            budget = max(budget, torch.cuda.mem_get_info(device)[0] // PROBE_FREE_SHARE)
     per_head = batch * len(rows) * setup.kb * (dim + 2) * 4 * (2 if setup.token_major is not None else 1)
     chunk = max(1, min(heads, budget // max(per_head, 1)))
-    with _tf32(q.device):
+    with _tf32(device):
         for h0 in range(0, heads, chunk):
             _probe_chunk(setup, q, k, v, slice(h0, min(h0 + chunk, heads)), result, chosen)
+    result.sq, result.ref, result.mass = result.sq.cpu(), result.ref.cpu(), result.mass.cpu()
+    chosen = {i: c.cpu() for i, c in chosen.items()}
     for i, c in enumerate(candidates):
         fitted = i in chosen
         result.patterns.append(
@@ -148,14 +159,20 @@ class _Setup:
         self.kb = num_key_blocks(layout, block)
         q_blocks = {False: rows // block, True: layout.frame_major_order(device)[rows] // block}
         # fixed candidates: one mask [1, r, kb] for every head; fitted ones keep their band here
-        self.masks = {i: row_mask(c.pattern if isinstance(c, Fixed) else c.band(), layout, block,
-                                  q_blocks[c.token_major])[None] for i, c in enumerate(candidates)}  # fmt: skip
+        self.masks = {i: _all_rows_mask(c.pattern if isinstance(c, Fixed) else c.band(), layout, block,
+                                        device)[q_blocks[c.token_major]][None] for i, c in enumerate(candidates)}  # fmt: skip
         self.fitted = [i for i, c in enumerate(candidates) if isinstance(c, MassVertical)]
         self.groups = {
             order: [i for i, c in enumerate(candidates) if c.token_major == order] for order in (False, True)
         }
         need_tm = bool(self.groups[True])  # keys in token-major order (padded text is never moved)
         self.token_major = layout.token_major_order(device)[: layout.kv_len] if need_tm else None
+
+
+@lru_cache(maxsize=256)
+def _all_rows_mask(pattern, layout: VideoLayout, block: int, device: torch.device) -> torch.Tensor:
+    """:func:`row_mask` of every query block ``[query blocks, key blocks]``, kept per device."""
+    return row_mask(pattern, layout, block, torch.arange(-(-layout.num_tokens // block), device=device))
 
 
 def _probe_chunk(setup: _Setup, q, k, v, hs: slice, result: Probe, chosen: dict) -> None:
@@ -180,20 +197,20 @@ def _probe_chunk(setup: _Setup, q, k, v, hs: slice, result: Probe, chosen: dict)
             parts[True] = _partials(scores[..., setup.token_major], vh[:, :, setup.token_major], setup.block, kb)
         del scores
     dense = _combine(parts[False], torch.ones(1, 1, len(rows), kb, dtype=torch.bool, device=q.device))[0]
-    result.ref[hs] = dense.double().square().sum((0, 2, 3)).cpu()
+    result.ref[hs] = dense.double().square().sum((0, 2, 3))
     head_mass = _block_share(parts[False]).mean((0, 2))  # [h, kb]
-    result.mass[hs] = head_mass.cpu()
+    result.mass[hs] = head_mass
     masks = dict(setup.masks)
     for i in setup.fitted:  # stripes on each head's heaviest key blocks, plus the band
         picked = setup.candidates[i].select(head_mass, layout, setup.block)  # [h, kb]
-        chosen[i][hs] = picked.cpu()
+        chosen[i][hs] = picked
         masks[i] = masks[i] | picked[:, None, :]
     heads = hs.stop - hs.start
     for order, index in setup.groups.items():
         if index:
             stacked = torch.stack([masks[i].expand(heads, -1, -1) for i in index])  # [c, h, r, kb]
             out = _combine(parts[order], stacked)  # [c, B, h, r, D]
-            result.sq[index, hs] = (out - dense[None]).double().square().sum((1, 3, 4)).cpu()
+            result.sq[index, hs] = (out - dense[None]).double().square().sum((1, 3, 4))
 
 
 @contextmanager

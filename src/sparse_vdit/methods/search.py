@@ -235,7 +235,7 @@ class Searcher:
         self._tick(call)
         if call.step < s.warmup_steps or call.layer < s.warmup_layers:
             return None
-        with torch.no_grad():
+        with torch.no_grad(), torch.profiler.record_function("sparse_vdit.search_call"):
             return self._search_call(call)
 
     def _search_call(self, call) -> tuple[Pattern, ...] | None:
@@ -254,7 +254,8 @@ class Searcher:
         rows = block_rows(sample_query_blocks(num_q_blocks, count, gen), block, layout.num_tokens)
         q, k, v = call.q, call.k, call.v
         if s.estimate == "sampled":
-            result = probe(q, k, v, layout, block, rows, candidates)
+            with torch.profiler.record_function("sparse_vdit.probe"):
+                result = probe(q, k, v, layout, block, rows, candidates)
             sq, ref, count, mass, patterns = result.sq, result.ref, result.count, result.mass, result.patterns
         else:
             fitted = [c for c in candidates if isinstance(c, MassVertical)]

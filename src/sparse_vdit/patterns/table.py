@@ -153,7 +153,8 @@ def compile_layer(
 
 
 @lru_cache(maxsize=1024)
-def _device_ranges(pattern: Pattern, layout: VideoLayout, block: int, device: torch.device):
+def device_ranges(pattern: Pattern, layout: VideoLayout, block: int, device: torch.device):
+    """:func:`head_ranges` on ``device``, cached (one copy per pattern, layout, block and device)."""
     starts, ends = head_ranges(pattern, layout, block)
     return starts.to(device), ends.to(device)
 
@@ -164,7 +165,7 @@ def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
 
 @lru_cache(maxsize=1024)
 def _compile(patterns: tuple[Pattern, ...], layout: VideoLayout, block: int, device: torch.device) -> BlockTable:
-    rows = [_device_ranges(p, layout, block, device) for p in patterns]
+    rows = [device_ranges(p, layout, block, device) for p in patterns]
     width = max(starts.shape[1] for starts, _ in rows)
     starts = torch.stack([_pad(s, width) for s, _ in rows])
     ends = torch.stack([_pad(e, width) for _, e in rows])
