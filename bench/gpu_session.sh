@@ -11,6 +11,7 @@
 #   svg-sweep      SVG profiling launch shapes (programs per SM x tiles), Wan-14B 25%             (~180)
 #   triton-tuned   Triton with measured tiles (--triton-autotune) on two shapes                   (~150)
 #   search-cost    offline search vs one dense generation at real size, Wan-1.3B                  (~200)
+#   search-profile one warm search (ours, Wan-1.3B, 5 steps) under torch.profiler                (~90)
 #   e2e-compiled   end to end with torch.compile, Wan-1.3B and CogVideoX1.5, 25% and 10%          (~300)
 #   e2e-wan14b     end to end eager, Wan-14B, 25% and SVG 25%                                     (~150)
 #   e2e-wan14b-compiled  the same with torch.compile (no flex row)                               (~300)
@@ -52,6 +53,9 @@ for name in "$@"; do
         --triton-autotune --shapes wan1.3b-480p hunyuan-720p --budget-s 160 --out "$R/tuned" ;;
     search-cost) step search-cost 300 python3 bench/search_cost.py --models wan-1.3b --modes ours,paper --repeats 2 \
         --budget-s 260 --save-plans "$R/search-plans" --out "$R/search_cost.json" ;;
+    search-profile) TAIL=60 step search-profile 200 python3 bench/search_cost.py --models wan-1.3b --modes ours \
+        --steps 5 --repeats 1 --no-unpatched --no-progress --budget-s 170 --profile "$R/profile" \
+        --out "$R/search_profile.json" ;;
     e2e-compiled) step e2e-compiled 330 python3 bench/e2e.py --models wan-1.3b,cogvideox1.5 --modes compiled \
         --densities 0.25,0.1 --svg-densities 0.25 --svg-backends auto --repeats 2 --budget-s 300 \
         --out "$R/e2e_compiled.json" ;;

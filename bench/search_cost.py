@@ -219,9 +219,29 @@ def run_model(bench, args, device, dtype, rows: list, deadline: float, save=lamb
                 f"{row['cost_table_seconds']:.2f} s), dense {row['dense_seconds']:.2f} s, ratio {row['ratio']:.2f} "
                 f"({row['ratio_no_table']:.2f} without the table), density {row['density']:.1%}")  # fmt: skip
             E2E.release_tables()
+        if args.profile and mode == args.modes[0]:
+            profile_search(model, prompts, sampler, args, mode, Path(args.profile) / f"{bench.name}-{mode}.txt")
     del model, sampler
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def profile_search(model, prompts, sampler, args, mode: str, path: Path) -> None:
+    """One more (warm) search under ``torch.profiler``; its top operators by self CUDA and self
+    CPU time go to ``path`` and the log (where a search's time goes, beside the dense run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        sparse_vdit.search(model, prompts, steps=args.steps, seeds=args.seeds, sampler=sampler, mode=mode,
+                           epsilon=args.epsilon, lam=args.lam, backend=args.backend, block_size=args.block_size,
+                           progress=False)  # fmt: skip
+    averages = prof.key_averages()
+    sorts = (["self_cuda_time_total"] if torch.cuda.is_available() else []) + ["self_cpu_time_total"]
+    text = "\n\n".join(f"sorted by {key}:\n{averages.table(sort_by=key, row_limit=25)}" for key in sorts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    say(f"profile of one {mode} search written to {path}\n{text}")
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -274,6 +294,8 @@ def parse_args(argv=None):
     p.add_argument("--no-unpatched", dest="unpatched", action="store_false", help="skip the unpatched generation")
     p.add_argument("--keep-cache", action="store_true", help="use the usual cost-table cache, not a fresh one")
     p.add_argument("--save-plans", type=Path, default=None, help="folder for the searched plans (JSON)")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="folder: profile one more search of the first mode (torch.profiler tables, per model)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--out", type=Path, default=None,
                    help="results JSON (default bench/results/search_cost.json; a temp file with --dry-run)")  # fmt: skip

@@ -319,7 +319,7 @@ def parse(argv):
     p.add_argument("--chunks", nargs="*", type=int, default=[DEFAULT_CHUNK], help="torch path: score elements at once")
     p.add_argument("--tiles", nargs="*", default=["default"],
                    help="Triton path, swept: block_m,block_n,num_warps,num_stages (0 = default) or 'default'")
-    p.add_argument("--programs-per-sm", nargs="*", type=int, default=[4],
+    p.add_argument("--programs-per-sm", nargs="*", type=int, default=None,
                    help="Triton path, swept (crossed with --tiles): the key splits' target programs per SM")
     p.add_argument("--sets", type=int, default=3, help="rotated input sets")
     p.add_argument("--target-ms", type=float, default=300.0)
@@ -331,7 +331,11 @@ def parse(argv):
         args.tiles = list(dict.fromkeys(parse_tiles(t) for t in args.tiles or ["default"]))
     except ValueError as err:
         p.error(str(err))
-    args.programs_per_sm = list(dict.fromkeys(args.programs_per_sm or [4]))
+    try:
+        from sparse_vdit.kernels.triton.sampled import PROGRAMS_PER_SM as default  # the kernel's
+    except ImportError:  # no triton: the torch path only, where it means nothing
+        default = 1
+    args.programs_per_sm = list(dict.fromkeys(args.programs_per_sm or [default]))
     if min(args.programs_per_sm) < 1:
         p.error("--programs-per-sm: want positive integers")
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":

@@ -77,7 +77,9 @@ def test_svg_bench_rejects_bad_tiles(bench):
     with pytest.raises(SystemExit):
         bench.parse(["--dry-run", "--programs-per-sm", "0"])
     args = bench.parse(["--dry-run", "--tiles", "32,32,8,2", "default", "32,32,8,2"])
-    assert args.tiles == ["32,32,8,2", "default"] and args.programs_per_sm == [4]
+    from sparse_vdit.kernels.triton.sampled import PROGRAMS_PER_SM
+
+    assert args.tiles == ["32,32,8,2", "default"] and args.programs_per_sm == [PROGRAMS_PER_SM]  # the kernel's
 
 
 def test_svg_splits_follow_the_programs_per_sm_tunable(monkeypatch):
