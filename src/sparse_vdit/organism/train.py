@@ -168,15 +168,6 @@ def save_sample_gif(videos: torch.Tensor, path: Path, scale: int = 2) -> bool:
     return True
 
 
-def _earlier(info: dict) -> list[dict]:
-    """The ``train_info`` of every run before the one ``info`` continued from (oldest last)."""
-    runs = []
-    while "init" in info:
-        info = info["init"]["previous"]
-        runs.append(info)
-    return runs
-
-
 def train(args: argparse.Namespace, command: str) -> dict:
     """Run training as ``args`` say; return the ``train_info`` written beside the weights."""
     start = time.time()
@@ -191,7 +182,7 @@ def train(args: argparse.Namespace, command: str) -> dict:
     if args.init:
         spec = load_spec(args.init)
         model = load_organism(args.init, device=device).train()
-        config = dict(model.config)
+        config = {k: model.config[k] for k in organism_config()}
         info_file = Path(args.init) / "train_info.json"
         previous = json.loads(info_file.read_text()) if info_file.exists() else {}
     else:
@@ -280,7 +271,6 @@ def train(args: argparse.Namespace, command: str) -> dict:
     save_sample_strip(videos, refs, captions, out / "samples.png")
     save_sample_gif(videos, out / "samples.gif")
 
-    config = {k: config[k] for k in organism_config()} if args.init else config
     info = {
         "command": command,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
@@ -307,9 +297,8 @@ def train(args: argparse.Namespace, command: str) -> dict:
     }
     if previous is not None:
         info["init"] = {"from": str(args.init), "previous": previous}
-        before = [previous, *_earlier(previous)]
-        info["total_train_seconds"] = round(train_seconds + sum(i.get("train_seconds", 0) for i in before), 1)
-        info["total_videos_seen"] = info["videos_seen"] + sum(i.get("videos_seen", 0) for i in before)
+        for total, own in (("total_train_seconds", "train_seconds"), ("total_videos_seen", "videos_seen")):
+            info[total] = round(info[own] + previous.get(total, previous.get(own, 0)), 1)
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     tqdm.write(f"wrote {out}: {step} steps, final loss {info['final_loss']}, {info['wall_seconds']} s")
     return info
