@@ -203,9 +203,7 @@ def run_model(bench, args, device, dtype, rows: list, deadline: float, save=lamb
             if time.perf_counter() + next_search > deadline:
                 say(f"{bench.name} {mode} #{repeat}: skipped, about {next_search:.0f} s would pass the budget")
                 break
-            plan = sparse_vdit.search(model, prompts, steps=args.steps, seeds=args.seeds, sampler=sampler, mode=mode,
-                                      epsilon=args.epsilon, lam=args.lam, time_dense=True, backend=args.backend,
-                                      block_size=args.block_size, progress=args.progress)  # fmt: skip
+            plan = search(model, prompts, sampler, args, mode, time_dense=True, progress=args.progress)
             row = row_of(plan, model=bench.name, mode=mode, repeat=repeat, args=args, backend=backend,
                          unpatched=unpatched)  # fmt: skip
             rows.append(row)
@@ -226,6 +224,13 @@ def run_model(bench, args, device, dtype, rows: list, deadline: float, save=lamb
         torch.cuda.empty_cache()
 
 
+def search(model, prompts, sampler, args, mode: str, **kwargs):
+    """``sparse_vdit.search`` with this script's settings (``kwargs``: time_dense, progress)."""
+    return sparse_vdit.search(model, prompts, steps=args.steps, seeds=args.seeds, sampler=sampler, mode=mode,
+                              epsilon=args.epsilon, lam=args.lam, backend=args.backend, block_size=args.block_size,
+                              **kwargs)  # fmt: skip
+
+
 def profile_search(model, prompts, sampler, args, mode: str, path: Path) -> None:
     """One more (warm) search under ``torch.profiler``; its top operators by self CUDA and self
     CPU time go to ``path`` and the log (where a search's time goes, beside the dense run)."""
@@ -233,9 +238,7 @@ def profile_search(model, prompts, sampler, args, mode: str, path: Path) -> None
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
-        sparse_vdit.search(model, prompts, steps=args.steps, seeds=args.seeds, sampler=sampler, mode=mode,
-                           epsilon=args.epsilon, lam=args.lam, backend=args.backend, block_size=args.block_size,
-                           progress=False)  # fmt: skip
+        search(model, prompts, sampler, args, mode, progress=False)
     averages = prof.key_averages()
     sorts = (["self_cuda_time_total"] if torch.cuda.is_available() else []) + ["self_cpu_time_total"]
     text = "\n\n".join(f"sorted by {key}:\n{averages.table(sort_by=key, row_limit=25)}" for key in sorts)
