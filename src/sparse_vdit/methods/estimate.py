@@ -86,9 +86,9 @@ def probe(
     Heads go in chunks whose partial sums fit in ``budget`` bytes (default :data:`PROBE_BYTES`,
     or a quarter of the free GPU memory where that is more and the Triton kernel runs: fewer
     chunks, fewer launches); on CUDA the fp32 matmuls run on TensorFloat-32. Results stay on
-    the device until one transfer at the end. ``kernel`` computes the partials: ``"triton"`` (fused, scores never
-    stored), ``"torch"``, or ``"auto"``: Triton on CUDA where it applies, torch otherwise (and
-    from the first Triton failure on, with a warning).
+    the device until one transfer at the end. ``kernel`` computes the partials: ``"triton"``
+    (fused, scores never stored), ``"torch"``, or ``"auto"``: Triton on CUDA where it applies,
+    torch otherwise (and from the first Triton failure on, with a warning).
     """
     global _triton_failed
     if kernel not in KERNELS:
@@ -108,13 +108,11 @@ def probe(
 
 
 def _triton_applies(block: int, dim: int, dtype: torch.dtype) -> bool:
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return False
     try:
         from ..kernels.triton.partials import supports
     except ImportError:
         return False
-    return supports(block, dim)
+    return supports(block, dim, dtype)
 
 
 def _probe(q, k, v, layout, block, rows, candidates, softmax_scale, budget, kernel) -> Probe:

@@ -66,9 +66,12 @@ def block_partials_fwd(
     tl.store(A + cell[:, None] * HEAD_DIM + offs_d[None, :], a, mask=row_ok[:, None])
 
 
-def supports(block: int, head_dim: int) -> bool:
-    """Whether the kernel takes this key block and head size (powers of two, at least 16)."""
-    return all(x >= 16 and x & (x - 1) == 0 for x in (block, head_dim))
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def supports(block: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel takes this key block, head size (powers of two, at least 16) and dtype."""
+    return dtype in DTYPES and all(x >= 16 and x & (x - 1) == 0 for x in (block, head_dim))
 
 
 def block_partials(
@@ -89,8 +92,9 @@ def block_partials(
     ``m`` float32 ``[B, H, R, KB]``, as ``estimate._partials`` does.
     """
     batch, rows, heads, dim = q_rows.shape
-    if not supports(block, dim):
-        raise ValueError(f"block_partials needs power-of-two block and head_dim >= 16, got {block} and {dim}")
+    if not supports(block, dim, q_rows.dtype):
+        raise ValueError(f"block_partials needs power-of-two block and head_dim >= 16 and a dtype of {DTYPES}, "
+                         f"got {block}, {dim} and {q_rows.dtype}")  # fmt: skip
     if order is not None and order.shape != (kv_len,):
         raise ValueError(f"order must be [kv_len] = [{kv_len}], got {tuple(order.shape)}")
     q_rows, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_rows, k, v))
