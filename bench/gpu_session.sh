@@ -15,6 +15,7 @@
 #   e2e-compiled   end to end with torch.compile, Wan-1.3B and CogVideoX1.5, 25% and 10%          (~300)
 #   e2e-wan14b     end to end eager, Wan-14B, 25% and SVG 25%                                     (~150)
 #   e2e-wan14b-compiled  the same with torch.compile (no flex row)                               (~300)
+#   variants       kernel options A/B: Triton attention (TMA, warp spec.), SVG profiling kernel    (~300)
 #   tests          the GPU tests: kernels, patterns, layout, SVG's fused profiling kernel         (~60)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
@@ -64,6 +65,7 @@ for name in "$@"; do
     e2e-wan14b-compiled) step e2e-wan14b-compiled 400 python3 bench/e2e.py --models wan-14b --modes compiled \
         --densities 0.25 --svg-densities 0.25 --svg-backends auto --repeats 1 --budget-s 370 \
         --out "$R/e2e_wan14b_compiled.json" ;;
+    variants) TAIL=80 step variants 540 python3 bench/kernel_variants.py --densities 0.1 0.3 1.0 --out "$R" ;;
     tests) TAIL=6 step tests 300 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels \
         tests/patterns tests/test_layout.py tests/methods; python3 -m pytest -q -p no:cacheprovider \
         tests/methods/test_svg.py -k triton" ;;

@@ -54,6 +54,37 @@ def test_triton_matches_reference(case, dtype, monkeypatch):
 
 
 def test_schedule_puts_heavy_work_first():
-    counts = torch.tensor([[1, 1, 2], [5, 5, 5]], dtype=torch.int32)
+    counts = torch.tensor([[1, 1, 2], [5, 5, 5], [4, 6, 0]], dtype=torch.int32)
     order = launcher._schedule(counts, tiles_per_block=1, num_q_tiles=3)
-    assert order.tolist()[:3] == [3, 4, 5] and sorted(order.tolist()) == list(range(6))
+    assert order.tolist() == [7, 3, 4, 5, 6, 2, 0, 1, 8]
+    by_head = launcher._schedule(counts, tiles_per_block=1, num_q_tiles=3, order="heads")
+    assert by_head.tolist() == [3, 4, 5, 7, 6, 8, 2, 0, 1]  # heads 1, 2, 0; each head's tiles heaviest first
+    with pytest.raises(ValueError, match="schedule"):
+        launcher._schedule(counts, 1, 3, order="random")
+
+
+OPTION_SETS = {"tma": {"tma": True}, "warp-specialize": {"warp_specialize": True},
+               "both-by-heads": {"tma": True, "warp_specialize": True, "schedule": "heads"}}
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("case", ["mixed-text-suffix-padded-batch2", "ragged-1560-token-frames"])
+def test_kernel_options_match_reference(case, options, monkeypatch):
+    """TMA tiles and the warp-specialised loop give the same attention (frame-major heads: TMA's domain)."""
+    layout, block, heads, batch, dim = CASES[case]
+    heads = [p for p in heads if not p.token_major]
+    dtype = DTYPES[0]
+    table = compile_layer(heads, layout, block, DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    q, k, v = (torch.randn(batch, layout.num_tokens, len(heads), dim, generator=g, device=DEVICE).to(dtype) for _ in range(3))
+    monkeypatch.setattr(launcher, "OPTIONS", dict(launcher.OPTIONS, **OPTION_SETS[options]))
+    calls = []
+    descriptors = launcher._descriptors
+    monkeypatch.setattr(launcher, "_descriptors", lambda *a: calls.append(descriptors(*a)) or calls[-1])
+    out = sparse_attention(q, k, v, table, backend="triton")
+    assert [c is not None for c in calls] == ([True] if "tma" in OPTION_SETS[options] else [])
+    ref = sparse_attention(q.float(), k.float(), v.float(), table, backend="reference")
+    assert not out.isnan().any()
+    dense_expected = F.scaled_dot_product_attention(*(t.transpose(1, 2).double() for t in (q, k, v))).transpose(1, 2)
+    bound = max(2 * _torch_error(q, k, v, dense_expected), 1e-6)
+    assert rel_rms(out, ref) <= bound, f"{rel_rms(out, ref):.2e} > {bound:.2e}"

@@ -128,10 +128,18 @@ TRITON_CASES = {
 }
 
 
+# kernel launch settings: the default rule, and 16-key tiles (the frame-major mask tested once per
+# row and tile, as on a GPU at block 128) with P @ V skipped on tiles a mask's rows do not reach
+KERNEL_SETTINGS = {"default": {}, "row-wise-skip": {"block_n": 16, "skip_empty": True}}
+
+
+@pytest.mark.parametrize("setting", KERNEL_SETTINGS)
 @pytest.mark.parametrize("case", TRITON_CASES)
-def test_fused_triton_profiling_equals_the_torch_path(case):
+def test_fused_triton_profiling_equals_the_torch_path(case, setting, monkeypatch):
     pytest.importorskip("triton")
     import os
+
+    from sparse_vdit.kernels.triton import sampled as fused
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
@@ -144,6 +152,7 @@ def test_fused_triton_profiling_equals_the_torch_path(case):
     rows = sample_rows(layout, 24, 2, 1).to(device)
     patterns = band_widths(layout, 0.25, BLOCK).patterns()
     ref = sampled_outputs(q.float(), k.float(), v.float(), rows, layout, patterns, BLOCK, backend="torch")
+    monkeypatch.setattr(fused, "TUNING", dict(fused.TUNING, **KERNEL_SETTINGS[setting]))
     got = sampled_outputs(q, k, v, rows, layout, patterns, BLOCK, backend="triton")
     tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
     for a, b in zip(got, ref):

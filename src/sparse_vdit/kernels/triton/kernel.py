@@ -17,8 +17,34 @@ def sequence_rows(pos, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOK
 
 
 @triton.jit
+def online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile: q [BLOCK_M, D] against k [D, BLOCK_N] and v [BLOCK_N, D]; returns (m, l, acc).
+
+    ``MASKED``: ``valid`` [BLOCK_N] marks the keys that exist (the ragged last tile); the tile
+    always holds one at least, so the running max stays finite after it.
+    """
+    if IEEE:
+        qk = tl.dot(q, k, input_precision="ieee")
+    else:
+        qk = tl.dot(q, k)
+    if MASKED:
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def block_sparse_attention_fwd(
     Q, K, V, O,  # [B, N, H, D]; last dim contiguous
+    K_DESC, V_DESC,  # with TMA: tensor descriptors of K and V, blocks [1, BLOCK_N, 1, D]; else unused
     STARTS, ENDS,  # int32 [H, Qb, R]: visited key blocks as ranges [start, end), ascending
     SCHEDULE,  # int32 [H * Qb * TILES_PER_BLOCK]: work items, heaviest first
     TOKEN_MAJOR,  # int8 [H]: heads whose table is in token-major order
@@ -36,6 +62,8 @@ def block_sparse_attention_fwd(
     HEAD_DIM: tl.constexpr,
     IEEE: tl.constexpr,  # exact fp32 dots (no tf32) for float32 inputs
     ANY_TOKEN_MAJOR: tl.constexpr,  # some head reads its rows through the token-major order
+    TMA: tl.constexpr,  # full key tiles through K_DESC / V_DESC (frame-major heads only)
+    WARP_SPECIALIZE: tl.constexpr,  # the full-tile loop warp-specialised (Triton's tl.range option)
 ):  # fmt: skip
     item = tl.load(SCHEDULE + tl.program_id(0))
     head = item // NUM_Q_TILES
@@ -45,6 +73,7 @@ def block_sparse_attention_fwd(
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # positions in the head's own order
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_t = tl.arange(0, BLOCK_N)
     rows_m = offs_m
     token_major = False
     if ANY_TOKEN_MAJOR:
@@ -62,31 +91,28 @@ def block_sparse_attention_fwd(
     for r in range(0, NUM_RANGES):
         # a range of key blocks is a contiguous run of keys: no index list to read
         first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
-        last = tl.load(ENDS + ranges + r) * TABLE_BLOCK
-        for start in range(first, last, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            valid = offs_n < KV_LEN
+        last = tl.minimum(tl.load(ENDS + ranges + r) * TABLE_BLOCK, KV_LEN)
+        full = first + tl.maximum(last - first, 0) // BLOCK_N * BLOCK_N  # end of the whole key tiles
+        for start in tl.range(first, full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            if TMA:
+                k = K_DESC.load([batch, start, head, 0]).reshape(BLOCK_N, HEAD_DIM).T  # [D, BLOCK_N]
+                v = V_DESC.load([batch, start, head, 0]).reshape(BLOCK_N, HEAD_DIM)
+            else:
+                rows_n = start + offs_t
+                if ANY_TOKEN_MAJOR:
+                    rows_n = sequence_rows(rows_n, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
+                k = tl.load(k_base + rows_n[None, :] * stride_kn + offs_d[:, None])  # [D, BLOCK_N]
+                v = tl.load(v_base + rows_n[:, None] * stride_vn + offs_d[None, :])  # [BLOCK_N, D]
+            m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, offs_t, False, IEEE)
+        if full < last:  # the ragged tile at the end of the keys
+            offs_n = full + offs_t
+            valid = offs_n < last
             rows_n = offs_n
             if ANY_TOKEN_MAJOR:
                 rows_n = sequence_rows(offs_n, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
             k = tl.load(k_base + rows_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
-            if IEEE:
-                qk = tl.dot(q, k, input_precision="ieee")
-            else:
-                qk = tl.dot(q, k)
-            qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N]
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with no valid key
-            p = tl.math.exp2(qk - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + rows_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, True, IEEE)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that visit nothing stay 0
     o_ptrs = O + batch * stride_ob + head * stride_oh + rows_m[:, None] * stride_on + offs_d[None, :]

@@ -11,6 +11,12 @@ from . import tuning
 
 LOG2E = 1.4426950408889634
 
+# Kernel options (None: the default): ``tma`` loads whole key tiles through tensor descriptors
+# (sm90+ or the interpreter; launches without token-major heads only; default off),
+# ``warp_specialize`` asks Triton to warp-specialise the key loop (default off), ``schedule``
+# orders the work (see _schedule; default "work"). Set by benchmarks and tests.
+OPTIONS: dict[str, bool | str | None] = {"tma": None, "warp_specialize": None, "schedule": None}
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -49,26 +55,60 @@ def _tiles(
     return block_m, block_n, warps, stages
 
 
-def _schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: int) -> torch.Tensor:
-    """Work items ``head * num_q_tiles + tile``, the heaviest first (no idle tail behind dense heads)."""
+SCHEDULES = ("work", "heads")
+
+
+def _schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: int, order: str = "work") -> torch.Tensor:
+    """Work items ``head * num_q_tiles + tile``, heavy work first (no idle tail behind dense heads).
+
+    ``"work"``: every tile by its work, heaviest first. ``"heads"``: heads by their total work,
+    heaviest first, each head's tiles together (heaviest first, then in order), so that the
+    programs running at once read one head's keys and values (L2 reuse).
+    """
+    if order not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {order!r}")
     heads = kv_num_blocks.shape[0]
     work = kv_num_blocks.repeat_interleave(tiles_per_block, dim=1)[:, :num_q_tiles]
-    order = torch.argsort(work.flatten(), descending=True, stable=True)
-    assert order.numel() == heads * num_q_tiles
-    return order.to(torch.int32)
+    if order == "work":
+        result = torch.argsort(work.flatten(), descending=True, stable=True)
+    else:
+        by_head = torch.argsort(work.sum(1), descending=True, stable=True)
+        within = torch.argsort(work, dim=1, descending=True, stable=True)
+        result = (by_head[:, None] * num_q_tiles + within[by_head]).flatten()
+    assert result.numel() == heads * num_q_tiles
+    return result.to(torch.int32)
 
 
 _schedules: dict = {}
 
 
-def _cached_schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: int) -> torch.Tensor:
-    key = (kv_num_blocks.data_ptr(), tuple(kv_num_blocks.shape), kv_num_blocks.device, tiles_per_block, num_q_tiles)
+def _cached_schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: int, order: str) -> torch.Tensor:
+    key = (kv_num_blocks.data_ptr(), tuple(kv_num_blocks.shape), kv_num_blocks.device, tiles_per_block, num_q_tiles,
+           order)  # fmt: skip
     hit = _schedules.get(key)
     if hit is None or hit[0] is not kv_num_blocks:
         if len(_schedules) > 512:
             _schedules.clear()
-        hit = _schedules[key] = (kv_num_blocks, _schedule(kv_num_blocks, tiles_per_block, num_q_tiles))
+        hit = _schedules[key] = (kv_num_blocks, _schedule(kv_num_blocks, tiles_per_block, num_q_tiles, order))
     return hit[1]
+
+
+def _tma_ok(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return interpreting()
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple | None:
+    """Tensor descriptors of ``[B, N, H, D]`` keys and values, one ``[1, block_n, 1, D]`` tile at a
+    time; None where the tensors do not allow them (16-byte aligned base and strides)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    dim = k.shape[-1]
+    try:
+        return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, 1, dim]) for t in (k, v))
+    except AssertionError:
+        return None
 
 
 def forward(
@@ -108,14 +148,18 @@ def forward(
         tiles = tuning.tuned_tiles(batch, heads, n, dim, q.dtype, block_size, q.device)
     block_m, block_n, warps, stages = _tiles(block_size, dim, q.device, tiles)
     num_q_tiles = math.ceil(n / block_m)
-    schedule = _cached_schedule(kv_num_blocks, block_size // block_m, num_q_tiles)
+    schedule = _cached_schedule(kv_num_blocks, block_size // block_m, num_q_tiles, OPTIONS["schedule"] or "work")
     out = torch.empty_like(q)
     starts, ends = (r.contiguous() for r in ranges)
     any_token_major = token_major is not None  # None: every head is frame-major
     flags = token_major.to(torch.int8) if any_token_major else starts  # any pointer when unused
+    use_tma = bool(OPTIONS["tma"]) and not any_token_major and _tma_ok(q.device)
+    descriptors = _descriptors(k, v, block_n) if use_tma else None
+    tma = descriptors is not None
+    descriptors = descriptors or (starts, starts)  # any pointers when unused
     extra = {} if q.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
     block_sparse_attention_fwd[(heads * num_q_tiles, batch)](
-        q, k, v, out, starts, ends, schedule, flags,
+        q, k, v, out, *descriptors, starts, ends, schedule, flags,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -125,6 +169,7 @@ def forward(
         softmax_scale * LOG2E,
         TABLE_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
         IEEE=q.dtype == torch.float32, ANY_TOKEN_MAJOR=any_token_major,
+        TMA=tma, WARP_SPECIALIZE=bool(OPTIONS["warp_specialize"]),
         **extra,
     )  # fmt: skip
     return out

@@ -31,6 +31,36 @@ def _inside(RS, RE, offs_m, row_ok, key_block, NUM_ROWS, NR: tl.constexpr):
 
 
 @triton.jit
+def _row_inside(RS, RE, offs_m, row_ok, key_block, NUM_ROWS, NR: tl.constexpr):
+    """[BLOCK_M]: whether the one key block ``key_block`` of a whole tile lies in each row's ranges."""
+    hit = offs_m < 0  # all False
+    for r in tl.static_range(NR):
+        lo = tl.load(RS + r * NUM_ROWS + offs_m, mask=row_ok, other=0)
+        hi = tl.load(RE + r * NUM_ROWS + offs_m, mask=row_ok, other=0)
+        hit = hit | ((key_block >= lo) & (key_block < hi))
+    return hit
+
+
+@triton.jit
+def _masked(p, RS, RE, offs_m, row_ok, start, offs_n, token_major, NUM_ROWS, NR: tl.constexpr,
+            TABLE_BLOCK: tl.constexpr, TOKEN_MAJOR: tl.constexpr, ROW_WISE: tl.constexpr):
+    """``p`` with the keys outside each row's ranges zeroed. ``ROW_WISE``: the tile lies in one
+    frame-major key block (``BLOCK_N`` divides ``TABLE_BLOCK``), so one test per row decides."""
+    if ROW_WISE:
+        return tl.where(_row_inside(RS, RE, offs_m, row_ok, start // TABLE_BLOCK, NUM_ROWS, NR)[:, None], p, 0.0)
+    block = (token_major if TOKEN_MAJOR else offs_n) // TABLE_BLOCK
+    return tl.where(_inside(RS, RE, offs_m, row_ok, block, NUM_ROWS, NR), p, 0.0)
+
+
+@triton.jit
+def _accumulate(acc, alpha, p, v, IEEE: tl.constexpr):
+    acc = acc * alpha[:, None]
+    if IEEE:
+        return tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    return tl.dot(p.to(v.dtype), v, acc)
+
+
+@triton.jit
 def sampled_rows_fwd(
     QR, K, V,  # QR [B, R, H, D] (the sampled rows); K, V [B, N, H, D]; last dims contiguous
     RS0, RE0, RS1, RE1,  # int32 [NR, R]: key-block ranges of each row under mask 0 / mask 1
@@ -44,6 +74,9 @@ def sampled_rows_fwd(
     TABLE_BLOCK: tl.constexpr,
     TOKEN_MAJOR_0: tl.constexpr,  # whether mask 0's ranges count token-major key blocks
     TOKEN_MAJOR_1: tl.constexpr,
+    ROW_WISE_0: tl.constexpr,  # mask 0 decided once per row and tile (see _masked)
+    ROW_WISE_1: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr,  # skip a mask's P @ V where no row of the tile reaches the tile
     NR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -82,29 +115,31 @@ def sampled_rows_fwd(
         j = offs_n - VIDEO_START
         video = (j >= 0) & (j < VIDEO_TOKENS)
         token_major = tl.where(video, VIDEO_START + (j % FRAME_TOKENS) * FRAMES + j // FRAME_TOKENS, offs_n)
-        block_0 = (token_major if TOKEN_MAJOR_0 else offs_n) // TABLE_BLOCK
-        block_1 = (token_major if TOKEN_MAJOR_1 else offs_n) // TABLE_BLOCK
-        in_0 = _inside(RS0, RE0, offs_m, row_ok, block_0, NUM_ROWS, NR)
-        in_1 = _inside(RS1, RE1, offs_m, row_ok, block_1, NUM_ROWS, NR)
-
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        p_0 = tl.where(in_0, p, 0.0)
-        p_1 = tl.where(in_1, p, 0.0)
+        p_0 = _masked(p, RS0, RE0, offs_m, row_ok, start, offs_n, token_major, NUM_ROWS, NR, TABLE_BLOCK,
+                      TOKEN_MAJOR_0, ROW_WISE_0)
+        p_1 = _masked(p, RS1, RE1, offs_m, row_ok, start, offs_n, token_major, NUM_ROWS, NR, TABLE_BLOCK,
+                      TOKEN_MAJOR_1, ROW_WISE_1)
         l_0 = l_0 * alpha + tl.sum(p, 1)
         l_1 = l_1 * alpha + tl.sum(p_0, 1)
         l_2 = l_2 * alpha + tl.sum(p_1, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        if IEEE:
-            acc_0 = acc_0 * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            acc_1 = acc_1 * alpha[:, None] + tl.dot(p_0.to(v.dtype), v, input_precision="ieee")
-            acc_2 = acc_2 * alpha[:, None] + tl.dot(p_1.to(v.dtype), v, input_precision="ieee")
+        acc_0 = _accumulate(acc_0, alpha, p, v, IEEE)
+        if SKIP_EMPTY:  # a tile no row of the mask reaches only rescales its accumulator
+            if tl.max(p_0) > 0:
+                acc_1 = _accumulate(acc_1, alpha, p_0, v, IEEE)
+            else:
+                acc_1 = acc_1 * alpha[:, None]
+            if tl.max(p_1) > 0:
+                acc_2 = _accumulate(acc_2, alpha, p_1, v, IEEE)
+            else:
+                acc_2 = acc_2 * alpha[:, None]
         else:
-            acc_0 = acc_0 * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            acc_1 = acc_1 * alpha[:, None] + tl.dot(p_0.to(v.dtype), v)
-            acc_2 = acc_2 * alpha[:, None] + tl.dot(p_1.to(v.dtype), v)
+            acc_1 = _accumulate(acc_1, alpha, p_0, v, IEEE)
+            acc_2 = _accumulate(acc_2, alpha, p_1, v, IEEE)
         m_i = m_new
 
     part = (batch * HEADS + head) * SPLITS + split  # [B, H, S] flattened
@@ -120,9 +155,11 @@ def sampled_rows_fwd(
 
 
 # Launch overrides for benchmarks (None: the choice below): the tile (block_m, block_n, num_warps,
-# num_stages, see _tiles) and how many programs per SM the key splits aim at (see _splits).
+# num_stages, see _tiles), how many programs per SM the key splits aim at (see _splits), whether
+# frame-major masks are tested once per row and tile (row_wise, default on where exact) and
+# whether a mask's P @ V is skipped on tiles none of its rows reach (skip_empty, default off).
 TUNING: dict[str, int | None] = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None,
-                                 "programs_per_sm": None}  # fmt: skip
+                                 "programs_per_sm": None, "row_wise": None, "skip_empty": None}  # fmt: skip
 PROGRAMS_PER_SM = 8  # the default target of _splits on CUDA
 
 
@@ -187,6 +224,7 @@ def sampled_outputs(
     pl = torch.empty(batch, heads, splits, 3, rows, dtype=torch.float32, device=dev)
     po = torch.empty(batch, heads, splits, 3, rows, dim, dtype=torch.float32, device=dev)
     extra = {} if dev.type == "cpu" else {"num_warps": warps, "num_stages": stages}
+    row_wise = [TUNING.get("row_wise") is not False and not tm and block_size % block_n == 0 for tm in token_major]
     sampled_rows_fwd[(row_tiles, batch * heads, splits)](
         q_rows, k, v, rs[0], re[0], rs[1], re[1], pm, pl, po,
         q_rows.stride(0), q_rows.stride(1), q_rows.stride(2),
@@ -194,7 +232,8 @@ def sampled_outputs(
         v.stride(0), v.stride(1), v.stride(2),
         rows, heads, kv_len, per_split, splits, *layout,
         softmax_scale * LOG2E,
-        TABLE_BLOCK=block_size, TOKEN_MAJOR_0=bool(token_major[0]), TOKEN_MAJOR_1=bool(token_major[1]), NR=nr,
+        TABLE_BLOCK=block_size, TOKEN_MAJOR_0=bool(token_major[0]), TOKEN_MAJOR_1=bool(token_major[1]),
+        ROW_WISE_0=row_wise[0], ROW_WISE_1=row_wise[1], SKIP_EMPTY=bool(TUNING.get("skip_empty")), NR=nr,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim, IEEE=q_rows.dtype == torch.float32,
         **extra,
     )  # fmt: skip

@@ -1,0 +1,215 @@
+"""A/B of kernel variants on one GPU: the Triton attention kernel's options and the SVG profiling kernel's.
+
+    python bench/kernel_variants.py [--parts attention profile] [--variants NAME ...] [--out DIR]
+
+``attention`` (issue 7): our Triton block-sparse kernel (`sparse_attention(..., backend="triton")`)
+with each of ``launcher.OPTIONS`` (TMA key tiles, warp-specialised key loop) on band tables
+(frame-major, where TMA applies) and multi-diagonal tables (token-major) of the DESIGN.md shapes,
+against dense cuDNN SDPA: block efficiency ``density * t_cuDNN / t``; ``tiles`` variants replace
+the launcher's tile rule.
+
+``profile`` (issue 5): the fused sampled-row kernel (`kernels.triton.sampled.sampled_outputs`,
+64 rows, SVG's two bands at 25% / 20%) at Wan-14B 720p with each ``sampled.TUNING`` setting.
+
+Every variant is checked against the first of its group (relative RMS) before it is timed;
+failures (a variant that does not compile on this Triton) are reported, not fatal. Prints a table
+last and writes ``kernel_variants.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+try:  # run as a script from a checkout without installing
+    import sparse_vdit  # noqa: F401
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, os.path.join(HERE, "..", "src"))
+
+import attention as ATT  # noqa: E402
+
+from sparse_vdit import sparse_attention  # noqa: E402
+from sparse_vdit.kernels.triton import launcher, sampled  # noqa: E402
+from sparse_vdit.methods.svg import band_widths, row_ranges, sample_rows  # noqa: E402
+
+ATTENTION_VARIANTS = {  # launcher.OPTIONS, plus "tiles" (BLOCK_M, BLOCK_N, warps, stages) over the rule
+    "work": {"schedule": "work"},
+    "heads": {"schedule": "heads"},
+    "tma": {"tma": True},
+    "ws": {"warp_specialize": True},
+    "tma+ws": {"tma": True, "warp_specialize": True},
+    "heads+tma+ws": {"schedule": "heads", "tma": True, "warp_specialize": True},
+    "128x128x8x2": {"tiles": (128, 128, 8, 2)},
+    "ws 128x128x8x2": {"warp_specialize": True, "tiles": (128, 128, 8, 2)},
+    "tma+ws 128x128x8x2": {"tma": True, "warp_specialize": True, "tiles": (128, 128, 8, 2)},
+    "ws 128x64x4x3": {"warp_specialize": True, "tiles": (128, 64, 4, 3)},
+}
+UNSET = {"tma": None, "warp_specialize": None, "schedule": None}
+PROFILE_VARIANTS = {
+    "no row-wise 16x64x4x3": {"row_wise": False},
+    "row-wise 16x64x4x3": {},
+    "row-wise skip 16x64x4x3": {"skip_empty": True},
+    "64x64x8x3 skip": {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 3, "skip_empty": True},
+    "64x64x8x2": {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 2},
+    "64x64x4x3": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3},
+    "64x32x4x3": {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3},
+    "64x64x8x3 pps4": {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 3, "programs_per_sm": 4},
+    "64x64x8x3 pps16": {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 3, "programs_per_sm": 16},
+    "32x64x4x3": {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 3},
+    "32x64x8x3": {"block_m": 32, "block_n": 64, "num_warps": 8, "num_stages": 3},
+    "64x64x8x3": {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 3},
+    "32x64x4x2": {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    "32x32x4x3": {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 3},
+    "32x64x4x3 pps4": {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4},
+    "32x64x4x3 pps16": {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 16},
+}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).square().mean().sqrt() / b.square().mean().sqrt().clamp_min(1e-30))
+
+
+def triton_with_tiles(q, k, v, table, tiles):
+    """The Triton backend with the launcher's tile rule replaced by ``tiles``."""
+    rule = launcher._tiles
+    launcher._tiles = lambda block, dim, device, override=None: rule(block, dim, device, override or tiles)
+    try:
+        return sparse_attention(q, k, v, table, backend="triton")
+    finally:
+        launcher._tiles = rule
+
+
+def attention_part(args, rows: list) -> None:
+    from torch.nn.attention import SDPBackend
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    cudnn = ATT._sdpa(SDPBackend.CUDNN_ATTENTION)
+    for name in args.shapes:
+        shape = ATT.SHAPES[name]
+        n = shape.layout.num_tokens
+        g = torch.Generator(device=device).manual_seed(0)
+        sets = [tuple(torch.randn(1, n, shape.heads, shape.dim, generator=g, device=device, dtype=dtype)
+                      for _ in range(3)) for _ in range(2)]  # fmt: skip
+        dense_ms = ATT.time_fn(cudnn, sets, target_ms=args.target_ms)[0]
+        for kind, density in [(k, d) for k in args.kinds for d in args.densities]:
+            if (kind != "band" and density >= 1.0) or (kind == "mixed" and density != 0.3) or (
+                    kind == "multi_diag" and density > 0.3):
+                continue
+            table, _ = ATT.table_for(kind, density, shape.layout, shape.heads, device)
+            base = None
+            calls = [(n, o) for n, o in ATTENTION_VARIANTS.items() if args.variants is None or n in args.variants]
+            for variant, options in calls:
+                row = {"part": "attention", "shape": name, "kind": kind, "density": round(table.density, 4),
+                       "variant": variant, "cudnn_ms": dense_ms}  # fmt: skip
+                try:
+                    options = dict(options)
+                    tiles = options.pop("tiles", None)
+                    launcher.OPTIONS.update(UNSET, **options)
+                    fn = (lambda q, k, v: sparse_attention(q, k, v, table, backend="triton")) if tiles is None \
+                        else (lambda q, k, v, t=tiles: triton_with_tiles(q, k, v, table, t))  # noqa: E731
+                    out = fn(*sets[0])
+                    base = out if base is None else base
+                    row["rel_rms_vs_first"] = rel(out, base)
+                    row["nan"] = bool(out.isnan().any())
+                    ms = ATT.time_fn(fn, sets, target_ms=args.target_ms)[0]
+                    row.update(ms=ms, efficiency=table.density * dense_ms / ms)
+                except Exception as err:  # noqa: BLE001 - a variant may not compile on this Triton
+                    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+                    traceback.print_exc(limit=2)
+                finally:
+                    launcher.OPTIONS.update(UNSET)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+
+def profile_part(args, rows: list) -> None:
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    shape = ATT.SHAPES["wan14b-720p"]
+    layout = shape.layout
+    n = layout.num_tokens
+    g = torch.Generator(device=device).manual_seed(0)
+    sets = [tuple(torch.randn(1, n, shape.heads, shape.dim, generator=g, device=device, dtype=dtype)
+                  for _ in range(3)) for _ in range(2)]  # fmt: skip
+    geometry = (layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens)
+    for density in (0.25, 0.2):
+        patterns = band_widths(layout, density, ATT.BLOCK).patterns()
+        picks = sample_rows(layout, 64, 3, 5).to(device)
+        starts, ends = row_ranges(picks, layout, patterns, ATT.BLOCK)
+        tm = tuple(p.token_major for p in patterns)
+        base = None
+        for variant, tuning in PROFILE_VARIANTS.items():
+            row = {"part": "profile", "shape": shape.name, "density": density, "variant": variant}
+            saved = dict(sampled.TUNING)
+            try:
+                sampled.TUNING.update(tuning)
+
+                def fn(q, k, v):
+                    return sampled.sampled_outputs(q.index_select(1, picks), k, v, starts, ends, tm,
+                                                   kv_len=layout.kv_len, softmax_scale=shape.dim**-0.5,
+                                                   block_size=ATT.BLOCK, layout=geometry)  # fmt: skip
+
+                out = fn(*sets[0])
+                base = out if base is None else base
+                row["rel_rms_vs_first"] = max(rel(a, b) for a, b in zip(out, base))
+                row["ms"] = ATT.time_fn(fn, sets, target_ms=args.target_ms)[0]
+            except Exception as err:  # noqa: BLE001
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+                traceback.print_exc(limit=2)
+            finally:
+                sampled.TUNING.clear()
+                sampled.TUNING.update(saved)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+
+def print_table(rows: list) -> None:
+    print("\n| part | shape | kind | density | variant | ms | efficiency | rel RMS vs first |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "-")[:60]
+        eff = f"{r['efficiency']:.2f}" if "efficiency" in r else "-"
+        err = f"{r['rel_rms_vs_first']:.1e}" if "rel_rms_vs_first" in r else "-"
+        print(f"| {r['part']} | {r['shape']} | {r.get('kind', 'svg bands')} | {r['density']:.3f} | {r['variant']} | "
+              f"{ms} | {eff} | {err} |")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", nargs="*", default=["profile", "attention"], choices=["attention", "profile"])
+    p.add_argument("--shapes", nargs="*", default=list(ATT.SHAPES), choices=list(ATT.SHAPES))
+    p.add_argument("--kinds", nargs="*", default=["band", "multi_diag", "mixed"], choices=list(ATT.KINDS),
+                   help="band at every density; multi_diag up to 30%%; mixed at 30%% only")
+    p.add_argument("--densities", nargs="*", type=float, default=[0.1, 0.3, 0.5, 1.0])
+    p.add_argument("--target-ms", type=float, default=200.0)
+    p.add_argument("--variants", nargs="*", default=None, help="attention variants to run (default all)")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    args = p.parse_args(argv)
+    t0 = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "argv": argv or sys.argv[1:]}  # fmt: skip
+
+    class Rows(list):  # saved after every row, so a run stopped at its time limit keeps what it measured
+        def append(self, row):
+            super().append(row)
+            with open(os.path.join(args.out, "kernel_variants.json"), "w") as f:
+                json.dump({"meta": dict(meta, seconds=round(time.time() - t0, 1)), "rows": self}, f, indent=1)
+
+    rows = Rows()
+    for part in args.parts:
+        {"attention": attention_part, "profile": profile_part}[part](args, rows)
+    print(json.dumps(meta))
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
