@@ -41,35 +41,33 @@ from sparse_vdit.kernels.triton import launcher, sampled  # noqa: E402
 from sparse_vdit.methods.svg import band_widths, row_ranges, sample_rows  # noqa: E402
 
 ATTENTION_VARIANTS = {  # launcher.OPTIONS, plus "tiles" (BLOCK_M, BLOCK_N, warps, stages) over the rule
-    "work": {"schedule": "work"},
-    "heads": {"schedule": "heads"},
-    "tma": {"tma": True},
-    "ws": {"warp_specialize": True},
-    "tma+ws": {"tma": True, "warp_specialize": True},
+    "work": {"schedule": "work", "tma": False, "warp_specialize": False},  # the kernel before the options
+    "heads": {"schedule": "heads", "tma": False, "warp_specialize": False},
+    "levels": {"schedule": "levels", "tma": False, "warp_specialize": False},
+    "tma": {"schedule": "work", "tma": True, "warp_specialize": False},
+    "ws": {"schedule": "work", "tma": False, "warp_specialize": True},
+    "tma+ws": {"schedule": "work", "tma": True, "warp_specialize": True},
+    "heads+tma": {"schedule": "heads", "tma": True, "warp_specialize": False},
     "heads+tma+ws": {"schedule": "heads", "tma": True, "warp_specialize": True},
-    "128x128x8x2": {"tiles": (128, 128, 8, 2)},
-    "ws 128x128x8x2": {"warp_specialize": True, "tiles": (128, 128, 8, 2)},
-    "tma+ws 128x128x8x2": {"tma": True, "warp_specialize": True, "tiles": (128, 128, 8, 2)},
-    "ws 128x64x4x3": {"warp_specialize": True, "tiles": (128, 64, 4, 3)},
+    "levels+tma": {"schedule": "levels", "tma": True, "warp_specialize": False},  # launcher.DEFAULTS
+    "levels+tma+ws": {"schedule": "levels", "tma": True, "warp_specialize": True},
+    "128x128x8x2": {"schedule": "work", "tma": False, "warp_specialize": False, "tiles": (128, 128, 8, 2)},
+    "ws 128x128x8x2": {"schedule": "work", "tma": False, "warp_specialize": True, "tiles": (128, 128, 8, 2)},
+    "tma+ws 128x128x8x2": {"schedule": "work", "tma": True, "warp_specialize": True, "tiles": (128, 128, 8, 2)},
+    "ws 128x64x4x3": {"schedule": "work", "tma": False, "warp_specialize": True, "tiles": (128, 64, 4, 3)},
 }
 UNSET = {"tma": None, "warp_specialize": None, "schedule": None}
-PROFILE_VARIANTS = {
-    "no row-wise 16x64x4x3": {"row_wise": False},
-    "row-wise 16x64x4x3": {},
-    "row-wise skip 16x64x4x3": {"skip_empty": True},
-    "64x64x8x3 skip": {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 3, "skip_empty": True},
-    "64x64x8x2": {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 2},
+PROFILE_VARIANTS = {  # sampled.TUNING; the first is the default (sampled._tiles)
+    "64x32x4x3": {},
+    "16x64x4x3 (before)": {"block_m": 16, "block_n": 64, "num_warps": 4, "num_stages": 3},
+    "no row-wise 64x32x4x3": {"row_wise": False},
+    "64x32x4x2": {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
+    "64x32x4x4": {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 4},
+    "64x32x8x3": {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 3},
+    "64x16x4x3": {"block_m": 64, "block_n": 16, "num_warps": 4, "num_stages": 3},
     "64x64x4x3": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3},
-    "64x32x4x3": {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3},
-    "64x64x8x3 pps4": {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 3, "programs_per_sm": 4},
-    "64x64x8x3 pps16": {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 3, "programs_per_sm": 16},
-    "32x64x4x3": {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 3},
-    "32x64x8x3": {"block_m": 32, "block_n": 64, "num_warps": 8, "num_stages": 3},
-    "64x64x8x3": {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 3},
-    "32x64x4x2": {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2},
-    "32x32x4x3": {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 3},
-    "32x64x4x3 pps4": {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4},
-    "32x64x4x3 pps16": {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 16},
+    "64x32x4x3 pps4": {"programs_per_sm": 4},
+    "64x32x4x3 pps16": {"programs_per_sm": 16},
 }
 
 
@@ -102,7 +100,7 @@ def attention_part(args, rows: list) -> None:
         dense_ms = ATT.time_fn(cudnn, sets, target_ms=args.target_ms)[0]
         for kind, density in [(k, d) for k in args.kinds for d in args.densities]:
             if (kind != "band" and density >= 1.0) or (kind == "mixed" and density != 0.3) or (
-                    kind == "multi_diag" and density > 0.3):
+                    kind == "multi_diag" and density > 0.5):
                 continue
             table, _ = ATT.table_for(kind, density, shape.layout, shape.heads, device)
             base = None
@@ -172,14 +170,22 @@ def profile_part(args, rows: list) -> None:
 
 
 def print_table(rows: list) -> None:
-    print("\n| part | shape | kind | density | variant | ms | efficiency | rel RMS vs first |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "-")[:60]
-        eff = f"{r['efficiency']:.2f}" if "efficiency" in r else "-"
-        err = f"{r['rel_rms_vs_first']:.1e}" if "rel_rms_vs_first" in r else "-"
-        print(f"| {r['part']} | {r['shape']} | {r.get('kind', 'svg bands')} | {r['density']:.3f} | {r['variant']} | "
-              f"{ms} | {eff} | {err} |")
+    """One line per (shape, kind, density) with each variant's block efficiency (attention) or ms
+    (profile); an error shows as ``err``."""
+    for part, value in (("profile", "ms"), ("attention", "efficiency")):
+        mine = [r for r in rows if r["part"] == part]
+        variants = list(dict.fromkeys(r["variant"] for r in mine))
+        if not mine:
+            continue
+        print(f"\n{part}: {value} per variant")
+        print("| shape | kind | density | " + " | ".join(variants) + " |")
+        print("|---|---|---|" + "---|" * len(variants))
+        cells: dict = {}
+        for r in mine:
+            key = (r["shape"], r.get("kind", "svg bands"), r["density"])
+            cells.setdefault(key, {})[r["variant"]] = f"{r[value]:.3f}" if value in r else "err"
+        for (shape, kind, density), got in cells.items():
+            print(f"| {shape} | {kind} | {density:.3f} | " + " | ".join(got.get(v, "-") for v in variants) + " |")
 
 
 def main(argv=None) -> None:
@@ -187,7 +193,7 @@ def main(argv=None) -> None:
     p.add_argument("--parts", nargs="*", default=["profile", "attention"], choices=["attention", "profile"])
     p.add_argument("--shapes", nargs="*", default=list(ATT.SHAPES), choices=list(ATT.SHAPES))
     p.add_argument("--kinds", nargs="*", default=["band", "multi_diag", "mixed"], choices=list(ATT.KINDS),
-                   help="band at every density; multi_diag up to 30%%; mixed at 30%% only")
+                   help="band and vertical at every density; multi_diag up to 50%%; mixed at 30%% only")
     p.add_argument("--densities", nargs="*", type=float, default=[0.1, 0.3, 0.5, 1.0])
     p.add_argument("--target-ms", type=float, default=200.0)
     p.add_argument("--variants", nargs="*", default=None, help="attention variants to run (default all)")

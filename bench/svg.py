@@ -39,8 +39,7 @@ each density, one SVG layer call (no warm-up) is timed in parts, CUDA events, me
 Random data gives near-uniform attention, so the spatial/temporal mix is whatever the
 classifier picks (reported as ``temporal_share``); timings depend on it only through the
 permutation of the temporal heads. ``--chunks`` (torch path), ``--rows``, and on the Triton path
-``--tiles`` (block_m,block_n,warps,stages[,skip]; 0 = that field's default, ``default`` = all;
-``skip``: P @ V skipped on key tiles a mask's rows do not reach) crossed
+``--tiles`` (block_m,block_n,warps,stages; 0 = that field's default, ``default`` = all) crossed
 with ``--programs-per-sm`` (the key splits' target, ``sampled.TUNING["programs_per_sm"]``) sweep
 the classifier's settings; every timed row records ``tiles``, ``programs_per_sm`` (None on the
 torch path) and the kernel's actual ``launch`` (grid, tile, splits, programs per SM).
@@ -98,19 +97,13 @@ TILE_KEYS = ("block_m", "block_n", "num_warps", "num_stages")
 
 
 def parse_tiles(spec: str) -> str:
-    """``--tiles`` value: ``default`` or four ints (0 = that field's default), optionally followed by
-    ``,skip`` (``sampled.TUNING["skip_empty"]``), normalised."""
+    """``--tiles`` value: ``default`` or four ints (0 = that field's default), normalised."""
     if spec == "default":
         return spec
-    fields = spec.split(",")
-    skip = fields[-1] == "skip"
-    try:
-        values = [int(x) for x in fields[: len(fields) - skip]]
-    except ValueError:
-        values = []
+    values = [int(x) for x in spec.split(",")]
     if len(values) != 4 or min(values) < 0:
-        raise ValueError(f"tiles {spec!r}: want block_m,block_n,num_warps,num_stages[,skip] (0 = default) or 'default'")
-    return ",".join(map(str, values)) + (",skip" if skip else "")
+        raise ValueError(f"tiles {spec!r}: want block_m,block_n,num_warps,num_stages (0 = default) or 'default'")
+    return ",".join(map(str, values))
 
 
 @contextlib.contextmanager
@@ -122,10 +115,8 @@ def launch_setting(tiles: str | None, programs_per_sm: int | None):
     from sparse_vdit.kernels.triton import sampled
 
     saved = dict(sampled.TUNING)
-    fields = [] if tiles == "default" else tiles.split(",")
-    skip = "skip" in fields
-    values = [int(x) or None for x in fields if x != "skip"] or [None] * 4
-    sampled.TUNING.update(zip(TILE_KEYS, values), programs_per_sm=programs_per_sm, skip_empty=skip or None)
+    values = [None] * 4 if tiles == "default" else [int(x) or None for x in tiles.split(",")]
+    sampled.TUNING.update(zip(TILE_KEYS, values), programs_per_sm=programs_per_sm)
     try:
         yield
     finally:

@@ -59,20 +59,25 @@ def test_schedule_puts_heavy_work_first():
     assert order.tolist() == [7, 3, 4, 5, 6, 2, 0, 1, 8]
     by_head = launcher._schedule(counts, tiles_per_block=1, num_q_tiles=3, order="heads")
     assert by_head.tolist() == [3, 4, 5, 7, 6, 8, 2, 0, 1]  # heads 1, 2, 0; each head's tiles heaviest first
+    by_level = launcher._schedule(counts, tiles_per_block=1, num_q_tiles=3, order="levels")
+    assert by_level.tolist() == [3, 4, 5, 6, 7, 2, 0, 1, 8]  # levels 2 (4..7 blocks), 1, 0, then empty tiles
     with pytest.raises(ValueError, match="schedule"):
         launcher._schedule(counts, 1, 3, order="random")
 
 
-OPTION_SETS = {"tma": {"tma": True}, "warp-specialize": {"warp_specialize": True},
-               "both-by-heads": {"tma": True, "warp_specialize": True, "schedule": "heads"}}
+OPTION_SETS = {  # the defaults (launcher.DEFAULTS) are covered by test_triton_matches_reference
+    "plain-by-work": {"tma": False, "warp_specialize": False, "schedule": "work"},
+    "tma-by-heads": {"tma": True, "warp_specialize": False, "schedule": "heads"},
+    "warp-specialize": {"tma": False, "warp_specialize": True, "schedule": "levels"},
+}
 
 
 @pytest.mark.parametrize("options", OPTION_SETS)
 @pytest.mark.parametrize("case", ["mixed-text-suffix-padded-batch2", "ragged-1560-token-frames"])
 def test_kernel_options_match_reference(case, options, monkeypatch):
-    """TMA tiles and the warp-specialised loop give the same attention (frame-major heads: TMA's domain)."""
+    """Each kernel option (TMA tiles for the frame-major heads, the warp-specialised loop, the work
+    order) gives the same attention, with token-major heads in the same launch."""
     layout, block, heads, batch, dim = CASES[case]
-    heads = [p for p in heads if not p.token_major]
     dtype = DTYPES[0]
     table = compile_layer(heads, layout, block, DEVICE)
     g = torch.Generator(device=DEVICE).manual_seed(2)
@@ -82,7 +87,7 @@ def test_kernel_options_match_reference(case, options, monkeypatch):
     descriptors = launcher._descriptors
     monkeypatch.setattr(launcher, "_descriptors", lambda *a: calls.append(descriptors(*a)) or calls[-1])
     out = sparse_attention(q, k, v, table, backend="triton")
-    assert [c is not None for c in calls] == ([True] if "tma" in OPTION_SETS[options] else [])
+    assert [c is not None for c in calls] == ([True] if OPTION_SETS[options]["tma"] else [])
     ref = sparse_attention(q.float(), k.float(), v.float(), table, backend="reference")
     assert not out.isnan().any()
     dense_expected = F.scaled_dot_product_attention(*(t.transpose(1, 2).double() for t in (q, k, v))).transpose(1, 2)

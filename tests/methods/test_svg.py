@@ -128,9 +128,10 @@ TRITON_CASES = {
 }
 
 
-# kernel launch settings: the default rule, and 16-key tiles (the frame-major mask tested once per
-# row and tile, as on a GPU at block 128) with P @ V skipped on tiles a mask's rows do not reach
-KERNEL_SETTINGS = {"default": {}, "row-wise-skip": {"block_n": 16, "skip_empty": True}}
+# kernel launch settings: the default rule, 16-row tiles with 16-key tiles (several row tiles; the
+# frame-major mask tested once per row and tile, as on a GPU at block 128), and the mask tested per key
+KERNEL_SETTINGS = {"default": {}, "16x16-row-wise": {"block_m": 16, "block_n": 16},
+                   "per-key": {"block_n": 16, "row_wise": False}}
 
 
 @pytest.mark.parametrize("setting", KERNEL_SETTINGS)

@@ -42,6 +42,41 @@ def online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, MASKED: tl.cons
 
 
 @triton.jit
+def key_range(
+    q, m_i, l_i, acc, first, last, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, qk_scale,
+    FRAMES: tl.constexpr, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+    TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):  # fmt: skip
+    """Keys ``[first, last)`` of the head's own order into (m, l, acc): whole tiles unmasked, then the
+    ragged one. ``TOKEN_MAJOR``: positions are token-major, rows are read through the permutation."""
+    offs_t = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    full = first + tl.maximum(last - first, 0) // BLOCK_N * BLOCK_N  # end of the whole key tiles
+    for start in tl.range(first, full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        if TMA:
+            k = K_DESC.load([batch, start, head, 0]).reshape(BLOCK_N, HEAD_DIM).T  # [D, BLOCK_N]
+            v = V_DESC.load([batch, start, head, 0]).reshape(BLOCK_N, HEAD_DIM)
+        else:
+            rows_n = start + offs_t
+            if TOKEN_MAJOR:
+                rows_n = sequence_rows(rows_n, True, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
+            k = tl.load(k_base + rows_n[None, :] * stride_kn + offs_d[:, None])  # [D, BLOCK_N]
+            v = tl.load(v_base + rows_n[:, None] * stride_vn + offs_d[None, :])  # [BLOCK_N, D]
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, offs_t, False, IEEE)
+    if full < last:
+        offs_n = full + offs_t
+        valid = offs_n < last
+        rows_n = offs_n
+        if TOKEN_MAJOR:
+            rows_n = sequence_rows(offs_n, True, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
+        k = tl.load(k_base + rows_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
+        v = tl.load(v_base + rows_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, True, IEEE)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def block_sparse_attention_fwd(
     Q, K, V, O,  # [B, N, H, D]; last dim contiguous
     K_DESC, V_DESC,  # with TMA: tensor descriptors of K and V, blocks [1, BLOCK_N, 1, D]; else unused
@@ -54,16 +89,17 @@ def block_sparse_attention_fwd(
     stride_ob, stride_on, stride_oh,
     stride_rh, stride_rm,
     N, KV_LEN, NUM_Q_TILES, NUM_RANGES,
-    FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+    FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
     qk_scale,  # softmax_scale * log2(e)
+    FRAMES: tl.constexpr,  # a constant, so the token-major index arithmetic divides by a constant
     TABLE_BLOCK: tl.constexpr,  # block size of the table (tokens)
     BLOCK_M: tl.constexpr,  # query tile; divides TABLE_BLOCK
     BLOCK_N: tl.constexpr,  # key tile; divides TABLE_BLOCK
     HEAD_DIM: tl.constexpr,
     IEEE: tl.constexpr,  # exact fp32 dots (no tf32) for float32 inputs
     ANY_TOKEN_MAJOR: tl.constexpr,  # some head reads its rows through the token-major order
-    TMA: tl.constexpr,  # full key tiles through K_DESC / V_DESC (frame-major heads only)
-    WARP_SPECIALIZE: tl.constexpr,  # the full-tile loop warp-specialised (Triton's tl.range option)
+    TMA: tl.constexpr,  # frame-major heads read whole key tiles through K_DESC / V_DESC
+    WARP_SPECIALIZE: tl.constexpr,  # the whole-tile loop warp-specialised (Triton's tl.range option)
 ):  # fmt: skip
     item = tl.load(SCHEDULE + tl.program_id(0))
     head = item // NUM_Q_TILES
@@ -73,7 +109,6 @@ def block_sparse_attention_fwd(
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # positions in the head's own order
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_t = tl.arange(0, BLOCK_N)
     rows_m = offs_m
     token_major = False
     if ANY_TOKEN_MAJOR:
@@ -89,30 +124,19 @@ def block_sparse_attention_fwd(
     k_base = K + batch * stride_kb + head * stride_kh
     v_base = V + batch * stride_vb + head * stride_vh
     for r in range(0, NUM_RANGES):
-        # a range of key blocks is a contiguous run of keys: no index list to read
+        # a range of key blocks is a contiguous run of keys (in the head's order): no index list to read
         first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
         last = tl.minimum(tl.load(ENDS + ranges + r) * TABLE_BLOCK, KV_LEN)
-        full = first + tl.maximum(last - first, 0) // BLOCK_N * BLOCK_N  # end of the whole key tiles
-        for start in tl.range(first, full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-            if TMA:
-                k = K_DESC.load([batch, start, head, 0]).reshape(BLOCK_N, HEAD_DIM).T  # [D, BLOCK_N]
-                v = V_DESC.load([batch, start, head, 0]).reshape(BLOCK_N, HEAD_DIM)
-            else:
-                rows_n = start + offs_t
-                if ANY_TOKEN_MAJOR:
-                    rows_n = sequence_rows(rows_n, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
-                k = tl.load(k_base + rows_n[None, :] * stride_kn + offs_d[:, None])  # [D, BLOCK_N]
-                v = tl.load(v_base + rows_n[:, None] * stride_vn + offs_d[None, :])  # [BLOCK_N, D]
-            m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, offs_t, False, IEEE)
-        if full < last:  # the ragged tile at the end of the keys
-            offs_n = full + offs_t
-            valid = offs_n < last
-            rows_n = offs_n
-            if ANY_TOKEN_MAJOR:
-                rows_n = sequence_rows(offs_n, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
-            k = tl.load(k_base + rows_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
-            v = tl.load(v_base + rows_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, True, IEEE)
+        if token_major:  # one loop per kind of head, each compiled for its own loads
+            m_i, l_i, acc = key_range(
+                q, m_i, l_i, acc, first, last, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
+                qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, IEEE,
+                True, False, WARP_SPECIALIZE)  # fmt: skip
+        else:
+            m_i, l_i, acc = key_range(
+                q, m_i, l_i, acc, first, last, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
+                qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, IEEE,
+                False, TMA, WARP_SPECIALIZE)  # fmt: skip
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that visit nothing stay 0
     o_ptrs = O + batch * stride_ob + head * stride_oh + rows_m[:, None] * stride_on + offs_d[None, :]

@@ -11,11 +11,17 @@ from . import tuning
 
 LOG2E = 1.4426950408889634
 
-# Kernel options (None: the default): ``tma`` loads whole key tiles through tensor descriptors
-# (sm90+ or the interpreter; launches without token-major heads only; default off),
-# ``warp_specialize`` asks Triton to warp-specialise the key loop (default off), ``schedule``
-# orders the work (see _schedule; default "work"). Set by benchmarks and tests.
+# Kernel options (None: the default, DEFAULTS): ``tma`` loads the whole key tiles of frame-major
+# heads through tensor descriptors (sm90+, or the interpreter), ``warp_specialize`` asks Triton to
+# warp-specialise the key loop, ``schedule`` orders the work (see _schedule). Set by benchmarks and
+# tests; the defaults are the fastest set of bench/kernel_variants.py on an H200 (BENCHMARKS.md).
 OPTIONS: dict[str, bool | str | None] = {"tma": None, "warp_specialize": None, "schedule": None}
+DEFAULTS: dict[str, bool | str] = {"tma": True, "warp_specialize": False, "schedule": "levels"}
+
+
+def option(name: str):
+    """The kernel option ``name`` in force: ``OPTIONS`` where set, else ``DEFAULTS``."""
+    return DEFAULTS[name] if OPTIONS[name] is None else OPTIONS[name]
 
 
 def interpreting() -> bool:
@@ -55,7 +61,7 @@ def _tiles(
     return block_m, block_n, warps, stages
 
 
-SCHEDULES = ("work", "heads")
+SCHEDULES = ("work", "heads", "levels")
 
 
 def _schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: int, order: str = "work") -> torch.Tensor:
@@ -63,7 +69,9 @@ def _schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: in
 
     ``"work"``: every tile by its work, heaviest first. ``"heads"``: heads by their total work,
     heaviest first, each head's tiles together (heaviest first, then in order), so that the
-    programs running at once read one head's keys and values (L2 reuse).
+    programs running at once read one head's keys and values (L2 reuse). ``"levels"``: tiles by
+    power-of-two work level, heaviest level first, and within a level head by head in order: the
+    heavy tiles (dense text rows, dense heads) still go first, the rest keeps one head's tiles together.
     """
     if order not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {order!r}")
@@ -71,10 +79,13 @@ def _schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: in
     work = kv_num_blocks.repeat_interleave(tiles_per_block, dim=1)[:, :num_q_tiles]
     if order == "work":
         result = torch.argsort(work.flatten(), descending=True, stable=True)
-    else:
+    elif order == "heads":
         by_head = torch.argsort(work.sum(1), descending=True, stable=True)
         within = torch.argsort(work, dim=1, descending=True, stable=True)
         result = (by_head[:, None] * num_q_tiles + within[by_head]).flatten()
+    else:
+        level = torch.where(work > 0, torch.log2(work.clamp_min(1).double()).floor(), -1.0)
+        result = torch.argsort(level.flatten(), descending=True, stable=True)
     assert result.numel() == heads * num_q_tiles
     return result.to(torch.int32)
 
@@ -148,12 +159,12 @@ def forward(
         tiles = tuning.tuned_tiles(batch, heads, n, dim, q.dtype, block_size, q.device)
     block_m, block_n, warps, stages = _tiles(block_size, dim, q.device, tiles)
     num_q_tiles = math.ceil(n / block_m)
-    schedule = _cached_schedule(kv_num_blocks, block_size // block_m, num_q_tiles, OPTIONS["schedule"] or "work")
+    schedule = _cached_schedule(kv_num_blocks, block_size // block_m, num_q_tiles, option("schedule"))
     out = torch.empty_like(q)
     starts, ends = (r.contiguous() for r in ranges)
     any_token_major = token_major is not None  # None: every head is frame-major
     flags = token_major.to(torch.int8) if any_token_major else starts  # any pointer when unused
-    use_tma = bool(OPTIONS["tma"]) and not any_token_major and _tma_ok(q.device)
+    use_tma = bool(option("tma")) and _tma_ok(q.device)
     descriptors = _descriptors(k, v, block_n) if use_tma else None
     tma = descriptors is not None
     descriptors = descriptors or (starts, starts)  # any pointers when unused
@@ -165,11 +176,11 @@ def forward(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         starts.stride(0), starts.stride(1),
-        n, kv_len, num_q_tiles, starts.shape[2], *layout,
+        n, kv_len, num_q_tiles, starts.shape[2], *layout[1:],
         softmax_scale * LOG2E,
-        TABLE_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
+        FRAMES=layout[0], TABLE_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
         IEEE=q.dtype == torch.float32, ANY_TOKEN_MAJOR=any_token_major,
-        TMA=tma, WARP_SPECIALIZE=bool(OPTIONS["warp_specialize"]),
+        TMA=tma, WARP_SPECIALIZE=bool(option("warp_specialize")),
         **extra,
     )  # fmt: skip
     return out

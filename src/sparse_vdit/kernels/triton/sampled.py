@@ -76,7 +76,6 @@ def sampled_rows_fwd(
     TOKEN_MAJOR_1: tl.constexpr,
     ROW_WISE_0: tl.constexpr,  # mask 0 decided once per row and tile (see _masked)
     ROW_WISE_1: tl.constexpr,
-    SKIP_EMPTY: tl.constexpr,  # skip a mask's P @ V where no row of the tile reaches the tile
     NR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -128,18 +127,8 @@ def sampled_rows_fwd(
         l_2 = l_2 * alpha + tl.sum(p_1, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
         acc_0 = _accumulate(acc_0, alpha, p, v, IEEE)
-        if SKIP_EMPTY:  # a tile no row of the mask reaches only rescales its accumulator
-            if tl.max(p_0) > 0:
-                acc_1 = _accumulate(acc_1, alpha, p_0, v, IEEE)
-            else:
-                acc_1 = acc_1 * alpha[:, None]
-            if tl.max(p_1) > 0:
-                acc_2 = _accumulate(acc_2, alpha, p_1, v, IEEE)
-            else:
-                acc_2 = acc_2 * alpha[:, None]
-        else:
-            acc_1 = _accumulate(acc_1, alpha, p_0, v, IEEE)
-            acc_2 = _accumulate(acc_2, alpha, p_1, v, IEEE)
+        acc_1 = _accumulate(acc_1, alpha, p_0, v, IEEE)
+        acc_2 = _accumulate(acc_2, alpha, p_1, v, IEEE)
         m_i = m_new
 
     part = (batch * HEADS + head) * SPLITS + split  # [B, H, S] flattened
@@ -155,19 +144,19 @@ def sampled_rows_fwd(
 
 
 # Launch overrides for benchmarks (None: the choice below): the tile (block_m, block_n, num_warps,
-# num_stages, see _tiles), how many programs per SM the key splits aim at (see _splits), whether
-# frame-major masks are tested once per row and tile (row_wise, default on where exact) and
-# whether a mask's P @ V is skipped on tiles none of its rows reach (skip_empty, default off).
+# num_stages, see _tiles), how many programs per SM the key splits aim at (see _splits) and whether
+# frame-major masks are tested once per row and tile (row_wise, default on where exact).
 TUNING: dict[str, int | None] = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None,
-                                 "programs_per_sm": None, "row_wise": None, "skip_empty": None}  # fmt: skip
+                                 "programs_per_sm": None, "row_wise": None}  # fmt: skip
 PROGRAMS_PER_SM = 8  # the default target of _splits on CUDA
 
 
 def _tiles(rows: int, dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): 16 rows x 64 keys, 4 warps, 3 stages (2 at
-    dim 256, for shared memory), the fastest of the launch shapes swept on an H100 at Wan-14B
-    720p (BENCHMARKS.md, "SVG profiling launch shapes"); three float32 accumulators of 16 x dim."""
-    chosen = (16, 64, 4, 3 if dim <= 128 else 2)
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): up to dim 128, 64 rows x 32 keys, 4 warps,
+    3 stages (all of SVG's 64 sampled rows in one tile, so keys and values are read once), the
+    fastest of bench/kernel_variants.py's profile part on an H200 at Wan-14B 720p; above, 16 x 64
+    with 2 stages (shared memory). Three float32 accumulators of BLOCK_M x dim."""
+    chosen = (64, 32, 4, 3) if dim <= 128 else (16, 64, 4, 2)
     return tuple(c if TUNING.get(k) is None else TUNING[k]
                  for k, c in zip(("block_m", "block_n", "num_warps", "num_stages"), chosen))  # fmt: skip
 
@@ -233,7 +222,7 @@ def sampled_outputs(
         rows, heads, kv_len, per_split, splits, *layout,
         softmax_scale * LOG2E,
         TABLE_BLOCK=block_size, TOKEN_MAJOR_0=bool(token_major[0]), TOKEN_MAJOR_1=bool(token_major[1]),
-        ROW_WISE_0=row_wise[0], ROW_WISE_1=row_wise[1], SKIP_EMPTY=bool(TUNING.get("skip_empty")), NR=nr,
+        ROW_WISE_0=row_wise[0], ROW_WISE_1=row_wise[1], NR=nr,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim, IEEE=q_rows.dtype == torch.float32,
         **extra,
     )  # fmt: skip
