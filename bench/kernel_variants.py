@@ -38,7 +38,7 @@ import attention as ATT  # noqa: E402
 
 from sparse_vdit import sparse_attention  # noqa: E402
 from sparse_vdit.kernels.triton import launcher, sampled  # noqa: E402
-from sparse_vdit.methods.svg import band_widths, row_ranges, sample_rows  # noqa: E402
+from sparse_vdit.methods.svg import fused_inputs, band_widths, sample_rows  # noqa: E402
 
 ATTENTION_VARIANTS = {  # launcher.OPTIONS, plus "tiles" (BLOCK_M, BLOCK_N, warps, stages) over the rule
     "work": {"schedule": "work", "tma": False, "warp_specialize": False},  # the kernel before the options
@@ -140,8 +140,7 @@ def profile_part(args, rows: list) -> None:
     geometry = (layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens)
     for density in (0.25, 0.2):
         patterns = band_widths(layout, density, ATT.BLOCK).patterns()
-        picks = sample_rows(layout, 64, 3, 5).to(device)
-        starts, ends = row_ranges(picks, layout, patterns, ATT.BLOCK)
+        picks, starts, ends = fused_inputs(sample_rows(layout, 64, 3, 5), layout, patterns, ATT.BLOCK, device)
         tm = tuple(p.token_major for p in patterns)
         base = None
         for variant, tuning in PROFILE_VARIANTS.items():
@@ -151,7 +150,7 @@ def profile_part(args, rows: list) -> None:
                 sampled.TUNING.update(tuning)
 
                 def fn(q, k, v):
-                    return sampled.sampled_outputs(q.index_select(1, picks), k, v, starts, ends, tm,
+                    return sampled.sampled_outputs(q, k, v, picks, starts, ends, tm,
                                                    kv_len=layout.kv_len, softmax_scale=shape.dim**-0.5,
                                                    block_size=ATT.BLOCK, layout=geometry)  # fmt: skip
 

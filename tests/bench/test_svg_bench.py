@@ -11,10 +11,12 @@ import pytest
 import torch
 
 
-def _triton_ready():
+def _triton_ready(dry_run: bool = False):
+    """Skip unless Triton kernels can run: on CUDA, or on the CPU through the interpreter (which
+    a dry run, always on the CPU, needs even on a GPU machine)."""
     pytest.importorskip("triton")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    if (dry_run or not torch.cuda.is_available()) and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1" if not dry_run else "a dry run's Triton path needs TRITON_INTERPRET=1")
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def bench(load_script):
 
 
 def test_svg_bench_dry_run_sweeps_programs_per_sm_and_splits_the_profile(bench, tmp_path, load_script):
-    _triton_ready()
+    _triton_ready(dry_run=True)
     from sparse_vdit.kernels.triton import sampled
 
     before = dict(sampled.TUNING)
@@ -103,18 +105,17 @@ def test_svg_fused_profile_takes_explicit_splits():
     _triton_ready()
     from sparse_vdit import VideoLayout
     from sparse_vdit.kernels.triton.sampled import sampled_outputs
-    from sparse_vdit.methods.svg import band_widths, row_ranges, sample_rows
+    from sparse_vdit.methods.svg import fused_inputs, band_widths, sample_rows
 
     layout, block = VideoLayout(4, 6, 8), 16
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, layout.num_tokens, 2, 32, generator=g).to(device) for _ in range(3))
-    rows = sample_rows(layout, 16, 0, 0).to(device)
     patterns = band_widths(layout, 0.3, block).patterns()
-    starts, ends = row_ranges(rows, layout, patterns, block)
+    rows, starts, ends = fused_inputs(sample_rows(layout, 16, 0, 0), layout, patterns, block, torch.device(device))
     kw = dict(kv_len=layout.kv_len, softmax_scale=32**-0.5, block_size=block,
               layout=(layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens))  # fmt: skip
-    args = (q.index_select(1, rows).contiguous(), k, v, starts, ends, tuple(p.token_major for p in patterns))
+    args = (q, k, v, rows, starts, ends, tuple(p.token_major for p in patterns))
     auto = sampled_outputs(*args, **kw)
     for splits in (1, 3):
         got = sampled_outputs(*args, **kw, splits=splits)

@@ -206,6 +206,19 @@ def row_masks(rows: torch.Tensor, layout: VideoLayout, patterns: Sequence[Patter
     return torch.stack(out)
 
 
+def fused_inputs(
+    rows: torch.Tensor, layout: VideoLayout, patterns: Sequence[Pattern], block: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused kernel's rows (int32 ``[R]``) and ranges (int32 ``[2, NR, R]``) on ``device``,
+    computed on the CPU and sent in one copy (a few host operations instead of a dozen launches)."""
+    rows = rows.cpu()
+    starts, ends = (x.transpose(1, 2) for x in row_ranges(rows, layout, patterns, block))
+    packed = torch.cat([rows.to(torch.int32), starts.flatten(), ends.flatten()]).to(torch.int32)
+    packed = packed.to(device, non_blocking=True)
+    r, size = rows.numel(), starts.numel()
+    return packed[:r], packed[r : r + size].view(starts.shape), packed[r + size :].view(ends.shape)
+
+
 PROFILE_BACKENDS = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -238,7 +251,7 @@ def sampled_outputs(
 
     Args:
         q, k, v: ``(batch, seq, heads, dim)`` at ``layout`` (keys beyond ``layout.kv_len`` unused).
-        rows: int64 ``[R]`` query positions on q's device.
+        rows: int64 ``[R]`` query positions, on the CPU (cheapest for ``"triton"``) or q's device.
         backend: ``"torch"``: scores ``[heads_per_chunk, R, kv_len]`` for a chunk of heads at a
             time (``chunk`` elements), masks from :func:`row_masks`; memory
             ``O(chunk + patterns x R x kv_len)``. ``"triton"``: one fused pass over the keys
@@ -257,10 +270,11 @@ def sampled_outputs(
     if backend == "triton":
         from ..kernels.triton.sampled import sampled_outputs as fused
 
-        starts, ends = row_ranges(rows, layout, patterns, block)
+        rows, starts, ends = fused_inputs(rows, layout, patterns, block, q.device)
         geometry = (layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens)
-        return fused(q.index_select(1, rows).contiguous(), k, v, starts, ends, tuple(p.token_major for p in patterns),
+        return fused(q, k, v, rows, starts, ends, tuple(p.token_major for p in patterns),
                      kv_len=kv_len, softmax_scale=scale, block_size=block, layout=geometry)  # fmt: skip
+    rows = rows.to(q.device)
     m, r = len(patterns), rows.numel()
     masks = row_masks(rows, layout, patterns, block)
     keep = torch.cat([masks.new_ones(1, r, kv_len), masks]).view(1, m + 1, r, kv_len)
@@ -412,7 +426,7 @@ class SVG:
 
     def classify(self, q, k, v, layout: VideoLayout, step: int, layer: int) -> torch.Tensor:
         """float32 ``[2, heads]`` errors of the spatial and the temporal band for this call."""
-        rows = sample_rows(layout, self.sampled_rows, step, layer, self.seed).to(q.device, non_blocking=True)
+        rows = sample_rows(layout, self.sampled_rows, step, layer, self.seed)  # CPU; moved where needed
         patterns = self.widths(layout).patterns()
         backend = self.profile_backend
         if backend == "auto":
@@ -512,5 +526,5 @@ class SVG:
                 f"{self.warmup_layers}, sampled_rows={self.sampled_rows}, error={self.error!r})")  # fmt: skip
 
 
-__all__ = ["ERRORS", "SVG", "Widths", "band_widths", "row_masks", "row_ranges", "sample_rows",
+__all__ = ["ERRORS", "SVG", "Widths", "band_widths", "fused_inputs", "row_masks", "row_ranges", "sample_rows",
            "sampled_errors", "sampled_outputs", "token_major_positions"]  # fmt: skip

@@ -4,7 +4,7 @@ For a few query rows, one pass over the keys gives three attention outputs at on
 restricted to each row's key-block ranges under two masks (one frame-major, one token-major: the
 spatial and temporal bands). Scores are never written to memory; each (row tile, sample, head,
 key split) program keeps three FlashAttention-style accumulators that share the exact row's
-running max, and the splits are merged in torch. The torch reference is
+running max, and a second launch merges the splits. The torch reference is
 :func:`sparse_vdit.methods.svg.sampled_outputs` with ``backend="torch"``.
 """
 
@@ -62,10 +62,11 @@ def _accumulate(acc, alpha, p, v, IEEE: tl.constexpr):
 
 @triton.jit
 def sampled_rows_fwd(
-    QR, K, V,  # QR [B, R, H, D] (the sampled rows); K, V [B, N, H, D]; last dims contiguous
+    Q, K, V,  # [B, N, H, D]; last dims contiguous
+    ROWS,  # int32 [R]: the sampled query positions
     RS0, RE0, RS1, RE1,  # int32 [NR, R]: key-block ranges of each row under mask 0 / mask 1
     PM, PL, PO,  # partials: max [B, H, S, R], sums [B, H, S, 3, R], outputs [B, H, S, 3, R, D] (fp32)
-    stride_qb, stride_qr, stride_qh,
+    stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     NUM_ROWS, HEADS, KV_LEN, KEYS_PER_SPLIT, SPLITS,
@@ -87,7 +88,8 @@ def sampled_rows_fwd(
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < NUM_ROWS
-    q = tl.load(QR + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qr + offs_d[None, :],
+    rows = tl.load(ROWS + offs_m, mask=row_ok, other=0)
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)  # fmt: skip
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -143,6 +145,53 @@ def sampled_rows_fwd(
     tl.store(o_ptrs + 2 * NUM_ROWS * HEAD_DIM, acc_2, mask=row_ok[:, None])
 
 
+@triton.jit
+def merge_splits(
+    PM, PL, PO,  # partials of sampled_rows_fwd: max [BH, S, R], sums [BH, S, 3, R], outputs [BH, S, 3, R, D]
+    OUT, MASS,  # float32 [BH, 3, R, D] normalised outputs, [BH, 3, R] masses relative to the exact row's
+    NUM_ROWS, SPLITS,
+    BLOCK_R: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """One (batch x head, row tile): the key splits' partials rescaled to their common max and summed."""
+    bh, tile = tl.program_id(0), tl.program_id(1)
+    offs_r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_r < NUM_ROWS
+    top = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for split in range(SPLITS):
+        top = tl.maximum(top, tl.load(PM + (bh * SPLITS + split) * NUM_ROWS + offs_r, mask=ok, other=float("-inf")))
+    l_0 = tl.zeros([BLOCK_R], tl.float32)
+    l_1 = tl.zeros([BLOCK_R], tl.float32)
+    l_2 = tl.zeros([BLOCK_R], tl.float32)
+    o_0 = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+    o_1 = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+    o_2 = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+    top = tl.maximum(top, -1e30)  # rows past the end: -inf everywhere, weights 0 below
+    tile_rd = offs_r[:, None] * HEAD_DIM + offs_d[None, :]
+    for split in range(SPLITS):
+        part = bh * SPLITS + split
+        m = tl.load(PM + part * NUM_ROWS + offs_r, mask=ok, other=float("-inf"))
+        w = tl.math.exp2(m - top)  # 0 where the split's max is -inf
+        l_ptrs = PL + part * 3 * NUM_ROWS + offs_r
+        l_0 += w * tl.load(l_ptrs, mask=ok, other=0.0)
+        l_1 += w * tl.load(l_ptrs + NUM_ROWS, mask=ok, other=0.0)
+        l_2 += w * tl.load(l_ptrs + 2 * NUM_ROWS, mask=ok, other=0.0)
+        o_ptrs = PO + part * 3 * NUM_ROWS * HEAD_DIM + tile_rd
+        o_0 += w[:, None] * tl.load(o_ptrs, mask=ok[:, None], other=0.0)
+        o_1 += w[:, None] * tl.load(o_ptrs + NUM_ROWS * HEAD_DIM, mask=ok[:, None], other=0.0)
+        o_2 += w[:, None] * tl.load(o_ptrs + 2 * NUM_ROWS * HEAD_DIM, mask=ok[:, None], other=0.0)
+    out_ptrs = OUT + bh * 3 * NUM_ROWS * HEAD_DIM + tile_rd
+    tl.store(out_ptrs, o_0 / tl.maximum(l_0, 1e-30)[:, None], mask=ok[:, None])
+    tl.store(out_ptrs + NUM_ROWS * HEAD_DIM, o_1 / tl.maximum(l_1, 1e-30)[:, None], mask=ok[:, None])
+    tl.store(out_ptrs + 2 * NUM_ROWS * HEAD_DIM, o_2 / tl.maximum(l_2, 1e-30)[:, None], mask=ok[:, None])
+    mass_ptrs = MASS + bh * 3 * NUM_ROWS + offs_r
+    exact = tl.maximum(l_0, 1e-30)
+    tl.store(mass_ptrs, l_0 / exact, mask=ok)
+    tl.store(mass_ptrs + NUM_ROWS, l_1 / exact, mask=ok)
+    tl.store(mass_ptrs + 2 * NUM_ROWS, l_2 / exact, mask=ok)
+
+
 # Launch overrides for benchmarks (None: the choice below): the tile (block_m, block_n, num_warps,
 # num_stages, see _tiles), how many programs per SM the key splits aim at (see _splits) and whether
 # frame-major masks are tested once per row and tile (row_wise, default on where exact).
@@ -173,9 +222,10 @@ def _splits(programs: int, kv_len: int, block_n: int, device: torch.device) -> i
 
 
 def sampled_outputs(
-    q_rows: torch.Tensor,
+    q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    rows: torch.Tensor,
     starts: torch.Tensor,
     ends: torch.Tensor,
     token_major: tuple[bool, bool],
@@ -186,48 +236,52 @@ def sampled_outputs(
     layout: tuple[int, int, int, int],
     splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact and two-mask attention of sampled rows, in one launch (plus a small torch merge).
+    """Exact and two-mask attention of sampled rows: two launches (the key splits, their merge).
 
     Args:
-        q_rows: ``[B, R, H, D]`` the sampled query rows; k, v: ``[B, N, H, D]``.
-        starts, ends: int32 ``[2, R, NR]`` key-block ranges of every row under each mask (in
-            token-major block numbers where ``token_major[i]``).
+        q, k, v: ``[B, N, H, D]``.
+        rows: int32 ``[R]`` the sampled query positions (q's device).
+        starts, ends: int32 ``[2, NR, R]`` contiguous: key-block ranges of every row under each
+            mask (in token-major block numbers where ``token_major[i]``).
         layout: frames, frame tokens, video start, video tokens (for token-major key blocks).
 
     Returns:
         outputs float32 ``[B, H, 3, R, D]`` (exact, mask 0, mask 1; each normalised by its own
         mass) and masses float32 ``[B, H, 3, R]`` relative to the exact row's (the first is 1).
     """
-    batch, rows, heads, dim = q_rows.shape
-    q_rows, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_rows, k, v))
-    block_m, block_n, warps, stages = _tiles(rows, dim, q_rows.device)
-    row_tiles = triton.cdiv(rows, block_m)
-    splits = splits or _splits(row_tiles * batch * heads, kv_len, block_n, q_rows.device)
+    batch, _, heads, dim = q.shape
+    num_rows = rows.numel()
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if rows.dtype != torch.int32 or starts.dtype != torch.int32 or ends.dtype != torch.int32:
+        raise TypeError("rows, starts and ends must be int32")
+    if not (starts.is_contiguous() and ends.is_contiguous()) or starts.shape[:1] != (2,) or starts.shape[2] != num_rows:
+        raise ValueError(f"starts/ends must be contiguous [2, NR, {num_rows}], got {tuple(starts.shape)}")
+    block_m, block_n, warps, stages = _tiles(num_rows, dim, q.device)
+    row_tiles = triton.cdiv(num_rows, block_m)
+    splits = splits or _splits(row_tiles * batch * heads, kv_len, block_n, q.device)
     per_split = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
     splits = triton.cdiv(kv_len, per_split)
-    nr = starts.shape[-1]
-    rs = starts.permute(0, 2, 1).contiguous().to(torch.int32)  # [2, NR, R]
-    re = ends.permute(0, 2, 1).contiguous().to(torch.int32)
-    dev = q_rows.device
-    pm = torch.empty(batch, heads, splits, rows, dtype=torch.float32, device=dev)
-    pl = torch.empty(batch, heads, splits, 3, rows, dtype=torch.float32, device=dev)
-    po = torch.empty(batch, heads, splits, 3, rows, dim, dtype=torch.float32, device=dev)
+    dev = q.device
+    pm = torch.empty(batch, heads, splits, num_rows, dtype=torch.float32, device=dev)
+    pl = torch.empty(batch, heads, splits, 3, num_rows, dtype=torch.float32, device=dev)
+    po = torch.empty(batch, heads, splits, 3, num_rows, dim, dtype=torch.float32, device=dev)
     extra = {} if dev.type == "cpu" else {"num_warps": warps, "num_stages": stages}
     row_wise = [TUNING.get("row_wise") is not False and not tm and block_size % block_n == 0 for tm in token_major]
     sampled_rows_fwd[(row_tiles, batch * heads, splits)](
-        q_rows, k, v, rs[0], re[0], rs[1], re[1], pm, pl, po,
-        q_rows.stride(0), q_rows.stride(1), q_rows.stride(2),
+        q, k, v, rows, starts[0], ends[0], starts[1], ends[1], pm, pl, po,
+        q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        rows, heads, kv_len, per_split, splits, *layout,
+        num_rows, heads, kv_len, per_split, splits, *layout,
         softmax_scale * LOG2E,
         TABLE_BLOCK=block_size, TOKEN_MAJOR_0=bool(token_major[0]), TOKEN_MAJOR_1=bool(token_major[1]),
-        ROW_WISE_0=row_wise[0], ROW_WISE_1=row_wise[1], NR=nr,
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim, IEEE=q_rows.dtype == torch.float32,
+        ROW_WISE_0=row_wise[0], ROW_WISE_1=row_wise[1], NR=starts.shape[1],
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim, IEEE=q.dtype == torch.float32,
         **extra,
     )  # fmt: skip
-    top = pm.amax(2, keepdim=True)
-    weight = torch.exp2(pm - top.clamp_min(-1e30)).nan_to_num(0.0)  # [B, H, S, R]
-    sums = (pl * weight[:, :, :, None]).sum(2)  # [B, H, 3, R]
-    out = (po * weight[:, :, :, None, :, None]).sum(2) / sums.clamp_min(1e-30)[..., None]
-    return out, sums / sums[:, :, :1].clamp_min(1e-30)
+    out = torch.empty(batch, heads, 3, num_rows, dim, dtype=torch.float32, device=dev)
+    mass = torch.empty(batch, heads, 3, num_rows, dtype=torch.float32, device=dev)
+    merge_rows = 16
+    merge_splits[(batch * heads, triton.cdiv(num_rows, merge_rows))](
+        pm, pl, po, out, mass, num_rows, splits, BLOCK_R=merge_rows, HEAD_DIM=dim)
+    return out, mass
