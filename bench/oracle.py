@@ -2,6 +2,7 @@
 
     python bench/oracle.py                      # one evaluation caption, 12 steps (1, 4, 7, 10 scored), blocks 16-128
     python bench/oracle.py --captions 2 --densities 0.25 0.35 0.5
+    python bench/oracle.py --weights runs/organism-large   # another organism (sparse-vdit train-organism)
 
 Records the organism's self-attention inputs (q, k, v) in one dense generation per caption, then
 per (layer, head) and block size scores the *oracle* masks, which no pattern can beat at equal
@@ -123,6 +124,7 @@ def token_major_error(p, v, out, keep, order, block):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", type=Path, default=None, help="organism weights folder (default: the shipped ones)")
     ap.add_argument("--captions", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=12)
@@ -134,7 +136,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     started = time.perf_counter()
-    transformer, spec = M.load_organism(M.WEIGHTS_DIR, "cpu", torch.float32), M.load_spec(M.WEIGHTS_DIR)
+    weights = args.weights or M.WEIGHTS_DIR
+    transformer, spec = M.load_organism(weights, "cpu", torch.float32), M.load_spec(weights)
     layout = layout_of(spec)
     captions = [D.sample_scene(EVAL_DATA_SEED, i).caption for i in range(args.captions)]
     calls = record(transformer, spec, captions, args.seed, args.steps)

@@ -16,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 TARGETS = (0.05, 0.1, 0.2, 0.3, 0.5)
+OUT_PATHS = r"/tmp/results|/root/out/\w+"  # the device's output folders, written $OUT in commands
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -127,35 +128,83 @@ def svg(data: dict) -> str:
     dense = {r["shape"]: r["ms"] for r in data["rows"] if r["part"] == "cudnn-dense"}
     fast = {r["shape"]: r["backend"] for r in data["rows"] if r["part"] == "attn-fast"}
     out = [
-        f"Device: {v['gpu']}; torch {v['torch']}, triton {v['triton']}, flash-attn-4 {v['flash_attn_4']}. "
-        f"Command: `{data['command'].replace('/tmp/results', '$OUT')}` ({data['wall_s']:.0f} s). Fast path: "
+        f"Device: {v['gpu']}; torch {v['torch']}, triton {v['triton']}, flash-attn-4 {v['flash_attn_4'] or 'not installed'}. "
+        f"Command: `{re.sub(OUT_PATHS, '$OUT', data['command'])}` ({data['wall_s']:.0f} s). Fast path: "
         + ", ".join(f"{s} `{b}`" for s, b in fast.items()) + ".",
         "",
     ]
     sweep = any(r.get("programs_per_sm") not in (None, 4) or r.get("tiles") not in (None, "default")
                 for r in data["summary"])  # a launch-shape sweep: say which shape each line is
     launch = (lambda r: [str(r.get("tiles") or "-"), str(r.get("programs_per_sm") or "-")]) if sweep else (lambda r: [])
+    queued = all(r.get("profile_queued_ms") is not None for r in data["summary"])
     rows = [
         [r["shape"], f"{r['density']:.2f}", str(r["rows"]), r["profile_backend"], *launch(r), f"{dense[r['shape']]:.1f}",
-         f"{r['attn_fast_ms']:.2f}", f"{r['profile_ms']:.2f}", f"{r['profile_share']:.1%}", f"{r['layer_overhead']:.1%}",
+         f"{r['attn_fast_ms']:.2f}", f"{r['profile_ms']:.2f}", f"{r['profile_share']:.1%}",
+         *([f"{r['profile_queued_ms']:.2f} ({r['profile_queued_share']:.1%})"] if queued else []), f"{r['layer_overhead']:.1%}",
          f"{r['flex_over_fast']:.2f}", f"{r['layer_flex_over_fast']:.2f}", f"{r['speedup_vs_cudnn']:.2f}"]
         for r in data["summary"]
     ]  # fmt: skip
     out.append(_table(["shape", "density", "rows", "profiling", *(["tiles", "programs / SM"] if sweep else []),
                        "cuDNN dense ms", "SVG attention ms",
-                       "profile ms", "profile / attention", "(layer - attention) / attention", "flex / fast (attention)",
+                       "profile ms", "profile / attention", *(["profile queued ms (/ attention)"] if queued else []),
+                       "(layer - attention) / attention", "flex / fast (attention)",
                        "flex / fast (layer)", "layer x cuDNN dense"], rows))  # fmt: skip
     return "\n".join(out)
 
 
-SECTIONS = {"attention": attention, "e2e": e2e, "tables": tables, "fidelity": fidelity, "svg": svg}
+def variants(data: dict) -> str:
+    """bench/kernel_variants.py results: one line per table, a column per variant."""
+    out = ["Runs:", ""]
+    out += [f"{r['run']}. `{r['command']}` ({r['device']}, torch {r['torch']}, triton {r['triton']}, {r['seconds']:.0f} s)"
+            f"{': ' + r['note'] if r.get('note') else ''}" for r in data["runs"]]  # fmt: skip
+    for part, value, what in (("attention", "efficiency", "block efficiency against dense cuDNN SDPA (ms)"),
+                              ("profile", "ms", "ms of one fused sampled-row call (64 rows, Wan-14B 720p)")):  # fmt: skip
+        rows = [r for r in data["rows"] if r["part"] == part and value in r]
+        if not rows:
+            continue
+        names = list(dict.fromkeys(r["variant"] for r in rows))
+        cells: dict = defaultdict(dict)
+        for r in rows:
+            cell = f"{r[value]:.2f} ({r['ms']:.2f})" if value == "efficiency" else f"{r['ms']:.3f}"
+            cells[r["shape"], r.get("kind", "svg bands"), r["density"], r["run"]][r["variant"]] = cell
+        out += ["", f"{part}: {what}, run in brackets", ""]
+        out.append(_table(["shape", "table", "density", "run"] + names, [
+            [shape, kind, f"{density:.3f}", run] + [got.get(n, "-") for n in names]
+            for (shape, kind, density, run), got in cells.items()
+        ]))  # fmt: skip
+    return "\n".join(out)
+
+
+def oracle(data: dict) -> str:
+    """bench/oracle.py results: best block masks at each density, and the search's candidates."""
+    out = [f"Command: `{data['command']}` (CPU, {data['wall_s']:.0f} s); organism {data['layout']}, "
+           f"{data['heads']} heads (layers x heads), {data['calls']} scored calls; captions: {'; '.join(data['captions'])}.", ""]  # fmt: skip
+    blocks = sorted({r["block"] for r in data["rows"]})
+    header = ["mask"] + [f"block {b}: density, mean / worst rel. MSE, heads < 6e-4" for b in blocks]
+    keyed = defaultdict(dict)
+    for r in data["rows"]:
+        label = r["setting"] if r["kind"] == "candidate" else f"{r['kind']} {r['setting']:.0%}"
+        keyed[label][r["block"]] = (f"{r['density']:.0%}, {r['mean_rel_mse']:.1e} / {r['max_rel_mse']:.1e}, "
+                                    f"{r['heads_under_6e-4']}")  # fmt: skip
+    order = sorted(keyed, key=lambda k: (not k.startswith(("per-call", "static")), k))
+    out.append(_table(header, [[k] + [keyed[k].get(b, "-") for b in blocks] for k in order]))
+    return "\n".join(out)
+
+
+# section -> (result file, renderer)
+SECTIONS = {
+    "attention": ("attention", attention), "e2e": ("e2e", e2e), "tables": ("tables", tables),
+    "fidelity": ("fidelity", fidelity), "svg": ("svg", svg), "svg-h200": ("svg-h200", svg),
+    "variants": ("kernel-variants-h200-final", variants), "variants-first": ("kernel-variants-h200", variants),
+    "oracle": ("oracle", oracle),
+}
 
 
 def main() -> None:
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text()
-    for name, render in SECTIONS.items():
-        source = RESULTS / f"{name}.json"
+    for name, (result, render) in SECTIONS.items():
+        source = RESULTS / f"{result}.json"
         if not source.exists():
             continue
         body = render(json.loads(source.read_text()))
