@@ -122,6 +122,7 @@ def token_major_error(p, v, out, keep, order, block):
     return masked_error(pp, v[:, :, order], out[:, :, order], keep, block)
 
 
+@torch.no_grad()
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", type=Path, default=None, help="organism weights folder (default: the shipped ones)")
@@ -134,7 +135,6 @@ def main(argv=None) -> int:
     ap.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.35, 0.5, 0.65])
     ap.add_argument("--out", type=Path, default=HERE / "results" / "oracle.json")
     args = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
     started = time.perf_counter()
     weights = args.weights or M.WEIGHTS_DIR
     transformer, spec = M.load_organism(weights, "cpu", torch.float32), M.load_spec(weights)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 
@@ -11,6 +12,7 @@ def test_oracle_keeping_every_block_is_exact_and_less_keeps_less(tmp_path, load_
     module = load_script("oracle")
     out = tmp_path / "oracle.json"
     module.main(["--steps", "2", "--from-step", "1", "--blocks", "64", "--densities", "0.5", "1.0", "--out", str(out)])
+    assert torch.is_grad_enabled()  # the script leaves autograd as it found it
     data = json.loads(out.read_text())
     rows = {(r["kind"], r["setting"]): r for r in data["rows"]}
     assert data["calls"] == 8 and data["heads"] == 32  # step 1 of 2, 8 layers x 4 heads
