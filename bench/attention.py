@@ -104,6 +104,15 @@ def table_for(kind: str, target: float, layout: VideoLayout, heads: int, device)
 # timing
 
 
+def random_sets(shape, count: int, device, dtype, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """``count`` seeded (q, k, v) sets of random ``[1, tokens, heads, dim]`` tensors for ``shape``
+    (anything with ``layout``, ``heads``, ``dim``), to rotate so the L2 cache does not flatter."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    n = shape.layout.num_tokens
+    return [tuple(torch.randn(1, n, shape.heads, shape.dim, generator=g, device=device, dtype=dtype) for _ in range(3))
+            for _ in range(count)]  # fmt: skip
+
+
 def time_fn(fn, sets, est_ms: float | None = None, target_ms: float = 500.0, max_reps: int = 20):
     """Median ms of ``fn(*set)`` over rotated input sets (CUDA events per call), and host ms per call."""
     for args in sets:  # warm-up: compile, caches, one call per set

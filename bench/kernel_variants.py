@@ -93,10 +93,7 @@ def attention_part(args, rows: list) -> None:
     cudnn = ATT._sdpa(SDPBackend.CUDNN_ATTENTION)
     for name in args.shapes:
         shape = ATT.SHAPES[name]
-        n = shape.layout.num_tokens
-        g = torch.Generator(device=device).manual_seed(0)
-        sets = [tuple(torch.randn(1, n, shape.heads, shape.dim, generator=g, device=device, dtype=dtype)
-                      for _ in range(3)) for _ in range(2)]  # fmt: skip
+        sets = ATT.random_sets(shape, 2, device, dtype)
         dense_ms = ATT.time_fn(cudnn, sets, target_ms=args.target_ms)[0]
         for kind, density in [(k, d) for k in args.kinds for d in args.densities]:
             if (kind != "band" and density >= 1.0) or (kind == "mixed" and density != 0.3) or (
@@ -133,10 +130,7 @@ def profile_part(args, rows: list) -> None:
     device, dtype = torch.device("cuda"), torch.bfloat16
     shape = ATT.SHAPES["wan14b-720p"]
     layout = shape.layout
-    n = layout.num_tokens
-    g = torch.Generator(device=device).manual_seed(0)
-    sets = [tuple(torch.randn(1, n, shape.heads, shape.dim, generator=g, device=device, dtype=dtype)
-                  for _ in range(3)) for _ in range(2)]  # fmt: skip
+    sets = ATT.random_sets(shape, 2, device, dtype)
     geometry = (layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens)
     for density in (0.25, 0.2):
         patterns = band_widths(layout, density, ATT.BLOCK).patterns()

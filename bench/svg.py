@@ -207,9 +207,7 @@ def replay_parts(svg, sets, layout, device) -> tuple[dict, dict]:
 
 def run_shape(shape, args, device, dtype, record, over_budget) -> None:
     layout = shape.layout
-    g = torch.Generator(device=device).manual_seed(0)
-    sets = [tuple(torch.randn(1, layout.num_tokens, shape.heads, shape.dim, generator=g, device=device, dtype=dtype)
-                  for _ in range(3)) for _ in range(args.sets)]  # fmt: skip
+    sets = ATT.random_sets(shape, args.sets, device, dtype)
     timer = cpu_time if args.dry_run else (lambda fn, s: ATT.time_fn(fn, s, target_ms=args.target_ms))
     fast = "reference" if args.dry_run else resolve_backend("auto", sets[0][0])
     flex = "reference" if args.dry_run else "flex"

@@ -213,7 +213,7 @@ def fused_inputs(
     computed on the CPU and sent in one copy (a few host operations instead of a dozen launches)."""
     rows = rows.cpu()
     starts, ends = (x.transpose(1, 2) for x in row_ranges(rows, layout, patterns, block))
-    packed = torch.cat([rows.to(torch.int32), starts.flatten(), ends.flatten()]).to(torch.int32)
+    packed = torch.cat([rows.to(torch.int32), starts.flatten(), ends.flatten()])  # tables are int32
     packed = packed.to(device, non_blocking=True)
     r, size = rows.numel(), starts.numel()
     return packed[:r], packed[r : r + size].view(starts.shape), packed[r + size :].view(ends.shape)
