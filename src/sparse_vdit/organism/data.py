@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .detail import Detail, background_detail, detail_params, object_detail, sample_detail
+
 FRAMES, HEIGHT, WIDTH = 8, 64, 64
 
 COLOURS = {
@@ -84,6 +86,7 @@ class Scene:
     bg_direction: str | None
     bg_offsets: np.ndarray = field(repr=False)  # (T, 2) pattern shift on screen
     camera: np.ndarray = field(repr=False)  # (T, 2) camera position (world = screen + camera)
+    detail: Detail | None = field(default=None, repr=False)  # random textures (detail.py), if drawn
 
     @property
     def caption(self) -> str:
@@ -238,8 +241,12 @@ def _apart(a: ObjectAttrs, b: ObjectAttrs) -> bool:
     return bool(gap > 1.05 * (_bound(a.shape, a.size) + _bound(b.shape, b.size)))
 
 
-def sample_scene(seed: int, index: int = 0, frames: int = FRAMES, aspect: float = 1.0) -> Scene:
-    """The scene ``index`` of ``seed``: independent of batch size and of other indices."""
+def sample_scene(seed: int, index: int = 0, frames: int = FRAMES, aspect: float = 1.0, detail: bool = False) -> Scene:
+    """The scene ``index`` of ``seed``: independent of batch size and of other indices.
+
+    ``detail``: also draw its random texture fields (:mod:`.detail`; the rest of the scene is the
+    same either way).
+    """
     rng = np.random.default_rng([seed, index])
     ramp = np.arange(frames) / max(frames - 1, 1)
     background = _pick(rng, BACKGROUNDS)
@@ -285,14 +292,18 @@ def sample_scene(seed: int, index: int = 0, frames: int = FRAMES, aspect: float 
         bg_direction=bg_direction,
         bg_offsets=bg_offsets,
         camera=camera,
+        detail=sample_detail(seed, index, len(objects), aspect) if detail else None,
     )
 
 
 # ---------------------------------------------------------------- rendering (torch, batched)
 
 
-def scene_params(scenes: list[Scene], frames: int = FRAMES) -> dict[str, torch.Tensor]:
-    """Pack scenes into padded float32/long CPU tensors (``MAX_OBJECTS`` slots) for :func:`render`."""
+def scene_params(scenes: list[Scene], frames: int = FRAMES, detail: float = 0.0) -> dict[str, torch.Tensor]:
+    """Pack scenes into padded float32/long CPU tensors (``MAX_OBJECTS`` slots) for :func:`render`.
+
+    ``detail > 0``: the scenes' texture fields at that amplitude (scenes drawn with ``detail=True``).
+    """
     b, k = len(scenes), MAX_OBJECTS
     p = {
         "active": torch.zeros(b, k),
@@ -324,6 +335,11 @@ def scene_params(scenes: list[Scene], frames: int = FRAMES) -> dict[str, torch.T
         p["bg_axis"][i] = torch.from_numpy(s.bg_axis)
         p["bg_period"][i] = s.bg_period
         p["bg_offsets"][i] = torch.from_numpy(s.bg_offsets)
+    if detail > 0:
+        missing = [i for i, s in enumerate(scenes) if s.detail is None]
+        if missing:
+            raise ValueError(f"detail={detail} but scenes {missing[:5]} were sampled without detail fields")
+        p.update(detail_params([s.detail for s in scenes], k, detail))
     return p
 
 
@@ -397,6 +413,9 @@ def render(
     )
     c0, c1 = params["bg_colours"][:, 0].view(b, 1, 3, 1, 1), params["bg_colours"][:, 1].view(b, 1, 3, 1, 1)
     video = c0 + (c1 - c0) * mix.unsqueeze(2)
+    textured = "detail" in params
+    if textured:
+        video = video + background_detail(params, bx, by, width / height)
 
     cover = []
     for j in range(k):
@@ -418,6 +437,8 @@ def render(
         m3 = m.unsqueeze(2)
         # over-composite: video * (1 - m) + (dark + (bright - dark) * shade) * m
         video = video.mul_(1 - m3).addcmul_(dark, m3).addcmul_(bright - dark, (shade * m).unsqueeze(2))
+        if textured:
+            video = video.addcmul_(object_detail(params, j, u, v, r), m3)
         if masks:
             cover = [c * (1 - m) for c in cover] + [m]
     video = video.clamp(-1, 1)
@@ -444,19 +465,22 @@ def make_batch(
     height: int = HEIGHT,
     width: int = WIDTH,
     device: str | torch.device = "cpu",
+    detail: float = 0.0,
 ) -> Batch:
-    """Scenes ``start .. start+n-1`` of ``seed``, rendered on ``device``."""
-    scenes = [sample_scene(seed, start + i, frames, width / height) for i in range(n)]
-    params = {k: v.to(device) for k, v in scene_params(scenes, frames).items()}
+    """Scenes ``start .. start+n-1`` of ``seed``, rendered on ``device`` (``detail``: texture amplitude)."""
+    scenes = [sample_scene(seed, start + i, frames, width / height, detail > 0) for i in range(n)]
+    params = {k: v.to(device) for k, v in scene_params(scenes, frames, detail).items()}
     return Batch(render(params, height, width), [s.caption for s in scenes], scenes)
 
 
 class VideoDataset(torch.utils.data.Dataset):
     """Map-style dataset: item ``i`` is ``(video (T, 3, H, W), caption)`` of scene ``i`` of ``seed``."""
 
-    def __init__(self, seed: int, length: int, frames: int = FRAMES, height: int = HEIGHT, width: int = WIDTH):
+    def __init__(
+        self, seed: int, length: int, frames: int = FRAMES, height: int = HEIGHT, width: int = WIDTH, detail: float = 0.0
+    ):
         self.seed, self.length = seed, length
-        self.frames, self.height, self.width = frames, height, width
+        self.frames, self.height, self.width, self.detail = frames, height, width, detail
 
     def __len__(self) -> int:
         return self.length
@@ -464,7 +488,7 @@ class VideoDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         if not 0 <= i < self.length:
             raise IndexError(i)
-        b = make_batch(self.seed, 1, i, self.frames, self.height, self.width)
+        b = make_batch(self.seed, 1, i, self.frames, self.height, self.width, detail=self.detail)
         return b.videos[0], b.captions[0]
 
 
@@ -478,16 +502,23 @@ class SceneStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(
-        self, seed: int, batch_size: int, vocab: Vocabulary, frames: int = FRAMES, aspect: float = 1.0, first: int = 0
+        self,
+        seed: int,
+        batch_size: int,
+        vocab: Vocabulary,
+        frames: int = FRAMES,
+        aspect: float = 1.0,
+        first: int = 0,
+        detail: float = 0.0,
     ):
         self.seed, self.batch_size, self.vocab = seed, batch_size, vocab
-        self.frames, self.aspect, self.first = frames, aspect, first
+        self.frames, self.aspect, self.first, self.detail = frames, aspect, first, detail
 
     def batch(self, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
         n = self.batch_size
-        scenes = [sample_scene(self.seed, i * n + j, self.frames, self.aspect) for j in range(n)]
+        scenes = [sample_scene(self.seed, i * n + j, self.frames, self.aspect, self.detail > 0) for j in range(n)]
         captions = [s.caption for s in scenes]
-        return scene_params(scenes, self.frames), self.vocab.embed(captions), captions
+        return scene_params(scenes, self.frames, self.detail), self.vocab.embed(captions), captions
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

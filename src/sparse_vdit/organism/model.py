@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from .data import Vocabulary
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # the small organism: CPU demo and tests
+FIDELITY_WEIGHTS_DIR = Path(__file__).parent / "weights-fidelity"  # the larger one fidelity is judged on
 SPEC_FILE = "organism.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # the name save_pretrained uses
 
@@ -40,6 +41,7 @@ class OrganismSpec:
     vocab_seed: int = 0
     shift: float = 3.0  # flow shift used for sampling
     guidance_scale: float = 4.0
+    detail: float = 0.0  # amplitude of the random textures (organism.detail); 0: none
 
     @property
     def latent_channels(self) -> int:
@@ -57,6 +59,11 @@ class OrganismSpec:
 
     def vocabulary(self) -> Vocabulary:
         return Vocabulary(self.text_tokens, self.text_dim, self.vocab_seed)
+
+
+FIDELITY_SPEC = OrganismSpec(frames=12, height=96, width=128, detail=0.3)
+"""The fidelity organism's videos: 96 x 128 pixels, 12 frames -> 12 x 24 x 32 = 9,216 tokens, textured."""
+FIDELITY_MODEL = dict(num_attention_heads=6, ffn_dim=1536)  # 8 layers x 6 heads x 64
 
 
 def organism_config(spec: OrganismSpec | None = None, **overrides) -> dict:
