@@ -1,13 +1,13 @@
 """sparse-vdit: per-head sparse attention for video diffusion transformers."""
 
+from ._version import __version__
 from .kernels import sparse_attention
 from .layout import VideoLayout
 from .patterns import BlockTable, Pattern, compile_layer
 from .plan import ModelSpec, Plan, PlanError
-from .integrations.diffusers import apply, model_spec, organism_sampler, pipeline_sampler, remove, sparse
+from .integrations.diffusers import apply, model_spec, pipeline_sampler, remove, sparse
 from .integrations.diffusers.search import search
-
-__version__ = "0.1.0"
+from .compare import organism_sampler
 
 __all__ = [
     "BlockTable",

@@ -93,7 +93,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def load_model(args: argparse.Namespace, dtype: torch.dtype):
     """(model, sampler) for ``--model``."""
-    from ..integrations.diffusers import organism_sampler, pipeline_sampler
+    from ..compare import organism_sampler
+    from ..integrations.diffusers import pipeline_sampler
 
     if args.model == "organism":
         from ..organism import model as organism
@@ -110,7 +111,7 @@ def load_model(args: argparse.Namespace, dtype: torch.dtype):
         return transformer, organism_sampler(transformer, spec, **extra)
     if args.random_weights or args.weights is not None:
         raise SystemExit("sparse-vdit search: --weights and --random-weights are for --model organism")
-    from .generate import load_pipeline
+    from ..integrations.diffusers.pipeline import load_pipeline
 
     pipe = load_pipeline(args.model, dtype, args.device)
     extra = {k: v for k, v in (("height", args.height), ("width", args.width), ("num_frames", args.frames),

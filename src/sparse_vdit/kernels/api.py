@@ -9,8 +9,8 @@ from functools import lru_cache
 
 import torch
 
+from ..block_table import BlockTable
 from ..layout import VideoLayout
-from ..patterns.table import BlockTable
 from . import dense
 
 logger = logging.getLogger("sparse_vdit")

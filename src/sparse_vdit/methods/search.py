@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .._version import __version__
 from ..layout import VideoLayout
 from ..patterns import Pattern, dense
 from ..plan import Plan, StepRange, as_spec
@@ -390,7 +391,7 @@ class Searcher:
             "seeds": self.seeds,
             "device": device_name(ctx_shape.device),
             "torch": torch.__version__,
-            "sparse_vdit": _version(),
+            "sparse_vdit": __version__,
         }
         made_by["sample_blocks"] = s.sample_blocks or default_sample_blocks(-(-layout.num_tokens // block))
         costs = {c.key: float(x) for c, x in zip(s.candidates, context.costs)}
@@ -431,12 +432,6 @@ class Searcher:
                 "run_vs_plan_share": [float(x) for x in off],
             }
         return out
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def _key_blocks(layout: VideoLayout, block: int) -> int:

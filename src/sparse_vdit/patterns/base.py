@@ -163,27 +163,6 @@ def merge_intervals(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, t
     return starts.to(torch.int32), ends.to(torch.int32)
 
 
-def expand_ranges(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ranges [..., R] -> (count [...], ascending indices [..., max count]), on their device.
-
-    Unused index slots repeat the row's last index (0 for an empty row), so every slot is a
-    valid key-block index, as FlexAttention and FlashAttention-4 require.
-    """
-    shape = starts.shape[:-1]
-    starts, ends = starts.reshape(-1, starts.shape[-1]).long(), ends.reshape(-1, ends.shape[-1]).long()
-    length = ends - starts
-    cum = torch.cumsum(length, dim=1)
-    count = cum[:, -1]
-    width = max(int(count.max()) if count.numel() else 0, 1)
-    slot = torch.arange(width, device=starts.device).expand(len(count), width).contiguous()
-    which = torch.searchsorted(cum, slot, right=True).clamp(max=starts.shape[1] - 1)
-    index = torch.gather(starts, 1, which) + slot - (torch.gather(cum, 1, which) - torch.gather(length, 1, which))
-    last = torch.gather(index, 1, (count - 1).clamp(min=0)[:, None])
-    index = torch.where(slot < count[:, None], index, last)
-    index = torch.where(count[:, None] > 0, index, 0)
-    return count.to(torch.int32).reshape(shape), index.to(torch.int32).reshape(*shape, width)
-
-
 @lru_cache(maxsize=512)
 def head_ranges(pattern: Pattern, layout: VideoLayout, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One head's visited key blocks as ranges: (starts, ends), int32 [Qb, R], on the CPU."""

@@ -10,7 +10,8 @@ from typing import Any
 from ...kernels import BACKENDS
 from ...plan import Plan
 from .families import family_of, transformer_of
-from .processor import PatternSource, SparseAttnProcessor, SparseState, ulysses_group
+from ...methods.protocol import PatternSource
+from .processor import SparseAttnProcessor, SparseState, ulysses_group
 from .steps import install_step_hook, wrap_scheduler
 
 logger = logging.getLogger("sparse_vdit")
@@ -45,7 +46,7 @@ def apply(
         backend: kernel for sparse layers (``"auto"``, ``"fa4"``, ``"triton"``, ``"flex"``,
             ``"reference"``); dense layers and steps always run the fastest dense kernel.
         pattern_source: decides the patterns per call instead of the plan (online methods, search);
-            see :class:`~sparse_vdit.integrations.diffusers.processor.AttentionCall`.
+            see :class:`~sparse_vdit.methods.protocol.AttentionCall`.
         block_size: block size of the tables (default: the plan's, else 128).
 
     Composes with diffusers' Ulysses context parallelism (``enable_parallelism`` with

@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -36,49 +35,12 @@ import torch
 from ...kernels import dense as dense_kernels
 from ...kernels import resolve_backend, sparse_attention
 from ...layout import VideoLayout
+from ...methods.protocol import AttentionCall, Observer, PatternSource, plan_source
 from ...patterns import Pattern, compile_layer
 from ...plan import ModelSpec, Plan
 from ...timing import clock, seconds_per_step
 from .families import Family
 from .steps import StepTracker
-
-PatternSource = Callable[["AttentionCall"], "Sequence[Pattern] | None"]
-Observer = Callable[["AttentionCall", "Sequence[Pattern] | None", torch.Tensor], None]
-
-
-def plan_source(plan: Plan) -> PatternSource:
-    """The pattern source of a fixed plan: its patterns for (step, layer), ``None`` where dense."""
-
-    def source(call: AttentionCall):
-        if plan.is_dense(call.step, call.layer):
-            return None
-        return plan.patterns_for(call.step, call.layer)
-
-    source.plan = plan  # type: ignore[attr-defined]
-    return source
-
-
-@dataclass(eq=False)
-class AttentionCall:
-    """One self-attention call: what a pattern source decides from (tensors are ``(B, N, H, D)``)."""
-
-    step: int
-    layer: int
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    layout: VideoLayout
-    state: SparseState
-    heads: range | None = None  # global head indices of q's heads under Ulysses parallelism (None: all)
-
-    def dense_output(self) -> torch.Tensor:
-        """Dense attention of this call on the fastest dense kernel."""
-        return self.state.compute(self.q, self.k, self.v, self.layout, None)
-
-    def output(self, patterns: Sequence[Pattern] | None) -> torch.Tensor:
-        """Attention of this call with one pattern per head (``None``: dense)."""
-        return self.state.compute(self.q, self.k, self.v, self.layout, patterns)
-
 
 _STATES: weakref.WeakValueDictionary[int, SparseState] = weakref.WeakValueDictionary()
 _HANDLES = itertools.count()

@@ -7,8 +7,6 @@ import os
 
 import torch
 
-from . import tuning
-
 LOG2E = 1.4426950408889634
 
 # Kernel options (None: the default, DEFAULTS): ``tma`` loads the whole key tiles of frame-major
@@ -145,9 +143,8 @@ def forward(
     their rows through that order (``layout`` = frames, frame tokens, video start, video
     tokens), so q, k, v and the output stay frame-major in memory.
 
-    ``tiles`` (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the tile choice; without it,
-    ``SPARSE_VDIT_TRITON_AUTOTUNE=1`` on CUDA uses the measured, cached choice of ``tuning``
-    and anything else the fixed rule of ``_tiles``.
+    ``tiles`` (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the fixed rule of ``_tiles``
+    (:func:`sparse_vdit.kernels.triton.backend.forward` passes the measured choice of ``tuning``).
     """
     from .kernel import block_sparse_attention_fwd
 
@@ -155,8 +152,6 @@ def forward(
     for t in (q, k, v):
         if t.stride(-1) != 1:
             raise ValueError("the Triton backend needs the head dim contiguous (stride 1)")
-    if tiles is None and q.device.type == "cuda" and tuning.enabled():
-        tiles = tuning.tuned_tiles(batch, heads, n, dim, q.dtype, block_size, q.device)
     block_m, block_n, warps, stages = _tiles(block_size, dim, q.device, tiles)
     num_q_tiles = math.ceil(n / block_m)
     schedule = _cached_schedule(kv_num_blocks, block_size // block_m, num_q_tiles, option("schedule"))
