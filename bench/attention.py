@@ -34,10 +34,11 @@ try:  # run as a script from a checkout without installing
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+from sparse_vdit.block_table import DEFAULT_BLOCK
 from sparse_vdit.layout import VideoLayout
 from sparse_vdit.patterns import compile_layer, dense, diagonal, multi_diagonal, skip, vertical
 
-BLOCK = 128
+BLOCK = DEFAULT_BLOCK
 
 
 @dataclass(frozen=True)

@@ -558,7 +558,7 @@ def parse_args(argv=None):
     p.add_argument("--svg-backends", default="auto,flex", help="sparse backends of the SVG rows (auto = --backend)")
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant, after one warm-up")
     p.add_argument("--backend", default="auto", help="sparse backend of our integration")
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--out", type=Path, default=None,
                    help="results JSON (default bench/results/e2e.json; a temp file with --dry-run)")  # fmt: skip

@@ -291,7 +291,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the search runs")
     p.add_argument("--repeats", type=int, default=2, help="searches per mode (the first cold, the rest warm)")
     p.add_argument("--backend", default=None, help="sparse backend (default auto; reference with --dry-run)")
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)
     p.add_argument("--epsilon", type=float, default=None, help="search epsilon (default: the mode's)")
     p.add_argument("--lam", type=float, default=None, help="search lambda (default: the mode's)")
     p.add_argument("--no-unpatched", dest="unpatched", action="store_false", help="skip the unpatched generation")

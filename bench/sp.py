@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--densities", default="0.3,0.2", help="sparse plan densities")
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant, after one warm-up")
     p.add_argument("--backend", default="auto", help="sparse backend")
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)
     p.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/sp.json)")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting measurements after this long")
     p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU (fp32, gloo)")

@@ -14,7 +14,22 @@ import torch
 
 from .layout import VideoLayout
 
-DEFAULT_BLOCK = 128
+DEFAULT_BLOCK = 128  # tokens per block, everywhere a block size is not given
+
+
+def num_blocks(tokens: int, block: int) -> int:
+    """Blocks of ``block`` tokens that cover ``tokens`` tokens (the last one may be ragged)."""
+    return -(-tokens // block)
+
+
+def is_power_of_two(x: int) -> bool:
+    """Whether the int ``x`` is a power of two (1, 2, 4, ...)."""
+    return x >= 1 and x & (x - 1) == 0
+
+
+def valid_block_size(block_size) -> bool:
+    """Whether ``block_size`` is a usable table block: an int, a power of two, at least 16."""
+    return isinstance(block_size, int) and block_size >= 16 and is_power_of_two(block_size)
 INDEX_CACHE_BYTES = 1 << 30  # expanded index lists kept for reuse, all tables together
 
 
@@ -48,7 +63,7 @@ class BlockTable:
 
     @property
     def num_kv_blocks(self) -> int:
-        return -(-self.layout.kv_len // self.block_size)
+        return num_blocks(self.layout.kv_len, self.block_size)
 
     @property
     def device(self) -> torch.device:

@@ -35,13 +35,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from .block_table import DEFAULT_BLOCK, valid_block_size
 from .layout import VideoLayout
 from .patterns import Pattern, compile_layer
 from .patterns import dense as _dense
 
 FORMAT = "sparse-vdit-plan"
 VERSION = 1
-DEFAULT_BLOCK = 128
 
 
 class PlanError(ValueError):
@@ -380,7 +380,7 @@ def _validate(plan: Plan) -> None:
     if plan.warmup_layers > plan.num_layers:
         raise PlanError(f"warmup_layers={plan.warmup_layers} exceeds the model's {plan.num_layers} layers")
     size = plan.block_size
-    if not _is_int(size) or size < 16 or size & (size - 1):
+    if not _is_int(size) or not valid_block_size(size):
         raise PlanError(f"block_size must be a power of two >= 16, got {size!r}")
     if plan.layout is not None and not isinstance(plan.layout, VideoLayout):
         raise PlanError(f"layout must be a VideoLayout or None, got {type(plan.layout).__name__}")

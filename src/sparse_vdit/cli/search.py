@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..block_table import DEFAULT_BLOCK
 from ..methods.search import MODES, SearchSettings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int)
     g.add_argument("--warmup-layers", type=int, default=0)
     g.add_argument("--buckets", type=int, help="step ranges after the warm-up")
-    g.add_argument("--block-size", type=int, default=128)
+    g.add_argument("--block-size", type=int, default=DEFAULT_BLOCK)
     g.add_argument("--backend", default="auto", help="sparse kernel: auto, fa4, triton, flex, reference")
     r = parser.add_argument_group("generation")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -26,6 +26,8 @@ from collections import OrderedDict
 
 import torch
 
+from ..block_table import num_blocks
+
 _FA4 = None
 _IMPORT_ERROR: str | None = None
 _CACHE: OrderedDict = OrderedDict()
@@ -129,7 +131,7 @@ def _sparse_tensors(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block
         del _CACHE[key]
     _, BlockSparseTensorsTorch = _import()
     heads, qb, width = kv_indices.shape
-    kb = -(-kv_len // block_size)
+    kb = num_blocks(kv_len, block_size)
     counts = kv_num_blocks.to(torch.int32).contiguous()[None]
     index = kv_indices[..., : min(width, kb)].to(torch.int32).contiguous()[None]
     empty_counts = torch.zeros_like(counts)
@@ -164,7 +166,7 @@ def forward(
     ok, why = supports(block_size, dim, q.dtype, q.device)
     if not ok:
         raise ValueError(why)
-    if kv_num_blocks.shape != (heads, -(-n // block_size)):
+    if kv_num_blocks.shape != (heads, num_blocks(n, block_size)):
         raise ValueError(f"table counts of shape {tuple(kv_num_blocks.shape)} do not fit q of shape {tuple(q.shape)}")
     if kv_num_blocks.device != q.device:
         kv_num_blocks, kv_indices = kv_num_blocks.to(q.device), kv_indices.to(q.device)

@@ -14,6 +14,8 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from ..block_table import num_blocks
+
 _COMPILED = None
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 64
@@ -105,9 +107,9 @@ def block_mask(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, *, block_s
     from torch.nn.attention.flex_attention import BlockMask
 
     heads, qb, width = kv_indices.shape
-    kb = -(-kv_len // block_size)
-    if qb != -(-q_len // block_size):
-        raise ValueError(f"table has {qb} query blocks, the sequence of {q_len} needs {-(-q_len // block_size)}")
+    kb = num_blocks(kv_len, block_size)
+    if qb != num_blocks(q_len, block_size):
+        raise ValueError(f"table has {qb} query blocks, the sequence of {q_len} needs {num_blocks(q_len, block_size)}")
     counts = kv_num_blocks.to(torch.int32)
     index = kv_indices.to(torch.int32)
     # FlexAttention wants the full number of key blocks as the last dimension (DESIGN.md facts).
@@ -166,7 +168,7 @@ def forward(
         raise ValueError(f"table has {kv_num_blocks.shape[0]} heads, q has {heads}")
     if kv_num_blocks.device != q.device:
         kv_num_blocks, kv_indices = kv_num_blocks.to(q.device), kv_indices.to(q.device)
-    qb, kb = -(-n // block_size), -(-kv_len // block_size)
+    qb, kb = num_blocks(n, block_size), num_blocks(kv_len, block_size)
     mask = block_mask(kv_num_blocks, kv_indices, block_size=block_size, q_len=n, kv_len=kv_len)
     qh = _pad_heads_first(q, n, qb * block_size)
     kh = _pad_heads_first(k, kv_len, kb * block_size)

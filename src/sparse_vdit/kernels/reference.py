@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..block_table import num_blocks
+
 
 def forward(
     q: torch.Tensor,
@@ -25,7 +27,7 @@ def forward(
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = (t.transpose(1, 2).to(compute) for t in (q, k[:, :kv_len], v[:, :kv_len]))
     out = torch.zeros(batch, heads, n, v.shape[-1], dtype=compute, device=q.device)
-    num_kv_blocks = -(-kv_len // block_size)
+    num_kv_blocks = num_blocks(kv_len, block_size)
     slots = torch.arange(kv_indices.shape[-1], device=q.device)
     for i in range(kv_num_blocks.shape[1]):
         rows = slice(i * block_size, min((i + 1) * block_size, n))

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ..block_table import num_blocks
 from ..layout import VideoLayout
 
 # name -> (interval builder, needs token-major order)
@@ -93,11 +94,11 @@ class Geometry:
 
     @property
     def num_q_blocks(self) -> int:
-        return -(-self.layout.num_tokens // self.block)
+        return num_blocks(self.layout.num_tokens, self.block)
 
     @property
     def num_kv_blocks(self) -> int:
-        return -(-self.layout.kv_len // self.block)
+        return num_blocks(self.layout.kv_len, self.block)
 
     def centres(self, count: int) -> torch.Tensor:
         """Centre (in sequence positions) of the first ``count`` blocks; the last may be ragged."""
@@ -109,7 +110,7 @@ class Geometry:
         """Key-block interval covering sequence tokens ``[start, end)``, clipped to ``limit`` blocks."""
         if end <= start:
             return 0, 0
-        return min(start // self.block, limit), min(-(-end // self.block), limit)
+        return min(start // self.block, limit), min(num_blocks(end, self.block), limit)
 
 
 def band(geometry: Geometry, half_width: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import torch
 
-from ..block_table import DEFAULT_BLOCK, BlockTable
+from ..block_table import DEFAULT_BLOCK, BlockTable, valid_block_size
 from ..layout import VideoLayout
 from .base import Pattern, head_ranges
 
@@ -29,7 +29,7 @@ def compile_layer(
     for p in patterns:
         if not isinstance(p, Pattern):
             raise TypeError(f"expected Pattern objects (e.g. sparse_vdit.patterns.diagonal(1.0)), got {p!r}")
-    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+    if not valid_block_size(block_size):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
     return _compile(patterns, layout, block_size, torch.device(device))
 

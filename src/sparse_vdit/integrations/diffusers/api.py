@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ...block_table import DEFAULT_BLOCK, valid_block_size
 from ...kernels import BACKENDS
 from ...plan import Plan
 from .families import family_of, transformer_of
@@ -83,7 +84,7 @@ def apply(
         plan.check(spec)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if block_size is not None and (not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1)):
+    if block_size is not None and not valid_block_size(block_size):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
     modules = family.attention_modules(model)
     for i, module in enumerate(modules):
@@ -129,7 +130,7 @@ def _method_source(method, options: dict, plan, pattern_source, block_size):
     from ...methods.svg import SVG
 
     try:
-        return SVG(**options, block_size=block_size or 128)
+        return SVG(**options, block_size=block_size or DEFAULT_BLOCK)
     except TypeError as err:
         raise TypeError(f"sparse_vdit.apply(method='svg'): {err}") from None
 

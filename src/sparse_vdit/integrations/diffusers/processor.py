@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ...block_table import DEFAULT_BLOCK
 from ...kernels import dense as dense_kernels
 from ...kernels import resolve_backend, sparse_attention
 from ...layout import VideoLayout
@@ -64,7 +65,7 @@ class SparseState:
         self.family, self.spec, self.backend = family, spec, backend
         self.plan = plan
         self.pattern_source: PatternSource = pattern_source or plan_source(plan)
-        self.block_size = block_size or (plan.block_size if plan is not None else 128)
+        self.block_size = block_size or (plan.block_size if plan is not None else DEFAULT_BLOCK)
         self.steps = StepTracker()
         self.observers: list[Observer] = []
         self.timing = False

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
+
+from ...block_table import is_power_of_two, num_blocks
 
 LOG2E = 1.4426950408889634
 
@@ -46,7 +47,7 @@ def _tiles(
     if override is not None:
         block_m, block_n, warps, stages = (int(x) for x in override)
         for name, tile in (("BLOCK_M", block_m), ("BLOCK_N", block_n)):
-            if tile < 16 or tile & (tile - 1) or block_size % tile:
+            if tile < 16 or not is_power_of_two(tile) or block_size % tile:
                 raise ValueError(f"{name}={tile} must be a power of two >= 16 dividing the block size {block_size}")
         return block_m, block_n, warps, stages
     if device.type == "cpu":
@@ -153,7 +154,7 @@ def forward(
         if t.stride(-1) != 1:
             raise ValueError("the Triton backend needs the head dim contiguous (stride 1)")
     block_m, block_n, warps, stages = _tiles(block_size, dim, q.device, tiles)
-    num_q_tiles = math.ceil(n / block_m)
+    num_q_tiles = num_blocks(n, block_m)
     schedule = _cached_schedule(kv_num_blocks, block_size // block_m, num_q_tiles, option("schedule"))
     out = torch.empty_like(q)
     starts, ends = (r.contiguous() for r in ranges)

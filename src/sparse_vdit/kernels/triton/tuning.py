@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import math
 import os
 import statistics
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from ...block_table import num_blocks
 from ...cache import cache_root
 
 ENV = "SPARSE_VDIT_TRITON_AUTOTUNE"
@@ -192,9 +192,9 @@ def autotune(
 
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, n, heads, head_dim, device=device, dtype=dtype, generator=g) for _ in range(3))
-    q_blocks = math.ceil(n / block_size)
+    q_blocks = num_blocks(n, block_size)
     starts = torch.zeros(heads, q_blocks, 1, dtype=torch.int32, device=device)
-    ends = torch.full_like(starts, math.ceil(n / block_size))
+    ends = torch.full_like(starts, q_blocks)
     kv_num_blocks = (ends - starts).sum(-1, dtype=torch.int32)
 
     def call(tiles):
