@@ -34,6 +34,7 @@ try:  # run as a script from a checkout without installing
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+import sparse_vdit
 from sparse_vdit.block_table import DEFAULT_BLOCK
 from sparse_vdit.layout import VideoLayout
 from sparse_vdit.patterns import compile_layer, dense, diagonal, multi_diagonal, skip, vertical
@@ -175,12 +176,12 @@ def dense_baselines(have_fa4: bool) -> dict:
 
 
 def sparse_backends(requested) -> tuple[dict, dict]:
-    from sparse_vdit.kernels import api, sparse_attention
+    from sparse_vdit.kernels import registry, sparse_attention
 
     device = torch.device("cuda", torch.cuda.current_device())
     found, skipped = {}, {}
     for name in requested:
-        ok, why = api._availability(name, device)
+        ok, why = registry.available(name, device)
         if ok:
             found[name] = lambda q, k, v, table, name=name: sparse_attention(q, k, v, table, backend=name)
         else:
@@ -189,20 +190,11 @@ def sparse_backends(requested) -> tuple[dict, dict]:
 
 
 def direct_backend(name):
-    """The backend module's forward on a table, without the API (for the 100% row: no dense shortcut)."""
-    import importlib
+    """The backend's run on a table, without the API (for the 100% row: no dense shortcut)."""
+    from sparse_vdit.kernels import registry
 
-    module = importlib.import_module(f"sparse_vdit.kernels.{name}")
-
-    def run(q, k, v, table):
-        extra = {"ranges": (table.range_starts, table.range_ends)} if name == "triton" else {}
-        indices = None if name == "triton" else table.kv_indices
-        return module.forward(
-            q, k, v, table.kv_num_blocks, indices,
-            block_size=table.block_size, kv_len=table.layout.kv_len, softmax_scale=q.shape[-1] ** -0.5, **extra,
-        )  # fmt: skip
-
-    return run
+    module = registry.get(name).module
+    return lambda q, k, v, table: module.run(q, k, v, table, q.shape[-1] ** -0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,10 +412,7 @@ def main(argv=None) -> dict:
                                    ms=ms, host_ms=host, reps=reps, tflops=flops / ms * 1e-9,
                                    block_eff=table.density * ref / ms if ref else None)  # fmt: skip
             del sets
-            from sparse_vdit.kernels import fa4, flex
-
-            fa4._CACHE.clear()
-            flex._CACHE.clear()
+            sparse_vdit.clear_caches()
             torch.cuda.empty_cache()
             with open(path, "w") as f:
                 json.dump(result, f, indent=1)

@@ -246,15 +246,6 @@ def mixed_plan(spec, layout: VideoLayout, density: float, block_size: int, skip_
     return plan_at((lo + hi) / 2)
 
 
-def release_tables() -> None:
-    """Drop cached block tables between plans, so GPU memory does not grow with the plans tried."""
-    from sparse_vdit.patterns import table
-
-    for cached in (getattr(table, "_compile", None), getattr(table, "_device_rows", None)):
-        if hasattr(cached, "cache_clear"):
-            cached.cache_clear()
-
-
 def transformer_blocks(model) -> list:
     """The repeated transformer blocks (what diffusers' ``compile_repeated_blocks`` compiles)."""
     names = ("blocks", "transformer_blocks", "single_transformer_blocks")
@@ -449,7 +440,7 @@ def run_mode(run: Mode, model, inputs, plans: dict, layout: VideoLayout) -> None
             state.set_plan(plan)
             state.timing = True
             run.record(variant, measure(model, inputs, repeats, attention_seconds), plan.density(layout))
-            release_tables()
+            sparse_vdit.clear_caches()  # GPU memory does not grow with the plans tried
     finally:
         sparse_vdit.remove(model)
     run_svg(run, model, inputs, layout)
@@ -503,21 +494,9 @@ def run_svg(run: Mode, model, inputs, layout: VideoLayout) -> None:
                               svg_widths=plan.made_by["widths"])  # fmt: skip
                 variant = f"svg-{round(density * 100):02d}" + ("" if name == "auto" else f"-{name}")
                 run.record(variant, result, plan.density(layout))
-                release_tables()
-                release_backend_caches()
+                sparse_vdit.clear_caches()  # an SVG row makes new tables every call
     finally:
         sparse_vdit.remove(model)
-
-
-def release_backend_caches() -> None:
-    """Drop FA4's and FlexAttention's per-table caches (an SVG row makes new tables every call)."""
-    import importlib
-
-    for name in ("fa4", "flex"):
-        try:
-            getattr(importlib.import_module(f"sparse_vdit.kernels.{name}"), "_CACHE", {}).clear()
-        except ImportError:
-            pass
 
 
 def table(rows: list) -> str:

@@ -216,7 +216,7 @@ def run_model(bench, args, device, dtype, rows: list, deadline: float, save=lamb
             say(f"{bench.name} {mode} #{repeat}: search {row['search_seconds']:.2f} s (cost table "
                 f"{row['cost_table_seconds']:.2f} s), dense {row['dense_seconds']:.2f} s, ratio {row['ratio']:.2f} "
                 f"({row['ratio_no_table']:.2f} without the table), density {row['density']:.1%}")  # fmt: skip
-            E2E.release_tables()
+            sparse_vdit.clear_caches()
         if args.profile and mode == args.modes[0]:
             profile_search(model, prompts, sampler, args, mode, Path(args.profile) / f"{bench.name}-{mode}.txt")
     del model, sampler

@@ -162,7 +162,7 @@ def run_model(bench, args, world: int, device, dtype, rows: list, deadline: floa
             result = measure(model, inputs, state, args.repeats, device)
         finally:
             sparse_vdit.remove(model)
-            e2e.release_tables()
+            sparse_vdit.clear_caches()
         row = dict(model=bench.name, world=world, variant=variant, density=plan.density(layout), dry_run=args.dry_run,
                    tokens=layout.num_tokens, **result)  # fmt: skip
         rows.append(row)

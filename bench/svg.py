@@ -70,6 +70,7 @@ try:  # run as a script from a checkout without installing
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+import sparse_vdit
 from sparse_vdit import VideoLayout, compile_layer, sparse_attention
 from sparse_vdit.kernels import resolve_backend
 from sparse_vdit.kernels.dense import sdpa
@@ -228,11 +229,7 @@ def run_shape(shape, args, device, dtype, record, over_budget) -> None:
                                 per_sm, base, fast, flex)  # fmt: skip
     del sets
     if device.type == "cuda":
-        from sparse_vdit.kernels import fa4 as fa4_backend
-        from sparse_vdit.kernels import flex as flex_backend
-
-        fa4_backend._CACHE.clear()
-        flex_backend._CACHE.clear()
+        sparse_vdit.clear_caches()
         torch.cuda.empty_cache()
 
 

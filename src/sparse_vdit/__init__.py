@@ -9,7 +9,20 @@ from .integrations.diffusers import apply, model_spec, pipeline_sampler, remove,
 from .integrations.diffusers.search import search
 from .compare import organism_sampler
 
+
+def clear_caches() -> None:
+    """Drop every compiled block table, everything derived from tables (index lists, backend
+    masks, work orders, copies on other devices) and the per-layout caches; all are rebuilt on use."""
+    from . import layout, methods
+    from .patterns.table import clear_compiled
+
+    clear_compiled()
+    methods.clear_caches()
+    layout._orders.cache_clear()
+
+
 __all__ = [
+    "clear_caches",
     "BlockTable",
     "ModelSpec",
     "Pattern",

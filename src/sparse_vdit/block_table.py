@@ -6,9 +6,13 @@ patterns beyond each head's ``name`` and ``token_major`` flag.
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
 
@@ -30,7 +34,7 @@ def is_power_of_two(x: int) -> bool:
 def valid_block_size(block_size) -> bool:
     """Whether ``block_size`` is a usable table block: an int, a power of two, at least 16."""
     return isinstance(block_size, int) and block_size >= 16 and is_power_of_two(block_size)
-INDEX_CACHE_BYTES = 1 << 30  # expanded index lists kept for reuse, all tables together
+FORMS_CACHE_BYTES = 1 << 30  # derived forms kept for reuse (index lists, backend objects), all tables together
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +47,10 @@ class BlockTable:
     the table's device when a backend asks for it. Heads with ``token_major[h]`` are laid out
     token-major (:meth:`VideoLayout.token_major_order`) and their blocks refer to that order.
     Key blocks cover only the first ``layout.kv_len`` tokens (padded text is never a key).
+
+    The table owns everything derived from it (:meth:`form`: index lists, copies on other
+    devices, each backend's mask objects and work order): built on first use, dropped together.
+    ``key`` names the table to the ``sparse_vdit::sparse_attention`` op (:func:`table_by_key`).
     """
 
     layout: VideoLayout
@@ -51,7 +59,31 @@ class BlockTable:
     range_starts: torch.Tensor  # int32 [H, Qb, R]
     range_ends: torch.Tensor  # int32 [H, Qb, R]
     token_major: torch.Tensor  # bool [H]
-    _moved: dict = field(default_factory=dict, repr=False, compare=False)  # device -> this table there
+    key: int = field(init=False, repr=False, compare=False)
+    _forms: dict = field(init=False, default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", next(_SERIAL))
+        _LIVE[self.key] = self
+
+    def form(self, name: Any, build: Callable[[BlockTable], Any]) -> Any:
+        """What ``build(self)`` derives from this table, built once and kept with it.
+
+        ``name`` is any hashable (e.g. ``("triton.schedule", 2, "levels")``). The forms of a table
+        are dropped together: by :meth:`drop_forms`, by :func:`sparse_vdit.clear_caches`, or when
+        the forms of all tables pass ``FORMS_CACHE_BYTES`` (least recently used table first).
+        """
+        forms = self._forms
+        if name in forms:
+            _forms_in_use.touch(self)
+            return forms[name]
+        value = forms[name] = build(self)
+        _forms_in_use.add(self, _nbytes(value))
+        return value
+
+    def drop_forms(self) -> None:
+        """Forget everything derived from this table (it is rebuilt when asked for)."""
+        _forms_in_use.forget(self)
 
     @property
     def num_heads(self) -> int:
@@ -78,10 +110,10 @@ class BlockTable:
     def kv_indices(self) -> torch.Tensor:
         """int32 [H, Qb, max visited]: the visited key blocks, ascending; later slots repeat one.
 
-        Built on the table's device from the ranges and kept in a cache bounded by
-        ``INDEX_CACHE_BYTES`` (a dense head makes it [H, Qb, Kb]).
+        Built on the table's device from the ranges, once (a :meth:`form`; a dense head makes it
+        [H, Qb, Kb]).
         """
-        return _index_cache.get(self)
+        return self.form("kv_indices", lambda t: expand_ranges(t.range_starts, t.range_ends)[1])
 
     @cached_property
     def token_major_heads(self) -> tuple[int, ...]:
@@ -110,13 +142,10 @@ class BlockTable:
         device = torch.device(device)
         if device == self.device:
             return self
-        hit = self._moved.get(device)
-        if hit is None:
-            hit = self._moved[device] = BlockTable(
-                self.layout, self.block_size, self.patterns,
-                self.range_starts.to(device), self.range_ends.to(device), self.token_major.to(device),
-            )  # fmt: skip
-        return hit
+        return self.form(("to", device), lambda t: BlockTable(
+            t.layout, t.block_size, t.patterns,
+            t.range_starts.to(device), t.range_ends.to(device), t.token_major.to(device),
+        ))  # fmt: skip
 
     def block_mask(self, head: int) -> torch.Tensor:
         """Dense bool [Qb, Kb] map of one head's visited blocks (for drawing and tests only)."""
@@ -133,30 +162,71 @@ class BlockTable:
         )
 
 
-class _IndexCache:
-    """Expanded index lists of recently used tables, least recently used dropped past a byte budget."""
+_SERIAL = itertools.count(1)
+_LIVE: weakref.WeakValueDictionary[int, BlockTable] = weakref.WeakValueDictionary()
+
+
+def table_by_key(key: int) -> BlockTable:
+    """The live table whose :attr:`BlockTable.key` is ``key``."""
+    table = _LIVE.get(key)
+    if table is None:
+        raise RuntimeError(f"sparse-vdit: block table {key} no longer exists (a compiled graph outlived its table?)")
+    return table
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, BlockTable):
+        return sum(t.nbytes for t in (value.range_starts, value.range_ends, value.token_major))
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    members = getattr(value, "__dict__", None)
+    if members:
+        return sum(v.nbytes for v in members.values() if isinstance(v, torch.Tensor))
+    return 0
+
+
+class _FormsInUse:
+    """Tables holding derived forms, least recently used first; past the byte budget a table's
+    forms are all dropped at once."""
 
     def __init__(self, budget: int) -> None:
         self.budget, self.used = budget, 0
-        self.entries: OrderedDict[int, tuple[BlockTable, torch.Tensor]] = OrderedDict()
+        self.tables: OrderedDict[int, tuple[BlockTable, int]] = OrderedDict()
 
-    def get(self, table: BlockTable) -> torch.Tensor:
-        key = id(table)
-        hit = self.entries.get(key)
-        if hit is not None and hit[0] is table:
-            self.entries.move_to_end(key)
-            return hit[1]
-        _, index = expand_ranges(table.range_starts, table.range_ends)
-        self.entries[key] = (table, index)
-        self.used += index.nbytes
-        while self.used > self.budget and len(self.entries) > 1:
-            _, (_, old) = self.entries.popitem(last=False)
-            self.used -= old.nbytes
-        return index
+    def add(self, table: BlockTable, nbytes: int) -> None:
+        _, held = self.tables.pop(table.key, (table, 0))
+        self.tables[table.key] = (table, held + nbytes)
+        self.used += nbytes
+        while self.used > self.budget and len(self.tables) > 1:
+            _, (old, size) = self.tables.popitem(last=False)
+            old._forms.clear()
+            self.used -= size
+
+    def touch(self, table: BlockTable) -> None:
+        if table.key in self.tables:
+            self.tables.move_to_end(table.key)
+
+    def forget(self, table: BlockTable) -> None:
+        entry = self.tables.pop(table.key, None)
+        if entry is not None:
+            self.used -= entry[1]
+        table._forms.clear()
+
+    def clear(self) -> None:
+        for table, _ in list(self.tables.values()):
+            table._forms.clear()
+        self.tables.clear()
+        self.used = 0
 
 
-_index_cache = _IndexCache(INDEX_CACHE_BYTES)
+_forms_in_use = _FormsInUse(FORMS_CACHE_BYTES)
 
+
+def drop_all_forms() -> None:
+    """Drop the derived forms of every table (:meth:`BlockTable.form`)."""
+    _forms_in_use.clear()
 
 
 def expand_ranges(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,20 @@ from __future__ import annotations
 import torch
 
 from ..block_table import num_blocks
+from .registry import API_DTYPES, Backend
+
+BACKEND = Backend("reference", API_DTYPES, None, needs_cuda=False, token_major_in_place=False,
+                  note="plain torch on any device: the oracle")
+
+
+def is_available(device: torch.device | None = None) -> tuple[bool, str]:
+    return True, "plain torch"
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float) -> torch.Tensor:
+    """:func:`forward` on a block table (token-major heads already permuted)."""
+    return forward(q, k, v, table.kv_num_blocks, table.kv_indices, block_size=table.block_size,
+                   kv_len=table.layout.kv_len, softmax_scale=softmax_scale)  # fmt: skip
 
 
 def forward(

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import torch
 
-from ..block_table import DEFAULT_BLOCK, BlockTable, valid_block_size
+from ..block_table import DEFAULT_BLOCK, BlockTable, drop_all_forms, valid_block_size
 from ..layout import VideoLayout
 from .base import Pattern, head_ranges
 
@@ -53,3 +53,10 @@ def _compile(patterns: tuple[Pattern, ...], layout: VideoLayout, block: int, dev
     ends = torch.stack([_pad(e, width) for _, e in rows])
     token_major = torch.tensor([p.token_major for p in patterns], dtype=torch.bool, device=device)
     return BlockTable(layout, block, patterns, starts, ends, token_major)
+
+
+def clear_compiled() -> None:
+    """Forget every compiled table and head's ranges, and all that was derived from tables."""
+    for cached in (_compile, device_ranges, head_ranges):
+        cached.cache_clear()
+    drop_all_forms()

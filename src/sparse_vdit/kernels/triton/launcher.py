@@ -89,20 +89,6 @@ def _schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: in
     return result.to(torch.int32)
 
 
-_schedules: dict = {}
-
-
-def _cached_schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: int, order: str) -> torch.Tensor:
-    key = (kv_num_blocks.data_ptr(), tuple(kv_num_blocks.shape), kv_num_blocks.device, tiles_per_block, num_q_tiles,
-           order)  # fmt: skip
-    hit = _schedules.get(key)
-    if hit is None or hit[0] is not kv_num_blocks:
-        if len(_schedules) > 512:
-            _schedules.clear()
-        hit = _schedules[key] = (kv_num_blocks, _schedule(kv_num_blocks, tiles_per_block, num_q_tiles, order))
-    return hit[1]
-
-
 def _tma_ok(device: torch.device) -> bool:
     if device.type == "cpu":
         return interpreting()
@@ -135,6 +121,7 @@ def forward(
     token_major: torch.Tensor | None = None,
     layout: tuple[int, int, int, int] = (1, 1, 0, 0),
     tiles: tuple[int, int, int, int] | None = None,
+    schedule: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention on ``[B, N, H, D]`` tensors with one Triton launch for all heads.
 
@@ -145,7 +132,8 @@ def forward(
     tokens), so q, k, v and the output stay frame-major in memory.
 
     ``tiles`` (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the fixed rule of ``_tiles``
-    (:func:`sparse_vdit.kernels.triton.backend.forward` passes the measured choice of ``tuning``).
+    (:func:`sparse_vdit.kernels.triton.backend.run` passes the measured choice of ``tuning``);
+    ``schedule`` is the work order of :func:`_schedule` for those tiles (computed when not given).
     """
     from .kernel import block_sparse_attention_fwd
 
@@ -155,7 +143,8 @@ def forward(
             raise ValueError("the Triton backend needs the head dim contiguous (stride 1)")
     block_m, block_n, warps, stages = _tiles(block_size, dim, q.device, tiles)
     num_q_tiles = num_blocks(n, block_m)
-    schedule = _cached_schedule(kv_num_blocks, block_size // block_m, num_q_tiles, option("schedule"))
+    if schedule is None:
+        schedule = _schedule(kv_num_blocks, block_size // block_m, num_q_tiles, option("schedule"))
     out = torch.empty_like(q)
     starts, ends = (r.contiguous() for r in ranges)
     any_token_major = token_major is not None  # None: every head is frame-major

@@ -197,9 +197,15 @@ def autotune(
     ends = torch.full_like(starts, q_blocks)
     kv_num_blocks = (ends - starts).sum(-1, dtype=torch.int32)
 
+    orders: dict = {}  # the work order of each tile height, built once (as a table keeps it)
+
     def call(tiles):
-        return launcher.forward(q, k, v, kv_num_blocks, None, block_size=block_size, kv_len=n,
-                                softmax_scale=head_dim**-0.5, ranges=(starts, ends), tiles=tiles)  # fmt: skip
+        block_m = tiles[0]
+        if block_m not in orders:
+            orders[block_m] = launcher._schedule(kv_num_blocks, block_size // block_m, num_blocks(n, block_m),
+                                                 launcher.option("schedule"))  # fmt: skip
+        return launcher.forward(q, k, v, kv_num_blocks, None, block_size=block_size, kv_len=n, softmax_scale=head_dim**-0.5,
+                                ranges=(starts, ends), tiles=tiles, schedule=orders[block_m])  # fmt: skip
 
     times, errors = {}, {}
     for tiles in configs:
