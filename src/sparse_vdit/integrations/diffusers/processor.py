@@ -152,35 +152,18 @@ class SparseState:
         """Attention of ``(B, N, H, D)`` tensors at ``layout`` with one pattern per head (``None``: dense)."""
         if patterns is not None and len(patterns) != q.shape[2]:
             raise ValueError(f"{len(patterns)} patterns for {q.shape[2]} heads")
-        if patterns is None or self._all_dense(patterns):
+        if patterns is None or all(p.name == "dense" for p in patterns):
             use_fa4 = q.is_cuda and self.backend != "reference" and resolve_backend(self.backend, q) == "fa4"
             return dense_kernels.forward(q, k, v, kv_len=layout.kv_len, softmax_scale=q.shape[-1] ** -0.5,
                                          use_fa4=use_fa4)  # fmt: skip
-        key = ("table", id(patterns), layout, q.device)
-        hit = self._memo.get(key)
-        if hit is None or hit[0] is not patterns:
-            hit = (patterns, compile_layer(tuple(patterns), layout, self.block_size, q.device))
-            self._remember(key, hit)
-        return sparse_attention(q, k, v, hit[1], backend=self.backend)
-
-    def _all_dense(self, patterns: Sequence[Pattern]) -> bool:
-        key = ("dense", id(patterns))
-        hit = self._memo.get(key)
-        if hit is None or hit[0] is not patterns:
-            hit = (patterns, all(p.name == "dense" for p in patterns))
-            self._remember(key, hit)
-        return hit[1]
+        table = compile_layer(tuple(patterns), layout, self.block_size, q.device)  # cached by value
+        return sparse_attention(q, k, v, table, backend=self.backend)
 
     def _sliced(self, patterns: Sequence[Pattern], heads: range) -> tuple[Pattern, ...]:
-        """The patterns of global ``heads``, one memoised tuple per source tuple (table memo keys on it)."""
-        key = ("slice", id(patterns), heads.start, heads.stop)
-        hit = self._memo.get(key)
-        if hit is None or hit[0] is not patterns:
-            if heads.stop > len(patterns):
-                raise ValueError(f"{len(patterns)} patterns for global heads {heads.start}..{heads.stop - 1}")
-            hit = (patterns, tuple(patterns[heads.start : heads.stop]))
-            self._remember(key, hit)
-        return hit[1]
+        """The patterns of global ``heads``."""
+        if heads.stop > len(patterns):
+            raise ValueError(f"{len(patterns)} patterns for global heads {heads.start}..{heads.stop - 1}")
+        return tuple(patterns[heads.start : heads.stop])
 
     def _remember(self, key, value) -> None:
         if len(self._memo) > 4096:
