@@ -31,6 +31,11 @@ def is_power_of_two(x: int) -> bool:
     return x >= 1 and x & (x - 1) == 0
 
 
+def all_dense(patterns) -> bool:
+    """Whether every head's pattern is ``dense`` (the layer then runs the dense kernel)."""
+    return all(p.name == "dense" for p in patterns)
+
+
 def valid_block_size(block_size) -> bool:
     """Whether ``block_size`` is a usable table block: an int, a power of two, at least 16."""
     return isinstance(block_size, int) and block_size >= 16 and is_power_of_two(block_size)
@@ -121,7 +126,7 @@ class BlockTable:
 
     @cached_property
     def all_dense(self) -> bool:
-        return all(p.name == "dense" for p in self.patterns)
+        return all_dense(self.patterns)
 
     @cached_property
     def all_skip(self) -> bool:

@@ -35,7 +35,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .block_table import DEFAULT_BLOCK, valid_block_size
+from .block_table import DEFAULT_BLOCK, all_dense, valid_block_size
 from .layout import VideoLayout
 from .patterns import Pattern, compile_layer
 from .patterns import dense as _dense
@@ -125,7 +125,7 @@ class StepRange:
 
     @cached_property
     def dense_layers(self) -> tuple[bool, ...]:
-        return tuple(all(p.name == "dense" for p in heads) for heads in self.layers)
+        return tuple(all_dense(heads) for heads in self.layers)
 
 
 @dataclass(frozen=True, eq=True)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ...block_table import DEFAULT_BLOCK
+from ...block_table import DEFAULT_BLOCK, all_dense
 from ...kernels import dense as dense_kernels
 from ...kernels import resolve_backend, sparse_attention
 from ...layout import VideoLayout
@@ -152,7 +152,7 @@ class SparseState:
         """Attention of ``(B, N, H, D)`` tensors at ``layout`` with one pattern per head (``None``: dense)."""
         if patterns is not None and len(patterns) != q.shape[2]:
             raise ValueError(f"{len(patterns)} patterns for {q.shape[2]} heads")
-        if patterns is None or all(p.name == "dense" for p in patterns):
+        if patterns is None or all_dense(patterns):
             use_fa4 = q.is_cuda and self.backend != "reference" and resolve_backend(self.backend, q) == "fa4"
             return dense_kernels.forward(q, k, v, kv_len=layout.kv_len, softmax_scale=q.shape[-1] ** -0.5,
                                          use_fa4=use_fa4)  # fmt: skip
