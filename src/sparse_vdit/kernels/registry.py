@@ -57,6 +57,7 @@ class Backend:
         return None if ok else why
 
 
+@lru_cache(maxsize=None)
 def get(name: str) -> Backend:
     """The declaration of backend ``name``."""
     if name not in BUILTIN:
