@@ -4,6 +4,14 @@ Each backend is one module (``reference``, ``flex``, ``fa4``, ``triton``) that d
 runs; :mod:`.registry` chooses one per table.
 """
 
-from .api import BACKENDS, resolve_backend, sparse_attention
+from . import registry
+from .api import resolve_backend, sparse_attention
+
+
+def __getattr__(name: str):
+    if name == "BACKENDS":  # "auto" and every backend found (registry.backends())
+        return registry.backends()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["BACKENDS", "resolve_backend", "sparse_attention"]

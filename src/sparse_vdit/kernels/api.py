@@ -9,7 +9,7 @@ import torch
 from ..block_table import BlockTable, table_by_key
 from ..layout import VideoLayout
 from . import dense, registry
-from .registry import API_DTYPES, BACKENDS, resolve
+from .registry import API_DTYPES, resolve
 
 
 def sparse_attention(
@@ -150,6 +150,14 @@ def _sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tabl
 @_sparse_attention_op.register_fake
 def _(q, k, v, table_key, softmax_scale, backend):
     return torch.empty_like(q)
+
+
+
+
+def __getattr__(name: str):
+    if name == "BACKENDS":  # found when first asked for (a new backend is one module)
+        return registry.backends()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["BACKENDS", "reorder_heads", "resolve_backend", "sparse_attention"]

@@ -26,7 +26,7 @@ import torch
 from ..block_table import num_blocks
 from .registry import Backend
 
-BACKEND = Backend("fa4", (torch.bfloat16, torch.float16), (64, 128), needs_cuda=True, token_major_in_place=False,
+BACKEND = Backend("fa4", (torch.bfloat16, torch.float16), (64, 128), needs_cuda=True, token_major_in_place=False, auto_rank=0,
                   note="FlashAttention-4 block sparsity, Hopper / datacenter Blackwell; block sizes: supports()")
 
 _FA4 = None

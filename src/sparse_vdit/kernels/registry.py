@@ -1,25 +1,26 @@
 """Backends: what each one declares it runs, and the choice of one for a table and its inputs.
 
-A backend is one module ``sparse_vdit.kernels.<name>`` with a ``BACKEND`` (:class:`Backend`: what it
-supports), ``is_available(device) -> (ok, why)`` and ``run(q, k, v, table, softmax_scale)``;
-:data:`BUILTIN` lists the modules, in the order ``auto`` tries them. :func:`choose` picks one per
-(table, dtype, head dim, device) once and keeps the choice with the table; ``auto`` says in the
-``sparse_vdit`` log which backend it took and why the faster ones were passed over.
+A backend is one module (or package) ``sparse_vdit.kernels.<name>`` with a ``BACKEND``
+(:class:`Backend`: what it supports, where ``auto`` tries it), ``is_available(device) -> (ok, why)``
+and ``run(q, k, v, table, softmax_scale)``: adding that file adds the backend (:func:`names` finds
+it). :func:`choose` picks one per (table, dtype, head dim, device) once and keeps the choice with
+the table; ``auto`` says in the ``sparse_vdit`` log which backend it took and why the ones it
+tries first were passed over.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import pkgutil
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 logger = logging.getLogger("sparse_vdit")
 
-BUILTIN = ("fa4", "triton", "flex", "reference")  # the order `auto` tries them in
-BACKENDS = ("auto", "reference", "flex", "fa4", "triton")
 API_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what sparse_attention accepts at all
 
 
@@ -32,6 +33,7 @@ class Backend:
     head_dims: tuple[int, ...] | None
     needs_cuda: bool  # False: also runs on the CPU (plain torch, or Triton's interpreter)
     token_major_in_place: bool  # reads token-major heads through the order itself (else permuted in memory)
+    auto_rank: int = 100  # `auto` tries backends by ascending rank (the fastest first)
     backward: bool = False  # whether it has a backward pass (none has yet)
     note: str = ""
 
@@ -57,12 +59,38 @@ class Backend:
         return None if ok else why
 
 
+_NOT_BACKENDS = ("api", "registry", "dense")
+
+
+@lru_cache(maxsize=None)
+def names() -> tuple[str, ...]:
+    """Every backend of ``sparse_vdit.kernels`` (each module with a ``BACKEND``), in the order ``auto`` tries them."""
+    found = []
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if info.name in _NOT_BACKENDS:
+            continue
+        try:
+            module = importlib.import_module(f"{__package__}.{info.name}")
+        except ImportError as err:  # a backend whose own imports fail is left out, and said so
+            logger.warning("sparse_vdit: kernels.%s could not be imported (%s)", info.name, err)
+            continue
+        backend = getattr(module, "BACKEND", None)
+        if isinstance(backend, Backend):
+            found.append(backend)
+    return tuple(b.name for b in sorted(found, key=lambda b: (b.auto_rank, b.name)))
+
+
+def backends() -> tuple[str, ...]:
+    """What ``sparse_attention(..., backend=)`` takes: ``"auto"`` and every backend's name."""
+    return ("auto", *names())
+
+
 @lru_cache(maxsize=None)
 def get(name: str) -> Backend:
     """The declaration of backend ``name``."""
-    if name not in BUILTIN:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
-    return importlib.import_module(f"sparse_vdit.kernels.{name}").BACKEND
+    if name not in names():
+        raise ValueError(f"unknown backend {name!r}; choose one of {backends()}")
+    return importlib.import_module(f"{__package__}.{name}").BACKEND
 
 
 @lru_cache(maxsize=None)
@@ -85,11 +113,11 @@ def _table_support(name: str, block_size: int, head_dim: int, dtype: torch.dtype
 
 @lru_cache(maxsize=None)
 def _auto(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int | None) -> tuple[str, str]:
-    """The first usable backend of ``BUILTIN`` and why the ones before it were not."""
+    """The first usable backend of :func:`names` and why the ones before it were not."""
     if device.type != "cuda":
         return "reference", f"no fast backend on {device.type}"
     reasons = []
-    for name in BUILTIN:
+    for name in names():
         backend = get(name)
         why = backend.input_problem(dtype, head_dim)
         if why is None:
@@ -116,12 +144,12 @@ def _device(q: torch.Tensor) -> torch.device:
 def resolve(backend: str, q: torch.Tensor, block_size: int | None = None) -> str:
     """The backend ``backend`` names for tensors like ``q`` (and tables of ``block_size``, if given).
 
-    ``auto``: the first of :data:`BUILTIN` that runs these inputs here, said once in the log.
+    ``auto``: the first of :func:`names` that runs these inputs here, said once in the log.
     A named backend that cannot run them raises (ValueError: the inputs or the table; RuntimeError:
     not available here).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend != "auto" and backend not in names():
+        raise ValueError(f"unknown backend {backend!r}; choose one of {backends()}")
     device, dtype, dim = _device(q), q.dtype, q.shape[-1]
     if backend == "auto":
         name, skipped = _auto(device, dtype, dim, block_size)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ...block_table import DEFAULT_BLOCK, valid_block_size
-from ...kernels import BACKENDS
+from ...kernels import registry
 from ...plan import Plan
 from .families import family_of, transformer_of
 from ...methods.protocol import PatternSource
@@ -82,8 +82,8 @@ def apply(
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be a Plan or a path to a plan file, got {type(plan).__name__}")
         plan.check(spec)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend not in registry.backends():
+        raise ValueError(f"unknown backend {backend!r}; choose one of {registry.backends()}")
     if block_size is not None and not valid_block_size(block_size):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
     modules = family.attention_modules(model)

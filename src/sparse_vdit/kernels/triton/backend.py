@@ -13,7 +13,7 @@ from ..registry import API_DTYPES, Backend
 from . import launcher, tuning
 from .launcher import is_available
 
-BACKEND = Backend("triton", API_DTYPES, (64, 128), needs_cuda=False, token_major_in_place=True,
+BACKEND = Backend("triton", API_DTYPES, (64, 128), needs_cuda=False, token_major_in_place=True, auto_rank=1,
                   note="ours: any CUDA GPU Triton supports, or the CPU under TRITON_INTERPRET=1")  # fmt: skip
 
 
