@@ -19,146 +19,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
-import statistics
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
-try:  # run as a script from a checkout without installing
-    import sparse_vdit  # noqa: F401
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside it
+from common import (  # noqa: E402
+    BLOCK, DENSITIES, KINDS, QUICK_SHAPES, SHAPES, gpu_versions, out_dir, sdpa_with, table_for, time_fn,
+)
 
-from sparse_vdit.layout import VideoLayout
-from sparse_vdit.patterns import compile_layer, dense, diagonal, multi_diagonal, skip, vertical
-
-BLOCK = 128
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    layout: VideoLayout
-    heads: int
-    dim: int
-
-
-SHAPES = {
-    "wan1.3b-480p": Shape("wan1.3b-480p", VideoLayout(21, 30, 52), 12, 128),
-    "hunyuan-720p": Shape("hunyuan-720p", VideoLayout(33, 45, 80, 256, "suffix"), 24, 128),
-    "cogvideox1.5-768p": Shape("cogvideox1.5-768p", VideoLayout(11, 48, 85, 226, "prefix"), 48, 64),
-    "wan14b-720p": Shape("wan14b-720p", VideoLayout(21, 45, 80), 40, 128),
-}
-QUICK_SHAPES = ("wan1.3b-480p", "hunyuan-720p")
-DENSITIES = (0.05, 0.10, 0.20, 0.30, 0.50, 1.00)
-KINDS = ("band", "multi_diag", "vertical", "mixed")
-STRIPE = ((0.0, 0.5),)  # vertical stripe: the first half of the first frame
-
-
-# ---------------------------------------------------------------------------------------------
-# tables
-
-
-def kind_patterns(kind: str, s: float, layout: VideoLayout, heads: int) -> list:
-    """The heads of a ``kind`` table at band scale ``s`` (fraction of the video on each side)."""
-    frames = s * layout.frames  # diagonal widths are in frames
-    if kind == "band":
-        return [diagonal(frames)] * heads
-    if kind == "multi_diag":
-        return [multi_diagonal(s)] * heads
-    if kind == "vertical":
-        return [vertical(STRIPE, frames)] * heads
-    if kind == "mixed":
-        cycle = [diagonal(frames), multi_diagonal(s), vertical(STRIPE, frames), multi_diagonal(0.5 * s)]
-        return [cycle[h % 4] for h in range(heads - 1)] + [skip()]
-    raise ValueError(kind)
-
-
-def _density(patterns, layout) -> float:
-    return compile_layer(patterns, layout, BLOCK, "cpu").density  # block ranges only: cheap
-
-
-def table_for(kind: str, target: float, layout: VideoLayout, heads: int, device):
-    """(table, scale) whose density is the closest bisection reaches to ``target``."""
-    if target >= 1.0:
-        return compile_layer([dense()] * heads, layout, BLOCK, device), 1.0
-    lo, hi = 0.0, 0.5
-    best = (math.inf, 0.0)
-    for _ in range(18):
-        mid = (lo + hi) / 2
-        d = _density(kind_patterns(kind, mid, layout, heads), layout)
-        best = min(best, (abs(d - target), mid))
-        if abs(d - target) < 0.002:
-            break
-        lo, hi = (mid, hi) if d < target else (lo, mid)
-    s = best[1]
-    return compile_layer(kind_patterns(kind, s, layout, heads), layout, BLOCK, device), s
-
-
-# ---------------------------------------------------------------------------------------------
-# timing
-
-
-def random_sets(shape, count: int, device, dtype, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
-    """``count`` seeded (q, k, v) sets of random ``[1, tokens, heads, dim]`` tensors for ``shape``
-    (anything with ``layout``, ``heads``, ``dim``), to rotate so the L2 cache does not flatter."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    n = shape.layout.num_tokens
-    return [tuple(torch.randn(1, n, shape.heads, shape.dim, generator=g, device=device, dtype=dtype) for _ in range(3))
-            for _ in range(count)]  # fmt: skip
-
-
-def time_fn(fn, sets, est_ms: float | None = None, target_ms: float = 500.0, max_reps: int = 20):
-    """Median ms of ``fn(*set)`` over rotated input sets (CUDA events per call), and host ms per call."""
-    for args in sets:  # warm-up: compile, caches, one call per set
-        fn(*args)
-    torch.cuda.synchronize()
-    if est_ms is None:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*sets[0])
-        end.record()
-        torch.cuda.synchronize()
-        est_ms = start.elapsed_time(end)
-    reps = int(max(3, min(max_reps, target_ms / max(est_ms, 1e-3))))
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    host = []
-    for i, (start, end) in enumerate(events):
-        args = sets[i % len(sets)]
-        t0 = time.perf_counter()
-        start.record()
-        fn(*args)
-        end.record()
-        host.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    times = [s.elapsed_time(e) for s, e in events]
-    return statistics.median(times), 1e3 * statistics.median(host), reps
-
+import sparse_vdit  # noqa: E402
+from sparse_vdit.layout import VideoLayout  # noqa: E402
+from sparse_vdit.patterns import compile_layer, multi_diagonal  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # kernels
 
 
-def _sdpa(backend):
-    import torch.nn.functional as F
-    from torch.nn.attention import sdpa_kernel
-
-    def run(q, k, v):
-        with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-
-    return run
-
-
 def dense_baselines(have_fa4: bool) -> dict:
     from torch.nn.attention import SDPBackend
 
-    out = {"cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION), "fa2": _sdpa(SDPBackend.FLASH_ATTENTION)}
+    out = {"cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION), "fa2": sdpa_with(SDPBackend.FLASH_ATTENTION)}
     if have_fa4:
         from sparse_vdit.kernels import fa4
 
@@ -174,12 +57,12 @@ def dense_baselines(have_fa4: bool) -> dict:
 
 
 def sparse_backends(requested) -> tuple[dict, dict]:
-    from sparse_vdit.kernels import api, sparse_attention
+    from sparse_vdit.kernels import registry, sparse_attention
 
     device = torch.device("cuda", torch.cuda.current_device())
     found, skipped = {}, {}
     for name in requested:
-        ok, why = api._availability(name, device)
+        ok, why = registry.available(name, device)
         if ok:
             found[name] = lambda q, k, v, table, name=name: sparse_attention(q, k, v, table, backend=name)
         else:
@@ -188,20 +71,11 @@ def sparse_backends(requested) -> tuple[dict, dict]:
 
 
 def direct_backend(name):
-    """The backend module's forward on a table, without the API (for the 100% row: no dense shortcut)."""
-    import importlib
+    """The backend's run on a table, without the API (for the 100% row: no dense shortcut)."""
+    from sparse_vdit.kernels import registry
 
-    module = importlib.import_module(f"sparse_vdit.kernels.{name}")
-
-    def run(q, k, v, table):
-        extra = {"ranges": (table.range_starts, table.range_ends)} if name == "triton" else {}
-        indices = None if name == "triton" else table.kv_indices
-        return module.forward(
-            q, k, v, table.kv_num_blocks, indices,
-            block_size=table.block_size, kv_len=table.layout.kv_len, softmax_scale=q.shape[-1] ** -0.5, **extra,
-        )  # fmt: skip
-
-    return run
+    module = registry.get(name).module
+    return lambda q, k, v, table: module.run(q, k, v, table, q.shape[-1] ** -0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,25 +134,6 @@ def permutation_costs(shapes, args, dtype, device) -> list:
 # main
 
 
-def versions() -> dict:
-    import triton
-
-    from sparse_vdit.kernels import fa4
-
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "gpu": torch.cuda.get_device_name(0),
-        "sm": f"{props.major}.{props.minor}",
-        "sms": props.multi_processor_count,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "triton": triton.__version__,
-        "flash_attn_4": fa4.version(),
-        "python": platform.python_version(),
-    }
-
-
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_SHAPES)}, densities 10/30/100%%")
@@ -291,7 +146,7 @@ def parse(argv):
     p.add_argument("--sets", type=int, default=3, help="rotated input sets (L2 must not flatter)")
     p.add_argument("--target-ms", type=float, default=500.0, help="time spent timing one row (after warm-up)")
     p.add_argument("--budget-s", type=float, default=330.0, help="stop starting new rows after this long")
-    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--out", default=out_dir())
     p.add_argument("--triton-autotune", action="store_true",
                    help="measured Triton tiles (SPARSE_VDIT_TRITON_AUTOTUNE=1): tuned in a warm-up, cached")
     p.add_argument("--permutation", action="store_true", help="only time the token-major permutation (API gather vs strided copy)")
@@ -323,7 +178,7 @@ def main(argv=None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     device = torch.device(args.device)
-    info = versions()
+    info = gpu_versions()
     print("device:", json.dumps(info), flush=True)
     if args.permutation:
         rows = permutation_costs(shapes, args, dtype, device)
@@ -419,10 +274,7 @@ def main(argv=None) -> dict:
                                    ms=ms, host_ms=host, reps=reps, tflops=flops / ms * 1e-9,
                                    block_eff=table.density * ref / ms if ref else None)  # fmt: skip
             del sets
-            from sparse_vdit.kernels import fa4, flex
-
-            fa4._CACHE.clear()
-            flex._CACHE.clear()
+            sparse_vdit.clear_caches()
             torch.cuda.empty_cache()
             with open(path, "w") as f:
                 json.dump(result, f, indent=1)

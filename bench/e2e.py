@@ -44,229 +44,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
-import random
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-try:  # run as a script from a checkout without installing
-    import sparse_vdit  # noqa: F401
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside it
+from common import START, device_and_dtype, environment, merge_results, results_path, say  # noqa: E402
+from models import (  # noqa: E402
+    MODELS, TINY, Bench, build, compile_blocks, cudnn_first, layout_of, make_inputs, mixed_plan, model_names,
+    transformer_blocks,
+)
 
-import sparse_vdit
-from sparse_vdit import Plan, VideoLayout
-from sparse_vdit.integrations.diffusers import model_spec
-from sparse_vdit.kernels import fa4
-from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, vertical
-from sparse_vdit.timing import clock, seconds_between
-
-START = time.perf_counter()
-
-
-def say(*args) -> None:
-    print(f"[{time.perf_counter() - START:7.1f}s]", *args, flush=True)
-
-
-# --- models ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Bench:
-    name: str
-    cls: str  # diffusers class name
-    config: dict
-    latent: tuple  # hidden_states shape
-    text: int  # text tokens given to the model
-    text_valid: int | None = None  # real (unpadded) prompt tokens, HunyuanVideo
-    extra: dict = field(default_factory=dict)
-
-
-WAN = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, cross_attn_norm=True,
-           qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024, attention_head_dim=128)  # fmt: skip
-HUNYUAN = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
-               num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
-               qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
-               rope_theta=256.0, rope_axes_dim=(16, 56, 56))  # fmt: skip
-COG15 = dict(activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=64, dropout=0.0,
-             flip_sin_to_cos=True, freq_shift=0, in_channels=16, max_text_seq_length=226, norm_elementwise_affine=True,
-             norm_eps=1e-5, num_attention_heads=48, num_layers=42, out_channels=16, patch_bias=False, patch_size=2,
-             patch_size_t=2, sample_frames=81, sample_height=300, sample_width=300, spatial_interpolation_scale=1.875,
-             temporal_compression_ratio=4, temporal_interpolation_scale=1.0, text_embed_dim=4096, time_embed_dim=512,
-             timestep_activation_fn="silu", use_learned_positional_embeddings=False,
-             use_rotary_positional_embeddings=True)  # fmt: skip
-
-MODELS = {
-    "wan-1.3b": Bench("wan-1.3b", "WanTransformer3DModel", {**WAN, "num_attention_heads": 12, "ffn_dim": 8960,
-                      "num_layers": 30}, (1, 16, 21, 60, 104), 512),  # fmt: skip
-    "wan-14b": Bench("wan-14b", "WanTransformer3DModel", {**WAN, "num_attention_heads": 40, "ffn_dim": 13824,
-                     "num_layers": 40}, (1, 16, 21, 90, 160), 512),  # fmt: skip
-    "hunyuan": Bench("hunyuan", "HunyuanVideoTransformer3DModel", HUNYUAN, (1, 16, 33, 90, 160), 256, 64),
-    "cogvideox1.5": Bench("cogvideox1.5", "CogVideoXTransformer3DModel", COG15, (1, 22, 16, 96, 170), 226),
-}
-
-# --dry-run: the same families, tiny (a few layers, 4 heads, small video), on the CPU
-TINY = {
-    "wan-1.3b": Bench("wan-1.3b", "WanTransformer3DModel", {**WAN, "attention_head_dim": 32, "text_dim": 32,
-                      "num_attention_heads": 4, "ffn_dim": 64, "num_layers": 2}, (1, 16, 4, 16, 20), 8),  # fmt: skip
-    "wan-14b": Bench("wan-14b", "WanTransformer3DModel", {**WAN, "attention_head_dim": 32, "text_dim": 32,
-                     "num_attention_heads": 4, "ffn_dim": 64, "num_layers": 3}, (1, 16, 4, 16, 16), 8),  # fmt: skip
-    "hunyuan": Bench("hunyuan", "HunyuanVideoTransformer3DModel", {**HUNYUAN, "num_attention_heads": 4,
-                     "attention_head_dim": 32, "num_layers": 1, "num_single_layers": 2, "num_refiner_layers": 1,
-                     "text_embed_dim": 32, "pooled_projection_dim": 16, "rope_axes_dim": (8, 12, 12)},
-                     (1, 16, 4, 16, 16), 24, 9),  # fmt: skip
-    "cogvideox1.5": Bench("cogvideox1.5", "CogVideoXTransformer3DModel", {**COG15, "num_attention_heads": 4,
-                          "attention_head_dim": 32, "num_layers": 2, "text_embed_dim": 32, "time_embed_dim": 16,
-                          "max_text_seq_length": 10}, (1, 8, 16, 16, 20), 10),  # fmt: skip
-}
-
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Module parameters go to the meta device as they are registered; buffers stay real."""
-    register = torch.nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
-
-
-@torch.no_grad()
-def build(bench: Bench, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """The transformer with random weights: parameters built on meta, materialised on ``device``."""
-    import diffusers
-
-    cls = getattr(diffusers, bench.cls)
-    with parameters_on_meta():
-        model = cls(**bench.config)
-    keep = set(getattr(cls, "_keep_in_fp32_modules", None) or ())
-    g = torch.Generator(device=device).manual_seed(seed)
-    for module_name, module in model.named_modules():
-        for name, param in list(module._parameters.items()):
-            if param is None:
-                continue
-            full = f"{module_name}.{name}".split(".")
-            kind = torch.float32 if keep & set(full) else dtype
-            value = torch.empty(param.shape, device=device, dtype=kind)
-            if param.dim() >= 2:
-                value.normal_(0.0, param[0].numel() ** -0.5, generator=g)
-            elif name == "bias":
-                value.zero_()
-            elif "scale_shift" in name:
-                value.normal_(0.0, 0.02, generator=g)
-            else:
-                value.fill_(1.0)
-            module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
-    for module in model.modules():
-        for name, buf in list(module._buffers.items()):
-            if buf is not None:
-                module._buffers[name] = buf.to(device, torch.float32 if buf.dtype == torch.float64 else buf.dtype)
-    return model.eval()
-
-
-def make_inputs(bench: Bench, model, device: torch.device, dtype: torch.dtype) -> dict:
-    g = torch.Generator(device=device).manual_seed(1)
-    text_dim = bench.config.get("text_dim") or bench.config["text_embed_dim"]
-    randn = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
-    inputs = dict(hidden_states=randn(*bench.latent), encoder_hidden_states=randn(1, bench.text, text_dim),
-                  timestep=torch.tensor([999], device=device), return_dict=False)  # fmt: skip
-    if bench.cls.startswith("Hunyuan"):
-        mask = torch.zeros(1, bench.text, dtype=torch.long, device=device)
-        mask[:, : bench.text_valid] = 1
-        inputs.update(encoder_attention_mask=mask, pooled_projections=randn(1, bench.config["pooled_projection_dim"]),
-                      guidance=torch.tensor([6000.0], device=device), timestep=inputs["timestep"].to(dtype))  # fmt: skip
-    if bench.cls.startswith("CogVideoX"):
-        from diffusers.models.embeddings import get_3d_rotary_pos_embed
-
-        c = bench.config
-        frames, h, w = bench.latent[1] // c["patch_size_t"], bench.latent[3] // c["patch_size"], bench.latent[4] // c["patch_size"]
-        base = (c["sample_height"] // c["patch_size"], c["sample_width"] // c["patch_size"])
-        inputs["image_rotary_emb"] = get_3d_rotary_pos_embed(
-            embed_dim=c["attention_head_dim"], crops_coords=None, grid_size=(h, w), temporal_size=frames,
-            grid_type="slice", max_size=base, device=device,
-        )  # fmt: skip
-    return inputs
-
-
-def layout_of(bench: Bench, model, inputs) -> VideoLayout:
-    """The self-attention layout of this input (video grid after patchify + text), for plan densities."""
-    from sparse_vdit.integrations.diffusers import family_of
-
-    family = family_of(model)
-    f, h, w = family.latent_grid(model, inputs["hidden_states"])
-    if family.text_position == "none":
-        return VideoLayout(f, h, w)
-    valid = bench.text_valid if bench.text_valid is not None and bench.text_valid < bench.text else None
-    return VideoLayout(f, h, w, bench.text, family.text_position, valid)
-
-
-# --- plans -------------------------------------------------------------------------------------
-
-
-def mixed_plan(spec, layout: VideoLayout, density: float, block_size: int, skip_share: float = 0.05, seed: int = 0) -> Plan:
-    """A plan of about ``density`` (computed blocks at ``layout``) mixing the five patterns.
-
-    ``skip_share`` of all heads skip, ``max(0, density - 0.2) / 2`` are dense, the rest are split
-    evenly between diagonal, multi-diagonal and vertical (first frame + band); one band scale for
-    all of them is found by bisection.
-    """
-    total = spec.num_layers * spec.num_heads
-    kinds = ["skip"] * round(skip_share * total) + ["dense"] * round(max(0.0, density - 0.2) / 2 * total)
-    kinds += [("diagonal", "multi_diagonal", "vertical")[i % 3] for i in range(total - len(kinds))]
-    random.Random(seed).shuffle(kinds)
-    frames = layout.frames
-
-    def plan_at(scale: float) -> Plan:
-        made = {"skip": skip(), "dense": dense(), "diagonal": diagonal(scale * frames),
-                "multi_diagonal": multi_diagonal(scale), "vertical": vertical(((0.0, 1.0),), 0.8 * scale * frames)}  # fmt: skip
-        heads = [made[k] for k in kinds]
-        layers = [heads[i * spec.num_heads : (i + 1) * spec.num_heads] for i in range(spec.num_layers)]
-        return Plan.from_layers(spec, layers, block_size=block_size, layout=layout,
-                                made_by={"method": "bench-mix", "target_density": density, "scale": scale})  # fmt: skip
-
-    lo, hi = 0.0, 1.0
-    for _ in range(24):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if plan_at(mid).density(layout) < density else (lo, mid)
-    return plan_at((lo + hi) / 2)
-
-
-def release_tables() -> None:
-    """Drop cached block tables between plans, so GPU memory does not grow with the plans tried."""
-    from sparse_vdit.patterns import table
-
-    for cached in (getattr(table, "_compile", None), getattr(table, "_device_rows", None)):
-        if hasattr(cached, "cache_clear"):
-            cached.cache_clear()
-
-
-def transformer_blocks(model) -> list:
-    """The repeated transformer blocks (what diffusers' ``compile_repeated_blocks`` compiles)."""
-    names = ("blocks", "transformer_blocks", "single_transformer_blocks")
-    return [block for name in names for block in getattr(model, name, ())]
-
-
-def compile_blocks(model, backend: str) -> None:
-    """Regional compilation: every block compiled in place, whole-graph (CogVideoX lacks
-    ``_repeated_blocks``, so ``compile_repeated_blocks`` cannot be used for all three)."""
-    for block in transformer_blocks(model):
-        block.compile(fullgraph=True, backend=backend)
-
+import sparse_vdit  # noqa: E402
+from sparse_vdit import Plan, VideoLayout  # noqa: E402
+from sparse_vdit.integrations.diffusers import model_spec  # noqa: E402
+from sparse_vdit.timing import clock, seconds_between  # noqa: E402
 
 # --- timing ------------------------------------------------------------------------------------
 
@@ -301,14 +98,6 @@ class SdpaTimer:
         return sum(seconds_between(a, b) for a, b in self.pairs)
 
 
-def cudnn_first():
-    """SDPA with cuDNN given priority (what a user selects; torch picks FlashAttention-2 otherwise)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return sdpa_kernel(order, set_priority=True)
-
-
 @torch.no_grad()
 def measure(model, inputs, repeats: int, attention_seconds=None, profile_seconds=None) -> dict:
     """Warm-up forward, then ``repeats`` timed forwards: median seconds and attention share.
@@ -341,20 +130,6 @@ def measure(model, inputs, repeats: int, attention_seconds=None, profile_seconds
 
 
 # --- main --------------------------------------------------------------------------------------
-
-
-def environment(device: torch.device) -> dict:
-    import diffusers
-
-    info = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-    try:
-        info["triton"] = __import__("triton").__version__
-    except ImportError:
-        info["triton"] = None
-    info["flash_attn"] = fa4.version()
-    return info
 
 
 def run_model(bench: Bench, args, device, dtype, rows: list, deadline: float) -> None:
@@ -449,7 +224,7 @@ def run_mode(run: Mode, model, inputs, plans: dict, layout: VideoLayout) -> None
             state.set_plan(plan)
             state.timing = True
             run.record(variant, measure(model, inputs, repeats, attention_seconds), plan.density(layout))
-            release_tables()
+            sparse_vdit.clear_caches()  # GPU memory does not grow with the plans tried
     finally:
         sparse_vdit.remove(model)
     run_svg(run, model, inputs, layout)
@@ -503,21 +278,9 @@ def run_svg(run: Mode, model, inputs, layout: VideoLayout) -> None:
                               svg_widths=plan.made_by["widths"])  # fmt: skip
                 variant = f"svg-{round(density * 100):02d}" + ("" if name == "auto" else f"-{name}")
                 run.record(variant, result, plan.density(layout))
-                release_tables()
-                release_backend_caches()
+                sparse_vdit.clear_caches()  # an SVG row makes new tables every call
     finally:
         sparse_vdit.remove(model)
-
-
-def release_backend_caches() -> None:
-    """Drop FA4's and FlexAttention's per-table caches (an SVG row makes new tables every call)."""
-    import importlib
-
-    for name in ("fa4", "flex"):
-        try:
-            getattr(importlib.import_module(f"sparse_vdit.kernels.{name}"), "_CACHE", {}).clear()
-        except ImportError:
-            pass
 
 
 def table(rows: list) -> str:
@@ -536,17 +299,13 @@ def table(rows: list) -> str:
 
 def merge(path: Path, env: dict, rows: list) -> list:
     """Merge rows into the JSON at ``path`` by (model, mode, variant, dry_run); returns all rows."""
-    old = json.loads(path.read_text()) if path.exists() else {"runs": [], "results": []}
-    keys = {(r["model"], r["mode"], r["variant"], r.get("dry_run")) for r in rows}
-    kept = [r for r in old.get("results", []) if (r["model"], r["mode"], r["variant"], r.get("dry_run")) not in keys]
-    results = kept + rows
     order = {name: i for i, name in enumerate(MODELS)}
-    results.sort(key=lambda r: (r.get("dry_run", False), order.get(r["model"], 99), r["mode"] != "eager",
-                                r["variant"] != "unpatched", r["variant"] != "dense", r["variant"].startswith("svg"),
-                                -r.get("target_density", r["density"]), r["variant"]))  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"runs": old.get("runs", []) + [env], "results": results}, indent=2) + "\n")
-    return results
+    return merge_results(
+        path, env, rows, key=lambda r: (r["model"], r["mode"], r["variant"], r.get("dry_run")),
+        order=lambda r: (r.get("dry_run", False), order.get(r["model"], 99), r["mode"] != "eager",
+                         r["variant"] != "unpatched", r["variant"] != "dense", r["variant"].startswith("svg"),
+                         -r.get("target_density", r["density"]), r["variant"]),
+    )  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -558,7 +317,7 @@ def parse_args(argv=None):
     p.add_argument("--svg-backends", default="auto,flex", help="sparse backends of the SVG rows (auto = --backend)")
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant, after one warm-up")
     p.add_argument("--backend", default="auto", help="sparse backend of our integration")
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--out", type=Path, default=None,
                    help="results JSON (default bench/results/e2e.json; a temp file with --dry-run)")  # fmt: skip
@@ -578,30 +337,6 @@ def parse_args(argv=None):
         args.block_size = min(args.block_size, 16)
     args.out = args.out or results_path("e2e", args.dry_run)
     return args
-
-
-def model_names(parser: argparse.ArgumentParser, text: str) -> list[str]:
-    """``--models`` (comma-separated) checked against :data:`MODELS`."""
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = set(names) - set(MODELS)
-    if unknown:
-        parser.error(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")
-    return names
-
-
-def results_path(stem: str, dry_run: bool) -> Path:
-    """``bench/results/<stem>.json``; a dry run's goes to the temp folder, out of the results."""
-    if dry_run:
-        return Path(tempfile.gettempdir()) / f"{stem}-dry-run.json"
-    return Path(__file__).parent / "results" / f"{stem}.json"
-
-
-def device_and_dtype(dry_run: bool, script: str) -> tuple[torch.device, torch.dtype]:
-    """CUDA in bf16 (the measurement), or the CPU in fp32 for a dry run; exits without a GPU otherwise."""
-    device = torch.device("cpu" if dry_run or not torch.cuda.is_available() else "cuda")
-    if device.type != "cuda" and not dry_run:
-        raise SystemExit(f"{script} needs a CUDA GPU (or --dry-run)")
-    return device, torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
 def main(argv=None) -> int:

@@ -15,10 +15,10 @@ source bench/gpu_env.sh
     python3 - <<'EOF'
 import torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
-from sparse_vdit.kernels import api
+from sparse_vdit.kernels import registry
 dev = torch.device("cuda", 0)
 for name in ("fa4", "triton", "flex"):
-    print(name, api._availability(name, dev))
+    print(name, registry.available(name, dev))
 EOF
 } 2>&1 | tee "$OUT/env.txt"
 

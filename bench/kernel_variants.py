@@ -1,6 +1,7 @@
 """A/B of kernel variants on one GPU: the Triton attention kernel's options and the SVG profiling kernel's.
 
     python bench/kernel_variants.py [--parts attention profile] [--variants NAME ...] [--out DIR]
+    python bench/kernel_variants.py --dry-run    # a tiny shape on the CPU (Triton interpreter, fp16)
 
 ``attention`` (issue 7): our Triton block-sparse kernel (`sparse_attention(..., backend="triton")`)
 with each of ``launcher.OPTIONS`` (TMA key tiles, warp-specialised key loop) on band tables
@@ -27,14 +28,11 @@ import traceback
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-try:  # run as a script from a checkout without installing
-    import sparse_vdit  # noqa: F401
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, os.path.join(HERE, "..", "src"))
+if __name__ == "__main__" and "--dry-run" in sys.argv[1:]:  # before triton.jit: dry runs interpret
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import attention as ATT  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside it
+import common  # noqa: E402  (the bench library: shapes, tables, timer)
 
 from sparse_vdit import sparse_attention  # noqa: E402
 from sparse_vdit.kernels.triton import launcher, sampled  # noqa: E402
@@ -57,6 +55,7 @@ ATTENTION_VARIANTS = {  # launcher.OPTIONS, plus "tiles" (BLOCK_M, BLOCK_N, warp
     "ws 128x64x4x3": {"schedule": "work", "tma": False, "warp_specialize": True, "tiles": (128, 64, 4, 3)},
 }
 UNSET = {"tma": None, "warp_specialize": None, "schedule": None}
+DRY_SHAPE = common.Shape("tiny", common.VideoLayout(4, 8, 16), 2, 64)  # --dry-run: 512 tokens, 4 blocks
 PROFILE_VARIANTS = {  # sampled.TUNING; the first is the default (sampled._tiles)
     "64x32x4x3": {},
     "16x64x4x3 (before)": {"block_m": 16, "block_n": 64, "num_warps": 4, "num_stages": 3},
@@ -89,17 +88,17 @@ def triton_with_tiles(q, k, v, table, tiles):
 def attention_part(args, rows: list) -> None:
     from torch.nn.attention import SDPBackend
 
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    cudnn = ATT._sdpa(SDPBackend.CUDNN_ATTENTION)
+    device, dtype = args.device, args.dtype
+    cudnn = common.sdpa_with(SDPBackend.MATH if args.dry_run else SDPBackend.CUDNN_ATTENTION)
     for name in args.shapes:
-        shape = ATT.SHAPES[name]
-        sets = ATT.random_sets(shape, 2, device, dtype)
-        dense_ms = ATT.time_fn(cudnn, sets, target_ms=args.target_ms)[0]
+        shape = DRY_SHAPE if args.dry_run else common.SHAPES[name]
+        sets = common.random_sets(shape, 2, device, dtype)
+        dense_ms = common.time_fn(cudnn, sets, target_ms=args.target_ms)[0]
         for kind, density in [(k, d) for k in args.kinds for d in args.densities]:
             if (kind != "band" and density >= 1.0) or (kind == "mixed" and density != 0.3) or (
                     kind == "multi_diag" and density > 0.5):
                 continue
-            table, _ = ATT.table_for(kind, density, shape.layout, shape.heads, device)
+            table, _ = common.table_for(kind, density, shape.layout, shape.heads, device)
             base = None
             calls = [(n, o) for n, o in ATTENTION_VARIANTS.items() if args.variants is None or n in args.variants]
             for variant, options in calls:
@@ -115,7 +114,7 @@ def attention_part(args, rows: list) -> None:
                     base = out if base is None else base
                     row["rel_rms_vs_first"] = rel(out, base)
                     row["nan"] = bool(out.isnan().any())
-                    ms = ATT.time_fn(fn, sets, target_ms=args.target_ms)[0]
+                    ms = common.time_fn(fn, sets, target_ms=args.target_ms)[0]
                     row.update(ms=ms, efficiency=table.density * dense_ms / ms)
                 except Exception as err:  # noqa: BLE001 - a variant may not compile on this Triton
                     row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
@@ -127,17 +126,19 @@ def attention_part(args, rows: list) -> None:
 
 
 def profile_part(args, rows: list) -> None:
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    shape = ATT.SHAPES["wan14b-720p"]
+    device, dtype = args.device, args.dtype
+    shape = DRY_SHAPE if args.dry_run else common.SHAPES["wan14b-720p"]
     layout = shape.layout
-    sets = ATT.random_sets(shape, 2, device, dtype)
+    sets = common.random_sets(shape, 2, device, dtype)
     geometry = (layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens)
-    for density in (0.25, 0.2):
-        patterns = band_widths(layout, density, ATT.BLOCK).patterns()
-        picks, starts, ends = fused_inputs(sample_rows(layout, 64, 3, 5), layout, patterns, ATT.BLOCK, device)
+    for density in (0.25,) if args.dry_run else (0.25, 0.2):
+        patterns = band_widths(layout, density, common.BLOCK).patterns()
+        picks, starts, ends = fused_inputs(sample_rows(layout, 64, 3, 5), layout, patterns, common.BLOCK, device)
         tm = tuple(p.token_major for p in patterns)
         base = None
         for variant, tuning in PROFILE_VARIANTS.items():
+            if getattr(args, "profile_variants", None) and variant not in args.profile_variants:
+                continue
             row = {"part": "profile", "shape": shape.name, "density": density, "variant": variant}
             saved = dict(sampled.TUNING)
             try:
@@ -146,12 +147,12 @@ def profile_part(args, rows: list) -> None:
                 def fn(q, k, v):
                     return sampled.sampled_outputs(q, k, v, picks, starts, ends, tm,
                                                    kv_len=layout.kv_len, softmax_scale=shape.dim**-0.5,
-                                                   block_size=ATT.BLOCK, layout=geometry)  # fmt: skip
+                                                   block_size=common.BLOCK, layout=geometry)  # fmt: skip
 
                 out = fn(*sets[0])
                 base = out if base is None else base
                 row["rel_rms_vs_first"] = max(rel(a, b) for a, b in zip(out, base))
-                row["ms"] = ATT.time_fn(fn, sets, target_ms=args.target_ms)[0]
+                row["ms"] = common.time_fn(fn, sets, target_ms=args.target_ms)[0]
             except Exception as err:  # noqa: BLE001
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
                 traceback.print_exc(limit=2)
@@ -181,21 +182,29 @@ def print_table(rows: list) -> None:
             print(f"| {shape} | {kind} | {density:.3f} | " + " | ".join(got.get(v, "-") for v in variants) + " |")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", nargs="*", default=["profile", "attention"], choices=["attention", "profile"])
-    p.add_argument("--shapes", nargs="*", default=list(ATT.SHAPES), choices=list(ATT.SHAPES))
-    p.add_argument("--kinds", nargs="*", default=["band", "multi_diag", "mixed"], choices=list(ATT.KINDS),
+    p.add_argument("--shapes", nargs="*", default=list(common.SHAPES), choices=list(common.SHAPES))
+    p.add_argument("--kinds", nargs="*", default=["band", "multi_diag", "mixed"], choices=list(common.KINDS),
                    help="band and vertical at every density; multi_diag up to 50%%; mixed at 30%% only")
     p.add_argument("--densities", nargs="*", type=float, default=[0.1, 0.3, 0.5, 1.0])
     p.add_argument("--target-ms", type=float, default=200.0)
     p.add_argument("--variants", nargs="*", default=None, help="attention variants to run (default all)")
-    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--out", default=common.out_dir())
+    p.add_argument("--dry-run", action="store_true",
+                   help="a tiny shape on the CPU in fp16 (Triton interpreter), two variants of each part")
     args = p.parse_args(argv)
+    args.device, args.dtype = torch.device("cuda"), torch.bfloat16
+    if args.dry_run:
+        args.device, args.dtype = torch.device("cpu"), torch.float16
+        args.shapes, args.kinds, args.densities, args.target_ms = ["tiny"], ["band"], [0.5], 1.0
+        args.variants = args.variants or ["work", "levels+tma"]
+        args.profile_variants = ["64x32x4x3", "64x64x4x3"]
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "argv": argv or sys.argv[1:]}  # fmt: skip
+    meta = {"device": "cpu" if args.dry_run else torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "argv": argv or sys.argv[1:], "dry_run": args.dry_run}  # fmt: skip
 
     class Rows(list):  # saved after every row, so a run stopped at its time limit keeps what it measured
         def append(self, row):
@@ -208,6 +217,7 @@ def main(argv=None) -> None:
         {"attention": attention_part, "profile": profile_part}[part](args, rows)
     print(json.dumps(meta))
     print_table(rows)
+    return list(rows)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python bench/overhead.py [--models wan-1.3b,hunyuan,cogvideox1.5] [--repeats 30]
 
-On a tiny transformer of each family (bench/e2e.py's dry-run configs, fp32, CPU), where one
+On a tiny transformer of each family (bench/models.py's tiny configs, fp32, CPU), where one
 forward is almost all host work, it times the unpatched forward and the forward with
 ``sparse_vdit.apply(model, Plan.dense(...))`` (same dense SDPA underneath) and with a sparse plan
 (reference kernel, so compute differs: its row is an upper bound). ``(patched - unpatched) /
@@ -37,7 +37,7 @@ from sparse_vdit import Plan
 from sparse_vdit.integrations.diffusers import model_spec
 
 sys.path.insert(0, str(HERE))  # sibling bench scripts
-import e2e  # noqa: E402  (its tiny configs, model builder, inputs, layouts, mixed plans)
+import models  # noqa: E402  (the tiny configs, model builder, inputs, layouts, mixed plans)
 
 # dense forward (ms) and attention layer calls on the H100 (bench/results/e2e.json), for the share
 GPU_DENSE_STEP = {"wan-1.3b": (606.3, 30), "hunyuan": (20234.9, 60), "cogvideox1.5": (3173.4, 42)}
@@ -84,15 +84,15 @@ def _measure(args) -> list[dict]:
     device, dtype = torch.device("cpu"), torch.float32
     rows = []
     for name in args.models.split(","):
-        bench = e2e.TINY[name]
-        model = e2e.build(bench, device, dtype)
-        inputs = e2e.make_inputs(bench, model, device, dtype)
-        spec, layout = model_spec(model), e2e.layout_of(bench, model, inputs)
+        bench = models.TINY[name]
+        model = models.build(bench, device, dtype)
+        inputs = models.make_inputs(bench, model, device, dtype)
+        spec, layout = model_spec(model), models.layout_of(bench, model, inputs)
         calls = spec.num_layers
         unpatched = _median_forward(model, inputs, args.repeats)
         row = {"model": name, "layer_calls": calls, "unpatched_ms": unpatched * 1e3}
         for variant, plan, backend in (("dense", Plan.dense(spec, block_size=16), "auto"),
-                                       ("sparse", e2e.mixed_plan(spec, layout, 0.3, 16), "reference")):  # fmt: skip
+                                       ("sparse", models.mixed_plan(spec, layout, 0.3, 16), "reference")):  # fmt: skip
             with sparse_vdit.sparse(model, plan, backend=backend):
                 seconds = _median_forward(model, inputs, args.repeats)
             row[f"{variant}_ms"] = seconds * 1e3

@@ -1,6 +1,7 @@
 """Render the result files of bench/results/ as the tables of BENCHMARKS.md.
 
     python bench/report.py            # rewrites the generated sections of BENCHMARKS.md in place
+    python bench/report.py --dry-run  # renders them and prints what it would write, writes nothing
 
 Each generated section sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``; the prose
 around them is written by hand.
@@ -8,6 +9,7 @@ around them is written by hand.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from collections import defaultdict
@@ -200,9 +202,9 @@ SECTIONS = {
 }
 
 
-def main() -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()
+def render(text: str) -> tuple[str, list[str]]:
+    """``text`` (BENCHMARKS.md) with every section whose result file exists rendered; and their names."""
+    done = []
     for name, (result, render) in SECTIONS.items():
         source = RESULTS / f"{result}.json"
         if not source.exists():
@@ -212,7 +214,21 @@ def main() -> None:
         if not pattern.search(text):
             raise SystemExit(f"BENCHMARKS.md has no <!-- {name}:begin --> ... <!-- {name}:end --> section")
         text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
-    path.write_text(text)
+        done.append(name)
+    return text, done
+
+
+def main(argv=None) -> list[str]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="render every section, write nothing")
+    args = p.parse_args(argv)
+    path = ROOT / "BENCHMARKS.md"
+    text, done = render(path.read_text())
+    if args.dry_run:
+        print(f"would rewrite {len(done)} sections of {path}: {', '.join(done)}")
+    else:
+        path.write_text(text)
+    return done
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ Issue 4's target: search cost <= 1.5x one dense generation of the same video on 
                                 [--seeds 0] [--repeats 2] [--out bench/results/search_cost.json] [--budget-s 480]
     python bench/search_cost.py --dry-run    # tiny models on the CPU, fp32, reference backend, 2 steps
 
-Models: ``bench/e2e.py``'s (imported by path, not copied): published diffusers configs, random
+Models: ``bench/models.py``'s (as bench/e2e.py uses them): published diffusers configs, random
 bf16 weights materialised on the GPU, its latents shape and text tokens (``wan-1.3b`` 480p x 81
 frames, ``wan-14b`` 720p, ``hunyuan`` 720p x 129 frames, ``cogvideox1.5`` 768p); ``--dry-run``
-uses e2e.py's tiny configs.
+uses its tiny configs.
 
 Sampler (a bare transformer: no VAE, no text encoder): a real denoising loop of ``--steps`` steps
 with diffusers' ``FlowMatchEulerDiscreteScheduler`` (flow shift per model; CogVideoX really uses a
@@ -88,11 +88,12 @@ import sparse_vdit
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling bench scripts
-import e2e as E2E  # noqa: E402  (its models, builder, inputs, timing helpers)
-MODELS, TINY, say = E2E.MODELS, E2E.TINY, E2E.say
+import common  # noqa: E402  (the bench library: clocks, results, environment)
+import models  # noqa: E402  (the models, builder, inputs)
+MODELS, TINY, say = models.MODELS, models.TINY, common.say
 # flow shift of each model's scheduler (Wan 480p 3.0, 720p 5.0; HunyuanVideo 7.0; CogVideoX none)
 SHIFT = {"wan-1.3b": 3.0, "wan-14b": 5.0, "hunyuan": 7.0, "cogvideox1.5": 1.0}
-# inputs of e2e.make_inputs that are per prompt (redrawn per embedding) or per step
+# inputs of models.make_inputs that are per prompt (redrawn per embedding) or per step
 PER_PROMPT = ("encoder_hidden_states", "pooled_projections")
 PER_STEP = ("hidden_states", "timestep")
 
@@ -112,7 +113,7 @@ def bare_sampler(bench, model, device: torch.device, dtype: torch.dtype, prompts
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    base = E2E.make_inputs(bench, model, device, dtype)
+    base = models.make_inputs(bench, model, device, dtype)
     fixed = {k: v for k, v in base.items() if k not in PER_PROMPT + PER_STEP}
     embeddings = {}
     for i, name in enumerate(prompt_names(prompts)):
@@ -142,17 +143,12 @@ def bare_sampler(bench, model, device: torch.device, dtype: torch.dtype, prompts
 def time_generation(sampler, model, prompt: str, seed: int, steps: int) -> float:
     """Seconds of one unpatched generation (cuDNN SDPA first on CUDA), synchronised."""
     device = next(model.parameters()).device
-    with E2E.cudnn_first() if device.type == "cuda" else contextlib.nullcontext():
-        _sync(device)
+    with models.cudnn_first() if device.type == "cuda" else contextlib.nullcontext():
+        common.sync(device)
         t0 = time.perf_counter()
         sampler(prompt, seed, steps)
-        _sync(device)
+        common.sync(device)
     return time.perf_counter() - t0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --- one model ---------------------------------------------------------------------------------
@@ -182,7 +178,7 @@ def row_of(plan, *, model: str, mode: str, repeat: int, args, backend: str, unpa
 
 def run_model(bench, args, device, dtype, rows: list, deadline: float, save=lambda: None) -> None:
     say(f"{bench.name}: building {bench.cls} ({'tiny' if args.dry_run else 'published config'}) on {device}")
-    model = E2E.build(bench, device, dtype)
+    model = models.build(bench, device, dtype)
     sampler = bare_sampler(bench, model, device, dtype, args.prompts)
     prompts = prompt_names(args.prompts)
     probe = torch.empty(1, 1, 1, model.config.attention_head_dim, device=device, dtype=dtype)
@@ -216,7 +212,7 @@ def run_model(bench, args, device, dtype, rows: list, deadline: float, save=lamb
             say(f"{bench.name} {mode} #{repeat}: search {row['search_seconds']:.2f} s (cost table "
                 f"{row['cost_table_seconds']:.2f} s), dense {row['dense_seconds']:.2f} s, ratio {row['ratio']:.2f} "
                 f"({row['ratio_no_table']:.2f} without the table), density {row['density']:.1%}")  # fmt: skip
-            E2E.release_tables()
+            sparse_vdit.clear_caches()
         if args.profile and mode == args.modes[0]:
             profile_search(model, prompts, sampler, args, mode, Path(args.profile) / f"{bench.name}-{mode}.txt")
     del model, sampler
@@ -267,16 +263,11 @@ def table(rows: list) -> str:
 def merge(path: Path, env: dict, rows: list, old: dict | None = None) -> list:
     """Merge rows into the JSON at ``path`` (or into ``old``, its earlier content) by (model, mode,
     repeat, dry_run); returns all rows."""
-    key = lambda r: (r["model"], r["mode"], r["repeat"], r.get("dry_run"))  # noqa: E731
-    if old is None:
-        old = json.loads(path.read_text()) if path.exists() else {"runs": [], "results": []}
-    new = {key(r) for r in rows}
-    results = [r for r in old.get("results", []) if key(r) not in new] + rows
     order = {name: i for i, name in enumerate(MODELS)}
-    results.sort(key=lambda r: (r.get("dry_run", False), order.get(r["model"], 99), r["mode"] != "ours", r["repeat"]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"runs": old.get("runs", []) + [env], "results": results}, indent=2) + "\n")
-    return results
+    return common.merge_results(
+        path, env, rows, key=lambda r: (r["model"], r["mode"], r["repeat"], r.get("dry_run")),
+        order=lambda r: (r.get("dry_run", False), order.get(r["model"], 99), r["mode"] != "ours", r["repeat"]), old=old,
+    )  # fmt: skip
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -291,7 +282,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the search runs")
     p.add_argument("--repeats", type=int, default=2, help="searches per mode (the first cold, the rest warm)")
     p.add_argument("--backend", default=None, help="sparse backend (default auto; reference with --dry-run)")
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)
     p.add_argument("--epsilon", type=float, default=None, help="search epsilon (default: the mode's)")
     p.add_argument("--lam", type=float, default=None, help="search lambda (default: the mode's)")
     p.add_argument("--no-unpatched", dest="unpatched", action="store_false", help="skip the unpatched generation")
@@ -305,7 +296,7 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=480.0, help="stop starting models / searches after this long")
     p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU (fp32, reference, 2 steps)")
     args = p.parse_args(argv)
-    args.models = E2E.model_names(p, args.models)
+    args.models = models.model_names(p, args.models)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.modes or set(args.modes) - {"ours", "paper"}:
         p.error("--modes takes ours and/or paper")
@@ -317,19 +308,19 @@ def parse_args(argv=None):
         args.block_size = min(args.block_size, 16)
     if args.steps < 1 or args.prompts < 1 or args.repeats < 1:
         p.error("--steps, --prompts and --repeats must be >= 1")
-    args.out = args.out or E2E.results_path("search_cost", args.dry_run)
+    args.out = args.out or common.results_path("search_cost", args.dry_run)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, dtype = E2E.device_and_dtype(args.dry_run, "bench/search_cost.py")
-    env = E2E.environment(device)
+    device, dtype = common.device_and_dtype(args.dry_run, "bench/search_cost.py")
+    env = common.environment(device)
     env["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     say(f"search cost on {env['device']}: torch {env['torch']}, diffusers {env['diffusers']}, triton {env['triton']}, "
         f"flash_attn {env['flash_attn']}; models {args.models}, modes {args.modes}, {args.steps} steps, "
         f"{args.prompts} prompt(s) x seeds {args.seeds}, {args.repeats} repeat(s), backend {args.backend}")  # fmt: skip
-    deadline = E2E.START + args.budget_s
+    deadline = common.START + args.budget_s
     rows: list = []
     old = json.loads(args.out.read_text()) if args.out.exists() else {"runs": [], "results": []}
 

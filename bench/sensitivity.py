@@ -1,6 +1,7 @@
 """How sensitive is the organism's video to attention error? Noise in, PSNR out.
 
     python bench/sensitivity.py [--noise 0.01 0.03 0.1] [--from-steps 0 6] [--captions 2] [--steps 12]
+    python bench/sensitivity.py --dry-run   # one caption, 2 steps, one noise level; results to a temp file
 
 Adds Gaussian noise of ``noise x std(output)`` to every self-attention output (every layer) from
 step ``from`` on, and scores the videos against the noise-free ones (PSNR, dB). It calibrates the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +41,12 @@ def main(argv=None) -> dict:
     p.add_argument("--weights", type=Path, help="organism weights folder (default: the shipped ones)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "sensitivity.json")
+    p.add_argument("--dry-run", action="store_true", help="one caption, 2 steps, noise 0.1 from step 0 (a check)")
     args = p.parse_args(argv)
+    if args.dry_run:
+        args.captions, args.steps, args.noise, args.from_steps = 1, 2, [0.1], [0]
+        if args.out == p.get_default("out"):
+            args.out = Path(tempfile.gettempdir()) / "sensitivity-dry-run.json"
 
     path = args.weights or M.WEIGHTS_DIR
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32

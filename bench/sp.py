@@ -4,13 +4,13 @@
     torchrun --nproc-per-node 4 bench/sp.py [--models wan-14b] ...      (same flags; rows merge)
     python bench/sp.py --dry-run [--world 2]   # tiny models, CPU, gloo, --world processes spawned here
 
-Each run builds the published diffusers config with random bf16 weights (``bench/e2e.py``'s
+Each run builds the published diffusers config with random bf16 weights (``bench/models.py``'s
 ``build``, no download), enables diffusers context parallelism with
 ``ContextParallelConfig(ulysses_degree=WORLD_SIZE)`` when ``WORLD_SIZE > 1``, and times one
 denoising forward (median of ``--repeats`` after a warm-up) for:
 
 - ``dense``: ``sparse_vdit.apply`` with a dense plan (best dense kernel);
-- ``sparse-NN``: a mixed plan of NN% attention density (``e2e.mixed_plan``; the same plan on 1 and
+- ``sparse-NN``: a mixed plan of NN% attention density (``models.mixed_plan``; the same plan on 1 and
   N GPUs, each rank running the patterns of its own global heads in one launch per layer).
 
 Reported per row (model, world, variant): forward seconds (the slowest rank's), attention
@@ -40,8 +40,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import e2e
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside it
+import common  # noqa: E402
+import models  # noqa: E402
 
 import sparse_vdit
 from sparse_vdit import Plan
@@ -53,25 +54,25 @@ DEFAULT_MODELS = "wan-14b,hunyuan"
 
 def say(*args) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
-        e2e.say(*args)
+        common.say(*args)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated subset of {', '.join(e2e.MODELS)}")
+    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated subset of {', '.join(models.MODELS)}")
     p.add_argument("--densities", default="0.3,0.2", help="sparse plan densities")
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant, after one warm-up")
     p.add_argument("--backend", default="auto", help="sparse backend")
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)
     p.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/sp.json)")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting measurements after this long")
     p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU (fp32, gloo)")
     p.add_argument("--world", type=int, default=2, help="--dry-run without torchrun: processes to spawn")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = set(args.models) - set(e2e.MODELS)
+    unknown = set(args.models) - set(models.MODELS)
     if unknown:
-        p.error(f"unknown models {sorted(unknown)}; choose from {', '.join(e2e.MODELS)}")
+        p.error(f"unknown models {sorted(unknown)}; choose from {', '.join(models.MODELS)}")
     args.densities = [float(d) for d in args.densities.split(",") if d.strip()]
     if args.dry_run:
         args.block_size = min(args.block_size, 16)
@@ -137,9 +138,9 @@ def run_model(bench, args, world: int, device, dtype, rows: list, deadline: floa
             "under context parallelism not supported yet")  # fmt: skip
         return
     say(f"{bench.name}: building {bench.cls} on {device}, world {world}")
-    model = e2e.build(bench, device, dtype)
-    inputs = e2e.make_inputs(bench, model, device, dtype)
-    layout = e2e.layout_of(bench, model, inputs)
+    model = models.build(bench, device, dtype)
+    inputs = models.make_inputs(bench, model, device, dtype)
+    layout = models.layout_of(bench, model, inputs)
     spec = sparse_vdit.integrations.diffusers.model_spec(model)
     if spec.num_heads % world or layout.video_tokens % world:
         say(f"{bench.name}: skipped: world {world} divides neither {spec.num_heads} heads nor "
@@ -151,7 +152,7 @@ def run_model(bench, args, world: int, device, dtype, rows: list, deadline: floa
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
     plans = {"dense": Plan.dense(model, block_size=args.block_size, layout=layout)}
     for density in args.densities:
-        plans[f"sparse-{round(density * 100)}"] = e2e.mixed_plan(spec, layout, density, args.block_size)
+        plans[f"sparse-{round(density * 100)}"] = models.mixed_plan(spec, layout, density, args.block_size)
     for variant, plan in plans.items():
         if time.perf_counter() > deadline:
             say(f"{bench.name} {variant}: skipped, out of budget")
@@ -162,7 +163,7 @@ def run_model(bench, args, world: int, device, dtype, rows: list, deadline: floa
             result = measure(model, inputs, state, args.repeats, device)
         finally:
             sparse_vdit.remove(model)
-            e2e.release_tables()
+            sparse_vdit.clear_caches()
         row = dict(model=bench.name, world=world, variant=variant, density=plan.density(layout), dry_run=args.dry_run,
                    tokens=layout.num_tokens, **result)  # fmt: skip
         rows.append(row)
@@ -206,13 +207,13 @@ def main(argv=None) -> int:
         return 0
     rank, world, device = setup(args)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    env = e2e.environment(device)
-    deadline = e2e.START + args.budget_s
+    env = common.environment(device)
+    deadline = common.START + args.budget_s
     rows: list = []
     torch.manual_seed(0)
     try:
         for name in args.models:
-            run_model((e2e.TINY if args.dry_run else e2e.MODELS)[name], args, world, device, dtype, rows, deadline)
+            run_model((models.TINY if args.dry_run else models.MODELS)[name], args, world, device, dtype, rows, deadline)
         if rank == 0:
             results = merge(args.out, {**env, "world": world}, rows)
             say(f"wrote {args.out}")

@@ -70,6 +70,7 @@ try:  # run as a script from a checkout without installing
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+import sparse_vdit
 from sparse_vdit import VideoLayout, compile_layer, sparse_attention
 from sparse_vdit.kernels import resolve_backend
 from sparse_vdit.kernels.dense import sdpa
@@ -77,11 +78,11 @@ from sparse_vdit.methods.svg import DEFAULT_CHUNK, SVG
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling bench scripts
-import attention as ATT  # noqa: E402  (its shapes, timer and version report)
-BLOCK = ATT.BLOCK
+import common  # noqa: E402  (the bench library: shapes, timer, version report)
+BLOCK = common.BLOCK
 DRY_SHAPES = {  # --dry-run: small, awkward layouts (text, ragged blocks), block 16
-    "tiny-video": ATT.Shape("tiny-video", VideoLayout(5, 6, 10), 3, 32),
-    "tiny-text": ATT.Shape("tiny-text", VideoLayout(4, 6, 7, 19, "suffix"), 3, 32),
+    "tiny-video": common.Shape("tiny-video", VideoLayout(5, 6, 10), 3, 32),
+    "tiny-text": common.Shape("tiny-text", VideoLayout(4, 6, 7, 19, "suffix"), 3, 32),
 }
 
 
@@ -207,8 +208,8 @@ def replay_parts(svg, sets, layout, device) -> tuple[dict, dict]:
 
 def run_shape(shape, args, device, dtype, record, over_budget) -> None:
     layout = shape.layout
-    sets = ATT.random_sets(shape, args.sets, device, dtype)
-    timer = cpu_time if args.dry_run else (lambda fn, s: ATT.time_fn(fn, s, target_ms=args.target_ms))
+    sets = common.random_sets(shape, args.sets, device, dtype)
+    timer = cpu_time if args.dry_run else (lambda fn, s: common.time_fn(fn, s, target_ms=args.target_ms))
     fast = "reference" if args.dry_run else resolve_backend("auto", sets[0][0])
     flex = "reference" if args.dry_run else "flex"
     print(f"== {shape.name}: {layout.describe()}, {shape.heads} heads x {shape.dim}; fast path {fast!r}", flush=True)
@@ -228,11 +229,7 @@ def run_shape(shape, args, device, dtype, record, over_budget) -> None:
                                 per_sm, base, fast, flex)  # fmt: skip
     del sets
     if device.type == "cuda":
-        from sparse_vdit.kernels import fa4 as fa4_backend
-        from sparse_vdit.kernels import flex as flex_backend
-
-        fa4_backend._CACHE.clear()
-        flex_backend._CACHE.clear()
+        sparse_vdit.clear_caches()
         torch.cuda.empty_cache()
 
 
@@ -241,7 +238,7 @@ def run_setting(shape, args, device, sets, record, density, rows, profile_backen
     """One SVG configuration (and launch setting, on the Triton path): every part timed."""
     layout = shape.layout
     block = 16 if args.dry_run else BLOCK
-    timer = cpu_time if args.dry_run else (lambda fn, s: ATT.time_fn(fn, s, target_ms=args.target_ms))
+    timer = cpu_time if args.dry_run else (lambda fn, s: common.time_fn(fn, s, target_ms=args.target_ms))
     row = dict(base, density=density, rows=rows, chunk=chunk, profile_backend=profile_backend, tiles=tiles,
                programs_per_sm=per_sm)  # fmt: skip
     try:
@@ -337,7 +334,7 @@ def print_summary(summary: list) -> None:
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="*", default=None, help=f"of {', '.join(ATT.SHAPES)} (default all)")
+    p.add_argument("--shapes", nargs="*", default=None, help=f"of {', '.join(common.SHAPES)} (default all)")
     p.add_argument("--densities", nargs="*", type=float, default=[0.3, 0.25, 0.2])
     p.add_argument("--rows", nargs="*", type=int, default=[64], help="sampled rows per call")
     p.add_argument("--profile-backends", nargs="*", default=["triton", "torch"], choices=["triton", "torch"])
@@ -365,7 +362,7 @@ def parse(argv):
         p.error("--programs-per-sm: want positive integers")
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
         args.profile_backends = [b for b in args.profile_backends if b != "triton"] or ["torch"]
-    names = DRY_SHAPES if args.dry_run else ATT.SHAPES
+    names = DRY_SHAPES if args.dry_run else common.SHAPES
     args.shapes = args.shapes or list(names)
     unknown = set(args.shapes) - set(names)
     if unknown:
@@ -381,7 +378,7 @@ def main(argv=None) -> dict:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench/svg.py needs a CUDA GPU (or --dry-run)")
-        device, dtype, info = torch.device("cuda"), torch.bfloat16, ATT.versions()
+        device, dtype, info = torch.device("cuda"), torch.bfloat16, common.gpu_versions()
     print("device:", json.dumps(info), flush=True)
     result = {"command": "python bench/svg.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "versions": info, "dry_run": args.dry_run, "rows": [], "incomplete": []}  # fmt: skip
@@ -400,7 +397,7 @@ def main(argv=None) -> dict:
             return True
         return False
 
-    shapes = DRY_SHAPES if args.dry_run else ATT.SHAPES
+    shapes = DRY_SHAPES if args.dry_run else common.SHAPES
     for name in args.shapes:
         try:
             run_shape(shapes[name], args, device, dtype, record, over_budget)

@@ -1,15 +1,28 @@
 """sparse-vdit: per-head sparse attention for video diffusion transformers."""
 
+from ._version import __version__
 from .kernels import sparse_attention
 from .layout import VideoLayout
 from .patterns import BlockTable, Pattern, compile_layer
 from .plan import ModelSpec, Plan, PlanError
-from .integrations.diffusers import apply, model_spec, organism_sampler, pipeline_sampler, remove, sparse
+from .integrations.diffusers import apply, model_spec, pipeline_sampler, remove, sparse
 from .integrations.diffusers.search import search
+from .compare import organism_sampler
 
-__version__ = "0.1.0"
+
+def clear_caches() -> None:
+    """Drop every compiled block table, everything derived from tables (index lists, backend
+    masks, work orders, copies on other devices) and the per-layout caches; all are rebuilt on use."""
+    from . import layout, methods
+    from .patterns.table import clear_compiled
+
+    clear_compiled()
+    methods.clear_caches()
+    layout._orders.cache_clear()
+
 
 __all__ = [
+    "clear_caches",
     "BlockTable",
     "ModelSpec",
     "Pattern",

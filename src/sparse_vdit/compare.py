@@ -56,6 +56,16 @@ class Run:
     density: float  # attention FLOPs / dense, all steps
 
 
+
+def organism_sampler(transformer: Any, spec: Any = None, **kwargs):
+    """A sampler for :func:`sparse_vdit.search`: :func:`sparse_vdit.organism.sample` on one caption."""
+    from .organism.model import sample
+
+    def run(prompt, seed: int, steps: int):
+        return sample(transformer, [prompt], seed=seed, steps=steps, spec=spec, progress=False, **kwargs)
+
+    return run
+
 def layout_of(spec: Any) -> VideoLayout:
     """The organism's self-attention layout (video tokens only; text enters by cross-attention)."""
     return VideoLayout(*spec.token_grid)
@@ -128,7 +138,7 @@ def search_plan(
     **settings: Any,
 ) -> Plan:
     """Sparse-vDiT offline search on the organism (``settings``: epsilon, lam, candidates, ...)."""
-    from .integrations.diffusers.search import organism_sampler, search
+    from .integrations.diffusers.search import search
 
     return search(transformer, list(captions), steps=steps, seeds=seeds, sampler=organism_sampler(transformer, spec),
                   block_size=block_size, backend=backend, progress=progress, **settings)  # fmt: skip

@@ -35,14 +35,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from .block_table import DEFAULT_BLOCK, all_dense, valid_block_size
 from .layout import VideoLayout
 from .patterns import Pattern, compile_layer
 from .patterns import dense as _dense
 
 FORMAT = "sparse-vdit-plan"
 VERSION = 1
-FAMILIES = ("wan", "hunyuan_video", "cogvideox")
-DEFAULT_BLOCK = 128
 
 
 class PlanError(ValueError):
@@ -59,8 +58,8 @@ class ModelSpec:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise PlanError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
+        if self.family not in _FAMILIES:
+            raise PlanError(f"unknown model family {self.family!r}; known: {', '.join(_FAMILIES)}")
         for key in ("num_layers", "num_heads"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -70,15 +69,19 @@ class ModelSpec:
         return f"{self.name or self.family} ({self.family}, {self.num_layers} layers x {self.num_heads} heads)"
 
 
-# Published models (diffusers configs; DESIGN.md "Models"); self-attention layers x heads.
-KNOWN_MODELS = {
-    "wan2.1-t2v-1.3b": ModelSpec("wan", 30, 12, "wan2.1-t2v-1.3b"),
-    "wan2.1-t2v-14b": ModelSpec("wan", 40, 40, "wan2.1-t2v-14b"),
-    "hunyuan-video": ModelSpec("hunyuan_video", 60, 24, "hunyuan-video"),
-    "cogvideox1.5-5b": ModelSpec("cogvideox", 42, 48, "cogvideox1.5-5b"),
-    "cogvideox-5b": ModelSpec("cogvideox", 42, 48, "cogvideox-5b"),
-    "cogvideox-2b": ModelSpec("cogvideox", 30, 30, "cogvideox-2b"),
-}
+# Model families and the published models of each are registered by the integrations, where the
+# knowledge of models lives (sparse_vdit.integrations.diffusers.families).
+_FAMILIES: list[str] = []
+KNOWN_MODELS: dict[str, ModelSpec] = {}
+
+
+def register_family(family: str, known_models: dict[str, tuple[int, int]] | None = None) -> None:
+    """Let plans name ``family``; ``known_models`` maps model names to (self-attention layers, heads)."""
+    if family not in _FAMILIES:
+        _FAMILIES.append(family)
+    for name, (layers, heads) in (known_models or {}).items():
+        KNOWN_MODELS[name] = ModelSpec(family, layers, heads, name)
+
 
 # Turn other objects (e.g. diffusers pipelines) into specs; the integrations register theirs.
 _SPEC_RESOLVERS: list[Callable[[Any], ModelSpec | None]] = []
@@ -122,7 +125,7 @@ class StepRange:
 
     @cached_property
     def dense_layers(self) -> tuple[bool, ...]:
-        return tuple(all(p.name == "dense" for p in heads) for heads in self.layers)
+        return tuple(all_dense(heads) for heads in self.layers)
 
 
 @dataclass(frozen=True, eq=True)
@@ -377,7 +380,7 @@ def _validate(plan: Plan) -> None:
     if plan.warmup_layers > plan.num_layers:
         raise PlanError(f"warmup_layers={plan.warmup_layers} exceeds the model's {plan.num_layers} layers")
     size = plan.block_size
-    if not _is_int(size) or size < 16 or size & (size - 1):
+    if not _is_int(size) or not valid_block_size(size):
         raise PlanError(f"block_size must be a power of two >= 16, got {size!r}")
     if plan.layout is not None and not isinstance(plan.layout, VideoLayout):
         raise PlanError(f"layout must be a VideoLayout or None, got {type(plan.layout).__name__}")

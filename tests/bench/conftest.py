@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).parents[2] / "bench"
+sys.path.insert(0, str(BENCH))  # the scripts import the bench library (common.py, models.py) beside them
 
 
 @pytest.fixture(scope="session")

@@ -28,14 +28,14 @@ def test_dry_run_writes_results_and_table(e2e, tmp_path, capsys):
     assert "x unpatched" in capsys.readouterr().out.splitlines()[-7]  # the table comes last
 
 
-def test_mixed_plans_hit_their_density(e2e):
+def test_mixed_plans_hit_their_density(load_script):
     from sparse_vdit import VideoLayout
     from sparse_vdit.plan import KNOWN_MODELS
 
     layout = VideoLayout(21, 30, 52)  # Wan-1.3B 480p
     spec = KNOWN_MODELS["wan2.1-t2v-1.3b"]
     for density in (0.5, 0.3, 0.1):
-        plan = e2e.mixed_plan(spec, layout, density, 128)
+        plan = load_script("models").mixed_plan(spec, layout, density, 128)
         assert plan.density(layout) == pytest.approx(density, abs=0.01)
         names = [p.name for layer in plan.schedule[0].layers for p in layer]
         assert names.count("skip") == round(0.05 * len(names))

@@ -71,7 +71,7 @@ def test_sampler_steps_and_determinism(bench):
     import torch
 
     tiny = bench.TINY["cogvideox1.5"]
-    model = bench.E2E.build(tiny, torch.device("cpu"), torch.float32)
+    model = bench.models.build(tiny, torch.device("cpu"), torch.float32)
     sampler = bench.bare_sampler(tiny, model, torch.device("cpu"), torch.float32, prompts=2)
     a, b = sampler("embedding-0", 0, 2), sampler("embedding-0", 0, 2)
     assert a.shape == tiny.latent and torch.isfinite(a).all() and torch.equal(a, b)

@@ -72,9 +72,7 @@ def test_custom_op_passes_opcheck_and_compiles():
     layout, block = LAYOUTS["text-suffix-padded"]
     table = compile_layer(MIXED, layout, block)
     q, k, v = qkv(layout)
-    args = (q, k, v, table.kv_num_blocks, table.kv_indices, table.range_starts, table.range_ends, table.token_major,
-            list(table.token_major_heads), layout.frames, layout.height, layout.width, layout.text,
-            layout.text_position, block, layout.kv_len, 0.2, "reference")  # fmt: skip
+    args = (q, k, v, table.key, 0.2, "reference")  # the op takes the table by its key
     torch.library.opcheck(torch.ops.sparse_vdit.sparse_attention.default, args)
     compiled = torch.compile(lambda q, k, v: sparse_attention(q, k, v, table), backend="aot_eager", fullgraph=True)
     assert rel_rms(compiled(q, k, v), sparse_attention(q, k, v, table)) == 0.0

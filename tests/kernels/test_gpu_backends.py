@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from helpers import rel_rms
 from sparse_vdit import VideoLayout, compile_layer, sparse_attention
-from sparse_vdit.kernels import api, reference
+from sparse_vdit.block_table import num_blocks
+from sparse_vdit.kernels import api, reference, registry
 from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, spatial, temporal, vertical
 
 pytestmark = [
@@ -63,7 +64,7 @@ def _log(**record):
 
 
 def _require(backend: str):
-    ok, why = api._availability(backend, torch.device("cuda", torch.cuda.current_device()))
+    ok, why = registry.available(backend, torch.device("cuda", torch.cuda.current_device()))
     if not ok:
         pytest.skip(f"{backend}: {why}")
 
@@ -169,10 +170,10 @@ def test_fa4_tables_are_cached_per_table():
 
     layout = LAYOUTS["2x12x20+prefix40"]
     table = compile_layer(LAYERS["mixed"], layout, BLOCK, "cuda")
-    before = len(fa4._CACHE)
-    first = fa4._sparse_tensors(table.kv_num_blocks, table.kv_indices, BLOCK, layout.kv_len)
-    assert fa4._sparse_tensors(table.kv_num_blocks, table.kv_indices, BLOCK, layout.kv_len) is first
-    assert len(fa4._CACHE) <= before + 1
+    first = fa4.table_tensors(table)
+    assert fa4.table_tensors(table) is first  # kept with the table
+    table.drop_forms()
+    assert fa4.table_tensors(table) is not first
     assert first.full_block_cnt.shape == (1, HEADS, table.num_q_blocks)
     assert first.full_block_idx.shape[:3] == (1, HEADS, table.num_q_blocks)
 
@@ -183,12 +184,12 @@ def test_flex_block_mask_is_block_level_and_cached():
 
     layout = LAYOUTS["3x30x52+suffix77pad"]
     table = compile_layer(LAYERS["mixed"], layout, BLOCK, "cuda")
-    mask = flex.block_mask(table.kv_num_blocks, table.kv_indices, block_size=BLOCK, q_len=layout.num_tokens, kv_len=layout.kv_len)
-    kb = -(-layout.kv_len // BLOCK)
+    mask = flex.table_mask(table)
+    kb = num_blocks(layout.kv_len, BLOCK)
     assert mask.full_kv_indices.shape == (1, HEADS, table.num_q_blocks, kb)  # block level, never N x N
     visited = mask.kv_num_blocks + mask.full_kv_num_blocks
     assert torch.equal(visited[0], table.kv_num_blocks)
-    assert flex.block_mask(table.kv_num_blocks, table.kv_indices, block_size=BLOCK, q_len=layout.num_tokens, kv_len=layout.kv_len) is mask
+    assert flex.table_mask(table) is mask  # kept with the table
 
 
 def test_fa4_reports_what_it_cannot_run():

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from ..kernels import sparse_attention
-from ..kernels.api import BACKENDS, resolve_backend
+from ..kernels import registry
+from ..kernels.api import resolve_backend
 from ..layout import VideoLayout
 from ..patterns import compile_layer, dense, diagonal, draw_pattern, draw_table, multi_diagonal, skip, spatial, temporal, vertical
 
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     reference = sparse_attention(q, k, v, table, backend="reference")
     chosen = resolve_backend("auto", q)
     rows, failed = [], False
-    for backend in [b for b in BACKENDS if b != "auto"]:
+    for backend in registry.names():
         try:
             out = sparse_attention(q, k, v, table, backend=backend)
         except (RuntimeError, ValueError, TypeError) as err:

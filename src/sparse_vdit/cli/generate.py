@@ -55,35 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_pipeline(model: str, dtype: torch.dtype, device: str, text_encoders: bool = True):
-    """``DiffusionPipeline.from_pretrained`` from a local folder or the hub cache, never the network.
-
-    Without ``text_encoders`` the tokenizers and text encoders are not loaded (prompt embeddings
-    are given instead).
-    """
-    import diffusers
-    from diffusers import DiffusionPipeline
-
-    # diffusers 0.42 renamed `torch_dtype` to `dtype`
-    new = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 42)
-    kwargs: dict[str, Any] = {"dtype" if new else "torch_dtype": dtype, "local_files_only": True}
-    try:
-        if not text_encoders:
-            config = DiffusionPipeline.load_config(model, local_files_only=True)
-            kwargs.update({k: None for k in config if k.startswith(("text_encoder", "tokenizer"))})
-        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
-    except (OSError, ValueError) as err:
-        if Path(model).exists():
-            raise SystemExit(f"sparse-vdit generate: cannot load a diffusers pipeline from {model}: {err}") from None
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        raise SystemExit(
-            f"sparse-vdit generate: {model!r} is neither a local folder nor in the Hugging Face cache "
-            f"({HF_HUB_CACHE}); download it first (e.g. `huggingface-cli download {model}`) or pass a folder"
-        ) from None
-    return pipe.to(device)
-
-
 def generate_video(
     pipe,
     plan: Plan | None,
@@ -262,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"sparse-vdit generate: {err}") from None
     device = args.device
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    from ..integrations.diffusers.pipeline import load_pipeline
+
     pipe = load_pipeline(args.model, dtype, device, text_encoders=args.prompt_embeds is None)
     if args.plan == "dense":
         plan = Plan.dense(pipe.transformer)

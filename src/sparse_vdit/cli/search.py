@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..block_table import DEFAULT_BLOCK
 from ..methods.search import MODES, SearchSettings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int)
     g.add_argument("--warmup-layers", type=int, default=0)
     g.add_argument("--buckets", type=int, help="step ranges after the warm-up")
-    g.add_argument("--block-size", type=int, default=128)
+    g.add_argument("--block-size", type=int, default=DEFAULT_BLOCK)
     g.add_argument("--backend", default="auto", help="sparse kernel: auto, fa4, triton, flex, reference")
     r = parser.add_argument_group("generation")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -93,7 +94,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def load_model(args: argparse.Namespace, dtype: torch.dtype):
     """(model, sampler) for ``--model``."""
-    from ..integrations.diffusers import organism_sampler, pipeline_sampler
+    from ..compare import organism_sampler
+    from ..integrations.diffusers import pipeline_sampler
 
     if args.model == "organism":
         from ..organism import model as organism
@@ -110,7 +112,7 @@ def load_model(args: argparse.Namespace, dtype: torch.dtype):
         return transformer, organism_sampler(transformer, spec, **extra)
     if args.random_weights or args.weights is not None:
         raise SystemExit("sparse-vdit search: --weights and --random-weights are for --model organism")
-    from .generate import load_pipeline
+    from ..integrations.diffusers.pipeline import load_pipeline
 
     pipe = load_pipeline(args.model, dtype, args.device)
     extra = {k: v for k, v in (("height", args.height), ("width", args.width), ("num_frames", args.frames),

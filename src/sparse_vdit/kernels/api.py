@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-import logging
 from collections.abc import Sequence
-from functools import lru_cache
 
 import torch
 
+from ..block_table import BlockTable, table_by_key
 from ..layout import VideoLayout
-from ..patterns.table import BlockTable
-from . import dense
-
-logger = logging.getLogger("sparse_vdit")
-
-BACKENDS = ("auto", "reference", "flex", "fa4", "triton")
-FAST_HEAD_DIMS = (64, 128)
-RANGE_BACKENDS = ("triton",)  # read key-block ranges and token-major heads in place; the others
-# read index lists and need token-major heads permuted in memory
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+from . import dense, registry
+from .registry import API_DTYPES, resolve
 
 
 def sparse_attention(
@@ -40,7 +30,8 @@ def sparse_attention(
         softmax_scale: defaults to ``head_dim ** -0.5``.
         backend: ``"fa4"`` (FlashAttention-4 block sparsity, Hopper/Blackwell), ``"triton"``
             (ours), ``"flex"`` (FlexAttention), ``"reference"`` (plain torch, any device), or
-            ``"auto"``: the fastest one available, said once in the ``sparse_vdit`` log.
+            ``"auto"``: the fastest one that runs these inputs and this table, said once in the
+            ``sparse_vdit`` log (:mod:`sparse_vdit.kernels.registry`).
 
     Heads whose pattern needs token-major order are permuted together by one strided copy
     before the kernel and back after it (:func:`reorder_heads`), or read in place by the Triton
@@ -51,22 +42,21 @@ def sparse_attention(
         ``(batch, seq, heads, head_dim)`` output in the dtype of ``q``.
     """
     scale = _check(q, k, v, table, softmax_scale)
-    name = resolve_backend(backend, q)
-    if name == "fa4":
-        name = _fa4_tiles_or_fallback(backend, table.block_size, q)
     table = table if table.device == q.device else table.to(q.device)
-    layout = table.layout
+    if torch.compiler.is_compiling():  # no per-table bookkeeping inside a traced graph
+        name = resolve(backend, q, table.block_size)
+    else:
+        name = registry.choose(backend, q, table).name
     if table.all_skip:
         return torch.zeros_like(q)
     if table.all_dense and backend != "reference":
-        return dense.forward(q, k, v, kv_len=layout.kv_len, softmax_scale=scale, use_fa4=name == "fa4")
-    kv_indices = None if name in RANGE_BACKENDS else table.kv_indices
-    return torch.ops.sparse_vdit.sparse_attention(
-        q, k, v, table.kv_num_blocks, kv_indices, table.range_starts, table.range_ends, table.token_major,
-        list(table.token_major_heads),
-        layout.frames, layout.height, layout.width, layout.text, layout.text_position,
-        table.block_size, layout.kv_len, scale, name,
-    )  # fmt: skip
+        return dense.forward(q, k, v, kv_len=table.layout.kv_len, softmax_scale=scale, use_fa4=name == "fa4")
+    return torch.ops.sparse_vdit.sparse_attention(q, k, v, table.key, scale, name)
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """The backend ``backend`` names for tensors like ``q`` (``auto`` resolved; availability checked)."""
+    return resolve(backend, q)
 
 
 def _check(q, k, v, table, softmax_scale) -> float:
@@ -81,8 +71,8 @@ def _check(q, k, v, table, softmax_scale) -> float:
         raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"dtype {q.dtype} not supported; use one of {[str(d) for d in _DTYPES]}")
+    if q.dtype not in API_DTYPES:
+        raise TypeError(f"dtype {q.dtype} not supported; use one of {[str(d) for d in API_DTYPES]}")
     if not q.device == k.device == v.device:
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     _, seq, heads, dim = q.shape
@@ -101,96 +91,6 @@ def _check(q, k, v, table, softmax_scale) -> float:
         raise ValueError(f"softmax_scale must be positive, got {softmax_scale!r}")
     return float(softmax_scale)
 
-
-def _backend_module(name: str):
-    return importlib.import_module(f"sparse_vdit.kernels.{name}")
-
-
-def _input_problem(name: str, dtype: torch.dtype, head_dim: int) -> str | None:
-    if name == "reference":
-        return None
-    if head_dim not in FAST_HEAD_DIMS:
-        return f"backend {name!r} supports head dims {FAST_HEAD_DIMS}, not {head_dim}"
-    if name == "fa4" and dtype == torch.float32:
-        return "backend 'fa4' needs bf16 or fp16 inputs, not float32"
-    return None
-
-
-@lru_cache(maxsize=None)
-def _availability(name: str, device: torch.device) -> tuple[bool, str]:
-    if name == "reference":
-        return True, "plain torch"
-    if device.type != "cuda" and name != "triton":  # triton also runs under TRITON_INTERPRET=1
-        return False, f"{name} needs a CUDA GPU, tensors are on {device}"
-    try:
-        module = _backend_module(name)
-    except ImportError as err:
-        return False, f"sparse_vdit.kernels.{name} could not be imported ({err})"
-    return module.is_available(device)
-
-
-_AUTO_ORDER = ("fa4", "triton", "flex", "reference")
-
-
-@lru_cache(maxsize=None)
-def _auto(device: torch.device, dtype: torch.dtype, head_dim: int, passed_over: tuple[str, ...] = ()) -> tuple[str, str]:
-    """The first usable backend of ``_AUTO_ORDER`` (less ``passed_over``) and why earlier ones were not."""
-    if device.type != "cuda":
-        return "reference", f"no fast backend on {device.type}"
-    reasons = []
-    for name in (n for n in _AUTO_ORDER if n not in passed_over):
-        problem = _input_problem(name, dtype, head_dim)
-        ok, why = (False, problem) if problem else _availability(name, device)
-        if ok:
-            return name, "; ".join(reasons)
-        reasons.append(f"{name}: {why}")
-    raise AssertionError("the reference backend is always available")
-
-
-_SAID: set = set()
-
-
-@lru_cache(maxsize=None)
-def _fa4_supports(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
-    from . import fa4
-
-    return fa4.supports(block_size, head_dim, dtype, device)
-
-
-def _fa4_tiles_or_fallback(backend: str, block_size: int, q: torch.Tensor) -> str:
-    """FA4 runs only some block sizes (64/128 on Hopper, multiples of 256 on Blackwell)."""
-    ok, why = _fa4_supports(block_size, q.shape[-1], q.dtype, q.device)
-    if ok:
-        return "fa4"
-    if backend != "auto":
-        raise ValueError(why)
-    return _auto(q.device, q.dtype, q.shape[-1], ("fa4",))[0]
-
-
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """The backend ``backend`` names for tensors like ``q`` (``auto`` resolved; availability checked)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    device = q.device
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if backend == "auto":
-        name, skipped = _auto(device, q.dtype, q.shape[-1])
-        key = (device, q.dtype, q.shape[-1])
-        if key not in _SAID and not torch.compiler.is_compiling():
-            _SAID.add(key)
-            logger.warning(
-                "sparse_vdit: backend 'auto' uses %r for %s head_dim=%d on %s%s",
-                name, str(q.dtype).removeprefix("torch."), q.shape[-1], device, f" ({skipped})" if skipped else "",
-            )  # fmt: skip
-        return name
-    problem = _input_problem(backend, q.dtype, q.shape[-1])
-    if problem:
-        raise ValueError(problem)
-    ok, why = _availability(backend, device)
-    if not ok:
-        raise RuntimeError(f"backend {backend!r} is not available: {why}")
-    return backend
 
 
 def reorder_heads(x: torch.Tensor, layout: VideoLayout, heads: Sequence[int], to_token_major: bool = True) -> torch.Tensor:
@@ -230,38 +130,34 @@ def _runs(heads: Sequence[int]) -> list[tuple[int, int]]:
 
 
 @torch.library.custom_op("sparse_vdit::sparse_attention", mutates_args=())
-def _sparse_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_num_blocks: torch.Tensor,
-    kv_indices: torch.Tensor | None,
-    range_starts: torch.Tensor,
-    range_ends: torch.Tensor,
-    token_major: torch.Tensor,
-    token_major_heads: list[int],
-    frames: int,
-    height: int,
-    width: int,
-    text: int,
-    text_position: str,
-    block_size: int,
-    kv_len: int,
-    softmax_scale: float,
-    backend: str,
-) -> torch.Tensor:
-    layout = VideoLayout(frames, height, width, text, text_position)
-    kwargs = dict(block_size=block_size, kv_len=kv_len, softmax_scale=softmax_scale)
-    if backend in RANGE_BACKENDS:
-        order = (layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens)
-        tm = token_major if token_major_heads else None
-        ranges = (range_starts, range_ends)
-        return _backend_module(backend).forward(q, k, v, kv_num_blocks, None, ranges=ranges, token_major=tm, layout=order, **kwargs)
-    q, k, v = (reorder_heads(t, layout, token_major_heads) for t in (q, k, v))
-    out = _backend_module(backend).forward(q, k, v, kv_num_blocks, kv_indices, **kwargs)
-    return reorder_heads(out, layout, token_major_heads, to_token_major=False)
+def _sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_key: int, softmax_scale: float,
+                         backend: str) -> torch.Tensor:  # fmt: skip
+    """The kernel call behind :func:`sparse_attention`, opaque to ``torch.compile``.
+
+    The table travels as its :attr:`~sparse_vdit.block_table.BlockTable.key` (the op looks the live
+    table up), so a compiled graph holds no table tensors and every derived form stays with the table.
+    """
+    table = table_by_key(table_key)
+    chosen = registry.get(backend)
+    if chosen.token_major_in_place or not table.token_major_heads:
+        return chosen.module.run(q, k, v, table, softmax_scale)
+    heads = table.token_major_heads
+    q, k, v = (reorder_heads(t, table.layout, heads) for t in (q, k, v))
+    out = chosen.module.run(q, k, v, table, softmax_scale)
+    return reorder_heads(out, table.layout, heads, to_token_major=False)
 
 
 @_sparse_attention_op.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, range_starts, range_ends, *args):
+def _(q, k, v, table_key, softmax_scale, backend):
     return torch.empty_like(q)
+
+
+
+
+def __getattr__(name: str):
+    if name == "BACKENDS":  # found when first asked for (a new backend is one module)
+        return registry.backends()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["BACKENDS", "reorder_heads", "resolve_backend", "sparse_attention"]

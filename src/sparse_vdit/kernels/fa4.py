@@ -21,15 +21,16 @@ The import of ``flash_attn`` is lazy: this module imports without flash-attn-4.
 
 from __future__ import annotations
 
-import weakref
-from collections import OrderedDict
-
 import torch
+
+from ..block_table import num_blocks
+from .registry import Backend
+
+BACKEND = Backend("fa4", (torch.bfloat16, torch.float16), (64, 128), needs_cuda=True, token_major_in_place=False, auto_rank=0,
+                  note="FlashAttention-4 block sparsity, Hopper / datacenter Blackwell; block sizes: supports()")
 
 _FA4 = None
 _IMPORT_ERROR: str | None = None
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_SIZE = 64
 _SUPPORTED_ARCH = {(9, 0): "Hopper", (10, 0): "Blackwell", (10, 3): "Blackwell"}
 
 # Tests set this to fill the output with NaN before the kernel runs (checks every element is written).
@@ -114,37 +115,27 @@ def supports(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.d
 
 
 def _sparse_tensors(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size: int, kv_len: int):
-    """FA4's BlockSparseTensorsTorch for a table (cached while the table's tensors live)."""
-    key = (
-        id(kv_num_blocks), kv_num_blocks.data_ptr(), kv_num_blocks._version,
-        id(kv_indices), kv_indices.data_ptr(), kv_indices._version,
-        tuple(kv_indices.shape), kv_indices.device, block_size, kv_len,
-    )
-    entry = _CACHE.get(key)
-    if entry is not None:
-        refs, value = entry
-        if refs[0]() is kv_num_blocks and refs[1]() is kv_indices:
-            _CACHE.move_to_end(key)
-            return value
-        del _CACHE[key]
+    """FA4's BlockSparseTensorsTorch for a table's index form."""
     _, BlockSparseTensorsTorch = _import()
     heads, qb, width = kv_indices.shape
-    kb = -(-kv_len // block_size)
+    kb = num_blocks(kv_len, block_size)
     counts = kv_num_blocks.to(torch.int32).contiguous()[None]
     index = kv_indices[..., : min(width, kb)].to(torch.int32).contiguous()[None]
     empty_counts = torch.zeros_like(counts)
     empty_index = torch.zeros(1, heads, qb, 1, dtype=torch.int32, device=kv_indices.device)
-    value = BlockSparseTensorsTorch(
+    return BlockSparseTensorsTorch(
         mask_block_cnt=empty_counts,
         mask_block_idx=empty_index,
         full_block_cnt=counts,
         full_block_idx=index,
         block_size=(block_size, block_size),
     )
-    _CACHE[key] = ((weakref.ref(kv_num_blocks), weakref.ref(kv_indices)), value)
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return value
+
+
+def table_tensors(table):
+    """FA4's BlockSparseTensorsTorch of ``table``, built once and kept with it."""
+    return table.form("fa4.sparse_tensors", lambda t: _sparse_tensors(t.kv_num_blocks, t.kv_indices, t.block_size,
+                                                                      t.layout.kv_len))  # fmt: skip
 
 
 def forward(
@@ -158,19 +149,31 @@ def forward(
     kv_len: int,
     softmax_scale: float,
 ) -> torch.Tensor:
-    """Block-sparse attention through FA4; [B, N, H, D] in, [B, N, H, D] out (q's dtype)."""
-    interface, _ = _import()
+    """Block-sparse attention through FA4; [B, N, H, D] in, [B, N, H, D] out (q's dtype).
+
+    Builds FA4's block-sparse tensors on every call: :func:`run` keeps them with the table.
+    """
+    _import()
     batch, n, heads, dim = q.shape
     ok, why = supports(block_size, dim, q.dtype, q.device)
     if not ok:
         raise ValueError(why)
-    if kv_num_blocks.shape != (heads, -(-n // block_size)):
+    if kv_num_blocks.shape != (heads, num_blocks(n, block_size)):
         raise ValueError(f"table counts of shape {tuple(kv_num_blocks.shape)} do not fit q of shape {tuple(q.shape)}")
     if kv_num_blocks.device != q.device:
         kv_num_blocks, kv_indices = kv_num_blocks.to(q.device), kv_indices.to(q.device)
+    return _attend(q, k, v, _sparse_tensors(kv_num_blocks, kv_indices, block_size, kv_len), kv_len, softmax_scale)
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float) -> torch.Tensor:
+    """Block-sparse attention of ``table`` (token-major heads already permuted), FA4's tensors kept."""
+    return _attend(q, k, v, table_tensors(table), table.layout.kv_len, softmax_scale)
+
+
+def _attend(q, k, v, sparse, kv_len: int, softmax_scale: float) -> torch.Tensor:
+    interface, _ = _import()
     if k.shape[1] != kv_len:
         k, v = k[:, :kv_len], v[:, :kv_len]
-    sparse = _sparse_tensors(kv_num_blocks, kv_indices, block_size, kv_len)
     out = torch.full_like(q, float("nan")) if _POISON else torch.empty_like(q)
     with torch.cuda.device(q.device):
         interface._flash_attn_fwd(
@@ -188,4 +191,4 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: floa
     return out
 
 
-__all__ = ["dense", "forward", "is_available", "supports", "version"]
+__all__ = ["BACKEND", "dense", "forward", "is_available", "run", "supports", "table_tensors", "version"]

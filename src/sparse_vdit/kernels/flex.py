@@ -3,20 +3,22 @@
 No N x N mask is ever built: the BlockMask is made from our tables directly (block level only).
 The sequence is padded to a multiple of the block; every visited key block is a *full* block
 except the ragged last key block, which is a *partial* block masked by ``kv_idx < kv_len``.
-BlockMasks are cached per table, and ``flex_attention`` is ``torch.compile``'d once.
+A table's BlockMask is built once and kept with the table (``BlockTable.form``), and
+``flex_attention`` is ``torch.compile``'d once.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 
+from ..block_table import num_blocks
+from .registry import API_DTYPES, Backend
+
+BACKEND = Backend("flex", API_DTYPES, (64, 128), needs_cuda=True, token_major_in_place=False, auto_rank=2,
+                  note="FlexAttention from our tables (BlockMask.from_kv_blocks), compiled once")
+
 _COMPILED = None
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_SIZE = 64
 
 
 def is_available(device: torch.device | str | None = None) -> tuple[bool, str]:
@@ -63,32 +65,6 @@ def _compiled_flex():
     return _COMPILED
 
 
-def _cache_get(key, refs):
-    entry = _CACHE.get(key)
-    if entry is None:
-        return None
-    alive, value = entry
-    if any(r() is not t for r, t in zip(alive, refs)):
-        del _CACHE[key]
-        return None
-    _CACHE.move_to_end(key)
-    return value
-
-
-def _cache_put(key, refs, value):
-    _CACHE[key] = (tuple(weakref.ref(t) for t in refs), value)
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-
-
-def _table_key(kv_num_blocks, kv_indices, *extra):
-    return (
-        id(kv_num_blocks), kv_num_blocks.data_ptr(), kv_num_blocks._version,
-        id(kv_indices), kv_indices.data_ptr(), kv_indices._version,
-        tuple(kv_indices.shape), kv_indices.device, *extra,
-    )
-
-
 def _kv_mask(kv_len: int):
     def kv_in_range(b, h, q_idx, kv_idx):
         return kv_idx < kv_len
@@ -97,17 +73,13 @@ def _kv_mask(kv_len: int):
 
 
 def block_mask(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, *, block_size: int, q_len: int, kv_len: int):
-    """The (cached) BlockMask of a table, for a sequence padded to a multiple of ``block_size``."""
-    key = _table_key(kv_num_blocks, kv_indices, block_size, q_len, kv_len)
-    cached = _cache_get(key, (kv_num_blocks, kv_indices))
-    if cached is not None:
-        return cached
+    """The BlockMask of a table's index form, for a sequence padded to a multiple of ``block_size``."""
     from torch.nn.attention.flex_attention import BlockMask
 
     heads, qb, width = kv_indices.shape
-    kb = -(-kv_len // block_size)
-    if qb != -(-q_len // block_size):
-        raise ValueError(f"table has {qb} query blocks, the sequence of {q_len} needs {-(-q_len // block_size)}")
+    kb = num_blocks(kv_len, block_size)
+    if qb != num_blocks(q_len, block_size):
+        raise ValueError(f"table has {qb} query blocks, the sequence of {q_len} needs {num_blocks(q_len, block_size)}")
     counts = kv_num_blocks.to(torch.int32)
     index = kv_indices.to(torch.int32)
     # FlexAttention wants the full number of key blocks as the last dimension (DESIGN.md facts).
@@ -137,8 +109,13 @@ def block_mask(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, *, block_s
         seq_lengths=(qb * block_size, kb * block_size),
         compute_q_blocks=False,
     )
-    _cache_put(key, (kv_num_blocks, kv_indices), mask)
     return mask
+
+
+def table_mask(table):
+    """The BlockMask of ``table``, built once and kept with it."""
+    return table.form("flex.block_mask", lambda t: block_mask(
+        t.kv_num_blocks, t.kv_indices, block_size=t.block_size, q_len=t.layout.num_tokens, kv_len=t.layout.kv_len))
 
 
 def _pad_heads_first(x: torch.Tensor, length: int, padded: int) -> torch.Tensor:
@@ -160,14 +137,28 @@ def forward(
     kv_len: int,
     softmax_scale: float,
 ) -> torch.Tensor:
-    """Block-sparse attention through FlexAttention; [B, N, H, D] in, [B, N, H, D] out (q's dtype)."""
-    batch, n, heads, dim = q.shape
+    """Block-sparse attention through FlexAttention; [B, N, H, D] in, [B, N, H, D] out (q's dtype).
+
+    Builds the BlockMask on every call: :func:`run` keeps it with the table.
+    """
+    heads, n = q.shape[2], q.shape[1]
     if kv_num_blocks.shape[0] != heads:
         raise ValueError(f"table has {kv_num_blocks.shape[0]} heads, q has {heads}")
     if kv_num_blocks.device != q.device:
         kv_num_blocks, kv_indices = kv_num_blocks.to(q.device), kv_indices.to(q.device)
-    qb, kb = -(-n // block_size), -(-kv_len // block_size)
     mask = block_mask(kv_num_blocks, kv_indices, block_size=block_size, q_len=n, kv_len=kv_len)
+    return _attend(q, k, v, mask, block_size=block_size, kv_len=kv_len, softmax_scale=softmax_scale)
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float) -> torch.Tensor:
+    """Block-sparse attention of ``table`` (token-major heads already permuted), its BlockMask kept."""
+    return _attend(q, k, v, table_mask(table), block_size=table.block_size, kv_len=table.layout.kv_len,
+                   softmax_scale=softmax_scale)  # fmt: skip
+
+
+def _attend(q, k, v, mask, *, block_size: int, kv_len: int, softmax_scale: float) -> torch.Tensor:
+    n = q.shape[1]
+    qb, kb = num_blocks(n, block_size), num_blocks(kv_len, block_size)
     qh = _pad_heads_first(q, n, qb * block_size)
     kh = _pad_heads_first(k, kv_len, kb * block_size)
     vh = _pad_heads_first(v, kv_len, kb * block_size)
@@ -177,4 +168,4 @@ def forward(
     return out.transpose(1, 2)[:, :n].contiguous()
 
 
-__all__ = ["block_mask", "forward", "is_available"]
+__all__ = ["BACKEND", "block_mask", "forward", "is_available", "run", "table_mask"]

@@ -4,6 +4,22 @@ from __future__ import annotations
 
 import torch
 
+from ..block_table import num_blocks
+from .registry import API_DTYPES, Backend
+
+BACKEND = Backend("reference", API_DTYPES, None, needs_cuda=False, token_major_in_place=False, auto_rank=3,
+                  note="plain torch on any device: the oracle")
+
+
+def is_available(device: torch.device | None = None) -> tuple[bool, str]:
+    return True, "plain torch"
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float) -> torch.Tensor:
+    """:func:`forward` on a block table (token-major heads already permuted)."""
+    return forward(q, k, v, table.kv_num_blocks, table.kv_indices, block_size=table.block_size,
+                   kv_len=table.layout.kv_len, softmax_scale=softmax_scale)  # fmt: skip
+
 
 def forward(
     q: torch.Tensor,
@@ -25,7 +41,7 @@ def forward(
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = (t.transpose(1, 2).to(compute) for t in (q, k[:, :kv_len], v[:, :kv_len]))
     out = torch.zeros(batch, heads, n, v.shape[-1], dtype=compute, device=q.device)
-    num_kv_blocks = -(-kv_len // block_size)
+    num_kv_blocks = num_blocks(kv_len, block_size)
     slots = torch.arange(kv_indices.shape[-1], device=q.device)
     for i in range(kv_num_blocks.shape[1]):
         rows = slice(i * block_size, min((i + 1) * block_size, n))

@@ -1,11 +1,21 @@
 """Methods: how a plan comes to be (offline search, online SVG, fixed baselines)."""
 
+from . import candidates as _candidates
+from . import estimate as _estimate
+from . import svg as _svg
 from .candidates import Fixed, MassVertical
 from .cost import BlockCost, CostTable, FixedCost, MeasuredCost
+from .protocol import AttentionCall, Observer, PatternSource, plan_source
 from .search import SearchSettings, Searcher
 from .svg import SVG, band_widths
 
 __all__ = [
-    "SVG", "band_widths",
+    "SVG", "band_widths", "AttentionCall", "Observer", "PatternSource", "plan_source",
     "BlockCost", "CostTable", "Fixed", "FixedCost", "MassVertical", "MeasuredCost", "SearchSettings", "Searcher",
 ]  # fmt: skip
+
+
+def clear_caches() -> None:
+    """Forget the methods' per-layout caches (band widths, key-block lists, row masks)."""
+    for cached in (_svg.band_widths, _svg._key_blocks, _candidates.video_key_blocks, _estimate._all_rows_mask):
+        cached.cache_clear()

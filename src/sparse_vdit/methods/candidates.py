@@ -16,6 +16,7 @@ from functools import lru_cache
 import torch
 
 from .. import patterns as _patterns
+from ..block_table import num_blocks
 from ..layout import VideoLayout
 from ..patterns import Pattern, diagonal, multi_diagonal, pattern_names, skip, vertical
 from ..patterns.table import device_ranges
@@ -106,14 +107,14 @@ Candidate = Fixed | MassVertical
 
 def num_key_blocks(layout: VideoLayout, block: int) -> int:
     """Key blocks of ``layout`` (padded text excluded, as in a block table)."""
-    return -(-layout.kv_len // block)
+    return num_blocks(layout.kv_len, block)
 
 
 @lru_cache(maxsize=256)
 def video_key_blocks(layout: VideoLayout, block: int) -> torch.Tensor:
     """Indices of the key blocks that hold video tokens (long, ascending)."""
     first = layout.video_start // block
-    last = min(-(-(layout.video_start + layout.video_tokens) // block), num_key_blocks(layout, block))
+    last = min(num_blocks(layout.video_start + layout.video_tokens, block), num_key_blocks(layout, block))
     return torch.arange(first, last)
 
 

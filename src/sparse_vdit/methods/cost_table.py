@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..block_table import DEFAULT_BLOCK
 from ..layout import VideoLayout
 from ..patterns import compile_layer
 from .candidates import paper_candidates, tuned_candidates
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, required=True)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK)
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=20)

@@ -20,6 +20,7 @@ from functools import lru_cache
 
 import torch
 
+from ..block_table import num_blocks
 from ..layout import VideoLayout
 from .candidates import Candidate, Fixed, MassVertical, num_key_blocks, row_mask
 
@@ -170,7 +171,7 @@ class _Setup:
 @lru_cache(maxsize=256)
 def _all_rows_mask(pattern, layout: VideoLayout, block: int, device: torch.device) -> torch.Tensor:
     """:func:`row_mask` of every query block ``[query blocks, key blocks]``, kept per device."""
-    return row_mask(pattern, layout, block, torch.arange(-(-layout.num_tokens // block), device=device))
+    return row_mask(pattern, layout, block, torch.arange(num_blocks(layout.num_tokens, block), device=device))
 
 
 def _probe_chunk(setup: _Setup, q, k, v, hs: slice, result: Probe, chosen: dict) -> None:

@@ -29,10 +29,12 @@ from typing import Any
 
 import torch
 
+from .._version import __version__
+from ..block_table import DEFAULT_BLOCK, num_blocks
 from ..layout import VideoLayout
 from ..patterns import Pattern, dense
 from ..plan import Plan, StepRange, as_spec
-from .candidates import MassVertical, as_candidates, paper_candidates, tuned_candidates
+from .candidates import MassVertical, as_candidates, num_key_blocks, paper_candidates, tuned_candidates
 from .cost import MeasuredCost, Shape, as_cost_model, device_name
 from .estimate import block_rows, default_sample_blocks, output_errors, probe, sample_query_blocks
 
@@ -79,7 +81,7 @@ class SearchSettings:
     warmup_steps: int | None = None
     warmup_layers: int = 0
     buckets: int | None = None
-    block_size: int = 128
+    block_size: int = DEFAULT_BLOCK
     backend: str = "auto"
 
     def resolve(self, steps: int, device: torch.device) -> SearchSettings:
@@ -249,7 +251,7 @@ class Searcher:
         ctx = self._context(call)
         candidates = s.candidates
         gen = torch.Generator().manual_seed(1_000_003 * self._run + 1_009 * call.step + call.layer)
-        num_q_blocks = -(-layout.num_tokens // block)
+        num_q_blocks = num_blocks(layout.num_tokens, block)
         count = s.sample_blocks or default_sample_blocks(num_q_blocks)
         rows = block_rows(sample_query_blocks(num_q_blocks, count, gen), block, layout.num_tokens)
         q, k, v = call.q, call.k, call.v
@@ -263,7 +265,7 @@ class Searcher:
                 result = probe(q, k, v, layout, block, rows, fitted)
                 mass, fitted_patterns = result.mass, dict(zip(fitted, result.patterns))
             else:
-                mass, fitted_patterns = torch.zeros(q.shape[2], _key_blocks(layout, block)), {}
+                mass, fitted_patterns = torch.zeros(q.shape[2], num_key_blocks(layout, block)), {}
             reference = call.dense_output()
             sq = torch.zeros(len(candidates), q.shape[2], dtype=torch.float64)
             patterns = []
@@ -297,7 +299,7 @@ class Searcher:
         return ctx
 
     def _add(self, bucket: int, layer: int, loss: torch.Tensor, mass: torch.Tensor) -> None:
-        width = -(-self.layout.num_tokens // self.settings.block_size)
+        width = num_blocks(self.layout.num_tokens, self.settings.block_size)
         mass = torch.nn.functional.pad(mass, (0, width - mass.shape[1]))
         sums = self._sums.get((self._run, bucket, layer))
         if sums is None:
@@ -375,7 +377,7 @@ class Searcher:
                 heads = []
                 for h, c in enumerate(choices[bucket, layer].tolist()):
                     heads.append(dense() if c < 0 else s.candidates[c].pattern_for(
-                        None if mass is None else mass[h, : _key_blocks(layout, block)], layout, block))  # fmt: skip
+                        None if mass is None else mass[h, : num_key_blocks(layout, block)], layout, block))  # fmt: skip
                 layers.append(tuple(heads))
             schedule.append(StepRange(0 if bucket == 0 else start, tuple(layers)))
         made_by = {
@@ -390,9 +392,9 @@ class Searcher:
             "seeds": self.seeds,
             "device": device_name(ctx_shape.device),
             "torch": torch.__version__,
-            "sparse_vdit": _version(),
+            "sparse_vdit": __version__,
         }
-        made_by["sample_blocks"] = s.sample_blocks or default_sample_blocks(-(-layout.num_tokens // block))
+        made_by["sample_blocks"] = s.sample_blocks or default_sample_blocks(num_blocks(layout.num_tokens, block))
         costs = {c.key: float(x) for c, x in zip(s.candidates, context.costs)}
         made_by["candidate_costs"] = costs
         plan = Plan(self.spec, tuple(schedule), s.warmup_steps, s.warmup_layers, block, layout, made_by)
@@ -432,12 +434,3 @@ class Searcher:
             }
         return out
 
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-def _key_blocks(layout: VideoLayout, block: int) -> int:
-    return -(-layout.kv_len // block)

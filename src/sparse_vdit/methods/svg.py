@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from ..block_table import DEFAULT_BLOCK, is_power_of_two, num_blocks, valid_block_size
 from ..layout import VideoLayout
 from ..patterns import Pattern, compile_layer, dense, head_ranges, spatial, temporal
 from ..plan import ModelSpec, Plan, StepRange, as_spec
@@ -71,7 +72,7 @@ class Widths:
 def _table_density(pattern: Pattern, layout: VideoLayout, block: int) -> float:
     # the uncached builder: a bisection must not fill the shared range cache
     starts, ends = head_ranges.__wrapped__(pattern, layout, block)
-    kv_blocks = -(-layout.kv_len // block)
+    kv_blocks = num_blocks(layout.kv_len, block)
     return float((ends - starts).sum()) / (starts.shape[0] * kv_blocks)
 
 
@@ -116,7 +117,7 @@ def _tidy(make: Callable[[float], Pattern], width: float, layout: VideoLayout, b
 
 
 @lru_cache(maxsize=256)
-def band_widths(layout: VideoLayout, density: float, block: int = 128) -> Widths:
+def band_widths(layout: VideoLayout, density: float, block: int = DEFAULT_BLOCK) -> Widths:
     """Widths of ``spatial`` and ``temporal`` whose tables compute ``density`` of the blocks.
 
     Text rows and columns count (as :attr:`BlockTable.density` counts them). Density is a step
@@ -225,7 +226,7 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def _triton_ok(q: torch.Tensor, patterns: Sequence[Pattern]) -> bool:
     dim = q.shape[-1]
-    if len(patterns) != 2 or dim < 16 or dim > 256 or dim & (dim - 1) or q.dtype not in _TRITON_DTYPES:
+    if len(patterns) != 2 or dim < 16 or dim > 256 or not is_power_of_two(dim) or q.dtype not in _TRITON_DTYPES:
         return False
     try:
         import triton  # noqa: F401
@@ -349,7 +350,7 @@ class SVG:
         record: bool = False,
         seed: int = 0,
         num_steps: int | Callable[[], int | None] | None = None,
-        block_size: int = 128,
+        block_size: int = DEFAULT_BLOCK,
         profile_backend: str = "auto",
         chunk: int = DEFAULT_CHUNK,
     ) -> None:
@@ -368,7 +369,7 @@ class SVG:
                 raise ValueError(f"svg: {name} must be an int >= {low}, got {value!r}")
         if error not in ERRORS:
             raise ValueError(f"svg: error must be one of {ERRORS}, got {error!r}")
-        if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        if not valid_block_size(block_size):
             raise ValueError(f"svg: block_size must be a power of two >= 16, got {block_size!r}")
         if profile_backend not in PROFILE_BACKENDS:
             raise ValueError(f"svg: profile_backend must be one of {PROFILE_BACKENDS}, got {profile_backend!r}")

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanTransformer3DModel
 from tqdm.auto import tqdm
 
+from ..integrations.diffusers.models import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanTransformer3DModel
 from .data import Vocabulary
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # the small organism: CPU demo and tests

@@ -1,7 +1,8 @@
 """Patterns: per-head rules that become block tables (see DESIGN.md, "Pattern definitions")."""
 
 from .band import diagonal, multi_diagonal, spatial, temporal
-from .base import Pattern, expand_ranges, head_ranges, pattern_names
+from ..block_table import expand_ranges
+from .base import Pattern, head_ranges, pattern_names
 from .draw import draw_pattern, draw_table
 from .fixed import dense, skip
 from .table import DEFAULT_BLOCK, BlockTable, compile_layer

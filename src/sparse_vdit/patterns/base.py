@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ..block_table import num_blocks
 from ..layout import VideoLayout
 
 # name -> (interval builder, needs token-major order)
@@ -93,11 +94,11 @@ class Geometry:
 
     @property
     def num_q_blocks(self) -> int:
-        return -(-self.layout.num_tokens // self.block)
+        return num_blocks(self.layout.num_tokens, self.block)
 
     @property
     def num_kv_blocks(self) -> int:
-        return -(-self.layout.kv_len // self.block)
+        return num_blocks(self.layout.kv_len, self.block)
 
     def centres(self, count: int) -> torch.Tensor:
         """Centre (in sequence positions) of the first ``count`` blocks; the last may be ragged."""
@@ -109,7 +110,7 @@ class Geometry:
         """Key-block interval covering sequence tokens ``[start, end)``, clipped to ``limit`` blocks."""
         if end <= start:
             return 0, 0
-        return min(start // self.block, limit), min(-(-end // self.block), limit)
+        return min(start // self.block, limit), min(num_blocks(end, self.block), limit)
 
 
 def band(geometry: Geometry, half_width: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,27 +162,6 @@ def merge_intervals(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, t
     starts = torch.where(used, starts, 0)[:, :width]
     ends = torch.where(used, ends, 0)[:, :width]
     return starts.to(torch.int32), ends.to(torch.int32)
-
-
-def expand_ranges(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ranges [..., R] -> (count [...], ascending indices [..., max count]), on their device.
-
-    Unused index slots repeat the row's last index (0 for an empty row), so every slot is a
-    valid key-block index, as FlexAttention and FlashAttention-4 require.
-    """
-    shape = starts.shape[:-1]
-    starts, ends = starts.reshape(-1, starts.shape[-1]).long(), ends.reshape(-1, ends.shape[-1]).long()
-    length = ends - starts
-    cum = torch.cumsum(length, dim=1)
-    count = cum[:, -1]
-    width = max(int(count.max()) if count.numel() else 0, 1)
-    slot = torch.arange(width, device=starts.device).expand(len(count), width).contiguous()
-    which = torch.searchsorted(cum, slot, right=True).clamp(max=starts.shape[1] - 1)
-    index = torch.gather(starts, 1, which) + slot - (torch.gather(cum, 1, which) - torch.gather(length, 1, which))
-    last = torch.gather(index, 1, (count - 1).clamp(min=0)[:, None])
-    index = torch.where(slot < count[:, None], index, last)
-    index = torch.where(count[:, None] > 0, index, 0)
-    return count.to(torch.int32).reshape(shape), index.to(torch.int32).reshape(*shape, width)
 
 
 @lru_cache(maxsize=512)

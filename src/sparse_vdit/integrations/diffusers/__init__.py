@@ -6,7 +6,7 @@ Importing this package does not import diffusers; models are recognised by class
 from .api import apply, remove, sparse, state_of
 from .families import FAMILIES, Family, family_of, model_spec
 from .processor import AttentionCall, SparseAttnProcessor, SparseState, plan_source
-from .search import organism_sampler, pipeline_sampler, run_search
+from .search import pipeline_sampler, run_search
 from .steps import StepTracker
 
 __all__ = [
@@ -19,7 +19,6 @@ __all__ = [
     "apply",
     "family_of",
     "model_spec",
-    "organism_sampler",
     "pipeline_sampler",
     "plan_source",
     "remove",

@@ -7,10 +7,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ...kernels import BACKENDS
+from ...block_table import DEFAULT_BLOCK, valid_block_size
+from ...kernels import registry
 from ...plan import Plan
 from .families import family_of, transformer_of
-from .processor import PatternSource, SparseAttnProcessor, SparseState, ulysses_group
+from ...methods.protocol import PatternSource
+from .processor import SparseAttnProcessor, SparseState, ulysses_group
 from .steps import install_step_hook, wrap_scheduler
 
 logger = logging.getLogger("sparse_vdit")
@@ -45,7 +47,7 @@ def apply(
         backend: kernel for sparse layers (``"auto"``, ``"fa4"``, ``"triton"``, ``"flex"``,
             ``"reference"``); dense layers and steps always run the fastest dense kernel.
         pattern_source: decides the patterns per call instead of the plan (online methods, search);
-            see :class:`~sparse_vdit.integrations.diffusers.processor.AttentionCall`.
+            see :class:`~sparse_vdit.methods.protocol.AttentionCall`.
         block_size: block size of the tables (default: the plan's, else 128).
 
     Composes with diffusers' Ulysses context parallelism (``enable_parallelism`` with
@@ -80,9 +82,9 @@ def apply(
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be a Plan or a path to a plan file, got {type(plan).__name__}")
         plan.check(spec)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if block_size is not None and (not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1)):
+    if backend not in registry.backends():
+        raise ValueError(f"unknown backend {backend!r}; choose one of {registry.backends()}")
+    if block_size is not None and not valid_block_size(block_size):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
     modules = family.attention_modules(model)
     for i, module in enumerate(modules):
@@ -128,7 +130,7 @@ def _method_source(method, options: dict, plan, pattern_source, block_size):
     from ...methods.svg import SVG
 
     try:
-        return SVG(**options, block_size=block_size or 128)
+        return SVG(**options, block_size=block_size or DEFAULT_BLOCK)
     except TypeError as err:
         raise TypeError(f"sparse_vdit.apply(method='svg'): {err}") from None
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ...plan import ModelSpec, PlanError, register_spec_resolver
+from ...plan import ModelSpec, PlanError, register_family, register_spec_resolver
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class Family:
     name: str = ""
     text_position: str = "none"  # where text tokens sit in self-attention: none / prefix / suffix
     model_classes: tuple[str, ...] = ()
+    # published models (diffusers configs; DESIGN.md "Models"): name -> (self-attention layers, heads)
+    known_models: dict[str, tuple[int, int]] = {}
     processor_classes: tuple[str, ...] = ()
     uses_key_mask: bool = False  # whether the processor's attention_mask is a text key-padding mask
 
@@ -77,6 +79,7 @@ class Wan(Family):
 
     name = "wan"
     model_classes = ("WanTransformer3DModel",)
+    known_models = {"wan2.1-t2v-1.3b": (30, 12), "wan2.1-t2v-14b": (40, 40)}
     processor_classes = ("WanAttnProcessor", "WanAttnProcessor2_0")
 
     def attention_modules(self, model):
@@ -112,6 +115,7 @@ class HunyuanVideo(Family):
     name = "hunyuan_video"
     text_position = "suffix"
     model_classes = ("HunyuanVideoTransformer3DModel",)
+    known_models = {"hunyuan-video": (60, 24)}
     processor_classes = ("HunyuanVideoAttnProcessor2_0",)
     uses_key_mask = True
 
@@ -167,6 +171,7 @@ class CogVideoX(Family):
     name = "cogvideox"
     text_position = "prefix"
     model_classes = ("CogVideoXTransformer3DModel",)
+    known_models = {"cogvideox1.5-5b": (42, 48), "cogvideox-5b": (42, 48), "cogvideox-2b": (30, 30)}
     processor_classes = ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")
 
     def attention_modules(self, model):
@@ -206,6 +211,8 @@ class CogVideoX(Family):
 
 
 FAMILIES: tuple[Family, ...] = (Wan(), HunyuanVideo(), CogVideoX())
+for _family in FAMILIES:
+    register_family(_family.name, _family.known_models)
 
 
 def transformer_of(pipe_or_transformer: Any) -> Any:

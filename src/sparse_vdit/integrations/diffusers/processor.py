@@ -27,58 +27,21 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ...block_table import DEFAULT_BLOCK, all_dense
 from ...kernels import dense as dense_kernels
 from ...kernels import resolve_backend, sparse_attention
 from ...layout import VideoLayout
+from ...methods.protocol import AttentionCall, Observer, PatternSource, plan_source
 from ...patterns import Pattern, compile_layer
 from ...plan import ModelSpec, Plan
 from ...timing import clock, seconds_per_step
 from .families import Family
 from .steps import StepTracker
-
-PatternSource = Callable[["AttentionCall"], "Sequence[Pattern] | None"]
-Observer = Callable[["AttentionCall", "Sequence[Pattern] | None", torch.Tensor], None]
-
-
-def plan_source(plan: Plan) -> PatternSource:
-    """The pattern source of a fixed plan: its patterns for (step, layer), ``None`` where dense."""
-
-    def source(call: AttentionCall):
-        if plan.is_dense(call.step, call.layer):
-            return None
-        return plan.patterns_for(call.step, call.layer)
-
-    source.plan = plan  # type: ignore[attr-defined]
-    return source
-
-
-@dataclass(eq=False)
-class AttentionCall:
-    """One self-attention call: what a pattern source decides from (tensors are ``(B, N, H, D)``)."""
-
-    step: int
-    layer: int
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    layout: VideoLayout
-    state: SparseState
-    heads: range | None = None  # global head indices of q's heads under Ulysses parallelism (None: all)
-
-    def dense_output(self) -> torch.Tensor:
-        """Dense attention of this call on the fastest dense kernel."""
-        return self.state.compute(self.q, self.k, self.v, self.layout, None)
-
-    def output(self, patterns: Sequence[Pattern] | None) -> torch.Tensor:
-        """Attention of this call with one pattern per head (``None``: dense)."""
-        return self.state.compute(self.q, self.k, self.v, self.layout, patterns)
-
 
 _STATES: weakref.WeakValueDictionary[int, SparseState] = weakref.WeakValueDictionary()
 _HANDLES = itertools.count()
@@ -102,7 +65,7 @@ class SparseState:
         self.family, self.spec, self.backend = family, spec, backend
         self.plan = plan
         self.pattern_source: PatternSource = pattern_source or plan_source(plan)
-        self.block_size = block_size or (plan.block_size if plan is not None else 128)
+        self.block_size = block_size or (plan.block_size if plan is not None else DEFAULT_BLOCK)
         self.steps = StepTracker()
         self.observers: list[Observer] = []
         self.timing = False
@@ -189,35 +152,18 @@ class SparseState:
         """Attention of ``(B, N, H, D)`` tensors at ``layout`` with one pattern per head (``None``: dense)."""
         if patterns is not None and len(patterns) != q.shape[2]:
             raise ValueError(f"{len(patterns)} patterns for {q.shape[2]} heads")
-        if patterns is None or self._all_dense(patterns):
+        if patterns is None or all_dense(patterns):
             use_fa4 = q.is_cuda and self.backend != "reference" and resolve_backend(self.backend, q) == "fa4"
             return dense_kernels.forward(q, k, v, kv_len=layout.kv_len, softmax_scale=q.shape[-1] ** -0.5,
                                          use_fa4=use_fa4)  # fmt: skip
-        key = ("table", id(patterns), layout, q.device)
-        hit = self._memo.get(key)
-        if hit is None or hit[0] is not patterns:
-            hit = (patterns, compile_layer(tuple(patterns), layout, self.block_size, q.device))
-            self._remember(key, hit)
-        return sparse_attention(q, k, v, hit[1], backend=self.backend)
-
-    def _all_dense(self, patterns: Sequence[Pattern]) -> bool:
-        key = ("dense", id(patterns))
-        hit = self._memo.get(key)
-        if hit is None or hit[0] is not patterns:
-            hit = (patterns, all(p.name == "dense" for p in patterns))
-            self._remember(key, hit)
-        return hit[1]
+        table = compile_layer(tuple(patterns), layout, self.block_size, q.device)  # cached by value
+        return sparse_attention(q, k, v, table, backend=self.backend)
 
     def _sliced(self, patterns: Sequence[Pattern], heads: range) -> tuple[Pattern, ...]:
-        """The patterns of global ``heads``, one memoised tuple per source tuple (table memo keys on it)."""
-        key = ("slice", id(patterns), heads.start, heads.stop)
-        hit = self._memo.get(key)
-        if hit is None or hit[0] is not patterns:
-            if heads.stop > len(patterns):
-                raise ValueError(f"{len(patterns)} patterns for global heads {heads.start}..{heads.stop - 1}")
-            hit = (patterns, tuple(patterns[heads.start : heads.stop]))
-            self._remember(key, hit)
-        return hit[1]
+        """The patterns of global ``heads``."""
+        if heads.stop > len(patterns):
+            raise ValueError(f"{len(patterns)} patterns for global heads {heads.start}..{heads.stop - 1}")
+        return tuple(patterns[heads.start : heads.stop])
 
     def _remember(self, key, value) -> None:
         if len(self._memo) > 4096:

@@ -24,7 +24,7 @@ from .families import transformer_of
 
 Sampler = Callable[[Any, int, int], Any]  # (prompt, seed, steps) -> anything; runs one generation
 
-__all__ = ["Sampler", "organism_sampler", "pipeline_sampler", "run_search", "search"]
+__all__ = ["Sampler", "pipeline_sampler", "run_search", "search"]
 
 
 # --- samplers --------------------------------------------------------------------------------
@@ -49,16 +49,6 @@ def pipeline_sampler(pipe: Any, **kwargs) -> Sampler:
         finally:
             if hasattr(pipe, "set_progress_bar_config"):
                 pipe._progress_bar_config = config
-
-    return run
-
-
-def organism_sampler(transformer: Any, spec: Any = None, **kwargs) -> Sampler:
-    """Runs :func:`sparse_vdit.organism.sample` (the organism's own sampler) on one caption."""
-    from ...organism.model import sample
-
-    def run(prompt, seed: int, steps: int):
-        return sample(transformer, [prompt], seed=seed, steps=steps, spec=spec, progress=False, **kwargs)
 
     return run
 

@@ -1,9 +1,10 @@
 """Our Triton block-sparse attention backend (any CUDA GPU Triton supports).
 
-``kernel.py`` holds the kernel, ``launcher.py`` the tile choice and work schedule; the torch
-reference it is checked against is ``sparse_vdit.kernels.reference``.
+``kernel.py`` holds the kernel, ``launcher.py`` the tile rule and work schedule, ``tuning.py`` the
+measured tiles, ``backend.py`` the entry that joins them; the torch reference it is checked
+against is ``sparse_vdit.kernels.reference``.
 """
 
-from .launcher import forward, is_available
+from .backend import BACKEND, forward, is_available, run
 
-__all__ = ["forward", "is_available"]
+__all__ = ["BACKEND", "forward", "is_available", "run"]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
-from . import tuning
+from ...block_table import is_power_of_two, num_blocks
 
 LOG2E = 1.4426950408889634
 
@@ -48,7 +47,7 @@ def _tiles(
     if override is not None:
         block_m, block_n, warps, stages = (int(x) for x in override)
         for name, tile in (("BLOCK_M", block_m), ("BLOCK_N", block_n)):
-            if tile < 16 or tile & (tile - 1) or block_size % tile:
+            if tile < 16 or not is_power_of_two(tile) or block_size % tile:
                 raise ValueError(f"{name}={tile} must be a power of two >= 16 dividing the block size {block_size}")
         return block_m, block_n, warps, stages
     if device.type == "cpu":
@@ -90,20 +89,6 @@ def _schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: in
     return result.to(torch.int32)
 
 
-_schedules: dict = {}
-
-
-def _cached_schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: int, order: str) -> torch.Tensor:
-    key = (kv_num_blocks.data_ptr(), tuple(kv_num_blocks.shape), kv_num_blocks.device, tiles_per_block, num_q_tiles,
-           order)  # fmt: skip
-    hit = _schedules.get(key)
-    if hit is None or hit[0] is not kv_num_blocks:
-        if len(_schedules) > 512:
-            _schedules.clear()
-        hit = _schedules[key] = (kv_num_blocks, _schedule(kv_num_blocks, tiles_per_block, num_q_tiles, order))
-    return hit[1]
-
-
 def _tma_ok(device: torch.device) -> bool:
     if device.type == "cpu":
         return interpreting()
@@ -136,6 +121,7 @@ def forward(
     token_major: torch.Tensor | None = None,
     layout: tuple[int, int, int, int] = (1, 1, 0, 0),
     tiles: tuple[int, int, int, int] | None = None,
+    schedule: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention on ``[B, N, H, D]`` tensors with one Triton launch for all heads.
 
@@ -145,9 +131,9 @@ def forward(
     their rows through that order (``layout`` = frames, frame tokens, video start, video
     tokens), so q, k, v and the output stay frame-major in memory.
 
-    ``tiles`` (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the tile choice; without it,
-    ``SPARSE_VDIT_TRITON_AUTOTUNE=1`` on CUDA uses the measured, cached choice of ``tuning``
-    and anything else the fixed rule of ``_tiles``.
+    ``tiles`` (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the fixed rule of ``_tiles``
+    (:func:`sparse_vdit.kernels.triton.backend.run` passes the measured choice of ``tuning``);
+    ``schedule`` is the work order of :func:`_schedule` for those tiles (computed when not given).
     """
     from .kernel import block_sparse_attention_fwd
 
@@ -155,11 +141,10 @@ def forward(
     for t in (q, k, v):
         if t.stride(-1) != 1:
             raise ValueError("the Triton backend needs the head dim contiguous (stride 1)")
-    if tiles is None and q.device.type == "cuda" and tuning.enabled():
-        tiles = tuning.tuned_tiles(batch, heads, n, dim, q.dtype, block_size, q.device)
     block_m, block_n, warps, stages = _tiles(block_size, dim, q.device, tiles)
-    num_q_tiles = math.ceil(n / block_m)
-    schedule = _cached_schedule(kv_num_blocks, block_size // block_m, num_q_tiles, option("schedule"))
+    num_q_tiles = num_blocks(n, block_m)
+    if schedule is None:
+        schedule = _schedule(kv_num_blocks, block_size // block_m, num_q_tiles, option("schedule"))
     out = torch.empty_like(q)
     starts, ends = (r.contiguous() for r in ranges)
     any_token_major = token_major is not None  # None: every head is frame-major

@@ -10,11 +10,12 @@ and reads it several times. The torch reference is ``sparse_vdit.methods.estimat
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
+
+from ...block_table import is_power_of_two, num_blocks
 
 LOG2E = 1.4426950408889634
 
@@ -71,7 +72,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def supports(block: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the kernel takes this key block, head size (powers of two, at least 16) and dtype."""
-    return dtype in DTYPES and all(x >= 16 and x & (x - 1) == 0 for x in (block, head_dim))
+    return dtype in DTYPES and all(x >= 16 and is_power_of_two(x) for x in (block, head_dim))
 
 
 def block_partials(
@@ -98,7 +99,7 @@ def block_partials(
     if order is not None and order.shape != (kv_len,):
         raise ValueError(f"order must be [kv_len] = [{kv_len}], got {tuple(order.shape)}")
     q_rows, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_rows, k, v))
-    kb = math.ceil(kv_len / block)
+    kb = num_blocks(kv_len, block)
     dev = q_rows.device
     a = torch.empty(batch, heads, rows, kb, dim, dtype=torch.float32, device=dev)
     z = torch.empty(batch, heads, rows, kb, dtype=torch.float32, device=dev)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import math
 import os
 import statistics
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from ...block_table import num_blocks
 from ...cache import cache_root
 
 ENV = "SPARSE_VDIT_TRITON_AUTOTUNE"
@@ -192,14 +192,20 @@ def autotune(
 
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, n, heads, head_dim, device=device, dtype=dtype, generator=g) for _ in range(3))
-    q_blocks = math.ceil(n / block_size)
+    q_blocks = num_blocks(n, block_size)
     starts = torch.zeros(heads, q_blocks, 1, dtype=torch.int32, device=device)
-    ends = torch.full_like(starts, math.ceil(n / block_size))
+    ends = torch.full_like(starts, q_blocks)
     kv_num_blocks = (ends - starts).sum(-1, dtype=torch.int32)
 
+    orders: dict = {}  # the work order of each tile height, built once (as a table keeps it)
+
     def call(tiles):
-        return launcher.forward(q, k, v, kv_num_blocks, None, block_size=block_size, kv_len=n,
-                                softmax_scale=head_dim**-0.5, ranges=(starts, ends), tiles=tiles)  # fmt: skip
+        block_m = tiles[0]
+        if block_m not in orders:
+            orders[block_m] = launcher._schedule(kv_num_blocks, block_size // block_m, num_blocks(n, block_m),
+                                                 launcher.option("schedule"))  # fmt: skip
+        return launcher.forward(q, k, v, kv_num_blocks, None, block_size=block_size, kv_len=n, softmax_scale=head_dim**-0.5,
+                                ranges=(starts, ends), tiles=tiles, schedule=orders[block_m])  # fmt: skip
 
     times, errors = {}, {}
     for tiles in configs:

@@ -1,0 +1,216 @@
+"""The diffusers video transformers the end-to-end scripts build: real-size configs and tiny ones.
+
+Built on the meta device and materialised with random weights on the target device (no
+download); inputs, the self-attention layout of an input, mixed plans of a target density, and
+regional compilation. Used by e2e.py, sp.py, search_cost.py and overhead.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+import common  # noqa: F401  (puts src/ on the path when run from a checkout)
+from sparse_vdit import Plan, VideoLayout
+from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, vertical
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str
+    cls: str  # diffusers class name
+    config: dict
+    latent: tuple  # hidden_states shape
+    text: int  # text tokens given to the model
+    text_valid: int | None = None  # real (unpadded) prompt tokens, HunyuanVideo
+    extra: dict = field(default_factory=dict)
+
+
+WAN = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, cross_attn_norm=True,
+           qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024, attention_head_dim=128)  # fmt: skip
+HUNYUAN = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+               num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+               qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+               rope_theta=256.0, rope_axes_dim=(16, 56, 56))  # fmt: skip
+COG15 = dict(activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=64, dropout=0.0,
+             flip_sin_to_cos=True, freq_shift=0, in_channels=16, max_text_seq_length=226, norm_elementwise_affine=True,
+             norm_eps=1e-5, num_attention_heads=48, num_layers=42, out_channels=16, patch_bias=False, patch_size=2,
+             patch_size_t=2, sample_frames=81, sample_height=300, sample_width=300, spatial_interpolation_scale=1.875,
+             temporal_compression_ratio=4, temporal_interpolation_scale=1.0, text_embed_dim=4096, time_embed_dim=512,
+             timestep_activation_fn="silu", use_learned_positional_embeddings=False,
+             use_rotary_positional_embeddings=True)  # fmt: skip
+
+MODELS = {
+    "wan-1.3b": Bench("wan-1.3b", "WanTransformer3DModel", {**WAN, "num_attention_heads": 12, "ffn_dim": 8960,
+                      "num_layers": 30}, (1, 16, 21, 60, 104), 512),  # fmt: skip
+    "wan-14b": Bench("wan-14b", "WanTransformer3DModel", {**WAN, "num_attention_heads": 40, "ffn_dim": 13824,
+                     "num_layers": 40}, (1, 16, 21, 90, 160), 512),  # fmt: skip
+    "hunyuan": Bench("hunyuan", "HunyuanVideoTransformer3DModel", HUNYUAN, (1, 16, 33, 90, 160), 256, 64),
+    "cogvideox1.5": Bench("cogvideox1.5", "CogVideoXTransformer3DModel", COG15, (1, 22, 16, 96, 170), 226),
+}
+
+# --dry-run: the same families, tiny (a few layers, 4 heads, small video), on the CPU
+TINY = {
+    "wan-1.3b": Bench("wan-1.3b", "WanTransformer3DModel", {**WAN, "attention_head_dim": 32, "text_dim": 32,
+                      "num_attention_heads": 4, "ffn_dim": 64, "num_layers": 2}, (1, 16, 4, 16, 20), 8),  # fmt: skip
+    "wan-14b": Bench("wan-14b", "WanTransformer3DModel", {**WAN, "attention_head_dim": 32, "text_dim": 32,
+                     "num_attention_heads": 4, "ffn_dim": 64, "num_layers": 3}, (1, 16, 4, 16, 16), 8),  # fmt: skip
+    "hunyuan": Bench("hunyuan", "HunyuanVideoTransformer3DModel", {**HUNYUAN, "num_attention_heads": 4,
+                     "attention_head_dim": 32, "num_layers": 1, "num_single_layers": 2, "num_refiner_layers": 1,
+                     "text_embed_dim": 32, "pooled_projection_dim": 16, "rope_axes_dim": (8, 12, 12)},
+                     (1, 16, 4, 16, 16), 24, 9),  # fmt: skip
+    "cogvideox1.5": Bench("cogvideox1.5", "CogVideoXTransformer3DModel", {**COG15, "num_attention_heads": 4,
+                          "attention_head_dim": 32, "num_layers": 2, "text_embed_dim": 32, "time_embed_dim": 16,
+                          "max_text_seq_length": 10}, (1, 8, 16, 16, 20), 10),  # fmt: skip
+}
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Module parameters go to the meta device as they are registered; buffers stay real."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+@torch.no_grad()
+def build(bench: Bench, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """The transformer with random weights: parameters built on meta, materialised on ``device``."""
+    import diffusers
+
+    cls = getattr(diffusers, bench.cls)
+    with parameters_on_meta():
+        model = cls(**bench.config)
+    keep = set(getattr(cls, "_keep_in_fp32_modules", None) or ())
+    g = torch.Generator(device=device).manual_seed(seed)
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            full = f"{module_name}.{name}".split(".")
+            kind = torch.float32 if keep & set(full) else dtype
+            value = torch.empty(param.shape, device=device, dtype=kind)
+            if param.dim() >= 2:
+                value.normal_(0.0, param[0].numel() ** -0.5, generator=g)
+            elif name == "bias":
+                value.zero_()
+            elif "scale_shift" in name:
+                value.normal_(0.0, 0.02, generator=g)
+            else:
+                value.fill_(1.0)
+            module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[name] = buf.to(device, torch.float32 if buf.dtype == torch.float64 else buf.dtype)
+    return model.eval()
+
+
+def make_inputs(bench: Bench, model, device: torch.device, dtype: torch.dtype) -> dict:
+    g = torch.Generator(device=device).manual_seed(1)
+    text_dim = bench.config.get("text_dim") or bench.config["text_embed_dim"]
+    randn = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
+    inputs = dict(hidden_states=randn(*bench.latent), encoder_hidden_states=randn(1, bench.text, text_dim),
+                  timestep=torch.tensor([999], device=device), return_dict=False)  # fmt: skip
+    if bench.cls.startswith("Hunyuan"):
+        mask = torch.zeros(1, bench.text, dtype=torch.long, device=device)
+        mask[:, : bench.text_valid] = 1
+        inputs.update(encoder_attention_mask=mask, pooled_projections=randn(1, bench.config["pooled_projection_dim"]),
+                      guidance=torch.tensor([6000.0], device=device), timestep=inputs["timestep"].to(dtype))  # fmt: skip
+    if bench.cls.startswith("CogVideoX"):
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+        c = bench.config
+        frames, h, w = bench.latent[1] // c["patch_size_t"], bench.latent[3] // c["patch_size"], bench.latent[4] // c["patch_size"]
+        base = (c["sample_height"] // c["patch_size"], c["sample_width"] // c["patch_size"])
+        inputs["image_rotary_emb"] = get_3d_rotary_pos_embed(
+            embed_dim=c["attention_head_dim"], crops_coords=None, grid_size=(h, w), temporal_size=frames,
+            grid_type="slice", max_size=base, device=device,
+        )  # fmt: skip
+    return inputs
+
+
+def layout_of(bench: Bench, model, inputs) -> VideoLayout:
+    """The self-attention layout of this input (video grid after patchify + text), for plan densities."""
+    from sparse_vdit.integrations.diffusers import family_of
+
+    family = family_of(model)
+    f, h, w = family.latent_grid(model, inputs["hidden_states"])
+    if family.text_position == "none":
+        return VideoLayout(f, h, w)
+    valid = bench.text_valid if bench.text_valid is not None and bench.text_valid < bench.text else None
+    return VideoLayout(f, h, w, bench.text, family.text_position, valid)
+
+
+# --- plans -------------------------------------------------------------------------------------
+
+
+def mixed_plan(spec, layout: VideoLayout, density: float, block_size: int, skip_share: float = 0.05, seed: int = 0) -> Plan:
+    """A plan of about ``density`` (computed blocks at ``layout``) mixing the five patterns.
+
+    ``skip_share`` of all heads skip, ``max(0, density - 0.2) / 2`` are dense, the rest are split
+    evenly between diagonal, multi-diagonal and vertical (first frame + band); one band scale for
+    all of them is found by bisection.
+    """
+    total = spec.num_layers * spec.num_heads
+    kinds = ["skip"] * round(skip_share * total) + ["dense"] * round(max(0.0, density - 0.2) / 2 * total)
+    kinds += [("diagonal", "multi_diagonal", "vertical")[i % 3] for i in range(total - len(kinds))]
+    random.Random(seed).shuffle(kinds)
+    frames = layout.frames
+
+    def plan_at(scale: float) -> Plan:
+        made = {"skip": skip(), "dense": dense(), "diagonal": diagonal(scale * frames),
+                "multi_diagonal": multi_diagonal(scale), "vertical": vertical(((0.0, 1.0),), 0.8 * scale * frames)}  # fmt: skip
+        heads = [made[k] for k in kinds]
+        layers = [heads[i * spec.num_heads : (i + 1) * spec.num_heads] for i in range(spec.num_layers)]
+        return Plan.from_layers(spec, layers, block_size=block_size, layout=layout,
+                                made_by={"method": "bench-mix", "target_density": density, "scale": scale})  # fmt: skip
+
+    lo, hi = 0.0, 1.0
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if plan_at(mid).density(layout) < density else (lo, mid)
+    return plan_at((lo + hi) / 2)
+
+
+def transformer_blocks(model) -> list:
+    """The repeated transformer blocks (what diffusers' ``compile_repeated_blocks`` compiles)."""
+    names = ("blocks", "transformer_blocks", "single_transformer_blocks")
+    return [block for name in names for block in getattr(model, name, ())]
+
+
+def compile_blocks(model, backend: str) -> None:
+    """Regional compilation: every block compiled in place, whole-graph (CogVideoX lacks
+    ``_repeated_blocks``, so ``compile_repeated_blocks`` cannot be used for all three)."""
+    for block in transformer_blocks(model):
+        block.compile(fullgraph=True, backend=backend)
+
+
+def cudnn_first():
+    """SDPA with cuDNN given priority (what a user selects; torch picks FlashAttention-2 otherwise)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def model_names(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """``--models`` (comma-separated) checked against :data:`MODELS`."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = set(names) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    return names

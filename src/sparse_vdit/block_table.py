@@ -1,0 +1,255 @@
+"""The compiled block table of one layer: what the kernels see of patterns.
+
+Built from patterns by :func:`sparse_vdit.patterns.compile_layer`; this module knows nothing of
+patterns beyond each head's ``name`` and ``token_major`` flag.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from .layout import VideoLayout
+
+DEFAULT_BLOCK = 128  # tokens per block, everywhere a block size is not given
+
+
+def num_blocks(tokens: int, block: int) -> int:
+    """Blocks of ``block`` tokens that cover ``tokens`` tokens (the last one may be ragged)."""
+    return -(-tokens // block)
+
+
+def is_power_of_two(x: int) -> bool:
+    """Whether the int ``x`` is a power of two (1, 2, 4, ...)."""
+    return x >= 1 and x & (x - 1) == 0
+
+
+def all_dense(patterns) -> bool:
+    """Whether every head's pattern is ``dense`` (the layer then runs the dense kernel)."""
+    return all(p.name == "dense" for p in patterns)
+
+
+def valid_block_size(block_size) -> bool:
+    """Whether ``block_size`` is a usable table block: an int, a power of two, at least 16."""
+    return isinstance(block_size, int) and block_size >= 16 and is_power_of_two(block_size)
+FORMS_CACHE_BYTES = 1 << 30  # derived forms kept for reuse (index lists, backend objects), all tables together
+
+
+@dataclass(frozen=True, eq=False)
+class BlockTable:
+    """Which key blocks each query block of each head visits, for one layer and one layout.
+
+    Stored compactly as ascending, disjoint key-block ranges ``[range_starts, range_ends)``
+    (int32 [H, Qb, R], R = the most ranges a row needs, a handful); the FlexAttention-style
+    index form ``kv_num_blocks`` [H, Qb] / ``kv_indices`` [H, Qb, max visited] is derived on
+    the table's device when a backend asks for it. Heads with ``token_major[h]`` are laid out
+    token-major (:meth:`VideoLayout.token_major_order`) and their blocks refer to that order.
+    Key blocks cover only the first ``layout.kv_len`` tokens (padded text is never a key).
+
+    The table owns everything derived from it (:meth:`form`: index lists, copies on other
+    devices, each backend's mask objects and work order): built on first use, dropped together.
+    ``key`` names the table to the ``sparse_vdit::sparse_attention`` op (:func:`table_by_key`).
+    """
+
+    layout: VideoLayout
+    block_size: int
+    patterns: tuple  # one pattern per head (objects with .name and .token_major)
+    range_starts: torch.Tensor  # int32 [H, Qb, R]
+    range_ends: torch.Tensor  # int32 [H, Qb, R]
+    token_major: torch.Tensor  # bool [H]
+    key: int = field(init=False, repr=False, compare=False)
+    _forms: dict = field(init=False, default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", next(_SERIAL))
+        _LIVE[self.key] = self
+
+    def form(self, name: Any, build: Callable[[BlockTable], Any]) -> Any:
+        """What ``build(self)`` derives from this table, built once and kept with it.
+
+        ``name`` is any hashable (e.g. ``("triton.schedule", 2, "levels")``). The forms of a table
+        are dropped together: by :meth:`drop_forms`, by :func:`sparse_vdit.clear_caches`, or when
+        the forms of all tables pass ``FORMS_CACHE_BYTES`` (least recently used table first).
+        """
+        forms = self._forms
+        if name in forms:
+            _forms_in_use.touch(self)
+            return forms[name]
+        value = forms[name] = build(self)
+        _forms_in_use.add(self, _nbytes(value))
+        return value
+
+    def drop_forms(self) -> None:
+        """Forget everything derived from this table (it is rebuilt when asked for)."""
+        _forms_in_use.forget(self)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.patterns)
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.range_starts.shape[1]
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return num_blocks(self.layout.kv_len, self.block_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.range_starts.device
+
+    @cached_property
+    def kv_num_blocks(self) -> torch.Tensor:
+        """int32 [H, Qb]: how many key blocks each (head, query block) visits."""
+        return (self.range_ends - self.range_starts).sum(-1, dtype=torch.int32)
+
+    @property
+    def kv_indices(self) -> torch.Tensor:
+        """int32 [H, Qb, max visited]: the visited key blocks, ascending; later slots repeat one.
+
+        Built on the table's device from the ranges, once (a :meth:`form`; a dense head makes it
+        [H, Qb, Kb]).
+        """
+        return self.form("kv_indices", lambda t: expand_ranges(t.range_starts, t.range_ends)[1])
+
+    @cached_property
+    def token_major_heads(self) -> tuple[int, ...]:
+        return tuple(h for h, p in enumerate(self.patterns) if p.token_major)
+
+    @cached_property
+    def all_dense(self) -> bool:
+        return all_dense(self.patterns)
+
+    @cached_property
+    def all_skip(self) -> bool:
+        return all(p.name == "skip" for p in self.patterns)
+
+    @cached_property
+    def head_density(self) -> torch.Tensor:
+        """Share of (query block, key block) pairs each head visits, float64 [H]."""
+        return self.kv_num_blocks.double().sum(1).cpu() / (self.num_q_blocks * self.num_kv_blocks)
+
+    @property
+    def density(self) -> float:
+        """Share of all (head, query block, key block) pairs that are computed."""
+        return float(self.head_density.mean())
+
+    def to(self, device: torch.device | str) -> BlockTable:
+        """This table on ``device`` (one copy per device, kept with the table)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return self.form(("to", device), lambda t: BlockTable(
+            t.layout, t.block_size, t.patterns,
+            t.range_starts.to(device), t.range_ends.to(device), t.token_major.to(device),
+        ))  # fmt: skip
+
+    def block_mask(self, head: int) -> torch.Tensor:
+        """Dense bool [Qb, Kb] map of one head's visited blocks (for drawing and tests only)."""
+        columns = torch.arange(self.num_kv_blocks)
+        starts, ends = self.range_starts[head].cpu(), self.range_ends[head].cpu()
+        inside = (columns[None, None, :] >= starts[..., None]) & (columns[None, None, :] < ends[..., None])
+        return inside.any(1)
+
+    def __repr__(self) -> str:
+        names = sorted({str(p) for p in self.patterns})
+        return (
+            f"BlockTable({self.layout.describe()}, block={self.block_size}, heads={self.num_heads}, "
+            f"density={self.density:.3f}, patterns={names})"
+        )
+
+
+_SERIAL = itertools.count(1)
+_LIVE: weakref.WeakValueDictionary[int, BlockTable] = weakref.WeakValueDictionary()
+
+
+def table_by_key(key: int) -> BlockTable:
+    """The live table whose :attr:`BlockTable.key` is ``key``."""
+    table = _LIVE.get(key)
+    if table is None:
+        raise RuntimeError(f"sparse-vdit: block table {key} no longer exists (a compiled graph outlived its table?)")
+    return table
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, BlockTable):
+        return sum(t.nbytes for t in (value.range_starts, value.range_ends, value.token_major))
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    members = getattr(value, "__dict__", None)
+    if members:
+        return sum(v.nbytes for v in members.values() if isinstance(v, torch.Tensor))
+    return 0
+
+
+class _FormsInUse:
+    """Tables holding derived forms, least recently used first; past the byte budget a table's
+    forms are all dropped at once."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used = budget, 0
+        self.tables: OrderedDict[int, tuple[BlockTable, int]] = OrderedDict()
+
+    def add(self, table: BlockTable, nbytes: int) -> None:
+        _, held = self.tables.pop(table.key, (table, 0))
+        self.tables[table.key] = (table, held + nbytes)
+        self.used += nbytes
+        while self.used > self.budget and len(self.tables) > 1:
+            _, (old, size) = self.tables.popitem(last=False)
+            old._forms.clear()
+            self.used -= size
+
+    def touch(self, table: BlockTable) -> None:
+        if table.key in self.tables:
+            self.tables.move_to_end(table.key)
+
+    def forget(self, table: BlockTable) -> None:
+        entry = self.tables.pop(table.key, None)
+        if entry is not None:
+            self.used -= entry[1]
+        table._forms.clear()
+
+    def clear(self) -> None:
+        for table, _ in list(self.tables.values()):
+            table._forms.clear()
+        self.tables.clear()
+        self.used = 0
+
+
+_forms_in_use = _FormsInUse(FORMS_CACHE_BYTES)
+
+
+def drop_all_forms() -> None:
+    """Drop the derived forms of every table (:meth:`BlockTable.form`)."""
+    _forms_in_use.clear()
+
+
+def expand_ranges(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranges [..., R] -> (count [...], ascending indices [..., max count]), on their device.
+
+    Unused index slots repeat the row's last index (0 for an empty row), so every slot is a
+    valid key-block index, as FlexAttention and FlashAttention-4 require.
+    """
+    shape = starts.shape[:-1]
+    starts, ends = starts.reshape(-1, starts.shape[-1]).long(), ends.reshape(-1, ends.shape[-1]).long()
+    length = ends - starts
+    cum = torch.cumsum(length, dim=1)
+    count = cum[:, -1]
+    width = max(int(count.max()) if count.numel() else 0, 1)
+    slot = torch.arange(width, device=starts.device).expand(len(count), width).contiguous()
+    which = torch.searchsorted(cum, slot, right=True).clamp(max=starts.shape[1] - 1)
+    index = torch.gather(starts, 1, which) + slot - (torch.gather(cum, 1, which) - torch.gather(length, 1, which))
+    last = torch.gather(index, 1, (count - 1).clamp(min=0)[:, None])
+    index = torch.where(slot < count[:, None], index, last)
+    index = torch.where(count[:, None] > 0, index, 0)
+    return count.to(torch.int32).reshape(shape), index.to(torch.int32).reshape(*shape, width)

@@ -1,0 +1,8 @@
+"""The diffusers classes other parts of sparse-vdit build on (the organism's model and samplers).
+
+Only :mod:`sparse_vdit.integrations` imports diffusers; importing this module imports it.
+"""
+
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanTransformer3DModel
+
+__all__ = ["FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler", "WanTransformer3DModel"]

@@ -1,0 +1,53 @@
+"""The Triton backend's entry: its declaration, measured tiles where asked for, then one launch.
+
+``launcher`` launches with a given or rule-based tile choice; ``tuning`` times the launcher to
+find tiles (``SPARSE_VDIT_TRITON_AUTOTUNE=1``); this module joins them, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...block_table import num_blocks
+from ..registry import API_DTYPES, Backend
+from . import launcher, tuning
+from .launcher import is_available
+
+BACKEND = Backend("triton", API_DTYPES, (64, 128), needs_cuda=False, token_major_in_place=True, auto_rank=1,
+                  note="ours: any CUDA GPU Triton supports, or the CPU under TRITON_INTERPRET=1")  # fmt: skip
+
+
+def _tiles(q: torch.Tensor, block_size: int, tiles=None) -> tuple[int, int, int, int]:
+    if tiles is None and q.device.type == "cuda" and tuning.enabled():
+        batch, n, heads, dim = q.shape
+        tiles = tuning.tuned_tiles(batch, heads, n, dim, q.dtype, block_size, q.device)
+    return launcher._tiles(block_size, q.shape[-1], q.device, tiles)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+            kv_indices: torch.Tensor | None, *, block_size: int, tiles=None, **kwargs) -> torch.Tensor:  # fmt: skip
+    """:func:`launcher.forward` with the tuned tiles of this GPU and shape when
+    ``SPARSE_VDIT_TRITON_AUTOTUNE=1`` on CUDA (and no ``tiles`` given)."""
+    tiles = _tiles(q, block_size, tiles)
+    return launcher.forward(q, k, v, kv_num_blocks, kv_indices, block_size=block_size, tiles=tiles, **kwargs)
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float) -> torch.Tensor:
+    """Block-sparse attention of ``table``: its ranges read in place, token-major heads through
+    the order in-kernel; the work order is kept with the table."""
+    block = table.block_size
+    tiles = _tiles(q, block)
+    order = launcher.option("schedule")
+    per_block, q_tiles = block // tiles[0], num_blocks(q.shape[1], tiles[0])
+    schedule = table.form(("triton.schedule", per_block, q_tiles, order),
+                          lambda t: launcher._schedule(t.kv_num_blocks, per_block, q_tiles, order))  # fmt: skip
+    layout = table.layout
+    return launcher.forward(
+        q, k, v, table.kv_num_blocks, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
+        ranges=(table.range_starts, table.range_ends), token_major=table.token_major if table.token_major_heads else None,
+        layout=(layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens),
+        tiles=tiles, schedule=schedule,
+    )  # fmt: skip
+
+
+__all__ = ["BACKEND", "forward", "is_available", "run"]
