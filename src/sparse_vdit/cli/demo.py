@@ -2,8 +2,11 @@
 
 Generates one video (a fixed caption and seed) three ways: dense, with the offline plan (the
 shipped ``organism/weights/plan.json``, found by the Sparse-vDiT search on this model) and with
-SVG (online); writes them side by side (GIF) with a picture of the plan, and prints time,
-attention density and PSNR / SSIM against dense. On a GPU the sparse layers run on the fastest
+SVG (online); writes them side by side, each under its label (MP4 and GIF), with a picture of the
+plan and ``demo.json`` (strict JSON: dense's infinite PSNR against itself is null), and prints
+time, attention density and PSNR / SSIM against dense. A bar follows each method's denoising
+steps; torch's CPU threads are set to the physical cores (1 on a machine of <= 2 cores;
+``--threads``), as torch's default oversubscribes a small busy machine. On a GPU the sparse layers run on the fastest
 backend (``auto``).
 
 Without shipped weights it says so and runs the same path on a randomly initialised organism at
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -97,14 +101,24 @@ def _plan(args, transformer, spec, block: int, steps: int, trained: bool):
     return plan, label
 
 
+def _finite(value):
+    """``value`` with every non-finite float (dense's PSNR against itself) replaced by None: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     from ..compare import Method, layout_of, run_method, score, side_by_side
+    from ..plan import Plan
     from ..plan_view import draw_plan
 
-    from ..plan import Plan
-
     started = time.perf_counter()
-    set_threads(args.threads)
+    threads = set_threads(args.threads)
     writable_folder(args.out)
     # a --plan file is read before the (slow) model: a bad one fails at once
     args.plan_loaded = Plan.load(args.plan) if args.plan not in (None, "search", "uniform") else None
@@ -114,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     plan, plan_label = _plan(args, transformer, spec, block, steps, trained)
     layout = layout_of(spec)
     print(f"{loaded}; layout {layout.describe()}, block {plan.block_size}; {steps} steps; "
-          f"device {args.device}, backend {args.backend}")  # fmt: skip
+          f"device {args.device}, backend {args.backend}, {threads} torch thread{'s' * (threads > 1)}")  # fmt: skip
     print(f'caption "{args.caption}", seed {args.seed}')
 
     methods = [
@@ -129,8 +143,9 @@ def run(args: argparse.Namespace) -> int:
     runs = [run_method(transformer, m, video, steps=steps, spec=spec, backend=args.backend, block_size=plan.block_size)
             for m in methods]  # fmt: skip
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    gif = side_by_side(runs, args.out / "dense_plan_svg.gif")
+    labels = ["dense", "plan", f"SVG {args.svg_density:.0%}"]
+    gif = side_by_side(runs, args.out / "dense_plan_svg.gif", labels=labels)
+    mp4 = side_by_side(runs, args.out / "dense_plan_svg.mp4", labels=labels)
     picture = draw_plan(plan, args.out / "plan.png", layout, title=f"offline plan: {plan_label}")
     rows = []
     for r in runs:
@@ -140,15 +155,17 @@ def run(args: argparse.Namespace) -> int:
                      "ssim": s["ssim"]})  # fmt: skip
     info = {"model": loaded, "layout": layout.describe(), "steps": steps, "caption": args.caption, "seed": args.seed,
             "device": args.device, "backend": args.backend, "plan": plan_label, "rows": rows}  # fmt: skip
-    (args.out / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
+    (args.out / "demo.json").write_text(json.dumps(_finite(info), indent=2, allow_nan=False) + "\n")
 
     print(f"\n{'method':<14} {'time s':>7} {'attn s':>7} {'density':>8} {'PSNR dB':>8} {'SSIM':>6}  note")
     for r in rows:
         print(f"{r['method']:<14} {r['seconds']:>7.2f} {r['attention_seconds']:>7.2f} {r['density']:>8.1%} "
               f"{r['psnr']:>8.2f} {r['ssim']:>6.3f}  {r['note']}")  # fmt: skip
+    print("(PSNR is inf where a video equals the dense one: null in demo.json)")
     if not args.device.startswith("cuda"):
         print("(CPU: sparse layers run the plain-torch reference kernel, so times are not speedups)")
-    print(f"\nvideos side by side (dense | plan | SVG): {gif}; plan picture: {picture}; numbers: {args.out}/demo.json")
+    print(f"\nvideos side by side (dense | plan | SVG): {mp4} and {gif}; plan picture: {picture}; "
+          f"numbers: {args.out}/demo.json")  # fmt: skip
     print(f"demo took {time.perf_counter() - started:.0f} s")
 
     if trained or args.quick or args.no_check:
