@@ -6,13 +6,13 @@ import json
 def test_fuzz_finds_no_other_error(load_script, tmp_path, capsys):
     fuzz = load_script("plan_fuzz")
     out = tmp_path / "fuzz.json"
-    assert fuzz.main(["--mutations", "150", "--seed", "3", "--out", str(out)]) == 0
+    assert fuzz.main(["--mutations", "1000", "--seed", "3", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     counts = result["counts"]
     assert counts["other"] == 0 and result["failures"] == []
-    assert counts["plan_error"] > 50 and counts["ran"] > 10  # both outcomes exercised
-    assert sum(counts.values()) == 150
-    assert "150 mutations (seed 3)" in capsys.readouterr().out
+    assert counts["plan_error"] > 500 and counts["ran"] > 100  # both outcomes exercised
+    assert sum(counts.values()) == 1000
+    assert "1000 mutations (seed 3)" in capsys.readouterr().out
 
 
 def test_field_names_are_recognised(load_script):
