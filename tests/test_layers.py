@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparse_vdit.layout",),
     ("sparse_vdit.block_table",),  # the compiled table: what kernels see of patterns
     ("sparse_vdit.patterns", "sparse_vdit.kernels"),
+    ("sparse_vdit.plan_schema",),  # reading and checking plan files
     ("sparse_vdit.plan",),
     ("sparse_vdit.plan_view",),  # pictures and summaries of plans
     ("sparse_vdit.methods",),

@@ -95,10 +95,15 @@ def run_method(
     layout, param = layout_of(spec), transformer.patch_embedding.weight
     outs, densities, seconds = [], [], 0.0
     try:
-        for caption, seed in tqdm(videos, desc=method.name, disable=not progress, leave=False):
-            start = clock(param)
-            outs.append(sample(transformer, [caption], seed=seed, steps=steps, spec=spec, progress=False).cpu())
-            seconds += seconds_between(start, clock(param))
+        for n, (caption, seed) in enumerate(videos):
+            label = method.name if len(videos) == 1 else f"{method.name} ({n + 1}/{len(videos)})"
+            with tqdm(total=steps, desc=label, unit="step", disable=not progress, leave=False) as bar:
+                start = clock(param)
+                video = sample(transformer, [caption], seed=seed, steps=steps, spec=spec, progress=False,
+                               callback=lambda i, t: bar.update(1) if i else None)  # fmt: skip
+                outs.append(video.cpu())
+                seconds += seconds_between(start, clock(param))
+                bar.update(steps - bar.n)
             densities.append(_density(method, state, layout, steps))
         attention = sum(state.attention_seconds().values())
     finally:
@@ -144,16 +149,24 @@ def search_plan(
                   block_size=block_size, backend=backend, progress=progress, **settings)  # fmt: skip
 
 
-def side_by_side(runs: Sequence[Run], path, index: int = 0, scale: int = 3, fps: float = 4.0):
-    """Write video ``index`` of each run side by side (left to right, white gaps) as a looping
-    GIF, or an mp4 if ``path`` ends in ``.mp4`` (imageio-ffmpeg)."""
+def side_by_side(runs: Sequence[Run], path, index: int = 0, scale: int = 3, fps: float = 4.0,
+                 labels: Sequence[str] | None = None):  # fmt: skip
+    """Write video ``index`` of each run side by side (left to right, white gaps), each panel under a
+    caption (``labels``, default the methods' names), as a looping GIF, or an mp4 if ``path`` ends
+    in ``.mp4`` (imageio-ffmpeg)."""
     import imageio.v2 as imageio
     import numpy as np
 
+    labels = [r.method.name for r in runs] if labels is None else list(labels)
+    if len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} videos")
     tiles = []
-    for run in runs:
+    for run, label in zip(runs, labels):
         v = ((run.videos[index].clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        tiles += [v.repeat(scale, 1).repeat(scale, 2), np.full((v.shape[0], v.shape[1] * scale, 4, 3), 255, np.uint8)]
+        v = v.repeat(scale, 1).repeat(scale, 2)
+        strip = _caption(label, v.shape[2])
+        caption = np.broadcast_to(strip, (v.shape[0], *strip.shape))
+        tiles += [np.concatenate([caption, v], axis=1), np.full((v.shape[0], v.shape[1] + caption.shape[1], 4, 3), 255, np.uint8)]
     frames = np.concatenate(tiles[:-1], axis=2)
     if str(path).endswith(".mp4"):  # pad to the codec's 16-pixel blocks
         pad = [(0, 0), (0, -frames.shape[1] % 16), (0, -frames.shape[2] % 16), (0, 0)]
@@ -161,6 +174,23 @@ def side_by_side(runs: Sequence[Run], path, index: int = 0, scale: int = 3, fps:
     else:
         imageio.mimsave(path, list(frames), duration=1000 / fps, loop=0)
     return path
+
+
+def _caption(text: str, width: int, height: int = 22):
+    """A white strip ``(height, width, 3)`` uint8 with ``text`` centred in black."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    strip = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(strip)
+    size = 14
+    font = ImageFont.load_default(size=size)
+    while draw.textlength(text, font=font) > width - 4 and size > 6:
+        size -= 1
+        font = ImageFont.load_default(size=size)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    draw.text(((width - (right - left)) / 2 - left, (height - (bottom - top)) / 2 - top), text, fill="black", font=font)
+    return np.asarray(strip)
 
 
 __all__ = ["Method", "Run", "layout_of", "run_method", "score", "search_plan", "side_by_side"]

@@ -40,12 +40,9 @@ from .layout import VideoLayout
 from .patterns import Pattern, compile_layer
 from .patterns import dense as _dense
 
-FORMAT = "sparse-vdit-plan"
-VERSION = 1
+from .plan_schema import FAMILIES, FORMAT, MAX_BLOCK, MIN_BLOCK, VERSION, PlanError, parse_plan_json, plan_fields
+from .plan_schema import read_plan_text
 
-
-class PlanError(ValueError):
-    """A plan that cannot be read or does not fit the model it is applied to."""
 
 
 @dataclass(frozen=True)
@@ -290,7 +287,7 @@ class Plan:
             rows = [[palette.setdefault(p, len(palette)) for p in heads] for heads in r.layers]
             schedule.append({"start": r.start, "heads": rows})
         model = {"family": self.spec.family, "num_layers": self.num_layers, "num_heads": self.num_heads}
-        if self.spec.name:
+        if self.spec.name is not None:
             model["name"] = self.spec.name
         return {
             "format": FORMAT,
@@ -330,11 +327,7 @@ class Plan:
     @classmethod
     def loads(cls, text: str, source: str = "plan", model: Any = None) -> Plan:
         """Parse JSON text (see :meth:`load`)."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise PlanError(f"{source}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
-        plan = _from_dict(data, source)
+        plan = _from_dict(parse_plan_json(text, source), source)
         if model is not None:
             plan.check(model)
         return plan
@@ -342,12 +335,7 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> Plan:
         """Read and validate a plan file; with ``model``, also check it fits that model."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise PlanError(f"cannot read plan {path}: {err.strerror or err}") from None
-        return cls.loads(text, str(path), model)
+        return cls.loads(read_plan_text(path), str(path), model)
 
 
 # --- validation -----------------------------------------------------------------------------
@@ -380,8 +368,8 @@ def _validate(plan: Plan) -> None:
     if plan.warmup_layers > plan.num_layers:
         raise PlanError(f"warmup_layers={plan.warmup_layers} exceeds the model's {plan.num_layers} layers")
     size = plan.block_size
-    if not _is_int(size) or not valid_block_size(size):
-        raise PlanError(f"block_size must be a power of two >= 16, got {size!r}")
+    if not _is_int(size) or not MIN_BLOCK <= size <= MAX_BLOCK or size & (size - 1):
+        raise PlanError(f"block_size must be a power of two in [{MIN_BLOCK}, {MAX_BLOCK}], got {size!r}")
     if plan.layout is not None and not isinstance(plan.layout, VideoLayout):
         raise PlanError(f"layout must be a VideoLayout or None, got {type(plan.layout).__name__}")
     if not isinstance(plan.made_by, dict):
@@ -407,74 +395,12 @@ def _validate(plan: Plan) -> None:
                     raise PlanError(f"schedule[{i}] layer {layer} head {head}: not a Pattern: {p!r}")
 
 
-
-
-_TOP_KEYS = {"format", "version", "model", "layout", "block_size", "warmup", "made_by", "patterns", "schedule"}
-
-
-def _need(data: Any, kind: type | tuple, where: str) -> Any:
-    if not isinstance(data, kind) or (kind is int and isinstance(data, bool)):
-        names = {dict: "a JSON object", list: "a list", int: "an integer"}
-        raise PlanError(f"{where} must be {names.get(kind, kind)}, got {json.dumps(data)[:80]}")
-    return data
-
-
 def _from_dict(data: Any, source: str) -> Plan:
-    _need(data, dict, f"{source}: the top level")
-    if data.get("format") != FORMAT:
-        raise PlanError(f"{source}: not a sparse-vdit plan (\"format\" must be {FORMAT!r}, got {data.get('format')!r})")
-    version = data.get("version")
-    if not _is_int(version) or version < 1:
-        raise PlanError(f"{source}: \"version\" must be a positive int, got {version!r}")
-    if version > VERSION:
-        raise PlanError(
-            f"{source}: plan version {version} is newer than this sparse-vdit reads ({VERSION}); upgrade sparse-vdit"
-        )
-    unknown = set(data) - _TOP_KEYS
-    if unknown:
-        raise PlanError(f"{source}: unknown fields {sorted(unknown)}")
-    missing = {"model", "patterns", "schedule"} - set(data)
-    if missing:
-        raise PlanError(f"{source}: missing fields {sorted(missing)}")
-    model = _need(data["model"], dict, f"{source}: \"model\"")
+    fields = plan_fields(data, source)
+    spec = ModelSpec(fields.family, fields.num_layers, fields.num_heads, fields.name)
+    schedule = tuple(StepRange(start, layers) for start, layers in fields.schedule)
     try:
-        spec = ModelSpec(model.get("family"), model.get("num_layers"), model.get("num_heads"), model.get("name"))
-    except PlanError as err:
-        raise PlanError(f"{source}: \"model\": {err}") from None
-    palette = []
-    for i, p in enumerate(_need(data["patterns"], list, f"{source}: \"patterns\"")):
-        p = _need(p, dict, f"{source}: patterns[{i}]")
-        try:
-            palette.append(Pattern.from_dict(p))
-        except (ValueError, TypeError) as err:
-            raise PlanError(f"{source}: patterns[{i}]: {err}") from None
-    schedule = []
-    for i, r in enumerate(_need(data["schedule"], list, f"{source}: \"schedule\"")):
-        where = f"{source}: schedule[{i}]"
-        r = _need(r, dict, where)
-        start = _need(r.get("start"), int, f"{where}.start")
-        rows = _need(r.get("heads"), list, f"{where}.heads")
-        layers = []
-        for layer, row in enumerate(rows):
-            row = _need(row, list, f"{where}.heads[{layer}]")
-            for head, index in enumerate(row):
-                if not _is_int(index) or not 0 <= index < len(palette):
-                    raise PlanError(f"{where} layer {layer} head {head}: pattern index {index!r} not in the palette "
-                                    f"of {len(palette)} patterns")  # fmt: skip
-            layers.append(tuple(palette[index] for index in row))
-        schedule.append(StepRange(start, tuple(layers)))
-    warmup = _need(data.get("warmup", {}), dict, f"{source}: \"warmup\"")
-    layout = data.get("layout")
-    if layout is not None:
-        try:
-            layout = VideoLayout(**_need(layout, dict, f"{source}: \"layout\""))
-        except TypeError as err:
-            raise PlanError(f"{source}: \"layout\": {err}") from None
-        except ValueError as err:
-            raise PlanError(f"{source}: \"layout\": {err}") from None
-    made_by = _need(data.get("made_by", {}), dict, f"{source}: \"made_by\"")
-    try:
-        return Plan(spec, tuple(schedule), warmup.get("steps", 0), warmup.get("layers", 0),
-                    data.get("block_size", DEFAULT_BLOCK), layout, made_by)  # fmt: skip
+        return Plan(spec, schedule, fields.warmup_steps, fields.warmup_layers, fields.block_size, fields.layout,
+                    fields.made_by)  # fmt: skip
     except PlanError as err:
         raise PlanError(f"{source}: {err}") from None

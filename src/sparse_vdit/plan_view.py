@@ -48,13 +48,14 @@ class _Densities:
 
 
 def range_label(plan: Plan, index: int, steps: int | None = None) -> str:
-    """``steps a-b`` of step range ``index`` (after the warm-up); open-ended without ``steps``."""
-    start = max(plan.schedule[index].start, plan.warmup_steps)
-    end = (
-        plan.schedule[index + 1].start - 1 if index + 1 < len(plan.schedule) else (None if steps is None else steps - 1)
-    )
+    """``steps a-b`` of step range ``index`` (after the warm-up); open-ended without ``steps``.
+
+    Steps are counted from 1 here, as a user counts them (the plan file's ``start`` counts from 0).
+    """
+    start = max(plan.schedule[index].start, plan.warmup_steps) + 1
+    end = plan.schedule[index + 1].start if index + 1 < len(plan.schedule) else steps
     if end is not None and end < start:
-        return f"steps {plan.schedule[index].start}-{end} (all warm-up)"
+        return f"steps {plan.schedule[index].start + 1}-{end} (all warm-up)"
     if end == start:
         return f"step {start}"
     return f"steps {start}-{end}" if end is not None else f"steps {start}+"

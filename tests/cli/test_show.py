@@ -33,7 +33,7 @@ def test_show_writes_a_png_and_prints_the_summary(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     text = capsys.readouterr().out
     assert "plan for tiny (wan, 3 layers x 4 heads), block 16, made by offline (mode ours)" in text
-    assert "range 1, steps 2-5" in text and "range 2, steps 6-9" in text
+    assert "range 1, steps 3-6" in text and "range 2, steps 7-10" in text  # counted from 1
     assert "(warm-up: dense)" in text and "commonest:" in text
     assert "expected attention speedup 1.70x" in text and "12% of searched heads differ" in text
     assert "search run / dense: 1.50x" in text
@@ -45,7 +45,7 @@ def test_summary_densities_per_layer_and_range_labels():
     text = summary_text(plan)
     layer_1 = next(line for line in text.splitlines() if line.strip().startswith("1 "))
     assert layer_1.split()[1] == f"{_layer_density(plan, 0, 1):.1%}"
-    assert range_label(plan, 0, 10) == "steps 2-5" and range_label(plan, 1) == "steps 6+"
+    assert range_label(plan, 0, 10) == "steps 3-6" and range_label(plan, 1) == "steps 7+"
     assert "n/a" in summary_text(Plan.uniform(SPEC, diagonal(1.0)))  # no layout: no densities
 
 

@@ -77,6 +77,7 @@ def test_dense_plan_video_equals_unpatched_pipeline():
 def test_plan_for_another_model_is_refused_clearly(tmp_path):
     tiny_wan_pipeline().save_pretrained(tmp_path / "pipe")
     Plan.dense("wan2.1-t2v-1.3b").save(tmp_path / "plan.json")
+    torch.save({"prompt_embeds": torch.zeros(1, 8, 32)}, tmp_path / "unused.pt")
     with pytest.raises(SystemExit, match="the plan is for wan2.1-t2v-1.3b .* but the model is"):
         main(["generate", "--model", str(tmp_path / "pipe"), "--plan", str(tmp_path / "plan.json"),
               "--prompt-embeds", str(tmp_path / "unused.pt"), "--device", "cpu", "--out", str(tmp_path / "v.mp4")])  # fmt: skip

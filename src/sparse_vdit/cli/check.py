@@ -13,6 +13,7 @@ from ..kernels import sparse_attention
 from ..kernels import registry
 from ..kernels.api import resolve_backend
 from ..layout import VideoLayout
+from .common import ORGANISM_BLOCK, CommandError, add_device, block_size, positive_int, writable_folder
 from ..patterns import compile_layer, dense, diagonal, draw_pattern, draw_table, multi_diagonal, skip, spatial, temporal, vertical
 
 PATTERNS = {
@@ -27,14 +28,15 @@ PATTERNS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frames", type=int, default=6)
-    parser.add_argument("--height", type=int, default=16)
-    parser.add_argument("--width", type=int, default=20, help="tokens per frame = height x width (320: ragged blocks)")
+    parser.add_argument("--frames", type=positive_int, default=6, help="latent frames of the test layout")
+    parser.add_argument("--height", type=positive_int, default=16, help="tokens per frame, down")
+    parser.add_argument("--width", type=positive_int, default=20, help="tokens per frame = height x width (320: ragged blocks)")
     parser.add_argument("--text", type=int, default=40, help="text tokens (suffix); 0 for none")
     parser.add_argument("--text-valid", type=int, default=30, help="unpadded text tokens")
-    parser.add_argument("--head-dim", type=int, default=64, choices=(64, 128))
-    parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--head-dim", type=int, default=64, choices=(64, 128), help="head dimension")
+    parser.add_argument("--block-size", "--block", dest="block", type=block_size, default=ORGANISM_BLOCK,
+                        help="block size of the table")  # fmt: skip
+    add_device(parser)
     parser.add_argument("--out", type=Path, default=Path("sparse-vdit-check"), help="folder for pictures and results")
 
 
@@ -54,9 +56,12 @@ def _time(fn, repeats: int = 3) -> float:
 
 def run(args: argparse.Namespace) -> int:
     text = args.text
+    if not 0 <= args.text_valid <= text or text < 0:
+        raise CommandError(f"need 0 <= --text-valid ({args.text_valid}) <= --text ({text})")
     layout = VideoLayout(
         args.frames, args.height, args.width, text, "suffix" if text else "none", args.text_valid if text else None
     )
+    writable_folder(args.out)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     heads = list(PATTERNS.values())

@@ -2,8 +2,11 @@
 
 Generates one video (a fixed caption and seed) three ways: dense, with the offline plan (the
 shipped ``organism/weights/plan.json``, found by the Sparse-vDiT search on this model) and with
-SVG (online); writes them side by side (GIF) with a picture of the plan, and prints time,
-attention density and PSNR / SSIM against dense. On a GPU the sparse layers run on the fastest
+SVG (online); writes them side by side, each under its label (MP4 and GIF), with a picture of the
+plan and ``demo.json`` (strict JSON: dense's infinite PSNR against itself is null), and prints
+time, attention density and PSNR / SSIM against dense. A bar follows each method's denoising
+steps; torch's CPU threads are set to the physical cores (1 on a machine of <= 2 cores;
+``--threads``), as torch's default oversubscribes a small busy machine. On a GPU the sparse layers run on the fastest
 backend (``auto``).
 
 Without shipped weights it says so and runs the same path on a randomly initialised organism at
@@ -15,10 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
+
+from .common import ORGANISM_BLOCK, ORGANISM_STEPS, CommandError, add_backend, add_device, add_threads, fraction
+from .common import positive_int, set_threads, writable_folder
 
 CAPTION = "red striped square moves right, blue plain disc bounces down, gradient background still"
 SEED = 0
@@ -29,14 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, help="organism weights folder (default: the shipped weights)")
     parser.add_argument("--random-weights", action="store_true", help="untrained weights even if weights are shipped")
     parser.add_argument("--plan", help="plan JSON file, 'search' (search now) or 'uniform' (diagonal 1 frame); "
-                                       "default: the shipped plan, else 'search'")  # fmt: skip
+                                       "default: the plan beside the weights, else 'search'")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny random organism, 3 steps, no kernel check (CI)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default 12; 8 with random weights; 3 --quick)")
-    parser.add_argument("--caption", default=CAPTION)
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--svg-density", type=float, default=0.25, help="SVG's share of blocks in a sparse layer")
-    parser.add_argument("--backend", default="auto", help="sparse kernel: auto, fa4, triton, flex, reference")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=positive_int,
+                        help=f"denoising steps (default {ORGANISM_STEPS}; 8 with random weights; 3 with --quick)")
+    parser.add_argument("--caption", default=CAPTION, help="what the video shows (the organism's vocabulary)")
+    parser.add_argument("--seed", type=int, default=SEED, help="noise seed")
+    parser.add_argument("--svg-density", type=fraction, default=0.25, help="SVG's share of blocks in a sparse layer")
+    add_backend(parser)
+    add_device(parser)
+    add_threads(parser)
     parser.add_argument("--no-check", action="store_true", help="skip the kernel check (random weights only)")
     parser.add_argument("--out", type=Path, default=Path("sparse-vdit-demo"), help="folder for videos and pictures")
 
@@ -53,16 +62,16 @@ def _model(args):
     path = args.weights or M.WEIGHTS_DIR
     if not args.random_weights:
         try:
-            return M.load_organism(path, args.device, dtype), M.load_spec(path), 64, f"organism weights from {path}"
+            return M.load_organism(path, args.device, dtype), M.load_spec(path), ORGANISM_BLOCK, f"organism weights from {path}"
         except FileNotFoundError:
             if args.weights is not None:
-                raise SystemExit(f"sparse-vdit demo: no organism weights in {path}") from None
+                raise CommandError(f"no organism weights in {path}") from None
             print(f"No organism weights shipped in {path} yet (trained on a GPU: `sparse-vdit train-organism`): "
                   "running the demo path on a RANDOMLY INITIALISED organism at reduced size (4 of 8 layers); "
                   "its videos are noise and its PSNR/SSIM say nothing about fidelity.")  # fmt: skip
     spec = M.OrganismSpec()
     transformer = M.to_dtype(M.build_organism(M.organism_config(spec, num_layers=4)), dtype).to(args.device).eval()
-    return transformer, spec, 64, "random organism, 4 layers (no trained weights)"
+    return transformer, spec, ORGANISM_BLOCK, "random organism, 4 layers (no trained weights)"
 
 
 def _plan(args, transformer, spec, block: int, steps: int, trained: bool):
@@ -86,23 +95,40 @@ def _plan(args, transformer, spec, block: int, steps: int, trained: bool):
         print(f"searching a plan now ({count} captions x 1 seed, {steps} steps; not a shipped plan) ...")
         plan = search_plan(transformer, spec, captions, steps=steps, block_size=block, backend=args.backend)
         return plan, f"searched now ({count} captions, {steps} steps)"
-    plan = Plan.load(choice, transformer)
+    plan = args.plan_loaded or Plan.load(choice)  # a --plan file was read before the model
+    plan.check(transformer)
     label = f"plan {choice}" if Path(choice) != shipped else "shipped plan" if args.weights is None else "plan beside weights"
     return plan, label
 
 
+def _finite(value):
+    """``value`` with every non-finite float (dense's PSNR against itself) replaced by None: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     from ..compare import Method, layout_of, run_method, score, side_by_side
+    from ..plan import Plan
     from ..plan_view import draw_plan
 
     started = time.perf_counter()
+    threads = set_threads(args.threads)
+    writable_folder(args.out)
+    # a --plan file is read before the (slow) model: a bad one fails at once
+    args.plan_loaded = Plan.load(args.plan) if args.plan not in (None, "search", "uniform") else None
     transformer, spec, block, loaded = _model(args)
     trained = loaded.startswith("organism weights")
-    steps = args.steps or (12 if trained else 3 if args.quick else 8)
+    steps = args.steps or (ORGANISM_STEPS if trained else 3 if args.quick else 8)
     plan, plan_label = _plan(args, transformer, spec, block, steps, trained)
     layout = layout_of(spec)
     print(f"{loaded}; layout {layout.describe()}, block {plan.block_size}; {steps} steps; "
-          f"device {args.device}, backend {args.backend}")  # fmt: skip
+          f"device {args.device}, backend {args.backend}, {threads} torch thread{'s' * (threads > 1)}")  # fmt: skip
     print(f'caption "{args.caption}", seed {args.seed}')
 
     methods = [
@@ -117,8 +143,9 @@ def run(args: argparse.Namespace) -> int:
     runs = [run_method(transformer, m, video, steps=steps, spec=spec, backend=args.backend, block_size=plan.block_size)
             for m in methods]  # fmt: skip
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    gif = side_by_side(runs, args.out / "dense_plan_svg.gif")
+    labels = ["dense", "plan", f"SVG {args.svg_density:.0%}"]
+    gif = side_by_side(runs, args.out / "dense_plan_svg.gif", labels=labels)
+    mp4 = side_by_side(runs, args.out / "dense_plan_svg.mp4", labels=labels)
     picture = draw_plan(plan, args.out / "plan.png", layout, title=f"offline plan: {plan_label}")
     rows = []
     for r in runs:
@@ -128,15 +155,17 @@ def run(args: argparse.Namespace) -> int:
                      "ssim": s["ssim"]})  # fmt: skip
     info = {"model": loaded, "layout": layout.describe(), "steps": steps, "caption": args.caption, "seed": args.seed,
             "device": args.device, "backend": args.backend, "plan": plan_label, "rows": rows}  # fmt: skip
-    (args.out / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
+    (args.out / "demo.json").write_text(json.dumps(_finite(info), indent=2, allow_nan=False) + "\n")
 
     print(f"\n{'method':<14} {'time s':>7} {'attn s':>7} {'density':>8} {'PSNR dB':>8} {'SSIM':>6}  note")
     for r in rows:
         print(f"{r['method']:<14} {r['seconds']:>7.2f} {r['attention_seconds']:>7.2f} {r['density']:>8.1%} "
               f"{r['psnr']:>8.2f} {r['ssim']:>6.3f}  {r['note']}")  # fmt: skip
+    print("(PSNR is inf where a video equals the dense one: null in demo.json)")
     if not args.device.startswith("cuda"):
         print("(CPU: sparse layers run the plain-torch reference kernel, so times are not speedups)")
-    print(f"\nvideos side by side (dense | plan | SVG): {gif}; plan picture: {picture}; numbers: {args.out}/demo.json")
+    print(f"\nvideos side by side (dense | plan | SVG): {mp4} and {gif}; plan picture: {picture}; "
+          f"numbers: {args.out}/demo.json")  # fmt: skip
     print(f"demo took {time.perf_counter() - started:.0f} s")
 
     if trained or args.quick or args.no_check:

@@ -18,41 +18,60 @@ from typing import Any
 
 import torch
 
-from ..plan import Plan, PlanError
+from ..plan import Plan
+from .common import ORGANISM_BLOCK, ORGANISM_STEPS, PIPELINE_BLOCK, PIPELINE_STEPS, CommandError, add_backend
+from .common import add_device, write_video, add_threads, block_size, fraction, positive_int, set_threads, writable_file
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="local pipeline folder or hub id already in the HF cache")
+    parser.add_argument("--model", required=True,
+                        help="a local diffusers pipeline folder, an organism weights folder ('organism': the shipped "
+                             "one), or a hub id already downloaded (`hf download ID`)")  # fmt: skip
     parser.add_argument("--plan", help="plan JSON file, 'dense' (our dense path) or 'none' (unpatched); "
                                        "required unless --method svg")  # fmt: skip
     parser.add_argument("--method", choices=("plan", "svg"), default="plan",
-                        help="'plan' (default) or 'svg': Sparse VideoGen, spatial/temporal heads decided every step")
+                        help="'plan', or 'svg': Sparse VideoGen, spatial/temporal heads decided every step")
     svg = parser.add_argument_group("--method svg")
-    svg.add_argument("--density", type=float, default=0.3, help="computed share of blocks of a sparse layer")
+    svg.add_argument("--density", type=fraction, default=0.3, help="computed share of blocks of a sparse layer")
     svg.add_argument("--warmup-steps", type=float, default=None,
                      help="dense steps first: a count (>= 1) or a fraction of the steps (< 1); default 0.25")
     svg.add_argument("--warmup-layers", type=int, default=1, help="dense layers first")
-    svg.add_argument("--sampled-rows", type=int, default=64, help="query rows profiled per layer and step")
+    svg.add_argument("--sampled-rows", type=positive_int, default=64, help="query rows profiled per layer and step")
     svg.add_argument("--record-plan", type=Path, help="save SVG's decisions as a plan JSON file")  # fmt: skip
     parser.add_argument("--prompt", help="text prompt")
-    parser.add_argument("--negative-prompt")
+    parser.add_argument("--negative-prompt", help="negative prompt (pipelines with guidance)")
     parser.add_argument("--prompt-embeds", type=Path,
                         help="torch.save'd dict of pipeline inputs (prompt_embeds, negative_prompt_embeds, ...) "
                              "instead of --prompt")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path("video.mp4"))
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--frames", type=int)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance-scale", type=float)
-    parser.add_argument("--fps", type=int, default=16)
-    parser.add_argument("--backend", default="auto", help="sparse kernel: auto, fa4, triton, flex, reference")
-    parser.add_argument("--block-size", type=int, help="block size of the tables (default: the plan's, else 128)")
+    parser.add_argument("--out", type=Path, default=Path("video.mp4"), help="the video (mp4); its JSON sidecar beside")
+    parser.add_argument("--height", type=positive_int, help="pixels (default: the pipeline's)")
+    parser.add_argument("--width", type=positive_int, help="pixels (default: the pipeline's)")
+    parser.add_argument("--frames", type=positive_int, help="video frames (default: the pipeline's)")
+    parser.add_argument("--steps", type=positive_int,
+                        help=f"denoising steps (default {PIPELINE_STEPS}; {ORGANISM_STEPS} on the organism)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the pipeline's)")
+    parser.add_argument("--fps", type=positive_int, default=16, help="frames per second of the mp4")
+    add_backend(parser)
+    parser.add_argument("--block-size", type=block_size,
+                        help=f"block size of the tables (default: the plan's, else {PIPELINE_BLOCK}; "
+                             f"{ORGANISM_BLOCK} on the organism)")  # fmt: skip
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device(parser)
+    add_threads(parser)
+
+
+def load_pipeline(model: str, dtype: torch.dtype, device: str, text_encoders: bool = True):
+    """The integration's local-only pipeline loader, its failures as one-line command errors."""
+    from ..integrations.diffusers.pipeline import PipelineLoadError
+    from ..integrations.diffusers.pipeline import load_pipeline as load
+
+    try:
+        return load(model, dtype, device, text_encoders)
+    except PipelineLoadError as err:
+        raise CommandError(str(err)) from None
 
 
 def generate_video(
@@ -186,20 +205,6 @@ def _svg_summary(svg, record_plan: Path | None) -> dict:
     return info
 
 
-def write_video(frames, path: Path, fps: int) -> Path:
-    """Write ``(frames, height, width, 3)`` floats in [0, 1] (or uint8) as an H.264 mp4."""
-    import imageio
-    import numpy as np
-
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8:
-        frames = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imageio.mimwrite(path, list(frames), fps=fps, codec="libx264", macro_block_size=1)
-    return path
-
-
 def svg_options(args: argparse.Namespace) -> dict[str, Any]:
     """SVG's options from the command line, checked before the (slow) pipeline load."""
     from ..methods.svg import SVG
@@ -211,49 +216,60 @@ def svg_options(args: argparse.Namespace) -> dict[str, Any]:
     try:
         SVG(**options)
     except ValueError as err:
-        raise SystemExit(f"sparse-vdit generate: {err}") from None
+        raise CommandError(str(err)) from None
     return options
 
 
-def run(args: argparse.Namespace) -> int:
+def _check_arguments(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Everything that can be checked before the (slow) model load; SVG's options."""
     if args.prompt is None and args.prompt_embeds is None:
-        raise SystemExit("sparse-vdit generate: give --prompt or --prompt-embeds")
+        raise CommandError("give --prompt or --prompt-embeds")
     svg = None
     if args.method == "svg":
         if args.plan is not None:
-            raise SystemExit("sparse-vdit generate: --method svg decides the heads itself; give no --plan")
+            raise CommandError("--method svg decides the heads itself; give no --plan")
         svg = svg_options(args)
     elif args.plan is None:
-        raise SystemExit("sparse-vdit generate: give --plan (a plan file, 'dense' or 'none') or --method svg")
+        raise CommandError("give --plan (a plan file, 'dense' or 'none') or --method svg")
     elif args.record_plan is not None:
-        raise SystemExit("sparse-vdit generate: --record-plan needs --method svg")
-    try:  # a broken plan file fails before the (slow) pipeline load
-        plan = Plan.load(args.plan) if args.plan not in ("dense", "none", None) else None
-    except PlanError as err:
-        raise SystemExit(f"sparse-vdit generate: {err}") from None
+        raise CommandError("--record-plan needs --method svg")
+    writable_file(args.out)
+    if args.record_plan is not None:
+        writable_file(args.record_plan)
+    return svg
+
+
+def run(args: argparse.Namespace) -> int:
+    svg = _check_arguments(args)
+    set_threads(args.threads)
+    # a broken plan file or prompt-embeddings file fails before the (slow) model load
+    plan = Plan.load(args.plan) if args.plan not in ("dense", "none", None) else None
     device = args.device
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    from ..integrations.diffusers.pipeline import load_pipeline
-
-    pipe = load_pipeline(args.model, dtype, device, text_encoders=args.prompt_embeds is None)
-    if args.plan == "dense":
-        plan = Plan.dense(pipe.transformer)
-    elif plan is not None:
-        try:
-            plan.check(pipe.transformer)
-        except PlanError as err:
-            raise SystemExit(f"sparse-vdit generate: {err}") from None
     inputs = None
     if args.prompt_embeds is not None:
         inputs = torch.load(args.prompt_embeds, map_location="cpu", weights_only=True)
         inputs = inputs if isinstance(inputs, dict) else {"prompt_embeds": inputs}
         inputs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
-    info = generate_video(
-        pipe, plan, args.out, prompt=args.prompt, negative_prompt=args.negative_prompt, inputs=inputs,
-        height=args.height, width=args.width, frames=args.frames, steps=args.steps, seed=args.seed,
-        guidance_scale=args.guidance_scale, fps=args.fps, backend=args.backend, svg=svg, record_plan=args.record_plan,
-        block_size=args.block_size,
-    )  # fmt: skip
+    from .generate_organism import generate_organism, organism_folder
+
+    folder = organism_folder(args.model)
+    if folder is not None:
+        if inputs is not None:
+            raise CommandError("the organism reads --prompt (its own vocabulary), not --prompt-embeds")
+        info = generate_organism(args, folder, plan, svg, dtype)
+    else:
+        pipe = load_pipeline(args.model, dtype, device, text_encoders=args.prompt_embeds is None)
+        if args.plan == "dense":
+            plan = Plan.dense(pipe.transformer)
+        elif plan is not None:
+            plan.check(pipe.transformer)
+        info = generate_video(
+            pipe, plan, args.out, prompt=args.prompt, negative_prompt=args.negative_prompt, inputs=inputs,
+            height=args.height, width=args.width, frames=args.frames, steps=args.steps or PIPELINE_STEPS,
+            seed=args.seed, guidance_scale=args.guidance_scale, fps=args.fps, backend=args.backend, svg=svg,
+            record_plan=args.record_plan, block_size=args.block_size,
+        )  # fmt: skip
     share = info["attention_share"]
     density = info["plan_density"]
     print(

@@ -15,6 +15,8 @@ import torch
 
 from ..block_table import DEFAULT_BLOCK
 from ..methods.search import MODES, SearchSettings
+from .common import ORGANISM_BLOCK, ORGANISM_STEPS, PIPELINE_BLOCK, PIPELINE_STEPS, CommandError, add_backend
+from .common import add_device, add_threads, block_size, positive_int, set_threads, writable_file
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -28,18 +30,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, help="text file, one prompt per line ('#' comments), or a JSON list")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument(
-        "--scenes", type=int, help="organism only: the captions of this many procedural scenes as prompts"
+        "--scenes", type=positive_int, help="organism only: the captions of this many procedural scenes as prompts"
     )
-    parser.add_argument("--out", type=Path, default=Path("plan.json"))
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps of each run")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--out", type=Path, default=Path("plan.json"), help="the plan file to write")
+    parser.add_argument("--steps", type=positive_int,
+                        help=f"denoising steps of each run; generate with the same (default {PIPELINE_STEPS}; "
+                             f"{ORGANISM_STEPS} on the organism)")  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds of each prompt")
     g = parser.add_argument_group("search settings (unset: the --mode's default)")
     g.add_argument("--mode", choices=MODES, default="ours", help="'paper': the paper's setting as one switch")
     g.add_argument("--epsilon", type=float)
     g.add_argument("--lam", type=float, help="weight of the cost in the loss (the paper's lambda)")
     g.add_argument("--error", choices=("relative", "absolute"))
     g.add_argument("--estimate", choices=("sampled", "full"))
-    g.add_argument("--sample-blocks", type=int, help="query blocks sampled per layer call (8, at most 1/8 of them)")
+    g.add_argument("--sample-blocks", type=positive_int, help="query blocks sampled per layer call (8, at most 1/8 of them)")
     tune = "search band widths and stripes placed by attention mass (ours), or the four fixed modes (--no-tune)"
     g.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None, help=tune)
     g.add_argument("--candidates", help="comma-separated, e.g. skip,diagonal:0.5,multi_diagonal:0.1,vertical,mass:0.1")
@@ -51,16 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--warmup-steps", type=int)
     g.add_argument("--warmup-layers", type=int, default=0)
-    g.add_argument("--buckets", type=int, help="step ranges after the warm-up")
-    g.add_argument("--block-size", type=int, default=DEFAULT_BLOCK)
-    g.add_argument("--backend", default="auto", help="sparse kernel: auto, fa4, triton, flex, reference")
+    g.add_argument("--buckets", type=positive_int, help="step ranges after the warm-up")
+    g.add_argument("--block-size", type=block_size,
+                   help=f"block size of the tables (default {PIPELINE_BLOCK}; {ORGANISM_BLOCK} on the organism)")
+    add_backend(g)
     r = parser.add_argument_group("generation")
-    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device(r)
+    add_threads(r)
     r.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
-    r.add_argument("--height", type=int)
-    r.add_argument("--width", type=int)
-    r.add_argument("--frames", type=int)
-    r.add_argument("--guidance-scale", type=float)
+    r.add_argument("--height", type=positive_int, help="pixels (default: the pipeline's)")
+    r.add_argument("--width", type=positive_int, help="pixels (default: the pipeline's)")
+    r.add_argument("--frames", type=positive_int, help="video frames (default: the pipeline's)")
+    r.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the model's)")
     r.add_argument("--time-dense", action="store_true", help="also time one dense generation (search cost ratio)")
     r.add_argument("--no-progress", action="store_true")
 
@@ -69,13 +75,19 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts is not None:
         try:
-            text = args.prompts.read_text()
+            text = args.prompts.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise CommandError(f"{args.prompts} is not UTF-8 text (byte {err.start})") from None
         except OSError as err:
-            raise SystemExit(f"sparse-vdit search: cannot read {args.prompts}: {err.strerror or err}") from None
+            raise CommandError(f"cannot read {args.prompts}: {err.strerror or err}") from None
         if args.prompts.suffix == ".json":
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise CommandError(f"{args.prompts} is not valid JSON (line {err.lineno}, column {err.colno}: "
+                                   f"{err.msg})") from None  # fmt: skip
             if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
-                raise SystemExit(f"sparse-vdit search: {args.prompts} must hold a JSON list of strings")
+                raise CommandError(f"{args.prompts} must hold a JSON list of strings")
             prompts += data
         else:
             prompts += [
@@ -83,12 +95,12 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             ]
     if args.scenes:
         if args.model != "organism":
-            raise SystemExit("sparse-vdit search: --scenes is for --model organism")
+            raise CommandError("--scenes is for --model organism")
         from ..organism.data import sample_scene
 
         prompts += [sample_scene(4242, i).caption for i in range(args.scenes)]
     if not prompts:
-        raise SystemExit("sparse-vdit search: give --prompts FILE, --prompt TEXT or (organism) --scenes N")
+        raise CommandError("give --prompts FILE, --prompt TEXT or (organism) --scenes N")
     return prompts
 
 
@@ -107,12 +119,12 @@ def load_model(args: argparse.Namespace, dtype: torch.dtype):
             try:
                 transformer = organism.load_organism(args.weights, args.device, dtype)
             except FileNotFoundError as err:
-                raise SystemExit(f"sparse-vdit search: {err} (or pass --random-weights to try the command)") from None
+                raise CommandError(f"{err} (or pass --random-weights to try the command)") from None
         extra = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
         return transformer, organism_sampler(transformer, spec, **extra)
     if args.random_weights or args.weights is not None:
-        raise SystemExit("sparse-vdit search: --weights and --random-weights are for --model organism")
-    from ..integrations.diffusers.pipeline import load_pipeline
+        raise CommandError("--weights and --random-weights are for --model organism")
+    from .generate import load_pipeline
 
     pipe = load_pipeline(args.model, dtype, args.device)
     extra = {k: v for k, v in (("height", args.height), ("width", args.width), ("num_frames", args.frames),
@@ -129,7 +141,7 @@ def settings_from(args: argparse.Namespace) -> SearchSettings:
         try:
             candidates = tuple(parse_candidate(c) for c in args.candidates.split(",") if c.strip())
         except ValueError as err:
-            raise SystemExit(f"sparse-vdit search: {err}") from None
+            raise CommandError(f"{err}") from None
     cost = args.cost
     if cost in (None, "auto") and args.mode == "ours" and args.device.startswith("cuda"):
         cost = "measure"
@@ -139,7 +151,8 @@ def settings_from(args: argparse.Namespace) -> SearchSettings:
                           sample_blocks=args.sample_blocks, tune=args.tune, candidates=candidates, cost=cost,
                           dense_competes=args.dense_competes,
                           warmup_steps=args.warmup_steps, warmup_layers=args.warmup_layers, buckets=args.buckets,
-                          block_size=args.block_size, backend=args.backend)  # fmt: skip
+                          block_size=args.block_size or (ORGANISM_BLOCK if args.model == "organism" else PIPELINE_BLOCK),
+                          backend=args.backend)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,13 +163,16 @@ def run(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args)
     settings = settings_from(args)
+    writable_file(args.out)
+    set_threads(args.threads)
+    steps = args.steps or (ORGANISM_STEPS if args.model == "organism" else PIPELINE_STEPS)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     model, sampler = load_model(args, dtype)
     try:
-        searcher = Searcher(transformer_of(model), prompts, steps=args.steps, seeds=args.seeds, settings=settings)
+        searcher = Searcher(transformer_of(model), prompts, steps=steps, seeds=args.seeds, settings=settings)
         plan = run_search(searcher, model, sampler, time_dense=args.time_dense, progress=not args.no_progress)
     except ValueError as err:  # bad settings, prompts the model cannot read, ...
-        raise SystemExit(f"sparse-vdit search: {err}") from None
+        raise CommandError(str(err)) from None
     if args.model == "organism":
         plan = _named(plan, "organism")
     plan.save(args.out)

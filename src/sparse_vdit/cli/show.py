@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..layout import VideoLayout
-from ..plan import Plan, PlanError
+from ..plan import Plan
+from .common import CommandError, writable_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,19 +23,16 @@ def parse_layout(text: str | None) -> VideoLayout | None:
         frames, height, width = (int(x) for x in text.lower().split("x"))
         return VideoLayout(frames, height, width)
     except ValueError:
-        raise SystemExit(
-            f"sparse-vdit show: --layout must look like 21x30x52 (frames x height x width), got {text!r}"
-        ) from None
+        raise CommandError(f"--layout must look like 21x30x52 (frames x height x width), got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     from ..plan_view import draw_plan, summary_text
 
-    try:
-        plan = Plan.load(args.plan)
-    except PlanError as err:
-        raise SystemExit(f"sparse-vdit show: {err}") from None
     layout = parse_layout(args.layout)
+    if args.out is not None:
+        writable_file(args.out)
+    plan = Plan.load(args.plan)
     print(summary_text(plan, layout))
     if args.out is not None:
         print(f"wrote {draw_plan(plan, args.out, layout)}")

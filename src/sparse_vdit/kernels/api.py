@@ -9,7 +9,8 @@ import torch
 from ..block_table import BlockTable, table_by_key
 from ..layout import VideoLayout
 from . import dense, registry
-from .registry import API_DTYPES, resolve
+from .checks import check_inputs
+from .registry import resolve
 
 
 def sparse_attention(
@@ -19,29 +20,34 @@ def sparse_attention(
     table: BlockTable,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    layout: VideoLayout | None = None,
 ) -> torch.Tensor:
     """Block-sparse self-attention of one layer, every head in one kernel launch.
 
     Args:
-        q, k, v: ``(batch, seq, heads, head_dim)`` tensors of one dtype (bf16, fp16 or fp32) on
-            one device; ``seq`` must equal ``table.layout.num_tokens`` and ``heads`` the table's.
+        q, k, v: ``(batch, seq, heads, head_dim)`` tensors of one dtype (bf16, fp16 or fp32;
+            float64 on the reference backend) on one device; ``seq`` must equal
+            ``table.layout.num_tokens`` and ``heads`` the table's; head_dim a multiple of 8 up to 256.
         table: the layer's :class:`~sparse_vdit.patterns.BlockTable` (``compile_layer``); moved
             to the tensors' device if needed (cached).
-        softmax_scale: defaults to ``head_dim ** -0.5``.
+        softmax_scale: a finite positive number; defaults to ``head_dim ** -0.5``.
         backend: ``"fa4"`` (FlashAttention-4 block sparsity, Hopper/Blackwell), ``"triton"``
             (ours), ``"flex"`` (FlexAttention), ``"reference"`` (plain torch, any device), or
-            ``"auto"``: the fastest one that runs these inputs and this table, said once in the
-            ``sparse_vdit`` log (:mod:`sparse_vdit.kernels.registry`).
+            ``"auto"``: the fastest one available, said once in the ``sparse_vdit`` log.
+        layout: how q/k/v are laid out, if known: then the table must have been compiled for it
+            (checked; a table of another layout with the same token count is refused).
 
     Heads whose pattern needs token-major order are permuted together by one strided copy
     before the kernel and back after it (:func:`reorder_heads`), or read in place by the Triton
     kernel. Padded text keys (``layout.kv_len``) are never attended; a query row that visits no
-    key block (``skip`` heads) comes out exactly zero.
+    key block (``skip`` heads) comes out exactly zero. NaN and inf behave as in dense SDPA over
+    the keys a row visits: they propagate from visited keys, never from keys the row skips.
+    Every input is checked (:func:`~sparse_vdit.kernels.checks.check_inputs`) before any kernel runs.
 
     Returns:
         ``(batch, seq, heads, head_dim)`` output in the dtype of ``q``.
     """
-    scale = _check(q, k, v, table, softmax_scale)
+    scale = check_inputs(q, k, v, table, softmax_scale, layout)
     table = table if table.device == q.device else table.to(q.device)
     if torch.compiler.is_compiling():  # no per-table bookkeeping inside a traced graph
         name = resolve(backend, q, table.block_size)
@@ -57,40 +63,6 @@ def sparse_attention(
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """The backend ``backend`` names for tensors like ``q`` (``auto`` resolved; availability checked)."""
     return resolve(backend, q)
-
-
-def _check(q, k, v, table, softmax_scale) -> float:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not isinstance(table, BlockTable):
-        raise TypeError(f"table must be a BlockTable (sparse_vdit.patterns.compile_layer), got {type(table).__name__}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be (batch, seq, heads, head_dim), got shape {tuple(q.shape)}")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in API_DTYPES:
-        raise TypeError(f"dtype {q.dtype} not supported; use one of {[str(d) for d in API_DTYPES]}")
-    if not q.device == k.device == v.device:
-        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-    _, seq, heads, dim = q.shape
-    if seq != table.layout.num_tokens:
-        raise ValueError(
-            f"sequence length {seq} does not match the table's layout "
-            f"({table.layout.describe()} = {table.layout.num_tokens} tokens): table built for another layout"
-        )
-    if heads != table.num_heads:
-        raise ValueError(f"{heads} heads in q but the table has {table.num_heads}")
-    if dim > 256 or dim % 8:
-        raise ValueError(f"head_dim {dim} not supported (a multiple of 8, at most 256)")
-    if softmax_scale is None:
-        return dim**-0.5
-    if not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be positive, got {softmax_scale!r}")
-    return float(softmax_scale)
-
 
 
 def reorder_heads(x: torch.Tensor, layout: VideoLayout, heads: Sequence[int], to_token_major: bool = True) -> torch.Tensor:

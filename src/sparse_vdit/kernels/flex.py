@@ -116,6 +116,10 @@ def table_mask(table):
     """The BlockMask of ``table``, built once and kept with it."""
     return table.form("flex.block_mask", lambda t: block_mask(
         t.kv_num_blocks, t.kv_indices, block_size=t.block_size, q_len=t.layout.num_tokens, kv_len=t.layout.kv_len))
+def kernel_options(block_size: int) -> dict | None:
+    """Inductor's tiles must divide the BlockMask's blocks: below 128 (its default query tile), tiles
+    of the table's block size (else "Q and KV block size must be divisible by BLOCK_M/BLOCK_N")."""
+    return None if block_size >= 128 else {"BLOCK_M": block_size, "BLOCK_N": block_size}
 
 
 def _pad_heads_first(x: torch.Tensor, length: int, padded: int) -> torch.Tensor:
@@ -164,7 +168,8 @@ def _attend(q, k, v, mask, *, block_size: int, kv_len: int, softmax_scale: float
     vh = _pad_heads_first(v, kv_len, kb * block_size)
     # Always the compiled kernel: eager FlexAttention ignores the block structure (it evaluates only
     # mask_mod, over a full N x N score matrix), so it would compute dense attention here.
-    out = _compiled_flex()(qh, kh, vh, block_mask=mask, scale=float(softmax_scale))
+    out = _compiled_flex()(qh, kh, vh, block_mask=mask, scale=float(softmax_scale),
+                           kernel_options=kernel_options(block_size))  # fmt: skip
     return out.transpose(1, 2)[:, :n].contiguous()
 
 

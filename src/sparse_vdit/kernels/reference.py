@@ -7,7 +7,7 @@ import torch
 from ..block_table import num_blocks
 from .registry import API_DTYPES, Backend
 
-BACKEND = Backend("reference", API_DTYPES, None, needs_cuda=False, token_major_in_place=False, auto_rank=3,
+BACKEND = Backend("reference", (*API_DTYPES, torch.float64), None, needs_cuda=False, token_major_in_place=False, auto_rank=3,
                   note="plain torch on any device: the oracle")
 
 
@@ -35,7 +35,9 @@ def forward(
     """Block-sparse attention on ``[B, N, H, D]`` tensors in float32 (float64 for float64 input).
 
     One query block at a time: scores against every key, then the keys outside the block's
-    visited key blocks (or at/after ``kv_len``) are masked out. A row that visits nothing is zero.
+    visited key blocks (or at/after ``kv_len``) are masked out. A row that visits nothing is
+    exactly zero; otherwise NaN / inf behave as in dense SDPA over the visited keys: they
+    propagate from visited keys and never leak from keys the row does not visit.
     """
     batch, n, heads, _ = q.shape
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -43,6 +45,7 @@ def forward(
     out = torch.zeros(batch, heads, n, v.shape[-1], dtype=compute, device=q.device)
     num_kv_blocks = num_blocks(kv_len, block_size)
     slots = torch.arange(kv_indices.shape[-1], device=q.device)
+    finite_v = bool(torch.isfinite(vf).all())
     for i in range(kv_num_blocks.shape[1]):
         rows = slice(i * block_size, min((i + 1) * block_size, n))
         visited = torch.zeros(heads, num_kv_blocks + 1, dtype=torch.bool, device=q.device)
@@ -52,6 +55,9 @@ def forward(
         keys = visited[:, :num_kv_blocks].repeat_interleave(block_size, dim=1)[:, :kv_len]
         scores = (qf[:, :, rows] @ kf.transpose(-1, -2)) * softmax_scale
         scores = scores.masked_fill(~keys[None, :, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key: all -inf -> 0
-        out[:, :, rows] = probs @ vf
+        probs = torch.softmax(scores, dim=-1)
+        probs = torch.where(keys.any(-1)[None, :, None, None], probs, 0.0)  # rows that visit no key: 0
+        # a skipped key weighs exactly 0, but 0 * inf or 0 * NaN in v would not be 0
+        values = vf if finite_v else torch.where(keys[None, :, :, None], vf, 0.0)
+        out[:, :, rows] = probs @ values
     return out.transpose(1, 2).to(q.dtype)

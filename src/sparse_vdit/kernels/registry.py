@@ -45,6 +45,8 @@ class Backend:
         """Why inputs of ``dtype`` and ``head_dim`` cannot run here (None: they can)."""
         if self.head_dims is not None and head_dim not in self.head_dims:
             return f"backend {self.name!r} supports head dims {self.head_dims}, not {head_dim}"
+        if dtype == torch.float64 and dtype not in self.dtypes:
+            return f"backend {self.name!r} takes bf16, fp16 or fp32; float64 runs on the 'reference' backend"
         if dtype not in self.dtypes:
             names = " or ".join(str(d).removeprefix("torch.") for d in self.dtypes)
             return f"backend {self.name!r} needs {names} inputs, not {str(dtype).removeprefix('torch.')}"

@@ -7,6 +7,7 @@ ascending list of key-block indices per query block, without ever forming a dens
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -15,6 +16,10 @@ import torch
 
 from ..block_table import num_blocks
 from ..layout import VideoLayout
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 # name -> (interval builder, needs token-major order)
 _FAMILIES: dict[str, tuple[Callable, bool]] = {}
@@ -50,10 +55,10 @@ class Pattern:
     def __post_init__(self) -> None:
         if self.name not in _FAMILIES:
             raise ValueError(f"unknown pattern {self.name!r}; known: {', '.join(_FAMILIES)}")
-        if not self.width >= 0:
-            raise ValueError(f"pattern {self.name}: width must be >= 0, got {self.width!r}")
+        if not _finite(self.width) or self.width < 0:
+            raise ValueError(f"pattern {self.name}: width must be a finite number >= 0, got {self.width!r}")
         for lo, hi in self.columns:
-            if not 0 <= lo < hi:
+            if not (_finite(lo) and _finite(hi) and 0 <= lo < hi):
                 raise ValueError(f"pattern {self.name}: column range ({lo}, {hi}) must satisfy 0 <= start < end")
 
     @property

@@ -8,6 +8,10 @@ from typing import Any
 import torch
 
 
+class PipelineLoadError(ValueError):
+    """A model folder or name that no local pipeline can be loaded from."""
+
+
 def load_pipeline(model: str, dtype: torch.dtype, device: str, text_encoders: bool = True):
     """``DiffusionPipeline.from_pretrained`` from a local folder or the hub cache, never the network.
 
@@ -27,11 +31,12 @@ def load_pipeline(model: str, dtype: torch.dtype, device: str, text_encoders: bo
         pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
     except (OSError, ValueError) as err:
         if Path(model).exists():
-            raise SystemExit(f"sparse-vdit generate: cannot load a diffusers pipeline from {model}: {err}") from None
+            cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PipelineLoadError(f"cannot load a diffusers pipeline from {model}: {cause}") from None
         from huggingface_hub.constants import HF_HUB_CACHE
 
-        raise SystemExit(
-            f"sparse-vdit generate: {model!r} is neither a local folder nor in the Hugging Face cache "
-            f"({HF_HUB_CACHE}); download it first (e.g. `huggingface-cli download {model}`) or pass a folder"
+        raise PipelineLoadError(
+            f"{model!r} is neither a local folder nor in the Hugging Face cache ({HF_HUB_CACHE}); "
+            f"download it first (`hf download {model}`) or pass a folder"
         ) from None
     return pipe.to(device)

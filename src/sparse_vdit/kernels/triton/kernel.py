@@ -104,7 +104,8 @@ def block_sparse_attention_fwd(
     item = tl.load(SCHEDULE + tl.program_id(0))
     head = item // NUM_Q_TILES
     tile = item % NUM_Q_TILES
-    batch = tl.program_id(1)
+    batch = tl.program_id(1)  # int32: a TMA coordinate
+    offset_b = batch.to(tl.int64)  # batch * stride passes 2^31 at real sizes (Wan-14B 720p, batch 7)
     row = tile * BLOCK_M // TABLE_BLOCK  # the table's query block holding this tile
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # positions in the head's own order
@@ -114,15 +115,15 @@ def block_sparse_attention_fwd(
     if ANY_TOKEN_MAJOR:
         token_major = tl.load(TOKEN_MAJOR + head) != 0
         rows_m = sequence_rows(offs_m, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
-    q_ptrs = Q + batch * stride_qb + head * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :]
+    q_ptrs = Q + offset_b * stride_qb + head * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=offs_m[:, None] < N, other=0.0)  # [BLOCK_M, D]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     ranges = head * stride_rh + row * stride_rm
-    k_base = K + batch * stride_kb + head * stride_kh
-    v_base = V + batch * stride_vb + head * stride_vh
+    k_base = K + offset_b * stride_kb + head * stride_kh
+    v_base = V + offset_b * stride_vb + head * stride_vh
     for r in range(0, NUM_RANGES):
         # a range of key blocks is a contiguous run of keys (in the head's order): no index list to read
         first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
@@ -139,5 +140,5 @@ def block_sparse_attention_fwd(
                 False, TMA, WARP_SPECIALIZE)  # fmt: skip
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that visit nothing stay 0
-    o_ptrs = O + batch * stride_ob + head * stride_oh + rows_m[:, None] * stride_on + offs_d[None, :]
+    o_ptrs = O + offset_b * stride_ob + head * stride_oh + rows_m[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < N)

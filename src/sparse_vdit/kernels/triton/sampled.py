@@ -84,7 +84,7 @@ def sampled_rows_fwd(
     IEEE: tl.constexpr,
 ):  # fmt: skip
     tile, bh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    batch, head = bh // HEADS, bh % HEADS
+    batch, head = (bh // HEADS).to(tl.int64), bh % HEADS  # batch * stride can pass 2^31
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < NUM_ROWS
