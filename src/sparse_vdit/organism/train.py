@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..integrations.diffusers.models import DIFFUSERS_VERSION
 from .data import SceneStream, make_batch, render, sample_scene
 from .model import (
     FIDELITY_MODEL,
@@ -262,6 +263,7 @@ def train(args: argparse.Namespace, command: str) -> dict:
     )
 
     limit = args.minutes * 60 if args.minutes and args.minutes > 0 else math.inf
+    planned = max(args.steps - first_step, 1)  # this run's share of --steps (the 'run' schedule's length)
     losses: list[torch.Tensor] = []
     history: list[float] = list(carried["history"])
     t_train = time.time()
@@ -277,8 +279,7 @@ def train(args: argparse.Namespace, command: str) -> dict:
                 x0 = encode_video(render(scene, spec.height, spec.width), spec.factor)
                 keep = torch.rand(text.shape[0], device=device, generator=gen) >= args.p_uncond
                 text = text * keep.view(-1, 1, 1)
-            run_steps_planned = max(args.steps - first_step, 1)
-            progress = max(run_steps / run_steps_planned, (time.time() - t_train) / limit)
+            progress = max(run_steps / planned, (time.time() - t_train) / limit)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, progress, args.lr, args.warmup, args.schedule)
             loss = flow_loss(forward, x0, text, gen, autocast=cuda)
@@ -323,7 +324,7 @@ def train(args: argparse.Namespace, command: str) -> dict:
         "videos_per_second": round(run_steps * args.batch_size / max(train_seconds, 1e-9), 1),
         "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
-        "diffusers": __import__("diffusers").__version__,
+        "diffusers": DIFFUSERS_VERSION,
     }
     runs = list(carried["runs"]) + [run]
     if not args.no_checkpoint:

@@ -4,5 +4,6 @@ Only :mod:`sparse_vdit.integrations` imports diffusers; importing this module im
 """
 
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanTransformer3DModel
+from diffusers import __version__ as DIFFUSERS_VERSION
 
-__all__ = ["FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler", "WanTransformer3DModel"]
+__all__ = ["DIFFUSERS_VERSION", "FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler", "WanTransformer3DModel"]
