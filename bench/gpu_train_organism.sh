@@ -7,7 +7,8 @@
 # checkpoint from an earlier call is still there (the machine stayed warm), the next call
 # continues from it exactly (--resume; any --init/--preset given is then ignored), otherwise it
 # starts as the arguments say (e.g. --init with the weights carried from this machine).
-# WITH_TESTS=1 runs the triton/flex GPU tests beside training (correctness only, no timings).
+# WITH_TESTS=1 runs GPU tests beside training (correctness only, no timings); GPU_TESTS names them
+# (default: tests/kernels tests/patterns tests/test_layout.py).
 # Needs the diffusers wheel carried in a .whl*/ folder (bench/gpu_env.sh installs it).
 # $OUT gets organism.tar.part.* (weights, loss.png, samples.*, train_info.json; not the
 # checkpoint, which is larger than what a call brings back) and logs.txt.
@@ -32,7 +33,7 @@ if [ -f "$RUN_DIR/checkpoint.pt" ]; then
     echo "resuming from $RUN_DIR/checkpoint.pt" | tee -a /tmp/logs_env.txt
 fi
 if [ "${WITH_TESTS:-0}" = 1 ]; then
-    ( timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/patterns tests/test_layout.py \
+    ( timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu ${GPU_TESTS:-tests/kernels tests/patterns tests/test_layout.py} \
         > /tmp/logs_pytest.txt 2>&1 ) &
 fi
 python3 -m sparse_vdit.organism.train --out "$RUN_DIR" "${args[@]}" > /tmp/logs_train.txt 2>&1

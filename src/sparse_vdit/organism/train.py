@@ -199,6 +199,7 @@ def _start(args, device: torch.device):
                 previous = json.loads(info_file.read_text())
                 carried["runs"] = previous.get("runs", [{k: previous.get(k) for k in ("command", "steps", "train_seconds")}])
                 carried["step"] = previous.get("total_steps", previous.get("steps", 0))
+                carried["scenes"] = previous.get("total_videos_seen", 0)  # go on with unseen scenes
         else:
             spec, config = spec_and_config(args)
             model = build_organism(config, seed=args.seed).to(device)
