@@ -328,6 +328,8 @@ def main(argv=None) -> int:
               f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
         data["wall_s"] = time.perf_counter() - started
         args.out.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    data["wall_s"] = time.perf_counter() - started
+    args.out.write_text(json.dumps(data, indent=2, default=float) + "\n")
     pareto_plot(data, args.plot)
     table = render_table(data)
     args.out.with_suffix(".md").write_text(table + "\n")
