@@ -34,19 +34,19 @@ SEEDS=${SEEDS:-0 1}
 cat /tmp/logs_env.txt
 start=$(date +%s)
 
-timeout "${ORACLE_S:-170}" $PY bench/oracle.py --weights "$WEIGHTS" --device "$DEVICE" --captions 1 \
+timeout "${ORACLE_S:-150}" $PY bench/oracle.py --weights "$WEIGHTS" --device "$DEVICE" --captions 1 \
     --steps "$ORACLE_STEPS" --blocks 128 --densities 0.1 0.15 0.25 0.35 0.5 \
     --generate-densities 0.1 0.15 0.25 0.35 0.5 --gen-captions "$CAPTIONS" --gen-seeds 0 --gen-steps "$STEPS" \
     --out "$OUT/oracle-fidelity.json" > /tmp/logs_oracle.txt 2>&1
 echo "oracle exit $? after $(( $(date +%s) - start )) s" | tee -a /tmp/logs_oracle.txt
-grep -E "^block 128|^\| (per-call|static) " /tmp/logs_oracle.txt
+grep -E "^block 128|^\| (per-call|static) [0-9]" /tmp/logs_oracle.txt
 grep -A14 "^whole generations" /tmp/logs_oracle.txt
 
-timeout "${FIDELITY_S:-390}" $PY bench/fidelity.py --model fidelity --weights "$WEIGHTS" --device "$DEVICE" \
+timeout "${FIDELITY_S:-330}" $PY bench/fidelity.py --model fidelity --weights "$WEIGHTS" --device "$DEVICE" \
     --captions "$CAPTIONS" --seeds $SEEDS --steps "$STEPS" --search-captions 4 \
     --epsilons 0.001,0.003,0.01,0.03 --output-epsilons 0.01,0.03 \
     --svg-densities 0.5,0.35,0.25 --spatial-widths 2,1,0.5 --temporal-widths 0.2,0.1 \
-    --oracle-densities 0.5,0.25,0.15 --budget-s "${FIDELITY_BUDGET_S:-300}" \
+    --oracle-densities 0.5,0.25,0.15 --budget-s "${FIDELITY_BUDGET_S:-250}" \
     --save-plans /tmp/plans --out "$OUT/fidelity-fidelity.json" > /tmp/logs_fidelity.txt 2>&1
 echo "fidelity exit $? after $(( $(date +%s) - start )) s" | tee -a /tmp/logs_fidelity.txt
 grep "^\[" /tmp/logs_fidelity.txt | tail -30

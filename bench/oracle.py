@@ -55,6 +55,10 @@ from sparse_vdit.organism import model as M  # noqa: E402
 from sparse_vdit.methods.oracle import PerCallOracle, StaticOracle  # noqa: E402
 from sparse_vdit.patterns import compile_layer  # noqa: E402
 
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
+
+
 EVAL_DATA_SEED, SEARCH_DATA_SEED = 777, 4242  # as bench/fidelity.py: evaluation and calibration captions
 MODELS = {"small": M.WEIGHTS_DIR, "fidelity": M.FIDELITY_WEIGHTS_DIR}
 
@@ -167,15 +171,26 @@ def main(argv=None) -> int:
     weights = args.weights or MODELS[args.model]
     transformer, spec = M.load_organism(weights, args.device, torch.float32), M.load_spec(weights)
     layout = layout_of(spec)
-    data = {"weights": str(weights), "layout": layout.describe(), "device": args.device,
+    data = {"weights": str(weights), "layout": layout.describe(), "device": device_name(args.device),
             "command": "python bench/oracle.py " + " ".join(sys.argv[1:] if argv is None else argv)}  # fmt: skip
+    info = Path(weights) / "train_info.json"
+    if info.exists():  # how far the weights were trained (the fidelity organism is trained in runs)
+        data["weights_trained"] = {k: json.loads(info.read_text()).get(k) for k in ("total_steps", "total_videos_seen")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each part and generation row: a run cut short keeps what it measured
+        data["wall_s"] = time.perf_counter() - started
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+
     if not args.skip_per_head:
         data.update(per_head(args, transformer, spec, layout, started))
+        save()
     if args.generate_densities:
-        data["generation"] = generation(args, transformer, spec)
-    data["wall_s"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1) + "\n")
+        del transformer  # generations run in the benchmark's dtype (bf16 on CUDA, as bench/fidelity.py)
+        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+        data["generation"] = {}
+        generation(args, M.load_organism(weights, args.device, dtype), spec, data["generation"], save)
+    save()
     for b in args.blocks if not args.skip_per_head else []:
         print(f"\nblock {b} ({-(-layout.frame_tokens // b)} key blocks per frame); relative MSE over "
               f"{data['heads']} heads")  # fmt: skip
@@ -226,9 +241,11 @@ def per_head(args, transformer, spec, layout, started: float) -> dict:
                 acc[li] += err.double().cpu()
                 densities[(b, kind, key)] = dens
 
-            for d in args.densities:
-                add("per-call", d, masked_error(p, vh, out, top_share(mass, d), b), d)
-                add("static", d, masked_error(p, vh, out, top_share(mass_sum[(layer, b)], d), b), d)
+            for d in args.densities:  # density: the share actually kept (at least one block per row)
+                keep = top_share(mass, d)
+                add("per-call", d, masked_error(p, vh, out, keep, b), float(keep.double().mean()))
+                keep = top_share(mass_sum[(layer, b)], d)
+                add("static", d, masked_error(p, vh, out, keep, b), float(keep.double().mean()))
             for name, keep, dens in masks[(layer, b)]:
                 if isinstance(keep, tuple):
                     err = token_major_error(p, vh, out, keep[1].to(p.device), keep[2].to(p.device), b)
@@ -249,8 +266,8 @@ def per_head(args, transformer, spec, layout, started: float) -> dict:
             "heads": len(layers) * heads, "calls": len(calls), "rows": rows}  # fmt: skip
 
 
-def generation(args, transformer, spec) -> dict:
-    """PSNR / SSIM against dense of whole generations with the static and per-call oracles."""
+def generation(args, transformer, spec, out: dict, save) -> None:
+    """PSNR / SSIM against dense of whole generations with the static and per-call oracles, into ``out``."""
     block = args.gen_block or args.blocks[0]
     aspect = spec.width / spec.height
     captions = [D.sample_scene(EVAL_DATA_SEED, i, spec.frames, aspect).caption for i in range(args.gen_captions)]
@@ -260,20 +277,21 @@ def generation(args, transformer, spec) -> dict:
     t0 = time.perf_counter()
     mass = oracle_mass(transformer, spec, held_out, steps=args.gen_steps, seeds=args.gen_seeds[:1], block_size=block,
                        from_step=args.warmup_steps, progress=False)  # fmt: skip
-    calibration_s = time.perf_counter() - t0
+    out.update({"captions": captions, "seeds": args.gen_seeds, "steps": args.gen_steps, "block": block,
+                "dtype": str(transformer.patch_embedding.weight.dtype).removeprefix("torch."),
+                "warmup_steps": args.warmup_steps, "calibration_captions": held_out,
+                "calibration_seconds": time.perf_counter() - t0, "rows": []})  # fmt: skip
     dense = run_method(transformer, Method("dense", "dense"), videos, **run)
-    rows = []
+    out["dense_seconds"] = dense.seconds
     for d in args.generate_densities:
         for kind, make in (("static", lambda d=d: StaticOracle(mass, d, block, args.warmup_steps)),
                            ("per-call", lambda d=d: PerCallOracle(d, block, args.warmup_steps))):  # fmt: skip
             r = run_method(transformer, Method(f"oracle-{kind}-{d:g}", "source", source=make), videos, **run)
             s = score(r, dense)
-            rows.append({"kind": kind, "mask_density": d, "density": r.density, "psnr": s["psnr"], "ssim": s["ssim"],
-                         "psnr_per_video": s["psnr_per_video"], "seconds": r.seconds})  # fmt: skip
+            out["rows"].append({"kind": kind, "mask_density": d, "density": r.density, "psnr": s["psnr"],
+                                "ssim": s["ssim"], "psnr_per_video": s["psnr_per_video"], "seconds": r.seconds})  # fmt: skip
+            save()
             print(f"  oracle {kind} {d:.0%}: PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.4f}", flush=True)
-    return {"captions": captions, "seeds": args.gen_seeds, "steps": args.gen_steps, "block": block,
-            "warmup_steps": args.warmup_steps, "calibration_captions": held_out, "calibration_seconds": calibration_s,
-            "dense_seconds": dense.seconds, "rows": rows}  # fmt: skip
 
 
 def generation_table(gen: dict) -> str:
