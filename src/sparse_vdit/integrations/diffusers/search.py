@@ -186,7 +186,9 @@ def search(
             (default for pipelines: :func:`pipeline_sampler`).
         time_dense: also time one dense generation (our dense kernels) for the search-cost ratio.
         progress: a progress bar over steps and layers.
-        **settings: :class:`SearchSettings` fields (``error``, ``estimate``, ``sample_blocks``,
+        **settings: :class:`SearchSettings` fields (``error``: ``"output"`` weighs each head by what
+            it adds to the layer's output, read from the model's output projections, so heads that
+            add little can be skipped; ``estimate``, ``sample_blocks``,
             ``tune``, ``cost``, ``warmup_steps``, ``warmup_layers``, ``buckets``, ``block_size``, ``backend``).
 
     Returns:
