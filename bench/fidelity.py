@@ -3,6 +3,7 @@
     python bench/fidelity.py                     # shipped organism, 8 captions x 2 seeds = 16 videos
     python bench/fidelity.py --plans a.json b.json --epsilons ""    # offline plans loaded, not searched
     python bench/fidelity.py --quick             # tiny random organism on the CPU (results to a temp file)
+    python bench/fidelity.py --model fidelity    # the 9,216-token fidelity organism (block 128; a GPU run)
 
 Methods (every one through the diffusers integration on the same captions x seeds):
 
@@ -12,7 +13,15 @@ Methods (every one through the diffusers integration on the same captions x seed
 - ``svg-NN``: Sparse VideoGen online at each ``--svg-densities`` (25% dense warm-up, first layer dense);
 - ``window-spatial-W``: every head ``diagonal(W frames)``; ``window-temporal-W``: every head
   ``multi_diagonal(W)`` (share of the token-major sequence); both after ``--warmup-steps`` dense steps;
+- ``offline-out-eps=E`` (``--output-epsilons``): the search scoring each head's error through the
+  layer's output projection, relative to the layer's mean head (``error="output"``), so a head
+  whose contribution is small can be skipped; each row says how many heads its plan skips;
 - ``skip-only``: the search with ``skip`` as its only candidate (heads dense or skipped);
+- ``oracle-static-NN`` / ``oracle-per-call-NN`` (``--oracle-densities``): the best block masks at
+  that share of key blocks per query block (:mod:`sparse_vdit.methods.oracle`), after the same
+  dense warm-up as the windows: one mask per (layer, head) from the attention mass of dense
+  generations of the search captions, or each call's own top blocks. Upper bounds, not methods:
+  the per-call oracle computes the full attention scores to decide (its time means nothing);
 - ``offline-paper`` (``--paper``): the search in the paper's setting (``mode="paper"``: one caption,
   one seed, absolute MSE, full outputs, the four fixed modes, block-count cost, epsilon 1, lambda 0.5).
 
@@ -23,8 +32,10 @@ Per method: PSNR and SSIM against dense (mean over videos), attention FLOP densi
 of blocks over all steps, warm-up included), measured attention speedup (dense attention time /
 the method's, SVG profiling included) and generation speedup. Speedups are meaningful on a GPU
 only; on the CPU sparse layers run the plain-torch reference kernel (``speedup_meaningful``: false).
-Writes ``--out`` (JSON), a Pareto plot (``--plot``: PSNR vs speedup and vs density) and prints the
-table (``python bench/report.py`` puts it in BENCHMARKS.md).
+Writes ``--out`` (JSON, rewritten after every method, so a run cut short keeps what it measured;
+methods not started within ``--budget-s`` are listed under ``not_run``), a Pareto plot (``--plot``:
+PSNR and SSIM vs density, PSNR vs speedup) and ``--out`` with ``.md`` (the table, printed too;
+``python bench/report.py`` puts it in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,13 +62,16 @@ except ImportError:  # pragma: no cover
 from report import fidelity as render_table  # noqa: E402
 
 from sparse_vdit import Plan  # noqa: E402
-from sparse_vdit.compare import Method, layout_of, run_method, score, search_plan  # noqa: E402
+from sparse_vdit.compare import Method, layout_of, oracle_mass, run_method, score, search_plan  # noqa: E402
+from sparse_vdit.methods.oracle import PerCallOracle, StaticOracle  # noqa: E402
 from sparse_vdit.organism import data as D  # noqa: E402
 from sparse_vdit.organism import model as M  # noqa: E402
 from sparse_vdit.patterns import diagonal, multi_diagonal  # noqa: E402
 
 EVAL_DATA_SEED, SEARCH_DATA_SEED = 777, 4242  # evaluation captions and (held-out) search captions
-FAMILIES = ("dense", "offline", "offline-paper", "svg", "window-spatial", "window-temporal", "skip-only")
+FAMILIES = ("dense", "offline", "offline-out", "offline-paper", "svg", "window-spatial", "window-temporal",
+            "skip-only", "oracle-static", "oracle-per-call")  # fmt: skip
+MODELS = {"small": M.WEIGHTS_DIR, "fidelity": M.FIDELITY_WEIGHTS_DIR}
 
 
 def floats(text: str) -> list[float]:
@@ -67,7 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", "--dry-run", dest="quick", action="store_true",
                    help="tiny random organism on the CPU, 2 videos, 3 steps, one setting per family")  # fmt: skip
-    p.add_argument("--weights", type=Path, help="organism weights folder (default: the shipped ones)")
+    p.add_argument("--model", choices=tuple(MODELS), default="small",
+                   help="shipped organism: small (8 x 16 x 16 tokens, the default) or fidelity (12 x 24 x 32, block 128)")
+    p.add_argument("--weights", type=Path, help="organism weights folder (default: --model's)")
     p.add_argument("--random-weights", action="store_true", help="untrained full-size organism (to try the script)")
     p.add_argument("--captions", type=int, default=8, help="evaluation captions (scenes of data seed 777)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -84,14 +101,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spatial-widths", type=floats, default=floats("4,2,1"), help="window-spatial, frames")
     p.add_argument("--temporal-widths", type=floats, default=floats("0.4,0.2,0.1"),
                    help="window-temporal, share of the token-major sequence")  # fmt: skip
+    p.add_argument("--output-epsilons", type=floats, default=floats(""),
+                   help="offline searches with error='output' (heads may be skipped), lambda as --lam")
     p.add_argument("--no-skip-only", action="store_true")
+    p.add_argument("--oracle-densities", type=floats, default=floats("0.5,0.25"),
+                   help="static and per-call oracle masks at these shares of key blocks (empty: none)")
+    p.add_argument("--budget-s", type=float, default=float("inf"),
+                   help="start no method after this many seconds (the rest are listed under not_run)")
     p.add_argument("--search-cost", default="blocks",
                    help="cost in the search's loss: blocks (default: at the organism's 2,048 tokens kernels are "
                         "launch-bound, so measured times say nothing), auto, or a cost table JSON")  # fmt: skip
     p.add_argument("--paper", action="store_true", help="add the search in the paper's setting (offline-paper)")
     p.add_argument("--save-plans", type=Path, help="folder for the searched plans (<method>.json)")
     p.add_argument("--warmup-steps", type=int, help="dense steps of the window baselines (default: 10%% of the steps)")
-    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--block-size", type=int, help="table block (default 64; 128 with --model fidelity)")
     p.add_argument("--backend", default="auto", help="sparse kernel: auto, fa4, triton, flex, reference")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="JSON (default bench/results/fidelity.json; a temp file with --quick)")
@@ -104,9 +127,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
         args.epsilons, args.svg_densities = middle(args.epsilons, 2), middle(args.svg_densities, 1)
         args.spatial_widths, args.temporal_widths = middle(args.spatial_widths, 1), middle(args.temporal_widths, 1)
+        args.output_epsilons, args.oracle_densities = args.output_epsilons[:1], args.oracle_densities[:1]
         args.block_size, args.random_weights = 16, True
         args.out = args.out or Path(tempfile.mkdtemp(prefix="fidelity-")) / "fidelity.json"
-    args.out = args.out or HERE / "results" / "fidelity.json"
+    args.block_size = args.block_size or (128 if args.model == "fidelity" else 64)
+    args.out = args.out or HERE / "results" / ("fidelity.json" if args.model == "small" else f"fidelity-{args.model}.json")
     args.plot = args.plot or args.out.with_suffix(".png")
     return args
 
@@ -119,10 +144,10 @@ def load_model(args):
         config = M.organism_config(spec, num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)
         model, what = M.build_organism(config), "tiny random organism (--quick)"
     elif args.random_weights:
-        spec = M.OrganismSpec()
-        model, what = M.build_organism(M.organism_config(spec)), "random organism (untrained)"
+        spec, shape = (M.FIDELITY_SPEC, M.FIDELITY_MODEL) if args.model == "fidelity" else (M.OrganismSpec(), {})
+        model, what = M.build_organism(M.organism_config(spec, **shape)), f"random {args.model} organism (untrained)"
     else:
-        path = args.weights or M.WEIGHTS_DIR
+        path = args.weights or MODELS[args.model]
         try:
             return M.load_organism(path, args.device, dtype), M.load_spec(path), f"organism weights {path}"
         except FileNotFoundError as err:
@@ -130,45 +155,98 @@ def load_model(args):
     return M.to_dtype(model, dtype).to(args.device).eval(), spec, what
 
 
-def methods(args, transformer, spec) -> list[Method]:
-    """Every method of the run, dense first; offline plans are searched here."""
+def scene_captions(seed: int, count: int, spec) -> list[str]:
+    """Captions of scenes ``0..count-1`` of data seed ``seed`` at the organism's frames and aspect."""
+    return [D.sample_scene(seed, i, spec.frames, spec.width / spec.height).caption for i in range(count)]
+
+
+def methods(args, transformer, spec) -> list[tuple[str, str, Callable[[], Method]]]:
+    """``(name, family, build)`` of every method of the run, dense first; ``build()`` searches or
+    calibrates when the method's turn comes (so a time budget can stop before a costly search)."""
     steps, block = args.steps, args.block_size
     warmup = round(0.1 * steps) if args.warmup_steps is None else args.warmup_steps
-    search_captions = [D.sample_scene(SEARCH_DATA_SEED, i).caption for i in range(args.search_captions)]
+    search_captions = scene_captions(SEARCH_DATA_SEED, args.search_captions, spec)
     search = dict(steps=steps, seeds=args.search_seeds, block_size=block, backend=args.backend, progress=True,
                   cost=args.search_cost)  # fmt: skip
-    out = [Method("dense", "dense", note="dense")]
+    out = [("dense", "dense", lambda: Method("dense", "dense", note="dense"))]
 
-    def searched(name: str, family: str, captions=search_captions, **settings) -> Method:
-        print(f"searching {name} ...", flush=True)
-        plan = search_plan(transformer, spec, captions, time_dense=True, **{**search, **settings})
-        if args.save_plans:
-            args.save_plans.mkdir(parents=True, exist_ok=True)
-            plan.save(args.save_plans / f"{name}.json")
-        stats = plan.made_by["stats"]
-        runs = len(stats["run_seconds"])  # search cost per video against one dense generation of it
-        info = {"search_seconds": stats["search_seconds"], "search_runs": runs,
-                "search_cost_vs_dense": stats["search_seconds"] / runs / stats["dense_seconds"]}  # fmt: skip
-        return Method(name, "plan", plan, note=family, info=info)
+    def searched(name: str, family: str, captions=search_captions, **settings):
+        def build() -> Method:
+            print(f"searching {name} ...", flush=True)
+            plan = search_plan(transformer, spec, captions, time_dense=True, **{**search, **settings})
+            if args.save_plans:
+                args.save_plans.mkdir(parents=True, exist_ok=True)
+                plan.save(args.save_plans / f"{name}.json")
+            stats = plan.made_by["stats"]
+            runs = len(stats["run_seconds"])  # search cost per video against one dense generation of it
+            info = {"search_seconds": stats["search_seconds"], "search_runs": runs,
+                    "search_cost_vs_dense": stats["search_seconds"] / runs / stats["dense_seconds"]}  # fmt: skip
+            return Method(name, "plan", plan, note=family, info=info)
+
+        return name, family, build
+
+    def fixed(name: str, family: str, **fields):
+        return name, family, lambda: Method(name, note=family, **fields)
 
     for eps in args.epsilons:
         lam = eps if args.lam == "epsilon" else float(args.lam)
         out.append(searched(f"offline-eps={eps:g}", "offline", epsilon=eps, lam=lam))
+    for eps in args.output_epsilons:
+        lam = eps if args.lam == "epsilon" else float(args.lam)
+        out.append(searched(f"offline-out-eps={eps:g}", "offline-out", epsilon=eps, lam=lam, error="output"))
     if args.paper:
         out.append(searched("offline-paper", "offline-paper", search_captions[:1], mode="paper",
                             seeds=args.search_seeds[:1]))  # fmt: skip
     for path in args.plans:
-        out.append(Method(f"offline-{path.stem}", "plan", Plan.load(path, transformer), note="offline"))
+        out.append(fixed(f"offline-{path.stem}", "offline", kind="plan", plan=Plan.load(path, transformer)))
     for d in args.svg_densities:
-        out.append(Method(f"svg-{round(d * 100):02d}", "svg", svg={"density": d}, note="svg"))
+        out.append(fixed(f"svg-{round(d * 100):02d}", "svg", kind="svg", svg={"density": d}))
     for family, make, widths in (("window-spatial", diagonal, args.spatial_widths),
                                  ("window-temporal", multi_diagonal, args.temporal_widths)):  # fmt: skip
         for w in widths:
             plan = Plan.uniform(transformer, make(w), warmup_steps=warmup, block_size=block)
-            out.append(Method(f"{family}-{w:g}", "plan", plan, note=family))
+            out.append(fixed(f"{family}-{w:g}", family, kind="plan", plan=plan))
+    calibration: dict = {}
+
+    def static_mass() -> dict:  # dense generations of the search captions, once for every density
+        if not calibration:
+            print("calibrating the static oracle ...", flush=True)
+            started = time.perf_counter()
+            calibration["mass"] = oracle_mass(transformer, spec, search_captions, steps=steps, seeds=args.search_seeds,
+                                              block_size=block, from_step=warmup)  # fmt: skip
+            calibration["seconds"] = time.perf_counter() - started
+        return calibration["mass"]
+
+    def static_oracle(name: str, density: float) -> Method:
+        mass = static_mass()
+        info = {"mask_density": density, "calibration_seconds": calibration["seconds"]}
+        return Method(name, "source", source=lambda: StaticOracle(mass, density, block, warmup), note="oracle-static",
+                      info=info)  # fmt: skip
+
+    for d in args.oracle_densities:
+        tag = f"{round(d * 100):02d}"
+        out.append((f"oracle-static-{tag}", "oracle-static", lambda d=d, tag=tag: static_oracle(f"oracle-static-{tag}", d)))
+        out.append(fixed(f"oracle-per-call-{tag}", "oracle-per-call", kind="source", info={"mask_density": d},
+                         source=lambda d=d: PerCallOracle(d, block, warmup)))  # fmt: skip
     if not args.no_skip_only:
         out.append(searched("skip-only", "skip-only", candidates=["skip"]))
     return out
+
+
+def skipped(plan: Plan | None, steps: int) -> dict:
+    """How many (layer, head) a plan skips in some step, and the share of head-steps skipped."""
+    if plan is None:
+        return {}
+    heads, skips = set(), 0
+    for step in range(steps):
+        for layer in range(plan.num_layers):
+            if plan.is_dense(step, layer):
+                continue
+            for h, p in enumerate(plan.patterns_for(step, layer)):
+                if p.name == "skip":
+                    heads.add((layer, h))
+                    skips += 1
+    return {"skipped_heads": len(heads), "skipped_share": skips / (steps * plan.num_layers * plan.num_heads)}
 
 
 def environment(args) -> dict:
@@ -181,31 +259,36 @@ def environment(args) -> dict:
 
 
 def pareto_plot(data: dict, path: Path) -> Path:
-    """PSNR against measured attention speedup and against attention density, one colour per family."""
+    """PSNR and SSIM against attention density, and PSNR against measured attention speedup; one
+    colour per family, oracles (upper bounds) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in data["rows"] if r["family"] != "dense"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    meaningful = data["speedup_meaningful"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    panels = (("density", "psnr"), ("density", "ssim"), ("attention_speedup", "psnr"))
     for family in FAMILIES[1:]:
         pts = [r for r in rows if r["family"] == family]
         if not pts:
             continue
-        for ax, key in zip(axes, ("attention_speedup", "density")):
-            pts = sorted(pts, key=lambda r: r[key])
-            ax.plot([r[key] for r in pts], [min(r["psnr"], 99.0) for r in pts], "o-", label=family, alpha=0.85)
-    axes[0].set_xlabel("measured attention speedup vs dense" + ("" if meaningful else " (CPU: NOT meaningful)"))
-    axes[1].set_xlabel("attention FLOP density (share of dense)")
-    axes[1].invert_xaxis()
+        style = "s--" if family.startswith("oracle") else "o-"
+        for ax, (x, y) in zip(axes, panels):
+            pts = sorted(pts, key=lambda r: r[x])
+            ax.plot([r[x] for r in pts], [min(r[y], 99.0) for r in pts], style, label=family, alpha=0.85)
+    meaningful = data["speedup_meaningful"]
+    axes[0].set_xlabel("attention FLOP density (share of dense, warm-up included)")
+    axes[1].set_xlabel("attention FLOP density (share of dense, warm-up included)")
+    axes[2].set_xlabel("measured attention speedup vs dense" + ("" if meaningful else " (CPU: NOT meaningful)"))
+    axes[0].set_ylabel("PSNR vs dense (dB; identical = 99)")
+    axes[1].set_ylabel("SSIM vs dense")
+    axes[2].set_ylabel("PSNR vs dense (dB; identical = 99)")
     for ax in axes:
-        ax.set_ylabel("PSNR vs dense (dB; identical = 99)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"{data['model']}: {data['videos']} videos, {data['steps']} steps; {data['environment']['device']}",
-                 fontsize=9)  # fmt: skip
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{data['model']}: {data['videos']} videos, {data['steps']} steps, block {data['block_size']}; "
+                 f"{data['environment']['device']}", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -216,37 +299,68 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     transformer, spec, what = load_model(args)
-    videos = [(D.sample_scene(EVAL_DATA_SEED, i).caption, s) for i in range(args.captions) for s in args.seeds]
+    videos = [(c, s) for c in scene_captions(EVAL_DATA_SEED, args.captions, spec) for s in args.seeds]
     print(f"{what}; {len(videos)} videos, {args.steps} steps, layout {layout_of(spec).describe()}, "
           f"block {args.block_size}, {args.device}", flush=True)  # fmt: skip
     todo = methods(args, transformer, spec)
     run = dict(steps=args.steps, spec=spec, backend=args.backend, block_size=args.block_size)
-    if args.device.startswith("cuda"):  # compile kernels before anything is timed
-        for m in todo:
-            run_method(transformer, m, videos[:1], **{**run, "steps": 2}, progress=False)
-    runs = [run_method(transformer, m, videos, **run) for m in todo]
-    dense = runs[0]
-    rows = []
-    for r in runs:
-        s = score(r, dense)
-        rows.append({"method": r.method.name, "family": r.method.note, "psnr": s["psnr"], "ssim": s["ssim"],
-                     "density": r.density, "flop_reduction": 1 / r.density if r.density else float("inf"),
-                     "attention_speedup": dense.attention_seconds / r.attention_seconds,
-                     "speedup": dense.seconds / r.seconds, "seconds": r.seconds,
-                     "attention_seconds": r.attention_seconds, "psnr_per_video": s["psnr_per_video"],
-                     "ssim_per_video": s["ssim_per_video"], **r.method.info})  # fmt: skip
-    data = {"model": what, "videos": len(videos), "steps": args.steps, "block_size": args.block_size,
-            "layout": layout_of(spec).describe(), "backend": args.backend, "dry_run": args.quick,
-            "speedup_meaningful": args.device.startswith("cuda"), "environment": environment(args),
-            "captions": sorted({c for c, _ in videos}), "seeds": args.seeds,
+    data = {"model": what, "weights": weights_info(args), "videos": len(videos), "steps": args.steps,
+            "block_size": args.block_size, "layout": layout_of(spec).describe(), "backend": args.backend,
+            "dry_run": args.quick, "speedup_meaningful": args.device.startswith("cuda"),
+            "environment": environment(args), "captions": sorted({c for c, _ in videos}), "seeds": args.seeds,
             "command": "python bench/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "wall_s": time.perf_counter() - started, "rows": rows}  # fmt: skip
+            "rows": [], "not_run": []}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    dense = None
+    for i, (name, family, build) in enumerate(todo):
+        if time.perf_counter() - started > args.budget_s and dense is not None:
+            data["not_run"].append(name)
+            print(f"[{i + 1}/{len(todo)}] {name}: not run (past --budget-s {args.budget_s:g})", flush=True)
+            continue
+        method = build()
+        if args.device.startswith("cuda"):  # compile kernels before anything is timed
+            run_method(transformer, method, videos[:1], **{**run, "steps": 2}, progress=False)
+        result = run_method(transformer, method, videos, **run)
+        dense = dense or result
+        data["rows"].append(row(result, dense, args.steps))
+        r = data["rows"][-1]
+        print(f"[{i + 1}/{len(todo)}] {name}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}, density {r['density']:.1%} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+        data["wall_s"] = time.perf_counter() - started
+        args.out.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    data["wall_s"] = time.perf_counter() - started
     args.out.write_text(json.dumps(data, indent=2, default=float) + "\n")
     pareto_plot(data, args.plot)
-    print(f"\nwrote {args.out} and {args.plot}\n")
-    print(render_table(data))
+    table = render_table(data)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(f"\nwrote {args.out}, {args.plot} and {args.out.with_suffix('.md')}\n")
+    print(table)
     return 0
+
+
+def row(result, dense, steps: int) -> dict:
+    """One method's scores against dense, its cost, and what its plan skips."""
+    s = score(result, dense)
+    return {"method": result.method.name, "family": result.method.note, "psnr": s["psnr"], "ssim": s["ssim"],
+            "density": result.density, "flop_reduction": 1 / result.density if result.density else float("inf"),
+            "attention_speedup": dense.attention_seconds / result.attention_seconds,
+            "speedup": dense.seconds / result.seconds, "seconds": result.seconds,
+            "attention_seconds": result.attention_seconds, "psnr_per_video": s["psnr_per_video"],
+            "ssim_per_video": s["ssim_per_video"], **skipped(result.method.plan, steps),
+            **result.method.info}  # fmt: skip
+
+
+def weights_info(args) -> dict:
+    """Where the weights came from and how long they were trained (their train_info.json)."""
+    if args.quick or args.random_weights:
+        return {"path": None}
+    path = Path(args.weights or MODELS[args.model])
+    info = {"path": str(path)}
+    train = path / "train_info.json"
+    if train.exists():
+        t = json.loads(train.read_text())
+        info.update({k: t.get(k) for k in ("total_steps", "total_videos_seen", "final_loss", "parameters")})
+    return info
 
 
 if __name__ == "__main__":

@@ -110,18 +110,24 @@ def fidelity(data: dict) -> str:
     out = [
         f"Device: {env['device']}; torch {env['torch']}, diffusers {env['diffusers']}; {env['date']}. "
         f"{data['model']}, {data['videos']} videos x {data['steps']} steps, layout {data['layout']}, "
-        f"block {data['block_size']}{' (dry run)' if data.get('dry_run') else ''}.",
+        f"block {data['block_size']}{' (dry run)' if data.get('dry_run') else ''}."
+        + (f" Weights trained {w['total_steps']} steps ({w['total_videos_seen']} videos)."
+           if (w := data.get("weights") or {}).get("total_steps") else ""),
         "",
-    ]
+    ]  # fmt: skip
+    skips = any("skipped_heads" in r for r in data["rows"])  # the rows of plans say how many heads they skip
     rows = [
         [r["method"], f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['density']:.1%}", f"{r['flop_reduction']:.2f}",
          f"{r['attention_speedup']:.2f}", f"{r['speedup']:.2f}",
-         f"{r['search_cost_vs_dense']:.1f}" if "search_cost_vs_dense" in r else ""]
+         f"{r['search_cost_vs_dense']:.1f}" if "search_cost_vs_dense" in r else "",
+         *([str(r["skipped_heads"]) if "skipped_heads" in r else ""] if skips else [])]
         for r in data["rows"]
     ]  # fmt: skip
     out.append(_table(["method", "PSNR dB", "SSIM", "attention density", "FLOP reduction",
                        f"attention speedup{speed}", f"generation speedup{speed}",
-                       "search cost (x one dense generation)"], rows))  # fmt: skip
+                       "search cost (x one dense generation)", *(["skipped heads"] if skips else [])], rows))  # fmt: skip
+    if data.get("not_run"):
+        out += ["", f"Not run (past the time budget): {', '.join(data['not_run'])}."]
     return "\n".join(out)
 
 

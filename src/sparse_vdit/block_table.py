@@ -167,6 +167,42 @@ class BlockTable:
         )
 
 
+@dataclass(frozen=True)
+class MaskHead:
+    """What a table built from a block mask (:func:`table_from_mask`) says of each head's pattern."""
+
+    name: str = "mask"
+    token_major: bool = False
+
+
+def table_from_mask(layout: VideoLayout, block_size: int, keep: torch.Tensor, name: str = "mask") -> BlockTable:
+    """The block table whose head ``h`` visits exactly the key blocks where ``keep[h]`` is true.
+
+    ``keep``: bool ``[H, query blocks, key blocks]`` in frame-major order (key blocks cover
+    ``layout.kv_len``); any shape of mask (e.g. an oracle's top key blocks per query block). The
+    table is built on ``keep``'s device; each row becomes its runs of consecutive kept blocks.
+    Text rules are not added: the mask is taken as it is.
+    """
+    if keep.dtype != torch.bool or keep.dim() != 3:
+        raise ValueError(f"keep must be a bool [heads, query blocks, key blocks] tensor, got {keep.dtype} {tuple(keep.shape)}")
+    qb, kb = num_blocks(layout.num_tokens, block_size), num_blocks(layout.kv_len, block_size)
+    if tuple(keep.shape[1:]) != (qb, kb):
+        raise ValueError(f"keep has {tuple(keep.shape[1:])} blocks; the layout {layout.describe()} at block "
+                         f"{block_size} has ({qb}, {kb})")  # fmt: skip
+    edges = torch.nn.functional.pad(keep.to(torch.int8), (1, 1)).diff(dim=-1)  # [H, Qb, Kb + 1]
+    runs = int((edges == 1).sum(-1).max()) if keep.numel() else 0
+    width = max(runs, 1)
+
+    def packed(flag: torch.Tensor) -> torch.Tensor:  # positions of the flags, ascending, first `width`
+        position = torch.arange(kb + 1, device=keep.device).expand_as(flag)
+        ranked = torch.where(flag, position, position + kb + 1).sort(-1).values[..., :width]
+        return torch.where(ranked <= kb, ranked, 0).to(torch.int32)
+
+    starts, ends = packed(edges == 1), packed(edges == -1)
+    token_major = torch.zeros(keep.shape[0], dtype=torch.bool, device=keep.device)
+    return BlockTable(layout, block_size, (MaskHead(name),) * keep.shape[0], starts, ends, token_major)
+
+
 _SERIAL = itertools.count(1)
 _LIVE: weakref.WeakValueDictionary[int, BlockTable] = weakref.WeakValueDictionary()
 

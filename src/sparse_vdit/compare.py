@@ -13,36 +13,44 @@ all steps, warm-up included: the attention FLOPs relative to dense.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from .block_table import BlockTable
 from .integrations.diffusers import apply, remove
 from .layout import VideoLayout
+from .methods.protocol import PatternSource
 from .metrics import psnr, ssim
+from .patterns import compile_layer
 from .plan import Plan
 from .timing import clock, seconds_between
 
 
 @dataclass(frozen=True)
 class Method:
-    """One way to compute attention: ``kind`` is ``"dense"``, ``"plan"`` or ``"svg"``."""
+    """One way to compute attention: ``kind`` is ``"dense"``, ``"plan"``, ``"svg"`` or ``"source"``
+    (``source()`` makes a fresh pattern source for the run, e.g. an oracle of
+    :mod:`sparse_vdit.methods.oracle`)."""
 
     name: str
     kind: str
     plan: Plan | None = None
     svg: dict = field(default_factory=dict)  # options of apply(method="svg"), e.g. {"density": 0.3}
+    source: Callable[[], PatternSource] | None = None
     note: str = ""
     info: dict = field(default_factory=dict)  # recorded beside the method's scores (e.g. search time)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("dense", "plan", "svg"):
-            raise ValueError(f"method kind must be 'dense', 'plan' or 'svg', got {self.kind!r}")
+        if self.kind not in ("dense", "plan", "svg", "source"):
+            raise ValueError(f"method kind must be 'dense', 'plan', 'svg' or 'source', got {self.kind!r}")
         if self.kind == "plan" and self.plan is None:
             raise ValueError(f"method {self.name!r}: kind 'plan' needs a plan")
+        if self.kind == "source" and self.source is None:
+            raise ValueError(f"method {self.name!r}: kind 'source' needs a source")
 
 
 @dataclass
@@ -88,6 +96,10 @@ def run_method(
     if method.kind == "svg":
         options = {"num_steps": steps, **method.svg}  # the bare transformer has no scheduler to ask
         state = apply(transformer, method="svg", backend=backend, block_size=block_size, record=True, **options)
+    elif method.kind == "source":
+        state = apply(transformer, pattern_source=method.source(), backend=backend, block_size=block_size)
+        counted = _CallDensity(block_size)
+        state.observers.append(counted)
     else:
         plan = method.plan if method.kind == "plan" else Plan.dense(transformer, block_size=block_size)
         state = apply(transformer, plan, backend=backend)
@@ -104,11 +116,30 @@ def run_method(
                 outs.append(video.cpu())
                 seconds += seconds_between(start, clock(param))
                 bar.update(steps - bar.n)
-            densities.append(_density(method, state, layout, steps))
+            densities.append(counted.pop() if method.kind == "source" else _density(method, state, layout, steps))
         attention = sum(state.attention_seconds().values())
     finally:
         remove(transformer)
     return Run(method, torch.cat(outs), seconds, attention, sum(densities) / len(densities))
+
+
+class _CallDensity:
+    """Observer: the mean computed share of blocks over the layer calls since the last :meth:`pop`."""
+
+    def __init__(self, block: int) -> None:
+        self.block, self.shares = block, []
+
+    def __call__(self, call, patterns, out) -> None:
+        if patterns is None:
+            self.shares.append(1.0)
+        elif isinstance(patterns, BlockTable):
+            self.shares.append(patterns.density)
+        else:
+            self.shares.append(compile_layer(tuple(patterns), call.layout, self.block).density)
+
+    def pop(self) -> float:
+        shares, self.shares = self.shares, []
+        return sum(shares) / len(shares) if shares else 1.0
 
 
 def _density(method: Method, state, layout: VideoLayout, steps: int) -> float:
@@ -147,6 +178,34 @@ def search_plan(
 
     return search(transformer, list(captions), steps=steps, seeds=seeds, sampler=organism_sampler(transformer, spec),
                   block_size=block_size, backend=backend, progress=progress, **settings)  # fmt: skip
+
+
+def oracle_mass(
+    transformer: Any,
+    spec: Any,
+    captions: Sequence[str],
+    *,
+    steps: int,
+    seeds: Sequence[int] = (0,),
+    block_size: int = 64,
+    from_step: int = 0,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """Attention block mass per layer ``{layer: [H, Qb, Kb]}`` summed over dense generations of
+    every caption x seed (steps from ``from_step``): the calibration of a
+    :class:`~sparse_vdit.methods.oracle.StaticOracle`."""
+    from .methods.oracle import MassRecorder
+    from .organism.model import sample
+
+    recorder = MassRecorder(block_size, from_step)
+    apply(transformer, pattern_source=recorder, backend="reference", block_size=block_size)
+    try:
+        runs = [(c, s) for c in captions for s in seeds]
+        for caption, seed in tqdm(runs, desc="oracle calibration", unit="video", disable=not progress, leave=False):
+            sample(transformer, [caption], seed=seed, steps=steps, spec=spec, progress=False)
+    finally:
+        remove(transformer)
+    return recorder.mass
 
 
 def side_by_side(runs: Sequence[Run], path, index: int = 0, scale: int = 3, fps: float = 4.0,
@@ -193,4 +252,4 @@ def _caption(text: str, width: int, height: int = 22):
     return np.asarray(strip)
 
 
-__all__ = ["Method", "Run", "layout_of", "run_method", "score", "search_plan", "side_by_side"]
+__all__ = ["Method", "Run", "layout_of", "oracle_mass", "run_method", "score", "search_plan", "side_by_side"]

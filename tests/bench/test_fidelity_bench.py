@@ -14,7 +14,8 @@ def test_quick_run_writes_results_plot_and_table(tmp_path, capsys, load_script):
     assert module.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     families = [r["family"] for r in data["rows"]]
-    assert families == ["dense", "offline", "offline", "svg", "window-spatial", "window-temporal", "skip-only"]
+    assert families == ["dense", "offline", "offline", "svg", "window-spatial", "window-temporal", "oracle-static",
+                        "oracle-per-call", "skip-only"]  # fmt: skip
     assert data["videos"] == 2 and data["dry_run"] and not data["speedup_meaningful"]
     for r in data["rows"]:
         assert 0 < r["density"] <= 1 and r["flop_reduction"] == pytest.approx(1 / r["density"])
@@ -23,6 +24,29 @@ def test_quick_run_writes_results_plot_and_table(tmp_path, capsys, load_script):
     assert out.with_suffix(".png").stat().st_size > 0
     text = capsys.readouterr().out
     assert "| window-temporal-0.2 |" in text and "NOT meaningful" in text
+    assert "| oracle-per-call-50 |" in out.with_suffix(".md").read_text() and data["not_run"] == []
+    rows = {r["method"]: r for r in data["rows"]}
+    for name in ("oracle-static-50", "oracle-per-call-50"):  # every step sparse (3 steps: no warm-up)
+        assert rows[name]["density"] == pytest.approx(0.5) and rows[name]["mask_density"] == 0.5
+    assert rows["skip-only"]["skipped_heads"] >= 0 and "skipped_heads" not in rows["svg-40"]
+
+
+def test_output_error_searches_oracles_at_full_density_and_the_budget(tmp_path, load_script):
+    module = load_script("fidelity")
+    out = tmp_path / "fidelity.json"
+    args = ["--quick", "--device", "cpu", "--out", str(out), "--epsilons", "", "--output-epsilons", "0.01",
+            "--no-skip-only", "--svg-densities", "", "--spatial-widths", "", "--temporal-widths", "0.2",
+            "--oracle-densities", "1.0"]  # fmt: skip
+    assert module.main(args) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["dense", "offline-out-eps=0.01", "window-temporal-0.2", "oracle-static-100",
+                          "oracle-per-call-100"]  # fmt: skip
+    assert rows["offline-out-eps=0.01"]["family"] == "offline-out" and "skipped_share" in rows["offline-out-eps=0.01"]
+    for name in ("oracle-static-100", "oracle-per-call-100"):  # every block kept: the dense videos
+        assert rows[name]["psnr"] > 60 and rows[name]["density"] == 1.0
+    assert module.main([*args, "--budget-s", "0"]) == 0  # past the budget at once: dense alone runs
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["rows"]] == ["dense"] and len(data["not_run"]) == 4
 
 
 def test_paper_setting_and_saved_plans(tmp_path, load_script):
@@ -32,7 +56,7 @@ def test_paper_setting_and_saved_plans(tmp_path, load_script):
     out, plans = tmp_path / "fidelity.json", tmp_path / "plans"
     args = ["--quick", "--device", "cpu", "--out", str(out), "--paper", "--save-plans", str(plans),
             "--epsilons", "0.01", "--no-skip-only", "--svg-densities", "", "--spatial-widths", "",
-            "--temporal-widths", ""]  # fmt: skip
+            "--temporal-widths", "", "--oracle-densities", ""]  # fmt: skip
     assert module.main(args) == 0
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["dense", "offline-eps=0.01", "offline-paper"]

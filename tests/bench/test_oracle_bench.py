@@ -22,3 +22,24 @@ def test_oracle_keeping_every_block_is_exact_and_less_keeps_less(tmp_path, load_
         assert 0 < half["mean_rel_mse"] < 1 and half["mean_rel_mse"] > full["mean_rel_mse"]
     candidates = [r for r in data["rows"] if r["kind"] == "candidate"]
     assert candidates and all(0 < r["density"] <= 1 and r["mean_rel_mse"] >= 0 for r in candidates)
+
+
+def test_whole_generations_with_the_oracles(tmp_path, load_script):
+    from sparse_vdit.organism import model as M
+
+    module = load_script("oracle")
+    spec = M.OrganismSpec(frames=4, height=32, width=32)  # 4 x 8 x 8 = 256 tokens: 4 blocks of 64
+    config = M.organism_config(spec, num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)
+    weights = M.save_organism(M.build_organism(config), tmp_path / "tiny", spec)
+    out = tmp_path / "oracle.json"
+    module.main(["--weights", str(weights), "--skip-per-head", "--blocks", "64", "--generate-densities", "1.0",
+                 "0.25", "--gen-captions", "1", "--gen-steps", "2", "--calibration-captions", "1",
+                 "--backend", "reference", "--out", str(out)])  # fmt: skip
+    gen = json.loads(out.read_text())["generation"]
+    rows = {(r["kind"], r["mask_density"]): r for r in gen["rows"]}
+    assert set(rows) == {(k, d) for k in ("static", "per-call") for d in (1.0, 0.25)}
+    for kind in ("static", "per-call"):
+        assert rows[kind, 1.0]["psnr"] > 60 and rows[kind, 1.0]["density"] == 1.0  # every block: the dense video
+        assert rows[kind, 0.25]["psnr"] < rows[kind, 1.0]["psnr"]
+        assert rows[kind, 0.25]["density"] == pytest.approx(0.25)  # 1 of 4 key blocks per query block
+    assert gen["calibration_captions"] and gen["captions"][0] not in gen["calibration_captions"]

@@ -5,6 +5,7 @@ from . import estimate as _estimate
 from . import svg as _svg
 from .candidates import Fixed, MassVertical
 from .cost import BlockCost, CostTable, FixedCost, MeasuredCost
+from .oracle import MassRecorder, PerCallOracle, StaticOracle
 from .protocol import AttentionCall, Observer, PatternSource, plan_source
 from .search import SearchSettings, Searcher
 from .svg import SVG, band_widths
@@ -12,6 +13,7 @@ from .svg import SVG, band_widths
 __all__ = [
     "SVG", "band_widths", "AttentionCall", "Observer", "PatternSource", "plan_source",
     "BlockCost", "CostTable", "Fixed", "FixedCost", "MassVertical", "MeasuredCost", "SearchSettings", "Searcher",
+    "MassRecorder", "PerCallOracle", "StaticOracle",
 ]  # fmt: skip
 
 

@@ -81,8 +81,12 @@ def probe(
     softmax_scale: float | None = None,
     budget: int | None = None,
     kernel: str = "auto",
+    gram: torch.Tensor | None = None,
 ) -> Probe:
     """Candidate errors on the query ``rows`` (frame-major sequence positions) of ``(B, N, H, D)`` inputs.
+
+    ``gram`` (``[H, D, D]``, e.g. ``W_h^T W_h`` of each head's columns of the output projection):
+    squared norms are taken as ``x^T G_h x``, i.e. of what the head adds to the layer's output.
 
     Heads go in chunks whose partial sums fit in ``budget`` bytes (default :data:`PROBE_BYTES`,
     or a quarter of the free GPU memory where that is more and the Triton kernel runs: fewer
@@ -98,14 +102,14 @@ def probe(
         applies = _triton_applies(block, q.shape[-1], q.dtype)
         kernel = "triton" if q.is_cuda and not _triton_failed and applies else "torch"
     try:
-        return _probe(q, k, v, layout, block, rows, candidates, softmax_scale, budget, kernel)
+        return _probe(q, k, v, layout, block, rows, candidates, softmax_scale, budget, kernel, gram)
     except Exception as err:  # noqa: BLE001 - only where "auto" chose triton
         if kernel != "triton" or _triton_failed:
             raise
         _triton_failed = True
         logger.warning("sparse-vdit search: the Triton probe failed (%s: %s); using torch from now on",
                        type(err).__name__, err)  # fmt: skip
-        return _probe(q, k, v, layout, block, rows, candidates, softmax_scale, budget, "torch")
+        return _probe(q, k, v, layout, block, rows, candidates, softmax_scale, budget, "torch", gram)
 
 
 def _triton_applies(block: int, dim: int, dtype: torch.dtype) -> bool:
@@ -116,11 +120,12 @@ def _triton_applies(block: int, dim: int, dtype: torch.dtype) -> bool:
     return supports(block, dim, dtype)
 
 
-def _probe(q, k, v, layout, block, rows, candidates, softmax_scale, budget, kernel) -> Probe:
+def _probe(q, k, v, layout, block, rows, candidates, softmax_scale, budget, kernel, gram=None) -> Probe:
     batch, _, heads, dim = q.shape
     scale = dim**-0.5 if softmax_scale is None else softmax_scale
     device = q.device
     setup = _Setup(layout, block, rows.to(device), candidates, scale, kernel)
+    setup.gram = None if gram is None else gram.to(device, torch.float64)
     result = Probe(
         sq=torch.zeros(len(candidates), heads, dtype=torch.float64, device=device),
         ref=torch.zeros(heads, dtype=torch.float64, device=device),
@@ -196,7 +201,8 @@ def _probe_chunk(setup: _Setup, q, k, v, hs: slice, result: Probe, chosen: dict)
             parts[True] = _partials(scores[..., setup.token_major], vh[:, :, setup.token_major], setup.block, kb)
         del scores
     dense = _combine(parts[False], torch.ones(1, 1, len(rows), kb, dtype=torch.bool, device=q.device))[0]
-    result.ref[hs] = dense.double().square().sum((0, 2, 3))
+    gram = None if setup.gram is None else setup.gram[hs]
+    result.ref[hs] = squared_norms(dense, gram).sum((0, 2))
     head_mass = _block_share(parts[False]).mean((0, 2))  # [h, kb]
     result.mass[hs] = head_mass
     masks = dict(setup.masks)
@@ -209,7 +215,7 @@ def _probe_chunk(setup: _Setup, q, k, v, hs: slice, result: Probe, chosen: dict)
         if index:
             stacked = torch.stack([masks[i].expand(heads, -1, -1) for i in index])  # [c, h, r, kb]
             out = _combine(parts[order], stacked)  # [c, B, h, r, D]
-            result.sq[index, hs] = (out - dense[None]).double().square().sum((1, 3, 4))
+            result.sq[index, hs] = squared_norms(out - dense[None], gram).sum((1, 3))
 
 
 @contextmanager
@@ -272,8 +278,23 @@ def mass_only(
     return probe(q, k, v, layout, block, rows, (), softmax_scale=softmax_scale).mass
 
 
-def output_errors(out: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per head: sum of squared differences, sum of squares of ``dense``, elements per head (``(B, N, H, D)``)."""
-    diff = (out.float() - dense.float()).square().sum((0, 1, 3), dtype=torch.float64)
-    ref = dense.float().square().sum((0, 1, 3), dtype=torch.float64)
+def squared_norms(x: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 ``|x|^2`` over the last dim, or ``x^T G_h x`` with ``gram`` ``[h, D, D]`` (heads are dim -3)."""
+    x = x.double()
+    if gram is None:
+        return x.square().sum(-1)
+    return ((x @ gram.to(x.device, torch.float64)) * x).sum(-1)
+
+
+def output_errors(
+    out: torch.Tensor, dense: torch.Tensor, gram: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per head: sum of squared differences, sum of squares of ``dense``, elements per head (``(B, N, H, D)``);
+    with ``gram`` ``[H, D, D]`` the squares are ``x^T G_h x`` (see :func:`probe`)."""
+    if gram is None:
+        diff = (out.float() - dense.float()).square().sum((0, 1, 3), dtype=torch.float64)
+        ref = dense.float().square().sum((0, 1, 3), dtype=torch.float64)
+    else:
+        diff = squared_norms((out.float() - dense.float()).transpose(1, 2), gram).sum((0, 2))
+        ref = squared_norms(dense.float().transpose(1, 2), gram).sum((0, 2))
     return diff.cpu(), ref.cpu(), dense.shape[0] * dense.shape[1] * dense.shape[3]

@@ -1,7 +1,8 @@
 """What a method implements: a pattern source, called once per self-attention layer call.
 
 The integrations (:mod:`sparse_vdit.integrations.diffusers`) build an :class:`AttentionCall` for
-every layer call and ask the installed pattern source for one pattern per head (``None``: dense);
+every layer call and ask the installed pattern source for one pattern per head (``None``: dense;
+or a compiled :class:`~sparse_vdit.block_table.BlockTable` of the call's layout, run as it is);
 observers see every call after it ran. Methods (plans, SVG, the offline search) implement these
 callables here, below the integrations, so they need not know any model library.
 """
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..block_table import BlockTable
 from ..layout import VideoLayout
 from ..patterns import Pattern
 from ..plan import Plan
@@ -47,8 +49,8 @@ class AttentionCall:
         return self.state.compute(self.q, self.k, self.v, self.layout, patterns)
 
 
-PatternSource = Callable[[AttentionCall], "Sequence[Pattern] | None"]
-Observer = Callable[[AttentionCall, "Sequence[Pattern] | None", torch.Tensor], None]
+PatternSource = Callable[[AttentionCall], "Sequence[Pattern] | BlockTable | None"]
+Observer = Callable[[AttentionCall, "Sequence[Pattern] | BlockTable | None", torch.Tensor], None]
 
 
 def plan_source(plan: Plan) -> PatternSource:

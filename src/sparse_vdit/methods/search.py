@@ -39,12 +39,16 @@ from .cost import MeasuredCost, Shape, as_cost_model, device_name
 from .estimate import block_rows, default_sample_blocks, output_errors, probe, sample_query_blocks
 
 MODES = ("ours", "paper")
-ERRORS = ("relative", "absolute")
+ERRORS = ("relative", "absolute", "output")
 ESTIMATES = ("sampled", "full")
 # (epsilon, lambda) defaults per error kind: the paper's for its absolute MSE; ours for the
 # relative MSE (squared relative RMS error of the head's output, 1.0 for a skipped head). On the
 # organism (BENCHMARKS.md, fidelity) epsilon = lambda = 0.01 kept 21.5 dB, 0.003 26.8 dB, 0.05 17 dB.
-DEFAULTS = {"absolute": (1.0, 0.5), "relative": (0.01, 0.01)}
+# "output": a head's squared error in what it adds to the layer's output (through the output
+# projection, when the driver gives its weights), relative to the layer's mean head: on the same
+# scale as "relative" when every head contributes alike, but a head that adds little costs little
+# to skip (skipping head h costs H x its share of the layer's output energy), so skips become possible.
+DEFAULTS = {"absolute": (1.0, 0.5), "relative": (0.01, 0.01), "output": (0.01, 0.01)}
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,9 @@ class SearchSettings:
     =================  ===========================  ==========================================
     setting            ``mode="paper"``             ``mode="ours"``
     =================  ===========================  ==========================================
-    error              ``absolute`` MSE             ``relative`` MSE per head (scale-free)
+    error              ``absolute`` MSE             ``relative`` MSE per head (scale-free);
+                                                    ``output``: through the output projection,
+                                                    relative to the layer's mean head (skips)
     estimate           ``full`` outputs             ``sampled`` query blocks (``sample_blocks``: 8,
                                                     at most 1/8 of them, at least 2)
     tune               False: 4 fixed sparse modes  True: band widths, stripes by attention mass
@@ -192,6 +198,10 @@ class Searcher:
         settings: the :class:`SearchSettings` (default: ``mode="ours"``).
         device: where the model runs (decides ``cost="auto"``); default: that of ``spec``'s
             parameters if it is a module, else the CPU.
+        output_grams: for ``error="output"``, per layer ``[H, D, D]``: ``W_h^T W_h`` of each head's
+            columns ``W_h`` of the layer's output projection (the driver reads them from the model,
+            :func:`~sparse_vdit.integrations.diffusers.search.output_grams`); without them each head's
+            output counts as it is (identity).
     """
 
     def __init__(
@@ -203,6 +213,7 @@ class Searcher:
         seeds: Sequence[int] = (0,),
         settings: SearchSettings | None = None,
         device: torch.device | str | None = None,
+        output_grams: Sequence[torch.Tensor] | None = None,
     ) -> None:
         self.spec = as_spec(spec)
         self.prompts = [prompts] if isinstance(prompts, (str, Mapping)) else list(prompts)
@@ -220,6 +231,9 @@ class Searcher:
                 f"prompts x {len(self.seeds)} seeds (use mode='ours', whose other switches can be set as the paper's)"
             )
         self.cost_model = as_cost_model(self.settings.cost)
+        if output_grams is not None and len(output_grams) != self.spec.num_layers:
+            raise ValueError(f"{len(output_grams)} output grams for {self.spec.num_layers} layers")
+        self.output_grams = list(output_grams) if output_grams is not None and self.settings.error == "output" else None
         self.records: list[CallRecord] = []
         self.layout: VideoLayout | None = None
         self.bar = None  # a tqdm-like progress bar over (run, step, layer), set by the driver
@@ -255,9 +269,10 @@ class Searcher:
         count = s.sample_blocks or default_sample_blocks(num_q_blocks)
         rows = block_rows(sample_query_blocks(num_q_blocks, count, gen), block, layout.num_tokens)
         q, k, v = call.q, call.k, call.v
+        gram = self._gram(call)
         if s.estimate == "sampled":
             with torch.profiler.record_function("sparse_vdit.probe"):
-                result = probe(q, k, v, layout, block, rows, candidates)
+                result = probe(q, k, v, layout, block, rows, candidates, gram=gram)
             sq, ref, count, mass, patterns = result.sq, result.ref, result.count, result.mass, result.patterns
         else:
             fitted = [c for c in candidates if isinstance(c, MassVertical)]
@@ -271,9 +286,14 @@ class Searcher:
             patterns = []
             for i, c in enumerate(candidates):
                 heads = fitted_patterns[c] if isinstance(c, MassVertical) else (c.pattern,) * q.shape[2]
-                sq[i], ref, count = output_errors(call.output(heads), reference)
+                sq[i], ref, count = output_errors(call.output(heads), reference, gram)
                 patterns.append(heads)
-        error = sq / ref.clamp_min(1e-30) if s.error == "relative" else sq / count
+        if s.error == "relative":
+            error = sq / ref.clamp_min(1e-30)
+        elif s.error == "output":  # against the layer's mean head output energy
+            error = sq / (ref.sum() / len(ref)).clamp_min(1e-30)
+        else:
+            error = sq / count
         loss = error + s.lam * ctx.costs[:, None]
         choice = decide(loss, s.epsilon, self._dense_loss)
         bucket = bisect.bisect_right(self._starts, call.step) - 1
@@ -282,6 +302,15 @@ class Searcher:
         if bool((choice < 0).all()):
             return None
         return tuple(dense() if c < 0 else patterns[c][h] for h, c in enumerate(choice.tolist()))
+
+    def _gram(self, call) -> torch.Tensor | None:
+        """``[heads of this call, D, D]`` output-projection Gram of the call's layer (``error="output"``)."""
+        if self.output_grams is None:
+            return None
+        gram = self.output_grams[call.layer]
+        if call.heads is not None:
+            gram = gram[call.heads.start : call.heads.stop]
+        return gram.to(call.q.device)
 
     def _context(self, call) -> _Context:
         q, layout = call.q, self.layout  # costs at the unpadded layout (padded text changes little)

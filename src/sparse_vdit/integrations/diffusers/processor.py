@@ -8,8 +8,10 @@ the dense kernel (cuDNN / FlashAttention-4) or :func:`~sparse_vdit.sparse_attent
 
 Hook points for search and online methods:
 
-- ``state.pattern_source(call) -> patterns | None``: called once per layer call with an
-  :class:`AttentionCall` (step, layer, q, k, v, layout); ``None`` means dense. ``call.dense_output()``
+- ``state.pattern_source(call) -> patterns | BlockTable | None``: called once per layer call with an
+  :class:`AttentionCall` (step, layer, q, k, v, layout); ``None`` means dense; a
+  :class:`~sparse_vdit.block_table.BlockTable` of the call's layout runs as it is (e.g. an
+  oracle's block masks, :func:`~sparse_vdit.block_table.table_from_mask`). ``call.dense_output()``
   and ``call.output(patterns)`` compute candidates on the same fast path.
 - ``state.observers``: ``fn(call, patterns, out)`` after every layer call.
 
@@ -32,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ...block_table import DEFAULT_BLOCK, all_dense
+from ...block_table import DEFAULT_BLOCK, BlockTable, all_dense
 from ...kernels import dense as dense_kernels
 from ...kernels import resolve_backend, sparse_attention
 from ...layout import VideoLayout
@@ -141,15 +143,21 @@ class SparseState:
     def _attend(self, layer, q, k, v, layout, heads=None) -> torch.Tensor:
         call = AttentionCall(self.steps.step, layer, q, k, v, layout, self, heads)
         patterns = self.pattern_source(call)
-        if heads is not None and patterns is not None and len(patterns) != q.shape[2]:
+        if heads is not None and isinstance(patterns, Sequence) and len(patterns) != q.shape[2]:
             patterns = self._sliced(patterns, heads)
         out = self.compute(q, k, v, layout, patterns)
         for observer in self.observers:
             observer(call, patterns, out)
         return out
 
-    def compute(self, q, k, v, layout: VideoLayout, patterns: Sequence[Pattern] | None) -> torch.Tensor:
-        """Attention of ``(B, N, H, D)`` tensors at ``layout`` with one pattern per head (``None``: dense)."""
+    def compute(self, q, k, v, layout: VideoLayout, patterns: Sequence[Pattern] | BlockTable | None) -> torch.Tensor:
+        """Attention of ``(B, N, H, D)`` tensors at ``layout`` with one pattern per head (``None``: dense),
+        or with a compiled table of that layout."""
+        if isinstance(patterns, BlockTable):
+            if patterns.layout != layout or patterns.num_heads != q.shape[2]:
+                raise ValueError(f"a block table of {patterns.num_heads} heads at {patterns.layout.describe()} for a "
+                                 f"call of {q.shape[2]} heads at {layout.describe()}")  # fmt: skip
+            return sparse_attention(q, k, v, patterns, backend=self.backend)
         if patterns is not None and len(patterns) != q.shape[2]:
             raise ValueError(f"{len(patterns)} patterns for {q.shape[2]} heads")
         if patterns is None or all_dense(patterns):

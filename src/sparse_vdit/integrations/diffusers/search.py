@@ -20,11 +20,11 @@ from ...methods.search import Searcher, SearchSettings
 from ...patterns import Pattern
 from ...plan import Plan
 from .api import apply, remove, sparse
-from .families import transformer_of
+from .families import family_of, transformer_of
 
 Sampler = Callable[[Any, int, int], Any]  # (prompt, seed, steps) -> anything; runs one generation
 
-__all__ = ["Sampler", "pipeline_sampler", "run_search", "search"]
+__all__ = ["Sampler", "output_grams", "pipeline_sampler", "run_search", "search"]
 
 
 # --- samplers --------------------------------------------------------------------------------
@@ -60,6 +60,28 @@ def _default_sampler(model: Any) -> Sampler:
         f"search got a {type(model).__name__}, not a diffusers pipeline: pass sampler=, e.g. "
         "sparse_vdit.organism_sampler(model) for the organism, or any fn(prompt, seed, steps)"
     )
+
+
+def output_grams(model: Any) -> list[torch.Tensor]:
+    """Per self-attention layer ``[H, D, D]`` float32 (CPU): ``W_h^T W_h`` of each head's columns
+    ``W_h`` of the layer's output projection (``to_out[0]``), for ``error="output"``.
+
+    Raises where a layer has no such projection (e.g. HunyuanVideo's single-stream blocks, whose
+    attention output is projected together with the MLP's).
+    """
+    transformer = transformer_of(model)
+    heads = transformer.config.num_attention_heads
+    grams = []
+    for i, module in enumerate(family_of(transformer).attention_modules(transformer)):
+        to_out = getattr(module, "to_out", None)
+        linear = to_out[0] if isinstance(to_out, torch.nn.ModuleList) else to_out
+        weight = getattr(linear, "weight", None)
+        if weight is None or weight.shape[1] % heads:
+            raise ValueError(f"error='output' needs each self-attention layer's output projection; layer {i} "
+                             f"({type(module).__name__}) has none of {heads} heads' width")  # fmt: skip
+        w = weight.detach().float().cpu().reshape(weight.shape[0], heads, -1).transpose(0, 1)  # [H, out, D]
+        grams.append(w.transpose(1, 2) @ w)
+    return grams
 
 
 # --- driving a searcher ------------------------------------------------------------------------
@@ -164,7 +186,9 @@ def search(
             (default for pipelines: :func:`pipeline_sampler`).
         time_dense: also time one dense generation (our dense kernels) for the search-cost ratio.
         progress: a progress bar over steps and layers.
-        **settings: :class:`SearchSettings` fields (``error``, ``estimate``, ``sample_blocks``,
+        **settings: :class:`SearchSettings` fields (``error``: ``"output"`` weighs each head by what
+            it adds to the layer's output, read from the model's output projections, so heads that
+            add little can be skipped; ``estimate``, ``sample_blocks``,
             ``tune``, ``cost``, ``warmup_steps``, ``warmup_layers``, ``buckets``, ``block_size``, ``backend``).
 
     Returns:
@@ -178,5 +202,6 @@ def search(
                             candidates=None if candidates is None else tuple(candidates), **settings)  # fmt: skip
     transformer = transformer_of(model)
     sampler = sampler or _default_sampler(model)
-    searcher = Searcher(transformer, prompts, steps=steps, seeds=seeds, settings=config)
+    grams = output_grams(transformer) if config.error == "output" else None
+    searcher = Searcher(transformer, prompts, steps=steps, seeds=seeds, settings=config, output_grams=grams)
     return run_search(searcher, model, sampler, time_dense=time_dense, progress=progress)
