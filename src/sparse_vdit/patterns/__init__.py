@@ -1,7 +1,7 @@
 """Patterns: per-head rules that become block tables (see DESIGN.md, "Pattern definitions")."""
 
 from .band import diagonal, multi_diagonal, spatial, temporal
-from .base import Pattern, expand_ranges, head_ranges, pattern_names
+from .base import Pattern, expand_ranges, head_ranges, pattern_names, with_sink
 from .draw import draw_pattern, draw_table
 from .fixed import dense, skip
 from .table import DEFAULT_BLOCK, BlockTable, compile_layer
@@ -24,4 +24,5 @@ __all__ = [
     "spatial",
     "temporal",
     "vertical",
+    "with_sink",
 ]
