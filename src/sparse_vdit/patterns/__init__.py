@@ -2,6 +2,7 @@
 
 from .band import diagonal, multi_diagonal, spatial, temporal
 from .base import Pattern, expand_ranges, head_ranges, pattern_names, with_sink
+from .choice import HeadChoice
 from .draw import draw_pattern, draw_table
 from .fixed import dense, skip
 from .table import DEFAULT_BLOCK, BlockTable, compile_layer
@@ -10,6 +11,7 @@ from .vertical import vertical
 __all__ = [
     "DEFAULT_BLOCK",
     "BlockTable",
+    "HeadChoice",
     "Pattern",
     "compile_layer",
     "dense",

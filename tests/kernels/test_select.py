@@ -1,0 +1,65 @@
+"""Per-head candidate choice read on the device (Triton) against the host path."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from helpers import rel_rms  # noqa: E402
+from sparse_vdit import VideoLayout  # noqa: E402
+from sparse_vdit.kernels.select import select_attention  # noqa: E402
+from sparse_vdit.kernels.triton import launcher  # noqa: E402
+from sparse_vdit.patterns import HeadChoice, compile_layer, spatial, temporal, with_sink  # noqa: E402
+
+torch.set_num_threads(1)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float16, torch.float32]
+CASES = {
+    "wan-sink-batch2": (VideoLayout(5, 3, 7), 16, (with_sink(spatial(0.6)), with_sink(temporal(0.12)))),
+    "text-suffix-padded": (VideoLayout(3, 5, 9, 21, "suffix", text_valid=13), 16, (spatial(0.5), temporal(0.2))),
+}
+
+
+def _inputs(layout, batch, heads, dtype, dim=64):
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    return [torch.randn(batch, layout.num_tokens, heads, dim, generator=g, device=DEVICE).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_device_choice_equals_the_host_path(case, dtype, monkeypatch):
+    layout, block, candidates = CASES[case]
+    q, k, v = _inputs(layout, 2, 5, dtype)
+    selected = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 0, 0, 0]], dtype=torch.int32, device=DEVICE)
+    choice = HeadChoice(candidates, selected)
+    host = select_attention(q.float(), k.float(), v.float(), choice, layout, block, backend="reference")
+    for b in range(2):  # the host path is sparse_attention with each sample's chosen patterns
+        per_sample = select_attention(q[b:b + 1].float(), k[b:b + 1].float(), v[b:b + 1].float(),
+                                      HeadChoice(candidates, selected[b:b + 1]), layout, block, backend="reference")
+        assert torch.equal(per_sample[0], host[b])
+    compile_layer(candidates, layout, block, DEVICE)  # built (on the host) before the step, as in a model
+    empty_like = torch.empty_like
+
+    def poisoned(x, *args, **kwargs):
+        out = empty_like(x, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("the device path read a device value on the host")
+
+    monkeypatch.setattr(launcher.torch, "empty_like", poisoned)
+    for name in ("cpu", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    out = select_attention(q, k, v, choice, layout, block, backend="triton")
+    monkeypatch.undo()
+    assert not out.isnan().any()
+    assert rel_rms(out, host) <= (2e-3 if dtype != torch.float32 else 1e-5), rel_rms(out, host)
+
+
+def test_choice_checks_its_shape():
+    layout, block, candidates = CASES["wan-sink-batch2"]
+    q, k, v = _inputs(layout, 1, 3, torch.float32)
+    with pytest.raises(ValueError, match="batch, heads"):
+        select_attention(q, k, v, HeadChoice(candidates, torch.zeros(1, 4, dtype=torch.int32)), layout, block)
+    with pytest.raises(ValueError, match="int32"):
+        HeadChoice(candidates, torch.zeros(1, 3, dtype=torch.int64))
