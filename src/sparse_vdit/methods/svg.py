@@ -471,9 +471,9 @@ class SVG:
         layout = gen["layout"]
         s, t = self.candidates(layout)
         made_by = {"method": "svg", "mode": self.mode, "density": self.density_for(layout),
-                   "patterns": {"spatial": str(s), "temporal": str(t)}, "sampled_rows": self.sampled_rows,
-                   "error": self.error, "seed": self.seed, "steps_recorded": len(gen["steps"]),
-                   **{name: getattr(self, name) for name in VARIANTS}}  # fmt: skip
+                   "widths": {"spatial": s.width, "temporal": t.width}, "sink": s.sink,
+                   "variant": {name: getattr(self, name) for name in VARIANTS}, "sampled_rows": self.sampled_rows,
+                   "error": self.error, "seed": self.seed, "steps_recorded": len(gen["steps"])}  # fmt: skip
         layers = min(self.warmup_layers_now(layout), spec.num_layers)
         return Plan(spec, tuple(ranges), gen["warmup"], layers, self.block_size, layout, made_by)
 
