@@ -99,6 +99,8 @@ def fused_inputs(
     rows = rows.cpu()
     starts, ends = (x.transpose(1, 2) for x in row_ranges(rows, layout, patterns, block))
     packed = torch.cat([rows.to(torch.int32), starts.flatten(), ends.flatten()])  # tables are int32
+    if device.type == "cuda":  # pinned: the copy is queued without waiting for anything (no host sync)
+        packed = packed.pin_memory()
     packed = packed.to(device, non_blocking=True)
     r, size = rows.numel(), starts.numel()
     return packed[:r], packed[r : r + size].view(starts.shape), packed[r + size :].view(ends.shape)
