@@ -53,7 +53,8 @@ def test_device_choice_equals_the_host_path(case, dtype, monkeypatch):
     out = select_attention(q, k, v, choice, layout, block, backend="triton")
     monkeypatch.undo()
     assert not out.isnan().any()
-    assert rel_rms(out, host) <= (2e-3 if dtype != torch.float32 else 1e-5), rel_rms(out, host)
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]  # ~2x torch's own error
+    assert rel_rms(out, host) <= tolerance, rel_rms(out, host)
 
 
 def test_choice_checks_its_shape():
