@@ -133,3 +133,45 @@ def test_variants_are_named_options():
                    {"sink": 1}):  # fmt: skip
         with pytest.raises(ValueError, match="svg: " + next(iter(kwargs))):
             SVG(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fused_profile_of_the_reference_masks_equals_the_torch_path(dtype):
+    """The reference's profile masks (sink included) and rows drawn with replacement (repeats) through
+    the fused Triton pass (interpreter on the CPU) and the torch path."""
+    pytest.importorskip("triton")
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from sparse_vdit.methods.svg import sampled_outputs
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    svg = SVG(0.25, block_size=BLOCK)
+    rows = svg.rows(WAN, 3, 2)[:24]
+    rows[1] = rows[0]  # a repeated row, as sampling with replacement gives
+    patterns = svg.profile_patterns(WAN)
+    assert all(p.sink == 1.0 for p in patterns)
+    q, k, v = (t.to(device, dtype) for t in heads_qkv(WAN, "STK", dim=32))
+    ref = sampled_outputs(q.float(), k.float(), v.float(), rows, WAN, patterns, BLOCK, backend="torch")
+    got = sampled_outputs(q, k, v, rows, WAN, patterns, BLOCK, backend="triton")
+    tol = {torch.float32: 1e-5, torch.float16: 5e-3}[dtype]
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape and not a.isnan().any() and rel_rms(a, b) < tol, rel_rms(a, b)
+
+
+def test_auto_decides_on_the_device_for_the_triton_backend():
+    pytest.importorskip("triton")
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    q, k, v = heads_qkv(WAN, "ST", dim=64)
+    svg = SVG(0.3, warmup_steps=0, warmup_layers=0, block_size=BLOCK, profile_backend="torch")
+    host = svg(call(q, k, v, WAN, state=SimpleNamespace(backend="reference")))
+    assert svg.last_decided_on == "host" and isinstance(host, tuple)
+    choice = svg(call(q, k, v, WAN, state=SimpleNamespace(backend="triton")))
+    assert svg.last_decided_on == "device" and choice.patterns(0) == host
+    out = select_attention(q, k, v, choice, WAN, BLOCK, backend="triton")
+    expected = sparse_attention(q, k, v, compile_layer(host, WAN, BLOCK), backend="reference")
+    assert rel_rms(out, expected) < 1e-5
