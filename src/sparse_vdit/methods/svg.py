@@ -371,11 +371,11 @@ class SVG:
         self.last_decided_on = "host"
         errors = self.last_errors = errors.cpu()  # the host path's one sync
         selected = errors.argmin(0).to(torch.int32)
-        if selected.dim() == 2 and bool((selected != selected[:1]).any()) and not self.record:
-            return HeadChoice(self.candidates(layout), selected)  # samples disagree: one launch per group
         patterns = self._patterns(layout, tuple(selected.reshape(-1, selected.shape[-1])[0].tolist()))
-        if self.record:
+        if self.record:  # the first sample's choice (a plan has one pattern per head)
             self._remember(step, layer, layout, warmup, patterns, errors)
+        if selected.dim() == 2 and bool((selected != selected[:1]).any()):
+            return HeadChoice(self.candidates(layout), selected)  # samples disagree: one launch per group
         return patterns
 
     def _on_device(self, call) -> bool:

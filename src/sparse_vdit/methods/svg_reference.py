@@ -24,6 +24,14 @@ in a head's own order (frame-major, or token-major for temporal heads; text neve
   ``--sample_mse_max_row 10000``).
 - **Choice**: the mean squared error of the sampled rows' outputs per mask, per (batch sample,
   head); ``argmin`` (a tie goes to spatial).
+
+Where we differ, and why: the errors are computed in float32 (theirs in the inputs' dtype,
+bf16); padded text keys are left out of the exact rows as the model masks them (their
+``sample_mse`` attends to them on HunyuanVideo); rows are seeded by ``(seed, step, layer)`` (theirs
+come from the global generator); the sink of a table ends on a block boundary (up to ``block - 1``
+keys more than the first frame, in the executed and profile masks alike); their 128-token rounding
+uses the table's block (128 by default); a band the reference rounds to nothing still keeps each
+query's own block.
 - **Dense warm-up** (``wan_t2v_inference.py``; the scripts under ``scripts/``): the first
   ``floor(first_times_fp * steps)`` steps and ``floor(first_layers_fp * layers)`` layers run dense
   (``attention_core_logic``'s ``full_attention_flag``, their only fallback). Wan T2V 0.3 / 0.03,
