@@ -39,6 +39,8 @@ density, one SVG layer call (no warm-up) is timed in parts, CUDA events, median:
 - ``attn-select`` / ``layer-device``: :func:`~sparse_vdit.kernels.select.select_attention` on the
   Triton backend with both candidate tables resident and the choice read by the kernel, alone and
   after ``decide-device`` (the path the integration takes with ``backend="triton"``);
+  ``attn-select-fa4`` / ``layer-device-fa4`` (when the fast path is FA4): the same through FA4
+  with ``select.FA4_ON_DEVICE`` (block tensors gathered and heads permuted on the device);
 - ``attn-<backend>``: ``sparse_attention`` with the chosen mixed table (spatial heads frame-major,
   temporal heads token-major, one launch), through the fast path (``auto``: FA4 on Hopper) and
   through FlexAttention with the same table (the issue's target: fast >= 1.5x flex);
@@ -287,6 +289,11 @@ def run_setting(shape, args, device, sets, record, density, rows, profile_backen
     parts["attn-select"] = (lambda q, k, v: select_attention(q, k, v, choice, layout, block, backend=select), sets)
     parts["layer-device"] = (lambda q, k, v: select_attention(q, k, v, on_device(index[id(q)]), layout, block,
                                                               backend=select), sets)  # fmt: skip
+    if fast == "fa4":  # FA4 with the choice kept on the device too (select.FA4_ON_DEVICE)
+        backends["select-fa4"] = backends["device-fa4"] = "fa4"
+        parts["attn-select-fa4"] = (lambda q, k, v: fa4_on_device(q, k, v, choice, layout, block), sets)
+        parts["layer-device-fa4"] = (lambda q, k, v: fa4_on_device(q, k, v, on_device(index[id(q)]), layout, block),
+                                     sets)  # fmt: skip
     for part, (fn, inputs) in parts.items():
         try:
             ms, _, _ = (queued_time if part == "profile-queued" else timer)(fn, inputs)
@@ -295,6 +302,17 @@ def run_setting(shape, args, device, sets, record, density, rows, profile_backen
             record(**row, part=part, error=str(exc)[:300])
             continue
         record(**row, part=part, ms=ms, backend=backends.get(part.partition("-")[2]))
+
+
+def fa4_on_device(q, k, v, choice, layout, block):
+    """select_attention through FA4 with the choice read on the device (the option restored after)."""
+    from sparse_vdit.kernels import select
+
+    saved, select.FA4_ON_DEVICE = select.FA4_ON_DEVICE, True
+    try:
+        return select_attention(q, k, v, choice, layout, block, backend="fa4")
+    finally:
+        select.FA4_ON_DEVICE = saved
 
 
 def _key(r: dict) -> tuple:
@@ -331,6 +349,8 @@ def summarise(rows: list) -> list:
                         layer_device_overhead=ratio(ms.get("layer-device"), ms.get("attn-select"))
                         and ratio(ms.get("layer-device"), ms.get("attn-select")) - 1,
                         layer_device_over_fast_attn=ratio(ms.get("layer-device"), attn),
+                        attn_select_fa4_ms=ms.get("attn-select-fa4"), layer_device_fa4_ms=ms.get("layer-device-fa4"),
+                        layer_device_fa4_over_fast_attn=ratio(ms.get("layer-device-fa4"), attn),
                         flex_over_fast=ratio(ms.get("attn-flex"), attn),
                         layer_flex_over_fast=ratio(ms.get("layer-flex"), ms.get("layer-fast")),
                         speedup_vs_cudnn=ratio(dense, ms.get("layer-fast"))))  # fmt: skip

@@ -386,9 +386,10 @@ class SVG:
         state = getattr(call, "state", None)
         if state is None:
             return False
-        from ..kernels.api import RANGE_BACKENDS, resolve_backend
+        from ..kernels.api import resolve_backend
+        from ..kernels.select import decides_on_device
 
-        return resolve_backend(state.backend, call.q) in RANGE_BACKENDS
+        return decides_on_device(resolve_backend(state.backend, call.q))
 
     def classify(self, q, k, v, layout: VideoLayout, step: int, layer: int) -> torch.Tensor:
         """float32 errors of the spatial and the temporal mask for this call: ``[2, heads]``, or
