@@ -469,8 +469,10 @@ def run_svg(run: Mode, model, inputs, layout: VideoLayout) -> None:
     One ``apply`` for all rows (a new SVG source and backend swapped in per row), so compiled
     blocks see one set of processors and do not recompile per row.
     """
+    from sparse_vdit.kernels import select as select_module
     from sparse_vdit.methods.svg import SVG
 
+    fa4_on_device = select_module.FA4_ON_DEVICE
     if not run.args.svg_densities:
         return
     state = sparse_vdit.apply(model, method="svg", block_size=run.args.block_size)
@@ -491,7 +493,8 @@ def run_svg(run: Mode, model, inputs, layout: VideoLayout) -> None:
             for name in run.args.svg_backends:
                 if not run.fits():
                     return
-                on_device = name.endswith("-device")  # decided on the device (Triton): nothing recorded
+                on_device = name.endswith("-device")  # decided on the device (Triton, FA4): nothing recorded
+                select_module.FA4_ON_DEVICE = on_device
                 svg = SVG(density, warmup_steps=0, record=not on_device, decide="device" if on_device else "auto",
                           block_size=run.args.block_size)  # fmt: skip
                 svg.spec, svg.timing = state.svg.spec, True
@@ -514,6 +517,7 @@ def run_svg(run: Mode, model, inputs, layout: VideoLayout) -> None:
                 release_tables()
                 release_backend_caches()
     finally:
+        select_module.FA4_ON_DEVICE = fa4_on_device
         sparse_vdit.remove(model)
 
 
