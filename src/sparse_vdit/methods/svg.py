@@ -180,6 +180,12 @@ def _candidates(
     return with_sink(s, sink), with_sink(t, sink)
 
 
+@lru_cache(maxsize=256)
+def _profile(config: ref.ReferenceConfig, layout: VideoLayout, block: int, sink: float) -> tuple[Pattern, Pattern]:
+    s, t = ref.profile_patterns(config, layout, block)
+    return with_sink(s, sink), with_sink(t, sink)
+
+
 class SVG:
     """SVG as a pattern source: ``source(call) -> patterns | HeadChoice | None`` (diffusers integration).
 
@@ -337,9 +343,7 @@ class SVG:
         """(spatial, temporal) masks the heads are profiled against."""
         if self.profile_masks == "executed":
             return self.candidates(layout)
-        s, t = ref.profile_patterns(self.reference(layout), layout, self.block_size)
-        sink = self.sink_frames(layout)
-        return with_sink(s, sink), with_sink(t, sink)
+        return _profile(self.reference(layout), layout, self.block_size, self.sink_frames(layout))
 
     def rows(self, layout: VideoLayout, step: int, layer: int) -> torch.Tensor:
         """The sampled query positions of a call (int64, CPU)."""
