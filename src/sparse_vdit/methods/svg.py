@@ -33,8 +33,11 @@ masked outputs of the rows.
 **No host sync** (``decide``): with the Triton backend the choice stays on the device: the source
 returns a :class:`~sparse_vdit.patterns.HeadChoice` (both candidate tables resident; the kernel reads
 each head's choice and token order). FlashAttention-4 and FlexAttention need each head's table and
-the token-major heads permuted in memory, known on the host: there the choice is copied back once
-per layer (``decide="host"``, as with ``record=True``).
+the token-major heads permuted in memory: there the choice is copied back once per layer and the
+tables picked on the host (``decide="host"``, as with ``record=True``), unless
+``sparse_vdit.kernels.select.FA4_ON_DEVICE`` is set: FA4 then takes per-(sample, head) block tensors
+gathered on the device and the heads are permuted by a kernel that reads the choice (opt-in until
+measured on a GPU).
 """
 
 from __future__ import annotations
