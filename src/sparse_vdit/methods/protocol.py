@@ -1,9 +1,11 @@
 """What a method implements: a pattern source, called once per self-attention layer call.
 
 The integrations (:mod:`sparse_vdit.integrations.diffusers`) build an :class:`AttentionCall` for
-every layer call and ask the installed pattern source for one pattern per head (``None``: dense);
-observers see every call after it ran. Methods (plans, SVG, the offline search) implement these
-callables here, below the integrations, so they need not know any model library.
+every layer call and ask the installed pattern source for one pattern per head (``None``: dense;
+a :class:`~sparse_vdit.patterns.HeadChoice`: a per-(sample, head) choice among candidates, kept on
+the device where the backend reads it there); observers see every call after it ran. Methods
+(plans, SVG, the offline search) implement these callables here, below the integrations, so they
+need not know any model library.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ from typing import Any, Protocol
 import torch
 
 from ..layout import VideoLayout
-from ..patterns import Pattern
+from ..patterns import HeadChoice, Pattern
 from ..plan import Plan
 
 
 class Computes(Protocol):
     """What runs attention for a call (the integration's shared state)."""
 
-    def compute(self, q, k, v, layout: VideoLayout, patterns: Sequence[Pattern] | None) -> torch.Tensor: ...
+    def compute(self, q, k, v, layout: VideoLayout, patterns: Sequence[Pattern] | HeadChoice | None) -> torch.Tensor: ...
 
 
 @dataclass(eq=False)
@@ -42,13 +44,13 @@ class AttentionCall:
         """Dense attention of this call on the fastest dense kernel."""
         return self.state.compute(self.q, self.k, self.v, self.layout, None)
 
-    def output(self, patterns: Sequence[Pattern] | None) -> torch.Tensor:
-        """Attention of this call with one pattern per head (``None``: dense)."""
+    def output(self, patterns: Sequence[Pattern] | HeadChoice | None) -> torch.Tensor:
+        """Attention of this call with one pattern per head (``None``: dense) or a :class:`HeadChoice`."""
         return self.state.compute(self.q, self.k, self.v, self.layout, patterns)
 
 
-PatternSource = Callable[[AttentionCall], "Sequence[Pattern] | None"]
-Observer = Callable[[AttentionCall, "Sequence[Pattern] | None", torch.Tensor], None]
+PatternSource = Callable[[AttentionCall], "Sequence[Pattern] | HeadChoice | None"]
+Observer = Callable[[AttentionCall, "Sequence[Pattern] | HeadChoice | None", torch.Tensor], None]
 
 
 def plan_source(plan: Plan) -> PatternSource:

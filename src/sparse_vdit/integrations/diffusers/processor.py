@@ -9,7 +9,8 @@ the dense kernel (cuDNN / FlashAttention-4) or :func:`~sparse_vdit.sparse_attent
 Hook points for search and online methods:
 
 - ``state.pattern_source(call) -> patterns | None``: called once per layer call with an
-  :class:`AttentionCall` (step, layer, q, k, v, layout); ``None`` means dense. ``call.dense_output()``
+  :class:`AttentionCall` (step, layer, q, k, v, layout); ``None`` means dense; a
+  :class:`~sparse_vdit.patterns.HeadChoice` (SVG) is a choice made on the device. ``call.dense_output()``
   and ``call.output(patterns)`` compute candidates on the same fast path.
 - ``state.observers``: ``fn(call, patterns, out)`` after every layer call.
 
@@ -36,8 +37,9 @@ from ...block_table import DEFAULT_BLOCK, all_dense
 from ...kernels import dense as dense_kernels
 from ...kernels import resolve_backend, sparse_attention
 from ...layout import VideoLayout
+from ...kernels import select_attention
 from ...methods.protocol import AttentionCall, Observer, PatternSource, plan_source
-from ...patterns import Pattern, compile_layer
+from ...patterns import HeadChoice, Pattern, compile_layer
 from ...plan import ModelSpec, Plan
 from ...timing import clock, seconds_per_step
 from .families import Family
@@ -141,15 +143,19 @@ class SparseState:
     def _attend(self, layer, q, k, v, layout, heads=None) -> torch.Tensor:
         call = AttentionCall(self.steps.step, layer, q, k, v, layout, self, heads)
         patterns = self.pattern_source(call)
-        if heads is not None and patterns is not None and len(patterns) != q.shape[2]:
+        if heads is not None and isinstance(patterns, Sequence) and len(patterns) != q.shape[2]:
             patterns = self._sliced(patterns, heads)
         out = self.compute(q, k, v, layout, patterns)
         for observer in self.observers:
             observer(call, patterns, out)
         return out
 
-    def compute(self, q, k, v, layout: VideoLayout, patterns: Sequence[Pattern] | None) -> torch.Tensor:
-        """Attention of ``(B, N, H, D)`` tensors at ``layout`` with one pattern per head (``None``: dense)."""
+    def compute(self, q, k, v, layout: VideoLayout, patterns: Sequence[Pattern] | HeadChoice | None) -> torch.Tensor:
+        """Attention of ``(B, N, H, D)`` tensors at ``layout`` with one pattern per head (``None``: dense;
+        a :class:`~sparse_vdit.patterns.HeadChoice`: each (sample, head) its chosen candidate)."""
+        if isinstance(patterns, HeadChoice):
+            table = patterns.table(layout, self.block_size, q.device)  # cached by value
+            return select_attention(q, k, v, table, patterns.selected, backend=self.backend)
         if patterns is not None and len(patterns) != q.shape[2]:
             raise ValueError(f"{len(patterns)} patterns for {q.shape[2]} heads")
         if patterns is None or all_dense(patterns):
