@@ -61,7 +61,7 @@ from models import (  # noqa: E402
 )
 
 import sparse_vdit  # noqa: E402
-from sparse_vdit import Plan, VideoLayout  # noqa: E402
+from sparse_vdit import Plan, VideoLayout, compile_layer  # noqa: E402
 from sparse_vdit.integrations.diffusers import model_spec  # noqa: E402
 from sparse_vdit.timing import clock, seconds_between  # noqa: E402
 
@@ -244,10 +244,12 @@ def run_svg(run: Mode, model, inputs, layout: VideoLayout) -> None:
     One ``apply`` for all rows (a new SVG source and backend swapped in per row), so compiled
     blocks see one set of processors and do not recompile per row.
     """
+    from sparse_vdit.kernels import fa4
     from sparse_vdit.methods.svg import SVG
 
     if not run.args.svg_densities:
         return
+    fa4_on_device = fa4.SELECT_ON_DEVICE
     state = sparse_vdit.apply(model, method="svg", block_size=run.args.block_size)
     state.timing = True
 
@@ -266,20 +268,30 @@ def run_svg(run: Mode, model, inputs, layout: VideoLayout) -> None:
             for name in run.args.svg_backends:
                 if not run.fits():
                     return
-                svg = SVG(density, warmup_steps=0, record=True, block_size=run.args.block_size)
+                on_device = name.endswith("-device")  # decided on the device (Triton, FA4): nothing recorded
+                fa4.SELECT_ON_DEVICE = on_device
+                svg = SVG(density, warmup_steps=0, record=not on_device, decide="device" if on_device else "auto",
+                          block_size=run.args.block_size)  # fmt: skip
                 svg.spec, svg.timing = state.svg.spec, True
                 state.pattern_source = state.svg = svg
-                state.backend = svg_backend(run, name)
+                state.backend = svg_backend(run, name.removesuffix("-device"))
                 result = measure(model, inputs, run.args.repeats, attention_seconds, profile_seconds)
-                plan = svg.to_plan()
-                names = [p.name for layer in plan.schedule[-1].layers for p in layer if p.name != "dense"]
+                s, t = svg.candidates(layout)
                 result.update(target_density=density, svg_backend=state.backend, profile_backend=svg.last_profile_backend,
-                              temporal_share=names.count("temporal") / max(1, len(names)),
-                              svg_widths=plan.made_by["widths"])  # fmt: skip
+                              svg_mode=svg.mode, svg_decided_on=svg.last_decided_on,
+                              svg_widths={"spatial": s.width, "temporal": t.width, "sink": s.sink})  # fmt: skip
+                if on_device:  # both candidates have the density of the layer (within a block a row)
+                    achieved = sum(compile_layer([p], layout, run.args.block_size).density for p in (s, t)) / 2
+                else:
+                    plan = svg.to_plan()
+                    names = [p.name for layer in plan.schedule[-1].layers for p in layer if p.name != "dense"]
+                    result["temporal_share"] = names.count("temporal") / max(1, len(names))
+                    achieved = plan.density(layout)
                 variant = f"svg-{round(density * 100):02d}" + ("" if name == "auto" else f"-{name}")
-                run.record(variant, result, plan.density(layout))
+                run.record(variant, result, achieved)
                 sparse_vdit.clear_caches()  # an SVG row makes new tables every call
     finally:
+        fa4.SELECT_ON_DEVICE = fa4_on_device
         sparse_vdit.remove(model)
 
 
@@ -314,7 +326,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", default=None, help="eager,compiled (default both; eager only with --dry-run)")
     p.add_argument("--densities", default="0.5,0.3,0.2,0.1")
     p.add_argument("--svg-densities", default="0.3,0.25,0.2", help="SVG rows ('' for none)")
-    p.add_argument("--svg-backends", default="auto,flex", help="sparse backends of the SVG rows (auto = --backend)")
+    p.add_argument("--svg-backends", default="auto,flex",
+                   help="sparse backends of the SVG rows (auto = --backend; 'triton-device': Triton, decided on the device)")
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant, after one warm-up")
     p.add_argument("--backend", default="auto", help="sparse backend of our integration")
     p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)
@@ -331,8 +344,8 @@ def parse_args(argv=None):
     args.densities = [float(d) for d in args.densities.split(",") if d.strip()]
     args.svg_densities = [float(d) for d in args.svg_densities.split(",") if d.strip()]
     args.svg_backends = [b.strip() for b in args.svg_backends.split(",") if b.strip()]
-    if set(args.svg_backends) - {"auto", "flex", "triton", "fa4", "reference"}:
-        p.error("--svg-backends takes auto, flex, triton, fa4, reference")
+    if {b.removesuffix("-device") for b in args.svg_backends} - {"auto", "flex", "triton", "fa4", "reference"}:
+        p.error("--svg-backends takes auto, flex, triton, fa4, reference (each with -device: decided on the device)")
     if args.dry_run:
         args.block_size = min(args.block_size, 16)
     args.out = args.out or results_path("e2e", args.dry_run)

@@ -17,8 +17,9 @@ timed at each (~5 s a point plus one Triton compile per tile: about 3 min):
 then read ``summary`` (or the printed table): ``profile_kernel_ms`` against ``profile_merge_ms``
 and ``profile_other_ms`` per point, with each row's ``launch`` (grid, splits, programs per SM).
 
-For each shape of ``bench/attention.py`` (random bf16 q/k/v, batch 1, rotated input sets) and
-each density, one SVG layer call (no warm-up) is timed in parts, CUDA events, median:
+For each shape of ``bench/attention.py`` (random bf16 q/k/v, batch 1, rotated input sets), each
+``--modes`` (``reference``, the default: the authors' masks, sink, rows; ``ours``) and each
+density, one SVG layer call (no warm-up) is timed in parts, CUDA events, median:
 
 - ``profile``: :meth:`SVG.classify` alone, the sampled rows' exact and masked attention (the
   GPU time the classification adds; the issue's target is <= 3% of the attention at Wan-14B 720p),
@@ -33,6 +34,13 @@ each density, one SVG layer call (no warm-up) is timed in parts, CUDA events, me
   kernel) and other (profile - fused: row sampling, key-block ranges, errors);
 - ``decide``: the whole pattern-source call, i.e. ``profile`` plus the host sync and the table
   choice (the GPU idles while the host decides);
+- ``decide-device``: the same call deciding on the device (``decide="device"``: a
+  :class:`~sparse_vdit.patterns.HeadChoice`, no host sync);
+- ``attn-select`` / ``layer-device``: :func:`~sparse_vdit.kernels.select_attention` on the
+  Triton backend with both candidate tables resident and the choice read by the kernel, alone and
+  after ``decide-device`` (the path the integration takes with ``backend="triton"``);
+  ``attn-select-fa4`` / ``layer-device-fa4`` (when the fast path is FA4): the same through FA4
+  with ``fa4.SELECT_ON_DEVICE`` (block tensors gathered and heads permuted on the device);
 - ``attn-<backend>``: ``sparse_attention`` with the chosen mixed table (spatial heads frame-major,
   temporal heads token-major, one launch), through the fast path (``auto``: FA4 on Hopper) and
   through FlexAttention with the same table (the issue's target: fast >= 1.5x flex);
@@ -72,9 +80,10 @@ except ImportError:  # pragma: no cover
 
 import sparse_vdit
 from sparse_vdit import VideoLayout, compile_layer, sparse_attention
-from sparse_vdit.kernels import resolve_backend
+from sparse_vdit.kernels import fa4 as fa4_backend
+from sparse_vdit.kernels import resolve_backend, select_attention
 from sparse_vdit.kernels.dense import sdpa
-from sparse_vdit.methods.svg import DEFAULT_CHUNK, SVG
+from sparse_vdit.methods.svg import DEFAULT_CHUNK, MODES, SVG
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling bench scripts
@@ -219,14 +228,15 @@ def run_shape(shape, args, device, dtype, record, over_budget) -> None:
     launches = [(t, p) for t in args.tiles for p in args.programs_per_sm]  # the Triton path's sweep
     settings = [(pb, c, t, p) for pb in args.profile_backends
                 for c, t, p in ([(c, None, None) for c in args.chunks] if pb == "torch" else [(0, *x) for x in launches])]
-    for density in args.densities:
-        for rows in args.rows:
-            for profile_backend, chunk, tiles, per_sm in settings:
-                if over_budget(f"{shape.name}/{density}/{rows}/{profile_backend}/{chunk}/{tiles}/{per_sm}"):
-                    return
-                with launch_setting(tiles, per_sm):
-                    run_setting(shape, args, device, sets, record, density, rows, profile_backend, chunk, tiles,
-                                per_sm, base, fast, flex)  # fmt: skip
+    for mode in args.modes:
+        for density in args.densities:
+            for rows in args.rows:
+                for profile_backend, chunk, tiles, per_sm in settings:
+                    if over_budget(f"{shape.name}/{mode}/{density}/{rows}/{profile_backend}/{chunk}/{tiles}/{per_sm}"):
+                        return
+                    with launch_setting(tiles, per_sm):
+                        run_setting(shape, args, device, sets, record, density, rows, profile_backend, chunk, tiles,
+                                    per_sm, dict(base, mode=mode), fast, flex)  # fmt: skip
     del sets
     if device.type == "cuda":
         sparse_vdit.clear_caches()
@@ -242,8 +252,10 @@ def run_setting(shape, args, device, sets, record, density, rows, profile_backen
     row = dict(base, density=density, rows=rows, chunk=chunk, profile_backend=profile_backend, tiles=tiles,
                programs_per_sm=per_sm)  # fmt: skip
     try:
-        svg = SVG(density, warmup_steps=0, warmup_layers=0, sampled_rows=rows, block_size=block,
-                  profile_backend=profile_backend, chunk=chunk or DEFAULT_CHUNK)  # fmt: skip
+        options = dict(mode=base["mode"], warmup_steps=0, warmup_layers=0, sampled_rows=rows, block_size=block,
+                       profile_backend=profile_backend, chunk=chunk or DEFAULT_CHUNK)  # fmt: skip
+        svg = SVG(density, **options)
+        on_device = SVG(density, decide="device", **options)
         calls = [SimpleNamespace(step=0, layer=i, q=q, k=k, v=v, layout=layout) for i, (q, k, v) in enumerate(sets)]
         patterns = svg(calls[0])
         table = compile_layer(patterns, layout, block, device)
@@ -268,6 +280,16 @@ def run_setting(shape, args, device, sets, record, density, rows, profile_backen
         parts[f"attn-{name}"] = (lambda q, k, v, b=backend: sparse_attention(q, k, v, table, backend=b), sets)
         parts[f"layer-{name}"] = (lambda q, k, v, b=backend: sparse_attention(
             q, k, v, compile_layer(svg(index[id(q)]), layout, block, device), backend=b), sets)  # fmt: skip
+    parts["decide-device"] = (lambda q, k, v: on_device(index[id(q)]), sets)
+    backends["select"] = backends["device"] = select = "reference" if args.dry_run else "triton"
+    choice = on_device(calls[0])
+    parts["attn-select"] = (lambda q, k, v: chosen(q, k, v, choice, layout, block, select), sets)
+    parts["layer-device"] = (lambda q, k, v: chosen(q, k, v, on_device(index[id(q)]), layout, block, select), sets)
+    if fast == "fa4":  # FA4 with the choice kept on the device too (fa4.SELECT_ON_DEVICE)
+        backends["select-fa4"] = backends["device-fa4"] = "fa4"
+        parts["attn-select-fa4"] = (lambda q, k, v: fa4_on_device(q, k, v, choice, layout, block), sets)
+        parts["layer-device-fa4"] = (lambda q, k, v: fa4_on_device(q, k, v, on_device(index[id(q)]), layout, block),
+                                     sets)  # fmt: skip
     for part, (fn, inputs) in parts.items():
         try:
             ms, _, _ = (queued_time if part == "profile-queued" else timer)(fn, inputs)
@@ -278,8 +300,22 @@ def run_setting(shape, args, device, sets, record, density, rows, profile_backen
         record(**row, part=part, ms=ms, backend=backends.get(part.partition("-")[2]))
 
 
+def chosen(q, k, v, choice, layout, block, backend):
+    """The attention of a :class:`~sparse_vdit.patterns.HeadChoice` as the integration runs it."""
+    return select_attention(q, k, v, choice.table(layout, block, q.device), choice.selected, backend=backend)
+
+
+def fa4_on_device(q, k, v, choice, layout, block):
+    """select_attention through FA4 with the choice read on the device (the option restored after)."""
+    saved, fa4_backend.SELECT_ON_DEVICE = fa4_backend.SELECT_ON_DEVICE, True
+    try:
+        return chosen(q, k, v, choice, layout, block, "fa4")
+    finally:
+        fa4_backend.SELECT_ON_DEVICE = saved
+
+
 def _key(r: dict) -> tuple:
-    return (r["shape"], r.get("density"), r.get("rows"), r.get("profile_backend"), r.get("chunk"), r.get("tiles"),
+    return (r["shape"], r.get("mode"), r.get("density"), r.get("rows"), r.get("profile_backend"), r.get("chunk"), r.get("tiles"),
             r.get("programs_per_sm"))  # fmt: skip
 
 
@@ -289,7 +325,7 @@ def summarise(rows: list) -> list:
     and the rest (Triton path; None on the torch path)."""
     out = []
     for key in dict.fromkeys(_key(r) for r in rows if "density" in r):
-        shape, density, n_rows, profile_backend, chunk, tiles, per_sm = key
+        shape, mode, density, n_rows, profile_backend, chunk, tiles, per_sm = key
         ms = {r["part"]: r["ms"] for r in rows if _key(r) == key and "ms" in r}
         if "profile" not in ms:  # failed (its rows say why); bench/report.py wants numbers
             continue
@@ -300,7 +336,7 @@ def summarise(rows: list) -> list:
         def ratio(a, b):
             return None if a is None or not b else a / b
 
-        out.append(dict(shape=shape, density=density, rows=n_rows, profile_backend=profile_backend, chunk=chunk,
+        out.append(dict(shape=shape, mode=mode, density=density, rows=n_rows, profile_backend=profile_backend, chunk=chunk,
                         tiles=tiles, programs_per_sm=per_sm,
                         attn_fast_ms=attn, profile_ms=ms.get("profile"), profile_queued_ms=ms.get("profile-queued"),
                         profile_kernel_ms=kernel, profile_merge_ms=None if None in (kernel, fused) else fused - kernel,
@@ -308,6 +344,12 @@ def summarise(rows: list) -> list:
                         profile_share=ratio(ms.get("profile"), attn),
                         profile_queued_share=ratio(ms.get("profile-queued"), attn),
                         layer_overhead=ratio(ms.get("layer-fast"), attn) and ratio(ms.get("layer-fast"), attn) - 1,
+                        attn_select_ms=ms.get("attn-select"), layer_device_ms=ms.get("layer-device"),
+                        layer_device_overhead=ratio(ms.get("layer-device"), ms.get("attn-select"))
+                        and ratio(ms.get("layer-device"), ms.get("attn-select")) - 1,
+                        layer_device_over_fast_attn=ratio(ms.get("layer-device"), attn),
+                        attn_select_fa4_ms=ms.get("attn-select-fa4"), layer_device_fa4_ms=ms.get("layer-device-fa4"),
+                        layer_device_fa4_over_fast_attn=ratio(ms.get("layer-device-fa4"), attn),
                         flex_over_fast=ratio(ms.get("attn-flex"), attn),
                         layer_flex_over_fast=ratio(ms.get("layer-flex"), ms.get("layer-fast")),
                         speedup_vs_cudnn=ratio(dense, ms.get("layer-fast"))))  # fmt: skip
@@ -318,23 +360,27 @@ def print_summary(summary: list) -> None:
     def f(x, fmt):
         return format(x, fmt) if x is not None else "-".rjust(int(fmt.split(".")[0] or 0))
 
-    print(f"\n{'shape':18s} {'dens':>5s} {'rows':>4s} {'profile on':>10s} {'chunk':>9s} {'tiles':>11s} {'/SM':>3s} "
+    print(f"\n{'shape':18s} {'mode':9s} {'dens':>5s} {'rows':>4s} {'profile on':>10s} {'chunk':>9s} {'tiles':>11s} {'/SM':>3s} "
           f"{'prof ms':>7s} {'queued':>7s} {'kernel':>7s} {'merge':>7s} {'other':>7s} {'attn ms':>8s} {'profile':>8s} "
           f"{'queued':>7s} "
-          f"{'layer+':>7s} {'flex/fast':>9s} {'layer flex/fast':>15s} {'x cudnn':>7s}")  # fmt: skip
+          f"{'layer+':>7s} {'flex/fast':>9s} {'layer flex/fast':>15s} {'x cudnn':>7s} {'select':>7s} {'dev layer+':>10s} "
+          f"{'dev/attn':>8s}")  # fmt: skip
     for s in summary:
-        print(f"{s['shape']:18s} {s['density']:5.2f} {s['rows']:4d} {str(s['profile_backend']):>10s} {s['chunk']:9d} "
+        print(f"{s['shape']:18s} {str(s['mode']):9s} {s['density']:5.2f} {s['rows']:4d} {str(s['profile_backend']):>10s} {s['chunk']:9d} "
               f"{str(s['tiles'] or '-'):>11s} {str(s['programs_per_sm'] or '-'):>3s} {f(s['profile_ms'], '7.3f')} "
               f"{f(s.get('profile_queued_ms'), '7.3f')} "
               f"{f(s['profile_kernel_ms'], '7.3f')} {f(s['profile_merge_ms'], '7.3f')} {f(s['profile_other_ms'], '7.3f')} "
               f"{f(s['attn_fast_ms'], '8.3f')} "
               f"{f(s['profile_share'], '8.1%')} {f(s.get('profile_queued_share'), '7.1%')} {f(s['layer_overhead'], '7.1%')} {f(s['flex_over_fast'], '9.2f')} "
-              f"{f(s['layer_flex_over_fast'], '15.2f')} {f(s['speedup_vs_cudnn'], '7.2f')}")  # fmt: skip
+              f"{f(s['layer_flex_over_fast'], '15.2f')} {f(s['speedup_vs_cudnn'], '7.2f')} "
+              f"{f(s['attn_select_ms'], '7.3f')} {f(s['layer_device_overhead'], '10.1%')} "
+              f"{f(s['layer_device_over_fast_attn'], '8.2f')}")  # fmt: skip
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="*", default=None, help=f"of {', '.join(common.SHAPES)} (default all)")
+    p.add_argument("--modes", nargs="*", default=["reference"], choices=list(MODES), help="SVG modes")
     p.add_argument("--densities", nargs="*", type=float, default=[0.3, 0.25, 0.2])
     p.add_argument("--rows", nargs="*", type=int, default=[64], help="sampled rows per call")
     p.add_argument("--profile-backends", nargs="*", default=["triton", "torch"], choices=["triton", "torch"])

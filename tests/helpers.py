@@ -40,6 +40,8 @@ def oracle_block_map(pattern: Pattern, layout: VideoLayout, block: int) -> torch
             for lo, hi in pattern.columns:
                 cols = range(v0 + round(lo * s), v0 + min(round(hi * s), nv))
                 hit |= any(t in cols for t in tokens(j))
+            sink = range(v0, v0 + min(round(pattern.sink * s), nv))  # positions of the head's own order
+            hit |= any(t in sink for t in tokens(j))
             hit |= any(t in text_q for t in tokens(i)) or any(t in text_k for t in tokens(j))
             out[i, j] = hit
     return out

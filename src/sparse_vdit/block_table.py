@@ -152,6 +152,22 @@ class BlockTable:
             t.range_starts.to(device), t.range_ends.to(device), t.token_major.to(device),
         ))  # fmt: skip
 
+    def heads(self, rows: tuple[int, ...]) -> BlockTable:
+        """The table whose head ``i`` is this table's head ``rows[i]`` (kept with this table).
+
+        A table of candidates (one per row) becomes a layer's table this way, as each sample's
+        per-head choice among them (:func:`sparse_vdit.kernels.select_attention`'s host path).
+        """
+        rows = tuple(int(r) for r in rows)
+        if not rows or not all(0 <= r < self.num_heads for r in rows):
+            raise ValueError(f"rows {rows} must index this table's {self.num_heads} heads")
+        if rows == tuple(range(self.num_heads)):
+            return self
+        return self.form(("heads", rows), lambda t: BlockTable(
+            t.layout, t.block_size, tuple(t.patterns[r] for r in rows),
+            t.range_starts[list(rows)], t.range_ends[list(rows)], t.token_major[list(rows)],
+        ))  # fmt: skip
+
     def block_mask(self, head: int) -> torch.Tensor:
         """Dense bool [Qb, Kb] map of one head's visited blocks (for drawing and tests only)."""
         columns = torch.arange(self.num_kv_blocks)

@@ -19,7 +19,8 @@ JSON schema (``version`` 1)::
       "schedule": [{"start": 0, "heads": [[0, 1, 1, ...], ...]}, {"start": 20, "heads": ...}]
     }
 
-``patterns`` is a palette; ``schedule[i].heads[layer][head]`` indexes it. Range ``i`` covers steps
+``patterns`` is a palette (a pattern other than ``skip`` may add ``"sink": F``: every query also
+visits the first ``F`` frames' worth of keys in the head's own order); ``schedule[i].heads[layer][head]`` indexes it. Range ``i`` covers steps
 ``[start_i, start_{i+1})``, the last one every later step; the first starts at 0. Steps count
 from 0 within each generation. Layers are the self-attention layers in forward order
 (HunyuanVideo: the 20 dual-stream blocks, then the 40 single-stream ones).

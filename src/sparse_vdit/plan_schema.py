@@ -209,13 +209,14 @@ def _depth(value: Any) -> int:
 
 
 def _pattern(check: _Checker, data: Any, where: str) -> Pattern:
-    check.keys(data, where, ("name", "width", "columns"), ("name",))
+    check.keys(data, where, ("name", "width", "columns", "sink"), ("name",))
     name, known = data["name"], pattern_names()
     if not isinstance(name, str) or name not in known:
         close = difflib.get_close_matches(name, known, n=1) if isinstance(name, str) else []
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise check.fail(f"{where}.name", f"unknown pattern {name!r}; {hint}known: {', '.join(known)}")
     params = PATTERN_KEYS.get(name, BAND_KEYS)
+    params = params if name == "skip" else (*params, "sink")  # a sink: frames of keys every query visits
     check.keys(data, where, ("name", *params))
     token_major = Pattern(name).token_major
     width = 0.0
@@ -238,7 +239,8 @@ def _pattern(check: _Checker, data: Any, where: str) -> Pattern:
             if not lo < hi:
                 raise check.fail(at, f"start {lo:g} must be below end {hi:g}")
             columns.append((lo, hi))
-    return Pattern(name, width, tuple(columns))
+    sink = check.number(data["sink"], f"{where}.sink", 0.0, float(MAX_FRAMES)) if "sink" in data else 0.0
+    return Pattern(name, width, tuple(columns), sink)
 
 
 def _layout(check: _Checker, data: Any, block: int) -> VideoLayout:

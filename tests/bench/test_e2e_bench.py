@@ -15,9 +15,11 @@ def e2e(load_script):
 def test_dry_run_writes_results_and_table(e2e, tmp_path, capsys):
     out = tmp_path / "e2e.json"
     assert e2e.main(["--dry-run", "--models", "hunyuan", "--densities", "0.3", "--svg-densities", "0.3", "--repeats",
-                     "1", "--out", str(out)]) == 0  # fmt: skip
+                     "1", "--svg-backends", "auto,flex,reference-device", "--out", str(out)]) == 0  # fmt: skip
     rows = json.loads(out.read_text())["results"]
-    assert [r["variant"] for r in rows] == ["unpatched", "dense", "sparse-30", "svg-30", "svg-30-flex"]
+    assert [r["variant"] for r in rows] == ["unpatched", "dense", "sparse-30", "svg-30", "svg-30-flex",
+                                            "svg-30-reference-device"]  # fmt: skip
+    assert rows[5]["svg_decided_on"] == "device" and rows[3]["svg_decided_on"] == "host"
     assert all(r["seconds"] > 0 and r["dry_run"] for r in rows)
     assert rows[2]["speedup_vs_unpatched"] > 0 and rows[2]["speedup_vs_dense"] > 0
     assert 0 < rows[2]["attention_share"] < 1
@@ -25,7 +27,7 @@ def test_dry_run_writes_results_and_table(e2e, tmp_path, capsys):
         assert 0 < svg["profile_seconds"] < svg["attention_seconds"] and 0 < svg["profile_share"] < 1
         assert 0 < svg["density"] < 1 and svg["target_density"] == 0.3 and "profile_share" not in rows[2]
     assert rows[4]["svg_backend"] == "reference"  # the CPU stand-in for flex
-    assert "x unpatched" in capsys.readouterr().out.splitlines()[-7]  # the table comes last
+    assert "x unpatched" in capsys.readouterr().out.splitlines()[-8]  # the table comes last
 
 
 def test_mixed_plans_hit_their_density(load_script):
@@ -47,7 +49,8 @@ def test_svg_attention_bench_dry_run(tmp_path, load_script):
     result = module.main(["--dry-run", "--shapes", "tiny-text", "--densities", "0.4", "--profile-backends", "torch",
                           "--out", str(tmp_path)])  # fmt: skip
     parts = {r["part"] for r in result["rows"] if "ms" in r}
-    assert parts == {"cudnn-dense", "profile", "decide", "attn-fast", "attn-flex", "layer-fast", "layer-flex"}
+    assert parts == {"cudnn-dense", "profile", "decide", "attn-fast", "attn-flex", "layer-fast", "layer-flex",
+                     "decide-device", "attn-select", "layer-device"}
     (summary,) = result["summary"]
     assert summary["profile_share"] > 0 and summary["flex_over_fast"] > 0 and summary["profile_backend"] == "torch"
     assert json.loads((tmp_path / "svg-dry-run.json").read_text())["summary"] == result["summary"]

@@ -45,7 +45,7 @@ def test_svg_bench_dry_run_sweeps_programs_per_sm_and_splits_the_profile(bench, 
     for point in points:  # every part at every point, the profile split into kernel and fused call
         parts = {r["part"] for r in triton if (r["tiles"], r["programs_per_sm"]) == point and "ms" in r}
         assert parts == {"profile", "profile-kernel", "profile-fused", "decide", "attn-fast", "attn-flex",
-                         "layer-fast", "layer-flex"}  # fmt: skip
+                         "layer-fast", "layer-flex", "decide-device", "attn-select", "layer-device"}  # fmt: skip
     for r in triton:  # the launch the kernel actually got
         launch = r["launch"]
         assert launch["programs"] == launch["grid"][0] * launch["grid"][1] * launch["grid"][2]

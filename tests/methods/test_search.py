@@ -17,7 +17,9 @@ from sparse_vdit.methods.candidates import (  # noqa: E402
     Fixed,
     block_columns,
     paper_candidates,
+    parse_candidate,
     row_mask,
+    sink_candidates,
     tuned_candidates,
     video_key_blocks,
 )
@@ -25,7 +27,7 @@ from sparse_vdit.methods.estimate import block_rows, output_errors, probe, sampl
 from sparse_vdit.methods.search import decide  # noqa: E402
 from sparse_vdit.organism import data as D  # noqa: E402
 from sparse_vdit.organism import model as M  # noqa: E402
-from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, vertical  # noqa: E402
+from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, vertical, with_sink  # noqa: E402
 
 BLOCK = 16
 SPEC = M.OrganismSpec(frames=4, height=32, width=32)  # 4 x 8 x 8 = 256 tokens, 16 blocks of 16
@@ -229,6 +231,21 @@ def test_mass_vertical_picks_the_sink_columns_and_round_trips():
         assert torch.equal(row_mask(pattern, layout, BLOCK, rows), expected)
     text = VideoLayout(3, 5, 9, 13, "prefix")
     assert video_key_blocks(text, BLOCK).tolist() == list(range(10))  # block 0 holds text and video
+
+
+def test_sink_candidates_serve_the_sink_head_and_parse():
+    layout = VideoLayout(8, 8, 8)
+    q, k, v = structured_inputs(layout)
+    cands = [Fixed(diagonal(0.5)), Fixed(with_sink(diagonal(0.5)))]
+    assert cands[1] in sink_candidates() and set(sink_candidates()) <= set(tuned_candidates(sinks=True))
+    result = probe(q, k, v, layout, BLOCK, torch.arange(0, layout.num_tokens, 7), cands, softmax_scale=1.0)
+    err = result.sq / result.ref  # [candidates, heads]; head 2 attends the first frame
+    assert err[1, 2] < 0.5 * err[0, 2] and err[1, 0] <= err[0, 0] + 1e-9
+    assert parse_candidate("diagonal:0.5+sink") == cands[1]
+    assert parse_candidate("multi_diagonal:0.1+sink=2") == Fixed(with_sink(multi_diagonal(0.1), 2.0))
+    for bad in ("skip+sink", "diagonal+sunk", "diagonal+sink=x", "mass:0.1+sink"):
+        with pytest.raises(ValueError, match="candidate"):
+            parse_candidate(bad)
 
 
 # --- hardware cost table ---------------------------------------------------------------------

@@ -241,9 +241,18 @@ def test_bad_arguments_raise_clearly(kwargs):
 
 def test_warmup_steps_follow_the_step_count():
     assert SVG(warmup_steps=3).warmup_steps_now() == 3
-    assert SVG(num_steps=40).warmup_steps_now() == 10
+    assert SVG(num_steps=40, mode="ours").warmup_steps_now() == 10
     assert SVG(warmup_steps=0.1, num_steps=lambda: 50).warmup_steps_now() == 5
-    assert SVG().warmup_steps_now() == 12  # unknown step count
+    assert SVG(mode="ours").warmup_steps_now() == 12  # unknown step count
+    # the reference: floor(first_times_fp * steps) per model and task, first_layers_fp = 0.03
+    assert SVG(num_steps=50).warmup_steps_now(LAYOUTS["video"]) == 15  # Wan T2V (no text)
+    assert SVG(num_steps=50).warmup_steps_now(LAYOUTS["suffix-padded"]) == 5  # HunyuanVideo
+    assert SVG().warmup_steps_now() == 15  # unknown step count: of 50
+    svg = SVG()
+    svg.spec = sparse_vdit.plan.KNOWN_MODELS["wan2.1-t2v-1.3b"]
+    assert svg.warmup_layers_now() == 0 and SVG().warmup_layers_now() == 1 and SVG(mode="ours").warmup_layers_now() == 1
+    svg.spec = sparse_vdit.plan.ModelSpec("wan", 40, 40, "wan2.1-i2v-14b-720p")
+    assert svg.warmup_layers_now() == 1 and svg.warmup_steps_now() == 17  # I2V: 35% of 50
 
 
 def test_density_one_is_dense_and_warmup_is_none():
@@ -315,7 +324,7 @@ def test_recorded_decisions_export_a_plan_that_replays_them():
     for (step, layer), (patterns, _) in seen.items():
         assert plan.patterns_for(step, layer) == (patterns or plan._dense_heads)
     errors = state.svg.errors()
-    assert set(errors) == {(s, 1) for s in (1, 2, 3)} and errors[(1, 1)].shape == (2, 4)
+    assert set(errors) == {(s, 1) for s in (1, 2, 3)} and errors[(1, 1)].shape == (2, 1, 4)  # per (sample, head)
     replay = sparse_vdit.apply(model, plan, backend="reference")  # the plan gives the same video
     _, replayed = _run_steps(model, inputs, replay, (999.0, 800.0, 600.0, 400.0))
     sparse_vdit.remove(model)
@@ -341,7 +350,7 @@ def test_apply_svg_arguments_are_checked_before_anything_is_installed():
     assert sparse_vdit.integrations.diffusers.state_of(model) is None
     assert all(model.attn_processors[k] is v for k, v in processors.items()) and not model._forward_pre_hooks
     with sparse_vdit.sparse(model, method="svg") as state:
-        assert state.svg.density == 0.3 and state.svg.sampled_rows == 64
+        assert state.svg.density_for(sparse_vdit.VideoLayout(3, 4, 4)) == 0.25 and state.svg.sampled_rows == 64
     assert all(model.attn_processors[k] is v for k, v in processors.items())
 
 

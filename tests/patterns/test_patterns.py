@@ -15,6 +15,7 @@ from sparse_vdit.patterns import (
     spatial,
     temporal,
     vertical,
+    with_sink,
 )
 
 LAYOUTS = {
@@ -37,6 +38,10 @@ PATTERNS = [
     temporal(0.1),
     vertical(((0.0, 1.0),)),
     vertical(((0.5, 0.75), (2.0, 2.6)), width=0.3),
+    with_sink(spatial(0.5)),
+    with_sink(temporal(0.05), 1.5),
+    with_sink(diagonal(0.0), 0.3),
+    with_sink(multi_diagonal(0.1)),
 ]
 
 
@@ -122,3 +127,16 @@ def test_hunyuan_720p_layer_tables_stay_under_memory_bound():
     assert ranges <= 4
     assert table_bytes == 8 * 24 * 931 * ranges
     assert peak < HUNYUAN_LAYER_BOUND, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_sink_round_trips_and_reads_in_the_heads_own_order():
+    p = with_sink(temporal(0.1))
+    assert p.sink == 1.0 and str(p) == "temporal(0.1, sink=1)"
+    assert Pattern.from_dict(p.to_dict()) == p and "sink" not in temporal(0.1).to_dict()
+    assert with_sink(skip()) == skip() and with_sink(p, 0) == temporal(0.1)
+    with pytest.raises(ValueError, match="sink"):
+        Pattern("spatial", 1.0, (), -1.0)
+    layout = VideoLayout(5, 4, 8)  # 32 tokens a frame, block 16: the sink is key blocks 0 and 1
+    for head in (with_sink(spatial(0.0)), with_sink(temporal(0.0))):
+        mask = compile_layer([head], layout, 16).block_mask(0)
+        assert mask[:, :2].all() and mask.sum(1).max() <= 3  # sink + own block

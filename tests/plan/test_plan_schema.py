@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from sparse_vdit import VideoLayout, compile_layer
 from sparse_vdit.kernels import sparse_attention
-from sparse_vdit.patterns import Pattern, diagonal, multi_diagonal, vertical
+from sparse_vdit.patterns import Pattern, diagonal, multi_diagonal, skip, vertical, with_sink
 from sparse_vdit.plan import ModelSpec, Plan, PlanError
 import sparse_vdit.plan_schema as schema
 
@@ -22,6 +22,7 @@ BASES = {
     "uniform-diagonal": Plan.uniform(SPEC, diagonal(1.0), block_size=16, layout=VideoLayout(3, 4, 4)).to_dict(),
     "uniform-vertical": Plan.uniform(SPEC, vertical(((0.0, 1.0), (1.5, 2.0)), 0.5), warmup_steps=1).to_dict(),
     "uniform-temporal": Plan.uniform(SPEC, multi_diagonal(0.2), block_size=32).to_dict(),
+    "uniform-sink": Plan.uniform(SPEC, with_sink(multi_diagonal(0.2), 0.5), block_size=32).to_dict(),
 }
 TINY = VideoLayout(2, 3, 5)
 
@@ -180,3 +181,19 @@ def test_patterns_refuse_non_finite_parameters():
 def test_valid_plans_still_load():
     for name, data in BASES.items():
         run(Plan.from_dict(data, name))
+
+
+def test_sinks_load_and_are_checked():
+    plan = Plan.uniform(SPEC, with_sink(diagonal(1.0)), block_size=16)
+    assert Plan.loads(plan.dumps()).patterns_for(0, 0)[0] == with_sink(diagonal(1.0))
+    data = plan.to_dict()
+    for value, cause in ((-1.0, "sink"), ("1", "sink"), (1e9, "sink")):
+        bad = copy.deepcopy(data)
+        bad["patterns"][0]["sink"] = value
+        with pytest.raises(PlanError, match=cause):
+            Plan.from_dict(bad)
+    bad = copy.deepcopy(data)
+    bad["patterns"][0] = {"name": "skip", "sink": 1.0}  # skip visits nothing, a sink included
+    with pytest.raises(PlanError, match="sink"):
+        Plan.from_dict(bad)
+    assert skip().to_dict() == {"name": "skip"}

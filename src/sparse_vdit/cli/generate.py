@@ -34,10 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("plan", "svg"), default="plan",
                         help="'plan', or 'svg': Sparse VideoGen, spatial/temporal heads decided every step")
     svg = parser.add_argument_group("--method svg")
-    svg.add_argument("--density", type=fraction, default=0.3, help="computed share of blocks of a sparse layer")
+    svg.add_argument("--svg-mode", choices=("reference", "ours"), default="reference",
+                     help="'reference' (default): as the authors' code; 'ours': our variant (methods/svg.py)")
+    svg.add_argument("--density", type=fraction, default=None,
+                     help="computed share of blocks of a sparse layer (default: the reference's, 0.25; ours 0.3)")
     svg.add_argument("--warmup-steps", type=float, default=None,
-                     help="dense steps first: a count (>= 1) or a fraction of the steps (< 1); default 0.25")
-    svg.add_argument("--warmup-layers", type=int, default=1, help="dense layers first")
+                     help="dense steps first: a count (>= 1) or a fraction of the steps (< 1); default: the "
+                          "reference's per model (Wan 0.3, HunyuanVideo 0.1), ours 0.25")
+    svg.add_argument("--warmup-layers", type=int, default=None,
+                     help="dense layers first (default: the reference's 3%% of the layers rounded down; ours 1)")
     svg.add_argument("--sampled-rows", type=positive_int, default=64, help="query rows profiled per layer and step")
     svg.add_argument("--record-plan", type=Path, help="save SVG's decisions as a plan JSON file")  # fmt: skip
     parser.add_argument("--prompt", help="text prompt")
@@ -192,8 +197,10 @@ def generate_video(
 
 def _svg_summary(svg, record_plan: Path | None) -> dict:
     """What the sidecar says about an SVG run; the decisions as a plan (None before any sparse step)."""
-    info: dict[str, Any] = {"density": svg.density, "warmup_steps": svg.warmup_steps_now(),
-                            "warmup_layers": svg.warmup_layers, "sampled_rows": svg.sampled_rows,
+    layout = next((g["layout"] for g in reversed(svg.generations) if g["layout"] is not None), None)
+    info: dict[str, Any] = {"mode": svg.mode, "density": svg.density if layout is None else svg.density_for(layout),
+                            "warmup_steps": svg.warmup_steps_now(layout), "warmup_layers": svg.warmup_layers_now(layout),
+                            "sampled_rows": svg.sampled_rows,
                             "profile_seconds": svg.profile_seconds(), "plan": None}  # fmt: skip
     if any(g["steps"] for g in svg.generations):
         plan = info["plan"] = svg.to_plan()
@@ -210,7 +217,8 @@ def svg_options(args: argparse.Namespace) -> dict[str, Any]:
     from ..methods.svg import SVG
 
     warmup = args.warmup_steps
-    options = {"density": args.density, "warmup_layers": args.warmup_layers, "sampled_rows": args.sampled_rows}
+    options = {"density": args.density, "warmup_layers": args.warmup_layers, "sampled_rows": args.sampled_rows,
+               "mode": args.svg_mode}
     if warmup is not None:
         options["warmup_steps"] = int(warmup) if warmup >= 1 and warmup == int(warmup) else warmup
     try:

@@ -14,11 +14,13 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # float6
 MAX_HEAD_DIM = 256
 
 
-def check_inputs(q, k, v, table, softmax_scale, layout: VideoLayout | None = None) -> float:
+def check_inputs(q, k, v, table, softmax_scale, layout: VideoLayout | None = None, selected=None) -> float:
     """Raise TypeError / ValueError for inputs no backend should see; returns the softmax scale.
 
     ``layout``, when given, is how q/k/v are laid out: the table must have been compiled for it
     (a table of another layout with the same token count would silently attend the wrong keys).
+    ``selected``, when given, is a per-(sample, head) choice among the table's rows (candidates):
+    int32 ``[batch, heads]`` on q's device or the CPU; the table then may have any number of rows.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -47,8 +49,10 @@ def check_inputs(q, k, v, table, softmax_scale, layout: VideoLayout | None = Non
             f"sequence length {seq} does not match the table's layout "
             f"({table.layout.describe()} = {table.layout.num_tokens} tokens): table built for another layout"
         )
-    if heads != table.num_heads:
+    if selected is None and heads != table.num_heads:
         raise ValueError(f"{heads} heads in q but the table has {table.num_heads}")
+    if selected is not None:
+        _check_selected(selected, batch, heads, q.device)
     if batch < 1:
         raise ValueError("batch must be >= 1, got an empty batch")
     if not 8 <= dim <= MAX_HEAD_DIM or dim % 8:
@@ -60,3 +64,13 @@ def check_inputs(q, k, v, table, softmax_scale, layout: VideoLayout | None = Non
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be finite and positive, got {softmax_scale!r}")
     return float(softmax_scale)
+
+
+def _check_selected(selected, batch: int, heads: int, device: torch.device) -> None:
+    if not isinstance(selected, torch.Tensor):
+        raise TypeError(f"selected must be a torch.Tensor, got {type(selected).__name__}")
+    if selected.dtype != torch.int32 or tuple(selected.shape) != (batch, heads):
+        raise ValueError(f"selected must be int32 (batch, heads) = {(batch, heads)}, got {selected.dtype} "
+                         f"{tuple(selected.shape)}")  # fmt: skip
+    if selected.device not in (device, torch.device("cpu")):
+        raise ValueError(f"selected is on {selected.device}; put it on {device} (or the CPU)")

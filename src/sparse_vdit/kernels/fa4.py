@@ -170,6 +170,43 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale:
     return _attend(q, k, v, table_tensors(table), table.layout.kv_len, softmax_scale)
 
 
+# Whether run_selected reads SVG's per-(sample, head) choice on the device (block tensors gathered
+# from the resident candidates, token-major heads permuted by a Triton kernel reading the choice).
+# Off until measured against the host path on a GPU (bench/svg.py's layer-device-fa4 part).
+SELECT_ON_DEVICE = False
+
+
+def gathered_tables(candidates, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(sample, head) block lists gathered on the device from a table of candidates: counts
+    int32 [B, H, Qb] and indices int32 [B, H, Qb, W] (W <= key blocks; later slots repeat one),
+    as FA4's block-sparse tensors take them; no host sync."""
+    chosen = selected.to(candidates.device).long()
+    index = candidates.kv_indices[..., : candidates.num_kv_blocks]
+    return candidates.kv_num_blocks[chosen], index[chosen].contiguous()
+
+
+def run_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, candidates, selected: torch.Tensor,
+                 softmax_scale: float) -> torch.Tensor:  # fmt: skip
+    """Head ``h`` of sample ``b`` attends with row ``selected[b, h]`` of ``candidates``, the choice
+    kept on the device: block tensors gathered per (sample, head), heads whose chosen row is
+    token-major permuted there and back by a kernel that reads the choice."""
+    from .triton.placement import head_order
+
+    _, BlockSparseTensorsTorch = _import()
+    counts, index = gathered_tables(candidates, selected)
+    layout = candidates.layout
+    geometry = (layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens)
+    moved = bool(candidates.token_major_heads)
+    if moved:
+        q, k, v = (head_order(t, selected, candidates.token_major, geometry) for t in (q, k, v))
+    empty = torch.zeros(*counts.shape, 1, dtype=torch.int32, device=q.device)
+    sparse = BlockSparseTensorsTorch(mask_block_cnt=torch.zeros_like(counts), mask_block_idx=empty,
+                                     full_block_cnt=counts, full_block_idx=index,
+                                     block_size=(candidates.block_size, candidates.block_size))  # fmt: skip
+    out = _attend(q, k, v, sparse, layout.kv_len, softmax_scale)
+    return head_order(out, selected, candidates.token_major, geometry, to_head_order=False) if moved else out
+
+
 def _attend(q, k, v, sparse, kv_len: int, softmax_scale: float) -> torch.Tensor:
     interface, _ = _import()
     if k.shape[1] != kv_len:
@@ -191,4 +228,5 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: floa
     return out
 
 
-__all__ = ["BACKEND", "dense", "forward", "is_available", "run", "supports", "table_tensors", "version"]
+__all__ = ["BACKEND", "SELECT_ON_DEVICE", "dense", "forward", "gathered_tables", "is_available", "run", "run_selected",
+           "supports", "table_tensors", "version"]

@@ -3,7 +3,9 @@
 A backend is one module (or package) ``sparse_vdit.kernels.<name>`` with a ``BACKEND``
 (:class:`Backend`: what it supports, where ``auto`` tries it), ``is_available(device) -> (ok, why)``
 and ``run(q, k, v, table, softmax_scale)``: adding that file adds the backend (:func:`names` finds
-it). :func:`choose` picks one per (table, dtype, head dim, device) once and keeps the choice with
+it). A backend that can read a per-(sample, head) choice among candidate tables on the device
+(SVG's decision, :func:`~sparse_vdit.kernels.select.select_attention`) also has
+``run_selected(q, k, v, candidates, selected, softmax_scale)`` and ``SELECT_ON_DEVICE = True``. :func:`choose` picks one per (table, dtype, head dim, device) once and keeps the choice with
 the table; ``auto`` says in the ``sparse_vdit`` log which backend it took and why the ones it
 tries first were passed over.
 """
@@ -52,6 +54,13 @@ class Backend:
             return f"backend {self.name!r} needs {names} inputs, not {str(dtype).removeprefix('torch.')}"
         return None
 
+    @property
+    def selects_on_device(self) -> bool:
+        """Whether the module's ``run_selected`` reads a per-(sample, head) choice of candidate
+        tables on the device (its ``SELECT_ON_DEVICE``; without it the choice goes to the host)."""
+        module = self.module
+        return bool(getattr(module, "SELECT_ON_DEVICE", False)) and hasattr(module, "run_selected")
+
     def table_problem(self, block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> str | None:
         """Why a table of ``block_size`` cannot run here on ``device`` (None: it can)."""
         check = getattr(self.module, "supports", None)
@@ -61,7 +70,7 @@ class Backend:
         return None if ok else why
 
 
-_NOT_BACKENDS = ("api", "registry", "dense")
+_NOT_BACKENDS = ("api", "registry", "dense", "checks", "select")
 
 
 @lru_cache(maxsize=None)

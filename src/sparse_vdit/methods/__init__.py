@@ -3,6 +3,7 @@
 from . import candidates as _candidates
 from . import estimate as _estimate
 from . import svg as _svg
+from . import svg_profile as _svg_profile
 from .candidates import Fixed, MassVertical
 from .cost import BlockCost, CostTable, FixedCost, MeasuredCost
 from .oracle import MassRecorder, PerCallOracle, StaticOracle
@@ -18,6 +19,7 @@ __all__ = [
 
 
 def clear_caches() -> None:
-    """Forget the methods' per-layout caches (band widths, key-block lists, row masks)."""
-    for cached in (_svg.band_widths, _svg._key_blocks, _candidates.video_key_blocks, _estimate._all_rows_mask):
+    """Forget the methods' per-layout caches (band widths, SVG candidates, key-block lists, row masks)."""
+    for cached in (_svg.band_widths, _svg._candidates, _svg._profile, _svg_profile._key_blocks,
+                   _candidates.video_key_blocks, _estimate._all_rows_mask):
         cached.cache_clear()

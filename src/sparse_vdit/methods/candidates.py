@@ -18,7 +18,7 @@ import torch
 from .. import patterns as _patterns
 from ..block_table import num_blocks
 from ..layout import VideoLayout
-from ..patterns import Pattern, diagonal, multi_diagonal, pattern_names, skip, vertical
+from ..patterns import Pattern, diagonal, multi_diagonal, pattern_names, skip, vertical, with_sink
 from ..patterns.table import device_ranges
 
 
@@ -157,6 +157,8 @@ def row_mask(pattern: Pattern, layout: VideoLayout, block: int, q_blocks: torch.
 DIAGONAL_WIDTHS = (0.25, 0.5, 1.0, 2.0)  # frames each side
 MULTI_DIAGONAL_WIDTHS = (0.03, 0.06, 0.12, 0.25)  # fraction of the video, token-major
 VERTICAL_SHARES = (0.05, 0.1, 0.2)  # share of the video key blocks kept as stripes
+SINK_DIAGONAL_WIDTHS = (0.5, 1.0)  # bands given a first-frame sink (SVG's on Wan) when sinks are searched
+SINK_MULTI_DIAGONAL_WIDTHS = (0.06, 0.12)
 
 
 def paper_candidates() -> tuple[Candidate, ...]:
@@ -164,13 +166,23 @@ def paper_candidates() -> tuple[Candidate, ...]:
     return (Fixed(skip()), Fixed(diagonal()), Fixed(multi_diagonal()), Fixed(vertical()))
 
 
-def tuned_candidates() -> tuple[Candidate, ...]:
-    """Band widths searched, and vertical stripes placed by attention mass."""
+def tuned_candidates(sinks: bool = False) -> tuple[Candidate, ...]:
+    """Band widths searched, and vertical stripes placed by attention mass; with ``sinks``, also
+    bands plus the first frame's worth of keys in the head's own order (:func:`sink_candidates`)."""
     return (
         (Fixed(skip()),)
         + tuple(Fixed(diagonal(w)) for w in DIAGONAL_WIDTHS)
         + tuple(Fixed(multi_diagonal(w)) for w in MULTI_DIAGONAL_WIDTHS)
         + tuple(MassVertical(s) for s in VERTICAL_SHARES)
+        + (sink_candidates() if sinks else ())
+    )
+
+
+def sink_candidates(frames: float = 1.0) -> tuple[Candidate, ...]:
+    """Bands plus an attention sink of ``frames`` frames (the first frame for frame-major bands, the
+    first ``frames * S`` token-major positions for multi-diagonal ones), as SVG runs on Wan."""
+    return tuple(Fixed(with_sink(diagonal(w), frames)) for w in SINK_DIAGONAL_WIDTHS) + tuple(
+        Fixed(with_sink(multi_diagonal(w), frames)) for w in SINK_MULTI_DIAGONAL_WIDTHS
     )
 
 
@@ -197,8 +209,21 @@ def as_candidates(items: Iterable[Candidate | Pattern | str]) -> tuple[Candidate
 
 def parse_candidate(text: str) -> Candidate:
     """A candidate from the command line: ``skip``, ``diagonal:0.5``, ``multi_diagonal:0.1``,
-    ``vertical`` (the first frame), ``vertical:0.5`` (first frame + band), ``mass:0.1[:width]``."""
-    name, *args = text.strip().split(":")
+    ``vertical`` (the first frame), ``vertical:0.5`` (first frame + band), ``mass:0.1[:width]``;
+    a pattern may end in ``+sink`` (the first frame in the head's order) or ``+sink=F`` (F frames)."""
+    text, _, sink = text.strip().partition("+")
+    if sink:
+        if sink != "sink" and not sink.startswith("sink="):
+            raise ValueError(f"candidate {text}+{sink}: write PATTERN+sink or PATTERN+sink=FRAMES")
+        try:
+            frames = float(sink.partition("=")[2] or 1.0)
+        except ValueError:
+            raise ValueError(f"candidate {text}+{sink}: the sink's frames must be a number") from None
+        base = parse_candidate(text)
+        if not isinstance(base, Fixed) or base.name == "skip":
+            raise ValueError(f"candidate {text}+{sink}: a sink goes on a band or vertical pattern")
+        return Fixed(with_sink(base.pattern, frames))
+    name, *args = text.split(":")
     try:
         values = [float(a) for a in args]
     except ValueError:

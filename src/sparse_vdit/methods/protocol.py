@@ -2,9 +2,12 @@
 
 The integrations (:mod:`sparse_vdit.integrations.diffusers`) build an :class:`AttentionCall` for
 every layer call and ask the installed pattern source for one pattern per head (``None``: dense;
-or a compiled :class:`~sparse_vdit.block_table.BlockTable` of the call's layout, run as it is);
-observers see every call after it ran. Methods (plans, SVG, the offline search) implement these
-callables here, below the integrations, so they need not know any model library.
+every layer call and ask the installed pattern source for one pattern per head (``None``: dense;
+a compiled :class:`~sparse_vdit.block_table.BlockTable` of the call's layout, run as it is; or
+a :class:`~sparse_vdit.patterns.HeadChoice`: a per-(sample, head) choice among candidates, kept on
+the device where the backend reads it there); observers see every call after it ran. Methods
+(plans, SVG, the offline search) implement these callables here, below the integrations, so they
+need not know any model library.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ import torch
 
 from ..block_table import BlockTable
 from ..layout import VideoLayout
-from ..patterns import Pattern
+from ..patterns import HeadChoice, Pattern
 from ..plan import Plan
 
 
 class Computes(Protocol):
     """What runs attention for a call (the integration's shared state)."""
 
-    def compute(self, q, k, v, layout: VideoLayout, patterns: Sequence[Pattern] | None) -> torch.Tensor: ...
+    def compute(self, q, k, v, layout: VideoLayout, patterns: Sequence[Pattern] | HeadChoice | None) -> torch.Tensor: ...
 
 
 @dataclass(eq=False)
@@ -44,13 +47,13 @@ class AttentionCall:
         """Dense attention of this call on the fastest dense kernel."""
         return self.state.compute(self.q, self.k, self.v, self.layout, None)
 
-    def output(self, patterns: Sequence[Pattern] | None) -> torch.Tensor:
-        """Attention of this call with one pattern per head (``None``: dense)."""
+    def output(self, patterns: Sequence[Pattern] | HeadChoice | None) -> torch.Tensor:
+        """Attention of this call with one pattern per head (``None``: dense) or a :class:`HeadChoice`."""
         return self.state.compute(self.q, self.k, self.v, self.layout, patterns)
 
 
-PatternSource = Callable[[AttentionCall], "Sequence[Pattern] | BlockTable | None"]
-Observer = Callable[[AttentionCall, "Sequence[Pattern] | BlockTable | None", torch.Tensor], None]
+PatternSource = Callable[[AttentionCall], "Sequence[Pattern] | BlockTable | HeadChoice | None"]
+Observer = Callable[[AttentionCall, "Sequence[Pattern] | BlockTable | HeadChoice | None", torch.Tensor], None]
 
 
 def plan_source(plan: Plan) -> PatternSource:

@@ -1,56 +1,90 @@
 """Sparse VideoGen (SVG), the online method: spatial or temporal, decided per head every step.
 
-At every sparse step and layer, :class:`SVG` samples a few query rows spread over all frames,
-computes their exact attention and the same rows under the ``spatial(w_s)`` and the
-``temporal(w_t)`` band, and gives each head the band whose output is closer to the exact one
-(:func:`sampled_errors`). Temporal heads run token-major; the layer's mixed table goes to
-:func:`~sparse_vdit.sparse_attention` in one launch. ``density`` fixes both widths so that either
-band computes that share of blocks, text included (:func:`band_widths`).
+At every sparse step and layer, :class:`SVG` samples a few query rows, computes their exact
+attention and the same rows under a spatial and a temporal mask, and gives each head the mask
+whose output is closer to the exact one. Temporal heads run token-major; the layer runs in one
+launch.
 
-Design choices (ours; the paper gives none of these):
+``mode="reference"`` (the default) follows the authors' code choice by choice
+(:mod:`~sparse_vdit.methods.svg_reference` names the source of each): their executed band from
+their sparsity-to-width rule, with the first-frame sink on Wan (in each head's own order); their
+fixed profile masks (a two-frame block band plus the sink on Wan, 1.5 frames plus text on
+HunyuanVideo); 64 rows drawn with replacement from the first 10,000 positions; the choice per
+(sample, head); their dense warm-up per model and task (Wan T2V 30% of the steps, I2V 35%,
+HunyuanVideo 10%; 3% of the layers, rounded down). ``mode="ours"`` is the variant this package ran
+before; each difference is also a named option (a mode only sets their defaults):
 
-- **Error measure**: mean squared error of the sampled rows' *outputs* against the exact outputs
-  (``error="output"``, SVG's own choice). It is what the next layer sees: keys left out whose
-  values resemble the kept ones cost little, which an attention-only measure cannot know.
-  ``error="mass"`` (attention mass outside the mask, half the L1 distance of the attention rows)
-  is offered for comparison.
-- **Rows**: stratified over the video tokens (one row drawn uniformly in each of ``sampled_rows``
-  equal slices of the video), so every frame and every region is seen; text rows are never
-  sampled (they attend to everything in both bands, so they cannot tell them apart). Rows are a
-  function of ``(seed, step, layer)`` only, the same on every device.
-- **Masks**: never materialised per head or on the host: the key blocks of a sampled row are read
-  from the band table's row of its query block (token-major positions for the temporal band, by
-  index arithmetic), compared with each key's block index on the device: ``rows x keys`` booleans.
-- **Cost**: on a GPU one fused Triton pass over the keys computes the exact and both masked
-  outputs of the sampled rows without storing scores (reads K and V once); the torch path (CPU,
-  reference) holds scores ``rows x keys`` for a chunk of heads at a time, never ``N x N``. One
-  extra host sync per layer (the choice must be known on the host to pick the table). The
-  classification is timed on its own (:meth:`SVG.profile_seconds`).
+- ``widths``: ``"reference"`` (``sparsity_to_width``) or ``"fitted"`` (both bands fitted to compute
+  ``density`` of the blocks, text included: :func:`band_widths`).
+- ``sink``: the first frame's worth of keys in each head's order added to both masks (reference on
+  Wan) or not.
+- ``profile_masks``: ``"reference"`` (their fixed masks) or ``"executed"`` (the bands that will run).
+- ``row_sampling``: ``"replacement"`` (theirs) or ``"stratified"`` (one row in each of
+  ``sampled_rows`` equal slices of the video, so every frame is seen; text rows never sampled).
+- ``choice``: ``"per_sample"`` (theirs: one choice per batch sample and head) or ``"batch_mean"``
+  (errors averaged over the batch: one table for the batch).
+
+Other choices, ours in both modes: the error is the mean squared error of the sampled rows'
+outputs (``error="output"``, SVG's own; ``"mass"``, the attention mass outside the mask, is offered
+for comparison); rows are a function of ``(seed, step, layer)``; masks are never materialised
+(:mod:`~sparse_vdit.methods.svg_profile`); on a GPU one fused Triton pass computes the exact and both
+masked outputs of the rows.
+
+**No host sync** (``decide``): on a backend that reads the choice on the device (its declaration's
+``selects_on_device``: Triton) the source returns a :class:`~sparse_vdit.patterns.HeadChoice` (both
+candidate tables resident; the kernel reads each head's choice and token order). FlashAttention-4
+and FlexAttention need each head's table and the token-major heads permuted in memory: there the
+choice is copied back once per layer and the tables picked on the host (``decide="host"``, as with
+``record=True``), unless ``sparse_vdit.kernels.fa4.SELECT_ON_DEVICE`` is set: FA4 then takes
+per-(sample, head) block tensors gathered on the device and the heads are permuted by a kernel that
+reads the choice (opt-in until measured on a GPU).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import torch
 
-from ..block_table import DEFAULT_BLOCK, is_power_of_two, num_blocks, valid_block_size
+from ..block_table import DEFAULT_BLOCK, num_blocks, valid_block_size
 from ..layout import VideoLayout
-from ..patterns import Pattern, compile_layer, dense, head_ranges, spatial, temporal
+from ..patterns import HeadChoice, Pattern, dense, head_ranges, spatial, temporal, with_sink
 from ..plan import ModelSpec, Plan, StepRange, as_spec
 from ..timing import clock, seconds_per_step
+from . import svg_reference as ref
+from .svg_profile import (
+    DEFAULT_CHUNK,
+    ERRORS,
+    PROFILE_BACKENDS,
+    _triton_ok,
+    fused_inputs,
+    row_masks,
+    row_ranges,
+    sample_rows,
+    sampled_errors,
+    sampled_outputs,
+    token_major_positions,
+)
 
 logger = logging.getLogger("sparse_vdit")
 
-ERRORS = ("output", "mass")
-DEFAULT_WARMUP_FRACTION = 0.25  # of the steps, when their number is known
+DEFAULT_WARMUP_FRACTION = 0.25  # of the steps, when their number is known (mode "ours")
 WARMUP_STEPS_UNKNOWN = 12  # 25% of the usual 50 steps, when it is not
-DEFAULT_CHUNK = 1 << 24  # score elements (samples x heads x rows x keys) computed at once
+REFERENCE_STEPS_UNKNOWN = 50  # the reference scripts' step count, when ours is not known
+MODES = ("reference", "ours")
+VARIANTS = {  # option -> (reference, ours): every option a mode sets
+    "widths": ("reference", "fitted"),
+    "sink": (None, False),  # None: as the reference for the model (on Wan)
+    "profile_masks": ("reference", "executed"),
+    "row_sampling": ("replacement", "stratified"),
+    "choice": ("per_sample", "batch_mean"),
+}
+CHOICES = {name: values for name, values in VARIANTS.items() if name != "sink"}
+CHOICES["decide"] = ("auto", "device", "host")
 
 
 # --- widths ----------------------------------------------------------------------------------
@@ -136,217 +170,74 @@ def band_widths(layout: VideoLayout, density: float, block: int = DEFAULT_BLOCK)
     return Widths(ws, wt, ds, dt)
 
 
-# --- sampled rows and their masks ------------------------------------------------------------
-
-
-def sample_rows(layout: VideoLayout, count: int, step: int, layer: int, seed: int = 0) -> torch.Tensor:
-    """``count`` distinct query positions (int64, CPU, ascending), one per equal slice of the video.
-
-    A function of ``(seed, step, layer)`` only. All video tokens if ``count`` exceeds them.
-    """
-    video = layout.video_tokens
-    if count >= video:
-        return torch.arange(video) + layout.video_start
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 10_007 + layer)
-    edges = torch.arange(count + 1, dtype=torch.float64) * (video / count)
-    u = torch.rand(count, generator=g, dtype=torch.float64)
-    rows = torch.floor(edges[:-1] + u * (edges[1:] - edges[:-1])).long().clamp(max=video - 1)
-    return rows + layout.video_start
-
-
-def token_major_positions(pos: torch.Tensor, layout: VideoLayout) -> torch.Tensor:
-    """Where sequence positions ``pos`` (frame-major) sit in the token-major order; text stays.
-
-    Index arithmetic equal to ``layout.frame_major_order()[pos]``: video token ``f * S + p`` goes
-    to ``p * F + f``.
-    """
-    v0, s, f = layout.video_start, layout.frame_tokens, layout.frames
-    i = pos - v0
-    video = (i >= 0) & (i < layout.video_tokens)
-    return torch.where(video, v0 + (i % s) * f + torch.div(i, s, rounding_mode="floor"), pos)
-
-
-@lru_cache(maxsize=32)
-def _key_blocks(layout: VideoLayout, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block index of every key ``[0, kv_len)`` in frame-major and in token-major order."""
-    keys = torch.arange(layout.kv_len, device=device)
-    return keys // block, token_major_positions(keys, layout) // block
-
-
-def row_ranges(
-    rows: torch.Tensor, layout: VideoLayout, patterns: Sequence[Pattern], block: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 ``[len(patterns), rows, ranges]``: each sampled row's key-block ranges under each pattern.
-
-    The rows of the patterns' block tables for the rows' query blocks, in each pattern's own
-    token order (token-major block numbers for ``temporal``); unused slots are empty ranges.
-    """
-    starts, ends = [], []
-    for pattern in patterns:
-        table = compile_layer([pattern], layout, block, rows.device)
-        position = token_major_positions(rows, layout) if pattern.token_major else rows
-        starts.append(table.range_starts[0, position // block])
-        ends.append(table.range_ends[0, position // block])
-    width = max(x.shape[1] for x in starts)
-    pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]))  # noqa: E731
-    return torch.stack([pad(x) for x in starts]), torch.stack([pad(x) for x in ends])
-
-
-def row_masks(rows: torch.Tensor, layout: VideoLayout, patterns: Sequence[Pattern], block: int) -> torch.Tensor:
-    """Bool ``[len(patterns), rows, kv_len]``: the keys each sampled row visits under each pattern.
-
-    :func:`row_ranges` compared with every key's block index (frame-major or token-major), on
-    ``rows.device``: no ``N x N`` mask and no per-head mask.
-    """
-    starts, ends = row_ranges(rows, layout, patterns, block)
-    frame_kb, token_kb = _key_blocks(layout, block, rows.device)
-    out = []
-    for i, pattern in enumerate(patterns):
-        kb = token_kb if pattern.token_major else frame_kb
-        out.append(((kb >= starts[i, ..., None]) & (kb < ends[i, ..., None])).any(1))
-    return torch.stack(out)
-
-
-def fused_inputs(
-    rows: torch.Tensor, layout: VideoLayout, patterns: Sequence[Pattern], block: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused kernel's rows (int32 ``[R]``) and ranges (int32 ``[2, NR, R]``) on ``device``,
-    computed on the CPU and sent in one copy (a few host operations instead of a dozen launches)."""
-    rows = rows.cpu()
-    starts, ends = (x.transpose(1, 2) for x in row_ranges(rows, layout, patterns, block))
-    packed = torch.cat([rows.to(torch.int32), starts.flatten(), ends.flatten()])  # tables are int32
-    packed = packed.to(device, non_blocking=True)
-    r, size = rows.numel(), starts.numel()
-    return packed[:r], packed[r : r + size].view(starts.shape), packed[r + size :].view(ends.shape)
-
-
-PROFILE_BACKENDS = ("auto", "torch", "triton")
-_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _triton_ok(q: torch.Tensor, patterns: Sequence[Pattern]) -> bool:
-    dim = q.shape[-1]
-    if len(patterns) != 2 or dim < 16 or dim > 256 or not is_power_of_two(dim) or q.dtype not in _TRITON_DTYPES:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def sampled_outputs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rows: torch.Tensor,
-    layout: VideoLayout,
-    patterns: Sequence[Pattern],
-    block: int,
-    *,
-    softmax_scale: float | None = None,
-    backend: str = "torch",
-    chunk: int = DEFAULT_CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention of the sampled ``rows`` and the same rows under each pattern's mask.
-
-    Args:
-        q, k, v: ``(batch, seq, heads, dim)`` at ``layout`` (keys beyond ``layout.kv_len`` unused).
-        rows: int64 ``[R]`` query positions, on the CPU (cheapest for ``"triton"``) or q's device.
-        backend: ``"torch"``: scores ``[heads_per_chunk, R, kv_len]`` for a chunk of heads at a
-            time (``chunk`` elements), masks from :func:`row_masks`; memory
-            ``O(chunk + patterns x R x kv_len)``. ``"triton"``: one fused pass over the keys
-            (:mod:`sparse_vdit.kernels.triton.sampled`, two patterns), scores never stored.
-            Matmuls in q's dtype (float32 accumulation), softmax and sums in float32.
-
-    Returns:
-        outputs float32 ``[B, H, 1 + M, R, D]`` (exact first, each renormalised over its own keys)
-        and the attention mass each keeps, float32 ``[B, H, 1 + M, R]`` (the exact one is 1).
-    """
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
-    batch, _, heads, dim = q.shape
-    kv_len = layout.kv_len
-    scale = dim**-0.5 if softmax_scale is None else softmax_scale
-    if backend == "triton":
-        from ..kernels.triton.sampled import sampled_outputs as fused
-
-        rows, starts, ends = fused_inputs(rows, layout, patterns, block, q.device)
-        geometry = (layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens)
-        return fused(q, k, v, rows, starts, ends, tuple(p.token_major for p in patterns),
-                     kv_len=kv_len, softmax_scale=scale, block_size=block, layout=geometry)  # fmt: skip
-    rows = rows.to(q.device)
-    m, r = len(patterns), rows.numel()
-    masks = row_masks(rows, layout, patterns, block)
-    keep = torch.cat([masks.new_ones(1, r, kv_len), masks]).view(1, m + 1, r, kv_len)
-    q_rows = q.index_select(1, rows) * scale  # [B, R, H, D]
-    outputs = torch.empty(batch, heads, m + 1, r, dim, dtype=torch.float32, device=q.device)
-    masses = torch.empty(batch, heads, m + 1, r, dtype=torch.float32, device=q.device)
-    group = max(1, min(heads, chunk // max(1, r * kv_len)))
-    for b in range(batch):
-        for h0 in range(0, heads, group):
-            h1 = min(heads, h0 + group)
-            qc = q_rows[b, :, h0:h1].transpose(0, 1)  # [h, R, D]
-            kc = k[b, :kv_len, h0:h1].transpose(0, 1)  # [h, kv, D], a strided view
-            vc = v[b, :kv_len, h0:h1].transpose(0, 1)
-            probs = torch.softmax(torch.bmm(qc, kc.transpose(1, 2)), dim=-1)  # float32 inside
-            kept = torch.where(keep, probs[:, None], 0).view(h1 - h0, (m + 1) * r, kv_len)
-            mass = kept.sum(-1, dtype=torch.float32).view(h1 - h0, m + 1, r)
-            o = torch.bmm(kept, vc).float().view(h1 - h0, m + 1, r, dim)
-            outputs[b, h0:h1] = o / mass.clamp_min(1e-30)[..., None]
-            masses[b, h0:h1] = mass / mass[:, :1].clamp_min(1e-30)
-    return outputs, masses
-
-
-def sampled_errors(outputs: torch.Tensor, masses: torch.Tensor, error: str = "output") -> torch.Tensor:
-    """float32 ``[M, heads]``: how far each mask's rows are from the exact rows (:func:`sampled_outputs`).
-
-    ``"output"``: mean squared error of the outputs over rows, dims and batch; ``"mass"``:
-    exact attention mass outside the mask, mean over rows and batch.
-    """
-    if error not in ERRORS:
-        raise ValueError(f"error must be one of {ERRORS}, got {error!r}")
-    if error == "mass":
-        return (1 - masses[:, :, 1:]).mean((0, -1)).T.contiguous()
-    return (outputs[:, :, 1:] - outputs[:, :, :1]).square().mean((0, -1, -2)).T.contiguous()
-
-
 # --- the pattern source ----------------------------------------------------------------------
 
 
+@lru_cache(maxsize=256)
+def _candidates(
+    widths: str, sink: float, config: ref.ReferenceConfig, layout: VideoLayout, density: float, block: int
+) -> tuple[Pattern, Pattern]:
+    if widths == "reference":
+        s, t = ref.executed_patterns(config, layout, density, block)
+    else:
+        s, t = band_widths(layout, density, block).patterns()
+    return with_sink(s, sink), with_sink(t, sink)
+
+
+@lru_cache(maxsize=256)
+def _profile(config: ref.ReferenceConfig, layout: VideoLayout, block: int, sink: float) -> tuple[Pattern, Pattern]:
+    s, t = ref.profile_patterns(config, layout, block)
+    return with_sink(s, sink), with_sink(t, sink)
+
+
 class SVG:
-    """SVG as a pattern source: ``source(call) -> patterns | None`` (see the diffusers integration).
+    """SVG as a pattern source: ``source(call) -> patterns | HeadChoice | None`` (diffusers integration).
 
     Args:
-        density: computed share of blocks of every sparse layer, text included, in (0, 1];
-            1 means dense.
-        warmup_steps: dense steps first: an int, or a fraction of the steps (default 0.25) when
-            their number is known (``num_steps``, or the pipeline's scheduler through ``apply``),
-            else ``WARMUP_STEPS_UNKNOWN`` steps.
-        warmup_layers: dense layers first (default 1).
+        density: computed share of blocks of every sparse layer (the reference's ``sparsity``), in
+            (0, 1]; 1 means dense. Default: the reference's for the model (0.25; Wan I2V 0.3) in
+            mode ``"reference"``, 0.3 in mode ``"ours"``.
+        mode: ``"reference"`` (the authors' code) or ``"ours"``; sets the defaults of ``widths``,
+            ``sink``, ``profile_masks``, ``row_sampling``, ``choice`` and the warm-up (see the
+            module docstring), each of which may also be given.
+        warmup_steps: dense steps first: an int, or a fraction of the steps. Default: the
+            reference's per model and task, rounded down (mode ``"reference"``), or 0.25 rounded
+            (``"ours"``); with an unknown step count, of 50 steps (reference) or 12 steps (ours).
+        warmup_layers: dense layers first. Default: ``floor(0.03 * layers)`` (reference; 1 when
+            the model is unknown) or 1 (ours).
         sampled_rows: query rows profiled per layer call (default 64).
-        error: ``"output"`` (default) or ``"mass"``; see the module docstring.
-        record: keep every sparse decision (and its errors) for :meth:`to_plan`.
+        error: ``"output"`` (default) or ``"mass"``.
+        decide: ``"auto"`` (on the device when the call's backend reads the choice there, i.e.
+            Triton, and nothing is recorded; else on the host), ``"device"`` or ``"host"``.
+        record: keep every sparse decision (and its errors) for :meth:`to_plan` (decides on the host).
         seed: varies the sampled rows.
         num_steps: steps of a generation, or a callable giving it (None if unknown).
-        block_size: of the tables (the integration's; default 128).
+        block_size: of the tables (the integration's; default 128; the reference's 128-token
+            rounding uses it).
         profile_backend: ``"auto"`` (the fused Triton pass on CUDA, else torch), ``"torch"`` or
-            ``"triton"`` (see :func:`sampled_outputs`); ``auto`` falls back to torch, with a
-            warning, if the Triton kernel fails.
+            ``"triton"``; ``auto`` falls back to torch, with a warning, if the Triton kernel fails.
         chunk: score elements computed at once by the torch path.
 
-    After a call, ``last_errors`` holds ``[2, heads]`` (spatial, temporal) on the CPU. With
-    ``timing = True`` the classification of every call is timed (CUDA events on a GPU).
+    After a call, ``last_errors`` holds the errors (spatial, temporal) ``[2, heads]``, or
+    ``[2, batch, heads]`` with ``choice="per_sample"``, where they were computed (the device when
+    decided there). With ``timing = True`` the classification of every call is timed.
     """
 
     def __init__(
         self,
-        density: float = 0.3,
+        density: float | None = None,
         *,
+        mode: str = "reference",
         warmup_steps: int | float | None = None,
-        warmup_layers: int = 1,
+        warmup_layers: int | None = None,
         sampled_rows: int = 64,
         error: str = "output",
+        widths: str | None = None,
+        sink: bool | None = None,
+        profile_masks: str | None = None,
+        row_sampling: str | None = None,
+        choice: str | None = None,
+        decide: str = "auto",
         record: bool = False,
         seed: int = 0,
         num_steps: int | Callable[[], int | None] | None = None,
@@ -354,17 +245,20 @@ class SVG:
         profile_backend: str = "auto",
         chunk: int = DEFAULT_CHUNK,
     ) -> None:
-        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        if mode not in MODES:
+            raise ValueError(f"svg: mode must be one of {MODES}, got {mode!r}")
+        if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float))
+                                    or not 0.0 < density <= 1.0):  # fmt: skip
             raise ValueError(f"svg: density must lie in (0, 1], got {density!r}")
-        if warmup_steps is None:
-            warmup_steps = DEFAULT_WARMUP_FRACTION
-        if isinstance(warmup_steps, bool) or not (
+        if warmup_steps is not None and (isinstance(warmup_steps, bool) or not (
             (isinstance(warmup_steps, int) and warmup_steps >= 0)
             or (isinstance(warmup_steps, float) and 0.0 <= warmup_steps < 1.0)
-        ):
+        )):  # fmt: skip
             raise ValueError(f"svg: warmup_steps must be an int >= 0 or a fraction in [0, 1), got {warmup_steps!r}")
         for name, value, low in (("warmup_layers", warmup_layers, 0), ("sampled_rows", sampled_rows, 1),
                                  ("seed", seed, 0), ("chunk", chunk, 1)):  # fmt: skip
+            if value is None and name == "warmup_layers":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"svg: {name} must be an int >= {low}, got {value!r}")
         if error not in ERRORS:
@@ -373,12 +267,27 @@ class SVG:
             raise ValueError(f"svg: block_size must be a power of two >= 16, got {block_size!r}")
         if profile_backend not in PROFILE_BACKENDS:
             raise ValueError(f"svg: profile_backend must be one of {PROFILE_BACKENDS}, got {profile_backend!r}")
-        self.density, self.warmup_steps, self.warmup_layers = float(density), warmup_steps, warmup_layers
+        given = dict(widths=widths, sink=sink, profile_masks=profile_masks, row_sampling=row_sampling, choice=choice)
+        at = MODES.index(mode)
+        for name, value in given.items():
+            if value is None:
+                value = VARIANTS[name][at]
+            elif name == "sink" and not isinstance(value, bool):
+                raise ValueError(f"svg: sink must be True, False or None, got {value!r}")
+            elif name != "sink" and value not in CHOICES[name]:
+                raise ValueError(f"svg: {name} must be one of {CHOICES[name]}, got {value!r}")
+            setattr(self, name, value)
+        if decide not in CHOICES["decide"]:
+            raise ValueError(f"svg: decide must be one of {CHOICES['decide']}, got {decide!r}")
+        self.mode, self.decide = mode, decide
+        self.density = None if density is None else float(density)
+        self.warmup_steps, self.warmup_layers = warmup_steps, warmup_layers
         self.sampled_rows, self.error, self.record, self.seed = sampled_rows, error, record, seed
         self.num_steps, self.block_size, self.chunk = num_steps, block_size, chunk
         self.profile_backend = profile_backend
         self.last_profile_backend: str | None = None  # what the last classification ran on
-        self.spec: ModelSpec | None = None  # set by the integration; used by to_plan
+        self.last_decided_on: str | None = None  # "device" or "host"
+        self.spec: ModelSpec | None = None  # set by the integration; used by to_plan and the reference settings
         self.timing = False
         self.last_errors: torch.Tensor | None = None
         self._timings: list[tuple[int, Any, Any]] = []
@@ -393,42 +302,108 @@ class SVG:
         n = self.num_steps() if callable(self.num_steps) else self.num_steps
         return n if n else None
 
-    def warmup_steps_now(self) -> int:
+    def reference(self, layout: VideoLayout) -> ref.ReferenceConfig:
+        """The reference's settings for this model (from ``spec``; else guessed from ``layout``)."""
+        spec = self.spec
+        return ref.reference_config(spec.family if spec else None, spec.name if spec else None, layout)
+
+    def density_for(self, layout: VideoLayout) -> float:
+        if self.density is not None:
+            return self.density
+        return self.reference(layout).density if self.mode == "reference" else 0.3
+
+    def warmup_steps_now(self, layout: VideoLayout | None = None) -> int:
         """Dense warm-up steps of the current generation."""
         if isinstance(self.warmup_steps, int):
             return self.warmup_steps
         n = self.steps_known()
-        return WARMUP_STEPS_UNKNOWN if n is None else round(self.warmup_steps * n)
+        if self.warmup_steps is None and self.mode == "reference":
+            config = self.reference(layout or VideoLayout(1, 1, 1))
+            return config.warmup_steps(n or REFERENCE_STEPS_UNKNOWN)
+        fraction = DEFAULT_WARMUP_FRACTION if self.warmup_steps is None else self.warmup_steps
+        return WARMUP_STEPS_UNKNOWN if n is None else round(fraction * n)
+
+    def warmup_layers_now(self, layout: VideoLayout | None = None) -> int:
+        if self.warmup_layers is not None:
+            return self.warmup_layers
+        if self.mode == "reference" and self.spec is not None:
+            return self.reference(layout or VideoLayout(1, 1, 1)).warmup_layers(self.spec.num_layers)
+        return 1
+
+    def sink_frames(self, layout: VideoLayout) -> float:
+        on = self.reference(layout).sink if self.sink is None else self.sink
+        return 1.0 if on else 0.0
 
     def widths(self, layout: VideoLayout) -> Widths:
-        return band_widths(layout, self.density, self.block_size)
+        """Fitted band widths (``widths="fitted"``) at this layout's density."""
+        return band_widths(layout, self.density_for(layout), self.block_size)
+
+    def candidates(self, layout: VideoLayout) -> tuple[Pattern, Pattern]:
+        """(spatial, temporal) patterns the heads run."""
+        return _candidates(self.widths, self.sink_frames(layout), self.reference(layout), layout,
+                           self.density_for(layout), self.block_size)  # fmt: skip
+
+    def profile_patterns(self, layout: VideoLayout) -> tuple[Pattern, Pattern]:
+        """(spatial, temporal) masks the heads are profiled against."""
+        if self.profile_masks == "executed":
+            return self.candidates(layout)
+        return _profile(self.reference(layout), layout, self.block_size, self.sink_frames(layout))
+
+    def rows(self, layout: VideoLayout, step: int, layer: int) -> torch.Tensor:
+        """The sampled query positions of a call (int64, CPU)."""
+        if self.row_sampling == "stratified":
+            return sample_rows(layout, self.sampled_rows, step, layer, self.seed)
+        return ref.reference_rows(layout, self.sampled_rows, self.reference(layout).max_row, step, layer, self.seed)
 
     # --- deciding -----------------------------------------------------------------------------
 
-    def __call__(self, call) -> tuple[Pattern, ...] | None:
+    def __call__(self, call) -> tuple[Pattern, ...] | HeadChoice | None:
         step, layer, layout = call.step, call.layer, call.layout
         if step < self._last_step or not self.generations:
             self._new_generation()
         self._last_step = step
-        warmup = self.warmup_steps_now()
-        if self.density >= 1.0 or step < warmup or layer < self.warmup_layers:
+        warmup = self.warmup_steps_now(layout)
+        if self.density_for(layout) >= 1.0 or step < warmup or layer < self.warmup_layers_now(layout):
             return None
         start = clock(call.q) if self.timing else None
         errors = self.classify(call.q, call.k, call.v, layout, step, layer)
         if start is not None:
             self._timings.append((step, start, clock(call.q)))
-        errors = errors.cpu()  # the one sync: the table is chosen on the host
-        temporal_heads = tuple((errors[1] < errors[0]).tolist())
-        patterns = self._patterns(layout, temporal_heads)
         self.last_errors = errors
-        if self.record:
+        if self._on_device(call):
+            self.last_decided_on = "device"
+            selected = errors.argmin(0).to(torch.int32)  # ties: spatial, as the reference's argmin
+            if selected.dim() == 1:
+                selected = selected.expand(call.q.shape[0], -1)
+            return HeadChoice(self.candidates(layout), selected.contiguous())
+        self.last_decided_on = "host"
+        errors = self.last_errors = errors.cpu()  # the host path's one sync
+        selected = errors.argmin(0).to(torch.int32)
+        patterns = self._patterns(layout, tuple(selected.reshape(-1, selected.shape[-1])[0].tolist()))
+        if self.record:  # the first sample's choice (a plan has one pattern per head)
             self._remember(step, layer, layout, warmup, patterns, errors)
+        if selected.dim() == 2 and bool((selected != selected[:1]).any()):
+            return HeadChoice(self.candidates(layout), selected)  # samples disagree: one launch per group
         return patterns
 
+    def _on_device(self, call) -> bool:
+        if self.record or self.decide == "host":
+            return False
+        if self.decide == "device":
+            return True
+        state = getattr(call, "state", None)
+        if state is None:
+            return False
+        from ..kernels.api import resolve_backend
+        from ..kernels.select import decides_on_device
+
+        return decides_on_device(resolve_backend(state.backend, call.q))
+
     def classify(self, q, k, v, layout: VideoLayout, step: int, layer: int) -> torch.Tensor:
-        """float32 ``[2, heads]`` errors of the spatial and the temporal band for this call."""
-        rows = sample_rows(layout, self.sampled_rows, step, layer, self.seed)  # CPU; moved where needed
-        patterns = self.widths(layout).patterns()
+        """float32 errors of the spatial and the temporal mask for this call: ``[2, heads]``, or
+        ``[2, batch, heads]`` with ``choice="per_sample"``."""
+        rows = self.rows(layout, step, layer)  # CPU; moved where needed
+        patterns = self.profile_patterns(layout)
         backend = self.profile_backend
         if backend == "auto":
             backend = "triton" if q.is_cuda and _triton_ok(q, patterns) else "torch"
@@ -443,14 +418,14 @@ class SVG:
             self.profile_backend = backend = "torch"
             outputs, masses = sampled_outputs(*args, backend=backend, chunk=self.chunk)
         self.last_profile_backend = backend
-        return sampled_errors(outputs, masses, self.error)
+        return sampled_errors(outputs, masses, self.error, per_sample=self.choice == "per_sample")
 
-    def _patterns(self, layout: VideoLayout, temporal_heads: tuple[bool, ...]) -> tuple[Pattern, ...]:
-        key = (layout, temporal_heads)
+    def _patterns(self, layout: VideoLayout, selected: tuple[int, ...]) -> tuple[Pattern, ...]:
+        key = (layout, selected)
         hit = self._heads.get(key)
         if hit is None:
-            s, t = self.widths(layout).patterns()
-            hit = tuple(t if is_t else s for is_t in temporal_heads)
+            candidates = self.candidates(layout)
+            hit = tuple(candidates[i] for i in selected)
             if len(self._heads) > 4096:
                 self._heads.clear()
             self._heads[key] = hit
@@ -479,7 +454,8 @@ class SVG:
 
         One step range per run of steps with the same choices (a dense range for the warm-up);
         the warm-up is also set as the plan's warm-up. A (step, layer) seen more than once (a
-        separate classifier-free-guidance pass) keeps its first call's choice. Needs
+        separate classifier-free-guidance pass) keeps its first call's choice, and with
+        ``choice="per_sample"`` the first sample's choice is recorded. Needs
         ``record=True`` and the model (``model=`` or set by ``sparse_vdit.apply``).
         """
         spec = as_spec(model) if model is not None else self.spec
@@ -501,15 +477,17 @@ class SVG:
             if ranges and ranges[-1].layers == rows:
                 continue
             ranges.append(StepRange(0 if not ranges else step, rows))
-        widths = self.widths(gen["layout"])
-        made_by = {"method": "svg", "density": self.density, "widths": {"spatial": widths.spatial, "temporal":
-                   widths.temporal}, "sampled_rows": self.sampled_rows, "error": self.error, "seed": self.seed,
-                   "steps_recorded": len(gen["steps"])}  # fmt: skip
-        return Plan(spec, tuple(ranges), gen["warmup"], min(self.warmup_layers, spec.num_layers), self.block_size,
-                    gen["layout"], made_by)  # fmt: skip
+        layout = gen["layout"]
+        s, t = self.candidates(layout)
+        made_by = {"method": "svg", "mode": self.mode, "density": self.density_for(layout),
+                   "widths": {"spatial": s.width, "temporal": t.width}, "sink": s.sink,
+                   "variant": {name: getattr(self, name) for name in VARIANTS}, "sampled_rows": self.sampled_rows,
+                   "error": self.error, "seed": self.seed, "steps_recorded": len(gen["steps"])}  # fmt: skip
+        layers = min(self.warmup_layers_now(layout), spec.num_layers)
+        return Plan(spec, tuple(ranges), gen["warmup"], layers, self.block_size, layout, made_by)
 
     def errors(self, generation: int = -1) -> dict[tuple[int, int], torch.Tensor]:
-        """Recorded ``[2, heads]`` errors (spatial, temporal) by (step, layer)."""
+        """Recorded errors (spatial, temporal; ``[2, heads]`` or ``[2, batch, heads]``) by (step, layer)."""
         gen = [g for g in self.generations if g["steps"]][generation]
         return {(s, layer): e for s, layers in gen["steps"].items() for layer, (_, e) in layers.items()}
 
@@ -523,9 +501,11 @@ class SVG:
         self._timings.clear()
 
     def __repr__(self) -> str:
-        return (f"SVG(density={self.density:g}, warmup_steps={self.warmup_steps!r}, warmup_layers="
-                f"{self.warmup_layers}, sampled_rows={self.sampled_rows}, error={self.error!r})")  # fmt: skip
+        variant = ", ".join(f"{name}={getattr(self, name)!r}" for name in VARIANTS)
+        return (f"SVG(density={self.density!r}, mode={self.mode!r}, warmup_steps={self.warmup_steps!r}, "
+                f"warmup_layers={self.warmup_layers!r}, sampled_rows={self.sampled_rows}, error={self.error!r}, "
+                f"{variant}, decide={self.decide!r})")  # fmt: skip
 
 
-__all__ = ["ERRORS", "SVG", "Widths", "band_widths", "fused_inputs", "row_masks", "row_ranges", "sample_rows",
+__all__ = ["ERRORS", "MODES", "SVG", "VARIANTS", "Widths", "band_widths", "fused_inputs", "row_masks", "row_ranges", "sample_rows",
            "sampled_errors", "sampled_outputs", "token_major_positions"]  # fmt: skip

@@ -2,7 +2,8 @@
 
 from .band import diagonal, multi_diagonal, spatial, temporal
 from ..block_table import expand_ranges
-from .base import Pattern, head_ranges, pattern_names
+from .base import Pattern, head_ranges, pattern_names, with_sink
+from .choice import HeadChoice
 from .draw import draw_pattern, draw_table
 from .fixed import dense, skip
 from .table import DEFAULT_BLOCK, BlockTable, compile_layer
@@ -11,6 +12,7 @@ from .vertical import vertical
 __all__ = [
     "DEFAULT_BLOCK",
     "BlockTable",
+    "HeadChoice",
     "Pattern",
     "compile_layer",
     "dense",
@@ -25,4 +27,5 @@ __all__ = [
     "spatial",
     "temporal",
     "vertical",
+    "with_sink",
 ]

@@ -8,7 +8,7 @@ ascending list of key-block indices per query block, without ever forming a dens
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable
 
@@ -45,12 +45,17 @@ class Pattern:
 
     Build them with the named functions (``dense()``, ``diagonal(1.0)``, ...), not directly.
     ``width`` is in frames for frame-major patterns and a fraction of the video for token-major
-    ones; ``columns`` are ``(start, end)`` ranges of the video in frames.
+    ones; ``columns`` are ``(start, end)`` ranges of the video in frames. ``sink`` (frames, 0 =
+    none) adds an attention sink: every query also visits the first ``sink * S`` video keys *in
+    the head's own order* (the first frame(s) for frame-major heads, the first ``sink * S``
+    token-major positions for token-major ones), as SVG's reference code does on Wan
+    (:func:`with_sink`). It is part of the head's table: no extra launch.
     """
 
     name: str
     width: float = 0.0
     columns: tuple[tuple[float, float], ...] = ()
+    sink: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in _FAMILIES:
@@ -60,6 +65,8 @@ class Pattern:
         for lo, hi in self.columns:
             if not (_finite(lo) and _finite(hi) and 0 <= lo < hi):
                 raise ValueError(f"pattern {self.name}: column range ({lo}, {hi}) must satisfy 0 <= start < end")
+        if not _finite(self.sink) or self.sink < 0:
+            raise ValueError(f"pattern {self.name}: sink must be a finite number >= 0 of frames, got {self.sink!r}")
 
     @property
     def token_major(self) -> bool:
@@ -72,22 +79,33 @@ class Pattern:
             out["width"] = self.width
         if self.columns:
             out["columns"] = [list(c) for c in self.columns]
+        if self.sink:
+            out["sink"] = self.sink
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> Pattern:
-        unknown = set(data) - {"name", "width", "columns"}
+        unknown = set(data) - {"name", "width", "columns", "sink"}
         if unknown:
             raise ValueError(f"pattern {data.get('name')!r}: unknown parameters {sorted(unknown)}")
         if "name" not in data:
             raise ValueError(f"pattern without a name: {data}")
         columns = tuple((float(lo), float(hi)) for lo, hi in data.get("columns", ()))
-        return cls(str(data["name"]), float(data.get("width", 0.0)), columns)
+        return cls(str(data["name"]), float(data.get("width", 0.0)), columns, float(data.get("sink", 0.0)))
 
     def __str__(self) -> str:
         args = [f"{self.width:g}"] if self.width else []
         args += [f"{lo:g}-{hi:g}" for lo, hi in self.columns]
+        args += [f"sink={self.sink:g}"] if self.sink else []
         return f"{self.name}({', '.join(args)})"
+
+
+def with_sink(pattern: Pattern, frames: float = 1.0) -> Pattern:
+    """``pattern`` plus an attention sink of the first ``frames`` frames' worth of keys in the
+    head's own order (``frames=0`` removes it); ``skip`` stays without one."""
+    if pattern.name == "skip":
+        return pattern
+    return replace(pattern, sink=float(frames))
 
 
 @dataclass(frozen=True)
@@ -141,6 +159,15 @@ def text_intervals(geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
+def sink_intervals(geometry: Geometry, frames: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query block visits the key blocks of the first ``frames * S`` video positions
+    (of the head's own order: tables of token-major heads count token-major positions)."""
+    layout, qb = geometry.layout, geometry.num_q_blocks
+    tokens = min(round(frames * layout.frame_tokens), layout.video_tokens)
+    lo, hi = geometry.token_blocks(layout.video_start, layout.video_start + tokens, geometry.num_kv_blocks)
+    return torch.full((qb, 1), lo, dtype=torch.long), torch.full((qb, 1), hi, dtype=torch.long)
+
+
 def merge_intervals(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Union of ``m`` intervals ``[lo, hi)`` per row -> ascending disjoint ranges (starts, ends).
 
@@ -178,4 +205,7 @@ def head_ranges(pattern: Pattern, layout: VideoLayout, block: int) -> tuple[torc
     if pattern.name != "skip":
         text_lo, text_hi = text_intervals(geometry)
         lo, hi = torch.cat([lo, text_lo], 1), torch.cat([hi, text_hi], 1)
+        if pattern.sink:
+            sink_lo, sink_hi = sink_intervals(geometry, pattern.sink)
+            lo, hi = torch.cat([lo, sink_lo], 1), torch.cat([hi, sink_hi], 1)
     return merge_intervals(lo, hi)

@@ -8,10 +8,11 @@ the dense kernel (cuDNN / FlashAttention-4) or :func:`~sparse_vdit.sparse_attent
 
 Hook points for search and online methods:
 
-- ``state.pattern_source(call) -> patterns | BlockTable | None``: called once per layer call with an
-  :class:`AttentionCall` (step, layer, q, k, v, layout); ``None`` means dense; a
+- ``state.pattern_source(call) -> patterns | BlockTable | HeadChoice | None``: called once per layer
+  call with an :class:`AttentionCall` (step, layer, q, k, v, layout); ``None`` means dense; a
   :class:`~sparse_vdit.block_table.BlockTable` of the call's layout runs as it is (e.g. an
-  oracle's block masks, :func:`~sparse_vdit.block_table.table_from_mask`). ``call.dense_output()``
+  oracle's block masks, :func:`~sparse_vdit.block_table.table_from_mask`); a
+  :class:`~sparse_vdit.patterns.HeadChoice` (SVG) is a choice made on the device. ``call.dense_output()``
   and ``call.output(patterns)`` compute candidates on the same fast path.
 - ``state.observers``: ``fn(call, patterns, out)`` after every layer call.
 
@@ -38,8 +39,9 @@ from ...block_table import DEFAULT_BLOCK, BlockTable, all_dense
 from ...kernels import dense as dense_kernels
 from ...kernels import resolve_backend, sparse_attention
 from ...layout import VideoLayout
+from ...kernels import select_attention
 from ...methods.protocol import AttentionCall, Observer, PatternSource, plan_source
-from ...patterns import Pattern, compile_layer
+from ...patterns import HeadChoice, Pattern, compile_layer
 from ...plan import ModelSpec, Plan
 from ...timing import clock, seconds_per_step
 from .families import Family
@@ -150,14 +152,18 @@ class SparseState:
             observer(call, patterns, out)
         return out
 
-    def compute(self, q, k, v, layout: VideoLayout, patterns: Sequence[Pattern] | BlockTable | None) -> torch.Tensor:
+    def compute(self, q, k, v, layout: VideoLayout, patterns: Sequence[Pattern] | BlockTable | HeadChoice | None) -> torch.Tensor:
         """Attention of ``(B, N, H, D)`` tensors at ``layout`` with one pattern per head (``None``: dense),
-        or with a compiled table of that layout."""
+        a compiled table of that layout, or a :class:`~sparse_vdit.patterns.HeadChoice` (each
+        (sample, head) its chosen candidate)."""
         if isinstance(patterns, BlockTable):
             if patterns.layout != layout or patterns.num_heads != q.shape[2]:
                 raise ValueError(f"a block table of {patterns.num_heads} heads at {patterns.layout.describe()} for a "
                                  f"call of {q.shape[2]} heads at {layout.describe()}")  # fmt: skip
             return sparse_attention(q, k, v, patterns, backend=self.backend)
+        if isinstance(patterns, HeadChoice):
+            table = patterns.table(layout, self.block_size, q.device)  # cached by value
+            return select_attention(q, k, v, table, patterns.selected, backend=self.backend)
         if patterns is not None and len(patterns) != q.shape[2]:
             raise ValueError(f"{len(patterns)} patterns for {q.shape[2]} heads")
         if patterns is None or all_dense(patterns):

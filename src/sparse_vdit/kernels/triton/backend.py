@@ -50,4 +50,30 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale:
     )  # fmt: skip
 
 
-__all__ = ["BACKEND", "forward", "is_available", "run"]
+SELECT_ON_DEVICE = True  # run_selected reads the per-(sample, head) choice in the kernel
+
+
+def run_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, candidates, selected: torch.Tensor,
+                 softmax_scale: float) -> torch.Tensor:  # fmt: skip
+    """Head ``h`` of sample ``b`` attends with row ``selected[b, h]`` of ``candidates``, read in the
+    kernel with that row's token order: one launch, every candidate resident, no host sync. The work
+    is ordered by the most blocks any candidate visits per query block (kept with the table)."""
+    block, heads = candidates.block_size, q.shape[2]
+    tiles = _tiles(q, block)
+    order = launcher.option("schedule")
+    per_block, q_tiles = block // tiles[0], num_blocks(q.shape[1], tiles[0])
+    counts = candidates.form(("select.counts", heads),
+                             lambda t: t.kv_num_blocks.max(0).values.expand(heads, -1).contiguous())  # fmt: skip
+    schedule = candidates.form(("triton.select_schedule", heads, per_block, q_tiles, order),
+                               lambda t: launcher._schedule(counts, per_block, q_tiles, order))  # fmt: skip
+    layout = candidates.layout
+    token_major = candidates.token_major if candidates.token_major_heads else None
+    return launcher.forward(
+        q, k, v, counts, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
+        ranges=(candidates.range_starts, candidates.range_ends), token_major=token_major,
+        layout=(layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens),
+        tiles=tiles, schedule=schedule, selected=selected,
+    )  # fmt: skip
+
+
+__all__ = ["BACKEND", "SELECT_ON_DEVICE", "forward", "is_available", "run", "run_selected"]

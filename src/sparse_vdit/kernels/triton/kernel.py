@@ -82,12 +82,13 @@ def block_sparse_attention_fwd(
     K_DESC, V_DESC,  # with TMA: tensor descriptors of K and V, blocks [1, BLOCK_N, 1, D]; else unused
     STARTS, ENDS,  # int32 [H, Qb, R]: visited key blocks as ranges [start, end), ascending
     SCHEDULE,  # int32 [H * Qb * TILES_PER_BLOCK]: work items, heaviest first
-    TOKEN_MAJOR,  # int8 [H]: heads whose table is in token-major order
+    TOKEN_MAJOR,  # int8 [H] (or [M] with SELECT): heads (candidates) whose table is in token-major order
+    SELECTED,  # with SELECT: int32 [B, H], the candidate table of each (sample, head); else unused
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh,
-    stride_rh, stride_rm,
+    stride_rh, stride_rm, stride_sb,
     N, KV_LEN, NUM_Q_TILES, NUM_RANGES,
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
     qk_scale,  # softmax_scale * log2(e)
@@ -100,6 +101,7 @@ def block_sparse_attention_fwd(
     ANY_TOKEN_MAJOR: tl.constexpr,  # some head reads its rows through the token-major order
     TMA: tl.constexpr,  # frame-major heads read whole key tiles through K_DESC / V_DESC
     WARP_SPECIALIZE: tl.constexpr,  # the whole-tile loop warp-specialised (Triton's tl.range option)
+    SELECT: tl.constexpr,  # STARTS / ENDS / TOKEN_MAJOR hold candidates, SELECTED picks one per (sample, head)
 ):  # fmt: skip
     item = tl.load(SCHEDULE + tl.program_id(0))
     head = item // NUM_Q_TILES
@@ -107,13 +109,16 @@ def block_sparse_attention_fwd(
     batch = tl.program_id(1)  # int32: a TMA coordinate
     offset_b = batch.to(tl.int64)  # batch * stride passes 2^31 at real sizes (Wan-14B 720p, batch 7)
     row = tile * BLOCK_M // TABLE_BLOCK  # the table's query block holding this tile
+    entry = head  # the table row of this head
+    if SELECT:  # decided on the device (SVG): no host round trip
+        entry = tl.load(SELECTED + batch * stride_sb + head)
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # positions in the head's own order
     offs_d = tl.arange(0, HEAD_DIM)
     rows_m = offs_m
     token_major = False
     if ANY_TOKEN_MAJOR:
-        token_major = tl.load(TOKEN_MAJOR + head) != 0
+        token_major = tl.load(TOKEN_MAJOR + entry) != 0
         rows_m = sequence_rows(offs_m, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
     q_ptrs = Q + offset_b * stride_qb + head * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=offs_m[:, None] < N, other=0.0)  # [BLOCK_M, D]
@@ -121,7 +126,7 @@ def block_sparse_attention_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    ranges = head * stride_rh + row * stride_rm
+    ranges = entry * stride_rh + row * stride_rm
     k_base = K + offset_b * stride_kb + head * stride_kh
     v_base = V + offset_b * stride_vb + head * stride_vh
     for r in range(0, NUM_RANGES):

@@ -122,6 +122,7 @@ def forward(
     layout: tuple[int, int, int, int] = (1, 1, 0, 0),
     tiles: tuple[int, int, int, int] | None = None,
     schedule: torch.Tensor | None = None,
+    selected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention on ``[B, N, H, D]`` tensors with one Triton launch for all heads.
 
@@ -130,6 +131,10 @@ def forward(
     ``token_major[h]`` (bool [H]; None when there are none) have tables in token-major order: the kernel reads and writes
     their rows through that order (``layout`` = frames, frame tokens, video start, video
     tokens), so q, k, v and the output stay frame-major in memory.
+
+    ``selected`` (int32 [B, H], on q's device): ``ranges`` and ``token_major`` then hold candidate
+    tables ([M, Qb, R] and [M]) and head ``h`` of sample ``b`` reads candidate ``selected[b, h]``,
+    chosen on the device (``kv_num_blocks`` [H, Qb] then only orders the work).
 
     ``tiles`` (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the fixed rule of ``_tiles``
     (:func:`sparse_vdit.kernels.triton.backend.run` passes the measured choice of ``tuning``);
@@ -153,19 +158,24 @@ def forward(
     descriptors = _descriptors(k, v, block_n) if use_tma else None
     tma = descriptors is not None
     descriptors = descriptors or (starts, starts)  # any pointers when unused
+    select = selected is not None
+    if select and (selected.shape != (batch, heads) or selected.dtype != torch.int32 or selected.device != q.device):
+        raise ValueError(f"selected must be int32 [{batch}, {heads}] on {q.device}, got {selected.dtype} "
+                         f"{tuple(selected.shape)} on {selected.device}")  # fmt: skip
+    selected = selected.contiguous() if select else starts
     extra = {} if q.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
     block_sparse_attention_fwd[(heads * num_q_tiles, batch)](
-        q, k, v, out, *descriptors, starts, ends, schedule, flags,
+        q, k, v, out, *descriptors, starts, ends, schedule, flags, selected,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        starts.stride(0), starts.stride(1),
+        starts.stride(0), starts.stride(1), selected.stride(0) if select else 0,
         n, kv_len, num_q_tiles, starts.shape[2], *layout[1:],
         softmax_scale * LOG2E,
         FRAMES=layout[0], TABLE_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
         IEEE=q.dtype == torch.float32, ANY_TOKEN_MAJOR=any_token_major,
-        TMA=tma, WARP_SPECIALIZE=bool(option("warp_specialize")),
+        TMA=tma, WARP_SPECIALIZE=bool(option("warp_specialize")), SELECT=select,
         **extra,
     )  # fmt: skip
     return out
