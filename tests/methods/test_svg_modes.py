@@ -166,7 +166,8 @@ def test_auto_decides_on_the_device_for_the_triton_backend():
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    q, k, v = heads_qkv(WAN, "ST", dim=64)
+    on_gpu = os.environ.get("TRITON_INTERPRET") != "1"  # the Triton backend runs CUDA tensors there
+    q, k, v = (t.cuda() if on_gpu else t for t in heads_qkv(WAN, "ST", dim=64))
     svg = SVG(0.3, warmup_steps=0, warmup_layers=0, block_size=BLOCK, profile_backend="torch")
     host = svg(call(q, k, v, WAN, state=SimpleNamespace(backend="reference")))
     assert svg.last_decided_on == "host" and isinstance(host, tuple)
@@ -174,4 +175,4 @@ def test_auto_decides_on_the_device_for_the_triton_backend():
     assert svg.last_decided_on == "device" and choice.patterns(0) == host
     out = select_attention(q, k, v, choice.table(WAN, BLOCK), choice.selected, backend="triton")
     expected = sparse_attention(q, k, v, compile_layer(host, WAN, BLOCK), backend="reference")
-    assert rel_rms(out, expected) < 1e-5
+    assert rel_rms(out, expected) < (1e-3 if on_gpu else 1e-5)  # tf32 dot products on the GPU
