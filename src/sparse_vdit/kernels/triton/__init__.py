@@ -1,10 +1,10 @@
 """Our Triton block-sparse attention backend (any CUDA GPU Triton supports).
 
-``kernel.py`` holds the kernel, ``launcher.py`` the tile rule and work schedule, ``tuning.py`` the
-measured tiles, ``backend.py`` the entry that joins them; the torch reference it is checked
-against is ``sparse_vdit.kernels.reference``.
+``kernel.py`` holds the forward kernel, ``backward.py`` the backward kernels, ``launcher.py`` the
+tile rule and work schedule, ``tuning.py`` the measured tiles, ``backend.py`` the entry that joins
+them; the torch reference it is checked against is ``sparse_vdit.kernels.reference``.
 """
 
-from .backend import BACKEND, forward, is_available, run
+from .backend import BACKEND, forward, is_available, run, run_backward, run_with_lse
 
-__all__ = ["BACKEND", "forward", "is_available", "run"]
+__all__ = ["BACKEND", "forward", "is_available", "run", "run_backward", "run_with_lse"]
