@@ -194,10 +194,15 @@ def _attend(q, k, v, sparse, kv_len: int, softmax_scale: float, return_lse: bool
         k, v = k[:, :kv_len], v[:, :kv_len]
     out = torch.full_like(q, float("nan")) if _POISON else torch.empty_like(q)
     with torch.cuda.device(q.device):
-        _, lse = interface._flash_attn_fwd(
+        result = interface._flash_attn_fwd(
             q, k, v, softmax_scale=float(softmax_scale), block_sparse_tensors=sparse, out=out, return_lse=return_lse
         )
-    return (out, lse) if return_lse else out
+    if not return_lse:
+        return out
+    lse = result[1] if isinstance(result, (tuple, list)) and len(result) > 1 else None
+    if lse is None:
+        raise RuntimeError(f"flash-attn-4 {version()} returned no log-sum-exp (return_lse=True): cannot run the backward")
+    return out, lse
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:

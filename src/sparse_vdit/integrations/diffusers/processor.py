@@ -259,7 +259,7 @@ def _attention_backward_op(
     with autograd_inside_op():
         inputs = [t.detach().requires_grad_() for t in (q, k, v)]
         out = state.attend(int(layer), *inputs, key_mask, observe=False)
-        grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+        grads = torch.autograd.grad(out, inputs, grad, allow_unused=True) if out.requires_grad else (None,) * 3
     return tuple(torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, (q, k, v)))
 
 
