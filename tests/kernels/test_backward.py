@@ -115,6 +115,32 @@ def test_triton_backward_matches_masked_attention(case, dtype, monkeypatch):
     _check(CASES[case], "triton", dtype, "cpu", 2e-6, monkeypatch)
 
 
+def test_triton_backward_on_permuted_tensors_as_fa4_runs_it():
+    """The FA4 route: tensors already in each head's order (and the forward's LSE in that order),
+    the Triton backward told not to permute, gradients permuted back: same as reading in place."""
+    pytest.importorskip("triton")
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
+    from sparse_vdit.kernels.api import reorder_heads
+    from sparse_vdit.kernels.triton import backend, launcher
+    from sparse_vdit.kernels.triton.backward import backward
+
+    layout, block, heads, batch, dim = CASES["svg-spatial-temporal-batch2"]
+    table = compile_layer(heads, layout, block)
+    q, k, v, grad_out = _inputs(layout, len(heads), batch, dim)
+    scale = dim**-0.5
+    out, lse = backend.run_with_lse(q, k, v, table, scale)
+    in_place = backward(grad_out, q, k, v, out, lse, table, scale)
+    moved = table.token_major_heads
+    qp, kp, vp, gp = (reorder_heads(t, layout, moved) for t in (q, k, v, grad_out))
+    out_p, lse_p = launcher.forward(qp, kp, vp, table.kv_num_blocks, None, block_size=block, kv_len=layout.kv_len,
+                                    softmax_scale=scale, ranges=(table.range_starts, table.range_ends), return_lse=True)
+    assert rel_rms(reorder_heads(out_p, layout, moved, to_token_major=False), out) < 1e-6
+    permuted = backward(gp, qp, kp, vp, out_p, lse_p, table, scale, token_major=False)
+    for a, b in zip(permuted, in_place):
+        assert rel_rms(reorder_heads(a, layout, moved, to_token_major=False), b) < 1e-6
+
+
 def test_transposed_table_lists_the_query_blocks_of_each_key_block():
     layout, block, heads, _, _ = CASES["mixed-text-suffix-padded-batch2"]
     table = compile_layer([*heads, temporal(0.1)], layout, 16)

@@ -158,9 +158,10 @@ def _tiles(block_size: int, head_dim: int, device: torch.device, override=None) 
         return tiles  # type: ignore[return-value]
     if device.type == "cpu":
         return block_size, block_size, block_size, block_size, 4
-    # the Triton tutorial's split for the backward: wide tiles held, narrow steps streamed
+    # the Triton tutorial's split for the backward: wide tiles held, narrow steps streamed; 8 warps at
+    # D=128 so that dK and dV (two 128 x 128 fp32 accumulators) fit in registers
     big, small = min(block_size, 128), min(block_size, 32 if head_dim > 64 else 64)
-    return big, small, big, small, 4
+    return big, small, big, small, 8 if head_dim > 64 else 4
 
 
 OVERRIDE: dict[str, tuple | None] = {"tiles": None, "num_stages": None}  # set by benchmarks
