@@ -158,13 +158,14 @@ def test_transposed_table_lists_the_query_blocks_of_each_key_block():
     assert [t.shape for t in empty] == [(1, 3, 1)] * 2 and not empty[1].any()
 
 
-def test_backward_compiles_and_matches_eager():
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_backward_compiles_and_matches_eager(backend):
     layout, block, heads, batch, dim = CASES["mixed-text-suffix-padded-batch2"]
     table = compile_layer(heads, layout, block)
     q, k, v, grad_out = _inputs(layout, len(heads), batch, dim)
 
-    def attend(q, k, v):  # "auto": the reference on the CPU (a named backend is not traceable yet)
-        return sparse_attention(q, k, v, table)
+    def attend(q, k, v):
+        return sparse_attention(q, k, v, table, backend=backend)
 
     eager = _grads(attend, torch.float32, q, k, v, grad_out)
     compiled = _grads(torch.compile(attend, backend="aot_eager", fullgraph=True), torch.float32, q, k, v, grad_out)

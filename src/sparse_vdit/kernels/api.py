@@ -58,7 +58,8 @@ def sparse_attention(
     scale = check_inputs(q, k, v, table, softmax_scale, layout)
     table = table if table.device == q.device else table.to(q.device)
     if torch.compiler.is_compiling():  # no per-table bookkeeping inside a traced graph
-        name = resolve(backend, q, table.block_size)
+        # a named backend goes to the op as named: its checks walk the package, which dynamo cannot trace
+        name = backend if backend in _backend_names() else resolve(backend, q, table.block_size)
     else:
         name = registry.choose(backend, q, table).name
     if table.all_skip:
@@ -67,6 +68,11 @@ def sparse_attention(
         use_fa4 = name == "fa4" and not _needs_grad(q, k, v)  # FA4's dense call has no backward: SDPA's has
         return dense.forward(q, k, v, kv_len=table.layout.kv_len, softmax_scale=scale, use_fa4=use_fa4)
     return torch.ops.sparse_vdit.sparse_attention(q, k, v, table.key, scale, name)[0]
+
+
+@torch.compiler.assume_constant_result
+def _backend_names() -> tuple[str, ...]:
+    return registry.names()
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
