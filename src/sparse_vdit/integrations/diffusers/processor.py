@@ -23,7 +23,9 @@ exchange, runs the patterns of this rank's global heads (``call.heads``) in one 
 all-to-alls the output back; see :func:`ulysses_group`.
 
 Under ``torch.compile`` the attention step is one opaque custom op, so the graph has no break
-inside a block and the Python decisions run eagerly at run time.
+inside a block and the Python decisions run eagerly at run time. The op is differentiable: its
+backward replays the call (same step and patterns) under autograd, one extra attention forward;
+eager training differentiates :func:`~sparse_vdit.sparse_attention` directly.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 from ...block_table import DEFAULT_BLOCK, BlockTable, all_dense
 from ...kernels import dense as dense_kernels
 from ...kernels import resolve_backend, sparse_attention
+from ...kernels.api import autograd_inside_op
 from ...layout import VideoLayout
 from ...kernels import select_attention
 from ...methods.protocol import AttentionCall, Observer, PatternSource, plan_source
@@ -120,35 +123,36 @@ class SparseState:
         return layout
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               key_mask: torch.Tensor | None = None, heads: range | None = None) -> torch.Tensor:  # fmt: skip
+               key_mask: torch.Tensor | None = None, heads: range | None = None, observe: bool = True) -> torch.Tensor:  # fmt: skip
         """Attention of one layer call: layout, text padding, patterns, kernel, timing, observers.
 
         ``heads``: the global indices of q's heads when they are a slice of the layer's (Ulysses);
         a pattern source may then return patterns for all heads (a plan) or for q's heads only.
+        ``observe=False``: no timing and no observers (the compiled path's backward replays a call).
         """
         layout = self.layout(q.shape[1])
-        start = clock(q) if self.timing else None
+        start = clock(q) if self.timing and observe else None
         valid = self._text_valid(key_mask, layout, q.shape[0])
         if valid is None or len(valid) == 1:
             layout = layout if valid is None else self._padded(layout, next(iter(valid)))
-            out = self._attend(layer, q, k, v, layout, heads)
+            out = self._attend(layer, q, k, v, layout, heads, observe)
         else:  # samples with different prompt lengths: one call per length
             out = torch.empty_like(q)
             for count, samples in valid.items():
                 index = torch.tensor(samples, device=q.device)
-                out[index] = self._attend(layer, q[index], k[index], v[index], self._padded(layout, count), heads)
+                out[index] = self._attend(layer, q[index], k[index], v[index], self._padded(layout, count), heads, observe)
         self.last_layout = layout
         if start is not None:
             self._timings.append((self.steps.step, start, clock(q)))
         return out
 
-    def _attend(self, layer, q, k, v, layout, heads=None) -> torch.Tensor:
+    def _attend(self, layer, q, k, v, layout, heads=None, observe=True) -> torch.Tensor:
         call = AttentionCall(self.steps.step, layer, q, k, v, layout, self, heads)
         patterns = self.pattern_source(call)
         if heads is not None and isinstance(patterns, Sequence) and len(patterns) != q.shape[2]:
             patterns = self._sliced(patterns, heads)
         out = self.compute(q, k, v, layout, patterns)
-        for observer in self.observers:
+        for observer in self.observers if observe else ():
             observer(call, patterns, out)
         return out
 
@@ -167,7 +171,8 @@ class SparseState:
         if patterns is not None and len(patterns) != q.shape[2]:
             raise ValueError(f"{len(patterns)} patterns for {q.shape[2]} heads")
         if patterns is None or all_dense(patterns):
-            use_fa4 = q.is_cuda and self.backend != "reference" and resolve_backend(self.backend, q) == "fa4"
+            needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            use_fa4 = q.is_cuda and self.backend != "reference" and not needs_grad and resolve_backend(self.backend, q) == "fa4"
             return dense_kernels.forward(q, k, v, kv_len=layout.kv_len, softmax_scale=q.shape[-1] ** -0.5,
                                          use_fa4=use_fa4)  # fmt: skip
         table = compile_layer(tuple(patterns), layout, self.block_size, q.device)  # cached by value
@@ -253,6 +258,44 @@ def _attention_op(
 @_attention_op.register_fake
 def _(q, k, v, key_mask, layer, handle):
     return q.new_empty(q.shape)  # contiguous, as the real op returns
+
+
+@torch.library.custom_op("sparse_vdit::diffusers_attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+    layer: torch.Tensor, handle: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dq, dk, dv)`` of :func:`_attention_op`: the call replayed under autograd (same step, same
+    patterns; no timing, no observers), then differentiated by the kernels' own backward."""
+    state = _STATES.get(handle)
+    if state is None:
+        raise RuntimeError("sparse-vdit: this compiled graph belongs to a model whose sparse attention was removed")
+    with autograd_inside_op():
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = state.attend(int(layer), *inputs, key_mask, observe=False)
+        grads = torch.autograd.grad(out, inputs, grad, allow_unused=True) if out.requires_grad else (None,) * 3
+    return tuple(torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, (q, k, v)))
+
+
+@_attention_backward_op.register_fake
+def _(grad, q, k, v, key_mask, layer, handle):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup(ctx, inputs, output) -> None:
+    q, k, v, key_mask, layer, handle = inputs
+    ctx.save_for_backward(q, k, v, key_mask, layer)
+    ctx.handle = handle
+
+
+def _attention_backward(ctx, grad):
+    q, k, v, key_mask, layer = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad.contiguous(), q, k, v, key_mask, layer, ctx.handle)
+    return dq, dk, dv, None, None, None
+
+
+# compiled training: the opaque op recomputes its forward in the backward (one extra attention forward)
+torch.library.register_autograd("sparse_vdit::diffusers_attention", _attention_backward, setup_context=_attention_setup)
 
 
 class SparseAttnProcessor:
