@@ -109,4 +109,4 @@ def test_ulysses_sparse_equals_single_process(tmp_path):
             [0, [0, 1], [2, 48, 2, 16], ["dense", "diagonal"]],
             [1, [0, 1], [2, 48, 2, 16], ["skip", "diagonal"]],
         ], r["seen"]
-    assert "not divisible by the Ulysses degree 2" in report["odd_heads"]
+    assert "not divisible by the context-parallel degree 2" in report["odd_heads"]

@@ -1,0 +1,179 @@
+"""Every family under diffusers' context parallelism: CPU processes on gloo, output equal to one process.
+
+One spawn of 2 processes and one of 4, each running every family (a spawn costs seconds of imports; the
+tiny forwards cost milliseconds). Each rank builds the
+same tiny transformer (same seed), computes the single-process outputs itself (a dense plan, a
+mixed sparse plan whose heads differ within each rank's share, SVG with no warm-up), then runs the
+same variants on fresh copies of the model under each context-parallel configuration, enabled with
+``sparse_vdit.enable_context_parallel``: the gathered outputs must equal the single-process ones.
+HunyuanVideo runs with two prompt lengths in the batch (padded text), CogVideoX 1.5 with its
+rotary tables passed in.
+"""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from test_context_parallel import mixed
+
+CONFIGS = {2: ("ulysses", "ring"), 4: ("ulysses", "ring_x_ulysses")}
+FAMILIES = ("wan", "hunyuan_video", "cogvideox", "cogvideox1.0")
+
+
+def _config(name: str, world: int):
+    from diffusers import ContextParallelConfig
+
+    if name == "ulysses":
+        return ContextParallelConfig(ulysses_degree=world)
+    if name == "ring":
+        return ContextParallelConfig(ring_degree=world)
+    return ContextParallelConfig(ring_degree=2, ulysses_degree=world // 2)
+
+
+def _run(model, inputs, variant: dict, seen: list | None = None) -> torch.Tensor:
+    """One forward under ``variant``; ``seen`` gets (global heads, q's sequence and heads, pattern names) per call."""
+    import sparse_vdit
+
+    with torch.no_grad(), sparse_vdit.sparse(model, backend="reference", **variant) as state:
+        if seen is not None:
+            state.observers.append(lambda call, patterns, out: seen.append(
+                [None if call.heads is None else list(call.heads), list(call.q.shape[1:3]),
+                 [p.name for p in patterns or ()]]))  # fmt: skip
+        return model(**inputs)[0]
+
+
+def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> None:
+    from helpers import rel_rms
+    from tiny_diffusers import BLOCK, BUILDERS
+
+    import sparse_vdit
+    from sparse_vdit import Plan
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    if torch.accelerator.device_count() == 0:  # diffusers picks rank % device_count(): 0 on a CPU-only torch
+        torch.accelerator.device_count = lambda: 1
+    try:
+        report = {}
+        for family in families:
+            model, inputs = BUILDERS[family]()
+            variants = {
+                "dense": dict(plan=Plan.dense(model, block_size=BLOCK)),
+                "sparse": dict(plan=Plan.from_layers(model, mixed(), block_size=BLOCK)),
+                "svg": dict(method="svg", density=0.3, warmup_steps=0, warmup_layers=0, block_size=BLOCK),
+            }
+            seen: list = []
+            single = {name: _run(model, inputs, kw, seen if name == "svg" else None) for name, kw in variants.items()}
+            report[f"{family}/svg_patterns"] = sorted({n for _, _, names in seen for n in names})
+            report[f"{family}/single_calls"] = [shape for _, shape, _ in seen]
+            for config in CONFIGS[world]:
+                model, inputs = BUILDERS[family]()  # a fresh copy: enable_parallelism cannot be undone
+                sparse_vdit.enable_context_parallel(model, _config(config, world))
+                for name, kw in variants.items():
+                    seen = []
+                    out = _run(model, inputs, kw, seen)
+                    report[f"{family}/{config}/{name}/calls"] = [[heads, shape] for heads, shape, _ in seen]
+                    report[f"{family}/{config}/{name}"] = {
+                        "err": rel_rms(out, single[name]), "changed": rel_rms(single[name], single["dense"]),
+                        "shape": list(out.shape) == list(single[name].shape),
+                    }  # fmt: skip
+        if world == 2:  # a text family under a cp plan that shards its text (not ours): a clear error
+            from diffusers import ContextParallelConfig
+
+            model, inputs = BUILDERS["cogvideox"]()
+            plan = sparse_vdit.integrations.diffusers.context_parallel_plan(model)
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=plan)
+            try:
+                _run(model, inputs, dict(plan=Plan.dense(model, block_size=BLOCK)))
+                report["foreign_plan"] = "no error"
+            except NotImplementedError as err:
+                report["foreign_plan"] = str(err)
+        if rank == 0:
+            with open(result, "w") as f:
+                json.dump(report, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path, world: int, families: tuple) -> dict:
+    result = tmp_path / "result.json"
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_worker, args=(world, init, str(result), families), nprocs=world, join=True)
+    return json.loads(result.read_text())
+
+
+def _check(report: dict, world: int, families: tuple) -> None:
+    for family in families:
+        assert report[f"{family}/svg_patterns"] == ["spatial", "temporal"], report[f"{family}/svg_patterns"]
+        full = report[f"{family}/single_calls"]  # [sequence, heads] of each layer call in one process
+        assert len(full) >= 2 and all(heads == 4 for _, heads in full)  # HunyuanVideo: a call per prompt length
+        for config in CONFIGS[world]:
+            for name in ("dense", "sparse", "svg"):
+                # rank 0 ran its global heads 0 .. 4/world - 1 over the whole sequence in every layer
+                local = list(range(4 // world))
+                assert report[f"{family}/{config}/{name}/calls"] == [[local, [seq, len(local)]] for seq, _ in full]
+                r = report[f"{family}/{config}/{name}"]
+                assert r["shape"] and r["err"] < 1e-5, (family, config, name, r)
+                if name != "dense":
+                    assert r["changed"] > 1e-3, (family, name, r)  # the variant does change the output
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_two_processes_equal_one(tmp_path):
+    report = _spawn(tmp_path, 2, FAMILIES)
+    _check(report, 2, FAMILIES)
+    assert "sparse_vdit.enable_context_parallel" in report["foreign_plan"]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_four_processes_equal_one(tmp_path):
+    _check(_spawn(tmp_path, 4, FAMILIES), 4, FAMILIES)
+
+
+def test_context_parallel_plans_split_video_and_keep_text_whole():
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+    from tiny_diffusers import BUILDERS
+
+    from sparse_vdit.integrations.diffusers import context_parallel_plan
+
+    wan, _ = BUILDERS["wan"]()
+    assert context_parallel_plan(wan) is type(wan)._cp_plan  # diffusers' own
+    for family in ("hunyuan_video", "cogvideox"):
+        model, _ = BUILDERS[family]()
+        plan = context_parallel_plan(model)
+        assert plan["proj_out"] == ContextParallelOutput(gather_dim=1, expected_dims=3)
+        first = plan["transformer_blocks.0"]
+        assert list(first) == ["hidden_states"] and first["hidden_states"].split_dim == 1  # text is not split
+        rotary = plan["rope"] if family == "hunyuan_video" else plan[""]["image_rotary_emb"]
+        rotary = list(rotary.values()) if isinstance(rotary, dict) else rotary
+        assert all(isinstance(r, ContextParallelInput) and r.split_dim == 0 for r in rotary) and len(rotary) == 2
+
+
+@pytest.mark.parametrize(
+    "change, config, error, message",
+    [
+        (dict(num_attention_heads=3), dict(ulysses_degree=2), ValueError, "not divisible by the context-parallel degree 2"),
+        ({}, dict(ring_degree=2, ulysses_degree=4), ValueError, "ring 2 x Ulysses 4"),
+        ({}, dict(ulysses_degree=2, ulysses_anything=True), NotImplementedError, "ulysses_anything"),
+        (dict(image_condition_type="token_replace"), dict(ulysses_degree=2), NotImplementedError, "token_replace"),
+    ],
+    ids=["odd-heads", "degree-above-heads", "uneven-shards", "hunyuan-token-replace"],
+)
+def test_unsupported_settings_are_refused_before_anything_changes(change, config, error, message):
+    from diffusers import ContextParallelConfig, HunyuanVideoTransformer3DModel
+    from tiny_diffusers import BUILDERS
+
+    import sparse_vdit
+
+    model, _ = BUILDERS["hunyuan_video"]()
+    if change:
+        model = HunyuanVideoTransformer3DModel.from_config(model.config, **change)
+    with pytest.raises(error, match=message):
+        sparse_vdit.enable_context_parallel(model, ContextParallelConfig(**config))
+    assert model._parallel_config is None
