@@ -30,6 +30,23 @@ def mixed():
     ]
 
 
+def join_gloo(rank: int, world: int, init: str) -> None:
+    """Join the CPU process group of a spawned test worker (one torch thread)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # diffusers picks the device as rank % torch.accelerator.device_count(), 0 on a CPU-only torch
+    if torch.accelerator.device_count() == 0:
+        torch.accelerator.device_count = lambda: 1
+
+
+def spawn(tmp_path, worker, world: int, *args) -> dict:
+    """``worker(rank, world, init, result, *args)`` in ``world`` processes; the JSON rank 0 wrote to ``result``."""
+    result = tmp_path / "result.json"
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(worker, args=(world, init, str(result), *args), nprocs=world, join=True)
+    return json.loads(result.read_text())
+
+
 def _worker(rank: int, world: int, init: str, result: str) -> None:
     from diffusers import ContextParallelConfig
     from helpers import rel_rms
@@ -38,11 +55,7 @@ def _worker(rank: int, world: int, init: str, result: str) -> None:
     import sparse_vdit
     from sparse_vdit import Plan
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    # diffusers picks the device as rank % torch.accelerator.device_count(), 0 on a CPU-only torch
-    if torch.accelerator.device_count() == 0:
-        torch.accelerator.device_count = lambda: 1
+    join_gloo(rank, world, init)
     try:
         report = {}
         for order in ("enable_then_apply", "apply_then_enable"):
@@ -95,10 +108,7 @@ def _worker(rank: int, world: int, init: str, result: str) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ulysses_sparse_equals_single_process(tmp_path):
-    result = tmp_path / "result.json"
-    init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_worker, args=(WORLD, init, str(result)), nprocs=WORLD, join=True)
-    report = json.loads(result.read_text())
+    report = spawn(tmp_path, _worker, WORLD)
     for order in ("enable_then_apply", "apply_then_enable"):
         r = report[order]
         assert r["err"] < 1e-5, (order, r["err"])

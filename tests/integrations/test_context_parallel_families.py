@@ -18,9 +18,8 @@ import torch
 pytest.importorskip("diffusers")
 
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from test_context_parallel import mixed
+from test_context_parallel import join_gloo, mixed, spawn
 
 CONFIGS = {2: ("ulysses", "ring"), 4: ("ulysses", "ring_x_ulysses")}
 FAMILIES = ("wan", "hunyuan_video", "cogvideox", "cogvideox1.0")
@@ -55,10 +54,7 @@ def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> N
     import sparse_vdit
     from sparse_vdit import Plan
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    if torch.accelerator.device_count() == 0:  # diffusers picks rank % device_count(): 0 on a CPU-only torch
-        torch.accelerator.device_count = lambda: 1
+    join_gloo(rank, world, init)
     try:
         report = {}
         for family in families:
@@ -101,13 +97,6 @@ def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> N
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, world: int, families: tuple) -> dict:
-    result = tmp_path / "result.json"
-    init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_worker, args=(world, init, str(result), families), nprocs=world, join=True)
-    return json.loads(result.read_text())
-
-
 def _check(report: dict, world: int, families: tuple) -> None:
     for family in families:
         assert report[f"{family}/svg_patterns"] == ["spatial", "temporal"], report[f"{family}/svg_patterns"]
@@ -126,14 +115,14 @@ def _check(report: dict, world: int, families: tuple) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_processes_equal_one(tmp_path):
-    report = _spawn(tmp_path, 2, FAMILIES)
+    report = spawn(tmp_path, _worker, 2, FAMILIES)
     _check(report, 2, FAMILIES)
     assert "sparse_vdit.enable_context_parallel" in report["foreign_plan"]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_four_processes_equal_one(tmp_path):
-    _check(_spawn(tmp_path, 4, FAMILIES), 4, FAMILIES)
+    _check(spawn(tmp_path, _worker, 4, FAMILIES), 4, FAMILIES)
 
 
 def test_context_parallel_plans_split_video_and_keep_text_whole():
