@@ -17,6 +17,10 @@ all-gathers the text output over heads. Diffusers 0.42 has no ``_cp_plan`` for t
 plan only sparse-vdit's processor computes the joint attention correctly (the stock processors
 would see duplicated text); use ``Plan.dense`` for a dense run.
 
+SVG decides each rank's heads from the same sampled rows as one process would (same decisions);
+with ``record=True`` a rank records its own heads only, so ``state.svg.to_plan()`` refuses there.
+The offline search (``sparse_vdit.search``) is run on one process; its plan then runs on many.
+
 Refused with a clear error: head counts the context-parallel degree does not divide, the
 ``ulysses_anything`` / ``ring_anything`` modes (uneven shards), HunyuanVideo's ``token_replace``
 image conditioning (it modulates the first frame's tokens by position), and a text family under a
