@@ -132,6 +132,14 @@ def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> N
                 report["foreign_plan"] = "no error"
             except NotImplementedError as err:
                 report["foreign_plan"] = str(err)
+            model, inputs = BUILDERS["hunyuan_video"]()  # our plan, but diffusers' processors: refused
+            sparse_vdit.enable_context_parallel(model, ContextParallelConfig(ulysses_degree=world))
+            try:
+                with torch.no_grad():
+                    model(**inputs)
+                report["stock_processors"] = "no error"
+            except RuntimeError as err:
+                report["stock_processors"] = str(err)
         if rank == 0:
             with open(result, "w") as f:
                 json.dump(report, f)
@@ -163,6 +171,7 @@ def test_two_processes_equal_one(tmp_path):
     report = spawn(tmp_path, _worker, 2, FAMILIES)
     _check(report, 2, FAMILIES)
     assert "sparse_vdit.enable_context_parallel" in report["foreign_plan"]
+    assert "call sparse_vdit.apply first" in report["stock_processors"]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -15,7 +15,8 @@ rank: only the video tokens are sharded. Each rank takes its heads of the text q
 all-gathers the text output over heads. Diffusers 0.42 has no ``_cp_plan`` for these models;
 :func:`context_parallel_plan` gives ours and :func:`enable_context_parallel` enables it. Under that
 plan only sparse-vdit's processor computes the joint attention correctly (the stock processors
-would see duplicated text); use ``Plan.dense`` for a dense run.
+would see duplicated text): a forward without :func:`~sparse_vdit.apply` raises; use
+``Plan.dense`` for a dense run.
 
 SVG decides each rank's heads from the same sampled rows as one process would (same decisions);
 with ``record=True`` a rank records its own heads only, so ``state.svg.to_plan()`` refuses there.
@@ -83,6 +84,17 @@ def enable_context_parallel(pipe_or_transformer: Any, config: Any) -> None:
     check_supported(model, family, cp)
     setattr(cp, WHOLE_TEXT, True)
     model.enable_parallelism(config=config, cp_plan=context_parallel_plan(model))
+    if family.text_position != "none":
+        model.register_forward_pre_hook(_require_sparse_processors)
+
+
+def _require_sparse_processors(model: Any, args: Any) -> None:
+    """Forward pre-hook of a text family under our plan: the stock processors would compute wrongly."""
+    family = family_of(model)
+    if type(family.attention_modules(model)[0].processor).__name__ != "SparseAttnProcessor":
+        raise RuntimeError(f"sparse-vdit: this {type(model).__name__} runs sparse-vdit's context-parallel plan "
+                           "(text whole on every rank), which diffusers' own processors do not compute; call "
+                           "sparse_vdit.apply first (Plan.dense for dense attention)")  # fmt: skip
 
 
 def check_supported(model: Any, family: Family, cp: Any) -> None:
