@@ -16,11 +16,10 @@ Hook points for search and online methods:
   and ``call.output(patterns)`` compute candidates on the same fast path.
 - ``state.observers``: ``fn(call, patterns, out)`` after every layer call.
 
-Under diffusers' Ulysses context parallelism (``transformer.enable_parallelism`` with a
-``ContextParallelConfig(ulysses_degree=n)``, before or after :func:`apply`), the processor
-all-to-alls q, k, v from sequence shards to (full sequence, ``heads / n`` heads) with diffusers' own
-exchange, runs the patterns of this rank's global heads (``call.heads``) in one launch, and
-all-to-alls the output back; see :func:`ulysses_group`.
+Under diffusers' context parallelism (Ulysses or ring, before or after :func:`apply`), the
+processor exchanges q, k, v from sequence shards to (full sequence, this rank's heads), runs the
+patterns of its global heads (``call.heads``) in one launch, and exchanges the output back; see
+``parallel.py``.
 
 Under ``torch.compile`` the attention step is one opaque custom op, so the graph has no break
 inside a block and the Python decisions run eagerly at run time. The op is differentiable: its
@@ -48,6 +47,7 @@ from ...patterns import HeadChoice, Pattern, compile_layer
 from ...plan import ModelSpec, Plan
 from ...timing import clock, seconds_per_step
 from .families import Family
+from .parallel import head_shards
 from .steps import StepTracker
 
 _STATES: weakref.WeakValueDictionary[int, SparseState] = weakref.WeakValueDictionary()
@@ -323,23 +323,19 @@ class SparseAttnProcessor:
         projected = family.project(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         q, k, v = projected.q, projected.k, projected.v
         key_mask = attention_mask if family.uses_key_mask else None
-        group = ulysses_group(self._parallel_config, q.shape[2])
+        shards = head_shards(self._parallel_config, q.shape[2])  # None without context parallelism
         heads = None
-        if group is not None:  # sequence shards -> (full sequence, this rank's heads)
-            q, k, v, key_mask, heads = _ulysses_in(q, k, v, key_mask, group)
-            if self.state.layout(q.shape[1]).text:
-                # the gathered order of a joint text+video sequence depends on how the model's cp
-                # plan shards the text; no supported family has such a plan in diffusers yet
-                raise NotImplementedError(f"sparse-vdit: context parallelism with text tokens in self-attention "
-                                          f"({family.name}) is not supported yet")  # fmt: skip
+        if shards is not None:  # sequence shards -> (full sequence, this rank's heads)
+            q, k, v = shards.gather(q, k, v, projected.text, family.text_position)
+            heads = shards.heads
         if torch.compiler.is_compiling():
             if heads is not None:
                 raise NotImplementedError("sparse-vdit: torch.compile with context parallelism is not supported yet")
             out = _attention_op(q, k, v, key_mask, self.layer_index, self.state.handle)
         else:
             out = self.state.attend(self.layer, q, k, v, key_mask, heads)
-        if group is not None:
-            out = _ulysses_out(out, group)
+        if shards is not None:
+            out = shards.scatter(out, projected.text, family.text_position)
         return family.finish(attn, out, projected)
 
     # diffusers' enable_parallelism sets ``processor._parallel_config`` on every processor that has
@@ -354,48 +350,3 @@ class SparseAttnProcessor:
 
     def __repr__(self) -> str:
         return f"SparseAttnProcessor({self.family.name}, layer={self.layer})"
-
-
-def ulysses_group(parallel_config: Any, heads: int | None = None):
-    """The Ulysses process group of a diffusers ``ParallelConfig`` (None without context parallelism).
-
-    Raises for what sparse-vdit does not run: ring attention, and a head count the Ulysses degree
-    does not divide (each rank must own whole heads to run their patterns).
-    """
-    cp = getattr(parallel_config, "context_parallel_config", None)
-    if cp is None:
-        return None
-    ring, ulysses = getattr(cp, "ring_degree", 1) or 1, getattr(cp, "ulysses_degree", 1) or 1
-    if ring > 1:
-        raise NotImplementedError(f"sparse-vdit supports diffusers' Ulysses context parallelism, not ring attention "
-                                  f"(ring_degree={ring})")  # fmt: skip
-    if ulysses <= 1:
-        return None
-    if heads is not None and heads % ulysses:
-        raise ValueError(f"sparse-vdit: {heads} attention heads are not divisible by the Ulysses degree {ulysses}; "
-                         "each rank must own whole heads")  # fmt: skip
-    if cp._ulysses_mesh is None:
-        raise RuntimeError("sparse-vdit: the context parallel config has no device mesh (enable_parallelism not run?)")
-    return cp._ulysses_mesh.get_group()
-
-
-def _ulysses_in(q, k, v, key_mask, group):
-    """(B, N/n, H, D) shards -> (B, N, H/n, D) with diffusers' all-to-all; global heads of this rank."""
-    import torch.distributed as dist
-    from diffusers.models.attention_dispatch import _all_to_all_dim_exchange
-
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    local = q.shape[2] // world
-    q, k, v = (_all_to_all_dim_exchange(t.contiguous(), 2, 1, group) for t in (q, k, v))
-    if key_mask is not None and key_mask.shape[-1] * world == k.shape[1]:  # a mask of the local keys
-        parts = [torch.empty_like(key_mask) for _ in range(world)]
-        dist.all_gather(parts, key_mask.contiguous(), group=group)
-        key_mask = torch.cat(parts, dim=-1)
-    return q, k, v, key_mask, range(rank * local, (rank + 1) * local)
-
-
-def _ulysses_out(out, group):
-    """(B, N, H/n, D) -> (B, N/n, H, D), the inverse exchange."""
-    from diffusers.models.attention_dispatch import _all_to_all_dim_exchange
-
-    return _all_to_all_dim_exchange(out.contiguous(), 1, 2, group)
