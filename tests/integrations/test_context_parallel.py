@@ -72,8 +72,17 @@ def _run(model, inputs, variant: dict, seen: list | None = None) -> torch.Tensor
         if seen is not None:
             state.observers.append(lambda call, patterns, out: seen.append(
                 [None if call.heads is None else list(call.heads), list(call.q.shape[1:3]),
-                 [p.name for p in patterns or ()]]))  # fmt: skip
+                 _pattern_names(patterns)]))  # fmt: skip
         return model(**inputs)[0]
+
+
+def _pattern_names(patterns) -> list[str]:
+    """Names of the patterns a call ran: a list per head, or every (sample, head)'s choice of a HeadChoice."""
+    from sparse_vdit.patterns import HeadChoice
+
+    if isinstance(patterns, HeadChoice):  # SVG when the samples of a batch choose differently
+        return [patterns.candidates[i].name for i in patterns.selected.flatten().tolist()]
+    return [p.name for p in patterns or ()]
 
 
 def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> None:
