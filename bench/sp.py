@@ -1,13 +1,18 @@
-"""Sparse attention under Ulysses sequence parallelism: real-size forward, dense vs sparse, 1 vs N GPUs.
+"""Sparse attention under context parallelism: real-size forward, dense vs sparse, 1 vs N GPUs.
 
-    torchrun --nproc-per-node 1 bench/sp.py [--models wan-14b] [--densities 0.3,0.2] [--repeats 2]
-    torchrun --nproc-per-node 4 bench/sp.py [--models wan-14b] ...      (same flags; rows merge)
-    python bench/sp.py --dry-run [--world 2]   # tiny models, CPU, gloo, --world processes spawned here
+    python bench/sp.py --gpus 1,4 [--models wan-14b,hunyuan,cogvideox1.5] [--cp ulysses|ring]
+    python bench/sp.py --dry-run --gpus 1,2       # tiny models, CPU, gloo processes spawned here
+
+One command: for each count in ``--gpus`` it runs ``torchrun --nproc-per-node N bench/sp.py ...``
+(the same flags) one after the other, every run merging its rows into ``--out``, then prints the
+table. Run under ``torchrun`` directly, it measures that world size only.
 
 Each run builds the published diffusers config with random bf16 weights (``bench/models.py``'s
-``build``, no download), enables diffusers context parallelism with
-``ContextParallelConfig(ulysses_degree=WORLD_SIZE)`` when ``WORLD_SIZE > 1``, and times one
-denoising forward (median of ``--repeats`` after a warm-up) for:
+``build``, no download), enables context parallelism with
+``sparse_vdit.enable_context_parallel(model, ContextParallelConfig(ulysses_degree=N))`` (or
+``ring_degree=N`` with ``--cp ring``: sparse-vdit then exchanges heads over the whole mesh, see
+``integrations/diffusers/parallel.py``) when ``N > 1``, and times one denoising forward (median
+of ``--repeats`` after a warm-up) for:
 
 - ``dense``: ``sparse_vdit.apply`` with a dense plan (best dense kernel);
 - ``sparse-NN``: a mixed plan of NN% attention density (``models.mixed_plan``; the same plan on 1 and
@@ -16,14 +21,14 @@ denoising forward (median of ``--repeats`` after a warm-up) for:
 Reported per row (model, world, variant): forward seconds (the slowest rank's), attention
 seconds per rank (their spread is the imbalance between ranks whose heads have different
 densities), the sparse speedup against ``dense`` of the same world, and, when rows of world 1
-exist in ``--out``, the N-GPU sparse speedup over the 1-GPU one (issue 8's target: within 10%).
+exist in ``--out``, the N-GPU sparse speedup over the 1-GPU one (issue 8's target: within 10%),
+and the N-GPU forward's speedup over the 1-GPU forward of the same variant.
 
-Models: ``wan-14b`` (Wan2.1-T2V-14B, 1280x720, 81 frames: 75,600 tokens, 40 heads) and
-``wan-1.3b``; ``hunyuan`` (HunyuanVideo 720p, 129 frames) is listed but diffusers 0.42 has no
-``_cp_plan`` for it and joint text+video self-attention under context parallelism is not
-supported by sparse-vdit yet, so it runs only with ``WORLD_SIZE == 1`` (the 1-GPU baseline) and is
-skipped otherwise with a message. The world size must divide the head count (40, 12, 24) and the
-video token count.
+Models: ``wan-14b`` (Wan2.1-T2V-14B, 1280x720, 81 frames: 75,600 tokens, 40 heads), ``wan-1.3b``,
+``hunyuan`` (HunyuanVideo 720p, 129 frames: 118,800 video tokens + 256 text, 24 heads) and
+``cogvideox1.5`` (1360x768: 44,880 + 226 text, 48 heads). Text tokens stay whole on every rank.
+The world size must divide the head count and the video token count (rows that do not fit are
+skipped with a message).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +54,6 @@ import sparse_vdit
 from sparse_vdit import Plan
 from sparse_vdit.timing import clock, seconds_between
 
-CP_MODELS = {"wan-14b", "wan-1.3b"}  # families with a diffusers _cp_plan that sparse-vdit supports
 DEFAULT_MODELS = "wan-14b,hunyuan"
 
 
@@ -66,9 +71,14 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)
     p.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/sp.json)")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting measurements after this long")
+    p.add_argument("--cp", choices=("ulysses", "ring"), default="ulysses", help="diffusers context parallelism kind")
+    p.add_argument("--gpus", default="1", help="comma-separated world sizes, run one after the other (torchrun; "
+                   "processes spawned here with --dry-run); ignored under torchrun")
     p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU (fp32, gloo)")
-    p.add_argument("--world", type=int, default=2, help="--dry-run without torchrun: processes to spawn")
     args = p.parse_args(argv)
+    args.gpus = [int(n) for n in args.gpus.split(",") if n.strip()]
+    if not args.gpus or min(args.gpus) < 1:
+        p.error("--gpus needs world sizes >= 1, e.g. 1,4")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(args.models) - set(models.MODELS)
     if unknown:
@@ -133,10 +143,6 @@ def measure(model, inputs, state, repeats: int, device) -> dict:
 
 
 def run_model(bench, args, world: int, device, dtype, rows: list, deadline: float) -> None:
-    if world > 1 and bench.name not in CP_MODELS:
-        say(f"{bench.name}: skipped at world {world}: no diffusers context-parallel plan / joint text attention "
-            "under context parallelism not supported yet")  # fmt: skip
-        return
     say(f"{bench.name}: building {bench.cls} on {device}, world {world}")
     model = models.build(bench, device, dtype)
     inputs = models.make_inputs(bench, model, device, dtype)
@@ -149,7 +155,8 @@ def run_model(bench, args, world: int, device, dtype, rows: list, deadline: floa
     if world > 1:
         from diffusers import ContextParallelConfig
 
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+        degree = {"ring_degree": world} if args.cp == "ring" else {"ulysses_degree": world}
+        sparse_vdit.enable_context_parallel(model, ContextParallelConfig(**degree))
     plans = {"dense": Plan.dense(model, block_size=args.block_size, layout=layout)}
     for density in args.densities:
         plans[f"sparse-{round(density * 100)}"] = models.mixed_plan(spec, layout, density, args.block_size)
@@ -164,47 +171,78 @@ def run_model(bench, args, world: int, device, dtype, rows: list, deadline: floa
         finally:
             sparse_vdit.remove(model)
             sparse_vdit.clear_caches()
-        row = dict(model=bench.name, world=world, variant=variant, density=plan.density(layout), dry_run=args.dry_run,
-                   tokens=layout.num_tokens, **result)  # fmt: skip
+        row = dict(model=bench.name, world=world, cp=args.cp if world > 1 else "none", variant=variant,
+                   density=plan.density(layout), dry_run=args.dry_run, tokens=layout.num_tokens, **result)  # fmt: skip
         rows.append(row)
         say(f"{bench.name} world {world} {variant}: {row['seconds'] * 1e3:.1f} ms, attention per rank "
             f"{[round(a * 1e3, 1) for a in row['attention_seconds_per_rank']]} ms")  # fmt: skip
 
 
+def _key(r: dict) -> tuple:
+    return r["model"], r["world"], r.get("cp", "ulysses" if r["world"] > 1 else "none"), r["variant"]
+
+
 def merge(path: Path, env: dict, rows: list) -> list:
     old = json.loads(path.read_text())["results"] if path.exists() else []
-    keys = {(r["model"], r["world"], r["variant"]) for r in rows}
-    results = [r for r in old if (r["model"], r["world"], r["variant"]) not in keys] + rows
+    keys = {_key(r) for r in rows}
+    results = [r for r in old if _key(r) not in keys] + rows
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": env, "results": results}, indent=1))
     return results
 
 
 def table(results: list) -> str:
-    """Speedup vs dense of the same world; the N-GPU sparse speedup relative to the 1-GPU one."""
-    by = {(r["model"], r["world"], r["variant"]): r for r in results}
-    lines = [("| model | world | variant | density | forward ms | attention ms per rank (min-max) "
-              "| speedup vs dense | vs 1-GPU speedup |"), "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for (model, world, variant), r in sorted(by.items()):
-        dense = by.get((model, world, "dense"))
+    """Per row: speedup vs dense of the same world; for N > 1, the sparse speedup relative to the
+    1-GPU one and the forward's speedup over the same variant on 1 GPU."""
+    by = {_key(r): r for r in results}
+    lines = [("| model | world | cp | variant | density | forward ms | attention ms per rank (min-max) "
+              "| speedup vs dense | vs 1-GPU speedup | forward vs 1 GPU |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (model, world, cp, variant), r in sorted(by.items()):
+        dense = by.get((model, world, cp, "dense"))
         speedup = dense["seconds"] / r["seconds"] if dense else None
-        one, one_dense = by.get((model, 1, variant)), by.get((model, 1, "dense"))
+        one, one_dense = by.get((model, 1, "none", variant)), by.get((model, 1, "none", "dense"))
         ratio = speedup / (one_dense["seconds"] / one["seconds"]) if speedup and one and one_dense and world > 1 else None
+        scaling = one["seconds"] / r["seconds"] if one and world > 1 else None
         att = r["attention_seconds_per_rank"]
-        lines.append(f"| {model} | {world} | {variant} | {r['density']:.2f} | {r['seconds'] * 1e3:.1f} | "
+        lines.append(f"| {model} | {world} | {cp} | {variant} | {r['density']:.2f} | {r['seconds'] * 1e3:.1f} | "
                      f"{min(att) * 1e3:.1f}-{max(att) * 1e3:.1f} | {'' if speedup is None else f'{speedup:.2f}x'} | "
-                     f"{'' if ratio is None else f'{ratio:.2f}'} |")  # fmt: skip
+                     f"{'' if ratio is None else f'{ratio:.2f}'} | {'' if scaling is None else f'{scaling:.2f}x'} |")  # fmt: skip
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.dry_run and "WORLD_SIZE" not in os.environ and args.world > 1:
-        import torch.multiprocessing as mp
+def torchrun_command(world: int, argv: list) -> list:
+    """The command that measures ``world`` GPUs with the same flags (``--gpus`` is ignored under torchrun)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+            str(Path(__file__).resolve()), *argv]  # fmt: skip
 
-        with tempfile.TemporaryDirectory() as tmp:
-            mp.spawn(_spawned, args=(args.world, f"{tmp}/rendezvous", argv), nprocs=args.world, join=True)
-        return 0
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if "WORLD_SIZE" in os.environ:  # one world size, under torchrun (or a process spawned below)
+        return measure_world(args)
+    failed = []
+    for world in args.gpus:  # the driver: one run per world size, rows merged into --out
+        say(f"--- world {world} ---")
+        if args.dry_run and world == 1:
+            measure_world(args)
+        elif args.dry_run:
+            import torch.multiprocessing as mp
+
+            with tempfile.TemporaryDirectory() as tmp:
+                mp.spawn(_spawned, args=(world, f"{tmp}/rendezvous", argv), nprocs=world, join=True)
+        elif subprocess.run(torchrun_command(world, argv)).returncode:
+            failed.append(world)
+    results = json.loads(args.out.read_text())["results"] if args.out.exists() else []
+    print(table([r for r in results if r.get("dry_run", False) == args.dry_run and r["world"] in args.gpus]), flush=True)
+    if failed:
+        say(f"runs failed at world sizes {failed}")
+    return 1 if failed else 0
+
+
+def measure_world(args) -> int:
+    """Measure every model at this process group's world size; rank 0 merges the rows into ``--out``."""
     rank, world, device = setup(args)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     env = common.environment(device)
@@ -215,9 +253,8 @@ def main(argv=None) -> int:
         for name in args.models:
             run_model((models.TINY if args.dry_run else models.MODELS)[name], args, world, device, dtype, rows, deadline)
         if rank == 0:
-            results = merge(args.out, {**env, "world": world}, rows)
+            merge(args.out, {**env, "world": world}, rows)
             say(f"wrote {args.out}")
-            print(table([r for r in results if r.get("dry_run", False) == args.dry_run]), flush=True)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -225,11 +262,11 @@ def main(argv=None) -> int:
 
 
 def _spawned(rank: int, world: int, rendezvous: str, argv) -> None:
-    """--dry-run without torchrun: one of ``world`` local gloo processes (file rendezvous)."""
+    """--dry-run: one of ``world`` local gloo processes (file rendezvous)."""
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    main(argv)
+    measure_world(parse_args(argv))
 
 
 if __name__ == "__main__":

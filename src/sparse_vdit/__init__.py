@@ -5,7 +5,7 @@ from .kernels import sparse_attention
 from .layout import VideoLayout
 from .patterns import BlockTable, Pattern, compile_layer
 from .plan import ModelSpec, Plan, PlanError
-from .integrations.diffusers import apply, model_spec, pipeline_sampler, remove, sparse
+from .integrations.diffusers import apply, enable_context_parallel, model_spec, pipeline_sampler, remove, sparse
 from .integrations.diffusers.search import search
 from .compare import organism_sampler
 
@@ -31,6 +31,7 @@ __all__ = [
     "VideoLayout",
     "apply",
     "compile_layer",
+    "enable_context_parallel",
     "model_spec",
     "organism_sampler",
     "pipeline_sampler",

@@ -120,6 +120,21 @@ class BlockTable:
         """
         return self.form("kv_indices", lambda t: expand_ranges(t.range_starts, t.range_ends)[1])
 
+    @property
+    def query_ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transposed table: for each head and key block, the query blocks that visit it.
+
+        Ascending, disjoint query-block ranges ``(starts, ends)``, int32 [H, Qb, R'] (one row per
+        block of the whole sequence: key blocks past ``kv_len`` have none), built on the table's
+        device once (a :meth:`form`). The backward pass reads it to sum each key block's gradient.
+        """
+        return self.form("query_ranges", lambda t: transpose_ranges(t.range_starts, t.range_ends, t.num_q_blocks))
+
+    @property
+    def query_num_blocks(self) -> torch.Tensor:
+        """int32 [H, Qb]: how many query blocks visit each key block (0 past ``kv_len``)."""
+        return self.form("query_num_blocks", lambda t: (t.query_ranges[1] - t.query_ranges[0]).sum(-1, dtype=torch.int32))
+
     @cached_property
     def token_major_heads(self) -> tuple[int, ...]:
         return tuple(h for h, p in enumerate(self.patterns) if p.token_major)
@@ -305,3 +320,38 @@ def expand_ranges(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tenso
     index = torch.where(slot < count[:, None], index, last)
     index = torch.where(count[:, None] > 0, index, 0)
     return count.to(torch.int32).reshape(shape), index.to(torch.int32).reshape(*shape, width)
+
+
+def transpose_ranges(starts: torch.Tensor, ends: torch.Tensor, num_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ranges [H, Rows, R] -> column ranges [H, num_columns, R']: for each column, its rows.
+
+    Row ``i`` of head ``h`` holds columns ``[starts[h, i, r], ends[h, i, r])``; the result lists,
+    for each column, the rows holding it as ascending, disjoint ranges (R' the most any column
+    needs, at least 1; unused slots are empty ``[0, 0)``). Memory O(visited pairs), on the inputs' device.
+    """
+    heads, rows, _ = starts.shape
+    device = starts.device
+    count, index = expand_ranges(starts, ends)  # [H, Rows], [H, Rows, W] ascending columns
+    slot = torch.arange(index.shape[-1], device=device)
+    used = slot[None, None, :] < count[..., None]
+    head, row, where = used.nonzero(as_tuple=True)
+    column = index[head, row, where].long()
+    cell = head * num_columns + column  # (head, column) of every visited pair
+    order = torch.argsort(cell * rows + row)  # by (head, column), then row
+    cell, row = cell[order], row[order]
+    first = torch.ones_like(cell, dtype=torch.bool)  # a pair that starts a new range
+    if cell.numel() > 1:
+        first[1:] = (cell[1:] != cell[:-1]) | (row[1:] != row[:-1] + 1)
+    run = torch.cumsum(first, 0) - 1  # range number of each pair
+    run_cell, run_start = cell[first], row[first]
+    run_end = torch.zeros_like(run_start).scatter_reduce_(0, run, row + 1, reduce="amax")
+    per_cell = torch.zeros(heads * num_columns, dtype=torch.long, device=device)
+    per_cell.scatter_add_(0, run_cell, torch.ones_like(run_cell))
+    width = max(int(per_cell.max()) if per_cell.numel() else 0, 1)
+    before = torch.cumsum(per_cell, 0) - per_cell  # runs of earlier cells
+    slot_of_run = torch.arange(len(run_cell), device=device) - before[run_cell]
+    out_starts = torch.zeros(heads * num_columns, width, dtype=torch.int32, device=device)
+    out_ends = torch.zeros_like(out_starts)
+    out_starts[run_cell, slot_of_run] = run_start.to(torch.int32)
+    out_ends[run_cell, slot_of_run] = run_end.to(torch.int32)
+    return out_starts.reshape(heads, num_columns, width), out_ends.reshape(heads, num_columns, width)

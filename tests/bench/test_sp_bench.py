@@ -1,26 +1,53 @@
-"""bench/sp.py parses its arguments and runs its --dry-run path (one CPU process, tiny Wan)."""
+"""bench/sp.py: its one-command driver on the CPU (--dry-run: world 1 here, world 2 spawned on gloo,
+every family), the table it prints, and the torchrun command it runs on GPUs."""
 
-import importlib.util
+import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("diffusers")
 
-SCRIPT = Path(__file__).parents[2] / "bench" / "sp.py"
+
+@pytest.fixture
+def sp(monkeypatch):
+    """bench/sp.py imported as ``sp`` (bench/ is on the path, conftest.py), so that the processes its
+    --dry-run spawns can import it too."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    return importlib.import_module("sp")
 
 
-def test_dry_run_one_process(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("bench_sp", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
+def test_dry_run_one_and_two_processes_every_family(sp, tmp_path, capsys):
     out = tmp_path / "sp.json"
-    assert module.main(["--dry-run", "--world", "1", "--models", "wan-14b", "--densities", "0.3", "--repeats", "1",
-                        "--out", str(out)]) == 0  # fmt: skip
+    assert sp.main(["--dry-run", "--gpus", "1,2", "--models", "wan-14b,hunyuan,cogvideox1.5", "--densities", "0.3",
+                    "--repeats", "1", "--out", str(out)]) == 0  # fmt: skip
     rows = json.loads(out.read_text())["results"]
-    assert [(r["world"], r["variant"]) for r in rows] == [(1, "dense"), (1, "sparse-30")]
-    assert all(r["seconds"] > 0 and r["dry_run"] for r in rows)
+    assert sorted((r["model"], r["world"], r["cp"], r["variant"]) for r in rows) == sorted(
+        (m, w, "none" if w == 1 else "ulysses", v)
+        for m in ("wan-14b", "hunyuan", "cogvideox1.5") for w in (1, 2) for v in ("dense", "sparse-30")
+    )  # fmt: skip
+    assert all(r["seconds"] > 0 and r["dry_run"] and len(r["attention_seconds_per_rank"]) == r["world"] for r in rows)
+    table = capsys.readouterr().out
+    two = [line for line in table.splitlines() if line.startswith("| hunyuan | 2 | ulysses | sparse-30 |")]
+    assert len(two) == 1 and two[0].rstrip(" |").endswith("x")  # the forward-vs-1-GPU column is filled
+
+
+def test_table_ratios(sp):
+    def row(world, variant, seconds, cp="ulysses"):
+        return dict(model="m", world=world, cp=cp if world > 1 else "none", variant=variant, density=0.5,
+                    seconds=seconds, attention_seconds_per_rank=[0.1] * world)  # fmt: skip
+
+    rows = [row(1, "dense", 4.0), row(1, "sparse-50", 2.0), row(4, "dense", 1.0), row(4, "sparse-50", 0.8)]
+    lines = sp.table(rows).splitlines()
+    # world 4 sparse: 1.25x vs its dense, 1.25 / 2.0 of the 1-GPU speedup, 2.0 / 0.8 = 2.5x faster than 1 GPU
+    assert lines[-1] == "| m | 4 | ulysses | sparse-50 | 0.50 | 800.0 | 100.0-100.0 | 1.25x | 0.62 | 2.50x |"
+    assert lines[2].startswith("| m | 1 | none | dense |") and lines[2].endswith("| 1.00x |  |  |")
+
+
+def test_torchrun_command_and_arguments(sp):
+    command = sp.torchrun_command(4, ["--models", "hunyuan"])
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
+    assert command[5].endswith("bench/sp.py") and command[6:] == ["--models", "hunyuan"]
+    assert sp.parse_args(["--gpus", "1,8", "--cp", "ring"]).gpus == [1, 8]
+    with pytest.raises(SystemExit):
+        sp.parse_args(["--gpus", "0"])

@@ -1,10 +1,16 @@
-"""sparse_vdit.apply under diffusers' Ulysses context parallelism: 2 CPU processes on gloo.
+"""Every family under diffusers' context parallelism: CPU processes on gloo, output equal to one process.
 
-Each rank builds the same tiny Wan transformer (same seed), computes the single-process sparse
-output itself, then runs the model with ``enable_parallelism(ContextParallelConfig(ulysses_degree=2))``
-and the same plan: the gathered parallel output must equal the single-process one, each rank must
-have run only its own global heads over the full sequence, and both orders (enable then apply,
-apply then enable) must work.
+One spawn of 2 processes and one of 4, each running every family (a spawn costs seconds of
+imports; the tiny forwards cost milliseconds). Each rank builds the same tiny transformer (same
+seed), computes the single-process outputs itself (a dense plan, a mixed sparse plan whose heads
+differ within each rank's share, SVG with no warm-up), then runs the same variants on fresh copies
+of the model under each context-parallel configuration, enabled with
+``sparse_vdit.enable_context_parallel`` (at 2 processes also once in the other order: apply, then
+enable, Wan through diffusers' own ``enable_parallelism``): the gathered outputs must equal the
+single-process ones, rank 0 must have run its own global heads over the whole sequence, and
+``remove`` must hand back the stock processors. HunyuanVideo runs with two prompt lengths in the
+batch (padded text), CogVideoX 1.5 with its rotary tables passed in. Settings sparse-vdit does not
+run are refused before anything changes.
 """
 
 import json
@@ -17,7 +23,8 @@ pytest.importorskip("diffusers")
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-WORLD = 2
+CONFIGS = {2: ("ulysses", "ring"), 4: ("ulysses", "ring_x_ulysses")}
+FAMILIES = ("wan", "hunyuan_video", "cogvideox", "cogvideox1.0")
 
 
 def mixed():
@@ -30,62 +37,118 @@ def mixed():
     ]
 
 
-def _worker(rank: int, world: int, init: str, result: str) -> None:
-    from diffusers import ContextParallelConfig
-    from helpers import rel_rms
-    from tiny_diffusers import BLOCK, wan
-
-    import sparse_vdit
-    from sparse_vdit import Plan
-
+def join_gloo(rank: int, world: int, init: str) -> None:
+    """Join the CPU process group of a spawned test worker (one torch thread)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     # diffusers picks the device as rank % torch.accelerator.device_count(), 0 on a CPU-only torch
     if torch.accelerator.device_count() == 0:
         torch.accelerator.device_count = lambda: 1
+
+
+def spawn(tmp_path, worker, world: int, *args) -> dict:
+    """``worker(rank, world, init, result, *args)`` in ``world`` processes; the JSON rank 0 wrote to ``result``."""
+    result = tmp_path / "result.json"
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(worker, args=(world, init, str(result), *args), nprocs=world, join=True)
+    return json.loads(result.read_text())
+
+
+def _config(name: str, world: int):
+    from diffusers import ContextParallelConfig
+
+    if name == "ulysses":
+        return ContextParallelConfig(ulysses_degree=world)
+    if name == "ring":
+        return ContextParallelConfig(ring_degree=world)
+    return ContextParallelConfig(ring_degree=2, ulysses_degree=world // 2)
+
+
+def _run(model, inputs, variant: dict, seen: list | None = None) -> torch.Tensor:
+    """One forward under ``variant``; ``seen`` gets (global heads, q's sequence and heads, pattern names) per call."""
+    import sparse_vdit
+
+    with torch.no_grad(), sparse_vdit.sparse(model, backend="reference", **variant) as state:
+        if seen is not None:
+            state.observers.append(lambda call, patterns, out: seen.append(
+                [None if call.heads is None else list(call.heads), list(call.q.shape[1:3]),
+                 _pattern_names(patterns)]))  # fmt: skip
+        return model(**inputs)[0]
+
+
+def _pattern_names(patterns) -> list[str]:
+    """Names of the patterns a call ran: a list per head, or every (sample, head)'s choice of a HeadChoice."""
+    from sparse_vdit.patterns import HeadChoice
+
+    if isinstance(patterns, HeadChoice):  # SVG when the samples of a batch choose differently
+        return [patterns.candidates[i].name for i in patterns.selected.flatten().tolist()]
+    return [p.name for p in patterns or ()]
+
+
+def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> None:
+    from helpers import rel_rms
+    from tiny_diffusers import BLOCK, BUILDERS
+
+    import sparse_vdit
+    from sparse_vdit import Plan
+    from sparse_vdit.integrations.diffusers import family_of
+
+    join_gloo(rank, world, init)
     try:
         report = {}
-        for order in ("enable_then_apply", "apply_then_enable"):
-            model, inputs = wan()
-            plan = Plan.from_layers(model, mixed(), block_size=BLOCK)
-            with torch.no_grad():
-                dense = model(**inputs)[0]
-                with sparse_vdit.sparse(model, plan, backend="reference"):
-                    single = model(**inputs)[0]
-            config = ContextParallelConfig(ulysses_degree=world)
-            if order == "enable_then_apply":
-                model.enable_parallelism(config=config)
-                state = sparse_vdit.apply(model, plan, backend="reference")
-            else:
-                state = sparse_vdit.apply(model, plan, backend="reference")
-                model.enable_parallelism(config=config)
-            seen = []
+        for family in families:
+            model, inputs = BUILDERS[family]()
+            variants = {
+                "dense": dict(plan=Plan.dense(model, block_size=BLOCK)),
+                "sparse": dict(plan=Plan.from_layers(model, mixed(), block_size=BLOCK)),
+                "svg": dict(method="svg", density=0.3, warmup_steps=0, warmup_layers=0, block_size=BLOCK),
+            }
+            seen: list = []
+            single = {name: _run(model, inputs, kw, seen if name == "svg" else None) for name, kw in variants.items()}
+            report[f"{family}/svg_patterns"] = sorted({n for _, _, names in seen for n in names})
+            report[f"{family}/single_calls"] = [shape for _, shape, _ in seen]
+            if world == 2:  # the other order: apply, then enable (Wan: diffusers' own enable_parallelism)
+                model, inputs = BUILDERS[family]()
+                with torch.no_grad(), sparse_vdit.sparse(model, backend="reference", **variants["sparse"]):
+                    if family == "wan":
+                        model.enable_parallelism(config=_config("ulysses", world))
+                    else:
+                        sparse_vdit.enable_context_parallel(model, _config("ulysses", world))
+                    report[f"{family}/apply_then_enable"] = rel_rms(model(**inputs)[0], single["sparse"])
+                # remove() handed back the stock processors, configured for context parallelism
+                processors = [m.processor for m in family_of(model).attention_modules(model)]
+                report[f"{family}/restored"] = all(type(p).__name__ in family_of(model).processor_classes
+                                                   and p._parallel_config is not None for p in processors)  # fmt: skip
+            for config in CONFIGS[world]:
+                model, inputs = BUILDERS[family]()  # a fresh copy: enable_parallelism cannot be undone
+                sparse_vdit.enable_context_parallel(model, _config(config, world))
+                for name, kw in variants.items():
+                    seen = []
+                    out = _run(model, inputs, kw, seen)
+                    report[f"{family}/{config}/{name}/calls"] = [[heads, shape] for heads, shape, _ in seen]
+                    report[f"{family}/{config}/{name}"] = {
+                        "err": rel_rms(out, single[name]), "changed": rel_rms(single[name], single["dense"]),
+                        "shape": list(out.shape) == list(single[name].shape),
+                    }  # fmt: skip
+        if world == 2:  # a text family under a cp plan that shards its text (not ours): a clear error
+            from diffusers import ContextParallelConfig
 
-            def observe(call, patterns, out, seen=seen):
-                seen.append([call.layer, list(call.heads), list(call.q.shape), [p.name for p in patterns]])
-
-            state.observers.append(observe)
-            with torch.no_grad():
-                parallel = model(**inputs)[0]
-            sparse_vdit.remove(model)
-            assert all(type(b.attn1.processor).__name__ == "WanAttnProcessor" for b in model.blocks)
-            assert model.blocks[0].attn1.processor._parallel_config is not None
-            report[order] = {"err": rel_rms(parallel, single), "changed": rel_rms(single, dense), "seen": seen,
-                             "layout": state.last_layout.num_tokens}  # fmt: skip
-
-        # heads the Ulysses degree does not divide: a clear error at apply time
-        from diffusers import WanTransformer3DModel
-
-        odd = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=16, in_channels=4, out_channels=4,
-            text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32,
-        ).eval()  # fmt: skip
-        odd.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
-        try:
-            sparse_vdit.apply(odd, Plan.dense(odd, block_size=BLOCK))
-            report["odd_heads"] = "no error"
-        except ValueError as err:
-            report["odd_heads"] = str(err)
+            model, inputs = BUILDERS["cogvideox"]()
+            plan = sparse_vdit.integrations.diffusers.context_parallel_plan(model)
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=plan)
+            try:
+                _run(model, inputs, dict(plan=Plan.dense(model, block_size=BLOCK)))
+                report["foreign_plan"] = "no error"
+            except NotImplementedError as err:
+                report["foreign_plan"] = str(err)
+            model, inputs = BUILDERS["hunyuan_video"]()  # our plan, but diffusers' processors: refused
+            sparse_vdit.enable_context_parallel(model, ContextParallelConfig(ulysses_degree=world))
+            try:
+                with torch.no_grad():
+                    model(**inputs)
+                report["stock_processors"] = "no error"
+            except RuntimeError as err:
+                report["stock_processors"] = str(err)
         if rank == 0:
             with open(result, "w") as f:
                 json.dump(report, f)
@@ -93,20 +156,76 @@ def _worker(rank: int, world: int, init: str, result: str) -> None:
         dist.destroy_process_group()
 
 
+def _check(report: dict, world: int, families: tuple) -> None:
+    for family in families:
+        assert report[f"{family}/svg_patterns"] == ["spatial", "temporal"], report[f"{family}/svg_patterns"]
+        if world == 2:
+            assert report[f"{family}/apply_then_enable"] < 1e-5, report[f"{family}/apply_then_enable"]
+            assert report[f"{family}/restored"]
+        full = report[f"{family}/single_calls"]  # [sequence, heads] of each layer call in one process
+        assert len(full) >= 2 and all(heads == 4 for _, heads in full)  # HunyuanVideo: a call per prompt length
+        for config in CONFIGS[world]:
+            for name in ("dense", "sparse", "svg"):
+                # rank 0 ran its global heads 0 .. 4/world - 1 over the whole sequence in every layer
+                local = list(range(4 // world))
+                assert report[f"{family}/{config}/{name}/calls"] == [[local, [seq, len(local)]] for seq, _ in full]
+                r = report[f"{family}/{config}/{name}"]
+                assert r["shape"] and r["err"] < 1e-5, (family, config, name, r)
+                if name != "dense":
+                    assert r["changed"] > 1e-3, (family, name, r)  # the variant does change the output
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_ulysses_sparse_equals_single_process(tmp_path):
-    result = tmp_path / "result.json"
-    init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_worker, args=(WORLD, init, str(result)), nprocs=WORLD, join=True)
-    report = json.loads(result.read_text())
-    for order in ("enable_then_apply", "apply_then_enable"):
-        r = report[order]
-        assert r["err"] < 1e-5, (order, r["err"])
-        assert r["changed"] > 1e-3  # the plan does change the output
-        assert r["layout"] == 48  # the layout was built from the full sequence, not the shard
-        # rank 0: global heads 0, 1 of each layer, full sequence, 2 of 4 heads, one call per layer
-        assert r["seen"] == [
-            [0, [0, 1], [2, 48, 2, 16], ["dense", "diagonal"]],
-            [1, [0, 1], [2, 48, 2, 16], ["skip", "diagonal"]],
-        ], r["seen"]
-    assert "not divisible by the Ulysses degree 2" in report["odd_heads"]
+def test_two_processes_equal_one(tmp_path):
+    report = spawn(tmp_path, _worker, 2, FAMILIES)
+    _check(report, 2, FAMILIES)
+    assert "sparse_vdit.enable_context_parallel" in report["foreign_plan"]
+    assert "call sparse_vdit.apply first" in report["stock_processors"]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_four_processes_equal_one(tmp_path):
+    _check(spawn(tmp_path, _worker, 4, FAMILIES), 4, FAMILIES)
+
+
+def test_context_parallel_plans_split_video_and_keep_text_whole():
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+    from tiny_diffusers import BUILDERS
+
+    from sparse_vdit.integrations.diffusers import context_parallel_plan
+
+    wan, _ = BUILDERS["wan"]()
+    assert context_parallel_plan(wan) is type(wan)._cp_plan  # diffusers' own
+    for family in ("hunyuan_video", "cogvideox"):
+        model, _ = BUILDERS[family]()
+        plan = context_parallel_plan(model)
+        assert plan["proj_out"] == ContextParallelOutput(gather_dim=1, expected_dims=3)
+        first = plan["transformer_blocks.0"]
+        assert list(first) == ["hidden_states"] and first["hidden_states"].split_dim == 1  # text is not split
+        rotary = plan["rope"] if family == "hunyuan_video" else plan[""]["image_rotary_emb"]
+        rotary = list(rotary.values()) if isinstance(rotary, dict) else rotary
+        assert all(isinstance(r, ContextParallelInput) and r.split_dim == 0 for r in rotary) and len(rotary) == 2
+
+
+@pytest.mark.parametrize(
+    "change, config, error, message",
+    [
+        (dict(num_attention_heads=3), dict(ulysses_degree=2), ValueError, "not divisible by the context-parallel degree 2"),
+        ({}, dict(ring_degree=2, ulysses_degree=4), ValueError, "ring 2 x Ulysses 4"),
+        ({}, dict(ulysses_degree=2, ulysses_anything=True), NotImplementedError, "ulysses_anything"),
+        (dict(image_condition_type="token_replace"), dict(ulysses_degree=2), NotImplementedError, "token_replace"),
+    ],
+    ids=["odd-heads", "degree-above-heads", "uneven-shards", "hunyuan-token-replace"],
+)
+def test_unsupported_settings_are_refused_before_anything_changes(change, config, error, message):
+    from diffusers import ContextParallelConfig, HunyuanVideoTransformer3DModel
+    from tiny_diffusers import BUILDERS
+
+    import sparse_vdit
+
+    model, _ = BUILDERS["hunyuan_video"]()
+    if change:
+        model = HunyuanVideoTransformer3DModel.from_config(model.config, **change)
+    with pytest.raises(error, match=message):
+        sparse_vdit.enable_context_parallel(model, ContextParallelConfig(**config))
+    assert model._parallel_config is None

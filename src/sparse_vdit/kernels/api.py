@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -44,20 +45,38 @@ def sparse_attention(
     the keys a row visits: they propagate from visited keys, never from keys the row skips.
     Every input is checked (:func:`~sparse_vdit.kernels.checks.check_inputs`) before any kernel runs.
 
+    Differentiable on every backend (also under ``torch.compile``), exact for the same table:
+    ``triton`` runs its own backward kernels (:mod:`~sparse_vdit.kernels.triton.backward`) from the
+    log-sum-exp its forward saves; ``fa4`` keeps FA4's log-sum-exp and runs the Triton backward on
+    the permuted tensors (FA4's block-sparse backward needs a query-direction table with its own tile
+    rules, not checked on our GPUs yet); ``flex`` and ``reference`` recompute their forward under
+    autograd in the backward. Skipped heads and keys that no query visits get zero gradients.
+
     Returns:
         ``(batch, seq, heads, head_dim)`` output in the dtype of ``q``.
     """
     scale = check_inputs(q, k, v, table, softmax_scale, layout)
     table = table if table.device == q.device else table.to(q.device)
     if torch.compiler.is_compiling():  # no per-table bookkeeping inside a traced graph
-        name = resolve(backend, q, table.block_size)
+        # a named backend goes to the op as named: its checks walk the package, which dynamo cannot trace
+        name = backend if backend in _backend_names() else resolve(backend, q, table.block_size)
     else:
         name = registry.choose(backend, q, table).name
     if table.all_skip:
         return torch.zeros_like(q)
     if table.all_dense and backend != "reference":
-        return dense.forward(q, k, v, kv_len=table.layout.kv_len, softmax_scale=scale, use_fa4=name == "fa4")
-    return torch.ops.sparse_vdit.sparse_attention(q, k, v, table.key, scale, name)
+        use_fa4 = name == "fa4" and not _needs_grad(q, k, v)  # FA4's dense call has no backward: SDPA's has
+        return dense.forward(q, k, v, kv_len=table.layout.kv_len, softmax_scale=scale, use_fa4=use_fa4)
+    return torch.ops.sparse_vdit.sparse_attention(q, k, v, table.key, scale, name)[0]
+
+
+@torch.compiler.assume_constant_result
+def _backend_names() -> tuple[str, ...]:
+    return registry.names()
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
@@ -103,25 +122,110 @@ def _runs(heads: Sequence[int]) -> list[tuple[int, int]]:
 
 @torch.library.custom_op("sparse_vdit::sparse_attention", mutates_args=())
 def _sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_key: int, softmax_scale: float,
-                         backend: str) -> torch.Tensor:  # fmt: skip
-    """The kernel call behind :func:`sparse_attention`, opaque to ``torch.compile``.
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The kernel call behind :func:`sparse_attention`, opaque to ``torch.compile``: ``(out, lse)``.
 
     The table travels as its :attr:`~sparse_vdit.block_table.BlockTable.key` (the op looks the live
     table up), so a compiled graph holds no table tensors and every derived form stays with the table.
+    ``lse`` is what the backend's backward needs from its forward (``run_with_lse``: the rows'
+    log-sum-exp, float32 ``[B, H, N]`` in the order the backend ran them), else an empty tensor.
     """
     table = table_by_key(table_key)
-    chosen = registry.get(backend)
-    if chosen.token_major_in_place or not table.token_major_heads:
-        return chosen.module.run(q, k, v, table, softmax_scale)
-    heads = table.token_major_heads
-    q, k, v = (reorder_heads(t, table.layout, heads) for t in (q, k, v))
-    out = chosen.module.run(q, k, v, table, softmax_scale)
-    return reorder_heads(out, table.layout, heads, to_token_major=False)
+    module = registry.get(backend).module
+    run_with_lse = getattr(module, "run_with_lse", None)
+    permuted = _permuted_heads(backend, table)
+    if permuted:
+        q, k, v = (reorder_heads(t, table.layout, permuted) for t in (q, k, v))
+    if run_with_lse is None:
+        out, lse = module.run(q, k, v, table, softmax_scale), q.new_empty(0, dtype=torch.float32)
+    else:
+        out, lse = run_with_lse(q, k, v, table, softmax_scale)
+    if permuted:
+        out = reorder_heads(out, table.layout, permuted, to_token_major=False)
+    return out, lse
 
 
 @_sparse_attention_op.register_fake
 def _(q, k, v, table_key, softmax_scale, backend):
-    return torch.empty_like(q)
+    module = registry.get(backend).module
+    batch, n, heads, _ = q.shape
+    shape = (batch, heads, n) if hasattr(module, "run_with_lse") else (0,)
+    return torch.empty_like(q), q.new_empty(shape, dtype=torch.float32)
+
+
+def _permuted_heads(backend: str, table: BlockTable) -> tuple[int, ...]:
+    """The token-major heads that ``backend`` needs permuted in memory (none where it reads them in place)."""
+    return () if registry.get(backend).token_major_in_place else table.token_major_heads
+
+
+@torch.library.custom_op("sparse_vdit::sparse_attention_backward", mutates_args=())
+def _sparse_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  out: torch.Tensor, lse: torch.Tensor, table_key: int, softmax_scale: float,
+                                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dq, dk, dv)`` of :func:`_sparse_attention_op`, opaque to ``torch.compile``.
+
+    Token-major heads are permuted exactly as in the forward (a permutation: the gradients go back
+    through the inverse). A backend with ``run_backward`` uses it with the forward's ``lse``; the
+    others recompute their forward under autograd here.
+    """
+    table = table_by_key(table_key)
+    module = registry.get(backend).module
+    permuted = _permuted_heads(backend, table)
+    run_backward = getattr(module, "run_backward", None)
+    if permuted:
+        grad_out, q, k, v = (reorder_heads(t, table.layout, permuted) for t in (grad_out, q, k, v))
+        out = reorder_heads(out, table.layout, permuted) if run_backward is not None else out
+    if run_backward is not None:
+        grads = run_backward(grad_out, q, k, v, out, lse, table, softmax_scale)
+    else:
+        with autograd_inside_op():
+            inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+            grads = torch.autograd.grad(module.run(*inputs, table, softmax_scale), inputs, grad_out)
+    if permuted:
+        grads = tuple(reorder_heads(g, table.layout, permuted, to_token_major=False) for g in grads)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_sparse_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, table_key, softmax_scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, table_key, softmax_scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.mark_non_differentiable(lse)
+    ctx.table_key, ctx.softmax_scale, ctx.backend = table_key, softmax_scale, backend
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.sparse_vdit.sparse_attention_backward(
+        grad_out.contiguous(), q, k, v, out, lse, ctx.table_key, ctx.softmax_scale, ctx.backend)  # fmt: skip
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd("sparse_vdit::sparse_attention", _backward, setup_context=_setup_context)
+
+
+_AUTOGRAD_KEYS = ("ADInplaceOrView", "AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "AutogradCPU",
+                  "AutogradCUDA")  # fmt: skip
+
+
+@contextmanager
+def autograd_inside_op():
+    """Let autograd record inside a custom op's implementation (which runs below autograd).
+
+    For recomputing a forward to differentiate it there (``torch.autograd.grad``); grad mode on.
+    """
+    with ExitStack() as stack:
+        for name in _AUTOGRAD_KEYS:
+            key = getattr(torch._C.DispatchKey, name, None)
+            if key is not None:
+                stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(key, False))
+        stack.enter_context(torch.enable_grad())
+        yield
 
 
 
@@ -132,4 +236,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "reorder_heads", "resolve_backend", "sparse_attention"]
+__all__ = ["BACKENDS", "autograd_inside_op", "reorder_heads", "resolve_backend", "sparse_attention"]

@@ -27,6 +27,7 @@ from ..block_table import num_blocks
 from .registry import Backend
 
 BACKEND = Backend("fa4", (torch.bfloat16, torch.float16), (64, 128), needs_cuda=True, token_major_in_place=False, auto_rank=0,
+                  backward=True,
                   note="FlashAttention-4 block sparsity, Hopper / datacenter Blackwell; block sizes: supports()")
 
 _FA4 = None
@@ -170,6 +171,23 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale:
     return _attend(q, k, v, table_tensors(table), table.layout.kv_len, softmax_scale)
 
 
+def run_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float):
+    """:func:`run` and FA4's log-sum-exp of each row (float32 ``[B, H, N]``, natural log), for :func:`run_backward`."""
+    return _attend(q, k, v, table_tensors(table), table.layout.kv_len, softmax_scale, return_lse=True)
+
+
+def run_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float):
+    """``(dq, dk, dv)`` through the Triton backward kernels, on tensors already in each head's order.
+
+    FA4 has a block-sparse backward, but it takes a query-direction table under tile rules of its
+    own (per architecture, with a subtile factor) that we have not validated on our GPUs; the Triton
+    backward is exact for the same table and reads FA4's log-sum-exp directly.
+    """
+    from .triton.backward import backward
+
+    return backward(grad_out, q, k, v, out, lse, table, softmax_scale, token_major=False)
+
+
 # Whether run_selected reads SVG's per-(sample, head) choice on the device (block tensors gathered
 # from the resident candidates, token-major heads permuted by a Triton kernel reading the choice).
 # Off until measured against the host path on a GPU (bench/svg.py's layer-device-fa4 part).
@@ -207,16 +225,21 @@ def run_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, candidates, 
     return head_order(out, selected, candidates.token_major, geometry, to_head_order=False) if moved else out
 
 
-def _attend(q, k, v, sparse, kv_len: int, softmax_scale: float) -> torch.Tensor:
+def _attend(q, k, v, sparse, kv_len: int, softmax_scale: float, return_lse: bool = False):
     interface, _ = _import()
     if k.shape[1] != kv_len:
         k, v = k[:, :kv_len], v[:, :kv_len]
     out = torch.full_like(q, float("nan")) if _POISON else torch.empty_like(q)
     with torch.cuda.device(q.device):
-        interface._flash_attn_fwd(
-            q, k, v, softmax_scale=float(softmax_scale), block_sparse_tensors=sparse, out=out
+        result = interface._flash_attn_fwd(
+            q, k, v, softmax_scale=float(softmax_scale), block_sparse_tensors=sparse, out=out, return_lse=return_lse
         )
-    return out
+    if not return_lse:
+        return out
+    lse = result[1] if isinstance(result, (tuple, list)) and len(result) > 1 else None
+    if lse is None:
+        raise RuntimeError(f"flash-attn-4 {version()} returned no log-sum-exp (return_lse=True): cannot run the backward")
+    return out, lse
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
@@ -228,5 +251,5 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: floa
     return out
 
 
-__all__ = ["BACKEND", "SELECT_ON_DEVICE", "dense", "forward", "gathered_tables", "is_available", "run", "run_selected",
-           "supports", "table_tensors", "version"]
+__all__ = ["BACKEND", "SELECT_ON_DEVICE", "dense", "forward", "gathered_tables", "is_available", "run",
+           "run_backward", "run_selected", "run_with_lse", "supports", "table_tensors", "version"]

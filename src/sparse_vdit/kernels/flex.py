@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..block_table import num_blocks
 from .registry import API_DTYPES, Backend
 
-BACKEND = Backend("flex", API_DTYPES, (64, 128), needs_cuda=True, token_major_in_place=False, auto_rank=2,
+BACKEND = Backend("flex", API_DTYPES, (64, 128), needs_cuda=True, token_major_in_place=False, auto_rank=2, backward=True,
                   note="FlexAttention from our tables (BlockMask.from_kv_blocks), compiled once")
 
 _COMPILED = None

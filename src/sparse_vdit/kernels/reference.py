@@ -7,7 +7,7 @@ import torch
 from ..block_table import num_blocks
 from .registry import API_DTYPES, Backend
 
-BACKEND = Backend("reference", (*API_DTYPES, torch.float64), None, needs_cuda=False, token_major_in_place=False, auto_rank=3,
+BACKEND = Backend("reference", (*API_DTYPES, torch.float64), None, needs_cuda=False, token_major_in_place=False, auto_rank=3, backward=True,
                   note="plain torch on any device: the oracle")
 
 

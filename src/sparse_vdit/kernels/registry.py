@@ -5,7 +5,10 @@ A backend is one module (or package) ``sparse_vdit.kernels.<name>`` with a ``BAC
 and ``run(q, k, v, table, softmax_scale)``: adding that file adds the backend (:func:`names` finds
 it). A backend that can read a per-(sample, head) choice among candidate tables on the device
 (SVG's decision, :func:`~sparse_vdit.kernels.select.select_attention`) also has
-``run_selected(q, k, v, candidates, selected, softmax_scale)`` and ``SELECT_ON_DEVICE = True``. :func:`choose` picks one per (table, dtype, head dim, device) once and keeps the choice with
+``run_selected(q, k, v, candidates, selected, softmax_scale)`` and ``SELECT_ON_DEVICE = True``.
+Optional: ``run_with_lse`` (``run`` plus what the backward needs) and ``run_backward(grad_out,
+q, k, v, out, lse, table, softmax_scale) -> (dq, dk, dv)``; without them the backward recomputes ``run``
+under autograd. :func:`choose` picks one per (table, dtype, head dim, device) once and keeps the choice with
 the table; ``auto`` says in the ``sparse_vdit`` log which backend it took and why the ones it
 tries first were passed over.
 """
@@ -36,7 +39,7 @@ class Backend:
     needs_cuda: bool  # False: also runs on the CPU (plain torch, or Triton's interpreter)
     token_major_in_place: bool  # reads token-major heads through the order itself (else permuted in memory)
     auto_rank: int = 100  # `auto` tries backends by ascending rank (the fastest first)
-    backward: bool = False  # whether it has a backward pass (none has yet)
+    backward: bool = False  # whether sparse_attention is differentiable on it (see api.sparse_attention)
     note: str = ""
 
     @property

@@ -12,7 +12,8 @@ from ...kernels import registry
 from ...plan import Plan
 from .families import family_of, transformer_of
 from ...methods.protocol import PatternSource
-from .processor import SparseAttnProcessor, SparseState, ulysses_group
+from .parallel import check_supported
+from .processor import SparseAttnProcessor, SparseState
 from .steps import install_step_hook, wrap_scheduler
 
 logger = logging.getLogger("sparse_vdit")
@@ -50,11 +51,11 @@ def apply(
             see :class:`~sparse_vdit.methods.protocol.AttentionCall`.
         block_size: block size of the tables (default: the plan's, else 128).
 
-    Composes with diffusers' Ulysses context parallelism (``enable_parallelism`` with
-    ``ContextParallelConfig(ulysses_degree=n)``, called before or after ``apply``): each rank
-    all-to-alls q/k/v to the full sequence and ``heads / n`` heads, runs the plan's patterns of
-    its global heads in one launch per layer, and all-to-alls back. Ring attention, and head
-    counts ``n`` does not divide, raise.
+    Composes with diffusers' context parallelism (Ulysses or ring; ``enable_parallelism`` for Wan,
+    :func:`~sparse_vdit.enable_context_parallel` for every family; before or after ``apply``): each
+    rank exchanges q/k/v to the full sequence and its ``heads / degree`` heads, runs the plan's
+    patterns of its global heads in one launch per layer, and exchanges back (``parallel.py``).
+    Head counts the degree does not divide raise.
 
     Returns:
         The shared :class:`SparseState` (current step, timings, hook points).
@@ -96,7 +97,11 @@ def apply(
                 "sparse-vdit replaces only the stock processors (reset them with set_default_attn_processor "
                 "or remove the other patch first)"
             )
-        ulysses_group(getattr(processor, "_parallel_config", None), spec.num_heads)  # raises for ring / odd heads
+    parallel = getattr(model, "_parallel_config", None)  # diffusers records enable_parallelism's config here
+    if getattr(parallel, "context_parallel_config", None) is None:
+        parallel = None
+    else:
+        check_supported(model, family, parallel.context_parallel_config)  # raises for odd heads, uneven shards
     if getattr(pipe_or_transformer, "transformer_2", None) is not None:
         logger.warning("sparse-vdit: only pipe.transformer is patched, not pipe.transformer_2")
 
@@ -105,7 +110,10 @@ def apply(
     hook = install_step_hook(model, family, state.steps)
     undo_scheduler = wrap_scheduler(pipe_or_transformer, state.steps) if model is not pipe_or_transformer else None
     for i, module in enumerate(modules):
-        module.set_processor(SparseAttnProcessor(family, i, state, originals[i]))
+        processor = SparseAttnProcessor(family, i, state, originals[i])
+        if parallel is not None and processor._parallel_config is None:  # stock processors without the slot
+            processor._parallel_config = parallel
+        module.set_processor(processor)
     state._installed = (model, modules, originals, hook, undo_scheduler)
     state.svg = svg
     if svg is not None:

@@ -16,14 +16,15 @@ Hook points for search and online methods:
   and ``call.output(patterns)`` compute candidates on the same fast path.
 - ``state.observers``: ``fn(call, patterns, out)`` after every layer call.
 
-Under diffusers' Ulysses context parallelism (``transformer.enable_parallelism`` with a
-``ContextParallelConfig(ulysses_degree=n)``, before or after :func:`apply`), the processor
-all-to-alls q, k, v from sequence shards to (full sequence, ``heads / n`` heads) with diffusers' own
-exchange, runs the patterns of this rank's global heads (``call.heads``) in one launch, and
-all-to-alls the output back; see :func:`ulysses_group`.
+Under diffusers' context parallelism (Ulysses or ring, before or after :func:`apply`), the
+processor exchanges q, k, v from sequence shards to (full sequence, this rank's heads), runs the
+patterns of its global heads (``call.heads``) in one launch, and exchanges the output back; see
+``parallel.py``.
 
 Under ``torch.compile`` the attention step is one opaque custom op, so the graph has no break
-inside a block and the Python decisions run eagerly at run time.
+inside a block and the Python decisions run eagerly at run time. The op is differentiable: its
+backward replays the call (same step and patterns) under autograd, one extra attention forward;
+eager training differentiates :func:`~sparse_vdit.sparse_attention` directly.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 from ...block_table import DEFAULT_BLOCK, BlockTable, all_dense
 from ...kernels import dense as dense_kernels
 from ...kernels import resolve_backend, sparse_attention
+from ...kernels.api import autograd_inside_op
 from ...layout import VideoLayout
 from ...kernels import select_attention
 from ...methods.protocol import AttentionCall, Observer, PatternSource, plan_source
@@ -45,6 +47,7 @@ from ...patterns import HeadChoice, Pattern, compile_layer
 from ...plan import ModelSpec, Plan
 from ...timing import clock, seconds_per_step
 from .families import Family
+from .parallel import head_shards
 from .steps import StepTracker
 
 _STATES: weakref.WeakValueDictionary[int, SparseState] = weakref.WeakValueDictionary()
@@ -120,35 +123,36 @@ class SparseState:
         return layout
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               key_mask: torch.Tensor | None = None, heads: range | None = None) -> torch.Tensor:  # fmt: skip
+               key_mask: torch.Tensor | None = None, heads: range | None = None, observe: bool = True) -> torch.Tensor:  # fmt: skip
         """Attention of one layer call: layout, text padding, patterns, kernel, timing, observers.
 
         ``heads``: the global indices of q's heads when they are a slice of the layer's (Ulysses);
         a pattern source may then return patterns for all heads (a plan) or for q's heads only.
+        ``observe=False``: no timing and no observers (the compiled path's backward replays a call).
         """
         layout = self.layout(q.shape[1])
-        start = clock(q) if self.timing else None
+        start = clock(q) if self.timing and observe else None
         valid = self._text_valid(key_mask, layout, q.shape[0])
         if valid is None or len(valid) == 1:
             layout = layout if valid is None else self._padded(layout, next(iter(valid)))
-            out = self._attend(layer, q, k, v, layout, heads)
+            out = self._attend(layer, q, k, v, layout, heads, observe)
         else:  # samples with different prompt lengths: one call per length
             out = torch.empty_like(q)
             for count, samples in valid.items():
                 index = torch.tensor(samples, device=q.device)
-                out[index] = self._attend(layer, q[index], k[index], v[index], self._padded(layout, count), heads)
+                out[index] = self._attend(layer, q[index], k[index], v[index], self._padded(layout, count), heads, observe)
         self.last_layout = layout
         if start is not None:
             self._timings.append((self.steps.step, start, clock(q)))
         return out
 
-    def _attend(self, layer, q, k, v, layout, heads=None) -> torch.Tensor:
+    def _attend(self, layer, q, k, v, layout, heads=None, observe=True) -> torch.Tensor:
         call = AttentionCall(self.steps.step, layer, q, k, v, layout, self, heads)
         patterns = self.pattern_source(call)
         if heads is not None and isinstance(patterns, Sequence) and len(patterns) != q.shape[2]:
             patterns = self._sliced(patterns, heads)
         out = self.compute(q, k, v, layout, patterns)
-        for observer in self.observers:
+        for observer in self.observers if observe else ():
             observer(call, patterns, out)
         return out
 
@@ -167,7 +171,8 @@ class SparseState:
         if patterns is not None and len(patterns) != q.shape[2]:
             raise ValueError(f"{len(patterns)} patterns for {q.shape[2]} heads")
         if patterns is None or all_dense(patterns):
-            use_fa4 = q.is_cuda and self.backend != "reference" and resolve_backend(self.backend, q) == "fa4"
+            needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            use_fa4 = q.is_cuda and self.backend != "reference" and not needs_grad and resolve_backend(self.backend, q) == "fa4"
             return dense_kernels.forward(q, k, v, kv_len=layout.kv_len, softmax_scale=q.shape[-1] ** -0.5,
                                          use_fa4=use_fa4)  # fmt: skip
         table = compile_layer(tuple(patterns), layout, self.block_size, q.device)  # cached by value
@@ -255,6 +260,44 @@ def _(q, k, v, key_mask, layer, handle):
     return q.new_empty(q.shape)  # contiguous, as the real op returns
 
 
+@torch.library.custom_op("sparse_vdit::diffusers_attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+    layer: torch.Tensor, handle: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dq, dk, dv)`` of :func:`_attention_op`: the call replayed under autograd (same step, same
+    patterns; no timing, no observers), then differentiated by the kernels' own backward."""
+    state = _STATES.get(handle)
+    if state is None:
+        raise RuntimeError("sparse-vdit: this compiled graph belongs to a model whose sparse attention was removed")
+    with autograd_inside_op():
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = state.attend(int(layer), *inputs, key_mask, observe=False)
+        grads = torch.autograd.grad(out, inputs, grad, allow_unused=True) if out.requires_grad else (None,) * 3
+    return tuple(torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, (q, k, v)))
+
+
+@_attention_backward_op.register_fake
+def _(grad, q, k, v, key_mask, layer, handle):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup(ctx, inputs, output) -> None:
+    q, k, v, key_mask, layer, handle = inputs
+    ctx.save_for_backward(q, k, v, key_mask, layer)
+    ctx.handle = handle
+
+
+def _attention_backward(ctx, grad):
+    q, k, v, key_mask, layer = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad.contiguous(), q, k, v, key_mask, layer, ctx.handle)
+    return dq, dk, dv, None, None, None
+
+
+# compiled training: the opaque op recomputes its forward in the backward (one extra attention forward)
+torch.library.register_autograd("sparse_vdit::diffusers_attention", _attention_backward, setup_context=_attention_setup)
+
+
 class SparseAttnProcessor:
     """Diffusers attention processor of one self-attention layer (any supported family).
 
@@ -280,23 +323,19 @@ class SparseAttnProcessor:
         projected = family.project(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         q, k, v = projected.q, projected.k, projected.v
         key_mask = attention_mask if family.uses_key_mask else None
-        group = ulysses_group(self._parallel_config, q.shape[2])
+        shards = head_shards(self._parallel_config, q.shape[2])  # None without context parallelism
         heads = None
-        if group is not None:  # sequence shards -> (full sequence, this rank's heads)
-            q, k, v, key_mask, heads = _ulysses_in(q, k, v, key_mask, group)
-            if self.state.layout(q.shape[1]).text:
-                # the gathered order of a joint text+video sequence depends on how the model's cp
-                # plan shards the text; no supported family has such a plan in diffusers yet
-                raise NotImplementedError(f"sparse-vdit: context parallelism with text tokens in self-attention "
-                                          f"({family.name}) is not supported yet")  # fmt: skip
+        if shards is not None:  # sequence shards -> (full sequence, this rank's heads)
+            q, k, v = shards.gather(q, k, v, projected.text, family.text_position)
+            heads = shards.heads
         if torch.compiler.is_compiling():
             if heads is not None:
                 raise NotImplementedError("sparse-vdit: torch.compile with context parallelism is not supported yet")
             out = _attention_op(q, k, v, key_mask, self.layer_index, self.state.handle)
         else:
             out = self.state.attend(self.layer, q, k, v, key_mask, heads)
-        if group is not None:
-            out = _ulysses_out(out, group)
+        if shards is not None:
+            out = shards.scatter(out, projected.text, family.text_position)
         return family.finish(attn, out, projected)
 
     # diffusers' enable_parallelism sets ``processor._parallel_config`` on every processor that has
@@ -311,48 +350,3 @@ class SparseAttnProcessor:
 
     def __repr__(self) -> str:
         return f"SparseAttnProcessor({self.family.name}, layer={self.layer})"
-
-
-def ulysses_group(parallel_config: Any, heads: int | None = None):
-    """The Ulysses process group of a diffusers ``ParallelConfig`` (None without context parallelism).
-
-    Raises for what sparse-vdit does not run: ring attention, and a head count the Ulysses degree
-    does not divide (each rank must own whole heads to run their patterns).
-    """
-    cp = getattr(parallel_config, "context_parallel_config", None)
-    if cp is None:
-        return None
-    ring, ulysses = getattr(cp, "ring_degree", 1) or 1, getattr(cp, "ulysses_degree", 1) or 1
-    if ring > 1:
-        raise NotImplementedError(f"sparse-vdit supports diffusers' Ulysses context parallelism, not ring attention "
-                                  f"(ring_degree={ring})")  # fmt: skip
-    if ulysses <= 1:
-        return None
-    if heads is not None and heads % ulysses:
-        raise ValueError(f"sparse-vdit: {heads} attention heads are not divisible by the Ulysses degree {ulysses}; "
-                         "each rank must own whole heads")  # fmt: skip
-    if cp._ulysses_mesh is None:
-        raise RuntimeError("sparse-vdit: the context parallel config has no device mesh (enable_parallelism not run?)")
-    return cp._ulysses_mesh.get_group()
-
-
-def _ulysses_in(q, k, v, key_mask, group):
-    """(B, N/n, H, D) shards -> (B, N, H/n, D) with diffusers' all-to-all; global heads of this rank."""
-    import torch.distributed as dist
-    from diffusers.models.attention_dispatch import _all_to_all_dim_exchange
-
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    local = q.shape[2] // world
-    q, k, v = (_all_to_all_dim_exchange(t.contiguous(), 2, 1, group) for t in (q, k, v))
-    if key_mask is not None and key_mask.shape[-1] * world == k.shape[1]:  # a mask of the local keys
-        parts = [torch.empty_like(key_mask) for _ in range(world)]
-        dist.all_gather(parts, key_mask.contiguous(), group=group)
-        key_mask = torch.cat(parts, dim=-1)
-    return q, k, v, key_mask, range(rank * local, (rank + 1) * local)
-
-
-def _ulysses_out(out, group):
-    """(B, N, H/n, D) -> (B, N/n, H, D), the inverse exchange."""
-    from diffusers.models.attention_dispatch import _all_to_all_dim_exchange
-
-    return _all_to_all_dim_exchange(out.contiguous(), 1, 2, group)

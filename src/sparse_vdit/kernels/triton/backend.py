@@ -13,7 +13,7 @@ from ..registry import API_DTYPES, Backend
 from . import launcher, tuning
 from .launcher import is_available
 
-BACKEND = Backend("triton", API_DTYPES, (64, 128), needs_cuda=False, token_major_in_place=True, auto_rank=1,
+BACKEND = Backend("triton", API_DTYPES, (64, 128), needs_cuda=False, token_major_in_place=True, auto_rank=1, backward=True,
                   note="ours: any CUDA GPU Triton supports, or the CPU under TRITON_INTERPRET=1")  # fmt: skip
 
 
@@ -35,6 +35,22 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: to
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float) -> torch.Tensor:
     """Block-sparse attention of ``table``: its ranges read in place, token-major heads through
     the order in-kernel; the work order is kept with the table."""
+    return _run(q, k, v, table, softmax_scale, False)
+
+
+def run_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float):
+    """:func:`run` and each row's log-sum-exp (float32 ``[B, H, N]``, by memory row), for :func:`run_backward`."""
+    return _run(q, k, v, table, softmax_scale, True)
+
+
+def run_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float):
+    """``(dq, dk, dv)`` of :func:`run_with_lse`'s attention (:mod:`.backward`'s two kernels)."""
+    from .backward import backward as triton_backward
+
+    return triton_backward(grad_out, q, k, v, out, lse, table, softmax_scale)
+
+
+def _run(q, k, v, table, softmax_scale: float, return_lse: bool):
     block = table.block_size
     tiles = _tiles(q, block)
     order = launcher.option("schedule")
@@ -46,7 +62,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale:
         q, k, v, table.kv_num_blocks, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
         ranges=(table.range_starts, table.range_ends), token_major=table.token_major if table.token_major_heads else None,
         layout=(layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens),
-        tiles=tiles, schedule=schedule,
+        tiles=tiles, schedule=schedule, return_lse=return_lse,
     )  # fmt: skip
 
 
@@ -76,4 +92,5 @@ def run_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, candidates, 
     )  # fmt: skip
 
 
-__all__ = ["BACKEND", "SELECT_ON_DEVICE", "forward", "is_available", "run", "run_selected"]
+__all__ = ["BACKEND", "SELECT_ON_DEVICE", "forward", "is_available", "run", "run_backward", "run_selected",
+           "run_with_lse"]

@@ -92,11 +92,13 @@ def block_sparse_attention_fwd(
     N, KV_LEN, NUM_Q_TILES, NUM_RANGES,
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
     qk_scale,  # softmax_scale * log2(e)
+    LSE, stride_lb,  # with STORE_LSE: float32 [B, H, N] log-sum-exp by memory row (for the backward); else unused
     FRAMES: tl.constexpr,  # a constant, so the token-major index arithmetic divides by a constant
     TABLE_BLOCK: tl.constexpr,  # block size of the table (tokens)
     BLOCK_M: tl.constexpr,  # query tile; divides TABLE_BLOCK
     BLOCK_N: tl.constexpr,  # key tile; divides TABLE_BLOCK
     HEAD_DIM: tl.constexpr,
+    STORE_LSE: tl.constexpr,  # write each row's natural-log log-sum-exp to LSE (+inf where it visits nothing)
     IEEE: tl.constexpr,  # exact fp32 dots (no tf32) for float32 inputs
     ANY_TOKEN_MAJOR: tl.constexpr,  # some head reads its rows through the token-major order
     TMA: tl.constexpr,  # frame-major heads read whole key tiles through K_DESC / V_DESC
@@ -147,3 +149,6 @@ def block_sparse_attention_fwd(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that visit nothing stay 0
     o_ptrs = O + offset_b * stride_ob + head * stride_oh + rows_m[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < N)
+    if STORE_LSE:
+        lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+        tl.store(LSE + offset_b * stride_lb + head * N + rows_m, lse, mask=offs_m < N)

@@ -117,6 +117,7 @@ def forward(
     block_size: int,
     kv_len: int,
     softmax_scale: float,
+    return_lse: bool = False,
     ranges: tuple[torch.Tensor, torch.Tensor],
     token_major: torch.Tensor | None = None,
     layout: tuple[int, int, int, int] = (1, 1, 0, 0),
@@ -139,6 +140,8 @@ def forward(
     ``tiles`` (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the fixed rule of ``_tiles``
     (:func:`sparse_vdit.kernels.triton.backend.run` passes the measured choice of ``tuning``);
     ``schedule`` is the work order of :func:`_schedule` for those tiles (computed when not given).
+    ``return_lse``: also return each row's log-sum-exp, float32 ``[B, H, N]`` by memory row (what
+    :mod:`.backward` needs).
     """
     from .kernel import block_sparse_attention_fwd
 
@@ -151,6 +154,7 @@ def forward(
     if schedule is None:
         schedule = _schedule(kv_num_blocks, block_size // block_m, num_q_tiles, option("schedule"))
     out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, n, dtype=torch.float32, device=q.device) if return_lse else None
     starts, ends = (r.contiguous() for r in ranges)
     any_token_major = token_major is not None  # None: every head is frame-major
     flags = token_major.to(torch.int8) if any_token_major else starts  # any pointer when unused
@@ -173,9 +177,10 @@ def forward(
         starts.stride(0), starts.stride(1), selected.stride(0) if select else 0,
         n, kv_len, num_q_tiles, starts.shape[2], *layout[1:],
         softmax_scale * LOG2E,
+        LSE=lse if return_lse else out, stride_lb=heads * n, STORE_LSE=return_lse,
         FRAMES=layout[0], TABLE_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
         IEEE=q.dtype == torch.float32, ANY_TOKEN_MAJOR=any_token_major,
         TMA=tma, WARP_SPECIALIZE=bool(option("warp_specialize")), SELECT=select,
         **extra,
     )  # fmt: skip
-    return out
+    return (out, lse) if return_lse else out

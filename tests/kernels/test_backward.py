@@ -1,0 +1,216 @@
+"""Gradients of sparse_attention on every backend against float64 autograd of dense masked attention.
+
+The oracle is ``helpers.masked_attention`` (per head, token mask from the table, float64) under
+autograd; a backend may be at most twice as wrong as plain dense torch attention (SDPA) at the
+same precision, by relative RMS error of dq, dk and dv (DESIGN.md). The Triton kernels run under
+the interpreter on the CPU (fp16/fp32, small sizes); the gpu-marked tests take bigger layouts on
+triton, flex and fa4 in bf16/fp16: ``pytest -m gpu -q tests/kernels/test_backward.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import masked_attention, rel_rms, token_mask
+from sparse_vdit import VideoLayout, compile_layer, sparse_attention
+from sparse_vdit.block_table import transpose_ranges
+from sparse_vdit.kernels import registry
+from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, spatial, temporal, vertical
+
+torch.set_num_threads(1)
+
+MIXED = [dense(), skip(), diagonal(0.5), multi_diagonal(0.1), vertical(((0.0, 1.0),), 0.3)]
+CASES = {  # layout, block, heads, batch, head dim: small, for the interpreter
+    "mixed-text-suffix-padded-batch2": (VideoLayout(2, 5, 9, 20, "suffix", text_valid=7), 32, MIXED, 2, 64),
+    "mixed-text-prefix-d128": (VideoLayout(3, 4, 7, 13, "prefix"), 32, MIXED[:4], 1, 128),
+    "svg-spatial-temporal-batch2": (VideoLayout(4, 4, 6), 32, [spatial(1.0), temporal(0.2), spatial(0.0)], 2, 64),
+    "odd-frames-ragged-block16": (VideoLayout(3, 5, 7), 16, [diagonal(0.5), multi_diagonal(0.2)], 1, 64),
+}
+GPU_CASES = {
+    # 1560-token frames (12.2 blocks of 128), 77 text tokens after the video, 60 real
+    "3x30x52+suffix77pad": (VideoLayout(3, 30, 52, 77, "suffix", text_valid=60), 128, [*MIXED, temporal(0.1)], 2, 128),
+    "2x12x20+prefix40-d64": (VideoLayout(2, 12, 20, 40, "prefix"), 128, MIXED, 1, 64),
+}
+
+
+def _inputs(layout, heads, batch, dim, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(batch, layout.num_tokens, heads, dim, generator=g, device=device) for _ in range(4)]
+
+
+def _grads(fn, dtype, q, k, v, grad_out):
+    """(out, dq, dk, dv) of ``fn`` at ``dtype`` (inputs cast from the same float32 draws)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(grad_out.to(dtype))
+    return [out.detach(), *(t.grad for t in leaves)]
+
+
+def _oracle(table, q, k, v, grad_out, scale):
+    """Float64 autograd of per-head masked attention with the table's token masks."""
+
+    def fn(q, k, v):
+        heads = []
+        for h in range(table.num_heads):
+            mask = token_mask(table, h).to(q.device)
+            heads.append(masked_attention(q[:, :, h], k[:, :, h], v[:, :, h], mask, scale))
+        return torch.stack(heads, dim=2)
+
+    return _grads(fn, torch.float64, q, k, v, grad_out)
+
+
+def _dense_error(dtype, q, k, v, grad_out, kv_len):
+    """How wrong plain dense SDPA's (out, dq, dk, dv) over the real keys are at ``dtype`` (the DESIGN.md yardstick)."""
+
+    def sdpa(q, k, v):
+        q, k, v = q.transpose(1, 2), k[:, :kv_len].transpose(1, 2), v[:, :kv_len].transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+    exact = _grads(sdpa, torch.float64, q, k, v, grad_out)
+    approx = _grads(sdpa, dtype, q, k, v, grad_out)
+    return [rel_rms(a, b) for a, b in zip(approx, exact)]
+
+
+def _check(case, backend, dtype, device, floor, monkeypatch=None):
+    layout, block, heads, batch, dim = case
+    table = compile_layer(heads, layout, block, device)
+    q, k, v, grad_out = _inputs(layout, len(heads), batch, dim, device)
+    k[:, layout.kv_len :] = 1e4  # padded text keys: attending to them, or differentiating them, would show
+    if monkeypatch is not None:  # every buffer allocated with empty_like starts as NaN: unwritten elements show
+        empty_like = torch.empty_like
+
+        def poisoned(x, *args, **kwargs):
+            out = empty_like(x, *args, **kwargs)
+            return out.fill_(float("nan")) if out.is_floating_point() else out
+
+        monkeypatch.setattr(torch, "empty_like", poisoned)
+    got = _grads(lambda q, k, v: sparse_attention(q, k, v, table, backend=backend), dtype, q, k, v, grad_out)
+    if monkeypatch is not None:
+        monkeypatch.undo()
+    expected = _oracle(table, q, k, v, grad_out, dim**-0.5)
+    bounds = [max(2 * e, floor) for e in _dense_error(dtype, q, k, v, grad_out, layout.kv_len)]
+    assert all(b == b for b in bounds)  # no NaN yardstick
+    for name, a, b, bound in zip(("out", "dq", "dk", "dv"), got, expected, bounds):
+        assert not a.isnan().any(), name
+        assert rel_rms(a, b) <= bound, f"{name}: {rel_rms(a, b):.2e} > {bound:.2e}"
+    for h, p in enumerate(heads):
+        if p.name == "skip":
+            for name, g in zip(("dq", "dk", "dv"), got[1:]):
+                assert torch.equal(g[:, :, h], torch.zeros_like(g[:, :, h])), name
+    for name, g in zip(("dk", "dv"), got[2:]):  # padded text keys are never attended: zero gradient
+        assert torch.equal(g[:, layout.kv_len :], torch.zeros_like(g[:, layout.kv_len :])), name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_backward_matches_masked_attention(case):
+    _check(CASES[case], "reference", torch.float32, "cpu", 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_triton_backward_matches_masked_attention(case, dtype, monkeypatch):
+    pytest.importorskip("triton")
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
+    _check(CASES[case], "triton", dtype, "cpu", 2e-6, monkeypatch)
+
+
+def test_triton_backward_on_permuted_tensors_as_fa4_runs_it():
+    """The FA4 route: tensors already in each head's order (and the forward's LSE in that order),
+    the Triton backward told not to permute, gradients permuted back: same as reading in place."""
+    pytest.importorskip("triton")
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
+    from sparse_vdit.kernels.api import reorder_heads
+    from sparse_vdit.kernels.triton import backend, launcher
+    from sparse_vdit.kernels.triton.backward import backward
+
+    layout, block, heads, batch, dim = CASES["svg-spatial-temporal-batch2"]
+    table = compile_layer(heads, layout, block)
+    q, k, v, grad_out = _inputs(layout, len(heads), batch, dim)
+    scale = dim**-0.5
+    out, lse = backend.run_with_lse(q, k, v, table, scale)
+    in_place = backward(grad_out, q, k, v, out, lse, table, scale)
+    moved = table.token_major_heads
+    qp, kp, vp, gp = (reorder_heads(t, layout, moved) for t in (q, k, v, grad_out))
+    out_p, lse_p = launcher.forward(qp, kp, vp, table.kv_num_blocks, None, block_size=block, kv_len=layout.kv_len,
+                                    softmax_scale=scale, ranges=(table.range_starts, table.range_ends), return_lse=True)
+    assert rel_rms(reorder_heads(out_p, layout, moved, to_token_major=False), out) < 1e-6
+    permuted = backward(gp, qp, kp, vp, out_p, lse_p, table, scale, token_major=False)
+    for a, b in zip(permuted, in_place):
+        assert rel_rms(reorder_heads(a, layout, moved, to_token_major=False), b) < 1e-6
+
+
+def test_transposed_table_lists_the_query_blocks_of_each_key_block():
+    layout, block, heads, _, _ = CASES["mixed-text-suffix-padded-batch2"]
+    table = compile_layer([*heads, temporal(0.1)], layout, 16)
+    starts, ends = table.query_ranges
+    rows = torch.arange(table.num_q_blocks)
+    assert starts.shape[:2] == (table.num_heads, table.num_q_blocks)  # one row per block of the sequence
+    for h in range(table.num_heads):
+        got = ((rows[None, None, :] >= starts[h][..., None]) & (rows[None, None, :] < ends[h][..., None])).any(1)
+        expected = torch.zeros(table.num_q_blocks, table.num_q_blocks, dtype=torch.bool)
+        expected[: table.num_kv_blocks] = table.block_mask(h).T
+        assert torch.equal(got, expected), h
+        assert torch.equal(table.query_num_blocks[h], expected.sum(1, dtype=torch.int32))
+    assert table.query_ranges[0] is starts  # kept with the table
+    empty = transpose_ranges(torch.zeros(1, 2, 1, dtype=torch.int32), torch.zeros(1, 2, 1, dtype=torch.int32), 3)
+    assert [t.shape for t in empty] == [(1, 3, 1)] * 2 and not empty[1].any()
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_backward_compiles_and_matches_eager(backend):
+    layout, block, heads, batch, dim = CASES["mixed-text-suffix-padded-batch2"]
+    table = compile_layer(heads, layout, block)
+    q, k, v, grad_out = _inputs(layout, len(heads), batch, dim)
+
+    def attend(q, k, v):
+        return sparse_attention(q, k, v, table, backend=backend)
+
+    eager = _grads(attend, torch.float32, q, k, v, grad_out)
+    compiled = _grads(torch.compile(attend, backend="aot_eager", fullgraph=True), torch.float32, q, k, v, grad_out)
+    for a, b in zip(compiled, eager):
+        assert rel_rms(a, b) == 0.0
+
+
+def test_backward_op_passes_opcheck():
+    layout, block, heads, batch, dim = CASES["svg-spatial-temporal-batch2"]
+    table = compile_layer(heads, layout, block)
+    q, k, v, _ = _inputs(layout, len(heads), batch, dim)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.sparse_vdit.sparse_attention.default, (q, k, v, table.key, 0.2, "reference"))
+
+
+def test_every_backend_declares_a_backward():
+    assert all(registry.get(name).backward for name in registry.names())
+
+
+def test_dense_and_skip_tables_differentiate():
+    layout = VideoLayout(2, 4, 4)
+    q, k, v, grad_out = _inputs(layout, 2, 1, 32)
+    dense_table = compile_layer([dense()] * 2, layout, 16)
+    got = _grads(lambda q, k, v: sparse_attention(q, k, v, dense_table), torch.float32, q, k, v, grad_out)
+    expected = _oracle(dense_table, q, k, v, grad_out, 32**-0.5)
+    assert all(rel_rms(a, b) < 1e-5 for a, b in zip(got, expected))
+    skip_table = compile_layer([skip()] * 2, layout, 16)
+    out = sparse_attention(q.requires_grad_(), k, v, skip_table)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "flex", "fa4"])
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_backward_matches_masked_attention(case, backend, dtype, monkeypatch):
+    ok, why = registry.available(backend, torch.device("cuda", torch.cuda.current_device()))
+    if not ok:
+        pytest.skip(why)
+    layout, block, heads, batch, dim = GPU_CASES[case]
+    problem = registry.get(backend).table_problem(block, dim, dtype, torch.device("cuda", torch.cuda.current_device()))
+    if problem:
+        pytest.skip(problem)
+    _check(GPU_CASES[case], backend, dtype, "cuda", 1e-6, monkeypatch if backend == "triton" else None)
