@@ -107,7 +107,7 @@ def block_mask(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, *, block_s
         BLOCK_SIZE=block_size,
         mask_mod=_kv_mask(kv_len),
         seq_lengths=(qb * block_size, kb * block_size),
-        compute_q_blocks=False,
+        compute_q_blocks=True,  # the backward needs the transposed (q) indices
     )
     return mask
 
