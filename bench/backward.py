@@ -122,15 +122,9 @@ def main(argv=None) -> dict:
         layout = shape.layout
         sets = input_sets(shape, args.sets, args.batch, device, dtype)
         print(f"== {shape.name}: {layout.describe()}, {shape.heads} heads x {shape.dim}, batch {args.batch}", flush=True)
-        if device.type == "cuda":
-            from torch.nn.attention import SDPBackend
+        from torch.nn.attention import SDPBackend
 
-            dense = sdpa_with(SDPBackend.CUDNN_ATTENTION)
-        else:
-            import torch.nn.functional as F
-
-            def dense(q, k, v):
-                return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+        dense = sdpa_with(SDPBackend.CUDNN_ATTENTION if device.type == "cuda" else SDPBackend.MATH)
 
         kv = layout.kv_len
         t_dense = measure(lambda q, k, v: dense(q, k[:, :kv], v[:, :kv]), sets, args.target_ms)

@@ -230,12 +230,12 @@ def table_for(kind: str, target: float, layout: VideoLayout, heads: int, device)
 
 
 def sdpa_with(backend):
-    """``fn(q, k, v)``: SDPA on ``[B, N, H, D]`` tensors with one ``SDPBackend`` forced."""
+    """``fn(q, k, v)``: SDPA on ``[B, N, H, D]`` tensors with one ``SDPBackend`` forced; ``[B, N, H, D]`` out (a view)."""
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel
 
     def run(q, k, v):
         with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
     return run
