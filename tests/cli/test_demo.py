@@ -50,3 +50,20 @@ def test_demo_with_a_uniform_plan_and_given_weights(tmp_path, capsys):
     assert "organism weights from" in out and "uniform diagonal" in out and "Kernel check" not in out
     with pytest.raises(SystemExit, match="no organism weights"):
         main(["demo", "--weights", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+
+
+def test_demo_model_choice_follows_the_device():
+    import argparse
+
+    from sparse_vdit.cli import demo
+    from sparse_vdit.organism import model as M
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    for device, argv, model in [("cpu", [], "small"), ("cuda", [], "fidelity"), ("cuda:0", ["--model", "small"], "small"),
+                                ("cpu", ["--model", "fidelity"], "fidelity")]:  # fmt: skip
+        args = parser.parse_args([*argv, "--device", "cpu"])
+        args.device = device  # "cuda" is refused at parse time without a GPU
+        assert demo.shipped_model(args) == model
+        assert demo._weights(args) == M.MODELS[model]
+    assert (M.MODELS["fidelity"] / "config.json").exists() and (M.MODELS["small"] / "config.json").exists()

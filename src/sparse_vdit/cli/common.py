@@ -20,6 +20,7 @@ PIPELINE_STEPS = 50  # denoising steps on a diffusers pipeline (generate and sea
 ORGANISM_STEPS = 12  # denoising steps on the organism (the setting its plan was searched at)
 PIPELINE_BLOCK = 128  # block size of the tables on real models
 ORGANISM_BLOCK = 64  # the organism's 2,048 tokens make 32 blocks of 64
+FIDELITY_STEPS, FIDELITY_BLOCK = 20, 128  # the fidelity organism (9,216 tokens), as bench/fidelity.py runs it
 BACKEND_CHOICES = ("auto", "reference", "flex", "fa4", "triton")
 
 

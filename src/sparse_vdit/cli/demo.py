@@ -9,6 +9,11 @@ steps; torch's CPU threads are set to the physical cores (1 on a machine of <= 2
 ``--threads``), as torch's default oversubscribes a small busy machine. On a GPU the sparse layers run on the fastest
 backend (``auto``).
 
+``--model`` picks the shipped organism: ``small`` (2,048 tokens, the CPU demo) or ``fidelity`` (9,216
+tokens, 20 steps, block 128: the model fidelity is judged on, too slow for a CPU demo); ``auto``
+(default) takes ``fidelity`` on a GPU and ``small`` elsewhere. The fidelity organism ships no plan:
+one is searched on the fly.
+
 Without shipped weights it says so and runs the same path on a randomly initialised organism at
 reduced size (so every piece runs, the numbers mean nothing about fidelity), with a plan searched
 on the fly, then the kernel check of ``sparse-vdit check``. ``--quick`` is a tiny version for CI.
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .common import ORGANISM_BLOCK, ORGANISM_STEPS, CommandError, add_backend, add_device, add_threads, fraction
+from .common import FIDELITY_BLOCK, FIDELITY_STEPS, ORGANISM_BLOCK, ORGANISM_STEPS, CommandError, add_backend, add_device, add_threads, fraction
 from .common import positive_int, set_threads, writable_folder
 
 CAPTION = "red striped square moves right, blue plain disc bounces down, gradient background still"
@@ -33,7 +38,10 @@ SEARCH_SCENES = (4242, 3)  # (data seed, count): captions the on-the-fly search 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", type=Path, help="organism weights folder (default: the shipped weights)")
+    parser.add_argument("--model", choices=("auto", "small", "fidelity"), default="auto",
+                        help="shipped organism: small (2,048 tokens) or fidelity (9,216 tokens); default auto: "
+                             "fidelity on a GPU, small elsewhere")  # fmt: skip
+    parser.add_argument("--weights", type=Path, help="organism weights folder (default: --model's shipped weights)")
     parser.add_argument("--random-weights", action="store_true", help="untrained weights even if weights are shipped")
     parser.add_argument("--plan", help="plan JSON file, 'search' (search now) or 'uniform' (diagonal 1 frame); "
                                        "default: the plan beside the weights, else 'search'")  # fmt: skip
@@ -50,6 +58,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("sparse-vdit-demo"), help="folder for videos and pictures")
 
 
+def shipped_model(args) -> str:
+    """The shipped organism ``--model`` names: ``auto`` is ``fidelity`` on a GPU, ``small`` elsewhere."""
+    if args.model != "auto":
+        return args.model
+    return "fidelity" if str(args.device).startswith("cuda") else "small"
+
+
+def _weights(args) -> Path:
+    from ..organism import model as M
+
+    return Path(args.weights) if args.weights is not None else M.MODELS[shipped_model(args)]
+
+
 def _model(args):
     """(transformer, spec, block size, what was loaded: one line)."""
     from ..organism import model as M
@@ -59,10 +80,13 @@ def _model(args):
         spec = M.OrganismSpec(frames=4, height=32, width=32)
         config = M.organism_config(spec, num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)
         return M.to_dtype(M.build_organism(config), dtype).to(args.device).eval(), spec, 16, "tiny random organism (--quick)"
-    path = args.weights or M.WEIGHTS_DIR
+    path = _weights(args)
     if not args.random_weights:
         try:
-            return M.load_organism(path, args.device, dtype), M.load_spec(path), ORGANISM_BLOCK, f"organism weights from {path}"
+            spec = M.load_spec(path)
+            f, h, w = spec.token_grid
+            block = FIDELITY_BLOCK if h * w >= 4 * FIDELITY_BLOCK else ORGANISM_BLOCK  # frames of >= 4 blocks
+            return M.load_organism(path, args.device, dtype), spec, block, f"organism weights from {path}"
         except FileNotFoundError:
             if args.weights is not None:
                 raise CommandError(f"no organism weights in {path}") from None
@@ -82,7 +106,7 @@ def _plan(args, transformer, spec, block: int, steps: int, trained: bool):
     from ..plan import Plan
 
     choice = args.plan
-    shipped = (args.weights or M.WEIGHTS_DIR) / "plan.json"  # the plan found on these weights
+    shipped = _weights(args) / "plan.json"  # the plan found on these weights
     if choice is None:
         choice = str(shipped) if trained and shipped.exists() else "search"
     if choice == "uniform":
@@ -124,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     args.plan_loaded = Plan.load(args.plan) if args.plan not in (None, "search", "uniform") else None
     transformer, spec, block, loaded = _model(args)
     trained = loaded.startswith("organism weights")
-    steps = args.steps or (ORGANISM_STEPS if trained else 3 if args.quick else 8)
+    default_steps = FIDELITY_STEPS if block == FIDELITY_BLOCK else ORGANISM_STEPS
+    steps = args.steps or (default_steps if trained else 3 if args.quick else 8)
     plan, plan_label = _plan(args, transformer, spec, block, steps, trained)
     layout = layout_of(spec)
     print(f"{loaded}; layout {layout.describe()}, block {plan.block_size}; {steps} steps; "

@@ -24,6 +24,7 @@ from .data import Vocabulary
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # the small organism: CPU demo and tests
 FIDELITY_WEIGHTS_DIR = Path(__file__).parent / "weights-fidelity"  # the larger one fidelity is judged on
+MODELS = {"small": WEIGHTS_DIR, "fidelity": FIDELITY_WEIGHTS_DIR}  # the shipped organisms by name
 SPEC_FILE = "organism.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # the name save_pretrained uses
 
