@@ -60,7 +60,7 @@ def device_name(device: str) -> str:
 
 
 EVAL_DATA_SEED, SEARCH_DATA_SEED = 777, 4242  # as bench/fidelity.py: evaluation and calibration captions
-MODELS = {"small": M.WEIGHTS_DIR, "fidelity": M.FIDELITY_WEIGHTS_DIR}
+MODELS = M.MODELS
 
 
 def record(transformer, spec, captions, seed: int, steps: int, keep=lambda step: True) -> dict[tuple[int, int, int], tuple]:
