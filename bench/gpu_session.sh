@@ -17,6 +17,8 @@
 #   e2e-wan14b-compiled  the same with torch.compile (no flex row)                               (~300)
 #   variants       kernel options A/B: Triton attention (TMA, warp spec.), SVG profiling kernel    (~300)
 #   tests          the GPU tests: kernels, patterns, layout, SVG's fused profiling kernel         (~60)
+#   backward       backward block efficiency, Triton, Wan-1.3B and HunyuanVideo, 10-50% (#18)   (~110)
+#   finetune       sparse-aware LoRA fine-tuning of the fidelity organism, 10% and 25% (#18)   (~200)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +71,10 @@ for name in "$@"; do
     tests) TAIL=6 step tests 300 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels \
         tests/patterns tests/test_layout.py tests/methods; python3 -m pytest -q -p no:cacheprovider \
         tests/methods/test_svg.py -k triton" ;;
+    backward) TAIL=30 step backward 120 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --budget-s 90 --out "$R" ;;
+    finetune) TAIL=20 step finetune 240 python3 bench/finetune.py --densities 0.1 0.25 --minutes 1.25 \
+        --captions 4 --seeds 0 --out "$R" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done
