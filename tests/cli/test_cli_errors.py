@@ -156,3 +156,56 @@ def test_the_installed_command_prints_one_line(tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert done.returncode != 0 and done.stdout == ""
     assert done.stderr == "sparse-vdit demo: argument --svg-density: must lie in (0, 1], got 1.5\n"
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if train-organism starts training (the arguments should have failed first)."""
+    from sparse_vdit.organism import train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(train, "train", refuse)
+
+
+def test_train_organism_fails_in_one_line_before_training(tmp_path, monkeypatch, no_training):
+    out = ["--out", str(tmp_path / "run")]
+    assert fails(["train-organism", "--steps", "x", *out]) == "sparse-vdit train-organism: argument --steps: invalid int value: 'x'"
+    assert fails(["train-organism", "--bogus", *out]) == "sparse-vdit train-organism: unrecognized arguments: --bogus"
+    assert fails(["train-organism", "--size", "32", "--height", "16", *out]) == (
+        "sparse-vdit train-organism: give --size or --height/--width, not both")
+    assert fails(["train-organism", "--batch-size", "0", *out]) == (
+        "sparse-vdit train-organism: argument --batch-size: must be >= 1, got 0")
+    assert fails(["train-organism", "--lr", "nan", *out]) == (
+        "sparse-vdit train-organism: argument --lr: must be a finite number > 0, got nan")
+    assert fails(["train-organism", "--ema", "1", *out]).endswith("argument --ema: must be in [0, 1) (0: no EMA), got 1.0")
+    assert "argument --size: must be a multiple of 4" in fails(["train-organism", "--size", "30", *out])
+    assert fails(["train-organism", "--device", "frob", *out]).startswith(
+        "sparse-vdit train-organism: argument --device: not a torch device: 'frob'")
+    assert fails(["train-organism", "--resume", str(tmp_path), *out]) == (
+        f"sparse-vdit train-organism: argument --resume: no checkpoint.pt in {tmp_path}")
+    assert fails(["train-organism", "--init", str(tmp_path), *out]).startswith(
+        f"sparse-vdit train-organism: argument --init: no organism weights in {tmp_path}")
+    locked = read_only(tmp_path / "locked", monkeypatch)
+    assert fails(["train-organism", "--out", str(locked)]).startswith(
+        f"sparse-vdit train-organism: cannot write to the output folder {locked}: Permission denied")
+
+
+def test_train_organism_hands_checked_arguments_to_training(tmp_path, monkeypatch):
+    from sparse_vdit.organism import train
+
+    seen = {}
+    monkeypatch.setattr(train, "train", lambda args, command: seen.update(args=args, command=command))
+    assert main(["train-organism", "--steps", "3", "--size", "32", "--out", str(tmp_path / "run")]) == 0
+    assert seen["args"].steps == 3 and seen["args"].size == 32 and seen["args"].out == str(tmp_path / "run")
+    assert seen["command"] == f"sparse-vdit train-organism --steps 3 --size 32 --out {tmp_path / 'run'}"
+
+
+def test_train_organism_installed_command_prints_one_line():
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "sparse_vdit.cli.main", "train-organism", "--preset", "nope"],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == ("sparse-vdit train-organism: argument --preset: invalid choice: 'nope' "
+                           "(choose from 'small', 'fidelity')\n")  # fmt: skip
