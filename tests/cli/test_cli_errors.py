@@ -209,3 +209,24 @@ def test_train_organism_installed_command_prints_one_line():
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == ("sparse-vdit train-organism: argument --preset: invalid choice: 'nope' "
                            "(choose from 'small', 'fidelity')\n")  # fmt: skip
+
+
+def test_the_other_commands_fail_in_one_line_too(tmp_path, monkeypatch, capsys):
+    """The #19 list re-checked on show, check, generate --plan and train-organism --help."""
+    locked = read_only(tmp_path / "locked", monkeypatch)
+    broken = tmp_path / "plan.json"
+    broken.write_bytes(b"\xff\xfe{}")
+    assert fails(["show", str(broken)]) == f"sparse-vdit show: {broken}: not UTF-8 text (byte 0: invalid start byte)"
+    shipped = Path(demo.__file__).parents[1] / "organism" / "weights" / "plan.json"
+    if shipped.exists():
+        assert fails(["show", str(shipped), "--out", str(locked / "p.png")]).startswith(
+            f"sparse-vdit show: cannot write to the output folder {locked}")
+    assert fails(["check", "--out", str(locked)]).startswith(f"sparse-vdit check: cannot write to the output folder {locked}")
+    broken.write_text('{"format": "sparse-vdit-plan", ')
+    message = fails(["generate", "--model", "organism", "--plan", str(broken), "--prompt", "p", "--out", str(tmp_path / "v.mp4")])
+    assert message.startswith(f"sparse-vdit generate: {broken}: not valid JSON (line 1")
+    with pytest.raises(SystemExit) as info:
+        main(["train-organism", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "optimizer steps (upper bound, counted over resumed runs) (default: 8000)" in text and "(default: small)" in text
