@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import rel_rms  # noqa: E402
+from helpers import poison_empty_like, rel_rms  # noqa: E402
 from sparse_vdit import VideoLayout, sparse_attention  # noqa: E402
 from sparse_vdit.kernels import registry, select_attention  # noqa: E402
 from sparse_vdit.kernels.fa4 import gathered_tables  # noqa: E402
@@ -39,16 +39,10 @@ def test_device_choice_equals_the_host_path(case, dtype, monkeypatch):
         per_sample = sparse_attention(q[b:b + 1].float(), k[b:b + 1].float(), v[b:b + 1].float(), chosen,
                                       backend="reference")  # fmt: skip
         assert torch.equal(per_sample[0], host[b])
-    empty_like = torch.empty_like
-
-    def poisoned(x, *args, **kwargs):
-        out = empty_like(x, *args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
     def no_sync(*args, **kwargs):
         raise AssertionError("the device path read a device value on the host")
 
-    monkeypatch.setattr(launcher.torch, "empty_like", poisoned)
+    poison_empty_like(monkeypatch, launcher.torch)
     for name in ("cpu", "item", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, no_sync)
     out = select_attention(q, k, v, table, selected, backend="triton")
