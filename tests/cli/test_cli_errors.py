@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
+from helpers import saved_tiny_organism  # noqa: E402
 from sparse_vdit import __version__  # noqa: E402
 from sparse_vdit.cli import common, demo  # noqa: E402
 from sparse_vdit.cli.main import main  # noqa: E402
@@ -129,13 +130,9 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(monkeypatc
 
 
 def test_generate_runs_an_organism_folder(tmp_path):
-    from sparse_vdit.organism import model as M
     from sparse_vdit.organism.data import sample_scene
 
-    spec = M.OrganismSpec(frames=4, height=32, width=32)
-    tiny = M.build_organism(M.organism_config(spec, num_layers=2, num_attention_heads=2, attention_head_dim=16,
-                                              ffn_dim=64))  # fmt: skip
-    M.save_organism(tiny, tmp_path / "w", spec)
+    saved_tiny_organism(tmp_path / "w")
     out = tmp_path / "v.mp4"
     caption = sample_scene(0, 0).caption
     assert main(["generate", "--model", str(tmp_path / "w"), "--plan", "dense", "--prompt", caption, "--steps", "2",
@@ -150,10 +147,15 @@ def test_generate_runs_an_organism_folder(tmp_path):
     assert message.startswith("sparse-vdit generate: ") and "vocabulary" in message
 
 
-def test_the_installed_command_prints_one_line(tmp_path):
+def installed(*argv: str) -> subprocess.CompletedProcess:
+    """``sparse-vdit ARGV`` in a fresh process, as a user runs it (this checkout's package, one thread)."""
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "sparse_vdit.cli.main", "demo", "--svg-density", "1.5"],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "sparse_vdit.cli.main", *argv], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+
+
+def test_the_installed_command_prints_one_line(tmp_path):
+    done = installed("demo", "--svg-density", "1.5")
     assert done.returncode != 0 and done.stdout == ""
     assert done.stderr == "sparse-vdit demo: argument --svg-density: must lie in (0, 1], got 1.5\n"
 
@@ -203,9 +205,7 @@ def test_train_organism_hands_checked_arguments_to_training(tmp_path, monkeypatc
 
 
 def test_train_organism_installed_command_prints_one_line():
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "sparse_vdit.cli.main", "train-organism", "--preset", "nope"],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    done = installed("train-organism", "--preset", "nope")
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == ("sparse-vdit train-organism: argument --preset: invalid choice: 'nope' "
                            "(choose from 'small', 'fidelity')\n")  # fmt: skip
