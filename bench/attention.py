@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside it
 from common import (  # noqa: E402
+    write_json,
     BLOCK, DENSITIES, KINDS, QUICK_SHAPES, SHAPES, gpu_versions, out_dir, sdpa_with, table_for, time_fn,
 )
 
@@ -182,9 +183,7 @@ def main(argv=None) -> dict:
     print("device:", json.dumps(info), flush=True)
     if args.permutation:
         rows = permutation_costs(shapes, args, dtype, device)
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "permutation.json"), "w") as f:
-            json.dump({"versions": info, "rows": rows}, f, indent=1)
+        write_json(os.path.join(args.out, "permutation.json"), {"versions": info, "rows": rows})
         return {"permutation": rows}
     sparse, skipped = sparse_backends(args.backends)
     for name, why in skipped.items():
@@ -276,12 +275,10 @@ def main(argv=None) -> dict:
             del sets
             sparse_vdit.clear_caches()
             torch.cuda.empty_cache()
-            with open(path, "w") as f:
-                json.dump(result, f, indent=1)
+            write_json(path, result)
 
     result["wall_s"] = time.time() - t_start
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(path, result)
     print_table(result)
     print(f"wrote {path} ({result['wall_s']:.0f} s)")
     return result

@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside it
-from common import SHAPES, Shape, gpu_versions, out_dir, sdpa_with, table_for, time_fn  # noqa: E402
+from common import SHAPES, Shape, gpu_versions, out_dir, sdpa_with, table_for, time_fn, write_json  # noqa: E402
 
 import sparse_vdit  # noqa: E402
 from sparse_vdit.layout import VideoLayout  # noqa: E402
@@ -155,11 +155,9 @@ def main(argv=None) -> dict:
         sparse_vdit.clear_caches()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(path, result)
     result["wall_s"] = time.time() - t_start
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(path, result)
     print(f"wrote {path} ({result['wall_s']:.0f} s)")
     return result
 

@@ -160,9 +160,21 @@ def merge_results(path: Path, env: dict, rows: list, key: Callable[[dict], tuple
     results = [r for r in old.get("results", []) if key(r) not in new] + rows
     if order is not None:
         results.sort(key=order)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"runs": old.get("runs", []) + [env], "results": results}, indent=2) + "\n")
+    write_json(path, {"runs": old.get("runs", []) + [env], "results": results}, indent=2)
     return results
+
+
+def write_json(path, data, indent: int = 1) -> Path:
+    """Write ``data`` as JSON at ``path`` (its folder created; replaced whole, never half written).
+
+    Scripts call it after every row too, so that a run stopped at its time limit keeps what it measured.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=indent) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def out_dir(default: str = "bench/results") -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside it
-from common import environment, out_dir  # noqa: E402
+from common import environment, out_dir, write_json  # noqa: E402
 
 from sparse_vdit import Plan, apply, compile_layer, remove  # noqa: E402
 from sparse_vdit.compare import Method, layout_of, run_method, score  # noqa: E402
@@ -150,8 +149,7 @@ def main(argv=None) -> dict:
         result["rows"].append(row)
         print(f"density {row['density']:.3f}: PSNR {before['psnr']:.2f} -> {after['psnr']:.2f} dB, "
               f"SSIM {before['ssim']:.4f} -> {after['ssim']:.4f}", flush=True)  # fmt: skip
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(path, result)
     print(f"wrote {path}")
     return result
 

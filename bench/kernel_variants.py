@@ -209,8 +209,8 @@ def main(argv=None) -> list:
     class Rows(list):  # saved after every row, so a run stopped at its time limit keeps what it measured
         def append(self, row):
             super().append(row)
-            with open(os.path.join(args.out, "kernel_variants.json"), "w") as f:
-                json.dump({"meta": dict(meta, seconds=round(time.time() - t0, 1)), "rows": self}, f, indent=1)
+            common.write_json(os.path.join(args.out, "kernel_variants.json"),
+                              {"meta": dict(meta, seconds=round(time.time() - t0, 1)), "rows": self})
 
     rows = Rows()
     for part in args.parts:

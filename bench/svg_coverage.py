@@ -20,7 +20,6 @@ Writes ``svg_coverage.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -36,6 +35,9 @@ from sparse_vdit import VideoLayout, compile_layer
 from sparse_vdit.methods.svg import SVG
 from sparse_vdit.methods.svg_reference import WAN_T2V, ReferenceConfig
 from sparse_vdit.plan import KNOWN_MODELS, ModelSpec
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside
+from common import write_json  # noqa: E402
 
 BLOCK = 128
 SHAPES = {  # name: (layout, model, density: the reference scripts')
@@ -149,10 +151,7 @@ def main(argv=None) -> dict:
     print("\nsink head (attends the first frame), relative RMS error vs dense attention, float64:")
     for r in result["sink_head"]:
         print(f"  {r['mask']:45s} {r['error']:.3e}")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "svg_coverage.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    path = write_json(os.path.join(args.out, "svg_coverage.json"), result)
     print(f"wrote {path} ({result['wall_s']:.0f} s)")
     return result
 

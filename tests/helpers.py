@@ -71,3 +71,25 @@ def masked_attention(q, k, v, mask, scale):
 def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def poison_empty_like(monkeypatch, module=torch) -> None:
+    """Make ``module.torch.empty_like`` (or ``torch.empty_like``) return NaN-filled float buffers, so a
+    kernel's unwritten output elements show; ``monkeypatch.undo()`` restores it."""
+    real = torch.empty_like
+
+    def poisoned(x, *args, **kwargs):
+        out = real(x, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(module, "empty_like", poisoned)
+
+
+def saved_tiny_organism(folder):
+    """A random 2-layer organism (2 heads x 16, 4 frames of 32 x 32 px: 4 x 8 x 8 tokens) saved in
+    ``folder`` as a weights folder the commands load; returns the folder."""
+    from sparse_vdit.organism import model as M
+
+    spec = M.OrganismSpec(frames=4, height=32, width=32)
+    config = M.organism_config(spec, num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)
+    return M.save_organism(M.build_organism(config), folder, spec)

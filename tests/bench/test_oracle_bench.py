@@ -25,12 +25,10 @@ def test_oracle_keeping_every_block_is_exact_and_less_keeps_less(tmp_path, load_
 
 
 def test_whole_generations_with_the_oracles(tmp_path, load_script):
-    from sparse_vdit.organism import model as M
+    from helpers import saved_tiny_organism
 
     module = load_script("oracle")
-    spec = M.OrganismSpec(frames=4, height=32, width=32)  # 4 x 8 x 8 = 256 tokens: 4 blocks of 64
-    config = M.organism_config(spec, num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)
-    weights = M.save_organism(M.build_organism(config), tmp_path / "tiny", spec)
+    weights = saved_tiny_organism(tmp_path / "tiny")  # 4 x 8 x 8 = 256 tokens: 4 blocks of 64
     out = tmp_path / "oracle.json"
     module.main(["--weights", str(weights), "--skip-per-head", "--blocks", "64", "--generate-densities", "1.0",
                  "0.25", "--gen-captions", "1", "--gen-steps", "2", "--calibration-captions", "1",

@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
+from helpers import saved_tiny_organism  # noqa: E402
 from sparse_vdit import __version__  # noqa: E402
 from sparse_vdit.cli import common, demo  # noqa: E402
 from sparse_vdit.cli.main import main  # noqa: E402
@@ -129,13 +130,9 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(monkeypatc
 
 
 def test_generate_runs_an_organism_folder(tmp_path):
-    from sparse_vdit.organism import model as M
     from sparse_vdit.organism.data import sample_scene
 
-    spec = M.OrganismSpec(frames=4, height=32, width=32)
-    tiny = M.build_organism(M.organism_config(spec, num_layers=2, num_attention_heads=2, attention_head_dim=16,
-                                              ffn_dim=64))  # fmt: skip
-    M.save_organism(tiny, tmp_path / "w", spec)
+    saved_tiny_organism(tmp_path / "w")
     out = tmp_path / "v.mp4"
     caption = sample_scene(0, 0).caption
     assert main(["generate", "--model", str(tmp_path / "w"), "--plan", "dense", "--prompt", caption, "--steps", "2",
@@ -150,9 +147,86 @@ def test_generate_runs_an_organism_folder(tmp_path):
     assert message.startswith("sparse-vdit generate: ") and "vocabulary" in message
 
 
-def test_the_installed_command_prints_one_line(tmp_path):
+def installed(*argv: str) -> subprocess.CompletedProcess:
+    """``sparse-vdit ARGV`` in a fresh process, as a user runs it (this checkout's package, one thread)."""
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "sparse_vdit.cli.main", "demo", "--svg-density", "1.5"],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "sparse_vdit.cli.main", *argv], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+
+
+def test_the_installed_command_prints_one_line(tmp_path):
+    done = installed("demo", "--svg-density", "1.5")
     assert done.returncode != 0 and done.stdout == ""
     assert done.stderr == "sparse-vdit demo: argument --svg-density: must lie in (0, 1], got 1.5\n"
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if train-organism starts training (the arguments should have failed first)."""
+    from sparse_vdit.organism import train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(train, "train", refuse)
+
+
+def test_train_organism_fails_in_one_line_before_training(tmp_path, monkeypatch, no_training):
+    out = ["--out", str(tmp_path / "run")]
+    assert fails(["train-organism", "--steps", "x", *out]) == "sparse-vdit train-organism: argument --steps: invalid int value: 'x'"
+    assert fails(["train-organism", "--bogus", *out]) == "sparse-vdit train-organism: unrecognized arguments: --bogus"
+    assert fails(["train-organism", "--size", "32", "--height", "16", *out]) == (
+        "sparse-vdit train-organism: give --size or --height/--width, not both")
+    assert fails(["train-organism", "--batch-size", "0", *out]) == (
+        "sparse-vdit train-organism: argument --batch-size: must be >= 1, got 0")
+    assert fails(["train-organism", "--lr", "nan", *out]) == (
+        "sparse-vdit train-organism: argument --lr: must be a finite number > 0, got nan")
+    assert fails(["train-organism", "--ema", "1", *out]).endswith("argument --ema: must be in [0, 1) (0: no EMA), got 1.0")
+    assert "argument --size: must be a multiple of 4" in fails(["train-organism", "--size", "30", *out])
+    assert fails(["train-organism", "--device", "frob", *out]).startswith(
+        "sparse-vdit train-organism: argument --device: not a torch device: 'frob'")
+    assert fails(["train-organism", "--resume", str(tmp_path), *out]) == (
+        f"sparse-vdit train-organism: argument --resume: no checkpoint.pt in {tmp_path}")
+    assert fails(["train-organism", "--init", str(tmp_path), *out]).startswith(
+        f"sparse-vdit train-organism: argument --init: no organism weights in {tmp_path}")
+    locked = read_only(tmp_path / "locked", monkeypatch)
+    assert fails(["train-organism", "--out", str(locked)]).startswith(
+        f"sparse-vdit train-organism: cannot write to the output folder {locked}: Permission denied")
+
+
+def test_train_organism_hands_checked_arguments_to_training(tmp_path, monkeypatch):
+    from sparse_vdit.organism import train
+
+    seen = {}
+    monkeypatch.setattr(train, "train", lambda args, command: seen.update(args=args, command=command))
+    assert main(["train-organism", "--steps", "3", "--size", "32", "--out", str(tmp_path / "run")]) == 0
+    assert seen["args"].steps == 3 and seen["args"].size == 32 and seen["args"].out == str(tmp_path / "run")
+    assert seen["command"] == f"sparse-vdit train-organism --steps 3 --size 32 --out {tmp_path / 'run'}"
+
+
+def test_train_organism_installed_command_prints_one_line():
+    done = installed("train-organism", "--preset", "nope")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == ("sparse-vdit train-organism: argument --preset: invalid choice: 'nope' "
+                           "(choose from 'small', 'fidelity')\n")  # fmt: skip
+
+
+def test_the_other_commands_fail_in_one_line_too(tmp_path, monkeypatch, capsys):
+    """The #19 list re-checked on show, check, generate --plan and train-organism --help."""
+    locked = read_only(tmp_path / "locked", monkeypatch)
+    broken = tmp_path / "plan.json"
+    broken.write_bytes(b"\xff\xfe{}")
+    assert fails(["show", str(broken)]) == f"sparse-vdit show: {broken}: not UTF-8 text (byte 0: invalid start byte)"
+    shipped = Path(demo.__file__).parents[1] / "organism" / "weights" / "plan.json"
+    if shipped.exists():
+        assert fails(["show", str(shipped), "--out", str(locked / "p.png")]).startswith(
+            f"sparse-vdit show: cannot write to the output folder {locked}")
+    assert fails(["check", "--out", str(locked)]).startswith(f"sparse-vdit check: cannot write to the output folder {locked}")
+    broken.write_text('{"format": "sparse-vdit-plan", ')
+    message = fails(["generate", "--model", "organism", "--plan", str(broken), "--prompt", "p", "--out", str(tmp_path / "v.mp4")])
+    assert message.startswith(f"sparse-vdit generate: {broken}: not valid JSON (line 1")
+    with pytest.raises(SystemExit) as info:
+        main(["train-organism", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "optimizer steps (upper bound, counted over resumed runs) (default: 8000)" in text and "(default: small)" in text

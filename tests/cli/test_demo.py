@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("skimage")
 
+from helpers import saved_tiny_organism  # noqa: E402
 from sparse_vdit.cli.main import main  # noqa: E402
 
 
@@ -38,12 +39,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
 
 def test_demo_with_a_uniform_plan_and_given_weights(tmp_path, capsys):
-    from sparse_vdit.organism import model as M
-
-    spec = M.OrganismSpec(frames=4, height=32, width=32)
-    tiny = M.build_organism(M.organism_config(spec, num_layers=2, num_attention_heads=2, attention_head_dim=16,
-                                              ffn_dim=64))  # fmt: skip
-    M.save_organism(tiny, tmp_path / "w", spec)
+    saved_tiny_organism(tmp_path / "w")
     assert main(["demo", "--weights", str(tmp_path / "w"), "--plan", "uniform", "--steps", "2", "--device", "cpu",
                  "--out", str(tmp_path / "out")]) == 0  # fmt: skip
     out = capsys.readouterr().out

@@ -130,6 +130,9 @@ def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> N
                         "err": rel_rms(out, single[name]), "changed": rel_rms(single[name], single["dense"]),
                         "shape": list(out.shape) == list(single[name].shape),
                     }  # fmt: skip
+        if world == 2:
+            report.update(_padded_text_masks(world, BUILDERS, variants_of=lambda model: dict(
+                plan=Plan.from_layers(model, mixed(), block_size=BLOCK))))  # fmt: skip
         if world == 2:  # a text family under a cp plan that shards its text (not ours): a clear error
             from diffusers import ContextParallelConfig
 
@@ -156,6 +159,54 @@ def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> N
         dist.destroy_process_group()
 
 
+def _padded_text_masks(world: int, builders, variants_of) -> dict:
+    """HunyuanVideo with two prompt lengths (padded text) under Ulysses: the key mask that reaches the
+    processor whole (our plan splits after diffusers builds it) and one built from each rank's shard
+    (a plan that splits the embedded tokens, before the mask): both give the single-process output."""
+    from diffusers.models._modeling_parallel import ContextParallelInput as Split
+    from helpers import rel_rms
+
+    import sparse_vdit
+    from sparse_vdit.integrations.diffusers import context_parallel_plan, parallel
+
+    masks, real = [], parallel.HeadShards.gather_mask
+
+    def recording(self, key_mask, local, text, position):
+        whole = real(self, key_mask, local, text, position)
+        masks.append([key_mask.shape[-1], whole.shape[-1], whole.reshape(whole.shape[0], -1).sum(-1).tolist()])
+        return whole
+
+    parallel.HeadShards.gather_mask = recording
+    try:
+        report = {}
+        model, inputs = builders["hunyuan_video"]()
+        single = _run(model, inputs, variants_of(model))
+        for name in ("ours", "shard_mask"):
+            model, inputs = builders["hunyuan_video"]()
+            config = _config("ulysses", world)
+            if name == "ours":
+                sparse_vdit.enable_context_parallel(model, config)
+            else:  # the embedded video split before the mask is built: the mask holds this rank's keys
+                plan = {k: v for k, v in context_parallel_plan(model).items() if k != "transformer_blocks.0"}
+                plan["x_embedder"] = {0: Split(split_dim=1, expected_dims=3, split_output=True)}
+                setattr(config, parallel.WHOLE_TEXT, True)
+                model.enable_parallelism(config=config, cp_plan=plan)
+            masks.clear()
+            out = _run(model, inputs, variants_of(model))
+            report[f"mask/{name}"] = {"err": rel_rms(out, single), "masks": masks[:1], "calls": len(masks)}
+        return report
+    finally:
+        parallel.HeadShards.gather_mask = real
+
+
+def _check_masks(report: dict) -> None:
+    video, text = 48, 7  # tiny HunyuanVideo: 3 x 4 x 4 video tokens, 7 text tokens, prompts of 3 and 7
+    for name, arrived in (("ours", video + text), ("shard_mask", video // 2 + text)):
+        r = report[f"mask/{name}"]
+        assert r["calls"] == 2 and r["masks"] == [[arrived, video + text, [video + 3, video + 7]]], (name, r)
+        assert r["err"] < 1e-5, (name, r)
+
+
 def _check(report: dict, world: int, families: tuple) -> None:
     for family in families:
         assert report[f"{family}/svg_patterns"] == ["spatial", "temporal"], report[f"{family}/svg_patterns"]
@@ -179,6 +230,7 @@ def _check(report: dict, world: int, families: tuple) -> None:
 def test_two_processes_equal_one(tmp_path):
     report = spawn(tmp_path, _worker, 2, FAMILIES)
     _check(report, 2, FAMILIES)
+    _check_masks(report)
     assert "sparse_vdit.enable_context_parallel" in report["foreign_plan"]
     assert "call sparse_vdit.apply first" in report["stock_processors"]
 

@@ -8,7 +8,7 @@ from helpers import rel_rms
 from sparse_vdit import Plan, PlanError
 from sparse_vdit.integrations.diffusers import AttentionCall, state_of
 from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, spatial, temporal, vertical
-from tiny_diffusers import BLOCK, BUILDERS, FRAMES, HEADS, LAYERS, oracle
+from tiny_diffusers import BLOCK, BUILDERS, FRAMES, HEADS, LAYERS, oracle, undo_compile
 
 pytest.importorskip("diffusers")
 
@@ -266,8 +266,5 @@ def test_torch_compile_regional_no_recompile_per_layer():
         assert state.step == 1
         assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     finally:
-        for block in model.blocks:
-            block._compiled_call_impl = None
-        sparse_vdit.remove(model)
-        torch._dynamo.reset()
+        undo_compile(model)
     assert rel_rms(out, eager) < 1e-6

@@ -13,7 +13,7 @@ import sparse_vdit
 from helpers import rel_rms
 from sparse_vdit import Plan
 from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, spatial, temporal, vertical
-from tiny_diffusers import BLOCK, BUILDERS, oracle
+from tiny_diffusers import BLOCK, BUILDERS, oracle, undo_compile
 
 pytest.importorskip("diffusers")
 
@@ -126,8 +126,5 @@ def test_compiled_training_matches_eager(checkpointing):
         # ... and the op's backward replayed each layer once, right after its rerun
         assert asked == ([0, 1, 1, 1, 0, 0] if checkpointing else [0, 1, 1, 0])
     finally:
-        for block in model.blocks:
-            block._compiled_call_impl = None
-        sparse_vdit.remove(model)
-        torch._dynamo.reset()
+        undo_compile(model)
     _close(compiled, eager, 1e-5)

@@ -161,3 +161,16 @@ def _patch(name, patterns_by_layer, monkeypatch, transformer_wan, transformer_hu
 
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
     yield calls
+
+
+def undo_compile(model) -> None:
+    """Clean up after a test that ran ``compile_repeated_blocks`` on a patched tiny model: the
+    blocks uncompiled, sparse-vdit removed, dynamo's caches reset."""
+    import torch._dynamo
+
+    import sparse_vdit
+
+    for block in model.blocks:
+        block._compiled_call_impl = None
+    sparse_vdit.remove(model)
+    torch._dynamo.reset()

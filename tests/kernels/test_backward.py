@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import masked_attention, rel_rms, token_mask
+from helpers import masked_attention, poison_empty_like, rel_rms, token_mask
 from sparse_vdit import VideoLayout, compile_layer, sparse_attention
 from sparse_vdit.block_table import transpose_ranges
 from sparse_vdit.kernels import registry
@@ -79,13 +79,7 @@ def _check(case, backend, dtype, device, floor, monkeypatch=None):
     q, k, v, grad_out = _inputs(layout, len(heads), batch, dim, device)
     k[:, layout.kv_len :] = 1e4  # padded text keys: attending to them, or differentiating them, would show
     if monkeypatch is not None:  # every buffer allocated with empty_like starts as NaN: unwritten elements show
-        empty_like = torch.empty_like
-
-        def poisoned(x, *args, **kwargs):
-            out = empty_like(x, *args, **kwargs)
-            return out.fill_(float("nan")) if out.is_floating_point() else out
-
-        monkeypatch.setattr(torch, "empty_like", poisoned)
+        poison_empty_like(monkeypatch)
     got = _grads(lambda q, k, v: sparse_attention(q, k, v, table, backend=backend), dtype, q, k, v, grad_out)
     if monkeypatch is not None:
         monkeypatch.undo()

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import rel_rms  # noqa: E402
+from helpers import poison_empty_like, rel_rms  # noqa: E402
 from sparse_vdit import VideoLayout, sparse_attention  # noqa: E402
 from sparse_vdit.kernels import registry, select_attention  # noqa: E402
 from sparse_vdit.kernels.fa4 import gathered_tables  # noqa: E402
@@ -39,16 +39,10 @@ def test_device_choice_equals_the_host_path(case, dtype, monkeypatch):
         per_sample = sparse_attention(q[b:b + 1].float(), k[b:b + 1].float(), v[b:b + 1].float(), chosen,
                                       backend="reference")  # fmt: skip
         assert torch.equal(per_sample[0], host[b])
-    empty_like = torch.empty_like
-
-    def poisoned(x, *args, **kwargs):
-        out = empty_like(x, *args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
     def no_sync(*args, **kwargs):
         raise AssertionError("the device path read a device value on the host")
 
-    monkeypatch.setattr(launcher.torch, "empty_like", poisoned)
+    poison_empty_like(monkeypatch, launcher.torch)
     for name in ("cpu", "item", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, no_sync)
     out = select_attention(q, k, v, table, selected, backend="triton")
@@ -142,3 +136,47 @@ def test_gpu_fa4_on_device_equals_the_host_path(case, monkeypatch):
     monkeypatch.setattr(fa4, "SELECT_ON_DEVICE", True)
     out = select_attention(q, k, v, table, selected, backend="fa4")
     assert not out.isnan().any() and rel_rms(out, host) < 1e-2, rel_rms(out, host)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"], ids=["device-path", "host-path"])
+def test_gradients_flow_through_the_choice(backend):
+    """dq, dk, dv of select_attention against float64 autograd of per-(sample, head) masked attention
+    with each sample's chosen rows; at most 2x plain torch attention's own float32 error."""
+    from helpers import masked_attention, token_mask
+
+    from sparse_vdit.patterns import skip
+
+    layout, block, candidates = CASES["text-suffix-padded"]
+    candidates = (*candidates, skip())
+    table = compile_layer(candidates, layout, block)
+    selected = torch.tensor([[0, 1, 2], [1, 1, 0]], dtype=torch.int32)
+    g = torch.Generator().manual_seed(5)
+    q, k, v, grad_out = (torch.randn(2, layout.num_tokens, 3, 64, generator=g) for _ in range(4))
+    k[:, layout.kv_len :] = 1e4  # padded text keys: attending to them, or differentiating them, would show
+    assert registry.choose(backend, q, table).selects_on_device == (backend == "triton")
+
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        fn(*leaves).backward(grad_out.to(dtype))
+        return [t.grad for t in leaves]
+
+    def oracle(q, k, v):
+        out = []
+        for b in range(2):
+            chosen = compile_layer(tuple(candidates[i] for i in selected[b].tolist()), layout, block)
+            out.append(torch.stack([masked_attention(q[b : b + 1, :, h], k[b : b + 1, :, h], v[b : b + 1, :, h],
+                                                     token_mask(chosen, h), 64**-0.5) for h in range(3)], dim=2))  # fmt: skip
+        return torch.cat(out)
+
+    def dense(q, k, v):  # the yardstick: plain attention over the real keys
+        q, k, v = q.transpose(1, 2), k[:, : layout.kv_len].transpose(1, 2), v[:, : layout.kv_len].transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+    got = grads(lambda q, k, v: select_attention(q, k, v, table, selected, backend=backend), torch.float32)
+    expected = grads(oracle, torch.float64)
+    yardstick = [rel_rms(a, b) for a, b in zip(grads(dense, torch.float32), grads(dense, torch.float64))]
+    for name, a, b, e in zip(("dq", "dk", "dv"), got, expected, yardstick):
+        assert not a.isnan().any() and rel_rms(a, b) <= max(2 * e, 2e-6), (name, rel_rms(a, b), e)
+        assert torch.equal(a[0, :, 2], torch.zeros_like(a[0, :, 2])), name  # sample 0's head 2 chose skip
+        if name != "dq":  # padded text keys are never attended: zero gradient
+            assert torch.equal(a[:, layout.kv_len :], torch.zeros_like(a[:, layout.kv_len :])), name

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from helpers import rel_rms  # noqa: E402
+from helpers import poison_empty_like, rel_rms  # noqa: E402
 from sparse_vdit import VideoLayout, compile_layer, sparse_attention  # noqa: E402
 from sparse_vdit.kernels.triton import launcher  # noqa: E402
 from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, spatial, temporal, vertical  # noqa: E402
@@ -34,13 +34,7 @@ def test_triton_matches_reference(case, dtype, monkeypatch):
     table = compile_layer(heads, layout, block, DEVICE)
     g = torch.Generator(device=DEVICE).manual_seed(1)
     q, k, v = (torch.randn(batch, layout.num_tokens, len(heads), dim, generator=g, device=DEVICE).to(dtype) for _ in range(3))
-    empty_like = torch.empty_like
-
-    def poisoned(x, *args, **kwargs):  # output buffers start as NaN, so unwritten elements show
-        out = empty_like(x, *args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(launcher.torch, "empty_like", poisoned)
+    poison_empty_like(monkeypatch, launcher.torch)  # output buffers start as NaN: unwritten elements show
     out = sparse_attention(q, k, v, table, backend="triton")
     monkeypatch.undo()
     ref = sparse_attention(q.float(), k.float(), v.float(), table, backend="reference")

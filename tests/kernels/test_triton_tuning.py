@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import rel_rms
+from helpers import poison_empty_like, rel_rms
 
 from sparse_vdit import VideoLayout, compile_layer
 from sparse_vdit.kernels import reference
@@ -75,13 +75,7 @@ def test_forced_tiles_match_reference(tiles, monkeypatch):
     table = compile_layer(heads, layout, 128, "cpu")
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, layout.num_tokens, len(heads), 32, generator=g) for _ in range(3))
-    empty_like = torch.empty_like
-
-    def poisoned(x, *args, **kwargs):  # output buffers start as NaN, so unwritten elements show
-        out = empty_like(x, *args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(launcher.torch, "empty_like", poisoned)
+    poison_empty_like(monkeypatch, launcher.torch)  # output buffers start as NaN: unwritten elements show
     ranges = (table.range_starts, table.range_ends)
     out = launcher.forward(q, k, v, table.kv_num_blocks, None, block_size=128, kv_len=layout.kv_len,
                            softmax_scale=32**-0.5, ranges=ranges, tiles=tiles)  # fmt: skip

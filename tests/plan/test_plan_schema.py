@@ -108,16 +108,46 @@ def test_mutated_plans_run_or_raise_a_plan_error_naming_the_field(case):
     run(plan)
 
 
+DROP = object()
+
+
 def _edit(base, path, value):
+    """``BASES[base]`` as JSON with the value at ``path`` set to ``value`` (removed for :data:`DROP`)."""
     data = copy.deepcopy(BASES[base])
     target = data
     for key in path[:-1]:
         target = target[key]
-    target[path[-1]] = value
+    if value is DROP:
+        target.pop(path[-1])
+    else:
+        target[path[-1]] = value
     return json.dumps(data)
 
 
 REFUSED = {
+    "malformed-json": ('{"format": "sparse-vdit-plan",', "not valid JSON"),
+    "not-an-object": ("[1, 2]", "must be a JSON object"),
+    "other-format": (_edit("shipped", ["format"], "something"), "not a sparse-vdit plan"),
+    "future-version": (_edit("shipped", ["version"], 7), "version 7 is newer"),
+    "string-version": (_edit("shipped", ["version"], "1"), "\"version\": must be an integer, got \"1\""),
+    "unknown-top-key": (_edit("shipped", ["extra"], 1), "the top level: unknown key 'extra'"),
+    "missing-schedule": (_edit("shipped", ["schedule"], DROP), "missing key 'schedule'"),
+    "unknown-family": (_edit("shipped", ["model", "family"], "sora"), "model.family: must be one of .*\"sora\""),
+    "zero-layers": (_edit("shipped", ["model", "num_layers"], 0), r"model.num_layers: must lie in \[1, 4096\], got 0"),
+    "unknown-pattern": (_edit("shipped", ["patterns", 0], {"name": "diag"}), r"patterns\[0\].name: .*did you mean 'diagonal'"),
+    "unknown-parameter": (_edit("shipped", ["patterns", 0], {"name": "diagonal", "radius": 2}),
+                          r"patterns\[0\]: unknown key 'radius'"),  # fmt: skip
+    "negative-width": (_edit("shipped", ["patterns", 0], {"name": "diagonal", "width": -1}), r"patterns\[0\].width: must lie in"),
+    "index-out-of-palette": (_edit("shipped", ["schedule", 0, "heads", 1, 2], 99),
+                             r"schedule\[0\].heads\[1\]\[2\]: pattern index 99"),  # fmt: skip
+    "wrong-layer-count": (_edit("shipped", ["schedule", 0, "heads", 7], DROP), "has 7 layers, but model.num_layers is 8"),
+    "wrong-head-count": (_edit("shipped", ["schedule", 1, "heads", 0, 3], DROP), r"schedule\[1\].heads\[0\]: has 3 heads"),
+    "ranges-not-from-0": (_edit("shipped", ["schedule", 0, "start"], 1), "must start at 0"),
+    "ranges-not-increasing": (_edit("shipped", ["schedule", 1, "start"], 0), "increase strictly"),
+    "negative-warmup": (_edit("shipped", ["warmup", "steps"], -1), "warmup.steps: must lie in"),
+    "warmup-beyond-layers": (_edit("shipped", ["warmup", "layers"], 9), r"warmup.layers: must lie in \[0, 8\]"),
+    "zero-frames": (_edit("shipped", ["layout", "frames"], 0), "layout.frames: must lie in"),
+    "layout-unknown-key": (_edit("shipped", ["layout", "depth"], 3), "layout.*depth"),
     "misspelt-warmup-key": (_edit("shipped", ["warmup"], {"step": 5}), "warmup\": unknown key 'step'; did you mean 'steps'"),
     "misspelt-top-key": (_edit("shipped", ["shedule"], []), "unknown key 'shedule'; did you mean 'schedule'"),
     "string-width": (_edit("shipped", ["patterns", 1, "width"], "0.5"), r"patterns\[1\].width: must be a number, got \"0.5\""),

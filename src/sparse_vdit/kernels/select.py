@@ -5,6 +5,9 @@ A backend that reads the choice on the device says so in its module (``SELECT_ON
 always, FlashAttention-4 when its ``SELECT_ON_DEVICE`` is set. Every other backend runs the host
 path: the choice copied to the host once, one :func:`~sparse_vdit.sparse_attention` per group of
 samples with the same choices.
+
+Differentiable on both paths: the host path through :func:`~sparse_vdit.sparse_attention`, the
+device path by recomputing each group's chosen rows in its backward (:func:`_select_attention_backward_op`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 from ..block_table import BlockTable, table_by_key
 from ..layout import VideoLayout
 from . import registry
-from .api import sparse_attention
+from .api import autograd_inside_op, sparse_attention
 from .checks import check_inputs
 from .registry import resolve
 
@@ -82,3 +85,51 @@ def _select_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tabl
 @_select_attention_op.register_fake
 def _(q, k, v, table_key, selected, softmax_scale, backend):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("sparse_vdit::select_attention_backward", mutates_args=())
+def _select_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  table_key: int, selected: torch.Tensor, softmax_scale: float,
+                                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dq, dk, dv)`` of the device path: per group of samples with the same choices, the chosen
+    rows' :func:`~sparse_vdit.sparse_attention` recomputed under autograd and differentiated by its
+    backend's own backward (one host sync for the choice, one extra forward)."""
+    candidates = table_by_key(table_key)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for b, row in enumerate(selected.cpu().tolist()):
+        groups.setdefault(tuple(row), []).append(b)
+    grads = [torch.zeros_like(t) for t in (q, k, v)]
+    for row, samples in groups.items():
+        index = torch.tensor(samples, device=q.device)
+        with autograd_inside_op():
+            inputs = [t[index].detach().requires_grad_() for t in (q, k, v)]
+            out = sparse_attention(*inputs, candidates.heads(row), softmax_scale, backend)
+            if not out.requires_grad:  # every chosen row skips: zero gradients
+                continue
+            parts = torch.autograd.grad(out, inputs, grad_out[index], allow_unused=True)
+        for grad, part in zip(grads, parts):
+            if part is not None:
+                grad[index] = part
+    return tuple(grads)
+
+
+@_select_attention_backward_op.register_fake
+def _(grad_out, q, k, v, table_key, selected, softmax_scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _select_setup_context(ctx, inputs, output) -> None:
+    q, k, v, table_key, selected, softmax_scale, backend = inputs
+    ctx.save_for_backward(q, k, v, selected)
+    ctx.table_key, ctx.softmax_scale, ctx.backend = table_key, softmax_scale, backend
+
+
+def _select_backward(ctx, grad_out):
+    q, k, v, selected = ctx.saved_tensors
+    dq, dk, dv = torch.ops.sparse_vdit.select_attention_backward(
+        grad_out.contiguous(), q, k, v, ctx.table_key, selected, ctx.softmax_scale, ctx.backend)  # fmt: skip
+    return dq, dk, dv, None, None, None, None
+
+
+# training through SVG's device-side choice (the host path differentiates sparse_attention directly)
+torch.library.register_autograd("sparse_vdit::select_attention", _select_backward, setup_context=_select_setup_context)

@@ -12,8 +12,10 @@ per-head block table needs the whole key sequence of its head.
 
 Text tokens in self-attention (HunyuanVideo's suffix, CogVideoX's prefix) stay whole on every
 rank: only the video tokens are sharded. Each rank takes its heads of the text q, k, v and
-all-gathers the text output over heads. Diffusers 0.42 has no ``_cp_plan`` for these models;
-:func:`context_parallel_plan` gives ours and :func:`enable_context_parallel` enables it. Under that
+all-gathers the text output over heads. HunyuanVideo's text padding mask arrives whole under our
+plan (diffusers builds it before the first block); one built from a rank's shard is all-gathered
+over the video tokens (:meth:`HeadShards.gather_mask`). Diffusers 0.42 has no ``_cp_plan`` for
+these models; :func:`context_parallel_plan` gives ours and :func:`enable_context_parallel` enables it. Under that
 plan only sparse-vdit's processor computes the joint attention correctly (the stock processors
 would see duplicated text): a forward without :func:`~sparse_vdit.apply` raises; use
 ``Plan.dense`` for a dense run.
@@ -136,6 +138,31 @@ class HeadShards:
                                       "sparse-vdit's plan: enable it with sparse_vdit.enable_context_parallel(model, "
                                       "config)")  # fmt: skip
         return tuple(self._gather(t, text, position) for t in (q, k, v))
+
+    def gather_mask(self, key_mask: torch.Tensor | None, local: int, text: int, position: str) -> torch.Tensor | None:
+        """A ``[B, 1, 1, N]`` key mask for the whole sequence, before :meth:`gather` of a ``local``-token shard.
+
+        A whole mask (diffusers builds HunyuanVideo's before the first block, where our plan splits)
+        is returned as it is; a mask of this rank's tokens (a plan that splits before the mask is
+        built) is all-gathered over the video tokens, its text part (whole on every rank) kept.
+        """
+        if key_mask is None:
+            return None
+        tokens = key_mask.shape[-1]
+        if tokens == (local - text) * self.world + text:
+            return key_mask
+        if tokens != local:
+            raise RuntimeError(f"sparse-vdit: a key mask of {tokens} tokens for a sequence shard of {local} "
+                               f"({self.world} ranks, {text} text tokens)")  # fmt: skip
+        video, words = _split(key_mask.reshape(key_mask.shape[0], tokens), text, position)
+        import torch.distributed as dist
+
+        carrier = video.to(torch.uint8) if video.dtype == torch.bool else video  # gloo has no bool
+        parts = [torch.empty_like(carrier) for _ in range(self.world)]
+        dist.all_gather(parts, carrier.contiguous(), group=self.group)
+        video = torch.cat(parts, dim=1).to(key_mask.dtype)
+        whole = video if words is None else _join(video, words, position)
+        return whole.reshape(*key_mask.shape[:-1], whole.shape[1])
 
     def scatter(self, out: torch.Tensor, text: int, position: str) -> torch.Tensor:
         """The inverse of :meth:`gather` for the attention output (text all-gathered over heads)."""

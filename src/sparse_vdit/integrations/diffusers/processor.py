@@ -326,6 +326,7 @@ class SparseAttnProcessor:
         shards = head_shards(self._parallel_config, q.shape[2])  # None without context parallelism
         heads = None
         if shards is not None:  # sequence shards -> (full sequence, this rank's heads)
+            key_mask = shards.gather_mask(key_mask, q.shape[1], projected.text, family.text_position)
             q, k, v = shards.gather(q, k, v, projected.text, family.text_position)
             heads = shards.heads
         if torch.compiler.is_compiling():

@@ -28,6 +28,28 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _program(SCHEDULE, TOKEN_MAJOR, NUM_TILES, N, HEADS, stride_b, stride_h, ANY_TOKEN_MAJOR: tl.constexpr):
+    """This program's work item (heaviest first): ``(head, tile, token_major, base, stats)``, with the
+    offsets of its (batch, head) in the ``[B, N, H, D]`` tensors (``base``) and in LSE / DELTA (``stats``)."""
+    item = tl.load(SCHEDULE + tl.program_id(0))
+    head = item // NUM_TILES
+    batch = tl.program_id(1).to(tl.int64)
+    token_major = False
+    if ANY_TOKEN_MAJOR:
+        token_major = tl.load(TOKEN_MAJOR + head) != 0
+    return head, item % NUM_TILES, token_major, batch * stride_b + head * stride_h, (batch * HEADS + head) * N
+
+
+@triton.jit
+def _rows(offs, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr):
+    """Memory rows of positions ``offs`` in the head's own order (token-major heads read in place)."""
+    rows = offs
+    if ANY_TOKEN_MAJOR:
+        rows = sequence_rows(offs, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
+    return rows
+
+
+@triton.jit
 def block_sparse_attention_bwd_dkdv(
     Q, K, V, DO, DK, DV,  # [B, N, H, D], one set of strides (the launcher makes them contiguous)
     LSE, DELTA,  # float32 [B, H, N] by memory row
@@ -43,26 +65,18 @@ def block_sparse_attention_bwd_dkdv(
     BLOCK_N: tl.constexpr,  # keys per program
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr,
 ):  # fmt: skip
-    item = tl.load(SCHEDULE + tl.program_id(0))
-    head = item // NUM_K_TILES
-    tile = item % NUM_K_TILES
-    batch = tl.program_id(1).to(tl.int64)
+    head, tile, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b, stride_h,
+                                                    ANY_TOKEN_MAJOR)  # fmt: skip
     column = tile * BLOCK_N // TABLE_BLOCK  # the key block holding this tile
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions in the head's own order
     offs_d = tl.arange(0, HEAD_DIM)
-    token_major = False
-    rows_n = offs_n
-    if ANY_TOKEN_MAJOR:
-        token_major = tl.load(TOKEN_MAJOR + head) != 0
-        rows_n = sequence_rows(offs_n, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
-    base = batch * stride_b + head * stride_h
+    rows_n = _rows(offs_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
     key_ok = offs_n < KV_LEN
     kv_offsets = base + rows_n[:, None] * stride_n + offs_d[None, :]
     k = tl.load(K + kv_offsets, mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
     v = tl.load(V + kv_offsets, mask=key_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    stats = (batch * HEADS + head) * N  # [B, H, N] row base of LSE / DELTA
     ranges = head * stride_rh + column * stride_rm
     for r in range(0, NUM_RANGES):
         first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
@@ -70,9 +84,7 @@ def block_sparse_attention_bwd_dkdv(
         for start in range(first, last, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             q_ok = offs_m < last
-            rows_m = offs_m
-            if ANY_TOKEN_MAJOR:
-                rows_m = sequence_rows(offs_m, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
+            rows_m = _rows(offs_m, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
             q_t = tl.load(Q + base + rows_m[None, :] * stride_n + offs_d[:, None], mask=q_ok[None, :], other=0.0)
             do = tl.load(DO + base + rows_m[:, None] * stride_n + offs_d[None, :], mask=q_ok[:, None], other=0.0)
             lse = tl.load(LSE + stats + rows_m, mask=q_ok, other=float("inf"))
@@ -104,24 +116,16 @@ def block_sparse_attention_bwd_dq(
     BLOCK_N: tl.constexpr,  # keys per step
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr,
 ):  # fmt: skip
-    item = tl.load(SCHEDULE + tl.program_id(0))
-    head = item // NUM_Q_TILES
-    tile = item % NUM_Q_TILES
-    batch = tl.program_id(1).to(tl.int64)
+    head, tile, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_Q_TILES, N, HEADS, stride_b, stride_h,
+                                                    ANY_TOKEN_MAJOR)  # fmt: skip
     row = tile * BLOCK_M // TABLE_BLOCK
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    token_major = False
-    rows_m = offs_m
-    if ANY_TOKEN_MAJOR:
-        token_major = tl.load(TOKEN_MAJOR + head) != 0
-        rows_m = sequence_rows(offs_m, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
-    base = batch * stride_b + head * stride_h
+    rows_m = _rows(offs_m, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
     q_ok = offs_m < N
     q_offsets = base + rows_m[:, None] * stride_n + offs_d[None, :]
     q = tl.load(Q + q_offsets, mask=q_ok[:, None], other=0.0)
     do = tl.load(DO + q_offsets, mask=q_ok[:, None], other=0.0)
-    stats = (batch * HEADS + head) * N
     lse = tl.load(LSE + stats + rows_m, mask=q_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + stats + rows_m, mask=q_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -132,9 +136,7 @@ def block_sparse_attention_bwd_dq(
         for start in range(first, last, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             key_ok = offs_n < last
-            rows_n = offs_n
-            if ANY_TOKEN_MAJOR:
-                rows_n = sequence_rows(offs_n, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
+            rows_n = _rows(offs_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
             kv_t = base + rows_n[None, :] * stride_n + offs_d[:, None]
             k_t = tl.load(K + kv_t, mask=key_ok[None, :], other=0.0)  # [D, BLOCK_N]
             v_t = tl.load(V + kv_t, mask=key_ok[None, :], other=0.0)
