@@ -95,17 +95,6 @@ DRY_SHAPES = {  # --dry-run: small, awkward layouts (text, ragged blocks), block
 }
 
 
-def cpu_time(fn, sets, reps: int = 1):
-    """Median ms of ``fn(*set)`` on the CPU (dry runs only)."""
-    fn(*sets[0])
-    times = []
-    for i in range(reps):
-        start = time.perf_counter()
-        fn(*sets[i % len(sets)])
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times), None, reps
-
-
 def queued_time(fn, sets, reps: int = 20, hold_cycles: int = 10_000_000):
     """Median GPU ms of ``fn(*set)`` issued while the GPU is still busy (a sleep kernel of
     ``hold_cycles``, ~5 ms at 2 GHz, before each start event), as in a model where the projections
@@ -189,24 +178,24 @@ def replay_parts(svg, sets, layout, device) -> tuple[dict, dict]:
     launched), and the launch geometry of the first set's kernel."""
     from sparse_vdit.kernels.triton import sampled
 
-    launches, calls = [], []
+    launches, calls = [], []  # replay sets (q, what was captured): a timer reads the device off the first item
     for q, k, v in sets:
         with capture_fused() as seen:
             svg.classify(q, k, v, layout, 0, 0)
-        launches.append((seen.launches,))
-        calls.append((seen.calls,))
-    if not all(ls for (ls,) in launches):
+        launches.append((q, seen.launches))
+        calls.append((q, seen.calls))
+    if not all(ls for _, ls in launches):
         return {}, {}
 
-    def kernel(ls):
+    def kernel(_, ls):
         for grid, a, kw in ls:
             sampled.sampled_rows_fwd[grid](*a, **kw)
 
-    def fused(cs):
+    def fused(_, cs):
         for a, kw in cs:
             sampled.sampled_outputs(*a, **kw)
 
-    grid, _, kw = launches[0][0][0]
+    grid, _, kw = launches[0][1][0]
     programs = grid[0] * grid[1] * grid[2]
     launch = dict(grid=list(grid), block_m=kw["BLOCK_M"], block_n=kw["BLOCK_N"], num_warps=kw.get("num_warps"),
                   num_stages=kw.get("num_stages"), splits=grid[2], programs=programs)  # fmt: skip
@@ -218,7 +207,7 @@ def replay_parts(svg, sets, layout, device) -> tuple[dict, dict]:
 def run_shape(shape, args, device, dtype, record, over_budget) -> None:
     layout = shape.layout
     sets = common.random_sets(shape, args.sets, device, dtype)
-    timer = cpu_time if args.dry_run else (lambda fn, s: common.time_fn(fn, s, target_ms=args.target_ms))
+    timer = lambda fn, s: common.time_fn(fn, s, target_ms=args.target_ms)  # noqa: E731 - CPU too (dry runs)
     fast = "reference" if args.dry_run else resolve_backend("auto", sets[0][0])
     flex = "reference" if args.dry_run else "flex"
     print(f"== {shape.name}: {layout.describe()}, {shape.heads} heads x {shape.dim}; fast path {fast!r}", flush=True)
@@ -248,7 +237,7 @@ def run_setting(shape, args, device, sets, record, density, rows, profile_backen
     """One SVG configuration (and launch setting, on the Triton path): every part timed."""
     layout = shape.layout
     block = 16 if args.dry_run else BLOCK
-    timer = cpu_time if args.dry_run else (lambda fn, s: common.time_fn(fn, s, target_ms=args.target_ms))
+    timer = lambda fn, s: common.time_fn(fn, s, target_ms=args.target_ms)  # noqa: E731 - CPU too (dry runs)
     row = dict(base, density=density, rows=rows, chunk=chunk, profile_backend=profile_backend, tiles=tiles,
                programs_per_sm=per_sm)  # fmt: skip
     try:

@@ -121,3 +121,35 @@ def test_svg_fused_profile_takes_explicit_splits():
         got = sampled_outputs(*args, **kw, splits=splits)
         for a, b in zip(got, auto):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_svg_bench_profile_replays_run_through_the_timer(bench):
+    """The profile-kernel / profile-fused replays go through ``common.time_fn`` as on the GPU (its
+    first set's first item must be a tensor: the merged bench failed there with "'list' object has
+    no attribute 'is_cuda'"), and replaying gives the classification's own outputs."""
+    _triton_ready(dry_run=True)
+    import common
+    from sparse_vdit.kernels.triton import sampled
+    from sparse_vdit.methods.svg import SVG
+
+    shape = bench.DRY_SHAPES["tiny-video"]
+    sets = common.random_sets(shape, 2, torch.device("cpu"), torch.float32)
+    svg = SVG(0.4, warmup_steps=0, warmup_layers=0, sampled_rows=16, block_size=16, profile_backend="triton")
+    parts, launch = bench.replay_parts(svg, sets, shape.layout, torch.device("cpu"))
+    assert set(parts) == {"profile-kernel", "profile-fused"}
+    assert launch["programs"] == launch["grid"][0] * launch["grid"][1] * launch["grid"][2]
+    for name, (fn, replay_sets) in parts.items():
+        assert all(isinstance(s[0], torch.Tensor) for s in replay_sets), name
+        ms, _, reps = common.time_fn(fn, replay_sets)
+        assert ms > 0 and reps == len(sets)
+    fused = parts["profile-fused"][1][0][1]  # the captured sampled_outputs calls of the first set
+    (args, kwargs), = fused
+    out, mass = sampled.sampled_outputs(*args, **kwargs)
+    torch.testing.assert_close(svg.classify(*sets[0], shape.layout, 0, 0),
+                               bench_errors(out, mass, svg), rtol=0, atol=0)  # fmt: skip
+
+
+def bench_errors(out, mass, svg):
+    from sparse_vdit.methods.svg import sampled_errors
+
+    return sampled_errors(out, mass, svg.error, per_sample=svg.choice == "per_sample")
