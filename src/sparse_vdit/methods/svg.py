@@ -61,6 +61,7 @@ from .svg_profile import (
     ERRORS,
     PROFILE_BACKENDS,
     _triton_ok,
+    errors_and_choice,
     fused_inputs,
     row_masks,
     row_ranges,
@@ -366,16 +367,17 @@ class SVG:
         if self.density_for(layout) >= 1.0 or step < warmup or layer < self.warmup_layers_now(layout):
             return None
         start = clock(call.q) if self.timing else None
-        errors = self.classify(call.q, call.k, call.v, layout, step, layer)
+        outputs, masses = self._sampled(call.q, call.k, call.v, layout, step, layer)
+        per_sample = self.choice == "per_sample"
+        if self._on_device(call):  # errors and choice on the device (one launch on CUDA): no host sync
+            errors, selected = errors_and_choice(outputs, masses, self.error, per_sample)  # ties: spatial
+            if start is not None:
+                self._timings.append((step, start, clock(call.q)))
+            self.last_errors, self.last_decided_on = errors, "device"
+            return HeadChoice(self.candidates(layout), selected)
+        errors = sampled_errors(outputs, masses, self.error, per_sample=per_sample)
         if start is not None:
             self._timings.append((step, start, clock(call.q)))
-        self.last_errors = errors
-        if self._on_device(call):
-            self.last_decided_on = "device"
-            selected = errors.argmin(0).to(torch.int32)  # ties: spatial, as the reference's argmin
-            if selected.dim() == 1:
-                selected = selected.expand(call.q.shape[0], -1)
-            return HeadChoice(self.candidates(layout), selected.contiguous())
         self.last_decided_on = "host"
         errors = self.last_errors = errors.cpu()  # the host path's one sync
         selected = errors.argmin(0).to(torch.int32)
@@ -402,6 +404,12 @@ class SVG:
     def classify(self, q, k, v, layout: VideoLayout, step: int, layer: int) -> torch.Tensor:
         """float32 errors of the spatial and the temporal mask for this call: ``[2, heads]``, or
         ``[2, batch, heads]`` with ``choice="per_sample"``."""
+        outputs, masses = self._sampled(q, k, v, layout, step, layer)
+        return sampled_errors(outputs, masses, self.error, per_sample=self.choice == "per_sample")
+
+    def _sampled(self, q, k, v, layout: VideoLayout, step: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`sampled_outputs` of this call's rows under the profile masks (the fused Triton pass
+        where it runs; ``auto`` falls back to torch once, with a warning, if it fails)."""
         rows = self.rows(layout, step, layer)  # CPU; moved where needed
         patterns = self.profile_patterns(layout)
         backend = self.profile_backend
@@ -418,7 +426,7 @@ class SVG:
             self.profile_backend = backend = "torch"
             outputs, masses = sampled_outputs(*args, backend=backend, chunk=self.chunk)
         self.last_profile_backend = backend
-        return sampled_errors(outputs, masses, self.error, per_sample=self.choice == "per_sample")
+        return outputs, masses
 
     def _patterns(self, layout: VideoLayout, selected: tuple[int, ...]) -> tuple[Pattern, ...]:
         key = (layout, selected)
