@@ -5,6 +5,8 @@
                         [--tiles default 16,32,4,2 ...] [--programs-per-sm 4 8 ...]
     python bench/svg.py --dry-run      # tiny shapes on the CPU, reference backend for both paths
                                        # (the fused Triton profile through TRITON_INTERPRET=1)
+    python bench/svg.py --overhead [--variants before after] [--programs-per-sm 2 4 8] [--reps 15]
+                                       # the layer over its attention, interleaved: bench/svg_overhead.py
 
 Launch sweep of the fused profiling kernel (next GPU session, H100; Wan-14B 720p, where the
 4.1 ms profile must come under 3% of the attention): 5 tiles x 5 targets = 25 points, every part
@@ -88,6 +90,7 @@ from sparse_vdit.methods.svg import DEFAULT_CHUNK, MODES, SVG
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling bench scripts
 import common  # noqa: E402  (the bench library: shapes, timer, version report)
+import svg_overhead  # noqa: E402  (--overhead)
 BLOCK = common.BLOCK
 DRY_SHAPES = {  # --dry-run: small, awkward layouts (text, ragged blocks), block 16
     "tiny-video": common.Shape("tiny-video", VideoLayout(5, 6, 10), 3, 32),
@@ -370,7 +373,7 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="*", default=None, help=f"of {', '.join(common.SHAPES)} (default all)")
     p.add_argument("--modes", nargs="*", default=["reference"], choices=list(MODES), help="SVG modes")
-    p.add_argument("--densities", nargs="*", type=float, default=[0.3, 0.25, 0.2])
+    p.add_argument("--densities", nargs="*", type=float, default=None, help="default 0.3 0.25 0.2 (--overhead: 0.25)")
     p.add_argument("--rows", nargs="*", type=int, default=[64], help="sampled rows per call")
     p.add_argument("--profile-backends", nargs="*", default=["triton", "torch"], choices=["triton", "torch"])
     p.add_argument("--chunks", nargs="*", type=int, default=[DEFAULT_CHUNK], help="torch path: score elements at once")
@@ -383,7 +386,15 @@ def parse(argv):
     p.add_argument("--budget-s", type=float, default=480.0, help="stop starting rows after this long")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, reference backend (checks the script)")
+    p.add_argument("--overhead", action="store_true",
+                   help="the layer over its attention, interleaved (bench/svg_overhead.py; default shapes: Wan-1.3B "
+                        "480p and Wan-14B 720p, density 0.25)")  # fmt: skip
+    p.add_argument("--variants", nargs="*", default=list(svg_overhead.VARIANTS), choices=list(svg_overhead.VARIANTS),
+                   help="--overhead: the step path's variants")  # fmt: skip
+    p.add_argument("--reps", type=int, default=15, help="--overhead: timed calls of each part")
     args = p.parse_args(argv)
+    if args.densities is None:
+        args.densities = [0.25] if args.overhead else [0.3, 0.25, 0.2]
     try:
         args.tiles = list(dict.fromkeys(parse_tiles(t) for t in args.tiles or ["default"]))
     except ValueError as err:
@@ -398,7 +409,8 @@ def parse(argv):
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
         args.profile_backends = [b for b in args.profile_backends if b != "triton"] or ["torch"]
     names = DRY_SHAPES if args.dry_run else common.SHAPES
-    args.shapes = args.shapes or list(names)
+    default = ["wan1.3b-480p", "wan14b-720p"] if args.overhead and not args.dry_run else list(names)
+    args.shapes = args.shapes or default
     unknown = set(args.shapes) - set(names)
     if unknown:
         p.error(f"unknown shapes {sorted(unknown)}; choose from {', '.join(names)}")
@@ -421,8 +433,12 @@ def main(argv=None) -> dict:
     def record(**row):
         result["rows"].append(row)
         if "ms" in row:
-            extra = "" if "density" not in row else f" d={row['density']:.2f} rows={row['rows']} chunk={row['chunk']}"
-            if row.get("programs_per_sm") is not None:
+            extra = "" if "density" not in row else f" d={row['density']:.2f}"
+            if "rows" in row:
+                extra += f" rows={row['rows']} chunk={row['chunk']}"
+            if "variant" in row:
+                extra += f" {row['mode']} {row['variant']} per_sm={row['programs_per_sm']}"
+            elif row.get("programs_per_sm") is not None:
                 extra += f" tiles={row['tiles']} per_sm={row['programs_per_sm']} splits={row.get('launch', {}).get('splits')}"
             print(f"  {row['shape']:18s} {row['part']:12s} {row['ms']:9.3f} ms{extra}", flush=True)
 
@@ -433,19 +449,27 @@ def main(argv=None) -> dict:
         return False
 
     shapes = DRY_SHAPES if args.dry_run else common.SHAPES
-    for name in args.shapes:
+    if args.overhead:
         try:
-            run_shape(shapes[name], args, device, dtype, record, over_budget)
+            svg_overhead.run(shapes, args, device, dtype, record, over_budget, launch_setting)
         except torch.cuda.OutOfMemoryError as err:  # keep what was measured
-            print(f"{name}: out of memory ({err})", flush=True)
-            torch.cuda.empty_cache()
-    result["summary"] = summarise(result["rows"])
+            print(f"out of memory ({err})", flush=True)
+        result["summary"] = svg_overhead.summarise(result["rows"])
+    else:
+        for name in args.shapes:
+            try:
+                run_shape(shapes[name], args, device, dtype, record, over_budget)
+            except torch.cuda.OutOfMemoryError as err:  # keep what was measured
+                print(f"{name}: out of memory ({err})", flush=True)
+                torch.cuda.empty_cache()
+        result["summary"] = summarise(result["rows"])
     result["wall_s"] = time.time() - start
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "svg-dry-run.json" if args.dry_run else "svg.json")
+    name = "svg-overhead" if args.overhead else "svg"
+    path = os.path.join(args.out, f"{name}-dry-run.json" if args.dry_run else f"{name}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    print_summary(result["summary"])
+    (svg_overhead.print_summary if args.overhead else print_summary)(result["summary"])
     print(f"wrote {path} ({result['wall_s']:.0f} s)")
     return result
 

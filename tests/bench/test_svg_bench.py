@@ -153,3 +153,27 @@ def bench_errors(out, mass, svg):
     from sparse_vdit.methods.svg import sampled_errors
 
     return sampled_errors(out, mass, svg.error, per_sample=svg.choice == "per_sample")
+
+
+def test_svg_bench_overhead_dry_run_times_the_three_parts_of_each_variant(bench, tmp_path):
+    """``--overhead``: attention alone (each set's own choice), the decision alone and the layer, for
+    each step-path variant, plus the layer's kernel table; the variants' switches are restored."""
+    from sparse_vdit.kernels.triton import sampled
+    from sparse_vdit.methods import svg_profile
+
+    before = dict(sampled.TUNING), svg_profile.FUSED_CHOICE
+    result = bench.main(["--dry-run", "--overhead", "--shapes", "tiny-text", "--reps", "2", "--sets", "2",
+                         "--profile-backends", "torch", "--out", str(tmp_path)])  # fmt: skip
+    assert (dict(sampled.TUNING), svg_profile.FUSED_CHOICE) == before
+    saved = json.loads((tmp_path / "svg-overhead-dry-run.json").read_text())
+    assert saved["summary"] == result["summary"]
+    timed = [r for r in saved["rows"] if "ms" in r]
+    assert {(r["variant"], r["part"]) for r in timed} == {(v, f"overhead-{p}") for v in ("before", "after")
+                                                          for p in ("attn", "profile", "layer")}  # fmt: skip
+    assert all(r["ms"] > 0 and r["density"] == 0.25 and r["mode"] == "reference" for r in timed)
+    tables = [r for r in saved["rows"] if r["part"] == "overhead-kernels"]
+    assert len(tables) == 2 and all(t["kernels"] and t["kernels"][0]["calls"] >= 1 for t in tables)
+    assert [s["variant"] for s in result["summary"]] == ["before", "after"]
+    for s in result["summary"]:
+        assert s["layer_over_attn"] == s["layer_ms"] / s["attn_ms"] and s["profile_share"] == s["profile_ms"] / s["attn_ms"]
+        assert s["other_ms"] == pytest.approx(s["layer_ms"] - s["attn_ms"] - s["profile_ms"])
