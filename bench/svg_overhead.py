@@ -17,11 +17,13 @@ one layer call (torch.profiler, summed over the input sets): what runs, how ofte
 
 Variants (the step path's switches; what cannot be switched back is always on):
 
-- ``after``: the current path (the row-wise mask reuses the exact tile's ``P @ V``; errors and
-  choice in one Triton launch);
-- ``before``: ``sampled.TUNING["fold"] = False`` (the row-wise mask's own dot) and
-  ``svg_profile.FUSED_CHOICE = False`` (errors and argmin through six torch operations), as the
-  merged issue-16 code ran them. Resident per-position ranges and the cached int8 flags stay on.
+- ``after``: the current path (the row-wise mask reuses the exact tile's ``P @ V``; the merge's
+  rows per program shrink until the GPU gets two programs per SM; errors and choice in one
+  Triton launch);
+- ``before``: ``sampled.TUNING["fold"] = False`` (the row-wise mask's own dot),
+  ``TUNING["merge_rows"] = 16`` and ``svg_profile.FUSED_CHOICE = False`` (errors and argmin
+  through six torch operations), as the merged issue-16 code ran them. Resident per-position
+  ranges and the cached int8 flags stay on (host work and one small cast only).
 """
 
 from __future__ import annotations
@@ -47,13 +49,16 @@ def variant(name: str):
     """The step path's switches for one variant (restored after)."""
     from sparse_vdit.kernels.triton import sampled
 
-    saved = sampled.TUNING.get("fold"), svg_profile.FUSED_CHOICE
+    saved = dict(sampled.TUNING), svg_profile.FUSED_CHOICE
     if name == "before":
-        sampled.TUNING["fold"], svg_profile.FUSED_CHOICE = False, False
+        sampled.TUNING.update(fold=False, merge_rows=16)
+        svg_profile.FUSED_CHOICE = False
     try:
         yield
     finally:
-        sampled.TUNING["fold"], svg_profile.FUSED_CHOICE = saved
+        sampled.TUNING.clear()
+        sampled.TUNING.update(saved[0])
+        svg_profile.FUSED_CHOICE = saved[1]
 
 
 def interleaved(fns: dict, count: int, reps: int, on_gpu: bool, hold_cycles: int = 10_000_000) -> dict:

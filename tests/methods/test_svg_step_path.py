@@ -163,3 +163,29 @@ def test_a_device_decided_layer_launches_four_kernels_and_no_host_work(monkeypat
     with Count():
         run_selected(q, k, v, table, choice.selected, 0.125)
     assert dict(ops) == {"empty_like": 1}, ops
+
+
+def test_merge_rows_per_program_change_nothing_but_the_grid(monkeypatch):
+    """The merge of the key splits gives the same bits at any rows per program; on a GPU the rule
+    halves them until there are two programs per SM (Wan-1.3B: 12 heads x 64 rows -> 2 a program)."""
+    _triton_ready()
+    from types import SimpleNamespace
+
+    from sparse_vdit.kernels.triton import sampled
+
+    svg = SVG(0.25, block_size=BLOCK)
+    q, k, v = (t.to(_device()) for t in heads_qkv(WAN, "STK", dim=32))
+    rows, patterns = svg.rows(WAN, 3, 2)[:24], svg.profile_patterns(WAN)
+    results = []
+    for merge_rows in (16, 4, 2):
+        monkeypatch.setitem(sampled.TUNING, "merge_rows", merge_rows)
+        results.append(sampled_outputs(q, k, v, rows, WAN, patterns, BLOCK, backend="triton"))
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
+
+    monkeypatch.setitem(sampled.TUNING, "merge_rows", None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert sampled._merge_rows(12, 64, cuda) == 2  # Wan-1.3B: 12 x 32 = 384 programs (12 x 16 = 192 at 4 rows)
+    assert sampled._merge_rows(40, 64, cuda) == 8  # Wan-14B: 40 x 8 = 320 programs
+    assert sampled._merge_rows(1, 8, cuda) == 2 and sampled._merge_rows(12, 64, torch.device("cpu")) == 16

@@ -254,9 +254,10 @@ def choose_heads(
 # Launch overrides for benchmarks (None: the choice below): the tile (block_m, block_n, num_warps,
 # num_stages, see _tiles), how many programs per SM the key splits aim at (see _splits), whether
 # frame-major masks are tested once per row and tile (row_wise, default on where exact) and whether
-# such a mask then reuses the exact tile's P @ V (fold, default on; off: a dot of its own, as before).
+# such a mask then reuses the exact tile's P @ V (fold, default on; off: a dot of its own, as before),
+# and the merge's rows per program (merge_rows, see _merge_rows; 16 before).
 TUNING: dict[str, int | None] = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None,
-                                 "programs_per_sm": None, "row_wise": None, "fold": None}  # fmt: skip
+                                 "programs_per_sm": None, "row_wise": None, "fold": None, "merge_rows": None}  # fmt: skip
 PROGRAMS_PER_SM = 8  # the default target of _splits on CUDA
 
 
@@ -344,10 +345,24 @@ def sampled_outputs(
     )  # fmt: skip
     out = torch.empty(batch, heads, 3, num_rows, dim, dtype=torch.float32, device=dev)
     mass = torch.empty(batch, heads, 3, num_rows, dtype=torch.float32, device=dev)
-    merge_rows = 16
+    merge_rows = _merge_rows(batch * heads, num_rows, dev)
     merge_splits[(batch * heads, triton.cdiv(num_rows, merge_rows))](
         pm, pl, po, out, mass, num_rows, splits, BLOCK_R=merge_rows, HEAD_DIM=dim)
     return out, mass
+
+
+def _merge_rows(programs: int, num_rows: int, device: torch.device) -> int:
+    """Rows per program of the merge: 16, halved (down to 2) until the GPU gets two programs per SM
+    (a merge of few heads, e.g. Wan-1.3B's 12 x 64 rows, otherwise runs 48 programs in series over
+    the splits); ``TUNING["merge_rows"]`` overrides. Each row's result does not depend on it."""
+    if TUNING.get("merge_rows"):
+        return TUNING["merge_rows"]
+    rows = 16
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        while rows > 2 and programs * triton.cdiv(num_rows, rows) < target:
+            rows //= 2
+    return rows
 
 
 def choose(outputs: torch.Tensor, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
