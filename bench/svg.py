@@ -49,6 +49,11 @@ density, one SVG layer call (no warm-up) is timed in parts, CUDA events, median:
 - ``layer-<backend>``: ``decide`` followed by the attention, as the integration runs it;
 - ``cudnn-dense``: dense cuDNN SDPA, the bar.
 
+Each ``attn-*`` part runs, for each input set, the choice that set's own layer makes (they all ran
+the first set's before: random sets can choose differently, e.g. Wan-14B 720p in mode ``ours``, 8
+heads on the CPU: 0%, 88% and 62% temporal heads in three sets, and token-major heads cost the
+kernel more than frame-major ones).
+
 Random data gives near-uniform attention, so the spatial/temporal mix is whatever the
 classifier picks (reported as ``temporal_share``); timings depend on it only through the
 permutation of the temporal heads. ``--chunks`` (torch path), ``--rows``, and on the Triton path
@@ -262,6 +267,10 @@ def run_setting(shape, args, device, sets, record, density, rows, profile_backen
     if launch:
         row["launch"] = launch
     index = {id(c.q): c for c in calls}
+    # the attention alone runs each set's own choice (the one its layer makes): random inputs of
+    # several sets may choose differently, and temporal heads cost more than spatial ones
+    tables = {id(c.q): compile_layer(svg(c), layout, block, device) for c in calls}
+    choices = {id(c.q): on_device(c) for c in calls}
     parts = {"profile": (lambda q, k, v: svg.classify(q, k, v, layout, 0, 0), sets)}
     if not args.dry_run:
         parts["profile-queued"] = (lambda q, k, v: svg.classify(q, k, v, layout, 0, 0), sets)
@@ -269,17 +278,16 @@ def run_setting(shape, args, device, sets, record, density, rows, profile_backen
     parts["decide"] = (lambda q, k, v: svg(index[id(q)]), sets)
     backends = {"fast": fast, "flex": flex}
     for name, backend in backends.items():
-        parts[f"attn-{name}"] = (lambda q, k, v, b=backend: sparse_attention(q, k, v, table, backend=b), sets)
+        parts[f"attn-{name}"] = (lambda q, k, v, b=backend: sparse_attention(q, k, v, tables[id(q)], backend=b), sets)
         parts[f"layer-{name}"] = (lambda q, k, v, b=backend: sparse_attention(
             q, k, v, compile_layer(svg(index[id(q)]), layout, block, device), backend=b), sets)  # fmt: skip
     parts["decide-device"] = (lambda q, k, v: on_device(index[id(q)]), sets)
     backends["select"] = backends["device"] = select = "reference" if args.dry_run else "triton"
-    choice = on_device(calls[0])
-    parts["attn-select"] = (lambda q, k, v: chosen(q, k, v, choice, layout, block, select), sets)
+    parts["attn-select"] = (lambda q, k, v: chosen(q, k, v, choices[id(q)], layout, block, select), sets)
     parts["layer-device"] = (lambda q, k, v: chosen(q, k, v, on_device(index[id(q)]), layout, block, select), sets)
     if fast == "fa4":  # FA4 with the choice kept on the device too (fa4.SELECT_ON_DEVICE)
         backends["select-fa4"] = backends["device-fa4"] = "fa4"
-        parts["attn-select-fa4"] = (lambda q, k, v: fa4_on_device(q, k, v, choice, layout, block), sets)
+        parts["attn-select-fa4"] = (lambda q, k, v: fa4_on_device(q, k, v, choices[id(q)], layout, block), sets)
         parts["layer-device-fa4"] = (lambda q, k, v: fa4_on_device(q, k, v, on_device(index[id(q)]), layout, block),
                                      sets)  # fmt: skip
     for part, (fn, inputs) in parts.items():
