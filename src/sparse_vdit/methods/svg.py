@@ -30,6 +30,12 @@ for comparison); rows are a function of ``(seed, step, layer)``; masks are never
 (:mod:`~sparse_vdit.methods.svg_profile`); on a GPU one fused Triton pass computes the exact and both
 masked outputs of the rows.
 
+**One device-decided layer call** launches four kernels after the rows' copy: the profiling pass,
+the merge of its key splits, the errors and choice (``errors_and_choice``), the attention reading
+the choice. Everything that depends on (layout, density) is built once and kept resident: the
+candidate and profile tables, each query position's key-block ranges under the profile masks
+(``position_ranges``), the kernels' work order and flags.
+
 **No host sync** (``decide``): on a backend that reads the choice on the device (its declaration's
 ``selects_on_device``: Triton) the source returns a :class:`~sparse_vdit.patterns.HeadChoice` (both
 candidate tables resident; the kernel reads each head's choice and token order). FlashAttention-4
@@ -515,5 +521,5 @@ class SVG:
                 f"{variant}, decide={self.decide!r})")  # fmt: skip
 
 
-__all__ = ["ERRORS", "MODES", "SVG", "VARIANTS", "Widths", "band_widths", "fused_inputs", "row_masks", "row_ranges", "sample_rows",
+__all__ = ["ERRORS", "MODES", "SVG", "VARIANTS", "Widths", "band_widths", "errors_and_choice", "fused_inputs", "row_masks", "row_ranges", "sample_rows",
            "sampled_errors", "sampled_outputs", "token_major_positions"]  # fmt: skip
