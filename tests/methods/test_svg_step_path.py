@@ -155,6 +155,12 @@ def test_a_device_decided_layer_launches_four_kernels_and_no_host_work(monkeypat
     allocations = {"empty", "empty_like", "select", "view", "select_attention"}  # buffers, views, the op itself
     assert {name: n for name, n in ops.items() if name not in allocations} == {"randint": 1, "_to_copy": 1}, ops
     assert ops["select_attention"] == 1
+    ops.clear()
+    launches.clear()
+    with Count():  # the same (step, layer) again, as in the next generation: its rows are kept on the device
+        layer(21)
+    assert launches == ["sampled_rows_fwd", "merge_splits", "choose_heads", "block_sparse_attention_fwd"]
+    assert set(ops) <= allocations, ops
     from sparse_vdit.kernels.triton.backend import run_selected  # inside the (opaque) op: the output only
 
     choice = svg(call(q, k, v, WAN, step=22))
@@ -189,3 +195,15 @@ def test_merge_rows_per_program_change_nothing_but_the_grid(monkeypatch):
     assert sampled._merge_rows(12, 64, cuda) == 2  # Wan-1.3B: 12 x 32 = 384 programs (12 x 16 = 192 at 4 rows)
     assert sampled._merge_rows(40, 64, cuda) == 8  # Wan-14B: 40 x 8 = 320 programs
     assert sampled._merge_rows(1, 8, cuda) == 2 and sampled._merge_rows(12, 64, torch.device("cpu")) == 16
+
+
+def test_kernel_rows_are_the_rows_kept_per_call_and_follow_the_settings():
+    svg = SVG(0.3, block_size=BLOCK)
+    cpu = torch.device("cpu")
+    first = svg._kernel_rows(WAN, 3, 2, cpu)
+    assert first.dtype == torch.int32 and torch.equal(first, svg.rows(WAN, 3, 2).to(torch.int32))
+    assert svg._kernel_rows(WAN, 3, 2, cpu) is first  # kept: nothing drawn or sent again
+    assert not torch.equal(svg._kernel_rows(WAN, 4, 2, cpu), first)
+    svg.seed = 7  # settings changed after construction: new rows, as rows() gives them
+    assert torch.equal(svg._kernel_rows(WAN, 3, 2, cpu), svg.rows(WAN, 3, 2).to(torch.int32))
+    assert not torch.equal(svg._kernel_rows(WAN, 3, 2, cpu), first)

@@ -30,11 +30,12 @@ for comparison); rows are a function of ``(seed, step, layer)``; masks are never
 (:mod:`~sparse_vdit.methods.svg_profile`); on a GPU one fused Triton pass computes the exact and both
 masked outputs of the rows.
 
-**One device-decided layer call** launches four kernels after the rows' copy: the profiling pass,
-the merge of its key splits, the errors and choice (``errors_and_choice``), the attention reading
-the choice. Everything that depends on (layout, density) is built once and kept resident: the
-candidate and profile tables, each query position's key-block ranges under the profile masks
-(``position_ranges``), the kernels' work order and flags.
+**One device-decided layer call** launches four kernels: the profiling pass, the merge of its key
+splits, the errors and choice (``errors_and_choice``), the attention reading the choice. Everything
+that depends on (layout, density) is built once and kept resident: the candidate and profile
+tables, each query position's key-block ranges under the profile masks (``position_ranges``), the
+kernels' work order and flags; the sampled rows are kept on the device per (step, layer), so only
+the first generation draws and sends them (one small queued copy).
 
 **No host sync** (``decide``): on a backend that reads the choice on the device (its declaration's
 ``selects_on_device``: Triton) the source returns a :class:`~sparse_vdit.patterns.HeadChoice` (both
@@ -299,6 +300,7 @@ class SVG:
         self.last_errors: torch.Tensor | None = None
         self._timings: list[tuple[int, Any, Any]] = []
         self._heads: dict[tuple, tuple[Pattern, ...]] = {}  # one tuple object per choice (memo-friendly)
+        self._rows: dict[tuple, torch.Tensor] = {}  # the fused kernel's rows per (layout, step, layer, device)
         self._last_step = -1
         self.generations: list[dict] = []  # per generation: {"layout", "warmup", "steps": {step: {layer: ...}}}
         self.disagreements = 0  # later calls of a recorded (step, layer) that chose otherwise
@@ -416,23 +418,39 @@ class SVG:
     def _sampled(self, q, k, v, layout: VideoLayout, step: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`sampled_outputs` of this call's rows under the profile masks (the fused Triton pass
         where it runs; ``auto`` falls back to torch once, with a warning, if it fails)."""
-        rows = self.rows(layout, step, layer)  # CPU; moved where needed
         patterns = self.profile_patterns(layout)
         backend = self.profile_backend
         if backend == "auto":
             backend = "triton" if q.is_cuda and _triton_ok(q, patterns) else "torch"
-        args = (q, k, v, rows, layout, patterns, self.block_size)
+        args = (q, k, v, layout, patterns, self.block_size)
         try:
-            outputs, masses = sampled_outputs(*args, backend=backend, chunk=self.chunk)
+            rows = self._kernel_rows(layout, step, layer, q.device) if backend == "triton" else self.rows(layout, step, layer)
+            outputs, masses = sampled_outputs(*args[:3], rows, *args[3:], backend=backend, chunk=self.chunk)
         except Exception as err:  # noqa: BLE001 - only where "auto" chose triton
             if self.profile_backend != "auto" or backend != "triton":
                 raise
             logger.warning("sparse-vdit svg: the fused Triton profiling failed (%s: %s); using torch from now on",
                            type(err).__name__, err)  # fmt: skip
             self.profile_backend = backend = "torch"
-            outputs, masses = sampled_outputs(*args, backend=backend, chunk=self.chunk)
+            outputs, masses = sampled_outputs(*args[:3], self.rows(layout, step, layer), *args[3:], backend=backend,
+                                              chunk=self.chunk)  # fmt: skip
         self.last_profile_backend = backend
         return outputs, masses
+
+    def _kernel_rows(self, layout: VideoLayout, step: int, layer: int, device: torch.device) -> torch.Tensor:
+        """:meth:`rows` as the fused kernel reads them (int32 on ``device``), kept per (layout, step,
+        layer): a later generation (same seed, same rows) sends nothing, and a captured step copies nothing."""
+        settings = (self.seed, self.sampled_rows, self.row_sampling, self.reference(layout).max_row)  # may be reset
+        key = (layout, step, layer, device, settings)
+        hit = self._rows.get(key)
+        if hit is None:
+            if len(self._rows) > 8192:
+                self._rows.clear()
+            rows = self.rows(layout, step, layer).to(torch.int32)
+            if device.type == "cuda":  # pinned: the copy is queued without waiting for anything (no host sync)
+                rows = rows.pin_memory()
+            hit = self._rows[key] = rows.to(device, non_blocking=True)
+        return hit
 
     def _patterns(self, layout: VideoLayout, selected: tuple[int, ...]) -> tuple[Pattern, ...]:
         key = (layout, selected)
