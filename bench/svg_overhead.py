@@ -1,7 +1,8 @@
 """What an SVG layer costs over its attention (issue 16): ``python bench/svg.py --overhead``.
 
-For each shape, mode, density, step-path variant (``--variants``) and programs-per-SM target of the
-profiling kernel (``--programs-per-sm``), three parts of one SVG layer decided on the device
+For each shape, mode, density and step-path variant (``--variants``; ``after`` also at every
+``--tiles`` x ``--programs-per-sm`` launch of the profiling kernel, ``before`` at the first of
+each), three parts of one SVG layer decided on the device
 (:class:`~sparse_vdit.methods.svg.SVG` with ``decide="device"``, the Triton select kernel), each
 timed on the GPU alone (queued behind a sleep kernel, so the host's launch time is hidden as behind
 a model's projections) and interleaved rep by rep (clock drift hits all three alike):
@@ -126,18 +127,25 @@ def run(shapes: dict, args, device, dtype, record, over_budget, launch_setting) 
               flush=True)  # fmt: skip
         for mode in args.modes:
             for density in args.densities:
-                for var in args.variants:
-                    for per_sm in args.programs_per_sm:
-                        if over_budget(f"overhead/{name}/{mode}/{density}/{var}/{per_sm}"):
-                            return
-                        with variant(var), launch_setting("default" if on_gpu else None, per_sm if on_gpu else None):
-                            one(shape, sets, mode, density, var, per_sm, args, block, backend, on_gpu, record)
+                for var, tiles, per_sm in points(args):
+                    if over_budget(f"overhead/{name}/{mode}/{density}/{var}/{tiles}/{per_sm}"):
+                        return
+                    with variant(var), launch_setting(tiles if on_gpu else None, per_sm if on_gpu else None):
+                        one(shape, sets, mode, density, var, tiles, per_sm, args, block, backend, on_gpu, record)
         del sets
         if on_gpu:
             torch.cuda.empty_cache()
 
 
-def one(shape, sets, mode, density, var, per_sm, args, block, backend, on_gpu, record) -> None:
+def points(args) -> list[tuple[str, str, int]]:
+    """(variant, tiles, programs per SM) to run: ``before`` at the first of each (the old default
+    launch), ``after`` at every ``--tiles`` x ``--programs-per-sm``."""
+    first = (args.tiles[0], args.programs_per_sm[0])
+    sweep = [(t, p) for t in args.tiles for p in args.programs_per_sm]
+    return [(v, *point) for v in args.variants for point in (sweep if v == "after" else [first])]
+
+
+def one(shape, sets, mode, density, var, tiles, per_sm, args, block, backend, on_gpu, record) -> None:
     layout = shape.layout
     svg = SVG(density, mode=mode, warmup_steps=0, warmup_layers=0, decide="device", block_size=block,
               profile_backend="triton" if on_gpu or "triton" in args.profile_backends else "torch")  # fmt: skip
@@ -154,27 +162,27 @@ def one(shape, sets, mode, density, var, per_sm, args, block, backend, on_gpu, r
     ms = interleaved(fns, len(sets), args.reps, on_gpu)
     temporal = sum(int(c.selected.sum()) for c in choices) / sum(c.selected.numel() for c in choices)
     base = dict(shape=shape.name, tokens=layout.num_tokens, heads=shape.heads, dim=shape.dim, mode=mode,
-                density=density, table_density=table.density, variant=var, programs_per_sm=per_sm,
+                density=density, table_density=table.density, variant=var, tiles=tiles, programs_per_sm=per_sm,
                 profile_backend=svg.last_profile_backend, temporal_share=temporal, reps=args.reps)  # fmt: skip
     for part in PARTS:
         record(**base, part=f"overhead-{part}", ms=ms[part], backend=backend)
     kernels = kernel_table(fns["layer"], len(sets), on_gpu)
     record(**base, part="overhead-kernels", kernels=kernels)
-    print(f"  kernels of {len(sets)} layer calls ({var}, {per_sm}/SM):", flush=True)
+    print(f"  kernels of {len(sets)} layer calls ({var}, tiles {tiles}, {per_sm}/SM):", flush=True)
     for k in kernels:
         print(f"    {k['calls']:4d} x {k['us'] / k['calls']:9.1f} us  {k['kernel']}", flush=True)
 
 
 def summarise(rows: list) -> list:
     """One line per (shape, mode, density, variant, programs per SM): the three parts and the ratios."""
-    key = lambda r: (r["shape"], r["mode"], r["density"], r["variant"], r["programs_per_sm"])  # noqa: E731
+    key = lambda r: (r["shape"], r["mode"], r["density"], r["variant"], r["tiles"], r["programs_per_sm"])  # noqa: E731
     timed = [r for r in rows if r.get("part", "").startswith("overhead-") and "ms" in r]
     out = []
     for k in dict.fromkeys(key(r) for r in timed):
         ms = {r["part"].removeprefix("overhead-"): r["ms"] for r in timed if key(r) == k}
         first = next(r for r in timed if key(r) == k)
         attn, profile, layer = ms["attn"], ms["profile"], ms["layer"]
-        out.append(dict(zip(("shape", "mode", "density", "variant", "programs_per_sm"), k), attn_ms=attn,
+        out.append(dict(zip(("shape", "mode", "density", "variant", "tiles", "programs_per_sm"), k), attn_ms=attn,
                         profile_ms=profile, layer_ms=layer, layer_over_attn=layer / attn, profile_share=profile / attn,
                         other_ms=layer - attn - profile, temporal_share=first["temporal_share"],
                         table_density=first["table_density"]))  # fmt: skip
@@ -182,9 +190,9 @@ def summarise(rows: list) -> list:
 
 
 def print_summary(summary: list) -> None:
-    print(f"\n{'shape':14s} {'mode':9s} {'dens':>5s} {'variant':7s} {'/SM':>3s} {'attn ms':>9s} {'profile':>8s} "
+    print(f"\n{'shape':14s} {'mode':9s} {'dens':>5s} {'variant':7s} {'tiles':>11s} {'/SM':>3s} {'attn ms':>9s} {'profile':>8s} "
           f"{'layer ms':>9s} {'layer/attn':>10s} {'profile/attn':>12s} {'other ms':>8s} {'temporal':>8s}")  # fmt: skip
     for s in summary:
-        print(f"{s['shape']:14s} {s['mode']:9s} {s['density']:5.2f} {s['variant']:7s} {s['programs_per_sm']!s:>3s} "
+        print(f"{s['shape']:14s} {s['mode']:9s} {s['density']:5.2f} {s['variant']:7s} {s['tiles']:>11s} {s['programs_per_sm']!s:>3s} "
               f"{s['attn_ms']:9.3f} {s['profile_ms']:8.3f} {s['layer_ms']:9.3f} {s['layer_over_attn']:10.3f} "
               f"{s['profile_share']:12.1%} {s['other_ms']:8.3f} {s['temporal_share']:8.0%}")  # fmt: skip

@@ -173,7 +173,16 @@ def test_svg_bench_overhead_dry_run_times_the_three_parts_of_each_variant(bench,
     assert all(r["ms"] > 0 and r["density"] == 0.25 and r["mode"] == "reference" for r in timed)
     tables = [r for r in saved["rows"] if r["part"] == "overhead-kernels"]
     assert len(tables) == 2 and all(t["kernels"] and t["kernels"][0]["calls"] >= 1 for t in tables)
-    assert [s["variant"] for s in result["summary"]] == ["before", "after"]
+    assert [(s["variant"], s["tiles"]) for s in result["summary"]] == [("before", "default"), ("after", "default")]
     for s in result["summary"]:
         assert s["layer_over_attn"] == s["layer_ms"] / s["attn_ms"] and s["profile_share"] == s["profile_ms"] / s["attn_ms"]
         assert s["other_ms"] == pytest.approx(s["layer_ms"] - s["attn_ms"] - s["profile_ms"])
+
+
+def test_svg_bench_overhead_sweeps_launches_of_the_after_variant_only(bench):
+    import svg_overhead
+
+    args = bench.parse(["--dry-run", "--overhead", "--tiles", "default", "64,32,8,3", "--programs-per-sm", "8", "2"])
+    assert svg_overhead.points(args) == [("before", "default", 8), ("after", "default", 8), ("after", "default", 2),
+                                         ("after", "64,32,8,3", 8), ("after", "64,32,8,3", 2)]  # fmt: skip
+    assert args.densities == [0.25] and bench.parse(["--dry-run"]).densities == [0.3, 0.25, 0.2]

@@ -64,13 +64,18 @@ def _masked_step(acc, l_i, alpha, p, pv, v, RS, RE, rows, row_ok, start, offs_n,
     if ROW_WISE:
         inside = _row_inside(RS, RE, rows, row_ok, start // TABLE_BLOCK, NUM_POSITIONS, NR)
         if FOLD:
+            acc = acc * alpha[:, None] + tl.where(inside[:, None], pv, 0.0)
             l_i = l_i * alpha + tl.where(inside, tl.sum(p, 1), 0.0)
-            return acc * alpha[:, None] + tl.where(inside[:, None], pv, 0.0), l_i
-        p = tl.where(inside[:, None], p, 0.0)
+        else:
+            p = tl.where(inside[:, None], p, 0.0)
+            acc = acc * alpha[:, None] + _dot(p, v, IEEE)
+            l_i = l_i * alpha + tl.sum(p, 1)
     else:
         block = (token_major if TOKEN_MAJOR else offs_n) // TABLE_BLOCK
         p = tl.where(_inside(RS, RE, rows, row_ok, block, NUM_POSITIONS, NR), p, 0.0)
-    return acc * alpha[:, None] + _dot(p, v, IEEE), l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p, v, IEEE)
+        l_i = l_i * alpha + tl.sum(p, 1)
+    return acc, l_i
 
 
 @triton.jit
