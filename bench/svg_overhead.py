@@ -104,9 +104,13 @@ def kernel_table(fn, count: int, on_gpu: bool, limit: int = 12) -> list[dict]:
             torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None) if on_gpu else e.self_cpu_time_total
-        if on_gpu and not us:
-            continue
+        if on_gpu:  # the kernels themselves (the aten ops that launch them have no self device time)
+            us = getattr(e, "self_device_time_total", None)
+            us = getattr(e, "self_cuda_time_total", 0) if us is None else us
+            if not us:
+                continue
+        else:
+            us = e.self_cpu_time_total
         if not on_gpu and not e.key.startswith(("aten::", "sparse_vdit::")):
             continue
         rows.append({"kernel": e.key[:90], "calls": e.count, "us": float(us or 0)})
