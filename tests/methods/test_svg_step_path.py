@@ -105,8 +105,11 @@ def test_fused_choice_decides_as_the_torch_operations(mode, monkeypatch):
 def test_a_device_decided_layer_launches_four_kernels_and_no_host_work(monkeypatch):
     """One SVG layer call decided on the device: the profile, the merge of its key splits, the choice,
     the attention (four launches; the rows' copy is the only other device work); on the host only
-    the rows are drawn and cast. Everything that depends on (layout, density) is built once."""
-    _triton_ready()
+    the rows are drawn and cast. Everything that depends on (layout, density) is built once.
+    (CPU tensors through the interpreter: what is counted is what the host asks for, any device.)"""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts launches of CPU tensors through the Triton interpreter")
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from sparse_vdit.kernels.triton import kernel as attention_kernel
