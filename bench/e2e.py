@@ -23,7 +23,10 @@ Variants, each in each mode (``eager``; ``compiled`` = every transformer block c
   does; no warm-up steps: every forward here is a sparse step); ``svg-NN-flex``: the same through
   FlexAttention (``--svg-backends``, default ``auto,flex``). Their ``profile`` column is the
   classification's own time (CUDA events) as a share of the attention time, which includes it;
-  ``density`` is the realised one (dense first layer included).
+  ``density`` is the realised one (dense first layer included). ``svg-NN-<backend>-plan``: the
+  offline plan at SVG's own density, i.e. one forward's SVG choices recorded (``to_plan``) and
+  replayed as a fixed plan through the same backend: against ``svg-NN-<backend>-device`` the
+  online method's whole cost (issue 16: within 3%).
 
 Reported: forward latency (median of ``--repeats`` after one warm-up, CUDA events), attention
 time and its share (CUDA events around the attention calls), speedup against ``unpatched`` and
@@ -268,6 +271,9 @@ def run_svg(run: Mode, model, inputs, layout: VideoLayout) -> None:
             for name in run.args.svg_backends:
                 if not run.fits():
                     return
+                if name.endswith("-plan"):
+                    svg_plan_row(run, model, inputs, layout, state, density, name, attention_seconds)
+                    continue
                 on_device = name.endswith("-device")  # decided on the device (Triton, FA4): nothing recorded
                 fa4.SELECT_ON_DEVICE = on_device
                 svg = SVG(density, warmup_steps=0, record=not on_device, decide="device" if on_device else "auto",
@@ -293,6 +299,27 @@ def run_svg(run: Mode, model, inputs, layout: VideoLayout) -> None:
     finally:
         fa4.SELECT_ON_DEVICE = fa4_on_device
         sparse_vdit.remove(model)
+
+
+def svg_plan_row(run: Mode, model, inputs, layout: VideoLayout, state, density: float, name: str,
+                 attention_seconds) -> None:  # fmt: skip
+    """``svg-NN-<backend>-plan``: SVG's choices of one (untimed) forward, recorded, then timed as a
+    fixed plan through the same backend (the offline plan at SVG's density; no profiling)."""
+    from sparse_vdit.methods.svg import SVG
+
+    svg = SVG(density, warmup_steps=0, record=True, block_size=run.args.block_size)
+    svg.spec = state.svg.spec
+    state.pattern_source = state.svg = svg
+    state.backend = svg_backend(run, name.removesuffix("-plan"))
+    with torch.no_grad():
+        model(**inputs)
+    plan = svg.to_plan()
+    state.set_plan(plan)
+    state.svg = svg  # profile_seconds stays readable (nothing classified while the plan runs)
+    result = measure(model, inputs, run.args.repeats, attention_seconds)
+    result.update(target_density=density, svg_backend=state.backend, svg_mode=svg.mode)
+    run.record(f"svg-{round(density * 100):02d}-{name}", result, plan.density(layout))
+    sparse_vdit.clear_caches()
 
 
 def table(rows: list) -> str:
@@ -327,7 +354,8 @@ def parse_args(argv=None):
     p.add_argument("--densities", default="0.5,0.3,0.2,0.1")
     p.add_argument("--svg-densities", default="0.3,0.25,0.2", help="SVG rows ('' for none)")
     p.add_argument("--svg-backends", default="auto,flex",
-                   help="sparse backends of the SVG rows (auto = --backend; 'triton-device': Triton, decided on the device)")
+                   help="sparse backends of the SVG rows (auto = --backend; 'triton-device': Triton, decided on the "
+                        "device; 'triton-plan': SVG's recorded choices replayed as a fixed plan)")
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant, after one warm-up")
     p.add_argument("--backend", default="auto", help="sparse backend of our integration")
     p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)
@@ -344,8 +372,10 @@ def parse_args(argv=None):
     args.densities = [float(d) for d in args.densities.split(",") if d.strip()]
     args.svg_densities = [float(d) for d in args.svg_densities.split(",") if d.strip()]
     args.svg_backends = [b.strip() for b in args.svg_backends.split(",") if b.strip()]
-    if {b.removesuffix("-device") for b in args.svg_backends} - {"auto", "flex", "triton", "fa4", "reference"}:
-        p.error("--svg-backends takes auto, flex, triton, fa4, reference (each with -device: decided on the device)")
+    if {b.removesuffix("-plan").removesuffix("-device") for b in args.svg_backends} - {"auto", "flex", "triton", "fa4",
+                                                                                        "reference"}:  # fmt: skip
+        p.error("--svg-backends takes auto, flex, triton, fa4, reference (each with -device: decided on the device, "
+                "or -plan: SVG's recorded choices as a fixed plan)")
     if args.dry_run:
         args.block_size = min(args.block_size, 16)
     args.out = args.out or results_path("e2e", args.dry_run)

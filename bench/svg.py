@@ -5,6 +5,8 @@
                         [--tiles default 16,32,4,2 ...] [--programs-per-sm 4 8 ...]
     python bench/svg.py --dry-run      # tiny shapes on the CPU, reference backend for both paths
                                        # (the fused Triton profile through TRITON_INTERPRET=1)
+    python bench/svg.py --overhead [--variants before after] [--programs-per-sm 2 4 8] [--reps 15]
+                                       # the layer over its attention, interleaved: bench/svg_overhead.py
 
 Launch sweep of the fused profiling kernel (next GPU session, H100; Wan-14B 720p, where the
 4.1 ms profile must come under 3% of the attention): 5 tiles x 5 targets = 25 points, every part
@@ -47,6 +49,11 @@ density, one SVG layer call (no warm-up) is timed in parts, CUDA events, median:
 - ``layer-<backend>``: ``decide`` followed by the attention, as the integration runs it;
 - ``cudnn-dense``: dense cuDNN SDPA, the bar.
 
+Each ``attn-*`` part runs, for each input set, the choice that set's own layer makes (they all ran
+the first set's before: random sets can choose differently, e.g. Wan-14B 720p in mode ``ours``, 8
+heads on the CPU: 0%, 88% and 62% temporal heads in three sets, and token-major heads cost the
+kernel more than frame-major ones).
+
 Random data gives near-uniform attention, so the spatial/temporal mix is whatever the
 classifier picks (reported as ``temporal_share``); timings depend on it only through the
 permutation of the temporal heads. ``--chunks`` (torch path), ``--rows``, and on the Triton path
@@ -88,22 +95,12 @@ from sparse_vdit.methods.svg import DEFAULT_CHUNK, MODES, SVG
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling bench scripts
 import common  # noqa: E402  (the bench library: shapes, timer, version report)
+import svg_overhead  # noqa: E402  (--overhead)
 BLOCK = common.BLOCK
 DRY_SHAPES = {  # --dry-run: small, awkward layouts (text, ragged blocks), block 16
     "tiny-video": common.Shape("tiny-video", VideoLayout(5, 6, 10), 3, 32),
     "tiny-text": common.Shape("tiny-text", VideoLayout(4, 6, 7, 19, "suffix"), 3, 32),
 }
-
-
-def cpu_time(fn, sets, reps: int = 1):
-    """Median ms of ``fn(*set)`` on the CPU (dry runs only)."""
-    fn(*sets[0])
-    times = []
-    for i in range(reps):
-        start = time.perf_counter()
-        fn(*sets[i % len(sets)])
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times), None, reps
 
 
 def queued_time(fn, sets, reps: int = 20, hold_cycles: int = 10_000_000):
@@ -189,24 +186,24 @@ def replay_parts(svg, sets, layout, device) -> tuple[dict, dict]:
     launched), and the launch geometry of the first set's kernel."""
     from sparse_vdit.kernels.triton import sampled
 
-    launches, calls = [], []
+    launches, calls = [], []  # replay sets (q, what was captured): a timer reads the device off the first item
     for q, k, v in sets:
         with capture_fused() as seen:
             svg.classify(q, k, v, layout, 0, 0)
-        launches.append((seen.launches,))
-        calls.append((seen.calls,))
-    if not all(ls for (ls,) in launches):
+        launches.append((q, seen.launches))
+        calls.append((q, seen.calls))
+    if not all(ls for _, ls in launches):
         return {}, {}
 
-    def kernel(ls):
+    def kernel(_, ls):
         for grid, a, kw in ls:
             sampled.sampled_rows_fwd[grid](*a, **kw)
 
-    def fused(cs):
+    def fused(_, cs):
         for a, kw in cs:
             sampled.sampled_outputs(*a, **kw)
 
-    grid, _, kw = launches[0][0][0]
+    grid, _, kw = launches[0][1][0]
     programs = grid[0] * grid[1] * grid[2]
     launch = dict(grid=list(grid), block_m=kw["BLOCK_M"], block_n=kw["BLOCK_N"], num_warps=kw.get("num_warps"),
                   num_stages=kw.get("num_stages"), splits=grid[2], programs=programs)  # fmt: skip
@@ -218,7 +215,7 @@ def replay_parts(svg, sets, layout, device) -> tuple[dict, dict]:
 def run_shape(shape, args, device, dtype, record, over_budget) -> None:
     layout = shape.layout
     sets = common.random_sets(shape, args.sets, device, dtype)
-    timer = cpu_time if args.dry_run else (lambda fn, s: common.time_fn(fn, s, target_ms=args.target_ms))
+    timer = lambda fn, s: common.time_fn(fn, s, target_ms=args.target_ms)  # noqa: E731 - CPU too (dry runs)
     fast = "reference" if args.dry_run else resolve_backend("auto", sets[0][0])
     flex = "reference" if args.dry_run else "flex"
     print(f"== {shape.name}: {layout.describe()}, {shape.heads} heads x {shape.dim}; fast path {fast!r}", flush=True)
@@ -248,7 +245,7 @@ def run_setting(shape, args, device, sets, record, density, rows, profile_backen
     """One SVG configuration (and launch setting, on the Triton path): every part timed."""
     layout = shape.layout
     block = 16 if args.dry_run else BLOCK
-    timer = cpu_time if args.dry_run else (lambda fn, s: common.time_fn(fn, s, target_ms=args.target_ms))
+    timer = lambda fn, s: common.time_fn(fn, s, target_ms=args.target_ms)  # noqa: E731 - CPU too (dry runs)
     row = dict(base, density=density, rows=rows, chunk=chunk, profile_backend=profile_backend, tiles=tiles,
                programs_per_sm=per_sm)  # fmt: skip
     try:
@@ -270,6 +267,10 @@ def run_setting(shape, args, device, sets, record, density, rows, profile_backen
     if launch:
         row["launch"] = launch
     index = {id(c.q): c for c in calls}
+    # the attention alone runs each set's own choice (the one its layer makes): random inputs of
+    # several sets may choose differently, and temporal heads cost more than spatial ones
+    tables = {id(c.q): compile_layer(svg(c), layout, block, device) for c in calls}
+    choices = {id(c.q): on_device(c) for c in calls}
     parts = {"profile": (lambda q, k, v: svg.classify(q, k, v, layout, 0, 0), sets)}
     if not args.dry_run:
         parts["profile-queued"] = (lambda q, k, v: svg.classify(q, k, v, layout, 0, 0), sets)
@@ -277,17 +278,16 @@ def run_setting(shape, args, device, sets, record, density, rows, profile_backen
     parts["decide"] = (lambda q, k, v: svg(index[id(q)]), sets)
     backends = {"fast": fast, "flex": flex}
     for name, backend in backends.items():
-        parts[f"attn-{name}"] = (lambda q, k, v, b=backend: sparse_attention(q, k, v, table, backend=b), sets)
+        parts[f"attn-{name}"] = (lambda q, k, v, b=backend: sparse_attention(q, k, v, tables[id(q)], backend=b), sets)
         parts[f"layer-{name}"] = (lambda q, k, v, b=backend: sparse_attention(
             q, k, v, compile_layer(svg(index[id(q)]), layout, block, device), backend=b), sets)  # fmt: skip
     parts["decide-device"] = (lambda q, k, v: on_device(index[id(q)]), sets)
     backends["select"] = backends["device"] = select = "reference" if args.dry_run else "triton"
-    choice = on_device(calls[0])
-    parts["attn-select"] = (lambda q, k, v: chosen(q, k, v, choice, layout, block, select), sets)
+    parts["attn-select"] = (lambda q, k, v: chosen(q, k, v, choices[id(q)], layout, block, select), sets)
     parts["layer-device"] = (lambda q, k, v: chosen(q, k, v, on_device(index[id(q)]), layout, block, select), sets)
     if fast == "fa4":  # FA4 with the choice kept on the device too (fa4.SELECT_ON_DEVICE)
         backends["select-fa4"] = backends["device-fa4"] = "fa4"
-        parts["attn-select-fa4"] = (lambda q, k, v: fa4_on_device(q, k, v, choice, layout, block), sets)
+        parts["attn-select-fa4"] = (lambda q, k, v: fa4_on_device(q, k, v, choices[id(q)], layout, block), sets)
         parts["layer-device-fa4"] = (lambda q, k, v: fa4_on_device(q, k, v, on_device(index[id(q)]), layout, block),
                                      sets)  # fmt: skip
     for part, (fn, inputs) in parts.items():
@@ -381,7 +381,7 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="*", default=None, help=f"of {', '.join(common.SHAPES)} (default all)")
     p.add_argument("--modes", nargs="*", default=["reference"], choices=list(MODES), help="SVG modes")
-    p.add_argument("--densities", nargs="*", type=float, default=[0.3, 0.25, 0.2])
+    p.add_argument("--densities", nargs="*", type=float, default=None, help="default 0.3 0.25 0.2 (--overhead: 0.25)")
     p.add_argument("--rows", nargs="*", type=int, default=[64], help="sampled rows per call")
     p.add_argument("--profile-backends", nargs="*", default=["triton", "torch"], choices=["triton", "torch"])
     p.add_argument("--chunks", nargs="*", type=int, default=[DEFAULT_CHUNK], help="torch path: score elements at once")
@@ -394,7 +394,15 @@ def parse(argv):
     p.add_argument("--budget-s", type=float, default=480.0, help="stop starting rows after this long")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, reference backend (checks the script)")
+    p.add_argument("--overhead", action="store_true",
+                   help="the layer over its attention, interleaved (bench/svg_overhead.py; default shapes: Wan-1.3B "
+                        "480p and Wan-14B 720p, density 0.25)")  # fmt: skip
+    p.add_argument("--variants", nargs="*", default=list(svg_overhead.VARIANTS), choices=list(svg_overhead.VARIANTS),
+                   help="--overhead: the step path's variants")  # fmt: skip
+    p.add_argument("--reps", type=int, default=15, help="--overhead: timed calls of each part")
     args = p.parse_args(argv)
+    if args.densities is None:
+        args.densities = [0.25] if args.overhead else [0.3, 0.25, 0.2]
     try:
         args.tiles = list(dict.fromkeys(parse_tiles(t) for t in args.tiles or ["default"]))
     except ValueError as err:
@@ -409,7 +417,8 @@ def parse(argv):
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
         args.profile_backends = [b for b in args.profile_backends if b != "triton"] or ["torch"]
     names = DRY_SHAPES if args.dry_run else common.SHAPES
-    args.shapes = args.shapes or list(names)
+    default = ["wan1.3b-480p", "wan14b-720p"] if args.overhead and not args.dry_run else list(names)
+    args.shapes = args.shapes or default
     unknown = set(args.shapes) - set(names)
     if unknown:
         p.error(f"unknown shapes {sorted(unknown)}; choose from {', '.join(names)}")
@@ -432,8 +441,12 @@ def main(argv=None) -> dict:
     def record(**row):
         result["rows"].append(row)
         if "ms" in row:
-            extra = "" if "density" not in row else f" d={row['density']:.2f} rows={row['rows']} chunk={row['chunk']}"
-            if row.get("programs_per_sm") is not None:
+            extra = "" if "density" not in row else f" d={row['density']:.2f}"
+            if "rows" in row:
+                extra += f" rows={row['rows']} chunk={row['chunk']}"
+            if "variant" in row:
+                extra += f" {row['mode']} {row['variant']} per_sm={row['programs_per_sm']}"
+            elif row.get("programs_per_sm") is not None:
                 extra += f" tiles={row['tiles']} per_sm={row['programs_per_sm']} splits={row.get('launch', {}).get('splits')}"
             print(f"  {row['shape']:18s} {row['part']:12s} {row['ms']:9.3f} ms{extra}", flush=True)
 
@@ -444,19 +457,27 @@ def main(argv=None) -> dict:
         return False
 
     shapes = DRY_SHAPES if args.dry_run else common.SHAPES
-    for name in args.shapes:
+    if args.overhead:
         try:
-            run_shape(shapes[name], args, device, dtype, record, over_budget)
+            svg_overhead.run(shapes, args, device, dtype, record, over_budget, launch_setting)
         except torch.cuda.OutOfMemoryError as err:  # keep what was measured
-            print(f"{name}: out of memory ({err})", flush=True)
-            torch.cuda.empty_cache()
-    result["summary"] = summarise(result["rows"])
+            print(f"out of memory ({err})", flush=True)
+        result["summary"] = svg_overhead.summarise(result["rows"])
+    else:
+        for name in args.shapes:
+            try:
+                run_shape(shapes[name], args, device, dtype, record, over_budget)
+            except torch.cuda.OutOfMemoryError as err:  # keep what was measured
+                print(f"{name}: out of memory ({err})", flush=True)
+                torch.cuda.empty_cache()
+        result["summary"] = summarise(result["rows"])
     result["wall_s"] = time.time() - start
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "svg-dry-run.json" if args.dry_run else "svg.json")
+    name = "svg-overhead" if args.overhead else "svg"
+    path = os.path.join(args.out, f"{name}-dry-run.json" if args.dry_run else f"{name}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    print_summary(result["summary"])
+    (svg_overhead.print_summary if args.overhead else print_summary)(result["summary"])
     print(f"wrote {path} ({result['wall_s']:.0f} s)")
     return result
 

@@ -121,3 +121,68 @@ def test_svg_fused_profile_takes_explicit_splits():
         got = sampled_outputs(*args, **kw, splits=splits)
         for a, b in zip(got, auto):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_svg_bench_profile_replays_run_through_the_timer(bench):
+    """The profile-kernel / profile-fused replays go through ``common.time_fn`` as on the GPU (its
+    first set's first item must be a tensor: the merged bench failed there with "'list' object has
+    no attribute 'is_cuda'"), and replaying gives the classification's own outputs."""
+    _triton_ready(dry_run=True)
+    import common
+    from sparse_vdit.kernels.triton import sampled
+    from sparse_vdit.methods.svg import SVG
+
+    shape = bench.DRY_SHAPES["tiny-video"]
+    sets = common.random_sets(shape, 2, torch.device("cpu"), torch.float32)
+    svg = SVG(0.4, warmup_steps=0, warmup_layers=0, sampled_rows=16, block_size=16, profile_backend="triton")
+    parts, launch = bench.replay_parts(svg, sets, shape.layout, torch.device("cpu"))
+    assert set(parts) == {"profile-kernel", "profile-fused"}
+    assert launch["programs"] == launch["grid"][0] * launch["grid"][1] * launch["grid"][2]
+    for name, (fn, replay_sets) in parts.items():
+        assert all(isinstance(s[0], torch.Tensor) for s in replay_sets), name
+        ms, _, reps = common.time_fn(fn, replay_sets)
+        assert ms > 0 and reps == len(sets)
+    fused = parts["profile-fused"][1][0][1]  # the captured sampled_outputs calls of the first set
+    (args, kwargs), = fused
+    out, mass = sampled.sampled_outputs(*args, **kwargs)
+    torch.testing.assert_close(svg.classify(*sets[0], shape.layout, 0, 0),
+                               bench_errors(out, mass, svg), rtol=0, atol=0)  # fmt: skip
+
+
+def bench_errors(out, mass, svg):
+    from sparse_vdit.methods.svg import sampled_errors
+
+    return sampled_errors(out, mass, svg.error, per_sample=svg.choice == "per_sample")
+
+
+def test_svg_bench_overhead_dry_run_times_the_three_parts_of_each_variant(bench, tmp_path):
+    """``--overhead``: attention alone (each set's own choice), the decision alone and the layer, for
+    each step-path variant, plus the layer's kernel table; the variants' switches are restored."""
+    from sparse_vdit.kernels.triton import sampled
+    from sparse_vdit.methods import svg_profile
+
+    before = dict(sampled.TUNING), svg_profile.FUSED_CHOICE
+    result = bench.main(["--dry-run", "--overhead", "--shapes", "tiny-text", "--reps", "2", "--sets", "2",
+                         "--profile-backends", "torch", "--out", str(tmp_path)])  # fmt: skip
+    assert (dict(sampled.TUNING), svg_profile.FUSED_CHOICE) == before
+    saved = json.loads((tmp_path / "svg-overhead-dry-run.json").read_text())
+    assert saved["summary"] == result["summary"]
+    timed = [r for r in saved["rows"] if "ms" in r]
+    assert {(r["variant"], r["part"]) for r in timed} == {(v, f"overhead-{p}") for v in ("before", "after")
+                                                          for p in ("attn", "profile", "layer")}  # fmt: skip
+    assert all(r["ms"] > 0 and r["density"] == 0.25 and r["mode"] == "reference" for r in timed)
+    tables = [r for r in saved["rows"] if r["part"] == "overhead-kernels"]
+    assert len(tables) == 2 and all(t["kernels"] and t["kernels"][0]["calls"] >= 1 for t in tables)
+    assert [(s["variant"], s["tiles"]) for s in result["summary"]] == [("before", "default"), ("after", "default")]
+    for s in result["summary"]:
+        assert s["layer_over_attn"] == s["layer_ms"] / s["attn_ms"] and s["profile_share"] == s["profile_ms"] / s["attn_ms"]
+        assert s["other_ms"] == pytest.approx(s["layer_ms"] - s["attn_ms"] - s["profile_ms"])
+
+
+def test_svg_bench_overhead_sweeps_launches_of_the_after_variant_only(bench):
+    import svg_overhead
+
+    args = bench.parse(["--dry-run", "--overhead", "--tiles", "default", "64,32,8,3", "--programs-per-sm", "8", "2"])
+    assert svg_overhead.points(args) == [("before", "default", 8), ("after", "default", 8), ("after", "default", 2),
+                                         ("after", "64,32,8,3", 8), ("after", "64,32,8,3", 2)]  # fmt: skip
+    assert args.densities == [0.25] and bench.parse(["--dry-run"]).densities == [0.3, 0.25, 0.2]

@@ -21,5 +21,5 @@ __all__ = [
 def clear_caches() -> None:
     """Forget the methods' per-layout caches (band widths, SVG candidates, key-block lists, row masks)."""
     for cached in (_svg.band_widths, _svg._candidates, _svg._profile, _svg_profile._key_blocks,
-                   _candidates.video_key_blocks, _estimate._all_rows_mask):
+                   _svg_profile.position_ranges, _candidates.video_key_blocks, _estimate._all_rows_mask):
         cached.cache_clear()

@@ -30,6 +30,13 @@ for comparison); rows are a function of ``(seed, step, layer)``; masks are never
 (:mod:`~sparse_vdit.methods.svg_profile`); on a GPU one fused Triton pass computes the exact and both
 masked outputs of the rows.
 
+**One device-decided layer call** launches four kernels: the profiling pass, the merge of its key
+splits, the errors and choice (``errors_and_choice``), the attention reading the choice. Everything
+that depends on (layout, density) is built once and kept resident: the candidate and profile
+tables, each query position's key-block ranges under the profile masks (``position_ranges``), the
+kernels' work order and flags; the sampled rows are kept on the device per (step, layer), so only
+the first generation draws and sends them (one small queued copy).
+
 **No host sync** (``decide``): on a backend that reads the choice on the device (its declaration's
 ``selects_on_device``: Triton) the source returns a :class:`~sparse_vdit.patterns.HeadChoice` (both
 candidate tables resident; the kernel reads each head's choice and token order). FlashAttention-4
@@ -61,6 +68,7 @@ from .svg_profile import (
     ERRORS,
     PROFILE_BACKENDS,
     _triton_ok,
+    errors_and_choice,
     fused_inputs,
     row_masks,
     row_ranges,
@@ -292,6 +300,7 @@ class SVG:
         self.last_errors: torch.Tensor | None = None
         self._timings: list[tuple[int, Any, Any]] = []
         self._heads: dict[tuple, tuple[Pattern, ...]] = {}  # one tuple object per choice (memo-friendly)
+        self._rows: dict[tuple, torch.Tensor] = {}  # the fused kernel's rows per (layout, step, layer, device)
         self._last_step = -1
         self.generations: list[dict] = []  # per generation: {"layout", "warmup", "steps": {step: {layer: ...}}}
         self.disagreements = 0  # later calls of a recorded (step, layer) that chose otherwise
@@ -366,16 +375,17 @@ class SVG:
         if self.density_for(layout) >= 1.0 or step < warmup or layer < self.warmup_layers_now(layout):
             return None
         start = clock(call.q) if self.timing else None
-        errors = self.classify(call.q, call.k, call.v, layout, step, layer)
+        outputs, masses = self._sampled(call.q, call.k, call.v, layout, step, layer)
+        per_sample = self.choice == "per_sample"
+        if self._on_device(call):  # errors and choice on the device (one launch on CUDA): no host sync
+            errors, selected = errors_and_choice(outputs, masses, self.error, per_sample)  # ties: spatial
+            if start is not None:
+                self._timings.append((step, start, clock(call.q)))
+            self.last_errors, self.last_decided_on = errors, "device"
+            return HeadChoice(self.candidates(layout), selected)
+        errors = sampled_errors(outputs, masses, self.error, per_sample=per_sample)
         if start is not None:
             self._timings.append((step, start, clock(call.q)))
-        self.last_errors = errors
-        if self._on_device(call):
-            self.last_decided_on = "device"
-            selected = errors.argmin(0).to(torch.int32)  # ties: spatial, as the reference's argmin
-            if selected.dim() == 1:
-                selected = selected.expand(call.q.shape[0], -1)
-            return HeadChoice(self.candidates(layout), selected.contiguous())
         self.last_decided_on = "host"
         errors = self.last_errors = errors.cpu()  # the host path's one sync
         selected = errors.argmin(0).to(torch.int32)
@@ -402,23 +412,45 @@ class SVG:
     def classify(self, q, k, v, layout: VideoLayout, step: int, layer: int) -> torch.Tensor:
         """float32 errors of the spatial and the temporal mask for this call: ``[2, heads]``, or
         ``[2, batch, heads]`` with ``choice="per_sample"``."""
-        rows = self.rows(layout, step, layer)  # CPU; moved where needed
+        outputs, masses = self._sampled(q, k, v, layout, step, layer)
+        return sampled_errors(outputs, masses, self.error, per_sample=self.choice == "per_sample")
+
+    def _sampled(self, q, k, v, layout: VideoLayout, step: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`sampled_outputs` of this call's rows under the profile masks (the fused Triton pass
+        where it runs; ``auto`` falls back to torch once, with a warning, if it fails)."""
         patterns = self.profile_patterns(layout)
         backend = self.profile_backend
         if backend == "auto":
             backend = "triton" if q.is_cuda and _triton_ok(q, patterns) else "torch"
-        args = (q, k, v, rows, layout, patterns, self.block_size)
+        args = (q, k, v, layout, patterns, self.block_size)
         try:
-            outputs, masses = sampled_outputs(*args, backend=backend, chunk=self.chunk)
+            rows = self._kernel_rows(layout, step, layer, q.device) if backend == "triton" else self.rows(layout, step, layer)
+            outputs, masses = sampled_outputs(*args[:3], rows, *args[3:], backend=backend, chunk=self.chunk)
         except Exception as err:  # noqa: BLE001 - only where "auto" chose triton
             if self.profile_backend != "auto" or backend != "triton":
                 raise
             logger.warning("sparse-vdit svg: the fused Triton profiling failed (%s: %s); using torch from now on",
                            type(err).__name__, err)  # fmt: skip
             self.profile_backend = backend = "torch"
-            outputs, masses = sampled_outputs(*args, backend=backend, chunk=self.chunk)
+            outputs, masses = sampled_outputs(*args[:3], self.rows(layout, step, layer), *args[3:], backend=backend,
+                                              chunk=self.chunk)  # fmt: skip
         self.last_profile_backend = backend
-        return sampled_errors(outputs, masses, self.error, per_sample=self.choice == "per_sample")
+        return outputs, masses
+
+    def _kernel_rows(self, layout: VideoLayout, step: int, layer: int, device: torch.device) -> torch.Tensor:
+        """:meth:`rows` as the fused kernel reads them (int32 on ``device``), kept per (layout, step,
+        layer): a later generation (same seed, same rows) sends nothing, and a captured step copies nothing."""
+        settings = (self.seed, self.sampled_rows, self.row_sampling, self.reference(layout).max_row)  # may be reset
+        key = (layout, step, layer, device, settings)
+        hit = self._rows.get(key)
+        if hit is None:
+            if len(self._rows) > 8192:
+                self._rows.clear()
+            rows = self.rows(layout, step, layer).to(torch.int32)
+            if device.type == "cuda":  # pinned: the copy is queued without waiting for anything (no host sync)
+                rows = rows.pin_memory()
+            hit = self._rows[key] = rows.to(device, non_blocking=True)
+        return hit
 
     def _patterns(self, layout: VideoLayout, selected: tuple[int, ...]) -> tuple[Pattern, ...]:
         key = (layout, selected)
@@ -507,5 +539,5 @@ class SVG:
                 f"{variant}, decide={self.decide!r})")  # fmt: skip
 
 
-__all__ = ["ERRORS", "MODES", "SVG", "VARIANTS", "Widths", "band_widths", "fused_inputs", "row_masks", "row_ranges", "sample_rows",
+__all__ = ["ERRORS", "MODES", "SVG", "VARIANTS", "Widths", "band_widths", "errors_and_choice", "fused_inputs", "row_masks", "row_ranges", "sample_rows",
            "sampled_errors", "sampled_outputs", "token_major_positions"]  # fmt: skip

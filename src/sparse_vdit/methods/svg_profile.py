@@ -19,6 +19,9 @@ from ..patterns import Pattern, compile_layer
 
 ERRORS = ("output", "mass")
 DEFAULT_CHUNK = 1 << 24  # score elements (samples x heads x rows x keys) computed at once
+# errors_and_choice's Triton kernel (one launch instead of six): "auto" on CUDA, True also on the CPU
+# (the interpreter; tests), False never (the torch operations, as before: benchmarks compare both)
+FUSED_CHOICE: bool | str = "auto"
 
 
 # --- sampled rows and their masks ------------------------------------------------------------
@@ -92,19 +95,30 @@ def row_masks(rows: torch.Tensor, layout: VideoLayout, patterns: Sequence[Patter
     return torch.stack(out)
 
 
+@lru_cache(maxsize=64)
+def position_ranges(
+    layout: VideoLayout, patterns: tuple[Pattern, ...], block: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 ``[len(patterns), NR, num_tokens]`` contiguous on ``device``: :func:`row_ranges` of every
+    query position, built once per (layout, patterns, block, device) and kept resident, so that a
+    call sends only its rows (the fused kernel reads the ranges at the rows' positions)."""
+    positions = torch.arange(layout.num_tokens)
+    starts, ends = row_ranges(positions, layout, patterns, block)
+    return starts.transpose(1, 2).contiguous().to(device), ends.transpose(1, 2).contiguous().to(device)
+
+
 def fused_inputs(
     rows: torch.Tensor, layout: VideoLayout, patterns: Sequence[Pattern], block: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused kernel's rows (int32 ``[R]``) and ranges (int32 ``[2, NR, R]``) on ``device``,
-    computed on the CPU and sent in one copy (a few host operations instead of a dozen launches)."""
-    rows = rows.cpu()
-    starts, ends = (x.transpose(1, 2) for x in row_ranges(rows, layout, patterns, block))
-    packed = torch.cat([rows.to(torch.int32), starts.flatten(), ends.flatten()])  # tables are int32
-    if device.type == "cuda":  # pinned: the copy is queued without waiting for anything (no host sync)
-        packed = packed.pin_memory()
-    packed = packed.to(device, non_blocking=True)
-    r, size = rows.numel(), starts.numel()
-    return packed[:r], packed[r : r + size].view(starts.shape), packed[r + size :].view(ends.shape)
+    """The fused kernel's rows (int32 ``[R]``, one queued copy) and the patterns' per-position ranges
+    (int32 ``[2, NR, num_tokens]``, resident: :func:`position_ranges`) on ``device``."""
+    starts, ends = position_ranges(layout, tuple(patterns), block, torch.device(device))
+    rows = rows.to(torch.int32)
+    if rows.device != starts.device:
+        if starts.device.type == "cuda" and rows.device.type == "cpu":  # queued without a host sync
+            rows = rows.pin_memory()
+        rows = rows.to(starts.device, non_blocking=True)
+    return rows, starts, ends
 
 
 PROFILE_BACKENDS = ("auto", "torch", "triton")
@@ -201,3 +215,25 @@ def sampled_errors(
     else:
         per = (outputs[:, :, 1:] - outputs[:, :, :1]).square().mean((-1, -2))
     return per.permute(2, 0, 1).contiguous() if per_sample else per.mean(0).T.contiguous()
+
+
+def errors_and_choice(
+    outputs: torch.Tensor, masses: torch.Tensor, error: str = "output", per_sample: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sampled_errors` and each (sample, head)'s mask with the lower error, int32 ``[B, H]``
+    (``argmin``: ties go to the first), both on the outputs' device: no host sync.
+
+    With ``error="output"`` and two masks, on CUDA (see :data:`FUSED_CHOICE`), one Triton launch
+    (:func:`sparse_vdit.kernels.triton.sampled.choose`) instead of six torch operations; the
+    errors then differ from :func:`sampled_errors` by float32 summation order only.
+    """
+    fused = FUSED_CHOICE is True or (FUSED_CHOICE == "auto" and outputs.is_cuda)
+    if fused and error == "output" and outputs.shape[2] == 3 and _triton_ok(outputs, (None, None)):
+        from ..kernels.triton.sampled import choose
+
+        return choose(outputs.contiguous(), per_sample)
+    errors = sampled_errors(outputs, masses, error, per_sample)
+    selected = errors.argmin(0).to(torch.int32)
+    if selected.dim() == 1:
+        selected = selected.expand(outputs.shape[0], -1)
+    return errors, selected.contiguous()

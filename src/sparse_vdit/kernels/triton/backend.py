@@ -83,7 +83,9 @@ def run_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, candidates, 
     schedule = candidates.form(("triton.select_schedule", heads, per_block, q_tiles, order),
                                lambda t: launcher._schedule(counts, per_block, q_tiles, order))  # fmt: skip
     layout = candidates.layout
-    token_major = candidates.token_major if candidates.token_major_heads else None
+    token_major = None  # the kernel's int8 flags, kept with the table (no cast launched per call)
+    if candidates.token_major_heads:
+        token_major = candidates.form("triton.token_major_int8", lambda t: t.token_major.to(torch.int8))
     return launcher.forward(
         q, k, v, counts, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
         ranges=(candidates.range_starts, candidates.range_ends), token_major=token_major,

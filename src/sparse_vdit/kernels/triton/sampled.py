@@ -4,7 +4,11 @@ For a few query rows, one pass over the keys gives three attention outputs at on
 restricted to each row's key-block ranges under two masks (one frame-major, one token-major: the
 spatial and temporal bands). Scores are never written to memory; each (row tile, sample, head,
 key split) program keeps three FlashAttention-style accumulators that share the exact row's
-running max, and a second launch merges the splits. The torch reference is
+running max, and a second launch merges the splits. A mask tested once per row and key tile (a
+frame-major mask whose blocks hold whole key tiles) reuses the exact tile's ``P @ V`` instead of a
+dot of its own. Each row's key-block ranges are read from per-position tables kept resident per
+layout (only the rows travel per call). :func:`choose_heads` turns the outputs into per-head errors
+and the choice in one more launch. The torch reference is
 :func:`sparse_vdit.methods.svg.sampled_outputs` with ``backend="torch"``.
 """
 
@@ -20,56 +24,70 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _inside(RS, RE, offs_m, row_ok, key_block, NUM_ROWS, NR: tl.constexpr):
-    """[BLOCK_M, BLOCK_N]: whether each key block lies in one of its row's ``NR`` ranges."""
-    hit = (offs_m[:, None] < 0) & (key_block[None, :] < 0)  # all False, [BLOCK_M, BLOCK_N]
+def _inside(RS, RE, rows, row_ok, key_block, NUM_POSITIONS, NR: tl.constexpr):
+    """[BLOCK_M, BLOCK_N]: whether each key block lies in one of its row's ``NR`` ranges (the
+    per-position tables ``RS`` / ``RE`` [NR, NUM_POSITIONS] read at the rows' positions)."""
+    hit = (rows[:, None] < 0) & (key_block[None, :] < 0)  # all False, [BLOCK_M, BLOCK_N]
     for r in tl.static_range(NR):
-        lo = tl.load(RS + r * NUM_ROWS + offs_m, mask=row_ok, other=0)
-        hi = tl.load(RE + r * NUM_ROWS + offs_m, mask=row_ok, other=0)
+        lo = tl.load(RS + r * NUM_POSITIONS + rows, mask=row_ok, other=0)
+        hi = tl.load(RE + r * NUM_POSITIONS + rows, mask=row_ok, other=0)
         hit = hit | ((key_block[None, :] >= lo[:, None]) & (key_block[None, :] < hi[:, None]))
     return hit
 
 
 @triton.jit
-def _row_inside(RS, RE, offs_m, row_ok, key_block, NUM_ROWS, NR: tl.constexpr):
+def _row_inside(RS, RE, rows, row_ok, key_block, NUM_POSITIONS, NR: tl.constexpr):
     """[BLOCK_M]: whether the one key block ``key_block`` of a whole tile lies in each row's ranges."""
-    hit = offs_m < 0  # all False
+    hit = rows < 0  # all False
     for r in tl.static_range(NR):
-        lo = tl.load(RS + r * NUM_ROWS + offs_m, mask=row_ok, other=0)
-        hi = tl.load(RE + r * NUM_ROWS + offs_m, mask=row_ok, other=0)
+        lo = tl.load(RS + r * NUM_POSITIONS + rows, mask=row_ok, other=0)
+        hi = tl.load(RE + r * NUM_POSITIONS + rows, mask=row_ok, other=0)
         hit = hit | ((key_block >= lo) & (key_block < hi))
     return hit
 
 
 @triton.jit
-def _masked(p, RS, RE, offs_m, row_ok, start, offs_n, token_major, NUM_ROWS, NR: tl.constexpr,
-            TABLE_BLOCK: tl.constexpr, TOKEN_MAJOR: tl.constexpr, ROW_WISE: tl.constexpr):
-    """``p`` with the keys outside each row's ranges zeroed. ``ROW_WISE``: the tile lies in one
-    frame-major key block (``BLOCK_N`` divides ``TABLE_BLOCK``), so one test per row decides."""
-    if ROW_WISE:
-        return tl.where(_row_inside(RS, RE, offs_m, row_ok, start // TABLE_BLOCK, NUM_ROWS, NR)[:, None], p, 0.0)
-    block = (token_major if TOKEN_MAJOR else offs_n) // TABLE_BLOCK
-    return tl.where(_inside(RS, RE, offs_m, row_ok, block, NUM_ROWS, NR), p, 0.0)
+def _dot(p, v, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return tl.dot(p.to(v.dtype), v)
 
 
 @triton.jit
-def _accumulate(acc, alpha, p, v, IEEE: tl.constexpr):
-    acc = acc * alpha[:, None]
-    if IEEE:
-        return tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-    return tl.dot(p.to(v.dtype), v, acc)
+def _masked_step(acc, l_i, alpha, p, pv, v, RS, RE, rows, row_ok, start, offs_n, token_major, NUM_POSITIONS,
+                 NR: tl.constexpr, TABLE_BLOCK: tl.constexpr, TOKEN_MAJOR: tl.constexpr, ROW_WISE: tl.constexpr,
+                 FOLD: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One key tile into a masked row's (acc, l). ``ROW_WISE``: the tile lies in one frame-major key
+    block (``BLOCK_N`` divides ``TABLE_BLOCK``), so one test per row decides; with ``FOLD`` the
+    tile's ``P @ V`` is then the exact one's (``pv``), kept or not (no dot of its own). Else keys
+    are tested one by one."""
+    if ROW_WISE:
+        inside = _row_inside(RS, RE, rows, row_ok, start // TABLE_BLOCK, NUM_POSITIONS, NR)
+        if FOLD:
+            acc = acc * alpha[:, None] + tl.where(inside[:, None], pv, 0.0)
+            l_i = l_i * alpha + tl.where(inside, tl.sum(p, 1), 0.0)
+        else:
+            p = tl.where(inside[:, None], p, 0.0)
+            acc = acc * alpha[:, None] + _dot(p, v, IEEE)
+            l_i = l_i * alpha + tl.sum(p, 1)
+    else:
+        block = (token_major if TOKEN_MAJOR else offs_n) // TABLE_BLOCK
+        p = tl.where(_inside(RS, RE, rows, row_ok, block, NUM_POSITIONS, NR), p, 0.0)
+        acc = acc * alpha[:, None] + _dot(p, v, IEEE)
+        l_i = l_i * alpha + tl.sum(p, 1)
+    return acc, l_i
 
 
 @triton.jit
 def sampled_rows_fwd(
     Q, K, V,  # [B, N, H, D]; last dims contiguous
     ROWS,  # int32 [R]: the sampled query positions
-    RS0, RE0, RS1, RE1,  # int32 [NR, R]: key-block ranges of each row under mask 0 / mask 1
+    RS0, RE0, RS1, RE1,  # int32 [NR, P]: key-block ranges of every query position under mask 0 / mask 1
     PM, PL, PO,  # partials: max [B, H, S, R], sums [B, H, S, 3, R], outputs [B, H, S, 3, R, D] (fp32)
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
-    NUM_ROWS, HEADS, KV_LEN, KEYS_PER_SPLIT, SPLITS,
+    NUM_ROWS, NUM_POSITIONS, HEADS, KV_LEN, KEYS_PER_SPLIT, SPLITS,
     FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
     qk_scale,  # softmax_scale * log2(e)
     TABLE_BLOCK: tl.constexpr,
@@ -77,6 +95,7 @@ def sampled_rows_fwd(
     TOKEN_MAJOR_1: tl.constexpr,
     ROW_WISE_0: tl.constexpr,  # mask 0 decided once per row and tile (see _masked)
     ROW_WISE_1: tl.constexpr,
+    FOLD: tl.constexpr,  # a row-wise mask reuses the exact tile's P @ V (see _masked_step)
     NR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -120,17 +139,14 @@ def sampled_rows_fwd(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        p_0 = _masked(p, RS0, RE0, offs_m, row_ok, start, offs_n, token_major, NUM_ROWS, NR, TABLE_BLOCK,
-                      TOKEN_MAJOR_0, ROW_WISE_0)
-        p_1 = _masked(p, RS1, RE1, offs_m, row_ok, start, offs_n, token_major, NUM_ROWS, NR, TABLE_BLOCK,
-                      TOKEN_MAJOR_1, ROW_WISE_1)
-        l_0 = l_0 * alpha + tl.sum(p, 1)
-        l_1 = l_1 * alpha + tl.sum(p_0, 1)
-        l_2 = l_2 * alpha + tl.sum(p_1, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        acc_0 = _accumulate(acc_0, alpha, p, v, IEEE)
-        acc_1 = _accumulate(acc_1, alpha, p_0, v, IEEE)
-        acc_2 = _accumulate(acc_2, alpha, p_1, v, IEEE)
+        pv = _dot(p, v, IEEE)
+        l_0 = l_0 * alpha + tl.sum(p, 1)
+        acc_0 = acc_0 * alpha[:, None] + pv
+        acc_1, l_1 = _masked_step(acc_1, l_1, alpha, p, pv, v, RS0, RE0, rows, row_ok, start, offs_n, token_major,
+                                  NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_0, ROW_WISE_0, FOLD, IEEE)
+        acc_2, l_2 = _masked_step(acc_2, l_2, alpha, p, pv, v, RS1, RE1, rows, row_ok, start, offs_n, token_major,
+                                  NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_1, ROW_WISE_1, FOLD, IEEE)
         m_i = m_new
 
     part = (batch * HEADS + head) * SPLITS + split  # [B, H, S] flattened
@@ -192,11 +208,61 @@ def merge_splits(
     tl.store(mass_ptrs + 2 * NUM_ROWS, l_2 / exact, mask=ok)
 
 
+@triton.jit
+def choose_heads(
+    OUT,  # float32 [B, H, 3, R, D]: merged outputs (exact, mask 0, mask 1)
+    ERR,  # float32 [2, B, H] (PER_SAMPLE) or [2, H]: mean squared error of each mask's rows
+    SEL,  # int32 [B, H]: the mask with the lower error (ties and NaN as torch.argmin: the first)
+    BATCH, HEADS, NUM_ROWS,
+    PER_SAMPLE: tl.constexpr,  # one choice per (sample, head); else errors averaged over the batch
+    BLOCK_R: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """One head: the output error of both masks over the rows (and the batch) and the choice."""
+    head = tl.program_id(0)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, HEAD_DIM)
+    size = NUM_ROWS * HEAD_DIM
+    total_0 = 0.0
+    total_1 = 0.0
+    for b in range(BATCH):
+        base = OUT + (b * HEADS + head).to(tl.int64) * 3 * size
+        sum_0 = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+        sum_1 = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+        for start in range(0, NUM_ROWS, BLOCK_R):
+            ok = (start + offs_r < NUM_ROWS)[:, None]
+            at = base + (start + offs_r)[:, None] * HEAD_DIM + offs_d[None, :]
+            exact = tl.load(at, mask=ok, other=0.0)
+            d_0 = tl.load(at + size, mask=ok, other=0.0) - exact
+            d_1 = tl.load(at + 2 * size, mask=ok, other=0.0) - exact
+            sum_0 += d_0 * d_0
+            sum_1 += d_1 * d_1
+        e_0 = tl.sum(tl.sum(sum_0, 1), 0) / size
+        e_1 = tl.sum(tl.sum(sum_1, 1), 0) / size
+        if PER_SAMPLE:
+            tl.store(ERR + b * HEADS + head, e_0)
+            tl.store(ERR + (BATCH + b) * HEADS + head, e_1)
+            tl.store(SEL + b * HEADS + head, ((e_1 < e_0) | ((e_1 != e_1) & (e_0 == e_0))).to(tl.int32))
+        else:
+            total_0 += e_0
+            total_1 += e_1
+    if not PER_SAMPLE:
+        e_0 = total_0 / BATCH
+        e_1 = total_1 / BATCH
+        tl.store(ERR + head, e_0)
+        tl.store(ERR + HEADS + head, e_1)
+        choice = ((e_1 < e_0) | ((e_1 != e_1) & (e_0 == e_0))).to(tl.int32)
+        for b in range(BATCH):
+            tl.store(SEL + b * HEADS + head, choice)
+
+
 # Launch overrides for benchmarks (None: the choice below): the tile (block_m, block_n, num_warps,
-# num_stages, see _tiles), how many programs per SM the key splits aim at (see _splits) and whether
-# frame-major masks are tested once per row and tile (row_wise, default on where exact).
+# num_stages, see _tiles), how many programs per SM the key splits aim at (see _splits), whether
+# frame-major masks are tested once per row and tile (row_wise, default on where exact) and whether
+# such a mask then reuses the exact tile's P @ V (fold, default on; off: a dot of its own, as before),
+# and the merge's rows per program (merge_rows, see _merge_rows; 16 before).
 TUNING: dict[str, int | None] = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None,
-                                 "programs_per_sm": None, "row_wise": None}  # fmt: skip
+                                 "programs_per_sm": None, "row_wise": None, "fold": None, "merge_rows": None}  # fmt: skip
 PROGRAMS_PER_SM = 8  # the default target of _splits on CUDA
 
 
@@ -241,8 +307,9 @@ def sampled_outputs(
     Args:
         q, k, v: ``[B, N, H, D]``.
         rows: int32 ``[R]`` the sampled query positions (q's device).
-        starts, ends: int32 ``[2, NR, R]`` contiguous: key-block ranges of every row under each
-            mask (in token-major block numbers where ``token_major[i]``).
+        starts, ends: int32 ``[2, NR, P]`` contiguous, P >= every row + 1: key-block ranges of
+            every query position under each mask (in token-major block numbers where
+            ``token_major[i]``), read at the rows' positions in the kernel.
         layout: frames, frame tokens, video start, video tokens (for token-major key blocks).
 
     Returns:
@@ -254,8 +321,10 @@ def sampled_outputs(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if rows.dtype != torch.int32 or starts.dtype != torch.int32 or ends.dtype != torch.int32:
         raise TypeError("rows, starts and ends must be int32")
-    if not (starts.is_contiguous() and ends.is_contiguous()) or starts.shape[:1] != (2,) or starts.shape[2] != num_rows:
-        raise ValueError(f"starts/ends must be contiguous [2, NR, {num_rows}], got {tuple(starts.shape)}")
+    if not (starts.is_contiguous() and ends.is_contiguous()) or starts.dim() != 3 or starts.shape[0] != 2 \
+            or starts.shape != ends.shape:  # fmt: skip
+        raise ValueError(f"starts/ends must be contiguous [2, NR, positions], got {tuple(starts.shape)}, "
+                         f"{tuple(ends.shape)}")  # fmt: skip
     block_m, block_n, warps, stages = _tiles(num_rows, dim, q.device)
     row_tiles = triton.cdiv(num_rows, block_m)
     splits = splits or _splits(row_tiles * batch * heads, kv_len, block_n, q.device)
@@ -272,16 +341,48 @@ def sampled_outputs(
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        num_rows, heads, kv_len, per_split, splits, *layout,
+        num_rows, starts.shape[2], heads, kv_len, per_split, splits, *layout,
         softmax_scale * LOG2E,
         TABLE_BLOCK=block_size, TOKEN_MAJOR_0=bool(token_major[0]), TOKEN_MAJOR_1=bool(token_major[1]),
-        ROW_WISE_0=row_wise[0], ROW_WISE_1=row_wise[1], NR=starts.shape[1],
+        ROW_WISE_0=row_wise[0], ROW_WISE_1=row_wise[1], FOLD=TUNING.get("fold") is not False, NR=starts.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim, IEEE=q.dtype == torch.float32,
         **extra,
     )  # fmt: skip
     out = torch.empty(batch, heads, 3, num_rows, dim, dtype=torch.float32, device=dev)
     mass = torch.empty(batch, heads, 3, num_rows, dtype=torch.float32, device=dev)
-    merge_rows = 16
+    merge_rows = _merge_rows(batch * heads, num_rows, dev)
     merge_splits[(batch * heads, triton.cdiv(num_rows, merge_rows))](
         pm, pl, po, out, mass, num_rows, splits, BLOCK_R=merge_rows, HEAD_DIM=dim)
     return out, mass
+
+
+def _merge_rows(programs: int, num_rows: int, device: torch.device) -> int:
+    """Rows per program of the merge: 16, halved (down to 2) until the GPU gets two programs per SM
+    (a merge of few heads, e.g. Wan-1.3B's 12 x 64 rows, otherwise runs 48 programs in series over
+    the splits); ``TUNING["merge_rows"]`` overrides. Each row's result does not depend on it."""
+    if TUNING.get("merge_rows"):
+        return TUNING["merge_rows"]
+    rows = 16
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        while rows > 2 and programs * triton.cdiv(num_rows, rows) < target:
+            rows //= 2
+    return rows
+
+
+def choose(outputs: torch.Tensor, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output errors of both masks and the choice, from :func:`sampled_outputs`' outputs, in one launch.
+
+    Returns float32 errors ``[2, B, H]`` (``per_sample``) or ``[2, H]`` (averaged over the batch),
+    the mean squared difference to the exact rows over rows and dims as
+    :func:`sparse_vdit.methods.svg_profile.sampled_errors` (``"output"``) computes it, and int32
+    ``[B, H]`` the mask with the lower error (``argmin``: ties go to mask 0).
+    """
+    batch, heads, three, num_rows, dim = outputs.shape
+    if three != 3 or outputs.dtype != torch.float32 or not outputs.is_contiguous():
+        raise ValueError(f"outputs must be contiguous float32 [B, H, 3, R, D], got {outputs.dtype} {tuple(outputs.shape)}")
+    errors = torch.empty((2, batch, heads) if per_sample else (2, heads), dtype=torch.float32, device=outputs.device)
+    selected = torch.empty(batch, heads, dtype=torch.int32, device=outputs.device)
+    choose_heads[(heads,)](outputs, errors, selected, batch, heads, num_rows, PER_SAMPLE=per_sample,
+                           BLOCK_R=16, HEAD_DIM=dim)  # fmt: skip
+    return errors, selected
