@@ -36,6 +36,7 @@ from ..layout import VideoLayout
 from ..patterns import compile_layer
 from ..patterns.base import Geometry, text_intervals
 from ..plan import Plan
+from ..timing import clock, seconds_per_step
 
 NAME = "top-p"
 
@@ -213,7 +214,8 @@ class TopP:
         every: recompute a layer's table every ``every`` steps (reused in between; 1: every call).
         block_size: of the tables (default: the integration's, ``call.state.block_size``; else 128).
 
-    Counts: ``calls`` (tables computed) and ``reused`` (calls served by a kept table).
+    Counts: ``calls`` (tables computed) and ``reused`` (calls served by a kept table). With
+    ``timing = True`` every selection is timed (:meth:`profile_seconds`; CUDA events, no sync until read).
     """
 
     name = NAME
@@ -225,12 +227,24 @@ class TopP:
         self.warmup_steps, self.warmup_layers, self.block_size = warmup_steps, warmup_layers, block_size
         self.reuse = _Reuse(every)
         self.calls = self.reused = 0
+        self.timing, self._timings, self._step = False, [], 0
 
     def table(self, q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, block: int | None = None) -> BlockTable:
         """This source's selection for q and k (``(B, N, H, D)``), as a table of ``block`` (default: its own)."""
         self.calls += 1
         block = block or self.block_size or DEFAULT_BLOCK
-        return online_table(q, k, layout, block, self.p, self.min_density, self.max_density, self.name)
+        start = clock(q) if self.timing else None
+        table = online_table(q, k, layout, block, self.p, self.min_density, self.max_density, self.name)
+        if start is not None:
+            self._timings.append((self._step, start, clock(q)))
+        return table
+
+    def profile_seconds(self) -> dict[int, float]:
+        """Seconds spent selecting, per step, since :meth:`reset_timings` (needs ``timing``; synchronises)."""
+        return seconds_per_step(self._timings)
+
+    def reset_timings(self) -> None:
+        self._timings.clear()
 
     def block_for(self, call) -> int:
         """The table block of a call: the source's own, else the integration's."""
@@ -239,6 +253,7 @@ class TopP:
     def __call__(self, call) -> BlockTable | None:
         if call.step < self.warmup_steps or call.layer < self.warmup_layers:
             return None
+        self._step = call.step
         key = (call.layout, call.q.shape[2], call.q.device)
         table = self.reuse.get(call.step, call.layer, key)
         if table is not None:
@@ -285,6 +300,7 @@ class Hybrid:
         if call.step < plan.warmup_steps or call.layer < plan.warmup_layers:
             return None
         patterns = self._patterns(call)
+        self.online._step = call.step
         stable = set(stable_heads(patterns))
         online = tuple(h for h in range(len(patterns)) if h not in stable)
         if not online:
