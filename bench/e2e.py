@@ -28,7 +28,9 @@ Variants, each in each mode (``eager``; ``compiled`` = every transformer block c
   (:class:`sparse_vdit.methods.online.TopP` with ``p = 1`` and a fixed budget of NN% of the key
   blocks per query block: the equal-density comparison with ``sparse-NN``), every layer call,
   tables built on the device; ``hybrid-NN``: the ``sparse-NN`` plan with every fourth head made
-  dense, those heads selected online at NN% (:class:`~sparse_vdit.methods.online.Hybrid`). Their
+  dense, those heads selected online at NN% (:class:`~sparse_vdit.methods.online.Hybrid`);
+  ``top-k-NN-clustered`` (``--online-cluster-iters``, default 2; 0: no row): the top-k after
+  SVG2-style k-means of each head's queries and keys (:mod:`sparse_vdit.methods.cluster`). Their
   ``profile`` column is the selection's own time as a share of the attention time.
 
 Reported: forward latency (median of ``--repeats`` after one warm-up, CUDA events), attention
@@ -258,6 +260,7 @@ def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
             return torch.ones((), dtype=torch.float64, device=call.q.device)
         if isinstance(table, tuple):
             table = compile_layer(table, layout, block, call.q.device)
+        table = getattr(table, "table", table)  # a clustered selection's table
         cells = table.num_heads * table.num_q_blocks * table.num_kv_blocks
         return table.kv_num_blocks.sum(dtype=torch.float64).to(call.q.device) / cells
 
@@ -267,10 +270,12 @@ def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
             plan = mixed_plan(state.spec, layout, density, block)
             layers = [tuple(dense() if h % 4 == 1 else p for h, p in enumerate(row)) for row in plan.schedule[0].layers]
             hybrid_plan = Plan.from_layers(state.spec, layers, block_size=block, layout=layout)
-            for variant in (f"top-k-{tag}", f"hybrid-{tag}"):
+            clustered = (f"top-k-{tag}-clustered",) if run.args.online_cluster_iters else ()
+            for variant in (f"top-k-{tag}", *clustered, f"hybrid-{tag}"):
                 if not run.fits():
                     return
-                online = TopP(1.0, min_density=density, max_density=density, block_size=block)
+                iters = run.args.online_cluster_iters if variant.endswith("clustered") else 0
+                online = TopP(1.0, min_density=density, max_density=density, block_size=block, cluster_iters=iters)
                 online.timing = True
                 state.pattern_source = online if variant.startswith("top-k") else Hybrid(hybrid_plan, online)
                 densities = []
@@ -390,6 +395,7 @@ def parse_args(argv=None):
     p.add_argument("--svg-backends", default="auto,flex",
                    help="sparse backends of the SVG rows (auto = --backend; 'triton-device': Triton, decided on the device)")
     p.add_argument("--online-densities", default="0.25", help="online top-k and hybrid rows ('' for none)")
+    p.add_argument("--online-cluster-iters", type=int, default=2, help="k-means rounds of the clustered rows (0: none)")
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant, after one warm-up")
     p.add_argument("--backend", default="auto", help="sparse backend of our integration")
     p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)

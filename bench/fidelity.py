@@ -27,7 +27,9 @@ Methods (every one through the diffusers integration on the same captions x seed
   of the pooled mass, its own block and text always, between ``--online-min-density`` and
   ``--online-max-density`` of the key blocks), after the windows' dense warm-up, recomputed every
   ``--online-every`` steps; ``top-k-NN`` (``--topk-densities``): the same rule with min = max = NN%
-  of the key blocks (a fixed budget, for comparison at equal density);
+  of the key blocks (a fixed budget, for comparison at equal density); ``top-p-P-clustered``
+  (``--cluster-ps``): top-p after SVG2-style k-means of each (sample, head)'s queries and keys
+  (``--cluster-iters`` rounds, centroids kept between steps; :mod:`sparse_vdit.methods.cluster`);
 - ``hybrid-eps=E-p=P`` (``--hybrid-epsilons`` x ``--hybrid-ps``): the offline plan of epsilon E with
   its sparse (stable) heads as planned and its dense heads selected online by top-p P
   (:class:`sparse_vdit.methods.online.Hybrid`; the plan's warm-up);
@@ -80,7 +82,7 @@ from sparse_vdit.patterns import diagonal, multi_diagonal  # noqa: E402
 
 EVAL_DATA_SEED, SEARCH_DATA_SEED = 777, 4242  # evaluation captions and (held-out) search captions
 FAMILIES = ("dense", "offline", "offline-out", "offline-paper", "svg", "window-spatial", "window-temporal",
-            "skip-only", "online-top-p", "online-top-k", "hybrid", "oracle-static", "oracle-per-call")  # fmt: skip
+            "skip-only", "online-top-p", "online-top-k", "online-clustered", "hybrid", "oracle-static", "oracle-per-call")  # fmt: skip
 MODELS = {"small": M.WEIGHTS_DIR, "fidelity": M.FIDELITY_WEIGHTS_DIR}
 
 
@@ -120,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--online-min-density", type=float, default=0.05, help="top-p budget: fewest key blocks (share)")
     p.add_argument("--online-max-density", type=float, default=0.5, help="top-p budget: most key blocks (share)")
     p.add_argument("--online-every", type=int, default=1, help="top-p: recompute the tables every this many steps")
+    p.add_argument("--cluster-ps", type=floats, default=floats("0.9"), help="clustered top-p rows (mass shares)")
+    p.add_argument("--cluster-iters", type=int, default=2, help="k-means rounds of the clustered rows")
     p.add_argument("--hybrid-epsilons", type=floats, default=None,
                    help="offline plans (search epsilons) of the hybrid rows (default: --epsilons)")
     p.add_argument("--hybrid-ps", type=floats, default=floats("0.9"), help="top-p of the hybrid's online heads")
@@ -148,7 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.spatial_widths, args.temporal_widths = middle(args.spatial_widths, 1), middle(args.temporal_widths, 1)
         args.output_epsilons, args.oracle_densities = args.output_epsilons[:1], args.oracle_densities[:1]
         args.online_ps, args.topk_densities = middle(args.online_ps, 1), args.topk_densities[:1]
-        args.hybrid_ps = args.hybrid_ps[:1]
+        args.hybrid_ps, args.cluster_ps = args.hybrid_ps[:1], args.cluster_ps[:1]
         args.hybrid_epsilons = (args.epsilons if args.hybrid_epsilons is None else args.hybrid_epsilons)[:1]
         args.block_size, args.random_weights = 16, True
         args.out = args.out or Path(tempfile.mkdtemp(prefix="fidelity-")) / "fidelity.json"
@@ -239,6 +243,11 @@ def methods(args, transformer, spec) -> list[tuple[str, str, Callable[[], Method
         topk = {**online, "min_density": d, "max_density": d}
         out.append(fixed(f"top-k-{round(d * 100):02d}", "online-top-k", kind="source", info={"p": 1.0, **topk},
                          source=lambda topk=topk: TopP(1.0, warmup_steps=warmup, **topk)))  # fmt: skip
+
+    for p_ in args.cluster_ps:
+        clustered = {**online, "cluster_iters": args.cluster_iters}
+        out.append(fixed(f"top-p-{p_:g}-clustered", "online-clustered", kind="source", info={"p": p_, **clustered},
+                         source=lambda p_=p_: TopP(p_, warmup_steps=warmup, **clustered)))  # fmt: skip
 
     def hybrid(name: str, eps: float, p_: float) -> Method:
         plan_name = f"offline-eps={eps:g}"

@@ -16,6 +16,10 @@ median; ``bench/common.time_fn``):
   costs: the backend's per-table work, e.g. its work order or FA4's index tensors, included);
 - ``static_ms``: the same backend on a frame-major band table of about the same density (an
   offline plan's table; equal-density speed of the online table against a plan's);
+- ``cluster_ms`` (``--cluster-iters``, default 2; 0: none): the clustered selection (k-means of
+  queries and of keys per head, warm-started from the previous call's centroids as between steps,
+  gathers, selection per head in the permuted orders); ``cluster_attention_ms``: its attention
+  (gather v, the launch, scatter the output back: :class:`~sparse_vdit.methods.cluster.PermutedTable`);
 - ``hybrid_ms``: the hybrid's selection for half the heads (``index_select``, selection, merge
   into a static table);
 - ``cost_share``: ``select_ms / (dense_ms - sparse_ms)``, the selection as a share of the attention
@@ -42,7 +46,7 @@ from common import BLOCK, SHAPES, Shape, environment, merge_results, results_pat
 import sparse_vdit  # noqa: E402
 from sparse_vdit import VideoLayout, compile_layer  # noqa: E402
 from sparse_vdit.kernels import dense as dense_kernels  # noqa: E402
-from sparse_vdit.methods.online import heads_index, merge_heads, online_table  # noqa: E402
+from sparse_vdit.methods.online import TopP, heads_index, merge_heads, online_table  # noqa: E402
 from sparse_vdit.patterns import diagonal  # noqa: E402
 
 TINY = Shape("tiny", VideoLayout(4, 8, 12), 4, 64)
@@ -101,6 +105,18 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
         chosen = online_table(q.index_select(2, heads), k.index_select(2, heads), layout, block, **topk)
         return merge_heads(static, chosen, half)
 
+    clustering = TopP(1.0, min_density=density, max_density=density, cluster_iters=args.cluster_iters)
+
+    def cluster(q, k, v):
+        return clustering.clustered(q, k, layout, block, 0)
+
+    made = [cluster(*s) for s in sets] if args.cluster_iters else []
+    turn = iter(range(10**9))
+
+    def cluster_attention(q, k, v):
+        permuted = made[next(turn) % len(made)]
+        return permuted.attend(q, k, v, backend)
+
     band, _ = table_for("band", tables[0].density, layout, shape.heads, device) if block == BLOCK else (None, None)
 
     def band_attention(q, k, v):
@@ -111,7 +127,9 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
            "backend_asked": backend, "density_target": density, "density": tables[0].density,
            "density_topp": select_topp(*sets[0]).density, "p": args.p}  # fmt: skip
     for name, fn in (("dense_ms", dense), ("select_ms", select), ("select_topp_ms", select_topp), ("sparse_ms", sparse),
-                     ("fresh_ms", fresh), ("hybrid_ms", hybrid), ("static_ms", band_attention if band else None)):  # fmt: skip
+                     ("fresh_ms", fresh), ("hybrid_ms", hybrid), ("static_ms", band_attention if band else None),
+                     ("cluster_ms", cluster if made else None),
+                     ("cluster_attention_ms", cluster_attention if made else None)):  # fmt: skip
         if fn is not None:
             row[name] = time_fn(fn, sets, target_ms=args.target_ms)[0]
     if band is not None:
@@ -120,23 +138,28 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
     row["saved_ms"] = saved
     row["cost_share"] = row["select_ms"] / saved if saved > 0 else None
     row["fresh_share"] = (row["fresh_ms"] - row["sparse_ms"]) / saved if saved > 0 else None
+    if made:
+        row["cluster_share"] = row["cluster_ms"] / saved if saved > 0 else None
+        row["cluster_density"] = made[0].density
+        row["host_syncs_cluster"] = sync_free(lambda: cluster(*sets[0]), device)
     row["host_syncs_select"] = sync_free(lambda: select(*sets[0]), device)
     q, k, v = sets[1 % len(sets)]
     row["host_syncs_fresh_attention"] = sync_free(lambda: fresh(q, k, v), device)
-    del sets, tables
+    del sets, tables, made
     return row
 
 
 def table(rows: list) -> str:
     head = (f"{'shape':<14} {'backend':<9} {'dens':>5} {'dense ms':>9} {'select':>8} {'sparse':>8} {'fresh':>8} "
-            f"{'static':>8} {'hybrid':>8} {'cost/saved':>10} {'fresh/saved':>11}  syncs")  # fmt: skip
+            f"{'static':>8} {'hybrid':>8} {'cluster':>8} {'cost/saved':>10} {'fresh/saved':>11}  syncs")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
         share = "" if r.get("cost_share") is None else f"{r['cost_share']:.1%}"
         fresh = "" if r.get("fresh_share") is None else f"{r['fresh_share']:.1%}"
         lines.append(f"{r['shape']:<14} {r['backend']:<9} {r['density']:>5.1%} {r['dense_ms']:>9.2f} {r['select_ms']:>8.2f} "
                      f"{r['sparse_ms']:>8.2f} {r['fresh_ms']:>8.2f} {r.get('static_ms', float('nan')):>8.2f} "
-                     f"{r['hybrid_ms']:>8.2f} {share:>10} {fresh:>11}  {r['host_syncs_select']} / "
+                     f"{r['hybrid_ms']:>8.2f} {r.get('cluster_ms', float('nan')):>8.2f} {share:>10} {fresh:>11}  "
+                     f"{r['host_syncs_select']} / "
                      f"{r['host_syncs_fresh_attention']}")  # fmt: skip
     return "\n".join(lines)
 
@@ -149,6 +172,7 @@ def parse_args(argv=None):
     p.add_argument("--p", type=float, default=0.9, help="the top-p rows' mass share")
     p.add_argument("--min-density", type=float, default=0.05, help="the top-p rows' budget floor")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--cluster-iters", type=int, default=2, help="k-means rounds of the clustered rows (0: none)")
     p.add_argument("--sets", type=int, default=3, help="input sets rotated between calls")
     p.add_argument("--target-ms", type=float, default=300.0, help="timed milliseconds per measurement")
     p.add_argument("--block-size", type=int, default=BLOCK)

@@ -132,7 +132,7 @@ class _CallDensity:
     def __call__(self, call, patterns, out) -> None:
         if patterns is None:
             self.shares.append(1.0)
-        elif isinstance(patterns, BlockTable):
+        elif isinstance(patterns, BlockTable) or hasattr(patterns, "attend"):  # a table, or a method's runner
             self.shares.append(patterns.density)
         else:
             self.shares.append(compile_layer(tuple(patterns), call.layout, self.block).density)

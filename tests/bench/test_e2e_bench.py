@@ -19,7 +19,7 @@ def test_dry_run_writes_results_and_table(e2e, tmp_path, capsys):
                      str(out)]) == 0  # fmt: skip
     rows = json.loads(out.read_text())["results"]
     assert [r["variant"] for r in rows] == ["unpatched", "dense", "sparse-30", "svg-30", "svg-30-flex",
-                                            "svg-30-reference-device", "hybrid-30", "top-k-30"]  # fmt: skip
+                                            "svg-30-reference-device", "hybrid-30", "top-k-30", "top-k-30-clustered"]  # fmt: skip
     online = rows[6:]
     rows = rows[:6]
     for r in online:  # the selection is timed inside the attention, like SVG's profiling
@@ -33,7 +33,7 @@ def test_dry_run_writes_results_and_table(e2e, tmp_path, capsys):
         assert 0 < svg["profile_seconds"] < svg["attention_seconds"] and 0 < svg["profile_share"] < 1
         assert 0 < svg["density"] < 1 and svg["target_density"] == 0.3 and "profile_share" not in rows[2]
     assert rows[4]["svg_backend"] == "reference"  # the CPU stand-in for flex
-    assert "x unpatched" in capsys.readouterr().out.splitlines()[-10]  # the table comes last
+    assert "x unpatched" in capsys.readouterr().out.splitlines()[-11]  # the table comes last
 
 
 def test_mixed_plans_hit_their_density(load_script):

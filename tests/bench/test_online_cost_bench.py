@@ -14,6 +14,8 @@ def test_dry_run_writes_a_row_per_backend_and_density(tmp_path, load_script):
                                                                               ("tiny", "reference", 0.5)]
     for r in rows:
         assert r["density"] == pytest.approx(r["density_target"])  # a fixed budget: top-k, diagonal included
-        for key in ("dense_ms", "select_ms", "select_topp_ms", "sparse_ms", "fresh_ms", "hybrid_ms"):
+        for key in ("dense_ms", "select_ms", "select_topp_ms", "sparse_ms", "fresh_ms", "hybrid_ms", "cluster_ms",
+                    "cluster_attention_ms"):
             assert r[key] > 0
         assert r["host_syncs_select"] == "n/a (CPU)" and 0 < r["density_topp"] <= r["density"]
+        assert r["cluster_density"] == pytest.approx(r["density_target"])  # no forced diagonal: exactly the budget

@@ -186,3 +186,78 @@ def test_top_p_and_hybrid_run_through_the_diffusers_integration_on_the_tiny_orga
                         videos, **run)  # fmt: skip
     assert hybrid.density < 1.0 and torch.isfinite(hybrid.videos).all()
     assert len(sources) == 3 and all(s.calls > 0 for s in sources)
+
+
+def test_kmeans_equals_a_plain_loop():
+    from sparse_vdit.methods.cluster import block_means, cluster_order, kmeans
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 50, 4, generator=gen, dtype=torch.float64)
+    start = block_means(x, 16)  # 4 centroids: the positional blocks' means
+    labels, centroids = kmeans(x, start, iters=3, budget=1)  # one head per chunk
+    for g in range(3):
+        c = start[g].clone()
+        for round_ in range(4):
+            assign = torch.tensor([min(range(4), key=lambda j: float(((x[g, i] - c[j]) ** 2).sum())) for i in range(50)])
+            if round_ < 3:
+                c = torch.stack([x[g, assign == j].mean(0) if (assign == j).any() else c[j] for j in range(4)])
+        assert torch.equal(labels[g], assign)
+        assert torch.allclose(centroids[g].double(), c, atol=1e-5)
+        order = cluster_order(labels[g : g + 1])[0]
+        assert torch.equal(labels[g, order], labels[g].sort(stable=True).values)
+        assert all(order[i] < order[i + 1] for i in range(49) if labels[g, order[i]] == labels[g, order[i + 1]])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[1:], ids=lambda lay: lay.describe())
+def test_clustered_selection_is_masked_attention_in_the_permuted_orders(layout):
+    from sparse_vdit.methods.cluster import flat_index
+
+    gen = torch.Generator().manual_seed(9)
+    b, h, d = 2, 3, 8
+    q, k, v = (torch.randn(b, layout.num_tokens, h, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    source = TopP(0.7, min_density=0.2, max_density=0.5, block_size=BLOCK, cluster_iters=2)
+    made = source(_Call(0, 0, q, k, layout))
+    out = made.attend(q, k, v, "reference")
+    table = made.table
+    assert table.num_heads == b * h and made.q is None  # one row per (sample, head); gathered q let go
+    n, kv = layout.num_tokens, layout.kv_len
+    q_pos, k_pos = (flat_index_positions(index, n, h) for index in (made.q_index, made.k_index))
+    for s in range(b):
+        for head in range(h):
+            g = s * h + head
+            keep = table.block_mask(g)  # [Qb, Kb] in the permuted orders
+            rank_q = torch.empty(n, dtype=torch.long)
+            rank_q[q_pos[:, g]] = torch.arange(n)  # where each token sits in the query order
+            rank_k = torch.empty(n, dtype=torch.long)
+            rank_k[k_pos[:, g]] = torch.arange(n)
+            mask = keep[rank_q[:, None] // BLOCK, (rank_k[None, :kv] // BLOCK).clamp(max=keep.shape[1] - 1)]
+            mask &= rank_k[None, :kv] < kv  # keys placed past kv_len (none: text stays in place)
+            scores = q[s, :, head] @ k[s, :kv, head].T * d**-0.5
+            ref = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v[s, :kv, head]
+            assert torch.allclose(out[s, :, head], ref, atol=1e-10)
+            if layout.text:  # text stays in place in both orders
+                text = torch.arange(layout.text_start, layout.text_start + layout.text)
+                assert torch.equal(q_pos[text, g], text) and torch.equal(k_pos[text, g], text)
+    assert flat_index(torch.arange(layout.video_tokens).expand(b * h, -1), layout, b, h).shape == (n, b * h)
+
+
+def flat_index_positions(index, n, heads):
+    """Sequence position each row of a flat index reads (inverse of ``(b * N + pos) * H + h``)."""
+    return (index // heads) % n
+
+
+def test_clustered_top_p_runs_through_the_diffusers_integration():
+    pytest.importorskip("diffusers")
+    from sparse_vdit.compare import Method, run_method
+    from sparse_vdit.organism import data as D
+    from sparse_vdit.organism import model as M
+
+    spec = M.OrganismSpec(frames=4, height=32, width=32)
+    model = M.build_organism(M.organism_config(spec, num_layers=2, num_attention_heads=2, attention_head_dim=16,
+                                               ffn_dim=64)).eval()  # fmt: skip
+    videos = [(D.sample_scene(1, 0, spec.frames).caption, 0)]
+    source = TopP(0.5, max_density=0.5, cluster_iters=2, every=2)
+    result = run_method(model, Method("clustered", "source", source=lambda: source), videos, steps=3, spec=spec,
+                        backend="reference", block_size=BLOCK, progress=False)  # fmt: skip
+    assert 0 < result.density < 0.75 and torch.isfinite(result.videos).all()
+    assert source.calls > 0 and source.reused > 0 and source.clusters.centroids

@@ -37,6 +37,7 @@ from ..patterns import compile_layer
 from ..patterns.base import Geometry, text_intervals
 from ..plan import Plan
 from ..timing import clock, seconds_per_step
+from .cluster import ClusterState, PermutedTable, flat_index, gather
 
 NAME = "top-p"
 
@@ -79,16 +80,17 @@ def pooled_mass(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, block: in
 
 
 @lru_cache(maxsize=64)
-def forced_blocks(layout: VideoLayout, block: int, device: torch.device) -> torch.Tensor:
+def forced_blocks(layout: VideoLayout, block: int, device: torch.device, diagonal: bool = True) -> torch.Tensor:
     """bool ``[Qb, Kb]``: the blocks every selection keeps: each query block's own key block
-    (frame-major), every valid text key block, and the whole row of a text query block."""
+    (frame-major; unless ``diagonal`` is false), every valid text key block, and the whole row of a
+    text query block."""
     geometry = Geometry(layout, block)
     qb, kb = geometry.num_q_blocks, geometry.num_kv_blocks
     lo, hi = text_intervals(geometry)  # [Qb, 2]: text columns, whole rows of text queries
     column = torch.arange(kb)
     forced = ((column[None, None, :] >= lo[..., None]) & (column[None, None, :] < hi[..., None])).any(1)
     rows = torch.arange(min(qb, kb))
-    forced[rows, rows] = True
+    forced[rows, rows] = diagonal
     return forced.to(device)
 
 
@@ -142,14 +144,17 @@ def index_form(keep: torch.Tensor, width: int) -> torch.Tensor:
 
 @torch.no_grad()
 def online_table(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, block: int = DEFAULT_BLOCK, p: float = 0.9,
-                 min_density: float = 0.0, max_density: float = 1.0, name: str = NAME) -> BlockTable:  # fmt: skip
+                 min_density: float = 0.0, max_density: float = 1.0, name: str = NAME,
+                 diagonal: bool = True) -> BlockTable:  # fmt: skip
     """The :class:`~sparse_vdit.block_table.BlockTable` of :func:`select_blocks` for ``(B, N, H, D)`` q and k.
 
     Built on q's device with no host sync (fixed range width from the budget); its ``kv_indices``
-    form is filled the same way (FA4 and FlexAttention read it).
+    form is filled the same way (FA4 and FlexAttention read it). ``diagonal=False``: the query
+    block's own key block is not forced (for permuted orders, where it means nothing).
     """
     low, high = budget_blocks(layout, block, min_density, max_density)
-    keep = select_blocks(pooled_mass(q, k, layout, block), forced_blocks(layout, block, q.device), p, low, high)
+    forced = forced_blocks(layout, block, q.device, diagonal)
+    keep = select_blocks(pooled_mass(q, k, layout, block), forced, p, low, high)
     runs = max_runs(layout, block, high)
     table = table_from_mask(layout, block, keep, name, max_runs=runs)
     width = max_kept(layout, block, high)
@@ -190,16 +195,16 @@ class _Reuse:
             return hit[2]
         return None
 
-    def put(self, step: int, layer: int, key, table: BlockTable) -> BlockTable:
+    def put(self, step: int, layer: int, key, table):
         old = self.tables.get(layer)
         if old is not None and old[2] is not table:
-            old[2].drop_forms()
+            getattr(old[2], "table", old[2]).drop_forms()
         self.tables[layer] = (step, key, table)
         return table
 
     def clear(self) -> None:
         for _, _, table in self.tables.values():
-            table.drop_forms()
+            getattr(table, "table", table).drop_forms()
         self.tables.clear()
 
 
@@ -213,6 +218,11 @@ class TopP:
         warmup_steps, warmup_layers: dense steps and layers first.
         every: recompute a layer's table every ``every`` steps (reused in between; 1: every call).
         block_size: of the tables (default: the integration's, ``call.state.block_size``; else 128).
+        cluster_iters: 0 (default): blocks of the sequence as it is. ``n >= 1``: SVG2-style, each
+            (sample, head)'s video queries and keys are first sorted by ``n`` k-means rounds
+            (:mod:`~sparse_vdit.methods.cluster`; centroids kept per layer between calls), the
+            selection is made per (sample, head) in those orders (no forced diagonal block), and
+            the call returns a :class:`~sparse_vdit.methods.cluster.PermutedTable`.
 
     Counts: ``calls`` (tables computed) and ``reused`` (calls served by a kept table). With
     ``timing = True`` every selection is timed (:meth:`profile_seconds`; CUDA events, no sync until read).
@@ -221,8 +231,12 @@ class TopP:
     name = NAME
 
     def __init__(self, p: float = 0.9, *, min_density: float = 0.0, max_density: float = 1.0, warmup_steps: int = 0,
-                 warmup_layers: int = 0, every: int = 1, block_size: int | None = None) -> None:  # fmt: skip
+                 warmup_layers: int = 0, every: int = 1, block_size: int | None = None,
+                 cluster_iters: int = 0) -> None:  # fmt: skip
         _check(p, min_density, max_density, every, block_size)
+        if isinstance(cluster_iters, bool) or not isinstance(cluster_iters, int) or cluster_iters < 0:
+            raise ValueError(f"top-p: cluster_iters must be an int >= 0, got {cluster_iters!r}")
+        self.cluster_iters, self.clusters = cluster_iters, ClusterState()
         self.p, self.min_density, self.max_density = float(p), float(min_density), float(max_density)
         self.warmup_steps, self.warmup_layers, self.block_size = warmup_steps, warmup_layers, block_size
         self.reuse = _Reuse(every)
@@ -238,6 +252,20 @@ class TopP:
         if start is not None:
             self._timings.append((self._step, start, clock(q)))
         return table
+
+    def clustered(self, q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, block: int, layer: int) -> PermutedTable:
+        """The selection in per-(sample, head) k-means orders of q and of k (``cluster_iters`` rounds)."""
+        self.calls += 1
+        start = clock(q) if self.timing else None
+        b, _, h, _ = q.shape
+        q_index = flat_index(self.clusters.orders(q, layout, block, self.cluster_iters, ("q", layer)), layout, b, h)
+        k_index = flat_index(self.clusters.orders(k, layout, block, self.cluster_iters, ("k", layer)), layout, b, h)
+        qg, kg = gather(q, q_index), gather(k, k_index)
+        table = online_table(qg, kg, layout, block, self.p, self.min_density, self.max_density, f"{self.name}-clustered",
+                             diagonal=False)  # fmt: skip
+        if start is not None:
+            self._timings.append((self._step, start, clock(q)))
+        return PermutedTable(table, q_index, k_index, qg, kg, tuple(q.shape))
 
     def profile_seconds(self) -> dict[int, float]:
         """Seconds spent selecting, per step, since :meth:`reset_timings` (needs ``timing``; synchronises)."""
@@ -259,7 +287,12 @@ class TopP:
         if table is not None:
             self.reused += 1
             return table
-        return self.reuse.put(call.step, call.layer, key, self.table(call.q, call.k, call.layout, self.block_for(call)))
+        block = self.block_for(call)
+        if self.cluster_iters:
+            made = self.clustered(call.q, call.k, call.layout, block, call.layer)
+        else:
+            made = self.table(call.q, call.k, call.layout, block)
+        return self.reuse.put(call.step, call.layer, key, made)
 
     def __repr__(self) -> str:
         return (f"TopP(p={self.p:g}, min_density={self.min_density:g}, max_density={self.max_density:g}, "
