@@ -32,7 +32,8 @@ Methods (every one through the diffusers integration on the same captions x seed
   (``--cluster-iters`` rounds, centroids kept between steps; :mod:`sparse_vdit.methods.cluster`);
 - ``hybrid-eps=E-p=P`` (``--hybrid-epsilons`` x ``--hybrid-ps``): the offline plan of epsilon E with
   its sparse (stable) heads as planned and its dense heads selected online by top-p P
-  (:class:`sparse_vdit.methods.online.Hybrid`; the plan's warm-up);
+  (:class:`sparse_vdit.methods.online.Hybrid`; the plan's warm-up); ``hybrid-eps=E-k=NN``
+  (``--hybrid-densities``): the same with the online heads at a fixed NN% of the key blocks (top-k);
 - ``offline-paper`` (``--paper``): the search in the paper's setting (``mode="paper"``: one caption,
   one seed, absolute MSE, full outputs, the four fixed modes, block-count cost, epsilon 1, lambda 0.5).
 
@@ -127,6 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hybrid-epsilons", type=floats, default=None,
                    help="offline plans (search epsilons) of the hybrid rows (default: --epsilons)")
     p.add_argument("--hybrid-ps", type=floats, default=floats("0.9"), help="top-p of the hybrid's online heads")
+    p.add_argument("--hybrid-densities", type=floats, default=floats(""),
+                   help="hybrid rows whose online heads keep this share of key blocks (top-k)")
     p.add_argument("--oracle-densities", type=floats, default=floats("0.5,0.25"),
                    help="static and per-call oracle masks at these shares of key blocks (empty: none)")
     p.add_argument("--budget-s", type=float, default=float("inf"),
@@ -153,6 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.output_epsilons, args.oracle_densities = args.output_epsilons[:1], args.oracle_densities[:1]
         args.online_ps, args.topk_densities = middle(args.online_ps, 1), args.topk_densities[:1]
         args.hybrid_ps, args.cluster_ps = args.hybrid_ps[:1], args.cluster_ps[:1]
+        args.hybrid_densities = args.hybrid_densities[:1]
         args.hybrid_epsilons = (args.epsilons if args.hybrid_epsilons is None else args.hybrid_epsilons)[:1]
         args.block_size, args.random_weights = 16, True
         args.out = args.out or Path(tempfile.mkdtemp(prefix="fidelity-")) / "fidelity.json"
@@ -249,19 +253,22 @@ def methods(args, transformer, spec) -> list[tuple[str, str, Callable[[], Method
         out.append(fixed(f"top-p-{p_:g}-clustered", "online-clustered", kind="source", info={"p": p_, **clustered},
                          source=lambda p_=p_: TopP(p_, warmup_steps=warmup, **clustered)))  # fmt: skip
 
-    def hybrid(name: str, eps: float, p_: float) -> Method:
+    def hybrid(name: str, eps: float, p_: float, settings: dict) -> Method:
         plan_name = f"offline-eps={eps:g}"
         if plan_name not in plans:  # its offline row did not run first: search now
             lam = eps if args.lam == "epsilon" else float(args.lam)
             searched(plan_name, "offline", epsilon=eps, lam=lam)[2]()
         plan = plans[plan_name]
-        info = {"p": p_, "epsilon": eps, **online, "plan_density": plan.density(layout_of(spec), steps)}
-        return Method(name, "source", source=lambda: Hybrid(plan, TopP(p_, **online)), note="hybrid", info=info)
+        info = {"p": p_, "epsilon": eps, **settings, "plan_density": plan.density(layout_of(spec), steps)}
+        return Method(name, "source", source=lambda: Hybrid(plan, TopP(p_, **settings)), note="hybrid", info=info)
 
     for eps in args.hybrid_epsilons:
         for p_ in args.hybrid_ps:
             name = f"hybrid-eps={eps:g}-p={p_:g}"
-            out.append((name, "hybrid", lambda name=name, eps=eps, p_=p_: hybrid(name, eps, p_)))
+            out.append((name, "hybrid", lambda name=name, eps=eps, p_=p_: hybrid(name, eps, p_, online)))
+        for d in args.hybrid_densities:
+            name, topk = f"hybrid-eps={eps:g}-k={round(d * 100):02d}", {**online, "min_density": d, "max_density": d}
+            out.append((name, "hybrid", lambda name=name, eps=eps, topk=topk: hybrid(name, eps, 1.0, topk)))
     calibration: dict = {}
 
     def static_mass() -> dict:  # dense generations of the search captions, once for every density

@@ -23,16 +23,17 @@ import torch
 from ..block_table import BlockTable, num_blocks
 from ..layout import VideoLayout
 
-SCORE_BYTES = 1 << 29  # distance scores held at once by the k-means (heads in chunks)
+SCORE_BYTES = 1 << 30  # distance scores held at once by the k-means (heads in chunks)
 
 
 @torch.no_grad()
 def kmeans(x: torch.Tensor, centroids: torch.Tensor, iters: int, budget: int = SCORE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means of ``x`` ``[G, V, D]`` from ``centroids`` ``[G, C, D]`` (float32), ``iters`` rounds.
+    """Lloyd's k-means of ``x`` ``[G, V, D]`` from ``centroids`` ``[G, C, D]``, ``iters`` rounds.
 
     Returns (labels int64 ``[G, V]``: each point's nearest centroid after the last update, ties to
     the lower index; the final centroids ``[G, C, D]`` float32). A cluster left empty keeps its
-    centroid. Distances in float32 as ``|c|^2 - 2 x.c``; heads go in chunks whose scores fit ``budget``.
+    centroid. Distances as ``|c|^2 - 2 x.c``, the products in x's dtype (bf16 inputs: bf16 products,
+    float32 sums); heads go in chunks whose scores fit ``budget``.
     """
     groups, points, dim = x.shape
     count = centroids.shape[1]
@@ -42,12 +43,13 @@ def kmeans(x: torch.Tensor, centroids: torch.Tensor, iters: int, budget: int = S
     for round_ in range(iters + 1):
         for g0 in range(0, groups, chunk):
             g1 = min(groups, g0 + chunk)
-            xs, cs = x[g0:g1].float(), centroids[g0:g1]
-            distance = (cs * cs).sum(-1)[:, None, :] - 2 * (xs @ cs.transpose(1, 2))
+            xs, cs = x[g0:g1], centroids[g0:g1]
+            products = xs @ cs.to(xs.dtype).transpose(1, 2)  # in x's dtype: bf16 on the GPU runs on tensor cores
+            distance = (cs * cs).sum(-1)[:, None, :] - 2 * products.float()
             labels[g0:g1] = distance.argmin(-1)
             if round_ == iters:
                 continue
-            sums = torch.zeros_like(cs).scatter_add_(1, labels[g0:g1, :, None].expand(-1, -1, dim), xs)
+            sums = torch.zeros_like(cs).scatter_add_(1, labels[g0:g1, :, None].expand(-1, -1, dim), xs.float())
             sizes = torch.zeros(g1 - g0, count, device=x.device).scatter_add_(
                 1, labels[g0:g1], torch.ones(g1 - g0, points, device=x.device))  # fmt: skip
             centroids[g0:g1] = torch.where(sizes[..., None] > 0, sums / sizes.clamp(min=1)[..., None], cs)
