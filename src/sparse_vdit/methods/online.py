@@ -118,6 +118,7 @@ def select_blocks(mass: torch.Tensor, forced: torch.Tensor, p: float, min_blocks
     return torch.zeros(mass.shape, dtype=torch.bool, device=mass.device).scatter_(-1, order, rank < keep_count)
 
 
+@lru_cache(maxsize=256)
 def max_runs(layout: VideoLayout, block: int, max_blocks: int) -> int:
     """A bound on the runs of kept key blocks in any row of :func:`select_blocks` (text rows are one run)."""
     geometry = Geometry(layout, block)
