@@ -27,6 +27,14 @@ Variants, each in each mode (``eager``; ``compiled`` = every transformer block c
   offline plan at SVG's own density, i.e. one forward's SVG choices recorded (``to_plan``) and
   replayed as a fixed plan through the same backend: against ``svg-NN-<backend>-device`` the
   online method's whole cost (issue 16: within 3%).
+- ``top-k-NN`` (``--online-densities``, default 0.25): online block selection from pooled q/k
+  (:class:`sparse_vdit.methods.online.TopP` with ``p = 1`` and a fixed budget of NN% of the key
+  blocks per query block: the equal-density comparison with ``sparse-NN``), every layer call,
+  tables built on the device; ``hybrid-NN``: the ``sparse-NN`` plan with every fourth head made
+  dense, those heads selected online at NN% (:class:`~sparse_vdit.methods.online.Hybrid`);
+  ``top-k-NN-clustered`` (``--online-cluster-iters``, default 2; 0: no row): the top-k after
+  SVG2-style k-means of each head's queries and keys (:mod:`sparse_vdit.methods.cluster`). Their
+  ``profile`` column is the selection's own time as a share of the attention time.
 
 Reported: forward latency (median of ``--repeats`` after one warm-up, CUDA events), attention
 time and its share (CUDA events around the attention calls), speedup against ``unpatched`` and
@@ -231,6 +239,63 @@ def run_mode(run: Mode, model, inputs, plans: dict, layout: VideoLayout) -> None
     finally:
         sparse_vdit.remove(model)
     run_svg(run, model, inputs, layout)
+    run_online(run, model, inputs, layout)
+
+
+def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
+    """Online rows: top-k selection at each ``--online-densities``, and the hybrid on a plan of that density."""
+    from sparse_vdit.methods.online import Hybrid, TopP
+    from sparse_vdit.patterns import dense
+
+    if not run.args.online_densities:
+        return
+    block = run.args.block_size
+    state = sparse_vdit.apply(model, Plan.dense(model_spec(model), block_size=block), backend=run.args.backend)
+    state.timing = True
+
+    def attention_seconds() -> float:
+        seconds = sum(state.attention_seconds().values())
+        state.reset_timings()
+        return seconds
+
+    def share(table, call) -> torch.Tensor:  # computed share of blocks, left on the device (no sync while timed)
+        if table is None:
+            return torch.ones((), dtype=torch.float64, device=call.q.device)
+        if isinstance(table, tuple):
+            table = compile_layer(table, layout, block, call.q.device)
+        table = getattr(table, "table", table)  # a clustered selection's table
+        cells = table.num_heads * table.num_q_blocks * table.num_kv_blocks
+        return table.kv_num_blocks.sum(dtype=torch.float64).to(call.q.device) / cells
+
+    try:
+        for density in run.args.online_densities:
+            tag = f"{round(density * 100):02d}"
+            plan = mixed_plan(state.spec, layout, density, block)
+            layers = [tuple(dense() if h % 4 == 1 else p for h, p in enumerate(row)) for row in plan.schedule[0].layers]
+            hybrid_plan = Plan.from_layers(state.spec, layers, block_size=block, layout=layout)
+            clustered = (f"top-k-{tag}-clustered",) if run.args.online_cluster_iters else ()
+            for variant in (f"top-k-{tag}", *clustered, f"hybrid-{tag}"):
+                if not run.fits():
+                    return
+                iters = run.args.online_cluster_iters if variant.endswith("clustered") else 0
+                online = TopP(1.0, min_density=density, max_density=density, block_size=block, cluster_iters=iters)
+                online.timing = True
+                state.pattern_source = online if variant.startswith("top-k") else Hybrid(hybrid_plan, online)
+                densities = []
+
+                def profile_seconds() -> float:
+                    seconds = sum(online.profile_seconds().values())
+                    online.reset_timings()
+                    return seconds
+
+                state.observers[:] = [lambda call, table, out: densities.append(share(table, call))]
+                result = measure(model, inputs, run.args.repeats, attention_seconds, profile_seconds)
+                result.update(target_density=density, online_calls=online.calls)
+                run.record(variant, result, float(torch.stack(densities).mean()) if densities else 1.0)
+                state.observers.clear()
+                sparse_vdit.clear_caches()
+    finally:
+        sparse_vdit.remove(model)
 
 
 def svg_backend(run: Mode, name: str) -> str:
@@ -342,7 +407,8 @@ def merge(path: Path, env: dict, rows: list) -> list:
     return merge_results(
         path, env, rows, key=lambda r: (r["model"], r["mode"], r["variant"], r.get("dry_run")),
         order=lambda r: (r.get("dry_run", False), order.get(r["model"], 99), r["mode"] != "eager",
-                         r["variant"] != "unpatched", r["variant"] != "dense", r["variant"].startswith("svg"),
+                         r["variant"] != "unpatched", r["variant"] != "dense",
+                         2 if r["variant"].startswith(("top-k", "hybrid")) else r["variant"].startswith("svg"),
                          -r.get("target_density", r["density"]), r["variant"]),
     )  # fmt: skip
 
@@ -356,6 +422,8 @@ def parse_args(argv=None):
     p.add_argument("--svg-backends", default="auto,flex",
                    help="sparse backends of the SVG rows (auto = --backend; 'triton-device': Triton, decided on the "
                         "device; 'triton-plan': SVG's recorded choices replayed as a fixed plan)")
+    p.add_argument("--online-densities", default="0.25", help="online top-k and hybrid rows ('' for none)")
+    p.add_argument("--online-cluster-iters", type=int, default=2, help="k-means rounds of the clustered rows (0: none)")
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant, after one warm-up")
     p.add_argument("--backend", default="auto", help="sparse backend of our integration")
     p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)
@@ -372,6 +440,7 @@ def parse_args(argv=None):
     args.densities = [float(d) for d in args.densities.split(",") if d.strip()]
     args.svg_densities = [float(d) for d in args.svg_densities.split(",") if d.strip()]
     args.svg_backends = [b.strip() for b in args.svg_backends.split(",") if b.strip()]
+    args.online_densities = [float(d) for d in args.online_densities.split(",") if d.strip()]
     if {b.removesuffix("-plan").removesuffix("-device") for b in args.svg_backends} - {"auto", "flex", "triton", "fa4",
                                                                                         "reference"}:  # fmt: skip
         p.error("--svg-backends takes auto, flex, triton, fa4, reference (each with -device: decided on the device, "

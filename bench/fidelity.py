@@ -22,6 +22,18 @@ Methods (every one through the diffusers integration on the same captions x seed
   dense warm-up as the windows: one mask per (layer, head) from the attention mass of dense
   generations of the search captions, or each call's own top blocks. Upper bounds, not methods:
   the per-call oracle computes the full attention scores to decide (its time means nothing);
+- ``top-p-P`` (``--online-ps``): online top-p block selection from mean-pooled q/k
+  (:class:`sparse_vdit.methods.online.TopP`: each query block keeps the key blocks holding share P
+  of the pooled mass, its own block and text always, between ``--online-min-density`` and
+  ``--online-max-density`` of the key blocks), after the windows' dense warm-up, recomputed every
+  ``--online-every`` steps; ``top-k-NN`` (``--topk-densities``): the same rule with min = max = NN%
+  of the key blocks (a fixed budget, for comparison at equal density); ``top-p-P-clustered``
+  (``--cluster-ps``): top-p after SVG2-style k-means of each (sample, head)'s queries and keys
+  (``--cluster-iters`` rounds, centroids kept between steps; :mod:`sparse_vdit.methods.cluster`);
+- ``hybrid-eps=E-p=P`` (``--hybrid-epsilons`` x ``--hybrid-ps``): the offline plan of epsilon E with
+  its sparse (stable) heads as planned and its dense heads selected online by top-p P
+  (:class:`sparse_vdit.methods.online.Hybrid`; the plan's warm-up); ``hybrid-eps=E-k=NN``
+  (``--hybrid-densities``): the same with the online heads at a fixed NN% of the key blocks (top-k);
 - ``offline-paper`` (``--paper``): the search in the paper's setting (``mode="paper"``: one caption,
   one seed, absolute MSE, full outputs, the four fixed modes, block-count cost, epsilon 1, lambda 0.5).
 
@@ -63,6 +75,7 @@ from report import fidelity as render_table  # noqa: E402
 
 from sparse_vdit import Plan  # noqa: E402
 from sparse_vdit.compare import Method, layout_of, oracle_mass, run_method, score, search_plan  # noqa: E402
+from sparse_vdit.methods.online import Hybrid, TopP  # noqa: E402
 from sparse_vdit.methods.oracle import PerCallOracle, StaticOracle  # noqa: E402
 from sparse_vdit.organism import data as D  # noqa: E402
 from sparse_vdit.organism import model as M  # noqa: E402
@@ -70,7 +83,7 @@ from sparse_vdit.patterns import diagonal, multi_diagonal  # noqa: E402
 
 EVAL_DATA_SEED, SEARCH_DATA_SEED = 777, 4242  # evaluation captions and (held-out) search captions
 FAMILIES = ("dense", "offline", "offline-out", "offline-paper", "svg", "window-spatial", "window-temporal",
-            "skip-only", "oracle-static", "oracle-per-call")  # fmt: skip
+            "skip-only", "online-top-p", "online-top-k", "online-clustered", "hybrid", "oracle-static", "oracle-per-call")  # fmt: skip
 MODELS = {"small": M.WEIGHTS_DIR, "fidelity": M.FIDELITY_WEIGHTS_DIR}
 
 
@@ -104,6 +117,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-epsilons", type=floats, default=floats(""),
                    help="offline searches with error='output' (heads may be skipped), lambda as --lam")
     p.add_argument("--no-skip-only", action="store_true")
+    p.add_argument("--online-ps", type=floats, default=floats("0.95,0.9,0.8"), help="online top-p rows (mass shares)")
+    p.add_argument("--topk-densities", type=floats, default=floats("0.25"),
+                   help="online top-k rows (the top-p rule with a fixed budget: shares of the key blocks)")
+    p.add_argument("--online-min-density", type=float, default=0.05, help="top-p budget: fewest key blocks (share)")
+    p.add_argument("--online-max-density", type=float, default=0.5, help="top-p budget: most key blocks (share)")
+    p.add_argument("--online-every", type=int, default=1, help="top-p: recompute the tables every this many steps")
+    p.add_argument("--cluster-ps", type=floats, default=floats("0.9"), help="clustered top-p rows (mass shares)")
+    p.add_argument("--cluster-iters", type=int, default=2, help="k-means rounds of the clustered rows")
+    p.add_argument("--hybrid-epsilons", type=floats, default=None,
+                   help="offline plans (search epsilons) of the hybrid rows (default: --epsilons)")
+    p.add_argument("--hybrid-ps", type=floats, default=floats("0.9"), help="top-p of the hybrid's online heads")
+    p.add_argument("--hybrid-densities", type=floats, default=floats(""),
+                   help="hybrid rows whose online heads keep this share of key blocks (top-k)")
     p.add_argument("--oracle-densities", type=floats, default=floats("0.5,0.25"),
                    help="static and per-call oracle masks at these shares of key blocks (empty: none)")
     p.add_argument("--budget-s", type=float, default=float("inf"),
@@ -128,8 +154,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.epsilons, args.svg_densities = middle(args.epsilons, 2), middle(args.svg_densities, 1)
         args.spatial_widths, args.temporal_widths = middle(args.spatial_widths, 1), middle(args.temporal_widths, 1)
         args.output_epsilons, args.oracle_densities = args.output_epsilons[:1], args.oracle_densities[:1]
+        args.online_ps, args.topk_densities = middle(args.online_ps, 1), args.topk_densities[:1]
+        args.hybrid_ps, args.cluster_ps = args.hybrid_ps[:1], args.cluster_ps[:1]
+        args.hybrid_densities = args.hybrid_densities[:1]
+        args.hybrid_epsilons = (args.epsilons if args.hybrid_epsilons is None else args.hybrid_epsilons)[:1]
         args.block_size, args.random_weights = 16, True
         args.out = args.out or Path(tempfile.mkdtemp(prefix="fidelity-")) / "fidelity.json"
+    args.hybrid_epsilons = args.epsilons if args.hybrid_epsilons is None else args.hybrid_epsilons
     args.block_size = args.block_size or (128 if args.model == "fidelity" else 64)
     args.out = args.out or HERE / "results" / ("fidelity.json" if args.model == "small" else f"fidelity-{args.model}.json")
     args.plot = args.plot or args.out.with_suffix(".png")
@@ -169,11 +200,12 @@ def methods(args, transformer, spec) -> list[tuple[str, str, Callable[[], Method
     search = dict(steps=steps, seeds=args.search_seeds, block_size=block, backend=args.backend, progress=True,
                   cost=args.search_cost)  # fmt: skip
     out = [("dense", "dense", lambda: Method("dense", "dense", note="dense"))]
+    plans: dict[str, Plan] = {}  # searched plans by method name (the hybrid rows reuse them)
 
     def searched(name: str, family: str, captions=search_captions, **settings):
         def build() -> Method:
             print(f"searching {name} ...", flush=True)
-            plan = search_plan(transformer, spec, captions, time_dense=True, **{**search, **settings})
+            plan = plans[name] = search_plan(transformer, spec, captions, time_dense=True, **{**search, **settings})
             if args.save_plans:
                 args.save_plans.mkdir(parents=True, exist_ok=True)
                 plan.save(args.save_plans / f"{name}.json")
@@ -206,6 +238,37 @@ def methods(args, transformer, spec) -> list[tuple[str, str, Callable[[], Method
         for w in widths:
             plan = Plan.uniform(transformer, make(w), warmup_steps=warmup, block_size=block)
             out.append(fixed(f"{family}-{w:g}", family, kind="plan", plan=plan))
+    online = dict(min_density=args.online_min_density, max_density=args.online_max_density, every=args.online_every,
+                  block_size=block)  # fmt: skip
+    for p_ in args.online_ps:
+        out.append(fixed(f"top-p-{p_:g}", "online-top-p", kind="source", info={"p": p_, **online},
+                         source=lambda p_=p_: TopP(p_, warmup_steps=warmup, **online)))  # fmt: skip
+    for d in args.topk_densities:
+        topk = {**online, "min_density": d, "max_density": d}
+        out.append(fixed(f"top-k-{round(d * 100):02d}", "online-top-k", kind="source", info={"p": 1.0, **topk},
+                         source=lambda topk=topk: TopP(1.0, warmup_steps=warmup, **topk)))  # fmt: skip
+
+    for p_ in args.cluster_ps:
+        clustered = {**online, "cluster_iters": args.cluster_iters}
+        out.append(fixed(f"top-p-{p_:g}-clustered", "online-clustered", kind="source", info={"p": p_, **clustered},
+                         source=lambda p_=p_: TopP(p_, warmup_steps=warmup, **clustered)))  # fmt: skip
+
+    def hybrid(name: str, eps: float, p_: float, settings: dict) -> Method:
+        plan_name = f"offline-eps={eps:g}"
+        if plan_name not in plans:  # its offline row did not run first: search now
+            lam = eps if args.lam == "epsilon" else float(args.lam)
+            searched(plan_name, "offline", epsilon=eps, lam=lam)[2]()
+        plan = plans[plan_name]
+        info = {"p": p_, "epsilon": eps, **settings, "plan_density": plan.density(layout_of(spec), steps)}
+        return Method(name, "source", source=lambda: Hybrid(plan, TopP(p_, **settings)), note="hybrid", info=info)
+
+    for eps in args.hybrid_epsilons:
+        for p_ in args.hybrid_ps:
+            name = f"hybrid-eps={eps:g}-p={p_:g}"
+            out.append((name, "hybrid", lambda name=name, eps=eps, p_=p_: hybrid(name, eps, p_, online)))
+        for d in args.hybrid_densities:
+            name, topk = f"hybrid-eps={eps:g}-k={round(d * 100):02d}", {**online, "min_density": d, "max_density": d}
+            out.append((name, "hybrid", lambda name=name, eps=eps, topk=topk: hybrid(name, eps, 1.0, topk)))
     calibration: dict = {}
 
     def static_mass() -> dict:  # dense generations of the search captions, once for every density

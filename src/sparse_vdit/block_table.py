@@ -206,13 +206,19 @@ class MaskHead:
     token_major: bool = False
 
 
-def table_from_mask(layout: VideoLayout, block_size: int, keep: torch.Tensor, name: str = "mask") -> BlockTable:
+def table_from_mask(
+    layout: VideoLayout, block_size: int, keep: torch.Tensor, name: str = "mask", max_runs: int | None = None
+) -> BlockTable:
     """The block table whose head ``h`` visits exactly the key blocks where ``keep[h]`` is true.
 
     ``keep``: bool ``[H, query blocks, key blocks]`` in frame-major order (key blocks cover
     ``layout.kv_len``); any shape of mask (e.g. an oracle's top key blocks per query block). The
     table is built on ``keep``'s device; each row becomes its runs of consecutive kept blocks.
     Text rules are not added: the mask is taken as it is.
+
+    ``max_runs``: the table's range width, given by a caller that knows a bound on the runs of
+    kept blocks in any row (no row may have more); the table is then built without reading the
+    mask on the host (no device sync). ``None``: the width is counted (one sync).
     """
     if keep.dtype != torch.bool or keep.dim() != 3:
         raise ValueError(f"keep must be a bool [heads, query blocks, key blocks] tensor, got {keep.dtype} {tuple(keep.shape)}")
@@ -221,7 +227,12 @@ def table_from_mask(layout: VideoLayout, block_size: int, keep: torch.Tensor, na
         raise ValueError(f"keep has {tuple(keep.shape[1:])} blocks; the layout {layout.describe()} at block "
                          f"{block_size} has ({qb}, {kb})")  # fmt: skip
     edges = torch.nn.functional.pad(keep.to(torch.int8), (1, 1)).diff(dim=-1)  # [H, Qb, Kb + 1]
-    runs = int((edges == 1).sum(-1).max()) if keep.numel() else 0
+    if max_runs is None:
+        runs = int((edges == 1).sum(-1).max()) if keep.numel() else 0
+    elif isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
+        raise ValueError(f"max_runs must be an int >= 1 or None, got {max_runs!r}")
+    else:
+        runs = min(max_runs, kb // 2 + 1)  # no row has more runs than that
     width = max(runs, 1)
 
     def packed(flag: torch.Tensor) -> torch.Tensor:  # positions of the flags, ascending, first `width`

@@ -130,16 +130,18 @@ class _CallDensity:
         self.block, self.shares = block, []
 
     def __call__(self, call, patterns, out) -> None:
+        table = getattr(patterns, "table", patterns)  # a method's runner (methods.cluster.PermutedTable) holds one
         if patterns is None:
             self.shares.append(1.0)
-        elif isinstance(patterns, BlockTable):
-            self.shares.append(patterns.density)
+        elif isinstance(table, BlockTable):  # left on the device: read once the run is over, not in every call
+            cells = table.num_heads * table.num_q_blocks * table.num_kv_blocks
+            self.shares.append(table.kv_num_blocks.sum(dtype=torch.float64) / cells)
         else:
             self.shares.append(compile_layer(tuple(patterns), call.layout, self.block).density)
 
     def pop(self) -> float:
         shares, self.shares = self.shares, []
-        return sum(shares) / len(shares) if shares else 1.0
+        return sum(float(s) for s in shares) / len(shares) if shares else 1.0
 
 
 def _density(method: Method, state, layout: VideoLayout, steps: int) -> float:

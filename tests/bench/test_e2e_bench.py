@@ -15,13 +15,20 @@ def e2e(load_script):
 def test_dry_run_writes_results_and_table(e2e, tmp_path, capsys):
     out = tmp_path / "e2e.json"
     assert e2e.main(["--dry-run", "--models", "hunyuan", "--densities", "0.3", "--svg-densities", "0.3", "--repeats",
-                     "1", "--svg-backends", "auto,flex,reference-device,reference-plan", "--out", str(out)]) == 0  # fmt: skip
+                     "1", "--svg-backends", "auto,flex,reference-device,reference-plan", "--online-densities", "0.3",
+                     "--out", str(out)]) == 0  # fmt: skip
     rows = json.loads(out.read_text())["results"]
     assert [r["variant"] for r in rows] == ["unpatched", "dense", "sparse-30", "svg-30", "svg-30-flex",
-                                            "svg-30-reference-device", "svg-30-reference-plan"]  # fmt: skip
-    plan_row = rows.pop()  # SVG's recorded choices as a fixed plan: no profiling, the same backend
+                                            "svg-30-reference-device", "svg-30-reference-plan", "hybrid-30", "top-k-30",
+                                            "top-k-30-clustered"]  # fmt: skip
+    online = rows[7:]
+    plan_row = rows[6]  # SVG's recorded choices as a fixed plan: no profiling, the same backend
+    rows = rows[:6]
     assert plan_row["svg_backend"] == "reference" and "profile_seconds" not in plan_row and plan_row["seconds"] > 0
     assert 0 < plan_row["density"] < 1 and plan_row["target_density"] == 0.3
+    for r in online:  # the selection is timed inside the attention, like SVG's profiling
+        assert 0 < r["profile_seconds"] < r["attention_seconds"] and r["online_calls"] > 0
+        assert 0 < r["density"] < 1 and r["target_density"] == 0.3
     assert rows[5]["svg_decided_on"] == "device" and rows[3]["svg_decided_on"] == "host"
     assert all(r["seconds"] > 0 and r["dry_run"] for r in rows)
     assert rows[2]["speedup_vs_unpatched"] > 0 and rows[2]["speedup_vs_dense"] > 0
@@ -30,7 +37,7 @@ def test_dry_run_writes_results_and_table(e2e, tmp_path, capsys):
         assert 0 < svg["profile_seconds"] < svg["attention_seconds"] and 0 < svg["profile_share"] < 1
         assert 0 < svg["density"] < 1 and svg["target_density"] == 0.3 and "profile_share" not in rows[2]
     assert rows[4]["svg_backend"] == "reference"  # the CPU stand-in for flex
-    assert "x unpatched" in capsys.readouterr().out.splitlines()[-9]  # the table comes last
+    assert "x unpatched" in capsys.readouterr().out.splitlines()[-12]  # the table comes last
 
 
 def test_mixed_plans_hit_their_density(load_script):

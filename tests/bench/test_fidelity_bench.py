@@ -14,8 +14,8 @@ def test_quick_run_writes_results_plot_and_table(tmp_path, capsys, load_script):
     assert module.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     families = [r["family"] for r in data["rows"]]
-    assert families == ["dense", "offline", "offline", "svg", "window-spatial", "window-temporal", "oracle-static",
-                        "oracle-per-call", "skip-only"]  # fmt: skip
+    assert families == ["dense", "offline", "offline", "svg", "window-spatial", "window-temporal", "online-top-p",
+                        "online-top-k", "online-clustered", "hybrid", "oracle-static", "oracle-per-call", "skip-only"]  # fmt: skip
     assert data["videos"] == 2 and data["dry_run"] and not data["speedup_meaningful"]
     for r in data["rows"]:
         assert 0 < r["density"] <= 1 and r["flop_reduction"] == pytest.approx(1 / r["density"])
@@ -29,6 +29,8 @@ def test_quick_run_writes_results_plot_and_table(tmp_path, capsys, load_script):
     for name in ("oracle-static-50", "oracle-per-call-50"):  # every step sparse (3 steps: no warm-up)
         assert rows[name]["density"] == pytest.approx(0.5) and rows[name]["mask_density"] == 0.5
     assert rows["skip-only"]["skipped_heads"] >= 0 and "skipped_heads" not in rows["svg-40"]
+    assert rows["top-k-25"]["density"] == pytest.approx(0.25) and rows["top-p-0.9"]["p"] == 0.9
+    assert rows["hybrid-eps=0.001-p=0.9"]["epsilon"] == 0.001 and "plan_density" in rows["hybrid-eps=0.001-p=0.9"]
 
 
 def test_output_error_searches_oracles_at_full_density_and_the_budget(tmp_path, load_script):
@@ -36,7 +38,8 @@ def test_output_error_searches_oracles_at_full_density_and_the_budget(tmp_path, 
     out = tmp_path / "fidelity.json"
     args = ["--quick", "--device", "cpu", "--out", str(out), "--epsilons", "", "--output-epsilons", "0.01",
             "--no-skip-only", "--svg-densities", "", "--spatial-widths", "", "--temporal-widths", "0.2",
-            "--oracle-densities", "1.0"]  # fmt: skip
+            "--oracle-densities", "1.0", "--online-ps", "", "--topk-densities", "", "--hybrid-ps", "",
+            "--cluster-ps", ""]  # fmt: skip
     assert module.main(args) == 0
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["dense", "offline-out-eps=0.01", "window-temporal-0.2", "oracle-static-100",
@@ -56,7 +59,8 @@ def test_paper_setting_and_saved_plans(tmp_path, load_script):
     out, plans = tmp_path / "fidelity.json", tmp_path / "plans"
     args = ["--quick", "--device", "cpu", "--out", str(out), "--paper", "--save-plans", str(plans),
             "--epsilons", "0.01", "--no-skip-only", "--svg-densities", "", "--spatial-widths", "",
-            "--temporal-widths", "", "--oracle-densities", ""]  # fmt: skip
+            "--temporal-widths", "", "--oracle-densities", "", "--online-ps", "", "--topk-densities", "",
+            "--hybrid-ps", "", "--cluster-ps", ""]  # fmt: skip
     assert module.main(args) == 0
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["dense", "offline-eps=0.01", "offline-paper"]

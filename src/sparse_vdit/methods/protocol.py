@@ -2,10 +2,11 @@
 
 The integrations (:mod:`sparse_vdit.integrations.diffusers`) build an :class:`AttentionCall` for
 every layer call and ask the installed pattern source for one pattern per head (``None``: dense;
-every layer call and ask the installed pattern source for one pattern per head (``None``: dense;
-a compiled :class:`~sparse_vdit.block_table.BlockTable` of the call's layout, run as it is; or
+a compiled :class:`~sparse_vdit.block_table.BlockTable` of the call's layout, run as it is;
 a :class:`~sparse_vdit.patterns.HeadChoice`: a per-(sample, head) choice among candidates, kept on
-the device where the backend reads it there); observers see every call after it ran. Methods
+the device where the backend reads it there; or an object with ``attend(q, k, v, backend)`` and
+``density``, which runs the call itself, e.g. :class:`~sparse_vdit.methods.cluster.PermutedTable`);
+observers see every call after it ran. Methods
 (plans, SVG, the offline search) implement these callables here, below the integrations, so they
 need not know any model library.
 """

@@ -165,6 +165,8 @@ class SparseState:
                 raise ValueError(f"a block table of {patterns.num_heads} heads at {patterns.layout.describe()} for a "
                                  f"call of {q.shape[2]} heads at {layout.describe()}")  # fmt: skip
             return sparse_attention(q, k, v, patterns, backend=self.backend)
+        if hasattr(patterns, "attend"):  # a method's own runner (methods.cluster.PermutedTable: permuted per head)
+            return patterns.attend(q, k, v, self.backend)
         if isinstance(patterns, HeadChoice):
             table = patterns.table(layout, self.block_size, q.device)  # cached by value
             return select_attention(q, k, v, table, patterns.selected, backend=self.backend)

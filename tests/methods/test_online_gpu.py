@@ -1,0 +1,59 @@
+"""Online top-p selection on a GPU: no host sync while deciding, and every backend runs its tables (gpu)."""
+
+import pytest
+import torch
+
+from sparse_vdit import VideoLayout, sparse_attention
+from sparse_vdit.kernels import registry
+from sparse_vdit.methods import TopP
+from sparse_vdit.methods.online import online_table
+
+pytestmark = pytest.mark.gpu
+LAYOUT = VideoLayout(5, 30, 52, text=77, text_position="suffix", text_valid=40)  # 7,877 tokens: ragged, padded text
+
+
+class _Call:
+    def __init__(self, step, layer, q, k, layout):
+        self.step, self.layer, self.q, self.k, self.layout, self.heads = step, layer, q, k, layout, None
+
+
+def _inputs(heads=6, dim=128, batch=2, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(batch, LAYOUT.num_tokens, heads, dim, generator=gen, device="cuda", dtype=torch.bfloat16)
+            for _ in range(3)]  # fmt: skip
+
+
+def _no_sync(fn):
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_deciding_makes_no_host_sync():
+    q, k, _ = _inputs()
+    online_table(q, k, LAYOUT, 128, 0.9, 0.05, 0.3)  # first call: per-layout caches filled (host copies)
+    table = _no_sync(lambda: online_table(q, k, LAYOUT, 128, 0.9, 0.05, 0.3))
+    source = TopP(0.9, max_density=0.3, block_size=128, cluster_iters=2)
+    source(_Call(0, 0, q, k, LAYOUT))
+    permuted = _no_sync(lambda: source(_Call(1, 0, q, k, LAYOUT)))
+    assert 0 < table.density < 0.6 and permuted.table.num_heads == 12
+
+
+@pytest.mark.parametrize("backend", ["triton", "fa4", "flex"])
+def test_backends_run_online_and_clustered_tables_like_the_reference(backend):
+    ok, why = registry.available(backend, torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    q, k, v = _inputs()
+    table = online_table(q, k, LAYOUT, 128, 0.9, 0.05, 0.3)
+    ref = sparse_attention(q.double(), k.double(), v.double(), table, backend="reference")
+    out = sparse_attention(q, k, v, table, backend=backend)
+    assert (out.double() - ref).norm() / ref.norm() < 2e-2
+    permuted = TopP(0.8, max_density=0.3, block_size=128, cluster_iters=2)(_Call(0, 0, q, k, LAYOUT))
+    permuted.q = permuted.k = None  # gather the float64 inputs, not the selection's bf16 copies
+    ref = permuted.attend(q.double(), k.double(), v.double(), "reference")
+    out = permuted.attend(q, k, v, backend)
+    assert (out.double() - ref).norm() / ref.norm() < 2e-2
