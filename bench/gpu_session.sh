@@ -19,6 +19,10 @@
 #   tests          the GPU tests: kernels, patterns, layout, SVG's fused profiling kernel         (~60)
 #   backward       backward block efficiency, Triton, Wan-1.3B and HunyuanVideo, 10-50% (#18)   (~110)
 #   finetune       sparse-aware LoRA fine-tuning of the fidelity organism, 10% and 25% (#18)   (~200)
+#   new-tests      GPU tests of this session's kernels: backward, select, online, SVG step path  (~90)
+#   svg-overhead   SVG layer / attention, before vs after the step-path cuts, Wan 25% (#16)    (~60)
+#   online-cost    online top-k/top-p selection cost vs the attention it saves, Wan-14B (#22)  (~30)
+#   fidelity-online  every method incl. top-p, top-k, hybrid on the fidelity organism, short (#22) (~110)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +79,18 @@ for name in "$@"; do
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --budget-s 90 --out "$R" ;;
     finetune) TAIL=20 step finetune 240 python3 bench/finetune.py --densities 0.1 0.25 --minutes 1.25 \
         --captions 4 --seeds 0 --out "$R" ;;
+    new-tests) TAIL=12 step new-tests 100 python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/kernels/test_backward.py tests/kernels/test_select.py tests/methods/test_online_gpu.py \
+        tests/methods/test_svg_step_path.py ${NEW_TESTS:-} ;;
+    svg-overhead) TAIL=30 step svg-overhead 70 python3 bench/svg.py --overhead --modes reference --variants before \
+        after --tiles default 64,32,8,3 --programs-per-sm 8 2 --reps 10 --budget-s 55 --out "$R" ;;
+    online-cost) TAIL=20 step online-cost 45 python3 bench/online_cost.py --shapes wan14b-720p --densities 0.25,0.1 \
+        --backends triton --out "$R/online-cost.json" ;;
+    fidelity-online) TAIL=45 step fidelity-online 130 python3 bench/fidelity.py --model fidelity --device cuda \
+        --captions 2 --seeds 0 --steps 20 --search-captions 2 --epsilons 0.03 --output-epsilons 0.03 --svg-densities 0.25 \
+        --spatial-widths "" --temporal-widths "" --oracle-densities 0.25 --online-ps 0.9 --topk-densities 0.35,0.25 \
+        --cluster-ps "" --hybrid-ps 0.9 --hybrid-densities 0.25 --no-skip-only --budget-s 105 \
+        --out "$R/fidelity-online.json" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done
