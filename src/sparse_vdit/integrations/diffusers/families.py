@@ -35,6 +35,7 @@ class Family:
     # published models (diffusers configs; DESIGN.md "Models"): name -> (self-attention layers, heads)
     known_models: dict[str, tuple[int, int]] = {}
     processor_classes: tuple[str, ...] = ()
+    processor_module: str = ""  # the diffusers module the stock processors live in
     uses_key_mask: bool = False  # whether the processor's attention_mask is a text key-padding mask
 
     def matches(self, model: Any) -> bool:
@@ -48,9 +49,21 @@ class Family:
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         return ModelSpec(self.name, len(self.attention_modules(model)), model.config.num_attention_heads, name)
 
-    def latent_grid(self, model: Any, hidden_states: torch.Tensor) -> tuple[int, int, int]:
-        """(frames, height, width) of the video tokens after patchify, from the latent input."""
+    def latent_grid(self, model: Any, hidden_states: torch.Tensor, inputs: dict | None = None) -> tuple[int, int, int]:
+        """(frames, height, width) of the video tokens after patchify, from the latent input
+        (``inputs``: the forward's other arguments by name)."""
         raise NotImplementedError
+
+    def head_dim(self, model: Any) -> int:
+        return model.config.attention_head_dim
+
+    def check_model(self, model: Any) -> None:
+        """Refuse at ``apply`` what no kernel can run (head sizes)."""
+        from ...kernels.checks import head_dim_problem
+
+        problem = head_dim_problem(self.head_dim(model))
+        if problem:
+            raise ValueError(f"sparse-vdit cannot run {type(model).__name__}'s self-attention: {problem}")
 
     def supports(self, attn: Any, encoder_hidden_states: Any, attention_mask: Any) -> bool:
         """Whether this call is the self-attention we sparsify (else the original processor runs)."""
@@ -81,11 +94,12 @@ class Wan(Family):
     model_classes = ("WanTransformer3DModel",)
     known_models = {"wan2.1-t2v-1.3b": (30, 12), "wan2.1-t2v-14b": (40, 40)}
     processor_classes = ("WanAttnProcessor", "WanAttnProcessor2_0")
+    processor_module = "diffusers.models.transformers.transformer_wan"
 
     def attention_modules(self, model):
         return [block.attn1 for block in model.blocks]
 
-    def latent_grid(self, model, hidden_states):
+    def latent_grid(self, model, hidden_states, inputs=None):
         pt, ph, pw = model.config.patch_size
         _, _, f, h, w = hidden_states.shape
         return f // pt, h // ph, w // pw
@@ -117,12 +131,13 @@ class HunyuanVideo(Family):
     model_classes = ("HunyuanVideoTransformer3DModel",)
     known_models = {"hunyuan-video": (60, 24)}
     processor_classes = ("HunyuanVideoAttnProcessor2_0",)
+    processor_module = "diffusers.models.transformers.transformer_hunyuan_video"
     uses_key_mask = True
 
     def attention_modules(self, model):
         return [b.attn for b in model.transformer_blocks] + [b.attn for b in model.single_transformer_blocks]
 
-    def latent_grid(self, model, hidden_states):
+    def latent_grid(self, model, hidden_states, inputs=None):
         p, pt = model.config.patch_size, model.config.patch_size_t
         _, _, f, h, w = hidden_states.shape
         return f // pt, h // p, w // p
@@ -173,11 +188,12 @@ class CogVideoX(Family):
     model_classes = ("CogVideoXTransformer3DModel",)
     known_models = {"cogvideox1.5-5b": (42, 48), "cogvideox-5b": (42, 48), "cogvideox-2b": (30, 30)}
     processor_classes = ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")
+    processor_module = "diffusers.models.attention_processor"
 
     def attention_modules(self, model):
         return [block.attn1 for block in model.transformer_blocks]
 
-    def latent_grid(self, model, hidden_states):
+    def latent_grid(self, model, hidden_states, inputs=None):
         p, pt = model.config.patch_size, model.config.patch_size_t or 1
         _, f, _, h, w = hidden_states.shape  # CogVideoX latents are (batch, frames, channels, h, w)
         return f // pt, h // p, w // p
