@@ -374,7 +374,7 @@ class SparseAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         projected = family.project(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         q, k, v = projected.q, projected.k, projected.v
-        key_mask = attention_mask if family.uses_key_mask else None
+        key_mask = family.key_mask(attention_mask, q.shape[1]) if family.uses_key_mask else None
         shards = head_shards(self._parallel_config, q.shape[2])  # None without context parallelism
         heads = None
         if shards is not None:  # sequence shards -> (full sequence, this rank's heads)
