@@ -21,7 +21,7 @@ from .patterns import Pattern, pattern_names
 
 FORMAT = "sparse-vdit-plan"
 VERSION = 1
-FAMILIES = ("wan", "hunyuan_video", "cogvideox", "hunyuan_video15", "skyreels_v2", "ltx_video")
+FAMILIES = ("wan", "hunyuan_video", "cogvideox", "hunyuan_video15", "skyreels_v2", "ltx_video", "mochi")
 # pipeline components that hold a denoising transformer (Wan2.2 A14B: high-noise, then low-noise expert)
 EXPERT_COMPONENTS = ("transformer", "transformer_2")
 EXPERTS_KEYS = ("format", "version", "experts")

@@ -63,7 +63,7 @@ def test_remove_restores_original_processors_bit_identical(name):
     before = run(model, inputs)
     modules = sparse_vdit.integrations.diffusers.family_of(model).attention_modules(model)
     originals = [m.processor for m in modules]
-    others = {k: v for k, v in model.attn_processors.items()}
+    others = dict(getattr(model, "attn_processors", {}))  # Mochi has none
     sparse_vdit.apply(model, Plan.uniform(model, diagonal(0.5), block_size=BLOCK))
     assert all(type(m.processor).__name__ == "SparseAttnProcessor" for m in modules)
     run(model, inputs)

@@ -150,3 +150,16 @@ def _hint(message):
     import re
 
     return re.search(r"set_attn_processor\((\w+)\(\)\) with \1 from ([\w.]+)", message).groups()
+
+
+def test_the_hint_for_a_model_without_set_attn_processor_names_the_processor_attribute():
+    from tiny_diffusers import mochi
+
+    model, _ = mochi()
+    assert not hasattr(model, "set_attn_processor")
+    for module in family_of(model).attention_modules(model):
+        module.processor = lambda *a, **k: None
+    with pytest.raises(RuntimeError, match=r"module\.processor = MochiAttnProcessor2_0\(\) on each self-attention "
+                                           r"module with MochiAttnProcessor2_0 from diffusers\.models\.attention_processor"):  # fmt: skip
+        sparse_vdit.apply(model, Plan.dense(model))
+    assert hasattr(importlib.import_module("diffusers.models.attention_processor"), "MochiAttnProcessor2_0")

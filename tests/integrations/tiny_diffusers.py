@@ -163,10 +163,33 @@ def cogvideox(batch=2, seed=0, version="1.5"):
     return model, inputs
 
 
+def mochi(batch=2, valid=(3, 7), seed=0):
+    """Mochi: joint attention, text a padded suffix (the processor attends each sample's real tokens)."""
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, num_layers=LAYERS,
+        pooled_projection_dim=16, in_channels=4, text_embed_dim=16, time_embed_dim=16, max_sequence_length=7,
+    ).eval()  # fmt: skip
+    g = _g()
+    mask = torch.zeros(batch, 7, dtype=torch.long)
+    for b in range(batch):
+        mask[b, : valid[b % len(valid)]] = 1
+    inputs = dict(
+        hidden_states=torch.randn(batch, 4, FRAMES, LATENT, LATENT, generator=g),
+        encoder_hidden_states=torch.randn(batch, 7, 16, generator=g),
+        timestep=torch.full((batch,), 900),
+        encoder_attention_mask=mask,
+        return_dict=False,
+    )
+    return model, inputs
+
+
 BUILDERS = {"wan": wan, "hunyuan_video": hunyuan, "cogvideox": cogvideox, "cogvideox1.0": lambda **kw: cogvideox(version="1.0", **kw),
             "wan2.2-ti2v": wan_ti2v, "wan-vace": wan_vace, "skyreels_v2": skyreels, "hunyuan_video15": hunyuan15,
-            "ltx_video": ltx}  # fmt: skip
-TEXT_POSITION = {"hunyuan_video": "suffix", "hunyuan_video15": "suffix", "cogvideox": "prefix", "cogvideox1.0": "prefix"}
+            "ltx_video": ltx, "mochi": mochi}  # fmt: skip
+TEXT_POSITION = {"hunyuan_video": "suffix", "hunyuan_video15": "suffix", "mochi": "suffix", "cogvideox": "prefix", "cogvideox1.0": "prefix"}
 # the diffusers module whose dispatch_attention_fn each model's self-attention calls (the oracle patches it)
 DISPATCH = {"wan": "transformer_wan", "wan2.2-ti2v": "transformer_wan", "wan-vace": "transformer_wan",
             "skyreels_v2": "transformer_skyreels_v2", "hunyuan_video": "transformer_hunyuan_video",
@@ -189,19 +212,26 @@ def _masked(q, k, v, layout, patterns, valid):
     return out.to(q.dtype)
 
 
+SAMPLE_LOOP = {"mochi"}  # processors that attend sample by sample (one attention call per sample)
+
+
 @contextmanager
-def oracle(name: str, patterns_by_layer):
-    """Run the *unpatched* model with per-head masked attention in its self-attention layers."""
+def oracle(name: str, patterns_by_layer, batch: int = 2):
+    """Run the *unpatched* model with per-head masked attention in its self-attention layers;
+    ``calls["n"]``: self-attention layer calls seen."""
     import importlib
 
     import pytest
 
     calls = {"n": 0}
     layers = len(patterns_by_layer)
+    per_layer = batch if name in SAMPLE_LOOP else 1
+    raw = {"n": 0}
 
     def next_layer():
-        layer = calls["n"] % layers
-        calls["n"] += 1
+        layer = (raw["n"] // per_layer) % layers
+        raw["n"] += 1
+        calls["n"] = raw["n"] // per_layer
         return patterns_by_layer[layer]
 
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -222,8 +252,11 @@ def oracle(name: str, patterns_by_layer):
 
             monkeypatch.setattr(module, "dispatch_attention_fn", dispatch)
         else:
+            original_sdpa = torch.nn.functional.scaled_dot_product_attention
 
             def sdpa(query, key, value, attn_mask=None, **kwargs):
+                if query.shape[2] < FRAMES * 16:  # Mochi's text pooling
+                    return original_sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
                 q, k, v = (t.transpose(1, 2) for t in (query, key, value))
                 text = q.shape[1] - FRAMES * 16
                 return _masked(q, k, v, video_layout(name, text), next_layer(), None).transpose(1, 2)

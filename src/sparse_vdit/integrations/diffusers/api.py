@@ -11,7 +11,7 @@ from typing import Any
 from ...block_table import DEFAULT_BLOCK, valid_block_size
 from ...kernels import registry
 from ...plan import EXPERT_COMPONENTS, ExpertPlans, Plan, PlanError, load_plans
-from .families import family_of, transformer_of
+from .families import family_of, set_processor, transformer_of
 from ...methods.protocol import PatternSource
 from .parallel import check_supported
 from .processor import SparseAttnProcessor, SparseState
@@ -96,7 +96,7 @@ def apply(
             processor = SparseAttnProcessor(family, i, state, module.processor)
             if parallel is not None and processor._parallel_config is None:  # stock processors without the slot
                 processor._parallel_config = parallel
-            module.set_processor(processor)
+            set_processor(module, processor)
         if svg is not None:
             svg.spec = spec
             if svg.num_steps is None:  # the scheduler's step count, once a pipeline has set it
@@ -167,11 +167,12 @@ def _check(model, plan, pattern_source, method, options, backend, block_size):
         name = type(module.processor).__name__
         if name not in family.processor_classes:
             stock = family.processor_classes[0]
+            reset = (f"model.set_attn_processor({stock}())" if hasattr(model, "set_attn_processor")
+                     else f"module.processor = {stock}() on each self-attention module")  # fmt: skip
             raise RuntimeError(
                 f"layer {i} uses attention processor {name}, not diffusers' {' / '.join(family.processor_classes)}; "
-                f"sparse-vdit replaces only the stock processors: reset them first, e.g. "
-                f"model.set_attn_processor({stock}()) with {stock} from {family.processor_module}, "
-                "or remove the other patch"
+                f"sparse-vdit replaces only the stock processors: reset them first, e.g. {reset} with {stock} "
+                f"from {family.processor_module}, or remove the other patch"
             )
     parallel = getattr(model, "_parallel_config", None)  # diffusers records enable_parallelism's config here
     if getattr(parallel, "context_parallel_config", None) is None:
@@ -218,7 +219,7 @@ def remove(pipe_or_transformer: Any) -> None:
         for module in state.family.attention_modules(model):
             processor = module.processor
             if isinstance(processor, SparseAttnProcessor) and processor.state is state:
-                module.set_processor(processor.original)
+                set_processor(module, processor.original)
         remove_step_hook(model)
         if state._undo_scheduler is not None:
             state._undo_scheduler()

@@ -114,6 +114,14 @@ class Family:
         raise NotImplementedError
 
 
+def set_processor(module: Any, processor: Any) -> None:
+    """Install ``processor`` on an attention module (Mochi's has no ``set_processor``)."""
+    if hasattr(module, "set_processor"):
+        module.set_processor(processor)
+    else:
+        module.processor = processor
+
+
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(2, (heads, -1))
 
@@ -245,6 +253,52 @@ class HunyuanVideo15(HunyuanVideo):
         return torch.nn.functional.pad(attention_mask.bool(), (video, 0), value=True)[:, None, None, :]
 
 
+class Mochi(Family):
+    """``MochiTransformer3DModel``: joint attention (``transformer_blocks[i].attn1``); text is a
+    padded suffix given as its ``[B, text]`` mask (the processor attends each sample's real tokens)."""
+
+    name = "mochi"
+    model_classes = ("MochiTransformer3DModel",)
+    known_models = {"mochi-1": (48, 24)}
+    processor_classes = ("MochiAttnProcessor2_0",)
+    processor_module = "diffusers.models.attention_processor"
+    self_attention = (("transformer_blocks", "attn1"),)
+    text_position = "suffix"
+    uses_key_mask = True
+    key_mask = HunyuanVideo15.key_mask
+
+    def project(self, attn, hidden_states, encoder_hidden_states, rotary):
+        q, k, v = (_heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        eq, ek, ev = (_heads(proj(encoder_hidden_states), attn.heads)
+                      for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))  # fmt: skip
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if attn.norm_added_q is not None:
+            eq = attn.norm_added_q(eq)
+        if attn.norm_added_k is not None:
+            ek = attn.norm_added_k(ek)
+        if rotary is not None:
+            q, k = _mochi_rotary(q, *rotary), _mochi_rotary(k, *rotary)
+        text = encoder_hidden_states.shape[1]
+        return Projected(torch.cat([q, eq], 1), torch.cat([k, ek], 1), torch.cat([v, ev], 1), text, q.dtype)
+
+    def finish(self, attn, out, projected):
+        out = out.flatten(2, 3)
+        video, text = out[:, : -projected.text], out[:, -projected.text :]
+        video = attn.to_out[1](attn.to_out[0](video))
+        if getattr(attn, "to_add_out", None) is not None:
+            text = attn.to_add_out(text)
+        return video, text
+
+
+def _mochi_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Mochi's rotary embedding: even/odd channels rotated in float32, interleaved back."""
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.stack([(even * cos - odd * sin).to(x.dtype), (even * sin + odd * cos).to(x.dtype)], -1).flatten(-2)
+
+
 class LTXVideo(Family):
     """``LTXVideoTransformer3DModel``: ``transformer_blocks[i].attn1``; packed ``(B, N, C)`` latents
     (frame-major), the grid from the ``num_frames`` / ``height`` / ``width`` arguments; rotary on the
@@ -316,7 +370,7 @@ class CogVideoX(Family):
         return out[:, projected.text :], out[:, : projected.text]
 
 
-FAMILIES: tuple[Family, ...] = (Wan(), HunyuanVideo(), CogVideoX(), WanVACE(), SkyReelsV2(), HunyuanVideo15(), LTXVideo())
+FAMILIES: tuple[Family, ...] = (Wan(), HunyuanVideo(), CogVideoX(), WanVACE(), SkyReelsV2(), HunyuanVideo15(), LTXVideo(), Mochi())
 for _family in FAMILIES:
     register_family(_family.name, _family.known_models)
 

@@ -48,7 +48,7 @@ from ...methods.protocol import AttentionCall, Observer, PatternSource, plan_sou
 from ...patterns import HeadChoice, Pattern, compile_layer
 from ...plan import ModelSpec, Plan
 from ...timing import clock, seconds_per_step
-from .families import Family
+from .families import Family, set_processor
 from .parallel import head_shards
 from .steps import StepTracker, timestep_value
 
@@ -108,7 +108,7 @@ class SparseState:
             if isinstance(processor, SparseAttnProcessor) and processor.state is self:
                 continue
             if type(processor).__name__ in self.family.processor_classes:
-                module.set_processor(SparseAttnProcessor(self.family, i, self, processor))
+                set_processor(module, SparseAttnProcessor(self.family, i, self, processor))
             else:
                 foreign.append((i, type(processor).__name__))
         if foreign and frozenset(foreign) != self._foreign:
