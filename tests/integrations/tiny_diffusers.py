@@ -18,6 +18,11 @@ HEADS, HEAD_DIM, LAYERS, BLOCK = 4, 16, 2, 16
 FRAMES, LATENT = 3, 8  # 3 frames of 8x8 latents -> 4x4 tokens per frame after (1|2, 2, 2) patchify
 
 
+def _text_mask(batch, valid, text):
+    """``[batch, text]`` long: sample ``b`` keeps its first ``valid[b % len(valid)]`` tokens."""
+    return (torch.arange(text)[None] < torch.tensor([valid[b % len(valid)] for b in range(batch)])[:, None]).long()
+
+
 def _g(seed=1):
     return torch.Generator().manual_seed(seed)
 
@@ -71,9 +76,7 @@ def hunyuan15(batch=2, valid=(3, 7), seed=0):
         rope_axes_dim=(4, 6, 6),
     ).eval()  # fmt: skip
     g = _g()
-    mask = torch.zeros(batch, 7, dtype=torch.long)
-    for b in range(batch):
-        mask[b, : valid[b % len(valid)]] = 1
+    mask = _text_mask(batch, valid, 7)
     inputs = dict(
         hidden_states=torch.randn(batch, 4, FRAMES, 4, 4, generator=g),
         timestep=torch.full((batch,), 900.0),
@@ -119,9 +122,7 @@ def hunyuan(batch=2, valid=(3, 7), seed=0):
     ).eval()  # fmt: skip
     g = _g()
     text = 7
-    mask = torch.zeros(batch, text, dtype=torch.long)
-    for b in range(batch):
-        mask[b, : valid[b % len(valid)]] = 1
+    mask = _text_mask(batch, valid, text)
     inputs = dict(
         hidden_states=torch.randn(batch, 4, FRAMES, LATENT, LATENT, generator=g),
         timestep=torch.full((batch,), 900),
@@ -173,9 +174,7 @@ def mochi(batch=2, valid=(3, 7), seed=0):
         pooled_projection_dim=16, in_channels=4, text_embed_dim=16, time_embed_dim=16, max_sequence_length=7,
     ).eval()  # fmt: skip
     g = _g()
-    mask = torch.zeros(batch, 7, dtype=torch.long)
-    for b in range(batch):
-        mask[b, : valid[b % len(valid)]] = 1
+    mask = _text_mask(batch, valid, 7)
     inputs = dict(
         hidden_states=torch.randn(batch, 4, FRAMES, LATENT, LATENT, generator=g),
         encoder_hidden_states=torch.randn(batch, 7, 16, generator=g),
