@@ -163,3 +163,12 @@ def test_the_hint_for_a_model_without_set_attn_processor_names_the_processor_att
                                            r"module with MochiAttnProcessor2_0 from diffusers\.models\.attention_processor"):  # fmt: skip
         sparse_vdit.apply(model, Plan.dense(model))
     assert hasattr(importlib.import_module("diffusers.models.attention_processor"), "MochiAttnProcessor2_0")
+
+
+def test_context_parallelism_on_a_family_without_it_is_refused_clearly():
+    from diffusers import ContextParallelConfig
+    from tiny_diffusers import ltx
+
+    model, _ = ltx()
+    with pytest.raises(NotImplementedError, match="context parallelism on LTXVideoTransformer3DModel is not supported"):
+        sparse_vdit.enable_context_parallel(model, ContextParallelConfig(ulysses_degree=2))
