@@ -7,7 +7,11 @@
 Models (diffusers configs as published, random weights, bf16; built on the meta device and
 materialised on the GPU, so no download): ``wan-1.3b`` (Wan2.1-T2V-1.3B, 832x480, 81 frames),
 ``wan-14b`` (Wan2.1-T2V-14B, 1280x720), ``hunyuan`` (HunyuanVideo, 1280x720, 129 frames, 256
-text tokens of which 64 real), ``cogvideox1.5`` (CogVideoX1.5-5B, 1360x768, 81 frames).
+text tokens of which 64 real), ``cogvideox1.5`` (CogVideoX1.5-5B, 1360x768, 81 frames),
+``wan2.2-a14b`` (Wan2.2-T2V-A14B 1280x720: both experts, ``wan2.2-a14b-transformer`` and
+``-transformer_2``, built and timed one after the other, each its own weights and plan),
+``hunyuan1.5`` (HunyuanVideo 1.5 720p T2V, 121 frames: 1000 MLLM tokens of which 120 real, 256
+ByT5 of which 16, 729 image tokens, padding in T2V).
 
 Variants, each in each mode (``eager``; ``compiled`` = every transformer block compiled with
 ``torch.compile(fullgraph=True)``, the same setting on every variant):
@@ -151,7 +155,7 @@ def run_model(bench: Bench, args, device, dtype, rows: list, deadline: float) ->
     layout = layout_of(bench, model, inputs)
     plans = {"dense": Plan.dense(spec, block_size=args.block_size)}
     for d in args.densities:
-        plans[f"sparse-{round(d * 100):02d}"] = mixed_plan(spec, layout, d, args.block_size)
+        plans[f"sparse-{round(d * 100):02d}"] = mixed_plan(spec, layout, d, args.block_size, seed=bench.seed)
     say(f"{bench.name}: {spec.describe()}, layout {layout.describe()}; plans "
         + ", ".join(f"{k} {p.density(layout):.1%}" for k, p in plans.items()))  # fmt: skip
     probe = torch.empty(1, 1, 1, model.config.attention_head_dim, device=device, dtype=dtype)

@@ -27,7 +27,16 @@ class Bench:
     latent: tuple  # hidden_states shape
     text: int  # text tokens given to the model
     text_valid: int | None = None  # real (unpadded) prompt tokens, HunyuanVideo
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # HunyuanVideo 1.5: text_2 / text_2_valid (ByT5), image_tokens
+    seed: int = 0  # of the random weights and the mixed plans (the experts of one pipeline differ)
+
+    def self_attention_text(self) -> tuple[int, int | None]:
+        """(text tokens in self-attention, real ones or None): HunyuanVideo 1.5 joins image, ByT5
+        and MLLM tokens (valid first)."""
+        extra = self.extra.get("text_2", 0) + self.extra.get("image_tokens", 0)
+        if self.text_valid is None:
+            return self.text + extra, None
+        return self.text + extra, self.text_valid + self.extra.get("text_2_valid", 0)
 
 
 WAN = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, cross_attn_norm=True,
@@ -44,6 +53,16 @@ COG15 = dict(activation_fn="gelu-approximate", attention_bias=True, attention_he
              timestep_activation_fn="silu", use_learned_positional_embeddings=False,
              use_rotary_positional_embeddings=True)  # fmt: skip
 
+# HunyuanVideo 1.5 720p T2V (hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_t2v): 8.3B, patch 1 on
+# a 16x VAE; latents 32 channels + 33 of image condition
+HUNYUAN15 = dict(in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
+                 num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm",
+                 text_embed_dim=3584, text_embed_2_dim=1472, image_embed_dim=1152, rope_theta=256.0,
+                 rope_axes_dim=(16, 56, 56), target_size=960, task_type="t2v")  # fmt: skip
+# the pipeline's text: 1000 MLLM tokens (120 real here), 256 ByT5 (16 real), 729 image tokens (padding in T2V)
+HUNYUAN15_TEXT = dict(text_2=256, text_2_valid=16, image_tokens=729)
+WAN14B = {**WAN, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+
 MODELS = {
     "wan-1.3b": Bench("wan-1.3b", "WanTransformer3DModel", {**WAN, "num_attention_heads": 12, "ffn_dim": 8960,
                       "num_layers": 30}, (1, 16, 21, 60, 104), 512),  # fmt: skip
@@ -51,7 +70,16 @@ MODELS = {
                      "num_layers": 40}, (1, 16, 21, 90, 160), 512),  # fmt: skip
     "hunyuan": Bench("hunyuan", "HunyuanVideoTransformer3DModel", HUNYUAN, (1, 16, 33, 90, 160), 256, 64),
     "cogvideox1.5": Bench("cogvideox1.5", "CogVideoXTransformer3DModel", COG15, (1, 22, 16, 96, 170), 226),
+    # Wan2.2-T2V-A14B 720p: two experts of Wan2.1-14B's architecture, each with its own weights and
+    # plan; built one after the other (one 14B bf16 expert, ~28 GB, on the GPU at a time)
+    "wan2.2-a14b-transformer": Bench("wan2.2-a14b-transformer", "WanTransformer3DModel", WAN14B,
+                                     (1, 16, 21, 90, 160), 512, seed=0),  # fmt: skip
+    "wan2.2-a14b-transformer_2": Bench("wan2.2-a14b-transformer_2", "WanTransformer3DModel", WAN14B,
+                                       (1, 16, 21, 90, 160), 512, seed=1),  # fmt: skip
+    "hunyuan1.5": Bench("hunyuan1.5", "HunyuanVideo15Transformer3DModel", HUNYUAN15, (1, 65, 31, 45, 80), 1000, 120,
+                        HUNYUAN15_TEXT),  # fmt: skip
 }
+ALIASES = {"wan2.2-a14b": ["wan2.2-a14b-transformer", "wan2.2-a14b-transformer_2"]}
 
 # --dry-run: the same families, tiny (a few layers, 4 heads, small video), on the CPU
 TINY = {
@@ -66,6 +94,17 @@ TINY = {
     "cogvideox1.5": Bench("cogvideox1.5", "CogVideoXTransformer3DModel", {**COG15, "num_attention_heads": 4,
                           "attention_head_dim": 32, "num_layers": 2, "text_embed_dim": 32, "time_embed_dim": 16,
                           "max_text_seq_length": 10}, (1, 8, 16, 16, 20), 10),  # fmt: skip
+    "wan2.2-a14b-transformer": Bench("wan2.2-a14b-transformer", "WanTransformer3DModel", {**WAN,
+                                     "attention_head_dim": 32, "text_dim": 32, "num_attention_heads": 4, "ffn_dim": 64,
+                                     "num_layers": 2}, (1, 16, 4, 16, 16), 8, seed=0),  # fmt: skip
+    "wan2.2-a14b-transformer_2": Bench("wan2.2-a14b-transformer_2", "WanTransformer3DModel", {**WAN,
+                                       "attention_head_dim": 32, "text_dim": 32, "num_attention_heads": 4,
+                                       "ffn_dim": 64, "num_layers": 2}, (1, 16, 4, 16, 16), 8, seed=1),  # fmt: skip
+    "hunyuan1.5": Bench("hunyuan1.5", "HunyuanVideo15Transformer3DModel", {**HUNYUAN15, "in_channels": 8,
+                        "out_channels": 4, "num_attention_heads": 4, "attention_head_dim": 32, "num_layers": 2,
+                        "num_refiner_layers": 1, "text_embed_dim": 32, "text_embed_2_dim": 16, "image_embed_dim": 16,
+                        "rope_axes_dim": (8, 12, 12)}, (1, 8, 4, 8, 8), 12, 5,
+                        {"text_2": 6, "text_2_valid": 2, "image_tokens": 4}),  # fmt: skip
 }
 
 
@@ -87,10 +126,12 @@ def parameters_on_meta():
 
 
 @torch.no_grad()
-def build(bench: Bench, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """The transformer with random weights: parameters built on meta, materialised on ``device``."""
+def build(bench: Bench, device: torch.device, dtype: torch.dtype, seed: int | None = None):
+    """The transformer with random weights: parameters built on meta, materialised on ``device``
+    (``seed``: default the bench's)."""
     import diffusers
 
+    seed = bench.seed if seed is None else seed
     cls = getattr(diffusers, bench.cls)
     with parameters_on_meta():
         model = cls(**bench.config)
@@ -125,7 +166,14 @@ def make_inputs(bench: Bench, model, device: torch.device, dtype: torch.dtype) -
     randn = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
     inputs = dict(hidden_states=randn(*bench.latent), encoder_hidden_states=randn(1, bench.text, text_dim),
                   timestep=torch.tensor([999], device=device), return_dict=False)  # fmt: skip
-    if bench.cls.startswith("Hunyuan"):
+    if bench.cls == "HunyuanVideo15Transformer3DModel":
+        c, x = bench.config, bench.extra
+        masks = [torch.arange(n, device=device)[None] < valid for n, valid in
+                 ((bench.text, bench.text_valid), (x["text_2"], x["text_2_valid"]))]  # fmt: skip
+        inputs.update(encoder_attention_mask=masks[0].long(), encoder_hidden_states_2=randn(1, x["text_2"], c["text_embed_2_dim"]),
+                      encoder_attention_mask_2=masks[1].long(), timestep=inputs["timestep"].to(dtype),
+                      image_embeds=torch.zeros(1, x["image_tokens"], c["image_embed_dim"], device=device, dtype=dtype))  # fmt: skip
+    elif bench.cls.startswith("Hunyuan"):
         mask = torch.zeros(1, bench.text, dtype=torch.long, device=device)
         mask[:, : bench.text_valid] = 1
         inputs.update(encoder_attention_mask=mask, pooled_projections=randn(1, bench.config["pooled_projection_dim"]),
@@ -148,11 +196,12 @@ def layout_of(bench: Bench, model, inputs) -> VideoLayout:
     from sparse_vdit.integrations.diffusers import family_of
 
     family = family_of(model)
-    f, h, w = family.latent_grid(model, inputs["hidden_states"])
+    f, h, w = family.latent_grid(model, inputs["hidden_states"], inputs)
     if family.text_position == "none":
         return VideoLayout(f, h, w)
-    valid = bench.text_valid if bench.text_valid is not None and bench.text_valid < bench.text else None
-    return VideoLayout(f, h, w, bench.text, family.text_position, valid)
+    text, valid = bench.self_attention_text()
+    valid = valid if valid is not None and valid < text else None
+    return VideoLayout(f, h, w, text, family.text_position, valid)
 
 
 # --- plans -------------------------------------------------------------------------------------
@@ -208,8 +257,8 @@ def cudnn_first():
 
 
 def model_names(parser: argparse.ArgumentParser, text: str) -> list[str]:
-    """``--models`` (comma-separated) checked against :data:`MODELS`."""
-    names = [m.strip() for m in text.split(",") if m.strip()]
+    """``--models`` (comma-separated) checked against :data:`MODELS`; ``wan2.2-a14b`` names both experts."""
+    names = [n for m in text.split(",") if m.strip() for n in ALIASES.get(m.strip(), [m.strip()])]
     unknown = set(names) - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")

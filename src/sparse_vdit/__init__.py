@@ -4,7 +4,7 @@ from ._version import __version__
 from .kernels import sparse_attention
 from .layout import VideoLayout
 from .patterns import BlockTable, Pattern, compile_layer
-from .plan import ModelSpec, Plan, PlanError
+from .plan import ExpertPlans, ModelSpec, Plan, PlanError, load_plans
 from .integrations.diffusers import apply, enable_context_parallel, model_spec, pipeline_sampler, remove, sparse
 from .integrations.diffusers.search import search
 from .compare import organism_sampler
@@ -24,6 +24,7 @@ def clear_caches() -> None:
 __all__ = [
     "clear_caches",
     "BlockTable",
+    "ExpertPlans",
     "ModelSpec",
     "Pattern",
     "Plan",
@@ -32,6 +33,7 @@ __all__ = [
     "apply",
     "compile_layer",
     "enable_context_parallel",
+    "load_plans",
     "model_spec",
     "organism_sampler",
     "pipeline_sampler",

@@ -24,13 +24,18 @@ visits the first ``F`` frames' worth of keys in the head's own order); ``schedul
 ``[start_i, start_{i+1})``, the last one every later step; the first starts at 0. Steps count
 from 0 within each generation. Layers are the self-attention layers in forward order
 (HunyuanVideo: the 20 dual-stream blocks, then the 40 single-stream ones).
+
+A pipeline with several denoising transformers (Wan2.2 A14B: ``transformer`` for the high-noise
+steps, ``transformer_2`` after the boundary) has one plan per expert, keyed by component name:
+:class:`ExpertPlans`, saved as ``{"format", "version", "experts": {"transformer": {<plan>}, ...}}``.
+Steps are the pipeline's steps for every expert. :func:`load_plans` reads either kind of file.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -42,7 +47,7 @@ from .patterns import Pattern, compile_layer
 from .patterns import dense as _dense
 
 from .plan_schema import FAMILIES, FORMAT, MAX_BLOCK, MIN_BLOCK, VERSION, PlanError, parse_plan_json, plan_fields
-from .plan_schema import read_plan_text
+from .plan_schema import EXPERT_COMPONENTS, expert_documents, read_plan_text
 
 
 
@@ -405,3 +410,62 @@ def _from_dict(data: Any, source: str) -> Plan:
                     fields.made_by)  # fmt: skip
     except PlanError as err:
         raise PlanError(f"{source}: {err}") from None
+
+
+class ExpertPlans(Mapping):
+    """One :class:`Plan` per denoising transformer of a pipeline, keyed by component name
+    (``"transformer"``, ``"transformer_2"``), in the pipeline's order."""
+
+    def __init__(self, plans: Mapping[str, Plan]) -> None:
+        unknown = [name for name in plans if name not in EXPERT_COMPONENTS]
+        if unknown or not plans:
+            raise PlanError(f"expert plans are keyed by {', '.join(EXPERT_COMPONENTS)}; got {', '.join(map(str, plans))}")
+        for name, plan in plans.items():
+            if not isinstance(plan, Plan):
+                raise TypeError(f"the plan of {name} must be a Plan, got {type(plan).__name__}")
+        self._plans = {name: plans[name] for name in EXPERT_COMPONENTS if name in plans}
+
+    def __getitem__(self, name: str) -> Plan:
+        return self._plans[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._plans)
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ExpertPlans) and self._plans == other._plans
+
+    def __repr__(self) -> str:
+        return f"ExpertPlans({', '.join(f'{k}: {p.spec.describe()}' for k, p in self._plans.items())})"
+
+    def dumps(self) -> str:
+        """The plans as one JSON document (each plan as :meth:`Plan.dumps` writes it)."""
+        parts = []
+        for name, plan in self._plans.items():
+            body = plan.dumps().rstrip("\n").replace("\n", "\n    ")
+            parts.append(f"    {json.dumps(name)}: {body}")
+        return (f'{{\n  "format": {json.dumps(FORMAT)},\n  "version": {VERSION},\n  "experts": {{\n'
+                + ",\n".join(parts) + "\n  }\n}\n")  # fmt: skip
+
+    def save(self, path: str | Path) -> Path:
+        """Write every expert's plan in one file; :func:`load_plans` gives back equal plans."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.dumps())
+        return path
+
+
+def loads_plans(text: str, source: str = "plan") -> Plan | ExpertPlans:
+    """Parse a plan file's text: a :class:`Plan`, or :class:`ExpertPlans` for a per-expert file."""
+    data = parse_plan_json(text, source)
+    documents = expert_documents(data, source)
+    if documents is None:
+        return _from_dict(data, source)
+    return ExpertPlans({name: _from_dict(doc, f"{source}: experts.{name}") for name, doc in documents.items()})
+
+
+def load_plans(path: str | Path) -> Plan | ExpertPlans:
+    """Read a plan file of either kind (one plan, or one per expert); PlanError if it is invalid."""
+    return loads_plans(read_plan_text(path), str(path))

@@ -21,7 +21,10 @@ from .patterns import Pattern, pattern_names
 
 FORMAT = "sparse-vdit-plan"
 VERSION = 1
-FAMILIES = ("wan", "hunyuan_video", "cogvideox")
+FAMILIES = ("wan", "hunyuan_video", "cogvideox", "hunyuan_video15", "skyreels_v2", "ltx_video", "mochi")
+# pipeline components that hold a denoising transformer (Wan2.2 A14B: high-noise, then low-noise expert)
+EXPERT_COMPONENTS = ("transformer", "transformer_2")
+EXPERTS_KEYS = ("format", "version", "experts")
 
 MAX_FILE_BYTES = 64 << 20  # the largest real plan (HunyuanVideo, many ranges) is well under 1 MB
 MAX_DEPTH = 32  # nesting of "made_by"
@@ -262,9 +265,7 @@ def _layout(check: _Checker, data: Any, block: int) -> VideoLayout:
         raise check.fail('"layout"', str(err)) from None
 
 
-def plan_fields(data: Any, source: str) -> PlanFields:
-    """Check a parsed plan document against the schema; PlanError naming the field otherwise."""
-    check = _Checker(source)
+def _header(check: _Checker, data: Any) -> None:
     if not isinstance(data, dict):
         raise check.fail("the top level", f"must be a JSON object, got {_show(data)}")
     if data.get("format") != FORMAT:
@@ -273,6 +274,33 @@ def plan_fields(data: Any, source: str) -> PlanFields:
     if version > VERSION:
         raise check.fail('"version"', f"plan version {version} is newer than this sparse-vdit reads ({VERSION}); "
                                       "upgrade sparse-vdit")  # fmt: skip
+
+
+def expert_documents(data: Any, source: str) -> dict[str, Any] | None:
+    """The per-expert plan documents of a file holding one plan per pipeline component, or None
+    for a single-plan file::
+
+        {"format": "sparse-vdit-plan", "version": 1,
+         "experts": {"transformer": {<a plan>}, "transformer_2": {<a plan>}}}
+    """
+    check = _Checker(source)
+    _header(check, data)
+    if "experts" not in data:
+        return None
+    check.keys(data, "the top level", EXPERTS_KEYS, EXPERTS_KEYS)
+    experts = check.keys(data["experts"], '"experts"', EXPERT_COMPONENTS)
+    if not experts:
+        raise check.fail('"experts"', "holds no plan")
+    return dict(experts)
+
+
+def plan_fields(data: Any, source: str) -> PlanFields:
+    """Check a parsed plan document against the schema; PlanError naming the field otherwise."""
+    check = _Checker(source)
+    _header(check, data)
+    if "experts" in data:
+        raise check.fail("the top level", "holds one plan per expert (" + ", ".join(map(str, data["experts"])) +
+                         "): read it with sparse_vdit.load_plans (sparse_vdit.apply takes its path)")  # fmt: skip
     check.keys(data, "the top level", TOP_KEYS, ("model", "patterns", "schedule"))
 
     model = check.keys(data["model"], '"model"', MODEL_KEYS, ("family", "num_layers", "num_heads"))

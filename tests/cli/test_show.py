@@ -64,3 +64,18 @@ def test_show_with_another_layout_and_bad_input(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SystemExit, match="not a sparse-vdit plan"):
         main(["show", str(tmp_path / "bad.json")])
+
+
+def test_show_draws_every_expert_of_a_per_expert_file(tmp_path, capsys):
+    from sparse_vdit.plan import ExpertPlans
+
+    second = Plan.uniform(SPEC, diagonal(0.5), block_size=16, layout=LAYOUT)
+    path = ExpertPlans({"transformer": searched_plan(), "transformer_2": second}).save(tmp_path / "plan.json")
+    out = tmp_path / "plan.png"
+    assert main(["show", str(path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for name in ("transformer", "transformer_2"):
+        picture = tmp_path / f"plan-{name}.png"
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {picture}" in text
+        assert f"{name}:\nplan for tiny (wan, 3 layers x 4 heads)" in text
+    assert not out.exists()

@@ -46,23 +46,24 @@ def test_dense_plan_with_fused_qkv_projections(name):
 @pytest.mark.parametrize("name", BUILDERS)
 def test_sparse_plan_equals_masked_reference_oracle(name):
     model, inputs = BUILDERS[name]()  # hunyuan: one dual-stream and one single-stream block
-    plan = Plan.from_layers(model, MIXED, block_size=BLOCK)
+    layers = [MIXED[i % len(MIXED)] for i in range(sparse_vdit.model_spec(model).num_layers)]  # VACE: 4
+    plan = Plan.from_layers(model, layers, block_size=BLOCK)
     with sparse_vdit.sparse(model, plan, backend="reference"):
         out = run(model, inputs)
-    with oracle(name, MIXED) as calls:
+    with oracle(name, layers) as calls:
         expected = run(model, inputs)
-    assert calls["n"] == len(MIXED)  # the oracle saw every self-attention layer once
+    assert calls["n"] == len(layers)  # the oracle saw every self-attention layer once, in layer order
     assert rel_rms(out, expected) < 1e-5
     assert rel_rms(out, run(model, inputs)) > 1e-3  # and the plan does change the output
 
 
-@pytest.mark.parametrize("name", ["wan", "hunyuan_video", "cogvideox"])
+@pytest.mark.parametrize("name", BUILDERS)
 def test_remove_restores_original_processors_bit_identical(name):
     model, inputs = BUILDERS[name]()
     before = run(model, inputs)
     modules = sparse_vdit.integrations.diffusers.family_of(model).attention_modules(model)
     originals = [m.processor for m in modules]
-    others = {k: v for k, v in model.attn_processors.items()}
+    others = dict(getattr(model, "attn_processors", {}))  # Mochi has none
     sparse_vdit.apply(model, Plan.uniform(model, diagonal(0.5), block_size=BLOCK))
     assert all(type(m.processor).__name__ == "SparseAttnProcessor" for m in modules)
     run(model, inputs)

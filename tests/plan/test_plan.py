@@ -63,7 +63,7 @@ def test_model_specs():
     with pytest.raises(PlanError, match="cannot tell"):
         as_spec(object())
     with pytest.raises(PlanError, match="unknown model family"):
-        ModelSpec("mochi", 1, 1)
+        ModelSpec("allegro", 1, 1)
 
 
 def test_check_against_model():

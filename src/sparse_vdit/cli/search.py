@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -157,8 +158,7 @@ def settings_from(args: argparse.Namespace) -> SearchSettings:
 
 def run(args: argparse.Namespace) -> int:
     from ..integrations.diffusers import run_search
-    from ..integrations.diffusers.families import transformer_of
-    from ..methods.search import Searcher
+    from ..integrations.diffusers.search import searchers_for
     from ..plan_view import summary_text
 
     prompts = read_prompts(args)
@@ -169,14 +169,15 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     model, sampler = load_model(args, dtype)
     try:
-        searcher = Searcher(transformer_of(model), prompts, steps=steps, seeds=args.seeds, settings=settings)
+        searcher = searchers_for(model, prompts, steps=steps, seeds=args.seeds, settings=settings)  # one per expert
         plan = run_search(searcher, model, sampler, time_dense=args.time_dense, progress=not args.no_progress)
     except ValueError as err:  # bad settings, prompts the model cannot read, ...
         raise CommandError(str(err)) from None
     if args.model == "organism":
         plan = _named(plan, "organism")
     plan.save(args.out)
-    print(summary_text(plan))
+    for name, one in plan.items() if isinstance(plan, Mapping) else [(None, plan)]:
+        print(summary_text(one) if name is None else f"{name}:\n{summary_text(one)}\n")
     print(f"\nwrote {args.out}")
     return 0
 

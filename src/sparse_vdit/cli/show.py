@@ -1,4 +1,7 @@
-"""`sparse-vdit show`: a plan's text summary on stdout and, with ``--out``, its picture as PNG."""
+"""`sparse-vdit show`: a plan's text summary on stdout and, with ``--out``, its picture as PNG.
+
+A file of one plan per expert (Wan2.2 A14B) shows every expert: a summary each, and one picture
+each, ``OUT`` with the component name added (``plan-transformer.png``, ``plan-transformer_2.png``)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from ..layout import VideoLayout
-from ..plan import Plan
+from ..plan import ExpertPlans, load_plans
 from .common import CommandError, writable_file
 
 
@@ -32,8 +35,14 @@ def run(args: argparse.Namespace) -> int:
     layout = parse_layout(args.layout)
     if args.out is not None:
         writable_file(args.out)
-    plan = Plan.load(args.plan)
-    print(summary_text(plan, layout))
-    if args.out is not None:
-        print(f"wrote {draw_plan(plan, args.out, layout)}")
+    plans = load_plans(args.plan)
+    if not isinstance(plans, ExpertPlans):
+        print(summary_text(plans, layout))
+        if args.out is not None:
+            print(f"wrote {draw_plan(plans, args.out, layout)}")
+        return 0
+    for name, plan in plans.items():
+        print(f"{name}:\n{summary_text(plan, layout)}\n")
+        if args.out is not None:
+            print(f"wrote {draw_plan(plan, args.out.with_name(f'{args.out.stem}-{name}{args.out.suffix}'), layout)}")
     return 0

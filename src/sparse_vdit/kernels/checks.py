@@ -55,8 +55,9 @@ def check_inputs(q, k, v, table, softmax_scale, layout: VideoLayout | None = Non
         _check_selected(selected, batch, heads, q.device)
     if batch < 1:
         raise ValueError("batch must be >= 1, got an empty batch")
-    if not 8 <= dim <= MAX_HEAD_DIM or dim % 8:
-        raise ValueError(f"head_dim {dim} not supported (a multiple of 8 from 8 to {MAX_HEAD_DIM})")
+    problem = head_dim_problem(dim)
+    if problem:
+        raise ValueError(problem)
     if softmax_scale is None:
         return dim**-0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
@@ -64,6 +65,13 @@ def check_inputs(q, k, v, table, softmax_scale, layout: VideoLayout | None = Non
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be finite and positive, got {softmax_scale!r}")
     return float(softmax_scale)
+
+
+def head_dim_problem(dim: int) -> str | None:
+    """Why no backend takes heads of ``dim`` channels, or None if they are fine."""
+    if not 8 <= dim <= MAX_HEAD_DIM or dim % 8:
+        return f"head_dim {dim} not supported (a multiple of 8 from 8 to {MAX_HEAD_DIM})"
+    return None
 
 
 def _check_selected(selected, batch: int, heads: int, device: torch.device) -> None:

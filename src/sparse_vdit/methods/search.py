@@ -132,10 +132,13 @@ class SearchSettings:
         return replace(self, epsilon=epsilon, lam=lam, error=error, estimate=estimate, tune=tune, candidates=candidates,
                        cost=cost, dense_competes=competes, warmup_steps=warmup, buckets=buckets)  # fmt: skip
 
-    def bucket_starts(self, steps: int) -> list[int]:
-        """First step of each step bucket (the first is the end of the warm-up)."""
-        span = steps - self.warmup_steps
-        starts = [self.warmup_steps + (i * span) // self.buckets for i in range(self.buckets)]
+    def bucket_starts(self, steps: int, step_range: tuple[int, int] | None = None) -> list[int]:
+        """First step of each step bucket (the first is the end of the warm-up); with
+        ``step_range`` (an expert's ``[first, stop)`` steps), the buckets split those steps."""
+        first, stop = (0, steps) if step_range is None else step_range
+        first = max(first, self.warmup_steps)
+        span = max(stop - first, 1)
+        starts = [first + (i * span) // self.buckets for i in range(self.buckets)]
         return sorted(set(starts))
 
     def describe(self) -> dict:
@@ -202,6 +205,8 @@ class Searcher:
             columns ``W_h`` of the layer's output projection (the driver reads them from the model,
             :func:`~sparse_vdit.integrations.diffusers.search.output_grams`); without them each head's
             output counts as it is (identity).
+        step_range: ``[first, stop)``: the steps this model runs, for one expert of a pipeline of
+            several (Wan2.2 A14B); the step buckets split them.
     """
 
     def __init__(
@@ -214,8 +219,10 @@ class Searcher:
         settings: SearchSettings | None = None,
         device: torch.device | str | None = None,
         output_grams: Sequence[torch.Tensor] | None = None,
+        step_range: tuple[int, int] | None = None,
     ) -> None:
         self.spec = as_spec(spec)
+        self.step_range = step_range
         self.prompts = [prompts] if isinstance(prompts, (str, Mapping)) else list(prompts)
         self.seeds = [int(s) for s in seeds]
         if not self.prompts or not self.seeds:
@@ -239,7 +246,7 @@ class Searcher:
         self.bar = None  # a tqdm-like progress bar over (run, step, layer), set by the driver
         self._sums: dict[tuple[int, int, int], _Sums] = {}
         self._contexts: dict[tuple, _Context] = {}
-        self._starts = self.settings.bucket_starts(steps)
+        self._starts = self.settings.bucket_starts(steps, step_range)
         self._run = 0
         self._seen: set = set()
         self.cost_seconds = 0.0  # spent building cost tables (inside the first run)

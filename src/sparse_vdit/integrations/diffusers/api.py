@@ -5,41 +5,43 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from ...block_table import DEFAULT_BLOCK, valid_block_size
 from ...kernels import registry
-from ...plan import Plan
-from .families import family_of, transformer_of
+from ...plan import EXPERT_COMPONENTS, ExpertPlans, Plan, PlanError, load_plans
+from .families import family_of, set_processor, transformer_of
 from ...methods.protocol import PatternSource
 from .parallel import check_supported
 from .processor import SparseAttnProcessor, SparseState
-from .steps import install_step_hook, wrap_scheduler
+from .steps import STATE_ATTR, install_step_hook, remove_step_hook, wrap_scheduler
 
 logger = logging.getLogger("sparse_vdit")
-
-STATE_ATTR = "_sparse_vdit_state"
 
 
 def apply(
     pipe_or_transformer: Any,
-    plan: Plan | str | Path | None = None,
+    plan: Plan | ExpertPlans | str | Path | None = None,
     *,
     method: str | None = None,
     backend: str = "auto",
-    pattern_source: PatternSource | None = None,
+    pattern_source: PatternSource | Mapping[str, PatternSource] | None = None,
     block_size: int | None = None,
     **options: Any,
 ) -> SparseState:
     """Make a diffusers pipeline's (or transformer's) self-attention sparse according to ``plan``.
 
-    Supports ``WanTransformer3DModel`` (``attn1``), ``HunyuanVideoTransformer3DModel`` (dual- and
-    single-stream joint attention) and ``CogVideoXTransformer3DModel`` (joint attention);
-    cross-attention is untouched. Everything is validated before anything is installed.
+    Supports the models of :data:`~sparse_vdit.integrations.diffusers.families.FAMILIES` (README's
+    table); cross-attention is untouched. Everything is validated before anything is installed.
+    A pipeline with two experts (Wan2.2 A14B: ``transformer``, ``transformer_2``) gets both patched;
+    they count one step sequence, so a plan's steps are the pipeline's.
 
     Args:
         pipe_or_transformer: a pipeline with a ``transformer`` attribute, or the transformer.
-        plan: a :class:`~sparse_vdit.plan.Plan` or the path of a plan file; it must fit the model.
+        plan: a :class:`~sparse_vdit.plan.Plan` (for every expert it fits), an
+            :class:`~sparse_vdit.plan.ExpertPlans` (one plan per component name), or the path of
+            a plan file of either kind; it must fit the model.
         method: ``"svg"`` for Sparse VideoGen, decided online every step instead of a plan
             (:class:`~sparse_vdit.methods.svg.SVG`); ``options`` go to it: ``density=0.3``,
             ``warmup_steps`` (default 25% of the scheduler's steps), ``warmup_layers=1``,
@@ -48,7 +50,7 @@ def apply(
         backend: kernel for sparse layers (``"auto"``, ``"fa4"``, ``"triton"``, ``"flex"``,
             ``"reference"``); dense layers and steps always run the fastest dense kernel.
         pattern_source: decides the patterns per call instead of the plan (online methods, search);
-            see :class:`~sparse_vdit.methods.protocol.AttentionCall`.
+            see :class:`~sparse_vdit.methods.protocol.AttentionCall`; or one per component name.
         block_size: block size of the tables (default: the plan's, else 128).
 
     Composes with diffusers' context parallelism (Ulysses or ring; ``enable_parallelism`` for Wan,
@@ -58,7 +60,8 @@ def apply(
     Head counts the degree does not divide raise.
 
     Returns:
-        The shared :class:`SparseState` (current step, timings, hook points).
+        The :class:`SparseState` of ``transformer`` (current step, timings, hook points);
+        ``state.experts`` maps each component name to its state.
 
     Example::
 
@@ -68,60 +71,115 @@ def apply(
 
         state = sparse_vdit.apply(pipe, method="svg", density=0.25, record=True)
     """
-    model = transformer_of(pipe_or_transformer)
+    experts = experts_of(pipe_or_transformer)
+    for name, model in experts.items():
+        if getattr(model, STATE_ATTR, None) is not None:
+            raise RuntimeError(f"sparse-vdit is already applied to {name}; call sparse_vdit.remove() first")
+    if isinstance(plan, (str, Path)):
+        plan = load_plans(plan)
+    plans = _plans_per_expert(plan, experts)
+    sources = _sources_per_expert(pattern_source, experts)
+    checked = {name: _check(model, plans[name], sources[name], method, options, backend, block_size)
+               for name, model in experts.items()}  # fmt: skip
+
+    states: dict[str, SparseState] = {}
+    for name, model in experts.items():
+        family, spec, parallel, svg = checked[name]
+        source = svg if svg is not None else sources[name]
+        state = SparseState(family, spec, plan=plans[name], pattern_source=source, backend=backend, block_size=block_size)
+        if states:  # the experts of one pipeline count one step sequence (Wan2.2: transformer, then transformer_2)
+            state.steps = next(iter(states.values())).steps
+        state.component, state.svg, state._undo_scheduler = name, svg, None
+        setattr(model, STATE_ATTR, state)
+        install_step_hook(model)
+        for i, module in enumerate(family.attention_modules(model)):
+            processor = SparseAttnProcessor(family, i, state, module.processor)
+            if parallel is not None and processor._parallel_config is None:  # stock processors without the slot
+                processor._parallel_config = parallel
+            set_processor(module, processor)
+        if svg is not None:
+            svg.spec = spec
+            if svg.num_steps is None:  # the scheduler's step count, once a pipeline has set it
+                svg.num_steps = state.steps.scheduler_steps
+        states[name] = state
+    first = next(iter(states.values()))
+    if not _is_transformer(pipe_or_transformer):
+        first._undo_scheduler = wrap_scheduler(pipe_or_transformer, first.steps)
+    for state in states.values():
+        state.experts = states
+    return first
+
+
+def _is_transformer(obj: Any) -> bool:
+    return getattr(obj, "transformer", None) is None
+
+
+def experts_of(pipe_or_transformer: Any) -> dict[str, Any]:
+    """The denoising transformers of a pipeline by component name (``transformer``, and Wan2.2's
+    ``transformer_2``), or ``{"transformer": model}`` for a transformer."""
+    experts = {"transformer": transformer_of(pipe_or_transformer)}
+    if not _is_transformer(pipe_or_transformer):
+        for name in EXPERT_COMPONENTS[1:]:
+            model = getattr(pipe_or_transformer, name, None)
+            if model is not None:
+                experts[name] = getattr(model, "_orig_mod", model)
+    return experts
+
+
+def _plans_per_expert(plan, experts: dict) -> dict[str, Plan | None]:
+    """One plan (or None) per expert: an :class:`ExpertPlans` by name, a single plan for every expert."""
+    if isinstance(plan, ExpertPlans):
+        missing, extra = set(experts) - set(plan), set(plan) - set(experts)
+        if missing or extra:
+            raise PlanError(f"the plans are for {', '.join(sorted(plan))}, but the model's denoising transformers "
+                            f"are {', '.join(experts)}")  # fmt: skip
+        return {name: plan[name] for name in experts}
+    if plan is not None and not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a Plan, ExpertPlans or a path to a plan file, got {type(plan).__name__}")
+    return dict.fromkeys(experts, plan)
+
+
+def _sources_per_expert(source, experts: dict) -> dict[str, PatternSource | None]:
+    if isinstance(source, Mapping):
+        if set(source) != set(experts):
+            raise ValueError(f"pattern sources for {', '.join(sorted(source))}, but the model's denoising "
+                             f"transformers are {', '.join(experts)}")  # fmt: skip
+        return dict(source)
+    return dict.fromkeys(experts, source)
+
+
+def _check(model, plan, pattern_source, method, options, backend, block_size):
+    """Everything about one transformer that can be refused, before anything is installed:
+    ``(family, spec, parallel config, svg source)``."""
     family = family_of(model)
     spec = family.spec(model)
-    if getattr(model, STATE_ATTR, None) is not None:
-        raise RuntimeError("sparse-vdit is already applied to this model; call sparse_vdit.remove() first")
-    svg = _method_source(method, options, plan, pattern_source, block_size)
-    pattern_source = svg if svg is not None else pattern_source
-    if isinstance(plan, (str, Path)):
-        plan = Plan.load(plan)
-    if plan is None and pattern_source is None:
+    svg = _method_source(method, dict(options), plan, pattern_source, block_size)
+    if plan is None and pattern_source is None and svg is None:
         raise ValueError("sparse_vdit.apply needs a plan (or a pattern_source)")
     if plan is not None:
-        if not isinstance(plan, Plan):
-            raise TypeError(f"plan must be a Plan or a path to a plan file, got {type(plan).__name__}")
         plan.check(spec)
     if backend not in registry.backends():
         raise ValueError(f"unknown backend {backend!r}; choose one of {registry.backends()}")
     if block_size is not None and not valid_block_size(block_size):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
-    modules = family.attention_modules(model)
-    for i, module in enumerate(modules):
-        processor = module.processor
-        name = type(processor).__name__
+    family.check_model(model)  # shapes the kernels cannot take, attention without a 3D token grid
+    for i, module in enumerate(family.attention_modules(model)):
+        name = type(module.processor).__name__
         if name not in family.processor_classes:
+            stock = family.processor_classes[0]
+            reset = (f"model.set_attn_processor({stock}())" if hasattr(model, "set_attn_processor")
+                     else f"module.processor = {stock}() on each self-attention module")  # fmt: skip
             raise RuntimeError(
                 f"layer {i} uses attention processor {name}, not diffusers' {' / '.join(family.processor_classes)}; "
-                "sparse-vdit replaces only the stock processors (reset them with set_default_attn_processor "
-                "or remove the other patch first)"
+                f"sparse-vdit replaces only the stock processors: reset them first, e.g. {reset} with {stock} "
+                f"from {family.processor_module}, or remove the other patch"
             )
     parallel = getattr(model, "_parallel_config", None)  # diffusers records enable_parallelism's config here
     if getattr(parallel, "context_parallel_config", None) is None:
         parallel = None
     else:
         check_supported(model, family, parallel.context_parallel_config)  # raises for odd heads, uneven shards
-    if getattr(pipe_or_transformer, "transformer_2", None) is not None:
-        logger.warning("sparse-vdit: only pipe.transformer is patched, not pipe.transformer_2")
-
-    state = SparseState(family, spec, plan=plan, pattern_source=pattern_source, backend=backend, block_size=block_size)
-    originals = [module.processor for module in modules]
-    hook = install_step_hook(model, family, state.steps)
-    undo_scheduler = wrap_scheduler(pipe_or_transformer, state.steps) if model is not pipe_or_transformer else None
-    for i, module in enumerate(modules):
-        processor = SparseAttnProcessor(family, i, state, originals[i])
-        if parallel is not None and processor._parallel_config is None:  # stock processors without the slot
-            processor._parallel_config = parallel
-        module.set_processor(processor)
-    state._installed = (model, modules, originals, hook, undo_scheduler)
-    state.svg = svg
-    if svg is not None:
-        svg.spec = spec
-        if svg.num_steps is None:  # the scheduler's step count, once a pipeline has set it
-            svg.num_steps = lambda: state.steps.num_steps
-    setattr(model, STATE_ATTR, state)
-    return state
+    return family, spec, parallel, svg
 
 
 def _method_source(method, options: dict, plan, pattern_source, block_size):
@@ -144,23 +202,28 @@ def _method_source(method, options: dict, plan, pattern_source, block_size):
 
 
 def state_of(pipe_or_transformer: Any) -> SparseState | None:
-    """The :class:`SparseState` applied to a pipeline or transformer, or None."""
+    """The :class:`SparseState` applied to a pipeline's ``transformer`` (or a transformer), or None;
+    ``state.experts`` holds every patched expert's state by component name."""
     return getattr(transformer_of(pipe_or_transformer), STATE_ATTR, None)
 
 
 def remove(pipe_or_transformer: Any) -> None:
-    """Undo :func:`apply`: the exact original processor objects, no hooks left."""
-    model = transformer_of(pipe_or_transformer)
-    state = getattr(model, STATE_ATTR, None)
-    if state is None:
+    """Undo :func:`apply` on every patched expert: the stock processors back (the ones installed at
+    ``apply``, or the stock ones set since), no hooks left. Processors of other libraries set after
+    ``apply`` stay."""
+    experts = {name: m for name, m in experts_of(pipe_or_transformer).items() if getattr(m, STATE_ATTR, None)}
+    if not experts:
         raise RuntimeError("sparse-vdit is not applied to this model")
-    _, modules, originals, hook, undo_scheduler = state._installed
-    for module, original in zip(modules, originals):
-        module.set_processor(original)
-    hook.remove()
-    if undo_scheduler is not None:
-        undo_scheduler()
-    delattr(model, STATE_ATTR)
+    for model in experts.values():
+        state = getattr(model, STATE_ATTR)
+        for module in state.family.attention_modules(model):
+            processor = module.processor
+            if isinstance(processor, SparseAttnProcessor) and processor.state is state:
+                set_processor(module, processor.original)
+        remove_step_hook(model)
+        if state._undo_scheduler is not None:
+            state._undo_scheduler()
+        delattr(model, STATE_ATTR)
 
 
 @contextmanager

@@ -99,8 +99,14 @@ def _require_sparse_processors(model: Any, args: Any) -> None:
                            "sparse_vdit.apply first (Plan.dense for dense attention)")  # fmt: skip
 
 
+CP_FAMILIES = ("wan", "hunyuan_video", "cogvideox")  # the families whose context parallelism is tested
+
+
 def check_supported(model: Any, family: Family, cp: Any) -> None:
     """Raise for a context-parallel setting sparse-vdit does not run on ``model``."""
+    if family.name not in CP_FAMILIES:
+        raise NotImplementedError(f"sparse-vdit: context parallelism on {type(model).__name__} is not supported yet "
+                                  f"(families: {', '.join(CP_FAMILIES)})")  # fmt: skip
     _check_degree(cp, model.config.num_attention_heads)
     if family.name == "hunyuan_video" and getattr(model.config, "image_condition_type", None) == "token_replace":
         raise NotImplementedError("sparse-vdit: HunyuanVideo token_replace image conditioning under context "

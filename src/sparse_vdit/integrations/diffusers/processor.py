@@ -29,7 +29,9 @@ eager training differentiates :func:`~sparse_vdit.sparse_attention` directly.
 
 from __future__ import annotations
 
+import copy
 import itertools
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -46,9 +48,9 @@ from ...methods.protocol import AttentionCall, Observer, PatternSource, plan_sou
 from ...patterns import HeadChoice, Pattern, compile_layer
 from ...plan import ModelSpec, Plan
 from ...timing import clock, seconds_per_step
-from .families import Family
+from .families import Family, set_processor
 from .parallel import head_shards
-from .steps import StepTracker
+from .steps import StepTracker, timestep_value
 
 _STATES: weakref.WeakValueDictionary[int, SparseState] = weakref.WeakValueDictionary()
 _HANDLES = itertools.count()
@@ -80,8 +82,53 @@ class SparseState:
         self._memo: dict = {}
         self._valid: tuple = (None, None)  # (key, groups) of the last key mask read
         self.last_layout: VideoLayout | None = None  # of the last call, padding included
+        self._foreign: frozenset = frozenset()  # layers whose processor someone else replaced (warned)
+        self._backend_warned = False
         self.handle = next(_HANDLES)
         _STATES[self.handle] = self
+
+    def __deepcopy__(self, memo):
+        """An independent state (own handle, steps, caches) for a deep copy of the patched model."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        memo[id(self.family)] = self.family  # stateless adapters are shared
+        for key, value in self.__dict__.items():
+            setattr(new, key, {} if key == "_memo" else copy.deepcopy(value, memo))
+        new.handle = next(_HANDLES)
+        _STATES[new.handle] = new
+        return new
+
+    def check_processors(self, model) -> None:
+        """Keep sparse attention after ``set_attn_processor`` / ``fuse_qkv_projections``: a layer that
+        got a stock processor of this family gets ours back around it (``remove`` hands that one
+        back); any other processor stays, with one loud warning naming the layers."""
+        foreign = []
+        for i, module in enumerate(self.family.attention_modules(model)):
+            processor = module.processor
+            if isinstance(processor, SparseAttnProcessor) and processor.state is self:
+                continue
+            if type(processor).__name__ in self.family.processor_classes:
+                set_processor(module, SparseAttnProcessor(self.family, i, self, processor))
+            else:
+                foreign.append((i, type(processor).__name__))
+        if foreign and frozenset(foreign) != self._foreign:
+            names = sorted({name for _, name in foreign})
+            warnings.warn(f"sparse-vdit: {len(foreign)} self-attention layer(s) ({', '.join(str(i) for i, _ in foreign[:8])}"
+                          f"{'...' if len(foreign) > 8 else ''}) now run {', '.join(names)}, set after sparse_vdit.apply: "
+                          "they are no longer sparse; sparse_vdit.remove() leaves them as they are",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
+        self._foreign = frozenset(foreign)
+
+    def backend_changed(self, backend) -> None:
+        """``model.set_attention_backend`` reached a sparse layer: say once what it changes."""
+        if backend is None or self._backend_warned:
+            return
+        self._backend_warned = True
+        name = getattr(backend, "value", backend)
+        warnings.warn(f"sparse-vdit: set_attention_backend({name!r}) does not change the self-attention layers "
+                      f"sparse-vdit runs (backend={self.backend!r}, dense parts on cuDNN / FlashAttention-4); it "
+                      "applies to the other layers and to the processors sparse_vdit.remove() restores",
+                      RuntimeWarning, stacklevel=3)  # fmt: skip
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -249,16 +296,21 @@ class SparseState:
 
 @torch.library.custom_op("sparse_vdit::diffusers_attention", mutates_args=())
 def _attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, layer: torch.Tensor, handle: int
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, layer: torch.Tensor, handle: int,
+    timestep: torch.Tensor | None = None, grid: list[int] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The attention step as one opaque op. ``timestep`` / ``grid`` come only from a graph traced by
+    ``torch.export`` (no step hook runs in it): layer 0 then counts the step here, at run time."""
     state = _STATES.get(handle)
     if state is None:
         raise RuntimeError("sparse-vdit: this compiled graph belongs to a model whose sparse attention was removed")
+    if timestep is not None and int(layer) == 0:
+        state.steps.observe(timestep_value(timestep), None if grid is None else tuple(grid))
     return state.attend(int(layer), q, k, v, key_mask).contiguous()
 
 
 @_attention_op.register_fake
-def _(q, k, v, key_mask, layer, handle):
+def _(q, k, v, key_mask, layer, handle, timestep=None, grid=None):
     return q.new_empty(q.shape)  # contiguous, as the real op returns
 
 
@@ -285,7 +337,7 @@ def _(grad, q, k, v, key_mask, layer, handle):
 
 
 def _attention_setup(ctx, inputs, output) -> None:
-    q, k, v, key_mask, layer, handle = inputs
+    q, k, v, key_mask, layer, handle = inputs[:6]
     ctx.save_for_backward(q, k, v, key_mask, layer)
     ctx.handle = handle
 
@@ -293,7 +345,7 @@ def _attention_setup(ctx, inputs, output) -> None:
 def _attention_backward(ctx, grad):
     q, k, v, key_mask, layer = ctx.saved_tensors
     dq, dk, dv = _attention_backward_op(grad.contiguous(), q, k, v, key_mask, layer, ctx.handle)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 # compiled training: the opaque op recomputes its forward in the backward (one extra attention forward)
@@ -324,7 +376,7 @@ class SparseAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         projected = family.project(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         q, k, v = projected.q, projected.k, projected.v
-        key_mask = attention_mask if family.uses_key_mask else None
+        key_mask = family.key_mask(attention_mask, q.shape[1]) if family.uses_key_mask else None
         shards = head_shards(self._parallel_config, q.shape[2])  # None without context parallelism
         heads = None
         if shards is not None:  # sequence shards -> (full sequence, this rank's heads)
@@ -334,7 +386,9 @@ class SparseAttnProcessor:
         if torch.compiler.is_compiling():
             if heads is not None:
                 raise NotImplementedError("sparse-vdit: torch.compile with context parallelism is not supported yet")
-            out = _attention_op(q, k, v, key_mask, self.layer_index, self.state.handle)
+            timestep, grid = self.state.steps.traced or (None, None)  # set under torch.export only
+            out = _attention_op(q, k, v, key_mask, self.layer_index, self.state.handle, timestep,
+                                None if grid is None else list(grid))  # fmt: skip
         else:
             out = self.state.attend(self.layer, q, k, v, key_mask, heads)
         if shards is not None:
@@ -350,6 +404,18 @@ class SparseAttnProcessor:
     @_parallel_config.setter
     def _parallel_config(self, config) -> None:
         self.original._parallel_config = config
+
+    # diffusers' set_attention_backend sets ``_attention_backend`` on every processor that has one:
+    # it goes to the original (other calls, and after remove()), and the state warns once
+    @property
+    def _attention_backend(self):
+        return getattr(self.original, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend) -> None:
+        if hasattr(self.original, "_attention_backend"):
+            self.original._attention_backend = backend
+        self.state.backend_changed(backend)
 
     def __repr__(self) -> str:
         return f"SparseAttnProcessor({self.family.name}, layer={self.layer})"

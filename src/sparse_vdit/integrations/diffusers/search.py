@@ -18,13 +18,13 @@ import torch
 from ...methods.candidates import Candidate
 from ...methods.search import Searcher, SearchSettings
 from ...patterns import Pattern
-from ...plan import Plan
+from ...plan import ExpertPlans, Plan
 from .api import apply, remove, sparse
 from .families import family_of, transformer_of
 
 Sampler = Callable[[Any, int, int], Any]  # (prompt, seed, steps) -> anything; runs one generation
 
-__all__ = ["Sampler", "output_grams", "pipeline_sampler", "run_search", "search"]
+__all__ = ["Sampler", "expert_steps", "output_grams", "pipeline_sampler", "run_search", "search", "searchers_for"]
 
 
 # --- samplers --------------------------------------------------------------------------------
@@ -87,16 +87,55 @@ def output_grams(model: Any) -> list[torch.Tensor]:
 # --- driving a searcher ------------------------------------------------------------------------
 
 
+def expert_steps(pipe: Any, steps: int) -> dict[str, tuple[int, int]] | None:
+    """The ``[first, stop)`` steps each expert of a two-expert pipeline runs (Wan2.2 A14B:
+    ``transformer`` while ``t >= boundary_ratio * num_train_timesteps``, then ``transformer_2``),
+    from the pipeline's scheduler at ``steps`` steps; None for a pipeline of one transformer."""
+    import copy
+
+    if getattr(pipe, "transformer_2", None) is None:
+        return None
+    ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+    if ratio is None:
+        raise ValueError("the pipeline has a transformer_2 but no boundary_ratio: cannot tell which expert runs a step")
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(steps)
+    boundary = ratio * scheduler.config.num_train_timesteps
+    high = sum(1 for t in scheduler.timesteps.tolist() if t >= boundary)
+    return {"transformer": (0, high), "transformer_2": (high, steps)}
+
+
+def searchers_for(model: Any, prompts, *, steps: int, seeds=(0,), settings: SearchSettings | None = None,
+                  error_grams: bool = False) -> Searcher | dict[str, Searcher]:  # fmt: skip
+    """A :class:`Searcher` for the model, or one per expert (each on the steps it runs)."""
+    spans = expert_steps(model, steps) if not _is_transformer(model) else None
+    experts = {"transformer": transformer_of(model)}
+    if spans is not None:
+        experts["transformer_2"] = getattr(model.transformer_2, "_orig_mod", model.transformer_2)
+    searchers = {
+        name: Searcher(transformer, prompts, steps=steps, seeds=seeds, settings=settings,
+                       output_grams=output_grams(transformer) if error_grams else None,
+                       step_range=None if spans is None else spans[name])
+        for name, transformer in experts.items()
+    }  # fmt: skip
+    return searchers if spans is not None else searchers["transformer"]
+
+
+def _is_transformer(obj: Any) -> bool:
+    return getattr(obj, "transformer", None) is None
+
+
 def run_search(
-    searcher: Searcher,
+    searcher: Searcher | Mapping[str, Searcher],
     model: Any,
     sampler: Sampler | None = None,
     *,
     time_dense: bool = False,
     progress: bool = True,
-) -> Plan:
+) -> Plan | ExpertPlans:
     """Run every prompt x seed of ``searcher`` through ``sampler`` with the search installed on
-    ``model`` (a pipeline or transformer); the plan.
+    ``model`` (a pipeline or transformer); the plan (an :class:`~sparse_vdit.plan.ExpertPlans`
+    for one searcher per expert, :func:`searchers_for`).
 
     ``sampler`` defaults to :func:`pipeline_sampler` for pipelines; ``time_dense`` also times one
     dense generation (``made_by["stats"]["dense_seconds"]``); ``progress`` shows a bar over steps
@@ -104,34 +143,53 @@ def run_search(
     """
     from tqdm.auto import tqdm
 
+    searchers = dict(searcher) if isinstance(searcher, Mapping) else {"transformer": searcher}
+    first = next(iter(searchers.values()))
     sampler = sampler or _default_sampler(model)
     transformer = transformer_of(model)
-    s = searcher.settings
-    runs = searcher.runs()
-    total = len(runs) * searcher.steps * searcher.spec.num_layers
-    searcher.bar = tqdm(total=total, desc="search", unit="layer", disable=not progress)
+    s = first.settings
+    runs = first.runs()
+    total = sum(len(runs) * _steps_run(x) * x.spec.num_layers for x in searchers.values())
+    bar = tqdm(total=total, desc="search", unit="layer", disable=not progress)
+    for x in searchers.values():
+        x.bar = bar
     run_seconds = []
     start = time.perf_counter()
     try:
-        apply(model, pattern_source=searcher, backend=s.backend, block_size=s.block_size)
+        source = searchers if isinstance(searcher, Mapping) else searcher
+        apply(model, pattern_source=source, backend=s.backend, block_size=s.block_size)
         try:
             for i, (prompt, seed) in enumerate(runs):
-                searcher.start_run(i)
+                for x in searchers.values():
+                    x.start_run(i)
                 t0 = time.perf_counter()
-                sampler(prompt, seed, searcher.steps)
+                sampler(prompt, seed, first.steps)
                 _sync(transformer)
                 run_seconds.append(time.perf_counter() - t0)
         finally:
             remove(model)
     finally:
-        searcher.bar.close()
-        searcher.bar = None
+        bar.close()
+        for x in searchers.values():
+            x.bar = None
     seconds = time.perf_counter() - start
-    if searcher.layout is None:
-        raise RuntimeError("the sampler ran no searched layer call: check steps, warm-up and the sampler")
-    dense_seconds = _time_dense(searcher, model, sampler, runs[0]) if time_dense else None
-    return searcher.plan(search_seconds=seconds, run_seconds=run_seconds, cost_table_seconds=searcher.cost_seconds,
-                         dense_seconds=dense_seconds)  # fmt: skip
+    dense_seconds = _time_dense(first, model, sampler, runs[0]) if time_dense else None
+    plans = {}
+    for name, x in searchers.items():
+        if x.layout is None and x.step_range is not None and x.step_range[0] >= x.step_range[1]:
+            plans[name] = Plan.dense(x.spec, block_size=s.block_size)  # an expert this step count never runs
+            continue
+        if x.layout is None:
+            raise RuntimeError(f"the sampler ran no searched layer call of {name}: check steps, warm-up and the sampler")
+        cost = x.cost_seconds
+        plans[name] = x.plan(search_seconds=seconds, run_seconds=run_seconds, cost_table_seconds=cost,
+                             dense_seconds=dense_seconds)  # fmt: skip
+    return ExpertPlans(plans) if isinstance(searcher, Mapping) else plans["transformer"]
+
+
+def _steps_run(searcher: Searcher) -> int:
+    first, stop = searcher.step_range or (0, searcher.steps)
+    return max(stop - first, 0)
 
 
 def _time_dense(searcher: Searcher, model: Any, sampler: Sampler, run: tuple[Any, int]) -> float:
@@ -191,6 +249,10 @@ def search(
             add little can be skipped; ``estimate``, ``sample_blocks``,
             ``tune``, ``cost``, ``warmup_steps``, ``warmup_layers``, ``buckets``, ``block_size``, ``backend``).
 
+    A pipeline with two experts (Wan2.2 A14B) is searched with one searcher per expert, each on
+    the steps it runs (from the pipeline's ``boundary_ratio``); the result is then an
+    :class:`~sparse_vdit.plan.ExpertPlans`.
+
     Returns:
         The :class:`~sparse_vdit.Plan`; ``plan.made_by`` holds every setting and ``["stats"]`` the
         search time, density, expected attention speedup and, with several runs, the stability.
@@ -200,8 +262,7 @@ def search(
         raise TypeError(f"search() got unknown settings {sorted(unknown)}")
     config = SearchSettings(mode=mode, epsilon=epsilon, lam=lam,
                             candidates=None if candidates is None else tuple(candidates), **settings)  # fmt: skip
-    transformer = transformer_of(model)
     sampler = sampler or _default_sampler(model)
-    grams = output_grams(transformer) if config.error == "output" else None
-    searcher = Searcher(transformer, prompts, steps=steps, seeds=seeds, settings=config, output_grams=grams)
+    searcher = searchers_for(model, prompts, steps=steps, seeds=seeds, settings=config,
+                             error_grams=config.error == "output")  # fmt: skip
     return run_search(searcher, model, sampler, time_dense=time_dense, progress=progress)

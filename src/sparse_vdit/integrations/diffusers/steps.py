@@ -11,6 +11,12 @@ reads the timestep and the latent shape of every call:
 
 With a pipeline, ``scheduler.set_timesteps`` (called at the start of every generation) also
 resets the count, so a generation that starts at a lower timestep is still counted from 0.
+
+The hook is one module-level function that finds the model's state on the model itself
+(``model._sparse_vdit_state``), so ``copy.deepcopy`` of a patched model gives a copy whose hook
+tracks the copy. Under ``torch.export`` the hook reads no number from the timestep: it hands the
+timestep tensor and the latent grid to the processors (``StepTracker.traced``), which pass them to
+the opaque attention op; the op counts the step at run time, in its first layer.
 """
 
 from __future__ import annotations
@@ -33,7 +39,13 @@ class StepTracker:
     last_timestep: float | None = None
     grid: tuple[int, int, int] | None = None  # (frames, height, width) after patchify
     num_steps: int | None = None  # from the scheduler, where a pipeline was given
+    # (timestep tensor, grid) of the forward being traced by torch.export, else None
+    traced: tuple[Any, tuple[int, int, int] | None] | None = field(default=None, repr=False)
     _fresh: bool = field(default=True, repr=False)
+
+    def scheduler_steps(self) -> int | None:
+        """Steps of the current generation per the scheduler (None if unknown)."""
+        return self.num_steps
 
     def reset(self) -> None:
         """Make the next call step 0 of a new generation."""
@@ -63,28 +75,53 @@ def timestep_value(timestep: Any) -> float:
     return float(timestep)
 
 
-def install_step_hook(model: torch.nn.Module, family, tracker: StepTracker):
-    """Register the pre-hook on ``model``; returns its removable handle."""
-    signature = inspect.signature(type(model).forward)
-    names = [n for n in signature.parameters if n != "self"]
+STATE_ATTR = "_sparse_vdit_state"  # the SparseState on a patched transformer
+
+
+@functools.lru_cache(maxsize=64)
+def _argument_names(cls: type) -> tuple[str, ...]:
+    names = tuple(n for n in inspect.signature(cls.forward).parameters if n != "self")
     for needed in ("hidden_states", "timestep"):
         if needed not in names:
-            raise TypeError(f"{type(model).__name__}.forward has no {needed!r} argument; cannot track steps")
+            raise TypeError(f"{cls.__name__}.forward has no {needed!r} argument; cannot track steps")
+    return names
 
-    def argument(name: str, args: tuple, kwargs: dict):
-        if name in kwargs:
-            return kwargs[name]
-        index = names.index(name)
-        return args[index] if index < len(args) else None
 
-    @torch.compiler.disable
-    def hook(module, args, kwargs):
-        hidden_states = argument("hidden_states", args, kwargs)
-        timestep = argument("timestep", args, kwargs)
-        grid = family.latent_grid(module, hidden_states) if isinstance(hidden_states, torch.Tensor) else None
-        tracker.observe(0.0 if timestep is None else timestep_value(timestep), grid)
+@torch.compiler.disable
+def step_hook(module, args, kwargs):
+    """The forward pre-hook: record the step and latent grid on ``module``'s own state."""
+    state = getattr(module, STATE_ATTR, None)
+    if state is None:
+        return
+    inputs = dict(zip(_argument_names(type(module)), args))
+    inputs.update(kwargs)
+    hidden_states, timestep = inputs.get("hidden_states"), inputs.get("timestep")
+    family, tracker = state.family, state.steps
+    grid = family.latent_grid(module, hidden_states, inputs) if isinstance(hidden_states, torch.Tensor) else None
+    state.check_processors(module)
+    if torch.compiler.is_exporting():  # no host number from a traced tensor: the op counts at run time
+        if timestep is not None and not isinstance(timestep, torch.Tensor):
+            timestep = torch.tensor(float(timestep))
+        tracker.traced = (timestep, grid)
+        if grid is not None:
+            tracker.grid = grid
+        return
+    tracker.traced = None
+    tracker.observe(0.0 if timestep is None else timestep_value(timestep), grid)
 
-    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+def install_step_hook(model: torch.nn.Module):
+    """Register :func:`step_hook` on ``model`` (its state must be set as ``STATE_ATTR``)."""
+    _argument_names(type(model))  # raises for a forward without hidden_states / timestep
+    return model.register_forward_pre_hook(step_hook, with_kwargs=True)
+
+
+def remove_step_hook(model: torch.nn.Module) -> None:
+    """Remove every :func:`step_hook` from ``model`` (a deep copy's hooks included)."""
+    for key, fn in list(model._forward_pre_hooks.items()):
+        if fn is step_hook:
+            del model._forward_pre_hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def wrap_scheduler(pipe: Any, tracker: StepTracker) -> Callable[[], None] | None:
