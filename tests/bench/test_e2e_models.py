@@ -11,7 +11,7 @@ def test_dry_run_times_both_wan22_experts_and_hunyuan15(load_script, tmp_path):
     e2e = load_script("e2e")
     out = tmp_path / "e2e.json"
     assert e2e.main(["--dry-run", "--models", "wan2.2-a14b,hunyuan1.5", "--densities", "0.25", "--svg-densities", "",
-                     "--repeats", "1", "--out", str(out)]) == 0  # fmt: skip
+                     "--online-densities", "", "--repeats", "1", "--out", str(out)]) == 0  # fmt: skip
     rows = json.loads(out.read_text())["results"]
     assert [(r["model"], r["variant"]) for r in rows] == [
         (model, variant) for model in ("wan2.2-a14b-transformer", "wan2.2-a14b-transformer_2", "hunyuan1.5")
