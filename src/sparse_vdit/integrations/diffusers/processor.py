@@ -40,6 +40,7 @@ from ...block_table import DEFAULT_BLOCK, BlockTable, all_dense
 from ...kernels import dense as dense_kernels
 from ...kernels import resolve_backend, sparse_attention
 from ...kernels.api import autograd_inside_op
+from ...kernels.head_order import Rotary, attention_in_head_order, rotate
 from ...layout import VideoLayout
 from ...kernels import select_attention
 from ...methods.protocol import AttentionCall, Observer, PatternSource, plan_source
@@ -48,6 +49,7 @@ from ...plan import ModelSpec, Plan
 from ...timing import clock, seconds_per_step
 from .families import Family
 from .parallel import head_shards
+from .rotary import fusable, rotary_of
 from .steps import StepTracker
 
 _STATES: weakref.WeakValueDictionary[int, SparseState] = weakref.WeakValueDictionary()
@@ -76,6 +78,9 @@ class SparseState:
         self.steps = StepTracker()
         self.observers: list[Observer] = []
         self.timing = False
+        # eager inference with a plan: the rotary embedding and the token-major permutation in one pass
+        # (kernels.head_order); False: the model's rotary in torch, then sparse_attention (as before issue 21)
+        self.fuse_rotary = True
         self._timings: list[tuple[int, Any, Any]] = []
         self._memo: dict = {}
         self._valid: tuple = (None, None)  # (key, groups) of the last key mask read
@@ -122,21 +127,31 @@ class SparseState:
         self._memo[key] = layout
         return layout
 
+    def fuses_rotary(self) -> bool:
+        """Whether a layer call may hand its rotary embedding to :meth:`attend` (eager inference
+        with a plan and no observers: the pattern source does not read q or k)."""
+        return (self.fuse_rotary and not self.observers and not torch.is_grad_enabled()
+                and getattr(self.pattern_source, "plan", None) is not None)  # fmt: skip
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               key_mask: torch.Tensor | None = None, heads: range | None = None, observe: bool = True) -> torch.Tensor:  # fmt: skip
+               key_mask: torch.Tensor | None = None, heads: range | None = None, observe: bool = True,
+               rotary: Rotary | None = None) -> torch.Tensor:  # fmt: skip
         """Attention of one layer call: layout, text padding, patterns, kernel, timing, observers.
 
         ``heads``: the global indices of q's heads when they are a slice of the layer's (Ulysses);
         a pattern source may then return patterns for all heads (a plan) or for q's heads only.
         ``observe=False``: no timing and no observers (the compiled path's backward replays a call).
+        ``rotary``: q and k are given before their rotary embedding (only where :meth:`fuses_rotary`);
+        it is applied in the pass that permutes the token-major heads.
         """
         layout = self.layout(q.shape[1])
         start = clock(q) if self.timing and observe else None
         valid = self._text_valid(key_mask, layout, q.shape[0])
         if valid is None or len(valid) == 1:
             layout = layout if valid is None else self._padded(layout, next(iter(valid)))
-            out = self._attend(layer, q, k, v, layout, heads, observe)
+            out = self._attend(layer, q, k, v, layout, heads, observe, rotary)
         else:  # samples with different prompt lengths: one call per length
+            q, k = rotate(q, k, rotary)
             out = torch.empty_like(q)
             for count, samples in valid.items():
                 index = torch.tensor(samples, device=q.device)
@@ -146,20 +161,26 @@ class SparseState:
             self._timings.append((self.steps.step, start, clock(q)))
         return out
 
-    def _attend(self, layer, q, k, v, layout, heads=None, observe=True) -> torch.Tensor:
+    def _attend(self, layer, q, k, v, layout, heads=None, observe=True, rotary=None) -> torch.Tensor:
         call = AttentionCall(self.steps.step, layer, q, k, v, layout, self, heads)
         patterns = self.pattern_source(call)
         if heads is not None and isinstance(patterns, Sequence) and len(patterns) != q.shape[2]:
             patterns = self._sliced(patterns, heads)
-        out = self.compute(q, k, v, layout, patterns)
+        out = self.compute(q, k, v, layout, patterns, rotary)
         for observer in self.observers if observe else ():
             observer(call, patterns, out)
         return out
 
-    def compute(self, q, k, v, layout: VideoLayout, patterns: Sequence[Pattern] | BlockTable | HeadChoice | None) -> torch.Tensor:
+    def compute(self, q, k, v, layout: VideoLayout, patterns: Sequence[Pattern] | BlockTable | HeadChoice | None,
+                rotary: Rotary | None = None) -> torch.Tensor:  # fmt: skip
         """Attention of ``(B, N, H, D)`` tensors at ``layout`` with one pattern per head (``None``: dense),
         a compiled table of that layout, or a :class:`~sparse_vdit.patterns.HeadChoice` (each
-        (sample, head) its chosen candidate)."""
+        (sample, head) its chosen candidate). ``rotary``: q and k still need it (fused path)."""
+        if rotary is not None:
+            if isinstance(patterns, Sequence) and len(patterns) == q.shape[2] and not all_dense(patterns):
+                table = compile_layer(tuple(patterns), layout, self.block_size, q.device)  # cached by value
+                return attention_in_head_order(q, k, v, table, backend=self.backend, rotary=rotary)
+            q, k = rotate(q, k, rotary)
         if isinstance(patterns, BlockTable):
             if patterns.layout != layout or patterns.num_heads != q.shape[2]:
                 raise ValueError(f"a block table of {patterns.num_heads} heads at {patterns.layout.describe()} for a "
@@ -320,8 +341,12 @@ class SparseAttnProcessor:
         family = self.family
         if not family.supports(attn, encoder_hidden_states, attention_mask):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        projected = family.project(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        # eager, one GPU, a plan: the rotary rides on the pass that permutes token-major heads
+        fuse = (self._parallel_config is None and not torch.compiler.is_compiling() and self.state.fuses_rotary()
+                and fusable(family.name, attn, image_rotary_emb))  # fmt: skip
+        projected = family.project(attn, hidden_states, encoder_hidden_states, None if fuse else image_rotary_emb)
         q, k, v = projected.q, projected.k, projected.v
+        rotary = rotary_of(family.name, image_rotary_emb, projected.text, q.shape[-1], q.device) if fuse else None
         key_mask = attention_mask if family.uses_key_mask else None
         shards = head_shards(self._parallel_config, q.shape[2])  # None without context parallelism
         heads = None
@@ -333,7 +358,7 @@ class SparseAttnProcessor:
                 raise NotImplementedError("sparse-vdit: torch.compile with context parallelism is not supported yet")
             out = _attention_op(q, k, v, key_mask, self.layer_index, self.state.handle)
         else:
-            out = self.state.attend(self.layer, q, k, v, key_mask, heads)
+            out = self.state.attend(self.layer, q, k, v, key_mask, heads, rotary=rotary)
         if shards is not None:
             out = shards.scatter(out, projected.text, family.text_position)
         return family.finish(attn, out, projected)

@@ -1,0 +1,73 @@
+"""The processor's fused path (issue 21): the family's rotary embedding applied in the pass that
+permutes token-major heads, on tiny Wan, HunyuanVideo and CogVideoX 1.5 transformers (CPU).
+
+Compared with the same plan on the old path (the model's rotary in torch, then ``sparse_attention``)
+and with the unpatched model under per-head masked float64 attention (the oracle).
+"""
+
+import pytest
+import torch
+
+import sparse_vdit
+from helpers import rel_rms
+from sparse_vdit import Plan
+from sparse_vdit.integrations.diffusers import processor
+from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, vertical
+from tiny_diffusers import BLOCK, BUILDERS, oracle
+
+pytest.importorskip("diffusers")
+
+MIXED = [
+    [multi_diagonal(0.2), diagonal(0.5), dense(), vertical(((0.0, 1.0),), 0.3)],
+    [skip(), multi_diagonal(0.1), multi_diagonal(0.4), diagonal(0.0)],
+]
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan_video", "cogvideox"])
+def test_fused_path_equals_old_path_and_oracle(name, monkeypatch):
+    # hunyuan: padded prompts of one length (samples of different lengths rotate first, then split)
+    model, inputs = BUILDERS[name](**({"valid": (5,)} if name == "hunyuan_video" else {}))
+    plan = Plan.from_layers(model, MIXED, block_size=BLOCK, warmup_steps=0)
+    fused_calls = []
+    original = processor.attention_in_head_order
+    monkeypatch.setattr(processor, "attention_in_head_order",
+                        lambda *a, **kw: fused_calls.append(kw["rotary"].pairs) or original(*a, **kw))  # fmt: skip
+    with sparse_vdit.sparse(model, plan, backend="reference") as state:
+        fused = run(model, inputs)
+        state.fuse_rotary = False
+        old = run(model, inputs)
+    assert fused_calls == [{"wan": "wan"}.get(name, "interleaved")] * len(MIXED)
+    with oracle(name, MIXED):
+        expected = run(model, inputs)
+    assert rel_rms(fused, old) < 1e-6
+    assert rel_rms(fused, expected) < 1e-5
+
+
+def test_prompts_of_different_lengths_rotate_then_split(monkeypatch):
+    model, inputs = BUILDERS["hunyuan_video"](valid=(3, 7))
+    plan = Plan.from_layers(model, MIXED, block_size=BLOCK, warmup_steps=0)
+    with sparse_vdit.sparse(model, plan, backend="reference") as state:
+        fused = run(model, inputs)
+        state.fuse_rotary = False
+        old = run(model, inputs)
+    with oracle("hunyuan_video", MIXED):
+        expected = run(model, inputs)
+    assert rel_rms(fused, old) < 1e-6
+    assert rel_rms(fused, expected) < 1e-5
+
+
+def test_not_fused_where_the_source_reads_q_and_k(monkeypatch):
+    """Observers (and online methods) see q and k after the rotary: the fused path stays off."""
+    model, inputs = BUILDERS["wan"]()
+    plan = Plan.from_layers(model, MIXED, block_size=BLOCK, warmup_steps=0)
+    monkeypatch.setattr(processor, "attention_in_head_order", lambda *a, **kw: pytest.fail("fused with an observer"))
+    seen = []
+    with sparse_vdit.sparse(model, plan, backend="reference") as state:
+        state.observers.append(lambda call, patterns, out: seen.append(call.q))
+        run(model, inputs)
+    assert len(seen) == len(MIXED)
