@@ -142,6 +142,8 @@ def parse(argv):
     p.add_argument("--budget-s", type=float, default=400.0, help="stop starting new rows after this long")
     p.add_argument("--check-tol", type=float, default=2e-2, help="largest relative RMS against the old path")
     p.add_argument("--out", default=out_dir())
+    p.add_argument("--triton-autotune", action="store_true",
+                   help="measured Triton tiles per density bucket (SPARSE_VDIT_TRITON_AUTOTUNE=1), tuned in the warm-up")
     p.add_argument("--dry-run", action="store_true", help="tiny shape on the CPU (Triton interpreter), fp32")
     return p.parse_args(argv)
 
@@ -149,6 +151,8 @@ def parse(argv):
 def main(argv=None) -> dict:
     args = parse(argv)
     t_start = time.time()
+    if args.triton_autotune:  # before any launch: the launcher reads it per call
+        os.environ["SPARSE_VDIT_TRITON_AUTOTUNE"] = "1"
     if args.dry_run:
         device, dtype, shapes = torch.device("cpu"), torch.float32, [TINY]
     else:

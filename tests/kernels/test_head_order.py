@@ -65,7 +65,7 @@ def _models_rotary(x, rotary: Rotary):
 
         part = _wan_rotary(x[:, rows], rotary.cos[None, :, None], rotary.sin[None, :, None])
     else:
-        from diffusers.models.embeddings import apply_rotary_emb
+        apply_rotary_emb = pytest.importorskip("diffusers.models.embeddings").apply_rotary_emb
 
         part = apply_rotary_emb(x[:, rows], (rotary.cos, rotary.sin), sequence_dim=1)
     return torch.cat([x[:, : rotary.start], part, x[:, rotary.end :]], dim=1)

@@ -17,10 +17,12 @@ BACKEND = Backend("triton", API_DTYPES, (64, 128), needs_cuda=False, token_major
                   note="ours: any CUDA GPU Triton supports, or the CPU under TRITON_INTERPRET=1")  # fmt: skip
 
 
-def _tiles(q: torch.Tensor, block_size: int, tiles=None) -> tuple[int, int, int, int]:
+def _tiles(q: torch.Tensor, block_size: int, tiles=None, table=None) -> tuple[int, int, int, int]:
+    """Tiles for ``q``: given, tuned (per density bucket of ``table``, else dense), or the launcher's rule."""
     if tiles is None and q.device.type == "cuda" and tuning.enabled():
         batch, n, heads, dim = q.shape
-        tiles = tuning.tuned_tiles(batch, heads, n, dim, q.dtype, block_size, q.device)
+        density = table.form("triton.density", lambda t: t.density) if table is not None else 1.0
+        tiles = tuning.tuned_tiles(batch, heads, n, dim, q.dtype, block_size, q.device, density)
     return launcher._tiles(block_size, q.shape[-1], q.device, tiles)
 
 
@@ -55,7 +57,7 @@ def run_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float):
 
 def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: bool = False):
     block = table.block_size
-    tiles = _tiles(q, block)
+    tiles = _tiles(q, block, table=table)
     order = launcher.option("schedule")
     per_block, q_tiles = block // tiles[0], num_blocks(q.shape[1], tiles[0])
     schedule = table.form(("triton.schedule", per_block, q_tiles, order),
