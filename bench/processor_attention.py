@@ -178,7 +178,9 @@ def main(argv=None) -> dict:
         for label, fn in dense_fns(layout, rotary).items():
             ms, host, reps = time_fn(fn, sets, target_ms=args.target_ms)
             dense_ms[label] = ms
-            result["rows"].append(dict(shape=shape.name, kind="dense", backend="cudnn", path=label, density=1.0, ms=ms, host_ms=host))
+            flops = 4.0 * shape.heads * layout.num_tokens * layout.kv_len * shape.dim
+            result["rows"].append(dict(shape=shape.name, kind="dense", backend=label, path=label, density=1.0, ms=ms,
+                                       host_ms=host, tflops=flops / ms * 1e-9))  # fmt: skip
             say(f"  {label:24s} {ms:9.3f} ms")
         bar = min(dense_ms.values())
         for kind in args.kinds:
@@ -200,13 +202,14 @@ def main(argv=None) -> dict:
                             ms, host, reps = time_fn(fn, sets, target_ms=args.target_ms)
                         except Exception as exc:  # a variant that cannot run here is reported, not fatal
                             say(f"  {backend}/{label} {kind} {target}: {type(exc).__name__}: {exc}")
-                            result["rows"].append(dict(shape=shape.name, kind=kind, target=target, backend=backend,
-                                                       path=label, error=str(exc)[:300]))  # fmt: skip
+                            result["rows"].append(dict(shape=shape.name, kind=kind, target=target,
+                                                       backend=f"{backend}/{label}", path=label, error=str(exc)[:300]))  # fmt: skip
                             continue
                         del out
                         eff = table.density * bar / ms
-                        row = dict(shape=shape.name, kind=kind, target=target, density=table.density, backend=backend,
-                                   path=label, ms=ms, host_ms=host, reps=reps, block_eff=eff, check=check)  # fmt: skip
+                        row = dict(shape=shape.name, kind=kind, target=target, density=table.density,
+                                   backend=f"{backend}/{label}", path=label, ms=ms, host_ms=host, reps=reps, block_eff=eff,
+                                   check=check)  # fmt: skip
                         result["rows"].append(row)
                         if not check <= args.check_tol:
                             result["failed_checks"].append(f"{shape.name}/{kind}/{target}/{backend}/{label}: {check:.2e}")
@@ -227,24 +230,11 @@ def main(argv=None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    """Block efficiency per (shape, kind, density) and path; the dense bar per shape."""
-    rows = [r for r in result["rows"] if "ms" in r]
-    columns = list(dict.fromkeys(f"{r['backend']}/{r['path']}" for r in rows if r["kind"] != "dense"))
+    """Block efficiency per (shape, kind, density) and backend/path (bench/attention.py's table), then the checks."""
+    from attention import print_table as attention_table
+
     print("\nblock efficiency = density x t(rotary + dense cuDNN) / t(rotary + permutation + sparse kernel + inverse)")
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        sr = [r for r in rows if r["shape"] == shape]
-        bar = "  ".join(f"{r['path']} {r['ms']:.2f} ms" for r in sr if r["kind"] == "dense")
-        print(f"\n{shape}: {bar}")
-        print(f"  {'kind':10s} {'dens':>5s} " + " ".join(f"{c:>22s}" for c in columns))
-        for kind, target in dict.fromkeys((r["kind"], r["target"]) for r in sr if r["kind"] != "dense"):
-            cells, density = [], None
-            for column in columns:
-                hit = [r for r in sr if f"{r['backend']}/{r['path']}" == column and (r["kind"], r["target"]) == (kind, target)]
-                density = hit[0]["density"] if hit else density
-                cells.append(f"{hit[0]['ms']:8.3f}ms {hit[0]['block_eff']:5.2f}" if hit else "-")
-            print(f"  {kind:10s} {density:5.3f} " + " ".join(f"{c:>22s}" for c in cells))
-    if result["incomplete"]:
-        print(f"\nnot run (time budget): {len(result['incomplete'])} rows, first {result['incomplete'][0]}")
+    attention_table(result)
     print(f"\nchecks against the old path: {'all within tolerance' if not result['failed_checks'] else result['failed_checks']}")
 
 
