@@ -71,3 +71,30 @@ def test_not_fused_where_the_source_reads_q_and_k(monkeypatch):
         state.observers.append(lambda call, patterns, out: seen.append(call.q))
         run(model, inputs)
     assert len(seen) == len(MIXED)
+
+
+def test_compiled_blocks_fuse_too(monkeypatch):
+    """Under torch.compile (fullgraph) the rotary tables go through the opaque attention op."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model, inputs = BUILDERS["wan"](batch=1)
+    plan = Plan.from_layers(model, MIXED, block_size=BLOCK, warmup_steps=0)
+    state = sparse_vdit.apply(model, plan, backend="reference")
+    state.fuse_rotary = False
+    old = run(model, inputs)
+    state.fuse_rotary = True
+    fused_calls = []
+    original = processor.attention_in_head_order
+    monkeypatch.setattr(processor, "attention_in_head_order",
+                        lambda *a, **kw: fused_calls.append(kw["rotary"].pairs) or original(*a, **kw))  # fmt: skip
+    model.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
+    try:
+        out = run(model, inputs)
+    finally:
+        for block in model.blocks:
+            block._compiled_call_impl = None
+        sparse_vdit.remove(model)
+        torch._dynamo.reset()
+    assert fused_calls == ["wan"] * len(MIXED)
+    assert rel_rms(out, old) < 1e-6

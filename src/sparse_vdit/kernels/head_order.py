@@ -98,10 +98,11 @@ def _flags(table: BlockTable, permute: bool) -> torch.Tensor | None:
 
 
 def rotate(q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k with ``rotary`` applied (one fused pass where Triton runs), order unchanged."""
+    """q and k with ``rotary`` applied (one fused pass where Triton runs; plain torch, differentiable,
+    under autograd), order unchanged."""
     if rotary is None:
         return q, k
-    if not _fused(q):
+    if not _fused(q) or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
         return apply_rotary(q, rotary), apply_rotary(k, rotary)
     from .triton.rotary import rotary_order
 

@@ -21,6 +21,11 @@ processor exchanges q, k, v from sequence shards to (full sequence, this rank's 
 patterns of its global heads (``call.heads``) in one launch, and exchanges the output back; see
 ``parallel.py``.
 
+Eager inference with a plan (no observers, one GPU): the family's rotary embedding is not applied
+in ``project`` but handed to the kernels (``rotary.py``), which apply it in the same pass that
+writes token-major heads in their order (:func:`~sparse_vdit.kernels.head_order.attention_in_head_order`);
+``state.fuse_rotary = False`` restores the model's torch rotary followed by ``sparse_attention``.
+
 Under ``torch.compile`` the attention step is one opaque custom op, so the graph has no break
 inside a block and the Python decisions run eagerly at run time. The op is differentiable: its
 backward replays the call (same step and patterns) under autograd, one extra attention forward;
@@ -49,7 +54,7 @@ from ...plan import ModelSpec, Plan
 from ...timing import clock, seconds_per_step
 from .families import Family
 from .parallel import head_shards
-from .rotary import fusable, rotary_of
+from .rotary import fusable, rotary_parts
 from .steps import StepTracker
 
 _STATES: weakref.WeakValueDictionary[int, SparseState] = weakref.WeakValueDictionary()
@@ -141,9 +146,11 @@ class SparseState:
         ``heads``: the global indices of q's heads when they are a slice of the layer's (Ulysses);
         a pattern source may then return patterns for all heads (a plan) or for q's heads only.
         ``observe=False``: no timing and no observers (the compiled path's backward replays a call).
-        ``rotary``: q and k are given before their rotary embedding (only where :meth:`fuses_rotary`);
-        it is applied in the pass that permutes the token-major heads.
+        ``rotary``: q and k are given before their rotary embedding; where :meth:`fuses_rotary` it is
+        applied in the pass that permutes the token-major heads, else first (differentiably under autograd).
         """
+        if rotary is not None and not self.fuses_rotary():
+            q, k, rotary = *rotate(q, k, rotary), None
         layout = self.layout(q.shape[1])
         start = clock(q) if self.timing and observe else None
         valid = self._text_valid(key_mask, layout, q.shape[0])
@@ -266,53 +273,63 @@ class SparseState:
                 f"block={self.block_size}, step={self.step}, generation={self.steps.generation})")  # fmt: skip
 
 
+def _rotary(cos: torch.Tensor | None, sin: torch.Tensor | None, start: int, pairs: str) -> Rotary | None:
+    return None if cos is None else Rotary(cos, sin, start, pairs)
+
+
 @torch.library.custom_op("sparse_vdit::diffusers_attention", mutates_args=())
 def _attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, layer: torch.Tensor, handle: int
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, layer: torch.Tensor, handle: int,
+    cos: torch.Tensor | None, sin: torch.Tensor | None, rotary_start: int, rotary_pairs: str,
+) -> torch.Tensor:  # fmt: skip
+    """:meth:`SparseState.attend` as one opaque op; ``cos`` / ``sin`` (or None): q and k still need
+    that rotary embedding (fused where the call allows, else applied first)."""
     state = _STATES.get(handle)
     if state is None:
         raise RuntimeError("sparse-vdit: this compiled graph belongs to a model whose sparse attention was removed")
-    return state.attend(int(layer), q, k, v, key_mask).contiguous()
+    rotary = _rotary(cos, sin, rotary_start, rotary_pairs)
+    return state.attend(int(layer), q, k, v, key_mask, rotary=rotary).contiguous()
 
 
 @_attention_op.register_fake
-def _(q, k, v, key_mask, layer, handle):
+def _(q, k, v, key_mask, layer, handle, cos, sin, rotary_start, rotary_pairs):
     return q.new_empty(q.shape)  # contiguous, as the real op returns
 
 
 @torch.library.custom_op("sparse_vdit::diffusers_attention_backward", mutates_args=())
 def _attention_backward_op(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-    layer: torch.Tensor, handle: int,
+    layer: torch.Tensor, handle: int, cos: torch.Tensor | None, sin: torch.Tensor | None, rotary_start: int,
+    rotary_pairs: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(dq, dk, dv)`` of :func:`_attention_op`: the call replayed under autograd (same step, same
-    patterns; no timing, no observers), then differentiated by the kernels' own backward."""
+    patterns, the rotary in torch; no timing, no observers), then differentiated by the kernels' own backward."""
     state = _STATES.get(handle)
     if state is None:
         raise RuntimeError("sparse-vdit: this compiled graph belongs to a model whose sparse attention was removed")
     with autograd_inside_op():
         inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = state.attend(int(layer), *inputs, key_mask, observe=False)
+        rotary = _rotary(cos, sin, rotary_start, rotary_pairs)
+        out = state.attend(int(layer), *inputs, key_mask, observe=False, rotary=rotary)
         grads = torch.autograd.grad(out, inputs, grad, allow_unused=True) if out.requires_grad else (None,) * 3
     return tuple(torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, (q, k, v)))
 
 
 @_attention_backward_op.register_fake
-def _(grad, q, k, v, key_mask, layer, handle):
+def _(grad, q, k, v, key_mask, layer, handle, cos, sin, rotary_start, rotary_pairs):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx, inputs, output) -> None:
-    q, k, v, key_mask, layer, handle = inputs
-    ctx.save_for_backward(q, k, v, key_mask, layer)
-    ctx.handle = handle
+    q, k, v, key_mask, layer, handle, cos, sin, rotary_start, rotary_pairs = inputs
+    ctx.save_for_backward(q, k, v, key_mask, layer, cos, sin)
+    ctx.handle, ctx.rotary = handle, (rotary_start, rotary_pairs)
 
 
 def _attention_backward(ctx, grad):
-    q, k, v, key_mask, layer = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad.contiguous(), q, k, v, key_mask, layer, ctx.handle)
-    return dq, dk, dv, None, None, None
+    q, k, v, key_mask, layer, cos, sin = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad.contiguous(), q, k, v, key_mask, layer, ctx.handle, cos, sin, *ctx.rotary)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 # compiled training: the opaque op recomputes its forward in the backward (one extra attention forward)
@@ -341,12 +358,12 @@ class SparseAttnProcessor:
         family = self.family
         if not family.supports(attn, encoder_hidden_states, attention_mask):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        # eager, one GPU, a plan: the rotary rides on the pass that permutes token-major heads
-        fuse = (self._parallel_config is None and not torch.compiler.is_compiling() and self.state.fuses_rotary()
-                and fusable(family.name, attn, image_rotary_emb))  # fmt: skip
+        # one GPU: the rotary goes to the attention step, which applies it in the pass that permutes
+        # token-major heads where the call allows (state.fuses_rotary), else first, in one pass
+        fuse = self._parallel_config is None and self.state.fuse_rotary and fusable(family.name, attn, image_rotary_emb)
         projected = family.project(attn, hidden_states, encoder_hidden_states, None if fuse else image_rotary_emb)
         q, k, v = projected.q, projected.k, projected.v
-        rotary = rotary_of(family.name, image_rotary_emb, projected.text, q.shape[-1], q.device) if fuse else None
+        parts = rotary_parts(family.name, image_rotary_emb, projected.text, q.shape[-1], q.device) if fuse else None
         key_mask = attention_mask if family.uses_key_mask else None
         shards = head_shards(self._parallel_config, q.shape[2])  # None without context parallelism
         heads = None
@@ -356,9 +373,9 @@ class SparseAttnProcessor:
         if torch.compiler.is_compiling():
             if heads is not None:
                 raise NotImplementedError("sparse-vdit: torch.compile with context parallelism is not supported yet")
-            out = _attention_op(q, k, v, key_mask, self.layer_index, self.state.handle)
+            out = _attention_op(q, k, v, key_mask, self.layer_index, self.state.handle, *(parts or (None, None, 0, "")))
         else:
-            out = self.state.attend(self.layer, q, k, v, key_mask, heads, rotary=rotary)
+            out = self.state.attend(self.layer, q, k, v, key_mask, heads, rotary=_rotary(*parts) if parts else None)
         if shards is not None:
             out = shards.scatter(out, projected.text, family.text_position)
         return family.finish(attn, out, projected)

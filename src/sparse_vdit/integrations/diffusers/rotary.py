@@ -1,4 +1,4 @@
-"""Each family's rotary embedding as a :class:`~sparse_vdit.kernels.head_order.Rotary`, so the
+"""Each family's rotary embedding as a :class:`~sparse_vdit.kernels.head_order.Rotary`'s parts, so the
 processor can apply it in the fused pass that also permutes token-major heads (issue 21).
 
 The families' ``project`` apply the rotary exactly as diffusers does when given the tables; here
@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from ...kernels.head_order import Rotary
 
 # family name -> (pair rule, whether the rotated rows start after the text prefix)
 _CONVENTIONS = {
@@ -29,10 +28,11 @@ def fusable(family_name: str, attn: Any, rotary: Any) -> bool:
     return isinstance(rotary, (tuple, list)) and len(rotary) == 2 and all(isinstance(t, torch.Tensor) for t in rotary)
 
 
-def rotary_of(family_name: str, rotary: Any, text: int, head_dim: int, device: torch.device) -> Rotary:
-    """The :class:`Rotary` of a call whose ``project`` ran without its tables (``text``: text tokens)."""
+def rotary_parts(family_name: str, rotary: Any, text: int, head_dim: int, device: torch.device):
+    """``(cos, sin, start, pairs)`` of a :class:`Rotary` for a call whose ``project`` ran without its
+    tables (``text``: text tokens); plain tensors and constants, so a compiled graph passes them on."""
     pairs, after_text = _CONVENTIONS[family_name]
     cos, sin = (t.to(device).reshape(-1, head_dim) for t in rotary)
     if cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride(0) != sin.stride(0):
         cos, sin = cos.contiguous(), sin.contiguous()
-    return Rotary(cos, sin, text if after_text else 0, pairs)
+    return cos, sin, text if after_text else 0, pairs
