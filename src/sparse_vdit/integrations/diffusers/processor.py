@@ -21,10 +21,11 @@ processor exchanges q, k, v from sequence shards to (full sequence, this rank's 
 patterns of its global heads (``call.heads``) in one launch, and exchanges the output back; see
 ``parallel.py``.
 
-Eager inference with a plan (no observers, one GPU): the family's rotary embedding is not applied
-in ``project`` but handed to the kernels (``rotary.py``), which apply it in the same pass that
-writes token-major heads in their order (:func:`~sparse_vdit.kernels.head_order.attention_in_head_order`);
-``state.fuse_rotary = False`` restores the model's torch rotary followed by ``sparse_attention``.
+On one GPU the family's rotary embedding is not applied in ``project`` but handed to the attention
+step (``rotary.py``; through the compiled op too): in inference with a plan and no observers it
+is applied in the same pass that writes token-major heads in their order
+(:func:`~sparse_vdit.kernels.head_order.attention_in_head_order`), otherwise first, in one pass
+(torch under autograd). ``state.fuse_rotary = False`` restores the model's torch rotary in ``project``.
 
 Under ``torch.compile`` the attention step is one opaque custom op, so the graph has no break
 inside a block and the Python decisions run eagerly at run time. The op is differentiable: its
@@ -83,8 +84,8 @@ class SparseState:
         self.steps = StepTracker()
         self.observers: list[Observer] = []
         self.timing = False
-        # eager inference with a plan: the rotary embedding and the token-major permutation in one pass
-        # (kernels.head_order); False: the model's rotary in torch, then sparse_attention (as before issue 21)
+        # the rotary embedding goes to the attention step, fused with the token-major permutation where
+        # fuses_rotary(); False: the model's rotary in torch in project, then sparse_attention (before issue 21)
         self.fuse_rotary = True
         self._timings: list[tuple[int, Any, Any]] = []
         self._memo: dict = {}
@@ -133,8 +134,8 @@ class SparseState:
         return layout
 
     def fuses_rotary(self) -> bool:
-        """Whether a layer call may hand its rotary embedding to :meth:`attend` (eager inference
-        with a plan and no observers: the pattern source does not read q or k)."""
+        """Whether :meth:`attend` applies a call's rotary in the pass that permutes token-major heads
+        (inference with a plan and no observers: nothing reads q or k before the kernel)."""
         return (self.fuse_rotary and not self.observers and not torch.is_grad_enabled()
                 and getattr(self.pattern_source, "plan", None) is not None)  # fmt: skip
 
