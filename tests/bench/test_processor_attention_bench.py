@@ -13,7 +13,7 @@ def test_processor_attention_dry_run(load_script, tmp_path, capsys):
         pytest.skip("needs triton and TRITON_INTERPRET=1")
     script = load_script("processor_attention")
     result = script.main(["--dry-run", "--densities", "0.3", "--kinds", "mixed", "--backends", "triton",
-                          "--paths", "fused-permuted", "--out", str(tmp_path)])  # fmt: skip
+                          "--paths", "fused-permuted", "--sets", "1", "--out", str(tmp_path)])  # fmt: skip
     rows = {(r["kind"], r["path"]): r for r in result["rows"]}
     assert set(rows) == {("dense", "dense-old"), ("dense", "dense-fused"), ("mixed", "old"), ("mixed", "fused-permuted")}
     assert all(r["ms"] > 0 for r in rows.values())
