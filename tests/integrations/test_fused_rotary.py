@@ -98,3 +98,23 @@ def test_compiled_blocks_fuse_too(monkeypatch):
         torch._dynamo.reset()
     assert fused_calls == ["wan"] * len(MIXED)
     assert rel_rms(out, old) < 1e-6
+
+
+def test_not_fused_for_a_source_that_only_has_a_plan_attribute(monkeypatch):
+    """A pattern source with a ``plan`` attribute of its own (the offline searcher has a ``plan()``
+    method) reads q and k: only the state's own plan source fuses."""
+    model, inputs = BUILDERS["wan"]()
+    plan = Plan.from_layers(model, MIXED, block_size=BLOCK, warmup_steps=0)
+    seen = []
+
+    def source(call):
+        seen.append(call.q)
+        return plan.patterns_for(call.step, call.layer)
+
+    source.plan = lambda: plan
+    monkeypatch.setattr(processor, "attention_in_head_order", lambda *a, **kw: pytest.fail("fused for a custom source"))
+    with sparse_vdit.sparse(model, pattern_source=source, backend="reference") as state:
+        with torch.no_grad():
+            assert not state.fuses_rotary()
+        run(model, inputs)
+    assert len(seen) == len(MIXED)

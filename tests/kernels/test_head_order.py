@@ -137,7 +137,7 @@ def test_reference_backend_takes_the_torch_path():
     out = attention_in_head_order(q, k, v, table, backend="reference", rotary=rotary)
     ref = sparse_attention(apply_rotary(q.double(), rotary), apply_rotary(k.double(), rotary), v.double(), table,
                            backend="reference")  # fmt: skip
-    assert rel_rms(out, ref) <= 1e-6
+    assert rel_rms(out, ref) <= 1e-5  # fp32 rotary and attention against float64
 
 
 def test_checks():

@@ -136,8 +136,8 @@ class SparseState:
     def fuses_rotary(self) -> bool:
         """Whether :meth:`attend` applies a call's rotary in the pass that permutes token-major heads
         (inference with a plan and no observers: nothing reads q or k before the kernel)."""
-        return (self.fuse_rotary and not self.observers and not torch.is_grad_enabled()
-                and getattr(self.pattern_source, "plan", None) is not None)  # fmt: skip
+        return (self.fuse_rotary and not self.observers and not torch.is_grad_enabled() and self.plan is not None
+                and getattr(self.pattern_source, "plan", None) is self.plan)  # the plan's own source  # fmt: skip
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                key_mask: torch.Tensor | None = None, heads: range | None = None, observe: bool = True,
