@@ -85,3 +85,19 @@ def test_forced_tiles_match_reference(tiles, monkeypatch):
     assert not out.isnan().any()
     assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
     assert rel_rms(out, ref) < 1e-5
+
+
+def test_density_buckets_key_the_cache():
+    assert tuning.density_bucket(0.06) == 0.05 and tuning.density_bucket(0.13) == 0.1
+    assert tuning.density_bucket(0.3) == 0.4 and tuning.density_bucket(0.8) == 1.0
+    dense_key = tuning.cache_key("Fake GPU", (9, 0), 128, 128, torch.bfloat16)
+    assert tuning.cache_key("Fake GPU", (9, 0), 128, 128, torch.bfloat16, density=0.9) == dense_key
+    assert tuning.cache_key("Fake GPU", (9, 0), 128, 128, torch.bfloat16, density=0.11) == dense_key + "/density0.1"
+
+
+def test_band_ranges_hit_the_bucket_density():
+    for density in (0.05, 0.1, 0.2, 0.4, 1.0):
+        starts, ends = tuning.band_ranges(3, 256, density, "cpu")
+        assert starts.shape == ends.shape == (3, 256, 1) and starts.dtype == torch.int32
+        assert ((starts >= 0) & (ends <= 256) & (starts < ends)).all()
+        assert abs(float((ends - starts).double().mean()) / 256 - density) < 0.01 + 0.1 * density

@@ -73,7 +73,7 @@ class Backend:
         return None if ok else why
 
 
-_NOT_BACKENDS = ("api", "registry", "dense", "checks", "select")
+_NOT_BACKENDS = ("api", "registry", "dense", "checks", "select", "head_order")
 
 
 @lru_cache(maxsize=None)

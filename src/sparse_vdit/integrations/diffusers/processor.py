@@ -21,6 +21,12 @@ processor exchanges q, k, v from sequence shards to (full sequence, this rank's 
 patterns of its global heads (``call.heads``) in one launch, and exchanges the output back; see
 ``parallel.py``.
 
+On one GPU the family's rotary embedding is not applied in ``project`` but handed to the attention
+step (``rotary.py``; through the compiled op too): in inference with a plan and no observers it
+is applied in the same pass that writes token-major heads in their order
+(:func:`~sparse_vdit.kernels.head_order.attention_in_head_order`), otherwise first, in one pass
+(torch under autograd). ``state.fuse_rotary = False`` restores the model's torch rotary in ``project``.
+
 Under ``torch.compile`` the attention step is one opaque custom op, so the graph has no break
 inside a block and the Python decisions run eagerly at run time. The op is differentiable: its
 backward replays the call (same step and patterns) under autograd, one extra attention forward;
@@ -42,6 +48,7 @@ from ...block_table import DEFAULT_BLOCK, BlockTable, all_dense
 from ...kernels import dense as dense_kernels
 from ...kernels import resolve_backend, sparse_attention
 from ...kernels.api import autograd_inside_op
+from ...kernels.head_order import Rotary, attention_in_head_order, rotate
 from ...layout import VideoLayout
 from ...kernels import select_attention
 from ...methods.protocol import AttentionCall, Observer, PatternSource, plan_source
@@ -50,6 +57,7 @@ from ...plan import ModelSpec, Plan
 from ...timing import clock, seconds_per_step
 from .families import Family, set_processor
 from .parallel import head_shards
+from .rotary import fusable, rotary_parts
 from .steps import StepTracker, timestep_value
 
 _STATES: weakref.WeakValueDictionary[int, SparseState] = weakref.WeakValueDictionary()
@@ -78,6 +86,9 @@ class SparseState:
         self.steps = StepTracker()
         self.observers: list[Observer] = []
         self.timing = False
+        # the rotary embedding goes to the attention step, fused with the token-major permutation where
+        # fuses_rotary(); False: the model's rotary in torch in project, then sparse_attention (before issue 21)
+        self.fuse_rotary = True
         self._timings: list[tuple[int, Any, Any]] = []
         self._memo: dict = {}
         self._valid: tuple = (None, None)  # (key, groups) of the last key mask read
@@ -169,21 +180,33 @@ class SparseState:
         self._memo[key] = layout
         return layout
 
+    def fuses_rotary(self) -> bool:
+        """Whether :meth:`attend` applies a call's rotary in the pass that permutes token-major heads
+        (inference with a plan and no observers: nothing reads q or k before the kernel)."""
+        return (self.fuse_rotary and not self.observers and not torch.is_grad_enabled() and self.plan is not None
+                and getattr(self.pattern_source, "plan", None) is self.plan)  # the plan's own source  # fmt: skip
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               key_mask: torch.Tensor | None = None, heads: range | None = None, observe: bool = True) -> torch.Tensor:  # fmt: skip
+               key_mask: torch.Tensor | None = None, heads: range | None = None, observe: bool = True,
+               rotary: Rotary | None = None) -> torch.Tensor:  # fmt: skip
         """Attention of one layer call: layout, text padding, patterns, kernel, timing, observers.
 
         ``heads``: the global indices of q's heads when they are a slice of the layer's (Ulysses);
         a pattern source may then return patterns for all heads (a plan) or for q's heads only.
         ``observe=False``: no timing and no observers (the compiled path's backward replays a call).
+        ``rotary``: q and k are given before their rotary embedding; where :meth:`fuses_rotary` it is
+        applied in the pass that permutes the token-major heads, else first (differentiably under autograd).
         """
+        if rotary is not None and not self.fuses_rotary():
+            q, k, rotary = *rotate(q, k, rotary), None
         layout = self.layout(q.shape[1])
         start = clock(q) if self.timing and observe else None
         valid = self._text_valid(key_mask, layout, q.shape[0])
         if valid is None or len(valid) == 1:
             layout = layout if valid is None else self._padded(layout, next(iter(valid)))
-            out = self._attend(layer, q, k, v, layout, heads, observe)
+            out = self._attend(layer, q, k, v, layout, heads, observe, rotary)
         else:  # samples with different prompt lengths: one call per length
+            q, k = rotate(q, k, rotary)
             out = torch.empty_like(q)
             for count, samples in valid.items():
                 index = torch.tensor(samples, device=q.device)
@@ -193,20 +216,26 @@ class SparseState:
             self._timings.append((self.steps.step, start, clock(q)))
         return out
 
-    def _attend(self, layer, q, k, v, layout, heads=None, observe=True) -> torch.Tensor:
+    def _attend(self, layer, q, k, v, layout, heads=None, observe=True, rotary=None) -> torch.Tensor:
         call = AttentionCall(self.steps.step, layer, q, k, v, layout, self, heads)
         patterns = self.pattern_source(call)
         if heads is not None and isinstance(patterns, Sequence) and len(patterns) != q.shape[2]:
             patterns = self._sliced(patterns, heads)
-        out = self.compute(q, k, v, layout, patterns)
+        out = self.compute(q, k, v, layout, patterns, rotary)
         for observer in self.observers if observe else ():
             observer(call, patterns, out)
         return out
 
-    def compute(self, q, k, v, layout: VideoLayout, patterns: Sequence[Pattern] | BlockTable | HeadChoice | None) -> torch.Tensor:
+    def compute(self, q, k, v, layout: VideoLayout, patterns: Sequence[Pattern] | BlockTable | HeadChoice | None,
+                rotary: Rotary | None = None) -> torch.Tensor:  # fmt: skip
         """Attention of ``(B, N, H, D)`` tensors at ``layout`` with one pattern per head (``None``: dense),
         a compiled table of that layout, or a :class:`~sparse_vdit.patterns.HeadChoice` (each
-        (sample, head) its chosen candidate)."""
+        (sample, head) its chosen candidate). ``rotary``: q and k still need it (fused path)."""
+        if rotary is not None:
+            if isinstance(patterns, Sequence) and len(patterns) == q.shape[2] and not all_dense(patterns):
+                table = compile_layer(tuple(patterns), layout, self.block_size, q.device)  # cached by value
+                return attention_in_head_order(q, k, v, table, backend=self.backend, rotary=rotary)
+            q, k = rotate(q, k, rotary)
         if isinstance(patterns, BlockTable):
             if patterns.layout != layout or patterns.num_heads != q.shape[2]:
                 raise ValueError(f"a block table of {patterns.num_heads} heads at {patterns.layout.describe()} for a "
@@ -294,58 +323,68 @@ class SparseState:
                 f"block={self.block_size}, step={self.step}, generation={self.steps.generation})")  # fmt: skip
 
 
+def _rotary(cos: torch.Tensor | None, sin: torch.Tensor | None, start: int, pairs: str) -> Rotary | None:
+    return None if cos is None else Rotary(cos, sin, start, pairs)
+
+
 @torch.library.custom_op("sparse_vdit::diffusers_attention", mutates_args=())
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, layer: torch.Tensor, handle: int,
+    cos: torch.Tensor | None, sin: torch.Tensor | None, rotary_start: int, rotary_pairs: str,
     timestep: torch.Tensor | None = None, grid: list[int] | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """The attention step as one opaque op. ``timestep`` / ``grid`` come only from a graph traced by
-    ``torch.export`` (no step hook runs in it): layer 0 then counts the step here, at run time."""
+    """:meth:`SparseState.attend` as one opaque op; ``cos`` / ``sin`` (or None): q and k still need
+    that rotary embedding (fused where the call allows, else applied first). ``timestep`` / ``grid``
+    come only from a graph traced by ``torch.export`` (no step hook runs in it): layer 0 then counts
+    the step here, at run time."""
     state = _STATES.get(handle)
     if state is None:
         raise RuntimeError("sparse-vdit: this compiled graph belongs to a model whose sparse attention was removed")
     if timestep is not None and int(layer) == 0:
         state.steps.observe(timestep_value(timestep), None if grid is None else tuple(grid))
-    return state.attend(int(layer), q, k, v, key_mask).contiguous()
+    rotary = _rotary(cos, sin, rotary_start, rotary_pairs)
+    return state.attend(int(layer), q, k, v, key_mask, rotary=rotary).contiguous()
 
 
 @_attention_op.register_fake
-def _(q, k, v, key_mask, layer, handle, timestep=None, grid=None):
+def _(q, k, v, key_mask, layer, handle, cos, sin, rotary_start, rotary_pairs, timestep=None, grid=None):
     return q.new_empty(q.shape)  # contiguous, as the real op returns
 
 
 @torch.library.custom_op("sparse_vdit::diffusers_attention_backward", mutates_args=())
 def _attention_backward_op(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-    layer: torch.Tensor, handle: int,
+    layer: torch.Tensor, handle: int, cos: torch.Tensor | None, sin: torch.Tensor | None, rotary_start: int,
+    rotary_pairs: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(dq, dk, dv)`` of :func:`_attention_op`: the call replayed under autograd (same step, same
-    patterns; no timing, no observers), then differentiated by the kernels' own backward."""
+    patterns, the rotary in torch; no timing, no observers), then differentiated by the kernels' own backward."""
     state = _STATES.get(handle)
     if state is None:
         raise RuntimeError("sparse-vdit: this compiled graph belongs to a model whose sparse attention was removed")
     with autograd_inside_op():
         inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = state.attend(int(layer), *inputs, key_mask, observe=False)
+        rotary = _rotary(cos, sin, rotary_start, rotary_pairs)
+        out = state.attend(int(layer), *inputs, key_mask, observe=False, rotary=rotary)
         grads = torch.autograd.grad(out, inputs, grad, allow_unused=True) if out.requires_grad else (None,) * 3
     return tuple(torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, (q, k, v)))
 
 
 @_attention_backward_op.register_fake
-def _(grad, q, k, v, key_mask, layer, handle):
+def _(grad, q, k, v, key_mask, layer, handle, cos, sin, rotary_start, rotary_pairs):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx, inputs, output) -> None:
-    q, k, v, key_mask, layer, handle = inputs[:6]
-    ctx.save_for_backward(q, k, v, key_mask, layer)
-    ctx.handle = handle
+    q, k, v, key_mask, layer, handle, cos, sin, rotary_start, rotary_pairs = inputs[:10]
+    ctx.save_for_backward(q, k, v, key_mask, layer, cos, sin)
+    ctx.handle, ctx.rotary = handle, (rotary_start, rotary_pairs)
 
 
 def _attention_backward(ctx, grad):
-    q, k, v, key_mask, layer = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad.contiguous(), q, k, v, key_mask, layer, ctx.handle)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, key_mask, layer, cos, sin = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad.contiguous(), q, k, v, key_mask, layer, ctx.handle, cos, sin, *ctx.rotary)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 # compiled training: the opaque op recomputes its forward in the backward (one extra attention forward)
@@ -374,8 +413,12 @@ class SparseAttnProcessor:
         family = self.family
         if not family.supports(attn, encoder_hidden_states, attention_mask):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        projected = family.project(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        # one GPU: the rotary goes to the attention step, which applies it in the pass that permutes
+        # token-major heads where the call allows (state.fuses_rotary), else first, in one pass
+        fuse = self._parallel_config is None and self.state.fuse_rotary and fusable(family.name, attn, image_rotary_emb)
+        projected = family.project(attn, hidden_states, encoder_hidden_states, None if fuse else image_rotary_emb)
         q, k, v = projected.q, projected.k, projected.v
+        parts = rotary_parts(family.name, image_rotary_emb, projected.text, q.shape[-1], q.device) if fuse else None
         key_mask = family.key_mask(attention_mask, q.shape[1]) if family.uses_key_mask else None
         shards = head_shards(self._parallel_config, q.shape[2])  # None without context parallelism
         heads = None
@@ -387,10 +430,10 @@ class SparseAttnProcessor:
             if heads is not None:
                 raise NotImplementedError("sparse-vdit: torch.compile with context parallelism is not supported yet")
             timestep, grid = self.state.steps.traced or (None, None)  # set under torch.export only
-            out = _attention_op(q, k, v, key_mask, self.layer_index, self.state.handle, timestep,
-                                None if grid is None else list(grid))  # fmt: skip
+            out = _attention_op(q, k, v, key_mask, self.layer_index, self.state.handle, *(parts or (None, None, 0, "")),
+                                timestep, None if grid is None else list(grid))  # fmt: skip
         else:
-            out = self.state.attend(self.layer, q, k, v, key_mask, heads)
+            out = self.state.attend(self.layer, q, k, v, key_mask, heads, rotary=_rotary(*parts) if parts else None)
         if shards is not None:
             out = shards.scatter(out, projected.text, family.text_position)
         return family.finish(attn, out, projected)

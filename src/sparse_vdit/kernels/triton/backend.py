@@ -17,10 +17,12 @@ BACKEND = Backend("triton", API_DTYPES, (64, 128), needs_cuda=False, token_major
                   note="ours: any CUDA GPU Triton supports, or the CPU under TRITON_INTERPRET=1")  # fmt: skip
 
 
-def _tiles(q: torch.Tensor, block_size: int, tiles=None) -> tuple[int, int, int, int]:
+def _tiles(q: torch.Tensor, block_size: int, tiles=None, table=None) -> tuple[int, int, int, int]:
+    """Tiles for ``q``: given, tuned (per density bucket of ``table``, else dense), or the launcher's rule."""
     if tiles is None and q.device.type == "cuda" and tuning.enabled():
         batch, n, heads, dim = q.shape
-        tiles = tuning.tuned_tiles(batch, heads, n, dim, q.dtype, block_size, q.device)
+        density = table.form("triton.density", lambda t: t.density) if table is not None else 1.0
+        tiles = tuning.tuned_tiles(batch, heads, n, dim, q.dtype, block_size, q.device, density)
     return launcher._tiles(block_size, q.shape[-1], q.device, tiles)
 
 
@@ -32,10 +34,13 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: to
     return launcher.forward(q, k, v, kv_num_blocks, kv_indices, block_size=block_size, tiles=tiles, **kwargs)
 
 
-def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float) -> torch.Tensor:
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float,
+        head_order: bool = False) -> torch.Tensor:  # fmt: skip
     """Block-sparse attention of ``table``: its ranges read in place, token-major heads through
-    the order in-kernel; the work order is kept with the table."""
-    return _run(q, k, v, table, softmax_scale, False)
+    the order in-kernel; the work order is kept with the table. ``head_order``: q, k, v already hold
+    each head in its own order (:func:`sparse_vdit.kernels.head_order.to_head_order`); the output is
+    frame-major either way."""
+    return _run(q, k, v, table, softmax_scale, False, head_order)
 
 
 def run_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float):
@@ -50,9 +55,9 @@ def run_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float):
     return triton_backward(grad_out, q, k, v, out, lse, table, softmax_scale)
 
 
-def _run(q, k, v, table, softmax_scale: float, return_lse: bool):
+def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: bool = False):
     block = table.block_size
-    tiles = _tiles(q, block)
+    tiles = _tiles(q, block, table=table)
     order = launcher.option("schedule")
     per_block, q_tiles = block // tiles[0], num_blocks(q.shape[1], tiles[0])
     schedule = table.form(("triton.schedule", per_block, q_tiles, order),
@@ -62,7 +67,7 @@ def _run(q, k, v, table, softmax_scale: float, return_lse: bool):
         q, k, v, table.kv_num_blocks, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
         ranges=(table.range_starts, table.range_ends), token_major=table.token_major if table.token_major_heads else None,
         layout=(layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens),
-        tiles=tiles, schedule=schedule, return_lse=return_lse,
+        tiles=tiles, schedule=schedule, return_lse=return_lse, head_order=head_order,
     )  # fmt: skip
 
 

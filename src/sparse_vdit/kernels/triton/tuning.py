@@ -2,8 +2,10 @@
 
 Opt-in: the launcher asks :func:`tuned_tiles` only when ``SPARSE_VDIT_TRITON_AUTOTUNE=1`` and the
 inputs are on CUDA; otherwise its fixed rule (``launcher._tiles``) decides. A choice is cached per
-(GPU name, compute capability, head dim, table block size, dtype) in memory and as JSON under
-:func:`cache_root` (``triton/tiles.json``), so each GPU kind tunes each shape once.
+(GPU name, compute capability, head dim, table block size, dtype, density bucket) in memory and as
+JSON under :func:`cache_root` (``triton/tiles.json``), so each GPU kind tunes each shape once. At
+low density each query tile visits few key tiles, so its fixed costs weigh more: a table is tuned
+on a band table of its density bucket (:data:`DENSITY_BUCKETS`), dense ones on a dense table.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ BLOCK_N = (32, 64, 128)
 NUM_WARPS = (4, 8)
 NUM_STAGES = (2, 3, 4)
 MIN_TILE_AREA = 64 * 32
+DENSITY_BUCKETS = (0.05, 0.1, 0.2, 0.4, 1.0)  # a table is tuned at the bucket nearest its density (log scale)
 KIB = 1024
 
 
@@ -96,9 +99,21 @@ def cache_path() -> Path:
     return cache_root() / "triton" / "tiles.json"
 
 
-def cache_key(gpu: str, capability: tuple[int, int], head_dim: int, block_size: int, dtype: torch.dtype) -> str:
-    """The cache key of one tuning problem, e.g. ``NVIDIA H100 80GB HBM3/sm90/d128/block128/bfloat16``."""
-    return f"{gpu}/sm{capability[0]}{capability[1]}/d{head_dim}/block{block_size}/{str(dtype).removeprefix('torch.')}"
+def density_bucket(density: float) -> float:
+    """The entry of :data:`DENSITY_BUCKETS` nearest ``density`` in log scale."""
+    import math
+
+    d = min(max(float(density), 1e-6), 1.0)
+    return min(DENSITY_BUCKETS, key=lambda b: abs(math.log(b / d)))
+
+
+def cache_key(gpu: str, capability: tuple[int, int], head_dim: int, block_size: int, dtype: torch.dtype,
+              density: float = 1.0) -> str:  # fmt: skip
+    """The cache key of one tuning problem, e.g. ``NVIDIA H100 80GB HBM3/sm90/d128/block128/bfloat16``
+    (dense bucket) or ``.../bfloat16/density0.1``."""
+    key = f"{gpu}/sm{capability[0]}{capability[1]}/d{head_dim}/block{block_size}/{str(dtype).removeprefix('torch.')}"
+    bucket = density_bucket(density)
+    return key if bucket >= 1.0 else f"{key}/density{bucket:g}"
 
 
 @functools.cache
@@ -106,11 +121,11 @@ def _identity(index: int) -> tuple[str, tuple[int, int]]:
     return torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index))
 
 
-def device_key(device: torch.device, head_dim: int, block_size: int, dtype: torch.dtype) -> str:
+def device_key(device: torch.device, head_dim: int, block_size: int, dtype: torch.dtype, density: float = 1.0) -> str:
     """:func:`cache_key` for a CUDA ``device``."""
     device = _cuda(device)
     gpu, capability = _identity(device.index if device.index is not None else torch.cuda.current_device())
-    return cache_key(gpu, capability, head_dim, block_size, dtype)
+    return cache_key(gpu, capability, head_dim, block_size, dtype, density)
 
 
 _memory: dict[str, Tiles] = {}
@@ -162,6 +177,16 @@ def _cuda(device) -> torch.device:
     return device
 
 
+def band_ranges(heads: int, q_blocks: int, density: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key-block ranges (starts, ends: int32 [heads, q_blocks, 1]) of a band around the diagonal
+    that visits about ``density_bucket(density) * q_blocks`` blocks per query block (all at 1.0)."""
+    half = max(0, round((density_bucket(density) * q_blocks - 1) / 2))
+    rows = torch.arange(q_blocks, dtype=torch.int32, device=device)[None, :, None].expand(heads, -1, 1)
+    if density_bucket(density) >= 1.0:
+        return torch.zeros_like(rows).contiguous(), torch.full_like(rows, q_blocks).contiguous()
+    return (rows - half).clamp_min(0).contiguous(), (rows + half + 1).clamp_max(q_blocks).contiguous()
+
+
 def autotune(
     batch: int,
     heads: int,
@@ -173,11 +198,12 @@ def autotune(
     *,
     reps: int = 5,
     save: bool = True,
+    density: float = 1.0,
 ) -> tuple[Tiles, dict[Tiles, float]]:
     """Time every pruned configuration (and the launcher's rule) on this problem; cache and return the fastest.
 
-    Random ``[batch, n, heads, head_dim]`` inputs, a dense table (one key-block range per query
-    block), the launcher's real ``forward``; each configuration gets a warm-up call, then ``reps``
+    Random ``[batch, n, heads, head_dim]`` inputs, a table of one key-block range per query block
+    (dense, or a band at ``density``'s bucket), the launcher's real ``forward``; each configuration gets a warm-up call, then ``reps``
     calls timed with CUDA events, median. Configurations that fail to compile or launch are
     skipped. Returns (fastest, median ms of each configuration that ran).
     """
@@ -192,9 +218,7 @@ def autotune(
 
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, n, heads, head_dim, device=device, dtype=dtype, generator=g) for _ in range(3))
-    q_blocks = num_blocks(n, block_size)
-    starts = torch.zeros(heads, q_blocks, 1, dtype=torch.int32, device=device)
-    ends = torch.full_like(starts, q_blocks)
+    starts, ends = band_ranges(heads, num_blocks(n, block_size), density, device)
     kv_num_blocks = (ends - starts).sum(-1, dtype=torch.int32)
 
     orders: dict = {}  # the work order of each tile height, built once (as a table keeps it)
@@ -230,25 +254,26 @@ def autotune(
             "ms": times[best],
             "rule": list(rule),
             "rule_ms": times.get(rule),
-            "problem": {"batch": batch, "heads": heads, "n": n},
+            "problem": {"batch": batch, "heads": heads, "n": n, "density": density_bucket(density)},
             "triton": _triton_version(),
             "torch": torch.__version__,
             "timed": len(times),
             "failed": len(errors),
         }
-        store(device_key(device, head_dim, block_size, dtype), best, info)
+        store(device_key(device, head_dim, block_size, dtype, density), best, info)
     return best, times
 
 
 def tuned_tiles(
-    batch: int, heads: int, n: int, head_dim: int, dtype: torch.dtype, block_size: int, device: torch.device
+    batch: int, heads: int, n: int, head_dim: int, dtype: torch.dtype, block_size: int, device: torch.device,
+    density: float = 1.0,
 ) -> Tiles | None:
-    """The cached choice for this GPU and shape, tuning on this problem when there is none.
+    """The cached choice for this GPU, shape and density bucket, tuning on this problem when there is none.
 
     None (the launcher's rule decides) when no candidate divides ``block_size``, or when a CUDA
     graph is being captured and nothing is cached (timing cannot run during a capture).
     """
-    key = device_key(device, head_dim, block_size, dtype)
+    key = device_key(device, head_dim, block_size, dtype, density)
     hit = load(key)
     if hit is not None:
         return hit
@@ -258,7 +283,7 @@ def tuned_tiles(
                  smem_limit=max_shared_memory(device)):  # fmt: skip
         _rule_only.add(key)
         return None
-    return autotune(batch, heads, n, head_dim, dtype, block_size, device)[0]
+    return autotune(batch, heads, n, head_dim, dtype, block_size, device, density=density)[0]
 
 
 def _triton_version() -> str | None:

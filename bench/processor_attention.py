@@ -1,0 +1,242 @@
+"""The whole processor attention call, permutation counted in: old path vs fused path (issue 21).
+
+    python bench/processor_attention.py [--shapes ...] [--backends triton fa4] [--budget-s 400]
+
+One layer call as the diffusers processor makes it after the q/k/v projections: the family's rotary
+embedding on q and k, the token-major permutation of q, k, v, the block-sparse kernel and the
+inverse permutation of the output. Paths per backend:
+
+- ``old``: the model's rotary in torch (Wan's processor / diffusers ``apply_rotary_emb``), then
+  ``sparse_attention`` (FA4: gather in, gather out; Triton: token-major rows read in place);
+  ``old-frames`` (Triton): the same with token-major key ranges read frame by frame.
+- ``fused`` (FA4): :func:`sparse_vdit.kernels.head_order.attention_in_head_order`: rotary and
+  permutation in one pass, FA4, one copy back. Triton: ``fused-permuted`` (inputs written in each
+  head's order, every key tile contiguous, rows stored frame-major), ``fused-in-place`` (rotary
+  pass only, rows read through the order), ``fused-in-place-frames`` (key ranges frame by frame).
+
+The bar is the same call without sparsity: rotary + dense cuDNN SDPA (the faster of the torch
+rotary and the fused rotary pass). Block efficiency = density x t_dense_call / t_sparse_call.
+Every timed path is first checked against the backend's old path on the same inputs (relative
+RMS, ``check``). Shapes: Wan-1.3B 480p, Wan-14B 720p, HunyuanVideo 720p (+256 text),
+CogVideoX1.5 768p (+226 text, D=64); multi-diagonal and mixed layers at 5/10/20/40% of blocks.
+Writes ``processor-attention.json`` to ``--out``; prints a table last. ``--dry-run``: a tiny
+shape on the CPU (Triton interpreter), fp32: a check of the script, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside it
+from common import SHAPES, Shape, gpu_versions, out_dir, random_sets, say, table_for, time_fn  # noqa: E402
+
+import sparse_vdit  # noqa: E402
+from sparse_vdit import sparse_attention  # noqa: E402
+from sparse_vdit.kernels import dense, head_order, registry  # noqa: E402
+from sparse_vdit.kernels.head_order import Rotary, apply_rotary, attention_in_head_order, rotate  # noqa: E402
+from sparse_vdit.kernels.triton import launcher  # noqa: E402
+from sparse_vdit.layout import VideoLayout  # noqa: E402
+
+FAMILY = {"wan1.3b-480p": "wan", "wan14b-720p": "wan", "hunyuan-720p": "hunyuan_video", "cogvideox1.5-768p": "cogvideox",
+          "tiny": "hunyuan_video"}  # fmt: skip
+TINY = Shape("tiny", VideoLayout(3, 5, 9, 19, "suffix"), 4, 64)  # --dry-run
+DENSITIES = (0.05, 0.10, 0.20, 0.40)
+KINDS = ("multi_diag", "mixed")
+# (backend, path) -> (fused?, head_order.OPTIONS["triton"], launcher token_major_keys)
+PATHS = {
+    ("triton", "old"): (False, None, "gather"),
+    ("triton", "old-frames"): (False, None, "frames"),
+    ("triton", "fused-permuted"): (True, "permuted", "gather"),
+    ("triton", "fused-in-place"): (True, "in_place", "gather"),
+    ("triton", "fused-in-place-frames"): (True, "in_place", "frames"),
+    ("fa4", "old"): (False, None, "gather"),
+    ("fa4", "fused"): (True, "permuted", "gather"),
+}
+
+
+def rotary_tables(shape: Shape, family: str, device) -> Rotary:
+    """Random rotary tables as the family builds them: Wan float64 over every token (channel pairs
+    by its rule), HunyuanVideo / CogVideoX float32 over the video rows (before / after the text)."""
+    layout, dim = shape.layout, shape.dim
+    g = torch.Generator().manual_seed(7)
+    angles = torch.rand(layout.video_tokens, dim // 2, generator=g, dtype=torch.float64) * 2 * math.pi
+    dtype = torch.float64 if family == "wan" else torch.float32
+    cos, sin = (f(angles).repeat_interleave(2, -1).to(device=device, dtype=dtype) for f in (torch.cos, torch.sin))
+    return Rotary(cos, sin, layout.video_start, "wan" if family == "wan" else "interleaved")
+
+
+def models_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """The rotary as the processor applied it before issue 21 (the model's own torch code)."""
+    if rotary.pairs == "wan":
+        from sparse_vdit.integrations.diffusers.families import _wan_rotary
+
+        return _wan_rotary(x, rotary.cos[None, :, None], rotary.sin[None, :, None])
+    try:
+        from diffusers.models.embeddings import apply_rotary_emb
+    except ImportError:  # the same math (tests/kernels/test_head_order.py compares them)
+        return apply_rotary(x, rotary)
+    part = apply_rotary_emb(x[:, rotary.start : rotary.end], (rotary.cos, rotary.sin), sequence_dim=1)
+    return torch.cat([x[:, : rotary.start], part, x[:, rotary.end :]], dim=1)
+
+
+@contextmanager
+def options(mode: str | None, keys: str):
+    saved = head_order.OPTIONS["triton"], launcher.OPTIONS["token_major_keys"]
+    head_order.OPTIONS["triton"] = mode or saved[0]
+    launcher.OPTIONS["token_major_keys"] = keys
+    try:
+        yield
+    finally:
+        head_order.OPTIONS["triton"], launcher.OPTIONS["token_major_keys"] = saved
+
+
+def path_fn(backend: str, path: str, table, rotary: Rotary):
+    """``fn(q, k, v)``: one processor attention call on ``path``."""
+    fused, mode, keys = PATHS[(backend, path)]
+
+    def run(q, k, v):
+        with options(mode, keys):
+            if fused:
+                return attention_in_head_order(q, k, v, table, backend=backend, rotary=rotary)
+            return sparse_attention(models_rotary(q, rotary), models_rotary(k, rotary), v, table, backend=backend)
+
+    return run
+
+
+def dense_fns(layout: VideoLayout, rotary: Rotary) -> dict:
+    """The same call without sparsity: rotary (torch, or the fused pass) then dense cuDNN SDPA."""
+    kw = dict(kv_len=layout.kv_len, use_fa4=False)
+
+    def old(q, k, v):
+        return dense.forward(models_rotary(q, rotary), models_rotary(k, rotary), v, softmax_scale=q.shape[-1] ** -0.5, **kw)
+
+    def fused(q, k, v):
+        q, k = rotate(q, k, rotary)
+        return dense.forward(q, k, v, softmax_scale=q.shape[-1] ** -0.5, **kw)
+
+    return {"dense-old": old, "dense-fused": fused}
+
+
+def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=[*SHAPES, "tiny"])
+    p.add_argument("--densities", nargs="*", type=float, default=list(DENSITIES))
+    p.add_argument("--kinds", nargs="*", default=list(KINDS), choices=["band", "multi_diag", "vertical", "mixed"])
+    p.add_argument("--backends", nargs="*", default=["fa4", "triton"], choices=["fa4", "triton"])
+    p.add_argument("--paths", nargs="*", default=None, help="only these paths (e.g. old fused fused-permuted)")
+    p.add_argument("--sets", type=int, default=2, help="rotated input sets (L2 must not flatter)")
+    p.add_argument("--target-ms", type=float, default=150.0, help="time spent timing one row (after warm-up)")
+    p.add_argument("--budget-s", type=float, default=400.0, help="stop starting new rows after this long")
+    p.add_argument("--check-tol", type=float, default=2e-2, help="largest relative RMS against the old path")
+    p.add_argument("--out", default=out_dir())
+    p.add_argument("--triton-autotune", action="store_true",
+                   help="measured Triton tiles per density bucket (SPARSE_VDIT_TRITON_AUTOTUNE=1), tuned in the warm-up")
+    p.add_argument("--dry-run", action="store_true", help="tiny shape on the CPU (Triton interpreter), fp32")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    t_start = time.time()
+    if args.triton_autotune:  # before any launch: the launcher reads it per call
+        os.environ["SPARSE_VDIT_TRITON_AUTOTUNE"] = "1"
+    if args.dry_run:
+        device, dtype, shapes = torch.device("cpu"), torch.float32, [TINY]
+    else:
+        device, dtype, shapes = torch.device("cuda"), torch.bfloat16, [SHAPES[s] if s != "tiny" else TINY for s in args.shapes]
+    backends = [b for b in args.backends if registry.available(b, device)[0]]
+    skipped = {b: registry.available(b, device)[1] for b in args.backends if b not in backends}
+    for name, why in skipped.items():
+        say(f"skipping backend {name}: {why}")
+    result = {"command": "python bench/processor_attention.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "versions": gpu_versions() if device.type == "cuda" else {"device": "cpu (dry run)"},
+              "dtype": str(dtype).removeprefix("torch."), "skipped_backends": skipped, "rows": [], "incomplete": [],
+              "failed_checks": []}  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "processor-attention.json")
+
+    for shape in shapes:
+        family = FAMILY[shape.name]
+        layout = shape.layout
+        rotary = rotary_tables(shape, family, device)
+        sets = random_sets(shape, args.sets, device, dtype)
+        say(f"== {shape.name} ({family}): {layout.describe()}, {shape.heads} heads x {shape.dim}")
+        dense_ms = {}
+        for label, fn in dense_fns(layout, rotary).items():
+            ms, host, reps = time_fn(fn, sets, target_ms=args.target_ms)
+            dense_ms[label] = ms
+            flops = 4.0 * shape.heads * layout.num_tokens * layout.kv_len * shape.dim
+            result["rows"].append(dict(shape=shape.name, kind="dense", backend=label, path=label, density=1.0, ms=ms,
+                                       host_ms=host, tflops=flops / ms * 1e-9))  # fmt: skip
+            say(f"  {label:24s} {ms:9.3f} ms")
+        bar = min(dense_ms.values())
+        for kind in args.kinds:
+            for target in args.densities:
+                if time.time() - t_start > args.budget_s:
+                    result["incomplete"].append(f"{shape.name}/{kind}/{target}")
+                    continue
+                table, _ = table_for(kind, target, layout, shape.heads, device)
+                for backend in backends:
+                    refs = {}
+                    for (b, label) in PATHS:
+                        if b != backend or (args.paths and label not in args.paths and label != "old"):
+                            continue
+                        fn = path_fn(backend, label, table, rotary)
+                        try:
+                            out = fn(*sets[0])
+                            refs.setdefault("old", out)
+                            check = rel_rms(out, refs["old"])
+                            ms, host, reps = time_fn(fn, sets, target_ms=args.target_ms)
+                        except Exception as exc:  # a variant that cannot run here is reported, not fatal
+                            say(f"  {backend}/{label} {kind} {target}: {type(exc).__name__}: {exc}")
+                            result["rows"].append(dict(shape=shape.name, kind=kind, target=target,
+                                                       backend=f"{backend}/{label}", path=label, error=str(exc)[:300]))  # fmt: skip
+                            continue
+                        del out
+                        eff = table.density * bar / ms
+                        row = dict(shape=shape.name, kind=kind, target=target, density=table.density,
+                                   backend=f"{backend}/{label}", path=label, ms=ms, host_ms=host, reps=reps, block_eff=eff,
+                                   check=check)  # fmt: skip
+                        result["rows"].append(row)
+                        if not check <= args.check_tol:
+                            result["failed_checks"].append(f"{shape.name}/{kind}/{target}/{backend}/{label}: {check:.2e}")
+                        say(f"  {kind:10s} {table.density:5.3f} {backend:6s} {label:22s} {ms:9.3f} ms eff {eff:5.2f} "
+                            f"check {check:.1e}")  # fmt: skip
+        del sets
+        sparse_vdit.clear_caches()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    result["wall_s"] = time.time() - t_start
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print_table(result)
+    say(f"wrote {path} ({result['wall_s']:.0f} s)")
+    return result
+
+
+def print_table(result: dict) -> None:
+    """Block efficiency per (shape, kind, density) and backend/path (bench/attention.py's table), then the checks."""
+    from attention import print_table as attention_table
+
+    print("\nblock efficiency = density x t(rotary + dense cuDNN) / t(rotary + permutation + sparse kernel + inverse)")
+    attention_table(result)
+    print(f"\nchecks against the old path: {'all within tolerance' if not result['failed_checks'] else result['failed_checks']}")
+
+
+if __name__ == "__main__":
+    main()

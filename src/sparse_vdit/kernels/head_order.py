@@ -1,0 +1,180 @@
+"""Attention on inputs already in each head's own order, with the rotary embedding fused in.
+
+The fused path of a layer call (issue 21): :func:`to_head_order` applies the model's rotary
+embedding to q and k and writes every token-major head of the table in token-major order in the
+same pass (one Triton launch for q and k, one for v), then :func:`attention_in_head_order` runs
+the backend on those tensors and returns the output frame-major: the Triton kernel stores its rows
+to their frame-major positions itself, the other backends' output goes back through one copy
+(:func:`to_frame_major`). No separate gather runs. Forward only (inference).
+
+The rotary conventions (model-agnostic; the integration says which one a model uses):
+
+- ``"interleaved"``: diffusers' ``apply_rotary_emb(x, (cos, sin), use_real_unbind_dim=-1)`` (HunyuanVideo,
+  CogVideoX): ``x * cos + rotate_half(x) * sin`` on adjacent channel pairs, in float32 (or the
+  tables' float64), cast back.
+- ``"wan"``: Wan's processor: pairs rotated with ``cos[..., 0::2]`` and ``sin[..., 1::2]`` in
+  the tables' dtype, cast back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..block_table import BlockTable
+from . import registry
+from .api import reorder_heads
+from .checks import check_inputs
+
+PAIRS = ("interleaved", "wan")
+# How the Triton backend runs token-major heads on this path: "permuted" (q, k, v written in each
+# head's order by the fused pass, every key tile contiguous) or "in_place" (rotary only, the kernel
+# reads token-major heads through the order). Measured by bench/processor_attention.py; the loser goes.
+OPTIONS = {"triton": "permuted"}
+TRITON_MODES = ("permuted", "in_place")
+
+
+@dataclass(frozen=True, eq=False)
+class Rotary:
+    """A rotary embedding of sequence rows ``start .. start + len(cos)``: ``cos`` / ``sin`` [R, D]
+    (float32 or float64, last dim contiguous), ``pairs`` one of :data:`PAIRS`. Other rows pass unchanged."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    start: int = 0
+    pairs: str = "interleaved"
+
+    def __post_init__(self) -> None:
+        if self.pairs not in PAIRS:
+            raise ValueError(f"pairs must be one of {PAIRS}, got {self.pairs!r}")
+        if self.cos.dim() != 2 or self.cos.shape != self.sin.shape or self.cos.shape[1] % 2:
+            raise ValueError(f"cos and sin must be [rows, even head_dim] alike, got {tuple(self.cos.shape)}, "
+                             f"{tuple(self.sin.shape)}")  # fmt: skip
+        if self.cos.stride(-1) != 1 or self.sin.stride(-1) != 1 or self.cos.stride(0) != self.sin.stride(0):
+            raise ValueError("cos and sin need a contiguous last dim and the same row stride")
+
+    @property
+    def end(self) -> int:
+        return self.start + self.cos.shape[0]
+
+
+def apply_rotary(x: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
+    """``x`` [B, N, H, D] with ``rotary`` applied in plain torch (the reference; float64 stays float64)."""
+    if rotary is None:
+        return x
+    compute = torch.float64 if torch.float64 in (x.dtype, rotary.cos.dtype) else torch.float32
+    part = x[:, rotary.start : rotary.end].to(compute)
+    cos, sin = (t.to(compute)[None, :, None, :] for t in (rotary.cos, rotary.sin))
+    if rotary.pairs == "wan":
+        cos, sin = cos[..., 0::2].repeat_interleave(2, -1), sin[..., 1::2].repeat_interleave(2, -1)
+    real, imag = part.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(-2)
+    out = x.clone()
+    out[:, rotary.start : rotary.end] = (part * cos + rotated * sin).to(x.dtype)
+    return out
+
+
+def reference_head_order(x: torch.Tensor, table: BlockTable, rotary: Rotary | None = None) -> torch.Tensor:
+    """:func:`to_head_order` of one tensor in plain torch: rotary, then :func:`reorder_heads`."""
+    return reorder_heads(apply_rotary(x, rotary), table.layout, table.token_major_heads)
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """Whether the Triton pass runs for ``x`` (CUDA, or the CPU under the interpreter)."""
+    ok, _ = registry.available("triton", x.device)
+    return ok and x.dtype != torch.float64
+
+
+def _geometry(table: BlockTable) -> tuple[int, int, int, int]:
+    layout = table.layout
+    return layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens
+
+
+def _flags(table: BlockTable, permute: bool) -> torch.Tensor | None:
+    if not permute or not table.token_major_heads:
+        return None
+    return table.form("head_order.flags", lambda t: t.token_major.to(torch.int8))
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k with ``rotary`` applied (one fused pass where Triton runs; plain torch, differentiable,
+    under autograd), order unchanged."""
+    if rotary is None:
+        return q, k
+    if not _fused(q) or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        return apply_rotary(q, rotary), apply_rotary(k, rotary)
+    from .triton.rotary import rotary_order
+
+    geometry = (1, 1, 0, 0)
+    return rotary_order(q, None, geometry, rotary, second=k)
+
+
+def to_head_order(q, k, v, table: BlockTable, rotary: Rotary | None = None, permute: bool = True):
+    """(q, k, v) rotated (q and k) and with the table's token-major heads in token-major order.
+
+    One pass over q and k and one over v (Triton where it runs; else torch). ``permute=False``:
+    rotary only (for a backend that reads token-major heads in place); v is then returned as is.
+    """
+    if not _fused(q):
+        if not permute:
+            return (*rotate(q, k, rotary), v)
+        return tuple(reference_head_order(t, table, r) for t, r in ((q, rotary), (k, rotary), (v, None)))
+    from .triton.rotary import rotary_order
+
+    flags, geometry = _flags(table, permute), _geometry(table)
+    if flags is None and rotary is None:
+        return q, k, v
+    q, k = rotary_order(q, flags, geometry, rotary, second=k)
+    if flags is not None:
+        v, _ = rotary_order(v, flags, geometry)
+    return q, k, v
+
+
+def to_frame_major(out: torch.Tensor, table: BlockTable) -> torch.Tensor:
+    """An output in each head's own order back to frame-major rows (one copy)."""
+    if not table.token_major_heads:
+        return out
+    if not _fused(out):
+        return reorder_heads(out, table.layout, table.token_major_heads, to_token_major=False)
+    from .triton.rotary import rotary_order
+
+    return rotary_order(out, _flags(table, True), _geometry(table), to_head_order=False)[0]
+
+
+def attention_in_head_order(q, k, v, table: BlockTable, softmax_scale: float | None = None, backend: str = "auto",
+                            rotary: Rotary | None = None) -> torch.Tensor:  # fmt: skip
+    """Block-sparse attention of frame-major q, k, v [B, N, H, D] (q and k before ``rotary``), the
+    rotary and the token-major permutation fused into one pass; output frame-major, as
+    :func:`~sparse_vdit.kernels.sparse_attention` of the rotated inputs. Forward only.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("attention_in_head_order is forward only; use sparse_attention under autograd")
+    scale = check_inputs(q, k, v, table, softmax_scale)
+    table = table if table.device == q.device else table.to(q.device)
+    name = registry.choose(backend, q, table).name
+    if table.all_skip:
+        return torch.zeros_like(q)
+    if table.all_dense or not table.token_major_heads:
+        from .api import sparse_attention
+
+        return sparse_attention(*rotate(q, k, rotary), v, table, softmax_scale=scale, backend=name)
+    if name == "triton":
+        return _triton(q, k, v, table, scale, rotary)
+    q, k, v = to_head_order(q, k, v, table, rotary)
+    return to_frame_major(registry.get(name).module.run(q, k, v, table, scale), table)
+
+
+def _triton(q, k, v, table: BlockTable, scale: float, rotary: Rotary | None) -> torch.Tensor:
+    from .triton import backend
+
+    mode = OPTIONS["triton"]
+    if mode not in TRITON_MODES:
+        raise ValueError(f"head_order.OPTIONS['triton'] must be one of {TRITON_MODES}, got {mode!r}")
+    permuted = mode == "permuted"
+    q, k, v = to_head_order(q, k, v, table, rotary, permute=permuted)
+    return backend.run(q, k, v, table, scale, head_order=permuted)
+
+
+__all__ = ["OPTIONS", "PAIRS", "Rotary", "apply_rotary", "attention_in_head_order", "reference_head_order", "rotate",
+           "to_frame_major", "to_head_order"]

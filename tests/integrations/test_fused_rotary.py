@@ -1,0 +1,120 @@
+"""The processor's fused path (issue 21): the family's rotary embedding applied in the pass that
+permutes token-major heads, on tiny Wan, HunyuanVideo and CogVideoX 1.5 transformers (CPU).
+
+Compared with the same plan on the old path (the model's rotary in torch, then ``sparse_attention``)
+and with the unpatched model under per-head masked float64 attention (the oracle).
+"""
+
+import pytest
+import torch
+
+import sparse_vdit
+from helpers import rel_rms
+from sparse_vdit import Plan
+from sparse_vdit.integrations.diffusers import processor
+from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, vertical
+from tiny_diffusers import BLOCK, BUILDERS, oracle
+
+pytest.importorskip("diffusers")
+
+MIXED = [
+    [multi_diagonal(0.2), diagonal(0.5), dense(), vertical(((0.0, 1.0),), 0.3)],
+    [skip(), multi_diagonal(0.1), multi_diagonal(0.4), diagonal(0.0)],
+]
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan_video", "cogvideox"])
+def test_fused_path_equals_old_path_and_oracle(name, monkeypatch):
+    # hunyuan: padded prompts of one length (samples of different lengths rotate first, then split)
+    model, inputs = BUILDERS[name](**({"valid": (5,)} if name == "hunyuan_video" else {}))
+    plan = Plan.from_layers(model, MIXED, block_size=BLOCK, warmup_steps=0)
+    fused_calls = []
+    original = processor.attention_in_head_order
+    monkeypatch.setattr(processor, "attention_in_head_order",
+                        lambda *a, **kw: fused_calls.append(kw["rotary"].pairs) or original(*a, **kw))  # fmt: skip
+    with sparse_vdit.sparse(model, plan, backend="reference") as state:
+        fused = run(model, inputs)
+        state.fuse_rotary = False
+        old = run(model, inputs)
+    assert fused_calls == [{"wan": "wan"}.get(name, "interleaved")] * len(MIXED)
+    with oracle(name, MIXED):
+        expected = run(model, inputs)
+    assert rel_rms(fused, old) < 1e-6
+    assert rel_rms(fused, expected) < 1e-5
+
+
+def test_prompts_of_different_lengths_rotate_then_split(monkeypatch):
+    model, inputs = BUILDERS["hunyuan_video"](valid=(3, 7))
+    plan = Plan.from_layers(model, MIXED, block_size=BLOCK, warmup_steps=0)
+    with sparse_vdit.sparse(model, plan, backend="reference") as state:
+        fused = run(model, inputs)
+        state.fuse_rotary = False
+        old = run(model, inputs)
+    with oracle("hunyuan_video", MIXED):
+        expected = run(model, inputs)
+    assert rel_rms(fused, old) < 1e-6
+    assert rel_rms(fused, expected) < 1e-5
+
+
+def test_not_fused_where_the_source_reads_q_and_k(monkeypatch):
+    """Observers (and online methods) see q and k after the rotary: the fused path stays off."""
+    model, inputs = BUILDERS["wan"]()
+    plan = Plan.from_layers(model, MIXED, block_size=BLOCK, warmup_steps=0)
+    monkeypatch.setattr(processor, "attention_in_head_order", lambda *a, **kw: pytest.fail("fused with an observer"))
+    seen = []
+    with sparse_vdit.sparse(model, plan, backend="reference") as state:
+        state.observers.append(lambda call, patterns, out: seen.append(call.q))
+        run(model, inputs)
+    assert len(seen) == len(MIXED)
+
+
+def test_compiled_blocks_fuse_too(monkeypatch):
+    """Under torch.compile (fullgraph) the rotary tables go through the opaque attention op."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model, inputs = BUILDERS["wan"](batch=1)
+    plan = Plan.from_layers(model, MIXED, block_size=BLOCK, warmup_steps=0)
+    state = sparse_vdit.apply(model, plan, backend="reference")
+    state.fuse_rotary = False
+    old = run(model, inputs)
+    state.fuse_rotary = True
+    fused_calls = []
+    original = processor.attention_in_head_order
+    monkeypatch.setattr(processor, "attention_in_head_order",
+                        lambda *a, **kw: fused_calls.append(kw["rotary"].pairs) or original(*a, **kw))  # fmt: skip
+    model.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
+    try:
+        out = run(model, inputs)
+    finally:
+        for block in model.blocks:
+            block._compiled_call_impl = None
+        sparse_vdit.remove(model)
+        torch._dynamo.reset()
+    assert fused_calls == ["wan"] * len(MIXED)
+    assert rel_rms(out, old) < 1e-6
+
+
+def test_not_fused_for_a_source_that_only_has_a_plan_attribute(monkeypatch):
+    """A pattern source with a ``plan`` attribute of its own (the offline searcher has a ``plan()``
+    method) reads q and k: only the state's own plan source fuses."""
+    model, inputs = BUILDERS["wan"]()
+    plan = Plan.from_layers(model, MIXED, block_size=BLOCK, warmup_steps=0)
+    seen = []
+
+    def source(call):
+        seen.append(call.q)
+        return plan.patterns_for(call.step, call.layer)
+
+    source.plan = lambda: plan
+    monkeypatch.setattr(processor, "attention_in_head_order", lambda *a, **kw: pytest.fail("fused for a custom source"))
+    with sparse_vdit.sparse(model, pattern_source=source, backend="reference") as state:
+        with torch.no_grad():
+            assert not state.fuses_rotary()
+        run(model, inputs)
+    assert len(seen) == len(MIXED)
