@@ -19,7 +19,9 @@
 #   tests          the GPU tests: kernels, patterns, layout, SVG's fused profiling kernel         (~60)
 #   backward       backward block efficiency, Triton, Wan-1.3B and HunyuanVideo, 10-50% (#18)   (~110)
 #   finetune       sparse-aware LoRA fine-tuning of the fidelity organism, 10% and 25% (#18)   (~200)
-#   new-tests      GPU tests of this session's kernels: backward, select, online, SVG step path  (~90)
+#   new-tests      GPU tests of this session's kernels: backward, select, online, SVG step path,
+#                  fused rotary / head order                                                     (~90)
+#   processor      the whole processor attention call, old vs fused rotary+permutation (#21)     (~70)
 #   svg-overhead   SVG layer / attention, before vs after the step-path cuts, Wan 25% (#16)    (~60)
 #   online-cost    online top-k/top-p selection cost vs the attention it saves, Wan-14B (#22)  (~30)
 #   fidelity-online  every method incl. top-p, top-k, hybrid on the fidelity organism, short (#22) (~110)
@@ -79,17 +81,19 @@ for name in "$@"; do
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --budget-s 90 --out "$R" ;;
     finetune) TAIL=20 step finetune 240 python3 bench/finetune.py --densities 0.1 0.25 --minutes 1.25 \
         --captions 4 --seeds 0 --out "$R" ;;
-    new-tests) TAIL=12 step new-tests 100 python3 -m pytest -q -p no:cacheprovider -m gpu \
+    new-tests) TAIL=12 step new-tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/kernels/test_backward.py tests/kernels/test_select.py tests/methods/test_online_gpu.py \
-        tests/methods/test_svg_step_path.py ${NEW_TESTS:-} ;;
-    svg-overhead) TAIL=30 step svg-overhead 70 python3 bench/svg.py --overhead --modes reference --variants before \
-        after --tiles default 64,32,8,3 --programs-per-sm 8 2 --reps 10 --budget-s 55 --out "$R" ;;
-    online-cost) TAIL=20 step online-cost 45 python3 bench/online_cost.py --shapes wan14b-720p --densities 0.25,0.1 \
+        tests/methods/test_svg_step_path.py tests/kernels/test_head_order.py ${NEW_TESTS:-} ;;
+    processor) TAIL=40 step processor 75 python3 bench/processor_attention.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.05 0.1 0.2 0.4 --kinds multi_diag mixed --backends triton --budget-s 60 --out "$R" ;;
+    svg-overhead) TAIL=30 step svg-overhead 60 python3 bench/svg.py --overhead --modes reference --variants before \
+        after --tiles default 64,32,8,3 --programs-per-sm 8 2 --reps 10 --budget-s 45 --out "$R" ;;
+    online-cost) TAIL=20 step online-cost 35 python3 bench/online_cost.py --shapes wan14b-720p --densities 0.25,0.1 \
         --backends triton --out "$R/online-cost.json" ;;
-    fidelity-online) TAIL=45 step fidelity-online 130 python3 bench/fidelity.py --model fidelity --device cuda \
+    fidelity-online) TAIL=45 step fidelity-online 115 python3 bench/fidelity.py --model fidelity --device cuda \
         --captions 2 --seeds 0 --steps 20 --search-captions 2 --epsilons 0.03 --output-epsilons 0.03 --svg-densities 0.25 \
         --spatial-widths "" --temporal-widths "" --oracle-densities 0.25 --online-ps 0.9 --topk-densities 0.35,0.25 \
-        --cluster-ps "" --hybrid-ps 0.9 --hybrid-densities 0.25 --no-skip-only --budget-s 105 \
+        --cluster-ps "" --hybrid-ps 0.9 --hybrid-densities 0.25 --no-skip-only --budget-s 90 \
         --out "$R/fidelity-online.json" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
