@@ -57,10 +57,10 @@ def _pool(x: torch.Tensor, length: int, block: int, dtype: torch.dtype) -> torch
 
 def _block_tokens(length: int, block: int, device, dtype) -> torch.Tensor:
     """Tokens in each block covering ``length`` tokens (the last one may be ragged)."""
-    count = num_blocks(length, block)
-    tokens = torch.full((count,), float(block), device=device, dtype=dtype)
-    tokens[-1] = length - (count - 1) * block
-    return tokens
+    # built on the device from an arange: assigning a Python number to a CUDA element copies it
+    # from the host synchronously (the GPU no-sync test caught it)
+    starts = torch.arange(num_blocks(length, block), device=device, dtype=dtype) * block
+    return (length - starts).clamp(max=block)
 
 
 def pooled_mass(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, block: int,
