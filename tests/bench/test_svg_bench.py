@@ -91,13 +91,14 @@ def test_svg_splits_follow_the_programs_per_sm_tunable(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
     cuda = torch.device("cuda")
     programs, kv_len, block_n = 4 * 40, 75_600, 64  # Wan-14B 720p: 4 row tiles (64 rows / 16) x 40 heads
-    assert sampled._splits(programs, kv_len, block_n, cuda) == 7  # ceil(8 * 132 / 160): the default
+    assert sampled.PROGRAMS_PER_SM == 2
+    assert sampled._splits(programs, kv_len, block_n, cuda) == 2  # ceil(2 * 132 / 160): the default
     monkeypatch.setitem(sampled.TUNING, "programs_per_sm", 16)
     assert sampled._splits(programs, kv_len, block_n, cuda) == 14
     monkeypatch.setitem(sampled.TUNING, "programs_per_sm", 10_000)
     assert sampled._splits(programs, kv_len, block_n, cuda) == kv_len // (8 * block_n)  # splits stay >= 8 tiles
     monkeypatch.setitem(sampled.TUNING, "programs_per_sm", None)
-    assert sampled._splits(programs, kv_len, block_n, cuda) == 7
+    assert sampled._splits(programs, kv_len, block_n, cuda) == 2
     assert sampled._splits(programs, kv_len, block_n, torch.device("cpu")) == 2  # the interpreter ignores it
 
 

@@ -263,15 +263,17 @@ def choose_heads(
 # and the merge's rows per program (merge_rows, see _merge_rows; 16 before).
 TUNING: dict[str, int | None] = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None,
                                  "programs_per_sm": None, "row_wise": None, "fold": None, "merge_rows": None}  # fmt: skip
-PROGRAMS_PER_SM = 8  # the default target of _splits on CUDA
+PROGRAMS_PER_SM = 2  # the default target of _splits on CUDA (H200, bench/svg.py --overhead, 2026-12-03:
+# with 8 warps, 2 per SM gave the lowest layer / attention at Wan-1.3B 480p, 1.044, and 1.016 at Wan-14B 720p)
 
 
 def _tiles(rows: int, dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): up to dim 128, 64 rows x 32 keys, 4 warps,
-    3 stages (all of SVG's 64 sampled rows in one tile, so keys and values are read once), the
-    fastest of bench/kernel_variants.py's profile part on an H200 at Wan-14B 720p; above, 16 x 64
-    with 2 stages (shared memory). Three float32 accumulators of BLOCK_M x dim."""
-    chosen = (64, 32, 4, 3) if dim <= 128 else (16, 64, 4, 2)
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): up to dim 128, 64 rows x 32 keys, 8 warps,
+    3 stages (all of SVG's 64 sampled rows in one tile, so keys and values are read once; with 4
+    warps the kernel spilled registers on sm_90 and profiled 5-27% slower on an H200, bench/svg.py
+    --overhead at Wan-1.3B 480p and Wan-14B 720p); above, 16 x 64 with 2 stages (shared memory). Three float32
+    accumulators of BLOCK_M x dim."""
+    chosen = (64, 32, 8, 3) if dim <= 128 else (16, 64, 4, 2)
     return tuple(c if TUNING.get(k) is None else TUNING[k]
                  for k, c in zip(("block_m", "block_n", "num_warps", "num_stages"), chosen))  # fmt: skip
 
