@@ -7,12 +7,14 @@ embedding on q and k, the token-major permutation of q, k, v, the block-sparse k
 inverse permutation of the output. Paths per backend:
 
 - ``old``: the model's rotary in torch (Wan's processor / diffusers ``apply_rotary_emb``), then
-  ``sparse_attention`` (FA4: gather in, gather out; Triton: token-major rows read in place);
-  ``old-frames`` (Triton): the same with token-major key ranges read frame by frame.
+  ``sparse_attention`` (FA4: gather in, gather out; Triton: token-major rows read in place).
 - ``fused`` (FA4): :func:`sparse_vdit.kernels.head_order.attention_in_head_order`: rotary and
   permutation in one pass, FA4, one copy back. Triton: ``fused-permuted`` (inputs written in each
-  head's order, every key tile contiguous, rows stored frame-major), ``fused-in-place`` (rotary
-  pass only, rows read through the order), ``fused-in-place-frames`` (key ranges frame by frame).
+  head's order, every key tile contiguous, rows stored frame-major).
+
+Variants measured on an H200 and removed (issue 21, BENCHMARKS.md): Triton key ranges of in-place
+token-major heads read frame by frame (``old-frames``), and a rotary-only fused pass with the rows
+read through the order (``fused-in-place``, ``fused-in-place-frames``).
 
 The bar is the same call without sparsity: rotary + dense cuDNN SDPA (the faster of the torch
 rotary and the fused rotary pass). Block efficiency = density x t_dense_call / t_sparse_call.
@@ -31,7 +33,6 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -40,9 +41,8 @@ from common import SHAPES, Shape, gpu_versions, out_dir, random_sets, say, table
 
 import sparse_vdit  # noqa: E402
 from sparse_vdit import sparse_attention  # noqa: E402
-from sparse_vdit.kernels import dense, head_order, registry  # noqa: E402
+from sparse_vdit.kernels import dense, registry  # noqa: E402
 from sparse_vdit.kernels.head_order import Rotary, apply_rotary, attention_in_head_order, rotate  # noqa: E402
-from sparse_vdit.kernels.triton import launcher  # noqa: E402
 from sparse_vdit.layout import VideoLayout  # noqa: E402
 
 FAMILY = {"wan1.3b-480p": "wan", "wan14b-720p": "wan", "hunyuan-720p": "hunyuan_video", "cogvideox1.5-768p": "cogvideox",
@@ -50,16 +50,8 @@ FAMILY = {"wan1.3b-480p": "wan", "wan14b-720p": "wan", "hunyuan-720p": "hunyuan_
 TINY = Shape("tiny", VideoLayout(3, 5, 9, 19, "suffix"), 4, 64)  # --dry-run
 DENSITIES = (0.05, 0.10, 0.20, 0.40)
 KINDS = ("multi_diag", "mixed")
-# (backend, path) -> (fused?, head_order.OPTIONS["triton"], launcher token_major_keys)
-PATHS = {
-    ("triton", "old"): (False, None, "gather"),
-    ("triton", "old-frames"): (False, None, "frames"),
-    ("triton", "fused-permuted"): (True, "permuted", "gather"),
-    ("triton", "fused-in-place"): (True, "in_place", "gather"),
-    ("triton", "fused-in-place-frames"): (True, "in_place", "frames"),
-    ("fa4", "old"): (False, None, "gather"),
-    ("fa4", "fused"): (True, "permuted", "gather"),
-}
+# (backend, path) -> fused?
+PATHS = {("triton", "old"): False, ("triton", "fused-permuted"): True, ("fa4", "old"): False, ("fa4", "fused"): True}
 
 
 def rotary_tables(shape: Shape, family: str, device) -> Rotary:
@@ -87,26 +79,14 @@ def models_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
     return torch.cat([x[:, : rotary.start], part, x[:, rotary.end :]], dim=1)
 
 
-@contextmanager
-def options(mode: str | None, keys: str):
-    saved = head_order.OPTIONS["triton"], launcher.OPTIONS["token_major_keys"]
-    head_order.OPTIONS["triton"] = mode or saved[0]
-    launcher.OPTIONS["token_major_keys"] = keys
-    try:
-        yield
-    finally:
-        head_order.OPTIONS["triton"], launcher.OPTIONS["token_major_keys"] = saved
-
-
 def path_fn(backend: str, path: str, table, rotary: Rotary):
     """``fn(q, k, v)``: one processor attention call on ``path``."""
-    fused, mode, keys = PATHS[(backend, path)]
+    fused = PATHS[(backend, path)]
 
     def run(q, k, v):
-        with options(mode, keys):
-            if fused:
-                return attention_in_head_order(q, k, v, table, backend=backend, rotary=rotary)
-            return sparse_attention(models_rotary(q, rotary), models_rotary(k, rotary), v, table, backend=backend)
+        if fused:
+            return attention_in_head_order(q, k, v, table, backend=backend, rotary=rotary)
+        return sparse_attention(models_rotary(q, rotary), models_rotary(k, rotary), v, table, backend=backend)
 
     return run
 

@@ -12,8 +12,9 @@ def test_processor_attention_dry_run(load_script, tmp_path, capsys):
     if not registry.available("triton", torch.device("cpu"))[0]:
         pytest.skip("needs triton and TRITON_INTERPRET=1")
     script = load_script("processor_attention")
-    result = script.main(["--dry-run", "--densities", "0.3", "--kinds", "mixed", "--backends", "triton",
-                          "--paths", "fused-permuted", "--sets", "1", "--out", str(tmp_path)])  # fmt: skip
+    result = script.main(["--dry-run", "--densities", "0.3", "--kinds", "mixed", "--backends", "triton", "--sets", "1",
+                          "--out", str(tmp_path)])  # fmt: skip
+    assert sorted(label for backend, label in script.PATHS if backend == "triton") == ["fused-permuted", "old"]
     rows = {(r["kind"], r["path"]): r for r in result["rows"]}
     assert set(rows) == {("dense", "dense-old"), ("dense", "dense-fused"), ("mixed", "old"), ("mixed", "fused-permuted")}
     assert all(r["ms"] > 0 for r in rows.values())
