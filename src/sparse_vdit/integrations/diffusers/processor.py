@@ -21,11 +21,13 @@ processor exchanges q, k, v from sequence shards to (full sequence, this rank's 
 patterns of its global heads (``call.heads``) in one launch, and exchanges the output back; see
 ``parallel.py``.
 
-On one GPU the family's rotary embedding is not applied in ``project`` but handed to the attention
-step (``rotary.py``; through the compiled op too): in inference with a plan and no observers it
-is applied in the same pass that writes token-major heads in their order
-(:func:`~sparse_vdit.kernels.head_order.attention_in_head_order`), otherwise first, in one pass
-(torch under autograd). ``state.fuse_rotary = False`` restores the model's torch rotary in ``project``.
+Fused rotary (``state.fuse_rotary``): on one GPU the family's rotary embedding is not applied in
+``project`` but handed to the attention step (``rotary.py``; through the compiled op too): in
+inference with a plan and no observers it is applied in the same pass that writes token-major
+heads in their order (:func:`~sparse_vdit.kernels.head_order.attention_in_head_order`), otherwise
+first, in one pass (torch under autograd). ``None`` (the default): fused for the families measured
+faster that way (``rotary.FUSED_BY_DEFAULT``: HunyuanVideo), the model's torch rotary in ``project``
+for the others (Wan, CogVideoX); ``True`` / ``False`` force it on / off for any fusable family.
 
 Under ``torch.compile`` the attention step is one opaque custom op, so the graph has no break
 inside a block and the Python decisions run eagerly at run time. The op is differentiable: its
@@ -57,7 +59,7 @@ from ...plan import ModelSpec, Plan
 from ...timing import clock, seconds_per_step
 from .families import Family, set_processor
 from .parallel import head_shards
-from .rotary import fusable, rotary_parts
+from .rotary import fusable, fused_by_default, rotary_parts
 from .steps import StepTracker, timestep_value
 
 _STATES: weakref.WeakValueDictionary[int, SparseState] = weakref.WeakValueDictionary()
@@ -86,9 +88,10 @@ class SparseState:
         self.steps = StepTracker()
         self.observers: list[Observer] = []
         self.timing = False
-        # the rotary embedding goes to the attention step, fused with the token-major permutation where
-        # fuses_rotary(); False: the model's rotary in torch in project, then sparse_attention (before issue 21)
-        self.fuse_rotary = True
+        # True: the rotary embedding goes to the attention step, fused with the token-major permutation
+        # where fuses_rotary(); False: the model's rotary in torch in project, then sparse_attention
+        # (before issue 21); None: the family's measured default (rotary_fused())
+        self.fuse_rotary: bool | None = None
         self._timings: list[tuple[int, Any, Any]] = []
         self._memo: dict = {}
         self._valid: tuple = (None, None)  # (key, groups) of the last key mask read
@@ -180,10 +183,14 @@ class SparseState:
         self._memo[key] = layout
         return layout
 
+    def rotary_fused(self) -> bool:
+        """``fuse_rotary`` where set, else the family's default (fused only where measured faster)."""
+        return fused_by_default(self.family.name) if self.fuse_rotary is None else bool(self.fuse_rotary)
+
     def fuses_rotary(self) -> bool:
         """Whether :meth:`attend` applies a call's rotary in the pass that permutes token-major heads
-        (inference with a plan and no observers: nothing reads q or k before the kernel)."""
-        return (self.fuse_rotary and not self.observers and not torch.is_grad_enabled() and self.plan is not None
+        (fusion on, inference with a plan and no observers: nothing reads q or k before the kernel)."""
+        return (self.rotary_fused() and not self.observers and not torch.is_grad_enabled() and self.plan is not None
                 and getattr(self.pattern_source, "plan", None) is self.plan)  # the plan's own source  # fmt: skip
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -415,7 +422,7 @@ class SparseAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         # one GPU: the rotary goes to the attention step, which applies it in the pass that permutes
         # token-major heads where the call allows (state.fuses_rotary), else first, in one pass
-        fuse = self._parallel_config is None and self.state.fuse_rotary and fusable(family.name, attn, image_rotary_emb)
+        fuse = self._parallel_config is None and self.state.rotary_fused() and fusable(family.name, attn, image_rotary_emb)
         projected = family.project(attn, hidden_states, encoder_hidden_states, None if fuse else image_rotary_emb)
         q, k, v = projected.q, projected.k, projected.v
         parts = rotary_parts(family.name, image_rotary_emb, projected.text, q.shape[-1], q.device) if fuse else None
