@@ -76,6 +76,31 @@ def test_fused_by_default_only_where_measured_faster(name, monkeypatch):
     assert counts[not expected_default] == (0 if expected_default else len(MIXED))
 
 
+def test_wan_rotary_in_float32_casts_the_tables_once(monkeypatch):
+    """state.rotary_float32: Wan's float64 tables cast once per forward (every layer shares them),
+    the fused pass gets float32 tables, the output matches the old path (float64 rotary in torch)."""
+    model, inputs = BUILDERS["wan"]()
+    # float64 tables as diffusers' WanRotaryPosEmbed builds them (the tiny model's cast made them float32)
+    model.rope.freqs_cos, model.rope.freqs_sin = model.rope.freqs_cos.double(), model.rope.freqs_sin.double()
+    plan = Plan.from_layers(model, MIXED, block_size=BLOCK, warmup_steps=0)
+    casts, tables = [], []
+    original_cast, original_attention = processor.in_float32, processor.attention_in_head_order
+    monkeypatch.setattr(processor, "in_float32", lambda r: casts.append(r.cos.dtype) or original_cast(r))
+    monkeypatch.setattr(processor, "attention_in_head_order",
+                        lambda *a, **kw: tables.append(kw["rotary"].cos.dtype) or original_attention(*a, **kw))  # fmt: skip
+    with sparse_vdit.sparse(model, plan, backend="reference") as state:
+        assert state.rotary_float32 is False
+        state.fuse_rotary = False
+        old = run(model, inputs)
+        state.fuse_rotary, state.rotary_float32 = True, True
+        fused = run(model, inputs)
+        fused_again = run(model, inputs)
+    assert casts == [torch.float64] * 2  # one cast per forward (per set of tables), not per layer
+    assert tables == [torch.float32] * (2 * len(MIXED))
+    assert rel_rms(fused, old) < 1e-6
+    assert torch.equal(fused, fused_again)
+
+
 def test_prompts_of_different_lengths_rotate_then_split(monkeypatch):
     model, inputs = BUILDERS["hunyuan_video"](valid=(3, 7))
     plan = Plan.from_layers(model, MIXED, block_size=BLOCK, warmup_steps=0)

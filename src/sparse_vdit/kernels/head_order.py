@@ -18,7 +18,7 @@ The rotary conventions (model-agnostic; the integration says which one a model u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -55,6 +55,13 @@ class Rotary:
     @property
     def end(self) -> int:
         return self.start + self.cos.shape[0]
+
+
+def in_float32(rotary: Rotary) -> Rotary:
+    """``rotary`` with float64 tables (Wan's) cast to float32: the fused pass then computes in float32."""
+    if rotary.cos.dtype != torch.float64:
+        return rotary
+    return replace(rotary, cos=rotary.cos.float(), sin=rotary.sin.float())
 
 
 def apply_rotary(x: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
@@ -162,5 +169,5 @@ def attention_in_head_order(q, k, v, table: BlockTable, softmax_scale: float | N
     return to_frame_major(registry.get(name).module.run(q, k, v, table, scale), table)
 
 
-__all__ = ["PAIRS", "Rotary", "apply_rotary", "attention_in_head_order", "reference_head_order", "rotate",
+__all__ = ["PAIRS", "Rotary", "apply_rotary", "attention_in_head_order", "in_float32", "reference_head_order", "rotate",
            "to_frame_major", "to_head_order"]
