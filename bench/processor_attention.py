@@ -7,12 +7,17 @@ embedding on q and k, the token-major permutation of q, k, v, the block-sparse k
 inverse permutation of the output. Paths per backend:
 
 - ``old``: the model's rotary in torch (Wan's processor / diffusers ``apply_rotary_emb``), then
-  ``sparse_attention`` (FA4: gather in, gather out; Triton: token-major rows read in place);
-  ``old-frames`` (Triton): the same with token-major key ranges read frame by frame.
+  ``sparse_attention`` (FA4: gather in, gather out; Triton: token-major rows read in place).
 - ``fused`` (FA4): :func:`sparse_vdit.kernels.head_order.attention_in_head_order`: rotary and
   permutation in one pass, FA4, one copy back. Triton: ``fused-permuted`` (inputs written in each
-  head's order, every key tile contiguous, rows stored frame-major), ``fused-in-place`` (rotary
-  pass only, rows read through the order), ``fused-in-place-frames`` (key ranges frame by frame).
+  head's order, every key tile contiguous, rows stored frame-major).
+- ``fused-f32`` / ``fused-permuted-f32``: the fused path with float64 tables (Wan's) cast to float32
+  once (``head_order.in_float32``; the processor's ``state.rotary_float32``); only for float64 tables.
+  ``dense-fused-f32`` likewise for the dense call.
+
+Variants measured on an H200 and removed (issue 21, BENCHMARKS.md): Triton key ranges of in-place
+token-major heads read frame by frame (``old-frames``), and a rotary-only fused pass with the rows
+read through the order (``fused-in-place``, ``fused-in-place-frames``).
 
 The bar is the same call without sparsity: rotary + dense cuDNN SDPA (the faster of the torch
 rotary and the fused rotary pass). Block efficiency = density x t_dense_call / t_sparse_call.
@@ -31,7 +36,6 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -40,9 +44,8 @@ from common import SHAPES, Shape, gpu_versions, out_dir, random_sets, say, table
 
 import sparse_vdit  # noqa: E402
 from sparse_vdit import sparse_attention  # noqa: E402
-from sparse_vdit.kernels import dense, head_order, registry  # noqa: E402
-from sparse_vdit.kernels.head_order import Rotary, apply_rotary, attention_in_head_order, rotate  # noqa: E402
-from sparse_vdit.kernels.triton import launcher  # noqa: E402
+from sparse_vdit.kernels import dense, registry  # noqa: E402
+from sparse_vdit.kernels.head_order import Rotary, apply_rotary, attention_in_head_order, in_float32, rotate  # noqa: E402
 from sparse_vdit.layout import VideoLayout  # noqa: E402
 
 FAMILY = {"wan1.3b-480p": "wan", "wan14b-720p": "wan", "hunyuan-720p": "hunyuan_video", "cogvideox1.5-768p": "cogvideox",
@@ -50,16 +53,10 @@ FAMILY = {"wan1.3b-480p": "wan", "wan14b-720p": "wan", "hunyuan-720p": "hunyuan_
 TINY = Shape("tiny", VideoLayout(3, 5, 9, 19, "suffix"), 4, 64)  # --dry-run
 DENSITIES = (0.05, 0.10, 0.20, 0.40)
 KINDS = ("multi_diag", "mixed")
-# (backend, path) -> (fused?, head_order.OPTIONS["triton"], launcher token_major_keys)
-PATHS = {
-    ("triton", "old"): (False, None, "gather"),
-    ("triton", "old-frames"): (False, None, "frames"),
-    ("triton", "fused-permuted"): (True, "permuted", "gather"),
-    ("triton", "fused-in-place"): (True, "in_place", "gather"),
-    ("triton", "fused-in-place-frames"): (True, "in_place", "frames"),
-    ("fa4", "old"): (False, None, "gather"),
-    ("fa4", "fused"): (True, "permuted", "gather"),
-}
+# (backend, path) -> (fused?, float64 tables cast to float32?)
+PATHS = {("triton", "old"): (False, False), ("triton", "fused-permuted"): (True, False),
+         ("triton", "fused-permuted-f32"): (True, True), ("fa4", "old"): (False, False), ("fa4", "fused"): (True, False),
+         ("fa4", "fused-f32"): (True, True)}  # fmt: skip
 
 
 def rotary_tables(shape: Shape, family: str, device) -> Rotary:
@@ -87,26 +84,15 @@ def models_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
     return torch.cat([x[:, : rotary.start], part, x[:, rotary.end :]], dim=1)
 
 
-@contextmanager
-def options(mode: str | None, keys: str):
-    saved = head_order.OPTIONS["triton"], launcher.OPTIONS["token_major_keys"]
-    head_order.OPTIONS["triton"] = mode or saved[0]
-    launcher.OPTIONS["token_major_keys"] = keys
-    try:
-        yield
-    finally:
-        head_order.OPTIONS["triton"], launcher.OPTIONS["token_major_keys"] = saved
-
-
 def path_fn(backend: str, path: str, table, rotary: Rotary):
     """``fn(q, k, v)``: one processor attention call on ``path``."""
-    fused, mode, keys = PATHS[(backend, path)]
+    fused, float32 = PATHS[(backend, path)]
+    tables = in_float32(rotary) if float32 else rotary  # cast once, as the processor does
 
     def run(q, k, v):
-        with options(mode, keys):
-            if fused:
-                return attention_in_head_order(q, k, v, table, backend=backend, rotary=rotary)
-            return sparse_attention(models_rotary(q, rotary), models_rotary(k, rotary), v, table, backend=backend)
+        if fused:
+            return attention_in_head_order(q, k, v, table, backend=backend, rotary=tables)
+        return sparse_attention(models_rotary(q, rotary), models_rotary(k, rotary), v, table, backend=backend)
 
     return run
 
@@ -118,11 +104,14 @@ def dense_fns(layout: VideoLayout, rotary: Rotary) -> dict:
     def old(q, k, v):
         return dense.forward(models_rotary(q, rotary), models_rotary(k, rotary), v, softmax_scale=q.shape[-1] ** -0.5, **kw)
 
-    def fused(q, k, v):
-        q, k = rotate(q, k, rotary)
+    def fused(q, k, v, tables=rotary):
+        q, k = rotate(q, k, tables)
         return dense.forward(q, k, v, softmax_scale=q.shape[-1] ** -0.5, **kw)
 
-    return {"dense-old": old, "dense-fused": fused}
+    fns = {"dense-old": old, "dense-fused": fused}
+    if rotary.cos.dtype == torch.float64:
+        fns["dense-fused-f32"] = lambda q, k, v: fused(q, k, v, in_float32(rotary))
+    return fns
 
 
 def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -194,6 +183,8 @@ def main(argv=None) -> dict:
                     for (b, label) in PATHS:
                         if b != backend or (args.paths and label not in args.paths and label != "old"):
                             continue
+                        if PATHS[(b, label)][1] and rotary.cos.dtype != torch.float64:
+                            continue  # float32 tables already: the same as the path without -f32
                         fn = path_fn(backend, label, table, rotary)
                         try:
                             out = fn(*sets[0])

@@ -6,18 +6,28 @@ import pytest
 import torch
 
 
-def test_processor_attention_dry_run(load_script, tmp_path, capsys):
+@pytest.mark.parametrize("family", ["hunyuan_video", "wan"])
+def test_processor_attention_dry_run(family, load_script, tmp_path, capsys, monkeypatch):
     from sparse_vdit.kernels import registry
 
     if not registry.available("triton", torch.device("cpu"))[0]:
         pytest.skip("needs triton and TRITON_INTERPRET=1")
     script = load_script("processor_attention")
-    result = script.main(["--dry-run", "--densities", "0.3", "--kinds", "mixed", "--backends", "triton",
-                          "--paths", "fused-permuted", "--sets", "1", "--out", str(tmp_path)])  # fmt: skip
+    monkeypatch.setitem(script.FAMILY, "tiny", family)  # wan: float64 tables, the -f32 paths run too
+    if family == "wan":  # Wan has no text tokens in its self-attention
+        monkeypatch.setattr(script, "TINY", script.Shape("tiny", script.VideoLayout(3, 5, 9), 4, 64))
+    result = script.main(["--dry-run", "--densities", "0.3", "--kinds", "mixed", "--backends", "triton", "--sets", "1",
+                          "--out", str(tmp_path)])  # fmt: skip
+    assert sorted(label for backend, label in script.PATHS if backend == "triton") == [
+        "fused-permuted", "fused-permuted-f32", "old"]  # the -f32 path runs for float64 tables only (Wan)
     rows = {(r["kind"], r["path"]): r for r in result["rows"]}
-    assert set(rows) == {("dense", "dense-old"), ("dense", "dense-fused"), ("mixed", "old"), ("mixed", "fused-permuted")}
+    expected = {("dense", "dense-old"), ("dense", "dense-fused"), ("mixed", "old"), ("mixed", "fused-permuted")}
+    if family == "wan":
+        expected |= {("dense", "dense-fused-f32"), ("mixed", "fused-permuted-f32")}
+    assert set(rows) == expected
     assert all(r["ms"] > 0 for r in rows.values())
-    assert rows[("mixed", "fused-permuted")]["check"] < 1e-6  # fp32: the fused path equals the old one
+    for path in ("fused-permuted", "fused-permuted-f32"):  # fp32: the fused paths equal the old one
+        assert rows.get(("mixed", path), {"check": 0.0})["check"] < 1e-6
     assert result["failed_checks"] == []
     assert json.loads((tmp_path / "processor-attention.json").read_text())["rows"] == result["rows"]
     assert "triton/fused-permuted" in capsys.readouterr().out.split("block efficiency")[-1]  # the table, printed last

@@ -28,16 +28,23 @@ def run(model, inputs):
         return model(**inputs)[0]
 
 
+def count_fused_calls(monkeypatch) -> list:
+    """The rotary pair rule of every fused call from now on (the processor's fused path, spied on)."""
+    calls = []
+    original = processor.attention_in_head_order
+    monkeypatch.setattr(processor, "attention_in_head_order",
+                        lambda *a, **kw: calls.append(kw["rotary"].pairs) or original(*a, **kw))  # fmt: skip
+    return calls
+
+
 @pytest.mark.parametrize("name", ["wan", "hunyuan_video", "cogvideox"])
 def test_fused_path_equals_old_path_and_oracle(name, monkeypatch):
     # hunyuan: padded prompts of one length (samples of different lengths rotate first, then split)
     model, inputs = BUILDERS[name](**({"valid": (5,)} if name == "hunyuan_video" else {}))
     plan = Plan.from_layers(model, MIXED, block_size=BLOCK, warmup_steps=0)
-    fused_calls = []
-    original = processor.attention_in_head_order
-    monkeypatch.setattr(processor, "attention_in_head_order",
-                        lambda *a, **kw: fused_calls.append(kw["rotary"].pairs) or original(*a, **kw))  # fmt: skip
+    fused_calls = count_fused_calls(monkeypatch)
     with sparse_vdit.sparse(model, plan, backend="reference") as state:
+        state.fuse_rotary = True  # forced on (Wan and CogVideoX are not fused by default)
         fused = run(model, inputs)
         state.fuse_rotary = False
         old = run(model, inputs)
@@ -46,6 +53,52 @@ def test_fused_path_equals_old_path_and_oracle(name, monkeypatch):
         expected = run(model, inputs)
     assert rel_rms(fused, old) < 1e-6
     assert rel_rms(fused, expected) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan_video", "cogvideox"])
+def test_fused_by_default_only_where_measured_faster(name, monkeypatch):
+    """fuse_rotary None (the default): HunyuanVideo fuses (faster on an H200), Wan (float64 tables:
+    slower fused) and CogVideoX (not measured) keep the model's torch rotary; True / False force it."""
+    model, inputs = BUILDERS[name](**({"valid": (5,)} if name == "hunyuan_video" else {}))
+    plan = Plan.from_layers(model, MIXED, block_size=BLOCK, warmup_steps=0)
+    fused_calls = count_fused_calls(monkeypatch)
+    expected_default = name == "hunyuan_video"
+    counts = {}
+    with sparse_vdit.sparse(model, plan, backend="reference") as state:
+        assert state.fuse_rotary is None
+        for setting in (None, not expected_default):
+            state.fuse_rotary = setting
+            assert state.rotary_fused() == (expected_default if setting is None else setting)
+            fused_calls.clear()
+            run(model, inputs)
+            counts[setting] = len(fused_calls)
+    assert counts[None] == (len(MIXED) if expected_default else 0)
+    assert counts[not expected_default] == (0 if expected_default else len(MIXED))
+
+
+def test_wan_rotary_in_float32_casts_the_tables_once(monkeypatch):
+    """state.rotary_float32: Wan's float64 tables cast once per forward (every layer shares them),
+    the fused pass gets float32 tables, the output matches the old path (float64 rotary in torch)."""
+    model, inputs = BUILDERS["wan"]()
+    # float64 tables as diffusers' WanRotaryPosEmbed builds them (the tiny model's cast made them float32)
+    model.rope.freqs_cos, model.rope.freqs_sin = model.rope.freqs_cos.double(), model.rope.freqs_sin.double()
+    plan = Plan.from_layers(model, MIXED, block_size=BLOCK, warmup_steps=0)
+    casts, tables = [], []
+    original_cast, original_attention = processor.in_float32, processor.attention_in_head_order
+    monkeypatch.setattr(processor, "in_float32", lambda r: casts.append(r.cos.dtype) or original_cast(r))
+    monkeypatch.setattr(processor, "attention_in_head_order",
+                        lambda *a, **kw: tables.append(kw["rotary"].cos.dtype) or original_attention(*a, **kw))  # fmt: skip
+    with sparse_vdit.sparse(model, plan, backend="reference") as state:
+        assert state.rotary_float32 is False
+        state.fuse_rotary = False
+        old = run(model, inputs)
+        state.fuse_rotary, state.rotary_float32 = True, True
+        fused = run(model, inputs)
+        fused_again = run(model, inputs)
+    assert casts == [torch.float64] * 2  # one cast per forward (per set of tables), not per layer
+    assert tables == [torch.float32] * (2 * len(MIXED))
+    assert rel_rms(fused, old) < 1e-6
+    assert torch.equal(fused, fused_again)
 
 
 def test_prompts_of_different_lengths_rotate_then_split(monkeypatch):
@@ -68,6 +121,7 @@ def test_not_fused_where_the_source_reads_q_and_k(monkeypatch):
     monkeypatch.setattr(processor, "attention_in_head_order", lambda *a, **kw: pytest.fail("fused with an observer"))
     seen = []
     with sparse_vdit.sparse(model, plan, backend="reference") as state:
+        state.fuse_rotary = True  # on, yet not fused
         state.observers.append(lambda call, patterns, out: seen.append(call.q))
         run(model, inputs)
     assert len(seen) == len(MIXED)
@@ -84,10 +138,7 @@ def test_compiled_blocks_fuse_too(monkeypatch):
     state.fuse_rotary = False
     old = run(model, inputs)
     state.fuse_rotary = True
-    fused_calls = []
-    original = processor.attention_in_head_order
-    monkeypatch.setattr(processor, "attention_in_head_order",
-                        lambda *a, **kw: fused_calls.append(kw["rotary"].pairs) or original(*a, **kw))  # fmt: skip
+    fused_calls = count_fused_calls(monkeypatch)
     model.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
     try:
         out = run(model, inputs)
@@ -114,6 +165,7 @@ def test_not_fused_for_a_source_that_only_has_a_plan_attribute(monkeypatch):
     source.plan = lambda: plan
     monkeypatch.setattr(processor, "attention_in_head_order", lambda *a, **kw: pytest.fail("fused for a custom source"))
     with sparse_vdit.sparse(model, pattern_source=source, backend="reference") as state:
+        state.fuse_rotary = True  # on, yet not fused
         with torch.no_grad():
             assert not state.fuses_rotary()
         run(model, inputs)

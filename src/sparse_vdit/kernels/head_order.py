@@ -18,7 +18,7 @@ The rotary conventions (model-agnostic; the integration says which one a model u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,11 +28,9 @@ from .api import reorder_heads
 from .checks import check_inputs
 
 PAIRS = ("interleaved", "wan")
-# How the Triton backend runs token-major heads on this path: "permuted" (q, k, v written in each
-# head's order by the fused pass, every key tile contiguous) or "in_place" (rotary only, the kernel
-# reads token-major heads through the order). Measured by bench/processor_attention.py; the loser goes.
-OPTIONS = {"triton": "permuted"}
-TRITON_MODES = ("permuted", "in_place")
+# The Triton backend runs token-major heads on this path permuted (q, k, v written in each head's
+# order by the fused pass, every key tile contiguous). A rotary-only pass with the kernel reading
+# token-major heads through the order lost on an H200 (issue 21, BENCHMARKS.md) and was removed.
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,6 +55,13 @@ class Rotary:
     @property
     def end(self) -> int:
         return self.start + self.cos.shape[0]
+
+
+def in_float32(rotary: Rotary) -> Rotary:
+    """``rotary`` with float64 tables (Wan's) cast to float32: the fused pass then computes in float32."""
+    if rotary.cos.dtype != torch.float64:
+        return rotary
+    return replace(rotary, cos=rotary.cos.float(), sin=rotary.sin.float())
 
 
 def apply_rotary(x: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
@@ -91,8 +96,8 @@ def _geometry(table: BlockTable) -> tuple[int, int, int, int]:
     return layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens
 
 
-def _flags(table: BlockTable, permute: bool) -> torch.Tensor | None:
-    if not permute or not table.token_major_heads:
+def _flags(table: BlockTable) -> torch.Tensor | None:
+    if not table.token_major_heads:
         return None
     return table.form("head_order.flags", lambda t: t.token_major.to(torch.int8))
 
@@ -110,19 +115,16 @@ def rotate(q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None) -> tuple[tor
     return rotary_order(q, None, geometry, rotary, second=k)
 
 
-def to_head_order(q, k, v, table: BlockTable, rotary: Rotary | None = None, permute: bool = True):
+def to_head_order(q, k, v, table: BlockTable, rotary: Rotary | None = None):
     """(q, k, v) rotated (q and k) and with the table's token-major heads in token-major order.
 
-    One pass over q and k and one over v (Triton where it runs; else torch). ``permute=False``:
-    rotary only (for a backend that reads token-major heads in place); v is then returned as is.
+    One pass over q and k and one over v (Triton where it runs; else torch).
     """
     if not _fused(q):
-        if not permute:
-            return (*rotate(q, k, rotary), v)
         return tuple(reference_head_order(t, table, r) for t, r in ((q, rotary), (k, rotary), (v, None)))
     from .triton.rotary import rotary_order
 
-    flags, geometry = _flags(table, permute), _geometry(table)
+    flags, geometry = _flags(table), _geometry(table)
     if flags is None and rotary is None:
         return q, k, v
     q, k = rotary_order(q, flags, geometry, rotary, second=k)
@@ -139,7 +141,7 @@ def to_frame_major(out: torch.Tensor, table: BlockTable) -> torch.Tensor:
         return reorder_heads(out, table.layout, table.token_major_heads, to_token_major=False)
     from .triton.rotary import rotary_order
 
-    return rotary_order(out, _flags(table, True), _geometry(table), to_head_order=False)[0]
+    return rotary_order(out, _flags(table), _geometry(table), to_head_order=False)[0]
 
 
 def attention_in_head_order(q, k, v, table: BlockTable, softmax_scale: float | None = None, backend: str = "auto",
@@ -159,22 +161,13 @@ def attention_in_head_order(q, k, v, table: BlockTable, softmax_scale: float | N
         from .api import sparse_attention
 
         return sparse_attention(*rotate(q, k, rotary), v, table, softmax_scale=scale, backend=name)
-    if name == "triton":
-        return _triton(q, k, v, table, scale, rotary)
     q, k, v = to_head_order(q, k, v, table, rotary)
+    if name == "triton":  # stores its rows frame-major itself
+        from .triton import backend
+
+        return backend.run(q, k, v, table, scale, head_order=True)
     return to_frame_major(registry.get(name).module.run(q, k, v, table, scale), table)
 
 
-def _triton(q, k, v, table: BlockTable, scale: float, rotary: Rotary | None) -> torch.Tensor:
-    from .triton import backend
-
-    mode = OPTIONS["triton"]
-    if mode not in TRITON_MODES:
-        raise ValueError(f"head_order.OPTIONS['triton'] must be one of {TRITON_MODES}, got {mode!r}")
-    permuted = mode == "permuted"
-    q, k, v = to_head_order(q, k, v, table, rotary, permute=permuted)
-    return backend.run(q, k, v, table, scale, head_order=permuted)
-
-
-__all__ = ["OPTIONS", "PAIRS", "Rotary", "apply_rotary", "attention_in_head_order", "reference_head_order", "rotate",
+__all__ = ["PAIRS", "Rotary", "apply_rotary", "attention_in_head_order", "in_float32", "reference_head_order", "rotate",
            "to_frame_major", "to_head_order"]

@@ -21,11 +21,15 @@ processor exchanges q, k, v from sequence shards to (full sequence, this rank's 
 patterns of its global heads (``call.heads``) in one launch, and exchanges the output back; see
 ``parallel.py``.
 
-On one GPU the family's rotary embedding is not applied in ``project`` but handed to the attention
-step (``rotary.py``; through the compiled op too): in inference with a plan and no observers it
-is applied in the same pass that writes token-major heads in their order
-(:func:`~sparse_vdit.kernels.head_order.attention_in_head_order`), otherwise first, in one pass
-(torch under autograd). ``state.fuse_rotary = False`` restores the model's torch rotary in ``project``.
+Fused rotary (``state.fuse_rotary``): on one GPU the family's rotary embedding is not applied in
+``project`` but handed to the attention step (``rotary.py``; through the compiled op too): in
+inference with a plan and no observers it is applied in the same pass that writes token-major
+heads in their order (:func:`~sparse_vdit.kernels.head_order.attention_in_head_order`), otherwise
+first, in one pass (torch under autograd). ``None`` (the default): fused for the families measured
+faster that way (``rotary.FUSED_BY_DEFAULT``: HunyuanVideo), the model's torch rotary in ``project``
+for the others (Wan, CogVideoX); ``True`` / ``False`` force it on / off for any fusable family.
+``state.rotary_float32 = True``: float64 tables (Wan's) are cast to float32 once per set of tables
+and the fused pass computes in float32 (off by default: not measured on a GPU yet).
 
 Under ``torch.compile`` the attention step is one opaque custom op, so the graph has no break
 inside a block and the Python decisions run eagerly at run time. The op is differentiable: its
@@ -48,7 +52,7 @@ from ...block_table import DEFAULT_BLOCK, BlockTable, all_dense
 from ...kernels import dense as dense_kernels
 from ...kernels import resolve_backend, sparse_attention
 from ...kernels.api import autograd_inside_op
-from ...kernels.head_order import Rotary, attention_in_head_order, rotate
+from ...kernels.head_order import Rotary, attention_in_head_order, in_float32, rotate
 from ...layout import VideoLayout
 from ...kernels import select_attention
 from ...methods.protocol import AttentionCall, Observer, PatternSource, plan_source
@@ -57,7 +61,7 @@ from ...plan import ModelSpec, Plan
 from ...timing import clock, seconds_per_step
 from .families import Family, set_processor
 from .parallel import head_shards
-from .rotary import fusable, rotary_parts
+from .rotary import fusable, fused_by_default, rotary_parts
 from .steps import StepTracker, timestep_value
 
 _STATES: weakref.WeakValueDictionary[int, SparseState] = weakref.WeakValueDictionary()
@@ -86,9 +90,11 @@ class SparseState:
         self.steps = StepTracker()
         self.observers: list[Observer] = []
         self.timing = False
-        # the rotary embedding goes to the attention step, fused with the token-major permutation where
-        # fuses_rotary(); False: the model's rotary in torch in project, then sparse_attention (before issue 21)
-        self.fuse_rotary = True
+        # True: the rotary embedding goes to the attention step, fused with the token-major permutation
+        # where fuses_rotary(); False: the model's rotary in torch in project, then sparse_attention
+        # (before issue 21); None: the family's measured default (rotary_fused())
+        self.fuse_rotary: bool | None = None
+        self.rotary_float32 = False  # fused pass: float64 tables cast to float32 (once per set of tables)
         self._timings: list[tuple[int, Any, Any]] = []
         self._memo: dict = {}
         self._valid: tuple = (None, None)  # (key, groups) of the last key mask read
@@ -180,10 +186,14 @@ class SparseState:
         self._memo[key] = layout
         return layout
 
+    def rotary_fused(self) -> bool:
+        """``fuse_rotary`` where set, else the family's default (fused only where measured faster)."""
+        return fused_by_default(self.family.name) if self.fuse_rotary is None else bool(self.fuse_rotary)
+
     def fuses_rotary(self) -> bool:
         """Whether :meth:`attend` applies a call's rotary in the pass that permutes token-major heads
-        (inference with a plan and no observers: nothing reads q or k before the kernel)."""
-        return (self.fuse_rotary and not self.observers and not torch.is_grad_enabled() and self.plan is not None
+        (fusion on, inference with a plan and no observers: nothing reads q or k before the kernel)."""
+        return (self.rotary_fused() and not self.observers and not torch.is_grad_enabled() and self.plan is not None
                 and getattr(self.pattern_source, "plan", None) is self.plan)  # the plan's own source  # fmt: skip
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -199,6 +209,8 @@ class SparseState:
         """
         if rotary is not None and not self.fuses_rotary():
             q, k, rotary = *rotate(q, k, rotary), None
+        elif rotary is not None and self.rotary_float32:
+            rotary = self._float32_rotary(rotary)
         layout = self.layout(q.shape[1])
         start = clock(q) if self.timing and observe else None
         valid = self._text_valid(key_mask, layout, q.shape[0])
@@ -262,6 +274,18 @@ class SparseState:
             raise ValueError(f"{len(patterns)} patterns for global heads {heads.start}..{heads.stop - 1}")
         return tuple(patterns[heads.start : heads.stop])
 
+    def _float32_rotary(self, rotary: Rotary) -> Rotary:
+        """``rotary`` with float32 tables, cast once per set of tables (every layer of a step shares
+        them); the sources are held with the cast, so their memory cannot pass to other tables."""
+        cos = rotary.cos
+        key = (cos.device, cos.data_ptr(), rotary.sin.data_ptr(), tuple(cos.shape), cos.stride(0), cos.dtype, rotary.start,
+               rotary.pairs, _version(cos), _version(rotary.sin))  # fmt: skip
+        hit = self._memo.get("rotary_float32")
+        if hit is None or hit[0] != key:
+            hit = (key, rotary, in_float32(rotary))
+            self._memo["rotary_float32"] = hit
+        return hit[2]
+
     def _remember(self, key, value) -> None:
         if len(self._memo) > 4096:
             self._memo.clear()
@@ -321,6 +345,14 @@ class SparseState:
         source = "plan" if self.plan is not None and getattr(self.pattern_source, "plan", None) is self.plan else "custom"
         return (f"SparseState({self.spec.describe()}, patterns from {source}, backend={self.backend!r}, "
                 f"block={self.block_size}, step={self.step}, generation={self.steps.generation})")  # fmt: skip
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's version counter (None for inference tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _rotary(cos: torch.Tensor | None, sin: torch.Tensor | None, start: int, pairs: str) -> Rotary | None:
@@ -415,7 +447,7 @@ class SparseAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         # one GPU: the rotary goes to the attention step, which applies it in the pass that permutes
         # token-major heads where the call allows (state.fuses_rotary), else first, in one pass
-        fuse = self._parallel_config is None and self.state.fuse_rotary and fusable(family.name, attn, image_rotary_emb)
+        fuse = self._parallel_config is None and self.state.rotary_fused() and fusable(family.name, attn, image_rotary_emb)
         projected = family.project(attn, hidden_states, encoder_hidden_states, None if fuse else image_rotary_emb)
         q, k, v = projected.q, projected.k, projected.v
         parts = rotary_parts(family.name, image_rotary_emb, projected.text, q.shape[-1], q.device) if fuse else None

@@ -21,6 +21,18 @@ _CONVENTIONS = {
 }
 
 
+# Families whose processor fuses by default (``SparseState.fuse_rotary is None``): only where the
+# whole processor call was measured faster fused (bench/processor_attention.py, H200, issue 21).
+# HunyuanVideo 720p multi-diagonal: block efficiency 0.76-0.90 fused vs 0.48-0.77 old. Wan 480p:
+# slower fused (its float64 tables: the pass computes in float64); CogVideoX: not measured.
+FUSED_BY_DEFAULT = frozenset({"hunyuan_video"})
+
+
+def fused_by_default(family_name: str) -> bool:
+    """Whether a family's processor fuses its rotary into the permutation pass unless told otherwise."""
+    return family_name in FUSED_BY_DEFAULT
+
+
 def fusable(family_name: str, attn: Any, rotary: Any) -> bool:
     """Whether this call's rotary embedding can be applied by the fused pass."""
     if rotary is None or family_name not in _CONVENTIONS or getattr(attn, "is_cross_attention", False):

@@ -77,42 +77,6 @@ def key_range(
 
 
 @triton.jit
-def key_range_by_frame(
-    q, m_i, l_i, acc, first, last, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, qk_scale,
-    FRAMES: tl.constexpr, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-):  # fmt: skip
-    """Token-major keys ``[first, last)`` read from frame-major memory one frame at a time.
-
-    Attention does not depend on the order of its keys, only on their set: the video positions
-    ``p * F + f`` of the range hold, in frame ``f``, the rows ``f * S + p`` for ``p`` in one
-    contiguous run, so each frame is one run of whole tiles (TMA where on) and one ragged tile.
-    Text positions map to themselves and are read as they are.
-    """
-    video_end = VIDEO_START + VIDEO_TOKENS
-    m_i, l_i, acc = key_range(
-        q, m_i, l_i, acc, first, tl.minimum(last, VIDEO_START), batch, head, k_base, v_base, stride_kn, stride_vn,
-        K_DESC, V_DESC, qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, IEEE,
-        False, TMA, WARP_SPECIALIZE)  # fmt: skip
-    a = tl.maximum(first, VIDEO_START) - VIDEO_START  # the video part, in token-major positions
-    b = tl.minimum(last, video_end) - VIDEO_START
-    if a < b:
-        for f in range(0, FRAMES):
-            base = VIDEO_START + f * FRAME_TOKENS
-            p0 = (a - f + FRAMES - 1) // FRAMES  # a - f > -F: the numerator is never negative
-            p1 = (b - f + FRAMES - 1) // FRAMES
-            m_i, l_i, acc = key_range(
-                q, m_i, l_i, acc, base + p0, base + p1, batch, head, k_base, v_base, stride_kn, stride_vn,
-                K_DESC, V_DESC, qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, IEEE,
-                False, TMA, WARP_SPECIALIZE)  # fmt: skip
-    m_i, l_i, acc = key_range(
-        q, m_i, l_i, acc, tl.maximum(first, video_end), last, batch, head, k_base, v_base, stride_kn, stride_vn,
-        K_DESC, V_DESC, qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, IEEE,
-        False, TMA, WARP_SPECIALIZE)  # fmt: skip
-    return m_i, l_i, acc
-
-
-@triton.jit
 def block_sparse_attention_fwd(
     Q, K, V, O,  # [B, N, H, D]; last dim contiguous
     K_DESC, V_DESC,  # with TMA: tensor descriptors of K and V, blocks [1, BLOCK_N, 1, D]; else unused
@@ -141,7 +105,6 @@ def block_sparse_attention_fwd(
     WARP_SPECIALIZE: tl.constexpr,  # the whole-tile loop warp-specialised (Triton's tl.range option)
     SELECT: tl.constexpr,  # STARTS / ENDS / TOKEN_MAJOR hold candidates, SELECTED picks one per (sample, head)
     HEAD_ORDER: tl.constexpr,  # q, k, v hold each head in its own order (token-major heads permuted); O frame-major
-    KEYS_BY_FRAME: tl.constexpr,  # token-major heads read in place: key ranges frame by frame (key_range_by_frame)
 ):  # fmt: skip
     item = tl.load(SCHEDULE + tl.program_id(0))
     head = item // NUM_Q_TILES
@@ -180,16 +143,10 @@ def block_sparse_attention_fwd(
                 qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, IEEE,
                 False, TMA, WARP_SPECIALIZE)  # fmt: skip
         elif token_major:  # one loop per kind of head, each compiled for its own loads
-            if KEYS_BY_FRAME:
-                m_i, l_i, acc = key_range_by_frame(
-                    q, m_i, l_i, acc, first, last, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
-                    qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, IEEE,
-                    TMA, WARP_SPECIALIZE)  # fmt: skip
-            else:
-                m_i, l_i, acc = key_range(
-                    q, m_i, l_i, acc, first, last, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
-                    qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, IEEE,
-                    True, False, WARP_SPECIALIZE)  # fmt: skip
+            m_i, l_i, acc = key_range(
+                q, m_i, l_i, acc, first, last, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
+                qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, IEEE,
+                True, False, WARP_SPECIALIZE)  # fmt: skip
         else:
             m_i, l_i, acc = key_range(
                 q, m_i, l_i, acc, first, last, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,

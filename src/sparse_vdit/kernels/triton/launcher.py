@@ -14,12 +14,10 @@ LOG2E = 1.4426950408889634
 # heads through tensor descriptors (sm90+, or the interpreter), ``warp_specialize`` asks Triton to
 # warp-specialise the key loop, ``schedule`` orders the work (see _schedule). Set by benchmarks and
 # tests; the defaults are the fastest set of bench/kernel_variants.py on an H200 (BENCHMARKS.md).
-# ``token_major_keys`` (token-major heads read in place): ``"gather"`` loads each key tile through
-# the permutation row by row, ``"frames"`` reads a key range frame by frame as contiguous runs of
-# rows (TMA where on); measured by bench/processor_attention.py (issue 21), the loser goes.
-OPTIONS: dict[str, bool | str | None] = {"tma": None, "warp_specialize": None, "schedule": None, "token_major_keys": None}
-DEFAULTS: dict[str, bool | str] = {"tma": True, "warp_specialize": False, "schedule": "levels", "token_major_keys": "gather"}
-TOKEN_MAJOR_KEYS = ("gather", "frames")
+# Token-major heads read in place load each key tile through the permutation row by row (reading a
+# key range frame by frame as contiguous runs lost on an H200, issue 21; BENCHMARKS.md).
+OPTIONS: dict[str, bool | str | None] = {"tma": None, "warp_specialize": None, "schedule": None}
+DEFAULTS: dict[str, bool | str] = {"tma": True, "warp_specialize": False, "schedule": "levels"}
 
 
 def option(name: str):
@@ -176,9 +174,6 @@ def forward(
         raise ValueError(f"selected must be int32 [{batch}, {heads}] on {q.device}, got {selected.dtype} "
                          f"{tuple(selected.shape)} on {selected.device}")  # fmt: skip
     selected = selected.contiguous() if select else starts
-    keys = option("token_major_keys")
-    if keys not in TOKEN_MAJOR_KEYS:
-        raise ValueError(f"token_major_keys must be one of {TOKEN_MAJOR_KEYS}, got {keys!r}")
     extra = {} if q.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
     block_sparse_attention_fwd[(heads * num_q_tiles, batch)](
         q, k, v, out, *descriptors, starts, ends, schedule, flags, selected,
@@ -193,7 +188,7 @@ def forward(
         FRAMES=layout[0], TABLE_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
         IEEE=q.dtype == torch.float32, ANY_TOKEN_MAJOR=any_token_major,
         TMA=tma, WARP_SPECIALIZE=bool(option("warp_specialize")), SELECT=select,
-        HEAD_ORDER=head_order and any_token_major, KEYS_BY_FRAME=keys == "frames",
+        HEAD_ORDER=head_order and any_token_major,
         **extra,
     )  # fmt: skip
     return (out, lse) if return_lse else out
