@@ -84,7 +84,7 @@ from sparse_vdit.patterns import diagonal, multi_diagonal  # noqa: E402
 EVAL_DATA_SEED, SEARCH_DATA_SEED = 777, 4242  # evaluation captions and (held-out) search captions
 FAMILIES = ("dense", "offline", "offline-out", "offline-paper", "svg", "window-spatial", "window-temporal",
             "skip-only", "online-top-p", "online-top-k", "online-clustered", "hybrid", "oracle-static", "oracle-per-call")  # fmt: skip
-MODELS = {"small": M.WEIGHTS_DIR, "fidelity": M.FIDELITY_WEIGHTS_DIR}
+MODELS = M.MODELS
 
 
 def floats(text: str) -> list[float]:

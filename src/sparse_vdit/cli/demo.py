@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .common import FIDELITY_BLOCK, FIDELITY_STEPS, ORGANISM_BLOCK, ORGANISM_STEPS, CommandError, add_backend, add_device, add_threads, fraction
-from .common import positive_int, set_threads, writable_folder
+from .common import FIDELITY_BLOCK, FIDELITY_STEPS, ORGANISM_BLOCK, ORGANISM_STEPS, CommandError, add_backend
+from .common import add_device, add_threads, fraction, positive_int, set_threads, writable_folder
 
 CAPTION = "red striped square moves right, blue plain disc bounces down, gradient background still"
 SEED = 0
@@ -84,7 +84,7 @@ def _model(args):
     if not args.random_weights:
         try:
             spec = M.load_spec(path)
-            f, h, w = spec.token_grid
+            _, h, w = spec.token_grid
             block = FIDELITY_BLOCK if h * w >= 4 * FIDELITY_BLOCK else ORGANISM_BLOCK  # frames of >= 4 blocks
             return M.load_organism(path, args.device, dtype), spec, block, f"organism weights from {path}"
         except FileNotFoundError:
