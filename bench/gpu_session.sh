@@ -25,6 +25,12 @@
 #   svg-overhead   SVG layer / attention, before vs after the step-path cuts, Wan 25% (#16)    (~60)
 #   online-cost    online top-k/top-p selection cost vs the attention it saves, Wan-14B (#22)  (~30)
 #   fidelity-online  every method incl. top-p, top-k, hybrid on the fidelity organism, short (#22) (~110)
+#   fa4-tests      FA4 against the reference (every layout, bf16/fp16) and through sparse_attention (~100)
+#   processor-all  the processor call on all four shapes, FA4 and Triton, every path (#21)         (~130)
+#   e2e-wan13b     Wan-1.3B compiled: plans 25%/10%, SVG on the device vs its own plan, top-k and
+#                  hybrid at 25%, Triton (#16, #21, #22)                                         (~250)
+#   e2e-a14b       Wan2.2-A14B 720p, both experts, eager, 25% (#17; E2E_BACKEND, default triton) (~220)
+#   e2e-hunyuan15  HunyuanVideo 1.5 720p, eager, 25% (#17)                                       (~180)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -95,6 +101,20 @@ for name in "$@"; do
         --spatial-widths "" --temporal-widths "" --oracle-densities 0.25 --online-ps 0.9 --topk-densities 0.35,0.25 \
         --cluster-ps "" --hybrid-ps 0.9 --hybrid-densities 0.25 --no-skip-only --budget-s 90 \
         --out "$R/fidelity-online.json" ;;
+    fa4-tests) TAIL=8 step fa4-tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu -x \
+        tests/kernels/test_gpu_backends.py -k fa4 ;;
+    processor-all) TAIL=70 step processor-all 140 python3 bench/processor_attention.py --shapes wan1.3b-480p \
+        hunyuan-720p wan14b-720p cogvideox1.5-768p --densities 0.05 0.1 0.2 0.4 --kinds multi_diag mixed \
+        --backends fa4 triton --target-ms 60 --budget-s 115 --out "$R" ;;
+    e2e-wan13b) step e2e-wan13b 270 python3 bench/e2e.py --models wan-1.3b --modes compiled --densities 0.25,0.1 \
+        --svg-densities 0.25 --svg-backends triton-device,triton-plan --online-densities 0.25 \
+        --online-cluster-iters 0 --repeats 3 --backend triton --budget-s 240 --out "$R/e2e_wan13b.json" ;;
+    e2e-a14b) step e2e-a14b 250 python3 bench/e2e.py --models wan2.2-a14b --modes eager --densities 0.25 \
+        --svg-densities "" --online-densities "" --repeats 1 --backend "${E2E_BACKEND:-triton}" --budget-s 225 \
+        --out "$R/e2e_a14b.json" ;;
+    e2e-hunyuan15) step e2e-hunyuan15 230 python3 bench/e2e.py --models hunyuan1.5 --modes eager --densities 0.25 \
+        --svg-densities "" --online-densities "" --repeats 1 --backend "${E2E_BACKEND:-triton}" --budget-s 210 \
+        --out "$R/e2e_hunyuan15.json" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done
