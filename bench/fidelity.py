@@ -10,7 +10,11 @@ Methods (every one through the diffusers integration on the same captions x seed
 - ``dense``: every head dense (our dense path; the reference the others are scored against);
 - ``offline-eps=E``: Sparse-vDiT search (``sparse_vdit.search``, our default setting) at each
   ``--epsilons`` value, run on held-out captions (``--search-captions``), or ``--plans`` files;
-- ``svg-NN``: Sparse VideoGen online at each ``--svg-densities`` (25% dense warm-up, first layer dense);
+- ``svg-NN``: Sparse VideoGen online at each ``--svg-densities``, as its authors' code runs it
+  (``mode="reference"``: their widths, sink, profile masks, row sampling, warm-up);
+  ``svg-NN-V`` (``--svg-variants``): the same with one difference, ``V`` either ``ours`` (the mode
+  this package ran before) or one named option ``name=value`` of :class:`~sparse_vdit.methods.svg.SVG`
+  (e.g. ``profile_masks=executed``), so each choice's cost in fidelity is a row of its own;
 - ``window-spatial-W``: every head ``diagonal(W frames)``; ``window-temporal-W``: every head
   ``multi_diagonal(W)`` (share of the token-major sequence); both after ``--warmup-steps`` dense steps;
 - ``offline-out-eps=E`` (``--output-epsilons``): the search scoring each head's error through the
@@ -91,6 +95,21 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def svg_variant(text: str) -> tuple[str, dict]:
+    """``--svg-variants`` item -> (row label, SVG options): ``ours`` or one ``NAME=VALUE`` of :data:`svg.CHOICES`."""
+    from sparse_vdit.methods.svg import CHOICES, MODES
+
+    if text in MODES:
+        return text, {"mode": text}
+    name, _, value = text.partition("=")
+    if name == "sink" and value.lower() in ("true", "false"):
+        return text, {"sink": value.lower() == "true"}
+    if name not in CHOICES or value not in CHOICES[name]:
+        options = ", ".join(f"{n}={'|'.join(v)}" for n, v in CHOICES.items()) + ", sink=true|false"
+        raise argparse.ArgumentTypeError(f"{text!r}: one of {', '.join(MODES)} or {options}")
+    return text, {name: value}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", "--dry-run", dest="quick", action="store_true",
@@ -111,6 +130,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--search-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--plans", type=Path, nargs="*", default=[], help="offline plan files, evaluated as they are")
     p.add_argument("--svg-densities", type=floats, default=floats("0.6,0.4,0.25"))
+    p.add_argument("--svg-variants", nargs="*", default=[], type=svg_variant,
+                   help="extra SVG rows at each density: 'ours' (mode) or one option NAME=VALUE, "
+                        "e.g. profile_masks=executed row_sampling=stratified widths=fitted sink=false")  # fmt: skip
     p.add_argument("--spatial-widths", type=floats, default=floats("4,2,1"), help="window-spatial, frames")
     p.add_argument("--temporal-widths", type=floats, default=floats("0.4,0.2,0.1"),
                    help="window-temporal, share of the token-major sequence")  # fmt: skip
@@ -232,7 +254,10 @@ def methods(args, transformer, spec) -> list[tuple[str, str, Callable[[], Method
     for path in args.plans:
         out.append(fixed(f"offline-{path.stem}", "offline", kind="plan", plan=Plan.load(path, transformer)))
     for d in args.svg_densities:
-        out.append(fixed(f"svg-{round(d * 100):02d}", "svg", kind="svg", svg={"density": d}))
+        for label, options in [("", {}), *args.svg_variants]:
+            svg = {"density": d, **options}
+            name = f"svg-{round(d * 100):02d}" + (f"-{label}" if label else "")
+            out.append(fixed(name, "svg", kind="svg", svg=svg, info={"svg_options": svg}))
     for family, make, widths in (("window-spatial", diagonal, args.spatial_widths),
                                  ("window-temporal", multi_diagonal, args.temporal_widths)):  # fmt: skip
         for w in widths:

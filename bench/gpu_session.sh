@@ -31,6 +31,7 @@
 #                  hybrid at 25%, Triton (#16, #21, #22)                                         (~250)
 #   e2e-a14b       Wan2.2-A14B 720p, both experts, eager, 25% (#17; E2E_BACKEND, default triton) (~220)
 #   e2e-hunyuan15  HunyuanVideo 1.5 720p, eager, 25% (#17)                                       (~180)
+#   fidelity-svg   SVG as its authors run it vs each of our variants, fidelity organism (#16)     (~120)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -115,6 +116,11 @@ for name in "$@"; do
     e2e-hunyuan15) step e2e-hunyuan15 230 python3 bench/e2e.py --models hunyuan1.5 --modes eager --densities 0.25 \
         --svg-densities "" --online-densities "" --repeats 1 --backend "${E2E_BACKEND:-triton}" --budget-s 210 \
         --out "$R/e2e_hunyuan15.json" ;;
+    fidelity-svg) TAIL=20 step fidelity-svg 150 python3 bench/fidelity.py --model fidelity --device cuda \
+        --captions 2 --seeds 0 1 --steps 20 --epsilons "" --svg-densities 0.25 --svg-variants ours \
+        profile_masks=executed row_sampling=stratified widths=fitted sink=false choice=batch_mean \
+        --spatial-widths "" --temporal-widths "" --oracle-densities "" --online-ps "" --topk-densities "" \
+        --cluster-ps "" --hybrid-ps "" --no-skip-only --budget-s 130 --out "$R/fidelity-svg.json" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done

@@ -70,3 +70,22 @@ def test_paper_setting_and_saved_plans(tmp_path, load_script):
         plan = Plan.load(plans / f"{name}.json")
         assert plan.made_by["mode"] == ("paper" if name == "offline-paper" else "ours")
     assert json.loads((plans / "offline-eps=0.01.json").read_text())["made_by"]["epsilon"] == 0.01
+
+
+def test_svg_variants_are_rows_of_their_own(tmp_path, load_script):
+    module = load_script("fidelity")
+    out = tmp_path / "fidelity.json"
+    args = ["--quick", "--device", "cpu", "--out", str(out), "--epsilons", "", "--no-skip-only",
+            "--svg-densities", "0.4", "--svg-variants", "ours", "profile_masks=executed", "sink=false",
+            "--spatial-widths", "", "--temporal-widths", "", "--oracle-densities", "", "--online-ps", "",
+            "--topk-densities", "", "--hybrid-ps", "", "--cluster-ps", ""]  # fmt: skip
+    assert module.main(args) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["dense", "svg-40", "svg-40-ours", "svg-40-profile_masks=executed", "svg-40-sink=false"]
+    assert all(rows[name]["family"] == "svg" and 0 < rows[name]["density"] < 1 for name in list(rows)[1:])
+    assert rows["svg-40-ours"]["svg_options"] == {"density": 0.4, "mode": "ours"}
+    assert rows["svg-40-sink=false"]["svg_options"] == {"density": 0.4, "sink": False}
+    assert module.svg_variant("row_sampling=stratified") == ("row_sampling=stratified", {"row_sampling": "stratified"})
+    for bad in ("profile_masks=nope", "colour=red", "sink=maybe"):
+        with pytest.raises(Exception, match="one of"):
+            module.svg_variant(bad)
