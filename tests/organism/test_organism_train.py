@@ -97,3 +97,23 @@ def test_fidelity_weights_ship_and_load():
     assert spec.token_grid == (12, 24, 32) and model.config.num_attention_heads == 6
     size = sum(p.stat().st_size for p in M.FIDELITY_WEIGHTS_DIR.iterdir())
     assert size < 60 * 2**20
+
+
+def test_qk_gains_learn_at_their_own_rate():
+    """--qk-gain-lr: the self-attention q/k norm gains (one pair per layer) in a group of their own whose
+    learning rate is the multiple of the others'; one Adam step moves them by about lr x multiple."""
+    args = T.parse_args([*TINY_ARGS, "--layers", "2", "--lr", "1e-3", "--qk-gain-lr", "20", "--weight-decay", "0"])
+    model = M.build_organism(T.spec_and_config(args)[1], seed=0)
+    opt = T._optimizer(model, args, cuda=False)
+    gains = [n for n, p in model.named_parameters() if n.endswith(T.QK_GAINS)]
+    assert len(gains) == 4 and len(opt.param_groups[-1]["params"]) == 4
+    assert [g["lr_scale"] for g in opt.param_groups] == [1.0, 1.0, 20.0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        group["lr"] = args.lr * group["lr_scale"]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+    assert all(moved[n] == pytest.approx(2e-2, rel=1e-3) for n in gains)  # Adam's first step: lr x sign
+    assert max(v for n, v in moved.items() if n not in gains) == pytest.approx(1e-3, rel=1e-3)

@@ -77,6 +77,11 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
         "'constant' stays at --lr (for chains of resumed runs; the EMA averages)",
     )
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument(
+        "--qk-gain-lr", type=float, default=1.0,
+        help="learning-rate multiplier of the self-attention q/k RMSNorm gains (the attention's temperature): "
+        "Adam moves a parameter by about lr per step, so at 1 a short run cannot sharpen attention much",
+    )  # fmt: skip
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights (0: no EMA)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="caption dropout for classifier-free guidance")
     p.add_argument("--seed", type=int, default=0, help="model init and noise seed")
@@ -162,16 +167,21 @@ def fast_attention(device: torch.device):
     return sdpa_kernel(order, set_priority=True)
 
 
+QK_GAINS = ("attn1.norm_q.weight", "attn1.norm_k.weight")  # self-attention q/k RMSNorm gains (Wan's qk_norm)
+
+
 def _optimizer(model, args, cuda: bool) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.99),
-        fused=cuda,
-    )
+    """AdamW: weight decay on matrices only; the q/k norm gains in a group of their own whose
+    learning rate is ``--qk-gain-lr`` times the others' (``lr_scale``, applied by the schedule)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    gains = [p for n, p in named if n.endswith(QK_GAINS)]
+    rest = [(n, p) for n, p in named if not n.endswith(QK_GAINS)]
+    groups = [
+        {"params": [p for _, p in rest if p.ndim >= 2], "weight_decay": args.weight_decay, "lr_scale": 1.0},
+        {"params": [p for _, p in rest if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0},
+        {"params": gains, "weight_decay": 0.0, "lr_scale": getattr(args, "qk_gain_lr", 1.0)},
+    ]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=cuda)
 
 
 def _start(args, device: torch.device):
@@ -187,7 +197,10 @@ def _start(args, device: torch.device):
         if ckpt.get("ema") is not None:
             ema.load_state_dict(ckpt["ema"])
         opt = _optimizer(model, args, cuda)
+        if len(ckpt["optimizer"]["param_groups"]) != len(opt.param_groups):
+            raise ValueError(f"{args.resume}: checkpoint of an older trainer (no q/k gain group); continue with --init")
         opt.load_state_dict(ckpt["optimizer"])
+        opt.param_groups[-1]["lr_scale"] = args.qk_gain_lr  # this run's setting, not the saved one
         carried.update({k: ckpt[k] for k in ("step", "history", "runs", "scenes", "gen")})
     else:
         if args.init:
@@ -282,7 +295,7 @@ def train(args: argparse.Namespace, command: str) -> dict:
                 text = text * keep.view(-1, 1, 1)
             progress = max(run_steps / planned, (time.time() - t_train) / limit)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, progress, args.lr, args.warmup, args.schedule)
+                group["lr"] = lr_at(step, progress, args.lr, args.warmup, args.schedule) * group.get("lr_scale", 1.0)
             loss = flow_loss(forward, x0, text, gen, autocast=cuda)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -315,6 +328,7 @@ def train(args: argparse.Namespace, command: str) -> dict:
         "batch_size": args.batch_size,
         "videos_seen": run_steps * args.batch_size,
         "lr": args.lr,
+        "qk_gain_lr": args.qk_gain_lr,
         "schedule": args.schedule,
         "start": "resume" if args.resume else ("init" if args.init else "scratch"),
         "data_seed": args.data_seed,
