@@ -32,7 +32,9 @@ for the others (Wan, CogVideoX); ``True`` / ``False`` force it on / off for any 
 and the fused pass computes in float32 (off by default: not measured on a GPU yet).
 
 Under ``torch.compile`` the attention step is one opaque custom op, so the graph has no break
-inside a block and the Python decisions run eagerly at run time. The op is differentiable: its
+inside a block and the Python decisions run eagerly at run time; the op is tagged
+``cudagraph_unsafe``, so under CUDA graphs (``mode="reduce-overhead"``, Inductor's graph partition)
+it runs between the captured graphs, every call, at the current step. The op is differentiable: its
 backward replays the call (same step and patterns) under autograd, one extra attention forward;
 eager training differentiates :func:`~sparse_vdit.sparse_attention` directly.
 """
@@ -359,7 +361,13 @@ def _rotary(cos: torch.Tensor | None, sin: torch.Tensor | None, start: int, pair
     return None if cos is None else Rotary(cos, sin, start, pairs)
 
 
-@torch.library.custom_op("sparse_vdit::diffusers_attention", mutates_args=())
+# cudagraph_unsafe: under CUDA graphs (torch.compile mode="reduce-overhead") Inductor partitions the
+# graph around the op and runs it eagerly every call, so the step and the plan's patterns are read at
+# run time instead of being frozen at the captured step (and its host reads never run in a capture)
+_HOST_DECIDES = (torch.Tag.cudagraph_unsafe,)
+
+
+@torch.library.custom_op("sparse_vdit::diffusers_attention", mutates_args=(), tags=_HOST_DECIDES)
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, layer: torch.Tensor, handle: int,
     cos: torch.Tensor | None, sin: torch.Tensor | None, rotary_start: int, rotary_pairs: str,
@@ -383,7 +391,7 @@ def _(q, k, v, key_mask, layer, handle, cos, sin, rotary_start, rotary_pairs, ti
     return q.new_empty(q.shape)  # contiguous, as the real op returns
 
 
-@torch.library.custom_op("sparse_vdit::diffusers_attention_backward", mutates_args=())
+@torch.library.custom_op("sparse_vdit::diffusers_attention_backward", mutates_args=(), tags=_HOST_DECIDES)
 def _attention_backward_op(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
     layer: torch.Tensor, handle: int, cos: torch.Tensor | None, sin: torch.Tensor | None, rotary_start: int,

@@ -16,7 +16,10 @@ The hook is one module-level function that finds the model's state on the model 
 (``model._sparse_vdit_state``), so ``copy.deepcopy`` of a patched model gives a copy whose hook
 tracks the copy. Under ``torch.export`` the hook reads no number from the timestep: it hands the
 timestep tensor and the latent grid to the processors (``StepTracker.traced``), which pass them to
-the opaque attention op; the op counts the step at run time, in its first layer.
+the opaque attention op; the op counts the step at run time, in its first layer. Under
+``torch.compile(mode="reduce-overhead")`` the hook runs outside the CUDA graphs, every call, and the
+attention op between them (``processor.py``); a hand-made ``torch.cuda.graph`` capture is refused
+(a replay would run no Python: the step and the plan's patterns would stay those of the capture).
 """
 
 from __future__ import annotations
@@ -107,7 +110,19 @@ def step_hook(module, args, kwargs):
             tracker.grid = grid
         return
     tracker.traced = None
+    if _capturing(timestep):
+        raise RuntimeError(
+            f"sparse-vdit: a patched {type(module).__name__} cannot be captured in a CUDA graph by hand "
+            "(torch.cuda.graph): its step and plan are decided on the host every call, and a replay would "
+            'freeze them; use torch.compile(model, mode="reduce-overhead"), whose CUDA graphs run the '
+            "sparse attention between them at the current step"
+        )
     tracker.observe(0.0 if timestep is None else timestep_value(timestep), grid)
+
+
+def _capturing(timestep: Any) -> bool:
+    """Whether a CUDA graph capture is running on the timestep's device (the hook must not read it)."""
+    return isinstance(timestep, torch.Tensor) and timestep.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def install_step_hook(model: torch.nn.Module):
