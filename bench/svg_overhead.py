@@ -217,14 +217,16 @@ KERNELS = {  # kernel variant -> sampled.TUNING fields (see sparse_vdit.kernels.
     "fold-hull": dict(fold=True, hull=True, lazy=0),
     "lazy": dict(fold=False, hull=False, lazy=8),  # rescale only when a row's max grows by > 2^8
     "hull-lazy": dict(fold=False, hull=True, lazy=8),
+    "gate": dict(fold=False, hull=2, lazy=0),  # the hull as a branch per key tile (one loop, not three)
+    "gate-lazy": dict(fold=False, hull=2, lazy=8),
 }
 # (kernel, tiles) swept at each --programs-per-sm: the two current rules (fold 8 warps: Wan-1.3B;
 # nofold 4 warps: Wan-14B), then 8 warps with each reduction. Compiled for sm_90 by Triton 3.9 (CPU,
 # cuobjdump -res-usage; every point at 254-255 registers), bytes of stack (spills): fold 48, nofold
-# 4 warps 728, nofold 0, hull 120, lazy 24, hull-lazy 168, nofold 64 x 64 72 (fold-hull 304, lazy
-# 64 x 64 248: left out).
-SWEEP = ("fold@64,32,8,3", "nofold@64,32,4,3", "nofold@64,32,8,3", "hull@64,32,8,3", "lazy@64,32,8,3",
-         "hull-lazy@64,32,8,3", "nofold@64,64,8,3")  # fmt: skip
+# 4 warps 728, nofold 0, hull 120, gate 0, lazy 24, gate-lazy 32, nofold 64 x 64 72 (left out:
+# hull-lazy 168, fold + hull 304, fold + gate 112, lazy 64 x 64 248).
+SWEEP = ("fold@64,32,8,3", "nofold@64,32,4,3", "nofold@64,32,8,3", "hull@64,32,8,3", "gate@64,32,8,3",
+         "lazy@64,32,8,3", "gate-lazy@64,32,8,3", "nofold@64,64,8,3")  # fmt: skip
 SWEEP_PROGRAMS = (1, 2, 4, 8)
 
 

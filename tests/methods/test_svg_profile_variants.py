@@ -1,5 +1,6 @@
 """The SVG profiling kernel's launch variants (issue 16): the frame-major mask skipping the keys outside
-its rows' hull, the lazy rescale, the fold, and the launch rules by shape. Every variant must give the
+its rows' hull (three key loops, or a branch per tile: ``gate``), the lazy rescale, the fold, and the
+launch rules by shape. Every variant must give the
 float64 torch profile's outputs and the same classification."""
 
 import os
@@ -22,6 +23,8 @@ VARIANTS = {  # sampled.TUNING fields (16 x 16 tiles: several key tiles a table 
     "lazy": {"fold": False, "lazy": 8},
     "hull-lazy": {"fold": False, "hull": True, "lazy": 8},
     "hull-per-key": {"hull": True, "row_wise": False},
+    "gate": {"fold": False, "hull": 2},
+    "gate-lazy": {"fold": False, "hull": 2, "lazy": 8},
 }
 
 

@@ -109,10 +109,10 @@ def _hull(RS, RE, rows, row_ok, NUM_POSITIONS, NR: tl.constexpr, TABLE_BLOCK: tl
 @triton.jit
 def _key_span(
     lo, hi, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
-    m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2,
+    m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, gate_lo, gate_hi,
     NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-    USE_1: tl.constexpr, USE_2: tl.constexpr, ALIGN: tl.constexpr, LAZY: tl.constexpr,
-    TABLE_BLOCK: tl.constexpr, TOKEN_MAJOR_0: tl.constexpr, TOKEN_MAJOR_1: tl.constexpr,
+    USE_1: tl.constexpr, USE_2: tl.constexpr, ALIGN: tl.constexpr, GATE_1: tl.constexpr, GATE_2: tl.constexpr,
+    LAZY: tl.constexpr, TABLE_BLOCK: tl.constexpr, TOKEN_MAJOR_0: tl.constexpr, TOKEN_MAJOR_1: tl.constexpr,
     ROW_WISE_0: tl.constexpr, ROW_WISE_1: tl.constexpr, FOLD: tl.constexpr, NR: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -120,6 +120,8 @@ def _key_span(
     the exact accumulators and into mask 0's / mask 1's where ``USE_1`` / ``USE_2``. A masked
     accumulator is expressed at its own max (``m_1`` / ``m_2``), the running max ``m_i`` wherever it
     takes keys: a span it skips leaves it untouched (no rescaling), ``ALIGN`` catches it up on entry.
+    ``GATE_1`` / ``GATE_2``: that mask takes only the tiles starting in ``[gate_lo, gate_hi)``, each
+    caught up from its own max (one loop, a branch per tile, instead of three spans).
     ``LAZY`` > 0: the accumulators keep their max until some row's grows by more than ``LAZY``
     (log2 units; probabilities stay <= 2^LAZY), so most tiles rescale nothing."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -154,11 +156,13 @@ def _key_span(
                 l_0 = l_0 * scale
                 acc_0 = acc_0 * scale[:, None]
                 if USE_1:
-                    l_1 = l_1 * scale
-                    acc_1 = acc_1 * scale[:, None]
+                    if not GATE_1:
+                        l_1 = l_1 * scale
+                        acc_1 = acc_1 * scale[:, None]
                 if USE_2:
-                    l_2 = l_2 * scale
-                    acc_2 = acc_2 * scale[:, None]
+                    if not GATE_2:
+                        l_2 = l_2 * scale
+                        acc_2 = acc_2 * scale[:, None]
                 m_i = m_new
         else:
             m_new = tl.maximum(m_i, m_tile)
@@ -172,17 +176,35 @@ def _key_span(
         l_0 = l_0 + tl.sum(p, 1)
         acc_0 = acc_0 + pv
         if USE_1:
-            acc_1, l_1 = _masked_step(acc_1, l_1, alpha, p, pv, v, RS0, RE0, rows, row_ok, start, offs_n, token_major,
-                                      NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_0, ROW_WISE_0, FOLD, IEEE,
-                                      LAZY == 0)  # fmt: skip
+            if GATE_1:
+                if (start >= gate_lo) & (start < gate_hi):
+                    f = tl.math.exp2(m_1 - _safe(m_i))
+                    acc_1, l_1 = _masked_step(acc_1, l_1, f, p, pv, v, RS0, RE0, rows, row_ok, start, offs_n,
+                                              token_major, NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_0, ROW_WISE_0,
+                                              FOLD, IEEE, True)  # fmt: skip
+                    m_1 = m_i
+            else:
+                acc_1, l_1 = _masked_step(acc_1, l_1, alpha, p, pv, v, RS0, RE0, rows, row_ok, start, offs_n,
+                                          token_major, NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_0, ROW_WISE_0, FOLD,
+                                          IEEE, LAZY == 0)  # fmt: skip
         if USE_2:
-            acc_2, l_2 = _masked_step(acc_2, l_2, alpha, p, pv, v, RS1, RE1, rows, row_ok, start, offs_n, token_major,
-                                      NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_1, ROW_WISE_1, FOLD, IEEE,
-                                      LAZY == 0)  # fmt: skip
+            if GATE_2:
+                if (start >= gate_lo) & (start < gate_hi):
+                    f = tl.math.exp2(m_2 - _safe(m_i))
+                    acc_2, l_2 = _masked_step(acc_2, l_2, f, p, pv, v, RS1, RE1, rows, row_ok, start, offs_n,
+                                              token_major, NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_1, ROW_WISE_1,
+                                              FOLD, IEEE, True)  # fmt: skip
+                    m_2 = m_i
+            else:
+                acc_2, l_2 = _masked_step(acc_2, l_2, alpha, p, pv, v, RS1, RE1, rows, row_ok, start, offs_n,
+                                          token_major, NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_1, ROW_WISE_1, FOLD,
+                                          IEEE, LAZY == 0)  # fmt: skip
     if USE_1:
-        m_1 = m_i
+        if not GATE_1:
+            m_1 = m_i
     if USE_2:
-        m_2 = m_i
+        if not GATE_2:
+            m_2 = m_i
     return m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2
 
 
@@ -205,6 +227,7 @@ def sampled_rows_fwd(
     ROW_WISE_1: tl.constexpr,
     FOLD: tl.constexpr,  # a row-wise mask reuses the exact tile's P @ V (see _masked_step)
     HULL: tl.constexpr,  # -1, or the frame-major mask (0 / 1) that skips keys outside its rows' hull (_hull)
+    GATE: tl.constexpr,  # the hull as a branch per key tile (else three loops: before, in, after it)
     LAZY: tl.constexpr,  # 0, or the max growth (log2 units) that triggers a rescale (see _key_span)
     NR: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -234,31 +257,39 @@ def sampled_rows_fwd(
     v_base = V + batch * stride_vb + head * stride_vh
     first = split * KEYS_PER_SPLIT
     last = tl.minimum(first + KEYS_PER_SPLIT, KV_LEN)
-    if HULL >= 0:  # three spans: before the hull, in it, after it; the hull's mask takes only the middle one
+    if HULL >= 0:  # the hull's mask takes only the key tiles in [a, b)
         if HULL == 0:
             h0, h1 = _hull(RS0, RE0, rows, row_ok, NUM_POSITIONS, NR, TABLE_BLOCK, BLOCK_N, BLOCK_M)
         else:
             h0, h1 = _hull(RS1, RE1, rows, row_ok, NUM_POSITIONS, NR, TABLE_BLOCK, BLOCK_N, BLOCK_M)
         a = tl.minimum(tl.maximum(h0, first), last)
         b = tl.minimum(tl.maximum(h1, a), last)
-        m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
-            first, a, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
-            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2,
-            NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-            HULL != 0, HULL != 1, True, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0, ROW_WISE_1,
-            FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
-        m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
-            a, b, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
-            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2,
-            NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-            True, True, True, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0, ROW_WISE_1,
-            FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
-        m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
-            b, last, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
-            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2,
-            NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-            HULL != 0, HULL != 1, True, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0, ROW_WISE_1,
-            FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
+        if GATE:  # one loop, the hull's mask behind a branch per tile
+            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
+                first, last, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
+                m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, a, b,
+                NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                True, True, False, HULL == 0, HULL == 1, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0,
+                ROW_WISE_1, FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
+        else:  # three spans: before the hull, in it, after it
+            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
+                first, a, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
+                m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, a, b,
+                NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                HULL != 0, HULL != 1, True, False, False, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0,
+                ROW_WISE_1, FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
+            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
+                a, b, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
+                m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, a, b,
+                NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                True, True, True, False, False, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0,
+                ROW_WISE_1, FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
+            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
+                b, last, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
+                m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, a, b,
+                NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                HULL != 0, HULL != 1, True, False, False, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0,
+                ROW_WISE_1, FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
         f_1 = tl.math.exp2(m_1 - _safe(m_i))  # both masked accumulators at the running max
         f_2 = tl.math.exp2(m_2 - _safe(m_i))
         acc_1 = acc_1 * f_1[:, None]
@@ -268,9 +299,9 @@ def sampled_rows_fwd(
     else:
         m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
             first, last, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
-            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2,
+            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, first, last,
             NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-            True, True, False, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0, ROW_WISE_1,
+            True, True, False, False, False, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0, ROW_WISE_1,
             FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
 
     part = (batch * HEADS + head) * SPLITS + split  # [B, H, S] flattened
@@ -384,7 +415,8 @@ def choose_heads(
 # num_stages, see _tiles), how many programs per SM the key splits aim at (see _splits), whether
 # frame-major masks are tested once per row and tile (row_wise, default on where exact), whether such
 # a mask then reuses the exact tile's P @ V (fold; off: a dot of its own), whether the frame-major
-# mask skips the keys outside its rows' hull (hull, see _hull), the lazy-rescale threshold (lazy,
+# mask skips the keys outside its rows' hull (hull, see _hull: 1 as three key loops, 2 as a branch
+# per key tile), the lazy-rescale threshold (lazy,
 # log2 units, 0 = rescale every tile, see _key_span) and the merge's rows per program (merge_rows,
 # see _merge_rows; 16 before).
 TUNING: dict[str, int | None] = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None,
@@ -494,7 +526,7 @@ def sampled_outputs(
         num_rows, starts.shape[2], heads, kv_len, per_split, splits, *layout,
         softmax_scale * LOG2E,
         TABLE_BLOCK=block_size, TOKEN_MAJOR_0=bool(token_major[0]), TOKEN_MAJOR_1=bool(token_major[1]),
-        ROW_WISE_0=row_wise[0], ROW_WISE_1=row_wise[1], FOLD=bool(chosen["fold"]), HULL=hull,
+        ROW_WISE_0=row_wise[0], ROW_WISE_1=row_wise[1], FOLD=bool(chosen["fold"]), HULL=hull, GATE=chosen["hull"] == 2,
         LAZY=int(chosen["lazy"] or 0), NR=starts.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim, IEEE=q.dtype == torch.float32,
         **extra,
