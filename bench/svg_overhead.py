@@ -294,7 +294,13 @@ def kernel_sweep(shapes: dict, args, device, dtype, record, over_budget) -> None
             for point in points:  # compile and check each point before timing any
                 if over_budget(f"kernel-sweep/{name}/{point}"):
                     break
-                chosen = [profile_at(point)(i) for i in range(len(calls))]
+                try:
+                    chosen = [profile_at(point)(i) for i in range(len(calls))]
+                except Exception as err:  # noqa: BLE001 - a point that does not compile or run: skipped, noted
+                    print(f"  {point}: failed ({type(err).__name__}: {str(err)[:200]})", flush=True)
+                    record(**base, part="kernel-sweep-failed", kernel=point[0], tiles=point[1],
+                           programs_per_sm=point[2], error=f"{type(err).__name__}: {str(err)[:500]}")  # fmt: skip
+                    continue
                 same[point] = all(torch.equal(a.selected, b.selected) for a, b in zip(chosen, rule))
                 fns[point] = profile_at(point)
             ms = interleaved(fns, len(sets), args.reps, on_gpu)
