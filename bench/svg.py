@@ -7,6 +7,9 @@
                                        # (the fused Triton profile through TRITON_INTERPRET=1)
     python bench/svg.py --overhead [--variants before after] [--programs-per-sm 2 4 8] [--reps 15]
                                        # the layer over its attention, interleaved: bench/svg_overhead.py
+    python bench/svg.py --kernel-sweep [--kernels hull@64,32,8,3 ...] [--programs-per-sm 1 2 4 8] [--finalists 3]
+                                       # the profiling kernel's variants (fold, hull, lazy rescale) x launches:
+                                       # profile alone for each, then the layer for the rule and the fastest
 
 Launch sweep of the fused profiling kernel (next GPU session, H100; Wan-14B 720p, where the
 4.1 ms profile must come under 3% of the attention): 5 tiles x 5 targets = 25 points, every part
@@ -400,7 +403,21 @@ def parse(argv):
     p.add_argument("--variants", nargs="*", default=list(svg_overhead.VARIANTS), choices=list(svg_overhead.VARIANTS),
                    help="--overhead: the step path's variants")  # fmt: skip
     p.add_argument("--reps", type=int, default=15, help="--overhead: timed calls of each part")
+    p.add_argument("--kernel-sweep", action="store_true",
+                   help="the profiling kernel's variants x --programs-per-sm (default 1 2 4 8), profile timed alone, then "
+                        "attention / profile / layer for the launch rule and the --finalists fastest (bench/svg_overhead.py)")
+    p.add_argument("--kernels", nargs="*", default=list(svg_overhead.SWEEP),
+                   help="--kernel-sweep points: kernel@block_m,block_n,num_warps,num_stages (kernels: "
+                        f"{', '.join(svg_overhead.KERNELS)})")
+    p.add_argument("--finalists", type=int, default=3, help="--kernel-sweep: fastest points timed with the layer")
     args = p.parse_args(argv)
+    if args.kernel_sweep:
+        args.overhead = True
+        try:
+            [svg_overhead.parse_point(point) for point in args.kernels]
+        except ValueError as err:
+            p.error(str(err))
+        args.programs_per_sm = args.programs_per_sm or list(svg_overhead.SWEEP_PROGRAMS)
     if args.densities is None:
         args.densities = [0.25] if args.overhead else [0.3, 0.25, 0.2]
     try:
@@ -444,7 +461,10 @@ def main(argv=None) -> dict:
             extra = "" if "density" not in row else f" d={row['density']:.2f}"
             if "rows" in row:
                 extra += f" rows={row['rows']} chunk={row['chunk']}"
-            if "variant" in row:
+            if "kernel" in row:
+                extra += f" {row['kernel']}@{row['tiles']} per_sm={row['programs_per_sm']}"
+                extra += "" if row.get("same_choice", True) else " CHOICE DIFFERS"
+            elif "variant" in row:
                 extra += f" {row['mode']} {row['variant']} per_sm={row['programs_per_sm']}"
             elif row.get("programs_per_sm") is not None:
                 extra += f" tiles={row['tiles']} per_sm={row['programs_per_sm']} splits={row.get('launch', {}).get('splits')}"
@@ -457,7 +477,13 @@ def main(argv=None) -> dict:
         return False
 
     shapes = DRY_SHAPES if args.dry_run else common.SHAPES
-    if args.overhead:
+    if args.kernel_sweep:
+        try:
+            svg_overhead.kernel_sweep(shapes, args, device, dtype, record, over_budget)
+        except torch.cuda.OutOfMemoryError as err:  # keep what was measured
+            print(f"out of memory ({err})", flush=True)
+        result["summary"] = svg_overhead.summarise_sweep(result["rows"])
+    elif args.overhead:
         try:
             svg_overhead.run(shapes, args, device, dtype, record, over_budget, launch_setting)
         except torch.cuda.OutOfMemoryError as err:  # keep what was measured
@@ -473,11 +499,12 @@ def main(argv=None) -> dict:
         result["summary"] = summarise(result["rows"])
     result["wall_s"] = time.time() - start
     os.makedirs(args.out, exist_ok=True)
-    name = "svg-overhead" if args.overhead else "svg"
+    name = "svg-kernel-sweep" if args.kernel_sweep else "svg-overhead" if args.overhead else "svg"
     path = os.path.join(args.out, f"{name}-dry-run.json" if args.dry_run else f"{name}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    (svg_overhead.print_summary if args.overhead else print_summary)(result["summary"])
+    printer = svg_overhead.print_sweep if args.kernel_sweep else svg_overhead.print_summary if args.overhead else print_summary
+    printer(result["summary"])
     print(f"wrote {path} ({result['wall_s']:.0f} s)")
     return result
 

@@ -56,26 +56,156 @@ def _dot(p, v, IEEE: tl.constexpr):
 @triton.jit
 def _masked_step(acc, l_i, alpha, p, pv, v, RS, RE, rows, row_ok, start, offs_n, token_major, NUM_POSITIONS,
                  NR: tl.constexpr, TABLE_BLOCK: tl.constexpr, TOKEN_MAJOR: tl.constexpr, ROW_WISE: tl.constexpr,
-                 FOLD: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """One key tile into a masked row's (acc, l). ``ROW_WISE``: the tile lies in one frame-major key
-    block (``BLOCK_N`` divides ``TABLE_BLOCK``), so one test per row decides; with ``FOLD`` the
-    tile's ``P @ V`` is then the exact one's (``pv``), kept or not (no dot of its own). Else keys
-    are tested one by one."""
+                 FOLD: tl.constexpr, IEEE: tl.constexpr, RESCALE: tl.constexpr):  # fmt: skip
+    """One key tile into a masked row's (acc, l), rescaled by ``alpha`` first where ``RESCALE``.
+    ``ROW_WISE``: the tile lies in one frame-major key block (``BLOCK_N`` divides ``TABLE_BLOCK``),
+    so one test per row decides; with ``FOLD`` the tile's ``P @ V`` is then the exact one's
+    (``pv``), kept or not (no dot of its own). Else keys are tested one by one."""
+    if RESCALE:
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
     if ROW_WISE:
         inside = _row_inside(RS, RE, rows, row_ok, start // TABLE_BLOCK, NUM_POSITIONS, NR)
         if FOLD:
-            acc = acc * alpha[:, None] + tl.where(inside[:, None], pv, 0.0)
-            l_i = l_i * alpha + tl.where(inside, tl.sum(p, 1), 0.0)
+            acc = acc + tl.where(inside[:, None], pv, 0.0)
+            l_i = l_i + tl.where(inside, tl.sum(p, 1), 0.0)
         else:
             p = tl.where(inside[:, None], p, 0.0)
-            acc = acc * alpha[:, None] + _dot(p, v, IEEE)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc + _dot(p, v, IEEE)
+            l_i = l_i + tl.sum(p, 1)
     else:
         block = (token_major if TOKEN_MAJOR else offs_n) // TABLE_BLOCK
         p = tl.where(_inside(RS, RE, rows, row_ok, block, NUM_POSITIONS, NR), p, 0.0)
-        acc = acc * alpha[:, None] + _dot(p, v, IEEE)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc + _dot(p, v, IEEE)
+        l_i = l_i + tl.sum(p, 1)
     return acc, l_i
+
+
+@triton.jit
+def _safe(m):
+    """A running max with -inf as 0 (rows that saw no key yet: exp2(-inf - 0) = 0, no NaN)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _hull(RS, RE, rows, row_ok, NUM_POSITIONS, NR: tl.constexpr, TABLE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_M: tl.constexpr):  # fmt: skip
+    """Keys ``[h0, h1)`` (multiples of ``BLOCK_N``) holding every key block in some row's ranges of a
+    frame-major mask: outside them the mask keeps nothing of any row (empty: ``h0 > h1``)."""
+    big = 1 << 20  # key blocks; times TABLE_BLOCK stays in int32
+    lo_all = tl.full([BLOCK_M], big, tl.int32)
+    hi_all = tl.zeros([BLOCK_M], tl.int32)
+    for r in tl.static_range(NR):
+        lo = tl.load(RS + r * NUM_POSITIONS + rows, mask=row_ok, other=0)
+        hi = tl.load(RE + r * NUM_POSITIONS + rows, mask=row_ok, other=0)
+        used = row_ok & (hi > lo)
+        lo_all = tl.minimum(lo_all, tl.where(used, lo, big))
+        hi_all = tl.maximum(hi_all, tl.where(used, hi, 0))
+    h0 = tl.min(lo_all, 0) * TABLE_BLOCK // BLOCK_N * BLOCK_N
+    h1 = (tl.max(hi_all, 0) * TABLE_BLOCK + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    return h0, h1
+
+
+@triton.jit
+def _key_span(
+    lo, hi, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
+    m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, gate_lo, gate_hi,
+    NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+    USE_1: tl.constexpr, USE_2: tl.constexpr, ALIGN: tl.constexpr, GATE_1: tl.constexpr, GATE_2: tl.constexpr,
+    LAZY: tl.constexpr, TABLE_BLOCK: tl.constexpr, TOKEN_MAJOR_0: tl.constexpr, TOKEN_MAJOR_1: tl.constexpr,
+    ROW_WISE_0: tl.constexpr, ROW_WISE_1: tl.constexpr, FOLD: tl.constexpr, NR: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Key tiles ``[lo, hi)`` (``lo`` a multiple of ``BLOCK_N``; keys from ``last`` on are out) into
+    the exact accumulators and into mask 0's / mask 1's where ``USE_1`` / ``USE_2``. A masked
+    accumulator is expressed at its own max (``m_1`` / ``m_2``), the running max ``m_i`` wherever it
+    takes keys: a span it skips leaves it untouched (no rescaling), ``ALIGN`` catches it up on entry.
+    ``GATE_1`` / ``GATE_2``: that mask takes only the tiles starting in ``[gate_lo, gate_hi)``, each
+    caught up from its own max (one loop, a branch per tile, instead of three spans).
+    ``LAZY`` > 0: the accumulators keep their max until some row's grows by more than ``LAZY``
+    (log2 units; probabilities stay <= 2^LAZY), so most tiles rescale nothing."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    if ALIGN:
+        if USE_1:
+            f = tl.math.exp2(m_1 - _safe(m_i))
+            acc_1 = acc_1 * f[:, None]
+            l_1 = l_1 * f
+        if USE_2:
+            f = tl.math.exp2(m_2 - _safe(m_i))
+            acc_2 = acc_2 * f[:, None]
+            l_2 = l_2 * f
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        valid = offs_n < last
+        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
+        if IEEE:
+            qk = tl.dot(q, k, input_precision="ieee")
+        else:
+            qk = tl.dot(q, k)
+        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
+        # key blocks in frame-major and token-major order (video token f*S+p sits at p*F+f)
+        j = offs_n - VIDEO_START
+        video = (j >= 0) & (j < VIDEO_TOKENS)
+        token_major = tl.where(video, VIDEO_START + (j % FRAME_TOKENS) * FRAMES + j // FRAME_TOKENS, offs_n)
+        m_tile = tl.max(qk, 1)
+        if LAZY > 0:
+            alpha = l_0  # unused: the rescaling happens here, on the few tiles that raise the max
+            if tl.max(m_tile - m_i, 0) > LAZY:
+                m_new = tl.maximum(m_i, m_tile)
+                scale = tl.math.exp2(m_i - _safe(m_new))
+                l_0 = l_0 * scale
+                acc_0 = acc_0 * scale[:, None]
+                if USE_1:
+                    if not GATE_1:
+                        l_1 = l_1 * scale
+                        acc_1 = acc_1 * scale[:, None]
+                if USE_2:
+                    if not GATE_2:
+                        l_2 = l_2 * scale
+                        acc_2 = acc_2 * scale[:, None]
+                m_i = m_new
+        else:
+            m_new = tl.maximum(m_i, m_tile)
+            alpha = tl.math.exp2(m_i - _safe(m_new))
+            l_0 = l_0 * alpha
+            acc_0 = acc_0 * alpha[:, None]
+            m_i = m_new
+        p = tl.math.exp2(qk - _safe(m_i)[:, None])
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        pv = _dot(p, v, IEEE)
+        l_0 = l_0 + tl.sum(p, 1)
+        acc_0 = acc_0 + pv
+        if USE_1:
+            if GATE_1:
+                if (start >= gate_lo) & (start < gate_hi):
+                    f = tl.math.exp2(m_1 - _safe(m_i))
+                    acc_1, l_1 = _masked_step(acc_1, l_1, f, p, pv, v, RS0, RE0, rows, row_ok, start, offs_n,
+                                              token_major, NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_0, ROW_WISE_0,
+                                              FOLD, IEEE, True)  # fmt: skip
+                    m_1 = m_i
+            else:
+                acc_1, l_1 = _masked_step(acc_1, l_1, alpha, p, pv, v, RS0, RE0, rows, row_ok, start, offs_n,
+                                          token_major, NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_0, ROW_WISE_0, FOLD,
+                                          IEEE, LAZY == 0)  # fmt: skip
+        if USE_2:
+            if GATE_2:
+                if (start >= gate_lo) & (start < gate_hi):
+                    f = tl.math.exp2(m_2 - _safe(m_i))
+                    acc_2, l_2 = _masked_step(acc_2, l_2, f, p, pv, v, RS1, RE1, rows, row_ok, start, offs_n,
+                                              token_major, NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_1, ROW_WISE_1,
+                                              FOLD, IEEE, True)  # fmt: skip
+                    m_2 = m_i
+            else:
+                acc_2, l_2 = _masked_step(acc_2, l_2, alpha, p, pv, v, RS1, RE1, rows, row_ok, start, offs_n,
+                                          token_major, NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_1, ROW_WISE_1, FOLD,
+                                          IEEE, LAZY == 0)  # fmt: skip
+    if USE_1:
+        if not GATE_1:
+            m_1 = m_i
+    if USE_2:
+        if not GATE_2:
+            m_2 = m_i
+    return m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2
 
 
 @triton.jit
@@ -93,9 +223,12 @@ def sampled_rows_fwd(
     TABLE_BLOCK: tl.constexpr,
     TOKEN_MAJOR_0: tl.constexpr,  # whether mask 0's ranges count token-major key blocks
     TOKEN_MAJOR_1: tl.constexpr,
-    ROW_WISE_0: tl.constexpr,  # mask 0 decided once per row and tile (see _masked)
+    ROW_WISE_0: tl.constexpr,  # mask 0 decided once per row and tile (see _masked_step)
     ROW_WISE_1: tl.constexpr,
     FOLD: tl.constexpr,  # a row-wise mask reuses the exact tile's P @ V (see _masked_step)
+    HULL: tl.constexpr,  # -1, or the frame-major mask (0 / 1) that skips keys outside its rows' hull (_hull)
+    GATE: tl.constexpr,  # the hull as a branch per key tile (else three loops: before, in, after it)
+    LAZY: tl.constexpr,  # 0, or the max growth (log2 units) that triggers a rescale (see _key_span)
     NR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -112,6 +245,8 @@ def sampled_rows_fwd(
                 mask=row_ok[:, None], other=0.0)  # fmt: skip
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m_1 = m_i
+    m_2 = m_i
     l_0 = tl.zeros([BLOCK_M], tl.float32)
     l_1 = tl.zeros([BLOCK_M], tl.float32)
     l_2 = tl.zeros([BLOCK_M], tl.float32)
@@ -122,32 +257,52 @@ def sampled_rows_fwd(
     v_base = V + batch * stride_vb + head * stride_vh
     first = split * KEYS_PER_SPLIT
     last = tl.minimum(first + KEYS_PER_SPLIT, KV_LEN)
-    for start in range(first, last, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        valid = offs_n < last
-        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
-        if IEEE:
-            qk = tl.dot(q, k, input_precision="ieee")
+    if HULL >= 0:  # the hull's mask takes only the key tiles in [a, b)
+        if HULL == 0:
+            h0, h1 = _hull(RS0, RE0, rows, row_ok, NUM_POSITIONS, NR, TABLE_BLOCK, BLOCK_N, BLOCK_M)
         else:
-            qk = tl.dot(q, k)
-        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
-        # key blocks in frame-major and token-major order (video token f*S+p sits at p*F+f)
-        j = offs_n - VIDEO_START
-        video = (j >= 0) & (j < VIDEO_TOKENS)
-        token_major = tl.where(video, VIDEO_START + (j % FRAME_TOKENS) * FRAMES + j // FRAME_TOKENS, offs_n)
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        pv = _dot(p, v, IEEE)
-        l_0 = l_0 * alpha + tl.sum(p, 1)
-        acc_0 = acc_0 * alpha[:, None] + pv
-        acc_1, l_1 = _masked_step(acc_1, l_1, alpha, p, pv, v, RS0, RE0, rows, row_ok, start, offs_n, token_major,
-                                  NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_0, ROW_WISE_0, FOLD, IEEE)
-        acc_2, l_2 = _masked_step(acc_2, l_2, alpha, p, pv, v, RS1, RE1, rows, row_ok, start, offs_n, token_major,
-                                  NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_1, ROW_WISE_1, FOLD, IEEE)
-        m_i = m_new
+            h0, h1 = _hull(RS1, RE1, rows, row_ok, NUM_POSITIONS, NR, TABLE_BLOCK, BLOCK_N, BLOCK_M)
+        a = tl.minimum(tl.maximum(h0, first), last)
+        b = tl.minimum(tl.maximum(h1, a), last)
+        if GATE:  # one loop, the hull's mask behind a branch per tile
+            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
+                first, last, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
+                m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, a, b,
+                NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                True, True, False, HULL == 0, HULL == 1, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0,
+                ROW_WISE_1, FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
+        else:  # three spans: before the hull, in it, after it
+            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
+                first, a, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
+                m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, a, b,
+                NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                HULL != 0, HULL != 1, True, False, False, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0,
+                ROW_WISE_1, FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
+            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
+                a, b, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
+                m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, a, b,
+                NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                True, True, True, False, False, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0,
+                ROW_WISE_1, FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
+            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
+                b, last, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
+                m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, a, b,
+                NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                HULL != 0, HULL != 1, True, False, False, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0,
+                ROW_WISE_1, FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
+        f_1 = tl.math.exp2(m_1 - _safe(m_i))  # both masked accumulators at the running max
+        f_2 = tl.math.exp2(m_2 - _safe(m_i))
+        acc_1 = acc_1 * f_1[:, None]
+        l_1 = l_1 * f_1
+        acc_2 = acc_2 * f_2[:, None]
+        l_2 = l_2 * f_2
+    else:
+        m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
+            first, last, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
+            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, first, last,
+            NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+            True, True, False, False, False, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0, ROW_WISE_1,
+            FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
 
     part = (batch * HEADS + head) * SPLITS + split  # [B, H, S] flattened
     tl.store(PM + part * NUM_ROWS + offs_m, m_i, mask=row_ok)
@@ -256,35 +411,57 @@ def choose_heads(
             tl.store(SEL + b * HEADS + head, choice)
 
 
-# Launch overrides for benchmarks (None: the choice below): the tile (block_m, block_n, num_warps,
+# Launch overrides for benchmarks (None: the rule below): the tile (block_m, block_n, num_warps,
 # num_stages, see _tiles), how many programs per SM the key splits aim at (see _splits), whether
-# frame-major masks are tested once per row and tile (row_wise, default on where exact) and whether
-# such a mask then reuses the exact tile's P @ V (fold, default on; off: a dot of its own, as before),
-# and the merge's rows per program (merge_rows, see _merge_rows; 16 before).
+# frame-major masks are tested once per row and tile (row_wise, default on where exact), whether such
+# a mask then reuses the exact tile's P @ V (fold; off: a dot of its own), whether the frame-major
+# mask skips the keys outside its rows' hull (hull, see _hull: 1 as three key loops, 2 as a branch
+# per key tile), the lazy-rescale threshold (lazy,
+# log2 units, 0 = rescale every tile, see _key_span) and the merge's rows per program (merge_rows,
+# see _merge_rows; 16 before).
 TUNING: dict[str, int | None] = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None,
-                                 "programs_per_sm": None, "row_wise": None, "fold": None, "merge_rows": None}  # fmt: skip
-PROGRAMS_PER_SM = 2  # the default target of _splits on CUDA (H200, bench/svg.py --overhead, 2026-12-03:
-# with 8 warps, 2 per SM gave the lowest layer / attention at Wan-1.3B 480p, 1.044, and 1.016 at Wan-14B 720p)
+                                 "programs_per_sm": None, "row_wise": None, "fold": None, "hull": None,
+                                 "lazy": None, "merge_rows": None}  # fmt: skip
+LAUNCH_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "programs_per_sm", "fold", "hull", "lazy")
+# Launch settings by the profile's size (score elements: samples x heads x rows x keys): the first
+# rule whose bound holds; TUNING overrides any field. From the H200 run of bench/svg.py --overhead
+# (2026-12-03 c, bench/results/svg-overhead-h200.json, kernel time per call): Wan-1.3B 480p (2.5e7):
+# 8 warps, 2 per SM, folded: 0.187 ms, the lowest profile measured there (0.196 ms in all); Wan-14B
+# 720p (1.9e8): 4 warps, 8 per SM, unfolded ("before"): 0.86 ms, against 1.39-2.41 ms folded (the
+# fold, not the launch, made that shape slower). Above head dim 128: 16 x 64 tiles, 2 stages.
+LAUNCH_RULES: tuple[tuple[float, dict], ...] = (
+    (7e7, dict(block_m=64, block_n=32, num_warps=8, num_stages=3, programs_per_sm=2, fold=True, hull=False, lazy=0)),
+    (math.inf, dict(block_m=64, block_n=32, num_warps=4, num_stages=3, programs_per_sm=8, fold=False, hull=False,
+                    lazy=0)),
+)  # fmt: skip
+PROGRAMS_PER_SM = 2  # _splits' target when none is given
 
 
-def _tiles(rows: int, dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): up to dim 128, 64 rows x 32 keys, 8 warps,
-    3 stages (all of SVG's 64 sampled rows in one tile, so keys and values are read once; with 4
-    warps the kernel spilled registers on sm_90 and profiled 5-27% slower on an H200, bench/svg.py
-    --overhead at Wan-1.3B 480p and Wan-14B 720p); above, 16 x 64 with 2 stages (shared memory). Three float32
-    accumulators of BLOCK_M x dim."""
-    chosen = (64, 32, 8, 3) if dim <= 128 else (16, 64, 4, 2)
-    return tuple(c if TUNING.get(k) is None else TUNING[k]
-                 for k, c in zip(("block_m", "block_n", "num_warps", "num_stages"), chosen))  # fmt: skip
+def launch_settings(size: float, dim: int) -> dict:
+    """The kernel's launch settings for a profile of ``size`` score elements (batch x heads x rows x
+    keys) at head dim ``dim``: the first :data:`LAUNCH_RULES` entry whose bound holds, then
+    :data:`TUNING`'s overrides."""
+    chosen = dict(next(rule for bound, rule in LAUNCH_RULES if size <= bound))
+    if dim > 128:  # three float32 accumulators of BLOCK_M x dim: shared memory and registers
+        chosen.update(block_m=16, block_n=64, num_warps=4, num_stages=2)
+    chosen.update({k: TUNING[k] for k in LAUNCH_KEYS if TUNING.get(k) is not None})
+    return chosen
 
 
-def _splits(programs: int, kv_len: int, block_n: int, device: torch.device) -> int:
-    """Key splits so that the GPU gets about ``TUNING["programs_per_sm"]`` (default
-    :data:`PROGRAMS_PER_SM`, eight) programs per SM, each split at least eight key tiles long
-    (two splits on the interpreter, whatever the target)."""
+def _tiles(rows: int, dim: int, device: torch.device, size: float = 0) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of :func:`launch_settings`: all of SVG's 64 sampled
+    rows in one tile up to dim 128, so keys and values are read once."""
+    chosen = launch_settings(size, dim)
+    return tuple(chosen[k] for k in ("block_m", "block_n", "num_warps", "num_stages"))
+
+
+def _splits(programs: int, kv_len: int, block_n: int, device: torch.device, per_sm: int | None = None) -> int:
+    """Key splits so that the GPU gets about ``TUNING["programs_per_sm"]`` (else ``per_sm``, else
+    :data:`PROGRAMS_PER_SM`) programs per SM, each split at least eight key tiles long (two splits on
+    the interpreter, whatever the target)."""
     if device.type == "cpu":
         return min(2, max(1, kv_len // (4 * block_n)))
-    per_sm = TUNING.get("programs_per_sm") or PROGRAMS_PER_SM
+    per_sm = TUNING.get("programs_per_sm") or per_sm or PROGRAMS_PER_SM
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(math.ceil(per_sm * sms / programs), kv_len // (8 * block_n)))
 
@@ -327,9 +504,10 @@ def sampled_outputs(
             or starts.shape != ends.shape:  # fmt: skip
         raise ValueError(f"starts/ends must be contiguous [2, NR, positions], got {tuple(starts.shape)}, "
                          f"{tuple(ends.shape)}")  # fmt: skip
-    block_m, block_n, warps, stages = _tiles(num_rows, dim, q.device)
+    chosen = launch_settings(batch * heads * num_rows * kv_len, dim)
+    block_m, block_n, warps, stages = (chosen[k] for k in ("block_m", "block_n", "num_warps", "num_stages"))
     row_tiles = triton.cdiv(num_rows, block_m)
-    splits = splits or _splits(row_tiles * batch * heads, kv_len, block_n, q.device)
+    splits = splits or _splits(row_tiles * batch * heads, kv_len, block_n, q.device, chosen["programs_per_sm"])
     per_split = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
     splits = triton.cdiv(kv_len, per_split)
     dev = q.device
@@ -338,6 +516,8 @@ def sampled_outputs(
     po = torch.empty(batch, heads, splits, 3, num_rows, dim, dtype=torch.float32, device=dev)
     extra = {} if dev.type == "cpu" else {"num_warps": warps, "num_stages": stages}
     row_wise = [TUNING.get("row_wise") is not False and not tm and block_size % block_n == 0 for tm in token_major]
+    frame_major = [i for i, tm in enumerate(token_major) if not tm]
+    hull = frame_major[0] if chosen["hull"] and frame_major else -1
     sampled_rows_fwd[(row_tiles, batch * heads, splits)](
         q, k, v, rows, starts[0], ends[0], starts[1], ends[1], pm, pl, po,
         q.stride(0), q.stride(1), q.stride(2),
@@ -346,7 +526,8 @@ def sampled_outputs(
         num_rows, starts.shape[2], heads, kv_len, per_split, splits, *layout,
         softmax_scale * LOG2E,
         TABLE_BLOCK=block_size, TOKEN_MAJOR_0=bool(token_major[0]), TOKEN_MAJOR_1=bool(token_major[1]),
-        ROW_WISE_0=row_wise[0], ROW_WISE_1=row_wise[1], FOLD=TUNING.get("fold") is not False, NR=starts.shape[1],
+        ROW_WISE_0=row_wise[0], ROW_WISE_1=row_wise[1], FOLD=bool(chosen["fold"]), HULL=hull, GATE=chosen["hull"] == 2,
+        LAZY=int(chosen["lazy"] or 0), NR=starts.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim, IEEE=q.dtype == torch.float32,
         **extra,
     )  # fmt: skip
