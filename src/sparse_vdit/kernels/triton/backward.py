@@ -38,15 +38,15 @@ DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "delta": "torc
 _EVEN = {"delta": "kernel", "even": True}
 VARIANTS: dict[str, dict] = {  # in order of interest: a run out of time drops the last ones
     "base": {},  # DEFAULTS: 128-key tiles with 32-query steps (and the converse for dQ), 8 warps, 3 stages
+    "even-tma": {**_EVEN, "tma": True},
+    "even-tma-kv64": {**_EVEN, "tma": True, "tiles": (64, 32, 128, 64)},  # no register spills on sm90 (ptxas)
+    "fused-tma-kv64": {**_EVEN, "fused": True, "tma": True, "tiles": (64, 32, 128, 64)},  # no spills either
+    "fused-tma": {**_EVEN, "fused": True, "tma": True},
     "prologue": {"delta": "kernel"},
     "even": _EVEN,
-    "fused": {**_EVEN, "fused": True, "tiles": (128, 64, 128, 64), "stages": (2, 2)},
-    "even-64": {**_EVEN, "tiles": (128, 64, 128, 64), "stages": (2, 2)},
-    "even-tma": {**_EVEN, "tma": True},
-    "fused-32": {**_EVEN, "fused": True},
-    "fused-tma": {**_EVEN, "fused": True, "tma": True, "tiles": (128, 64, 128, 64), "stages": (2, 2)},
-    "even-64-tma": {**_EVEN, "tma": True, "tiles": (128, 64, 128, 64), "stages": (2, 2)},
-    "even-kv64": {**_EVEN, "tiles": (64, 64, 64, 64), "warps": (4, 4)},
+    "even-tma-64": {**_EVEN, "tma": True, "tiles": (128, 64, 128, 64), "stages": (2, 2)},
+    "fused-kv64": {**_EVEN, "fused": True, "tiles": (64, 32, 128, 64)},
+    "fused-tma-64": {**_EVEN, "fused": True, "tma": True, "tiles": (128, 64, 128, 64), "stages": (2, 2)},
 }
 
 
@@ -172,13 +172,14 @@ def block_sparse_attention_bwd_dkdv(
     offs_d = tl.arange(0, HEAD_DIM)
     rows_n = _rows(offs_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
     key_ok = offs_n < KV_LEN
-    kv_offsets = base + rows_n[:, None] * stride_n + offs_d[None, :]
-    k = tl.load(K + kv_offsets, mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
-    v = tl.load(V + kv_offsets, mask=key_ok[:, None], other=0.0)
+    # addresses built from each tensor's own pointer: a shared [BLOCK, D] offset tensor would stay live
+    # (in registers) across the loop for the stores at the end
+    k = tl.load(K + base + rows_n[:, None] * stride_n + offs_d[None, :], mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
+    v = tl.load(V + base + rows_n[:, None] * stride_n + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    # keys past KV_LEN: each row of dk, dv is its own key's, so zeroing them at the end is enough, unless
-    # their P also feeds dQ (FUSED): then P is masked, on the tiles that hold such keys only
+    # keys past KV_LEN: each row of dk, dv is its own key's, so zeroing them after the kernel is enough,
+    # unless their P also feeds dQ (FUSED): then P is masked, on the tiles that hold such keys only
     if EVEN:
         if FUSED:
             mask_keys = tile * BLOCK_N + BLOCK_N > KV_LEN
@@ -207,11 +208,10 @@ def block_sparse_attention_bwd_dkdv(
             dk, dv, k, v, key_ok, mask_keys, first, last, Q, DO, DQ, Q_DESC, DO_DESC, LSE, DELTA, base, stats,
             batch, head, stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale, softmax_scale,
             FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, FUSED)  # fmt: skip
-    out_ok = (offs_n < N)[:, None]
-    dk = tl.where(key_ok[:, None], dk * softmax_scale, 0.0)
-    dv = tl.where(key_ok[:, None], dv, 0.0)
-    tl.store(DK + kv_offsets, dk.to(DK.dtype.element_ty), mask=out_ok)
-    tl.store(DV + kv_offsets, dv.to(DV.dtype.element_ty), mask=out_ok)
+    out_ok = (offs_n < N)[:, None]  # with EVEN and not FUSED, rows of keys past KV_LEN are zeroed by the launcher
+    dk = dk * softmax_scale  # (a tl.where here costs register spills in the loop on sm90)
+    tl.store(DK + base + rows_n[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
+    tl.store(DV + base + rows_n[:, None] * stride_n + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -259,9 +259,8 @@ def block_sparse_attention_bwd_dq(
     offs_d = tl.arange(0, HEAD_DIM)
     rows_m = _rows(offs_m, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
     q_ok = offs_m < N
-    q_offsets = base + rows_m[:, None] * stride_n + offs_d[None, :]
-    q = tl.load(Q + q_offsets, mask=q_ok[:, None], other=0.0)
-    do = tl.load(DO + q_offsets, mask=q_ok[:, None], other=0.0)
+    q = tl.load(Q + base + rows_m[:, None] * stride_n + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    do = tl.load(DO + base + rows_m[:, None] * stride_n + offs_d[None, :], mask=q_ok[:, None], other=0.0)
     lse = tl.load(LSE + stats + rows_m, mask=q_ok, other=float("inf"))
     delta = tl.load(DELTA + stats + rows_m, mask=q_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -283,7 +282,8 @@ def block_sparse_attention_bwd_dq(
         dq = _dq_steps(dq, q, do, lse, delta, first, last, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
                        token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                        FRAMES, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True)  # fmt: skip
-    tl.store(DQ + q_offsets, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
+    dq = (dq * softmax_scale).to(DQ.dtype.element_ty)
+    tl.store(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], dq, mask=q_ok[:, None])
 
 
 @triton.jit
@@ -384,6 +384,8 @@ def backward(
         n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
         BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=descriptors is not None, FUSED=fused, **common, **launch[0],
     )  # fmt: skip
+    if even and not fused and layout.kv_len < n:  # the kernel left the rows of padded keys as they came
+        dk[:, layout.kv_len :], dv[:, layout.kv_len :] = 0, 0
     if fused:
         return dq.to(q.dtype), dk, dv
     dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order),
