@@ -147,7 +147,12 @@ def _dkdv_steps(
     return dk, dv
 
 
-@triton.jit
+# sizes and table shapes not specialised on (divisibility by 16): bench/backward.py's small check layouts
+# then run the very kernels it times, compiled once
+_SIZES = ["N", "KV_LEN", "HEADS", "NUM_RANGES", "FRAME_TOKENS", "VIDEO_START", "VIDEO_TOKENS", "stride_rh", "stride_rm"]
+
+
+@triton.jit(do_not_specialize=[*_SIZES, "NUM_K_TILES"])
 def block_sparse_attention_bwd_dkdv(
     Q, K, V, DO, DK, DV, DQ,  # [B, N, H, D], one set of strides (the launcher makes them contiguous); DQ: float32 (FUSED)
     Q_DESC, DO_DESC,  # with TMA: descriptors of Q and DO, blocks [1, BLOCK_M, 1, D]; else unused
@@ -234,7 +239,7 @@ def _dq_steps(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*_SIZES, "NUM_Q_TILES"])
 def block_sparse_attention_bwd_dq(
     Q, K, V, DO, DQ,  # [B, N, H, D], one set of strides
     K_DESC, V_DESC,  # with TMA: descriptors of K and V, blocks [1, BLOCK_N, 1, D]; else unused
@@ -286,7 +291,7 @@ def block_sparse_attention_bwd_dq(
     tl.store(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], dq, mask=q_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS", "HEADS", "N"])
 def backward_prologue(O, DO, LSE, DELTA, LSE2, ROWS, HEADS, N, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
     """``DELTA = rowsum(DO * O)`` and ``LSE2 = LSE * log2(e)`` for ``BLOCK`` rows of the flat
     ``[B * N * H, D]`` tensors; DELTA, LSE, LSE2 are ``[B, H, N]``."""
