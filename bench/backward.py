@@ -13,8 +13,8 @@ kernels, plus the token-major permutation where the backend needs it; flex and r
 recompute their forward). Reported per row: ms (median over rotated input sets, CUDA events) and
 backward block efficiency ``density * t_cuDNN_dense_backward / t``. ``--variants`` times the
 Triton backward's candidate settings (``kernels.triton.backward.VARIANTS``) against each other,
-each first checked on small layouts of each shape's frame count (the kernels it compiles are the
-timed ones) against float64 autograd of the reference backend: relative RMS error of dq, dk, dv
+each first checked on small layouts of each shape's frame count (sizes are not specialised on, so
+mostly the very kernels timed) against float64 autograd of the reference backend: relative RMS error of dq, dk, dv
 at most twice dense SDPA's own at the same dtype, or the variant is not timed.
 Writes ``backward.json`` to ``--out`` and prints a table last (with variants: efficiency per variant).
 """
