@@ -1,7 +1,7 @@
 """Backward block efficiency of sparse_attention: each backend's backward against cuDNN's dense backward.
 
     python bench/backward.py [--shapes wan1.3b-480p hunyuan-720p] [--densities 0.1 0.2 0.3 0.5]
-                             [--kinds band mixed] [--backends triton fa4 flex] [--triton-tiles 128,32,128,32,8 ...]
+                             [--kinds band mixed] [--backends triton fa4 flex] [--variants base fused ... | all]
 
 For each shape (default Wan-1.3B 480p and HunyuanVideo 720p + 256 text, batch 1, bf16) it times
 the backward of dense cuDNN SDPA, then the backward of ``sparse_attention`` on every backend
@@ -11,9 +11,12 @@ graph kept, and each timed call is ``torch.autograd.grad(out, (q, k, v), grad_ou
 training step pays on top of its forward: for triton and fa4 the delta pass and the two Triton
 kernels, plus the token-major permutation where the backend needs it; flex and reference
 recompute their forward). Reported per row: ms (median over rotated input sets, CUDA events) and
-backward block efficiency ``density * t_cuDNN_dense_backward / t``. ``--triton-tiles`` sweeps
-the Triton backward's tiles (dK/dV key tile, its query step, dQ query tile, its key step, warps).
-Writes ``backward.json`` to ``--out`` and prints a table last.
+backward block efficiency ``density * t_cuDNN_dense_backward / t``. ``--variants`` times the
+Triton backward's candidate settings (``kernels.triton.backward.VARIANTS``) against each other,
+each first checked on small layouts of each shape's frame count (sizes are not specialised on, so
+mostly the very kernels timed) against float64 autograd of the reference backend: relative RMS error of dq, dk, dv
+at most twice dense SDPA's own at the same dtype, or the variant is not timed.
+Writes ``backward.json`` to ``--out`` and prints a table last (with variants: efficiency per variant).
 """
 
 from __future__ import annotations
@@ -65,15 +68,80 @@ def measure(attend, sets, target_ms: float) -> float:
     return ms
 
 
+def check_layout(shape: Shape) -> VideoLayout:
+    """A small layout with ``shape``'s frame count (a constant of the kernels) and text kind, ragged blocks."""
+    layout = shape.layout
+    text = dict(text=40, text_position=layout.text_position, text_valid=30) if layout.text else {}
+    return VideoLayout(layout.frames, 12, 20, **text)
+
+
+def check_variant(shape: Shape, device, dtype, batch: int = 2, heads: int = 6) -> dict:
+    """Relative RMS errors of the Triton backward's (dq, dk, dv) under the options in force, and dense SDPA's
+    at ``dtype``, against float64 autograd (reference backend; dense: SDPA), on ``check_layout(shape)``."""
+    from common import kind_patterns
+
+    from sparse_vdit.kernels import sparse_attention
+
+    layout = check_layout(shape)
+    table = sparse_vdit.compile_layer(kind_patterns("mixed", 0.1, layout, heads), layout, 128, device)
+    g = torch.Generator(device=device).manual_seed(1)
+    inputs = [torch.randn(batch, layout.num_tokens, heads, shape.dim, generator=g, device=device) for _ in range(4)]
+    kv = layout.kv_len
+
+    def grads(fn, dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in inputs[:3]]
+        return torch.autograd.grad(fn(*leaves), leaves, inputs[3].to(dt))
+
+    def error(got, exact):
+        return [float((a.double() - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(got, exact)]
+
+    def dense(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k[:, :kv].transpose(1, 2), v[:, :kv].transpose(1, 2)).transpose(1, 2)  # fmt: skip
+
+    got = grads(lambda q, k, v: sparse_attention(q, k, v, table, backend="triton"), dtype)
+    exact = grads(lambda q, k, v: sparse_attention(q, k, v, table, backend="reference"), torch.float64)
+    dense_error = error(grads(dense, dtype), grads(dense, torch.float64))
+    err = error(got, exact)
+    ok = all(e <= max(2 * d, 2e-6) for e, d in zip(err, dense_error)) and not any(t.isnan().any() for t in got)
+    return {"layout": layout.describe(), "error": err, "dense_error": dense_error, "ok": ok}
+
+
+def use_variant(name: str | None) -> None:
+    """Put the Triton backward's options to variant ``name`` (None: the defaults)."""
+    from sparse_vdit.kernels.triton import backward as triton_backward
+
+    triton_backward.OPTIONS.update(dict.fromkeys(triton_backward.OPTIONS))
+    if name is not None:
+        triton_backward.OPTIONS.update(triton_backward.VARIANTS[name])
+
+
+def variant_table(result: dict) -> str:
+    """Efficiency per (shape, kind, density) row and variant column, from ``result['rows']``."""
+    rows = [r for r in result["rows"] if r.get("variant") and "block_eff" in r]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    keys = list(dict.fromkeys((r["shape"], r["kind"], r["target"]) for r in rows))
+    eff = {(r["shape"], r["kind"], r["target"], r["variant"]): r["block_eff"] for r in rows}
+    lines = ["shape / kind / density " + " ".join(f"{v:>10s}" for v in variants)]
+    for key in keys:
+        cells = (f"{eff[(*key, v)]:10.3f}" if (*key, v) in eff else f"{'-':>10s}" for v in variants)
+        lines.append(f"{key[0]} / {key[1]} / {key[2]:.2f} " + " ".join(cells))
+    for variant, checks in result.get("checks", {}).items():
+        worst = [max(e / d for e, d in zip(c["error"], c["dense_error"])) for c in checks if "error" in c]
+        lines.append(f"check {variant}: {'ok' if all(c['ok'] for c in checks) else 'FAILED'}, worst error "
+                     f"{max(worst, default=float('nan')):.2f} x dense SDPA's")  # fmt: skip
+    return "\n".join(lines)
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES), choices=list(SHAPES))
     p.add_argument("--densities", nargs="*", type=float, default=[0.10, 0.20, 0.30, 0.50])
     p.add_argument("--kinds", nargs="*", default=["band", "mixed"], choices=["band", "multi_diag", "vertical", "mixed"])
     p.add_argument("--backends", nargs="*", default=["triton", "fa4", "flex"])
-    p.add_argument("--triton-tiles", nargs="*", default=[None],
-                   help="Triton backward tiles to sweep, each 'kv_tile,q_step,q_tile,kv_step,warps' (default: the rule)")
-    p.add_argument("--stages", type=int, default=None, help="num_stages of the Triton backward kernels")
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="Triton backward variants to check and time (names of backward.VARIANTS, or 'all'); "
+                        "default: the defaults only, unchecked")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--sets", type=int, default=3, help="rotated input sets (L2 must not flatter)")
@@ -90,6 +158,12 @@ def main(argv=None) -> dict:
     from sparse_vdit.kernels.triton import backward as triton_backward
 
     t_start = time.time()
+    variants = [None] if args.variants is None else args.variants
+    if variants == ["all"]:
+        variants = list(triton_backward.VARIANTS)
+    unknown = set(variants) - set(triton_backward.VARIANTS) - {None}
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {list(triton_backward.VARIANTS)}")
     if args.dry_run:
         device, dtype, shapes = torch.device("cpu"), torch.float32, [DRY_SHAPE]
         args.densities, args.sets = args.densities[:1], 1
@@ -129,35 +203,48 @@ def main(argv=None) -> dict:
         kv = layout.kv_len
         t_dense = measure(lambda q, k, v: dense(q, k[:, :kv], v[:, :kv]), sets, args.target_ms)
         record(shape=shape.name, kind="dense", target=1.0, density=1.0, backend="cudnn-backward", ms=t_dense, block_eff=1.0)
+        tables = {}
         for backend in backends:
-            for tiles in args.triton_tiles if backend == "triton" else [None]:
-                triton_backward.OVERRIDE.update(tiles=tuple(int(x) for x in tiles.split(",")) if tiles else None,
-                                                num_stages=args.stages)  # fmt: skip
-                label = backend + (f"[{tiles}]" if tiles else "")
+            for variant in variants if backend == "triton" else [None]:
+                use_variant(variant)
+                label = backend + (f"[{variant}]" if variant else "")
+                if variant and time.time() - t_start <= args.budget_s:
+                    try:
+                        check = check_variant(shape, device, dtype, **({"batch": 1, "heads": 3} if args.dry_run else {}))
+                    except Exception as exc:  # reported, not fatal
+                        check = {"ok": False, "exception": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                    result.setdefault("checks", {}).setdefault(variant, []).append({"shape": shape.name, **check})
+                    print(f"  check {label} on {shape.name}: {json.dumps(check)}", flush=True)
+                    if not check["ok"]:
+                        continue
                 for kind in args.kinds:
                     for density in args.densities:
                         if time.time() - t_start > args.budget_s:
                             result["incomplete"].append(f"{shape.name}/{label}/{kind}/{density}")
                             continue
-                        table, _ = table_for(kind, density, layout, shape.heads, device)
+                        if (kind, density) not in tables:
+                            tables[kind, density] = table_for(kind, density, layout, shape.heads, device)[0]
+                        table = tables[kind, density]
                         try:
                             ms = measure(lambda q, k, v: sparse_attention(q, k, v, table, backend=backend), sets,
                                          args.target_ms)  # fmt: skip
                         except Exception as exc:  # reported, not fatal
                             print(f"  {label} {kind} {density}: {type(exc).__name__}: {exc}", flush=True)
                             result["rows"].append(dict(shape=shape.name, kind=kind, target=density, backend=label,
-                                                       error=str(exc)[:300]))  # fmt: skip
+                                                       variant=variant, error=str(exc)[:300]))  # fmt: skip
                             continue
                         record(shape=shape.name, kind=kind, target=density, density=table.density, backend=label,
-                               ms=ms, block_eff=table.density * t_dense / ms)  # fmt: skip
-        triton_backward.OVERRIDE.update(tiles=None, num_stages=None)
-        del sets
+                               variant=variant, ms=ms, block_eff=table.density * t_dense / ms)  # fmt: skip
+        use_variant(None)
+        del sets, tables
         sparse_vdit.clear_caches()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         write_json(path, result)
     result["wall_s"] = time.time() - t_start
     write_json(path, result)
+    if variants != [None]:
+        print(variant_table(result))
     print(f"wrote {path} ({result['wall_s']:.0f} s)")
     return result
 

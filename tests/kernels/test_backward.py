@@ -20,6 +20,10 @@ from sparse_vdit.kernels import registry
 from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, spatial, temporal, vertical
 
 torch.set_num_threads(1)
+try:
+    from sparse_vdit.kernels.triton.backward import VARIANTS
+except ImportError:  # no triton: the Triton tests skip
+    VARIANTS = {"base": {}}
 
 MIXED = [dense(), skip(), diagonal(0.5), multi_diagonal(0.1), vertical(((0.0, 1.0),), 0.3)]
 CASES = {  # layout, block, heads, batch, head dim: small, for the interpreter
@@ -109,6 +113,31 @@ def test_triton_backward_matches_masked_attention(case, dtype, monkeypatch):
     if not registry.available("triton", torch.device("cpu"))[0]:
         pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
     _check(CASES[case], "triton", dtype, "cpu", 2e-6, monkeypatch)
+
+
+def _variant_options(name: str, block: int) -> dict:
+    """A backward variant's options, its tiles (set for 128-token blocks) scaled to ``block`` (at least 16)."""
+    from sparse_vdit.kernels.triton.backward import OPTIONS
+
+    options = {**dict.fromkeys(OPTIONS), **VARIANTS[name]}
+    tiles = options["tiles"] or (128, 32, 128, 32)  # the GPU rule's, not the interpreter's whole blocks: steps split
+    options["tiles"] = tuple(max(16, t * block // 128) for t in tiles)
+    return options
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", ["mixed-text-suffix-padded-batch2", "mixed-text-prefix-d128"])
+def test_triton_backward_variants_match_masked_attention(case, variant, monkeypatch):
+    """Every candidate of bench/backward.py --variants (fp16, tiles split into several steps per block,
+    ragged last blocks, text, token-major and skipped heads)."""
+    pytest.importorskip("triton")
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
+    from sparse_vdit.kernels.triton import backward
+
+    for key, value in _variant_options(variant, CASES[case][1]).items():
+        monkeypatch.setitem(backward.OPTIONS, key, value)
+    _check(CASES[case], "triton", torch.float16, "cpu", 2e-6, monkeypatch)
 
 
 def test_triton_backward_on_permuted_tensors_as_fa4_runs_it():

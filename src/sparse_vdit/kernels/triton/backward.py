@@ -1,12 +1,15 @@
 """Block-sparse attention backward in Triton, exact for the forward's block table.
 
-Two launches, FlashAttention-2 style, no atomics: ``dK, dV`` by key tile, looping over the query
-blocks that visit its key block (the table's transposed form, :attr:`BlockTable.query_ranges`),
-and ``dQ`` by query tile, looping over the forward's key-block ranges. Both recompute the
-probabilities from the forward's log-sum-exp (``launcher.forward(..., return_lse=True)``) and
-``delta = rowsum(dO * O)``. Token-major heads are read and written through their order in place,
-as in the forward. Every element of dQ, dK, dV is written (zeros for keys nobody visits: skipped
-heads, padded text). The torch reference is autograd through ``sparse_vdit.kernels.reference``.
+FlashAttention-2 style: ``dK, dV`` by key tile, looping over the query blocks that visit its key
+block (the table's transposed form, :attr:`BlockTable.query_ranges`), and ``dQ`` by query tile,
+looping over the forward's key-block ranges; or (option ``fused``) one launch by key tile that
+also adds each step's share of ``dQ`` into a float32 buffer with atomics (no second pass that
+recomputes the probabilities; the order of the sum, so its last bits, varies from run to run).
+Both recompute the probabilities from the forward's log-sum-exp (``launcher.forward(...,
+return_lse=True)``, turned to base 2 here) and ``delta = rowsum(dO * O)``. Token-major heads are
+read and written through their order in place, as in the forward. Every element of dQ, dK, dV is
+written (zeros for keys nobody visits: skipped heads, padded text). The torch reference is
+autograd through ``sparse_vdit.kernels.reference``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,39 @@ import triton.language as tl
 
 from ...block_table import num_blocks
 from .kernel import sequence_rows
-from .launcher import LOG2E, _schedule, option
+from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option
+
+# Options of the backward (None: DEFAULTS), set by benchmarks (bench/backward.py --variants) and tests:
+# ``tiles`` (dK/dV key tile, its query step, dQ query tile, its key step; None: the rule of _tiles),
+# ``warps`` and ``stages`` (dK/dV kernel, dQ kernel), ``delta`` ("torch", or "kernel": one Triton
+# pass for delta and the base-2 LSE), ``even`` (whole steps unmasked, only the ragged last step of
+# a range masked; key padding masked once at the end), ``tma`` (with ``even``: frame-major heads read
+# their whole steps through tensor descriptors, sm90+), ``fused`` (dQ by atomics in the dK/dV kernel).
+OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "delta": None, "even": None, "tma": None, "fused": None}
+DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "delta": "torch", "even": False, "tma": False,
+                  "fused": False}  # fmt: skip
+
+
+# Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first);
+# the winner becomes DEFAULTS, the losers go. Tiles are for 128-token table blocks (tests scale them).
+_EVEN = {"delta": "kernel", "even": True}
+VARIANTS: dict[str, dict] = {  # in order of interest: a run out of time drops the last ones
+    "base": {},  # DEFAULTS: 128-key tiles with 32-query steps (and the converse for dQ), 8 warps, 3 stages
+    "even-tma": {**_EVEN, "tma": True},
+    "even-tma-kv64": {**_EVEN, "tma": True, "tiles": (64, 32, 128, 64)},  # no register spills on sm90 (ptxas)
+    "fused-tma-kv64": {**_EVEN, "fused": True, "tma": True, "tiles": (64, 32, 128, 64)},  # no spills either
+    "fused-tma": {**_EVEN, "fused": True, "tma": True},
+    "prologue": {"delta": "kernel"},
+    "even": _EVEN,
+    "even-tma-64": {**_EVEN, "tma": True, "tiles": (128, 64, 128, 64), "stages": (2, 2)},
+    "fused-kv64": {**_EVEN, "fused": True, "tiles": (64, 32, 128, 64)},
+    "fused-tma-64": {**_EVEN, "fused": True, "tma": True, "tiles": (128, 64, 128, 64), "stages": (2, 2)},
+}
+
+
+def backward_option(name: str):
+    """The backward option ``name`` in force: ``OPTIONS`` where set, else ``DEFAULTS``."""
+    return DEFAULTS[name] if OPTIONS[name] is None else OPTIONS[name]
 
 
 @triton.jit
@@ -29,15 +64,16 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _program(SCHEDULE, TOKEN_MAJOR, NUM_TILES, N, HEADS, stride_b, stride_h, ANY_TOKEN_MAJOR: tl.constexpr):
-    """This program's work item (heaviest first): ``(head, tile, token_major, base, stats)``, with the
-    offsets of its (batch, head) in the ``[B, N, H, D]`` tensors (``base``) and in LSE / DELTA (``stats``)."""
+    """This program's work item (heaviest first): ``(head, tile, batch, token_major, base, stats)``, with
+    the offsets of its (batch, head) in the ``[B, N, H, D]`` tensors (``base``) and in LSE / DELTA (``stats``)."""
     item = tl.load(SCHEDULE + tl.program_id(0))
     head = item // NUM_TILES
-    batch = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(1)  # int32: a TMA coordinate
     token_major = False
     if ANY_TOKEN_MAJOR:
         token_major = tl.load(TOKEN_MAJOR + head) != 0
-    return head, item % NUM_TILES, token_major, batch * stride_b + head * stride_h, (batch * HEADS + head) * N
+    offset_b = batch.to(tl.int64)
+    return head, item % NUM_TILES, batch, token_major, offset_b * stride_b + head * stride_h, (offset_b * HEADS + head) * N
 
 
 @triton.jit
@@ -50,9 +86,77 @@ def _rows(offs, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES: tl
 
 
 @triton.jit
+def _tile(PTR, DESC, base, rows, ok, batch, head, start, stride_n,
+          BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """``[BLOCK, HEAD_DIM]``: rows ``rows`` of one (batch, head); through ``DESC`` (whole tiles of
+    contiguous rows from ``start``) with TMA, else by pointers (rows not ``ok`` read 0 when MASKED)."""
+    if TMA:
+        return DESC.load([batch, start, head, 0]).reshape(BLOCK, HEAD_DIM)
+    ptrs = PTR + base + rows[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :]
+    if MASKED:
+        return tl.load(ptrs, mask=ok[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _step(A, B, A_DESC, B_DESC, start, last, base, batch, head, stride_n, token_major, FRAME_TOKENS, VIDEO_START,
+          VIDEO_TOKENS, FRAMES: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+          ANY_TOKEN_MAJOR: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """The ``BLOCK`` positions from ``start`` of a loop over ``[.., last)``: ``(rows, ok, a, b)``, their
+    memory rows, which are before ``last``, and their ``[BLOCK, HEAD_DIM]`` tiles of A and B."""
+    offs = start + tl.arange(0, BLOCK)
+    ok = offs < last
+    rows = _rows(offs, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
+    a = _tile(A, A_DESC, base, rows, ok, batch, head, start, stride_n, BLOCK, HEAD_DIM, MASKED, TMA)
+    b = _tile(B, B_DESC, base, rows, ok, batch, head, start, stride_n, BLOCK, HEAD_DIM, MASKED, TMA)
+    return rows, ok, a, b
+
+
+@triton.jit
+def _dkdv_steps(
+    dk, dv, k, v, key_ok, mask_keys, first, last, Q, DO, DQ, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
+    stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale, softmax_scale,
+    FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+    ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr, FUSED: tl.constexpr,
+):  # fmt: skip
+    """Query steps ``[first, last)`` into ``(dk, dv)`` of one key tile (and with FUSED, their share of
+    dQ added into DQ). MASKED: rows ``>= last`` masked; ``mask_keys``: keys not ``key_ok`` zeroed in P."""
+    for start in range(first, last, BLOCK_M):
+        rows_m, q_ok, q, do = _step(Q, DO, Q_DESC, DO_DESC, start, last, base, batch, head, stride_n, token_major,
+                                    FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, BLOCK_M, HEAD_DIM,
+                                    ANY_TOKEN_MAJOR, MASKED, TMA)  # fmt: skip
+        if MASKED:
+            lse = tl.load(LSE + stats + rows_m, mask=q_ok, other=float("inf"))
+            delta = tl.load(DELTA + stats + rows_m, mask=q_ok, other=0.0)
+        else:
+            lse = tl.load(LSE + stats + rows_m)
+            delta = tl.load(DELTA + stats + rows_m)
+        p_t = tl.math.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
+        if mask_keys:
+            p_t = tl.where(key_ok[:, None], p_t, 0.0)
+        dv += _dot(p_t.to(do.dtype), do, IEEE)
+        ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, IEEE)
+        if FUSED:
+            dq = _dot(tl.trans(ds_t.to(k.dtype)), k, IEEE) * softmax_scale  # [BLOCK_M, D]
+            ptrs = DQ + base + rows_m[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :]
+            if MASKED:
+                tl.atomic_add(ptrs, dq, mask=q_ok[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(ptrs, dq, sem="relaxed")
+    return dk, dv
+
+
+# sizes and table shapes not specialised on (divisibility by 16): bench/backward.py's small check layouts
+# then run the very kernels it times, compiled once
+_SIZES = ["N", "KV_LEN", "HEADS", "NUM_RANGES", "FRAME_TOKENS", "VIDEO_START", "VIDEO_TOKENS", "stride_rh", "stride_rm"]
+
+
+@triton.jit(do_not_specialize=[*_SIZES, "NUM_K_TILES"])
 def block_sparse_attention_bwd_dkdv(
-    Q, K, V, DO, DK, DV,  # [B, N, H, D], one set of strides (the launcher makes them contiguous)
-    LSE, DELTA,  # float32 [B, H, N] by memory row
+    Q, K, V, DO, DK, DV, DQ,  # [B, N, H, D], one set of strides (the launcher makes them contiguous); DQ: float32 (FUSED)
+    Q_DESC, DO_DESC,  # with TMA: descriptors of Q and DO, blocks [1, BLOCK_M, 1, D]; else unused
+    LSE, DELTA,  # float32 [B, H, N] by memory row; LSE in base 2
     STARTS, ENDS,  # int32 [H, Kb, R]: the query blocks visiting each key block, as ranges
     SCHEDULE,  # int32 [H * NUM_K_TILES]: work items, heaviest first
     TOKEN_MAJOR,  # int8 [H]
@@ -64,46 +168,82 @@ def block_sparse_attention_bwd_dkdv(
     BLOCK_M: tl.constexpr,  # query rows per step
     BLOCK_N: tl.constexpr,  # keys per program
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr,
+    EVEN: tl.constexpr, TMA: tl.constexpr, FUSED: tl.constexpr,
 ):  # fmt: skip
-    head, tile, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b, stride_h,
-                                                    ANY_TOKEN_MAJOR)  # fmt: skip
+    head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
+                                                           stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
     column = tile * BLOCK_N // TABLE_BLOCK  # the key block holding this tile
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions in the head's own order
     offs_d = tl.arange(0, HEAD_DIM)
     rows_n = _rows(offs_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
     key_ok = offs_n < KV_LEN
-    kv_offsets = base + rows_n[:, None] * stride_n + offs_d[None, :]
-    k = tl.load(K + kv_offsets, mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
-    v = tl.load(V + kv_offsets, mask=key_ok[:, None], other=0.0)
+    # addresses built from each tensor's own pointer: a shared [BLOCK, D] offset tensor would stay live
+    # (in registers) across the loop for the stores at the end
+    k = tl.load(K + base + rows_n[:, None] * stride_n + offs_d[None, :], mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
+    v = tl.load(V + base + rows_n[:, None] * stride_n + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # keys past KV_LEN: each row of dk, dv is its own key's, so zeroing them after the kernel is enough,
+    # unless their P also feeds dQ (FUSED): then P is masked, on the tiles that hold such keys only
+    if EVEN:
+        if FUSED:
+            mask_keys = tile * BLOCK_N + BLOCK_N > KV_LEN
+        else:
+            mask_keys = False
+    else:
+        mask_keys = True
     ranges = head * stride_rh + column * stride_rm
     for r in range(0, NUM_RANGES):
         first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
         last = tl.minimum(tl.load(ENDS + ranges + r) * TABLE_BLOCK, N)
-        for start in range(first, last, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            q_ok = offs_m < last
-            rows_m = _rows(offs_m, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
-            q_t = tl.load(Q + base + rows_m[None, :] * stride_n + offs_d[:, None], mask=q_ok[None, :], other=0.0)
-            do = tl.load(DO + base + rows_m[:, None] * stride_n + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-            lse = tl.load(LSE + stats + rows_m, mask=q_ok, other=float("inf"))
-            delta = tl.load(DELTA + stats + rows_m, mask=q_ok, other=0.0)
-            p_t = tl.math.exp2(_dot(k, q_t, IEEE) * qk_scale - lse[None, :] * 1.4426950408889634)  # [BLOCK_N, BLOCK_M]
-            p_t = tl.where(key_ok[:, None], p_t, 0.0)
-            dv += _dot(p_t.to(do.dtype), do, IEEE)
-            dp_t = _dot(v, tl.trans(do), IEEE)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += _dot(ds_t.to(q_t.dtype), tl.trans(q_t), IEEE)
-    out_ok = (offs_n < N)[:, None]
-    tl.store(DK + kv_offsets, (dk * softmax_scale).to(DK.dtype.element_ty), mask=out_ok)
-    tl.store(DV + kv_offsets, dv.to(DV.dtype.element_ty), mask=out_ok)
+        if EVEN:  # whole steps unmasked, one loop per kind of head; then the ragged step
+            full = first + tl.maximum(last - first, 0) // BLOCK_M * BLOCK_M
+            if token_major:
+                dk, dv = _dkdv_steps(
+                    dk, dv, k, v, key_ok, mask_keys, first, full, Q, DO, DQ, Q_DESC, DO_DESC, LSE, DELTA, base, stats,
+                    batch, head, stride_n, True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale, softmax_scale,
+                    FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False, FUSED)  # fmt: skip
+            else:
+                dk, dv = _dkdv_steps(
+                    dk, dv, k, v, key_ok, mask_keys, first, full, Q, DO, DQ, Q_DESC, DO_DESC, LSE, DELTA, base, stats,
+                    batch, head, stride_n, False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale, softmax_scale,
+                    FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False, FUSED)  # fmt: skip
+            first = full
+        dk, dv = _dkdv_steps(
+            dk, dv, k, v, key_ok, mask_keys, first, last, Q, DO, DQ, Q_DESC, DO_DESC, LSE, DELTA, base, stats,
+            batch, head, stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale, softmax_scale,
+            FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, FUSED)  # fmt: skip
+    out_ok = (offs_n < N)[:, None]  # with EVEN and not FUSED, rows of keys past KV_LEN are zeroed by the launcher
+    dk = dk * softmax_scale  # (a tl.where here costs register spills in the loop on sm90)
+    tl.store(DK + base + rows_n[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
+    tl.store(DV + base + rows_n[:, None] * stride_n + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
+def _dq_steps(
+    dq, q, do, lse, delta, first, last, K, V, K_DESC, V_DESC, base, batch, head, stride_n, token_major,
+    FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+    FRAMES: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+    ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Key steps ``[first, last)`` into ``dq`` of one query tile; MASKED: keys ``>= last`` masked."""
+    for start in range(first, last, BLOCK_N):
+        _, key_ok, k, v = _step(K, V, K_DESC, V_DESC, start, last, base, batch, head, stride_n, token_major,
+                                FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, BLOCK_N, HEAD_DIM,
+                                ANY_TOKEN_MAJOR, MASKED, TMA)  # fmt: skip
+        p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+        if MASKED:
+            p = tl.where(key_ok[None, :], p, 0.0)
+        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+    return dq
+
+
+@triton.jit(do_not_specialize=[*_SIZES, "NUM_Q_TILES"])
 def block_sparse_attention_bwd_dq(
     Q, K, V, DO, DQ,  # [B, N, H, D], one set of strides
-    LSE, DELTA,  # float32 [B, H, N] by memory row
+    K_DESC, V_DESC,  # with TMA: descriptors of K and V, blocks [1, BLOCK_N, 1, D]; else unused
+    LSE, DELTA,  # float32 [B, H, N] by memory row; LSE in base 2
     STARTS, ENDS,  # int32 [H, Qb, R]: the forward's key-block ranges
     SCHEDULE,  # int32 [H * NUM_Q_TILES]
     TOKEN_MAJOR,  # int8 [H]
@@ -115,58 +255,86 @@ def block_sparse_attention_bwd_dq(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per step
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr,
+    EVEN: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    head, tile, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_Q_TILES, N, HEADS, stride_b, stride_h,
-                                                    ANY_TOKEN_MAJOR)  # fmt: skip
+    head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_Q_TILES, N, HEADS, stride_b,
+                                                           stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
     row = tile * BLOCK_M // TABLE_BLOCK
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_m = _rows(offs_m, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
     q_ok = offs_m < N
-    q_offsets = base + rows_m[:, None] * stride_n + offs_d[None, :]
-    q = tl.load(Q + q_offsets, mask=q_ok[:, None], other=0.0)
-    do = tl.load(DO + q_offsets, mask=q_ok[:, None], other=0.0)
-    lse = tl.load(LSE + stats + rows_m, mask=q_ok, other=float("inf")) * 1.4426950408889634
+    q = tl.load(Q + base + rows_m[:, None] * stride_n + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    do = tl.load(DO + base + rows_m[:, None] * stride_n + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    lse = tl.load(LSE + stats + rows_m, mask=q_ok, other=float("inf"))
     delta = tl.load(DELTA + stats + rows_m, mask=q_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     ranges = head * stride_rh + row * stride_rm
     for r in range(0, NUM_RANGES):
         first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
         last = tl.minimum(tl.load(ENDS + ranges + r) * TABLE_BLOCK, KV_LEN)
-        for start in range(first, last, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            key_ok = offs_n < last
-            rows_n = _rows(offs_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
-            kv_t = base + rows_n[None, :] * stride_n + offs_d[:, None]
-            k_t = tl.load(K + kv_t, mask=key_ok[None, :], other=0.0)  # [D, BLOCK_N]
-            v_t = tl.load(V + kv_t, mask=key_ok[None, :], other=0.0)
-            p = tl.math.exp2(_dot(q, k_t, IEEE) * qk_scale - lse[:, None])
-            p = tl.where(key_ok[None, :], p, 0.0)
-            ds = p * (_dot(do, v_t, IEEE) - delta[:, None])
-            dq += _dot(ds.to(k_t.dtype), tl.trans(k_t), IEEE)
-    tl.store(DQ + q_offsets, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
+        if EVEN:  # whole steps unmasked, one loop per kind of head; then the ragged step
+            full = first + tl.maximum(last - first, 0) // BLOCK_N * BLOCK_N
+            if token_major:
+                dq = _dq_steps(dq, q, do, lse, delta, first, full, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
+                               True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                               FRAMES, BLOCK_N, HEAD_DIM, IEEE, True, False, False)  # fmt: skip
+            else:
+                dq = _dq_steps(dq, q, do, lse, delta, first, full, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
+                               False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                               FRAMES, BLOCK_N, HEAD_DIM, IEEE, False, TMA, False)  # fmt: skip
+            first = full
+        dq = _dq_steps(dq, q, do, lse, delta, first, last, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
+                       token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                       FRAMES, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True)  # fmt: skip
+    dq = (dq * softmax_scale).to(DQ.dtype.element_ty)
+    tl.store(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], dq, mask=q_ok[:, None])
 
 
-def _tiles(block_size: int, head_dim: int, device: torch.device, override=None) -> tuple[int, int, int, int, int]:
-    """(dK/dV key tile, its query step, dQ query tile, its key step, num_warps); ``override`` checked.
+@triton.jit(do_not_specialize=["ROWS", "HEADS", "N"])
+def backward_prologue(O, DO, LSE, DELTA, LSE2, ROWS, HEADS, N, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``DELTA = rowsum(DO * O)`` and ``LSE2 = LSE * log2(e)`` for ``BLOCK`` rows of the flat
+    ``[B * N * H, D]`` tensors; DELTA, LSE, LSE2 are ``[B, H, N]``."""
+    flat = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = flat < ROWS
+    ptrs = flat.to(tl.int64)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    o = tl.load(O + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+    head = flat % HEADS
+    stats = ((flat // HEADS) // N * HEADS + head).to(tl.int64) * N + (flat // HEADS) % N  # (batch, head, n)
+    tl.store(DELTA + stats, tl.sum(o * do, 1), mask=ok)
+    tl.store(LSE2 + stats, tl.load(LSE + stats, mask=ok) * 1.4426950408889634, mask=ok)
+
+
+def _tiles(block_size: int, head_dim: int, device: torch.device, override=None) -> tuple[int, int, int, int]:
+    """(dK/dV key tile, its query step, dQ query tile, its key step); ``override`` checked.
 
     The CPU (interpreter) takes whole table blocks: fewest programs and steps.
     """
     if override is not None:
         tiles = tuple(int(x) for x in override)
-        for tile in tiles[:4]:
+        for tile in tiles:
             if tile < 16 or tile & (tile - 1) or block_size % tile:
                 raise ValueError(f"backward tile {tile} must be a power of two >= 16 dividing the block size {block_size}")
         return tiles  # type: ignore[return-value]
     if device.type == "cpu":
-        return block_size, block_size, block_size, block_size, 4
-    # the Triton tutorial's split for the backward: wide tiles held, narrow steps streamed; 8 warps at
-    # D=128 so that dK and dV (two 128 x 128 fp32 accumulators) fit in registers
+        return block_size, block_size, block_size, block_size
+    # the Triton tutorial's split for the backward: wide tiles held, narrow steps streamed
     big, small = min(block_size, 128), min(block_size, 32 if head_dim > 64 else 64)
-    return big, small, big, small, 8 if head_dim > 64 else 4
+    return big, small, big, small
 
 
-OVERRIDE: dict[str, tuple | None] = {"tiles": None, "num_stages": None}  # set by benchmarks
+def _prologue(grad_out, out, lse, kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta, base-2 LSE), float32 ``[B, H, N]``: by torch, or by one Triton pass."""
+    if not kernel:
+        return (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous(), lse * LOG2E
+    batch, n, heads, dim = out.shape
+    delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
+    rows, block = batch * n * heads, 64
+    extra = {} if out.device.type == "cpu" else {"num_warps": 4}
+    backward_prologue[(triton.cdiv(rows, block),)](out, grad_out, lse, delta, lse2, rows, heads, n, BLOCK=block,
+                                                   HEAD_DIM=dim, **extra)  # fmt: skip
+    return delta, lse2
 
 
 def backward(
@@ -185,46 +353,57 @@ def backward(
 
     ``out`` and ``lse`` (float32 ``[B, H, N]``, natural log, by memory row) come from the forward.
     ``token_major``: read token-major heads through their order in place (False: q, k, v, out and
-    grad_out are already in each head's own order, as for FlashAttention-4's forward).
+    grad_out are already in each head's own order, as for FlashAttention-4's forward). How the
+    kernels run: :data:`OPTIONS`.
     """
     batch, n, heads, dim = q.shape
     q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
     device = q.device
     block = table.block_size
-    kv_tile, q_step, q_tile, kv_step, warps = _tiles(block, dim, device, OVERRIDE["tiles"])
+    kv_tile, q_step, q_tile, kv_step = _tiles(block, dim, device, backward_option("tiles"))
+    warps = backward_option("warps") or ((8, 8) if dim > 64 else (4, 4))  # D=128: dK and dV, two 128 x 128 fp32 accumulators
+    stages = backward_option("stages")
+    even, fused = bool(backward_option("even")), bool(backward_option("fused"))
+    tma = even and bool(backward_option("tma")) and _tma_ok(device)
     layout = table.layout
-    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, N]
-    lse = lse.contiguous()
+    delta, lse2 = _prologue(grad_out, out, lse.contiguous(), backward_option("delta") == "kernel")
     order = option("schedule")
     num_q_tiles, num_k_tiles = num_blocks(n, q_tile), num_blocks(n, kv_tile)
-    dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order),
-                             lambda t: _schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order))  # fmt: skip
     dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order),
                                lambda t: _schedule(t.query_num_blocks, block // kv_tile, num_k_tiles, order))  # fmt: skip
     any_token_major = token_major and bool(table.token_major_heads)
     flags = table.token_major.to(torch.int8) if any_token_major else delta
     q_starts, q_ends = table.query_ranges
-    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
-    extra = {} if device.type == "cpu" else {"num_warps": warps, "num_stages": OVERRIDE["num_stages"] or 3}
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=device) if fused else torch.empty_like(q)
+    launch = [{} if device.type == "cpu" else {"num_warps": w, "num_stages": s} for w, s in zip(warps, stages)]
     common = dict(
         FRAMES=layout.frames, TABLE_BLOCK=block, HEAD_DIM=dim, IEEE=q.dtype == torch.float32,
-        ANY_TOKEN_MAJOR=any_token_major, **extra,
+        ANY_TOKEN_MAJOR=any_token_major, EVEN=even,
     )  # fmt: skip
     sizes = (layout.frame_tokens, layout.video_start, layout.video_tokens, softmax_scale * LOG2E, softmax_scale)
+    descriptors = _descriptors(q, grad_out, q_step) if tma else None
     block_sparse_attention_bwd_dkdv[(heads * num_k_tiles, batch)](
-        q, k, v, grad_out, dk, dv, lse, delta, q_starts, q_ends, dkdv_schedule, flags,
+        q, k, v, grad_out, dk, dv, dq, *(descriptors or (delta, delta)), lse2, delta, q_starts, q_ends, dkdv_schedule, flags,
         q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
         n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
-        BLOCK_M=q_step, BLOCK_N=kv_tile, **common,
+        BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=descriptors is not None, FUSED=fused, **common, **launch[0],
     )  # fmt: skip
+    if even and not fused and layout.kv_len < n:  # the kernel left the rows of padded keys as they came
+        dk[:, layout.kv_len :], dv[:, layout.kv_len :] = 0, 0
+    if fused:
+        return dq.to(q.dtype), dk, dv
+    dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order),
+                             lambda t: _schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order))  # fmt: skip
     starts, ends = table.range_starts.contiguous(), table.range_ends.contiguous()
+    descriptors = _descriptors(k, v, kv_step) if tma else None
     block_sparse_attention_bwd_dq[(heads * num_q_tiles, batch)](
-        q, k, v, grad_out, dq, lse, delta, starts, ends, dq_schedule, flags,
+        q, k, v, grad_out, dq, *(descriptors or (delta, delta)), lse2, delta, starts, ends, dq_schedule, flags,
         q.stride(0), q.stride(1), q.stride(2), starts.stride(0), starts.stride(1),
         n, layout.kv_len, heads, num_q_tiles, starts.shape[2], *sizes,
-        BLOCK_M=q_tile, BLOCK_N=kv_step, **common,
+        BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=descriptors is not None, **common, **launch[1],
     )  # fmt: skip
     return dq, dk, dv
 
 
-__all__ = ["backward"]
+__all__ = ["OPTIONS", "VARIANTS", "backward"]
