@@ -108,6 +108,48 @@ def test_wan_rotary_in_float32_matches_models_float64_rotary(case, dtype, poison
         assert rel_rms(fused, head_order.reference_head_order(x.double(), table, rotary)) <= 2 * torch.finfo(dtype).eps
 
 
+ROTARY_OPTION_SETS = {  # rotary.OPTIONS the bench sweeps (the defaults are covered above)
+    "block16-heads-fastest": {"block": 16, "heads_fastest": True},
+    "split-pairs": {"split_pairs": True},
+    "block32-heads-fastest-split": {"block": 32, "heads_fastest": True, "split_pairs": True},
+}
+
+
+@pytest.mark.parametrize("options", ROTARY_OPTION_SETS)
+@pytest.mark.parametrize("pairs", head_order.PAIRS)
+def test_rotary_pass_options_match_reference(options, pairs, poisoned, monkeypatch):
+    """Each launch option of the fused pass (tokens per program, head-fastest grid, channel pairs
+    split in registers) writes the same rotated, reordered q / k / v, and its inverse is exact;
+    tables with a different value on each channel, so a pair rule mixed up shows."""
+    monkeypatch.setattr(rotary_kernel, "OPTIONS", dict(rotary_kernel.OPTIONS, **ROTARY_OPTION_SETS[options]))
+    dtype = DTYPES[0]
+    layout, table, (q, k, v) = _inputs("suffix-padded-odd-frames", dtype, seed=8)
+    rotary = _rotary(layout, q.shape[-1], pairs, torch.float64 if pairs == "wan" else torch.float32)
+    g = torch.Generator(device=DEVICE).manual_seed(9)
+    noise = [0.05 * torch.randn(rotary.cos.shape, generator=g, device=DEVICE, dtype=rotary.cos.dtype) for _ in range(2)]
+    rotary = Rotary(rotary.cos + noise[0], rotary.sin + noise[1], rotary.start, pairs)
+    fq, fk, fv = to_head_order(q, k, v, table, rotary)
+    for fused, x, rot in ((fq, q, rotary), (fk, k, rotary), (fv, v, None)):
+        assert not fused.isnan().any()
+        exact = head_order.reference_head_order(x.double(), table, rot)
+        assert rel_rms(fused, exact) <= 2 * torch.finfo(dtype).eps
+    assert torch.equal(fv, head_order.reorder_heads(v, layout, table.token_major_heads))
+    assert torch.equal(to_frame_major(fv, table), v)
+
+
+def test_fused_call_reuses_the_tables_int8_flags(monkeypatch):
+    """No cast of the token-major flags per call: the int8 flags are built once and kept with the
+    table, shared by the fused pass and the attention kernel."""
+    layout, table, (q, k, v) = _inputs("prefix-ragged", torch.float32, seed=5)
+    seen = []
+    forward, order = launcher.forward, rotary_kernel.rotary_order
+    monkeypatch.setattr(launcher, "forward", lambda *a, **kw: seen.append(kw["token_major"]) or forward(*a, **kw))
+    monkeypatch.setattr(rotary_kernel, "rotary_order", lambda x, flags, *a, **kw: seen.append(flags) or order(x, flags, *a, **kw))
+    for _ in range(2):
+        attention_in_head_order(q, k, v, table, backend="triton")
+    assert len(seen) == 6 and all(f is seen[0] for f in seen) and seen[0].dtype == torch.int8
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_rotate_only_keeps_order(case, poisoned):
     layout, table, (q, k, _) = _inputs(case, DTYPES[0])

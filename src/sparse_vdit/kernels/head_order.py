@@ -99,7 +99,7 @@ def _geometry(table: BlockTable) -> tuple[int, int, int, int]:
 def _flags(table: BlockTable) -> torch.Tensor | None:
     if not table.token_major_heads:
         return None
-    return table.form("head_order.flags", lambda t: t.token_major.to(torch.int8))
+    return table.form("triton.token_major_int8", lambda t: t.token_major.to(torch.int8))  # shared with the Triton backend
 
 
 def rotate(q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None) -> tuple[torch.Tensor, torch.Tensor]:

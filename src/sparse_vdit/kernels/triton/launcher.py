@@ -16,8 +16,12 @@ LOG2E = 1.4426950408889634
 # tests; the defaults are the fastest set of bench/kernel_variants.py on an H200 (BENCHMARKS.md).
 # Token-major heads read in place load each key tile through the permutation row by row (reading a
 # key range frame by frame as contiguous runs lost on an H200, issue 21; BENCHMARKS.md).
-OPTIONS: dict[str, bool | str | None] = {"tma": None, "warp_specialize": None, "schedule": None}
-DEFAULTS: dict[str, bool | str] = {"tma": True, "warp_specialize": False, "schedule": "levels"}
+# ``tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of the rule of ``_tiles``, or a dict
+# {density bucket (``tuning.DENSITY_BUCKETS``): tiles} read per table by ``backend`` (None: the rule).
+OPTIONS: dict[str, bool | str | tuple | dict | None] = {"tma": None, "warp_specialize": None, "schedule": None,
+                                                        "tiles": None}  # fmt: skip
+DEFAULTS: dict[str, bool | str | tuple | dict | None] = {"tma": True, "warp_specialize": False, "schedule": "levels",
+                                                         "tiles": None}  # fmt: skip
 
 
 def option(name: str):
