@@ -198,11 +198,9 @@ def test_checks():
         attention_in_head_order(q.requires_grad_(), k, v, table, backend="reference")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "fa4"])
-@pytest.mark.parametrize("pairs", head_order.PAIRS)
-def test_gpu_fused_path_matches_float64_reference(backend, pairs):
-    """bf16 on the GPU at a real-like layout (1,560-token frames, text suffix)."""
+def _gpu_case(backend: str, pairs: str, seed: int, batch: int):
+    """bf16 inputs at a real-like layout (1,560-token frames, text suffix), a mixed table, the
+    family's tables, the float64 reference and the bound (twice the old path's error)."""
     from sparse_vdit.kernels import registry
 
     ok, why = registry.available(backend, torch.device("cuda"))
@@ -211,16 +209,42 @@ def test_gpu_fused_path_matches_float64_reference(backend, pairs):
     layout = VideoLayout(5, 30, 52, 77, "suffix", text_valid=60)
     heads = [multi_diagonal(0.05), diagonal(0.4), multi_diagonal(0.2), skip(), vertical(((0.0, 0.5),), 0.2), dense()]
     table = compile_layer(heads, layout, 128, "cuda")
-    g = torch.Generator(device="cuda").manual_seed(5)
-    q, k, v = (torch.randn(2, layout.num_tokens, len(heads), 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(batch, layout.num_tokens, len(heads), 128, generator=g, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))  # fmt: skip
     rotary = _rotary(layout, 128, pairs, torch.float64 if pairs == "wan" else torch.float32)
     ref = sparse_attention(apply_rotary(q.double(), rotary), apply_rotary(k.double(), rotary), v.double(), table,
                            backend="reference")  # fmt: skip
     old = sparse_attention(apply_rotary(q, rotary), apply_rotary(k, rotary), v, table, backend=backend)
-    bound = 2 * rel_rms(old, ref) + 1e-3
+    return table, (q, k, v), rotary, ref, 2 * rel_rms(old, ref) + 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "fa4"])
+@pytest.mark.parametrize("pairs", head_order.PAIRS)
+def test_gpu_fused_path_matches_float64_reference(backend, pairs):
+    """bf16 on the GPU at a real-like layout (1,560-token frames, text suffix)."""
+    table, (q, k, v), rotary, ref, bound = _gpu_case(backend, pairs, seed=5, batch=2)
     variants = {"fused": rotary, "fused-f32": head_order.in_float32(rotary)} if pairs == "wan" else {"fused": rotary}
     for name, tables in variants.items():
         out = attention_in_head_order(q, k, v, table, backend=backend, rotary=tables)
         assert not out.isnan().any(), name
         assert rel_rms(out, ref) <= bound, f"{name}: {rel_rms(out, ref):.2e} > {bound:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pairs", head_order.PAIRS)
+def test_gpu_sweep_variants_match_float64_reference(pairs, monkeypatch):
+    """bf16 on the GPU: every fused-pass option set and tile choice bench/processor_attention.py
+    --sweep times (rotary.OPTIONS, launcher.OPTIONS["tiles"]) gives the float64 reference's attention."""
+    table, (q, k, v), rotary, ref, bound = _gpu_case("triton", pairs, seed=6, batch=1)
+    option_sets = [*ROTARY_OPTION_SETS.values(), {"block": 64, "warps": 8, "heads_fastest": True, "split_pairs": True}]
+    tile_choices = [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2)]
+    runs = [(options, None) for options in option_sets] + [({}, tiles) for tiles in tile_choices]
+    for options, tiles in runs:
+        monkeypatch.setattr(rotary_kernel, "OPTIONS", dict(rotary_kernel.OPTIONS, **options))
+        monkeypatch.setitem(launcher.OPTIONS, "tiles", tiles)
+        for tables in dict.fromkeys((rotary, head_order.in_float32(rotary))):
+            out = attention_in_head_order(q, k, v, table, backend="triton", rotary=tables)
+            assert not out.isnan().any(), (options, tiles)
+            assert rel_rms(out, ref) <= bound, f"{options} {tiles}: {rel_rms(out, ref):.2e} > {bound:.2e}"
