@@ -137,14 +137,15 @@ def tile_sweep(shape, kind, target, table, sets, args, cudnn_ms: float, rows: li
     return None if best is None else best[0]
 
 
-def tuned_fn(table, tables, pass_name: str, tile_name: str | None, dim: int):
-    """``fn(q, k, v)``: the fused Triton call with the pass options ``pass_name`` and the tiles ``tile_name``."""
+def tuned_fn(table, tables, pass_name: str, tile_name: str | None, dim: int, q_in_kernel: bool = False):
+    """``fn(q, k, v)``: the fused Triton call with the pass options ``pass_name`` and the tiles
+    ``tile_name``; ``q_in_kernel``: q rotated and reordered by the kernel on load, the pass moving k and v only."""
     options = PASS_VARIANTS[pass_name]
     tiles = TILE_VARIANTS.get(dim, {}).get(tile_name)
 
     def run(q, k, v):
         with variant(options, tiles):
-            return attention_in_head_order(q, k, v, table, backend="triton", rotary=tables)
+            return attention_in_head_order(q, k, v, table, backend="triton", rotary=tables, q_in_kernel=q_in_kernel)
 
     return run
 
@@ -168,10 +169,12 @@ def print_sweep(result: dict) -> None:
     if not calls:
         return
     paths = list(dict.fromkeys(r["path"] for r in calls))
-    print("\nwinners: whole processor call, block efficiency (tuned = fastest pass options + tiles of the row)")
-    print(f"  {'shape':18s} {'kind':10s} {'target':>6s} " + " ".join(f"{p:>18s}" for p in paths) + "  pass / tiles")
+    print("\nwinners: whole processor call, block efficiency (tuned: the shape's fastest pass options + the row's "
+          "fastest tiles; -qk: q rotated and reordered in the kernel; -f32: float64 tables cast to float32)")
+    width = max(len(p) for p in paths) + 1
+    print(f"  {'shape':18s} {'kind':10s} {'target':>6s} " + " ".join(f"{p:>{width}s}" for p in paths) + "  pass / tiles")
     for key in dict.fromkeys((r["shape"], r["kind"], r["target"]) for r in calls):
         hit = {r["path"]: r for r in calls if (r["shape"], r["kind"], r["target"]) == key}
         cells = [f"{hit[p]['block_eff']:.2f}" if p in hit else "-" for p in paths]
-        chosen = next((f"{r.get('pass_variant')} / {r.get('tile_variant')}" for p, r in hit.items() if p.startswith("tuned")), "")
-        print(f"  {key[0]:18s} {key[1]:10s} {key[2]:6.2f} " + " ".join(f"{c:>18s}" for c in cells) + f"  {chosen}")
+        chosen = ", ".join(dict.fromkeys(f"{r['pass_variant']} / {r['tile_variant']}" for r in hit.values() if "pass_variant" in r))
+        print(f"  {key[0]:18s} {key[1]:10s} {key[2]:6.2f} " + " ".join(f"{c:>{width}s}" for c in cells) + f"  {chosen}")

@@ -26,7 +26,7 @@ def test_processor_attention_dry_run(family, load_script, tmp_path, capsys, monk
     if family == "wan":  # and the sweep: cuDNN alone, the tuned calls (the fastest pass options and tiles)
         expected |= {("dense", "dense-fused-f32"), ("mixed", "fused-permuted-f32"), ("dense", "dense-cudnn"),
                      ("dense", "dense-fused-tuned"), ("dense", "dense-fused-tuned-f32"), ("mixed", "tuned"),
-                     ("mixed", "tuned-f32")}  # fmt: skip
+                     ("mixed", "tuned-f32"), ("mixed", "tuned-qk"), ("mixed", "tuned-qk-f32")}  # fmt: skip
         passes = [(r["tables"], r["variant"]) for r in result["rows"] if r["part"] == "pass"]
         assert passes == [(t, v) for t in ("native", "f32") for v in ("default", "b16-hf-split")]
         kernels = [r for r in result["rows"] if r["part"] == "kernel"]
@@ -36,7 +36,7 @@ def test_processor_attention_dry_run(family, load_script, tmp_path, capsys, monk
         assert tuned["pass_variant"] in ("default", "b16-hf-split") and tuned["tile_variant"] in ("rule", "64x64x4x3")
     assert set(rows) == expected
     assert all(r["ms"] > 0 for r in rows.values())
-    for path in ("fused-permuted", "fused-permuted-f32", "tuned", "tuned-f32"):  # fp32: the fused paths equal the old one
+    for path in ("fused-permuted", "fused-permuted-f32", "tuned", "tuned-f32", "tuned-qk", "tuned-qk-f32"):  # fp32: equal to old
         assert rows.get(("mixed", path), {"check": 0.0})["check"] < 1e-6
     assert result["failed_checks"] == []
     assert json.loads((tmp_path / "processor-attention.json").read_text())["rows"] == result["rows"]

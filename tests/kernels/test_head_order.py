@@ -159,15 +159,26 @@ def test_rotate_only_keeps_order(case, poisoned):
     assert rel_rms(rk, apply_rotary(k.double(), rotary)) <= 2 * torch.finfo(q.dtype).eps
 
 
+@pytest.mark.parametrize("q_in_kernel, pairs", [(False, "wan"), (True, "wan"), (True, "interleaved")],
+                         ids=["q-in-pass", "q-in-kernel-wan", "q-in-kernel-interleaved"])  # fmt: skip
 @pytest.mark.parametrize("case", CASES)
-def test_attention_in_head_order_matches_float64_reference(case, monkeypatch):
+def test_attention_in_head_order_matches_float64_reference(case, q_in_kernel, pairs, monkeypatch):
+    """``q_in_kernel``: the pass leaves q alone, the kernel reads it through the order and rotates it on load."""
     dtype = DTYPES[0]
     layout, table, (q, k, v) = _inputs(case, dtype, seed=3)
-    rotary = _rotary(layout, q.shape[-1], "wan", torch.float64)
+    rotary = _rotary(layout, q.shape[-1], pairs, torch.float64 if pairs == "wan" else torch.float32)
+    if pairs == "interleaved":  # a different value on each channel: a pair rule mixed up shows
+        g = torch.Generator(device=DEVICE).manual_seed(4)
+        rotary = Rotary(*(t + 0.05 * torch.randn(t.shape, generator=g, device=DEVICE) for t in (rotary.cos, rotary.sin)),
+                        rotary.start, pairs)  # fmt: skip
     empty_like = torch.empty_like
     monkeypatch.setattr(launcher.torch, "empty_like",
                         lambda x, *a, **kw: empty_like(x, *a, **kw).fill_(float("nan")))  # fmt: skip
-    out = attention_in_head_order(q, k, v, table, backend="triton", rotary=rotary)
+    passes = []
+    order = rotary_kernel.rotary_order
+    monkeypatch.setattr(rotary_kernel, "rotary_order", lambda x, *a, **kw: passes.append(x) or order(x, *a, **kw))
+    out = attention_in_head_order(q, k, v, table, backend="triton", rotary=rotary, q_in_kernel=q_in_kernel)
+    assert any(x is q for x in passes) != q_in_kernel  # q in the pass or not
     monkeypatch.undo()
     ref = sparse_attention(apply_rotary(q.double(), rotary), apply_rotary(k.double(), rotary), v.double(), table,
                            backend="reference")  # fmt: skip
@@ -235,16 +246,19 @@ def test_gpu_fused_path_matches_float64_reference(backend, pairs):
 @pytest.mark.gpu
 @pytest.mark.parametrize("pairs", head_order.PAIRS)
 def test_gpu_sweep_variants_match_float64_reference(pairs, monkeypatch):
-    """bf16 on the GPU: every fused-pass option set and tile choice bench/processor_attention.py
-    --sweep times (rotary.OPTIONS, launcher.OPTIONS["tiles"]) gives the float64 reference's attention."""
+    """bf16 on the GPU: every fused-pass option set, tile choice and q-in-kernel call that
+    bench/processor_attention.py --sweep times (rotary.OPTIONS, launcher.OPTIONS["tiles"],
+    ``q_in_kernel``) gives the float64 reference's attention."""
     table, (q, k, v), rotary, ref, bound = _gpu_case("triton", pairs, seed=6, batch=1)
     option_sets = [*ROTARY_OPTION_SETS.values(), {"block": 64, "warps": 8, "heads_fastest": True, "split_pairs": True}]
     tile_choices = [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2)]
-    runs = [(options, None) for options in option_sets] + [({}, tiles) for tiles in tile_choices]
-    for options, tiles in runs:
+    runs = [(options, None, False) for options in option_sets] + [({}, tiles, False) for tiles in tile_choices]
+    runs += [({}, None, True), ({}, (64, 64, 4, 3), True)]  # q rotated and reordered in the kernel
+    for options, tiles, q_in_kernel in runs:
         monkeypatch.setattr(rotary_kernel, "OPTIONS", dict(rotary_kernel.OPTIONS, **options))
         monkeypatch.setitem(launcher.OPTIONS, "tiles", tiles)
         for tables in dict.fromkeys((rotary, head_order.in_float32(rotary))):
-            out = attention_in_head_order(q, k, v, table, backend="triton", rotary=tables)
-            assert not out.isnan().any(), (options, tiles)
-            assert rel_rms(out, ref) <= bound, f"{options} {tiles}: {rel_rms(out, ref):.2e} > {bound:.2e}"
+            out = attention_in_head_order(q, k, v, table, backend="triton", rotary=tables, q_in_kernel=q_in_kernel)
+            assert not out.isnan().any(), (options, tiles, q_in_kernel)
+            error = rel_rms(out, ref)
+            assert error <= bound, f"{options} {tiles} q_in_kernel={q_in_kernel}: {error:.2e} > {bound:.2e}"

@@ -44,12 +44,13 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: to
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float,
-        head_order: bool = False) -> torch.Tensor:  # fmt: skip
+        head_order: bool = False, q_rotary=None) -> torch.Tensor:  # fmt: skip
     """Block-sparse attention of ``table``: its ranges read in place, token-major heads through
     the order in-kernel; the work order is kept with the table. ``head_order``: q, k, v already hold
     each head in its own order (:func:`sparse_vdit.kernels.head_order.to_head_order`); the output is
-    frame-major either way."""
-    return _run(q, k, v, table, softmax_scale, False, head_order)
+    frame-major either way. ``q_rotary``: q is frame-major before this rotary embedding, applied
+    on load (:func:`launcher.forward`)."""
+    return _run(q, k, v, table, softmax_scale, False, head_order, q_rotary)
 
 
 def run_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float):
@@ -64,7 +65,7 @@ def run_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float):
     return triton_backward(grad_out, q, k, v, out, lse, table, softmax_scale)
 
 
-def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: bool = False):
+def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: bool = False, q_rotary=None):
     block = table.block_size
     tiles = _tiles(q, block, table=table)
     order = launcher.option("schedule")
@@ -76,7 +77,7 @@ def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: boo
         q, k, v, table.kv_num_blocks, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
         ranges=(table.range_starts, table.range_ends), token_major=_token_major_flags(table),
         layout=(layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens),
-        tiles=tiles, schedule=schedule, return_lse=return_lse, head_order=head_order,
+        tiles=tiles, schedule=schedule, return_lse=return_lse, head_order=head_order, q_rotary=q_rotary,
     )  # fmt: skip
 
 

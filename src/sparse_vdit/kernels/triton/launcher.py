@@ -131,6 +131,7 @@ def forward(
     schedule: torch.Tensor | None = None,
     selected: torch.Tensor | None = None,
     head_order: bool = False,
+    q_rotary=None,
 ) -> torch.Tensor:
     """Block-sparse attention on ``[B, N, H, D]`` tensors with one Triton launch for all heads.
 
@@ -153,6 +154,9 @@ def forward(
     ``head_order``: q, k, v already hold each head in its own order (token-major heads permuted, as
     :func:`sparse_vdit.kernels.head_order.to_head_order` writes them): every head's key tiles are
     contiguous (TMA for all), and the output rows are still stored frame-major (no inverse copy).
+    ``q_rotary`` (a :class:`~sparse_vdit.kernels.head_order.Rotary`, head dims that are powers of
+    two): q is frame-major before its rotary embedding, read through each head's order and rotated
+    on load (k and v as ``head_order`` says); the fused pass then leaves q alone.
     """
     from .kernel import block_sparse_attention_fwd
 
@@ -179,6 +183,11 @@ def forward(
                          f"{tuple(selected.shape)} on {selected.device}")  # fmt: skip
     selected = selected.contiguous() if select else starts
     extra = {} if q.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
+    rotate_q = q_rotary is not None
+    if rotate_q and dim & (dim - 1):
+        raise ValueError(f"q rotated in the kernel needs a power-of-two head dim, got {dim}")
+    q_cos, q_sin = (q_rotary.cos, q_rotary.sin) if rotate_q else (starts, starts)  # any pointers when unused
+    q_rot = (q_cos.stride(0), q_rotary.start, q_rotary.end) if rotate_q else (0, 0, 0)
     block_sparse_attention_fwd[(heads * num_q_tiles, batch)](
         q, k, v, out, *descriptors, starts, ends, schedule, flags, selected,
         q.stride(0), q.stride(1), q.stride(2),
@@ -188,11 +197,13 @@ def forward(
         starts.stride(0), starts.stride(1), selected.stride(0) if select else 0,
         n, kv_len, num_q_tiles, starts.shape[2], *layout[1:],
         softmax_scale * LOG2E,
-        LSE=lse if return_lse else out, stride_lb=heads * n, STORE_LSE=return_lse,
+        LSE=lse if return_lse else out, stride_lb=heads * n, Q_COS=q_cos, Q_SIN=q_sin, stride_qc=q_rot[0],
+        Q_ROT_START=q_rot[1], Q_ROT_END=q_rot[2], STORE_LSE=return_lse,
         FRAMES=layout[0], TABLE_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
         IEEE=q.dtype == torch.float32, ANY_TOKEN_MAJOR=any_token_major,
         TMA=tma, WARP_SPECIALIZE=bool(option("warp_specialize")), SELECT=select,
-        HEAD_ORDER=head_order and any_token_major,
+        HEAD_ORDER=head_order and any_token_major, ROTATE_Q=rotate_q,
+        Q_WAN_PAIRS=rotate_q and q_rotary.pairs == "wan", Q_ROT_F64=rotate_q and q_cos.dtype == torch.float64,
         **extra,
     )  # fmt: skip
     return (out, lse) if return_lse else out

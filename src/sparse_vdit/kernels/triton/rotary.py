@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .kernel import rotate_pairs as _rotate_split
 from .kernel import sequence_rows
 
 
@@ -42,30 +43,6 @@ def _rotate(x, xp, COS, SIN, rows, inside, stride_c, offs_d, ok, WAN_PAIRS: tl.c
         c, s, x, xp = c.to(tl.float32), s.to(tl.float32), x.to(tl.float32), xp.to(tl.float32)
     sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)[None, :]
     return x * c + (sign * xp) * s
-
-
-@triton.jit
-def _rotate_split(x, COS, SIN, rows, inside, stride_c, offs_d, ok, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                  WAN_PAIRS: tl.constexpr, F64: tl.constexpr):  # fmt: skip
-    """:func:`_rotate` with each channel pair split in registers (no partner load); ``BLOCK_D`` = head dim."""
-    cmask = ok & inside[:, None]
-    crow = tl.where(inside, rows, 0).to(tl.int64)[:, None] * stride_c
-    c = tl.load(COS + crow + offs_d[None, :], mask=cmask, other=1.0)
-    s = tl.load(SIN + crow + offs_d[None, :], mask=cmask, other=0.0)
-    if F64:
-        c, s, x = c.to(tl.float64), s.to(tl.float64), x.to(tl.float64)
-    else:
-        c, s, x = c.to(tl.float32), s.to(tl.float32), x.to(tl.float32)
-    xe, xo = tl.split(tl.reshape(x, [BLOCK, BLOCK_D // 2, 2]))
-    ce, co = tl.split(tl.reshape(c, [BLOCK, BLOCK_D // 2, 2]))
-    se, so = tl.split(tl.reshape(s, [BLOCK, BLOCK_D // 2, 2]))
-    if WAN_PAIRS:  # Wan: cos of the pair's even channel, sin of its odd one
-        ye = xe * ce - xo * so
-        yo = xo * ce + xe * so
-    else:  # diffusers apply_rotary_emb (use_real_unbind_dim=-1): each channel its own cos / sin
-        ye = xe * ce - xo * se
-        yo = xo * co + xe * so
-    return tl.reshape(tl.join(ye, yo), [BLOCK, BLOCK_D])
 
 
 @triton.jit
