@@ -209,13 +209,16 @@ def main(argv=None) -> dict:
             f"check {check:.1e}")  # fmt: skip
 
     for shape in shapes:
+        if time.time() - t_start > args.budget_s:
+            result["incomplete"].append(shape.name)
+            continue
         family = FAMILY[shape.name]
         layout = shape.layout
         rotary = rotary_tables(shape, family, device)
         sets = random_sets(shape, args.sets, device, dtype)
         say(f"== {shape.name} ({family}): {layout.describe()}, {shape.heads} heads x {shape.dim}")
         tuned_pass = {}
-        if sweep and time.time() - t_start < args.budget_s:
+        if sweep:
             all_token_major, _ = table_for("multi_diag", 0.1, layout, shape.heads, device)
             tuned_pass = pass_sweep(shape, rotary, all_token_major, sets, args, rows)
         dense_ms = {}

@@ -118,7 +118,10 @@ def test_tiles_option_one_choice_or_per_density_bucket(monkeypatch):
     assert tuning.density_bucket(sparse.density) == 0.2
     monkeypatch.setitem(launcher.OPTIONS, "tiles", {0.2: (64, 64, 4, 3), 0.05: (32, 32, 4, 2)})
     assert backend._tiles(q, 128, table=sparse) == (64, 64, 4, 3)
-    assert backend._tiles(q, 128, table=compile_layer([dense()] * 2, layout, 128, "cpu")) == rule
+    by_dim = {0.2: (64, 64, 4, 3), (64, 0.2): (128, 64, 4, 3), (128, 0.2): (32, 32, 4, 2)}
+    monkeypatch.setitem(launcher.OPTIONS, "tiles", by_dim)
+    assert backend._tiles(q, 128, table=sparse) == (128, 64, 4, 3)  # this head dim's entry first
+    assert backend._tiles(q, 128, table=compile_layer([dense()] * 2, layout, 128, "cpu")) == rule  # bucket 1.0: none
     monkeypatch.setitem(launcher.OPTIONS, "tiles", (64, 48, 4, 2))
     with pytest.raises(ValueError, match="BLOCK_N=48"):
         backend._tiles(q, 128, table=sparse)

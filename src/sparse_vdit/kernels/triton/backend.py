@@ -19,7 +19,8 @@ BACKEND = Backend("triton", API_DTYPES, (64, 128), needs_cuda=False, token_major
 
 def _tiles(q: torch.Tensor, block_size: int, tiles=None, table=None) -> tuple[int, int, int, int]:
     """Tiles for ``q``: given, tuned (per density bucket of ``table``, else dense), set in
-    ``launcher.OPTIONS["tiles"]`` (one choice, or one per density bucket), or the launcher's rule."""
+    ``launcher.OPTIONS["tiles"]`` (one choice, or a dict keyed by density bucket or by (head dim,
+    density bucket), the latter first), or the launcher's rule."""
     density = None
     if tiles is None and q.device.type == "cuda" and tuning.enabled():
         batch, n, heads, dim = q.shape
@@ -30,7 +31,8 @@ def _tiles(q: torch.Tensor, block_size: int, tiles=None, table=None) -> tuple[in
         if isinstance(chosen, dict):
             if density is None:
                 density = table.form("triton.density", lambda t: t.density) if table is not None else 1.0
-            chosen = chosen.get(tuning.density_bucket(density))
+            bucket = tuning.density_bucket(density)
+            chosen = chosen.get((q.shape[-1], bucket), chosen.get(bucket))
         tiles = chosen
     return launcher._tiles(block_size, q.shape[-1], q.device, tiles)
 

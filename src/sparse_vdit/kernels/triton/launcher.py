@@ -17,7 +17,8 @@ LOG2E = 1.4426950408889634
 # Token-major heads read in place load each key tile through the permutation row by row (reading a
 # key range frame by frame as contiguous runs lost on an H200, issue 21; BENCHMARKS.md).
 # ``tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of the rule of ``_tiles``, or a dict
-# {density bucket (``tuning.DENSITY_BUCKETS``): tiles} read per table by ``backend`` (None: the rule).
+# {density bucket (``tuning.DENSITY_BUCKETS``) or (head dim, density bucket): tiles} read per table by
+# ``backend`` (None, or a bucket not listed: the rule).
 OPTIONS: dict[str, bool | str | tuple | dict | None] = {"tma": None, "warp_specialize": None, "schedule": None,
                                                         "tiles": None}  # fmt: skip
 DEFAULTS: dict[str, bool | str | tuple | dict | None] = {"tma": True, "warp_specialize": False, "schedule": "levels",
