@@ -15,6 +15,20 @@ inverse permutation of the output. Paths per backend:
   once (``head_order.in_float32``; the processor's ``state.rotary_float32``); only for float64 tables.
   ``dense-fused-f32`` likewise for the dense call.
 
+``--sweep`` (Triton; issue 21's search for where the call loses) adds, per shape:
+
+- ``pass``: the fused input pass alone (q/k rotated + v, every head token-major) with each launch
+  option set of :data:`PASS_VARIANTS` (``kernels/triton/rotary.py``'s ``OPTIONS``), on the family's
+  tables and, for float64 tables (Wan), on float32 ones; ms and GB/s (bytes read + written once),
+  checked against the default options on the same tables (and float32 against float64);
+- ``kernel``: the attention kernel alone on head-ordered inputs with each tile choice of
+  :data:`TILE_VARIANTS` (``launcher.OPTIONS["tiles"]``), block efficiency against dense cuDNN
+  without rotary, checked against the launcher's rule;
+- ``tuned`` / ``tuned-f32`` whole calls: the fastest pass options of the shape (native / float32
+  tables) with the fastest tiles of the row; ``tuned-qk`` / ``tuned-qk-f32`` the same with q left
+  out of the pass, rotated and reordered by the kernel on load (``attention_in_head_order(...,
+  q_in_kernel=True)``); the bar also takes the dense call with the tuned pass.
+
 Variants measured on an H200 and removed (issue 21, BENCHMARKS.md): Triton key ranges of in-place
 token-major heads read frame by frame (``old-frames``), and a rotary-only fused pass with the rows
 read through the order (``fused-in-place``, ``fused-in-place-frames``).
@@ -24,13 +38,15 @@ rotary and the fused rotary pass). Block efficiency = density x t_dense_call / t
 Every timed path is first checked against the backend's old path on the same inputs (relative
 RMS, ``check``). Shapes: Wan-1.3B 480p, Wan-14B 720p, HunyuanVideo 720p (+256 text),
 CogVideoX1.5 768p (+226 text, D=64); multi-diagonal and mixed layers at 5/10/20/40% of blocks.
-Writes ``processor-attention.json`` to ``--out``; prints a table last. ``--dry-run``: a tiny
-shape on the CPU (Triton interpreter), fp32: a check of the script, not a measurement.
+Writes ``processor-attention.json`` to ``--out``; prints a table last (with ``--sweep``: the
+components, then the winners). ``--dry-run``: a tiny shape on the CPU (Triton interpreter), fp32:
+a check of the script, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -47,6 +63,7 @@ from sparse_vdit import sparse_attention  # noqa: E402
 from sparse_vdit.kernels import dense, registry  # noqa: E402
 from sparse_vdit.kernels.head_order import Rotary, apply_rotary, attention_in_head_order, in_float32, rotate  # noqa: E402
 from sparse_vdit.layout import VideoLayout  # noqa: E402
+from processor_sweep import PASS_VARIANTS, TILE_VARIANTS, pass_sweep, print_sweep, tile_sweep, tuned_fn, variant  # noqa: E402
 
 FAMILY = {"wan1.3b-480p": "wan", "wan14b-720p": "wan", "hunyuan-720p": "hunyuan_video", "cogvideox1.5-768p": "cogvideox",
           "tiny": "hunyuan_video"}  # fmt: skip
@@ -97,20 +114,26 @@ def path_fn(backend: str, path: str, table, rotary: Rotary):
     return run
 
 
-def dense_fns(layout: VideoLayout, rotary: Rotary) -> dict:
-    """The same call without sparsity: rotary (torch, or the fused pass) then dense cuDNN SDPA."""
+def dense_fns(layout: VideoLayout, rotary: Rotary, tuned: dict | None = None) -> dict:
+    """The same call without sparsity: rotary (torch, or the fused pass) then dense cuDNN SDPA;
+    ``tuned`` ({"native" / "f32": pass variant}): also with the sweep's fastest pass options."""
     kw = dict(kv_len=layout.kv_len, use_fa4=False)
 
     def old(q, k, v):
         return dense.forward(models_rotary(q, rotary), models_rotary(k, rotary), v, softmax_scale=q.shape[-1] ** -0.5, **kw)
 
-    def fused(q, k, v, tables=rotary):
-        q, k = rotate(q, k, tables)
+    def fused(q, k, v, tables=rotary, options=None):
+        with variant(options):
+            q, k = rotate(q, k, tables)
         return dense.forward(q, k, v, softmax_scale=q.shape[-1] ** -0.5, **kw)
 
     fns = {"dense-old": old, "dense-fused": fused}
     if rotary.cos.dtype == torch.float64:
         fns["dense-fused-f32"] = lambda q, k, v: fused(q, k, v, in_float32(rotary))
+    for label, name in (tuned or {}).items():
+        tables = in_float32(rotary) if label == "f32" else rotary
+        suffix = "-f32" if label == "f32" else ""
+        fns[f"dense-fused-tuned{suffix}"] = lambda q, k, v, t=tables, o=PASS_VARIANTS[name]: fused(q, k, v, t, o)
     return fns
 
 
@@ -133,6 +156,12 @@ def parse(argv):
     p.add_argument("--out", default=out_dir())
     p.add_argument("--triton-autotune", action="store_true",
                    help="measured Triton tiles per density bucket (SPARSE_VDIT_TRITON_AUTOTUNE=1), tuned in the warm-up")
+    p.add_argument("--sweep", action="store_true",
+                   help="Triton: time the fused pass per launch option set and the kernel per tile choice, then the "
+                        "whole call with the winners (tuned / tuned-f32)")
+    p.add_argument("--pass-variants", nargs="*", default=list(PASS_VARIANTS), choices=list(PASS_VARIANTS))
+    p.add_argument("--tile-variants", nargs="*", default=list(dict.fromkeys(n for t in TILE_VARIANTS.values() for n in t)),
+                   choices=list(dict.fromkeys(n for t in TILE_VARIANTS.values() for n in t)))
     p.add_argument("--dry-run", action="store_true", help="tiny shape on the CPU (Triton interpreter), fp32")
     return p.parse_args(argv)
 
@@ -150,62 +179,86 @@ def main(argv=None) -> dict:
     skipped = {b: registry.available(b, device)[1] for b in args.backends if b not in backends}
     for name, why in skipped.items():
         say(f"skipping backend {name}: {why}")
+    sweep = args.sweep and "triton" in backends
     result = {"command": "python bench/processor_attention.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "versions": gpu_versions() if device.type == "cuda" else {"device": "cpu (dry run)"},
               "dtype": str(dtype).removeprefix("torch."), "skipped_backends": skipped, "rows": [], "incomplete": [],
               "failed_checks": []}  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "processor-attention.json")
+    rows = result["rows"]
+
+    def measure(fn, sets, check_ref: dict, row: dict, bar: float, density: float) -> None:
+        """Check ``fn`` against the backend's first path on ``sets[0]``, time it, append ``row``."""
+        label = f"{row['backend']}"
+        try:
+            out = fn(*sets[0])
+            check_ref.setdefault("old", out)
+            check = rel_rms(out, check_ref["old"])
+            del out
+            ms, host, reps = time_fn(fn, sets, target_ms=args.target_ms)
+        except Exception as exc:  # a variant that cannot run here is reported, not fatal
+            say(f"  {label} {row['kind']} {row['target']}: {type(exc).__name__}: {exc}")
+            rows.append(dict(row, error=str(exc)[:300]))
+            return
+        row.update(ms=ms, host_ms=host, reps=reps, block_eff=density * bar / ms, check=check)
+        rows.append(row)
+        if not check <= args.check_tol:
+            result["failed_checks"].append(f"{row['shape']}/{row['kind']}/{row['target']}/{label}: {check:.2e}")
+        say(f"  {row['kind']:10s} {density:5.3f} {label:28s} {ms:9.3f} ms (host {host:6.3f}) eff {row['block_eff']:5.2f} "
+            f"check {check:.1e}")  # fmt: skip
 
     for shape in shapes:
+        if time.time() - t_start > args.budget_s:
+            result["incomplete"].append(shape.name)
+            continue
         family = FAMILY[shape.name]
         layout = shape.layout
         rotary = rotary_tables(shape, family, device)
         sets = random_sets(shape, args.sets, device, dtype)
         say(f"== {shape.name} ({family}): {layout.describe()}, {shape.heads} heads x {shape.dim}")
+        tuned_pass = {}
+        if sweep:
+            all_token_major, _ = table_for("multi_diag", 0.1, layout, shape.heads, device)
+            tuned_pass = pass_sweep(shape, rotary, all_token_major, sets, args, rows)
         dense_ms = {}
-        for label, fn in dense_fns(layout, rotary).items():
+        flops = 4.0 * shape.heads * layout.num_tokens * layout.kv_len * shape.dim
+        cudnn = {"dense-cudnn": lambda q, k, v: dense.forward(q, k, v, kv_len=layout.kv_len, use_fa4=False,
+                                                              softmax_scale=q.shape[-1] ** -0.5)} if sweep else {}  # fmt: skip
+        for label, fn in {**cudnn, **dense_fns(layout, rotary, tuned_pass)}.items():
             ms, host, reps = time_fn(fn, sets, target_ms=args.target_ms)
             dense_ms[label] = ms
-            flops = 4.0 * shape.heads * layout.num_tokens * layout.kv_len * shape.dim
-            result["rows"].append(dict(shape=shape.name, kind="dense", backend=label, path=label, density=1.0, ms=ms,
-                                       host_ms=host, tflops=flops / ms * 1e-9))  # fmt: skip
+            rows.append(dict(part="dense", shape=shape.name, kind="dense", backend=label, path=label, density=1.0, ms=ms,
+                             host_ms=host, tflops=flops / ms * 1e-9))  # fmt: skip
             say(f"  {label:24s} {ms:9.3f} ms")
-        bar = min(dense_ms.values())
+        bar = min(ms for label, ms in dense_ms.items() if label != "dense-cudnn")  # the call with its rotary
         for kind in args.kinds:
             for target in args.densities:
                 if time.time() - t_start > args.budget_s:
                     result["incomplete"].append(f"{shape.name}/{kind}/{target}")
                     continue
                 table, _ = table_for(kind, target, layout, shape.heads, device)
+                tiles = tile_sweep(shape, kind, target, table, sets, args, dense_ms["dense-cudnn"], rows) if sweep else None
                 for backend in backends:
                     refs = {}
+                    calls = []
                     for (b, label) in PATHS:
                         if b != backend or (args.paths and label not in args.paths and label != "old"):
                             continue
                         if PATHS[(b, label)][1] and rotary.cos.dtype != torch.float64:
                             continue  # float32 tables already: the same as the path without -f32
-                        fn = path_fn(backend, label, table, rotary)
-                        try:
-                            out = fn(*sets[0])
-                            refs.setdefault("old", out)
-                            check = rel_rms(out, refs["old"])
-                            ms, host, reps = time_fn(fn, sets, target_ms=args.target_ms)
-                        except Exception as exc:  # a variant that cannot run here is reported, not fatal
-                            say(f"  {backend}/{label} {kind} {target}: {type(exc).__name__}: {exc}")
-                            result["rows"].append(dict(shape=shape.name, kind=kind, target=target,
-                                                       backend=f"{backend}/{label}", path=label, error=str(exc)[:300]))  # fmt: skip
-                            continue
-                        del out
-                        eff = table.density * bar / ms
-                        row = dict(shape=shape.name, kind=kind, target=target, density=table.density,
-                                   backend=f"{backend}/{label}", path=label, ms=ms, host_ms=host, reps=reps, block_eff=eff,
-                                   check=check)  # fmt: skip
-                        result["rows"].append(row)
-                        if not check <= args.check_tol:
-                            result["failed_checks"].append(f"{shape.name}/{kind}/{target}/{backend}/{label}: {check:.2e}")
-                        say(f"  {kind:10s} {table.density:5.3f} {backend:6s} {label:22s} {ms:9.3f} ms eff {eff:5.2f} "
-                            f"check {check:.1e}")  # fmt: skip
+                        calls.append((label, path_fn(backend, label, table, rotary), {}))
+                    if backend == "triton":
+                        for (tables_label, name), qk in itertools.product(tuned_pass.items(), (False, True)):
+                            label = "tuned" + ("-qk" if qk else "") + ("-f32" if tables_label == "f32" else "")
+                            tables = in_float32(rotary) if tables_label == "f32" else rotary
+                            calls.append((label, tuned_fn(table, tables, name, tiles, shape.dim, qk),
+                                          {"pass_variant": name, "tile_variant": tiles or "rule"}))  # fmt: skip
+                    for label, fn, extra in calls:
+                        row = dict(part="call", shape=shape.name, kind=kind, target=target, density=table.density,
+                                   backend=f"{backend}/{label}", path=label, **extra)  # fmt: skip
+                        measure(fn, sets, refs, row, bar, table.density)
+                    del refs
         del sets
         sparse_vdit.clear_caches()
         if device.type == "cuda":
@@ -225,8 +278,9 @@ def print_table(result: dict) -> None:
     from attention import print_table as attention_table
 
     print("\nblock efficiency = density x t(rotary + dense cuDNN) / t(rotary + permutation + sparse kernel + inverse)")
-    attention_table(result)
+    attention_table(dict(result, rows=[r for r in result["rows"] if r.get("part") in ("dense", "call", None)]))
     print(f"\nchecks against the old path: {'all within tolerance' if not result['failed_checks'] else result['failed_checks']}")
+    print_sweep(result)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,48 @@ def test_wan_rotary_in_float32_matches_models_float64_rotary(case, dtype, poison
         assert rel_rms(fused, head_order.reference_head_order(x.double(), table, rotary)) <= 2 * torch.finfo(dtype).eps
 
 
+ROTARY_OPTION_SETS = {  # rotary.OPTIONS the bench sweeps (the defaults are covered above)
+    "block16-heads-fastest": {"block": 16, "heads_fastest": True},
+    "split-pairs": {"split_pairs": True},
+    "block32-heads-fastest-split": {"block": 32, "heads_fastest": True, "split_pairs": True},
+}
+
+
+@pytest.mark.parametrize("options", ROTARY_OPTION_SETS)
+@pytest.mark.parametrize("pairs", head_order.PAIRS)
+def test_rotary_pass_options_match_reference(options, pairs, poisoned, monkeypatch):
+    """Each launch option of the fused pass (tokens per program, head-fastest grid, channel pairs
+    split in registers) writes the same rotated, reordered q / k / v, and its inverse is exact;
+    tables with a different value on each channel, so a pair rule mixed up shows."""
+    monkeypatch.setattr(rotary_kernel, "OPTIONS", dict(rotary_kernel.OPTIONS, **ROTARY_OPTION_SETS[options]))
+    dtype = DTYPES[0]
+    layout, table, (q, k, v) = _inputs("suffix-padded-odd-frames", dtype, seed=8)
+    rotary = _rotary(layout, q.shape[-1], pairs, torch.float64 if pairs == "wan" else torch.float32)
+    g = torch.Generator(device=DEVICE).manual_seed(9)
+    noise = [0.05 * torch.randn(rotary.cos.shape, generator=g, device=DEVICE, dtype=rotary.cos.dtype) for _ in range(2)]
+    rotary = Rotary(rotary.cos + noise[0], rotary.sin + noise[1], rotary.start, pairs)
+    fq, fk, fv = to_head_order(q, k, v, table, rotary)
+    for fused, x, rot in ((fq, q, rotary), (fk, k, rotary), (fv, v, None)):
+        assert not fused.isnan().any()
+        exact = head_order.reference_head_order(x.double(), table, rot)
+        assert rel_rms(fused, exact) <= 2 * torch.finfo(dtype).eps
+    assert torch.equal(fv, head_order.reorder_heads(v, layout, table.token_major_heads))
+    assert torch.equal(to_frame_major(fv, table), v)
+
+
+def test_fused_call_reuses_the_tables_int8_flags(monkeypatch):
+    """No cast of the token-major flags per call: the int8 flags are built once and kept with the
+    table, shared by the fused pass and the attention kernel."""
+    layout, table, (q, k, v) = _inputs("prefix-ragged", torch.float32, seed=5)
+    seen = []
+    forward, order = launcher.forward, rotary_kernel.rotary_order
+    monkeypatch.setattr(launcher, "forward", lambda *a, **kw: seen.append(kw["token_major"]) or forward(*a, **kw))
+    monkeypatch.setattr(rotary_kernel, "rotary_order", lambda x, flags, *a, **kw: seen.append(flags) or order(x, flags, *a, **kw))
+    for _ in range(2):
+        attention_in_head_order(q, k, v, table, backend="triton")
+    assert len(seen) == 6 and all(f is seen[0] for f in seen) and seen[0].dtype == torch.int8
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_rotate_only_keeps_order(case, poisoned):
     layout, table, (q, k, _) = _inputs(case, DTYPES[0])
@@ -117,15 +159,26 @@ def test_rotate_only_keeps_order(case, poisoned):
     assert rel_rms(rk, apply_rotary(k.double(), rotary)) <= 2 * torch.finfo(q.dtype).eps
 
 
+@pytest.mark.parametrize("q_in_kernel, pairs", [(False, "wan"), (True, "wan"), (True, "interleaved")],
+                         ids=["q-in-pass", "q-in-kernel-wan", "q-in-kernel-interleaved"])  # fmt: skip
 @pytest.mark.parametrize("case", CASES)
-def test_attention_in_head_order_matches_float64_reference(case, monkeypatch):
+def test_attention_in_head_order_matches_float64_reference(case, q_in_kernel, pairs, monkeypatch):
+    """``q_in_kernel``: the pass leaves q alone, the kernel reads it through the order and rotates it on load."""
     dtype = DTYPES[0]
     layout, table, (q, k, v) = _inputs(case, dtype, seed=3)
-    rotary = _rotary(layout, q.shape[-1], "wan", torch.float64)
+    rotary = _rotary(layout, q.shape[-1], pairs, torch.float64 if pairs == "wan" else torch.float32)
+    if pairs == "interleaved":  # a different value on each channel: a pair rule mixed up shows
+        g = torch.Generator(device=DEVICE).manual_seed(4)
+        rotary = Rotary(*(t + 0.05 * torch.randn(t.shape, generator=g, device=DEVICE) for t in (rotary.cos, rotary.sin)),
+                        rotary.start, pairs)  # fmt: skip
     empty_like = torch.empty_like
     monkeypatch.setattr(launcher.torch, "empty_like",
                         lambda x, *a, **kw: empty_like(x, *a, **kw).fill_(float("nan")))  # fmt: skip
-    out = attention_in_head_order(q, k, v, table, backend="triton", rotary=rotary)
+    passes = []
+    order = rotary_kernel.rotary_order
+    monkeypatch.setattr(rotary_kernel, "rotary_order", lambda x, *a, **kw: passes.append(x) or order(x, *a, **kw))
+    out = attention_in_head_order(q, k, v, table, backend="triton", rotary=rotary, q_in_kernel=q_in_kernel)
+    assert any(x is q for x in passes) != q_in_kernel  # q in the pass or not
     monkeypatch.undo()
     ref = sparse_attention(apply_rotary(q.double(), rotary), apply_rotary(k.double(), rotary), v.double(), table,
                            backend="reference")  # fmt: skip
@@ -156,11 +209,9 @@ def test_checks():
         attention_in_head_order(q.requires_grad_(), k, v, table, backend="reference")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "fa4"])
-@pytest.mark.parametrize("pairs", head_order.PAIRS)
-def test_gpu_fused_path_matches_float64_reference(backend, pairs):
-    """bf16 on the GPU at a real-like layout (1,560-token frames, text suffix)."""
+def _gpu_case(backend: str, pairs: str, seed: int, batch: int):
+    """bf16 inputs at a real-like layout (1,560-token frames, text suffix), a mixed table, the
+    family's tables, the float64 reference and the bound (twice the old path's error)."""
     from sparse_vdit.kernels import registry
 
     ok, why = registry.available(backend, torch.device("cuda"))
@@ -169,16 +220,45 @@ def test_gpu_fused_path_matches_float64_reference(backend, pairs):
     layout = VideoLayout(5, 30, 52, 77, "suffix", text_valid=60)
     heads = [multi_diagonal(0.05), diagonal(0.4), multi_diagonal(0.2), skip(), vertical(((0.0, 0.5),), 0.2), dense()]
     table = compile_layer(heads, layout, 128, "cuda")
-    g = torch.Generator(device="cuda").manual_seed(5)
-    q, k, v = (torch.randn(2, layout.num_tokens, len(heads), 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(batch, layout.num_tokens, len(heads), 128, generator=g, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))  # fmt: skip
     rotary = _rotary(layout, 128, pairs, torch.float64 if pairs == "wan" else torch.float32)
     ref = sparse_attention(apply_rotary(q.double(), rotary), apply_rotary(k.double(), rotary), v.double(), table,
                            backend="reference")  # fmt: skip
     old = sparse_attention(apply_rotary(q, rotary), apply_rotary(k, rotary), v, table, backend=backend)
-    bound = 2 * rel_rms(old, ref) + 1e-3
+    return table, (q, k, v), rotary, ref, 2 * rel_rms(old, ref) + 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "fa4"])
+@pytest.mark.parametrize("pairs", head_order.PAIRS)
+def test_gpu_fused_path_matches_float64_reference(backend, pairs):
+    """bf16 on the GPU at a real-like layout (1,560-token frames, text suffix)."""
+    table, (q, k, v), rotary, ref, bound = _gpu_case(backend, pairs, seed=5, batch=2)
     variants = {"fused": rotary, "fused-f32": head_order.in_float32(rotary)} if pairs == "wan" else {"fused": rotary}
     for name, tables in variants.items():
         out = attention_in_head_order(q, k, v, table, backend=backend, rotary=tables)
         assert not out.isnan().any(), name
         assert rel_rms(out, ref) <= bound, f"{name}: {rel_rms(out, ref):.2e} > {bound:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pairs", head_order.PAIRS)
+def test_gpu_sweep_variants_match_float64_reference(pairs, monkeypatch):
+    """bf16 on the GPU: every fused-pass option set, tile choice and q-in-kernel call that
+    bench/processor_attention.py --sweep times (rotary.OPTIONS, launcher.OPTIONS["tiles"],
+    ``q_in_kernel``) gives the float64 reference's attention."""
+    table, (q, k, v), rotary, ref, bound = _gpu_case("triton", pairs, seed=6, batch=1)
+    option_sets = [*ROTARY_OPTION_SETS.values(), {"block": 64, "warps": 8, "heads_fastest": True, "split_pairs": True}]
+    tile_choices = [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2)]
+    runs = [(options, None, False) for options in option_sets] + [({}, tiles, False) for tiles in tile_choices]
+    runs += [({}, None, True), ({}, (64, 64, 4, 3), True)]  # q rotated and reordered in the kernel
+    for options, tiles, q_in_kernel in runs:
+        monkeypatch.setattr(rotary_kernel, "OPTIONS", dict(rotary_kernel.OPTIONS, **options))
+        monkeypatch.setitem(launcher.OPTIONS, "tiles", tiles)
+        for tables in dict.fromkeys((rotary, head_order.in_float32(rotary))):
+            out = attention_in_head_order(q, k, v, table, backend="triton", rotary=tables, q_in_kernel=q_in_kernel)
+            assert not out.isnan().any(), (options, tiles, q_in_kernel)
+            error = rel_rms(out, ref)
+            assert error <= bound, f"{options} {tiles} q_in_kernel={q_in_kernel}: {error:.2e} > {bound:.2e}"

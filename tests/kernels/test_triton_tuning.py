@@ -101,3 +101,47 @@ def test_band_ranges_hit_the_bucket_density():
         assert starts.shape == ends.shape == (3, 256, 1) and starts.dtype == torch.int32
         assert ((starts >= 0) & (ends <= 256) & (starts < ends)).all()
         assert abs(float((ends - starts).double().mean()) / 256 - density) < 0.01 + 0.1 * density
+
+
+def test_tiles_option_one_choice_or_per_density_bucket(monkeypatch):
+    """``launcher.OPTIONS["tiles"]``: one choice for every table, or one per density bucket
+    (other buckets keep the rule); what the bench sweeps and what a measured winner is set as."""
+    from sparse_vdit.kernels.triton import backend
+
+    layout = VideoLayout(4, 8, 16)  # 512 tokens, 4 blocks of 128
+    sparse = compile_layer([diagonal(0.0)] * 2, layout, 128, "cpu")  # 4 of 16 blocks: density 0.25 (bucket 0.2)
+    q = torch.zeros(1, layout.num_tokens, 2, 64)
+    rule = launcher._tiles(128, 64, q.device)
+    monkeypatch.setitem(launcher.OPTIONS, "tiles", (64, 32, 4, 2))
+    assert backend._tiles(q, 128, table=sparse) == (64, 32, 4, 2)
+    assert backend._tiles(q, 128, tiles=(32, 32, 4, 1), table=sparse) == (32, 32, 4, 1)  # given tiles first
+    assert tuning.density_bucket(sparse.density) == 0.2
+    monkeypatch.setitem(launcher.OPTIONS, "tiles", {0.2: (64, 64, 4, 3), 0.05: (32, 32, 4, 2)})
+    assert backend._tiles(q, 128, table=sparse) == (64, 64, 4, 3)
+    by_dim = {0.2: (64, 64, 4, 3), (64, 0.2): (128, 64, 4, 3), (128, 0.2): (32, 32, 4, 2)}
+    monkeypatch.setitem(launcher.OPTIONS, "tiles", by_dim)
+    assert backend._tiles(q, 128, table=sparse) == (128, 64, 4, 3)  # this head dim's entry first
+    assert backend._tiles(q, 128, table=compile_layer([dense()] * 2, layout, 128, "cpu")) == rule  # bucket 1.0: none
+    monkeypatch.setitem(launcher.OPTIONS, "tiles", (64, 48, 4, 2))
+    with pytest.raises(ValueError, match="BLOCK_N=48"):
+        backend._tiles(q, 128, table=sparse)
+
+
+@pytest.mark.skipif(not launcher.is_available(torch.device("cpu"))[0], reason="needs triton and TRITON_INTERPRET=1")
+def test_tiles_option_runs_the_chosen_tiles(monkeypatch):
+    """The backend launches with the tiles set in ``launcher.OPTIONS`` and still matches the reference."""
+    from sparse_vdit import sparse_attention
+
+    layout = VideoLayout(2, 10, 15)  # 300 tokens: blocks of 128, 128, 44
+    heads = [diagonal(0.5), vertical(((0.0, 0.5),), 0.0), skip()]
+    table = compile_layer(heads, layout, 128, "cpu")
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, layout.num_tokens, len(heads), 64, generator=g) for _ in range(3))
+    monkeypatch.setitem(launcher.OPTIONS, "tiles", (64, 32, 4, 2))
+    launched = []
+    forward = launcher.forward
+    monkeypatch.setattr(launcher, "forward", lambda *a, **kw: launched.append(kw["tiles"]) or forward(*a, **kw))
+    out = sparse_attention(q, k, v, table, backend="triton")
+    assert launched == [(64, 32, 4, 2)]
+    ref = sparse_attention(q, k, v, table, backend="reference")
+    assert rel_rms(out, ref) < 1e-5

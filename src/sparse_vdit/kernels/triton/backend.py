@@ -18,11 +18,22 @@ BACKEND = Backend("triton", API_DTYPES, (64, 128), needs_cuda=False, token_major
 
 
 def _tiles(q: torch.Tensor, block_size: int, tiles=None, table=None) -> tuple[int, int, int, int]:
-    """Tiles for ``q``: given, tuned (per density bucket of ``table``, else dense), or the launcher's rule."""
+    """Tiles for ``q``: given, tuned (per density bucket of ``table``, else dense), set in
+    ``launcher.OPTIONS["tiles"]`` (one choice, or a dict keyed by density bucket or by (head dim,
+    density bucket), the latter first), or the launcher's rule."""
+    density = None
     if tiles is None and q.device.type == "cuda" and tuning.enabled():
         batch, n, heads, dim = q.shape
         density = table.form("triton.density", lambda t: t.density) if table is not None else 1.0
         tiles = tuning.tuned_tiles(batch, heads, n, dim, q.dtype, block_size, q.device, density)
+    chosen = launcher.option("tiles")
+    if tiles is None and chosen is not None:
+        if isinstance(chosen, dict):
+            if density is None:
+                density = table.form("triton.density", lambda t: t.density) if table is not None else 1.0
+            bucket = tuning.density_bucket(density)
+            chosen = chosen.get((q.shape[-1], bucket), chosen.get(bucket))
+        tiles = chosen
     return launcher._tiles(block_size, q.shape[-1], q.device, tiles)
 
 
@@ -35,12 +46,13 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: to
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float,
-        head_order: bool = False) -> torch.Tensor:  # fmt: skip
+        head_order: bool = False, q_rotary=None) -> torch.Tensor:  # fmt: skip
     """Block-sparse attention of ``table``: its ranges read in place, token-major heads through
     the order in-kernel; the work order is kept with the table. ``head_order``: q, k, v already hold
     each head in its own order (:func:`sparse_vdit.kernels.head_order.to_head_order`); the output is
-    frame-major either way."""
-    return _run(q, k, v, table, softmax_scale, False, head_order)
+    frame-major either way. ``q_rotary``: q is frame-major before this rotary embedding, applied
+    on load (:func:`launcher.forward`)."""
+    return _run(q, k, v, table, softmax_scale, False, head_order, q_rotary)
 
 
 def run_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float):
@@ -55,7 +67,7 @@ def run_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float):
     return triton_backward(grad_out, q, k, v, out, lse, table, softmax_scale)
 
 
-def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: bool = False):
+def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: bool = False, q_rotary=None):
     block = table.block_size
     tiles = _tiles(q, block, table=table)
     order = launcher.option("schedule")
@@ -65,10 +77,18 @@ def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: boo
     layout = table.layout
     return launcher.forward(
         q, k, v, table.kv_num_blocks, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
-        ranges=(table.range_starts, table.range_ends), token_major=table.token_major if table.token_major_heads else None,
+        ranges=(table.range_starts, table.range_ends), token_major=_token_major_flags(table),
         layout=(layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens),
-        tiles=tiles, schedule=schedule, return_lse=return_lse, head_order=head_order,
+        tiles=tiles, schedule=schedule, return_lse=return_lse, head_order=head_order, q_rotary=q_rotary,
     )  # fmt: skip
+
+
+def _token_major_flags(table) -> torch.Tensor | None:
+    """The kernel's int8 token-major flags of ``table``'s heads, kept with the table (no cast
+    launched per call); None where every head is frame-major."""
+    if not table.token_major_heads:
+        return None
+    return table.form("triton.token_major_int8", lambda t: t.token_major.to(torch.int8))
 
 
 SELECT_ON_DEVICE = True  # run_selected reads the per-(sample, head) choice in the kernel
@@ -88,9 +108,7 @@ def run_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, candidates, 
     schedule = candidates.form(("triton.select_schedule", heads, per_block, q_tiles, order),
                                lambda t: launcher._schedule(counts, per_block, q_tiles, order))  # fmt: skip
     layout = candidates.layout
-    token_major = None  # the kernel's int8 flags, kept with the table (no cast launched per call)
-    if candidates.token_major_heads:
-        token_major = candidates.form("triton.token_major_int8", lambda t: t.token_major.to(torch.int8))
+    token_major = _token_major_flags(candidates)
     return launcher.forward(
         q, k, v, counts, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
         ranges=(candidates.range_starts, candidates.range_ends), token_major=token_major,

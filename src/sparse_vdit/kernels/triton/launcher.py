@@ -16,8 +16,13 @@ LOG2E = 1.4426950408889634
 # tests; the defaults are the fastest set of bench/kernel_variants.py on an H200 (BENCHMARKS.md).
 # Token-major heads read in place load each key tile through the permutation row by row (reading a
 # key range frame by frame as contiguous runs lost on an H200, issue 21; BENCHMARKS.md).
-OPTIONS: dict[str, bool | str | None] = {"tma": None, "warp_specialize": None, "schedule": None}
-DEFAULTS: dict[str, bool | str] = {"tma": True, "warp_specialize": False, "schedule": "levels"}
+# ``tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of the rule of ``_tiles``, or a dict
+# {density bucket (``tuning.DENSITY_BUCKETS``) or (head dim, density bucket): tiles} read per table by
+# ``backend`` (None, or a bucket not listed: the rule).
+OPTIONS: dict[str, bool | str | tuple | dict | None] = {"tma": None, "warp_specialize": None, "schedule": None,
+                                                        "tiles": None}  # fmt: skip
+DEFAULTS: dict[str, bool | str | tuple | dict | None] = {"tma": True, "warp_specialize": False, "schedule": "levels",
+                                                         "tiles": None}  # fmt: skip
 
 
 def option(name: str):
@@ -127,6 +132,7 @@ def forward(
     schedule: torch.Tensor | None = None,
     selected: torch.Tensor | None = None,
     head_order: bool = False,
+    q_rotary=None,
 ) -> torch.Tensor:
     """Block-sparse attention on ``[B, N, H, D]`` tensors with one Triton launch for all heads.
 
@@ -149,6 +155,9 @@ def forward(
     ``head_order``: q, k, v already hold each head in its own order (token-major heads permuted, as
     :func:`sparse_vdit.kernels.head_order.to_head_order` writes them): every head's key tiles are
     contiguous (TMA for all), and the output rows are still stored frame-major (no inverse copy).
+    ``q_rotary`` (a :class:`~sparse_vdit.kernels.head_order.Rotary`, head dims that are powers of
+    two): q is frame-major before its rotary embedding, read through each head's order and rotated
+    on load (k and v as ``head_order`` says); the fused pass then leaves q alone.
     """
     from .kernel import block_sparse_attention_fwd
 
@@ -175,6 +184,11 @@ def forward(
                          f"{tuple(selected.shape)} on {selected.device}")  # fmt: skip
     selected = selected.contiguous() if select else starts
     extra = {} if q.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
+    rotate_q = q_rotary is not None
+    if rotate_q and dim & (dim - 1):
+        raise ValueError(f"q rotated in the kernel needs a power-of-two head dim, got {dim}")
+    q_cos, q_sin = (q_rotary.cos, q_rotary.sin) if rotate_q else (starts, starts)  # any pointers when unused
+    q_rot = (q_cos.stride(0), q_rotary.start, q_rotary.end) if rotate_q else (0, 0, 0)
     block_sparse_attention_fwd[(heads * num_q_tiles, batch)](
         q, k, v, out, *descriptors, starts, ends, schedule, flags, selected,
         q.stride(0), q.stride(1), q.stride(2),
@@ -184,11 +198,13 @@ def forward(
         starts.stride(0), starts.stride(1), selected.stride(0) if select else 0,
         n, kv_len, num_q_tiles, starts.shape[2], *layout[1:],
         softmax_scale * LOG2E,
-        LSE=lse if return_lse else out, stride_lb=heads * n, STORE_LSE=return_lse,
+        LSE=lse if return_lse else out, stride_lb=heads * n, Q_COS=q_cos, Q_SIN=q_sin, stride_qc=q_rot[0],
+        Q_ROT_START=q_rot[1], Q_ROT_END=q_rot[2], STORE_LSE=return_lse,
         FRAMES=layout[0], TABLE_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
         IEEE=q.dtype == torch.float32, ANY_TOKEN_MAJOR=any_token_major,
         TMA=tma, WARP_SPECIALIZE=bool(option("warp_specialize")), SELECT=select,
-        HEAD_ORDER=head_order and any_token_major,
+        HEAD_ORDER=head_order and any_token_major, ROTATE_Q=rotate_q,
+        Q_WAN_PAIRS=rotate_q and q_rotary.pairs == "wan", Q_ROT_F64=rotate_q and q_cos.dtype == torch.float64,
         **extra,
     )  # fmt: skip
     return (out, lse) if return_lse else out

@@ -6,6 +6,12 @@ attention, so the permutation rides on that pass: :func:`rotary_order` reads q a
 them, and writes every token-major head in token-major order (v in a second launch, permuted
 only). With ``to_head_order=False`` and no rotary it is the inverse (an output back to frame-major).
 The torch reference is :func:`sparse_vdit.kernels.head_order.reference_head_order`.
+
+Launch options (:data:`OPTIONS`, None: :data:`DEFAULTS`), set by benchmarks and tests, the defaults
+as measured before issue 21's sweep: ``block`` tokens per program, ``warps``, ``heads_fastest``
+(programs ordered head by head within a token tile, so those running at once share the rotary
+table's rows and read q/k rows that lie side by side in memory), ``split_pairs`` (channel pairs
+split in registers instead of a second load of each channel's partner; head dims that are powers of two).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .kernel import rotate_pairs as _rotate_split
 from .kernel import sequence_rows
 
 
@@ -51,9 +58,15 @@ def rotary_order_fwd(
     ROTARY: tl.constexpr, WAN_PAIRS: tl.constexpr, F64: tl.constexpr, PAIR: tl.constexpr,
     ANY_TOKEN_MAJOR: tl.constexpr,
     TO_HEAD_ORDER: tl.constexpr,  # Y[own position] = rotary(X[row]); else Y[row] = X[own position]
+    HEADS_FASTEST: tl.constexpr,  # grid (batch * heads, tiles): a token tile's heads run side by side
+    SPLIT_PAIRS: tl.constexpr,  # channel pairs split in registers (BLOCK_D == HEAD_DIM), no partner load
 ):  # fmt: skip
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    if HEADS_FASTEST:
+        bh = tl.program_id(0)
+        tile = tl.program_id(1)
+    else:
+        tile = tl.program_id(0)
+        bh = tl.program_id(1)
     batch, head = (bh // HEADS).to(tl.int64), bh % HEADS  # batch * stride can pass 2^31
     pos = tile * BLOCK + tl.arange(0, BLOCK)  # positions in the head's own order
     rows = pos
@@ -69,14 +82,21 @@ def rotary_order_fwd(
     if ROTARY:  # the table is indexed by the memory (sequence) row
         inside = (rows >= ROT_START) & (rows < ROT_END)
         partner = offs_d ^ 1
-        xp = tl.load(x_base + partner[None, :], mask=ok)
-        y = _rotate(x, xp, COS, SIN, rows - ROT_START, inside, stride_c, offs_d, ok, WAN_PAIRS, F64)
+        if SPLIT_PAIRS:
+            y = _rotate_split(x, COS, SIN, rows - ROT_START, inside, stride_c, offs_d, ok, BLOCK, BLOCK_D, WAN_PAIRS, F64)
+        else:
+            xp = tl.load(x_base + partner[None, :], mask=ok)
+            y = _rotate(x, xp, COS, SIN, rows - ROT_START, inside, stride_c, offs_d, ok, WAN_PAIRS, F64)
         tl.store(Y + batch * stride_yb + head * stride_yh + dst64 * stride_yn + offs_d[None, :], y.to(Y.dtype.element_ty), mask=ok)
         if PAIR:
             x2_base = X2 + batch * stride_x2b + head * stride_x2h + src64 * stride_x2n
             x2 = tl.load(x2_base + offs_d[None, :], mask=ok)
-            x2p = tl.load(x2_base + partner[None, :], mask=ok)
-            y2 = _rotate(x2, x2p, COS, SIN, rows - ROT_START, inside, stride_c, offs_d, ok, WAN_PAIRS, F64)
+            if SPLIT_PAIRS:
+                y2 = _rotate_split(x2, COS, SIN, rows - ROT_START, inside, stride_c, offs_d, ok, BLOCK, BLOCK_D,
+                                   WAN_PAIRS, F64)  # fmt: skip
+            else:
+                x2p = tl.load(x2_base + partner[None, :], mask=ok)
+                y2 = _rotate(x2, x2p, COS, SIN, rows - ROT_START, inside, stride_c, offs_d, ok, WAN_PAIRS, F64)
             tl.store(Y2 + batch * stride_y2b + head * stride_y2h + dst64 * stride_y2n + offs_d[None, :],
                      y2.to(Y2.dtype.element_ty), mask=ok)  # fmt: skip
     else:
@@ -86,7 +106,13 @@ def rotary_order_fwd(
             tl.store(Y2 + batch * stride_y2b + head * stride_y2h + dst64 * stride_y2n + offs_d[None, :], x2, mask=ok)
 
 
-BLOCK = 64  # tokens per program
+OPTIONS: dict[str, int | bool | None] = {"block": None, "warps": None, "heads_fastest": None, "split_pairs": None}
+DEFAULTS: dict[str, int | bool] = {"block": 64, "warps": 4, "heads_fastest": False, "split_pairs": False}
+
+
+def option(name: str):
+    """The launch option ``name`` in force: ``OPTIONS`` where set, else ``DEFAULTS``."""
+    return DEFAULTS[name] if OPTIONS[name] is None else OPTIONS[name]
 
 
 def rotary_order(
@@ -116,15 +142,21 @@ def rotary_order(
     cos, sin = (rotary.cos, rotary.sin) if rotary is not None else (x, x)
     start, end = (rotary.start, rotary.start + rotary.cos.shape[0]) if rotary is not None else (0, 0)
     flags = token_major if token_major is not None else x  # any pointer when unused
-    extra = {} if x.device.type == "cpu" else {"num_warps": 4}
-    rotary_order_fwd[(triton.cdiv(n, BLOCK), batch * heads)](
+    extra = {} if x.device.type == "cpu" else {"num_warps": int(option("warps"))}
+    block, block_d = int(option("block")), triton.next_power_of_2(dim)
+    heads_fastest = bool(option("heads_fastest"))
+    split = bool(option("split_pairs")) and block_d == dim and rotary is not None
+    tiles = triton.cdiv(n, block)
+    grid = (batch * heads, tiles) if heads_fastest else (tiles, batch * heads)
+    rotary_order_fwd[grid](
         tensors[0], outs[0], x2, y2, cos, sin, flags,
         *tensors[0].stride()[:3], *outs[0].stride()[:3], *x2.stride()[:3], *y2.stride()[:3],
         cos.stride(0) if rotary is not None else 0,
         n, heads, start, end, geometry[1], geometry[2], geometry[3],
-        FRAMES=geometry[0], BLOCK=BLOCK, HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim),
+        FRAMES=geometry[0], BLOCK=block, HEAD_DIM=dim, BLOCK_D=block_d,
         ROTARY=rotary is not None, WAN_PAIRS=rotary is not None and rotary.pairs == "wan",
         F64=rotary is not None and rotary.cos.dtype == torch.float64, PAIR=pair,
-        ANY_TOKEN_MAJOR=token_major is not None, TO_HEAD_ORDER=to_head_order, **extra,
+        ANY_TOKEN_MAJOR=token_major is not None, TO_HEAD_ORDER=to_head_order,
+        HEADS_FASTEST=heads_fastest, SPLIT_PAIRS=split, **extra,
     )  # fmt: skip
     return outs[0], (outs[1] if pair else None)
