@@ -307,3 +307,16 @@ def test_key_groups_select_aligned_runs_by_group_mass():
     assert (got[..., 0:10:2] == got[..., 1:10:2]).all() and got[:, range(11), range(11)].all()
     with pytest.raises(ValueError):
         online_table(q, k, layout, BLOCK, key_group=0)
+
+
+def test_top_p_source_passes_its_key_group_and_checks_its_options():
+    layout = LAYOUTS[0]
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, layout.num_tokens, 2, 8, generator=gen) for _ in range(2))
+    source = TopP(1.0, min_density=0.5, max_density=0.5, block_size=BLOCK, key_group=2, compile="never")
+    got = source(_Call(0, 0, q, k, layout))
+    expected = online_table(q, k, layout, BLOCK, 1.0, 0.5, 0.5, key_group=2)
+    assert torch.equal(got.range_starts, expected.range_starts) and torch.equal(got.range_ends, expected.range_ends)
+    for bad in (dict(key_group=0), dict(key_group=True), dict(compile="sometimes")):
+        with pytest.raises(ValueError):
+            TopP(0.9, **bad)
