@@ -17,9 +17,8 @@ Nothing of size N x N is formed: the work is two poolings (one read of q and k),
 ``Qb x Kb`` score matrix per head and a sort of its rows (a fixed budget, the top-k: one
 ``torch.topk`` per row for the threshold, no sort). On CUDA the whole selection runs through
 ``torch.compile`` (its small ops fused; the same blocks). The table is built on the device with a
-range width fixed by the budget (:func:`~sparse_vdit.block_table.table_from_mask`'s
-``max_runs``) and its index form filled in the same way, so deciding reads nothing back to the
-host (the Triton and FA4 backends then launch without a sync).
+range width fixed by the budget (:func:`max_runs`) and its index form filled in the same way, so
+deciding reads nothing back to the host (the Triton and FA4 backends then launch without a sync).
 
 :class:`Hybrid`: the heads an offline plan made sparse (the search found a pattern within its
 error bound: *stable* heads) keep the plan's pattern, row for row; the heads it left dense get
@@ -33,8 +32,7 @@ from functools import lru_cache
 
 import torch
 
-from ..block_table import (DEFAULT_BLOCK, BlockTable, MaskHead, compact_positions, num_blocks, table_from_mask,
-                           valid_block_size)
+from ..block_table import DEFAULT_BLOCK, BlockTable, MaskHead, compact_positions, mask_ranges, num_blocks, valid_block_size
 from ..layout import VideoLayout
 from ..patterns import compile_layer
 from ..patterns.base import Geometry, text_intervals
@@ -177,13 +175,15 @@ def index_form(keep: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def selection(q: torch.Tensor, k: torch.Tensor, forced: torch.Tensor, layout: VideoLayout, block: int, p: float,
-              low: int, high: int, group: int) -> torch.Tensor:  # fmt: skip
-    """bool ``[H, Qb, Kb]``: the kept blocks of :func:`online_table` (pool, score, select), budget
-    ``[low, high]`` in groups of ``group`` key blocks, ``forced`` bool ``[Qb, Kb]``."""
+              low: int, high: int, group: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`online_table`'s work (pool, score, select, ranges): the kept blocks (bool ``[H, Qb, Kb]``)
+    and their ranges (int32 ``[H, Qb, width]`` starts, ends), budget ``[low, high]`` in groups of
+    ``group`` key blocks, ``forced`` bool ``[Qb, Kb]``."""
     mass = pooled_mass(q, k, layout, block)
     if group > 1:
         mass, forced = group_keys(mass, forced, group)
-    return ungroup(select_blocks(mass, forced, p, low, high), group, num_blocks(layout.kv_len, block))
+    keep = ungroup(select_blocks(mass, forced, p, low, high), group, num_blocks(layout.kv_len, block))
+    return (keep, *mask_ranges(keep, width))
 
 
 COMPILE = "cuda"  # online_table's default: the selection through torch.compile on CUDA ("always", "never")
@@ -227,8 +227,12 @@ def online_table(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, block: i
     forced = forced_blocks(layout, block, q.device, diagonal)
     compile = compile or COMPILE
     compiled = compile == "always" or (compile == "cuda" and q.device.type == "cuda")
-    keep = (compiled_selection() if compiled else selection)(q, k, forced, layout, block, p, low, high, key_group)
-    table = table_from_mask(layout, block, keep, name, max_runs=max_runs(layout, block, high))
+    kb = forced.shape[-1]
+    runs = min(max_runs(layout, block, high), kb // 2 + 1)  # no row has more runs than either
+    keep, starts, ends = (compiled_selection() if compiled else selection)(q, k, forced, layout, block, p, low, high,
+                                                                          key_group, runs)  # fmt: skip
+    table = BlockTable(layout, block, (MaskHead(name),) * keep.shape[0], starts, ends,
+                       torch.zeros(keep.shape[0], dtype=torch.bool, device=keep.device))  # fmt: skip
     width = max_kept(layout, block, high * key_group)
     table.form("kv_indices", lambda t: index_form(keep, width))
     return table
