@@ -32,8 +32,8 @@ median; ``bench/common.time_fn``):
   queries and of keys per head, warm-started from the previous call's centroids as between steps,
   gathers, selection per head in the permuted orders); ``cluster_attention_ms``: its attention
   (gather v, the launch, scatter the output back: :class:`~sparse_vdit.methods.cluster.PermutedTable`);
-- ``hybrid_ms``: the hybrid's selection for half the heads (``index_select``, selection, merge
-  into a static table);
+- ``hybrid_ms``: the hybrid's selection for half the heads (selection on every head, half of its
+  rows merged into a static table);
 - ``cost_share``: ``select_ms / (dense_ms - sparse_ms)``, the selection as a share of the attention
   it saves (the issue asks <= 5% at 25% on Wan-14B 720p); ``fresh_share``: ``(fresh_ms - sparse_ms)``
   over the same saving;
@@ -60,7 +60,7 @@ from sparse_vdit import VideoLayout, compile_layer  # noqa: E402
 from sparse_vdit.kernels import dense as dense_kernels  # noqa: E402
 from sparse_vdit.block_table import BlockTable, MaskHead, num_blocks  # noqa: E402
 from sparse_vdit.methods import online as online_methods  # noqa: E402
-from sparse_vdit.methods.online import TopP, heads_index, merge_heads, online_table  # noqa: E402
+from sparse_vdit.methods.online import TopP, merge_heads, online_table  # noqa: E402
 from sparse_vdit.patterns import diagonal  # noqa: E402
 from sparse_vdit.plan import ModelSpec  # noqa: E402
 from models import mixed_plan  # noqa: E402
@@ -186,10 +186,8 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
     half = tuple(range(0, shape.heads, 2))
     static = compile_layer([diagonal(1.0)] * shape.heads, layout, block, device)
 
-    def hybrid(q, k, v):
-        heads = heads_index(half, q.device)
-        chosen = online_table(q.index_select(2, heads), k.index_select(2, heads), layout, block, **topk)
-        return merge_heads(static, chosen, half)
+    def hybrid(q, k, v):  # as Hybrid does: selected on every head, half of the rows merged into the static table
+        return merge_heads(static, online_table(q, k, layout, block, **topk), half)
 
     clustering = TopP(1.0, min_density=density, max_density=density, cluster_iters=args.cluster_iters)
 

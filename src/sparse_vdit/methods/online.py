@@ -431,10 +431,8 @@ class Hybrid:
             return table
         if len(online) == len(patterns):
             table = self.online.table(call.q, call.k, call.layout, plan.block_size)
-        else:
-            index = heads_index(online, call.q.device)
-            chosen = self.online.table(call.q.index_select(2, index), call.k.index_select(2, index), call.layout,
-                                       plan.block_size)  # fmt: skip
+        else:  # selected on every head (one compiled shape for any number of online heads), rows taken
+            chosen = self.online.table(call.q, call.k, call.layout, plan.block_size)
             static = compile_layer(patterns, call.layout, plan.block_size, call.q.device)
             table = merge_heads(static, chosen, online)
         return self.online.reuse.put(call.step, call.layer, key, table)
@@ -450,19 +448,22 @@ def heads_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 def merge_heads(static: BlockTable, chosen: BlockTable, heads: tuple[int, ...]) -> BlockTable:
-    """``static`` with its rows of ``heads`` replaced by ``chosen``'s (head ``heads[i]`` <- row ``i``).
+    """``static`` with its rows of ``heads`` replaced by ``chosen``'s (head ``heads[i]`` <- row ``i``; a
+    ``chosen`` of as many heads as ``static``: head ``h`` <- its row ``h``).
 
     Same layout and block size; ranges padded with empty ranges to the wider of the two; no host sync.
     """
-    if static.layout != chosen.layout or static.block_size != chosen.block_size or chosen.num_heads != len(heads):
+    if (static.layout != chosen.layout or static.block_size != chosen.block_size
+            or chosen.num_heads not in (len(heads), static.num_heads)):  # fmt: skip
         raise ValueError("merge_heads: the tables differ in layout or block size, or heads do not match")
     width = max(static.range_starts.shape[-1], chosen.range_starts.shape[-1])
     index = heads_index(heads, static.device)
+    whole_rows = chosen.num_heads == len(heads)  # else: chosen's rows of `heads`
 
     def merged(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = a.new_zeros(*a.shape[:-1], width)  # unused slots: empty ranges [0, 0)
         out[..., : a.shape[-1]] = a
-        out[index, :, : b.shape[-1]] = b.to(out.device)
+        out[index, :, : b.shape[-1]] = b.to(out.device) if whole_rows else b.to(out.device)[index]
         return out
 
     patterns = list(static.patterns)
