@@ -37,8 +37,13 @@ Variants, each in each mode (``eager``; ``compiled`` = every transformer block c
   tables built on the device; ``hybrid-NN``: the ``sparse-NN`` plan with every fourth head made
   dense, those heads selected online at NN% (:class:`~sparse_vdit.methods.online.Hybrid`);
   ``top-k-NN-clustered`` (``--online-cluster-iters``, default 2; 0: no row): the top-k after
-  SVG2-style k-means of each head's queries and keys (:mod:`sparse_vdit.methods.cluster`). Their
-  ``profile`` column is the selection's own time as a share of the attention time.
+  SVG2-style k-means of each head's queries and keys (:mod:`sparse_vdit.methods.cluster`);
+  ``top-k-NN-gG`` (``--online-key-groups``, default 2): the top-k rule on aligned groups of G key
+  blocks (``TopP(key_group=G)``: kept blocks in runs, fewer ranges for the kernel; its own
+  fidelity row); ``top-k-NN-everyK`` (``--online-every``, default 2): tables reused for K steps,
+  each timed unit K forwards at successive timesteps (the first selects, the rest reuse), reported
+  per forward: the steady-state cost of ``every=K``. Their ``profile`` column is the selection's
+  own time as a share of the attention time.
 
 Reported: forward latency (median of ``--repeats`` after one warm-up, CUDA events), attention
 time and its share (CUDA events around the attention calls), speedup against ``unpatched`` and
@@ -118,18 +123,22 @@ def measure(model, inputs, repeats: int, attention_seconds=None, profile_seconds
     """Warm-up forward, then ``repeats`` timed forwards: median seconds and attention share.
 
     ``profile_seconds`` (SVG): seconds of online classification in the last forward, reported
-    with its share of the attention time.
+    with its share of the attention time. ``inputs`` a list: each timed unit runs those forwards
+    one after the other (e.g. successive denoising steps) and every number is per forward (the
+    unit's total over its length).
     """
-    device = inputs["hidden_states"].device
-    context = cudnn_first() if device.type == "cuda" else contextlib.nullcontext()
+    steps = inputs if isinstance(inputs, list) else [inputs]
+    hidden = steps[0]["hidden_states"]
+    context = cudnn_first() if hidden.device.type == "cuda" else contextlib.nullcontext()
     times, attention, profile = [], [], []
     with context:
         for i in range(repeats + 1):
-            start = clock(inputs["hidden_states"])
-            model(**inputs)
-            seconds = seconds_between(start, clock(inputs["hidden_states"]))
-            att = attention_seconds() if attention_seconds else None
-            prof = profile_seconds() if profile_seconds else None
+            start = clock(hidden)
+            for step in steps:
+                model(**step)
+            seconds = seconds_between(start, clock(hidden)) / len(steps)
+            att = attention_seconds() / len(steps) if attention_seconds else None
+            prof = profile_seconds() / len(steps) if profile_seconds else None
             if i:  # the first forward is the warm-up (kernels, tables, compilation)
                 times.append(seconds)
                 attention.append(att)
@@ -278,11 +287,16 @@ def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
             layers = [tuple(dense() if h % 4 == 1 else p for h, p in enumerate(row)) for row in plan.schedule[0].layers]
             hybrid_plan = Plan.from_layers(state.spec, layers, block_size=block, layout=layout)
             clustered = (f"top-k-{tag}-clustered",) if run.args.online_cluster_iters else ()
-            for variant in (f"top-k-{tag}", *clustered, f"hybrid-{tag}"):
+            grouped = tuple(f"top-k-{tag}-g{g}" for g in run.args.online_key_groups)
+            every = run.args.online_every
+            reused = (f"top-k-{tag}-every{every}",) if every > 1 else ()
+            for variant in (f"top-k-{tag}", *grouped, *reused, *clustered, f"hybrid-{tag}"):
                 if not run.fits():
                     return
                 iters = run.args.online_cluster_iters if variant.endswith("clustered") else 0
-                online = TopP(1.0, min_density=density, max_density=density, block_size=block, cluster_iters=iters)
+                group = int(variant.rsplit("-g", 1)[1]) if variant in grouped else 1
+                online = TopP(1.0, min_density=density, max_density=density, block_size=block, cluster_iters=iters,
+                              key_group=group, every=every if variant in reused else 1)  # fmt: skip
                 online.timing = True
                 state.pattern_source = online if variant.startswith("top-k") else Hybrid(hybrid_plan, online)
                 densities = []
@@ -293,13 +307,23 @@ def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
                     return seconds
 
                 state.observers[:] = [lambda call, table, out: densities.append(share(table, call))]
-                result = measure(model, inputs, run.args.repeats, attention_seconds, profile_seconds)
-                result.update(target_density=density, online_calls=online.calls)
+                # every-k rows: one timed unit is k successive steps (a new generation each unit:
+                # the first step selects, the others reuse its tables), numbers per forward
+                steps = successive_steps(inputs, every) if variant in reused else inputs
+                result = measure(model, steps, run.args.repeats, attention_seconds, profile_seconds)
+                result.update(target_density=density, online_calls=online.calls, online_reused=online.reused,
+                              key_group=group, every=online.reuse.every)  # fmt: skip
                 run.record(variant, result, float(torch.stack(densities).mean()) if densities else 1.0)
                 state.observers.clear()
                 sparse_vdit.clear_caches()
     finally:
         sparse_vdit.remove(model)
+
+
+def successive_steps(inputs: dict, count: int) -> list:
+    """``count`` copies of a forward's inputs with timesteps 0, 1, ... below its own: successive
+    denoising steps to the step tracker (a timestep above the last starts a new generation)."""
+    return [{**inputs, "timestep": inputs["timestep"] - i} for i in range(count)]
 
 
 def svg_backend(run: Mode, name: str) -> str:
@@ -428,6 +452,10 @@ def parse_args(argv=None):
                         "device; 'triton-plan': SVG's recorded choices replayed as a fixed plan)")
     p.add_argument("--online-densities", default="0.25", help="online top-k and hybrid rows ('' for none)")
     p.add_argument("--online-cluster-iters", type=int, default=2, help="k-means rounds of the clustered rows (0: none)")
+    p.add_argument("--online-key-groups", default="2",
+                   help="top-k-NN-gG rows: the rule on aligned groups of G key blocks (comma-separated; '' for none)")
+    p.add_argument("--online-every", type=int, default=2,
+                   help="top-k-NN-everyK row: tables reused for K successive steps, timed over K forwards (<= 1: none)")
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant, after one warm-up")
     p.add_argument("--backend", default="auto", help="sparse backend of our integration")
     p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)
@@ -445,6 +473,7 @@ def parse_args(argv=None):
     args.svg_densities = [float(d) for d in args.svg_densities.split(",") if d.strip()]
     args.svg_backends = [b.strip() for b in args.svg_backends.split(",") if b.strip()]
     args.online_densities = [float(d) for d in args.online_densities.split(",") if d.strip()]
+    args.online_key_groups = [int(g) for g in args.online_key_groups.split(",") if g.strip() and int(g) > 1]
     if {b.removesuffix("-plan").removesuffix("-device") for b in args.svg_backends} - {"auto", "flex", "triton", "fa4",
                                                                                         "reference"}:  # fmt: skip
         p.error("--svg-backends takes auto, flex, triton, fa4, reference (each with -device: decided on the device, "

@@ -31,7 +31,9 @@ Methods (every one through the diffusers integration on the same captions x seed
   of the pooled mass, its own block and text always, between ``--online-min-density`` and
   ``--online-max-density`` of the key blocks), after the windows' dense warm-up, recomputed every
   ``--online-every`` steps; ``top-k-NN`` (``--topk-densities``): the same rule with min = max = NN%
-  of the key blocks (a fixed budget, for comparison at equal density); ``top-p-P-clustered``
+  of the key blocks (a fixed budget, for comparison at equal density); ``top-k-NN-gG``
+  (``--topk-key-groups``, default 2): the same top-k on aligned groups of G key blocks (summed
+  mass; kept blocks in runs, cheaper for the Triton kernel); ``top-p-P-clustered``
   (``--cluster-ps``): top-p after SVG2-style k-means of each (sample, head)'s queries and keys
   (``--cluster-iters`` rounds, centroids kept between steps; :mod:`sparse_vdit.methods.cluster`);
 - ``hybrid-eps=E-p=P`` (``--hybrid-epsilons`` x ``--hybrid-ps``): the offline plan of epsilon E with
@@ -142,6 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--online-ps", type=floats, default=floats("0.95,0.9,0.8"), help="online top-p rows (mass shares)")
     p.add_argument("--topk-densities", type=floats, default=floats("0.25"),
                    help="online top-k rows (the top-p rule with a fixed budget: shares of the key blocks)")
+    p.add_argument("--topk-key-groups", type=lambda t: [int(g) for g in t.split(",") if g.strip()], default=[2],
+                   help="top-k-NN-gG rows: the top-k rule on aligned groups of G key blocks (TopP key_group)")
     p.add_argument("--online-min-density", type=float, default=0.05, help="top-p budget: fewest key blocks (share)")
     p.add_argument("--online-max-density", type=float, default=0.5, help="top-p budget: most key blocks (share)")
     p.add_argument("--online-every", type=int, default=1, help="top-p: recompute the tables every this many steps")
@@ -177,6 +181,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.spatial_widths, args.temporal_widths = middle(args.spatial_widths, 1), middle(args.temporal_widths, 1)
         args.output_epsilons, args.oracle_densities = args.output_epsilons[:1], args.oracle_densities[:1]
         args.online_ps, args.topk_densities = middle(args.online_ps, 1), args.topk_densities[:1]
+        args.topk_key_groups = args.topk_key_groups[:1]
         args.hybrid_ps, args.cluster_ps = args.hybrid_ps[:1], args.cluster_ps[:1]
         args.hybrid_densities = args.hybrid_densities[:1]
         args.hybrid_epsilons = (args.epsilons if args.hybrid_epsilons is None else args.hybrid_epsilons)[:1]
@@ -272,6 +277,11 @@ def methods(args, transformer, spec) -> list[tuple[str, str, Callable[[], Method
         topk = {**online, "min_density": d, "max_density": d}
         out.append(fixed(f"top-k-{round(d * 100):02d}", "online-top-k", kind="source", info={"p": 1.0, **topk},
                          source=lambda topk=topk: TopP(1.0, warmup_steps=warmup, **topk)))  # fmt: skip
+        for g in args.topk_key_groups:  # the rule on aligned groups of g key blocks (runs for the kernel)
+            grouped = {**topk, "key_group": g}
+            out.append(fixed(f"top-k-{round(d * 100):02d}-g{g}", "online-top-k", kind="source",
+                             info={"p": 1.0, **grouped},
+                             source=lambda grouped=grouped: TopP(1.0, warmup_steps=warmup, **grouped)))  # fmt: skip
 
     for p_ in args.cluster_ps:
         clustered = {**online, "cluster_iters": args.cluster_iters}

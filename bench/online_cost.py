@@ -3,6 +3,8 @@
     python bench/online_cost.py                          # Wan-14B 720p, 25% density, backends auto and triton
     python bench/online_cost.py --shapes wan14b-720p hunyuan-720p --densities 0.25,0.1 --batch 2
     python bench/online_cost.py --dry-run                # tiny shape on the CPU (checks the script)
+    python bench/online_cost.py --shapes wan1.3b-480p wan14b-720p --backends triton --cluster-iters 0
+                                                         # issue 22's speed check, one GPU call (~2-3 min)
 
 Per shape, backend and density (``d``), on random bf16 inputs rotated between calls (CUDA events,
 median; ``bench/common.time_fn``):
@@ -11,7 +13,17 @@ median; ``bench/common.time_fn``):
 - ``select_ms``: :func:`sparse_vdit.methods.online.online_table` at a fixed budget (``p = 1``,
   min = max = ``d`` of the key blocks: a top-k, so the density is ``d`` plus the forced diagonal);
   ``select_topp_ms``: the same with ``p = --p`` and the budget ``[--min-density, d]``;
+  ``select_old_ms``: the same top-k by the code before #22's speed work (a stable sort per row,
+  ranges and index form by sorts: :func:`legacy_table`, kept here to time against);
+  ``select_eager_ms``: the current code without ``torch.compile`` (``select_ms`` is the default:
+  compiled on CUDA); ``same_blocks_as_old`` / ``same_blocks_eager``: the tables agree;
+  ``select_grouped_ms``: the top-k on aligned groups of ``--key-group`` key blocks (``key_group``);
 - ``sparse_ms``: the backend on that table, built beforehand (its derived forms warm);
+  ``sparse_grouped_ms``: on the grouped top-k's table; ``plan_ms``: on the layer tables of
+  ``bench/e2e.py``'s offline mixed plan of the same density (``plan_density``; 8 layers, taken in
+  turn: the plan's mean layer), so ``attention_vs_plan`` = ``sparse_ms / plan_ms`` is the online
+  table's attention cost against a plan's at equal density; ``runs_per_row*``: mean non-empty
+  ranges per (head, query block) of each table (the Triton kernel's loop count);
   ``fresh_ms``: selection and attention together with a new table every call (what a layer call
   costs: the backend's per-table work, e.g. its work order or FA4's index tensors, included);
 - ``static_ms``: the same backend on a frame-major band table of about the same density (an
@@ -20,12 +32,12 @@ median; ``bench/common.time_fn``):
   queries and of keys per head, warm-started from the previous call's centroids as between steps,
   gathers, selection per head in the permuted orders); ``cluster_attention_ms``: its attention
   (gather v, the launch, scatter the output back: :class:`~sparse_vdit.methods.cluster.PermutedTable`);
-- ``hybrid_ms``: the hybrid's selection for half the heads (``index_select``, selection, merge
-  into a static table);
+- ``hybrid_ms``: the hybrid's selection for half the heads (selection on every head, half of its
+  rows merged into a static table);
 - ``cost_share``: ``select_ms / (dense_ms - sparse_ms)``, the selection as a share of the attention
   it saves (the issue asks <= 5% at 25% on Wan-14B 720p); ``fresh_share``: ``(fresh_ms - sparse_ms)``
   over the same saving;
-- ``host_syncs``: whether deciding (the selection, and a fresh table's first attention call) made
+- ``host_syncs``: whether deciding (``_select``, ``_select_grouped``: the default path, compiled on CUDA) (the selection, and a fresh table's first attention call) made
   a device-to-host sync, checked with ``torch.cuda.set_sync_debug_mode("error")``.
 
 Writes ``--out`` (JSON; rows merge by shape, backend, density, batch) and prints a table.
@@ -46,8 +58,12 @@ from common import BLOCK, SHAPES, Shape, environment, merge_results, results_pat
 import sparse_vdit  # noqa: E402
 from sparse_vdit import VideoLayout, compile_layer  # noqa: E402
 from sparse_vdit.kernels import dense as dense_kernels  # noqa: E402
-from sparse_vdit.methods.online import TopP, heads_index, merge_heads, online_table  # noqa: E402
+from sparse_vdit.block_table import BlockTable, MaskHead, num_blocks  # noqa: E402
+from sparse_vdit.methods import online as online_methods  # noqa: E402
+from sparse_vdit.methods.online import TopP, merge_heads, online_table  # noqa: E402
 from sparse_vdit.patterns import diagonal  # noqa: E402
+from sparse_vdit.plan import ModelSpec  # noqa: E402
+from models import mixed_plan  # noqa: E402
 
 TINY = Shape("tiny", VideoLayout(4, 8, 12), 4, 64)
 
@@ -68,6 +84,51 @@ def sync_free(fn, device: torch.device) -> str:
         torch.cuda.synchronize()
 
 
+# --- the selection as it was before #22's speed work (sorts throughout), to time against ------------
+
+
+def _sorted_positions(flag: torch.Tensor, width: int, fill) -> torch.Tensor:
+    n = flag.shape[-1]
+    position = torch.arange(n, device=flag.device).expand_as(flag)
+    ranked = torch.where(flag, position, position + n).sort(-1).values[..., :width]
+    return torch.where(ranked < n, ranked, fill).to(torch.int32)
+
+
+def legacy_table(q, k, layout, block, p, min_density, max_density) -> BlockTable:
+    """The old path: a stable sort + cumsum + scatter per row, ranges and index form by sorts."""
+    low, high = online_methods.budget_blocks(layout, block, min_density, max_density)
+    mass = online_methods.pooled_mass(q, k, layout, block)
+    forced = online_methods.forced_blocks(layout, block, q.device).expand_as(mass)
+    order = torch.sort(mass + 2.0 * forced, dim=-1, descending=True, stable=True).indices
+    ranked = torch.gather(mass, -1, order)
+    reach = ((torch.cumsum(ranked, -1) - ranked) < p).sum(-1, keepdim=True)
+    count = torch.maximum(reach.clamp(low, high), forced.sum(-1, keepdim=True))
+    rank = torch.arange(mass.shape[-1], device=mass.device)
+    keep = torch.zeros(mass.shape, dtype=torch.bool, device=mass.device).scatter_(-1, order, rank < count)
+    kb = keep.shape[-1]
+    width = min(online_methods.max_runs(layout, block, high), kb // 2 + 1)
+    edges = torch.nn.functional.pad(keep.to(torch.int8), (1, 1)).diff(dim=-1)
+    starts, ends = _sorted_positions(edges == 1, width, 0), _sorted_positions(edges == -1, width, 0)
+    table = BlockTable(layout, block, (MaskHead("top-p"),) * keep.shape[0], starts, ends,
+                       torch.zeros(keep.shape[0], dtype=torch.bool, device=keep.device))  # fmt: skip
+    last = torch.where(keep, rank, -1).amax(-1, keepdim=True).clamp(min=0)
+    indices = _sorted_positions(keep, online_methods.max_kept(layout, block, high), last)
+    table.form("kv_indices", lambda t: indices)
+    return table
+
+
+def runs_per_row(table: BlockTable) -> float:
+    """Mean non-empty ranges per (head, query block): what the Triton kernel loops over."""
+    return float((table.range_ends > table.range_starts).sum(-1).double().mean())
+
+
+def plan_tables(shape: Shape, density: float, block: int, device) -> tuple[list, float]:
+    """The layer tables of e2e's offline mixed plan of ``density`` (8 layers of the shape's heads)."""
+    plan = mixed_plan(ModelSpec("wan", 8, shape.heads), shape.layout, density, block)
+    tables = [compile_layer(plan.patterns_for(0, layer), shape.layout, block, device) for layer in range(8)]
+    return tables, plan.density(shape.layout)
+
+
 def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> dict:
     layout, block = shape.layout, args.block_size
     gen = torch.Generator(device=device).manual_seed(0)
@@ -80,8 +141,17 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
     def dense(q, k, v):
         return dense_kernels.forward(q, k, v, kv_len=layout.kv_len, softmax_scale=scale, use_fa4=False)
 
-    def select(q, k, v):
+    def select(q, k, v):  # the default path (compiled on CUDA)
         return online_table(q, k, layout, block, **topk)
+
+    def select_eager(q, k, v):
+        return online_table(q, k, layout, block, **topk, compile="never")
+
+    def select_old(q, k, v):
+        return legacy_table(q, k, layout, block, **topk)
+
+    def select_grouped(q, k, v):
+        return online_table(q, k, layout, block, **topk, key_group=args.key_group)
 
     def select_topp(q, k, v):
         return online_table(q, k, layout, block, **topp)
@@ -94,16 +164,30 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
     def sparse(q, k, v):
         return sparse_vdit.sparse_attention(q, k, v, tables[next(index) % len(tables)], backend=backend)
 
+    grouped = [select_grouped(*s) for s in sets]
+    for t, s in zip(grouped, sets):
+        sparse_vdit.sparse_attention(*s, t, backend=backend)
+    grouped_turn = iter(range(10**9))
+
+    def sparse_grouped(q, k, v):
+        return sparse_vdit.sparse_attention(q, k, v, grouped[next(grouped_turn) % len(grouped)], backend=backend)
+
+    layers, plan_density = plan_tables(shape, density, block, device)
+    for t in layers:
+        sparse_vdit.sparse_attention(*sets[0], t, backend=backend)
+    layer_turn = iter(range(10**9))
+
+    def plan_attention(q, k, v):  # the plan's layers in turn: its mean layer at the plan's density
+        return sparse_vdit.sparse_attention(q, k, v, layers[next(layer_turn) % len(layers)], backend=backend)
+
     def fresh(q, k, v):
         return sparse_vdit.sparse_attention(q, k, v, select(q, k, v), backend=backend)
 
     half = tuple(range(0, shape.heads, 2))
     static = compile_layer([diagonal(1.0)] * shape.heads, layout, block, device)
 
-    def hybrid(q, k, v):
-        heads = heads_index(half, q.device)
-        chosen = online_table(q.index_select(2, heads), k.index_select(2, heads), layout, block, **topk)
-        return merge_heads(static, chosen, half)
+    def hybrid(q, k, v):  # as Hybrid does: selected on every head, half of the rows merged into the static table
+        return merge_heads(static, online_table(q, k, layout, block, **topk), half)
 
     clustering = TopP(1.0, min_density=density, max_density=density, cluster_iters=args.cluster_iters)
 
@@ -125,8 +209,16 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
     row = {"shape": shape.name, "layout": layout.describe(), "heads": shape.heads, "dim": shape.dim,
            "batch": args.batch, "block": block, "backend": sparse_vdit.kernels.resolve_backend(backend, sets[0][0]),
            "backend_asked": backend, "density_target": density, "density": tables[0].density,
-           "density_topp": select_topp(*sets[0]).density, "p": args.p}  # fmt: skip
-    for name, fn in (("dense_ms", dense), ("select_ms", select), ("select_topp_ms", select_topp), ("sparse_ms", sparse),
+           "density_topp": select_topp(*sets[0]).density, "p": args.p, "key_group": args.key_group,
+           "density_grouped": grouped[0].density, "plan_density": plan_density,
+           "runs_per_row": runs_per_row(tables[0]), "runs_per_row_grouped": runs_per_row(grouped[0]),
+           "runs_per_row_plan": sum(runs_per_row(t) for t in layers) / len(layers),
+           "same_blocks_as_old": same_blocks(select_old(*sets[0]), tables[0]),
+           "same_blocks_eager": same_blocks(select_eager(*sets[0]), tables[0])}  # fmt: skip
+    timed = (("dense_ms", dense), ("select_old_ms", select_old), ("select_eager_ms", select_eager),
+             ("select_ms", select), ("select_grouped_ms", select_grouped), ("select_topp_ms", select_topp),
+             ("sparse_ms", sparse), ("sparse_grouped_ms", sparse_grouped), ("plan_ms", plan_attention))
+    for name, fn in (*timed,
                      ("fresh_ms", fresh), ("hybrid_ms", hybrid), ("static_ms", band_attention if band else None),
                      ("cluster_ms", cluster if made else None),
                      ("cluster_attention_ms", cluster_attention if made else None)):  # fmt: skip
@@ -143,23 +235,39 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
         row["cluster_density"] = made[0].density
         row["host_syncs_cluster"] = sync_free(lambda: cluster(*sets[0]), device)
     row["host_syncs_select"] = sync_free(lambda: select(*sets[0]), device)
+    row["host_syncs_select_grouped"] = sync_free(lambda: select_grouped(*sets[0]), device)
+    row["attention_vs_plan"] = row["sparse_ms"] / row["plan_ms"]
+    row["attention_grouped_vs_plan"] = row["sparse_grouped_ms"] / row["plan_ms"]
     q, k, v = sets[1 % len(sets)]
     row["host_syncs_fresh_attention"] = sync_free(lambda: fresh(q, k, v), device)
-    del sets, tables, made
+    del sets, tables, made, grouped, layers
     return row
 
 
+def same_blocks(a: BlockTable, b: BlockTable) -> bool:
+    """Whether two tables visit the same key blocks (ranges and index form)."""
+    width = min(a.range_starts.shape[-1], b.range_starts.shape[-1])
+    return bool(torch.equal(a.range_starts[..., :width], b.range_starts[..., :width])
+                and torch.equal(a.range_ends[..., :width], b.range_ends[..., :width])
+                and torch.equal(a.kv_indices, b.kv_indices))  # fmt: skip
+
+
 def table(rows: list) -> str:
-    head = (f"{'shape':<14} {'backend':<9} {'dens':>5} {'dense ms':>9} {'select':>8} {'sparse':>8} {'fresh':>8} "
-            f"{'static':>8} {'hybrid':>8} {'cluster':>8} {'cost/saved':>10} {'fresh/saved':>11}  syncs")  # fmt: skip
+    head = (f"{'shape':<14} {'backend':<9} {'dens':>5} {'dense ms':>9} {'sel old':>8} {'sel eag':>8} {'select':>8} "
+            f"{'sel g':>7} {'sparse':>8} {'sparse g':>8} {'plan':>8} {'runs':>5} {'runs g':>6} {'runs pl':>7} "
+            f"{'fresh':>8} {'hybrid':>8} {'cost/saved':>10} {'fresh/saved':>11}  syncs")  # fmt: skip
     lines = [head, "-" * len(head)]
+    nan = float("nan")
     for r in rows:
         share = "" if r.get("cost_share") is None else f"{r['cost_share']:.1%}"
         fresh = "" if r.get("fresh_share") is None else f"{r['fresh_share']:.1%}"
-        lines.append(f"{r['shape']:<14} {r['backend']:<9} {r['density']:>5.1%} {r['dense_ms']:>9.2f} {r['select_ms']:>8.2f} "
-                     f"{r['sparse_ms']:>8.2f} {r['fresh_ms']:>8.2f} {r.get('static_ms', float('nan')):>8.2f} "
-                     f"{r['hybrid_ms']:>8.2f} {r.get('cluster_ms', float('nan')):>8.2f} {share:>10} {fresh:>11}  "
-                     f"{r['host_syncs_select']} / "
+        lines.append(f"{r['shape']:<14} {r['backend']:<9} {r['density']:>5.1%} {r['dense_ms']:>9.2f} "
+                     f"{r.get('select_old_ms', nan):>8.3f} {r.get('select_eager_ms', nan):>8.3f} {r['select_ms']:>8.3f} "
+                     f"{r.get('select_grouped_ms', nan):>7.3f} {r['sparse_ms']:>8.2f} {r.get('sparse_grouped_ms', nan):>8.2f} "
+                     f"{r.get('plan_ms', nan):>8.2f} {r.get('runs_per_row', nan):>5.1f} "
+                     f"{r.get('runs_per_row_grouped', nan):>6.1f} {r.get('runs_per_row_plan', nan):>7.1f} "
+                     f"{r['fresh_ms']:>8.2f} {r['hybrid_ms']:>8.2f} {share:>10} {fresh:>11}  "
+                     f"{r['host_syncs_select']} / {r.get('host_syncs_select_grouped', '')} / "
                      f"{r['host_syncs_fresh_attention']}")  # fmt: skip
     return "\n".join(lines)
 
@@ -172,6 +280,7 @@ def parse_args(argv=None):
     p.add_argument("--p", type=float, default=0.9, help="the top-p rows' mass share")
     p.add_argument("--min-density", type=float, default=0.05, help="the top-p rows' budget floor")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--key-group", type=int, default=2, help="the grouped top-k rows' key_group")
     p.add_argument("--cluster-iters", type=int, default=2, help="k-means rounds of the clustered rows (0: none)")
     p.add_argument("--sets", type=int, default=3, help="input sets rotated between calls")
     p.add_argument("--target-ms", type=float, default=300.0, help="timed milliseconds per measurement")

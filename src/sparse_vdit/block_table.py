@@ -226,23 +226,39 @@ def table_from_mask(
     if tuple(keep.shape[1:]) != (qb, kb):
         raise ValueError(f"keep has {tuple(keep.shape[1:])} blocks; the layout {layout.describe()} at block "
                          f"{block_size} has ({qb}, {kb})")  # fmt: skip
-    edges = torch.nn.functional.pad(keep.to(torch.int8), (1, 1)).diff(dim=-1)  # [H, Qb, Kb + 1]
     if max_runs is None:
+        edges = torch.nn.functional.pad(keep.to(torch.int8), (1, 1)).diff(dim=-1)
         runs = int((edges == 1).sum(-1).max()) if keep.numel() else 0
     elif isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
         raise ValueError(f"max_runs must be an int >= 1 or None, got {max_runs!r}")
     else:
         runs = min(max_runs, kb // 2 + 1)  # no row has more runs than that
-    width = max(runs, 1)
-
-    def packed(flag: torch.Tensor) -> torch.Tensor:  # positions of the flags, ascending, first `width`
-        position = torch.arange(kb + 1, device=keep.device).expand_as(flag)
-        ranked = torch.where(flag, position, position + kb + 1).sort(-1).values[..., :width]
-        return torch.where(ranked <= kb, ranked, 0).to(torch.int32)
-
-    starts, ends = packed(edges == 1), packed(edges == -1)
+    starts, ends = mask_ranges(keep, max(runs, 1))
     token_major = torch.zeros(keep.shape[0], dtype=torch.bool, device=keep.device)
     return BlockTable(layout, block_size, (MaskHead(name),) * keep.shape[0], starts, ends, token_major)
+
+
+def mask_ranges(keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 ``[..., width]`` starts and ends of the runs of true in ``keep`` (bool ``[..., n]``),
+    ascending, unused slots the empty range ``[0, 0)``; no row may have more than ``width`` runs."""
+    edges = torch.nn.functional.pad(keep.to(torch.int8), (1, 1)).diff(dim=-1)  # [..., n + 1]
+    return compact_positions(edges == 1, width), compact_positions(edges == -1, width)
+
+
+def compact_positions(flag: torch.Tensor, width: int, fill: torch.Tensor | int = 0) -> torch.Tensor:
+    """int32 ``[..., width]``: the positions where ``flag`` (bool ``[..., n]``) is true, ascending,
+    the first ``width`` of them; later slots ``fill`` (a number, or a tensor broadcast to
+    ``[..., 1]``). A prefix sum and one scatter (no sort, no host sync)."""
+    slot = torch.cumsum(flag, -1, dtype=torch.int32) - 1
+    slot = torch.where(flag & (slot < width), slot, width).long()  # the rest -> a spare slot, dropped
+    position = torch.arange(flag.shape[-1], device=flag.device, dtype=torch.int32).expand_as(flag)
+    out = torch.zeros(*flag.shape[:-1], width + 1, dtype=torch.int32, device=flag.device)
+    out = out.scatter_(-1, slot, position)[..., :width]
+    if isinstance(fill, torch.Tensor) or fill != 0:
+        count = flag.sum(-1, keepdim=True, dtype=torch.int32)
+        out = torch.where(torch.arange(width, device=flag.device) < count, out, torch.as_tensor(fill, dtype=torch.int32,
+                          device=flag.device))  # fmt: skip
+    return out
 
 
 _SERIAL = itertools.count(1)

@@ -15,7 +15,7 @@ def test_quick_run_writes_results_plot_and_table(tmp_path, capsys, load_script):
     data = json.loads(out.read_text())
     families = [r["family"] for r in data["rows"]]
     assert families == ["dense", "offline", "offline", "svg", "window-spatial", "window-temporal", "online-top-p",
-                        "online-top-k", "online-clustered", "hybrid", "oracle-static", "oracle-per-call", "skip-only"]  # fmt: skip
+                        "online-top-k", "online-top-k", "online-clustered", "hybrid", "oracle-static", "oracle-per-call", "skip-only"]  # fmt: skip
     assert data["videos"] == 2 and data["dry_run"] and not data["speedup_meaningful"]
     for r in data["rows"]:
         assert 0 < r["density"] <= 1 and r["flop_reduction"] == pytest.approx(1 / r["density"])
@@ -30,6 +30,7 @@ def test_quick_run_writes_results_plot_and_table(tmp_path, capsys, load_script):
         assert rows[name]["density"] == pytest.approx(0.5) and rows[name]["mask_density"] == 0.5
     assert rows["skip-only"]["skipped_heads"] >= 0 and "skipped_heads" not in rows["svg-40"]
     assert rows["top-k-25"]["density"] == pytest.approx(0.25) and rows["top-p-0.9"]["p"] == 0.9
+    assert rows["top-k-25-g2"]["key_group"] == 2 and 0.2 < rows["top-k-25-g2"]["density"] < 0.3
     assert rows["hybrid-eps=0.001-p=0.9"]["epsilon"] == 0.001 and "plan_density" in rows["hybrid-eps=0.001-p=0.9"]
 
 

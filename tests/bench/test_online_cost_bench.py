@@ -14,8 +14,12 @@ def test_dry_run_writes_a_row_per_backend_and_density(tmp_path, load_script):
                                                                               ("tiny", "reference", 0.5)]
     for r in rows:
         assert r["density"] == pytest.approx(r["density_target"])  # a fixed budget: top-k, diagonal included
-        for key in ("dense_ms", "select_ms", "select_topp_ms", "sparse_ms", "fresh_ms", "hybrid_ms", "cluster_ms",
-                    "cluster_attention_ms"):
+        for key in ("dense_ms", "select_ms", "select_old_ms", "select_eager_ms", "select_grouped_ms", "select_topp_ms",
+                    "sparse_ms", "sparse_grouped_ms", "plan_ms", "fresh_ms", "hybrid_ms", "cluster_ms",
+                    "cluster_attention_ms"):  # fmt: skip
             assert r[key] > 0
+        assert r["same_blocks_as_old"] and r["same_blocks_eager"]  # the faster paths keep the same blocks
+        assert r["runs_per_row_grouped"] <= r["runs_per_row"] and r["density_grouped"] == pytest.approx(r["density_target"])
+        assert 0.15 < r["plan_density"] < 0.6 and r["attention_vs_plan"] > 0
         assert r["host_syncs_select"] == "n/a (CPU)" and 0 < r["density_topp"] <= r["density"]
         assert r["cluster_density"] == pytest.approx(r["density_target"])  # no forced diagonal: exactly the budget

@@ -8,7 +8,7 @@ import torch
 from sparse_vdit import Plan, VideoLayout, compile_layer, sparse_attention
 from sparse_vdit.block_table import expand_ranges
 from sparse_vdit.methods import Hybrid, TopP
-from sparse_vdit.methods.online import budget_blocks, merge_heads, online_table
+from sparse_vdit.methods.online import budget_blocks, merge_heads, online_table, select_blocks
 from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip
 from sparse_vdit.plan import ModelSpec, StepRange
 
@@ -261,3 +261,62 @@ def test_clustered_top_p_runs_through_the_diffusers_integration():
                         backend="reference", block_size=BLOCK, progress=False)  # fmt: skip
     assert 0 < result.density < 0.75 and torch.isfinite(result.videos).all()
     assert source.calls > 0 and source.reused > 0 and source.clusters.centroids
+
+
+def plain_top_k(mass, forced, count):
+    """The fixed-budget rule written out: per row the forced blocks, then the others by mass, ties to the lower block."""
+    heads, qb, kb = mass.shape
+    keep = torch.zeros(mass.shape, dtype=torch.bool)
+    for h in range(heads):
+        for i in range(qb):
+            order = sorted(range(kb), key=lambda j: (not bool(forced[i, j]), -float(mass[h, i, j]), j))
+            keep[h, i, order[: max(count, int(forced[i].sum()))]] = True
+    return keep
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.describe())
+def test_fixed_budget_top_k_breaks_ties_like_the_sorted_rule(layout):
+    from sparse_vdit.methods.online import forced_blocks, top_k_keep
+
+    forced = forced_blocks(layout, BLOCK, torch.device("cpu"))
+    qb, kb = forced.shape
+    gen = torch.Generator().manual_seed(3)
+    mass = torch.randint(0, 3, (2, qb, kb), generator=gen).float() / 8  # many exact ties
+    mass[1] = 1.0 / kb  # a flat head: every block tied
+    for count in (1, 2, kb // 2, kb):
+        assert torch.equal(top_k_keep(mass, forced, count), plain_top_k(mass, forced, count))
+        assert torch.equal(select_blocks(mass, forced, 1.0, count, count), plain_top_k(mass, forced, count))
+
+
+def test_key_groups_select_aligned_runs_by_group_mass():
+    from sparse_vdit.methods.online import forced_blocks, group_budget, pooled_mass
+
+    layout = VideoLayout(4, 6, 7)  # 168 tokens: 11 key blocks of 16, the last group short
+    gen = torch.Generator().manual_seed(9)
+    q, k = (torch.randn(1, layout.num_tokens, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    table = online_table(q, k, layout, BLOCK, 1.0, 0.5, 0.5, key_group=2)
+    got = torch.stack([table.block_mask(h) for h in range(2)])
+    mass = pooled_mass(q, k, layout, BLOCK)
+    pairs = torch.nn.functional.pad(mass, (0, 1)).unflatten(-1, (6, 2)).sum(-1)  # group mass, by hand
+    forced = forced_blocks(layout, BLOCK, torch.device("cpu"))
+    forced_pairs = torch.nn.functional.pad(forced, (0, 1)).unflatten(-1, (6, 2)).any(-1)
+    low, high = group_budget(layout, BLOCK, 0.5, 0.5, 2)
+    assert (low, high) == (3, 3)
+    expected = plain_top_k(pairs, forced_pairs, high).repeat_interleave(2, -1)[..., :11]
+    assert torch.equal(got, expected)
+    assert (got[..., 0:10:2] == got[..., 1:10:2]).all() and got[:, range(11), range(11)].all()
+    with pytest.raises(ValueError):
+        online_table(q, k, layout, BLOCK, key_group=0)
+
+
+def test_top_p_source_passes_its_key_group_and_checks_its_options():
+    layout = LAYOUTS[0]
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, layout.num_tokens, 2, 8, generator=gen) for _ in range(2))
+    source = TopP(1.0, min_density=0.5, max_density=0.5, block_size=BLOCK, key_group=2, compile="never")
+    got = source(_Call(0, 0, q, k, layout))
+    expected = online_table(q, k, layout, BLOCK, 1.0, 0.5, 0.5, key_group=2)
+    assert torch.equal(got.range_starts, expected.range_starts) and torch.equal(got.range_ends, expected.range_ends)
+    for bad in (dict(key_group=0), dict(key_group=True), dict(compile="sometimes")):
+        with pytest.raises(ValueError):
+            TopP(0.9, **bad)

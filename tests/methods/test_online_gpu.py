@@ -42,6 +42,17 @@ def test_deciding_makes_no_host_sync():
     assert 0 < table.density < 0.6 and permuted.table.num_heads == 12
 
 
+@pytest.mark.parametrize("key_group", [1, 2])
+def test_compiled_selection_keeps_the_same_blocks_without_a_host_sync(key_group):
+    q, k, _ = _inputs()
+    for p, low, high in ((1.0, 0.25, 0.25), (0.9, 0.05, 0.3)):  # the top-k path and the sorted top-p path
+        eager = online_table(q, k, LAYOUT, 128, p, low, high, key_group=key_group, compile="never")
+        online_table(q, k, LAYOUT, 128, p, low, high, key_group=key_group, compile="always")  # compiles (host work)
+        compiled = _no_sync(lambda: online_table(q, k, LAYOUT, 128, p, low, high, key_group=key_group, compile="always"))
+        assert torch.equal(compiled.range_starts, eager.range_starts) and torch.equal(compiled.range_ends, eager.range_ends)
+        assert torch.equal(compiled.kv_indices, eager.kv_indices)
+
+
 @pytest.mark.parametrize("backend", ["triton", "fa4", "flex"])
 def test_backends_run_online_and_clustered_tables_like_the_reference(backend):
     ok, why = registry.available(backend, torch.device("cuda"))

@@ -14,10 +14,11 @@ SVG2 / XAttention / SpargeAttn (the pooled-score variant, without SVG2's k-means
    at most ``max_density`` of the key blocks, and never fewer than the forced ones.
 
 Nothing of size N x N is formed: the work is two poolings (one read of q and k), a
-``Qb x Kb`` score matrix per head and a sort of its rows. The table is built on the device with a
-range width fixed by the budget (:func:`~sparse_vdit.block_table.table_from_mask`'s
-``max_runs``) and its index form filled in the same way, so deciding reads nothing back to the
-host (the Triton and FA4 backends then launch without a sync).
+``Qb x Kb`` score matrix per head and a sort of its rows (a fixed budget, the top-k: one
+``torch.topk`` per row for the threshold, no sort). On CUDA the whole selection runs through
+``torch.compile`` (its small ops fused; the same blocks). The table is built on the device with a
+range width fixed by the budget (:func:`max_runs`) and its index form filled in the same way, so
+deciding reads nothing back to the host (the Triton and FA4 backends then launch without a sync).
 
 :class:`Hybrid`: the heads an offline plan made sparse (the search found a pattern within its
 error bound: *stable* heads) keep the plan's pattern, row for row; the heads it left dense get
@@ -31,7 +32,7 @@ from functools import lru_cache
 
 import torch
 
-from ..block_table import DEFAULT_BLOCK, BlockTable, MaskHead, num_blocks, table_from_mask, valid_block_size
+from ..block_table import DEFAULT_BLOCK, BlockTable, MaskHead, compact_positions, mask_ranges, num_blocks, valid_block_size
 from ..layout import VideoLayout
 from ..patterns import compile_layer
 from ..patterns.base import Geometry, text_intervals
@@ -106,8 +107,11 @@ def select_blocks(mass: torch.Tensor, forced: torch.Tensor, p: float, min_blocks
 
     Per row, key blocks ranked by mass with the ``forced`` ones (bool ``[Qb, Kb]``) first (ties in
     key-block order); the first ``n`` are kept, ``n`` the shortest prefix whose mass reaches ``p``,
-    clamped to ``[min_blocks, max_blocks]``, and at least the number of forced blocks.
+    clamped to ``[min_blocks, max_blocks]``, and at least the number of forced blocks. A fixed
+    budget (``min_blocks == max_blocks``) goes through :func:`top_k_keep` (same blocks, no sort).
     """
+    if min_blocks == max_blocks:
+        return top_k_keep(mass, forced, max_blocks)
     forced = forced.expand_as(mass)
     order = torch.sort(mass + 2.0 * forced, dim=-1, descending=True, stable=True).indices
     ranked = torch.gather(mass, -1, order)
@@ -116,6 +120,35 @@ def select_blocks(mass: torch.Tensor, forced: torch.Tensor, p: float, min_blocks
     keep_count = torch.maximum(reach.clamp(min_blocks, max_blocks), forced.sum(-1, keepdim=True))
     rank = torch.arange(mass.shape[-1], device=mass.device)
     return torch.zeros(mass.shape, dtype=torch.bool, device=mass.device).scatter_(-1, order, rank < keep_count)
+
+
+def top_k_keep(mass: torch.Tensor, forced: torch.Tensor, count: int) -> torch.Tensor:
+    """:func:`select_blocks` with a fixed budget of ``count`` blocks: per row every forced block and
+    the ``count - forced`` others of highest mass (ties to the lower key block), by one
+    ``torch.topk`` for the threshold and a prefix count of the ties at it (no sort, no scatter)."""
+    picks = (count - forced.sum(-1, keepdim=True)).clamp(min=0)  # [Qb, 1] non-forced blocks to keep
+    others = mass.masked_fill(forced, float("-inf"))
+    top = torch.topk(others, min(count, mass.shape[-1]), dim=-1, sorted=True).values  # [H, Qb, count]
+    threshold = top.gather(-1, (picks - 1).clamp(min=0).expand(*top.shape[:-1], 1))
+    above = others > threshold
+    tied = others == threshold
+    wanted = picks - above.sum(-1, keepdim=True)  # ties at the threshold still to keep, lowest first
+    chosen = (above | (tied & (torch.cumsum(tied, -1) <= wanted))) & (picks > 0)
+    return chosen | forced
+
+
+def group_keys(mass: torch.Tensor, forced: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mass and forced flags of aligned groups of ``group`` key blocks (the last group may be short):
+    ``[H, Qb, ceil(Kb / group)]`` summed mass, ``[Qb, groups]`` any block forced."""
+    pad = -mass.shape[-1] % group
+    mass = torch.nn.functional.pad(mass, (0, pad)).unflatten(-1, (-1, group)).sum(-1)
+    forced = torch.nn.functional.pad(forced, (0, pad)).unflatten(-1, (-1, group)).any(-1)
+    return mass, forced
+
+
+def ungroup(keep: torch.Tensor, group: int, kb: int) -> torch.Tensor:
+    """Each group's flag on its ``group`` key blocks: ``[..., groups]`` -> ``[..., kb]``."""
+    return keep.repeat_interleave(group, -1)[..., :kb] if group > 1 else keep
 
 
 @lru_cache(maxsize=256)
@@ -136,29 +169,71 @@ def max_kept(layout: VideoLayout, block: int, max_blocks: int) -> int:
 def index_form(keep: torch.Tensor, width: int) -> torch.Tensor:
     """int32 ``[H, Qb, width]``: each row's kept key blocks ascending, later slots repeating the
     last one (0 for an empty row): the table's ``kv_indices`` form, built without a host sync."""
-    kb = keep.shape[-1]
-    position = torch.arange(kb, device=keep.device).expand_as(keep)
-    ranked = torch.where(keep, position, position + kb).sort(-1).values[..., :width]
-    last = torch.where(keep, position, -1).amax(-1, keepdim=True).clamp(min=0)
-    return torch.where(ranked < kb, ranked, last).to(torch.int32)
+    position = torch.arange(keep.shape[-1], device=keep.device)
+    last = torch.where(keep, position, -1).amax(-1, keepdim=True).clamp(min=0).to(torch.int32)
+    return compact_positions(keep, width, last)
+
+
+def selection(q: torch.Tensor, k: torch.Tensor, forced: torch.Tensor, layout: VideoLayout, block: int, p: float,
+              low: int, high: int, group: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`online_table`'s work (pool, score, select, ranges): the kept blocks (bool ``[H, Qb, Kb]``)
+    and their ranges (int32 ``[H, Qb, width]`` starts, ends), budget ``[low, high]`` in groups of
+    ``group`` key blocks, ``forced`` bool ``[Qb, Kb]``."""
+    mass = pooled_mass(q, k, layout, block)
+    if group > 1:
+        mass, forced = group_keys(mass, forced, group)
+    keep = ungroup(select_blocks(mass, forced, p, low, high), group, num_blocks(layout.kv_len, block))
+    return (keep, *mask_ranges(keep, width))
+
+
+COMPILE = "cuda"  # online_table's default: the selection through torch.compile on CUDA ("always", "never")
+
+
+@lru_cache(maxsize=1)
+def compiled_selection():
+    """:func:`selection` through ``torch.compile`` (compiled once per shape; the small ops fused)."""
+    from ..kernels.flex import bump_recompile_limits
+
+    bump_recompile_limits()  # one compile per (layout, heads, budget): more than dynamo's default 8
+    return torch.compile(selection, fullgraph=True, dynamic=False)
+
+
+def group_budget(layout: VideoLayout, block: int, min_density: float, max_density: float, group: int) -> tuple[int, int]:
+    """(fewest, most) groups of ``group`` key blocks a query block keeps by mass (shares of the groups)."""
+    if group == 1:
+        return budget_blocks(layout, block, min_density, max_density)
+    groups = -(-num_blocks(layout.kv_len, block) // group)
+    low = min(groups, max(1, math.ceil(min_density * groups - 1e-9)))
+    return low, min(groups, max(low, math.floor(max_density * groups + 1e-9)))
 
 
 @torch.no_grad()
 def online_table(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, block: int = DEFAULT_BLOCK, p: float = 0.9,
-                 min_density: float = 0.0, max_density: float = 1.0, name: str = NAME,
-                 diagonal: bool = True) -> BlockTable:  # fmt: skip
+                 min_density: float = 0.0, max_density: float = 1.0, name: str = NAME, diagonal: bool = True,
+                 key_group: int = 1, compile: str | None = None) -> BlockTable:  # fmt: skip
     """The :class:`~sparse_vdit.block_table.BlockTable` of :func:`select_blocks` for ``(B, N, H, D)`` q and k.
 
     Built on q's device with no host sync (fixed range width from the budget); its ``kv_indices``
     form is filled the same way (FA4 and FlexAttention read it). ``diagonal=False``: the query
     block's own key block is not forced (for permuted orders, where it means nothing).
+    ``key_group > 1``: the rule runs on aligned groups of that many key blocks (summed mass, the
+    budget as shares of the groups), so kept blocks come in runs: a variant, not the default rule.
+    ``compile``: ``"cuda"`` (the default, :data:`COMPILE`: ``torch.compile`` for CUDA inputs),
+    ``"always"`` or ``"never"``; the same blocks either way.
     """
-    low, high = budget_blocks(layout, block, min_density, max_density)
+    if isinstance(key_group, bool) or not isinstance(key_group, int) or key_group < 1:
+        raise ValueError(f"top-p: key_group must be an int >= 1, got {key_group!r}")
+    low, high = group_budget(layout, block, min_density, max_density, key_group)
     forced = forced_blocks(layout, block, q.device, diagonal)
-    keep = select_blocks(pooled_mass(q, k, layout, block), forced, p, low, high)
-    runs = max_runs(layout, block, high)
-    table = table_from_mask(layout, block, keep, name, max_runs=runs)
-    width = max_kept(layout, block, high)
+    compile = compile or COMPILE
+    compiled = compile == "always" or (compile == "cuda" and q.device.type == "cuda")
+    kb = forced.shape[-1]
+    runs = min(max_runs(layout, block, high), kb // 2 + 1)  # no row has more runs than either
+    keep, starts, ends = (compiled_selection() if compiled else selection)(q, k, forced, layout, block, p, low, high,
+                                                                          key_group, runs)  # fmt: skip
+    table = BlockTable(layout, block, (MaskHead(name),) * keep.shape[0], starts, ends,
+                       torch.zeros(keep.shape[0], dtype=torch.bool, device=keep.device))  # fmt: skip
+    width = max_kept(layout, block, high * key_group)
     table.form("kv_indices", lambda t: index_form(keep, width))
     return table
 
@@ -224,6 +299,10 @@ class TopP:
             (:mod:`~sparse_vdit.methods.cluster`; centroids kept per layer between calls), the
             selection is made per (sample, head) in those orders (no forced diagonal block), and
             the call returns a :class:`~sparse_vdit.methods.cluster.PermutedTable`.
+        key_group: 1 (default): the rule on key blocks. ``g > 1``: on aligned groups of ``g`` key
+            blocks (summed mass, budget as shares of the groups): kept blocks come in runs of ``g``,
+            which the Triton kernel reads as fewer, longer ranges (a variant: its own fidelity row).
+        compile: how :func:`online_table` runs the selection (``"cuda"``: compiled on CUDA inputs).
 
     Counts: ``calls`` (tables computed) and ``reused`` (calls served by a kept table). With
     ``timing = True`` every selection is timed (:meth:`profile_seconds`; CUDA events, no sync until read).
@@ -233,8 +312,13 @@ class TopP:
 
     def __init__(self, p: float = 0.9, *, min_density: float = 0.0, max_density: float = 1.0, warmup_steps: int = 0,
                  warmup_layers: int = 0, every: int = 1, block_size: int | None = None,
-                 cluster_iters: int = 0) -> None:  # fmt: skip
+                 cluster_iters: int = 0, key_group: int = 1, compile: str | None = None) -> None:  # fmt: skip
         _check(p, min_density, max_density, every, block_size)
+        if isinstance(key_group, bool) or not isinstance(key_group, int) or key_group < 1:
+            raise ValueError(f"top-p: key_group must be an int >= 1, got {key_group!r}")
+        if compile not in (None, "cuda", "always", "never"):
+            raise ValueError(f"top-p: compile must be None, 'cuda', 'always' or 'never', got {compile!r}")
+        self.key_group, self.compile = key_group, compile
         if isinstance(cluster_iters, bool) or not isinstance(cluster_iters, int) or cluster_iters < 0:
             raise ValueError(f"top-p: cluster_iters must be an int >= 0, got {cluster_iters!r}")
         self.cluster_iters, self.clusters = cluster_iters, ClusterState()
@@ -249,7 +333,8 @@ class TopP:
         self.calls += 1
         block = block or self.block_size or DEFAULT_BLOCK
         start = clock(q) if self.timing else None
-        table = online_table(q, k, layout, block, self.p, self.min_density, self.max_density, self.name)
+        table = online_table(q, k, layout, block, self.p, self.min_density, self.max_density, self.name,
+                             key_group=self.key_group, compile=self.compile)  # fmt: skip
         if start is not None:
             self._timings.append((self._step, start, clock(q)))
         return table
@@ -263,7 +348,7 @@ class TopP:
         k_index = flat_index(self.clusters.orders(k, layout, block, self.cluster_iters, ("k", layer)), layout, b, h)
         qg, kg = gather(q, q_index), gather(k, k_index)
         table = online_table(qg, kg, layout, block, self.p, self.min_density, self.max_density, f"{self.name}-clustered",
-                             diagonal=False)  # fmt: skip
+                             diagonal=False, key_group=self.key_group, compile=self.compile)  # fmt: skip
         if start is not None:
             self._timings.append((self._step, start, clock(q)))
         return PermutedTable(table, q_index, k_index, qg, kg, tuple(q.shape))
@@ -297,7 +382,7 @@ class TopP:
 
     def __repr__(self) -> str:
         return (f"TopP(p={self.p:g}, min_density={self.min_density:g}, max_density={self.max_density:g}, "
-                f"every={self.reuse.every}, block_size={self.block_size})")  # fmt: skip
+                f"every={self.reuse.every}, block_size={self.block_size}, key_group={self.key_group})")  # fmt: skip
 
 
 def stable_heads(patterns) -> tuple[int, ...]:
@@ -346,10 +431,8 @@ class Hybrid:
             return table
         if len(online) == len(patterns):
             table = self.online.table(call.q, call.k, call.layout, plan.block_size)
-        else:
-            index = heads_index(online, call.q.device)
-            chosen = self.online.table(call.q.index_select(2, index), call.k.index_select(2, index), call.layout,
-                                       plan.block_size)  # fmt: skip
+        else:  # selected on every head (one compiled shape for any number of online heads), rows taken
+            chosen = self.online.table(call.q, call.k, call.layout, plan.block_size)
             static = compile_layer(patterns, call.layout, plan.block_size, call.q.device)
             table = merge_heads(static, chosen, online)
         return self.online.reuse.put(call.step, call.layer, key, table)
@@ -365,19 +448,22 @@ def heads_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 def merge_heads(static: BlockTable, chosen: BlockTable, heads: tuple[int, ...]) -> BlockTable:
-    """``static`` with its rows of ``heads`` replaced by ``chosen``'s (head ``heads[i]`` <- row ``i``).
+    """``static`` with its rows of ``heads`` replaced by ``chosen``'s (head ``heads[i]`` <- row ``i``; a
+    ``chosen`` of as many heads as ``static``: head ``h`` <- its row ``h``).
 
     Same layout and block size; ranges padded with empty ranges to the wider of the two; no host sync.
     """
-    if static.layout != chosen.layout or static.block_size != chosen.block_size or chosen.num_heads != len(heads):
+    if (static.layout != chosen.layout or static.block_size != chosen.block_size
+            or chosen.num_heads not in (len(heads), static.num_heads)):  # fmt: skip
         raise ValueError("merge_heads: the tables differ in layout or block size, or heads do not match")
     width = max(static.range_starts.shape[-1], chosen.range_starts.shape[-1])
     index = heads_index(heads, static.device)
+    whole_rows = chosen.num_heads == len(heads)  # else: chosen's rows of `heads`
 
     def merged(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = a.new_zeros(*a.shape[:-1], width)  # unused slots: empty ranges [0, 0)
         out[..., : a.shape[-1]] = a
-        out[index, :, : b.shape[-1]] = b.to(out.device)
+        out[index, :, : b.shape[-1]] = b.to(out.device) if whole_rows else b.to(out.device)[index]
         return out
 
     patterns = list(static.patterns)
@@ -389,5 +475,6 @@ def merge_heads(static: BlockTable, chosen: BlockTable, heads: tuple[int, ...]) 
                       merged(static.range_ends, chosen.range_ends), token_major)  # fmt: skip
 
 
-__all__ = ["Hybrid", "TopP", "budget_blocks", "forced_blocks", "index_form", "max_kept", "max_runs", "merge_heads", "online_table",
-           "pooled_mass", "select_blocks", "stable_heads"]  # fmt: skip
+__all__ = ["Hybrid", "TopP", "budget_blocks", "forced_blocks", "group_budget", "group_keys", "index_form", "max_kept",
+           "max_runs", "merge_heads", "online_table", "pooled_mass", "select_blocks", "selection", "stable_heads",
+           "top_k_keep", "ungroup"]  # fmt: skip
