@@ -206,3 +206,64 @@ def test_unsupported_pipelines_are_refused():
     with pytest.raises(ValueError, match="finetune supports the flow-matching pipelines WanPipeline, "
                                          "HunyuanVideoPipeline; got CogVideoXPipeline"):  # fmt: skip
         recipe_for(CogVideoXPipeline())
+
+
+def tiny_hunyuan_pipeline():
+    """A HunyuanVideoPipeline of tiny parts: the tiny transformer of ``tiny_diffusers``, a tiny
+    VAE, Llama and CLIP text encoders on the word-level tokenizer."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    from tiny_diffusers import hunyuan
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    transformer, _ = hunyuan()
+    torch.manual_seed(2)
+    vae = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                    norm_num_groups=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                    up_block_types=("HunyuanVideoUpBlock3D",) * 4)  # fmt: skip
+    llama = LlamaModel(LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, head_dim=8))  # fmt: skip
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1))  # fmt: skip
+    return HunyuanVideoPipeline(text_encoder=llama, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip,
+                                tokenizer_2=tokenizer)  # fmt: skip
+
+
+def test_hunyuan_video_recipe_encodes_and_distills():
+    pipe = tiny_hunyuan_pipeline()
+    recipe = recipe_for(pipe)
+    text = recipe.encode_text(pipe, ["a red panda surfing", "a cat"])
+    assert text[0].keys() == {"encoder_hidden_states", "pooled_projections", "encoder_attention_mask"}
+    valid = [int(t["encoder_attention_mask"].sum()) for t in text]  # the template's words count too
+    assert valid[0] - valid[1] == 2 and text[0]["pooled_projections"].shape == (8,)
+    video = torch.rand(3, 5, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        latents = recipe.encode_video(pipe, video)
+    assert latents.shape == recipe.latent_shape(pipe, 64, 64, 5) == (4, 2, 8, 8)
+    batch = torch.stack([latents, latents.flip(-1)])
+    batch_text = {k: torch.stack([t[k] for t in text]) for k in text[0]}
+    noise = torch.randn(batch.shape, generator=torch.Generator().manual_seed(1))
+    params = add_lora(pipe.transformer, rank=4)
+    timesteps, sigmas = recipe.schedule(pipe, 4)
+    assert timesteps[0] == 1000 and sigmas[0] == 1 and torch.all(sigmas.diff() < 0)
+    # the adapter starts at zero: with a dense plan the student is the teacher exactly
+    dense = Distiller(pipe, recipe, Plan.dense(pipe.transformer, block_size=16), steps=4, backend="reference")
+    assert float(dense.loss(batch, batch_text, 1, noise).detach()) == 0.0
+    dense.close()
+    plan = Plan.uniform(pipe.transformer, diagonal(0.0), block_size=16)
+    distiller = Distiller(pipe, recipe, plan, steps=4, backend="reference")
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = distiller.loss(batch, batch_text, 2, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    distiller.close()
+    assert losses[0] > 0 and losses[-1] < losses[0], losses

@@ -83,11 +83,13 @@ class WanRecipe(Recipe):
             raise ValueError("two-expert Wan2.2 pipelines (transformer_2) are not supported by finetune yet; "
                              "one transformer (Wan2.1, Wan2.2 TI2V-5B) is")  # fmt: skip
 
+    @torch.no_grad()
     def encode_text(self, pipe, captions):
         embeds, _ = pipe.encode_prompt(prompt=captions, do_classifier_free_guidance=False,
                                        max_sequence_length=self.max_sequence_length, device=pipe.text_encoder.device)  # fmt: skip
         return [{"encoder_hidden_states": e.cpu()} for e in embeds]
 
+    @torch.no_grad()
     def encode_video(self, pipe, video):
         vae = pipe.vae
         z = _latent_dist(vae, video)
@@ -115,11 +117,13 @@ class HunyuanVideoRecipe(Recipe):
         pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device="cpu")
         return pipe.scheduler.timesteps[:steps].float(), pipe.scheduler.sigmas[:steps].float()
 
+    @torch.no_grad()
     def encode_text(self, pipe, captions):
         embeds, pooled, mask = pipe.encode_prompt(prompt=captions, prompt_2=None, device=pipe.text_encoder.device)
         return [{"encoder_hidden_states": e.cpu(), "pooled_projections": p.cpu(), "encoder_attention_mask": m.cpu()}
                 for e, p, m in zip(embeds, pooled, mask)]  # fmt: skip
 
+    @torch.no_grad()
     def encode_video(self, pipe, video):
         return _latent_dist(pipe.vae, video).cpu() * pipe.vae.config.scaling_factor
 
