@@ -168,6 +168,19 @@ def test_dense_plan_distillation_has_the_unpatched_gradients():
         assert rel_rms(got[n], p.grad) < 1e-5, n
 
 
+def test_wan22_ti2v_gets_one_timestep_per_token():
+    pipe = tiny_wan_pipeline()
+    pipe.register_to_config(expand_timesteps=True)
+    add_lora(pipe.transformer, rank=4)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].shape), with_kwargs=True)
+    distiller = Distiller(pipe, recipe_for(pipe), Plan.dense(pipe.transformer, block_size=16), steps=4, backend="reference")
+    latents, text, noise = _batch(pipe)
+    assert float(distiller.loss(latents, text, 0, noise).detach()) == 0.0  # adapter at zero, dense: the teacher
+    distiller.close()
+    assert seen == [(2, 3 * 4 * 4)] * 2
+
+
 def test_bad_inputs_give_one_line_errors(saved, tmp_path):
     pipe_dir, data = saved
     base = ["finetune", "--model", str(pipe_dir), "--out", str(tmp_path / "o"), *SIZE, *FAST]
@@ -198,6 +211,11 @@ def test_unsupported_pipelines_are_refused():
     pipe = tiny_wan_pipeline()
     pipe.scheduler = UniPCMultistepScheduler(prediction_type="epsilon")
     with pytest.raises(ValueError, match="not flow-matching"):
+        recipe_for(pipe)
+
+    pipe = tiny_wan_pipeline()
+    pipe.register_modules(transformer_2=pipe.transformer)
+    with pytest.raises(ValueError, match="two-expert Wan2.2 pipelines"):
         recipe_for(pipe)
 
     class CogVideoXPipeline:  # recognised by class name, as diffusers' would be
@@ -267,3 +285,14 @@ def test_hunyuan_video_recipe_encodes_and_distills():
         losses.append(float(loss.detach()))
     distiller.close()
     assert losses[0] > 0 and losses[-1] < losses[0], losses
+
+
+@pytest.mark.gpu
+def test_finetune_on_the_gpu_in_bf16_with_the_triton_backward(saved, tmp_path):
+    out = tmp_path / "gpu"
+    assert main(["finetune", "--model", str(saved[0]), "--data", str(saved[1]), "--density", "0.4", "--out", str(out),
+                 "--steps", "3", "--lr", "1e-2", *SIZE, "--device", "cuda", "--dtype", "bf16", "--backend", "triton",
+                 "--block-size", "16", "--rank", "4", "--denoise-steps", "4", "--no-progress"]) == 0  # fmt: skip
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["dtype"] == "bfloat16" and len(info["losses"]) == 3
+    assert all(0 < loss < float("inf") for loss in info["losses"])
