@@ -78,6 +78,7 @@ def test_finetune_trains_saves_a_loadable_adapter_and_resumes(saved, tmp_path):
             "--lr", "1e-2", "--batch-size", "2", *SIZE, *FAST]  # fmt: skip
     assert main([*args, "--steps", "3"]) == 0
     info = json.loads((out / "train_info.json").read_text())
+    assert info["command"].startswith(f"sparse-vdit finetune --model {pipe_dir} --density 0.4")
     assert info["pipeline"] == "WanPipeline" and info["samples"] == 2 and not info["noise_only"]
     assert info["steps"] == 3 and len(info["losses"]) == 3 and info["encoded_now"] == 2
     assert info["latent_shape"] == [16, 3, 8, 8] and 0 < info["plan_density"] < 1
@@ -198,7 +199,7 @@ def test_bad_inputs_give_one_line_errors(saved, tmp_path):
     (tmp_path / "uncaptioned").mkdir()
     (tmp_path / "uncaptioned" / "clip.gif").write_bytes((data / "cat.gif").read_bytes())
     fails([*base, "--density", "0.3", "--data", str(tmp_path / "uncaptioned")], "clip.gif has no caption")
-    fails([*base, "--density", "0.3"], "give --prompts FILE")
+    fails([*base, "--density", "0.3"], "give --data FOLDER, or --prompts FILE")
     Plan.dense("wan2.1-t2v-1.3b").save(tmp_path / "other.json")
     fails([*base, "--plan", str(tmp_path / "other.json"), "--data", str(data)], "the plan is for wan2.1-t2v-1.3b")
     fails(["finetune", "--model", str(tmp_path / "no-pipe"), "--density", "0.3", "--data", str(data), *FAST],

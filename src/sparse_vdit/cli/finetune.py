@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import platform
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -91,6 +92,8 @@ def _check_arguments(args: argparse.Namespace):
         raise CommandError(f"--lr must be a number > 0, got {args.lr}")
     if args.warmup_steps < 0:
         raise CommandError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.warmup_steps and args.plan is not None:
+        raise CommandError("--warmup-steps is for --density (a plan file has its own)")
     plan = Plan.load(args.plan) if args.plan is not None else None
     if args.data is not None:
         if args.prompts is not None or args.prompt:
@@ -99,6 +102,8 @@ def _check_arguments(args: argparse.Namespace):
     else:
         if args.captions is not None:
             raise CommandError("--captions needs --data")
+        if args.prompts is None and not args.prompt:
+            raise CommandError("give --data FOLDER, or --prompts FILE / --prompt TEXT to train on random latents")
         from .search import read_prompts
 
         samples, prompts = None, read_prompts(argparse.Namespace(prompt=args.prompt, prompts=args.prompts, scenes=None,
@@ -276,7 +281,7 @@ def train(args, pipe, recipe, plan: Plan, latents, text, shape, density: float) 
     plan.save(args.out / "plan.json")
     tail = losses[-max(1, len(losses) // 10) :]
     return {
-        "command": "sparse-vdit finetune " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["finetune"] else sys.argv[1:]),
+        "command": command_line(args),
         "model": args.model,
         "pipeline": type(pipe).__name__,
         "family": recipe.family,
@@ -298,6 +303,24 @@ def train(args, pipe, recipe, plan: Plan, latents, text, shape, density: float) 
         "losses": losses,
         "last_loss_mean": sum(tail) / len(tail) if losses else None,
     }  # fmt: skip
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command with every option that has a value spelled out (what reproduces the run)."""
+    words = ["sparse-vdit", "finetune"]
+    if not args.gradient_checkpointing:
+        words.append("--no-gradient-checkpointing")
+    for name, value in vars(args).items():
+        if name in ("command", "debug") or value is None or value is False or value == []:
+            continue
+        option = "--" + name.replace("_", "-")
+        if value is True:
+            words.append(option)
+        elif isinstance(value, list):
+            words += [w for v in value for w in (option, str(v))]
+        else:
+            words += [option, str(value)]
+    return shlex.join(words)
 
 
 def _checkpoint(path: Path, transformer, optimizer, generator, step: int, losses: list[float], seconds: float) -> None:
