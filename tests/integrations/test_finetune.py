@@ -200,6 +200,8 @@ def test_bad_inputs_give_one_line_errors(saved, tmp_path):
     (tmp_path / "uncaptioned" / "clip.gif").write_bytes((data / "cat.gif").read_bytes())
     fails([*base, "--density", "0.3", "--data", str(tmp_path / "uncaptioned")], "clip.gif has no caption")
     fails([*base, "--density", "0.3"], "give --data FOLDER, or --prompts FILE")
+    fails([*base[:-len(FAST)], "--frames", "13", *FAST, "--density", "0.3", "--data", str(data)],
+          "cat.gif has 10 frame.s.; --frames 13 needs at least 13")  # fmt: skip
     Plan.dense("wan2.1-t2v-1.3b").save(tmp_path / "other.json")
     fails([*base, "--plan", str(tmp_path / "other.json"), "--data", str(data)], "the plan is for wan2.1-t2v-1.3b")
     fails(["finetune", "--model", str(tmp_path / "no-pipe"), "--density", "0.3", "--data", str(data), *FAST],

@@ -93,8 +93,8 @@ def read_video(path: Path, height: int, width: int, frames: int) -> torch.Tensor
     import imageio.v3 as iio
     import numpy as np
 
-    try:
-        data = np.asarray(iio.imread(path, index=None))
+    try:  # only the frames needed are decoded
+        data = np.stack([np.asarray(f) for f, _ in zip(iio.imiter(path), range(frames))])
     except Exception as err:  # imageio raises many kinds
         raise CommandError(f"cannot read the video {path.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     if data.ndim == 3:  # grey frames
