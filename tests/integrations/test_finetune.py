@@ -105,7 +105,7 @@ def test_finetune_trains_saves_a_loadable_adapter_and_resumes(saved, tmp_path):
     assert again["encoded_now"] == 0 and again["steps"] == 4 and again["losses"][:3] == info["losses"]
 
 
-def test_finetune_without_data_distills_on_noise(saved, tmp_path):
+def test_finetune_without_data_distills_on_noise(saved, tmp_path, capsys):
     out = tmp_path / "noise"
     plan = Plan.from_layers(tiny_wan_pipeline().transformer, SPARSE, block_size=16)
     plan.save(tmp_path / "plan.json")
@@ -113,6 +113,7 @@ def test_finetune_without_data_distills_on_noise(saved, tmp_path):
                  "--out", str(out), "--steps", "2", *SIZE, *FAST]) == 0  # fmt: skip
     info = json.loads((out / "train_info.json").read_text())
     assert info["noise_only"] and info["samples"] == 1 and len(info["losses"]) == 2
+    assert "trained 2 steps on noise (random latents; no --data)" in capsys.readouterr().out
     assert info["plan_density"] == pytest.approx(plan.density(__import__("sparse_vdit").VideoLayout(3, 4, 4)))
 
 

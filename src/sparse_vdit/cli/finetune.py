@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     info["encoded_now"] = encoded
     (args.out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     losses = info["losses"]
-    print(f"trained {info['steps']} steps in {info['seconds']:.1f} s"
+    what = "on noise (random latents; no --data)" if info["noise_only"] else f"on {info['samples']} sample(s)"
+    print(f"trained {info['steps']} steps {what} in {info['seconds']:.1f} s"
           + (f": loss {losses[0]:.3e} -> {losses[-1]:.3e} (mean of the last 10%: {info['last_loss_mean']:.3e})" if losses else "")
           + f"; plan density {density:.1%}; wrote {args.out / 'pytorch_lora_weights.safetensors'}, {args.out / 'plan.json'}, "
           f"{args.out / 'train_info.json'}")  # fmt: skip
