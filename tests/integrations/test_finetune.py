@@ -205,6 +205,10 @@ def test_bad_inputs_give_one_line_errors(saved, tmp_path):
           "cat.gif has 10 frame.s.; --frames 13 needs at least 13")  # fmt: skip
     Plan.dense("wan2.1-t2v-1.3b").save(tmp_path / "other.json")
     fails([*base, "--plan", str(tmp_path / "other.json"), "--data", str(data)], "the plan is for wan2.1-t2v-1.3b")
+    (tmp_path / "cog").mkdir()
+    (tmp_path / "cog" / "model_index.json").write_text('{"_class_name": "CogVideoXPipeline"}')
+    fails(["finetune", "--model", str(tmp_path / "cog"), "--density", "0.3", "--data", str(data), *FAST],
+          "finetune supports the flow-matching pipelines WanPipeline, HunyuanVideoPipeline; got CogVideoXPipeline")
     fails(["finetune", "--model", str(tmp_path / "no-pipe"), "--density", "0.3", "--data", str(data), *FAST],
           "cannot load a diffusers pipeline|neither a local folder")  # fmt: skip
 

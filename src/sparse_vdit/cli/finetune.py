@@ -108,6 +108,18 @@ def _check_arguments(args: argparse.Namespace):
 
         samples, prompts = None, read_prompts(argparse.Namespace(prompt=args.prompt, prompts=args.prompts, scenes=None,
                                                                  model=args.model))  # fmt: skip
+    index = Path(args.model) / "model_index.json"
+    if index.is_file():  # an unsupported pipeline is refused before it loads
+        from ..integrations.diffusers.training import recipe_named
+
+        try:
+            name = json.loads(index.read_text()).get("_class_name", "?")
+        except (json.JSONDecodeError, AttributeError):
+            raise CommandError(f"{index} is not a diffusers pipeline index") from None
+        try:
+            recipe_named(name)
+        except ValueError as err:
+            raise CommandError(str(err)) from None
     writable_folder(args.out)
     if args.resume and not (args.out / "checkpoint.pt").is_file():
         raise CommandError(f"--resume: no checkpoint.pt in {args.out}")

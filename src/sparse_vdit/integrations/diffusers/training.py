@@ -138,14 +138,20 @@ class HunyuanVideoRecipe(Recipe):
 RECIPES: tuple[Recipe, ...] = (WanRecipe(), HunyuanVideoRecipe())
 
 
-def recipe_for(pipe: Any) -> Recipe:
-    """The recipe of ``pipe``'s class; ``ValueError`` naming the supported pipelines otherwise, or
-    when its scheduler is not flow-matching."""
-    name = type(pipe).__name__
+def recipe_named(name: str) -> Recipe:
+    """The recipe of the pipeline class called ``name``; ``ValueError`` naming the supported ones."""
     recipe = next((r for r in RECIPES if name in r.pipelines), None)
     if recipe is None:
         supported = ", ".join(p for r in RECIPES for p in r.pipelines)
         raise ValueError(f"finetune supports the flow-matching pipelines {supported}; got {name}")
+    return recipe
+
+
+def recipe_for(pipe: Any) -> Recipe:
+    """The recipe of ``pipe``'s class; ``ValueError`` naming the supported pipelines otherwise, or
+    when its scheduler is not flow-matching."""
+    name = type(pipe).__name__
+    recipe = recipe_named(name)
     scheduler = pipe.scheduler
     config = scheduler.config
     if not (type(scheduler).__name__.startswith("FlowMatch") or config.get("use_flow_sigmas", False)
