@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "one), or a hub id already downloaded (`hf download ID`)")  # fmt: skip
     parser.add_argument("--plan", help="plan JSON file, 'dense' (our dense path) or 'none' (unpatched); "
                                        "required unless --method svg")  # fmt: skip
+    parser.add_argument("--lora", type=Path, help="a LoRA folder (sparse-vdit finetune's --out) loaded into the pipeline")
     parser.add_argument("--method", choices=("plan", "svg"), default="plan",
                         help="'plan', or 'svg': Sparse VideoGen, spatial/temporal heads decided every step")
     svg = parser.add_argument_group("--method svg")
@@ -241,6 +242,8 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any] | None:
         raise CommandError("give --plan (a plan file, 'dense' or 'none') or --method svg")
     elif args.record_plan is not None:
         raise CommandError("--record-plan needs --method svg")
+    if args.lora is not None and not (args.lora / "pytorch_lora_weights.safetensors").is_file():
+        raise CommandError(f"--lora: no pytorch_lora_weights.safetensors in {args.lora}")
     writable_file(args.out)
     if args.record_plan is not None:
         writable_file(args.record_plan)
@@ -265,9 +268,13 @@ def run(args: argparse.Namespace) -> int:
     if folder is not None:
         if inputs is not None:
             raise CommandError("the organism reads --prompt (its own vocabulary), not --prompt-embeds")
+        if args.lora is not None:
+            raise CommandError("--lora is for diffusers pipelines, not the organism")
         info = generate_organism(args, folder, plan, svg, dtype)
     else:
         pipe = load_pipeline(args.model, dtype, device, text_encoders=args.prompt_embeds is None)
+        if args.lora is not None:
+            pipe.load_lora_weights(args.lora)
         if args.plan == "dense":
             plan = Plan.dense(pipe.transformer)
         elif plan is not None:

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "check": ("check", "every pattern through every available backend, checked against the reference"),
     "generate": ("generate", "a video from a local diffusers pipeline or organism folder with a plan applied"),
     "search": ("search", "find a plan by the Sparse-vDiT offline search (paper setting or ours)"),
+    "finetune": ("finetune", "train a LoRA with a plan applied, by distillation from the dense model, on your data"),
     "show": ("show", "a plan's summary, and its picture with --out"),
     "train-organism": ("train_organism", "train the small video DiT the demo and fidelity benchmark use"),
 }
