@@ -27,7 +27,7 @@ class Bench:
     latent: tuple  # hidden_states shape
     text: int  # text tokens given to the model
     text_valid: int | None = None  # real (unpadded) prompt tokens, HunyuanVideo
-    extra: dict = field(default_factory=dict)  # HunyuanVideo 1.5: text_2 / text_2_valid (ByT5), image_tokens
+    extra: dict = field(default_factory=dict)  # HunyuanVideo 1.5: text_2 / text_2_valid (ByT5), image_tokens; LTX: grid
     seed: int = 0  # of the random weights and the mixed plans (the experts of one pipeline differ)
 
     def self_attention_text(self) -> tuple[int, int | None]:
@@ -62,6 +62,14 @@ HUNYUAN15 = dict(in_channels=65, out_channels=32, num_attention_heads=16, attent
 # the pipeline's text: 1000 MLLM tokens (120 real here), 256 ByT5 (16 real), 729 image tokens (padding in T2V)
 HUNYUAN15_TEXT = dict(text_2=256, text_2_valid=16, image_tokens=729)
 WAN14B = {**WAN, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+# LTX-Video 0.9 (2B; Lightricks/LTX-Video): packed (B, tokens, 128) latents of a 32x / 8x VAE, patch 1
+LTX = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+           attention_head_dim=64, cross_attention_dim=2048, num_layers=28, caption_channels=4096,
+           qk_norm="rms_norm_across_heads")  # fmt: skip
+# Mochi-1 preview (10B; genmo/mochi-1-preview): 12 latent channels of an 8x / 6x VAE, patch 2
+MOCHI = dict(patch_size=2, num_attention_heads=24, attention_head_dim=128, num_layers=48, pooled_projection_dim=1536,
+             in_channels=12, out_channels=None, qk_norm="rms_norm", text_embed_dim=4096, time_embed_dim=256,
+             activation_fn="swiglu", max_sequence_length=256)  # fmt: skip
 
 MODELS = {
     "wan-1.3b": Bench("wan-1.3b", "WanTransformer3DModel", {**WAN, "num_attention_heads": 12, "ffn_dim": 8960,
@@ -78,6 +86,13 @@ MODELS = {
                                        (1, 16, 21, 90, 160), 512, seed=1),  # fmt: skip
     "hunyuan1.5": Bench("hunyuan1.5", "HunyuanVideo15Transformer3DModel", HUNYUAN15, (1, 65, 31, 45, 80), 1000, 120,
                         HUNYUAN15_TEXT),  # fmt: skip
+    # SkyReels-V2-T2V-14B-720P: Wan2.1-14B's architecture, 1280x720, 121 frames: 31 x 45 x 80 = 111,600 tokens
+    "skyreels-v2-14b": Bench("skyreels-v2-14b", "SkyReelsV2Transformer3DModel", WAN14B, (1, 16, 31, 90, 160), 512),
+    # LTX-Video 1280x768, 161 frames: 21 x 24 x 40 = 20,160 tokens (the grid is given as arguments)
+    "ltx-video": Bench("ltx-video", "LTXVideoTransformer3DModel", LTX, (1, 20160, 128), 128,
+                       extra={"grid": (21, 24, 40)}),  # fmt: skip
+    # Mochi-1 848x480, 163 frames: 28 x 30 x 53 = 44,520 tokens + 256 text (64 real)
+    "mochi": Bench("mochi", "MochiTransformer3DModel", MOCHI, (1, 12, 28, 60, 106), 256, 64),
 }
 ALIASES = {"wan2.2-a14b": ["wan2.2-a14b-transformer", "wan2.2-a14b-transformer_2"]}
 
@@ -105,6 +120,15 @@ TINY = {
                         "num_refiner_layers": 1, "text_embed_dim": 32, "text_embed_2_dim": 16, "image_embed_dim": 16,
                         "rope_axes_dim": (8, 12, 12)}, (1, 8, 4, 8, 8), 12, 5,
                         {"text_2": 6, "text_2_valid": 2, "image_tokens": 4}),  # fmt: skip
+    "skyreels-v2-14b": Bench("skyreels-v2-14b", "SkyReelsV2Transformer3DModel", {**WAN, "attention_head_dim": 32,
+                             "text_dim": 32, "num_attention_heads": 4, "ffn_dim": 64, "num_layers": 2},
+                             (1, 16, 4, 16, 16), 8),  # fmt: skip
+    "ltx-video": Bench("ltx-video", "LTXVideoTransformer3DModel", {**LTX, "in_channels": 8, "out_channels": 8,
+                       "num_attention_heads": 4, "attention_head_dim": 32, "cross_attention_dim": 128, "num_layers": 2,
+                       "caption_channels": 32}, (1, 4 * 8 * 8, 8), 8, extra={"grid": (4, 8, 8)}),  # fmt: skip
+    "mochi": Bench("mochi", "MochiTransformer3DModel", {**MOCHI, "num_attention_heads": 4, "attention_head_dim": 32,
+                   "num_layers": 2, "pooled_projection_dim": 16, "in_channels": 4, "text_embed_dim": 32,
+                   "time_embed_dim": 16, "max_sequence_length": 12}, (1, 4, 4, 16, 16), 12, 5),  # fmt: skip
 }
 
 
@@ -162,7 +186,7 @@ def build(bench: Bench, device: torch.device, dtype: torch.dtype, seed: int | No
 
 def make_inputs(bench: Bench, model, device: torch.device, dtype: torch.dtype) -> dict:
     g = torch.Generator(device=device).manual_seed(1)
-    text_dim = bench.config.get("text_dim") or bench.config["text_embed_dim"]
+    text_dim = bench.config.get("text_dim") or bench.config.get("text_embed_dim") or bench.config["caption_channels"]
     randn = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
     inputs = dict(hidden_states=randn(*bench.latent), encoder_hidden_states=randn(1, bench.text, text_dim),
                   timestep=torch.tensor([999], device=device), return_dict=False)  # fmt: skip
@@ -178,6 +202,13 @@ def make_inputs(bench: Bench, model, device: torch.device, dtype: torch.dtype) -
         mask[:, : bench.text_valid] = 1
         inputs.update(encoder_attention_mask=mask, pooled_projections=randn(1, bench.config["pooled_projection_dim"]),
                       guidance=torch.tensor([6000.0], device=device), timestep=inputs["timestep"].to(dtype))  # fmt: skip
+    elif bench.cls.startswith("Mochi"):
+        mask = torch.arange(bench.text, device=device)[None] < bench.text_valid
+        inputs.update(encoder_attention_mask=mask.long())
+    elif bench.cls.startswith("LTX"):
+        frames, height, width = bench.extra["grid"]
+        inputs.update(encoder_attention_mask=torch.ones(1, bench.text, device=device, dtype=dtype), num_frames=frames,
+                      height=height, width=width, timestep=inputs["timestep"].to(dtype))  # fmt: skip
     if bench.cls.startswith("CogVideoX"):
         from diffusers.models.embeddings import get_3d_rotary_pos_embed
 

@@ -25,8 +25,11 @@ exist in ``--out``, the N-GPU sparse speedup over the 1-GPU one (issue 8's targe
 and the N-GPU forward's speedup over the 1-GPU forward of the same variant.
 
 Models: ``wan-14b`` (Wan2.1-T2V-14B, 1280x720, 81 frames: 75,600 tokens, 40 heads), ``wan-1.3b``,
-``hunyuan`` (HunyuanVideo 720p, 129 frames: 118,800 video tokens + 256 text, 24 heads) and
-``cogvideox1.5`` (1360x768: 44,880 + 226 text, 48 heads). Text tokens stay whole on every rank.
+``hunyuan`` (HunyuanVideo 720p, 129 frames: 118,800 video tokens + 256 text, 24 heads),
+``cogvideox1.5`` (1360x768: 44,880 + 226 text, 48 heads), ``hunyuan1.5`` (HunyuanVideo 1.5 720p:
+111,600 + 1,985 text, 16 heads), ``skyreels-v2-14b`` (1280x720, 121 frames: 111,600 tokens, 40
+heads), ``ltx-video`` (1280x768, 161 frames: 20,160 tokens, 32 heads), ``mochi`` (848x480, 163
+frames: 44,520 + 256 text, 24 heads), and the two Wan2.2-A14B experts. Text tokens stay whole on every rank.
 The world size must divide the head count and the video token count (rows that do not fit are
 skipped with a message).
 """

@@ -51,3 +51,42 @@ def test_torchrun_command_and_arguments(sp):
     assert sp.parse_args(["--gpus", "1,8", "--cp", "ring"]).gpus == [1, 8]
     with pytest.raises(SystemExit):
         sp.parse_args(["--gpus", "0"])
+
+
+def test_every_context_parallel_family_has_a_real_and_a_tiny_model(sp):
+    """Each family context parallelism runs has a published config in ``--models`` (its token grid
+    from the config, no model built) and a tiny one for --dry-run."""
+    from types import SimpleNamespace
+
+    import models
+    import torch
+
+    from sparse_vdit.integrations.diffusers import families as F
+    from sparse_vdit.integrations.diffusers import parallel
+
+    seen, grids = set(), {}
+    for name, bench in models.MODELS.items():
+        family = next(f for f in F.FAMILIES if bench.cls in f.model_classes)
+        config = SimpleNamespace(**{"patch_size_t": None, **bench.config})
+        grid = dict(zip(("num_frames", "height", "width"), bench.extra.get("grid", (None,) * 3)))
+        hidden = torch.empty(bench.latent, device="meta")
+        grids[name] = (config.num_attention_heads, *family.latent_grid(SimpleNamespace(config=config), hidden, grid))
+        seen.add(family.name)
+        assert name in models.TINY and sp.parse_args(["--models", name]).models == [name]
+    assert set(parallel.CP_FAMILIES) == seen
+    # heads, latent frames x height x width after patchify (divisible by 8 GPUs)
+    assert grids["skyreels-v2-14b"] == (40, 31, 45, 80)
+    assert grids["ltx-video"] == (32, 21, 24, 40)
+    assert grids["mochi"] == (24, 28, 30, 53)
+
+
+def test_dry_run_one_process_new_families(sp, tmp_path):
+    """SkyReels-V2, LTX-Video (packed tokens, the grid as arguments) and Mochi (padded text) build,
+    take their inputs and run dense and sparse (the 2-process runs: tests/integrations/test_context_parallel.py)."""
+    out = tmp_path / "sp.json"
+    assert sp.main(["--dry-run", "--gpus", "1", "--models", "skyreels-v2-14b,ltx-video,mochi", "--densities", "0.3",
+                    "--repeats", "1", "--out", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["results"]
+    assert sorted((r["model"], r["variant"]) for r in rows) == sorted(
+        (m, v) for m in ("skyreels-v2-14b", "ltx-video", "mochi") for v in ("dense", "sparse-30"))  # fmt: skip
+    assert all(r["seconds"] > 0 and (r["density"] < 0.4) == (r["variant"] != "dense") for r in rows)

@@ -8,9 +8,11 @@ of the model under each context-parallel configuration, enabled with
 ``sparse_vdit.enable_context_parallel`` (at 2 processes also once in the other order: apply, then
 enable, Wan through diffusers' own ``enable_parallelism``): the gathered outputs must equal the
 single-process ones, rank 0 must have run its own global heads over the whole sequence, and
-``remove`` must hand back the stock processors. HunyuanVideo runs with two prompt lengths in the
-batch (padded text), CogVideoX 1.5 with its rotary tables passed in. Settings sparse-vdit does not
-run are refused before anything changes.
+``remove`` must hand back the stock processors. HunyuanVideo, HunyuanVideo 1.5 and Mochi run with
+two prompt lengths in the batch (padded text), CogVideoX 1.5 with its rotary tables passed in; at 2
+processes also the inputs split another way (Wan2.2 TI2V's and LTX-Video's per-token timesteps,
+SkyReels-V2 diffusion forcing, Wan VACE's control tokens). Settings sparse-vdit does not run are
+refused before anything changes (SkyReels-V2's causal blocks also when set after enabling).
 """
 
 import json
@@ -24,17 +26,39 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 CONFIGS = {2: ("ulysses", "ring"), 4: ("ulysses", "ring_x_ulysses")}
-FAMILIES = ("wan", "hunyuan_video", "cogvideox", "cogvideox1.0")
+FAMILIES = ("wan", "hunyuan_video", "cogvideox", "cogvideox1.0", "hunyuan_video15", "skyreels_v2", "ltx_video", "mochi")
+# inputs split differently (per-token timesteps, control tokens): 2 processes only, the head split is the same
+VARIANTS = ("wan2.2-ti2v", "wan-vace", "skyreels_v2-df", "ltx_video-tokens")
 
 
-def mixed():
+def builders() -> dict:
+    """tiny_diffusers' builders, and the per-token timestep inputs: SkyReels-V2 diffusion forcing
+    (a timestep per latent frame), LTX-Video's per-token timesteps (conditioning)."""
+    from tiny_diffusers import BUILDERS, FRAMES, ltx, skyreels
+
+    def skyreels_df():
+        model, inputs = skyreels()
+        steps = torch.arange(FRAMES, dtype=torch.float32) * -100.0
+        inputs.update(timestep=torch.stack([900.0 + steps, 800.0 + steps]), enable_diffusion_forcing=True)
+        return model, inputs
+
+    def ltx_tokens():
+        model, inputs = ltx()
+        inputs["timestep"] = torch.linspace(100.0, 900.0, FRAMES * 16).repeat(2, 1)
+        return model, inputs
+
+    return {**BUILDERS, "skyreels_v2-df": skyreels_df, "ltx_video-tokens": ltx_tokens}
+
+
+def mixed(layers: int = 2):
     """Per layer, one pattern per head: each rank gets a different mix of its two heads."""
     from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip
 
-    return [
+    two = [
         [dense(), diagonal(0.5), multi_diagonal(0.2), skip()],
         [skip(), diagonal(0.0), dense(), multi_diagonal(0.1)],
     ]
+    return [two[i % 2] for i in range(layers)]
 
 
 def join_gloo(rank: int, world: int, init: str) -> None:
@@ -87,20 +111,21 @@ def _pattern_names(patterns) -> list[str]:
 
 def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> None:
     from helpers import rel_rms
-    from tiny_diffusers import BLOCK, BUILDERS
+    from tiny_diffusers import BLOCK
 
     import sparse_vdit
     from sparse_vdit import Plan
-    from sparse_vdit.integrations.diffusers import family_of
+    from sparse_vdit.integrations.diffusers import family_of, model_spec
 
     join_gloo(rank, world, init)
+    build = builders()
     try:
         report = {}
         for family in families:
-            model, inputs = BUILDERS[family]()
+            model, inputs = build[family]()
             variants = {
                 "dense": dict(plan=Plan.dense(model, block_size=BLOCK)),
-                "sparse": dict(plan=Plan.from_layers(model, mixed(), block_size=BLOCK)),
+                "sparse": dict(plan=Plan.from_layers(model, mixed(model_spec(model).num_layers), block_size=BLOCK)),
                 "svg": dict(method="svg", density=0.3, warmup_steps=0, warmup_layers=0, block_size=BLOCK),
             }
             seen: list = []
@@ -108,7 +133,7 @@ def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> N
             report[f"{family}/svg_patterns"] = sorted({n for _, _, names in seen for n in names})
             report[f"{family}/single_calls"] = [shape for _, shape, _ in seen]
             if world == 2:  # the other order: apply, then enable (Wan: diffusers' own enable_parallelism)
-                model, inputs = BUILDERS[family]()
+                model, inputs = build[family]()
                 with torch.no_grad(), sparse_vdit.sparse(model, backend="reference", **variants["sparse"]):
                     if family == "wan":
                         model.enable_parallelism(config=_config("ulysses", world))
@@ -120,7 +145,7 @@ def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> N
                 report[f"{family}/restored"] = all(type(p).__name__ in family_of(model).processor_classes
                                                    and p._parallel_config is not None for p in processors)  # fmt: skip
             for config in CONFIGS[world]:
-                model, inputs = BUILDERS[family]()  # a fresh copy: enable_parallelism cannot be undone
+                model, inputs = build[family]()  # a fresh copy: enable_parallelism cannot be undone
                 sparse_vdit.enable_context_parallel(model, _config(config, world))
                 for name, kw in variants.items():
                     seen = []
@@ -131,12 +156,12 @@ def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> N
                         "shape": list(out.shape) == list(single[name].shape),
                     }  # fmt: skip
         if world == 2:
-            report.update(_padded_text_masks(world, BUILDERS, variants_of=lambda model: dict(
+            report.update(_padded_text_masks(world, build, variants_of=lambda model: dict(
                 plan=Plan.from_layers(model, mixed(), block_size=BLOCK))))  # fmt: skip
         if world == 2:  # a text family under a cp plan that shards its text (not ours): a clear error
             from diffusers import ContextParallelConfig
 
-            model, inputs = BUILDERS["cogvideox"]()
+            model, inputs = build["cogvideox"]()
             plan = sparse_vdit.integrations.diffusers.context_parallel_plan(model)
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=plan)
             try:
@@ -144,7 +169,7 @@ def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> N
                 report["foreign_plan"] = "no error"
             except NotImplementedError as err:
                 report["foreign_plan"] = str(err)
-            model, inputs = BUILDERS["hunyuan_video"]()  # our plan, but diffusers' processors: refused
+            model, inputs = build["hunyuan_video"]()  # our plan, but diffusers' processors: refused
             sparse_vdit.enable_context_parallel(model, ContextParallelConfig(ulysses_degree=world))
             try:
                 with torch.no_grad():
@@ -152,6 +177,14 @@ def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> N
                 report["stock_processors"] = "no error"
             except RuntimeError as err:
                 report["stock_processors"] = str(err)
+            model, inputs = build["skyreels_v2"]()  # causal blocks set after enabling (as its pipeline does)
+            sparse_vdit.enable_context_parallel(model, ContextParallelConfig(ulysses_degree=world))
+            model._set_ar_attention(3)
+            try:
+                _run(model, inputs, dict(plan=Plan.dense(model, block_size=BLOCK)))
+                report["causal_blocks"] = "no error"
+            except NotImplementedError as err:
+                report["causal_blocks"] = str(err)
         if rank == 0:
             with open(result, "w") as f:
                 json.dump(report, f)
@@ -162,7 +195,8 @@ def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> N
 def _padded_text_masks(world: int, builders, variants_of) -> dict:
     """HunyuanVideo with two prompt lengths (padded text) under Ulysses: the key mask that reaches the
     processor whole (our plan splits after diffusers builds it) and one built from each rank's shard
-    (a plan that splits the embedded tokens, before the mask): both give the single-process output."""
+    (a plan that splits the embedded tokens, before the mask): both give the single-process output.
+    Mochi's text mask ``[B, text]`` becomes a whole key mask (nothing to gather)."""
     from diffusers.models._modeling_parallel import ContextParallelInput as Split
     from helpers import rel_rms
 
@@ -178,13 +212,14 @@ def _padded_text_masks(world: int, builders, variants_of) -> dict:
 
     parallel.HeadShards.gather_mask = recording
     try:
-        report = {}
-        model, inputs = builders["hunyuan_video"]()
-        single = _run(model, inputs, variants_of(model))
-        for name in ("ours", "shard_mask"):
-            model, inputs = builders["hunyuan_video"]()
+        report, singles = {}, {}
+        for name, family in (("ours", "hunyuan_video"), ("shard_mask", "hunyuan_video"), ("text_mask", "mochi")):
+            if family not in singles:
+                model, inputs = builders[family]()
+                singles[family] = _run(model, inputs, variants_of(model))
+            model, inputs = builders[family]()
             config = _config("ulysses", world)
-            if name == "ours":
+            if name != "shard_mask":  # Mochi: the processor gets the text's [B, text] mask
                 sparse_vdit.enable_context_parallel(model, config)
             else:  # the embedded video split before the mask is built: the mask holds this rank's keys
                 plan = {k: v for k, v in context_parallel_plan(model).items() if k != "transformer_blocks.0"}
@@ -193,15 +228,15 @@ def _padded_text_masks(world: int, builders, variants_of) -> dict:
                 model.enable_parallelism(config=config, cp_plan=plan)
             masks.clear()
             out = _run(model, inputs, variants_of(model))
-            report[f"mask/{name}"] = {"err": rel_rms(out, single), "masks": masks[:1], "calls": len(masks)}
+            report[f"mask/{name}"] = {"err": rel_rms(out, singles[family]), "masks": masks[:1], "calls": len(masks)}
         return report
     finally:
         parallel.HeadShards.gather_mask = real
 
 
 def _check_masks(report: dict) -> None:
-    video, text = 48, 7  # tiny HunyuanVideo: 3 x 4 x 4 video tokens, 7 text tokens, prompts of 3 and 7
-    for name, arrived in (("ours", video + text), ("shard_mask", video // 2 + text)):
+    video, text = 48, 7  # tiny HunyuanVideo and Mochi: 3 x 4 x 4 video tokens, 7 text tokens, prompts of 3 and 7
+    for name, arrived in (("ours", video + text), ("shard_mask", video // 2 + text), ("text_mask", video + text)):
         r = report[f"mask/{name}"]
         assert r["calls"] == 2 and r["masks"] == [[arrived, video + text, [video + 3, video + 7]]], (name, r)
         assert r["err"] < 1e-5, (name, r)
@@ -228,11 +263,12 @@ def _check(report: dict, world: int, families: tuple) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_processes_equal_one(tmp_path):
-    report = spawn(tmp_path, _worker, 2, FAMILIES)
-    _check(report, 2, FAMILIES)
+    report = spawn(tmp_path, _worker, 2, FAMILIES + VARIANTS)
+    _check(report, 2, FAMILIES + VARIANTS)
     _check_masks(report)
     assert "sparse_vdit.enable_context_parallel" in report["foreign_plan"]
     assert "call sparse_vdit.apply first" in report["stock_processors"]
+    assert "causal block attention" in report["causal_blocks"]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -244,40 +280,52 @@ def test_context_parallel_plans_split_video_and_keep_text_whole():
     from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
     from tiny_diffusers import BUILDERS
 
-    from sparse_vdit.integrations.diffusers import context_parallel_plan
+    from sparse_vdit.integrations.diffusers import context_parallel_plan, family_of
 
     wan, _ = BUILDERS["wan"]()
-    assert context_parallel_plan(wan) is type(wan)._cp_plan  # diffusers' own
-    for family in ("hunyuan_video", "cogvideox"):
-        model, _ = BUILDERS[family]()
+    assert context_parallel_plan(wan) == type(wan)._cp_plan  # diffusers' own
+    vace = context_parallel_plan(BUILDERS["wan-vace"]()[0])
+    assert {k: v for k, v in vace.items() if k != "vace_blocks.0"} == type(wan)._cp_plan
+    assert sorted(vace["vace_blocks.0"]) == ["control_hidden_states", "hidden_states"]
+    for name in ("hunyuan_video", "cogvideox", "hunyuan_video15", "skyreels_v2", "ltx_video", "mochi"):
+        model, _ = BUILDERS[name]()
         plan = context_parallel_plan(model)
-        assert plan["proj_out"] == ContextParallelOutput(gather_dim=1, expected_dims=3)
-        first = plan["transformer_blocks.0"]
-        assert list(first) == ["hidden_states"] and first["hidden_states"].split_dim == 1  # text is not split
-        rotary = plan["rope"] if family == "hunyuan_video" else plan[""]["image_rotary_emb"]
+        blocks = family_of(model).self_attention[0][0]
+        first = plan[f"{blocks}.0"]
+        assert list(first) == ["hidden_states"] and first["hidden_states"].split_dim == 1, name  # text is not split
+        splits = [s for entry in plan.values() if isinstance(entry, dict) for s in entry.items()]
+        assert not any(str(key).startswith("encoder") for key, _ in splits), (name, plan)
+        gathers = [k for k, v in plan.items() if isinstance(v, ContextParallelOutput)]
+        last = f"{blocks}.{len(getattr(model, blocks)) - 1}"
+        assert gathers == ([last] if name == "skyreels_v2" else ["proj_out"]), (name, gathers)
+        rotary = plan["rope"] if name != "cogvideox" else plan[""]["image_rotary_emb"]
         rotary = list(rotary.values()) if isinstance(rotary, dict) else rotary
-        assert all(isinstance(r, ContextParallelInput) and r.split_dim == 0 for r in rotary) and len(rotary) == 2
+        assert all(isinstance(r, ContextParallelInput) for r in rotary) and len(rotary) == 2, name
+        assert all(r.split_output for r in rotary) == (name != "cogvideox"), name  # tables made inside the model
 
 
 @pytest.mark.parametrize(
-    "change, config, error, message",
+    "name, change, config, error, message",
     [
-        (dict(num_attention_heads=3), dict(ulysses_degree=2), ValueError, "not divisible by the context-parallel degree 2"),
-        ({}, dict(ring_degree=2, ulysses_degree=4), ValueError, "ring 2 x Ulysses 4"),
-        ({}, dict(ulysses_degree=2, ulysses_anything=True), NotImplementedError, "ulysses_anything"),
-        (dict(image_condition_type="token_replace"), dict(ulysses_degree=2), NotImplementedError, "token_replace"),
+        ("hunyuan_video", dict(num_attention_heads=3), dict(ulysses_degree=2), ValueError,
+         "not divisible by the context-parallel degree 2"),
+        ("hunyuan_video", {}, dict(ring_degree=2, ulysses_degree=4), ValueError, "ring 2 x Ulysses 4"),
+        ("mochi", {}, dict(ulysses_degree=2, ulysses_anything=True), NotImplementedError, "ulysses_anything"),
+        ("hunyuan_video", dict(image_condition_type="token_replace"), dict(ulysses_degree=2), NotImplementedError,
+         "token_replace"),
+        ("skyreels_v2", dict(num_frame_per_block=3), dict(ulysses_degree=2), NotImplementedError, "causal block"),
     ],
-    ids=["odd-heads", "degree-above-heads", "uneven-shards", "hunyuan-token-replace"],
-)
-def test_unsupported_settings_are_refused_before_anything_changes(change, config, error, message):
-    from diffusers import ContextParallelConfig, HunyuanVideoTransformer3DModel
+    ids=["odd-heads", "degree-above-heads", "uneven-shards", "hunyuan-token-replace", "skyreels-causal-blocks"],
+)  # fmt: skip
+def test_unsupported_settings_are_refused_before_anything_changes(name, change, config, error, message):
+    from diffusers import ContextParallelConfig
     from tiny_diffusers import BUILDERS
 
     import sparse_vdit
 
-    model, _ = BUILDERS["hunyuan_video"]()
+    model, _ = BUILDERS[name]()
     if change:
-        model = HunyuanVideoTransformer3DModel.from_config(model.config, **change)
+        model = type(model).from_config(model.config, **change)
     with pytest.raises(error, match=message):
         sparse_vdit.enable_context_parallel(model, ContextParallelConfig(**config))
     assert model._parallel_config is None

@@ -140,5 +140,8 @@ def test_configs_and_warmup_follow_the_scripts():
     assert reference_config("wan", "wan2.1-t2v-14b", wan) is WAN_T2V
     assert reference_config(None, None, wan) is WAN_T2V and reference_config(None, None, hy) is HUNYUAN_T2V
     assert reference_config("wan", "Wan2.1-I2V-14B-720P", wan) is WAN_I2V
+    # families the reference has no scripts for follow their layout (SkyReels-V2, LTX: Wan; Mochi: HunyuanVideo)
+    assert reference_config("skyreels_v2", "SkyReels-V2-I2V-14B", wan) is WAN_I2V
+    assert reference_config("ltx_video", None, wan) is WAN_T2V and reference_config("mochi", None, hy) is HUNYUAN_T2V
     assert (WAN_T2V.warmup_steps(50), WAN_I2V.warmup_steps(40), HUNYUAN_T2V.warmup_steps(50)) == (15, 14, 5)
     assert (WAN_T2V.warmup_layers(40), WAN_T2V.warmup_layers(30), HUNYUAN_T2V.warmup_layers(60)) == (1, 0, 1)

@@ -99,9 +99,11 @@ _FAMILY_BY_TEXT = {"none": "wan", "suffix": "hunyuan_video", "prefix": "cogvideo
 
 def reference_config(family: str | None, name: str | None, layout: VideoLayout) -> ReferenceConfig:
     """The reference's settings for a model (family and name from its ModelSpec, if known);
-    without them the family follows the layout (no text: Wan; text suffix: HunyuanVideo)."""
-    family = family or _FAMILY_BY_TEXT[layout.text_position]
+    without them, or for a family the reference has none for (SkyReels-V2, LTX-Video, Mochi,
+    HunyuanVideo 1.5), the family follows the layout (no text: Wan; text suffix: HunyuanVideo)."""
     task = "i2v" if name and "i2v" in name.lower() else "t2v"
+    if (family, task) not in CONFIGS:
+        family = _FAMILY_BY_TEXT[layout.text_position]
     return CONFIGS[(family, task)]
 
 

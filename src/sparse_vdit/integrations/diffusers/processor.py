@@ -459,8 +459,9 @@ class SparseAttnProcessor:
         projected = family.project(attn, hidden_states, encoder_hidden_states, None if fuse else image_rotary_emb)
         q, k, v = projected.q, projected.k, projected.v
         parts = rotary_parts(family.name, image_rotary_emb, projected.text, q.shape[-1], q.device) if fuse else None
-        key_mask = family.key_mask(attention_mask, q.shape[1]) if family.uses_key_mask else None
         shards = head_shards(self._parallel_config, q.shape[2])  # None without context parallelism
+        tokens = q.shape[1] if shards is None else shards.whole_tokens(q.shape[1], projected.text)
+        key_mask = family.key_mask(attention_mask, tokens) if family.uses_key_mask else None
         heads = None
         if shards is not None:  # sequence shards -> (full sequence, this rank's heads)
             key_mask = shards.gather_mask(key_mask, q.shape[1], projected.text, family.text_position)
