@@ -32,6 +32,13 @@
 #   e2e-a14b       Wan2.2-A14B 720p, both experts, eager, 25% (#17; E2E_BACKEND, default triton) (~220)
 #   e2e-hunyuan15  HunyuanVideo 1.5 720p, eager, 25% (#17)                                       (~180)
 #   fidelity-svg   SVG as its authors run it vs each of our variants, fidelity organism (#16)     (~120)
+#   session-d-tests  GPU tests of session d's helpers: CUDA graphs, compiled online selection, head
+#                  order sweep variants, finetune in bf16                                        (~120)
+#   online-cost2   selection old / eager / compiled / grouped, attention vs the plan's tables (#22) (~150)
+#   e2e-online     Wan-1.3B compiled: plan vs top-k, grouped, every-2, hybrid at 25% (#22)         (~150)
+#   svg-sweep2     SVG profile kernel variants x programs per SM, Wan-1.3B and Wan-14B (#16)       (~210)
+#   backward-variants  Triton backward variants, check + time, Wan-1.3B / HunyuanVideo (#18)       (~300)
+#   processor-sweep  fused pass options, kernel tiles, winners of the whole call, four shapes (#21)  (~240)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -121,6 +128,23 @@ for name in "$@"; do
         profile_masks=executed row_sampling=stratified widths=fitted sink=false choice=batch_mean \
         --spatial-widths "" --temporal-widths "" --oracle-densities "" --online-ps "" --topk-densities "" \
         --cluster-ps "" --hybrid-ps "" --no-skip-only --budget-s 130 --out "$R/fidelity-svg.json" ;;
+    session-d-tests) TAIL=8 step session-d-tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/integrations/test_cuda_graphs.py tests/methods/test_online_gpu.py tests/kernels/test_head_order.py \
+        tests/integrations/test_finetune.py ;;
+    online-cost2) TAIL=30 step online-cost2 420 python3 bench/online_cost.py --shapes wan1.3b-480p wan14b-720p \
+        --backends triton --densities 0.25 --cluster-iters 0 --out "$R/online-cost2.json" ;;
+    e2e-online) step e2e-online 300 python3 bench/e2e.py --models wan-1.3b --modes compiled --densities 0.25 \
+        --svg-densities "" --online-densities 0.25 --online-cluster-iters 0 --online-key-groups 2,4 --online-every 2 \
+        --repeats 3 --backend triton --budget-s 270 --out "$R/e2e_online.json" ;;
+    svg-sweep2) TAIL=40 step svg-sweep2 240 python3 bench/svg.py --kernel-sweep --shapes wan1.3b-480p wan14b-720p \
+        --modes reference --densities 0.25 --reps 20 --finalists 3 --budget-s 210 --out "$R" ;;
+    backward-variants) TAIL=40 step backward-variants 330 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants base even-tma even-tma-kv64 \
+        fused-tma-kv64 fused-tma prologue --target-ms 300 --budget-s 300 --out "$R" ;;
+    processor-sweep) TAIL=60 step processor-sweep 260 python3 bench/processor_attention.py --sweep --shapes \
+        wan1.3b-480p cogvideox1.5-768p wan14b-720p hunyuan-720p --densities 0.05 0.1 0.2 0.4 --kinds multi_diag mixed \
+        --backends triton --tile-variants rule 128x64x8x2 64x64x4x3 128x64x4x3 64x128x4x3 --target-ms 100 \
+        --budget-s 210 --out "$R" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done
