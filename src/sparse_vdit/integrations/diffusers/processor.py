@@ -29,7 +29,8 @@ first, in one pass (torch under autograd). ``None`` (the default): fused for the
 faster that way (``rotary.FUSED_BY_DEFAULT``: HunyuanVideo), the model's torch rotary in ``project``
 for the others (Wan, CogVideoX); ``True`` / ``False`` force it on / off for any fusable family.
 ``state.rotary_float32 = True``: float64 tables (Wan's) are cast to float32 once per set of tables
-and the fused pass computes in float32 (off by default: not measured on a GPU yet).
+and the fused pass computes in float32 (off by default, as it is not bitwise the model's float64 rotary; with
+``fuse_rotary = True`` the fastest Wan path on an H200, BENCHMARKS.md session d).
 
 Under ``torch.compile`` the attention step is one opaque custom op, so the graph has no break
 inside a block and the Python decisions run eagerly at run time; the op is tagged
