@@ -117,22 +117,28 @@ def test_finetune_without_data_distills_on_noise(saved, tmp_path, capsys):
     assert info["plan_density"] == pytest.approx(plan.density(__import__("sparse_vdit").VideoLayout(3, 4, 4)))
 
 
-def test_distillation_lowers_the_loss_on_a_fixed_batch():
-    pipe = tiny_wan_pipeline()
-    params = add_lora(pipe.transformer, rank=4)
-    pipe.transformer.enable_gradient_checkpointing()
-    distiller = Distiller(pipe, recipe_for(pipe), Plan.from_layers(pipe.transformer, SPARSE, block_size=16), steps=4,
-                          backend="reference")  # fmt: skip
+def _distill(distiller, params, latents, text, noise, steps: int) -> list[float]:
+    """``steps`` Adam steps (lr 1e-2) of ``distiller``'s loss at denoising step 2 on one fixed batch; the losses."""
     optimizer = torch.optim.Adam(params, lr=1e-2)
-    latents, text, noise = _batch(pipe)
     losses = []
-    for _ in range(4):
+    for _ in range(steps):
         loss = distiller.loss(latents, text, 2, noise)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
     distiller.close()
+    return losses
+
+
+def test_distillation_lowers_the_loss_on_a_fixed_batch():
+    pipe = tiny_wan_pipeline()
+    params = add_lora(pipe.transformer, rank=4)
+    pipe.transformer.enable_gradient_checkpointing()
+    distiller = Distiller(pipe, recipe_for(pipe), Plan.from_layers(pipe.transformer, SPARSE, block_size=16), steps=4,
+                          backend="reference")  # fmt: skip
+    latents, text, noise = _batch(pipe)
+    losses = _distill(distiller, params, latents, text, noise, steps=4)
     assert losses[0] > 0 and losses[-1] < 0.7 * losses[0], losses
 
 
@@ -283,15 +289,7 @@ def test_hunyuan_video_recipe_encodes_and_distills():
     dense.close()
     plan = Plan.uniform(pipe.transformer, diagonal(0.0), block_size=16)
     distiller = Distiller(pipe, recipe, plan, steps=4, backend="reference")
-    optimizer = torch.optim.Adam(params, lr=1e-2)
-    losses = []
-    for _ in range(3):
-        loss = distiller.loss(batch, batch_text, 2, noise)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    distiller.close()
+    losses = _distill(distiller, params, batch, batch_text, noise, steps=3)
     assert losses[0] > 0 and losses[-1] < losses[0], losses
 
 

@@ -179,7 +179,7 @@ def _optimizer(model, args, cuda: bool) -> torch.optim.AdamW:
     groups = [
         {"params": [p for _, p in rest if p.ndim >= 2], "weight_decay": args.weight_decay, "lr_scale": 1.0},
         {"params": [p for _, p in rest if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0},
-        {"params": gains, "weight_decay": 0.0, "lr_scale": getattr(args, "qk_gain_lr", 1.0)},
+        {"params": gains, "weight_decay": 0.0, "lr_scale": args.qk_gain_lr},
     ]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=cuda)
 
