@@ -38,6 +38,7 @@
 #   e2e-online     Wan-1.3B compiled: plan vs top-k, grouped, every-2, hybrid at 25% (#22)         (~150)
 #   svg-sweep2     SVG profile kernel variants x programs per SM, Wan-1.3B and Wan-14B (#16)       (~210)
 #   backward-variants  Triton backward variants, check + time, Wan-1.3B / HunyuanVideo (#18)       (~300)
+#   locality       where the fidelity organism's attention mass goes, per step / layer (#15)         (~60)
 #   processor-sweep  fused pass options, kernel tiles, winners of the whole call, four shapes (#21)  (~240)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
@@ -145,6 +146,8 @@ for name in "$@"; do
         wan1.3b-480p cogvideox1.5-768p wan14b-720p hunyuan-720p --densities 0.05 0.1 0.2 0.4 --kinds multi_diag mixed \
         --backends triton --tile-variants rule 128x64x8x2 64x64x4x3 128x64x4x3 64x128x4x3 --target-ms 100 \
         --budget-s 210 --out "$R" ;;
+    locality) TAIL=22 step locality 100 python3 bench/locality.py --model fidelity --device cuda --captions 2 \
+        --steps 20 --record 2 6 10 14 18 --out "$R/locality.json" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done

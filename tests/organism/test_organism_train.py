@@ -117,3 +117,16 @@ def test_qk_gains_learn_at_their_own_rate():
     moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
     assert all(moved[n] == pytest.approx(2e-2, rel=1e-3) for n in gains)  # Adam's first step: lr x sign
     assert max(v for n, v in moved.items() if n not in gains) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_qk_gain_scale_multiplies_only_the_qk_gains_of_a_fresh_model():
+    """--qk-gain-scale S: the run starts from the same model with every q/k norm gain times S."""
+    plain = T._start(T.parse_args([*TINY_ARGS, "--layers", "2"]), torch.device("cpu"))[0]
+    scaled, ema = T._start(T.parse_args([*TINY_ARGS, "--layers", "2", "--qk-gain-scale", "3"]), torch.device("cpu"))[:2]
+    plain, scaled = dict(plain.named_parameters()), dict(scaled.named_parameters())
+    gains = [n for n in plain if n.endswith(T.QK_GAINS)]
+    assert len(gains) == 4
+    for name, param in scaled.items():
+        expected = plain[name] * 3 if name in gains else plain[name]
+        torch.testing.assert_close(param, expected, rtol=0, atol=0)
+    torch.testing.assert_close(dict(ema.named_parameters())[gains[0]], scaled[gains[0]])  # the EMA starts there too

@@ -24,7 +24,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +81,12 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
         "--qk-gain-lr", type=float, default=1.0,
         help="learning-rate multiplier of the self-attention q/k RMSNorm gains (the attention's temperature): "
         "Adam moves a parameter by about lr per step, so at 1 a short run cannot sharpen attention much",
+    )  # fmt: skip
+    p.add_argument(
+        "--qk-gain-scale", type=float, default=1.0,
+        help="multiply the self-attention q/k RMSNorm gains by this before a fresh or --init run: attention "
+        "logits are bounded by gain^2 x sqrt(head_dim), too little for sharp attention over many keys "
+        "(QKNorm, Henry et al. 2020, starts its learnable scale from the sequence length for this reason)",
     )  # fmt: skip
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights (0: no EMA)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="caption dropout for classifier-free guidance")
@@ -205,6 +211,8 @@ def _start(args, device: torch.device):
     else:
         if args.init:
             spec = load_spec(args.init)
+            if args.detail is not None:  # go on training on videos with another texture amplitude
+                spec = replace(spec, detail=args.detail)
             model = load_organism(args.init, device=device)
             config = {k: model.config[k] for k in organism_config()}
             info_file = Path(args.init) / "train_info.json"
@@ -216,6 +224,11 @@ def _start(args, device: torch.device):
         else:
             spec, config = spec_and_config(args)
             model = build_organism(config, seed=args.seed).to(device)
+        if args.qk_gain_scale != 1.0:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name.endswith(QK_GAINS):
+                        param.mul_(args.qk_gain_scale)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         opt = _optimizer(model, args, cuda)
     model.train()
@@ -329,6 +342,7 @@ def train(args: argparse.Namespace, command: str) -> dict:
         "videos_seen": run_steps * args.batch_size,
         "lr": args.lr,
         "qk_gain_lr": args.qk_gain_lr,
+        "qk_gain_scale": args.qk_gain_scale,
         "schedule": args.schedule,
         "start": "resume" if args.resume else ("init" if args.init else "scratch"),
         "data_seed": args.data_seed,

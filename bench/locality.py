@@ -1,0 +1,131 @@
+"""Where an organism's self-attention mass goes: per step, layer and head, how local it is.
+
+    python bench/locality.py --model fidelity --device cuda --steps 20 --record 2 6 10 14 18
+    python bench/locality.py --weights runs/organism --out locality.json
+
+Records q and k of one dense generation (``bench/oracle.py``'s recorder, the cond half of CFG) and
+reports, as the mean over query rows of the attention mass that falls in a region:
+
+- ``top1`` / ``top5`` / ``top25``: the 1%, 5%, 25% of keys with the most mass (token level: how
+  concentrated attention is, wherever it goes);
+- ``blk25``: the 25% of 128-token key blocks with the most mass per query block (what a per-call
+  oracle mask of 25% density keeps);
+- ``frame``: the query's own frame; ``band3``: frames within one of the query's;
+- ``window``: |dt| <= 1, |dy| <= 2, |dx| <= 2 tokens; ``tube``: |dy| <= 2, |dx| <= 2 in any frame;
+- ``eff``: exp(entropy) / keys, the effective share of keys attended to.
+
+Each region's share of all keys is printed beside it, so that mass can be read against area.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from oracle import EVAL_DATA_SEED, MODELS, record  # noqa: E402
+
+from sparse_vdit.organism import data as D  # noqa: E402
+from sparse_vdit.organism import model as M  # noqa: E402
+
+METRICS = ("eff", "top1", "top5", "top25", "blk25", "frame", "band3", "window", "tube")
+
+
+def regions(grid: tuple[int, int, int], device) -> dict[str, torch.Tensor]:
+    """Boolean (N, N) masks of the positional regions, N = frames x height x width tokens."""
+    t, h, w = grid
+    i = torch.arange(t * h * w, device=device)
+    ft, fy, fx = i // (h * w), (i // w) % h, i % w
+    dt = (ft[:, None] - ft[None]).abs()
+    near = ((fy[:, None] - fy[None]).abs() <= 2) & ((fx[:, None] - fx[None]).abs() <= 2)
+    return {"frame": dt == 0, "band3": dt <= 1, "window": (dt <= 1) & near, "tube": near}
+
+
+def head_stats(q: torch.Tensor, k: torch.Tensor, masks: dict[str, torch.Tensor], block: int = 128) -> dict[str, float]:
+    """Locality metrics of one head's attention, ``q`` and ``k`` (N, D) as the kernel sees them."""
+    n = q.shape[0]
+    p = ((q.float() @ k.float().T) * q.shape[-1] ** -0.5).softmax(-1)
+    out = {"eff": float((-(p * p.clamp_min(1e-30).log()).sum(-1)).mean().exp() / n)}
+    ranked = p.sort(-1, descending=True).values.cumsum(-1)
+    for name, share in (("top1", 0.01), ("top5", 0.05), ("top25", 0.25)):
+        out[name] = float(ranked[:, max(1, round(share * n)) - 1].mean())
+    del ranked
+    nb = -(-n // block)
+    padded = torch.nn.functional.pad(p, (0, nb * block - n, 0, nb * block - n))
+    mass = padded.reshape(nb, block, nb, block).sum((1, 3))
+    keep = max(1, round(0.25 * nb))
+    out["blk25"] = float((mass.topk(keep, -1).values.sum(-1) / mass.sum(-1)).mean())
+    for name, m in masks.items():
+        out[name] = float((p * m).sum(-1).mean())
+    return out
+
+
+def summarize(rows: list[dict], key: str) -> list[dict]:
+    """Mean of every metric over the rows sharing ``key`` (``step``, ``layer`` or ``head``)."""
+    groups: dict = defaultdict(list)
+    for r in rows:
+        groups[r[key]].append(r)
+    return [{key: g, **{m: sum(r[m] for r in rs) / len(rs) for m in METRICS}} for g, rs in sorted(groups.items())]
+
+
+def table(summary: list[dict], key: str, area: dict[str, float]) -> str:
+    head = f"| {key} | " + " | ".join(f"{m} ({area[m]:.1%})" if m in area else m for m in METRICS) + " |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 1)]
+    lines += [f"| {s[key]} | " + " | ".join(f"{s[m]:.3f}" for m in METRICS) + " |" for s in summary]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=tuple(MODELS), default="fidelity", help="a shipped organism")
+    ap.add_argument("--weights", type=Path, default=None, help="another organism folder (overrides --model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--captions", type=int, default=1, help="evaluation captions (data seed 777)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=20, help="sampler steps of the recorded generation")
+    ap.add_argument("--record", type=int, nargs="+", default=[2, 10, 18], help="steps whose calls are scored")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/locality.json"))
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    weights = args.weights or MODELS[args.model]
+    dtype = torch.float32
+    transformer, spec = M.load_organism(weights, args.device, dtype), M.load_spec(weights)
+    captions = [D.sample_scene(EVAL_DATA_SEED, i, spec.frames, spec.width / spec.height).caption
+                for i in range(args.captions)]  # fmt: skip
+    calls = record(transformer, spec, captions, args.seed, args.steps, lambda s: s in set(args.record))
+    if not calls:
+        raise SystemExit(f"no calls recorded: --record {args.record} outside 0..{args.steps - 1}")
+    masks = regions(spec.token_grid, args.device)
+    area = {name: float(m.float().mean()) for name, m in masks.items()}
+    rows = []
+    for (caption, step, layer), (q, k, _v) in sorted(calls.items()):
+        for head in range(q.shape[2]):
+            rows.append({"caption": caption, "step": step, "layer": layer, "head": head,
+                         **head_stats(q[0, :, head], k[0, :, head], masks)})  # fmt: skip
+    out = {"weights": str(weights), "grid": list(spec.token_grid), "steps": args.steps, "captions": captions,
+           "command": "python bench/locality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "area": area, "rows": rows, "wall_s": time.perf_counter() - started}  # fmt: skip
+    info = Path(weights) / "train_info.json"
+    if info.exists():
+        out["weights_trained"] = {k: json.loads(info.read_text()).get(k) for k in ("total_steps", "total_videos_seen")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    for key in ("step", "layer"):
+        print(table(summarize(rows, key), key, area) + "\n")
+    print(f"wrote {args.out} ({out['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
