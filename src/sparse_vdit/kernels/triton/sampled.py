@@ -424,13 +424,13 @@ TUNING: dict[str, int | None] = {"block_m": None, "block_n": None, "num_warps": 
                                  "lazy": None, "merge_rows": None}  # fmt: skip
 LAUNCH_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "programs_per_sm", "fold", "hull", "lazy")
 # Launch settings by the profile's size (score elements: samples x heads x rows x keys): the first
-# rule whose bound holds; TUNING overrides any field. From the H200 run of bench/svg.py --overhead
-# (2026-12-03 c, bench/results/svg-overhead-h200.json, kernel time per call): Wan-1.3B 480p (2.5e7):
-# 8 warps, 2 per SM, folded: 0.187 ms, the lowest profile measured there (0.196 ms in all); Wan-14B
-# 720p (1.9e8): 4 warps, 8 per SM, unfolded ("before"): 0.86 ms, against 1.39-2.41 ms folded (the
-# fold, not the launch, made that shape slower). Above head dim 128: 16 x 64 tiles, 2 stages.
+# rule whose bound holds; TUNING overrides any field. From the H200 run of bench/svg.py --kernel-sweep
+# (2026-12-03, bench/results/svg-kernel-sweep-h200.json, 25% density, profile alone): Wan-1.3B 480p
+# (2.5e7): 64 x 32 tiles, 4 warps, 2 per SM, unfolded: 0.128 ms, 3.0% of attention (0.163-0.359 ms at
+# every other point, fold / hull / lazy variants included); Wan-14B 720p (1.9e8): the same at 8 per SM:
+# 0.888 ms, 1.2% (1.03-2.15 ms elsewhere). Above head dim 128: 16 x 64 tiles, 2 stages.
 LAUNCH_RULES: tuple[tuple[float, dict], ...] = (
-    (7e7, dict(block_m=64, block_n=32, num_warps=8, num_stages=3, programs_per_sm=2, fold=True, hull=False, lazy=0)),
+    (7e7, dict(block_m=64, block_n=32, num_warps=4, num_stages=3, programs_per_sm=2, fold=False, hull=False, lazy=0)),
     (math.inf, dict(block_m=64, block_n=32, num_warps=4, num_stages=3, programs_per_sm=8, fold=False, hull=False,
                     lazy=0)),
 )  # fmt: skip
