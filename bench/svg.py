@@ -7,9 +7,9 @@
                                        # (the fused Triton profile through TRITON_INTERPRET=1)
     python bench/svg.py --overhead [--variants before after] [--programs-per-sm 2 4 8] [--reps 15]
                                        # the layer over its attention, interleaved: bench/svg_overhead.py
-    python bench/svg.py --kernel-sweep [--kernels hull@64,32,8,3 ...] [--programs-per-sm 1 2 4 8] [--finalists 3]
-                                       # the profiling kernel's variants (fold, hull, lazy rescale) x launches:
-                                       # profile alone for each, then the layer for the rule and the fastest
+    python bench/svg.py --kernel-sweep [--tiles 64,32,4,3 ...] [--programs-per-sm 1 2 4 8] [--finalists 3]
+                                       # the profiling kernel's tiles x programs per SM: profile alone
+                                       # for each, then the layer for the rule and the fastest
 
 Launch sweep of the fused profiling kernel (next GPU session, H100; Wan-14B 720p, where the
 4.1 ms profile must come under 3% of the attention): 5 tiles x 5 targets = 25 points, every part
@@ -388,8 +388,9 @@ def parse(argv):
     p.add_argument("--rows", nargs="*", type=int, default=[64], help="sampled rows per call")
     p.add_argument("--profile-backends", nargs="*", default=["triton", "torch"], choices=["triton", "torch"])
     p.add_argument("--chunks", nargs="*", type=int, default=[DEFAULT_CHUNK], help="torch path: score elements at once")
-    p.add_argument("--tiles", nargs="*", default=["default"],
-                   help="Triton path, swept: block_m,block_n,num_warps,num_stages (0 = default) or 'default'")
+    p.add_argument("--tiles", nargs="*", default=None,
+                   help="Triton path, swept: block_m,block_n,num_warps,num_stages (0 = default) or 'default' "
+                        "(default: 'default'; --kernel-sweep: bench/svg_overhead.py's SWEEP)")
     p.add_argument("--programs-per-sm", nargs="*", type=int, default=None,
                    help="Triton path, swept (crossed with --tiles): the key splits' target programs per SM")
     p.add_argument("--sets", type=int, default=3, help="rotated input sets")
@@ -404,19 +405,13 @@ def parse(argv):
                    help="--overhead: the step path's variants")  # fmt: skip
     p.add_argument("--reps", type=int, default=15, help="--overhead: timed calls of each part")
     p.add_argument("--kernel-sweep", action="store_true",
-                   help="the profiling kernel's variants x --programs-per-sm (default 1 2 4 8), profile timed alone, then "
+                   help="the profiling kernel's --tiles x --programs-per-sm (default 1 2 4 8), profile timed alone, then "
                         "attention / profile / layer for the launch rule and the --finalists fastest (bench/svg_overhead.py)")
-    p.add_argument("--kernels", nargs="*", default=list(svg_overhead.SWEEP),
-                   help="--kernel-sweep points: kernel@block_m,block_n,num_warps,num_stages (kernels: "
-                        f"{', '.join(svg_overhead.KERNELS)})")
     p.add_argument("--finalists", type=int, default=3, help="--kernel-sweep: fastest points timed with the layer")
     args = p.parse_args(argv)
     if args.kernel_sweep:
         args.overhead = True
-        try:
-            [svg_overhead.parse_point(point) for point in args.kernels]
-        except ValueError as err:
-            p.error(str(err))
+        args.tiles = args.tiles or list(svg_overhead.SWEEP)
         args.programs_per_sm = args.programs_per_sm or list(svg_overhead.SWEEP_PROGRAMS)
     if args.densities is None:
         args.densities = [0.25] if args.overhead else [0.3, 0.25, 0.2]
@@ -461,8 +456,8 @@ def main(argv=None) -> dict:
             extra = "" if "density" not in row else f" d={row['density']:.2f}"
             if "rows" in row:
                 extra += f" rows={row['rows']} chunk={row['chunk']}"
-            if "kernel" in row:
-                extra += f" {row['kernel']}@{row['tiles']} per_sm={row['programs_per_sm']}"
+            if row["part"].startswith("kernel-"):
+                extra += f" tiles={row['tiles']} per_sm={row['programs_per_sm']}"
                 extra += "" if row.get("same_choice", True) else " CHOICE DIFFERS"
             elif "variant" in row:
                 extra += f" {row['mode']} {row['variant']} per_sm={row['programs_per_sm']}"
@@ -479,7 +474,7 @@ def main(argv=None) -> dict:
     shapes = DRY_SHAPES if args.dry_run else common.SHAPES
     if args.kernel_sweep:
         try:
-            svg_overhead.kernel_sweep(shapes, args, device, dtype, record, over_budget)
+            svg_overhead.kernel_sweep(shapes, args, device, dtype, record, over_budget, launch_setting)
         except torch.cuda.OutOfMemoryError as err:  # keep what was measured
             print(f"out of memory ({err})", flush=True)
         result["summary"] = svg_overhead.summarise_sweep(result["rows"])

@@ -18,19 +18,17 @@ one layer call (torch.profiler, summed over the input sets): what runs, how ofte
 
 Variants (the step path's switches; what cannot be switched back is always on):
 
-- ``after``: the current path (the row-wise mask reuses the exact tile's ``P @ V``; the merge's
-  rows per program shrink until the GPU gets two programs per SM; errors and choice in one
-  Triton launch);
-- ``before``: ``sampled.TUNING["fold"] = False`` (the row-wise mask's own dot),
-  ``TUNING["merge_rows"] = 16`` and ``svg_profile.FUSED_CHOICE = False`` (errors and argmin
-  through six torch operations), as the merged issue-16 code ran them. Resident per-position
-  ranges and the cached int8 flags stay on (host work and one small cast only).
+- ``after``: the current path (the merge's rows per program shrink until the GPU gets two
+  programs per SM; errors and choice in one Triton launch);
+- ``before``: ``sampled.TUNING["merge_rows"] = 16`` and ``svg_profile.FUSED_CHOICE = False``
+  (errors and argmin through six torch operations), as the merged issue-16 code ran them. Resident
+  per-position ranges and the cached int8 flags stay on (host work and one small cast only).
 
-``python bench/svg.py --kernel-sweep`` (:func:`kernel_sweep`): the profiling kernel's variants
-(:data:`KERNELS`: fold, hull, lazy rescale) at each tile (:data:`SWEEP`) x ``--programs-per-sm``, the
-profile alone timed for every point (interleaved, queued as above), each point's choice compared with
-the launch rule's on the same inputs; then attention / profile / layer for the rule and the
-``--finalists`` fastest points. Prints the table and the fastest point as a ``LAUNCH_RULES`` entry.
+``python bench/svg.py --kernel-sweep`` (:func:`kernel_sweep`): the profiling kernel at each
+``--tiles`` (default :data:`SWEEP`) x ``--programs-per-sm``, the profile alone timed for every point
+(interleaved, queued as above), each point's choice compared with the launch rule's on the same
+inputs; then attention / profile / layer for the rule and the ``--finalists`` fastest points. Prints
+the table and the fastest point as a ``LAUNCH_RULES`` entry.
 """
 
 from __future__ import annotations
@@ -58,7 +56,7 @@ def variant(name: str):
 
     saved = dict(sampled.TUNING), svg_profile.FUSED_CHOICE
     if name == "before":
-        sampled.TUNING.update(fold=False, merge_rows=16)
+        sampled.TUNING.update(merge_rows=16)
         svg_profile.FUSED_CHOICE = False
     try:
         yield
@@ -208,66 +206,28 @@ def print_summary(summary: list) -> None:
               f"{s['profile_share']:12.1%} {s['other_ms']:8.3f} {s['temporal_share']:8.0%}")  # fmt: skip
 
 
-# --- the profiling kernel's variants (``--kernel-sweep``) ------------------------------------------
+# --- the profiling kernel's launches (``--kernel-sweep``) ------------------------------------------
 
-KERNELS = {  # kernel variant -> sampled.TUNING fields (see sparse_vdit.kernels.triton.sampled)
-    "fold": dict(fold=True, hull=False, lazy=0),  # the row-wise (spatial) mask reuses the exact P @ V
-    "nofold": dict(fold=False, hull=False, lazy=0),  # ... or a dot of its own
-    "hull": dict(fold=False, hull=True, lazy=0),  # the spatial mask skips keys outside its rows' hull
-    "fold-hull": dict(fold=True, hull=True, lazy=0),
-    "lazy": dict(fold=False, hull=False, lazy=8),  # rescale only when a row's max grows by > 2^8
-    "hull-lazy": dict(fold=False, hull=True, lazy=8),
-    "gate": dict(fold=False, hull=2, lazy=0),  # the hull as a branch per key tile (one loop, not three)
-    "gate-lazy": dict(fold=False, hull=2, lazy=8),
-}
-# (kernel, tiles) swept at each --programs-per-sm: the two current rules (fold 8 warps: Wan-1.3B;
-# nofold 4 warps: Wan-14B), then 8 warps with each reduction. Compiled for sm_90 by Triton 3.9 (CPU,
-# cuobjdump -res-usage; every point at 254-255 registers), bytes of stack (spills): fold 48, nofold
-# 4 warps 728, nofold 0, hull 120, gate 0, lazy 24, gate-lazy 32, nofold 64 x 64 72 (left out:
-# hull-lazy 168, fold + hull 304, fold + gate 112, lazy 64 x 64 248).
-SWEEP = ("fold@64,32,8,3", "nofold@64,32,4,3", "nofold@64,32,8,3", "hull@64,32,8,3", "gate@64,32,8,3",
-         "lazy@64,32,8,3", "gate-lazy@64,32,8,3", "nofold@64,64,8,3")  # fmt: skip
+# Tiles (block_m,block_n,num_warps,num_stages) swept at each --programs-per-sm: the launch rule's tile
+# (4 warps), 8 warps, and both with 64-key tiles. Compiled for sm_90 by Triton 3.9 (CPU, cuobjdump
+# -res-usage; 254-255 registers each), bytes of stack (spills): 672, 0, 1832, 80. The H200 sweep of
+# 2026-12-03 (bench/results/svg-kernel-sweep-h200.json) also timed kernel variants since removed
+# (fold, hull, gate, lazy rescale, all at 8 warps): the fastest of them took 1.34x (Wan-1.3B, lazy)
+# and 1.35x (Wan-14B, hull) the rule tile's profile; fold at 4 warps (an earlier run,
+# svg-overhead-h200.json) 1.6-1.8x.
+SWEEP = ("64,32,4,3", "64,32,8,3", "64,64,4,3", "64,64,8,3")
 SWEEP_PROGRAMS = (1, 2, 4, 8)
 
 
-def parse_point(spec: str) -> tuple[str, str]:
-    """``kernel@block_m,block_n,num_warps,num_stages`` (or ``kernel@rule``: the launch rule's tiles)."""
-    kernel, _, tiles = spec.partition("@")
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel {kernel!r}: want one of {', '.join(KERNELS)}")
-    tiles = tiles or "rule"
-    if tiles != "rule" and (len(tiles.split(",")) != 4 or not all(x.isdigit() and int(x) > 0 for x in tiles.split(","))):
-        raise ValueError(f"{spec!r}: tiles want block_m,block_n,num_warps,num_stages")
-    return kernel, tiles
-
-
-@contextlib.contextmanager
-def kernel_point(kernel: str | None, tiles: str | None, per_sm: int | None):
-    """``sampled.TUNING`` for one (kernel, tiles, programs per SM); all None: the launch rules."""
-    from sparse_vdit.kernels.triton import sampled
-
-    saved = dict(sampled.TUNING)
-    if kernel is not None:
-        sampled.TUNING.update(KERNELS[kernel])
-    if tiles not in (None, "rule"):
-        sampled.TUNING.update(zip(("block_m", "block_n", "num_warps", "num_stages"), map(int, tiles.split(","))))
-    sampled.TUNING["programs_per_sm"] = per_sm
-    try:
-        yield
-    finally:
-        sampled.TUNING.clear()
-        sampled.TUNING.update(saved)
-
-
-def kernel_sweep(shapes: dict, args, device, dtype, record, over_budget) -> None:
-    """Per shape: every point's profile (sampled rows, kernel, merge, errors and choice) timed alone,
-    all points interleaved rep by rep; then, for the launch rule and the ``--finalists`` fastest
-    points, attention alone, profile and layer interleaved (as ``--overhead``). Each point's choice is
-    compared with the launch rule's on the same inputs (``same_choice``)."""
+def kernel_sweep(shapes: dict, args, device, dtype, record, over_budget, launch_setting) -> None:
+    """Per shape: every (tiles, programs per SM) point's profile (sampled rows, kernel, merge, errors and
+    choice) timed alone, all points interleaved rep by rep; then, for the launch rule and the
+    ``--finalists`` fastest points, attention alone, profile and layer interleaved (as ``--overhead``).
+    Each point's choice is compared with the launch rule's on the same inputs (``same_choice``)."""
     on_gpu = device.type == "cuda"
     backend = "triton" if on_gpu else "reference"
     block = 16 if args.dry_run else common.BLOCK
-    points = [(*parse_point(p), per_sm) for p in args.kernels for per_sm in args.programs_per_sm]
+    points = [(tiles, per_sm) for tiles in args.tiles for per_sm in args.programs_per_sm]
     for name in args.shapes:
         if over_budget(f"kernel-sweep/{name}"):
             return
@@ -286,7 +246,7 @@ def kernel_sweep(shapes: dict, args, device, dtype, record, over_budget) -> None
 
             def profile_at(point):
                 def fn(i):
-                    with kernel_point(*point):
+                    with launch_setting(*point):
                         return svg(calls[i])
                 return fn
 
@@ -298,16 +258,16 @@ def kernel_sweep(shapes: dict, args, device, dtype, record, over_budget) -> None
                     chosen = [profile_at(point)(i) for i in range(len(calls))]
                 except Exception as err:  # noqa: BLE001 - a point that does not compile or run: skipped, noted
                     print(f"  {point}: failed ({type(err).__name__}: {str(err)[:200]})", flush=True)
-                    record(**base, part="kernel-sweep-failed", kernel=point[0], tiles=point[1],
-                           programs_per_sm=point[2], error=f"{type(err).__name__}: {str(err)[:500]}")  # fmt: skip
+                    record(**base, part="kernel-sweep-failed", tiles=point[0], programs_per_sm=point[1],
+                           error=f"{type(err).__name__}: {str(err)[:500]}")  # fmt: skip
                     continue
                 same[point] = all(torch.equal(a.selected, b.selected) for a, b in zip(chosen, rule))
                 fns[point] = profile_at(point)
             ms = interleaved(fns, len(sets), args.reps, on_gpu)
             for point, t in ms.items():
-                record(**base, part="kernel-sweep-profile", kernel=point[0], tiles=point[1], programs_per_sm=point[2],
-                       ms=t, same_choice=same[point])  # fmt: skip
-            finalists = [(None, None, None)] + sorted(ms, key=ms.get)[: args.finalists]
+                record(**base, part="kernel-sweep-profile", tiles=point[0], programs_per_sm=point[1], ms=t,
+                       same_choice=same[point])  # fmt: skip
+            finalists = [(None, None)] + sorted(ms, key=ms.get)[: args.finalists]
             table = rule[0].table(layout, block, sets[0][0].device)
             for point in finalists:
                 if over_budget(f"kernel-sweep/{name}/layer/{point}"):
@@ -320,7 +280,7 @@ def kernel_sweep(shapes: dict, args, device, dtype, record, over_budget) -> None
                 prof = profile_at(point)
                 parts = {"attn": lambda i: attend(i, rule[i]), "profile": prof, "layer": lambda i: attend(i, prof(i))}
                 timed = interleaved(parts, len(sets), args.reps, on_gpu)
-                label = dict(kernel=point[0] or "rule", tiles=point[1] or "rule", programs_per_sm=point[2])
+                label = dict(tiles=point[0] or "rule", programs_per_sm=point[1])
                 for part, t in timed.items():
                     record(**base, **label, part=f"kernel-layer-{part}", ms=t)
         del sets
@@ -329,7 +289,7 @@ def kernel_sweep(shapes: dict, args, device, dtype, record, over_budget) -> None
 
 
 def summarise_sweep(rows: list) -> list:
-    """One line per (shape, density, kernel, tiles, programs per SM): the sweep's profile ms and, for
+    """One line per (shape, density, tiles, programs per SM): the sweep's profile ms and, for
     the launch rule and the finalists, attention, profile and layer timed together (``layer_*``);
     ``profile_share`` divides by the shape's median attention time."""
     out = []
@@ -338,7 +298,7 @@ def summarise_sweep(rows: list) -> list:
         mine = [r for r in rows if r.get("shape") == shape and r.get("density") == density and "ms" in r]
         attn = [r["ms"] for r in mine if r["part"] == "kernel-layer-attn"]
         attn_ms = statistics.median(attn) if attn else None
-        point = lambda r: (r["kernel"], r["tiles"], r["programs_per_sm"])  # noqa: E731
+        point = lambda r: (r["tiles"], r["programs_per_sm"])  # noqa: E731
         layer = {}
         for r in mine:
             if r["part"].startswith("kernel-layer-"):
@@ -349,7 +309,7 @@ def summarise_sweep(rows: list) -> list:
             profile = swept[key]["ms"] if key in swept else own.get("profile")
             if profile is None:
                 continue
-            out.append(dict(shape=shape, density=density, kernel=key[0], tiles=key[1], programs_per_sm=key[2],
+            out.append(dict(shape=shape, density=density, tiles=key[0], programs_per_sm=key[1],
                             profile_ms=profile, attn_ms=attn_ms, profile_share=attn_ms and profile / attn_ms,
                             layer_attn_ms=own.get("attn"), layer_profile_ms=own.get("profile"), layer_ms=own.get("layer"),
                             layer_over_attn=own["layer"] / own["attn"] if "layer" in own and "attn" in own else None,
@@ -358,20 +318,19 @@ def summarise_sweep(rows: list) -> list:
 
 
 def print_sweep(summary: list) -> None:
-    print(f"\n{'shape':14s} {'dens':>5s} {'kernel':10s} {'tiles':>10s} {'/SM':>4s} {'profile ms':>10s} {'attn ms':>9s} "
+    print(f"\n{'shape':14s} {'dens':>5s} {'tiles':>10s} {'/SM':>4s} {'profile ms':>10s} {'attn ms':>9s} "
           f"{'prof/attn':>9s} {'layer/attn':>10s} {'same':>5s}")  # fmt: skip
     f = lambda x, spec: "-".rjust(int(spec.split(".")[0])) if x is None else format(x, spec)  # noqa: E731
     for s in sorted(summary, key=lambda s: (s["shape"], s["density"], s["profile_ms"])):
-        print(f"{s['shape']:14s} {s['density']:5.2f} {s['kernel']:10s} {s['tiles']:>10s} {s['programs_per_sm']!s:>4s} "
+        print(f"{s['shape']:14s} {s['density']:5.2f} {s['tiles']:>10s} {s['programs_per_sm']!s:>4s} "
               f"{s['profile_ms']:10.3f} {f(s['attn_ms'], '9.3f')} {f(s['profile_share'], '9.1%')} "
               f"{f(s['layer_over_attn'], '10.3f')} {s['same_choice']!s:>5s}")  # fmt: skip
     print("\nfastest profile per shape (a LAUNCH_RULES entry in sparse_vdit/kernels/triton/sampled.py):")
     for shape in dict.fromkeys(s["shape"] for s in summary):
-        best = min((s for s in summary if s["shape"] == shape and s["kernel"] != "rule" and s["same_choice"]),
+        best = min((s for s in summary if s["shape"] == shape and s["tiles"] != "rule" and s["same_choice"]),
                    key=lambda s: s["profile_ms"], default=None)  # fmt: skip
         if best:
             tiles = dict(zip(("block_m", "block_n", "num_warps", "num_stages"), best["tiles"].split(",")))
-            print(f"  {shape}: dict(" + "".join(f"{k}={v}, " for k, v in tiles.items() if best["tiles"] != "rule")
-                  + f"programs_per_sm={best['programs_per_sm']}, "
-                  + ", ".join(f"{k}={v!r}" for k, v in KERNELS[best["kernel"]].items())
-                  + f")  # profile {best['profile_ms']:.3f} ms, {f(best['profile_share'], '0.1%')} of attention")
+            print(f"  {shape}: dict(" + "".join(f"{k}={v}, " for k, v in tiles.items() if best["tiles"] != "default")
+                  + f"programs_per_sm={best['programs_per_sm']})  # profile {best['profile_ms']:.3f} ms, "
+                  + f"{f(best['profile_share'], '0.1%')} of attention")

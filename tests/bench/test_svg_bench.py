@@ -190,39 +190,38 @@ def test_svg_bench_overhead_sweeps_launches_of_the_after_variant_only(bench):
 
 
 def test_svg_bench_kernel_sweep_dry_run_times_each_point_and_the_rule_s_layer(bench, tmp_path):
-    """``--kernel-sweep``: each (kernel, tiles, programs per SM) point's profile, its choice against
-    the launch rule's, then attention / profile / layer for the rule and the finalists; TUNING is
-    restored. (The torch profile here, for speed: the points' kernels are checked in
-    tests/methods/test_svg_profile_variants.py.)"""
+    """``--kernel-sweep``: each (tiles, programs per SM) point's profile, its choice against the launch
+    rule's, then attention / profile / layer for the rule and the finalists; TUNING is restored. (The
+    torch profile here, for speed: the kernel's tiles are checked in
+    tests/methods/test_svg_profile_kernel.py.)"""
     pytest.importorskip("triton")
     from sparse_vdit.kernels.triton import sampled
 
     before = dict(sampled.TUNING)
     result = bench.main(["--dry-run", "--kernel-sweep", "--shapes", "tiny-text", "--reps", "2", "--sets", "2",
-                         "--kernels", "fold@64,32,8,3", "hull-lazy@64,32,8,3", "--programs-per-sm", "1", "4",
+                         "--tiles", "64,32,4,3", "16,16,4,3", "--programs-per-sm", "1", "4",
                          "--finalists", "1", "--profile-backends", "torch", "--out", str(tmp_path)])  # fmt: skip
     assert dict(sampled.TUNING) == before
     saved = json.loads((tmp_path / "svg-kernel-sweep-dry-run.json").read_text())
     assert saved["summary"] == result["summary"]
     swept = [r for r in saved["rows"] if r["part"] == "kernel-sweep-profile"]
-    assert {(r["kernel"], r["programs_per_sm"]) for r in swept} == {(k, p) for k in ("fold", "hull-lazy") for p in (1, 4)}
-    assert all(r["ms"] > 0 and r["same_choice"] is True and r["tiles"] == "64,32,8,3" for r in swept)
-    layer = {(r["kernel"], r["part"]) for r in saved["rows"] if r["part"].startswith("kernel-layer-")}
-    assert {k for k, _ in layer} == {"rule", min(swept, key=lambda r: r["ms"])["kernel"]}  # the rule and 1 finalist
-    rule = next(s for s in result["summary"] if s["kernel"] == "rule")
+    assert {(r["tiles"], r["programs_per_sm"]) for r in swept} == {(t, p) for t in ("64,32,4,3", "16,16,4,3")
+                                                                   for p in (1, 4)}  # fmt: skip
+    assert all(r["ms"] > 0 and r["same_choice"] is True for r in swept)
+    layer = {(r["tiles"], r["programs_per_sm"]) for r in saved["rows"] if r["part"].startswith("kernel-layer-")}
+    fastest = min(swept, key=lambda r: r["ms"])
+    assert layer == {("rule", None), (fastest["tiles"], fastest["programs_per_sm"])}  # the rule and 1 finalist
+    rule = next(s for s in result["summary"] if s["tiles"] == "rule")
     assert rule["layer_over_attn"] == rule["layer_ms"] / rule["layer_attn_ms"] and rule["profile_share"] > 0
     assert len(result["summary"]) == 5
 
 
-def test_svg_bench_kernel_sweep_points_are_checked(bench):
+def test_svg_bench_kernel_sweep_defaults_to_the_sweep_s_tiles(bench):
     import svg_overhead
 
-    assert svg_overhead.parse_point("hull@64,32,8,3") == ("hull", "64,32,8,3")
-    assert svg_overhead.parse_point("lazy") == ("lazy", "rule")
-    for bad in ("nope@64,32,8,3", "hull@64,32,8", "hull@64,0,8,3"):
-        with pytest.raises(ValueError):
-            svg_overhead.parse_point(bad)
     args = bench.parse(["--dry-run", "--kernel-sweep"])
-    assert args.overhead and args.programs_per_sm == list(svg_overhead.SWEEP_PROGRAMS) and args.kernels == list(svg_overhead.SWEEP)
+    assert args.overhead and args.programs_per_sm == list(svg_overhead.SWEEP_PROGRAMS) and args.tiles == list(svg_overhead.SWEEP)
+    assert bench.parse(["--dry-run", "--kernel-sweep", "--tiles", "32,32,4,2"]).tiles == ["32,32,4,2"]
+    assert bench.parse(["--dry-run"]).tiles == ["default"]
     with pytest.raises(SystemExit):
-        bench.parse(["--dry-run", "--kernel-sweep", "--kernels", "nope"])
+        bench.parse(["--dry-run", "--kernel-sweep", "--tiles", "64,32,4"])

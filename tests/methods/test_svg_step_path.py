@@ -1,5 +1,6 @@
-"""The SVG layer's step path, cut down (issue 16): the errors and choice in one Triton launch, the
-folded row-wise mask, resident per-position ranges, and what one device-decided layer call launches."""
+"""The SVG layer's step path, cut down (issue 16): the errors and choice in one Triton launch,
+resident per-position ranges, and what one device-decided layer call launches. (The profiling kernel
+against the float64 profile: test_svg_profile_kernel.py.)"""
 
 import collections
 import os
@@ -7,7 +8,6 @@ import os
 import pytest
 import torch
 
-from helpers import rel_rms
 from sparse_vdit import VideoLayout
 from sparse_vdit.kernels import select_attention
 from sparse_vdit.methods import svg_profile
@@ -51,24 +51,6 @@ def test_choose_kernel_equals_sampled_errors_and_argmin(per_sample):
     torch.testing.assert_close(errors, expected, rtol=1e-5, atol=0)
     assert torch.equal(selected, _torch_choice(expected, batch))
     assert selected[:, 1].tolist() == [0, 0] and selected[:, 3].tolist() == [0, 0] and selected[:, 0].tolist() == [1, 1]
-
-
-@pytest.mark.parametrize("setting", [{}, {"fold": False}, {"row_wise": False}], ids=["fold", "no-fold", "per-key"])
-def test_folded_row_wise_mask_equals_its_own_dot(setting, monkeypatch):
-    """The frame-major mask decided once per row and tile reuses the exact tile's P @ V (the default);
-    a dot of its own (``fold`` off, as before) and the per-key test give the same outputs."""
-    _triton_ready()
-    from sparse_vdit.kernels.triton import sampled
-
-    svg = SVG(0.25, block_size=BLOCK)
-    q, k, v = (t.to(_device()) for t in heads_qkv(WAN, "STK", dim=32))
-    rows = svg.rows(WAN, 3, 2)[:32]
-    patterns = svg.profile_patterns(WAN)
-    ref = sampled_outputs(q.double(), k.double(), v.double(), rows, WAN, patterns, BLOCK, backend="torch")
-    monkeypatch.setattr(sampled, "TUNING", dict(sampled.TUNING, block_m=16, block_n=16, **setting))
-    got = sampled_outputs(q, k, v, rows, WAN, patterns, BLOCK, backend="triton")
-    for a, b in zip(got, ref):
-        assert a.shape == b.shape and not a.isnan().any() and rel_rms(a, b.float()) < 1e-5, rel_rms(a, b.float())
 
 
 def test_position_ranges_are_the_rows_ranges_of_every_position():

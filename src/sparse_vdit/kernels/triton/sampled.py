@@ -4,9 +4,8 @@ For a few query rows, one pass over the keys gives three attention outputs at on
 restricted to each row's key-block ranges under two masks (one frame-major, one token-major: the
 spatial and temporal bands). Scores are never written to memory; each (row tile, sample, head,
 key split) program keeps three FlashAttention-style accumulators that share the exact row's
-running max, and a second launch merges the splits. A mask tested once per row and key tile (a
-frame-major mask whose blocks hold whole key tiles) reuses the exact tile's ``P @ V`` instead of a
-dot of its own. Each row's key-block ranges are read from per-position tables kept resident per
+running max, and a second launch merges the splits. A frame-major mask whose blocks hold whole key
+tiles is tested once per row and key tile, others key by key. Each row's key-block ranges are read from per-position tables kept resident per
 layout (only the rows travel per call). :func:`choose_heads` turns the outputs into per-head errors
 and the choice in one more launch. The torch reference is
 :func:`sparse_vdit.methods.svg.sampled_outputs` with ``backend="torch"``.
@@ -54,30 +53,22 @@ def _dot(p, v, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _masked_step(acc, l_i, alpha, p, pv, v, RS, RE, rows, row_ok, start, offs_n, token_major, NUM_POSITIONS,
+def _masked_step(acc, l_i, alpha, p, v, RS, RE, rows, row_ok, start, offs_n, token_major, NUM_POSITIONS,
                  NR: tl.constexpr, TABLE_BLOCK: tl.constexpr, TOKEN_MAJOR: tl.constexpr, ROW_WISE: tl.constexpr,
-                 FOLD: tl.constexpr, IEEE: tl.constexpr, RESCALE: tl.constexpr):  # fmt: skip
-    """One key tile into a masked row's (acc, l), rescaled by ``alpha`` first where ``RESCALE``.
-    ``ROW_WISE``: the tile lies in one frame-major key block (``BLOCK_N`` divides ``TABLE_BLOCK``),
-    so one test per row decides; with ``FOLD`` the tile's ``P @ V`` is then the exact one's
-    (``pv``), kept or not (no dot of its own). Else keys are tested one by one."""
-    if RESCALE:
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha
+                 IEEE: tl.constexpr):  # fmt: skip
+    """One key tile into a masked row's (acc, l), both rescaled by ``alpha`` first. ``ROW_WISE``: the
+    tile lies in one frame-major key block (``BLOCK_N`` divides ``TABLE_BLOCK``), so one test per row
+    decides; else keys are tested one by one."""
+    acc = acc * alpha[:, None]
+    l_i = l_i * alpha
     if ROW_WISE:
         inside = _row_inside(RS, RE, rows, row_ok, start // TABLE_BLOCK, NUM_POSITIONS, NR)
-        if FOLD:
-            acc = acc + tl.where(inside[:, None], pv, 0.0)
-            l_i = l_i + tl.where(inside, tl.sum(p, 1), 0.0)
-        else:
-            p = tl.where(inside[:, None], p, 0.0)
-            acc = acc + _dot(p, v, IEEE)
-            l_i = l_i + tl.sum(p, 1)
+        p = tl.where(inside[:, None], p, 0.0)
     else:
         block = (token_major if TOKEN_MAJOR else offs_n) // TABLE_BLOCK
         p = tl.where(_inside(RS, RE, rows, row_ok, block, NUM_POSITIONS, NR), p, 0.0)
-        acc = acc + _dot(p, v, IEEE)
-        l_i = l_i + tl.sum(p, 1)
+    acc = acc + _dot(p, v, IEEE)
+    l_i = l_i + tl.sum(p, 1)
     return acc, l_i
 
 
@@ -85,127 +76,6 @@ def _masked_step(acc, l_i, alpha, p, pv, v, RS, RE, rows, row_ok, start, offs_n,
 def _safe(m):
     """A running max with -inf as 0 (rows that saw no key yet: exp2(-inf - 0) = 0, no NaN)."""
     return tl.where(m == float("-inf"), 0.0, m)
-
-
-@triton.jit
-def _hull(RS, RE, rows, row_ok, NUM_POSITIONS, NR: tl.constexpr, TABLE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_M: tl.constexpr):  # fmt: skip
-    """Keys ``[h0, h1)`` (multiples of ``BLOCK_N``) holding every key block in some row's ranges of a
-    frame-major mask: outside them the mask keeps nothing of any row (empty: ``h0 > h1``)."""
-    big = 1 << 20  # key blocks; times TABLE_BLOCK stays in int32
-    lo_all = tl.full([BLOCK_M], big, tl.int32)
-    hi_all = tl.zeros([BLOCK_M], tl.int32)
-    for r in tl.static_range(NR):
-        lo = tl.load(RS + r * NUM_POSITIONS + rows, mask=row_ok, other=0)
-        hi = tl.load(RE + r * NUM_POSITIONS + rows, mask=row_ok, other=0)
-        used = row_ok & (hi > lo)
-        lo_all = tl.minimum(lo_all, tl.where(used, lo, big))
-        hi_all = tl.maximum(hi_all, tl.where(used, hi, 0))
-    h0 = tl.min(lo_all, 0) * TABLE_BLOCK // BLOCK_N * BLOCK_N
-    h1 = (tl.max(hi_all, 0) * TABLE_BLOCK + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    return h0, h1
-
-
-@triton.jit
-def _key_span(
-    lo, hi, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
-    m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, gate_lo, gate_hi,
-    NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-    USE_1: tl.constexpr, USE_2: tl.constexpr, ALIGN: tl.constexpr, GATE_1: tl.constexpr, GATE_2: tl.constexpr,
-    LAZY: tl.constexpr, TABLE_BLOCK: tl.constexpr, TOKEN_MAJOR_0: tl.constexpr, TOKEN_MAJOR_1: tl.constexpr,
-    ROW_WISE_0: tl.constexpr, ROW_WISE_1: tl.constexpr, FOLD: tl.constexpr, NR: tl.constexpr,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    """Key tiles ``[lo, hi)`` (``lo`` a multiple of ``BLOCK_N``; keys from ``last`` on are out) into
-    the exact accumulators and into mask 0's / mask 1's where ``USE_1`` / ``USE_2``. A masked
-    accumulator is expressed at its own max (``m_1`` / ``m_2``), the running max ``m_i`` wherever it
-    takes keys: a span it skips leaves it untouched (no rescaling), ``ALIGN`` catches it up on entry.
-    ``GATE_1`` / ``GATE_2``: that mask takes only the tiles starting in ``[gate_lo, gate_hi)``, each
-    caught up from its own max (one loop, a branch per tile, instead of three spans).
-    ``LAZY`` > 0: the accumulators keep their max until some row's grows by more than ``LAZY``
-    (log2 units; probabilities stay <= 2^LAZY), so most tiles rescale nothing."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    if ALIGN:
-        if USE_1:
-            f = tl.math.exp2(m_1 - _safe(m_i))
-            acc_1 = acc_1 * f[:, None]
-            l_1 = l_1 * f
-        if USE_2:
-            f = tl.math.exp2(m_2 - _safe(m_i))
-            acc_2 = acc_2 * f[:, None]
-            l_2 = l_2 * f
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        valid = offs_n < last
-        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
-        if IEEE:
-            qk = tl.dot(q, k, input_precision="ieee")
-        else:
-            qk = tl.dot(q, k)
-        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
-        # key blocks in frame-major and token-major order (video token f*S+p sits at p*F+f)
-        j = offs_n - VIDEO_START
-        video = (j >= 0) & (j < VIDEO_TOKENS)
-        token_major = tl.where(video, VIDEO_START + (j % FRAME_TOKENS) * FRAMES + j // FRAME_TOKENS, offs_n)
-        m_tile = tl.max(qk, 1)
-        if LAZY > 0:
-            alpha = l_0  # unused: the rescaling happens here, on the few tiles that raise the max
-            if tl.max(m_tile - m_i, 0) > LAZY:
-                m_new = tl.maximum(m_i, m_tile)
-                scale = tl.math.exp2(m_i - _safe(m_new))
-                l_0 = l_0 * scale
-                acc_0 = acc_0 * scale[:, None]
-                if USE_1:
-                    if not GATE_1:
-                        l_1 = l_1 * scale
-                        acc_1 = acc_1 * scale[:, None]
-                if USE_2:
-                    if not GATE_2:
-                        l_2 = l_2 * scale
-                        acc_2 = acc_2 * scale[:, None]
-                m_i = m_new
-        else:
-            m_new = tl.maximum(m_i, m_tile)
-            alpha = tl.math.exp2(m_i - _safe(m_new))
-            l_0 = l_0 * alpha
-            acc_0 = acc_0 * alpha[:, None]
-            m_i = m_new
-        p = tl.math.exp2(qk - _safe(m_i)[:, None])
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        pv = _dot(p, v, IEEE)
-        l_0 = l_0 + tl.sum(p, 1)
-        acc_0 = acc_0 + pv
-        if USE_1:
-            if GATE_1:
-                if (start >= gate_lo) & (start < gate_hi):
-                    f = tl.math.exp2(m_1 - _safe(m_i))
-                    acc_1, l_1 = _masked_step(acc_1, l_1, f, p, pv, v, RS0, RE0, rows, row_ok, start, offs_n,
-                                              token_major, NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_0, ROW_WISE_0,
-                                              FOLD, IEEE, True)  # fmt: skip
-                    m_1 = m_i
-            else:
-                acc_1, l_1 = _masked_step(acc_1, l_1, alpha, p, pv, v, RS0, RE0, rows, row_ok, start, offs_n,
-                                          token_major, NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_0, ROW_WISE_0, FOLD,
-                                          IEEE, LAZY == 0)  # fmt: skip
-        if USE_2:
-            if GATE_2:
-                if (start >= gate_lo) & (start < gate_hi):
-                    f = tl.math.exp2(m_2 - _safe(m_i))
-                    acc_2, l_2 = _masked_step(acc_2, l_2, f, p, pv, v, RS1, RE1, rows, row_ok, start, offs_n,
-                                              token_major, NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_1, ROW_WISE_1,
-                                              FOLD, IEEE, True)  # fmt: skip
-                    m_2 = m_i
-            else:
-                acc_2, l_2 = _masked_step(acc_2, l_2, alpha, p, pv, v, RS1, RE1, rows, row_ok, start, offs_n,
-                                          token_major, NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_1, ROW_WISE_1, FOLD,
-                                          IEEE, LAZY == 0)  # fmt: skip
-    if USE_1:
-        if not GATE_1:
-            m_1 = m_i
-    if USE_2:
-        if not GATE_2:
-            m_2 = m_i
-    return m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2
 
 
 @triton.jit
@@ -225,10 +95,6 @@ def sampled_rows_fwd(
     TOKEN_MAJOR_1: tl.constexpr,
     ROW_WISE_0: tl.constexpr,  # mask 0 decided once per row and tile (see _masked_step)
     ROW_WISE_1: tl.constexpr,
-    FOLD: tl.constexpr,  # a row-wise mask reuses the exact tile's P @ V (see _masked_step)
-    HULL: tl.constexpr,  # -1, or the frame-major mask (0 / 1) that skips keys outside its rows' hull (_hull)
-    GATE: tl.constexpr,  # the hull as a branch per key tile (else three loops: before, in, after it)
-    LAZY: tl.constexpr,  # 0, or the max growth (log2 units) that triggers a rescale (see _key_span)
     NR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -245,8 +111,6 @@ def sampled_rows_fwd(
                 mask=row_ok[:, None], other=0.0)  # fmt: skip
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    m_1 = m_i
-    m_2 = m_i
     l_0 = tl.zeros([BLOCK_M], tl.float32)
     l_1 = tl.zeros([BLOCK_M], tl.float32)
     l_2 = tl.zeros([BLOCK_M], tl.float32)
@@ -257,52 +121,34 @@ def sampled_rows_fwd(
     v_base = V + batch * stride_vb + head * stride_vh
     first = split * KEYS_PER_SPLIT
     last = tl.minimum(first + KEYS_PER_SPLIT, KV_LEN)
-    if HULL >= 0:  # the hull's mask takes only the key tiles in [a, b)
-        if HULL == 0:
-            h0, h1 = _hull(RS0, RE0, rows, row_ok, NUM_POSITIONS, NR, TABLE_BLOCK, BLOCK_N, BLOCK_M)
+    for start in range(first, last, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        valid = offs_n < last
+        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
+        if IEEE:
+            qk = tl.dot(q, k, input_precision="ieee")
         else:
-            h0, h1 = _hull(RS1, RE1, rows, row_ok, NUM_POSITIONS, NR, TABLE_BLOCK, BLOCK_N, BLOCK_M)
-        a = tl.minimum(tl.maximum(h0, first), last)
-        b = tl.minimum(tl.maximum(h1, a), last)
-        if GATE:  # one loop, the hull's mask behind a branch per tile
-            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
-                first, last, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
-                m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, a, b,
-                NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                True, True, False, HULL == 0, HULL == 1, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0,
-                ROW_WISE_1, FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
-        else:  # three spans: before the hull, in it, after it
-            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
-                first, a, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
-                m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, a, b,
-                NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                HULL != 0, HULL != 1, True, False, False, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0,
-                ROW_WISE_1, FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
-            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
-                a, b, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
-                m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, a, b,
-                NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                True, True, True, False, False, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0,
-                ROW_WISE_1, FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
-            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
-                b, last, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
-                m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, a, b,
-                NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                HULL != 0, HULL != 1, True, False, False, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0,
-                ROW_WISE_1, FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
-        f_1 = tl.math.exp2(m_1 - _safe(m_i))  # both masked accumulators at the running max
-        f_2 = tl.math.exp2(m_2 - _safe(m_i))
-        acc_1 = acc_1 * f_1[:, None]
-        l_1 = l_1 * f_1
-        acc_2 = acc_2 * f_2[:, None]
-        l_2 = l_2 * f_2
-    else:
-        m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2 = _key_span(
-            first, last, last, q, k_base, v_base, stride_kn, stride_vn, rows, row_ok, RS0, RE0, RS1, RE1,
-            m_i, l_0, l_1, l_2, acc_0, acc_1, acc_2, m_1, m_2, first, last,
-            NUM_POSITIONS, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-            True, True, False, False, False, LAZY, TABLE_BLOCK, TOKEN_MAJOR_0, TOKEN_MAJOR_1, ROW_WISE_0, ROW_WISE_1,
-            FOLD, NR, BLOCK_N, HEAD_DIM, IEEE)
+            qk = tl.dot(q, k)
+        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
+        # key blocks in frame-major and token-major order (video token f*S+p sits at p*F+f)
+        j = offs_n - VIDEO_START
+        video = (j >= 0) & (j < VIDEO_TOKENS)
+        token_major = tl.where(video, VIDEO_START + (j % FRAME_TOKENS) * FRAMES + j // FRAME_TOKENS, offs_n)
+        # one running max for all three accumulators (a masked row's max is at most the exact one's)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - _safe(m_new))
+        l_0 = l_0 * alpha
+        acc_0 = acc_0 * alpha[:, None]
+        m_i = m_new
+        p = tl.math.exp2(qk - _safe(m_i)[:, None])
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        pv = _dot(p, v, IEEE)
+        l_0 = l_0 + tl.sum(p, 1)
+        acc_0 = acc_0 + pv
+        acc_1, l_1 = _masked_step(acc_1, l_1, alpha, p, v, RS0, RE0, rows, row_ok, start, offs_n, token_major,
+                                  NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_0, ROW_WISE_0, IEEE)  # fmt: skip
+        acc_2, l_2 = _masked_step(acc_2, l_2, alpha, p, v, RS1, RE1, rows, row_ok, start, offs_n, token_major,
+                                  NUM_POSITIONS, NR, TABLE_BLOCK, TOKEN_MAJOR_1, ROW_WISE_1, IEEE)  # fmt: skip
 
     part = (batch * HEADS + head) * SPLITS + split  # [B, H, S] flattened
     tl.store(PM + part * NUM_ROWS + offs_m, m_i, mask=row_ok)
@@ -413,26 +259,22 @@ def choose_heads(
 
 # Launch overrides for benchmarks (None: the rule below): the tile (block_m, block_n, num_warps,
 # num_stages, see _tiles), how many programs per SM the key splits aim at (see _splits), whether
-# frame-major masks are tested once per row and tile (row_wise, default on where exact), whether such
-# a mask then reuses the exact tile's P @ V (fold; off: a dot of its own), whether the frame-major
-# mask skips the keys outside its rows' hull (hull, see _hull: 1 as three key loops, 2 as a branch
-# per key tile), the lazy-rescale threshold (lazy,
-# log2 units, 0 = rescale every tile, see _key_span) and the merge's rows per program (merge_rows,
-# see _merge_rows; 16 before).
+# frame-major masks are tested once per row and tile (row_wise, default on where exact) and the
+# merge's rows per program (merge_rows, see _merge_rows; 16 before).
 TUNING: dict[str, int | None] = {"block_m": None, "block_n": None, "num_warps": None, "num_stages": None,
-                                 "programs_per_sm": None, "row_wise": None, "fold": None, "hull": None,
-                                 "lazy": None, "merge_rows": None}  # fmt: skip
-LAUNCH_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "programs_per_sm", "fold", "hull", "lazy")
+                                 "programs_per_sm": None, "row_wise": None, "merge_rows": None}  # fmt: skip
+LAUNCH_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "programs_per_sm")
 # Launch settings by the profile's size (score elements: samples x heads x rows x keys): the first
-# rule whose bound holds; TUNING overrides any field. From the H200 run of bench/svg.py --overhead
-# (2026-12-03 c, bench/results/svg-overhead-h200.json, kernel time per call): Wan-1.3B 480p (2.5e7):
-# 8 warps, 2 per SM, folded: 0.187 ms, the lowest profile measured there (0.196 ms in all); Wan-14B
-# 720p (1.9e8): 4 warps, 8 per SM, unfolded ("before"): 0.86 ms, against 1.39-2.41 ms folded (the
-# fold, not the launch, made that shape slower). Above head dim 128: 16 x 64 tiles, 2 stages.
+# rule whose bound holds; TUNING overrides any field. From the H200 run of bench/svg.py --kernel-sweep
+# (2026-12-03, bench/results/svg-kernel-sweep-h200.json, 25% density, profile alone): Wan-1.3B 480p
+# (2.5e7): 64 x 32 tiles, 4 warps, 2 per SM: 0.128 ms, 3.0% of attention (0.163-0.299 ms at 1, 4 or
+# 8 per SM, at 8 warps or 64 x 64 tiles); Wan-14B 720p (1.9e8): the same tile at 8 per SM: 0.888 ms,
+# 1.2% (1.03-2.15 ms elsewhere). The kernel variants timed there (fold, hull, gate, lazy rescale) were
+# all slower and are gone (bench/svg_overhead.py's SWEEP says by how much). Above head dim 128: 16 x 64
+# tiles, 2 stages.
 LAUNCH_RULES: tuple[tuple[float, dict], ...] = (
-    (7e7, dict(block_m=64, block_n=32, num_warps=8, num_stages=3, programs_per_sm=2, fold=True, hull=False, lazy=0)),
-    (math.inf, dict(block_m=64, block_n=32, num_warps=4, num_stages=3, programs_per_sm=8, fold=False, hull=False,
-                    lazy=0)),
+    (7e7, dict(block_m=64, block_n=32, num_warps=4, num_stages=3, programs_per_sm=2)),
+    (math.inf, dict(block_m=64, block_n=32, num_warps=4, num_stages=3, programs_per_sm=8)),
 )  # fmt: skip
 PROGRAMS_PER_SM = 2  # _splits' target when none is given
 
@@ -516,8 +358,6 @@ def sampled_outputs(
     po = torch.empty(batch, heads, splits, 3, num_rows, dim, dtype=torch.float32, device=dev)
     extra = {} if dev.type == "cpu" else {"num_warps": warps, "num_stages": stages}
     row_wise = [TUNING.get("row_wise") is not False and not tm and block_size % block_n == 0 for tm in token_major]
-    frame_major = [i for i, tm in enumerate(token_major) if not tm]
-    hull = frame_major[0] if chosen["hull"] and frame_major else -1
     sampled_rows_fwd[(row_tiles, batch * heads, splits)](
         q, k, v, rows, starts[0], ends[0], starts[1], ends[1], pm, pl, po,
         q.stride(0), q.stride(1), q.stride(2),
@@ -526,8 +366,7 @@ def sampled_outputs(
         num_rows, starts.shape[2], heads, kv_len, per_split, splits, *layout,
         softmax_scale * LOG2E,
         TABLE_BLOCK=block_size, TOKEN_MAJOR_0=bool(token_major[0]), TOKEN_MAJOR_1=bool(token_major[1]),
-        ROW_WISE_0=row_wise[0], ROW_WISE_1=row_wise[1], FOLD=bool(chosen["fold"]), HULL=hull, GATE=chosen["hull"] == 2,
-        LAZY=int(chosen["lazy"] or 0), NR=starts.shape[1],
+        ROW_WISE_0=row_wise[0], ROW_WISE_1=row_wise[1], NR=starts.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim, IEEE=q.dtype == torch.float32,
         **extra,
     )  # fmt: skip
