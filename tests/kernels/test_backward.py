@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 try:
     from sparse_vdit.kernels.triton.backward import VARIANTS
 except ImportError:  # no triton: the Triton tests skip
-    VARIANTS = {"base": {}}
+    VARIANTS = {"default": {}}
 
 MIXED = [dense(), skip(), diagonal(0.5), multi_diagonal(0.1), vertical(((0.0, 1.0),), 0.3)]
 CASES = {  # layout, block, heads, batch, head dim: small, for the interpreter
