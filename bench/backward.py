@@ -1,7 +1,7 @@
 """Backward block efficiency of sparse_attention: each backend's backward against cuDNN's dense backward.
 
     python bench/backward.py [--shapes wan1.3b-480p hunyuan-720p] [--densities 0.1 0.2 0.3 0.5]
-                             [--kinds band mixed] [--backends triton fa4 flex] [--variants base fused ... | all]
+                             [--kinds band mixed] [--backends triton fa4 flex] [--variants default ... | all]
 
 For each shape (default Wan-1.3B 480p and HunyuanVideo 720p + 256 text, batch 1, bf16) it times
 the backward of dense cuDNN SDPA, then the backward of ``sparse_attention`` on every backend

@@ -3,13 +3,15 @@
 FlashAttention-2 style: ``dK, dV`` by key tile, looping over the query blocks that visit its key
 block (the table's transposed form, :attr:`BlockTable.query_ranges`), and ``dQ`` by query tile,
 looping over the forward's key-block ranges; or (option ``fused``) one launch by key tile that
-also adds each step's share of ``dQ`` into a float32 buffer with atomics (no second pass that
-recomputes the probabilities; the order of the sum, so its last bits, varies from run to run).
-Both recompute the probabilities from the forward's log-sum-exp (``launcher.forward(...,
-return_lse=True)``, turned to base 2 here) and ``delta = rowsum(dO * O)``. Token-major heads are
-read and written through their order in place, as in the forward. Every element of dQ, dK, dV is
-written (zeros for keys nobody visits: skipped heads, padded text). The torch reference is
-autograd through ``sparse_vdit.kernels.reference``.
+also adds each step's share of ``dQ`` into a float32 buffer, by TMA bulk reductions where the
+steps are read through TMA, else by atomics (no second pass that recomputes the probabilities;
+the order of the sum, so its last bits, varies from run to run). Both recompute the probabilities
+from the forward's log-sum-exp (``launcher.forward(..., return_lse=True)``), turned to base 2 by a
+prologue kernel that also computes ``delta = rowsum(dO * O)``. Each range's whole steps run
+unmasked (frame-major heads read them through tensor descriptors, TMA, on sm90+), only its ragged
+last step masked. Token-major heads are read and written through their order in place, as in the
+forward. Every element of dQ, dK, dV is written (zeros for keys nobody visits: skipped heads,
+padded text). The torch reference is autograd through ``sparse_vdit.kernels.reference``.
 """
 
 from __future__ import annotations
@@ -24,29 +26,21 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option
 
 # Options of the backward (None: DEFAULTS), set by benchmarks (bench/backward.py --variants) and tests:
 # ``tiles`` (dK/dV key tile, its query step, dQ query tile, its key step; None: the rule of _tiles),
-# ``warps`` and ``stages`` (dK/dV kernel, dQ kernel), ``delta`` ("torch", or "kernel": one Triton
-# pass for delta and the base-2 LSE), ``even`` (whole steps unmasked, only the ragged last step of
-# a range masked; key padding masked once at the end), ``tma`` (with ``even``: frame-major heads read
-# their whole steps through tensor descriptors, sm90+), ``fused`` (dQ by atomics in the dK/dV kernel).
-OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "delta": None, "even": None, "tma": None, "fused": None}
-DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "delta": "torch", "even": False, "tma": False,
-                  "fused": False}  # fmt: skip
+# ``warps`` and ``stages`` (dK/dV kernel, dQ kernel), ``tma`` (frame-major heads read their whole
+# steps through tensor descriptors where the device has them, sm90+), ``fused`` (dQ added into a
+# float32 buffer by the dK/dV kernel: by TMA bulk reductions on the steps read through TMA, else atomics).
+OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "fused": None}
+DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "fused": False}
 
 
 # Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first);
-# the winner becomes DEFAULTS, the losers go. Tiles are for 128-token table blocks (tests scale them).
-_EVEN = {"delta": "kernel", "even": True}
-VARIANTS: dict[str, dict] = {  # in order of interest: a run out of time drops the last ones
-    "base": {},  # DEFAULTS: 128-key tiles with 32-query steps (and the converse for dQ), 8 warps, 3 stages
-    "even-tma": {**_EVEN, "tma": True},
-    "even-tma-kv64": {**_EVEN, "tma": True, "tiles": (64, 32, 128, 64)},  # no register spills on sm90 (ptxas)
-    "fused-tma-kv64": {**_EVEN, "fused": True, "tma": True, "tiles": (64, 32, 128, 64)},  # no spills either
-    "fused-tma": {**_EVEN, "fused": True, "tma": True},
-    "prologue": {"delta": "kernel"},
-    "even": _EVEN,
-    "even-tma-64": {**_EVEN, "tma": True, "tiles": (128, 64, 128, 64), "stages": (2, 2)},
-    "fused-kv64": {**_EVEN, "fused": True, "tiles": (64, 32, 128, 64)},
-    "fused-tma-64": {**_EVEN, "fused": True, "tma": True, "tiles": (128, 64, 128, 64), "stages": (2, 2)},
+# a winner becomes DEFAULTS, the losers go (BENCHMARKS.md keeps their numbers). Tiles are for 128-token
+# table blocks (tests scale them).
+VARIANTS: dict[str, dict] = {
+    "default": {},  # 128-key tiles with 32-query steps (and the converse for dQ), 8 warps, 3 stages, TMA
+    # no dQ pass (7 matmuls per block -> 5, as cuDNN); scattered fp32 atomics lost that gain (H200: 0.61 vs
+    # 0.62), TMA reduces whole [32, 128] tiles at a time (FlashAttention-3's dQ accumulation)
+    "fused-tma-reduce": {"fused": True},
 }
 
 
@@ -114,13 +108,15 @@ def _step(A, B, A_DESC, B_DESC, start, last, base, batch, head, stride_n, token_
 
 @triton.jit
 def _dkdv_steps(
-    dk, dv, k, v, key_ok, mask_keys, first, last, Q, DO, DQ, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
-    stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale, softmax_scale,
+    dk, dv, k, v, key_ok, mask_keys, first, last, Q, DO, DQ, Q_DESC, DO_DESC, DQ_DESC, LSE, DELTA, base, stats,
+    batch, head, stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale, softmax_scale,
     FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr, FUSED: tl.constexpr,
+    REDUCE: tl.constexpr,
 ):  # fmt: skip
-    """Query steps ``[first, last)`` into ``(dk, dv)`` of one key tile (and with FUSED, their share of
-    dQ added into DQ). MASKED: rows ``>= last`` masked; ``mask_keys``: keys not ``key_ok`` zeroed in P."""
+    """Query steps ``[first, last)`` into ``(dk, dv)`` of one key tile; MASKED: rows ``>= last`` masked.
+    FUSED: their share of dQ added into DQ (with TMA and REDUCE: through DQ_DESC by bulk reductions);
+    ``mask_keys``: keys not ``key_ok`` zeroed in P (else their rows of dK, dV are zeroed by the launcher)."""
     for start in range(first, last, BLOCK_M):
         rows_m, q_ok, q, do = _step(Q, DO, Q_DESC, DO_DESC, start, last, base, batch, head, stride_n, token_major,
                                     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, BLOCK_M, HEAD_DIM,
@@ -139,11 +135,14 @@ def _dkdv_steps(
         dk += _dot(ds_t.to(q.dtype), q, IEEE)
         if FUSED:
             dq = _dot(tl.trans(ds_t.to(k.dtype)), k, IEEE) * softmax_scale  # [BLOCK_M, D]
-            ptrs = DQ + base + rows_m[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :]
-            if MASKED:
-                tl.atomic_add(ptrs, dq, mask=q_ok[:, None], sem="relaxed")
+            if TMA and REDUCE:
+                DQ_DESC.atomic_add([batch, start, head, 0], dq.reshape(1, BLOCK_M, 1, HEAD_DIM))
             else:
-                tl.atomic_add(ptrs, dq, sem="relaxed")
+                ptrs = DQ + base + rows_m[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :]
+                if MASKED:
+                    tl.atomic_add(ptrs, dq, mask=q_ok[:, None], sem="relaxed")
+                else:
+                    tl.atomic_add(ptrs, dq, sem="relaxed")
     return dk, dv
 
 
@@ -154,8 +153,8 @@ _SIZES = ["N", "KV_LEN", "HEADS", "NUM_RANGES", "FRAME_TOKENS", "VIDEO_START", "
 
 @triton.jit(do_not_specialize=[*_SIZES, "NUM_K_TILES"])
 def block_sparse_attention_bwd_dkdv(
-    Q, K, V, DO, DK, DV, DQ,  # [B, N, H, D], one set of strides (the launcher makes them contiguous); DQ: float32 (FUSED)
-    Q_DESC, DO_DESC,  # with TMA: descriptors of Q and DO, blocks [1, BLOCK_M, 1, D]; else unused
+    Q, K, V, DO, DK, DV, DQ,  # [B, N, H, D], one set of strides (made contiguous); DQ: float32 with FUSED
+    Q_DESC, DO_DESC, DQ_DESC,  # with TMA: descriptors of Q, DO (and with REDUCE, DQ), blocks [1, BLOCK_M, 1, D]
     LSE, DELTA,  # float32 [B, H, N] by memory row; LSE in base 2
     STARTS, ENDS,  # int32 [H, Kb, R]: the query blocks visiting each key block, as ranges
     SCHEDULE,  # int32 [H * NUM_K_TILES]: work items, heaviest first
@@ -167,8 +166,8 @@ def block_sparse_attention_bwd_dkdv(
     FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per step
     BLOCK_N: tl.constexpr,  # keys per program
-    HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr,
-    EVEN: tl.constexpr, TMA: tl.constexpr, FUSED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
+    FUSED: tl.constexpr, REDUCE: tl.constexpr,
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
@@ -183,37 +182,29 @@ def block_sparse_attention_bwd_dkdv(
     v = tl.load(V + base + rows_n[:, None] * stride_n + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    # keys past KV_LEN: each row of dk, dv is its own key's, so zeroing them after the kernel is enough,
-    # unless their P also feeds dQ (FUSED): then P is masked, on the tiles that hold such keys only
-    if EVEN:
-        if FUSED:
-            mask_keys = tile * BLOCK_N + BLOCK_N > KV_LEN
-        else:
-            mask_keys = False
-    else:
-        mask_keys = True
+    mask_keys = False
+    if FUSED:  # keys past KV_LEN: their P would feed dQ, so it is masked, on the tiles holding such keys
+        mask_keys = tile * BLOCK_N + BLOCK_N > KV_LEN
     ranges = head * stride_rh + column * stride_rm
     for r in range(0, NUM_RANGES):
         first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
         last = tl.minimum(tl.load(ENDS + ranges + r) * TABLE_BLOCK, N)
-        if EVEN:  # whole steps unmasked, one loop per kind of head; then the ragged step
-            full = first + tl.maximum(last - first, 0) // BLOCK_M * BLOCK_M
-            if token_major:
-                dk, dv = _dkdv_steps(
-                    dk, dv, k, v, key_ok, mask_keys, first, full, Q, DO, DQ, Q_DESC, DO_DESC, LSE, DELTA, base, stats,
-                    batch, head, stride_n, True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale, softmax_scale,
-                    FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False, FUSED)  # fmt: skip
-            else:
-                dk, dv = _dkdv_steps(
-                    dk, dv, k, v, key_ok, mask_keys, first, full, Q, DO, DQ, Q_DESC, DO_DESC, LSE, DELTA, base, stats,
-                    batch, head, stride_n, False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale, softmax_scale,
-                    FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False, FUSED)  # fmt: skip
-            first = full
-        dk, dv = _dkdv_steps(
-            dk, dv, k, v, key_ok, mask_keys, first, last, Q, DO, DQ, Q_DESC, DO_DESC, LSE, DELTA, base, stats,
-            batch, head, stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale, softmax_scale,
-            FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, FUSED)  # fmt: skip
-    out_ok = (offs_n < N)[:, None]  # with EVEN and not FUSED, rows of keys past KV_LEN are zeroed by the launcher
+        full = first + tl.maximum(last - first, 0) // BLOCK_M * BLOCK_M  # whole steps unmasked, one loop per
+        if token_major:  # kind of head; then the ragged step
+            dk, dv = _dkdv_steps(dk, dv, k, v, key_ok, mask_keys, first, full, Q, DO, DQ, Q_DESC, DO_DESC, DQ_DESC,
+                                 LSE, DELTA, base, stats, batch, head, stride_n, True, FRAME_TOKENS, VIDEO_START,
+                                 VIDEO_TOKENS, qk_scale, softmax_scale, FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False,
+                                 False, FUSED, REDUCE)  # fmt: skip
+        else:
+            dk, dv = _dkdv_steps(dk, dv, k, v, key_ok, mask_keys, first, full, Q, DO, DQ, Q_DESC, DO_DESC, DQ_DESC,
+                                 LSE, DELTA, base, stats, batch, head, stride_n, False, FRAME_TOKENS, VIDEO_START,
+                                 VIDEO_TOKENS, qk_scale, softmax_scale, FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA,
+                                 False, FUSED, REDUCE)  # fmt: skip
+        dk, dv = _dkdv_steps(dk, dv, k, v, key_ok, mask_keys, full, last, Q, DO, DQ, Q_DESC, DO_DESC, DQ_DESC,
+                             LSE, DELTA, base, stats, batch, head, stride_n, token_major, FRAME_TOKENS, VIDEO_START,
+                             VIDEO_TOKENS, qk_scale, softmax_scale, FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR,
+                             False, True, FUSED, REDUCE)  # fmt: skip
+    out_ok = (offs_n < N)[:, None]  # rows of keys past KV_LEN are zeroed by the launcher
     dk = dk * softmax_scale  # (a tl.where here costs register spills in the loop on sm90)
     tl.store(DK + base + rows_n[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
     tl.store(DV + base + rows_n[:, None] * stride_n + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_ok)
@@ -254,8 +245,7 @@ def block_sparse_attention_bwd_dq(
     FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per step
-    HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr,
-    EVEN: tl.constexpr, TMA: tl.constexpr,
+    HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_Q_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
@@ -273,18 +263,16 @@ def block_sparse_attention_bwd_dq(
     for r in range(0, NUM_RANGES):
         first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
         last = tl.minimum(tl.load(ENDS + ranges + r) * TABLE_BLOCK, KV_LEN)
-        if EVEN:  # whole steps unmasked, one loop per kind of head; then the ragged step
-            full = first + tl.maximum(last - first, 0) // BLOCK_N * BLOCK_N
-            if token_major:
-                dq = _dq_steps(dq, q, do, lse, delta, first, full, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
-                               True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                               FRAMES, BLOCK_N, HEAD_DIM, IEEE, True, False, False)  # fmt: skip
-            else:
-                dq = _dq_steps(dq, q, do, lse, delta, first, full, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
-                               False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                               FRAMES, BLOCK_N, HEAD_DIM, IEEE, False, TMA, False)  # fmt: skip
-            first = full
-        dq = _dq_steps(dq, q, do, lse, delta, first, last, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
+        full = first + tl.maximum(last - first, 0) // BLOCK_N * BLOCK_N  # whole steps unmasked, one loop per
+        if token_major:  # kind of head; then the ragged step
+            dq = _dq_steps(dq, q, do, lse, delta, first, full, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
+                           True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                           FRAMES, BLOCK_N, HEAD_DIM, IEEE, True, False, False)  # fmt: skip
+        else:
+            dq = _dq_steps(dq, q, do, lse, delta, first, full, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
+                           False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                           FRAMES, BLOCK_N, HEAD_DIM, IEEE, False, TMA, False)  # fmt: skip
+        dq = _dq_steps(dq, q, do, lse, delta, full, last, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
                        token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                        FRAMES, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True)  # fmt: skip
     dq = (dq * softmax_scale).to(DQ.dtype.element_ty)
@@ -324,10 +312,8 @@ def _tiles(block_size: int, head_dim: int, device: torch.device, override=None) 
     return big, small, big, small
 
 
-def _prologue(grad_out, out, lse, kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(delta, base-2 LSE), float32 ``[B, H, N]``: by torch, or by one Triton pass."""
-    if not kernel:
-        return (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous(), lse * LOG2E
+def _prologue(grad_out, out, lse) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta, base-2 LSE), float32 ``[B, H, N]``, by one Triton pass."""
     batch, n, heads, dim = out.shape
     delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
     rows, block = batch * n * heads, 64
@@ -363,10 +349,9 @@ def backward(
     kv_tile, q_step, q_tile, kv_step = _tiles(block, dim, device, backward_option("tiles"))
     warps = backward_option("warps") or ((8, 8) if dim > 64 else (4, 4))  # D=128: dK and dV, two 128 x 128 fp32 accumulators
     stages = backward_option("stages")
-    even, fused = bool(backward_option("even")), bool(backward_option("fused"))
-    tma = even and bool(backward_option("tma")) and _tma_ok(device)
+    tma, fused = bool(backward_option("tma")) and _tma_ok(device), bool(backward_option("fused"))
     layout = table.layout
-    delta, lse2 = _prologue(grad_out, out, lse.contiguous(), backward_option("delta") == "kernel")
+    delta, lse2 = _prologue(grad_out, out, lse.contiguous())
     order = option("schedule")
     num_q_tiles, num_k_tiles = num_blocks(n, q_tile), num_blocks(n, kv_tile)
     dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order),
@@ -379,17 +364,22 @@ def backward(
     launch = [{} if device.type == "cpu" else {"num_warps": w, "num_stages": s} for w, s in zip(warps, stages)]
     common = dict(
         FRAMES=layout.frames, TABLE_BLOCK=block, HEAD_DIM=dim, IEEE=q.dtype == torch.float32,
-        ANY_TOKEN_MAJOR=any_token_major, EVEN=even,
+        ANY_TOKEN_MAJOR=any_token_major,
     )  # fmt: skip
     sizes = (layout.frame_tokens, layout.video_start, layout.video_tokens, softmax_scale * LOG2E, softmax_scale)
     descriptors = _descriptors(q, grad_out, q_step) if tma else None
+    # TMA bulk reductions into dQ on the GPU (the interpreter has none: there the same kernel adds by atomics)
+    reduce = fused and descriptors is not None and device.type == "cuda"
+    dq_desc = (_descriptors(dq, dq, q_step) or (None,))[0] if reduce else None
     block_sparse_attention_bwd_dkdv[(heads * num_k_tiles, batch)](
-        q, k, v, grad_out, dk, dv, dq, *(descriptors or (delta, delta)), lse2, delta, q_starts, q_ends, dkdv_schedule, flags,
+        q, k, v, grad_out, dk, dv, dq, *(descriptors or (delta, delta)), dq_desc or delta, lse2, delta, q_starts,
+        q_ends, dkdv_schedule, flags,
         q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
         n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
-        BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=descriptors is not None, FUSED=fused, **common, **launch[0],
+        BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=descriptors is not None, FUSED=fused, REDUCE=dq_desc is not None,
+        **common, **launch[0],
     )  # fmt: skip
-    if even and not fused and layout.kv_len < n:  # the kernel left the rows of padded keys as they came
+    if layout.kv_len < n:  # the kernel left the rows of padded keys as they came
         dk[:, layout.kv_len :], dv[:, layout.kv_len :] = 0, 0
     if fused:
         return dq.to(q.dtype), dk, dv
