@@ -17,33 +17,6 @@ def sequence_rows(pos, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOK
 
 
 @triton.jit
-def rotate_pairs(x, COS, SIN, rows, inside, stride_c, offs_d, ok, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                 WAN_PAIRS: tl.constexpr, F64: tl.constexpr):  # fmt: skip
-    """``x`` [BLOCK, BLOCK_D] rotated by the rotary tables' rows ``rows`` where ``inside`` (else unchanged),
-    channel pairs split in registers; float32 math (float64 with ``F64``). ``BLOCK_D`` is the head dim.
-    ``WAN_PAIRS``: Wan's rule (cos of a pair's even channel, sin of its odd one); else diffusers'
-    ``apply_rotary_emb`` (each channel its own cos / sin)."""
-    cmask = ok & inside[:, None]
-    crow = tl.where(inside, rows, 0).to(tl.int64)[:, None] * stride_c
-    c = tl.load(COS + crow + offs_d[None, :], mask=cmask, other=1.0)
-    s = tl.load(SIN + crow + offs_d[None, :], mask=cmask, other=0.0)
-    if F64:
-        c, s, x = c.to(tl.float64), s.to(tl.float64), x.to(tl.float64)
-    else:
-        c, s, x = c.to(tl.float32), s.to(tl.float32), x.to(tl.float32)
-    xe, xo = tl.split(tl.reshape(x, [BLOCK, BLOCK_D // 2, 2]))
-    ce, co = tl.split(tl.reshape(c, [BLOCK, BLOCK_D // 2, 2]))
-    se, so = tl.split(tl.reshape(s, [BLOCK, BLOCK_D // 2, 2]))
-    if WAN_PAIRS:  # Wan: cos of the pair's even channel, sin of its odd one
-        ye = xe * ce - xo * so
-        yo = xo * ce + xe * so
-    else:  # diffusers apply_rotary_emb (use_real_unbind_dim=-1): each channel its own cos / sin
-        ye = xe * ce - xo * se
-        yo = xo * co + xe * so
-    return tl.reshape(tl.join(ye, yo), [BLOCK, BLOCK_D])
-
-
-@triton.jit
 def online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, MASKED: tl.constexpr, IEEE: tl.constexpr):
     """One key tile: q [BLOCK_M, D] against k [D, BLOCK_N] and v [BLOCK_N, D]; returns (m, l, acc).
 
@@ -120,7 +93,6 @@ def block_sparse_attention_fwd(
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
     qk_scale,  # softmax_scale * log2(e)
     LSE, stride_lb,  # with STORE_LSE: float32 [B, H, N] log-sum-exp by memory row (for the backward); else unused
-    Q_COS, Q_SIN, stride_qc, Q_ROT_START, Q_ROT_END,  # with ROTATE_Q: rotary tables [R, D] of sequence rows from Q_ROT_START
     FRAMES: tl.constexpr,  # a constant, so the token-major index arithmetic divides by a constant
     TABLE_BLOCK: tl.constexpr,  # block size of the table (tokens)
     BLOCK_M: tl.constexpr,  # query tile; divides TABLE_BLOCK
@@ -133,9 +105,6 @@ def block_sparse_attention_fwd(
     WARP_SPECIALIZE: tl.constexpr,  # the whole-tile loop warp-specialised (Triton's tl.range option)
     SELECT: tl.constexpr,  # STARTS / ENDS / TOKEN_MAJOR hold candidates, SELECTED picks one per (sample, head)
     HEAD_ORDER: tl.constexpr,  # q, k, v hold each head in its own order (token-major heads permuted); O frame-major
-    ROTATE_Q: tl.constexpr,  # q frame-major before its rotary: read through the order, rotated on load
-    Q_WAN_PAIRS: tl.constexpr,  # with ROTATE_Q: Wan's channel-pair rule (else diffusers' apply_rotary_emb)
-    Q_ROT_F64: tl.constexpr,  # with ROTATE_Q: float64 tables (the rotation computed in float64)
 ):  # fmt: skip
     item = tl.load(SCHEDULE + tl.program_id(0))
     head = item // NUM_Q_TILES
@@ -154,14 +123,9 @@ def block_sparse_attention_fwd(
     if ANY_TOKEN_MAJOR:
         token_major = tl.load(TOKEN_MAJOR + entry) != 0
         rows_m = sequence_rows(offs_m, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
-    load_m = offs_m if HEAD_ORDER and not ROTATE_Q else rows_m  # rows of q to read; the output goes to rows_m
+    load_m = offs_m if HEAD_ORDER else rows_m  # rows of q to read; the output goes to rows_m
     q_ptrs = Q + offset_b * stride_qb + head * stride_qh + load_m[:, None] * stride_qn + offs_d[None, :]
-    q_ok = offs_m[:, None] < N
-    q = tl.load(q_ptrs, mask=q_ok, other=0.0)  # [BLOCK_M, D]
-    if ROTATE_Q:  # rounded to the input dtype, as the model's rotary leaves it
-        inside = (rows_m >= Q_ROT_START) & (rows_m < Q_ROT_END)
-        q = rotate_pairs(q, Q_COS, Q_SIN, rows_m - Q_ROT_START, inside, stride_qc, offs_d, q_ok, BLOCK_M, HEAD_DIM,
-                         Q_WAN_PAIRS, Q_ROT_F64).to(Q.dtype.element_ty)  # fmt: skip
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < N, other=0.0)  # [BLOCK_M, D]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
