@@ -39,6 +39,7 @@
 #   svg-sweep2     SVG profile kernel variants x programs per SM, Wan-1.3B and Wan-14B (#16)       (~210)
 #   backward-variants  Triton backward variants, check + time, Wan-1.3B / HunyuanVideo (#18)       (~300)
 #   processor-sweep  fused pass options, kernel tiles, winners of the whole call, four shapes (#21)  (~240)
+#   processor-default  the processor call with #21's new defaults (no sweep), four shapes, FA4 + Triton (~130)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -143,8 +144,10 @@ for name in "$@"; do
         fused-tma-kv64 fused-tma prologue --target-ms 300 --budget-s 300 --out "$R" ;;
     processor-sweep) TAIL=60 step processor-sweep 260 python3 bench/processor_attention.py --sweep --shapes \
         wan1.3b-480p cogvideox1.5-768p wan14b-720p hunyuan-720p --densities 0.05 0.1 0.2 0.4 --kinds multi_diag mixed \
-        --backends triton --tile-variants rule 128x64x8x2 64x64x4x3 128x64x4x3 64x128x4x3 --target-ms 100 \
-        --budget-s 210 --out "$R" ;;
+        --backends triton --target-ms 100 --budget-s 210 --out "$R" ;;
+    processor-default) TAIL=70 step processor-default 150 python3 bench/processor_attention.py --shapes wan1.3b-480p \
+        hunyuan-720p wan14b-720p cogvideox1.5-768p --densities 0.05 0.1 0.2 0.4 --kinds multi_diag mixed \
+        --backends fa4 triton --target-ms 60 --budget-s 120 --out "$R/processor-default" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done
