@@ -81,8 +81,24 @@ def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: boo
         q, k, v, table.kv_num_blocks, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
         ranges=(table.range_starts, table.range_ends), token_major=_token_major_flags(table),
         layout=(layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens),
-        tiles=tiles, schedule=schedule, return_lse=return_lse, head_order=head_order,
+        tiles=tiles, schedule=schedule, return_lse=return_lse, head_order=head_order, visited=_visited(table),
     )  # fmt: skip
+
+
+def block_list_on(table) -> bool:
+    """Whether ``launcher.option("block_list")`` puts ``table`` in the kernel's block-list mode: True,
+    False, or a number R: its mean non-empty key ranges per (head, query block) above R (kept with the table)."""
+    choice = launcher.option("block_list")
+    if isinstance(choice, bool) or choice is None:
+        return bool(choice)
+    runs = table.form("triton.ranges_per_row",
+                      lambda t: float((t.range_ends > t.range_starts).sum(-1).double().mean()))  # fmt: skip
+    return runs > float(choice)
+
+
+def _visited(table) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The kernel's block lists of ``table`` (counts, ascending indices) where :func:`block_list_on`, else None."""
+    return (table.kv_num_blocks, table.kv_indices) if block_list_on(table) else None
 
 
 def _token_major_flags(table) -> torch.Tensor | None:
@@ -115,9 +131,9 @@ def run_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, candidates, 
         q, k, v, counts, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
         ranges=(candidates.range_starts, candidates.range_ends), token_major=token_major,
         layout=(layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens),
-        tiles=tiles, schedule=schedule, selected=selected,
+        tiles=tiles, schedule=schedule, selected=selected, visited=_visited(candidates),
     )  # fmt: skip
 
 
-__all__ = ["BACKEND", "SELECT_ON_DEVICE", "forward", "is_available", "run", "run_backward", "run_selected",
+__all__ = ["BACKEND", "SELECT_ON_DEVICE", "block_list_on", "forward", "is_available", "run", "run_backward", "run_selected",
            "run_with_lse"]

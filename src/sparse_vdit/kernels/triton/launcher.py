@@ -20,10 +20,15 @@ LOG2E = 1.4426950408889634
 # ``tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of the rule of ``_tiles``, or a dict
 # {density bucket (``tuning.DENSITY_BUCKETS``) or (head dim, density bucket): tiles} read per table by
 # ``backend`` (None, or a bucket not listed: the rule).
-OPTIONS: dict[str, bool | str | tuple | dict | None] = {"tma": None, "warp_specialize": None, "schedule": None,
-                                                        "tiles": None}  # fmt: skip
-DEFAULTS: dict[str, bool | str | tuple | dict | None] = {"tma": True, "warp_specialize": False, "schedule": "levels",
-                                                         "tiles": None}  # fmt: skip
+# ``block_list``: the kernel walks each query tile's visited key blocks as one list in one loop over key
+# tiles (the pipeliner prefetches across what were range boundaries) instead of range by range: True,
+# False, or a number R: for tables whose mean non-empty ranges per (head, query block) pass R (scattered
+# tables, e.g. online top-k's). Off until measured (issue 22).
+OPTIONS: dict[str, bool | float | str | tuple | dict | None] = {"tma": None, "warp_specialize": None, "schedule": None,
+                                                                "tiles": None, "block_list": None}  # fmt: skip
+DEFAULTS: dict[str, bool | float | str | tuple | dict | None] = {"tma": True, "warp_specialize": False,
+                                                                 "schedule": "levels", "tiles": None,
+                                                                 "block_list": False}  # fmt: skip
 
 
 def option(name: str):
@@ -166,6 +171,7 @@ def forward(
     schedule: torch.Tensor | None = None,
     selected: torch.Tensor | None = None,
     head_order: bool = False,
+    visited: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention on ``[B, N, H, D]`` tensors with one Triton launch for all heads.
 
@@ -188,6 +194,10 @@ def forward(
     ``head_order``: q, k, v already hold each head in its own order (token-major heads permuted, as
     :func:`sparse_vdit.kernels.head_order.to_head_order` writes them): every head's key tiles are
     contiguous (TMA for all), and the output rows are still stored frame-major (no inverse copy).
+
+    ``visited`` (counts int32 [H, Qb], ascending key-block lists int32 [H, Qb, W]; [M, ...] with
+    ``selected``; the table's ``kv_num_blocks`` / ``kv_indices``): the kernel walks these lists in one
+    loop over key tiles instead of the ranges (block-list mode, for scattered tables).
     """
     from .kernel import block_sparse_attention_fwd
 
@@ -213,6 +223,13 @@ def forward(
         raise ValueError(f"selected must be int32 [{batch}, {heads}] on {q.device}, got {selected.dtype} "
                          f"{tuple(selected.shape)} on {selected.device}")  # fmt: skip
     selected = selected.contiguous() if select else starts
+    block_list = visited is not None
+    counts, blocks = (t.contiguous() for t in visited) if block_list else (starts, starts)  # any pointers when unused
+    if block_list and (counts.dtype != torch.int32 or blocks.dtype != torch.int32 or blocks.shape[:2] != counts.shape
+                       or counts.shape[1] != starts.shape[1]):  # fmt: skip
+        raise ValueError(f"visited must be int32 counts [rows, {starts.shape[1]}] and lists [rows, "
+                         f"{starts.shape[1]}, W], got {tuple(counts.shape)} {counts.dtype}, "
+                         f"{tuple(blocks.shape)} {blocks.dtype}")  # fmt: skip
     extra = {} if q.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
     block_sparse_attention_fwd[(heads * num_q_tiles, batch)](
         q, k, v, out, *descriptors, starts, ends, schedule, flags, selected,
@@ -223,11 +240,13 @@ def forward(
         starts.stride(0), starts.stride(1), selected.stride(0) if select else 0,
         n, kv_len, num_q_tiles, starts.shape[2], *layout[1:],
         softmax_scale * LOG2E,
-        LSE=lse if return_lse else out, stride_lb=heads * n, STORE_LSE=return_lse,
+        LSE=lse if return_lse else out, stride_lb=heads * n,
+        COUNTS=counts, BLOCKS=blocks, stride_ch=counts.stride(0), stride_bh=blocks.stride(0),
+        stride_bm=blocks.stride(1), STORE_LSE=return_lse,
         FRAMES=layout[0], TABLE_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
         IEEE=q.dtype == torch.float32, ANY_TOKEN_MAJOR=any_token_major,
         TMA=tma, WARP_SPECIALIZE=bool(option("warp_specialize")), SELECT=select,
-        HEAD_ORDER=head_order and any_token_major,
+        HEAD_ORDER=head_order and any_token_major, BLOCK_LIST=block_list,
         **extra,
     )  # fmt: skip
     return (out, lse) if return_lse else out
