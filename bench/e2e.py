@@ -42,7 +42,9 @@ Variants, each in each mode (``eager``; ``compiled`` = every transformer block c
   blocks (``TopP(key_group=G)``: kept blocks in runs, fewer ranges for the kernel; its own
   fidelity row); ``top-k-NN-everyK`` (``--online-every``, default 2): tables reused for K steps,
   each timed unit K forwards at successive timesteps (the first selects, the rest reuse), reported
-  per forward: the steady-state cost of ``every=K``. Their ``profile`` column is the selection's
+  per forward: the steady-state cost of ``every=K``; ``top-k-NN-list`` (``--online-block-list``): the
+  top-k with the Triton kernel's block-list mode on (``launcher.OPTIONS["block_list"] = True``: one
+  loop over each query tile's listed key blocks, not one per range). Their ``profile`` column is the selection's
   own time as a share of the attention time.
 
 Reported: forward latency (median of ``--repeats`` after one warm-up, CUDA events), attention
@@ -257,6 +259,7 @@ def run_mode(run: Mode, model, inputs, plans: dict, layout: VideoLayout) -> None
 
 def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
     """Online rows: top-k selection at each ``--online-densities``, and the hybrid on a plan of that density."""
+    from sparse_vdit.kernels.triton import launcher as triton_launcher
     from sparse_vdit.methods.online import Hybrid, TopP
     from sparse_vdit.patterns import dense
 
@@ -290,7 +293,8 @@ def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
             grouped = tuple(f"top-k-{tag}-g{g}" for g in run.args.online_key_groups)
             every = run.args.online_every
             reused = (f"top-k-{tag}-every{every}",) if every > 1 else ()
-            for variant in (f"top-k-{tag}", *grouped, *reused, *clustered, f"hybrid-{tag}"):
+            listed = (f"top-k-{tag}-list",) if run.args.online_block_list else ()
+            for variant in (f"top-k-{tag}", *listed, *grouped, *reused, *clustered, f"hybrid-{tag}"):
                 if not run.fits():
                     return
                 iters = run.args.online_cluster_iters if variant.endswith("clustered") else 0
@@ -310,9 +314,14 @@ def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
                 # every-k rows: one timed unit is k successive steps (a new generation each unit:
                 # the first step selects, the others reuse its tables), numbers per forward
                 steps = successive_steps(inputs, every) if variant in reused else inputs
-                result = measure(model, steps, run.args.repeats, attention_seconds, profile_seconds)
+                saved = triton_launcher.OPTIONS["block_list"]
+                triton_launcher.OPTIONS["block_list"] = True if variant in listed else saved
+                try:
+                    result = measure(model, steps, run.args.repeats, attention_seconds, profile_seconds)
+                finally:
+                    triton_launcher.OPTIONS["block_list"] = saved
                 result.update(target_density=density, online_calls=online.calls, online_reused=online.reused,
-                              key_group=group, every=online.reuse.every)  # fmt: skip
+                              key_group=group, every=online.reuse.every, block_list=variant in listed)  # fmt: skip
                 run.record(variant, result, float(torch.stack(densities).mean()) if densities else 1.0)
                 state.observers.clear()
                 sparse_vdit.clear_caches()
@@ -456,6 +465,8 @@ def parse_args(argv=None):
                    help="top-k-NN-gG rows: the rule on aligned groups of G key blocks (comma-separated; '' for none)")
     p.add_argument("--online-every", type=int, default=2,
                    help="top-k-NN-everyK row: tables reused for K successive steps, timed over K forwards (<= 1: none)")
+    p.add_argument("--online-block-list", action="store_true",
+                   help="a top-k-NN-list row: the top-k with the Triton kernel's block-list mode on")
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant, after one warm-up")
     p.add_argument("--backend", default="auto", help="sparse backend of our integration")
     p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)

@@ -40,6 +40,11 @@
 #   backward-variants  Triton backward: defaults vs fused-tma-reduce, check + time, Wan / Hunyuan (#18) (~120)
 #   locality       where the fidelity organism's attention mass goes, per step / layer (#15)         (~60)
 #   processor-sweep  fused pass options, kernel tiles, winners of the whole call, four shapes (#21)  (~240)
+#   processor-default  the processor call with #21's new defaults (no sweep), four shapes, FA4 + Triton (~130)
+#   online-list    online-cost2 plus the Triton kernel's block-list mode beside the ranges (sparse list,
+#                  list vs plan), Wan-1.3B 480p and Wan-14B 720p, 25% (#22)                       (~200)
+#   e2e-online-list  Wan-1.3B compiled: plan vs top-k in the range mode vs top-k in the block-list mode,
+#                  hybrid, 25%, Triton (#22)                                                      (~150)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -144,8 +149,15 @@ for name in "$@"; do
         --budget-s 170 --out "$R" ;;
     processor-sweep) TAIL=60 step processor-sweep 260 python3 bench/processor_attention.py --sweep --shapes \
         wan1.3b-480p cogvideox1.5-768p wan14b-720p hunyuan-720p --densities 0.05 0.1 0.2 0.4 --kinds multi_diag mixed \
-        --backends triton --tile-variants rule 128x64x8x2 64x64x4x3 128x64x4x3 64x128x4x3 --target-ms 100 \
-        --budget-s 210 --out "$R" ;;
+        --backends triton --target-ms 100 --budget-s 210 --out "$R" ;;
+    processor-default) TAIL=70 step processor-default 150 python3 bench/processor_attention.py --shapes wan1.3b-480p \
+        hunyuan-720p wan14b-720p cogvideox1.5-768p --densities 0.05 0.1 0.2 0.4 --kinds multi_diag mixed \
+        --backends fa4 triton --target-ms 60 --budget-s 120 --out "$R/processor-default" ;;
+    online-list) TAIL=30 step online-list 480 python3 bench/online_cost.py --shapes wan1.3b-480p wan14b-720p \
+        --backends triton --densities 0.25 --cluster-iters 0 --block-list --out "$R/online-list.json" ;;
+    e2e-online-list) step e2e-online-list 300 python3 bench/e2e.py --models wan-1.3b --modes compiled --densities 0.25 \
+        --svg-densities "" --online-densities 0.25 --online-cluster-iters 0 --online-key-groups "" --online-every 1 \
+        --online-block-list --repeats 3 --backend triton --budget-s 270 --out "$R/e2e_online_list.json" ;;
     locality) TAIL=22 step locality 100 python3 bench/locality.py --model fidelity --device cuda --captions 2 \
         --steps 20 --record 2 6 10 14 18 --out "$R/locality.json" ;;
     *) echo "unknown step $name" >&2 ;;

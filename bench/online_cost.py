@@ -5,6 +5,8 @@
     python bench/online_cost.py --dry-run                # tiny shape on the CPU (checks the script)
     python bench/online_cost.py --shapes wan1.3b-480p wan14b-720p --backends triton --cluster-iters 0
                                                          # issue 22's speed check, one GPU call (~2-3 min)
+    python bench/online_cost.py --shapes wan1.3b-480p wan14b-720p --backends triton --cluster-iters 0 --block-list
+                                                         # and the Triton kernel's block-list mode beside the ranges
 
 Per shape, backend and density (``d``), on random bf16 inputs rotated between calls (CUDA events,
 median; ``bench/common.time_fn``):
@@ -26,6 +28,11 @@ median; ``bench/common.time_fn``):
   ranges per (head, query block) of each table (the Triton kernel's loop count);
   ``fresh_ms``: selection and attention together with a new table every call (what a layer call
   costs: the backend's per-table work, e.g. its work order or FA4's index tensors, included);
+- ``--block-list`` (Triton): ``sparse_list_ms``, ``sparse_grouped_list_ms``, ``plan_list_ms``: the same
+  calls in the kernel's block-list mode (``launcher.OPTIONS["block_list"] = True``: one loop over each
+  query tile's listed key blocks instead of a loop per range); ``list_vs_plan`` = ``sparse_list_ms /
+  plan_ms`` (against the plan's tables in the default range mode), ``list_vs_ranges`` = ``sparse_list_ms /
+  sparse_ms``, ``plan_list_vs_ranges`` = ``plan_list_ms / plan_ms``;
 - ``static_ms``: the same backend on a frame-major band table of about the same density (an
   offline plan's table; equal-density speed of the online table against a plan's);
 - ``cluster_ms`` (``--cluster-iters``, default 2; 0: none): the clustered selection (k-means of
@@ -58,6 +65,7 @@ from common import BLOCK, SHAPES, Shape, environment, merge_results, results_pat
 import sparse_vdit  # noqa: E402
 from sparse_vdit import VideoLayout, compile_layer  # noqa: E402
 from sparse_vdit.kernels import dense as dense_kernels  # noqa: E402
+from sparse_vdit.kernels.triton import launcher as triton_launcher  # noqa: E402
 from sparse_vdit.block_table import BlockTable, MaskHead, num_blocks  # noqa: E402
 from sparse_vdit.methods import online as online_methods  # noqa: E402
 from sparse_vdit.methods.online import TopP, merge_heads, online_table  # noqa: E402
@@ -218,6 +226,10 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
     timed = (("dense_ms", dense), ("select_old_ms", select_old), ("select_eager_ms", select_eager),
              ("select_ms", select), ("select_grouped_ms", select_grouped), ("select_topp_ms", select_topp),
              ("sparse_ms", sparse), ("sparse_grouped_ms", sparse_grouped), ("plan_ms", plan_attention))
+    if args.block_list:
+        timed += (("sparse_list_ms", in_block_list_mode(sparse)),
+                  ("sparse_grouped_list_ms", in_block_list_mode(sparse_grouped)),
+                  ("plan_list_ms", in_block_list_mode(plan_attention)))  # fmt: skip
     for name, fn in (*timed,
                      ("fresh_ms", fresh), ("hybrid_ms", hybrid), ("static_ms", band_attention if band else None),
                      ("cluster_ms", cluster if made else None),
@@ -238,10 +250,29 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
     row["host_syncs_select_grouped"] = sync_free(lambda: select_grouped(*sets[0]), device)
     row["attention_vs_plan"] = row["sparse_ms"] / row["plan_ms"]
     row["attention_grouped_vs_plan"] = row["sparse_grouped_ms"] / row["plan_ms"]
+    if args.block_list:
+        row["list_vs_plan"] = row["sparse_list_ms"] / row["plan_ms"]
+        row["list_grouped_vs_plan"] = row["sparse_grouped_list_ms"] / row["plan_ms"]
+        row["list_vs_ranges"] = row["sparse_list_ms"] / row["sparse_ms"]
+        row["plan_list_vs_ranges"] = row["plan_list_ms"] / row["plan_ms"]
     q, k, v = sets[1 % len(sets)]
     row["host_syncs_fresh_attention"] = sync_free(lambda: fresh(q, k, v), device)
     del sets, tables, made, grouped, layers
     return row
+
+
+def in_block_list_mode(fn):
+    """``fn`` run with the Triton kernel's block-list mode on (``launcher.OPTIONS["block_list"]``)."""
+
+    def call(*args):
+        saved = triton_launcher.OPTIONS["block_list"]
+        triton_launcher.OPTIONS["block_list"] = True
+        try:
+            return fn(*args)
+        finally:
+            triton_launcher.OPTIONS["block_list"] = saved
+
+    return call
 
 
 def same_blocks(a: BlockTable, b: BlockTable) -> bool:
@@ -255,10 +286,17 @@ def same_blocks(a: BlockTable, b: BlockTable) -> bool:
 def table(rows: list) -> str:
     head = (f"{'shape':<14} {'backend':<9} {'dens':>5} {'dense ms':>9} {'sel old':>8} {'sel eag':>8} {'select':>8} "
             f"{'sel g':>7} {'sparse':>8} {'sparse g':>8} {'plan':>8} {'runs':>5} {'runs g':>6} {'runs pl':>7} "
-            f"{'fresh':>8} {'hybrid':>8} {'cost/saved':>10} {'fresh/saved':>11}  syncs")  # fmt: skip
+            f"{'fresh':>8} {'hybrid':>8} {'cost/saved':>10} {'fresh/saved':>11}")  # fmt: skip
+    listed = any("sparse_list_ms" in r for r in rows)  # --block-list
+    if listed:
+        head += f" {'sparse list':>11} {'list vs plan':>12} {'list g vs plan':>14} {'plan list/ranges':>16}"
+    head += "  syncs"
     lines = [head, "-" * len(head)]
     nan = float("nan")
     for r in rows:
+        listing = (f" {r.get('sparse_list_ms', nan):>11.2f} {r.get('list_vs_plan', nan):>12.3f} "
+                   f"{r.get('list_grouped_vs_plan', nan):>14.3f} {r.get('plan_list_vs_ranges', nan):>16.3f}"
+                   if listed else "")  # fmt: skip
         share = "" if r.get("cost_share") is None else f"{r['cost_share']:.1%}"
         fresh = "" if r.get("fresh_share") is None else f"{r['fresh_share']:.1%}"
         lines.append(f"{r['shape']:<14} {r['backend']:<9} {r['density']:>5.1%} {r['dense_ms']:>9.2f} "
@@ -266,7 +304,7 @@ def table(rows: list) -> str:
                      f"{r.get('select_grouped_ms', nan):>7.3f} {r['sparse_ms']:>8.2f} {r.get('sparse_grouped_ms', nan):>8.2f} "
                      f"{r.get('plan_ms', nan):>8.2f} {r.get('runs_per_row', nan):>5.1f} "
                      f"{r.get('runs_per_row_grouped', nan):>6.1f} {r.get('runs_per_row_plan', nan):>7.1f} "
-                     f"{r['fresh_ms']:>8.2f} {r['hybrid_ms']:>8.2f} {share:>10} {fresh:>11}  "
+                     f"{r['fresh_ms']:>8.2f} {r['hybrid_ms']:>8.2f} {share:>10} {fresh:>11}{listing}  "
                      f"{r['host_syncs_select']} / {r.get('host_syncs_select_grouped', '')} / "
                      f"{r['host_syncs_fresh_attention']}")  # fmt: skip
     return "\n".join(lines)
@@ -285,6 +323,8 @@ def parse_args(argv=None):
     p.add_argument("--sets", type=int, default=3, help="input sets rotated between calls")
     p.add_argument("--target-ms", type=float, default=300.0, help="timed milliseconds per measurement")
     p.add_argument("--block-size", type=int, default=BLOCK)
+    p.add_argument("--block-list", action="store_true",
+                   help="also time the sparse calls in the Triton kernel's block-list mode (columns sparse list, list vs plan)")
     p.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/online-cost.json)")
     p.add_argument("--dry-run", action="store_true", help="a tiny shape on the CPU (fp32, reference backend)")
     args = p.parse_args(argv)

@@ -23,15 +23,16 @@ inverse permutation of the output. Paths per backend:
   checked against the default options on the same tables (and float32 against float64);
 - ``kernel``: the attention kernel alone on head-ordered inputs with each tile choice of
   :data:`TILE_VARIANTS` (``launcher.OPTIONS["tiles"]``), block efficiency against dense cuDNN
-  without rotary, checked against the launcher's rule;
+  without rotary, checked against the launcher's own choice (``default``);
 - ``tuned`` / ``tuned-f32`` whole calls: the fastest pass options of the shape (native / float32
-  tables) with the fastest tiles of the row; ``tuned-qk`` / ``tuned-qk-f32`` the same with q left
-  out of the pass, rotated and reordered by the kernel on load (``attention_in_head_order(...,
-  q_in_kernel=True)``); the bar also takes the dense call with the tuned pass.
+  tables) with the fastest tiles of the row; the bar also takes the dense call with the tuned pass.
 
+Without ``--sweep``, ``fused-permuted`` runs the defaults (the winners of issue 21's H200 sweep).
 Variants measured on an H200 and removed (issue 21, BENCHMARKS.md): Triton key ranges of in-place
-token-major heads read frame by frame (``old-frames``), and a rotary-only fused pass with the rows
-read through the order (``fused-in-place``, ``fused-in-place-frames``).
+token-major heads read frame by frame (``old-frames``), a rotary-only fused pass with the rows
+read through the order (``fused-in-place``, ``fused-in-place-frames``), q rotated and reordered by
+the kernel on load (``tuned-qk``, ``tuned-qk-f32``), and the pass options and tiles named in
+``processor_sweep.py``.
 
 The bar is the same call without sparsity: rotary + dense cuDNN SDPA (the faster of the torch
 rotary and the fused rotary pass). Block efficiency = density x t_dense_call / t_sparse_call.
@@ -46,7 +47,6 @@ a check of the script, not a measurement.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -249,11 +249,11 @@ def main(argv=None) -> dict:
                             continue  # float32 tables already: the same as the path without -f32
                         calls.append((label, path_fn(backend, label, table, rotary), {}))
                     if backend == "triton":
-                        for (tables_label, name), qk in itertools.product(tuned_pass.items(), (False, True)):
-                            label = "tuned" + ("-qk" if qk else "") + ("-f32" if tables_label == "f32" else "")
+                        for tables_label, name in tuned_pass.items():
+                            label = "tuned" + ("-f32" if tables_label == "f32" else "")
                             tables = in_float32(rotary) if tables_label == "f32" else rotary
-                            calls.append((label, tuned_fn(table, tables, name, tiles, shape.dim, qk),
-                                          {"pass_variant": name, "tile_variant": tiles or "rule"}))  # fmt: skip
+                            calls.append((label, tuned_fn(table, tables, name, tiles, shape.dim),
+                                          {"pass_variant": name, "tile_variant": tiles or "default"}))  # fmt: skip
                     for label, fn, extra in calls:
                         row = dict(part="call", shape=shape.name, kind=kind, target=target, density=table.density,
                                    backend=f"{backend}/{label}", path=label, **extra)  # fmt: skip

@@ -19,21 +19,16 @@ from sparse_vdit.kernels.triton import backend as triton_backend
 from sparse_vdit.kernels.triton import launcher
 from sparse_vdit.kernels.triton import rotary as rotary_kernel
 
-# rotary.OPTIONS of the fused pass; "default" is rotary.DEFAULTS (64 tokens a program, 4 warps,
-# token tiles first, each channel's partner loaded a second time)
-PASS_VARIANTS = {
-    "default": {},
-    "split": {"split_pairs": True},
-    "b16-hf": {"block": 16, "heads_fastest": True},
-    "b16-hf-split": {"block": 16, "heads_fastest": True, "split_pairs": True},
-    "b32-hf-split": {"block": 32, "heads_fastest": True, "split_pairs": True},
-    "b64-w8-hf-split": {"block": 64, "warps": 8, "heads_fastest": True, "split_pairs": True},
-}
-# head dim -> name -> launcher.OPTIONS["tiles"] (BLOCK_M, BLOCK_N, warps, stages); "rule": launcher._tiles.
-# Two programs per SM fit with 128x64x8x2 / 64x64x4x* (D=128): fixed costs of one overlap the other's loop.
+# rotary.OPTIONS of the fused pass; "default" is rotary.DEFAULTS (16 tokens a program, 4 warps). Removed
+# after issue 21's H200 sweep, where they lost everywhere: the tile-first grid and the second load of
+# each channel's partner (BENCHMARKS.md). Kept: the block sizes that came within 5% (float32 Wan tables).
+PASS_VARIANTS = {"default": {}, "b32": {"block": 32}, "b64-w8": {"block": 64, "warps": 8}}
+# head dim -> name -> launcher.OPTIONS["tiles"] (BLOCK_M, BLOCK_N, warps, stages); "default": the
+# launcher's choice (its rule, or SMALL_LAUNCH_TILES for small launches at low density). Removed after
+# the sweep (lost on every row): 128x64x8x2 (D=128), 128x64x4x3 and 64x128x4x3 (D=64).
 TILE_VARIANTS = {
-    128: {"rule": None, "128x64x8x2": (128, 64, 8, 2), "64x64x4x3": (64, 64, 4, 3), "64x64x4x2": (64, 64, 4, 2)},
-    64: {"rule": None, "128x64x4x3": (128, 64, 4, 3), "64x128x4x3": (64, 128, 4, 3), "64x64x4x3": (64, 64, 4, 3)},
+    128: {"default": None, "128x64x8x3": (128, 64, 8, 3), "64x64x4x3": (64, 64, 4, 3)},
+    64: {"default": None},
 }
 
 
@@ -137,15 +132,14 @@ def tile_sweep(shape, kind, target, table, sets, args, cudnn_ms: float, rows: li
     return None if best is None else best[0]
 
 
-def tuned_fn(table, tables, pass_name: str, tile_name: str | None, dim: int, q_in_kernel: bool = False):
-    """``fn(q, k, v)``: the fused Triton call with the pass options ``pass_name`` and the tiles
-    ``tile_name``; ``q_in_kernel``: q rotated and reordered by the kernel on load, the pass moving k and v only."""
+def tuned_fn(table, tables, pass_name: str, tile_name: str | None, dim: int):
+    """``fn(q, k, v)``: the fused Triton call with the pass options ``pass_name`` and the tiles ``tile_name``."""
     options = PASS_VARIANTS[pass_name]
     tiles = TILE_VARIANTS.get(dim, {}).get(tile_name)
 
     def run(q, k, v):
         with variant(options, tiles):
-            return attention_in_head_order(q, k, v, table, backend="triton", rotary=tables, q_in_kernel=q_in_kernel)
+            return attention_in_head_order(q, k, v, table, backend="triton", rotary=tables)
 
     return run
 
@@ -170,7 +164,7 @@ def print_sweep(result: dict) -> None:
         return
     paths = list(dict.fromkeys(r["path"] for r in calls))
     print("\nwinners: whole processor call, block efficiency (tuned: the shape's fastest pass options + the row's "
-          "fastest tiles; -qk: q rotated and reordered in the kernel; -f32: float64 tables cast to float32)")
+          "fastest tiles; -f32: float64 tables cast to float32)")
     width = max(len(p) for p in paths) + 1
     print(f"  {'shape':18s} {'kind':10s} {'target':>6s} " + " ".join(f"{p:>{width}s}" for p in paths) + "  pass / tiles")
     for key in dict.fromkeys((r["shape"], r["kind"], r["target"]) for r in calls):

@@ -23,3 +23,16 @@ def test_dry_run_writes_a_row_per_backend_and_density(tmp_path, load_script):
         assert 0.15 < r["plan_density"] < 0.6 and r["attention_vs_plan"] > 0
         assert r["host_syncs_select"] == "n/a (CPU)" and 0 < r["density_topp"] <= r["density"]
         assert r["cluster_density"] == pytest.approx(r["density_target"])  # no forced diagonal: exactly the budget
+
+
+def test_dry_run_times_the_block_list_mode_beside_the_ranges(tmp_path, load_script, capsys):
+    module = load_script("online_cost")
+    out = tmp_path / "online-cost.json"
+    assert module.main(["--dry-run", "--block-list", "--cluster-iters", "0", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    for key in ("sparse_list_ms", "sparse_grouped_list_ms", "plan_list_ms"):
+        assert row[key] > 0
+    assert row["list_vs_plan"] == pytest.approx(row["sparse_list_ms"] / row["plan_ms"])
+    assert row["list_vs_ranges"] == pytest.approx(row["sparse_list_ms"] / row["sparse_ms"])
+    assert "list vs plan" in capsys.readouterr().out
+    assert module.triton_launcher.OPTIONS["block_list"] is None  # the option is restored after each call

@@ -8,9 +8,9 @@ the unpatched model's, bitwise, since a dense plan must change nothing. The conf
 the families' own (``diffusers_model_configs.py``; head sizes our kernels refuse are raised to 16).
 TorchCompileTesterMixin's checks are in ``test_diffusers_model_suite_compile.py``. Not mirrored:
 what needs the Hub, several accelerators, quantisation or offloading, and mixed-precision training
-(diffusers skips it on the CPU). Low precision runs in float16: in bfloat16, HunyuanVideo's fused
-rotary (its default; the Triton interpreter on the CPU) is not bitwise the model's own rotary
-(2e-3 relative at the output, measured on the CPU; ``state.fuse_rotary = False`` is bitwise).
+(diffusers skips it on the CPU). Low precision runs in float16: in bfloat16, the fused rotary (the
+default; the Triton interpreter on the CPU) is not bitwise the model's own rotary (HunyuanVideo: 2e-3
+relative at the output, measured on the CPU; ``state.fuse_rotary = False`` is bitwise).
 """
 
 from __future__ import annotations

@@ -108,19 +108,18 @@ def test_wan_rotary_in_float32_matches_models_float64_rotary(case, dtype, poison
         assert rel_rms(fused, head_order.reference_head_order(x.double(), table, rotary)) <= 2 * torch.finfo(dtype).eps
 
 
-ROTARY_OPTION_SETS = {  # rotary.OPTIONS the bench sweeps (the defaults are covered above)
-    "block16-heads-fastest": {"block": 16, "heads_fastest": True},
-    "split-pairs": {"split_pairs": True},
-    "block32-heads-fastest-split": {"block": 32, "heads_fastest": True, "split_pairs": True},
+ROTARY_OPTION_SETS = {  # rotary.OPTIONS the bench sweeps besides the defaults (covered above)
+    "block32": {"block": 32},
+    "block64-warps8": {"block": 64, "warps": 8},
 }
 
 
 @pytest.mark.parametrize("options", ROTARY_OPTION_SETS)
 @pytest.mark.parametrize("pairs", head_order.PAIRS)
 def test_rotary_pass_options_match_reference(options, pairs, poisoned, monkeypatch):
-    """Each launch option of the fused pass (tokens per program, head-fastest grid, channel pairs
-    split in registers) writes the same rotated, reordered q / k / v, and its inverse is exact;
-    tables with a different value on each channel, so a pair rule mixed up shows."""
+    """Each launch option set of the fused pass (tokens per program, warps) writes the same rotated,
+    reordered q / k / v, and its inverse is exact; tables with a different value on each channel, so
+    a pair rule mixed up shows."""
     monkeypatch.setattr(rotary_kernel, "OPTIONS", dict(rotary_kernel.OPTIONS, **ROTARY_OPTION_SETS[options]))
     dtype = DTYPES[0]
     layout, table, (q, k, v) = _inputs("suffix-padded-odd-frames", dtype, seed=8)
@@ -159,11 +158,12 @@ def test_rotate_only_keeps_order(case, poisoned):
     assert rel_rms(rk, apply_rotary(k.double(), rotary)) <= 2 * torch.finfo(q.dtype).eps
 
 
-@pytest.mark.parametrize("q_in_kernel, pairs", [(False, "wan"), (True, "wan"), (True, "interleaved")],
-                         ids=["q-in-pass", "q-in-kernel-wan", "q-in-kernel-interleaved"])  # fmt: skip
+@pytest.mark.parametrize("pairs", head_order.PAIRS)
 @pytest.mark.parametrize("case", CASES)
-def test_attention_in_head_order_matches_float64_reference(case, q_in_kernel, pairs, monkeypatch):
-    """``q_in_kernel``: the pass leaves q alone, the kernel reads it through the order and rotates it on load."""
+def test_attention_in_head_order_matches_float64_reference(case, pairs, monkeypatch):
+    """The default path: the fused pass (the family's tables: Wan float64, else float32), then the
+    kernel on head-ordered inputs storing its rows frame-major; against float64 attention of the
+    reference rotary, output buffers poisoned."""
     dtype = DTYPES[0]
     layout, table, (q, k, v) = _inputs(case, dtype, seed=3)
     rotary = _rotary(layout, q.shape[-1], pairs, torch.float64 if pairs == "wan" else torch.float32)
@@ -174,11 +174,7 @@ def test_attention_in_head_order_matches_float64_reference(case, q_in_kernel, pa
     empty_like = torch.empty_like
     monkeypatch.setattr(launcher.torch, "empty_like",
                         lambda x, *a, **kw: empty_like(x, *a, **kw).fill_(float("nan")))  # fmt: skip
-    passes = []
-    order = rotary_kernel.rotary_order
-    monkeypatch.setattr(rotary_kernel, "rotary_order", lambda x, *a, **kw: passes.append(x) or order(x, *a, **kw))
-    out = attention_in_head_order(q, k, v, table, backend="triton", rotary=rotary, q_in_kernel=q_in_kernel)
-    assert any(x is q for x in passes) != q_in_kernel  # q in the pass or not
+    out = attention_in_head_order(q, k, v, table, backend="triton", rotary=rotary)
     monkeypatch.undo()
     ref = sparse_attention(apply_rotary(q.double(), rotary), apply_rotary(k.double(), rotary), v.double(), table,
                            backend="reference")  # fmt: skip
@@ -187,6 +183,21 @@ def test_attention_in_head_order_matches_float64_reference(case, q_in_kernel, pa
         if p.name == "skip":
             assert torch.equal(out[:, :, h], torch.zeros_like(out[:, :, h]))
     assert rel_rms(out, ref) <= 4 * torch.finfo(dtype).eps, f"{rel_rms(out, ref):.2e}"
+
+
+def test_head_dim_not_a_power_of_two_rotates_in_torch(poisoned):
+    """The pass splits channel pairs in registers (power-of-two head dims): other head dims take the
+    torch path, and the pass itself refuses them."""
+    layout = VideoLayout(3, 5, 7, 19, "suffix", text_valid=11)
+    g = torch.Generator(device=DEVICE).manual_seed(10)
+    q, k, v = (torch.randn(1, layout.num_tokens, 2, 48, generator=g, device=DEVICE).to(DTYPES[0]) for _ in range(3))
+    table = compile_layer([multi_diagonal(0.2), dense()], layout, 16, DEVICE)
+    rotary = _rotary(layout, 48, "interleaved")
+    fq, fk, fv = to_head_order(q, k, v, table, rotary)
+    for fused, x, rot in ((fq, q, rotary), (fk, k, rotary), (fv, v, None)):
+        assert rel_rms(fused, head_order.reference_head_order(x.double(), table, rot)) <= 2 * torch.finfo(q.dtype).eps
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        rotary_kernel.rotary_order(q, None, (1, 1, 0, 0), rotary)
 
 
 def test_reference_backend_takes_the_torch_path():
@@ -246,19 +257,17 @@ def test_gpu_fused_path_matches_float64_reference(backend, pairs):
 @pytest.mark.gpu
 @pytest.mark.parametrize("pairs", head_order.PAIRS)
 def test_gpu_sweep_variants_match_float64_reference(pairs, monkeypatch):
-    """bf16 on the GPU: every fused-pass option set, tile choice and q-in-kernel call that
-    bench/processor_attention.py --sweep times (rotary.OPTIONS, launcher.OPTIONS["tiles"],
-    ``q_in_kernel``) gives the float64 reference's attention."""
+    """bf16 on the GPU: the defaults and every fused-pass option set and tile choice that
+    bench/processor_attention.py --sweep times (rotary.OPTIONS, launcher.OPTIONS["tiles"]) give the
+    float64 reference's attention, with the family's tables and float32 ones."""
     table, (q, k, v), rotary, ref, bound = _gpu_case("triton", pairs, seed=6, batch=1)
-    option_sets = [*ROTARY_OPTION_SETS.values(), {"block": 64, "warps": 8, "heads_fastest": True, "split_pairs": True}]
-    tile_choices = [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2)]
-    runs = [(options, None, False) for options in option_sets] + [({}, tiles, False) for tiles in tile_choices]
-    runs += [({}, None, True), ({}, (64, 64, 4, 3), True)]  # q rotated and reordered in the kernel
-    for options, tiles, q_in_kernel in runs:
+    runs = [({}, None), *((options, None) for options in ROTARY_OPTION_SETS.values()),
+            ({}, (128, 64, 8, 3)), ({}, launcher.SMALL_LAUNCH_TILES)]  # fmt: skip
+    for options, tiles in runs:
         monkeypatch.setattr(rotary_kernel, "OPTIONS", dict(rotary_kernel.OPTIONS, **options))
         monkeypatch.setitem(launcher.OPTIONS, "tiles", tiles)
         for tables in dict.fromkeys((rotary, head_order.in_float32(rotary))):
-            out = attention_in_head_order(q, k, v, table, backend="triton", rotary=tables, q_in_kernel=q_in_kernel)
-            assert not out.isnan().any(), (options, tiles, q_in_kernel)
+            out = attention_in_head_order(q, k, v, table, backend="triton", rotary=tables)
+            assert not out.isnan().any(), (options, tiles)
             error = rel_rms(out, ref)
-            assert error <= bound, f"{options} {tiles} q_in_kernel={q_in_kernel}: {error:.2e} > {bound:.2e}"
+            assert error <= bound, f"{options} {tiles}: {error:.2e} > {bound:.2e}"

@@ -145,3 +145,40 @@ def test_tiles_option_runs_the_chosen_tiles(monkeypatch):
     assert launched == [(64, 32, 4, 2)]
     ref = sparse_attention(q, k, v, table, backend="reference")
     assert rel_rms(out, ref) < 1e-5
+
+
+def test_small_launch_rule_on_the_measured_shapes():
+    """The launcher's exception to its rule (issue 21's H200 sweep, 132 SMs, head dim 128): Wan-1.3B
+    480p takes 64 x 64 tiles at 5-20%, not at 40%; Wan-14B and HunyuanVideo 720p keep the rule; so do
+    head dim 64 (CogVideoX1.5), GPUs before sm90 and tables of 32-token blocks."""
+    wan13, wan14, hunyuan = 12 * 32760, 40 * 75600, 24 * (118800 + 256)  # query rows of one launch (batch 1)
+    for density in (0.05, 0.1, 0.2):
+        assert launcher.small_launch(9, 132, 128, 128, wan13, density)
+        assert not launcher.small_launch(9, 132, 128, 128, wan14, density)
+        assert not launcher.small_launch(9, 132, 128, 128, hunyuan, density)
+    assert not launcher.small_launch(9, 132, 128, 128, wan13, 0.4)
+    assert launcher.small_launch(9, 132, 128, 128, 2 * wan13, 0.05)  # both halves of classifier-free guidance
+    assert not launcher.small_launch(9, 132, 128, 64, 48 * 45106, 0.05)
+    assert not launcher.small_launch(8, 108, 128, 128, wan13, 0.05)
+    assert not launcher.small_launch(9, 132, 32, 128, wan13, 0.05)
+
+
+def test_small_launch_tiles_only_on_head_ordered_inputs_and_after_the_options(monkeypatch):
+    """``backend._tiles`` asks for the small-launch tiles on head-ordered inputs only (where they
+    were measured), after given tiles and ``launcher.OPTIONS["tiles"]``; on the CPU there are none."""
+    from sparse_vdit.kernels.triton import backend
+
+    layout = VideoLayout(4, 8, 16)
+    table = compile_layer([diagonal(0.0)] * 2, layout, 128, "cpu")
+    q = torch.zeros(1, layout.num_tokens, 2, 128)
+    rule = launcher._tiles(128, 128, q.device)
+    assert launcher.small_launch_tiles(q, 128, 0.05) is None  # CPU
+    asked = []
+    monkeypatch.setattr(launcher, "small_launch_tiles", lambda q, block, density: asked.append(density) or (64, 64, 4, 3))
+    assert backend._tiles(q, 128, table=table) == rule
+    assert backend._tiles(q, 128, table=table, head_order=True) == (64, 64, 4, 3)
+    assert asked == [table.density]
+    assert backend._tiles(q, 128, tiles=(32, 32, 4, 1), table=table, head_order=True) == (32, 32, 4, 1)
+    monkeypatch.setitem(launcher.OPTIONS, "tiles", (64, 32, 4, 2))
+    assert backend._tiles(q, 128, table=table, head_order=True) == (64, 32, 4, 2)
+    assert asked == [table.density]

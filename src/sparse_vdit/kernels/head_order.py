@@ -28,12 +28,10 @@ from .api import reorder_heads
 from .checks import check_inputs
 
 PAIRS = ("interleaved", "wan")
-# Whether attention_in_head_order lets the Triton kernel rotate and reorder q on load (the pass then
-# moves k and v only); off until measured (bench/processor_attention.py --sweep, path tuned-qk).
-Q_IN_KERNEL = False
 # The Triton backend runs token-major heads on this path permuted (q, k, v written in each head's
 # order by the fused pass, every key tile contiguous). A rotary-only pass with the kernel reading
-# token-major heads through the order lost on an H200 (issue 21, BENCHMARKS.md) and was removed.
+# token-major heads through the order lost on an H200 (issue 21, BENCHMARKS.md) and was removed, as
+# was q left out of the pass and rotated by the kernel on load (slower in 44 of the sweep's 48 calls).
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,9 +86,14 @@ def reference_head_order(x: torch.Tensor, table: BlockTable, rotary: Rotary | No
     return reorder_heads(apply_rotary(x, rotary), table.layout, table.token_major_heads)
 
 
-def _fused(x: torch.Tensor) -> bool:
-    """Whether the Triton pass runs for ``x`` (CUDA, or the CPU under the interpreter)."""
+def _fused(x: torch.Tensor, rotary: Rotary | None = None) -> bool:
+    """Whether the Triton pass runs for ``x`` (CUDA, or the CPU under the interpreter; with ``rotary``,
+    head dims that are powers of two)."""
     ok, _ = registry.available("triton", x.device)
+    if rotary is not None:
+        from .triton.rotary import supports
+
+        ok = ok and supports(x.shape[-1])
     return ok and x.dtype != torch.float64
 
 
@@ -110,7 +113,7 @@ def rotate(q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None) -> tuple[tor
     under autograd), order unchanged."""
     if rotary is None:
         return q, k
-    if not _fused(q) or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+    if not _fused(q, rotary) or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
         return apply_rotary(q, rotary), apply_rotary(k, rotary)
     from .triton.rotary import rotary_order
 
@@ -118,24 +121,19 @@ def rotate(q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None) -> tuple[tor
     return rotary_order(q, None, geometry, rotary, second=k)
 
 
-def to_head_order(q, k, v, table: BlockTable, rotary: Rotary | None = None, include_q: bool = True):
+def to_head_order(q, k, v, table: BlockTable, rotary: Rotary | None = None):
     """(q, k, v) rotated (q and k) and with the table's token-major heads in token-major order.
 
-    One pass over q and k and one over v (Triton where it runs; else torch). ``include_q=False``:
-    q is returned as given (the Triton kernel rotates and reorders it on load), k alone in the first pass.
+    One pass over q and k and one over v (Triton where it runs; else torch).
     """
-    if not _fused(q):
-        return tuple(reference_head_order(t, table, r) if keep else t
-                     for t, r, keep in ((q, rotary, include_q), (k, rotary, True), (v, None, True)))  # fmt: skip
+    if not _fused(q, rotary):
+        return tuple(reference_head_order(t, table, r) for t, r in ((q, rotary), (k, rotary), (v, None)))
     from .triton.rotary import rotary_order
 
     flags, geometry = _flags(table), _geometry(table)
     if flags is None and rotary is None:
         return q, k, v
-    if include_q:
-        q, k = rotary_order(q, flags, geometry, rotary, second=k)
-    else:
-        k, _ = rotary_order(k, flags, geometry, rotary)
+    q, k = rotary_order(q, flags, geometry, rotary, second=k)
     if flags is not None:
         v, _ = rotary_order(v, flags, geometry)
     return q, k, v
@@ -153,14 +151,10 @@ def to_frame_major(out: torch.Tensor, table: BlockTable) -> torch.Tensor:
 
 
 def attention_in_head_order(q, k, v, table: BlockTable, softmax_scale: float | None = None, backend: str = "auto",
-                            rotary: Rotary | None = None, q_in_kernel: bool | None = None) -> torch.Tensor:  # fmt: skip
+                            rotary: Rotary | None = None) -> torch.Tensor:  # fmt: skip
     """Block-sparse attention of frame-major q, k, v [B, N, H, D] (q and k before ``rotary``), the
     rotary and the token-major permutation fused into one pass; output frame-major, as
     :func:`~sparse_vdit.kernels.sparse_attention` of the rotated inputs. Forward only.
-
-    ``q_in_kernel`` (None: :data:`Q_IN_KERNEL`): on the Triton backend (CUDA or the interpreter,
-    head dims that are powers of two), q skips the pass: the kernel reads it through each head's
-    order and rotates it on load, so the pass moves k and v only.
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise RuntimeError("attention_in_head_order is forward only; use sparse_attention under autograd")
@@ -173,14 +167,11 @@ def attention_in_head_order(q, k, v, table: BlockTable, softmax_scale: float | N
         from .api import sparse_attention
 
         return sparse_attention(*rotate(q, k, rotary), v, table, softmax_scale=scale, backend=name)
-    q_in_kernel = Q_IN_KERNEL if q_in_kernel is None else q_in_kernel
-    q_in_kernel = (q_in_kernel and rotary is not None and name == "triton" and _fused(q)
-                   and not q.shape[-1] & (q.shape[-1] - 1))  # fmt: skip
-    q, k, v = to_head_order(q, k, v, table, rotary, include_q=not q_in_kernel)
+    q, k, v = to_head_order(q, k, v, table, rotary)
     if name == "triton":  # stores its rows frame-major itself
         from .triton import backend
 
-        return backend.run(q, k, v, table, scale, head_order=True, q_rotary=rotary if q_in_kernel else None)
+        return backend.run(q, k, v, table, scale, head_order=True)
     return to_frame_major(registry.get(name).module.run(q, k, v, table, scale), table)
 
 

@@ -25,12 +25,12 @@ Fused rotary (``state.fuse_rotary``): on one GPU the family's rotary embedding i
 ``project`` but handed to the attention step (``rotary.py``; through the compiled op too): in
 inference with a plan and no observers it is applied in the same pass that writes token-major
 heads in their order (:func:`~sparse_vdit.kernels.head_order.attention_in_head_order`), otherwise
-first, in one pass (torch under autograd). ``None`` (the default): fused for the families measured
-faster that way (``rotary.FUSED_BY_DEFAULT``: HunyuanVideo), the model's torch rotary in ``project``
-for the others (Wan, CogVideoX); ``True`` / ``False`` force it on / off for any fusable family.
+first, in one pass (torch under autograd). ``None`` (the default): fused for every family with a
+rotary convention (``rotary.fused_by_default``: Wan, HunyuanVideo, CogVideoX; faster on an H200,
+issue 21); ``False`` keeps the model's torch rotary in ``project``, ``True`` forces fusion.
 ``state.rotary_float32 = True``: float64 tables (Wan's) are cast to float32 once per set of tables
-and the fused pass computes in float32 (off by default, as it is not bitwise the model's float64 rotary; with
-``fuse_rotary = True`` the fastest Wan path on an H200, BENCHMARKS.md session d).
+and the fused pass computes in float32 (off by default, as it is not bitwise the model's float64
+rotary; on an H200 -0.01 to +0.10 block efficiency on Wan at 5-40%, BENCHMARKS.md).
 
 Under ``torch.compile`` the attention step is one opaque custom op, so the graph has no break
 inside a block and the Python decisions run eagerly at run time; the op is tagged
@@ -190,7 +190,7 @@ class SparseState:
         return layout
 
     def rotary_fused(self) -> bool:
-        """``fuse_rotary`` where set, else the family's default (fused only where measured faster)."""
+        """``fuse_rotary`` where set, else the family's default (``rotary.fused_by_default``)."""
         return fused_by_default(self.family.name) if self.fuse_rotary is None else bool(self.fuse_rotary)
 
     def fuses_rotary(self) -> bool:

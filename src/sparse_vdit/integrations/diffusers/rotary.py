@@ -21,16 +21,13 @@ _CONVENTIONS = {
 }
 
 
-# Families whose processor fuses by default (``SparseState.fuse_rotary is None``): only where the
-# whole processor call was measured faster fused (bench/processor_attention.py, H200, issue 21).
-# HunyuanVideo 720p multi-diagonal: block efficiency 0.76-0.90 fused vs 0.48-0.77 old. Wan 480p:
-# slower fused (its float64 tables: the pass computes in float64); CogVideoX: not measured.
-FUSED_BY_DEFAULT = frozenset({"hunyuan_video"})
-
-
 def fused_by_default(family_name: str) -> bool:
-    """Whether a family's processor fuses its rotary into the permutation pass unless told otherwise."""
-    return family_name in FUSED_BY_DEFAULT
+    """Whether a family's processor fuses its rotary into the permutation pass unless told otherwise:
+    every family with a convention here. Measured (bench/processor_attention.py --sweep, H200, issue 21):
+    with the pass's launch defaults the whole Triton call is faster fused on all four shapes (Wan-1.3B /
+    Wan-14B / HunyuanVideo / CogVideoX1.5, multi-diagonal and mixed, 5-40%), and so is the dense call
+    (FA4's fused call with these defaults: bench/gpu_session.sh's processor-default step)."""
+    return family_name in _CONVENTIONS
 
 
 def fusable(family_name: str, attn: Any, rotary: Any) -> bool:

@@ -17,23 +17,26 @@ BACKEND = Backend("triton", API_DTYPES, (64, 128), needs_cuda=False, token_major
                   note="ours: any CUDA GPU Triton supports, or the CPU under TRITON_INTERPRET=1")  # fmt: skip
 
 
-def _tiles(q: torch.Tensor, block_size: int, tiles=None, table=None) -> tuple[int, int, int, int]:
+def _tiles(q: torch.Tensor, block_size: int, tiles=None, table=None, head_order: bool = False) -> tuple[int, int, int, int]:
     """Tiles for ``q``: given, tuned (per density bucket of ``table``, else dense), set in
     ``launcher.OPTIONS["tiles"]`` (one choice, or a dict keyed by density bucket or by (head dim,
-    density bucket), the latter first), or the launcher's rule."""
-    density = None
+    density bucket), the latter first), the launcher's small-launch tiles (``head_order`` inputs,
+    :func:`launcher.small_launch`), or the launcher's rule."""
+
+    def density() -> float:
+        return table.form("triton.density", lambda t: t.density) if table is not None else 1.0
+
     if tiles is None and q.device.type == "cuda" and tuning.enabled():
         batch, n, heads, dim = q.shape
-        density = table.form("triton.density", lambda t: t.density) if table is not None else 1.0
-        tiles = tuning.tuned_tiles(batch, heads, n, dim, q.dtype, block_size, q.device, density)
+        tiles = tuning.tuned_tiles(batch, heads, n, dim, q.dtype, block_size, q.device, density())
     chosen = launcher.option("tiles")
     if tiles is None and chosen is not None:
         if isinstance(chosen, dict):
-            if density is None:
-                density = table.form("triton.density", lambda t: t.density) if table is not None else 1.0
-            bucket = tuning.density_bucket(density)
+            bucket = tuning.density_bucket(density())
             chosen = chosen.get((q.shape[-1], bucket), chosen.get(bucket))
         tiles = chosen
+    if tiles is None and head_order:
+        tiles = launcher.small_launch_tiles(q, block_size, density())
     return launcher._tiles(block_size, q.shape[-1], q.device, tiles)
 
 
@@ -46,13 +49,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: to
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float,
-        head_order: bool = False, q_rotary=None) -> torch.Tensor:  # fmt: skip
+        head_order: bool = False) -> torch.Tensor:  # fmt: skip
     """Block-sparse attention of ``table``: its ranges read in place, token-major heads through
     the order in-kernel; the work order is kept with the table. ``head_order``: q, k, v already hold
     each head in its own order (:func:`sparse_vdit.kernels.head_order.to_head_order`); the output is
-    frame-major either way. ``q_rotary``: q is frame-major before this rotary embedding, applied
-    on load (:func:`launcher.forward`)."""
-    return _run(q, k, v, table, softmax_scale, False, head_order, q_rotary)
+    frame-major either way."""
+    return _run(q, k, v, table, softmax_scale, False, head_order)
 
 
 def run_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float):
@@ -67,9 +69,9 @@ def run_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float):
     return triton_backward(grad_out, q, k, v, out, lse, table, softmax_scale)
 
 
-def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: bool = False, q_rotary=None):
+def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: bool = False):
     block = table.block_size
-    tiles = _tiles(q, block, table=table)
+    tiles = _tiles(q, block, table=table, head_order=head_order)
     order = launcher.option("schedule")
     per_block, q_tiles = block // tiles[0], num_blocks(q.shape[1], tiles[0])
     schedule = table.form(("triton.schedule", per_block, q_tiles, order),
@@ -79,8 +81,24 @@ def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: boo
         q, k, v, table.kv_num_blocks, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
         ranges=(table.range_starts, table.range_ends), token_major=_token_major_flags(table),
         layout=(layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens),
-        tiles=tiles, schedule=schedule, return_lse=return_lse, head_order=head_order, q_rotary=q_rotary,
+        tiles=tiles, schedule=schedule, return_lse=return_lse, head_order=head_order, visited=_visited(table),
     )  # fmt: skip
+
+
+def block_list_on(table) -> bool:
+    """Whether ``launcher.option("block_list")`` puts ``table`` in the kernel's block-list mode: True,
+    False, or a number R: its mean non-empty key ranges per (head, query block) above R (kept with the table)."""
+    choice = launcher.option("block_list")
+    if isinstance(choice, bool) or choice is None:
+        return bool(choice)
+    runs = table.form("triton.ranges_per_row",
+                      lambda t: float((t.range_ends > t.range_starts).sum(-1).double().mean()))  # fmt: skip
+    return runs > float(choice)
+
+
+def _visited(table) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The kernel's block lists of ``table`` (counts, ascending indices) where :func:`block_list_on`, else None."""
+    return (table.kv_num_blocks, table.kv_indices) if block_list_on(table) else None
 
 
 def _token_major_flags(table) -> torch.Tensor | None:
@@ -113,9 +131,9 @@ def run_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, candidates, 
         q, k, v, counts, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
         ranges=(candidates.range_starts, candidates.range_ends), token_major=token_major,
         layout=(layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens),
-        tiles=tiles, schedule=schedule, selected=selected,
+        tiles=tiles, schedule=schedule, selected=selected, visited=_visited(candidates),
     )  # fmt: skip
 
 
-__all__ = ["BACKEND", "SELECT_ON_DEVICE", "forward", "is_available", "run", "run_backward", "run_selected",
+__all__ = ["BACKEND", "SELECT_ON_DEVICE", "block_list_on", "forward", "is_available", "run", "run_backward", "run_selected",
            "run_with_lse"]

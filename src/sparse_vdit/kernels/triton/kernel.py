@@ -17,33 +17,6 @@ def sequence_rows(pos, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOK
 
 
 @triton.jit
-def rotate_pairs(x, COS, SIN, rows, inside, stride_c, offs_d, ok, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                 WAN_PAIRS: tl.constexpr, F64: tl.constexpr):  # fmt: skip
-    """``x`` [BLOCK, BLOCK_D] rotated by the rotary tables' rows ``rows`` where ``inside`` (else unchanged),
-    channel pairs split in registers; float32 math (float64 with ``F64``). ``BLOCK_D`` is the head dim.
-    ``WAN_PAIRS``: Wan's rule (cos of a pair's even channel, sin of its odd one); else diffusers'
-    ``apply_rotary_emb`` (each channel its own cos / sin)."""
-    cmask = ok & inside[:, None]
-    crow = tl.where(inside, rows, 0).to(tl.int64)[:, None] * stride_c
-    c = tl.load(COS + crow + offs_d[None, :], mask=cmask, other=1.0)
-    s = tl.load(SIN + crow + offs_d[None, :], mask=cmask, other=0.0)
-    if F64:
-        c, s, x = c.to(tl.float64), s.to(tl.float64), x.to(tl.float64)
-    else:
-        c, s, x = c.to(tl.float32), s.to(tl.float32), x.to(tl.float32)
-    xe, xo = tl.split(tl.reshape(x, [BLOCK, BLOCK_D // 2, 2]))
-    ce, co = tl.split(tl.reshape(c, [BLOCK, BLOCK_D // 2, 2]))
-    se, so = tl.split(tl.reshape(s, [BLOCK, BLOCK_D // 2, 2]))
-    if WAN_PAIRS:  # Wan: cos of the pair's even channel, sin of its odd one
-        ye = xe * ce - xo * so
-        yo = xo * ce + xe * so
-    else:  # diffusers apply_rotary_emb (use_real_unbind_dim=-1): each channel its own cos / sin
-        ye = xe * ce - xo * se
-        yo = xo * co + xe * so
-    return tl.reshape(tl.join(ye, yo), [BLOCK, BLOCK_D])
-
-
-@triton.jit
 def online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, MASKED: tl.constexpr, IEEE: tl.constexpr):
     """One key tile: q [BLOCK_M, D] against k [D, BLOCK_N] and v [BLOCK_N, D]; returns (m, l, acc).
 
@@ -69,6 +42,44 @@ def online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, MASKED: tl.cons
 
 
 @triton.jit
+def whole_key_tile(
+    start, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
+    FRAMES: tl.constexpr, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """The whole key tile at ``start`` of the head's own order: (k [D, BLOCK_N], v [BLOCK_N, D]), unmasked."""
+    if TMA:
+        k = K_DESC.load([batch, start, head, 0]).reshape(BLOCK_N, HEAD_DIM).T
+        v = V_DESC.load([batch, start, head, 0]).reshape(BLOCK_N, HEAD_DIM)
+    else:
+        offs_d = tl.arange(0, HEAD_DIM)
+        rows_n = start + tl.arange(0, BLOCK_N)
+        if TOKEN_MAJOR:
+            rows_n = sequence_rows(rows_n, True, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
+        k = tl.load(k_base + rows_n[None, :] * stride_kn + offs_d[:, None])
+        v = tl.load(v_base + rows_n[:, None] * stride_vn + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
+def ragged_key_tile(
+    q, m_i, l_i, acc, first, last, k_base, v_base, stride_kn, stride_vn, qk_scale,
+    FRAMES: tl.constexpr, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, TOKEN_MAJOR: tl.constexpr,
+):  # fmt: skip
+    """Keys ``[first, last)`` (fewer than ``BLOCK_N``, at least one) into (m, l, acc), masked."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = first + tl.arange(0, BLOCK_N)
+    valid = offs_n < last
+    rows_n = offs_n
+    if TOKEN_MAJOR:
+        rows_n = sequence_rows(offs_n, True, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
+    k = tl.load(k_base + rows_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
+    v = tl.load(v_base + rows_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+    return online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, True, IEEE)
+
+
+@triton.jit
 def key_range(
     q, m_i, l_i, acc, first, last, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, qk_scale,
     FRAMES: tl.constexpr, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
@@ -77,29 +88,68 @@ def key_range(
 ):  # fmt: skip
     """Keys ``[first, last)`` of the head's own order into (m, l, acc): whole tiles unmasked, then the
     ragged one. ``TOKEN_MAJOR``: positions are token-major, rows are read through the permutation."""
-    offs_t = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     full = first + tl.maximum(last - first, 0) // BLOCK_N * BLOCK_N  # end of the whole key tiles
     for start in tl.range(first, full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        if TMA:
-            k = K_DESC.load([batch, start, head, 0]).reshape(BLOCK_N, HEAD_DIM).T  # [D, BLOCK_N]
-            v = V_DESC.load([batch, start, head, 0]).reshape(BLOCK_N, HEAD_DIM)
-        else:
-            rows_n = start + offs_t
-            if TOKEN_MAJOR:
-                rows_n = sequence_rows(rows_n, True, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
-            k = tl.load(k_base + rows_n[None, :] * stride_kn + offs_d[:, None])  # [D, BLOCK_N]
-            v = tl.load(v_base + rows_n[:, None] * stride_vn + offs_d[None, :])  # [BLOCK_N, D]
-        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, offs_t, False, IEEE)
+        k, v = whole_key_tile(start, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, FRAMES,
+                              FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, TOKEN_MAJOR, TMA)  # fmt: skip
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, start, False, IEEE)
     if full < last:
-        offs_n = full + offs_t
-        valid = offs_n < last
-        rows_n = offs_n
-        if TOKEN_MAJOR:
-            rows_n = sequence_rows(offs_n, True, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
-        k = tl.load(k_base + rows_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
-        v = tl.load(v_base + rows_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, True, IEEE)
+        m_i, l_i, acc = ragged_key_tile(q, m_i, l_i, acc, full, last, k_base, v_base, stride_kn, stride_vn, qk_scale,
+                                        FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, IEEE,
+                                        TOKEN_MAJOR)  # fmt: skip
+    return m_i, l_i, acc
+
+
+@triton.jit
+def key_list(
+    q, m_i, l_i, acc, blocks, count, KV_LEN, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, qk_scale,
+    FRAMES: tl.constexpr, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, TABLE_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+    TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):  # fmt: skip
+    """The ``count`` key blocks listed (ascending) at ``blocks`` into (m, l, acc): all their whole key
+    tiles in one loop (tile ``i`` is tile ``i % tiles per block`` of block ``blocks[i // tiles per
+    block]``), so the pipeliner prefetches across blocks; then the ragged tile of the last key block,
+    which only the list's last entry can be."""
+    last_block = tl.load(blocks + tl.maximum(count - 1, 0)) * TABLE_BLOCK  # first key of the last listed block
+    whole_last = tl.minimum(tl.maximum(KV_LEN - last_block, 0) // BLOCK_N, TABLE_BLOCK // BLOCK_N)
+    tiles = tl.where(count > 0, (count - 1) * (TABLE_BLOCK // BLOCK_N) + whole_last, 0)
+    for i in tl.range(0, tiles, warp_specialize=WARP_SPECIALIZE):
+        start = tl.load(blocks + i // (TABLE_BLOCK // BLOCK_N)) * TABLE_BLOCK + i % (TABLE_BLOCK // BLOCK_N) * BLOCK_N
+        k, v = whole_key_tile(start, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, FRAMES,
+                              FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, TOKEN_MAJOR, TMA)  # fmt: skip
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, start, False, IEEE)
+    first = last_block + whole_last * BLOCK_N
+    last = tl.minimum(last_block + TABLE_BLOCK, KV_LEN)
+    if (count > 0) & (first < last):
+        m_i, l_i, acc = ragged_key_tile(q, m_i, l_i, acc, first, last, k_base, v_base, stride_kn, stride_vn, qk_scale,
+                                        FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, IEEE,
+                                        TOKEN_MAJOR)  # fmt: skip
+    return m_i, l_i, acc
+
+
+@triton.jit
+def head_keys(
+    q, m_i, l_i, acc, STARTS, ENDS, ranges, NUM_RANGES, blocks, count, KV_LEN, batch, head, k_base, v_base,
+    stride_kn, stride_vn, K_DESC, V_DESC, qk_scale, FRAMES: tl.constexpr, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+    TABLE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+    TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, BLOCK_LIST: tl.constexpr,
+):  # fmt: skip
+    """Every key a query tile visits into (m, l, acc): the list of blocks (``BLOCK_LIST``), else range by range."""
+    if BLOCK_LIST:
+        m_i, l_i, acc = key_list(
+            q, m_i, l_i, acc, blocks, count, KV_LEN, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
+            qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE,
+            TOKEN_MAJOR, TMA, WARP_SPECIALIZE)  # fmt: skip
+    else:
+        for r in range(0, NUM_RANGES):
+            # a range of key blocks is a contiguous run of keys (in the head's order): no index list to read
+            first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
+            last = tl.minimum(tl.load(ENDS + ranges + r) * TABLE_BLOCK, KV_LEN)
+            m_i, l_i, acc = key_range(
+                q, m_i, l_i, acc, first, last, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
+                qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, IEEE,
+                TOKEN_MAJOR, TMA, WARP_SPECIALIZE)  # fmt: skip
     return m_i, l_i, acc
 
 
@@ -120,7 +170,8 @@ def block_sparse_attention_fwd(
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
     qk_scale,  # softmax_scale * log2(e)
     LSE, stride_lb,  # with STORE_LSE: float32 [B, H, N] log-sum-exp by memory row (for the backward); else unused
-    Q_COS, Q_SIN, stride_qc, Q_ROT_START, Q_ROT_END,  # with ROTATE_Q: rotary tables [R, D] of sequence rows from Q_ROT_START
+    COUNTS, BLOCKS,  # with BLOCK_LIST: int32 [H, Qb] visited key blocks and int32 [H, Qb, W] their ascending list
+    stride_ch, stride_bh, stride_bm,  # (candidates [M, ...] with SELECT); else unused
     FRAMES: tl.constexpr,  # a constant, so the token-major index arithmetic divides by a constant
     TABLE_BLOCK: tl.constexpr,  # block size of the table (tokens)
     BLOCK_M: tl.constexpr,  # query tile; divides TABLE_BLOCK
@@ -133,9 +184,7 @@ def block_sparse_attention_fwd(
     WARP_SPECIALIZE: tl.constexpr,  # the whole-tile loop warp-specialised (Triton's tl.range option)
     SELECT: tl.constexpr,  # STARTS / ENDS / TOKEN_MAJOR hold candidates, SELECTED picks one per (sample, head)
     HEAD_ORDER: tl.constexpr,  # q, k, v hold each head in its own order (token-major heads permuted); O frame-major
-    ROTATE_Q: tl.constexpr,  # q frame-major before its rotary: read through the order, rotated on load
-    Q_WAN_PAIRS: tl.constexpr,  # with ROTATE_Q: Wan's channel-pair rule (else diffusers' apply_rotary_emb)
-    Q_ROT_F64: tl.constexpr,  # with ROTATE_Q: float64 tables (the rotation computed in float64)
+    BLOCK_LIST: tl.constexpr,  # walk COUNTS / BLOCKS in one loop over key tiles, not STARTS / ENDS range by range
 ):  # fmt: skip
     item = tl.load(SCHEDULE + tl.program_id(0))
     head = item // NUM_Q_TILES
@@ -154,14 +203,9 @@ def block_sparse_attention_fwd(
     if ANY_TOKEN_MAJOR:
         token_major = tl.load(TOKEN_MAJOR + entry) != 0
         rows_m = sequence_rows(offs_m, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
-    load_m = offs_m if HEAD_ORDER and not ROTATE_Q else rows_m  # rows of q to read; the output goes to rows_m
+    load_m = offs_m if HEAD_ORDER else rows_m  # rows of q to read; the output goes to rows_m
     q_ptrs = Q + offset_b * stride_qb + head * stride_qh + load_m[:, None] * stride_qn + offs_d[None, :]
-    q_ok = offs_m[:, None] < N
-    q = tl.load(q_ptrs, mask=q_ok, other=0.0)  # [BLOCK_M, D]
-    if ROTATE_Q:  # rounded to the input dtype, as the model's rotary leaves it
-        inside = (rows_m >= Q_ROT_START) & (rows_m < Q_ROT_END)
-        q = rotate_pairs(q, Q_COS, Q_SIN, rows_m - Q_ROT_START, inside, stride_qc, offs_d, q_ok, BLOCK_M, HEAD_DIM,
-                         Q_WAN_PAIRS, Q_ROT_F64).to(Q.dtype.element_ty)  # fmt: skip
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < N, other=0.0)  # [BLOCK_M, D]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -169,25 +213,26 @@ def block_sparse_attention_fwd(
     ranges = entry * stride_rh + row * stride_rm
     k_base = K + offset_b * stride_kb + head * stride_kh
     v_base = V + offset_b * stride_vb + head * stride_vh
-    for r in range(0, NUM_RANGES):
-        # a range of key blocks is a contiguous run of keys (in the head's order): no index list to read
-        first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
-        last = tl.minimum(tl.load(ENDS + ranges + r) * TABLE_BLOCK, KV_LEN)
-        if HEAD_ORDER:  # every head is contiguous in its own order: whole key tiles through TMA
-            m_i, l_i, acc = key_range(
-                q, m_i, l_i, acc, first, last, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
-                qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, IEEE,
-                False, TMA, WARP_SPECIALIZE)  # fmt: skip
-        elif token_major:  # one loop per kind of head, each compiled for its own loads
-            m_i, l_i, acc = key_range(
-                q, m_i, l_i, acc, first, last, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
-                qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, IEEE,
-                True, False, WARP_SPECIALIZE)  # fmt: skip
-        else:
-            m_i, l_i, acc = key_range(
-                q, m_i, l_i, acc, first, last, batch, head, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
-                qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, BLOCK_N, HEAD_DIM, IEEE,
-                False, TMA, WARP_SPECIALIZE)  # fmt: skip
+    count = 0
+    blocks = BLOCKS
+    if BLOCK_LIST:  # the visited key blocks as one ascending list
+        count = tl.load(COUNTS + entry * stride_ch + row)
+        blocks = BLOCKS + entry * stride_bh + row * stride_bm
+    if HEAD_ORDER:  # every head is contiguous in its own order: whole key tiles through TMA
+        m_i, l_i, acc = head_keys(
+            q, m_i, l_i, acc, STARTS, ENDS, ranges, NUM_RANGES, blocks, count, KV_LEN, batch, head, k_base, v_base,
+            stride_kn, stride_vn, K_DESC, V_DESC, qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+            TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, False, TMA, WARP_SPECIALIZE, BLOCK_LIST)  # fmt: skip
+    elif token_major:  # one loop per kind of head, each compiled for its own loads
+        m_i, l_i, acc = head_keys(
+            q, m_i, l_i, acc, STARTS, ENDS, ranges, NUM_RANGES, blocks, count, KV_LEN, batch, head, k_base, v_base,
+            stride_kn, stride_vn, K_DESC, V_DESC, qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+            TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, True, False, WARP_SPECIALIZE, BLOCK_LIST)  # fmt: skip
+    else:
+        m_i, l_i, acc = head_keys(
+            q, m_i, l_i, acc, STARTS, ENDS, ranges, NUM_RANGES, blocks, count, KV_LEN, batch, head, k_base, v_base,
+            stride_kn, stride_vn, K_DESC, V_DESC, qk_scale, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+            TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, False, TMA, WARP_SPECIALIZE, BLOCK_LIST)  # fmt: skip
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that visit nothing stay 0
     o_ptrs = O + offset_b * stride_ob + head * stride_oh + rows_m[:, None] * stride_on + offs_d[None, :]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -19,10 +20,15 @@ LOG2E = 1.4426950408889634
 # ``tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of the rule of ``_tiles``, or a dict
 # {density bucket (``tuning.DENSITY_BUCKETS``) or (head dim, density bucket): tiles} read per table by
 # ``backend`` (None, or a bucket not listed: the rule).
-OPTIONS: dict[str, bool | str | tuple | dict | None] = {"tma": None, "warp_specialize": None, "schedule": None,
-                                                        "tiles": None}  # fmt: skip
-DEFAULTS: dict[str, bool | str | tuple | dict | None] = {"tma": True, "warp_specialize": False, "schedule": "levels",
-                                                         "tiles": None}  # fmt: skip
+# ``block_list``: the kernel walks each query tile's visited key blocks as one list in one loop over key
+# tiles (the pipeliner prefetches across what were range boundaries) instead of range by range: True,
+# False, or a number R: for tables whose mean non-empty ranges per (head, query block) pass R (scattered
+# tables, e.g. online top-k's). Off until measured (issue 22).
+OPTIONS: dict[str, bool | float | str | tuple | dict | None] = {"tma": None, "warp_specialize": None, "schedule": None,
+                                                                "tiles": None, "block_list": None}  # fmt: skip
+DEFAULTS: dict[str, bool | float | str | tuple | dict | None] = {"tma": True, "warp_specialize": False,
+                                                                 "schedule": "levels", "tiles": None,
+                                                                 "block_list": False}  # fmt: skip
 
 
 def option(name: str):
@@ -65,6 +71,39 @@ def _tiles(
     warps = 8 if block_m * head_dim >= 128 * 128 else 4
     stages = 3 if major >= 8 else 2
     return block_m, block_n, warps, stages
+
+
+# The rule's exception for small launches at low density, on inputs in each head's own order
+# (issue 21's H200 sweep, bf16, head dim 128, the kernel alone): Wan-1.3B 480p (12 heads, 23
+# 128-row query tiles per SM) at 5-20% ran faster on 64 x 64 tiles (block efficiency 0.88-0.97 vs the
+# rule's 0.81-0.92, but for multi-diagonal 20%: 0.88 vs 0.92), not at 40% (0.85-0.87 vs 0.88-0.94);
+# Wan-14B and HunyuanVideo 720p (169-179 tiles per SM) kept the rule at every density.
+SMALL_LAUNCH_TILES = (64, 64, 4, 3)
+SMALL_LAUNCH_MAX_DENSITY = 0.3
+SMALL_LAUNCH_MAX_TILES_PER_SM = 64
+
+
+def small_launch(major: int, sms: int, block_size: int, head_dim: int, rows: int, density: float) -> bool:
+    """Whether a launch of ``rows`` query rows (batch x heads x tokens) at ``density`` takes
+    :data:`SMALL_LAUNCH_TILES` instead of the rule on a GPU of compute capability ``major`` with ``sms`` SMs."""
+    return (major >= 9 and head_dim == 128 and block_size % 64 == 0 and density <= SMALL_LAUNCH_MAX_DENSITY
+            and rows < SMALL_LAUNCH_MAX_TILES_PER_SM * 128 * sms)  # fmt: skip
+
+
+def small_launch_tiles(q: torch.Tensor, block_size: int, density: float) -> tuple[int, int, int, int] | None:
+    """:data:`SMALL_LAUNCH_TILES` where :func:`small_launch` holds for head-ordered ``q`` [B, N, H, D]
+    on its CUDA device, else None (the rule)."""
+    if q.device.type != "cuda":
+        return None
+    batch, n, heads, dim = q.shape
+    major, sms = _device_facts(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return SMALL_LAUNCH_TILES if small_launch(major, sms, block_size, dim, batch * heads * n, density) else None
+
+
+@functools.cache
+def _device_facts(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.major, props.multi_processor_count
 
 
 SCHEDULES = ("work", "heads", "levels")
@@ -132,7 +171,7 @@ def forward(
     schedule: torch.Tensor | None = None,
     selected: torch.Tensor | None = None,
     head_order: bool = False,
-    q_rotary=None,
+    visited: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention on ``[B, N, H, D]`` tensors with one Triton launch for all heads.
 
@@ -155,9 +194,10 @@ def forward(
     ``head_order``: q, k, v already hold each head in its own order (token-major heads permuted, as
     :func:`sparse_vdit.kernels.head_order.to_head_order` writes them): every head's key tiles are
     contiguous (TMA for all), and the output rows are still stored frame-major (no inverse copy).
-    ``q_rotary`` (a :class:`~sparse_vdit.kernels.head_order.Rotary`, head dims that are powers of
-    two): q is frame-major before its rotary embedding, read through each head's order and rotated
-    on load (k and v as ``head_order`` says); the fused pass then leaves q alone.
+
+    ``visited`` (counts int32 [H, Qb], ascending key-block lists int32 [H, Qb, W]; [M, ...] with
+    ``selected``; the table's ``kv_num_blocks`` / ``kv_indices``): the kernel walks these lists in one
+    loop over key tiles instead of the ranges (block-list mode, for scattered tables).
     """
     from .kernel import block_sparse_attention_fwd
 
@@ -183,12 +223,14 @@ def forward(
         raise ValueError(f"selected must be int32 [{batch}, {heads}] on {q.device}, got {selected.dtype} "
                          f"{tuple(selected.shape)} on {selected.device}")  # fmt: skip
     selected = selected.contiguous() if select else starts
+    block_list = visited is not None
+    counts, blocks = (t.contiguous() for t in visited) if block_list else (starts, starts)  # any pointers when unused
+    if block_list and (counts.dtype != torch.int32 or blocks.dtype != torch.int32 or blocks.shape[:2] != counts.shape
+                       or counts.shape[1] != starts.shape[1]):  # fmt: skip
+        raise ValueError(f"visited must be int32 counts [rows, {starts.shape[1]}] and lists [rows, "
+                         f"{starts.shape[1]}, W], got {tuple(counts.shape)} {counts.dtype}, "
+                         f"{tuple(blocks.shape)} {blocks.dtype}")  # fmt: skip
     extra = {} if q.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
-    rotate_q = q_rotary is not None
-    if rotate_q and dim & (dim - 1):
-        raise ValueError(f"q rotated in the kernel needs a power-of-two head dim, got {dim}")
-    q_cos, q_sin = (q_rotary.cos, q_rotary.sin) if rotate_q else (starts, starts)  # any pointers when unused
-    q_rot = (q_cos.stride(0), q_rotary.start, q_rotary.end) if rotate_q else (0, 0, 0)
     block_sparse_attention_fwd[(heads * num_q_tiles, batch)](
         q, k, v, out, *descriptors, starts, ends, schedule, flags, selected,
         q.stride(0), q.stride(1), q.stride(2),
@@ -198,13 +240,13 @@ def forward(
         starts.stride(0), starts.stride(1), selected.stride(0) if select else 0,
         n, kv_len, num_q_tiles, starts.shape[2], *layout[1:],
         softmax_scale * LOG2E,
-        LSE=lse if return_lse else out, stride_lb=heads * n, Q_COS=q_cos, Q_SIN=q_sin, stride_qc=q_rot[0],
-        Q_ROT_START=q_rot[1], Q_ROT_END=q_rot[2], STORE_LSE=return_lse,
+        LSE=lse if return_lse else out, stride_lb=heads * n,
+        COUNTS=counts, BLOCKS=blocks, stride_ch=counts.stride(0), stride_bh=blocks.stride(0),
+        stride_bm=blocks.stride(1), STORE_LSE=return_lse,
         FRAMES=layout[0], TABLE_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
         IEEE=q.dtype == torch.float32, ANY_TOKEN_MAJOR=any_token_major,
         TMA=tma, WARP_SPECIALIZE=bool(option("warp_specialize")), SELECT=select,
-        HEAD_ORDER=head_order and any_token_major, ROTATE_Q=rotate_q,
-        Q_WAN_PAIRS=rotate_q and q_rotary.pairs == "wan", Q_ROT_F64=rotate_q and q_cos.dtype == torch.float64,
+        HEAD_ORDER=head_order and any_token_major, BLOCK_LIST=block_list,
         **extra,
     )  # fmt: skip
     return (out, lse) if return_lse else out
