@@ -19,8 +19,9 @@ def sp(monkeypatch):
 
 def test_dry_run_one_and_two_processes_every_family(sp, tmp_path, capsys):
     out = tmp_path / "sp.json"
+    # --budget-s: the budget counts from bench/common.py's import, so a long test session must not skip rows
     assert sp.main(["--dry-run", "--gpus", "1,2", "--models", "wan-14b,hunyuan,cogvideox1.5", "--densities", "0.3",
-                    "--repeats", "1", "--out", str(out)]) == 0  # fmt: skip
+                    "--repeats", "1", "--budget-s", "1e6", "--out", str(out)]) == 0  # fmt: skip
     rows = json.loads(out.read_text())["results"]
     assert sorted((r["model"], r["world"], r["cp"], r["variant"]) for r in rows) == sorted(
         (m, w, "none" if w == 1 else "ulysses", v)
@@ -85,7 +86,7 @@ def test_dry_run_one_process_new_families(sp, tmp_path):
     take their inputs and run dense and sparse (the 2-process runs: tests/integrations/test_context_parallel.py)."""
     out = tmp_path / "sp.json"
     assert sp.main(["--dry-run", "--gpus", "1", "--models", "skyreels-v2-14b,ltx-video,mochi", "--densities", "0.3",
-                    "--repeats", "1", "--out", str(out)]) == 0  # fmt: skip
+                    "--repeats", "1", "--budget-s", "1e6", "--out", str(out)]) == 0  # fmt: skip
     rows = json.loads(out.read_text())["results"]
     assert sorted((r["model"], r["variant"]) for r in rows) == sorted(
         (m, v) for m in ("skyreels-v2-14b", "ltx-video", "mochi") for v in ("dense", "sparse-30"))  # fmt: skip
