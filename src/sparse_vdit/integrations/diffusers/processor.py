@@ -25,9 +25,9 @@ Fused rotary (``state.fuse_rotary``): on one GPU the family's rotary embedding i
 ``project`` but handed to the attention step (``rotary.py``; through the compiled op too): in
 inference with a plan and no observers it is applied in the same pass that writes token-major
 heads in their order (:func:`~sparse_vdit.kernels.head_order.attention_in_head_order`), otherwise
-first, in one pass (torch under autograd). ``None`` (the default): fused for every family with a
-rotary convention (``rotary.fused_by_default``: Wan, HunyuanVideo, CogVideoX; faster on an H200,
-issue 21); ``False`` keeps the model's torch rotary in ``project``, ``True`` forces fusion.
+first, in one pass (torch under autograd). ``None`` (the default): fused on CUDA for every family with
+a rotary convention (``rotary.fused_by_default``: Wan, HunyuanVideo, CogVideoX; faster on an H200,
+issue 21), the model's own rotary on the CPU; ``False`` keeps the model's torch rotary in ``project``, ``True`` forces fusion.
 ``state.rotary_float32 = True``: float64 tables (Wan's) are cast to float32 once per set of tables
 and the fused pass computes in float32 (off by default, as it is not bitwise the model's float64
 rotary; on an H200 -0.01 to +0.10 block efficiency on Wan at 5-40%, BENCHMARKS.md).
@@ -94,8 +94,8 @@ class SparseState:
         self.observers: list[Observer] = []
         self.timing = False
         # True: the rotary embedding goes to the attention step, fused with the token-major permutation
-        # where fuses_rotary(); False: the model's rotary in torch in project, then sparse_attention
-        # (before issue 21); None: the family's measured default (rotary_fused())
+        # where fuses_rotary(device); False: the model's rotary in torch in project, then sparse_attention
+        # (before issue 21); None: the family's measured default on CUDA (rotary_fused(device))
         self.fuse_rotary: bool | None = None
         self.rotary_float32 = False  # fused pass: float64 tables cast to float32 (once per set of tables)
         self._timings: list[tuple[int, Any, Any]] = []
@@ -189,14 +189,17 @@ class SparseState:
         self._memo[key] = layout
         return layout
 
-    def rotary_fused(self) -> bool:
-        """``fuse_rotary`` where set, else the family's default (``rotary.fused_by_default``)."""
-        return fused_by_default(self.family.name) if self.fuse_rotary is None else bool(self.fuse_rotary)
+    def rotary_fused(self, device: torch.device) -> bool:
+        """``fuse_rotary`` where set, else the family's default (``rotary.fused_by_default``) on CUDA: on the
+        CPU the pass would run in Triton's interpreter, far slower than the model's own rotary."""
+        if self.fuse_rotary is None:
+            return fused_by_default(self.family.name) and device.type == "cuda"
+        return bool(self.fuse_rotary)
 
-    def fuses_rotary(self) -> bool:
+    def fuses_rotary(self, device: torch.device) -> bool:
         """Whether :meth:`attend` applies a call's rotary in the pass that permutes token-major heads
         (fusion on, inference with a plan and no observers: nothing reads q or k before the kernel)."""
-        return (self.rotary_fused() and not self.observers and not torch.is_grad_enabled() and self.plan is not None
+        return (self.rotary_fused(device) and not self.observers and not torch.is_grad_enabled() and self.plan is not None
                 and getattr(self.pattern_source, "plan", None) is self.plan)  # the plan's own source  # fmt: skip
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -210,7 +213,7 @@ class SparseState:
         ``rotary``: q and k are given before their rotary embedding; where :meth:`fuses_rotary` it is
         applied in the pass that permutes the token-major heads, else first (differentiably under autograd).
         """
-        if rotary is not None and not self.fuses_rotary():
+        if rotary is not None and not self.fuses_rotary(q.device):
             q, k, rotary = *rotate(q, k, rotary), None
         elif rotary is not None and self.rotary_float32:
             rotary = self._float32_rotary(rotary)
@@ -456,7 +459,7 @@ class SparseAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         # one GPU: the rotary goes to the attention step, which applies it in the pass that permutes
         # token-major heads where the call allows (state.fuses_rotary), else first, in one pass
-        fuse = self._parallel_config is None and self.state.rotary_fused() and fusable(family.name, attn, image_rotary_emb)
+        fuse = self._parallel_config is None and self.state.rotary_fused(hidden_states.device) and fusable(family.name, attn, image_rotary_emb)
         projected = family.project(attn, hidden_states, encoder_hidden_states, None if fuse else image_rotary_emb)
         q, k, v = projected.q, projected.k, projected.v
         parts = rotary_parts(family.name, image_rotary_emb, projected.text, q.shape[-1], q.device) if fuse else None
