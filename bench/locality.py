@@ -30,7 +30,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from oracle import EVAL_DATA_SEED, MODELS, record  # noqa: E402
+from oracle import EVAL_DATA_SEED, MODELS, block_mass, record  # noqa: E402
 
 from sparse_vdit.organism import data as D  # noqa: E402
 from sparse_vdit.organism import model as M  # noqa: E402
@@ -57,10 +57,8 @@ def head_stats(q: torch.Tensor, k: torch.Tensor, masks: dict[str, torch.Tensor],
     for name, share in (("top1", 0.01), ("top5", 0.05), ("top25", 0.25)):
         out[name] = float(ranked[:, max(1, round(share * n)) - 1].mean())
     del ranked
-    nb = -(-n // block)
-    padded = torch.nn.functional.pad(p, (0, nb * block - n, 0, nb * block - n))
-    mass = padded.reshape(nb, block, nb, block).sum((1, 3))
-    keep = max(1, round(0.25 * nb))
+    mass = block_mass(p[None, None], block)[0]  # [Qb, Kb]
+    keep = max(1, round(0.25 * mass.shape[-1]))
     out["blk25"] = float((mass.topk(keep, -1).values.sum(-1) / mass.sum(-1)).mean())
     for name, m in masks.items():
         out[name] = float((p * m).sum(-1).mean())
