@@ -472,18 +472,14 @@ def main(argv=None) -> dict:
         return False
 
     shapes = DRY_SHAPES if args.dry_run else common.SHAPES
-    if args.kernel_sweep:
+    if args.kernel_sweep or args.overhead:
+        sweep, summary_of = ((svg_overhead.kernel_sweep, svg_overhead.summarise_sweep) if args.kernel_sweep
+                             else (svg_overhead.run, svg_overhead.summarise))  # fmt: skip
         try:
-            svg_overhead.kernel_sweep(shapes, args, device, dtype, record, over_budget, launch_setting)
+            sweep(shapes, args, device, dtype, record, over_budget, launch_setting)
         except torch.cuda.OutOfMemoryError as err:  # keep what was measured
             print(f"out of memory ({err})", flush=True)
-        result["summary"] = svg_overhead.summarise_sweep(result["rows"])
-    elif args.overhead:
-        try:
-            svg_overhead.run(shapes, args, device, dtype, record, over_budget, launch_setting)
-        except torch.cuda.OutOfMemoryError as err:  # keep what was measured
-            print(f"out of memory ({err})", flush=True)
-        result["summary"] = svg_overhead.summarise(result["rows"])
+        result["summary"] = summary_of(result["rows"])
     else:
         for name in args.shapes:
             try:
