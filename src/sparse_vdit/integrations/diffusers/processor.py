@@ -27,7 +27,8 @@ inference with a plan and no observers it is applied in the same pass that write
 heads in their order (:func:`~sparse_vdit.kernels.head_order.attention_in_head_order`), otherwise
 first, in one pass (torch under autograd). ``None`` (the default): fused on CUDA for every family with
 a rotary convention (``rotary.fused_by_default``: Wan, HunyuanVideo, CogVideoX; faster on an H200,
-issue 21), the model's own rotary on the CPU; ``False`` keeps the model's torch rotary in ``project``, ``True`` forces fusion.
+issue 21), the model's own rotary on the CPU; ``False`` keeps the model's torch rotary in ``project``,
+``True`` forces fusion.
 ``state.rotary_float32 = True``: float64 tables (Wan's) are cast to float32 once per set of tables
 and the fused pass computes in float32 (off by default, as it is not bitwise the model's float64
 rotary; on an H200 -0.01 to +0.10 block efficiency on Wan at 5-40%, BENCHMARKS.md).
@@ -459,7 +460,8 @@ class SparseAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         # one GPU: the rotary goes to the attention step, which applies it in the pass that permutes
         # token-major heads where the call allows (state.fuses_rotary), else first, in one pass
-        fuse = self._parallel_config is None and self.state.rotary_fused(hidden_states.device) and fusable(family.name, attn, image_rotary_emb)
+        fuse = (self._parallel_config is None and self.state.rotary_fused(hidden_states.device)
+                and fusable(family.name, attn, image_rotary_emb))  # fmt: skip
         projected = family.project(attn, hidden_states, encoder_hidden_states, None if fuse else image_rotary_emb)
         q, k, v = projected.q, projected.k, projected.v
         parts = rotary_parts(family.name, image_rotary_emb, projected.text, q.shape[-1], q.device) if fuse else None
