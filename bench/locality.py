@@ -2,6 +2,7 @@
 
     python bench/locality.py --model fidelity --device cuda --steps 20 --record 2 6 10 14 18
     python bench/locality.py --weights runs/organism --out locality.json
+    python bench/locality.py --summarize bench/results/locality-*.json     (compare saved runs)
 
 Records q and k of one dense generation (``bench/oracle.py``'s recorder, the cond half of CFG) and
 reports, as the mean over query rows of the attention mass that falls in a region:
@@ -15,6 +16,9 @@ reports, as the mean over query rows of the attention mass that falls in a regio
 - ``eff``: exp(entropy) / keys, the effective share of keys attended to.
 
 Each region's share of all keys is printed beside it, so that mass can be read against area.
+Heads are also counted by kind (their ``eff`` averaged over the recorded calls): ``sharp`` (<= 5%
+of the keys), ``uniform`` (>= 60%; ``flat`` >= 95% of them), ``between`` the rest; uniform heads
+are what no block mask can serve (BENCHMARKS.md, #15).
 """
 
 from __future__ import annotations
@@ -73,6 +77,35 @@ def summarize(rows: list[dict], key: str) -> list[dict]:
     return [{key: g, **{m: sum(r[m] for r in rs) / len(rs) for m in METRICS}} for g, rs in sorted(groups.items())]
 
 
+SHARP, UNIFORM, FLAT = 0.05, 0.60, 0.95  # effective share of keys: head kinds
+
+
+def head_kinds(rows: list[dict]) -> dict[str, float]:
+    """Heads counted by kind from their ``eff`` averaged over every recorded call (see the module docstring)."""
+    effs: dict = defaultdict(list)
+    for r in rows:
+        effs[(r["layer"], r["head"])].append(r["eff"])
+    mean = [sum(e) / len(e) for e in effs.values()]
+    sharp, uniform = sum(e <= SHARP for e in mean), sum(e >= UNIFORM for e in mean)
+    return {"heads": len(mean), "sharp": sharp, "between": len(mean) - sharp - uniform, "uniform": uniform,
+            "flat": sum(e >= FLAT for e in mean), "eff": sum(mean) / max(1, len(mean))}  # fmt: skip
+
+
+def compare(paths: list[Path]) -> str:
+    """A markdown table of saved locality JSONs side by side: training, head kinds, mean locality."""
+    lines = ["| weights | steps (videos) | grid | sharp | between | uniform (flat) | eff | blk25 | window |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        kinds, trained = head_kinds(data["rows"]), data.get("weights_trained") or {}
+        mean = {m: sum(r[m] for r in data["rows"]) / len(data["rows"]) for m in ("blk25", "window")}
+        lines.append(f"| {Path(path).stem} | {trained.get('total_steps', '?')} ({trained.get('total_videos_seen', '?')}) "
+                     f"| {'x'.join(map(str, data['grid']))} | {kinds['sharp']} | {kinds['between']} "
+                     f"| {kinds['uniform']} ({kinds['flat']}) | {kinds['eff']:.2f} | {mean['blk25']:.2f} "
+                     f"| {mean['window']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def table(summary: list[dict], key: str, area: dict[str, float]) -> str:
     head = f"| {key} | " + " | ".join(f"{m} ({area[m]:.1%})" if m in area else m for m in METRICS) + " |"
     lines = [head, "|" + "---|" * (len(METRICS) + 1)]
@@ -90,11 +123,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=20, help="sampler steps of the recorded generation")
     ap.add_argument("--record", type=int, nargs="+", default=[2, 10, 18], help="steps whose calls are scored")
     ap.add_argument("--out", type=Path, default=Path("bench/results/locality.json"))
+    ap.add_argument("--summarize", type=Path, nargs="+", metavar="JSON",
+                    help="only print saved locality JSONs side by side (no model is run)")  # fmt: skip
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.summarize:
+        print(compare(args.summarize))
+        return 0
     started = time.perf_counter()
     weights = args.weights or MODELS[args.model]
     dtype = torch.float32
@@ -113,7 +151,8 @@ def main(argv=None) -> int:
                          **head_stats(q[0, :, head], k[0, :, head], masks)})  # fmt: skip
     out = {"weights": str(weights), "grid": list(spec.token_grid), "steps": args.steps, "captions": captions,
            "command": "python bench/locality.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "area": area, "rows": rows, "wall_s": time.perf_counter() - started}  # fmt: skip
+           "area": area, "head_kinds": head_kinds(rows), "rows": rows,
+           "wall_s": time.perf_counter() - started}  # fmt: skip
     info = Path(weights) / "train_info.json"
     if info.exists():
         out["weights_trained"] = {k: json.loads(info.read_text()).get(k) for k in ("total_steps", "total_videos_seen")}
@@ -121,6 +160,9 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     for key in ("step", "layer"):
         print(table(summarize(rows, key), key, area) + "\n")
+    kinds = out["head_kinds"]
+    print(f"heads: {kinds['sharp']} sharp (eff <= {SHARP:.0%}), {kinds['between']} between, {kinds['uniform']} "
+          f"uniform (eff >= {UNIFORM:.0%}; {kinds['flat']} >= {FLAT:.0%}) of {kinds['heads']}")  # fmt: skip
     print(f"wrote {args.out} ({out['wall_s']:.0f} s)")
     return 0
 
