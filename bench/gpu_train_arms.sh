@@ -10,7 +10,8 @@
 # share the GPU at batch 16 (~35 GB each; the arms then run at ~14 videos/s each, 42 in all against
 # 48 for one arm alone: the GPU is already full with one). Training MINUTES plus ~1.5 min of start-up
 # and previews, then ~2.5 min of measurements (locality ~30 s, oracle ~90 s on the 16x32x32 grid):
-# keep MINUTES <= 5.5 for one 10-minute call.
+# keep MINUTES <= 5.5 for one 10-minute call. STEPS=N stops every arm at N steps (equal steps instead
+# of equal time: e.g. STEPS=361 against the 2026-12-03 arms, whose base reached 361 steps).
 #
 # Every arm runs `train --preset fidelity $COMMON <its args>` into /tmp/arms/NAME (no checkpoint: the
 # weights are not brought back, only their measurements). $OUT gets arms.tgz: per arm the training log,
@@ -37,7 +38,7 @@ for arm in "$@"; do
     names+=("$name")
     # shellcheck disable=SC2086
     ( python3 -m sparse_vdit.organism.train --out "$A/$name" --preset fidelity --minutes "${MINUTES:-5.5}" \
-        --steps 1000000 --no-checkpoint $COMMON $extra > "$A/$name.train.log" 2>&1
+        --steps "${STEPS:-1000000}" --no-checkpoint $COMMON $extra > "$A/$name.train.log" 2>&1
       echo "train exit $?" >> "$A/$name.train.log" ) &
 done
 wait
