@@ -47,7 +47,7 @@ costs its rotary plus ``density`` of the dense kernel, i.e. the permutation ride
 Every timed path is first checked against the backend's old path on the same inputs (relative
 RMS, ``check``). Shapes: Wan-1.3B 480p, Wan-14B 720p, HunyuanVideo 720p (+256 text),
 CogVideoX1.5 768p (+226 text, D=64); multi-diagonal and mixed layers at 5/10/20/40% of blocks.
-Writes ``processor-attention.json`` to ``--out``; prints a table last (with ``--sweep``: the
+Writes ``processor-attention.json`` to ``--out``; prints the tables last (both efficiencies; with ``--sweep``: the
 components, then the winners). ``--dry-run``: a tiny shape on the CPU (Triton interpreter), fp32:
 a check of the script, not a measurement.
 """
