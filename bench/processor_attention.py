@@ -36,10 +36,18 @@ the kernel on load (``tuned-qk``, ``tuned-qk-f32``), and the pass options and ti
 
 The bar is the same call without sparsity: rotary + dense cuDNN SDPA (the faster of the torch
 rotary and the fused rotary pass). Block efficiency = density x t_dense_call / t_sparse_call.
+That rotary, which the unpatched model runs too, sits whole in the denominator but scaled by the
+density in the numerator, so even a perfect sparse call stays below 1.0 at low density. Hence also,
+per call row, ``eff_excl`` (printed as "rotary excluded") = density x t_dense_kernel / (t_sparse_call
+- t_rotary): ``t_dense_kernel`` dense cuDNN alone (``dense-cudnn``), ``t_rotary`` the rotary that
+path applies, run alone on q and k in identity order (no permutation: what a dense call needs) with
+the same tables and options (rows ``part="rotary"``: ``old`` the model's torch rotary, ``fused`` the
+fused pass, ``fused-f32``, ``fused-tuned[-f32]``; :data:`ROTARY_OF_PATH`). It is 1.0 when the call
+costs its rotary plus ``density`` of the dense kernel, i.e. the permutation rides on the rotary for free.
 Every timed path is first checked against the backend's old path on the same inputs (relative
 RMS, ``check``). Shapes: Wan-1.3B 480p, Wan-14B 720p, HunyuanVideo 720p (+256 text),
 CogVideoX1.5 768p (+226 text, D=64); multi-diagonal and mixed layers at 5/10/20/40% of blocks.
-Writes ``processor-attention.json`` to ``--out``; prints a table last (with ``--sweep``: the
+Writes ``processor-attention.json`` to ``--out``; prints the tables last (both efficiencies; with ``--sweep``: the
 components, then the winners). ``--dry-run``: a tiny shape on the CPU (Triton interpreter), fp32:
 a check of the script, not a measurement.
 """
@@ -114,27 +122,52 @@ def path_fn(backend: str, path: str, table, rotary: Rotary):
     return run
 
 
-def dense_fns(layout: VideoLayout, rotary: Rotary, tuned: dict | None = None) -> dict:
-    """The same call without sparsity: rotary (torch, or the fused pass) then dense cuDNN SDPA;
-    ``tuned`` ({"native" / "f32": pass variant}): also with the sweep's fastest pass options."""
-    kw = dict(kv_len=layout.kv_len, use_fa4=False)
+# the rotary each path applies, run alone in identity order (rotary_fns) for the rotary-excluded efficiency
+ROTARY_OF_PATH = {"old": "old", "fused": "fused", "fused-permuted": "fused", "fused-f32": "fused-f32",
+                  "fused-permuted-f32": "fused-f32", "tuned": "fused-tuned", "tuned-f32": "fused-tuned-f32"}  # fmt: skip
 
-    def old(q, k, v):
-        return dense.forward(models_rotary(q, rotary), models_rotary(k, rotary), v, softmax_scale=q.shape[-1] ** -0.5, **kw)
 
-    def fused(q, k, v, tables=rotary, options=None):
+def rotary_fns(rotary: Rotary, tuned: dict | None = None) -> dict:
+    """``fn(q, k) -> (q, k)`` rotated in identity order (what a dense call needs), per rotary a path
+    uses: ``old`` the model's torch code, ``fused`` the fused pass (``fused-f32``: float64 tables cast
+    to float32 once), ``fused-tuned[-f32]``: the pass with ``tuned``'s options ({"native" / "f32": pass variant})."""
+
+    def fused(q, k, tables=rotary, options=None):
         with variant(options):
-            q, k = rotate(q, k, tables)
-        return dense.forward(q, k, v, softmax_scale=q.shape[-1] ** -0.5, **kw)
+            return rotate(q, k, tables)
 
-    fns = {"dense-old": old, "dense-fused": fused}
+    fns = {"old": lambda q, k: (models_rotary(q, rotary), models_rotary(k, rotary)), "fused": fused}
     if rotary.cos.dtype == torch.float64:
-        fns["dense-fused-f32"] = lambda q, k, v: fused(q, k, v, in_float32(rotary))
+        fns["fused-f32"] = lambda q, k, t=in_float32(rotary): fused(q, k, t)
     for label, name in (tuned or {}).items():
         tables = in_float32(rotary) if label == "f32" else rotary
         suffix = "-f32" if label == "f32" else ""
-        fns[f"dense-fused-tuned{suffix}"] = lambda q, k, v, t=tables, o=PASS_VARIANTS[name]: fused(q, k, v, t, o)
+        fns[f"fused-tuned{suffix}"] = lambda q, k, t=tables, o=PASS_VARIANTS[name]: fused(q, k, t, o)
     return fns
+
+
+def dense_fns(layout: VideoLayout, rotary: Rotary, tuned: dict | None = None) -> dict:
+    """The same call without sparsity: ``dense-<rotary>``, each rotary of :func:`rotary_fns` then dense
+    cuDNN SDPA; and ``dense-cudnn``, cuDNN alone (no rotary)."""
+    kw = dict(kv_len=layout.kv_len, use_fa4=False)
+
+    def call(rotary_fn):
+        def run(q, k, v):
+            q, k = rotary_fn(q, k)
+            return dense.forward(q, k, v, softmax_scale=q.shape[-1] ** -0.5, **kw)
+
+        return run
+
+    fns = {"dense-cudnn": call(lambda q, k: (q, k))}
+    return fns | {f"dense-{label}": call(fn) for label, fn in rotary_fns(rotary, tuned).items()}
+
+
+def rotary_excluded_eff(density: float, dense_kernel_ms: float, call_ms: float, rotary_ms: float) -> float | None:
+    """Block efficiency with the path's rotary left out: ``density x t_dense_kernel / (t_call - t_rotary)``;
+    1.0 when the sparse call costs its rotary plus ``density`` of the dense kernel (the permutation free).
+    None where the call is not slower than its rotary alone (nothing left to measure)."""
+    rest = call_ms - rotary_ms
+    return density * dense_kernel_ms / rest if rest > 0 else None
 
 
 def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -188,8 +221,10 @@ def main(argv=None) -> dict:
     path = os.path.join(args.out, "processor-attention.json")
     rows = result["rows"]
 
-    def measure(fn, sets, check_ref: dict, row: dict, bar: float, density: float) -> None:
-        """Check ``fn`` against the backend's first path on ``sets[0]``, time it, append ``row``."""
+    def measure(fn, sets, check_ref: dict, row: dict, bar: float, density: float, kernel_ms: float,
+                rotary_ms: float) -> None:  # fmt: skip
+        """Check ``fn`` against the backend's first path on ``sets[0]``, time it, append ``row`` with its
+        block efficiency against ``bar`` and, rotary excluded, against ``kernel_ms`` (cuDNN alone)."""
         label = f"{row['backend']}"
         try:
             out = fn(*sets[0])
@@ -201,12 +236,14 @@ def main(argv=None) -> dict:
             say(f"  {label} {row['kind']} {row['target']}: {type(exc).__name__}: {exc}")
             rows.append(dict(row, error=str(exc)[:300]))
             return
-        row.update(ms=ms, host_ms=host, reps=reps, block_eff=density * bar / ms, check=check)
+        eff_excl = rotary_excluded_eff(density, kernel_ms, ms, rotary_ms)
+        row.update(ms=ms, host_ms=host, reps=reps, block_eff=density * bar / ms, rotary_ms=rotary_ms, eff_excl=eff_excl,
+                   check=check)  # fmt: skip
         rows.append(row)
         if not check <= args.check_tol:
             result["failed_checks"].append(f"{row['shape']}/{row['kind']}/{row['target']}/{label}: {check:.2e}")
         say(f"  {row['kind']:10s} {density:5.3f} {label:28s} {ms:9.3f} ms (host {host:6.3f}) eff {row['block_eff']:5.2f} "
-            f"check {check:.1e}")  # fmt: skip
+            f"rotary excluded {'-' if eff_excl is None else f'{eff_excl:5.2f}'} check {check:.1e}")  # fmt: skip
 
     for shape in shapes:
         if time.time() - t_start > args.budget_s:
@@ -223,14 +260,19 @@ def main(argv=None) -> dict:
             tuned_pass = pass_sweep(shape, rotary, all_token_major, sets, args, rows)
         dense_ms = {}
         flops = 4.0 * shape.heads * layout.num_tokens * layout.kv_len * shape.dim
-        cudnn = {"dense-cudnn": lambda q, k, v: dense.forward(q, k, v, kv_len=layout.kv_len, use_fa4=False,
-                                                              softmax_scale=q.shape[-1] ** -0.5)} if sweep else {}  # fmt: skip
-        for label, fn in {**cudnn, **dense_fns(layout, rotary, tuned_pass)}.items():
+        for label, fn in dense_fns(layout, rotary, tuned_pass).items():
             ms, host, reps = time_fn(fn, sets, target_ms=args.target_ms)
             dense_ms[label] = ms
             rows.append(dict(part="dense", shape=shape.name, kind="dense", backend=label, path=label, density=1.0, ms=ms,
                              host_ms=host, tflops=flops / ms * 1e-9))  # fmt: skip
             say(f"  {label:24s} {ms:9.3f} ms")
+        rotary_ms = {}  # each path's rotary alone, identity order (q and k)
+        for label, fn in rotary_fns(rotary, tuned_pass).items():
+            ms, host, reps = time_fn(lambda q, k, v, rotate_qk=fn: rotate_qk(q, k), sets, target_ms=args.target_ms)
+            rotary_ms[label] = ms
+            rows.append(dict(part="rotary", shape=shape.name, kind="rotary", backend=f"rotary-{label}", path=label, ms=ms,
+                             host_ms=host))  # fmt: skip
+            say(f"  {'rotary-' + label:24s} {ms:9.3f} ms")
         bar = min(ms for label, ms in dense_ms.items() if label != "dense-cudnn")  # the call with its rotary
         for kind in args.kinds:
             for target in args.densities:
@@ -257,7 +299,8 @@ def main(argv=None) -> dict:
                     for label, fn, extra in calls:
                         row = dict(part="call", shape=shape.name, kind=kind, target=target, density=table.density,
                                    backend=f"{backend}/{label}", path=label, **extra)  # fmt: skip
-                        measure(fn, sets, refs, row, bar, table.density)
+                        measure(fn, sets, refs, row, bar, table.density, dense_ms["dense-cudnn"],
+                                rotary_ms[ROTARY_OF_PATH[label]])  # fmt: skip
                     del refs
         del sets
         sparse_vdit.clear_caches()
@@ -279,6 +322,14 @@ def print_table(result: dict) -> None:
 
     print("\nblock efficiency = density x t(rotary + dense cuDNN) / t(rotary + permutation + sparse kernel + inverse)")
     attention_table(dict(result, rows=[r for r in result["rows"] if r.get("part") in ("dense", "call", None)]))
+    print("\nblock efficiency, rotary excluded = density x t(dense cuDNN alone) / (t(call) - t(the call's rotary alone, "
+          "identity order)); rotary alone (q and k), ms:")
+    for shape in dict.fromkeys(r["shape"] for r in result["rows"] if r.get("part") == "rotary"):
+        print(f"  {shape}: " + ", ".join(f"{r['path']} {r['ms']:.3f}" for r in result["rows"]
+                                         if r.get("part") == "rotary" and r["shape"] == shape))  # fmt: skip
+    excluded = [r for r in result["rows"] if r.get("part") == "dense" and r["path"] == "dense-cudnn"]
+    excluded += [dict(r, block_eff=r["eff_excl"]) for r in result["rows"] if r.get("part") == "call" and "ms" in r]
+    attention_table(dict(result, rows=excluded))
     print(f"\nchecks against the old path: {'all within tolerance' if not result['failed_checks'] else result['failed_checks']}")
     print_sweep(result)
 

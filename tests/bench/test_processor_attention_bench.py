@@ -22,9 +22,10 @@ def test_processor_attention_dry_run(family, load_script, tmp_path, capsys, monk
     assert sorted(label for backend, label in script.PATHS if backend == "triton") == [
         "fused-permuted", "fused-permuted-f32", "old"]  # the -f32 path runs for float64 tables only (Wan)
     rows = {(r["kind"], r["path"]): r for r in result["rows"] if r["part"] in ("dense", "call")}
-    expected = {("dense", "dense-old"), ("dense", "dense-fused"), ("mixed", "old"), ("mixed", "fused-permuted")}
-    if family == "wan":  # and the sweep: cuDNN alone, the tuned calls (the fastest pass options and tiles)
-        expected |= {("dense", "dense-fused-f32"), ("mixed", "fused-permuted-f32"), ("dense", "dense-cudnn"),
+    expected = {("dense", "dense-old"), ("dense", "dense-fused"), ("dense", "dense-cudnn"), ("mixed", "old"),
+                ("mixed", "fused-permuted")}  # fmt: skip
+    if family == "wan":  # and the sweep: the tuned calls (the fastest pass options and tiles)
+        expected |= {("dense", "dense-fused-f32"), ("mixed", "fused-permuted-f32"),
                      ("dense", "dense-fused-tuned"), ("dense", "dense-fused-tuned-f32"), ("mixed", "tuned"),
                      ("mixed", "tuned-f32")}  # fmt: skip
         passes = [(r["tables"], r["variant"]) for r in result["rows"] if r["part"] == "pass"]
@@ -36,11 +37,52 @@ def test_processor_attention_dry_run(family, load_script, tmp_path, capsys, monk
         assert tuned["pass_variant"] in ("default", "b32") and tuned["tile_variant"] in ("default", "64x64x4x3")
     assert set(rows) == expected
     assert all(r["ms"] > 0 for r in rows.values())
+    # each call's rotary alone (identity order) and the efficiency with it left out, against cuDNN alone
+    rotary = {r["path"]: r["ms"] for r in result["rows"] if r["part"] == "rotary"}
+    assert set(rotary) == {script.ROTARY_OF_PATH[path] for kind, path in rows if kind == "mixed"}
+    assert all(ms > 0 for ms in rotary.values())
+    for (kind, path), row in rows.items():
+        if kind == "mixed":
+            assert row["rotary_ms"] == rotary[script.ROTARY_OF_PATH[path]]
+            assert row["eff_excl"] == script.rotary_excluded_eff(row["density"], rows[("dense", "dense-cudnn")]["ms"],
+                                                                 row["ms"], row["rotary_ms"])  # fmt: skip
     for path in ("fused-permuted", "fused-permuted-f32", "tuned", "tuned-f32"):  # fp32: equal to old
         assert rows.get(("mixed", path), {"check": 0.0})["check"] < 1e-6
     assert result["failed_checks"] == []
     assert json.loads((tmp_path / "processor-attention.json").read_text())["rows"] == result["rows"]
     printed = capsys.readouterr().out
     assert "triton/fused-permuted" in printed.split("block efficiency")[1]  # the table
+    assert "triton/fused-permuted" in printed.split("rotary excluded")[1]  # and the one with the rotary left out
     if family == "wan":  # the winners, printed last
         assert "tuned-f32" in printed.split("winners:")[-1]
+
+
+def test_rotary_excluded_efficiency(load_script):
+    """density x t_dense_kernel / (t_call - t_rotary): 1.0 for a call costing its rotary plus the density's
+    share of the dense kernel; None where the call is not slower than its rotary."""
+    eff = load_script("processor_attention").rotary_excluded_eff
+    assert eff(0.05, 10.0, 2.0 + 0.05 * 10.0, 2.0) == pytest.approx(1.0)  # the permutation free: 1.0 at 5%
+    assert eff(0.1, 10.0, 4.0, 2.0) == pytest.approx(0.5)  # twice the ideal time once the rotary is out
+    assert eff(0.1, 10.0, 2.0, 2.0) is None and eff(0.1, 10.0, 1.5, 2.0) is None
+
+
+@pytest.mark.parametrize("family", ["hunyuan_video", "wan"])
+def test_rotary_fns_rotate_in_identity_order(family, load_script):
+    """Every rotary timed alone gives q and k rotated as the model does, rows left in their order (no
+    permutation), so the dense call's bar and the rotary-excluded efficiency measure the same rotary."""
+    from sparse_vdit.kernels import registry
+
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    torch.set_num_threads(1)
+    script = load_script("processor_attention")
+    shape = script.Shape("tiny", script.VideoLayout(3, 5, 9, *((19, "suffix") if family != "wan" else ())), 4, 64)
+    rotary = script.rotary_tables(shape, family, torch.device("cpu"))
+    q, k = (torch.randn(1, shape.layout.num_tokens, 4, 64, generator=torch.Generator().manual_seed(i)) for i in (0, 1))
+    fns = script.rotary_fns(rotary, {"native": "default", "f32": "default"})
+    assert set(fns) == {"old", "fused", "fused-tuned", "fused-tuned-f32"} | ({"fused-f32"} if family == "wan" else set())
+    expected = [script.models_rotary(x, rotary) for x in (q, k)]
+    assert not torch.equal(expected[0], q)  # the rotary does something here
+    for label, fn in fns.items():
+        for got, want in zip(fn(q, k), expected):
+            assert got.shape == want.shape and (got - want).abs().max() <= 1e-5 * want.abs().max(), label

@@ -237,18 +237,3 @@ def test_gpu_backward_matches_masked_attention(case, backend, dtype, monkeypatch
     if problem:
         pytest.skip(problem)
     _check(GPU_CASES[case], backend, dtype, "cuda", 1e-6, monkeypatch if backend == "triton" else None)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "default"])
-@pytest.mark.parametrize("case", GPU_CASES)
-def test_gpu_triton_backward_variants_match_masked_attention(case, variant, monkeypatch):
-    """The candidates of bench/backward.py --variants on the GPU, with their GPU-only paths (TMA reductions)."""
-    from sparse_vdit.kernels.triton import backward
-
-    if not registry.available("triton", torch.device("cuda", torch.cuda.current_device()))[0]:
-        pytest.skip("no triton")
-    for key, value in VARIANTS[variant].items():
-        monkeypatch.setitem(backward.OPTIONS, key, value)
-    _check(GPU_CASES[case], "triton", torch.bfloat16, "cuda", 1e-6, monkeypatch)

@@ -2,16 +2,13 @@
 
 FlashAttention-2 style: ``dK, dV`` by key tile, looping over the query blocks that visit its key
 block (the table's transposed form, :attr:`BlockTable.query_ranges`), and ``dQ`` by query tile,
-looping over the forward's key-block ranges; or (option ``fused``) one launch by key tile that
-also adds each step's share of ``dQ`` into a float32 buffer, by TMA bulk reductions where the
-steps are read through TMA, else by atomics (no second pass that recomputes the probabilities;
-the order of the sum, so its last bits, varies from run to run). Both recompute the probabilities
-from the forward's log-sum-exp (``launcher.forward(..., return_lse=True)``), turned to base 2 by a
-prologue kernel that also computes ``delta = rowsum(dO * O)``. Each range's whole steps run
-unmasked (frame-major heads read them through tensor descriptors, TMA, on sm90+), only its ragged
-last step masked. Token-major heads are read and written through their order in place, as in the
-forward. Every element of dQ, dK, dV is written (zeros for keys nobody visits: skipped heads,
-padded text). The torch reference is autograd through ``sparse_vdit.kernels.reference``.
+looping over the forward's key-block ranges. Both recompute the probabilities from the forward's
+log-sum-exp (``launcher.forward(..., return_lse=True)``), turned to base 2 by a prologue kernel
+that also computes ``delta = rowsum(dO * O)``. Each range's whole steps run unmasked (frame-major
+heads read them through tensor descriptors, TMA, on sm90+), only its ragged last step masked.
+Token-major heads are read and written through their order in place, as in the forward. Every
+element of dQ, dK, dV is written (zeros for keys nobody visits: skipped heads, padded text). The
+torch reference is autograd through ``sparse_vdit.kernels.reference``.
 """
 
 from __future__ import annotations
@@ -27,20 +24,18 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option
 # Options of the backward (None: DEFAULTS), set by benchmarks (bench/backward.py --variants) and tests:
 # ``tiles`` (dK/dV key tile, its query step, dQ query tile, its key step; None: the rule of _tiles),
 # ``warps`` and ``stages`` (dK/dV kernel, dQ kernel), ``tma`` (frame-major heads read their whole
-# steps through tensor descriptors where the device has them, sm90+), ``fused`` (dQ added into a
-# float32 buffer by the dK/dV kernel: by TMA bulk reductions on the steps read through TMA, else atomics).
-OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "fused": None}
-DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "fused": False}
+# steps through tensor descriptors where the device has them, sm90+).
+OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None}
+DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True}
 
 
 # Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first);
 # a winner becomes DEFAULTS, the losers go (BENCHMARKS.md keeps their numbers). Tiles are for 128-token
-# table blocks (tests scale them).
+# table blocks (tests scale them). Removed after H200 runs (BENCHMARKS.md): one dK/dV kernel that also adds dQ,
+# by fp32 atomics (fused-tma) or by TMA bulk reductions (fused-tma-reduce: 0.55-0.59 against the default's
+# 0.58-0.62; its code is in commit b34ab84).
 VARIANTS: dict[str, dict] = {
     "default": {},  # 128-key tiles with 32-query steps (and the converse for dQ), 8 warps, 3 stages, TMA
-    # no dQ pass (7 matmuls per block -> 5, as cuDNN); scattered fp32 atomics lost that gain (H200: 0.61 vs
-    # 0.62), TMA reduces whole [32, 128] tiles at a time (FlashAttention-3's dQ accumulation)
-    "fused-tma-reduce": {"fused": True},
 }
 
 
@@ -108,15 +103,13 @@ def _step(A, B, A_DESC, B_DESC, start, last, base, batch, head, stride_n, token_
 
 @triton.jit
 def _dkdv_steps(
-    dk, dv, k, v, key_ok, mask_keys, first, last, Q, DO, DQ, Q_DESC, DO_DESC, DQ_DESC, LSE, DELTA, base, stats,
-    batch, head, stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale, softmax_scale,
+    dk, dv, k, v, first, last, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
+    stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
     FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
-    ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr, FUSED: tl.constexpr,
-    REDUCE: tl.constexpr,
+    ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """Query steps ``[first, last)`` into ``(dk, dv)`` of one key tile; MASKED: rows ``>= last`` masked.
-    FUSED: their share of dQ added into DQ (with TMA and REDUCE: through DQ_DESC by bulk reductions);
-    ``mask_keys``: keys not ``key_ok`` zeroed in P (else their rows of dK, dV are zeroed by the launcher)."""
+    Keys past the real ones are not masked: their rows of dK, dV are zeroed by the launcher."""
     for start in range(first, last, BLOCK_M):
         rows_m, q_ok, q, do = _step(Q, DO, Q_DESC, DO_DESC, start, last, base, batch, head, stride_n, token_major,
                                     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, BLOCK_M, HEAD_DIM,
@@ -128,21 +121,9 @@ def _dkdv_steps(
             lse = tl.load(LSE + stats + rows_m)
             delta = tl.load(DELTA + stats + rows_m)
         p_t = tl.math.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
-        if mask_keys:
-            p_t = tl.where(key_ok[:, None], p_t, 0.0)
         dv += _dot(p_t.to(do.dtype), do, IEEE)
         ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
         dk += _dot(ds_t.to(q.dtype), q, IEEE)
-        if FUSED:
-            dq = _dot(tl.trans(ds_t.to(k.dtype)), k, IEEE) * softmax_scale  # [BLOCK_M, D]
-            if TMA and REDUCE:
-                DQ_DESC.atomic_add([batch, start, head, 0], dq.reshape(1, BLOCK_M, 1, HEAD_DIM))
-            else:
-                ptrs = DQ + base + rows_m[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :]
-                if MASKED:
-                    tl.atomic_add(ptrs, dq, mask=q_ok[:, None], sem="relaxed")
-                else:
-                    tl.atomic_add(ptrs, dq, sem="relaxed")
     return dk, dv
 
 
@@ -153,8 +134,8 @@ _SIZES = ["N", "KV_LEN", "HEADS", "NUM_RANGES", "FRAME_TOKENS", "VIDEO_START", "
 
 @triton.jit(do_not_specialize=[*_SIZES, "NUM_K_TILES"])
 def block_sparse_attention_bwd_dkdv(
-    Q, K, V, DO, DK, DV, DQ,  # [B, N, H, D], one set of strides (made contiguous); DQ: float32 with FUSED
-    Q_DESC, DO_DESC, DQ_DESC,  # with TMA: descriptors of Q, DO (and with REDUCE, DQ), blocks [1, BLOCK_M, 1, D]
+    Q, K, V, DO, DK, DV,  # [B, N, H, D], one set of strides (the launcher makes them contiguous)
+    Q_DESC, DO_DESC,  # with TMA: descriptors of Q and DO, blocks [1, BLOCK_M, 1, D]; else unused
     LSE, DELTA,  # float32 [B, H, N] by memory row; LSE in base 2
     STARTS, ENDS,  # int32 [H, Kb, R]: the query blocks visiting each key block, as ranges
     SCHEDULE,  # int32 [H * NUM_K_TILES]: work items, heaviest first
@@ -167,7 +148,6 @@ def block_sparse_attention_bwd_dkdv(
     BLOCK_M: tl.constexpr,  # query rows per step
     BLOCK_N: tl.constexpr,  # keys per program
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
-    FUSED: tl.constexpr, REDUCE: tl.constexpr,
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
@@ -182,28 +162,22 @@ def block_sparse_attention_bwd_dkdv(
     v = tl.load(V + base + rows_n[:, None] * stride_n + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    mask_keys = False
-    if FUSED:  # keys past KV_LEN: their P would feed dQ, so it is masked, on the tiles holding such keys
-        mask_keys = tile * BLOCK_N + BLOCK_N > KV_LEN
     ranges = head * stride_rh + column * stride_rm
     for r in range(0, NUM_RANGES):
         first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
         last = tl.minimum(tl.load(ENDS + ranges + r) * TABLE_BLOCK, N)
         full = first + tl.maximum(last - first, 0) // BLOCK_M * BLOCK_M  # whole steps unmasked, one loop per
         if token_major:  # kind of head; then the ragged step
-            dk, dv = _dkdv_steps(dk, dv, k, v, key_ok, mask_keys, first, full, Q, DO, DQ, Q_DESC, DO_DESC, DQ_DESC,
-                                 LSE, DELTA, base, stats, batch, head, stride_n, True, FRAME_TOKENS, VIDEO_START,
-                                 VIDEO_TOKENS, qk_scale, softmax_scale, FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False,
-                                 False, FUSED, REDUCE)  # fmt: skip
+            dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch,
+                                 head, stride_n, True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False)  # fmt: skip
         else:
-            dk, dv = _dkdv_steps(dk, dv, k, v, key_ok, mask_keys, first, full, Q, DO, DQ, Q_DESC, DO_DESC, DQ_DESC,
-                                 LSE, DELTA, base, stats, batch, head, stride_n, False, FRAME_TOKENS, VIDEO_START,
-                                 VIDEO_TOKENS, qk_scale, softmax_scale, FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA,
-                                 False, FUSED, REDUCE)  # fmt: skip
-        dk, dv = _dkdv_steps(dk, dv, k, v, key_ok, mask_keys, full, last, Q, DO, DQ, Q_DESC, DO_DESC, DQ_DESC,
-                             LSE, DELTA, base, stats, batch, head, stride_n, token_major, FRAME_TOKENS, VIDEO_START,
-                             VIDEO_TOKENS, qk_scale, softmax_scale, FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR,
-                             False, True, FUSED, REDUCE)  # fmt: skip
+            dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch,
+                                 head, stride_n, False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False)  # fmt: skip
+        dk, dv = _dkdv_steps(dk, dv, k, v, full, last, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
+                             stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                             FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True)  # fmt: skip
     out_ok = (offs_n < N)[:, None]  # rows of keys past KV_LEN are zeroed by the launcher
     dk = dk * softmax_scale  # (a tl.where here costs register spills in the loop on sm90)
     tl.store(DK + base + rows_n[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
@@ -349,7 +323,7 @@ def backward(
     kv_tile, q_step, q_tile, kv_step = _tiles(block, dim, device, backward_option("tiles"))
     warps = backward_option("warps") or ((8, 8) if dim > 64 else (4, 4))  # D=128: dK and dV, two 128 x 128 fp32 accumulators
     stages = backward_option("stages")
-    tma, fused = bool(backward_option("tma")) and _tma_ok(device), bool(backward_option("fused"))
+    tma = bool(backward_option("tma")) and _tma_ok(device)
     layout = table.layout
     delta, lse2 = _prologue(grad_out, out, lse.contiguous())
     order = option("schedule")
@@ -360,7 +334,7 @@ def backward(
     flags = table.token_major.to(torch.int8) if any_token_major else delta
     q_starts, q_ends = table.query_ranges
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=device) if fused else torch.empty_like(q)
+    dq = torch.empty_like(q)
     launch = [{} if device.type == "cpu" else {"num_warps": w, "num_stages": s} for w, s in zip(warps, stages)]
     common = dict(
         FRAMES=layout.frames, TABLE_BLOCK=block, HEAD_DIM=dim, IEEE=q.dtype == torch.float32,
@@ -368,21 +342,14 @@ def backward(
     )  # fmt: skip
     sizes = (layout.frame_tokens, layout.video_start, layout.video_tokens, softmax_scale * LOG2E, softmax_scale)
     descriptors = _descriptors(q, grad_out, q_step) if tma else None
-    # TMA bulk reductions into dQ on the GPU (the interpreter has none: there the same kernel adds by atomics)
-    reduce = fused and descriptors is not None and device.type == "cuda"
-    dq_desc = (_descriptors(dq, dq, q_step) or (None,))[0] if reduce else None
     block_sparse_attention_bwd_dkdv[(heads * num_k_tiles, batch)](
-        q, k, v, grad_out, dk, dv, dq, *(descriptors or (delta, delta)), dq_desc or delta, lse2, delta, q_starts,
-        q_ends, dkdv_schedule, flags,
+        q, k, v, grad_out, dk, dv, *(descriptors or (delta, delta)), lse2, delta, q_starts, q_ends, dkdv_schedule, flags,
         q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
         n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
-        BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=descriptors is not None, FUSED=fused, REDUCE=dq_desc is not None,
-        **common, **launch[0],
+        BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=descriptors is not None, **common, **launch[0],
     )  # fmt: skip
     if layout.kv_len < n:  # the kernel left the rows of padded keys as they came
         dk[:, layout.kv_len :], dv[:, layout.kv_len :] = 0, 0
-    if fused:
-        return dq.to(q.dtype), dk, dv
     dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order),
                              lambda t: _schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order))  # fmt: skip
     starts, ends = table.range_starts.contiguous(), table.range_ends.contiguous()
