@@ -37,7 +37,7 @@
 #   online-cost2   selection old / eager / compiled / grouped, attention vs the plan's tables (#22) (~150)
 #   e2e-online     Wan-1.3B compiled: plan vs top-k, grouped, every-2, hybrid at 25% (#22)         (~150)
 #   svg-sweep2     SVG profile kernel tiles x programs per SM, Wan-1.3B and Wan-14B (#16)       (~210)
-#   backward-variants  Triton backward: defaults vs fused-tma-reduce, check + time, Wan / Hunyuan (#18) (~120)
+#   backward-variants  Triton backward: the default (and any --variants), check + time, Wan / Hunyuan (#18) (~60)
 #   locality       where the fidelity organism's attention mass goes, per step / layer (#15)         (~60)
 #   processor-sweep  fused pass options, kernel tiles, winners of the whole call, four shapes (#21)  (~240)
 #   processor-default  the processor call with #21's new defaults (no sweep), four shapes, FA4 + Triton (~130)
@@ -145,7 +145,7 @@ for name in "$@"; do
     svg-sweep2) TAIL=40 step svg-sweep2 240 python3 bench/svg.py --kernel-sweep --shapes wan1.3b-480p wan14b-720p \
         --modes reference --densities 0.25 --reps 20 --finalists 3 --budget-s 210 --out "$R" ;;
     backward-variants) TAIL=40 step backward-variants 200 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
-        --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants default fused-tma-reduce --target-ms 300 \
+        --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants default --target-ms 300 \
         --budget-s 170 --out "$R" ;;
     processor-sweep) TAIL=60 step processor-sweep 260 python3 bench/processor_attention.py --sweep --shapes \
         wan1.3b-480p cogvideox1.5-768p wan14b-720p hunyuan-720p --densities 0.05 0.1 0.2 0.4 --kinds multi_diag mixed \
