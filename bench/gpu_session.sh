@@ -20,7 +20,7 @@
 #   backward       backward block efficiency, Triton, Wan-1.3B and HunyuanVideo, 10-50% (#18)   (~110)
 #   finetune       sparse-aware LoRA fine-tuning of the fidelity organism, 10% and 25% (#18)   (~200)
 #   new-tests      GPU tests of this session's kernels: backward, select, online, SVG step path,
-#                  fused rotary / head order                                                     (~90)
+#                  fused rotary / head order (263 s on 2026-12-03: compiles dominate)             (~270)
 #   processor      the whole processor attention call, old vs fused rotary+permutation (#21)     (~70)
 #   svg-overhead   SVG layer / attention, before vs after the step-path cuts, Wan 25% (#16)    (~60)
 #   online-cost    online top-k/top-p selection cost vs the attention it saves, Wan-14B (#22)  (~30)
@@ -40,7 +40,8 @@
 #   backward-variants  Triton backward: the default (and any --variants), check + time, Wan / Hunyuan (#18) (~60)
 #   locality       where the fidelity organism's attention mass goes, per step / layer (#15)         (~60)
 #   processor-sweep  fused pass options, kernel tiles, winners of the whole call, four shapes (#21)  (~240)
-#   processor-default  the processor call with #21's new defaults (no sweep), four shapes, FA4 + Triton (~130)
+#   processor-default  the processor call with #21's new defaults (no sweep), four shapes, FA4 + Triton, with
+#                  the rotary-excluded efficiency (rotary and cuDNN timed alone)                    (~110)
 #   online-list    online-cost2 plus the Triton kernel's block-list mode beside the ranges (sparse list,
 #                  list vs plan), Wan-1.3B 480p and Wan-14B 720p, 25% (#22)                       (~200)
 #   e2e-online-list  Wan-1.3B compiled: plan vs top-k in the range mode vs top-k in the block-list mode,
@@ -101,7 +102,7 @@ for name in "$@"; do
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --budget-s 90 --out "$R" ;;
     finetune) TAIL=20 step finetune 240 python3 bench/finetune.py --densities 0.1 0.25 --minutes 1.25 \
         --captions 4 --seeds 0 --out "$R" ;;
-    new-tests) TAIL=12 step new-tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu \
+    new-tests) TAIL=12 step new-tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/kernels/test_backward.py tests/kernels/test_select.py tests/methods/test_online_gpu.py \
         tests/methods/test_svg_step_path.py tests/kernels/test_head_order.py ${NEW_TESTS:-} ;;
     processor) TAIL=40 step processor 75 python3 bench/processor_attention.py --shapes wan1.3b-480p hunyuan-720p \
