@@ -42,6 +42,7 @@ median; ``bench/common.time_fn``):
   head x query-block rows and ``triton_near_ties``: whether each such row's kept mass is within 1e-4 of
   the compiled one's, float32 estimate), ``triton_vs_compiled`` = ``select_triton_ms / select_ms``,
   ``cost_share_triton`` and ``fresh_triton_ms`` (a new Triton-selected table and its attention per call);
+  ``select_triton_topp_ms``: the top-p rows' selection through the Triton kernels (``same_blocks_triton_topp``);
 - ``static_ms``: the same backend on a frame-major band table of about the same density (an
   offline plan's table; equal-density speed of the online table against a plan's);
 - ``cluster_ms`` (``--cluster-iters``, default 2; 0: none): the clustered selection (k-means of
@@ -170,6 +171,9 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
     def select_triton(q, k, v):
         return online_table(q, k, layout, block, **topk, compile="triton")
 
+    def select_triton_topp(q, k, v):
+        return online_table(q, k, layout, block, **topp, compile="triton")
+
     def select_grouped(q, k, v):
         return online_table(q, k, layout, block, **topk, key_group=args.key_group)
 
@@ -241,6 +245,7 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
     if args.triton_select:  # correctness first
         mass = online_methods.pooled_mass(sets[0][0], sets[0][1], layout, block)
         row.update(triton_agreement(select_triton(*sets[0]), tables[0], mass))
+        row["same_blocks_triton_topp"] = same_blocks(select_triton_topp(*sets[0]), select_topp(*sets[0]))
     timed = (("dense_ms", dense), ("select_old_ms", select_old), ("select_eager_ms", select_eager),
              ("select_ms", select), ("select_grouped_ms", select_grouped), ("select_topp_ms", select_topp),
              ("sparse_ms", in_block_list_mode(sparse, False)),
@@ -251,7 +256,8 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
                   ("sparse_grouped_list_ms", in_block_list_mode(sparse_grouped)),
                   ("plan_list_ms", in_block_list_mode(plan_attention)))  # fmt: skip
     if args.triton_select:
-        timed += (("select_triton_ms", select_triton), ("fresh_triton_ms", fresh_triton))
+        timed += (("select_triton_ms", select_triton), ("select_triton_topp_ms", select_triton_topp),
+                  ("fresh_triton_ms", fresh_triton))  # fmt: skip
     for name, fn in (*timed,
                      ("fresh_ms", fresh), ("hybrid_ms", hybrid), ("static_ms", band_attention if band else None),
                      ("cluster_ms", cluster if made else None),
@@ -270,6 +276,7 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
         row["host_syncs_cluster"] = sync_free(lambda: cluster(*sets[0]), device)
     if args.triton_select:
         row["triton_vs_compiled"] = row["select_triton_ms"] / row["select_ms"]
+        row["triton_topp_vs_compiled"] = row["select_triton_topp_ms"] / row["select_topp_ms"]
         row["cost_share_triton"] = row["select_triton_ms"] / saved if saved > 0 else None
         row["host_syncs_select_triton"] = sync_free(lambda: select_triton(*sets[0]), device)
     row["host_syncs_select"] = sync_free(lambda: select(*sets[0]), device)

@@ -1,4 +1,4 @@
-"""The Triton top-k selection (kernels/triton/pooled_topk.py) against the torch rule of
+"""The Triton top-k / top-p selection (kernels/triton/pooled_topk.py) against the torch rule of
 methods/online.py: the same kept blocks, ranges and index lists (CPU: TRITON_INTERPRET=1)."""
 
 import pytest
@@ -10,7 +10,7 @@ from sparse_vdit import VideoLayout  # noqa: E402
 from sparse_vdit.block_table import mask_ranges, run_length  # noqa: E402
 from sparse_vdit.kernels.triton import pooled_topk  # noqa: E402
 from sparse_vdit.methods.online import (  # noqa: E402
-    _pool, forced_blocks, index_form, max_kept, max_runs, online_table, pooled_mass, top_k_keep)
+    _pool, forced_blocks, index_form, max_kept, max_runs, online_table, pooled_mass, select_blocks, top_k_keep)
 
 torch.set_num_threads(1)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,6 +67,27 @@ def test_triton_top_k_equals_the_torch_rule(layout, dtype, monkeypatch):
             assert keep.all()
 
 
+@pytest.mark.parametrize("layout", [LAYOUTS[2], VideoLayout(4, 8, 10)], ids=lambda lay: lay.describe())
+def test_triton_top_p_equals_the_torch_rule(layout, monkeypatch):
+    """Per row the shortest prefix reaching p, clamped to the budget, at least the forced blocks."""
+    gen = torch.Generator(device=DEVICE).manual_seed(layout.num_tokens + 1)
+    q, k = (torch.randn(2, layout.num_tokens, 3, 16, generator=gen, device=DEVICE) for _ in range(2))
+    q[:, : layout.num_tokens // 2] *= 4  # peaked rows keep few blocks, flat rows many
+    forced = forced_blocks(layout, BLOCK, q.device)
+    kb = forced.shape[-1]
+    for p, low, high in ((0.3, 1, kb), (0.9, 2, kb - 1), (1.0, 1, kb)):
+        expected = select_blocks(pooled_mass(q, k, layout, BLOCK), forced, p, low, high)
+        runs = min(max_runs(layout, BLOCK, high), kb // 2 + 1)
+        _poison(monkeypatch)
+        got = pooled_topk.pooled_top_k(q, k, forced, high, block=BLOCK, kv_len=layout.kv_len, range_width=runs,
+                                       index_width=kb, p=p, min_count=low)  # fmt: skip
+        monkeypatch.undo()
+        assert torch.equal(got[0], expected)
+        assert torch.equal(got[1], mask_ranges(expected, runs)[0]) and torch.equal(got[3], index_form(expected, kb))
+        if p == 0.3 and not layout.text:  # 20 key blocks, one forced a row
+            assert expected.sum(-1).unique().numel() > 1  # the counts vary by row
+
+
 def test_two_tiles_of_query_blocks_and_wide_rows(monkeypatch):
     """20 query blocks (two programs of 16) and 20 key blocks (rows padded to 32 in the kernel)."""
     layout = VideoLayout(4, 8, 10)
@@ -100,7 +121,7 @@ def test_pooling_is_the_block_mean():
 
 @pytest.mark.parametrize("key_group, low, high", [(1, 0.3, 0.3), (1, 0.1, 0.5), (2, 0.3, 0.3)])
 def test_online_table_dispatches_fixed_budgets_to_triton(key_group, low, high, monkeypatch):
-    """compile="triton": fixed budgets of single blocks through the kernels, the rest through torch;
+    """compile="triton": single key blocks (top-k, top-p) through the kernels, groups through torch;
     the same table either way, its run length declared."""
     layout = LAYOUTS[1]
     gen = torch.Generator(device=DEVICE).manual_seed(2)
@@ -111,7 +132,7 @@ def test_online_table_dispatches_fixed_budgets_to_triton(key_group, low, high, m
     got = online_table(q, k, layout, BLOCK, 0.9, low, high, key_group=key_group, compile="triton")
     monkeypatch.undo()
     expected = online_table(q, k, layout, BLOCK, 0.9, low, high, key_group=key_group, compile="never")
-    assert len(calls) == (key_group == 1 and low == high)
+    assert len(calls) == (key_group == 1)
     assert torch.equal(got.range_starts, expected.range_starts) and torch.equal(got.range_ends, expected.range_ends)
     assert torch.equal(got.kv_indices, expected.kv_indices) and run_length(got) == key_group
     with pytest.raises(ValueError, match="compile"):

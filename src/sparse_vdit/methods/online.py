@@ -17,10 +17,10 @@ Nothing of size N x N is formed: the work is two poolings (one read of q and k),
 ``Qb x Kb`` score matrix per head and a sort of its rows (a fixed budget, the top-k: one
 ``torch.topk`` per row for the threshold, no sort). On CUDA the whole selection runs through
 ``torch.compile`` (its small ops fused; the same blocks), or, asked for (``compile="triton"``), a
-fixed budget runs as four Triton launches (:mod:`sparse_vdit.kernels.triton.pooled_topk`). The table
-is built on the device with a range width fixed by the budget (:func:`max_runs`) and its index form
-filled in the same way, so deciding reads nothing back to the host (the Triton and FA4 backends then
-launch without a sync).
+selection of single key blocks runs as four Triton launches (:mod:`sparse_vdit.kernels.triton.pooled_topk`).
+The table is built on the device with a range width fixed by the budget (:func:`max_runs`) and its
+index form filled in the same way, so deciding reads nothing back to the host (the Triton and FA4
+backends then launch without a sync).
 
 :class:`Hybrid`: the heads an offline plan made sparse (the search found a pattern within its
 error bound: *stable* heads) keep the plan's pattern, row for row; the heads it left dense get
@@ -190,17 +190,17 @@ def selection(q: torch.Tensor, k: torch.Tensor, forced: torch.Tensor, layout: Vi
 
 
 # online_table's default: the selection through torch.compile on CUDA ("always", "never"); "triton": a
-# fixed-budget selection of single key blocks through the Triton kernels of
-# kernels/triton/pooled_topk.py where they run (CUDA, or the interpreter), the rest as "cuda". Not the
+# selection of single key blocks (top-k or top-p) through the Triton kernels of
+# kernels/triton/pooled_topk.py where they run (CUDA, or the interpreter), key groups as "cuda". Not the
 # default until measured against the compiled one (bench/online_cost.py --triton-select; issue 22).
 COMPILE = "cuda"
 COMPILE_CHOICES = ("cuda", "always", "never", "triton")
 
 
-def triton_selects(q: torch.Tensor, low: int, high: int, group: int) -> bool:
-    """Whether the Triton top-k (:func:`~sparse_vdit.kernels.triton.pooled_topk.pooled_top_k`) takes
-    this selection: a fixed budget of single key blocks, q it supports, on a device Triton runs on."""
-    if low != high or group != 1:
+def triton_selects(q: torch.Tensor, group: int) -> bool:
+    """Whether the Triton selection (:func:`~sparse_vdit.kernels.triton.pooled_topk.pooled_top_k`) takes
+    this one: single key blocks (``group`` 1), q it supports, on a device Triton runs on."""
+    if group != 1:
         return False
     try:
         from ..kernels.triton import launcher, pooled_topk
@@ -239,8 +239,8 @@ def online_table(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, block: i
     ``key_group > 1``: the rule runs on aligned groups of that many key blocks (summed mass, the
     budget as shares of the groups), so kept blocks come in runs: a variant, not the default rule.
     ``compile``: ``"cuda"`` (the default, :data:`COMPILE`: ``torch.compile`` for CUDA inputs),
-    ``"always"``, ``"never"``, or ``"triton"`` (a fixed budget of single key blocks through the Triton
-    kernels where they run, else as ``"cuda"``); the same blocks either way.
+    ``"always"``, ``"never"``, or ``"triton"`` (single key blocks through the Triton kernels where they
+    run, else as ``"cuda"``); the same blocks either way (but where float rounding splits two near-equal masses).
     """
     if isinstance(key_group, bool) or not isinstance(key_group, int) or key_group < 1:
         raise ValueError(f"top-p: key_group must be an int >= 1, got {key_group!r}")
@@ -252,11 +252,12 @@ def online_table(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, block: i
     kb = forced.shape[-1]
     runs = min(max_runs(layout, block, high), kb // 2 + 1)  # no row has more runs than either
     width = max_kept(layout, block, high * key_group)
-    if compile == "triton" and triton_selects(q, low, high, key_group):
+    if compile == "triton" and triton_selects(q, key_group):
         from ..kernels.triton.pooled_topk import pooled_top_k
 
         keep, starts, ends, indices = pooled_top_k(q, k, forced, high, block=block, kv_len=layout.kv_len,
-                                                   range_width=runs, index_width=width)  # fmt: skip
+                                                   range_width=runs, index_width=width,
+                                                   p=None if low == high else p, min_count=low)  # fmt: skip
     else:
         compiled = compile == "always" or (compile in ("cuda", "triton") and q.device.type == "cuda")
         keep, starts, ends = (compiled_selection() if compiled else selection)(q, k, forced, layout, block, p, low,
@@ -335,7 +336,7 @@ class TopP:
             blocks (summed mass, budget as shares of the groups): kept blocks come in runs of ``g``,
             which the Triton kernel reads as fewer, longer ranges (a variant: its own fidelity row).
         compile: how :func:`online_table` runs the selection (``"cuda"``: compiled on CUDA inputs;
-            ``"triton"``: a fixed budget through the Triton kernels).
+            ``"triton"``: through the Triton kernels, for single key blocks).
 
     Counts: ``calls`` (tables computed) and ``reused`` (calls served by a kept table). With
     ``timing = True`` every selection is timed (:meth:`profile_seconds`; CUDA events, no sync until read).

@@ -1,15 +1,17 @@
-"""A fixed-budget top-k block table from mean-pooled q and k, in Triton, without a host sync.
+"""A top-k (or top-p) block table from mean-pooled q and k, in Triton, without a host sync.
 
 Four launches: block means of q and of k (one read of each, float32 sums, the ragged last block
 over its real tokens), then per head and tile of ``BLOCK_Q`` query blocks the scores against every
 key block (``mean(q_i) . mean(k_j) * scale + log(tokens in key block j)``), their softmax averaged
 over the batch (the estimated mass), and the kept blocks: every ``forced`` block plus the
 ``count - forced`` others of highest mass, ties to the lower key block (the k-th largest mass found
-by bisection on its bits, the ties at it kept in key-block order); a last launch writes the table
-forms the attention kernels read: key-block ranges of a fixed width and the ascending index lists.
+by bisection on its bits, the ties at it kept in key-block order); or, top-p, per row the shortest
+prefix of that ranking (forced blocks first) whose mass reaches ``p`` (found by a second bisection),
+clamped to a budget; a last launch writes the table forms the attention kernels read: key-block
+ranges of a fixed width and the ascending index lists.
 
 The rule and its torch version live in :mod:`sparse_vdit.methods.online` (``pooled_mass`` and
-``top_k_keep``); this module knows tables and masks, not patterns.
+``top_k_keep`` / ``select_blocks``); this module knows tables and masks, not patterns.
 """
 
 from __future__ import annotations
@@ -44,11 +46,36 @@ def _pool_kernel(X, OUT, stride_b, stride_n, stride_h, LENGTH, NUM_BLOCKS, HEADS
 
 
 @triton.jit
-def _keep_kernel(QP, KP, FORCED, KEEP, BATCH, HEADS, NUM_Q, NUM_K, KV_LEN, scale, COUNT,
+def _top_p_count(mass, bits, forced, candidate, P, LOW, HIGH, BLOCK_Q: tl.constexpr):
+    """Per row the blocks the top-p rule keeps: the shortest prefix of the ranking (forced blocks
+    first, then by mass) whose mass reaches P, clamped to [LOW, HIGH], at least the forced ones."""
+    forced_count = tl.sum(forced.to(tl.int32), 1)
+    forced_mass = tl.sum(tl.where(forced, mass, 0.0), 1)
+    others = tl.where(candidate, mass, 0.0)
+    low = tl.zeros([BLOCK_Q], dtype=tl.int32)  # the largest t with forced + mass(bits >= t) >= P
+    high = tl.full([BLOCK_Q], 0x7F800000, dtype=tl.int32)
+    for _ in range(32):
+        mid = low + (high - low + 1) // 2
+        enough = forced_mass + tl.sum(tl.where(bits >= mid[:, None], others, 0.0), 1) >= P
+        low, high = tl.where(enough, mid, low), tl.where(enough, high, mid - 1)
+    reachable = forced_mass + tl.sum(others, 1) >= P
+    last = low.to(tl.float32, bitcast=True)  # the mass of the block that reaches P
+    above = tl.sum((bits > low[:, None]).to(tl.int32), 1)
+    before = forced_mass + tl.sum(tl.where(bits > low[:, None], others, 0.0), 1)  # < P
+    ties = tl.sum((bits == low[:, None]).to(tl.int32), 1)
+    needed = tl.maximum(tl.ceil((P - before) / tl.where(last > 0, last, 1.0)), 1.0).to(tl.int32)
+    reach = tl.where(reachable & (last > 0), above + tl.minimum(needed, ties), tl.sum(candidate.to(tl.int32), 1))
+    reach = tl.where(forced_mass >= P, 0, reach) + forced_count
+    return tl.maximum(tl.minimum(tl.maximum(reach, LOW), HIGH), forced_count)
+
+
+@triton.jit
+def _keep_kernel(QP, KP, FORCED, KEEP, BATCH, HEADS, NUM_Q, NUM_K, KV_LEN, scale, COUNT, P, LOW,
                  TABLE_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-                 KB_POW2: tl.constexpr):  # fmt: skip
+                 KB_POW2: tl.constexpr, TOP_P: tl.constexpr):  # fmt: skip
     """KEEP[h, i, :] (int8) of one head and ``BLOCK_Q`` query blocks: forced blocks plus the top
-    ``COUNT - forced`` others by batch-averaged pooled mass, ties to the lower key block."""
+    ``COUNT - forced`` others by batch-averaged pooled mass, ties to the lower key block (``TOP_P``:
+    ``COUNT`` per row from :func:`_top_p_count`, between ``LOW`` and ``COUNT``)."""
     head, tile = tl.program_id(0), tl.program_id(1)
     rows = tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
     cols = tl.arange(0, KB_POW2)
@@ -72,8 +99,12 @@ def _keep_kernel(QP, KP, FORCED, KEEP, BATCH, HEADS, NUM_Q, NUM_K, KV_LEN, scale
     inside = row_ok[:, None] & col_ok[None, :]
     forced = tl.load(FORCED + cell, mask=inside, other=0) != 0
     candidate = inside & ~forced
-    picks = tl.maximum(COUNT - tl.sum(forced.to(tl.int32), 1), 0)  # [BLOCK_Q] non-forced blocks to keep
     bits = tl.where(candidate, mass.to(tl.int32, bitcast=True), -1)  # mass >= 0: its bits order as it does
+    if TOP_P:
+        count = _top_p_count(mass, bits, forced, candidate, P, LOW, COUNT, BLOCK_Q)
+    else:
+        count = tl.zeros([BLOCK_Q], dtype=tl.int32) + COUNT
+    picks = tl.maximum(count - tl.sum(forced.to(tl.int32), 1), 0)  # [BLOCK_Q] non-forced blocks to keep
     low = tl.zeros([BLOCK_Q], dtype=tl.int32)  # the largest t with #(bits >= t) >= picks: the picks-th mass
     high = tl.full([BLOCK_Q], 0x7F800000, dtype=tl.int32)
     for _ in range(32):
@@ -145,10 +176,13 @@ def pool_blocks(x: torch.Tensor, length: int, block: int) -> torch.Tensor:
 
 
 def pooled_top_k(q: torch.Tensor, k: torch.Tensor, forced: torch.Tensor, count: int, *, block: int, kv_len: int,
-                 range_width: int, index_width: int, softmax_scale: float | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                 range_width: int, index_width: int, softmax_scale: float | None = None, p: float | None = None,
+                 min_count: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Per head and query block, every ``forced`` key block and the ``count - forced`` others of highest
     pooled mass (ties to the lower key block), on q's device, no host sync.
+
+    ``p`` (top-p): a row keeps instead the shortest prefix of that ranking (forced blocks first) whose
+    mass reaches ``p``, clamped to ``[min_count, count]`` and at least the forced blocks.
 
     Args:
         q, k: ``(B, N, H, D)``; key blocks cover ``k[:, :kv_len]``, query blocks all of q's tokens.
@@ -174,9 +208,10 @@ def pooled_top_k(q: torch.Tensor, k: torch.Tensor, forced: torch.Tensor, count: 
     grid = (heads, num_blocks(qb, BLOCK_Q))
     kb_pow2 = max(16, triton.next_power_of_2(kb))
     extra = {} if q.device.type == "cpu" else {"num_warps": 8 if kb_pow2 >= 512 else 4}
+    top_p = p is not None
     _keep_kernel[grid](qp, kp, forced.contiguous().view(torch.int8), keep, batch, heads, qb, kb, kv_len, scale, count,
-                       TABLE_BLOCK=block, HEAD_DIM=dim, BLOCK_Q=BLOCK_Q, BLOCK_D=BLOCK_D, KB_POW2=kb_pow2,
-                       **extra)  # fmt: skip
+                       float(p) if top_p else 1.0, min_count, TABLE_BLOCK=block, HEAD_DIM=dim, BLOCK_Q=BLOCK_Q,
+                       BLOCK_D=BLOCK_D, KB_POW2=kb_pow2, TOP_P=top_p, **extra)  # fmt: skip
     starts = torch.empty(heads, qb, range_width, dtype=torch.int32, device=q.device)
     ends, indices = torch.empty_like(starts), torch.empty(heads, qb, index_width, dtype=torch.int32, device=q.device)
     _table_kernel[grid](keep, starts, ends, indices, qb, kb, range_width, index_width, BLOCK_Q=BLOCK_Q,
