@@ -63,7 +63,9 @@ def _top_p_count(mass, bits, forced, candidate, P, LOW, HIGH, BLOCK_Q: tl.conste
     above = tl.sum((bits > low[:, None]).to(tl.int32), 1)
     before = forced_mass + tl.sum(tl.where(bits > low[:, None], others, 0.0), 1)  # < P
     ties = tl.sum((bits == low[:, None]).to(tl.int32), 1)
-    needed = tl.maximum(tl.ceil((P - before) / tl.where(last > 0, last, 1.0)), 1.0).to(tl.int32)
+    share = tl.minimum((P - before) / tl.where(last > 0, last, 1.0), 1e9)  # > 0: blocks of `last` still needed
+    whole = share.to(tl.int32)  # its ceiling, kept within int32
+    needed = tl.maximum(whole + (whole.to(tl.float32) < share).to(tl.int32), 1)
     reach = tl.where(reachable & (last > 0), above + tl.minimum(needed, ties), tl.sum(candidate.to(tl.int32), 1))
     reach = tl.where(forced_mass >= P, 0, reach) + forced_count
     return tl.maximum(tl.minimum(tl.maximum(reach, LOW), HIGH), forced_count)
@@ -88,8 +90,10 @@ def _keep_kernel(QP, KP, FORCED, KEEP, BATCH, HEADS, NUM_Q, NUM_K, KV_LEN, scale
         bh = (b * HEADS + head).to(tl.int64)
         acc = tl.zeros([BLOCK_Q, KB_POW2], dtype=tl.float32)
         for d in tl.static_range(0, HEAD_DIM, BLOCK_D):
-            qt = tl.load(QP + (bh * NUM_Q + rows[:, None]) * HEAD_DIM + d + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            kt = tl.load(KP + (bh * NUM_K + cols[None, :]) * HEAD_DIM + d + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+            qt = tl.load(QP + (bh * NUM_Q + rows[:, None]) * HEAD_DIM + d + offs_d[None, :], mask=row_ok[:, None],
+                         other=0.0)  # fmt: skip
+            kt = tl.load(KP + (bh * NUM_K + cols[None, :]) * HEAD_DIM + d + offs_d[:, None], mask=col_ok[None, :],
+                         other=0.0)  # fmt: skip
             acc += tl.dot(qt, kt, input_precision="ieee")
         s = tl.where(col_ok[None, :], acc * scale + bias[None, :], float("-inf"))
         e = tl.exp(s - tl.max(s, 1)[:, None])
@@ -164,7 +168,8 @@ def supports(q: torch.Tensor) -> bool:
 
 
 def pool_blocks(x: torch.Tensor, length: int, block: int) -> torch.Tensor:
-    """float32 ``[B, H, blocks, D]``: the mean of ``x[:, :length]`` (``(B, N, H, D)``) over each block of ``block`` tokens."""
+    """float32 ``[B, H, blocks, D]``: the mean of ``x[:, :length]`` (``(B, N, H, D)``) over each block
+    of ``block`` tokens (the last one over its real tokens)."""
     batch, _, heads, dim = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -198,7 +203,8 @@ def pooled_top_k(q: torch.Tensor, k: torch.Tensor, forced: torch.Tensor, count: 
     """
     batch, n, heads, dim = q.shape
     if not supports(q):
-        raise ValueError(f"pooled_top_k needs a head dim that is a power of two >= {BLOCK_D} and a float dtype, got {dim}, {q.dtype}")
+        raise ValueError(f"pooled_top_k needs a head dim that is a power of two >= {BLOCK_D} and a float dtype, "
+                         f"got {dim}, {q.dtype}")  # fmt: skip
     qb, kb = num_blocks(n, block), num_blocks(kv_len, block)
     if tuple(forced.shape) != (qb, kb) or forced.dtype != torch.bool:
         raise ValueError(f"forced must be bool [{qb}, {kb}], got {forced.dtype} {tuple(forced.shape)}")
