@@ -261,6 +261,28 @@ def compact_positions(flag: torch.Tensor, width: int, fill: torch.Tensor | int =
     return out
 
 
+RUN_LENGTH = "run_length"  # the form of :func:`run_length`
+
+
+def run_length(table: BlockTable) -> float:
+    """Mean key blocks per non-empty range of ``table`` (how long its runs of visited blocks are; 0.0
+    when it visits nothing), kept with the table: measured once (one host read), unless the table's
+    builder declared it (:func:`declare_run_length`), as builders of per-call tables do to stay sync-free."""
+    return table.form(RUN_LENGTH, _measure_run_length)
+
+
+def _measure_run_length(table: BlockTable) -> float:
+    lengths = (table.range_ends - table.range_starts).long()
+    runs = int((lengths > 0).sum())
+    return float(lengths.sum()) / runs if runs else 0.0
+
+
+def declare_run_length(table: BlockTable, value: float) -> BlockTable:
+    """Record ``value`` (known on the host) as ``table``'s :func:`run_length` instead of measuring it; ``table``."""
+    table.form(RUN_LENGTH, lambda t: float(value))
+    return table
+
+
 _SERIAL = itertools.count(1)
 _LIVE: weakref.WeakValueDictionary[int, BlockTable] = weakref.WeakValueDictionary()
 

@@ -8,7 +8,7 @@ pytest.importorskip("triton")
 
 from helpers import masked_attention, poison_empty_like, rel_rms, token_mask  # noqa: E402
 from sparse_vdit import VideoLayout, compile_layer, sparse_attention  # noqa: E402
-from sparse_vdit.block_table import BlockTable, MaskHead, table_from_mask  # noqa: E402
+from sparse_vdit.block_table import BlockTable, MaskHead, declare_run_length, run_length, table_from_mask  # noqa: E402
 from sparse_vdit.kernels import select_attention  # noqa: E402
 from sparse_vdit.kernels.head_order import attention_in_head_order  # noqa: E402
 from sparse_vdit.kernels.triton import backend as triton_backend  # noqa: E402
@@ -139,16 +139,28 @@ def test_block_list_with_candidates_chosen_on_the_device(monkeypatch):
     _same([by_list], [by_ranges], dtype)
 
 
-def test_block_list_rule_by_ranges_per_row(monkeypatch):
-    """A number R puts tables with more than R non-empty ranges per row in the block-list mode."""
+def test_block_list_rule_by_run_length(monkeypatch):
+    """A number R puts tables whose runs of visited blocks are shorter than R on average in the
+    block-list mode; the default R picks the lists for scattered tables, the ranges for plans."""
     layout, block, flags, _, _ = CASES["odd-prefix"]
-    scattered = _scattered(layout, block, flags)
+    scattered = _scattered(layout, block, flags, density=0.25)  # runs of 1 / (1 - 0.25) blocks, as top-k's 1.33
     whole = compile_layer([dense()] * 2, layout, block, DEVICE)  # one range a row
-    assert not triton_backend.block_list_on(scattered)  # off by default
+    assert 1.0 < run_length(scattered) < 1.5 and run_length(whole) == 10.0  # 146 tokens: 10 blocks of 16
+    assert triton_backend.block_list_on(scattered) and not triton_backend.block_list_on(whole)  # the default 1.5
+    assert not triton_backend.block_list_on(compile_layer([skip()] * 2, layout, block, DEVICE))  # nothing visited
     monkeypatch.setattr(launcher, "OPTIONS", dict(launcher.OPTIONS, block_list=1.0))
-    assert triton_backend.block_list_on(scattered) and not triton_backend.block_list_on(whole)
+    assert not triton_backend.block_list_on(_scattered(layout, block, flags, density=0.25))
+    monkeypatch.setattr(launcher, "OPTIONS", dict(launcher.OPTIONS, block_list=False))
+    assert not triton_backend.block_list_on(scattered)
     monkeypatch.setattr(launcher, "OPTIONS", dict(launcher.OPTIONS, block_list=True))
     assert triton_backend.block_list_on(whole)
+
+
+def test_block_list_rule_reads_a_declared_run_length(monkeypatch):
+    """A builder's declared run length decides, not the table's contents (no host read)."""
+    layout, block, flags, _, _ = CASES["odd-prefix"]
+    whole = declare_run_length(compile_layer([dense()] * 2, layout, block, DEVICE).heads((1, 0)), 1.0)
+    assert run_length(whole) == 1.0 and triton_backend.block_list_on(whole)
 
 
 def test_block_list_checks_its_lists():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from sparse_vdit import Plan, VideoLayout, compile_layer, sparse_attention
-from sparse_vdit.block_table import expand_ranges
+from sparse_vdit.block_table import expand_ranges, run_length
 from sparse_vdit.methods import Hybrid, TopP
-from sparse_vdit.methods.online import budget_blocks, merge_heads, online_table, select_blocks
+from sparse_vdit.methods.online import budget_blocks, mean_run_length, merge_heads, online_table, select_blocks
 from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip
 from sparse_vdit.plan import ModelSpec, StepRange
 
@@ -132,7 +132,12 @@ def test_hybrid_keeps_the_static_heads_exactly_and_selects_the_others():
     for i, h in enumerate((1, 4)):
         assert torch.equal(table.block_mask(h), chosen.block_mask(i)) and not table.token_major[h]
         assert table.patterns[h].name == "top-p"
+    count, index = expand_ranges(table.range_starts, table.range_ends)  # merged index lists: the ranges'
+    assert torch.equal(table.kv_indices[..., : index.shape[-1]], index)
+    assert (table.kv_indices[..., index.shape[-1] :] == index[..., -1:]).all()
+    assert run_length(table) == mean_run_length([(2, 1.0), (3, run_length(static.heads((0, 2, 3))))]) > 1.0
     whole = hybrid(_Call(1, 1, q, k, layout))  # every head online
+    assert run_length(whole) == 1.0  # declared by the selection: its key group
     assert torch.equal(torch.stack([whole.block_mask(h) for h in range(5)]),
                        torch.stack([online_table(q, k, layout, BLOCK, 0.8, 0.1, 0.5).block_mask(h) for h in range(5)]))
     with pytest.raises(ValueError):
@@ -305,8 +310,14 @@ def test_key_groups_select_aligned_runs_by_group_mass():
     expected = plain_top_k(pairs, forced_pairs, high).repeat_interleave(2, -1)[..., :11]
     assert torch.equal(got, expected)
     assert (got[..., 0:10:2] == got[..., 1:10:2]).all() and got[:, range(11), range(11)].all()
+    assert run_length(table) == 2.0  # declared: the rule keeps runs of at least a group
     with pytest.raises(ValueError):
         online_table(q, k, layout, BLOCK, key_group=0)
+
+
+def test_mean_run_length_of_joined_heads():
+    assert mean_run_length([(2, 1.0), (2, 3.0)]) == 1.5  # blocks over ranges: 4 / (2 + 2 / 3)
+    assert mean_run_length([(3, 2.0), (0, 5.0), (1, 0.0)]) == 2.0 and mean_run_length([]) == 0.0
 
 
 def test_top_p_source_passes_its_key_group_and_checks_its_options():

@@ -16,9 +16,11 @@ SVG2 / XAttention / SpargeAttn (the pooled-score variant, without SVG2's k-means
 Nothing of size N x N is formed: the work is two poolings (one read of q and k), a
 ``Qb x Kb`` score matrix per head and a sort of its rows (a fixed budget, the top-k: one
 ``torch.topk`` per row for the threshold, no sort). On CUDA the whole selection runs through
-``torch.compile`` (its small ops fused; the same blocks). The table is built on the device with a
-range width fixed by the budget (:func:`max_runs`) and its index form filled in the same way, so
-deciding reads nothing back to the host (the Triton and FA4 backends then launch without a sync).
+``torch.compile`` (its small ops fused; the same blocks), or, asked for (``compile="triton"``), a
+selection of single key blocks runs as four Triton launches (:mod:`sparse_vdit.kernels.triton.pooled_topk`).
+The table is built on the device with a range width fixed by the budget (:func:`max_runs`) and its
+index form filled in the same way, so deciding reads nothing back to the host (the Triton and FA4
+backends then launch without a sync).
 
 :class:`Hybrid`: the heads an offline plan made sparse (the search found a pattern within its
 error bound: *stable* heads) keep the plan's pattern, row for row; the heads it left dense get
@@ -32,7 +34,8 @@ from functools import lru_cache
 
 import torch
 
-from ..block_table import DEFAULT_BLOCK, BlockTable, MaskHead, compact_positions, mask_ranges, num_blocks, valid_block_size
+from ..block_table import (DEFAULT_BLOCK, BlockTable, MaskHead, compact_positions, declare_run_length, mask_ranges,
+                           num_blocks, run_length, valid_block_size)
 from ..layout import VideoLayout
 from ..patterns import compile_layer
 from ..patterns.base import Geometry, text_intervals
@@ -186,7 +189,24 @@ def selection(q: torch.Tensor, k: torch.Tensor, forced: torch.Tensor, layout: Vi
     return (keep, *mask_ranges(keep, width))
 
 
-COMPILE = "cuda"  # online_table's default: the selection through torch.compile on CUDA ("always", "never")
+# online_table's default: the selection through torch.compile on CUDA ("always", "never"); "triton": a
+# selection of single key blocks (top-k or top-p) through the Triton kernels of
+# kernels/triton/pooled_topk.py where they run (CUDA, or the interpreter), key groups as "cuda". Not the
+# default until measured against the compiled one (bench/online_cost.py --triton-select; issue 22).
+COMPILE = "cuda"
+COMPILE_CHOICES = ("cuda", "always", "never", "triton")
+
+
+def triton_selects(q: torch.Tensor, group: int) -> bool:
+    """Whether the Triton selection (:func:`~sparse_vdit.kernels.triton.pooled_topk.pooled_top_k`) takes
+    this one: single key blocks (``group`` 1), q it supports, on a device Triton runs on."""
+    if group != 1:
+        return False
+    try:
+        from ..kernels.triton import launcher, pooled_topk
+    except ImportError:  # no triton
+        return False
+    return launcher.is_available(q.device)[0] and pooled_topk.supports(q)
 
 
 @lru_cache(maxsize=1)
@@ -219,23 +239,36 @@ def online_table(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, block: i
     ``key_group > 1``: the rule runs on aligned groups of that many key blocks (summed mass, the
     budget as shares of the groups), so kept blocks come in runs: a variant, not the default rule.
     ``compile``: ``"cuda"`` (the default, :data:`COMPILE`: ``torch.compile`` for CUDA inputs),
-    ``"always"`` or ``"never"``; the same blocks either way.
+    ``"always"``, ``"never"``, or ``"triton"`` (single key blocks through the Triton kernels where they
+    run, else as ``"cuda"``); the same blocks either way (but where float rounding splits two near-equal masses).
     """
     if isinstance(key_group, bool) or not isinstance(key_group, int) or key_group < 1:
         raise ValueError(f"top-p: key_group must be an int >= 1, got {key_group!r}")
     low, high = group_budget(layout, block, min_density, max_density, key_group)
     forced = forced_blocks(layout, block, q.device, diagonal)
     compile = compile or COMPILE
-    compiled = compile == "always" or (compile == "cuda" and q.device.type == "cuda")
+    if compile not in COMPILE_CHOICES:
+        raise ValueError(f"top-p: compile must be one of {COMPILE_CHOICES}, got {compile!r}")
     kb = forced.shape[-1]
     runs = min(max_runs(layout, block, high), kb // 2 + 1)  # no row has more runs than either
-    keep, starts, ends = (compiled_selection() if compiled else selection)(q, k, forced, layout, block, p, low, high,
-                                                                          key_group, runs)  # fmt: skip
+    width = max_kept(layout, block, high * key_group)
+    if compile == "triton" and triton_selects(q, key_group):
+        from ..kernels.triton.pooled_topk import pooled_top_k
+
+        keep, starts, ends, indices = pooled_top_k(q, k, forced, high, block=block, kv_len=layout.kv_len,
+                                                   range_width=runs, index_width=width,
+                                                   p=None if low == high else p, min_count=low)  # fmt: skip
+    else:
+        compiled = compile == "always" or (compile in ("cuda", "triton") and q.device.type == "cuda")
+        keep, starts, ends = (compiled_selection() if compiled else selection)(q, k, forced, layout, block, p, low,
+                                                                              high, key_group, runs)  # fmt: skip
+        indices = None
     table = BlockTable(layout, block, (MaskHead(name),) * keep.shape[0], starts, ends,
                        torch.zeros(keep.shape[0], dtype=torch.bool, device=keep.device))  # fmt: skip
-    width = max_kept(layout, block, high * key_group)
-    table.form("kv_indices", lambda t: index_form(keep, width))
-    return table
+    table.form("kv_indices", lambda t: index_form(keep, width) if indices is None else indices)
+    # the shortest run the rule keeps stands for the mean (measured on the bench's inputs: 1.33 blocks
+    # ungrouped, 2.65 in pairs), so the Triton kernel's mode is chosen without reading the table back
+    return declare_run_length(table, key_group)
 
 
 # --- the pattern sources ---------------------------------------------------------------------
@@ -302,7 +335,8 @@ class TopP:
         key_group: 1 (default): the rule on key blocks. ``g > 1``: on aligned groups of ``g`` key
             blocks (summed mass, budget as shares of the groups): kept blocks come in runs of ``g``,
             which the Triton kernel reads as fewer, longer ranges (a variant: its own fidelity row).
-        compile: how :func:`online_table` runs the selection (``"cuda"``: compiled on CUDA inputs).
+        compile: how :func:`online_table` runs the selection (``"cuda"``: compiled on CUDA inputs;
+            ``"triton"``: through the Triton kernels, for single key blocks).
 
     Counts: ``calls`` (tables computed) and ``reused`` (calls served by a kept table). With
     ``timing = True`` every selection is timed (:meth:`profile_seconds`; CUDA events, no sync until read).
@@ -316,8 +350,8 @@ class TopP:
         _check(p, min_density, max_density, every, block_size)
         if isinstance(key_group, bool) or not isinstance(key_group, int) or key_group < 1:
             raise ValueError(f"top-p: key_group must be an int >= 1, got {key_group!r}")
-        if compile not in (None, "cuda", "always", "never"):
-            raise ValueError(f"top-p: compile must be None, 'cuda', 'always' or 'never', got {compile!r}")
+        if compile is not None and compile not in COMPILE_CHOICES:
+            raise ValueError(f"top-p: compile must be None or one of {COMPILE_CHOICES}, got {compile!r}")
         self.key_group, self.compile = key_group, compile
         if isinstance(cluster_iters, bool) or not isinstance(cluster_iters, int) or cluster_iters < 0:
             raise ValueError(f"top-p: cluster_iters must be an int >= 0, got {cluster_iters!r}")
@@ -451,19 +485,21 @@ def merge_heads(static: BlockTable, chosen: BlockTable, heads: tuple[int, ...]) 
     """``static`` with its rows of ``heads`` replaced by ``chosen``'s (head ``heads[i]`` <- row ``i``; a
     ``chosen`` of as many heads as ``static``: head ``h`` <- its row ``h``).
 
-    Same layout and block size; ranges padded with empty ranges to the wider of the two; no host sync.
+    Same layout and block size; ranges padded with empty ranges to the wider of the two, index lists
+    (``kv_indices``) merged the same way; no host sync once ``static``'s forms are built (it is a
+    cached plan table). Its :func:`~sparse_vdit.block_table.run_length` is declared from the parts'.
     """
     if (static.layout != chosen.layout or static.block_size != chosen.block_size
             or chosen.num_heads not in (len(heads), static.num_heads)):  # fmt: skip
         raise ValueError("merge_heads: the tables differ in layout or block size, or heads do not match")
-    width = max(static.range_starts.shape[-1], chosen.range_starts.shape[-1])
     index = heads_index(heads, static.device)
     whole_rows = chosen.num_heads == len(heads)  # else: chosen's rows of `heads`
 
-    def merged(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out = a.new_zeros(*a.shape[:-1], width)  # unused slots: empty ranges [0, 0)
-        out[..., : a.shape[-1]] = a
-        out[index, :, : b.shape[-1]] = b.to(out.device) if whole_rows else b.to(out.device)[index]
+    def merged(a: torch.Tensor, b: torch.Tensor, pad) -> torch.Tensor:
+        width = max(a.shape[-1], b.shape[-1])
+        out = pad(a, width).clone()
+        b = pad(b.to(out.device), width)
+        out[index] = b if whole_rows else b[index]
         return out
 
     patterns = list(static.patterns)
@@ -471,10 +507,34 @@ def merge_heads(static: BlockTable, chosen: BlockTable, heads: tuple[int, ...]) 
         patterns[h] = MaskHead(chosen.patterns[0].name)
     token_major = static.token_major.clone()
     token_major[index] = False
-    return BlockTable(static.layout, static.block_size, tuple(patterns), merged(static.range_starts, chosen.range_starts),
-                      merged(static.range_ends, chosen.range_ends), token_major)  # fmt: skip
+    starts = merged(static.range_starts, chosen.range_starts, _pad_empty)
+    ends = merged(static.range_ends, chosen.range_ends, _pad_empty)
+    table = BlockTable(static.layout, static.block_size, tuple(patterns), starts, ends, token_major)
+    table.form("kv_indices", lambda t: merged(static.kv_indices, chosen.kv_indices, _pad_last))
+    kept = tuple(h for h in range(static.num_heads) if h not in set(heads))
+    runs = [(len(heads), run_length(chosen))]
+    if kept:
+        runs.append((len(kept), run_length(static.heads(kept))))
+    return declare_run_length(table, mean_run_length(runs))
+
+
+def _pad_empty(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Ranges ``[..., R]`` widened to ``width`` with empty ranges ``[0, 0)``."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
+
+def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Index lists ``[..., W]`` widened to ``width`` by repeating each row's last slot (as ``kv_indices`` pads)."""
+    return torch.cat([x, x[..., -1:].expand(*x.shape[:-1], width - x.shape[-1])], -1)
+
+
+def mean_run_length(parts) -> float:
+    """Run length of heads joined in one table from ``(heads, run length)`` parts, heads taken to visit
+    as many blocks each (equal density): the blocks over the ranges, ``sum(n) / sum(n / r)``."""
+    parts = [(n, r) for n, r in parts if n and r > 0]
+    return sum(n for n, _ in parts) / sum(n / r for n, r in parts) if parts else 0.0
 
 
 __all__ = ["Hybrid", "TopP", "budget_blocks", "forced_blocks", "group_budget", "group_keys", "index_form", "max_kept",
-           "max_runs", "merge_heads", "online_table", "pooled_mass", "select_blocks", "selection", "stable_heads",
+           "max_runs", "mean_run_length", "merge_heads", "online_table", "pooled_mass", "select_blocks", "selection", "stable_heads",
            "top_k_keep", "ungroup"]  # fmt: skip

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ...block_table import num_blocks
+from ...block_table import num_blocks, run_length
 from ..registry import API_DTYPES, Backend
 from . import launcher, tuning
 from .launcher import is_available
@@ -87,13 +87,13 @@ def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: boo
 
 def block_list_on(table) -> bool:
     """Whether ``launcher.option("block_list")`` puts ``table`` in the kernel's block-list mode: True,
-    False, or a number R: its mean non-empty key ranges per (head, query block) above R (kept with the table)."""
+    False, or a number R: its runs of visited key blocks shorter than R on average
+    (:func:`~sparse_vdit.block_table.run_length`: measured once per table, or declared by the
+    builder of a per-call table, so no host sync per call)."""
     choice = launcher.option("block_list")
     if isinstance(choice, bool) or choice is None:
         return bool(choice)
-    runs = table.form("triton.ranges_per_row",
-                      lambda t: float((t.range_ends > t.range_starts).sum(-1).double().mean()))  # fmt: skip
-    return runs > float(choice)
+    return 0.0 < run_length(table) < float(choice)
 
 
 def _visited(table) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -22,13 +22,18 @@ LOG2E = 1.4426950408889634
 # ``backend`` (None, or a bucket not listed: the rule).
 # ``block_list``: the kernel walks each query tile's visited key blocks as one list in one loop over key
 # tiles (the pipeliner prefetches across what were range boundaries) instead of range by range: True,
-# False, or a number R: for tables whose mean non-empty ranges per (head, query block) pass R (scattered
-# tables, e.g. online top-k's). Off until measured (issue 22).
+# False, or a number R: for tables whose runs of visited key blocks are shorter than R blocks on average
+# (``block_table.run_length``; online tables declare theirs, so no host sync). Default 1.5, from issue
+# 22's H200 run (bf16, 25%, kernel alone, time vs the offline plan's tables in range mode; Wan-1.3B 480p /
+# Wan-14B 720p): online top-k tables (runs 1.33 blocks, 48 / 111 ranges a row) 1.41x / 1.27x in ranges,
+# 1.19x / 1.09x as lists; top-k in pairs of key blocks (runs 2.65, 24 / 56 ranges) 1.20x / 1.10x in
+# ranges, 1.19x / 1.15x as lists; the plan's own tables (runs ~50, 1.2 ranges) 1.27x / 1.31x slower as
+# lists. Run length, not ranges a row, separates them at both sizes (56 ranges a row of pairs lose as lists).
 OPTIONS: dict[str, bool | float | str | tuple | dict | None] = {"tma": None, "warp_specialize": None, "schedule": None,
                                                                 "tiles": None, "block_list": None}  # fmt: skip
 DEFAULTS: dict[str, bool | float | str | tuple | dict | None] = {"tma": True, "warp_specialize": False,
                                                                  "schedule": "levels", "tiles": None,
-                                                                 "block_list": False}  # fmt: skip
+                                                                 "block_list": 1.5}  # fmt: skip
 
 
 def option(name: str):
