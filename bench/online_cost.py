@@ -35,7 +35,9 @@ median; ``bench/common.time_fn``):
   calls in the kernel's block-list mode (``launcher.OPTIONS["block_list"] = True``: one loop over each
   query tile's listed key blocks instead of a loop per range); ``list_vs_plan`` = ``sparse_list_ms /
   plan_ms`` (against the plan's tables in the default range mode), ``list_vs_ranges`` = ``sparse_list_ms /
-  sparse_ms``, ``plan_list_vs_ranges`` = ``plan_list_ms / plan_ms``;
+  sparse_ms``, ``plan_list_vs_ranges`` = ``plan_list_ms / plan_ms``; with ``--list-stages N ...`` also
+  ``sparse_list_stagesN_ms`` and ``list_stagesN_vs_plan``: the block-list calls pipelined N stages deep
+  (``launcher.OPTIONS["list_stages"]``);
 - ``--triton-select``: ``select_triton_ms``, the top-k through the Triton kernels
   (``online_table(compile="triton")``: :mod:`sparse_vdit.kernels.triton.pooled_topk`), checked first
   against the compiled path's table (``same_blocks_triton``; where not, ``triton_rows_differing`` of the
@@ -255,6 +257,8 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
         timed += (("sparse_list_ms", in_block_list_mode(sparse)),
                   ("sparse_grouped_list_ms", in_block_list_mode(sparse_grouped)),
                   ("plan_list_ms", in_block_list_mode(plan_attention)))  # fmt: skip
+        timed += tuple((f"sparse_list_stages{n}_ms", with_launcher_options(sparse, block_list=True, list_stages=n))
+                       for n in args.list_stages)  # fmt: skip
     if args.triton_select:
         timed += (("select_triton_ms", select_triton), ("select_triton_topp_ms", select_triton_topp),
                   ("fresh_triton_ms", fresh_triton))  # fmt: skip
@@ -288,6 +292,8 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
         row["list_grouped_vs_plan"] = row["sparse_grouped_list_ms"] / row["plan_ms"]
         row["list_vs_ranges"] = row["sparse_list_ms"] / row["sparse_ms"]
         row["plan_list_vs_ranges"] = row["plan_list_ms"] / row["plan_ms"]
+        for n in args.list_stages:
+            row[f"list_stages{n}_vs_plan"] = row[f"sparse_list_stages{n}_ms"] / row["plan_ms"]
     q, k, v = sets[1 % len(sets)]
     row["host_syncs_fresh_attention"] = sync_free(lambda: fresh(q, k, v), device)
     del sets, tables, made, grouped, layers
@@ -296,14 +302,20 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
 
 def in_block_list_mode(fn, on: bool = True):
     """``fn`` run with the Triton kernel's block-list mode on (``launcher.OPTIONS["block_list"]``), or off."""
+    return with_launcher_options(fn, block_list=on)
+
+
+def with_launcher_options(fn, **options):
+    """``fn`` run with these Triton ``launcher.OPTIONS`` set (restored after each call)."""
 
     def call(*args):
-        saved = triton_launcher.OPTIONS["block_list"]
-        triton_launcher.OPTIONS["block_list"] = on
+        saved = dict(triton_launcher.OPTIONS)
+        triton_launcher.OPTIONS.update(options)
         try:
             return fn(*args)
         finally:
-            triton_launcher.OPTIONS["block_list"] = saved
+            triton_launcher.OPTIONS.clear()
+            triton_launcher.OPTIONS.update(saved)
 
     return call
 
@@ -379,6 +391,9 @@ def parse_args(argv=None):
     p.add_argument("--sets", type=int, default=3, help="input sets rotated between calls")
     p.add_argument("--target-ms", type=float, default=300.0, help="timed milliseconds per measurement")
     p.add_argument("--block-size", type=int, default=BLOCK)
+    p.add_argument("--list-stages", type=int, nargs="*", default=[],
+                   help="with --block-list: also time the block-list calls at these pipelining stages "
+                        "(launcher.OPTIONS['list_stages']; columns sparse_list_stagesN_ms, list_stagesN_vs_plan)")
     p.add_argument("--block-list", action="store_true",
                    help="also time the sparse calls in the Triton kernel's block-list mode (columns sparse list, list vs plan)")
     p.add_argument("--triton-select", action="store_true",

@@ -28,14 +28,16 @@ def test_dry_run_writes_a_row_per_backend_and_density(tmp_path, load_script):
 def test_dry_run_times_the_block_list_mode_beside_the_ranges(tmp_path, load_script, capsys):
     module = load_script("online_cost")
     out = tmp_path / "online-cost.json"
-    assert module.main(["--dry-run", "--block-list", "--cluster-iters", "0", "--out", str(out)]) == 0
+    assert module.main(["--dry-run", "--block-list", "--list-stages", "5", "--cluster-iters", "0", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["results"]
-    for key in ("sparse_list_ms", "sparse_grouped_list_ms", "plan_list_ms"):
+    for key in ("sparse_list_ms", "sparse_grouped_list_ms", "plan_list_ms", "sparse_list_stages5_ms"):
         assert row[key] > 0
     assert row["list_vs_plan"] == pytest.approx(row["sparse_list_ms"] / row["plan_ms"])
     assert row["list_vs_ranges"] == pytest.approx(row["sparse_list_ms"] / row["sparse_ms"])
+    assert row["list_stages5_vs_plan"] == pytest.approx(row["sparse_list_stages5_ms"] / row["plan_ms"])
     assert "list vs plan" in capsys.readouterr().out
-    assert module.triton_launcher.OPTIONS["block_list"] is None  # the option is restored after each call
+    options = module.triton_launcher.OPTIONS
+    assert options["block_list"] is None and options["list_stages"] is None  # restored after each call
 
 
 def test_dry_run_checks_and_times_the_triton_selection(tmp_path, load_script, capsys):

@@ -171,3 +171,28 @@ def test_block_list_checks_its_lists():
         launcher.forward(q, k, v, table.kv_num_blocks, None, block_size=block, kv_len=layout.kv_len, softmax_scale=0.1,
                          ranges=(table.range_starts, table.range_ends),
                          visited=(table.kv_num_blocks.long(), table.kv_indices))  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (stages do not exist in the interpreter)")
+@pytest.mark.parametrize("stages", [4, 5])
+def test_list_stages_keep_the_result(stages, monkeypatch):
+    """``launcher.OPTIONS["list_stages"]``: block-list launches pipelined deeper give the same attention."""
+    layout, block, flags, batch, tiles = CASES["suffix-padded-batch2"]
+    table = _scattered(layout, block, flags, seed=6)
+    dtype = DTYPES[0]
+    q, k, v = _inputs(layout, batch, len(flags), dtype, seed=7)
+    monkeypatch.setattr(launcher, "OPTIONS", dict(launcher.OPTIONS, block_list=True, list_stages=stages))
+    poison_empty_like(monkeypatch, launcher.torch)
+    out = sparse_attention(q, k, v, table, backend="triton")
+    assert rel_rms(out, _reference(q, k, v, table)) <= TOLERANCE[dtype]
+
+
+def test_list_stages_reach_the_block_list_launch_only(monkeypatch):
+    """The option sets num_stages of block-list launches on a GPU and leaves range launches alone."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert launcher.launch_options(cuda, 8, 3, True) == {"num_warps": 8, "num_stages": 3}  # default: the tiles'
+    monkeypatch.setattr(launcher, "OPTIONS", dict(launcher.OPTIONS, list_stages=5))
+    assert launcher.launch_options(cuda, 8, 3, True) == {"num_warps": 8, "num_stages": 5}
+    assert launcher.launch_options(cuda, 8, 3, False) == {"num_warps": 8, "num_stages": 3}
+    assert launcher.launch_options(cpu, 8, 3, True) == {}  # the interpreter takes none

@@ -29,11 +29,16 @@ LOG2E = 1.4426950408889634
 # 1.19x / 1.09x as lists; top-k in pairs of key blocks (runs 2.65, 24 / 56 ranges) 1.20x / 1.10x in
 # ranges, 1.19x / 1.15x as lists; the plan's own tables (runs ~50, 1.2 ranges) 1.27x / 1.31x slower as
 # lists. Run length, not ranges a row, separates them at both sizes (56 ranges a row of pairs lose as lists).
+# ``list_stages``: software-pipelining stages of block-list launches (None: the tiles' own). Compiled for
+# sm_90 on the CPU (Triton 3.9, 128x64 tiles, 8 warps), the range loop keeps as many key/value buffers as
+# stages (2 at 2, 3 at 3); the list loop, whose block index is a load of its own in the pipeline, keeps 2 at
+# 3 and 4 stages and 3 at 5. Unmeasured on a GPU: `bench/online_cost.py --block-list --list-stages 4 5`.
 OPTIONS: dict[str, bool | float | str | tuple | dict | None] = {"tma": None, "warp_specialize": None, "schedule": None,
-                                                                "tiles": None, "block_list": None}  # fmt: skip
+                                                                "tiles": None, "block_list": None,
+                                                                "list_stages": None}  # fmt: skip
 DEFAULTS: dict[str, bool | float | str | tuple | dict | None] = {"tma": True, "warp_specialize": False,
                                                                  "schedule": "levels", "tiles": None,
-                                                                 "block_list": 1.5}  # fmt: skip
+                                                                 "block_list": 1.5, "list_stages": None}  # fmt: skip
 
 
 def option(name: str):
@@ -158,6 +163,16 @@ def _descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple | None
         return None
 
 
+def launch_options(device: torch.device, warps: int, stages: int, block_list: bool) -> dict:
+    """Triton's launch options (none in the interpreter): ``warps``, and ``stages`` or, for a
+    block-list launch, ``list_stages`` where that option is set."""
+    if device.type == "cpu":
+        return {}
+    if block_list and option("list_stages") is not None:
+        stages = int(option("list_stages"))
+    return {"num_warps": warps, "num_stages": stages}
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -235,7 +250,7 @@ def forward(
         raise ValueError(f"visited must be int32 counts [rows, {starts.shape[1]}] and lists [rows, "
                          f"{starts.shape[1]}, W], got {tuple(counts.shape)} {counts.dtype}, "
                          f"{tuple(blocks.shape)} {blocks.dtype}")  # fmt: skip
-    extra = {} if q.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
+    extra = launch_options(q.device, warps, stages, block_list)
     block_sparse_attention_fwd[(heads * num_q_tiles, batch)](
         q, k, v, out, *descriptors, starts, ends, schedule, flags, selected,
         q.stride(0), q.stride(1), q.stride(2),
