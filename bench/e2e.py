@@ -320,12 +320,8 @@ def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
                 # every-k rows: one timed unit is k successive steps (a new generation each unit:
                 # the first step selects, the others reuse its tables), numbers per forward
                 steps = successive_steps(inputs, every) if variant in reused else inputs
-                saved = triton_launcher.OPTIONS["block_list"]
-                triton_launcher.OPTIONS["block_list"] = True if variant in listed else saved
-                try:
+                with triton_launcher.options_set(**({"block_list": True} if variant in listed else {})):
                     result = measure(model, steps, run.args.repeats, attention_seconds, profile_seconds)
-                finally:
-                    triton_launcher.OPTIONS["block_list"] = saved
                 result.update(target_density=density, online_calls=online.calls, online_reused=online.reused,
                               key_group=group, every=online.reuse.every, block_list=variant in listed,
                               triton_select=variant in by_triton)  # fmt: skip

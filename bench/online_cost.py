@@ -309,13 +309,8 @@ def with_launcher_options(fn, **options):
     """``fn`` run with these Triton ``launcher.OPTIONS`` set (restored after each call)."""
 
     def call(*args):
-        saved = dict(triton_launcher.OPTIONS)
-        triton_launcher.OPTIONS.update(options)
-        try:
+        with triton_launcher.options_set(**options):
             return fn(*args)
-        finally:
-            triton_launcher.OPTIONS.clear()
-            triton_launcher.OPTIONS.update(saved)
 
     return call
 

@@ -35,14 +35,13 @@ TILE_VARIANTS = {
 @contextmanager
 def variant(pass_options: dict | None = None, tiles=None):
     """The fused pass's launch options and the kernel's tiles set for the calls inside, restored after."""
-    saved_pass, saved_tiles = dict(rotary_kernel.OPTIONS), launcher.OPTIONS["tiles"]
+    saved_pass = dict(rotary_kernel.OPTIONS)
     rotary_kernel.OPTIONS.update(pass_options or {})
-    launcher.OPTIONS["tiles"] = tiles
     try:
-        yield
+        with launcher.options_set(tiles=tiles):
+            yield
     finally:
         rotary_kernel.OPTIONS.update(saved_pass)
-        launcher.OPTIONS["tiles"] = saved_tiles
 
 
 def _rel(out, ref) -> float:

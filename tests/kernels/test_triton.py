@@ -87,3 +87,17 @@ def test_kernel_options_match_reference(case, options, monkeypatch):
     dense_expected = F.scaled_dot_product_attention(*(t.transpose(1, 2).double() for t in (q, k, v))).transpose(1, 2)
     bound = max(2 * _torch_error(q, k, v, dense_expected), 1e-6)
     assert rel_rms(out, ref) <= bound, f"{rel_rms(out, ref):.2e} > {bound:.2e}"
+
+
+def test_options_set_restores_the_options_it_set():
+    before = dict(launcher.OPTIONS)
+    with launcher.options_set(block_list=True, tiles=(16, 16, 4, 1)):
+        assert launcher.option("block_list") is True and launcher.option("tiles") == (16, 16, 4, 1)
+        assert launcher.OPTIONS["tma"] == before["tma"]  # the others untouched
+    assert launcher.OPTIONS == before
+    with pytest.raises(RuntimeError), launcher.options_set(schedule="heads"):
+        raise RuntimeError("restored on errors too")
+    assert launcher.OPTIONS == before
+    with pytest.raises(KeyError, match="unknown Triton kernel options"), launcher.options_set(blocklist=True):
+        pass
+    assert launcher.OPTIONS == before

@@ -511,7 +511,8 @@ def merge_heads(static: BlockTable, chosen: BlockTable, heads: tuple[int, ...]) 
     ends = merged(static.range_ends, chosen.range_ends, _pad_empty)
     table = BlockTable(static.layout, static.block_size, tuple(patterns), starts, ends, token_major)
     table.form("kv_indices", lambda t: merged(static.kv_indices, chosen.kv_indices, _pad_last))
-    kept = tuple(h for h in range(static.num_heads) if h not in set(heads))
+    replaced = set(heads)
+    kept = tuple(h for h in range(static.num_heads) if h not in replaced)
     runs = [(len(heads), run_length(chosen))]
     if kept:
         runs.append((len(kept), run_length(static.heads(kept))))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -44,6 +45,20 @@ DEFAULTS: dict[str, bool | float | str | tuple | dict | None] = {"tma": True, "w
 def option(name: str):
     """The kernel option ``name`` in force: ``OPTIONS`` where set, else ``DEFAULTS``."""
     return DEFAULTS[name] if OPTIONS[name] is None else OPTIONS[name]
+
+
+@contextmanager
+def options_set(**options):
+    """``OPTIONS`` set to ``options`` for the calls inside, restored after (benchmarks' A/B runs)."""
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise KeyError(f"unknown Triton kernel options {sorted(unknown)}; known: {sorted(OPTIONS)}")
+    saved = {name: OPTIONS[name] for name in options}
+    OPTIONS.update(options)
+    try:
+        yield
+    finally:
+        OPTIONS.update(saved)
 
 
 def interpreting() -> bool:
