@@ -42,9 +42,10 @@ Variants, each in each mode (``eager``; ``compiled`` = every transformer block c
   blocks (``TopP(key_group=G)``: kept blocks in runs, fewer ranges for the kernel; its own
   fidelity row); ``top-k-NN-everyK`` (``--online-every``, default 2): tables reused for K steps,
   each timed unit K forwards at successive timesteps (the first selects, the rest reuse), reported
-  per forward: the steady-state cost of ``every=K``; ``top-k-NN-list`` (``--online-block-list``): the
-  top-k with the Triton kernel's block-list mode on (``launcher.OPTIONS["block_list"] = True``: one
-  loop over each query tile's listed key blocks, not one per range; the other rows take the kernel's
+  per forward: the steady-state cost of ``every=K``; ``top-k-NN-list`` and ``hybrid-NN-list``
+  (``--online-block-list``): the top-k and the hybrid with the Triton kernel's block-list mode on
+  (``launcher.OPTIONS["block_list"] = True``: one loop over each query tile's listed key blocks, not
+  one per range; the other rows take the kernel's
   mode by ``launcher.DEFAULTS["block_list"]``: since #22 the lists for single-block top-k tables, the
   ranges for groups and plans); ``top-k-NN-triton`` (``--online-triton-select``): the top-k selected by
   the Triton kernels (``TopP(compile="triton")``: :mod:`sparse_vdit.kernels.triton.pooled_topk`) instead
@@ -297,9 +298,10 @@ def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
             grouped = tuple(f"top-k-{tag}-g{g}" for g in run.args.online_key_groups)
             every = run.args.online_every
             reused = (f"top-k-{tag}-every{every}",) if every > 1 else ()
-            listed = (f"top-k-{tag}-list",) if run.args.online_block_list else ()
+            listed = (f"top-k-{tag}-list", f"hybrid-{tag}-list") if run.args.online_block_list else ()
             by_triton = (f"top-k-{tag}-triton",) if run.args.online_triton_select else ()
-            for variant in (f"top-k-{tag}", *listed, *by_triton, *grouped, *reused, *clustered, f"hybrid-{tag}"):
+            for variant in (f"top-k-{tag}", *listed[:1], *by_triton, *grouped, *reused, *clustered, f"hybrid-{tag}",
+                            *listed[1:]):
                 if not run.fits():
                     return
                 iters = run.args.online_cluster_iters if variant.endswith("clustered") else 0

@@ -19,7 +19,8 @@ def test_dry_run_writes_results_and_table(e2e, tmp_path, capsys):
                      "--online-block-list", "--online-triton-select", "--out", str(out)]) == 0  # fmt: skip
     rows = json.loads(out.read_text())["results"]
     assert [r["variant"] for r in rows] == ["unpatched", "dense", "sparse-30", "svg-30", "svg-30-flex",
-                                            "svg-30-reference-device", "svg-30-reference-plan", "hybrid-30", "top-k-30",
+                                            "svg-30-reference-device", "svg-30-reference-plan", "hybrid-30", "hybrid-30-list",
+                                            "top-k-30",
                                             "top-k-30-clustered", "top-k-30-every2", "top-k-30-g2",
                                             "top-k-30-list", "top-k-30-triton"]  # fmt: skip
     online = rows[7:]
@@ -30,11 +31,13 @@ def test_dry_run_writes_results_and_table(e2e, tmp_path, capsys):
     for r in online:  # the selection is timed inside the attention, like SVG's profiling
         assert 0 < r["profile_seconds"] < r["attention_seconds"] and r["online_calls"] > 0
         assert 0 < r["density"] < 1 and r["target_density"] == 0.3
-    every, grouped = online[3], online[4]  # successive steps: the second forward of each unit reuses the tables
+    named = {r["variant"]: r for r in online}
+    every, grouped = named["top-k-30-every2"], named["top-k-30-g2"]  # successive steps: the second forward of
     assert every["every"] == 2 and every["online_reused"] > 0 and every["online_calls"] == every["online_reused"]
-    assert grouped["key_group"] == 2 and online[2]["key_group"] == 1
-    assert online[5]["block_list"] and not any(r["block_list"] for r in online[1:5])  # the Triton kernel's mode
-    assert online[6]["triton_select"] and not any(r["triton_select"] for r in online[:6])  # the Triton top-k
+    assert grouped["key_group"] == 2 and named["top-k-30"]["key_group"] == 1  # each unit reuses the tables
+    listed = {"top-k-30-list", "hybrid-30-list"}  # the Triton kernel's mode
+    assert all(named[v]["block_list"] == (v in listed) for v in named)
+    assert all(named[v]["triton_select"] == (v == "top-k-30-triton") for v in named)  # the Triton top-k
     assert rows[5]["svg_decided_on"] == "device" and rows[3]["svg_decided_on"] == "host"
     assert all(r["seconds"] > 0 and r["dry_run"] for r in rows)
     assert rows[2]["speedup_vs_unpatched"] > 0 and rows[2]["speedup_vs_dense"] > 0
@@ -43,7 +46,7 @@ def test_dry_run_writes_results_and_table(e2e, tmp_path, capsys):
         assert 0 < svg["profile_seconds"] < svg["attention_seconds"] and 0 < svg["profile_share"] < 1
         assert 0 < svg["density"] < 1 and svg["target_density"] == 0.3 and "profile_share" not in rows[2]
     assert rows[4]["svg_backend"] == "reference"  # the CPU stand-in for flex
-    assert "x unpatched" in capsys.readouterr().out.splitlines()[-16]  # the table comes last
+    assert "x unpatched" in capsys.readouterr().out.splitlines()[-17]  # the table comes last
 
 
 def test_mixed_plans_hit_their_density(load_script):

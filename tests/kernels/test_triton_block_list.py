@@ -189,10 +189,16 @@ def test_list_stages_keep_the_result(stages, monkeypatch):
 
 
 def test_list_stages_reach_the_block_list_launch_only(monkeypatch):
-    """The option sets num_stages of block-list launches on a GPU and leaves range launches alone."""
+    """The option sets num_stages of block-list launches on a GPU and leaves range launches alone; by
+    default 5 on sm90+ and the tiles' own below."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert launcher.launch_options(cuda, 8, 3, True) == {"num_warps": 8, "num_stages": 3}  # default: the tiles'
-    monkeypatch.setattr(launcher, "OPTIONS", dict(launcher.OPTIONS, list_stages=5))
-    assert launcher.launch_options(cuda, 8, 3, True) == {"num_warps": 8, "num_stages": 5}
+    capability = [(9, 0)]
+    monkeypatch.setattr(launcher.torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    assert launcher.launch_options(cuda, 8, 3, True) == {"num_warps": 8, "num_stages": 5}  # default on sm90+
+    assert launcher.launch_options(cuda, 8, 3, False) == {"num_warps": 8, "num_stages": 3}
+    capability[0] = (8, 0)
+    assert launcher.launch_options(cuda, 8, 3, True) == {"num_warps": 8, "num_stages": 3}  # the tiles' own
+    monkeypatch.setattr(launcher, "OPTIONS", dict(launcher.OPTIONS, list_stages=4))
+    assert launcher.launch_options(cuda, 8, 3, True) == {"num_warps": 8, "num_stages": 4}  # set: on any GPU
     assert launcher.launch_options(cuda, 8, 3, False) == {"num_warps": 8, "num_stages": 3}
     assert launcher.launch_options(cpu, 8, 3, True) == {}  # the interpreter takes none

@@ -30,16 +30,19 @@ LOG2E = 1.4426950408889634
 # 1.19x / 1.09x as lists; top-k in pairs of key blocks (runs 2.65, 24 / 56 ranges) 1.20x / 1.10x in
 # ranges, 1.19x / 1.15x as lists; the plan's own tables (runs ~50, 1.2 ranges) 1.27x / 1.31x slower as
 # lists. Run length, not ranges a row, separates them at both sizes (56 ranges a row of pairs lose as lists).
-# ``list_stages``: software-pipelining stages of block-list launches (None: the tiles' own). Compiled for
-# sm_90 on the CPU (Triton 3.9, 128x64 tiles, 8 warps), the range loop keeps as many key/value buffers as
-# stages (2 at 2, 3 at 3); the list loop, whose block index is a load of its own in the pipeline, keeps 2 at
-# 3 and 4 stages and 3 at 5. Unmeasured on a GPU: `bench/online_cost.py --block-list --list-stages 4 5`.
+# ``list_stages``: software-pipelining stages of block-list launches (None: the tiles' own), on sm90+ only
+# by default (shared memory for a third key/value buffer; elsewhere the tiles' own). Compiled for sm_90 on the
+# CPU (Triton 3.9, 128x64 tiles, 8 warps), the range loop keeps as many key/value buffers as stages (3 at 3);
+# the list loop, whose block index is a load of its own in the pipeline, keeps 2 at 3 and 4 stages and 3 at
+# 5. Default 5, from issue 22's H200 run (bf16, 25%, online top-k tables as lists, kernel time vs the plan's
+# tables in ranges; Wan-1.3B 480p / Wan-14B 720p): 1.21x / 1.11x at the tiles' 3 stages, 1.20x / 1.10x at
+# 4, 1.04x / 1.01x at 5 (`bench/online_cost.py --block-list --list-stages 4 5`, BENCHMARKS.md).
 OPTIONS: dict[str, bool | float | str | tuple | dict | None] = {"tma": None, "warp_specialize": None, "schedule": None,
                                                                 "tiles": None, "block_list": None,
                                                                 "list_stages": None}  # fmt: skip
 DEFAULTS: dict[str, bool | float | str | tuple | dict | None] = {"tma": True, "warp_specialize": False,
                                                                  "schedule": "levels", "tiles": None,
-                                                                 "block_list": 1.5, "list_stages": None}  # fmt: skip
+                                                                 "block_list": 1.5, "list_stages": 5}  # fmt: skip
 
 
 def option(name: str):
@@ -180,11 +183,14 @@ def _descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple | None
 
 def launch_options(device: torch.device, warps: int, stages: int, block_list: bool) -> dict:
     """Triton's launch options (none in the interpreter): ``warps``, and ``stages`` or, for a
-    block-list launch, ``list_stages`` where that option is set."""
+    block-list launch, ``list_stages`` (where set in ``OPTIONS``; by default on sm90+ only)."""
     if device.type == "cpu":
         return {}
-    if block_list and option("list_stages") is not None:
-        stages = int(option("list_stages"))
+    if block_list:
+        chosen = OPTIONS["list_stages"]
+        if chosen is None and torch.cuda.get_device_capability(device) >= (9, 0):
+            chosen = DEFAULTS["list_stages"]
+        stages = stages if chosen is None else int(chosen)
     return {"num_warps": warps, "num_stages": stages}
 
 
