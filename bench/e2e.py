@@ -45,9 +45,8 @@ Variants, each in each mode (``eager``; ``compiled`` = every transformer block c
   per forward: the steady-state cost of ``every=K``; ``top-k-NN-list`` and ``hybrid-NN-list``
   (``--online-block-list``): the top-k and the hybrid with the Triton kernel's block-list mode on
   (``launcher.OPTIONS["block_list"] = True``: one loop over each query tile's listed key blocks, not
-  one per range; the other rows take the kernel's
-  mode by ``launcher.DEFAULTS["block_list"]``: since #22 the lists for single-block top-k tables, the
-  ranges for groups and plans); ``top-k-NN-triton`` (``--online-triton-select``): the top-k selected by
+  one per range; the other rows take the kernel's mode by ``launcher.DEFAULTS["block_list"]``: since
+  #22 the lists for top-k tables, key groups and hybrids, the ranges for plans); ``top-k-NN-triton`` (``--online-triton-select``): the top-k selected by
   the Triton kernels (``TopP(compile="triton")``: :mod:`sparse_vdit.kernels.triton.pooled_topk`) instead
   of the compiled torch rule. Their ``profile`` column is the selection's own time as a share of the
   attention time.

@@ -146,7 +146,7 @@ def test_block_list_rule_by_run_length(monkeypatch):
     scattered = _scattered(layout, block, flags, density=0.25)  # runs of 1 / (1 - 0.25) blocks, as top-k's 1.33
     whole = compile_layer([dense()] * 2, layout, block, DEVICE)  # one range a row
     assert 1.0 < run_length(scattered) < 1.5 and run_length(whole) == 10.0  # 146 tokens: 10 blocks of 16
-    assert triton_backend.block_list_on(scattered) and not triton_backend.block_list_on(whole)  # the default 1.5
+    assert triton_backend.block_list_on(scattered) and not triton_backend.block_list_on(whole)  # the default 8
     assert not triton_backend.block_list_on(compile_layer([skip()] * 2, layout, block, DEVICE))  # nothing visited
     monkeypatch.setattr(launcher, "OPTIONS", dict(launcher.OPTIONS, block_list=1.0))
     assert not triton_backend.block_list_on(_scattered(layout, block, flags, density=0.25))

@@ -24,12 +24,14 @@ LOG2E = 1.4426950408889634
 # ``block_list``: the kernel walks each query tile's visited key blocks as one list in one loop over key
 # tiles (the pipeliner prefetches across what were range boundaries) instead of range by range: True,
 # False, or a number R: for tables whose runs of visited key blocks are shorter than R blocks on average
-# (``block_table.run_length``; online tables declare theirs, so no host sync). Default 1.5, from issue
-# 22's H200 run (bf16, 25%, kernel alone, time vs the offline plan's tables in range mode; Wan-1.3B 480p /
+# (``block_table.run_length``; online tables declare theirs, so no host sync). Default 8, from issue 22's
+# H200 runs (bf16, 25%, kernel alone, time vs the offline plan's tables in range mode; Wan-1.3B 480p /
 # Wan-14B 720p): online top-k tables (runs 1.33 blocks, 48 / 111 ranges a row) 1.41x / 1.27x in ranges,
-# 1.19x / 1.09x as lists; top-k in pairs of key blocks (runs 2.65, 24 / 56 ranges) 1.20x / 1.10x in
-# ranges, 1.19x / 1.15x as lists; the plan's own tables (runs ~50, 1.2 ranges) 1.27x / 1.31x slower as
-# lists. Run length, not ranges a row, separates them at both sizes (56 ranges a row of pairs lose as lists).
+# 1.19x / 1.09x as lists at 3 stages, 1.04x / 1.01x as lists at 5 (``list_stages``); top-k in pairs of key
+# blocks (runs 2.65, 24 / 56 ranges) 1.20x / 1.10x in ranges, 1.19x / 1.15x as lists at 3 stages; the plan's
+# own tables (runs ~50, 1.2 ranges) 1.27x / 1.31x slower as lists. End to end (Wan-1.3B compiled, 25%), the
+# hybrid (a quarter of the heads online: declared runs 3.8) 321.7 ms in ranges, 301.2 ms as lists at 5
+# stages. Run length, not ranges a row, separates them; 8 sits between the hybrid's 3.8 and plans' 46-61.
 # ``list_stages``: software-pipelining stages of block-list launches (None: the tiles' own), on sm90+ only
 # by default (shared memory for a third key/value buffer; elsewhere the tiles' own). Compiled for sm_90 on the
 # CPU (Triton 3.9, 128x64 tiles, 8 warps), the range loop keeps as many key/value buffers as stages (3 at 3);
@@ -42,7 +44,7 @@ OPTIONS: dict[str, bool | float | str | tuple | dict | None] = {"tma": None, "wa
                                                                 "list_stages": None}  # fmt: skip
 DEFAULTS: dict[str, bool | float | str | tuple | dict | None] = {"tma": True, "warp_specialize": False,
                                                                  "schedule": "levels", "tiles": None,
-                                                                 "block_list": 1.5, "list_stages": 5}  # fmt: skip
+                                                                 "block_list": 8.0, "list_stages": 5}  # fmt: skip
 
 
 def option(name: str):
