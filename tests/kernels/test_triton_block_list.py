@@ -202,3 +202,44 @@ def test_list_stages_reach_the_block_list_launch_only(monkeypatch):
     assert launcher.launch_options(cuda, 8, 3, True) == {"num_warps": 8, "num_stages": 4}  # set: on any GPU
     assert launcher.launch_options(cuda, 8, 3, False) == {"num_warps": 8, "num_stages": 3}
     assert launcher.launch_options(cpu, 8, 3, True) == {}  # the interpreter takes none
+
+
+def test_list_stages_too_deep_for_shared_memory_fall_back(monkeypatch):
+    """A block-list launch that runs out of shared memory at ``list_stages`` runs again at the tiles' own
+    stages, and that launch shape keeps them from then on; a range launch's error is not caught."""
+    from triton.runtime.errors import OutOfResources
+
+    from sparse_vdit.kernels.triton import kernel
+
+    calls = []
+
+    class FakeKernel:  # records the stages of each launch; 5 stages do not fit
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(kwargs.get("num_stages"))
+                if kwargs.get("num_stages") == 5:
+                    raise OutOfResources(260000, 232448, "shared memory")
+            return launch
+
+    layout, block, flags, batch, tiles = CASES["odd-prefix"]
+    table = _scattered(layout, block, flags, seed=3)
+    q, k, v = _inputs(layout, batch, len(flags), torch.float32, seed=4)
+    monkeypatch.setattr(kernel, "block_sparse_attention_fwd", FakeKernel())
+    monkeypatch.setattr(launcher, "_LIST_STAGES_TOO_DEEP", set())
+    monkeypatch.setattr(launcher, "launch_options",
+                        lambda device, warps, stages, block_list: {"num_warps": warps,
+                                                                   "num_stages": 5 if block_list else stages})
+
+    def forward(visited):
+        return launcher.forward(q, k, v, table.kv_num_blocks, None, block_size=block, kv_len=layout.kv_len,
+                                softmax_scale=0.1, ranges=(table.range_starts, table.range_ends),
+                                visited=visited, tiles=(16, 16, 4, 2))  # fmt: skip
+
+    visited = (table.kv_num_blocks, table.kv_indices)
+    forward(visited)
+    assert calls == [5, 2] and len(launcher._LIST_STAGES_TOO_DEEP) == 1  # retried at the tiles' 2 stages
+    forward(visited)
+    assert calls == [5, 2, 2]  # remembered: no second failing compile
+    monkeypatch.setattr(launcher, "launch_options", lambda device, warps, stages, block_list: {"num_stages": 5})
+    with pytest.raises(OutOfResources):  # not a deeper list pipeline: the error stands
+        forward(None)

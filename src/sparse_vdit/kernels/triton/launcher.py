@@ -33,7 +33,8 @@ LOG2E = 1.4426950408889634
 # hybrid (a quarter of the heads online: declared runs 3.8) 321.7 ms in ranges, 301.2 ms as lists at 5
 # stages. Run length, not ranges a row, separates them; 8 sits between the hybrid's 3.8 and plans' 46-61.
 # ``list_stages``: software-pipelining stages of block-list launches (None: the tiles' own), on sm90+ only
-# by default (shared memory for a third key/value buffer; elsewhere the tiles' own). Compiled for sm_90 on the
+# by default (shared memory for a third key/value buffer; elsewhere the tiles' own; a launch shape that still
+# runs out of shared memory, e.g. head dim 256, runs at the tiles' own, remembered). Compiled for sm_90 on the
 # CPU (Triton 3.9, 128x64 tiles, 8 warps), the range loop keeps as many key/value buffers as stages (3 at 3);
 # the list loop, whose block index is a load of its own in the pipeline, keeps 2 at 3 and 4 stages and 3 at
 # 5. Default 5, from issue 22's H200 run (bf16, 25%, online top-k tables as lists, kernel time vs the plan's
@@ -45,6 +46,9 @@ OPTIONS: dict[str, bool | float | str | tuple | dict | None] = {"tma": None, "wa
 DEFAULTS: dict[str, bool | float | str | tuple | dict | None] = {"tma": True, "warp_specialize": False,
                                                                  "schedule": "levels", "tiles": None,
                                                                  "block_list": 8.0, "list_stages": 5}  # fmt: skip
+# Launch shapes (device, dtype, head dim, tiles, warps) whose block-list launch at ``list_stages`` ran out of
+# shared memory; they run at the tiles' own stages from then on.
+_LIST_STAGES_TOO_DEEP: set[tuple] = set()
 
 
 def option(name: str):
@@ -242,6 +246,8 @@ def forward(
     ``selected``; the table's ``kv_num_blocks`` / ``kv_indices``): the kernel walks these lists in one
     loop over key tiles instead of the ranges (block-list mode, for scattered tables).
     """
+    from triton.runtime.errors import OutOfResources
+
     from .kernel import block_sparse_attention_fwd
 
     batch, n, heads, dim = q.shape
@@ -274,22 +280,36 @@ def forward(
                          f"{starts.shape[1]}, W], got {tuple(counts.shape)} {counts.dtype}, "
                          f"{tuple(blocks.shape)} {blocks.dtype}")  # fmt: skip
     extra = launch_options(q.device, warps, stages, block_list)
-    block_sparse_attention_fwd[(heads * num_q_tiles, batch)](
-        q, k, v, out, *descriptors, starts, ends, schedule, flags, selected,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        starts.stride(0), starts.stride(1), selected.stride(0) if select else 0,
-        n, kv_len, num_q_tiles, starts.shape[2], *layout[1:],
-        softmax_scale * LOG2E,
-        LSE=lse if return_lse else out, stride_lb=heads * n,
-        COUNTS=counts, BLOCKS=blocks, stride_ch=counts.stride(0), stride_bh=blocks.stride(0),
-        stride_bm=blocks.stride(1), STORE_LSE=return_lse,
-        FRAMES=layout[0], TABLE_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
-        IEEE=q.dtype == torch.float32, ANY_TOKEN_MAJOR=any_token_major,
-        TMA=tma, WARP_SPECIALIZE=bool(option("warp_specialize")), SELECT=select,
-        HEAD_ORDER=head_order and any_token_major, BLOCK_LIST=block_list,
-        **extra,
-    )  # fmt: skip
+    shape_key = (q.device, q.dtype, dim, block_m, block_n, warps)
+    deeper = block_list and extra.get("num_stages", stages) != stages  # list_stages in force
+    if deeper and shape_key in _LIST_STAGES_TOO_DEEP:
+        extra, deeper = {**extra, "num_stages": stages}, False
+
+    def launch(extra: dict) -> None:
+        block_sparse_attention_fwd[(heads * num_q_tiles, batch)](
+            q, k, v, out, *descriptors, starts, ends, schedule, flags, selected,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            starts.stride(0), starts.stride(1), selected.stride(0) if select else 0,
+            n, kv_len, num_q_tiles, starts.shape[2], *layout[1:],
+            softmax_scale * LOG2E,
+            LSE=lse if return_lse else out, stride_lb=heads * n,
+            COUNTS=counts, BLOCKS=blocks, stride_ch=counts.stride(0), stride_bh=blocks.stride(0),
+            stride_bm=blocks.stride(1), STORE_LSE=return_lse,
+            FRAMES=layout[0], TABLE_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
+            IEEE=q.dtype == torch.float32, ANY_TOKEN_MAJOR=any_token_major,
+            TMA=tma, WARP_SPECIALIZE=bool(option("warp_specialize")), SELECT=select,
+            HEAD_ORDER=head_order and any_token_major, BLOCK_LIST=block_list,
+            **extra,
+        )  # fmt: skip
+
+    try:
+        launch(extra)
+    except OutOfResources:  # a deeper list pipeline than this GPU's shared memory holds: the tiles' own
+        if not deeper:
+            raise
+        _LIST_STAGES_TOO_DEEP.add(shape_key)
+        launch({**extra, "num_stages": stages})
     return (out, lse) if return_lse else out
