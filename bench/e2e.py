@@ -46,10 +46,8 @@ Variants, each in each mode (``eager``; ``compiled`` = every transformer block c
   (``--online-block-list``): the top-k and the hybrid with the Triton kernel's block-list mode on
   (``launcher.OPTIONS["block_list"] = True``: one loop over each query tile's listed key blocks, not
   one per range; the other rows take the kernel's mode by ``launcher.DEFAULTS["block_list"]``: since
-  #22 the lists for top-k tables, key groups and hybrids, the ranges for plans); ``top-k-NN-triton`` (``--online-triton-select``): the top-k selected by
-  the Triton kernels (``TopP(compile="triton")``: :mod:`sparse_vdit.kernels.triton.pooled_topk`) instead
-  of the compiled torch rule. Their ``profile`` column is the selection's own time as a share of the
-  attention time.
+  #22 the lists for top-k tables, key groups and hybrids, the ranges for plans). Their ``profile``
+  column is the selection's own time as a share of the attention time.
 
 Reported: forward latency (median of ``--repeats`` after one warm-up, CUDA events), attention
 time and its share (CUDA events around the attention calls), speedup against ``unpatched`` and
@@ -298,16 +296,13 @@ def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
             every = run.args.online_every
             reused = (f"top-k-{tag}-every{every}",) if every > 1 else ()
             listed = (f"top-k-{tag}-list", f"hybrid-{tag}-list") if run.args.online_block_list else ()
-            by_triton = (f"top-k-{tag}-triton",) if run.args.online_triton_select else ()
-            for variant in (f"top-k-{tag}", *listed[:1], *by_triton, *grouped, *reused, *clustered, f"hybrid-{tag}",
-                            *listed[1:]):
+            for variant in (f"top-k-{tag}", *listed[:1], *grouped, *reused, *clustered, f"hybrid-{tag}", *listed[1:]):
                 if not run.fits():
                     return
                 iters = run.args.online_cluster_iters if variant.endswith("clustered") else 0
                 group = int(variant.rsplit("-g", 1)[1]) if variant in grouped else 1
                 online = TopP(1.0, min_density=density, max_density=density, block_size=block, cluster_iters=iters,
-                              key_group=group, every=every if variant in reused else 1,
-                              compile="triton" if variant in by_triton else None)  # fmt: skip
+                              key_group=group, every=every if variant in reused else 1)  # fmt: skip
                 online.timing = True
                 state.pattern_source = online if variant.startswith("top-k") else Hybrid(hybrid_plan, online)
                 densities = []
@@ -324,8 +319,7 @@ def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
                 with triton_launcher.options_set(**({"block_list": True} if variant in listed else {})):
                     result = measure(model, steps, run.args.repeats, attention_seconds, profile_seconds)
                 result.update(target_density=density, online_calls=online.calls, online_reused=online.reused,
-                              key_group=group, every=online.reuse.every, block_list=variant in listed,
-                              triton_select=variant in by_triton)  # fmt: skip
+                              key_group=group, every=online.reuse.every, block_list=variant in listed)  # fmt: skip
                 run.record(variant, result, float(torch.stack(densities).mean()) if densities else 1.0)
                 state.observers.clear()
                 sparse_vdit.clear_caches()
@@ -471,8 +465,6 @@ def parse_args(argv=None):
                    help="top-k-NN-everyK row: tables reused for K successive steps, timed over K forwards (<= 1: none)")
     p.add_argument("--online-block-list", action="store_true",
                    help="a top-k-NN-list row: the top-k with the Triton kernel's block-list mode on")
-    p.add_argument("--online-triton-select", action="store_true",
-                   help="a top-k-NN-triton row: the top-k selected by the Triton kernels, not the compiled torch rule")
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant, after one warm-up")
     p.add_argument("--backend", default="auto", help="sparse backend of our integration")
     p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)

@@ -46,10 +46,7 @@
 #                  list vs plan), Wan-1.3B 480p and Wan-14B 720p, 25% (#22)                       (~200)
 #   e2e-online-list  Wan-1.3B compiled: plan vs top-k in the range mode vs top-k in the block-list mode,
 #                  hybrid, 25%, Triton (#22)                                                      (~150)
-#   online-triton  the online selection in Triton vs compiled (same blocks first), cost, and the block-list
-#                  kernel at 3 / 4 / 5 pipelining stages (list_stages), Wan-1.3B / 14B, 25% (#22)     (~160)
-#   e2e-online-triton  Wan-1.3B compiled: plan vs top-k with the compiled and the Triton selection, 25% (#22) (~60)
-#   tests-f        GPU tests of session f's changes: online GPU, Triton selection, block list, CUDA graphs  (~120)
+#   tests-f        GPU tests of session f's changes: online GPU, block list, CUDA graphs              (~120)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -165,15 +162,8 @@ for name in "$@"; do
         --online-block-list --repeats 3 --backend triton --budget-s 270 --out "$R/e2e_online_list.json" ;;
     locality) TAIL=22 step locality 100 python3 bench/locality.py --model fidelity --device cuda --captions 2 \
         --steps 20 --record 2 6 10 14 18 --out "$R/locality.json" ;;
-    online-triton) TAIL=30 step online-triton 300 python3 bench/online_cost.py --shapes wan1.3b-480p wan14b-720p \
-        --backends triton --densities 0.25 --cluster-iters 0 --triton-select --block-list --list-stages 4 5 \
-        --out "$R/online-triton.json" ;;
-    e2e-online-triton) step e2e-online-triton 300 python3 bench/e2e.py --models wan-1.3b --modes compiled \
-        --densities 0.25 --svg-densities "" --online-densities 0.25 --online-cluster-iters 0 --online-key-groups "" \
-        --online-every 1 --online-triton-select --repeats 3 --backend triton --budget-s 270 \
-        --out "$R/e2e_online_triton.json" ;;
     tests-f) TAIL=12 step tests-f 240 python3 -m pytest -q -p no:cacheprovider tests/methods/test_online_gpu.py \
-        tests/kernels/test_pooled_topk.py tests/kernels/test_triton_block_list.py tests/integrations/test_cuda_graphs.py ;;
+        tests/kernels/test_triton_block_list.py tests/integrations/test_cuda_graphs.py ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done

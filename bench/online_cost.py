@@ -7,8 +7,6 @@
                                                          # issue 22's speed check, one GPU call (~2-3 min)
     python bench/online_cost.py --shapes wan1.3b-480p wan14b-720p --backends triton --cluster-iters 0 --block-list
                                                          # and the Triton kernel's block-list mode beside the ranges
-    python bench/online_cost.py --shapes wan1.3b-480p wan14b-720p --backends triton --cluster-iters 0 --triton-select
-                                                         # and the Triton top-k selection beside the compiled one
 
 Per shape, backend and density (``d``), on random bf16 inputs rotated between calls (CUDA events,
 median; ``bench/common.time_fn``):
@@ -38,13 +36,6 @@ median; ``bench/common.time_fn``):
   sparse_ms``, ``plan_list_vs_ranges`` = ``plan_list_ms / plan_ms``; with ``--list-stages N ...`` also
   ``sparse_list_stagesN_ms`` and ``list_stagesN_vs_plan``: the block-list calls pipelined N stages deep
   (``launcher.OPTIONS["list_stages"]``);
-- ``--triton-select``: ``select_triton_ms``, the top-k through the Triton kernels
-  (``online_table(compile="triton")``: :mod:`sparse_vdit.kernels.triton.pooled_topk`), checked first
-  against the compiled path's table (``same_blocks_triton``; where not, ``triton_rows_differing`` of the
-  head x query-block rows and ``triton_near_ties``: whether each such row's kept mass is within 1e-4 of
-  the compiled one's, float32 estimate), ``triton_vs_compiled`` = ``select_triton_ms / select_ms``,
-  ``cost_share_triton`` and ``fresh_triton_ms`` (a new Triton-selected table and its attention per call);
-  ``select_triton_topp_ms``: the top-p rows' selection through the Triton kernels (``same_blocks_triton_topp``);
 - ``static_ms``: the same backend on a frame-major band table of about the same density (an
   offline plan's table; equal-density speed of the online table against a plan's);
 - ``cluster_ms`` (``--cluster-iters``, default 2; 0: none): the clustered selection (k-means of
@@ -170,12 +161,6 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
     def select_old(q, k, v):
         return legacy_table(q, k, layout, block, **topk)
 
-    def select_triton(q, k, v):
-        return online_table(q, k, layout, block, **topk, compile="triton")
-
-    def select_triton_topp(q, k, v):
-        return online_table(q, k, layout, block, **topp, compile="triton")
-
     def select_grouped(q, k, v):
         return online_table(q, k, layout, block, **topk, key_group=args.key_group)
 
@@ -209,9 +194,6 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
     def fresh(q, k, v):
         return sparse_vdit.sparse_attention(q, k, v, select(q, k, v), backend=backend)
 
-    def fresh_triton(q, k, v):
-        return sparse_vdit.sparse_attention(q, k, v, select_triton(q, k, v), backend=backend)
-
     half = tuple(range(0, shape.heads, 2))
     static = compile_layer([diagonal(1.0)] * shape.heads, layout, block, device)
 
@@ -244,10 +226,6 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
            "runs_per_row_plan": sum(runs_per_row(t) for t in layers) / len(layers),
            "same_blocks_as_old": same_blocks(select_old(*sets[0]), tables[0]),
            "same_blocks_eager": same_blocks(select_eager(*sets[0]), tables[0])}  # fmt: skip
-    if args.triton_select:  # correctness first
-        mass = online_methods.pooled_mass(sets[0][0], sets[0][1], layout, block)
-        row.update(triton_agreement(select_triton(*sets[0]), tables[0], mass))
-        row["same_blocks_triton_topp"] = same_blocks(select_triton_topp(*sets[0]), select_topp(*sets[0]))
     timed = (("dense_ms", dense), ("select_old_ms", select_old), ("select_eager_ms", select_eager),
              ("select_ms", select), ("select_grouped_ms", select_grouped), ("select_topp_ms", select_topp),
              ("sparse_ms", in_block_list_mode(sparse, False)),
@@ -259,9 +237,6 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
                   ("plan_list_ms", in_block_list_mode(plan_attention)))  # fmt: skip
         timed += tuple((f"sparse_list_stages{n}_ms", with_launcher_options(sparse, block_list=True, list_stages=n))
                        for n in args.list_stages)  # fmt: skip
-    if args.triton_select:
-        timed += (("select_triton_ms", select_triton), ("select_triton_topp_ms", select_triton_topp),
-                  ("fresh_triton_ms", fresh_triton))  # fmt: skip
     for name, fn in (*timed,
                      ("fresh_ms", fresh), ("hybrid_ms", hybrid), ("static_ms", band_attention if band else None),
                      ("cluster_ms", cluster if made else None),
@@ -278,11 +253,6 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
         row["cluster_share"] = row["cluster_ms"] / saved if saved > 0 else None
         row["cluster_density"] = made[0].density
         row["host_syncs_cluster"] = sync_free(lambda: cluster(*sets[0]), device)
-    if args.triton_select:
-        row["triton_vs_compiled"] = row["select_triton_ms"] / row["select_ms"]
-        row["triton_topp_vs_compiled"] = row["select_triton_topp_ms"] / row["select_topp_ms"]
-        row["cost_share_triton"] = row["select_triton_ms"] / saved if saved > 0 else None
-        row["host_syncs_select_triton"] = sync_free(lambda: select_triton(*sets[0]), device)
     row["host_syncs_select"] = sync_free(lambda: select(*sets[0]), device)
     row["host_syncs_select_grouped"] = sync_free(lambda: select_grouped(*sets[0]), device)
     row["attention_vs_plan"] = row["sparse_ms"] / row["plan_ms"]
@@ -323,21 +293,6 @@ def same_blocks(a: BlockTable, b: BlockTable) -> bool:
                 and torch.equal(a.kv_indices, b.kv_indices))  # fmt: skip
 
 
-def triton_agreement(got: BlockTable, expected: BlockTable, mass: torch.Tensor) -> dict:
-    """Whether the Triton selection's table is the compiled one's; where not, how many (head, query
-    block) rows differ and whether every such row keeps as many blocks with a mass within 1e-4 (near ties)."""
-    same = same_blocks(got, expected)
-    result = {"same_blocks_triton": same}
-    if not same:
-        a = torch.stack([got.block_mask(h) for h in range(got.num_heads)]).to(mass.device)
-        b = torch.stack([expected.block_mask(h) for h in range(expected.num_heads)]).to(mass.device)
-        rows = (a != b).any(-1)
-        kept_a, kept_b = (mass * a).sum(-1), (mass * b).sum(-1)
-        near = (a.sum(-1) == b.sum(-1)) & ((kept_a - kept_b).abs() <= 1e-4)
-        result.update(triton_rows_differing=int(rows.sum()), triton_near_ties=bool(near[rows].all()))
-    return result
-
-
 def table(rows: list) -> str:
     head = (f"{'shape':<14} {'backend':<9} {'dens':>5} {'dense ms':>9} {'sel old':>8} {'sel eag':>8} {'select':>8} "
             f"{'sel g':>7} {'sparse':>8} {'sparse g':>8} {'plan':>8} {'runs':>5} {'runs g':>6} {'runs pl':>7} "
@@ -345,9 +300,6 @@ def table(rows: list) -> str:
     listed = any("sparse_list_ms" in r for r in rows)  # --block-list
     if listed:
         head += f" {'sparse list':>11} {'list vs plan':>12} {'list g vs plan':>14} {'plan list/ranges':>16}"
-    selected = any("select_triton_ms" in r for r in rows)  # --triton-select
-    if selected:
-        head += f" {'sel triton':>10} {'vs compiled':>11} {'same':>5} {'cost/saved tr':>13}"
     head += "  syncs"
     lines = [head, "-" * len(head)]
     nan = float("nan")
@@ -355,11 +307,6 @@ def table(rows: list) -> str:
         listing = (f" {r.get('sparse_list_ms', nan):>11.2f} {r.get('list_vs_plan', nan):>12.3f} "
                    f"{r.get('list_grouped_vs_plan', nan):>14.3f} {r.get('plan_list_vs_ranges', nan):>16.3f}"
                    if listed else "")  # fmt: skip
-        if selected:
-            same = "yes" if r.get("same_blocks_triton") else f"{r.get('triton_rows_differing', '?')} rows"
-            share_triton = "" if r.get("cost_share_triton") is None else f"{r['cost_share_triton']:.1%}"
-            listing += (f" {r.get('select_triton_ms', nan):>10.3f} {r.get('triton_vs_compiled', nan):>11.3f} "
-                        f"{same:>5} {share_triton:>13}")  # fmt: skip
         share = "" if r.get("cost_share") is None else f"{r['cost_share']:.1%}"
         fresh = "" if r.get("fresh_share") is None else f"{r['fresh_share']:.1%}"
         lines.append(f"{r['shape']:<14} {r['backend']:<9} {r['density']:>5.1%} {r['dense_ms']:>9.2f} "
@@ -391,8 +338,6 @@ def parse_args(argv=None):
                         "(launcher.OPTIONS['list_stages']; columns sparse_list_stagesN_ms, list_stagesN_vs_plan)")
     p.add_argument("--block-list", action="store_true",
                    help="also time the sparse calls in the Triton kernel's block-list mode (columns sparse list, list vs plan)")
-    p.add_argument("--triton-select", action="store_true",
-                   help="also time the top-k through the Triton selection kernels, checked against the compiled one")
     p.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/online-cost.json)")
     p.add_argument("--dry-run", action="store_true", help="a tiny shape on the CPU (fp32, reference backend)")
     args = p.parse_args(argv)

@@ -38,15 +38,3 @@ def test_dry_run_times_the_block_list_mode_beside_the_ranges(tmp_path, load_scri
     assert "list vs plan" in capsys.readouterr().out
     options = module.triton_launcher.OPTIONS
     assert options["block_list"] is None and options["list_stages"] is None  # restored after each call
-
-
-def test_dry_run_checks_and_times_the_triton_selection(tmp_path, load_script, capsys):
-    pytest.importorskip("triton")
-    module = load_script("online_cost")
-    out = tmp_path / "online-cost.json"
-    assert module.main(["--dry-run", "--triton-select", "--cluster-iters", "0", "--out", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["results"]
-    assert row["same_blocks_triton"] and row["same_blocks_triton_topp"]  # the torch rule's blocks (checked first)
-    assert row["select_triton_ms"] > 0 and row["fresh_triton_ms"] > 0 and row["select_triton_topp_ms"] > 0
-    assert row["triton_vs_compiled"] == pytest.approx(row["select_triton_ms"] / row["select_ms"])
-    assert "sel triton" in capsys.readouterr().out

@@ -331,3 +331,8 @@ def test_top_p_source_passes_its_key_group_and_checks_its_options():
     for bad in (dict(key_group=0), dict(key_group=True), dict(compile="sometimes")):
         with pytest.raises(ValueError):
             TopP(0.9, **bad)
+    # the Triton selection (compile="triton") was removed (#22): the error names the valid choices
+    with pytest.raises(ValueError, match=r"compile must be None or one of \('cuda', 'always', 'never'\), got 'triton'"):
+        TopP(0.9, compile="triton")
+    with pytest.raises(ValueError, match="'cuda', 'always', 'never'"):
+        online_table(q, k, layout, BLOCK, compile="triton")

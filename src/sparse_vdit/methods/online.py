@@ -16,11 +16,9 @@ SVG2 / XAttention / SpargeAttn (the pooled-score variant, without SVG2's k-means
 Nothing of size N x N is formed: the work is two poolings (one read of q and k), a
 ``Qb x Kb`` score matrix per head and a sort of its rows (a fixed budget, the top-k: one
 ``torch.topk`` per row for the threshold, no sort). On CUDA the whole selection runs through
-``torch.compile`` (its small ops fused; the same blocks), or, asked for (``compile="triton"``), a
-selection of single key blocks runs as four Triton launches (:mod:`sparse_vdit.kernels.triton.pooled_topk`).
-The table is built on the device with a range width fixed by the budget (:func:`max_runs`) and its
-index form filled in the same way, so deciding reads nothing back to the host (the Triton and FA4
-backends then launch without a sync).
+``torch.compile`` (its small ops fused; the same blocks). The table is built on the device with a
+range width fixed by the budget (:func:`max_runs`) and its index form filled in the same way, so
+deciding reads nothing back to the host (the Triton and FA4 backends then launch without a sync).
 
 :class:`Hybrid`: the heads an offline plan made sparse (the search found a pattern within its
 error bound: *stable* heads) keep the plan's pattern, row for row; the heads it left dense get
@@ -189,24 +187,16 @@ def selection(q: torch.Tensor, k: torch.Tensor, forced: torch.Tensor, layout: Vi
     return (keep, *mask_ranges(keep, width))
 
 
-# online_table's default: the selection through torch.compile on CUDA ("always", "never"); "triton": a
-# selection of single key blocks (top-k or top-p) through the Triton kernels of
-# kernels/triton/pooled_topk.py where they run (CUDA, or the interpreter), key groups as "cuda". Not the
-# default until measured against the compiled one (bench/online_cost.py --triton-select; issue 22).
-COMPILE = "cuda"
-COMPILE_CHOICES = ("cuda", "always", "never", "triton")
+COMPILE = "cuda"  # online_table's default: the selection through torch.compile on CUDA ("always", "never")
+COMPILE_CHOICES = ("cuda", "always", "never")
 
 
-def triton_selects(q: torch.Tensor, group: int) -> bool:
-    """Whether the Triton selection (:func:`~sparse_vdit.kernels.triton.pooled_topk.pooled_top_k`) takes
-    this one: single key blocks (``group`` 1), q it supports, on a device Triton runs on."""
-    if group != 1:
-        return False
-    try:
-        from ..kernels.triton import launcher, pooled_topk
-    except ImportError:  # no triton
-        return False
-    return launcher.is_available(q.device)[0] and pooled_topk.supports(q)
+def check_compile(compile: str | None) -> None:
+    """Raise ``ValueError`` unless ``compile`` is None or one of :data:`COMPILE_CHOICES`."""
+    if compile is not None and compile not in COMPILE_CHOICES:
+        # "triton" (the selection as Triton kernels) was removed in #22: 2x slower than the compiled one on
+        # Wan-14B 720p, no faster end to end (BENCHMARKS.md)
+        raise ValueError(f"top-p: compile must be None or one of {COMPILE_CHOICES}, got {compile!r}")
 
 
 @lru_cache(maxsize=1)
@@ -239,33 +229,23 @@ def online_table(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, block: i
     ``key_group > 1``: the rule runs on aligned groups of that many key blocks (summed mass, the
     budget as shares of the groups), so kept blocks come in runs: a variant, not the default rule.
     ``compile``: ``"cuda"`` (the default, :data:`COMPILE`: ``torch.compile`` for CUDA inputs),
-    ``"always"``, ``"never"``, or ``"triton"`` (single key blocks through the Triton kernels where they
-    run, else as ``"cuda"``); the same blocks either way (but where float rounding splits two near-equal masses).
+    ``"always"`` or ``"never"``; the same blocks either way.
     """
     if isinstance(key_group, bool) or not isinstance(key_group, int) or key_group < 1:
         raise ValueError(f"top-p: key_group must be an int >= 1, got {key_group!r}")
     low, high = group_budget(layout, block, min_density, max_density, key_group)
     forced = forced_blocks(layout, block, q.device, diagonal)
+    check_compile(compile)
     compile = compile or COMPILE
-    if compile not in COMPILE_CHOICES:
-        raise ValueError(f"top-p: compile must be one of {COMPILE_CHOICES}, got {compile!r}")
+    compiled = compile == "always" or (compile == "cuda" and q.device.type == "cuda")
     kb = forced.shape[-1]
     runs = min(max_runs(layout, block, high), kb // 2 + 1)  # no row has more runs than either
-    width = max_kept(layout, block, high * key_group)
-    if compile == "triton" and triton_selects(q, key_group):
-        from ..kernels.triton.pooled_topk import pooled_top_k
-
-        keep, starts, ends, indices = pooled_top_k(q, k, forced, high, block=block, kv_len=layout.kv_len,
-                                                   range_width=runs, index_width=width,
-                                                   p=None if low == high else p, min_count=low)  # fmt: skip
-    else:
-        compiled = compile == "always" or (compile in ("cuda", "triton") and q.device.type == "cuda")
-        keep, starts, ends = (compiled_selection() if compiled else selection)(q, k, forced, layout, block, p, low,
-                                                                              high, key_group, runs)  # fmt: skip
-        indices = None
+    keep, starts, ends = (compiled_selection() if compiled else selection)(q, k, forced, layout, block, p, low, high,
+                                                                          key_group, runs)  # fmt: skip
     table = BlockTable(layout, block, (MaskHead(name),) * keep.shape[0], starts, ends,
                        torch.zeros(keep.shape[0], dtype=torch.bool, device=keep.device))  # fmt: skip
-    table.form("kv_indices", lambda t: index_form(keep, width) if indices is None else indices)
+    width = max_kept(layout, block, high * key_group)
+    table.form("kv_indices", lambda t: index_form(keep, width))
     # the shortest run the rule keeps stands for the mean (measured on the bench's inputs: 1.33 blocks
     # ungrouped, 2.65 in pairs), so the Triton kernel's mode is chosen without reading the table back
     return declare_run_length(table, key_group)
@@ -335,8 +315,7 @@ class TopP:
         key_group: 1 (default): the rule on key blocks. ``g > 1``: on aligned groups of ``g`` key
             blocks (summed mass, budget as shares of the groups): kept blocks come in runs of ``g``,
             which the Triton kernel reads as fewer, longer ranges (a variant: its own fidelity row).
-        compile: how :func:`online_table` runs the selection (``"cuda"``: compiled on CUDA inputs;
-            ``"triton"``: through the Triton kernels, for single key blocks).
+        compile: how :func:`online_table` runs the selection (``"cuda"``: compiled on CUDA inputs).
 
     Counts: ``calls`` (tables computed) and ``reused`` (calls served by a kept table). With
     ``timing = True`` every selection is timed (:meth:`profile_seconds`; CUDA events, no sync until read).
@@ -350,8 +329,7 @@ class TopP:
         _check(p, min_density, max_density, every, block_size)
         if isinstance(key_group, bool) or not isinstance(key_group, int) or key_group < 1:
             raise ValueError(f"top-p: key_group must be an int >= 1, got {key_group!r}")
-        if compile is not None and compile not in COMPILE_CHOICES:
-            raise ValueError(f"top-p: compile must be None or one of {COMPILE_CHOICES}, got {compile!r}")
+        check_compile(compile)
         self.key_group, self.compile = key_group, compile
         if isinstance(cluster_iters, bool) or not isinstance(cluster_iters, int) or cluster_iters < 0:
             raise ValueError(f"top-p: cluster_iters must be an int >= 0, got {cluster_iters!r}")

@@ -4,8 +4,6 @@
 tile rule and work schedule, ``tuning.py`` the measured tiles, ``placement.py`` the per-(sample, head)
 token-order permutation (FA4 with the choice on the device), ``backend.py`` the entry that joins
 them; the torch reference it is checked against is ``sparse_vdit.kernels.reference``.
-``pooled_topk.py`` builds top-k / top-p tables from pooled q and k on the device (the online
-selection's Triton path; its torch rule is in ``sparse_vdit.methods.online``).
 """
 
 from .backend import BACKEND, SELECT_ON_DEVICE, forward, is_available, run, run_backward, run_selected, run_with_lse
