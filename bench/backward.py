@@ -1,21 +1,26 @@
 """Backward block efficiency of sparse_attention: each backend's backward against cuDNN's dense backward.
 
     python bench/backward.py [--shapes wan1.3b-480p hunyuan-720p] [--densities 0.1 0.2 0.3 0.5]
-                             [--kinds band mixed] [--backends triton fa4 flex] [--variants default ... | all]
+                             [--kinds band mixed] [--backends triton fa4 fa4/triton flex] [--variants default ... | all]
 
 For each shape (default Wan-1.3B 480p and HunyuanVideo 720p + 256 text, batch 1, bf16) it times
 the backward of dense cuDNN SDPA, then the backward of ``sparse_attention`` on every backend
 present, on ``compile_layer`` tables at target block densities (widths found by bisection, as in
 ``bench/attention.py``). Only the backward is timed: the forward runs once per input set with its
 graph kept, and each timed call is ``torch.autograd.grad(out, (q, k, v), grad_out)`` (what a
-training step pays on top of its forward: for triton and fa4 the delta pass and the two Triton
-kernels, plus the token-major permutation where the backend needs it; flex and reference
-recompute their forward). Reported per row: ms (median over rotated input sets, CUDA events) and
+training step pays on top of its forward: for triton the delta pass and the two Triton kernels;
+for fa4 FA4's block-sparse backward (its preprocess, main kernel and dQ postprocess) where it
+serves the table (``kernels.fa4.backward_path``), else the Triton backward, plus the token-major
+permutation; flex and reference recompute their forward). The backend ``fa4/triton`` is fa4 with
+the Triton backward forced (``fa4.BACKWARD = "triton"``), the A/B of the two backwards behind one
+forward; fa4 rows are labelled with the backward that ran, ``fa4[bwd=fa4]`` or ``fa4[bwd=triton]``.
+Reported per row: ms (median over rotated input sets, CUDA events) and
 backward block efficiency ``density * t_cuDNN_dense_backward / t``. ``--variants`` times the
 Triton backward's candidate settings (``kernels.triton.backward.VARIANTS``) against each other,
 each first checked on small layouts of each shape's frame count (sizes are not specialised on, so
 mostly the very kernels timed) against float64 autograd of the reference backend: relative RMS error of dq, dk, dv
 at most twice dense SDPA's own at the same dtype, or the variant is not timed.
+fa4 and fa4/triton are checked the same way before they are timed.
 Writes ``backward.json`` to ``--out`` and prints a table last (with variants: efficiency per variant).
 """
 
@@ -75,9 +80,10 @@ def check_layout(shape: Shape) -> VideoLayout:
     return VideoLayout(layout.frames, 12, 20, **text)
 
 
-def check_variant(shape: Shape, device, dtype, batch: int = 2, heads: int = 6) -> dict:
-    """Relative RMS errors of the Triton backward's (dq, dk, dv) under the options in force, and dense SDPA's
-    at ``dtype``, against float64 autograd (reference backend; dense: SDPA), on ``check_layout(shape)``."""
+def check_variant(shape: Shape, device, dtype, batch: int = 2, heads: int = 6, backend: str = "triton") -> dict:
+    """Relative RMS errors of ``backend``'s backward (dq, dk, dv) under the options in force (the Triton
+    backward's variant; fa4's ``BACKWARD``), and dense SDPA's at ``dtype``, against float64 autograd
+    (reference backend; dense: SDPA), on ``check_layout(shape)``."""
     from common import kind_patterns
 
     from sparse_vdit.kernels import sparse_attention
@@ -99,7 +105,7 @@ def check_variant(shape: Shape, device, dtype, batch: int = 2, heads: int = 6) -
         return torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k[:, :kv].transpose(1, 2), v[:, :kv].transpose(1, 2)).transpose(1, 2)  # fmt: skip
 
-    got = grads(lambda q, k, v: sparse_attention(q, k, v, table, backend="triton"), dtype)
+    got = grads(lambda q, k, v: sparse_attention(q, k, v, table, backend=backend), dtype)
     exact = grads(lambda q, k, v: sparse_attention(q, k, v, table, backend="reference"), torch.float64)
     dense_error = error(grads(dense, dtype), grads(dense, torch.float64))
     err = error(got, exact)
@@ -133,12 +139,35 @@ def variant_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+FA4_BACKWARDS = {"fa4": "auto", "fa4/triton": "triton"}  # backend spec -> fa4.BACKWARD
+
+
+def use_backend(spec: str | None) -> str | None:
+    """The backend name of ``spec`` (``fa4/triton``: fa4 with its backward forced to Triton's), with
+    ``fa4.BACKWARD`` set for it (``auto`` for any other spec, and for None: the default back)."""
+    from sparse_vdit.kernels import fa4
+
+    fa4.BACKWARD = FA4_BACKWARDS.get(spec or "", "auto")
+    return None if spec is None else spec.split("/")[0]
+
+
+def backend_label(name: str, variant: str | None, table, q) -> tuple[str, str | None]:
+    """``(row label, which backward runs)``: fa4 rows say theirs (``fa4[bwd=fa4]``), triton its variant."""
+    if name == "fa4":
+        from sparse_vdit.kernels import fa4
+
+        path = fa4.backward_path(table.block_size, q.shape[-1], q.dtype, q.device)[0]
+        return f"fa4[bwd={path}]", path
+    return name + (f"[{variant}]" if variant else ""), ("triton" if name == "triton" else None)
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES), choices=list(SHAPES))
     p.add_argument("--densities", nargs="*", type=float, default=[0.10, 0.20, 0.30, 0.50])
     p.add_argument("--kinds", nargs="*", default=["band", "mixed"], choices=["band", "multi_diag", "vertical", "mixed"])
-    p.add_argument("--backends", nargs="*", default=["triton", "fa4", "flex"])
+    p.add_argument("--backends", nargs="*", default=["triton", "fa4", "flex"],
+                   help="backends to time; fa4/triton: fa4 with the Triton backward (the A/B of fa4's backward)")
     p.add_argument("--variants", nargs="*", default=None,
                    help="Triton backward variants to check and time (names of backward.VARIANTS, or 'all'); "
                         "default: the defaults only, unchecked")
@@ -174,7 +203,7 @@ def main(argv=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False
     backends, skipped = [], {}
     for name in args.backends + (["reference"] if args.dry_run else []):
-        ok, why = registry.available(name, device)
+        ok, why = registry.available(name.split("/")[0], device)
         (backends.append(name) if ok else skipped.__setitem__(name, why))
     versions = gpu_versions() if device.type == "cuda" else {"device": "cpu (dry run: not a measurement)"}
     print("device:", json.dumps(versions), flush=True)
@@ -204,16 +233,18 @@ def main(argv=None) -> dict:
         t_dense = measure(lambda q, k, v: dense(q, k[:, :kv], v[:, :kv]), sets, args.target_ms)
         record(shape=shape.name, kind="dense", target=1.0, density=1.0, backend="cudnn-backward", ms=t_dense, block_eff=1.0)
         tables = {}
-        for backend in backends:
+        for spec in backends:
+            backend = use_backend(spec)
             for variant in variants if backend == "triton" else [None]:
                 use_variant(variant)
-                label = backend + (f"[{variant}]" if variant else "")
-                if variant and time.time() - t_start <= args.budget_s:
+                label = spec + (f"[{variant}]" if variant else "")
+                if (variant or backend == "fa4") and time.time() - t_start <= args.budget_s:  # checked, then timed
                     try:
-                        check = check_variant(shape, device, dtype, **({"batch": 1, "heads": 3} if args.dry_run else {}))
+                        check = check_variant(shape, device, dtype, backend=backend,
+                                              **({"batch": 1, "heads": 3} if args.dry_run else {}))  # fmt: skip
                     except Exception as exc:  # reported, not fatal
                         check = {"ok": False, "exception": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                    result.setdefault("checks", {}).setdefault(variant, []).append({"shape": shape.name, **check})
+                    result.setdefault("checks", {}).setdefault(variant or spec, []).append({"shape": shape.name, **check})
                     print(f"  check {label} on {shape.name}: {json.dumps(check)}", flush=True)
                     if not check["ok"]:
                         continue
@@ -225,17 +256,19 @@ def main(argv=None) -> dict:
                         if (kind, density) not in tables:
                             tables[kind, density] = table_for(kind, density, layout, shape.heads, device)[0]
                         table = tables[kind, density]
+                        row_label, ran = backend_label(backend, variant, table, sets[0][0])
+                        row = dict(shape=shape.name, kind=kind, target=density, backend=row_label, variant=variant,
+                                   backward=ran)  # fmt: skip
                         try:
                             ms = measure(lambda q, k, v: sparse_attention(q, k, v, table, backend=backend), sets,
                                          args.target_ms)  # fmt: skip
                         except Exception as exc:  # reported, not fatal
-                            print(f"  {label} {kind} {density}: {type(exc).__name__}: {exc}", flush=True)
-                            result["rows"].append(dict(shape=shape.name, kind=kind, target=density, backend=label,
-                                                       variant=variant, error=str(exc)[:300]))  # fmt: skip
+                            print(f"  {row_label} {kind} {density}: {type(exc).__name__}: {exc}", flush=True)
+                            result["rows"].append(dict(**row, error=str(exc)[:300]))
                             continue
-                        record(shape=shape.name, kind=kind, target=density, density=table.density, backend=label,
-                               variant=variant, ms=ms, block_eff=table.density * t_dense / ms)  # fmt: skip
+                        record(**row, density=table.density, ms=ms, block_eff=table.density * t_dense / ms)
         use_variant(None)
+        use_backend(None)
         del sets, tables
         sparse_vdit.clear_caches()
         if device.type == "cuda":

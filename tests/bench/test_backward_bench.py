@@ -21,3 +21,33 @@ def test_backward_dry_run(load_script, tmp_path):
     assert all(r["ms"] > 0 and r["block_eff"] > 0 for r in rows.values())
     assert abs(rows["triton[default]"]["density"] - 0.1) < 0.2  # 4 x 4 blocks: the nearest density reached
     assert json.loads((tmp_path / "backward.json").read_text())["rows"] == result["rows"]
+
+
+def test_fa4_rows_say_which_backward_and_the_ab_forces_triton(load_script, monkeypatch):
+    from sparse_vdit import VideoLayout, compile_layer
+    from sparse_vdit.kernels import fa4
+    from sparse_vdit.patterns import diagonal
+
+    script = load_script("backward")
+    monkeypatch.setattr(fa4, "BACKWARD", "auto")
+    monkeypatch.setattr(fa4, "_arch_of", lambda device: (9, 0))  # a Hopper GPU, as FA4's backward sees it
+    table = compile_layer([diagonal(0.5)] * 2, VideoLayout(2, 8, 16), 128)
+    q = torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16)
+    assert script.use_backend("fa4") == "fa4" and fa4.BACKWARD == "auto"
+    assert script.backend_label("fa4", None, table, q) == ("fa4[bwd=fa4]", "fa4")
+    assert script.use_backend("fa4/triton") == "fa4" and fa4.BACKWARD == "triton"
+    assert script.backend_label("fa4", None, table, q) == ("fa4[bwd=triton]", "triton")
+    assert script.use_backend(None) is None and fa4.BACKWARD == "auto"
+    assert script.backend_label("triton", "default", table, q) == ("triton[default]", "triton")
+
+
+def test_backward_dry_run_skips_fa4_specs_without_a_gpu(load_script, tmp_path):
+    from sparse_vdit.kernels import fa4, registry
+
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    result = load_script("backward").main(["--dry-run", "--backends", "fa4", "fa4/triton", "--kinds", "band",
+                                           "--out", str(tmp_path)])  # fmt: skip
+    assert set(result["skipped_backends"]) == {"fa4", "fa4/triton"}
+    assert {r["backend"] for r in result["rows"]} == {"cudnn-backward", "reference"}
+    assert fa4.BACKWARD == "auto"

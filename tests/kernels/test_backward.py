@@ -4,7 +4,9 @@ The oracle is ``helpers.masked_attention`` (per head, token mask from the table,
 autograd; a backend may be at most twice as wrong as plain dense torch attention (SDPA) at the
 same precision, by relative RMS error of dq, dk and dv (DESIGN.md). The Triton kernels run under
 the interpreter on the CPU (fp16/fp32, small sizes); the gpu-marked tests take bigger layouts on
-triton, flex and fa4 in bf16/fp16: ``pytest -m gpu -q tests/kernels/test_backward.py``.
+triton, flex and fa4 in bf16/fp16 (fa4 with each of its backwards: FA4's block-sparse one and the
+Triton one): ``pytest -m gpu -q tests/kernels/test_backward.py``. The fa4 route on the CPU, FA4 faked:
+test_fa4_backward.py.
 """
 
 from __future__ import annotations
@@ -237,3 +239,36 @@ def test_gpu_backward_matches_masked_attention(case, backend, dtype, monkeypatch
     if problem:
         pytest.skip(problem)
     _check(GPU_CASES[case], backend, dtype, "cuda", 1e-6, monkeypatch if backend == "triton" else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("path", ["fa4", "triton"])
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_fa4_backward_paths_match_masked_attention(case, path, dtype, monkeypatch):
+    """The fa4 backend with each of its backwards forced (``fa4.BACKWARD``): FA4's block-sparse backward
+    (the transposed table, kernels.fa4.backward_tensors) and the Triton one it falls back to; the forward's
+    output and every gradient buffer NaN-poisoned (unwritten elements show)."""
+    from sparse_vdit.kernels import fa4
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    ok, why = registry.available("fa4", device)
+    if not ok:
+        pytest.skip(why)
+    layout, block, heads, batch, dim = GPU_CASES[case]
+    problem = registry.get("fa4").table_problem(block, dim, dtype, device)
+    if problem:
+        pytest.skip(problem)
+    if path == "fa4":
+        ok, why = fa4.backward_supports(block, dim, dtype, torch.cuda.get_device_capability(device))
+        if not ok:
+            pytest.skip(why)
+    interface, _ = fa4._import()
+    calls = []
+    real = interface._flash_attn_bwd
+    monkeypatch.setattr(interface, "_flash_attn_bwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(fa4, "BACKWARD", path)
+    monkeypatch.setattr(fa4, "_POISON", True)
+    _check(GPU_CASES[case], "fa4", dtype, "cuda", 1e-6)
+    assert len(calls) == (1 if path == "fa4" else 0)  # the backward asked for is the one that ran

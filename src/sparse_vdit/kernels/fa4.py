@@ -16,6 +16,18 @@ the kernel's ``tile_n`` (128, or 64 with 64x64 tiles), and the query block a mul
 datacenter Blackwell (sm100/sm103) the forward processes two 128-row Q tiles per CTA
 (``q_stage=2``), so query blocks must be multiples of 256.
 
+The backward (:func:`run_backward`) runs FA4's block-sparse backward (``_flash_attn_bwd``) where
+it serves (:func:`backward_supports`), else our Triton backward (:data:`BACKWARD` forces either).
+FA4's backward walks key tiles, so it takes the table transposed ("Q-direction", as FlashAttention's
+``BlockMask`` keeps ``q_num_blocks`` / ``q_indices``): counts ``[B, H, key blocks]`` and indices
+``[B, H, key blocks, W]`` (W <= query blocks) of the query blocks visiting each key block, again
+all as full blocks beside an empty partial list, ``block_size=(block_q, block_kv)``
+(:func:`backward_tensors`). Its tiles: on Hopper ``tile_n`` = the key block exactly (128 for head
+dims up to 128) and ``tile_m`` (64, or 128 at D <= 64) dividing the query block; on Blackwell
+128 x 128 tiles, blocks any multiple of 128. It masks keys past ``seqlen_k`` on every tile, skips
+query subtiles past ``seqlen_q``, writes zero dK/dV for key blocks no query visits, and never
+reads the rows of query blocks outside the lists (their LSE may be -inf: rows that visit nothing).
+
 The import of ``flash_attn`` is lazy: this module imports without flash-attn-4.
 """
 
@@ -23,8 +35,8 @@ from __future__ import annotations
 
 import torch
 
-from ..block_table import num_blocks
-from .registry import Backend
+from ..block_table import expand_ranges, num_blocks
+from .registry import Backend, logger
 
 BACKEND = Backend("fa4", (torch.bfloat16, torch.float16), (64, 128), needs_cuda=True, token_major_in_place=False, auto_rank=0,
                   backward=True,
@@ -115,15 +127,15 @@ def supports(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.d
     return True, "ok"
 
 
-def _sparse_tensors(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size: int, kv_len: int):
-    """FA4's BlockSparseTensorsTorch for a table's index form."""
+def _sparse_tensors(counts: torch.Tensor, indices: torch.Tensor, block_size: int, columns: int):
+    """FA4's BlockSparseTensorsTorch of per-row block lists (int [H, rows], [H, rows, W]; ``columns``:
+    the blocks a list may name, so at most that many slots are kept), every block a full block."""
     _, BlockSparseTensorsTorch = _import()
-    heads, qb, width = kv_indices.shape
-    kb = num_blocks(kv_len, block_size)
-    counts = kv_num_blocks.to(torch.int32).contiguous()[None]
-    index = kv_indices[..., : min(width, kb)].to(torch.int32).contiguous()[None]
+    heads, rows, width = indices.shape
+    counts = counts.to(torch.int32).contiguous()[None]
+    index = indices[..., : min(width, columns)].to(torch.int32).contiguous()[None]
     empty_counts = torch.zeros_like(counts)
-    empty_index = torch.zeros(1, heads, qb, 1, dtype=torch.int32, device=kv_indices.device)
+    empty_index = torch.zeros(1, heads, rows, 1, dtype=torch.int32, device=indices.device)
     return BlockSparseTensorsTorch(
         mask_block_cnt=empty_counts,
         mask_block_idx=empty_index,
@@ -134,9 +146,23 @@ def _sparse_tensors(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block
 
 
 def table_tensors(table):
-    """FA4's BlockSparseTensorsTorch of ``table``, built once and kept with it."""
+    """FA4's BlockSparseTensorsTorch of ``table`` for the forward, built once and kept with it."""
     return table.form("fa4.sparse_tensors", lambda t: _sparse_tensors(t.kv_num_blocks, t.kv_indices, t.block_size,
-                                                                      t.layout.kv_len))  # fmt: skip
+                                                                      t.num_kv_blocks))  # fmt: skip
+
+
+def backward_lists(table) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transposed table as block lists: int32 counts ``[H, Kb]`` and ascending indices ``[H, Kb, W]``
+    of the query blocks that visit each key block (``Kb``: key blocks of ``layout.kv_len``; later slots
+    repeat one), from :attr:`BlockTable.query_ranges` (W read on the host: :func:`backward_tensors` keeps it)."""
+    starts, ends = table.query_ranges  # one row per block of the sequence: the first Kb are the key blocks
+    return expand_ranges(starts[:, : table.num_kv_blocks], ends[:, : table.num_kv_blocks])
+
+
+def backward_tensors(table):
+    """FA4's BlockSparseTensorsTorch of ``table`` for its backward (query blocks per key block), kept with it."""
+    return table.form("fa4.backward_tensors", lambda t: _sparse_tensors(*backward_lists(t), t.block_size,
+                                                                        t.num_q_blocks))  # fmt: skip
 
 
 def forward(
@@ -163,7 +189,8 @@ def forward(
         raise ValueError(f"table counts of shape {tuple(kv_num_blocks.shape)} do not fit q of shape {tuple(q.shape)}")
     if kv_num_blocks.device != q.device:
         kv_num_blocks, kv_indices = kv_num_blocks.to(q.device), kv_indices.to(q.device)
-    return _attend(q, k, v, _sparse_tensors(kv_num_blocks, kv_indices, block_size, kv_len), kv_len, softmax_scale)
+    return _attend(q, k, v, _sparse_tensors(kv_num_blocks, kv_indices, block_size, num_blocks(kv_len, block_size)),
+                   kv_len, softmax_scale)
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float) -> torch.Tensor:
@@ -176,16 +203,105 @@ def run_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softm
     return _attend(q, k, v, table_tensors(table), table.layout.kv_len, softmax_scale, return_lse=True)
 
 
+# Which backward the fa4 backend runs: "auto", FA4's block-sparse backward where it serves the inputs
+# (backward_supports: CUDA sm90/sm100/sm103, its tiles fit the table's block, fp16/bf16), else the Triton
+# backward; "triton", always the Triton backward (bench/backward.py's A/B: backend "fa4/triton"); "fa4",
+# always FA4's (a ValueError where it cannot). Which one ran is said once per kind of input in the log.
+BACKWARD = "auto"
+_BACKWARD_MODES = ("auto", "fa4", "triton")
+_SAID_BACKWARD: set = set()
+
+
+def _hopper_backward_tiles(head_dim: int, block_q: int) -> tuple[int, int]:
+    """``(tile_m, tile_n)`` of FA4's sm90 backward, non-causal, for sparse query blocks of ``block_q``
+    (``flash_attn.cute.interface._tile_size_bwd_sm90``, 4.0.0b36)."""
+    if head_dim <= 64:
+        return 128, 128
+    if head_dim <= 96:
+        return 64, 128
+    if head_dim <= 128:
+        return (80 if block_q % 80 == 0 else 64), 128
+    return (64, 96) if head_dim <= 192 else (64, 64)
+
+
+def backward_supports(block_size: int, head_dim: int, dtype: torch.dtype, arch: tuple[int, int]) -> tuple[bool, str]:
+    """Whether FA4's block-sparse backward runs a table of ``block_size`` at this head dim and dtype on a
+    GPU of compute capability ``arch``, and why (not). Its tiles (``_flash_attn_bwd``): on Hopper the key
+    block must be its ``tile_n`` and a multiple of its ``tile_m``; on Blackwell (128 x 128 tiles, subtiles
+    in both directions) a multiple of 128, head dims up to 128 (hd 192 / 256 take other kernels)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False, f"FA4's backward takes float16 or bfloat16, got {dtype}"
+    if head_dim % 8 or not 8 <= head_dim <= 256:
+        return False, f"FA4 takes head dims that are multiples of 8 up to 256, got {head_dim}"
+    if tuple(arch) == (9, 0):
+        tile_m, tile_n = _hopper_backward_tiles(head_dim, block_size)
+        if block_size != tile_n or block_size % tile_m:
+            return False, (f"FA4's block-sparse backward on Hopper needs block_size {tile_n} (its {tile_m} x {tile_n} "
+                           f"tiles at head_dim {head_dim}), got {block_size}")  # fmt: skip
+        return True, f"FA4's block-sparse backward on Hopper ({tile_m} x {tile_n} tiles)"
+    if tuple(arch) in _SUPPORTED_ARCH:
+        if head_dim > 128:
+            return False, f"FA4's block-sparse backward on Blackwell is used here for head dims up to 128, got {head_dim}"
+        if block_size % 128:
+            return False, f"FA4's block-sparse backward on Blackwell needs blocks of a multiple of 128, got {block_size}"
+        return True, "FA4's block-sparse backward on Blackwell (128 x 128 tiles)"
+    return False, f"FA4's block-sparse backward runs on sm90/sm100/sm103, this GPU is sm{arch[0]}{arch[1]}"
+
+
+def _arch_of(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability of a CUDA ``device`` (None for other devices)."""
+    return _arch(device) if device.type == "cuda" else None
+
+
+def backward_path(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
+    """``("fa4" | "triton", why)``: which backward :func:`run_backward` runs for these inputs under :data:`BACKWARD`."""
+    if BACKWARD not in _BACKWARD_MODES:
+        raise ValueError(f"fa4.BACKWARD must be one of {_BACKWARD_MODES}, got {BACKWARD!r}")
+    if BACKWARD == "triton":
+        return "triton", "fa4.BACKWARD = 'triton'"
+    arch = _arch_of(device)
+    ok, why = (False, f"FA4 needs CUDA tensors, not {device.type}") if arch is None else backward_supports(
+        block_size, head_dim, dtype, arch)  # fmt: skip
+    if not ok and BACKWARD == "fa4":
+        raise ValueError(f"fa4.BACKWARD = 'fa4', but {why}")
+    return ("fa4" if ok else "triton"), why
+
+
 def run_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float):
-    """``(dq, dk, dv)`` through the Triton backward kernels, on tensors already in each head's order.
+    """``(dq, dk, dv)`` on tensors already in each head's order (the forward's ``out`` and FA4's ``lse``):
+    FA4's block-sparse backward where it serves, else the Triton backward (:func:`backward_path`), said
+    once per (path, dtype, head dim, block, device) in the ``sparse_vdit`` log."""
+    dim, block = q.shape[-1], table.block_size
+    path, why = backward_path(block, dim, q.dtype, q.device)
+    key = (path, q.dtype, dim, block, q.device)
+    if key not in _SAID_BACKWARD:
+        _SAID_BACKWARD.add(key)
+        logger.warning("sparse_vdit: backend 'fa4' runs the %s backward for %s head_dim=%d block=%d on %s (%s)",
+                       "FA4 block-sparse" if path == "fa4" else "Triton", str(q.dtype).removeprefix("torch."), dim,
+                       block, q.device, why)  # fmt: skip
+    if path == "triton":
+        from .triton.backward import backward
 
-    FA4 has a block-sparse backward, but it takes a query-direction table under tile rules of its
-    own (per architecture, with a subtile factor) that we have not validated on our GPUs; the Triton
-    backward is exact for the same table and reads FA4's log-sum-exp directly.
-    """
-    from .triton.backward import backward
+        return backward(grad_out, q, k, v, out, lse, table, softmax_scale, token_major=False)
+    return fa4_backward(grad_out, q, k, v, out, lse, table, softmax_scale)
 
-    return backward(grad_out, q, k, v, out, lse, table, softmax_scale, token_major=False)
+
+def fa4_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float):
+    """``(dq, dk, dv)`` by FA4's block-sparse backward over ``table`` (:func:`backward_tensors`), no check
+    of whether it serves. Keys past ``layout.kv_len`` are not passed (as in the forward); their rows of
+    dK and dV are zero. Every other element is written by FA4 (tests poison the buffers: ``_POISON``)."""
+    interface, _ = _import()
+    n, kv_len = q.shape[1], table.layout.kv_len
+    dq, dk, dv = (torch.full_like(t, float("nan")) if _POISON else torch.empty_like(t) for t in (q, k, v))
+    if kv_len < n:
+        dk[:, kv_len:], dv[:, kv_len:] = 0, 0
+        k, v = k[:, :kv_len], v[:, :kv_len]
+    with torch.cuda.device(q.device):
+        interface._flash_attn_bwd(
+            q, k, v, out, grad_out, lse, softmax_scale=float(softmax_scale), block_sparse_tensors=backward_tensors(table),
+            dq=dq, dk=dk[:, :kv_len], dv=dv[:, :kv_len],
+        )  # fmt: skip
+    return dq, dk, dv
 
 
 # Whether run_selected reads SVG's per-(sample, head) choice on the device (block tensors gathered
@@ -251,5 +367,6 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: floa
     return out
 
 
-__all__ = ["BACKEND", "SELECT_ON_DEVICE", "dense", "forward", "gathered_tables", "is_available", "run",
+__all__ = ["BACKEND", "BACKWARD", "SELECT_ON_DEVICE", "backward_lists", "backward_path", "backward_supports",
+           "backward_tensors", "dense", "fa4_backward", "forward", "gathered_tables", "is_available", "run",
            "run_backward", "run_selected", "run_with_lse", "supports", "table_tensors", "version"]
