@@ -144,10 +144,10 @@ FA4_BACKWARDS = {"fa4": "auto", "fa4/triton": "triton"}  # backend spec -> fa4.B
 
 def use_backend(spec: str | None) -> str | None:
     """The backend name of ``spec`` (``fa4/triton``: fa4 with its backward forced to Triton's), with
-    ``fa4.BACKWARD`` set for it (``auto`` for any other spec, and for None: the default back)."""
+    ``fa4.BACKWARD`` set for it (``fa4.BACKWARD_DEFAULT`` for any other spec, and for None: the default back)."""
     from sparse_vdit.kernels import fa4
 
-    fa4.BACKWARD = FA4_BACKWARDS.get(spec or "", "auto")
+    fa4.BACKWARD = FA4_BACKWARDS.get(spec or "", fa4.BACKWARD_DEFAULT)
     return None if spec is None else spec.split("/")[0]
 
 

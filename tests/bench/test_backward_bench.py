@@ -37,7 +37,7 @@ def test_fa4_rows_say_which_backward_and_the_ab_forces_triton(load_script, monke
     assert script.backend_label("fa4", None, table, q) == ("fa4[bwd=fa4]", "fa4")
     assert script.use_backend("fa4/triton") == "fa4" and fa4.BACKWARD == "triton"
     assert script.backend_label("fa4", None, table, q) == ("fa4[bwd=triton]", "triton")
-    assert script.use_backend(None) is None and fa4.BACKWARD == "auto"
+    assert script.use_backend(None) is None and fa4.BACKWARD == fa4.BACKWARD_DEFAULT
     assert script.backend_label("triton", "default", table, q) == ("triton[default]", "triton")
 
 
@@ -50,4 +50,4 @@ def test_backward_dry_run_skips_fa4_specs_without_a_gpu(load_script, tmp_path):
                                            "--out", str(tmp_path)])  # fmt: skip
     assert set(result["skipped_backends"]) == {"fa4", "fa4/triton"}
     assert {r["backend"] for r in result["rows"]} == {"cudnn-backward", "reference"}
-    assert fa4.BACKWARD == "auto"
+    assert fa4.BACKWARD == fa4.BACKWARD_DEFAULT

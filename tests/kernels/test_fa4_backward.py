@@ -101,7 +101,9 @@ class FakeInterface:
 
 @pytest.fixture
 def fake_fa4(monkeypatch):
-    """fa4 on the CPU with the fake flash-attn-4 of a Hopper GPU; output buffers poisoned."""
+    """fa4 on the CPU with the fake flash-attn-4 of a Hopper GPU, its backward chosen where it serves
+    (``BACKWARD = "auto"``); output buffers poisoned."""
+    monkeypatch.setattr(fa4, "BACKWARD", "auto")
     monkeypatch.setattr(fa4, "_FA4", (FakeInterface, FakeBlockSparse))
     monkeypatch.setattr(fa4, "_arch_of", lambda device: (9, 0))
     monkeypatch.setattr(fa4, "_POISON", True)
@@ -160,11 +162,14 @@ def test_backward_supports_follows_fa4s_tiles(arch, block, dim, dtype, ok):
 
 def test_backward_path_choice(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(fa4, "BACKWARD", "auto")
     assert fa4.backward_path(128, 128, torch.bfloat16, cpu)[0] == "triton"  # no CUDA: the Triton backward
     monkeypatch.setattr(fa4, "_arch_of", lambda device: (9, 0))
     assert fa4.backward_path(128, 128, torch.bfloat16, cuda)[0] == "fa4"
     path, why = fa4.backward_path(64, 128, torch.bfloat16, cuda)
     assert path == "triton" and "block_size 128" in why
+    monkeypatch.setattr(fa4, "BACKWARD", fa4.BACKWARD_DEFAULT)  # Triton's until FA4's passes its GPU test
+    assert fa4.BACKWARD_DEFAULT == "triton" and fa4.backward_path(128, 128, torch.bfloat16, cuda)[0] == "triton"
     monkeypatch.setattr(fa4, "BACKWARD", "triton")  # the A/B's forced Triton backward
     assert fa4.backward_path(128, 128, torch.bfloat16, cuda)[0] == "triton"
     monkeypatch.setattr(fa4, "BACKWARD", "fa4")  # forced FA4: refuses what it cannot run
