@@ -43,7 +43,9 @@ Variants, each in each mode (``eager``; ``compiled`` = every transformer block c
   fidelity row); ``top-k-NN-everyK`` (``--online-every``, default 2): tables reused for K steps,
   each timed unit K forwards at successive timesteps (the first selects, the rest reuse), reported
   per forward: the steady-state cost of ``every=K``; ``top-k-NN-list`` and ``hybrid-NN-list``
-  (``--online-block-list``): the top-k and the hybrid with the Triton kernel's block-list mode on
+  (``--online-block-list``, which also adds ``hybrid-NN-split``: the hybrid's online heads as lists and
+  its plan heads in ranges, two launches, ``launcher.OPTIONS["split_modes"]``): the top-k and the
+  hybrid with the Triton kernel's block-list mode on
   (``launcher.OPTIONS["block_list"] = True``: one loop over each query tile's listed key blocks, not
   one per range; the other rows take the kernel's mode by ``launcher.DEFAULTS["block_list"]``: since
   #22 the lists for top-k tables, key groups and hybrids, the ranges for plans). Their ``profile``
@@ -296,7 +298,9 @@ def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
             every = run.args.online_every
             reused = (f"top-k-{tag}-every{every}",) if every > 1 else ()
             listed = (f"top-k-{tag}-list", f"hybrid-{tag}-list") if run.args.online_block_list else ()
-            for variant in (f"top-k-{tag}", *listed[:1], *grouped, *reused, *clustered, f"hybrid-{tag}", *listed[1:]):
+            split = (f"hybrid-{tag}-split",) if run.args.online_block_list else ()
+            for variant in (f"top-k-{tag}", *listed[:1], *grouped, *reused, *clustered, f"hybrid-{tag}", *listed[1:],
+                            *split):
                 if not run.fits():
                     return
                 iters = run.args.online_cluster_iters if variant.endswith("clustered") else 0
@@ -316,10 +320,12 @@ def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
                 # every-k rows: one timed unit is k successive steps (a new generation each unit:
                 # the first step selects, the others reuse its tables), numbers per forward
                 steps = successive_steps(inputs, every) if variant in reused else inputs
-                with triton_launcher.options_set(**({"block_list": True} if variant in listed else {})):
+                options = {"block_list": True} if variant in listed else {"split_modes": True} if variant in split else {}
+                with triton_launcher.options_set(**options):
                     result = measure(model, steps, run.args.repeats, attention_seconds, profile_seconds)
                 result.update(target_density=density, online_calls=online.calls, online_reused=online.reused,
-                              key_group=group, every=online.reuse.every, block_list=variant in listed)  # fmt: skip
+                              key_group=group, every=online.reuse.every, block_list=variant in listed,
+                              split_modes=variant in split)  # fmt: skip
                 run.record(variant, result, float(torch.stack(densities).mean()) if densities else 1.0)
                 state.observers.clear()
                 sparse_vdit.clear_caches()

@@ -32,8 +32,8 @@ from functools import lru_cache
 
 import torch
 
-from ..block_table import (DEFAULT_BLOCK, BlockTable, MaskHead, compact_positions, declare_run_length, mask_ranges,
-                           num_blocks, run_length, valid_block_size)
+from ..block_table import (DEFAULT_BLOCK, BlockTable, MaskHead, compact_positions, declare_run_length,
+                           head_run_lengths, heads_index, mask_ranges, num_blocks, run_length, valid_block_size)
 from ..layout import VideoLayout
 from ..patterns import compile_layer
 from ..patterns.base import Geometry, text_intervals
@@ -453,12 +453,6 @@ class Hybrid:
         return f"Hybrid({self.online!r}, plan of {self.plan.num_layers} layers)"
 
 
-@lru_cache(maxsize=256)
-def heads_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """int64 tensor of ``heads`` on ``device``, made once (callers must not write into it)."""
-    return torch.tensor(heads, dtype=torch.long, device=device)
-
-
 def merge_heads(static: BlockTable, chosen: BlockTable, heads: tuple[int, ...]) -> BlockTable:
     """``static`` with its rows of ``heads`` replaced by ``chosen``'s (head ``heads[i]`` <- row ``i``; a
     ``chosen`` of as many heads as ``static``: head ``h`` <- its row ``h``).
@@ -494,7 +488,9 @@ def merge_heads(static: BlockTable, chosen: BlockTable, heads: tuple[int, ...]) 
     runs = [(len(heads), run_length(chosen))]
     if kept:
         runs.append((len(kept), run_length(static.heads(kept))))
-    return declare_run_length(table, mean_run_length(runs))
+    static_runs = head_run_lengths(static)
+    per_head = tuple(runs[0][1] if h in replaced else static_runs[h] for h in range(static.num_heads))
+    return declare_run_length(table, mean_run_length(runs), per_head)
 
 
 def _pad_empty(x: torch.Tensor, width: int) -> torch.Tensor:
