@@ -228,13 +228,13 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
            "same_blocks_eager": same_blocks(select_eager(*sets[0]), tables[0])}  # fmt: skip
     timed = (("dense_ms", dense), ("select_old_ms", select_old), ("select_eager_ms", select_eager),
              ("select_ms", select), ("select_grouped_ms", select_grouped), ("select_topp_ms", select_topp),
-             ("sparse_ms", in_block_list_mode(sparse, False)),
-             ("sparse_grouped_ms", in_block_list_mode(sparse_grouped, False)),
-             ("plan_ms", in_block_list_mode(plan_attention, False)))  # fmt: skip
+             ("sparse_ms", with_launcher_options(sparse, block_list=False)),
+             ("sparse_grouped_ms", with_launcher_options(sparse_grouped, block_list=False)),
+             ("plan_ms", with_launcher_options(plan_attention, block_list=False)))  # fmt: skip
     if args.block_list:
-        timed += (("sparse_list_ms", in_block_list_mode(sparse)),
-                  ("sparse_grouped_list_ms", in_block_list_mode(sparse_grouped)),
-                  ("plan_list_ms", in_block_list_mode(plan_attention)))  # fmt: skip
+        timed += (("sparse_list_ms", with_launcher_options(sparse, block_list=True)),
+                  ("sparse_grouped_list_ms", with_launcher_options(sparse_grouped, block_list=True)),
+                  ("plan_list_ms", with_launcher_options(plan_attention, block_list=True)))  # fmt: skip
         timed += tuple((f"sparse_list_stages{n}_ms", with_launcher_options(sparse, block_list=True, list_stages=n))
                        for n in args.list_stages)  # fmt: skip
     for name, fn in (*timed,
@@ -268,11 +268,6 @@ def measure(shape: Shape, backend: str, density: float, args, device, dtype) -> 
     row["host_syncs_fresh_attention"] = sync_free(lambda: fresh(q, k, v), device)
     del sets, tables, made, grouped, layers
     return row
-
-
-def in_block_list_mode(fn, on: bool = True):
-    """``fn`` run with the Triton kernel's block-list mode on (``launcher.OPTIONS["block_list"]``), or off."""
-    return with_launcher_options(fn, block_list=on)
 
 
 def with_launcher_options(fn, **options):

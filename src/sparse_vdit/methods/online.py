@@ -485,11 +485,9 @@ def merge_heads(static: BlockTable, chosen: BlockTable, heads: tuple[int, ...]) 
     table.form("kv_indices", lambda t: merged(static.kv_indices, chosen.kv_indices, _pad_last))
     replaced = set(heads)
     kept = tuple(h for h in range(static.num_heads) if h not in replaced)
-    runs = [(len(heads), run_length(chosen))]
-    if kept:
-        runs.append((len(kept), run_length(static.heads(kept))))
-    static_runs = head_run_lengths(static)
-    per_head = tuple(runs[0][1] if h in replaced else static_runs[h] for h in range(static.num_heads))
+    chosen_run, static_runs = run_length(chosen), head_run_lengths(static)
+    runs = [(len(heads), chosen_run)] + ([(len(kept), run_length(static.heads(kept)))] if kept else [])
+    per_head = tuple(chosen_run if h in replaced else static_runs[h] for h in range(static.num_heads))
     return declare_run_length(table, mean_run_length(runs), per_head)
 
 
