@@ -48,7 +48,7 @@
 #                  hybrid, 25%, Triton (#22)                                                      (~150)
 #   tests-f        GPU tests of session f's changes: online GPU, block list, CUDA graphs              (~120)
 #   tests-g        GPU tests of session g's changes: FA4's block-sparse backward against float64 (bf16/fp16,
-#                  head dims 64/128: FA4 compiles dominate), block lists at 5 stages                 (~360)
+#                  head dims 64/128: FA4 compiles dominate; block lists at 5 stages are in tests-f)  (~240)
 #   backward-fa4   backward block efficiency, FA4's block-sparse backward vs the Triton one behind the same
 #                  FA4 forward (fa4 vs fa4/triton), Wan-1.3B 480p and HunyuanVideo 720p, 10-50% (#18) (~420)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
@@ -166,8 +166,8 @@ for name in "$@"; do
         --online-block-list --repeats 5 --backend triton --budget-s 270 --out "$R/e2e_online_list.json" ;;
     locality) TAIL=22 step locality 100 python3 bench/locality.py --model fidelity --device cuda --captions 2 \
         --steps 20 --record 2 6 10 14 18 --out "$R/locality.json" ;;
-    tests-g) TAIL=12 step tests-g 420 bash -c "python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_block_list.py; \
-        python3 -m pytest -q -p no:cacheprovider tests/kernels/test_backward.py tests/kernels/test_fa4_backward.py -k fa4" ;;
+    tests-g) TAIL=12 step tests-g 420 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_backward.py \
+        tests/kernels/test_fa4_backward.py -k fa4 ;;
     backward-fa4) TAIL=40 step backward-fa4 480 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds mixed --backends fa4 fa4/triton --target-ms 300 --budget-s 420 \
         --out "$R/backward-fa4" ;;

@@ -11,6 +11,8 @@ test_fa4_backward.py.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -267,7 +269,12 @@ def test_gpu_fa4_backward_paths_match_masked_attention(case, path, dtype, monkey
     interface, _ = fa4._import()
     calls = []
     real = interface._flash_attn_bwd
-    monkeypatch.setattr(interface, "_flash_attn_bwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    @functools.wraps(real)  # FA4 reads attributes of its own function (compile_cache): keep them on the spy
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(interface, "_flash_attn_bwd", spy)
     monkeypatch.setattr(fa4, "BACKWARD", path)
     monkeypatch.setattr(fa4, "_POISON", True)
     _check(GPU_CASES[case], "fa4", dtype, "cuda", 1e-6)

@@ -168,8 +168,8 @@ def test_backward_path_choice(monkeypatch):
     assert fa4.backward_path(128, 128, torch.bfloat16, cuda)[0] == "fa4"
     path, why = fa4.backward_path(64, 128, torch.bfloat16, cuda)
     assert path == "triton" and "block_size 128" in why
-    monkeypatch.setattr(fa4, "BACKWARD", fa4.BACKWARD_DEFAULT)  # Triton's until FA4's passes its GPU test
-    assert fa4.BACKWARD_DEFAULT == "triton" and fa4.backward_path(128, 128, torch.bfloat16, cuda)[0] == "triton"
+    monkeypatch.setattr(fa4, "BACKWARD", fa4.BACKWARD_DEFAULT)  # FA4's where it serves (it passed its GPU test)
+    assert fa4.BACKWARD_DEFAULT == "auto" and fa4.backward_path(128, 128, torch.bfloat16, cuda)[0] == "fa4"
     monkeypatch.setattr(fa4, "BACKWARD", "triton")  # the A/B's forced Triton backward
     assert fa4.backward_path(128, 128, torch.bfloat16, cuda)[0] == "triton"
     monkeypatch.setattr(fa4, "BACKWARD", "fa4")  # forced FA4: refuses what it cannot run

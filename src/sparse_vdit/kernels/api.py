@@ -47,10 +47,9 @@ def sparse_attention(
 
     Differentiable on every backend (also under ``torch.compile``), exact for the same table:
     ``triton`` runs its own backward kernels (:mod:`~sparse_vdit.kernels.triton.backward`) from the
-    log-sum-exp its forward saves; ``fa4`` keeps FA4's log-sum-exp and runs the Triton backward on the
-    permuted tensors, or, opted in (``fa4.BACKWARD = "auto"``, until its GPU test has passed), FA4's
-    block-sparse backward where its tiles fit the table (:func:`~sparse_vdit.kernels.fa4.backward_path`,
-    said once in the log); ``flex`` and ``reference`` recompute their forward under autograd in the
+    log-sum-exp its forward saves; ``fa4`` runs FA4's own block-sparse backward where its tiles fit the
+    table (:func:`~sparse_vdit.kernels.fa4.backward_path`, said once in the log), else the Triton
+    backward on the permuted tensors with FA4's log-sum-exp; ``flex`` and ``reference`` recompute their forward under autograd in the
     backward. Skipped heads and keys that no query visits get zero gradients.
 
     Returns:

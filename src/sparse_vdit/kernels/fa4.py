@@ -207,9 +207,11 @@ def run_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softm
 # (backward_supports: CUDA sm90/sm100/sm103, its tiles fit the table's block, fp16/bf16), else the Triton
 # backward; "triton", always the Triton backward (bench/backward.py's A/B: backend "fa4/triton"); "fa4",
 # always FA4's (a ValueError where it cannot). Which one ran is said once per kind of input in the log.
-# Default "triton" until FA4's backward has passed its GPU test against float64 (tests/kernels/
-# test_backward.py, `bash bench/gpu_session.sh tests-g`): it is built from FA4's source, not yet run.
-BACKWARD_DEFAULT = "triton"
+# Default "auto": on an H200 (bf16, 4.0.0b36) FA4's backward passed the GPU tests against float64
+# (tests/kernels/test_backward.py, bf16/fp16, head dims 64/128, text prefix/suffix, batch 2) and ran at
+# 0.73-1.07 of cuDNN's dense backward per computed block against the Triton one's 0.52-0.64 (Wan-1.3B 480p,
+# HunyuanVideo 720p, 10-50%; `bench/backward.py --backends fa4 fa4/triton`, BENCHMARKS.md).
+BACKWARD_DEFAULT = "auto"
 BACKWARD = BACKWARD_DEFAULT
 _BACKWARD_MODES = ("auto", "fa4", "triton")
 _SAID_BACKWARD: set = set()
