@@ -134,6 +134,25 @@ def environment(device: torch.device) -> dict:
     return info
 
 
+def profile_to(path: Path, fn: Callable[[], object], what: str) -> str:
+    """Run ``fn`` once under ``torch.profiler``: its top operators by self CUDA (on a GPU) and self CPU
+    time go to ``path`` (folders made) and the log, headed by ``what``; returns the text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        fn()
+        if on_gpu:
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    sorts = (["self_cuda_time_total"] if on_gpu else []) + ["self_cpu_time_total"]
+    text = "\n\n".join(f"{what}, sorted by {key}:\n{averages.table(sort_by=key, row_limit=25)}" for key in sorts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    say(f"profile of {what} written to {path}")
+    return text
+
+
 def results_path(stem: str, dry_run: bool) -> Path:
     """``bench/results/<stem>.json``; a dry run's goes to the temp folder, out of the results."""
     if dry_run:

@@ -43,13 +43,15 @@ Variants, each in each mode (``eager``; ``compiled`` = every transformer block c
   fidelity row); ``top-k-NN-everyK`` (``--online-every``, default 2): tables reused for K steps,
   each timed unit K forwards at successive timesteps (the first selects, the rest reuse), reported
   per forward: the steady-state cost of ``every=K``; ``top-k-NN-list`` and ``hybrid-NN-list``
-  (``--online-block-list``, which also adds ``hybrid-NN-split``: the hybrid's online heads as lists and
-  its plan heads in ranges, two launches, ``launcher.OPTIONS["split_modes"]``): the top-k and the
-  hybrid with the Triton kernel's block-list mode on
+  (``--online-block-list``): the top-k and the hybrid with the Triton kernel's block-list mode on
   (``launcher.OPTIONS["block_list"] = True``: one loop over each query tile's listed key blocks, not
   one per range; the other rows take the kernel's mode by ``launcher.DEFAULTS["block_list"]``: since
   #22 the lists for top-k tables, key groups and hybrids, the ranges for plans). Their ``profile``
   column is the selection's own time as a share of the attention time.
+
+``--profile DIR``: after each variant's timing, one more forward (or timed unit) under torch.profiler,
+its operators by self device and host time written to ``DIR/<model>-<mode>-<variant>.txt`` (where a
+variant's time goes, e.g. the hybrid's cost beyond the top-k's).
 
 Reported: forward latency (median of ``--repeats`` after one warm-up, CUDA events), attention
 time and its share (CUDA events around the attention calls), speedup against ``unpatched`` and
@@ -80,7 +82,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside it
-from common import START, device_and_dtype, environment, merge_results, results_path, say  # noqa: E402
+from common import START, device_and_dtype, environment, merge_results, profile_to, results_path, say  # noqa: E402
 from models import (  # noqa: E402
     MODELS, TINY, Bench, build, compile_blocks, cudnn_first, layout_of, make_inputs, mixed_plan, model_names,
     transformer_blocks,
@@ -125,13 +127,15 @@ class SdpaTimer:
 
 
 @torch.no_grad()
-def measure(model, inputs, repeats: int, attention_seconds=None, profile_seconds=None) -> dict:
+def measure(model, inputs, repeats: int, attention_seconds=None, profile_seconds=None,
+            trace: Path | None = None) -> dict:
     """Warm-up forward, then ``repeats`` timed forwards: median seconds and attention share.
 
     ``profile_seconds`` (SVG): seconds of online classification in the last forward, reported
     with its share of the attention time. ``inputs`` a list: each timed unit runs those forwards
     one after the other (e.g. successive denoising steps) and every number is per forward (the
-    unit's total over its length).
+    unit's total over its length). ``trace``: one more (untimed) unit under torch.profiler, its
+    operator tables written there (``--profile``).
     """
     steps = inputs if isinstance(inputs, list) else [inputs]
     hidden = steps[0]["hidden_states"]
@@ -149,6 +153,12 @@ def measure(model, inputs, repeats: int, attention_seconds=None, profile_seconds
                 times.append(seconds)
                 attention.append(att)
                 profile.append(prof)
+        if trace is not None:
+            profile_to(trace, lambda: [model(**step) for step in steps], trace.stem)
+            if attention_seconds:
+                attention_seconds()  # the profiled unit's timings are not kept
+            if profile_seconds:
+                profile_seconds()
     median = statistics.median(times)
     att = None if attention[0] is None else statistics.median(attention)
     result = {"seconds": median, "all_seconds": times, "attention_seconds": att,
@@ -210,6 +220,11 @@ class Mode:
             return False
         return True
 
+    def trace(self, variant: str) -> Path | None:
+        """Where ``--profile`` puts the operator tables of ``variant`` (None without it)."""
+        folder = self.args.profile
+        return None if folder is None else folder / f"{self.model}-{self.mode}-{variant}.txt"
+
     def record(self, variant: str, result: dict, density: float) -> None:
         row = {"model": self.model, "mode": self.mode, "variant": variant, "density": density,
                "backend": self.backend, "dry_run": self.args.dry_run, **result}  # fmt: skip
@@ -236,9 +251,9 @@ def run_mode(run: Mode, model, inputs, plans: dict, layout: VideoLayout) -> None
                 return seconds
 
             with timer.active():
-                result = measure(model, inputs, repeats, sdpa_seconds)
+                result = measure(model, inputs, repeats, sdpa_seconds, trace=run.trace("unpatched"))
         else:  # the timer cannot see inside compiled graphs
-            result = measure(model, inputs, repeats)
+            result = measure(model, inputs, repeats, trace=run.trace("unpatched"))
         run.record("unpatched", result, 1.0)
     state = sparse_vdit.apply(model, plans["dense"], backend=run.args.backend)
 
@@ -253,7 +268,8 @@ def run_mode(run: Mode, model, inputs, plans: dict, layout: VideoLayout) -> None
                 break
             state.set_plan(plan)
             state.timing = True
-            run.record(variant, measure(model, inputs, repeats, attention_seconds), plan.density(layout))
+            result = measure(model, inputs, repeats, attention_seconds, trace=run.trace(variant))
+            run.record(variant, result, plan.density(layout))
             sparse_vdit.clear_caches()  # GPU memory does not grow with the plans tried
     finally:
         sparse_vdit.remove(model)
@@ -298,9 +314,7 @@ def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
             every = run.args.online_every
             reused = (f"top-k-{tag}-every{every}",) if every > 1 else ()
             listed = (f"top-k-{tag}-list", f"hybrid-{tag}-list") if run.args.online_block_list else ()
-            split = (f"hybrid-{tag}-split",) if run.args.online_block_list else ()
-            for variant in (f"top-k-{tag}", *listed[:1], *grouped, *reused, *clustered, f"hybrid-{tag}", *listed[1:],
-                            *split):
+            for variant in (f"top-k-{tag}", *listed[:1], *grouped, *reused, *clustered, f"hybrid-{tag}", *listed[1:]):
                 if not run.fits():
                     return
                 iters = run.args.online_cluster_iters if variant.endswith("clustered") else 0
@@ -320,12 +334,11 @@ def run_online(run: Mode, model, inputs, layout: VideoLayout) -> None:
                 # every-k rows: one timed unit is k successive steps (a new generation each unit:
                 # the first step selects, the others reuse its tables), numbers per forward
                 steps = successive_steps(inputs, every) if variant in reused else inputs
-                options = {"block_list": True} if variant in listed else {"split_modes": True} if variant in split else {}
-                with triton_launcher.options_set(**options):
-                    result = measure(model, steps, run.args.repeats, attention_seconds, profile_seconds)
+                with triton_launcher.options_set(**({"block_list": True} if variant in listed else {})):
+                    result = measure(model, steps, run.args.repeats, attention_seconds, profile_seconds,
+                                     run.trace(variant))
                 result.update(target_density=density, online_calls=online.calls, online_reused=online.reused,
-                              key_group=group, every=online.reuse.every, block_list=variant in listed,
-                              split_modes=variant in split)  # fmt: skip
+                              key_group=group, every=online.reuse.every, block_list=variant in listed)  # fmt: skip
                 run.record(variant, result, float(torch.stack(densities).mean()) if densities else 1.0)
                 state.observers.clear()
                 sparse_vdit.clear_caches()
@@ -387,7 +400,8 @@ def run_svg(run: Mode, model, inputs, layout: VideoLayout) -> None:
                 svg.spec, svg.timing = state.svg.spec, True
                 state.pattern_source = state.svg = svg
                 state.backend = svg_backend(run, name.removesuffix("-device"))
-                result = measure(model, inputs, run.args.repeats, attention_seconds, profile_seconds)
+                variant = f"svg-{round(density * 100):02d}" + ("" if name == "auto" else f"-{name}")
+                result = measure(model, inputs, run.args.repeats, attention_seconds, profile_seconds, run.trace(variant))
                 s, t = svg.candidates(layout)
                 result.update(target_density=density, svg_backend=state.backend, profile_backend=svg.last_profile_backend,
                               svg_mode=svg.mode, svg_decided_on=svg.last_decided_on,
@@ -399,7 +413,6 @@ def run_svg(run: Mode, model, inputs, layout: VideoLayout) -> None:
                     names = [p.name for layer in plan.schedule[-1].layers for p in layer if p.name != "dense"]
                     result["temporal_share"] = names.count("temporal") / max(1, len(names))
                     achieved = plan.density(layout)
-                variant = f"svg-{round(density * 100):02d}" + ("" if name == "auto" else f"-{name}")
                 run.record(variant, result, achieved)
                 sparse_vdit.clear_caches()  # an SVG row makes new tables every call
     finally:
@@ -422,9 +435,10 @@ def svg_plan_row(run: Mode, model, inputs, layout: VideoLayout, state, density: 
     plan = svg.to_plan()
     state.set_plan(plan)
     state.svg = svg  # profile_seconds stays readable (nothing classified while the plan runs)
-    result = measure(model, inputs, run.args.repeats, attention_seconds)
+    variant = f"svg-{round(density * 100):02d}-{name}"
+    result = measure(model, inputs, run.args.repeats, attention_seconds, trace=run.trace(variant))
     result.update(target_density=density, svg_backend=state.backend, svg_mode=svg.mode)
-    run.record(f"svg-{round(density * 100):02d}-{name}", result, plan.density(layout))
+    run.record(variant, result, plan.density(layout))
     sparse_vdit.clear_caches()
 
 
@@ -479,6 +493,8 @@ def parse_args(argv=None):
                    help="results JSON (default bench/results/e2e.json; a temp file with --dry-run)")  # fmt: skip
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting measurements after this long")
     p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU (fp32), to check the script")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="folder: after each variant's timing, one more forward under torch.profiler (operator tables)")
     args = p.parse_args(argv)
     args.models = model_names(p, args.models)
     args.modes = [m.strip() for m in (args.modes or ("eager" if args.dry_run else "eager,compiled")).split(",")]

@@ -230,17 +230,9 @@ def search(model, prompts, sampler, args, mode: str, **kwargs):
 def profile_search(model, prompts, sampler, args, mode: str, path: Path) -> None:
     """One more (warm) search under ``torch.profiler``; its top operators by self CUDA and self
     CPU time go to ``path`` and the log (where a search's time goes, beside the dense run)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        search(model, prompts, sampler, args, mode, progress=False)
-    averages = prof.key_averages()
-    sorts = (["self_cuda_time_total"] if torch.cuda.is_available() else []) + ["self_cpu_time_total"]
-    text = "\n\n".join(f"sorted by {key}:\n{averages.table(sort_by=key, row_limit=25)}" for key in sorts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
-    say(f"profile of one {mode} search written to {path}\n{text}")
+    text = common.profile_to(path, lambda: search(model, prompts, sampler, args, mode, progress=False),
+                             f"one {mode} search")
+    say(text)
 
 
 # --- output ------------------------------------------------------------------------------------

@@ -277,29 +277,9 @@ def _measure_run_length(table: BlockTable) -> float:
     return float(lengths.sum()) / runs if runs else 0.0
 
 
-HEAD_RUN_LENGTHS = "head_run_lengths"  # the form of :func:`head_run_lengths`
-
-
-def head_run_lengths(table: BlockTable) -> tuple[float, ...]:
-    """Each head's :func:`run_length` (0.0 for a head that visits nothing), kept with the table: measured
-    once (one host read) unless declared (:func:`declare_run_length`)."""
-    return table.form(HEAD_RUN_LENGTHS, _measure_head_run_lengths)
-
-
-def _measure_head_run_lengths(table: BlockTable) -> tuple[float, ...]:
-    lengths = (table.range_ends - table.range_starts).long().flatten(1)
-    blocks, runs = lengths.sum(1).tolist(), (lengths > 0).sum(1).tolist()
-    return tuple(b / r if r else 0.0 for b, r in zip(blocks, runs))
-
-
-def declare_run_length(table: BlockTable, value: float, per_head=None) -> BlockTable:
-    """Record ``value`` (known on the host) as ``table``'s :func:`run_length` instead of measuring it, and
-    ``per_head`` (one value per head; default ``value`` for every head) as its :func:`head_run_lengths`; ``table``."""
-    per_head = (float(value),) * table.num_heads if per_head is None else tuple(float(r) for r in per_head)
-    if len(per_head) != table.num_heads:
-        raise ValueError(f"declare_run_length: {len(per_head)} per-head values for {table.num_heads} heads")
+def declare_run_length(table: BlockTable, value: float) -> BlockTable:
+    """Record ``value`` (known on the host) as ``table``'s :func:`run_length` instead of measuring it; ``table``."""
     table.form(RUN_LENGTH, lambda t: float(value))
-    table.form(HEAD_RUN_LENGTHS, lambda t: per_head)
     return table
 
 

@@ -16,12 +16,10 @@ def test_dry_run_writes_results_and_table(e2e, tmp_path, capsys):
     out = tmp_path / "e2e.json"
     assert e2e.main(["--dry-run", "--models", "hunyuan", "--densities", "0.3", "--svg-densities", "0.3", "--repeats",
                      "1", "--svg-backends", "auto,flex,reference-device,reference-plan", "--online-densities", "0.3",
-                     "--online-block-list", "--out", str(out)]) == 0  # fmt: skip
+                     "--online-block-list", "--out", str(out), "--profile", str(tmp_path / "prof")]) == 0  # fmt: skip
     rows = json.loads(out.read_text())["results"]
     assert [r["variant"] for r in rows] == ["unpatched", "dense", "sparse-30", "svg-30", "svg-30-flex",
-                                            "svg-30-reference-device", "svg-30-reference-plan", "hybrid-30", "hybrid-30-list",
-                                            "hybrid-30-split",
-                                            "top-k-30",
+                                            "svg-30-reference-device", "svg-30-reference-plan", "hybrid-30", "hybrid-30-list", "top-k-30",
                                             "top-k-30-clustered", "top-k-30-every2", "top-k-30-g2",
                                             "top-k-30-list"]  # fmt: skip
     online = rows[7:]
@@ -38,7 +36,6 @@ def test_dry_run_writes_results_and_table(e2e, tmp_path, capsys):
     assert grouped["key_group"] == 2 and named["top-k-30"]["key_group"] == 1  # each unit reuses the tables
     listed = {"top-k-30-list", "hybrid-30-list"}  # the Triton kernel's mode
     assert all(named[v]["block_list"] == (v in listed) for v in named)
-    assert all(named[v]["split_modes"] == (v == "hybrid-30-split") for v in named)
     assert rows[5]["svg_decided_on"] == "device" and rows[3]["svg_decided_on"] == "host"
     assert all(r["seconds"] > 0 and r["dry_run"] for r in rows)
     assert rows[2]["speedup_vs_unpatched"] > 0 and rows[2]["speedup_vs_dense"] > 0
@@ -47,7 +44,11 @@ def test_dry_run_writes_results_and_table(e2e, tmp_path, capsys):
         assert 0 < svg["profile_seconds"] < svg["attention_seconds"] and 0 < svg["profile_share"] < 1
         assert 0 < svg["density"] < 1 and svg["target_density"] == 0.3 and "profile_share" not in rows[2]
     assert rows[4]["svg_backend"] == "reference"  # the CPU stand-in for flex
-    assert "x unpatched" in capsys.readouterr().out.splitlines()[-17]  # the table comes last
+    assert "x unpatched" in capsys.readouterr().out.splitlines()[-16]  # the table comes last
+    traces = {p.stem: p.read_text() for p in (tmp_path / "prof").iterdir()}  # one profiled forward per variant
+    assert set(traces) == {f"hunyuan-eager-{r['variant']}" for r in json.loads(out.read_text())["results"]}
+    assert "sorted by self_cpu_time_total" in traces["hunyuan-eager-hybrid-30"]
+    assert "aten::" in traces["hunyuan-eager-hybrid-30"]
 
 
 def test_mixed_plans_hit_their_density(load_script):

@@ -8,8 +8,7 @@ pytest.importorskip("triton")
 
 from helpers import masked_attention, poison_empty_like, rel_rms, token_mask  # noqa: E402
 from sparse_vdit import VideoLayout, compile_layer, sparse_attention  # noqa: E402
-from sparse_vdit.block_table import (BlockTable, MaskHead, declare_run_length, head_run_lengths, run_length,  # noqa: E402
-                                     table_from_mask)
+from sparse_vdit.block_table import BlockTable, MaskHead, declare_run_length, run_length, table_from_mask  # noqa: E402
 from sparse_vdit.kernels import select_attention  # noqa: E402
 from sparse_vdit.kernels.head_order import attention_in_head_order  # noqa: E402
 from sparse_vdit.kernels.triton import backend as triton_backend  # noqa: E402
@@ -244,61 +243,3 @@ def test_list_stages_too_deep_for_shared_memory_fall_back(monkeypatch):
     monkeypatch.setattr(launcher, "launch_options", lambda device, warps, stages, block_list: {"num_stages": 5})
     with pytest.raises(OutOfResources):  # not a deeper list pipeline: the error stands
         forward(None)
-
-
-def test_head_run_lengths_measured_or_declared():
-    layout, block = VideoLayout(3, 5, 9, 11, "prefix"), 16
-    table = compile_layer([dense(), skip(), diagonal(0.5)], layout, block, DEVICE)
-    lengths = (table.range_ends - table.range_starts).long()
-    runs = head_run_lengths(table)
-    for h in range(3):  # blocks over non-empty ranges, 0.0 for a head that visits nothing
-        expected = float(lengths[h].sum()) / int((lengths[h] > 0).sum()) if lengths[h].any() else 0.0
-        assert runs[h] == pytest.approx(expected)
-    assert runs[1] == 0.0 and runs[0] == 10.0  # 146 tokens: 10 blocks of 16
-    def fresh():  # a new table each time (compile_layer's are cached, their forms with them)
-        t = compile_layer([dense()] * 2, layout, block, DEVICE)
-        return BlockTable(layout, block, t.patterns, t.range_starts, t.range_ends, t.token_major)
-
-    declared = declare_run_length(fresh(), 1.5, (1.0, 3.0))
-    assert run_length(declared) == 1.5 and head_run_lengths(declared) == (1.0, 3.0)
-    assert head_run_lengths(declare_run_length(fresh(), 2.0)) == (2.0, 2.0)
-    with pytest.raises(ValueError, match="per-head"):
-        declare_run_length(fresh(), 1.0, (1.0,))
-
-
-@pytest.mark.parametrize("case", ["suffix-padded-batch2", "odd-prefix"])
-def test_split_modes_run_list_heads_as_lists_and_the_rest_in_ranges(case, monkeypatch):
-    """``split_modes``: a table whose heads fall on both sides of ``block_list``'s R (scattered heads beside
-    plan heads, as a hybrid's) runs in two launches into one output, each work item exactly once."""
-    layout, block, _, batch, tiles = CASES[case]
-    scattered = _scattered(layout, block, (True, False), seed=5, density=0.25)
-    plan = compile_layer([diagonal(0.5), dense(), skip()], layout, block, DEVICE)
-    heads = tuple(scattered.patterns) + tuple(plan.patterns)
-    width = max(scattered.range_starts.shape[-1], plan.range_starts.shape[-1])
-
-    def widened(x):
-        return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
-
-    table = BlockTable(layout, block, heads, torch.cat([widened(scattered.range_starts), widened(plan.range_starts)]),
-                       torch.cat([widened(scattered.range_ends), widened(plan.range_ends)]),
-                       torch.cat([scattered.token_major, plan.token_major]))  # fmt: skip
-    runs = head_run_lengths(table)
-    assert max(runs[:2]) < 2 and min(runs[2:4]) > 2 and runs[4] == 0.0
-    dtype = DTYPES[0]
-    q, k, v = _inputs(layout, batch, len(heads), dtype, seed=8)
-    monkeypatch.setattr(launcher, "OPTIONS", dict(launcher.OPTIONS, block_list=2.0, split_modes=True))
-    assert triton_backend.list_heads(table) == (0, 1)
-    calls = []
-    forward = launcher.forward
-    monkeypatch.setattr(launcher, "forward", lambda *a, **kw: calls.append(kw) or forward(*a, **kw))
-    poison_empty_like(monkeypatch, launcher.torch)
-    out = sparse_attention(q, k, v, table, backend="triton")
-    assert len(calls) == 1 and calls[0]["visited"] is not None
-    ranged, listed = calls[0]["schedule"], calls[0]["list_schedule"]
-    q_tiles = -(-layout.num_tokens // block)
-    assert sorted((listed // q_tiles).unique().tolist()) == [0, 1] and not (ranged // q_tiles < 2).any()
-    assert torch.equal(torch.cat([ranged, listed]).sort().values, torch.arange(len(heads) * q_tiles, device=DEVICE,
-                                                                                dtype=torch.int32))  # fmt: skip
-    assert not out.isnan().any() and rel_rms(out, _reference(q, k, v, table)) <= TOLERANCE[dtype]
-    monkeypatch.setattr(launcher, "OPTIONS", dict(launcher.OPTIONS, split_modes=False))
-    assert triton_backend.list_heads(table) is None  # off: one launch in one mode

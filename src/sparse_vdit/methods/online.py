@@ -32,8 +32,7 @@ from functools import lru_cache
 
 import torch
 
-from ..block_table import (DEFAULT_BLOCK, BlockTable, MaskHead, compact_positions, declare_run_length,
-                           head_run_lengths, heads_index, mask_ranges, num_blocks, run_length, valid_block_size)
+from ..block_table import (DEFAULT_BLOCK, BlockTable, MaskHead, compact_positions, declare_run_length, heads_index, mask_ranges, num_blocks, run_length, valid_block_size)
 from ..layout import VideoLayout
 from ..patterns import compile_layer
 from ..patterns.base import Geometry, text_intervals
@@ -485,10 +484,8 @@ def merge_heads(static: BlockTable, chosen: BlockTable, heads: tuple[int, ...]) 
     table.form("kv_indices", lambda t: merged(static.kv_indices, chosen.kv_indices, _pad_last))
     replaced = set(heads)
     kept = tuple(h for h in range(static.num_heads) if h not in replaced)
-    chosen_run, static_runs = run_length(chosen), head_run_lengths(static)
-    runs = [(len(heads), chosen_run)] + ([(len(kept), run_length(static.heads(kept)))] if kept else [])
-    per_head = tuple(chosen_run if h in replaced else static_runs[h] for h in range(static.num_heads))
-    return declare_run_length(table, mean_run_length(runs), per_head)
+    runs = [(len(heads), run_length(chosen))] + ([(len(kept), run_length(static.heads(kept)))] if kept else [])
+    return declare_run_length(table, mean_run_length(runs))
 
 
 def _pad_empty(x: torch.Tensor, width: int) -> torch.Tensor:

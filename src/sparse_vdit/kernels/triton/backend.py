@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ...block_table import head_run_lengths, heads_index, num_blocks, run_length
+from ...block_table import num_blocks, run_length
 from ..registry import API_DTYPES, Backend
 from . import launcher, tuning
 from .launcher import is_available
@@ -74,21 +74,15 @@ def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: boo
     tiles = _tiles(q, block, table=table, head_order=head_order)
     order = launcher.option("schedule")
     per_block, q_tiles = block // tiles[0], num_blocks(q.shape[1], tiles[0])
-    split = _split_schedules(table, per_block, q_tiles, order)
-    if split is None:
-        schedule, list_schedule = table.form(("triton.schedule", per_block, q_tiles, order),
-                                             lambda t: launcher._schedule(t.kv_num_blocks, per_block, q_tiles,
-                                                                          order)), None  # fmt: skip
-    else:
-        schedule, list_schedule = split
+    schedule = table.form(("triton.schedule", per_block, q_tiles, order),
+                          lambda t: launcher._schedule(t.kv_num_blocks, per_block, q_tiles, order))
     layout = table.layout
     return launcher.forward(
         q, k, v, table.kv_num_blocks, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
         ranges=(table.range_starts, table.range_ends), token_major=_token_major_flags(table),
         layout=(layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens),
         tiles=tiles, schedule=schedule, return_lse=return_lse, head_order=head_order,
-        visited=_visited(table) if split is None else (table.kv_num_blocks, table.kv_indices),
-        list_schedule=list_schedule,
+        visited=_visited(table),
     )  # fmt: skip
 
 
@@ -101,40 +95,6 @@ def block_list_on(table) -> bool:
     if isinstance(choice, bool) or choice is None:
         return bool(choice)
     return 0.0 < run_length(table) < float(choice)
-
-
-def list_heads(table) -> tuple[int, ...] | None:
-    """The heads of ``table`` that ``split_modes`` runs as block lists (runs under ``block_list``'s R, by
-    :func:`~sparse_vdit.block_table.head_run_lengths`), where its heads fall on both sides of R; else None
-    (one launch, one mode: :func:`block_list_on`)."""
-    choice = launcher.option("block_list")
-    if not launcher.option("split_modes") or isinstance(choice, bool) or choice is None:
-        return None
-    runs = head_run_lengths(table)
-    listed = tuple(h for h, r in enumerate(runs) if 0.0 < r < float(choice))
-    ranged = sum(r >= float(choice) for r in runs)
-    return listed if listed and ranged else None
-
-
-def _split_schedules(table, per_block: int, q_tiles: int, order: str):
-    """(work items in ranges, work items as block lists) of a table :func:`list_heads` splits, kept with
-    the table; None where it does not split. Each part is ordered as :func:`launcher._schedule` orders
-    its heads' tiles."""
-    listed = list_heads(table)
-    if listed is None:
-        return None
-
-    def build(t):
-        ranged = tuple(h for h in range(t.num_heads) if h not in listed)
-
-        def part(heads):
-            index = heads_index(heads, t.kv_num_blocks.device)
-            items = launcher._schedule(t.kv_num_blocks[index], per_block, q_tiles, order).long()
-            return (index[items // q_tiles] * q_tiles + items % q_tiles).to(torch.int32)
-
-        return part(ranged), part(listed)
-
-    return table.form(("triton.split_schedules", per_block, q_tiles, order, listed), build)
 
 
 def _visited(table) -> tuple[torch.Tensor, torch.Tensor] | None:

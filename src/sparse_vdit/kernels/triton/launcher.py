@@ -40,16 +40,12 @@ LOG2E = 1.4426950408889634
 # 5. Default 5, from issue 22's H200 run (bf16, 25%, online top-k tables as lists, kernel time vs the plan's
 # tables in ranges; Wan-1.3B 480p / Wan-14B 720p): 1.21x / 1.11x at the tiles' 3 stages, 1.20x / 1.10x at
 # 4, 1.04x / 1.01x at 5 (`bench/online_cost.py --block-list --list-stages 4 5`, BENCHMARKS.md).
-# ``split_modes``: where ``block_list`` is a number R and a table's heads fall on both sides of it
-# (``block_table.head_run_lengths``: a hybrid's online heads against its plan heads), two launches over
-# one output: the heads with runs under R as block lists, the rest in ranges. Off: unmeasured (issue 22).
 OPTIONS: dict[str, bool | float | str | tuple | dict | None] = {"tma": None, "warp_specialize": None, "schedule": None,
                                                                 "tiles": None, "block_list": None,
-                                                                "list_stages": None, "split_modes": None}  # fmt: skip
+                                                                "list_stages": None}  # fmt: skip
 DEFAULTS: dict[str, bool | float | str | tuple | dict | None] = {"tma": True, "warp_specialize": False,
                                                                  "schedule": "levels", "tiles": None,
-                                                                 "block_list": 8.0, "list_stages": 5,
-                                                                 "split_modes": False}  # fmt: skip
+                                                                 "block_list": 8.0, "list_stages": 5}  # fmt: skip
 # Launch shapes (device, dtype, head dim, tiles, warps) whose block-list launch at ``list_stages`` ran out of
 # shared memory; they run at the tiles' own stages from then on.
 _LIST_STAGES_TOO_DEEP: set[tuple] = set()
@@ -223,7 +219,6 @@ def forward(
     selected: torch.Tensor | None = None,
     head_order: bool = False,
     visited: tuple[torch.Tensor, torch.Tensor] | None = None,
-    list_schedule: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention on ``[B, N, H, D]`` tensors with one Triton launch for all heads.
 
@@ -249,9 +244,7 @@ def forward(
 
     ``visited`` (counts int32 [H, Qb], ascending key-block lists int32 [H, Qb, W]; [M, ...] with
     ``selected``; the table's ``kv_num_blocks`` / ``kv_indices``): the kernel walks these lists in one
-    loop over key tiles instead of the ranges (block-list mode, for scattered tables). With
-    ``list_schedule`` (work items, as ``schedule``) only those items walk the lists, in a second launch
-    into the same output, and ``schedule`` holds the items that walk their ranges (``split_modes``).
+    loop over key tiles instead of the ranges (block-list mode, for scattered tables).
     """
     from triton.runtime.errors import OutOfResources
 
@@ -280,8 +273,6 @@ def forward(
                          f"{tuple(selected.shape)} on {selected.device}")  # fmt: skip
     selected = selected.contiguous() if select else starts
     block_list = visited is not None
-    if list_schedule is not None and not block_list:
-        raise ValueError("list_schedule needs the block lists (visited)")
     counts, blocks = (t.contiguous() for t in visited) if block_list else (starts, starts)  # any pointers when unused
     if block_list and (counts.dtype != torch.int32 or blocks.dtype != torch.int32 or blocks.shape[:2] != counts.shape
                        or counts.shape[1] != starts.shape[1]):  # fmt: skip
@@ -290,9 +281,9 @@ def forward(
                          f"{tuple(blocks.shape)} {blocks.dtype}")  # fmt: skip
     shape_key = (q.device, q.dtype, dim, block_m, block_n, warps)
 
-    def launch(items: torch.Tensor, block_list: bool, extra: dict) -> None:
-        block_sparse_attention_fwd[(items.numel(), batch)](
-            q, k, v, out, *descriptors, starts, ends, items, flags, selected,
+    def launch(extra: dict) -> None:
+        block_sparse_attention_fwd[(schedule.numel(), batch)](
+            q, k, v, out, *descriptors, starts, ends, schedule, flags, selected,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -310,22 +301,15 @@ def forward(
             **extra,
         )  # fmt: skip
 
-    def run(items: torch.Tensor, block_list: bool) -> None:
-        extra = launch_options(q.device, warps, stages, block_list)
-        deeper = block_list and extra.get("num_stages", stages) != stages  # list_stages in force
-        if deeper and shape_key in _LIST_STAGES_TOO_DEEP:
-            extra, deeper = {**extra, "num_stages": stages}, False
-        try:
-            launch(items, block_list, extra)
-        except OutOfResources:  # a deeper list pipeline than this GPU's shared memory holds: the tiles' own
-            if not deeper:
-                raise
-            _LIST_STAGES_TOO_DEEP.add(shape_key)
-            launch(items, block_list, {**extra, "num_stages": stages})
-
-    if list_schedule is None:
-        run(schedule, block_list)
-    else:
-        run(schedule, False)
-        run(list_schedule, True)
+    extra = launch_options(q.device, warps, stages, block_list)
+    deeper = block_list and extra.get("num_stages", stages) != stages  # list_stages in force
+    if deeper and shape_key in _LIST_STAGES_TOO_DEEP:
+        extra, deeper = {**extra, "num_stages": stages}, False
+    try:
+        launch(extra)
+    except OutOfResources:  # a deeper list pipeline than this GPU's shared memory holds: the tiles' own
+        if not deeper:
+            raise
+        _LIST_STAGES_TOO_DEEP.add(shape_key)
+        launch({**extra, "num_stages": stages})
     return (out, lse) if return_lse else out
