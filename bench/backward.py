@@ -21,7 +21,8 @@ each first checked on small layouts of each shape's frame count (sizes are not s
 mostly the very kernels timed) against float64 autograd of the reference backend: relative RMS error of dq, dk, dv
 at most twice dense SDPA's own at the same dtype, or the variant is not timed.
 fa4 and fa4/triton are checked the same way before they are timed.
-Writes ``backward.json`` to ``--out`` and prints a table last (with variants: efficiency per variant).
+Writes ``backward.json`` to ``--out`` and prints a table last (with variants: efficiency per variant);
+``--profile``: each timed row's backward once more under torch.profiler, operator tables in ``OUT/profile/``.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside it
-from common import SHAPES, Shape, gpu_versions, out_dir, sdpa_with, table_for, time_fn, write_json  # noqa: E402
+from common import (SHAPES, Shape, gpu_versions, out_dir, profile_to, sdpa_with, table_for, time_fn,  # noqa: E402
+                    write_json)
 
 import sparse_vdit  # noqa: E402
 from sparse_vdit.layout import VideoLayout  # noqa: E402
@@ -64,11 +67,14 @@ def input_sets(shape: Shape, count: int, batch: int, device, dtype) -> list:
             for _ in range(count)]  # fmt: skip
 
 
-def measure(attend, sets, target_ms: float) -> float:
-    """Median ms of the backward of ``attend`` over ``sets`` (graphs built once, outside the timing)."""
+def measure(attend, sets, target_ms: float, trace: str | None = None) -> float:
+    """Median ms of the backward of ``attend`` over ``sets`` (graphs built once, outside the timing);
+    ``trace``: one more backward under torch.profiler, its operator tables written there."""
     prepare, run = backward_timer(attend)
     prepared = [prepare(*s) for s in sets]
     ms, _, _ = time_fn(run, prepared, target_ms=target_ms)
+    if trace is not None:
+        profile_to(Path(trace), lambda: run(*prepared[0]), Path(trace).stem)
     del prepared
     return ms
 
@@ -178,6 +184,8 @@ def parse(argv):
     p.add_argument("--budget-s", type=float, default=500.0, help="stop starting new rows after this long")
     p.add_argument("--out", default=out_dir())
     p.add_argument("--dry-run", action="store_true", help="a tiny shape on the CPU: triton (interpreter) and reference")
+    p.add_argument("--profile", action="store_true",
+                   help="after each timed row, one more backward under torch.profiler (tables to OUT/profile/)")
     return p.parse_args(argv)
 
 
@@ -259,9 +267,11 @@ def main(argv=None) -> dict:
                         row_label, ran = backend_label(backend, variant, table, sets[0][0])
                         row = dict(shape=shape.name, kind=kind, target=density, backend=row_label, variant=variant,
                                    backward=ran)  # fmt: skip
+                        trace = (os.path.join(args.out, "profile", f"{shape.name}-{kind}-{density:g}-{row_label}.txt")
+                                 if args.profile else None)  # fmt: skip
                         try:
                             ms = measure(lambda q, k, v: sparse_attention(q, k, v, table, backend=backend), sets,
-                                         args.target_ms)  # fmt: skip
+                                         args.target_ms, trace)  # fmt: skip
                         except Exception as exc:  # reported, not fatal
                             print(f"  {row_label} {kind} {density}: {type(exc).__name__}: {exc}", flush=True)
                             result["rows"].append(dict(**row, error=str(exc)[:300]))

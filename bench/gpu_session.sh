@@ -51,6 +51,9 @@
 #                  head dims 64/128: FA4 compiles dominate; block lists at 5 stages are in tests-f)  (~240)
 #   backward-fa4   backward block efficiency, FA4's block-sparse backward vs the Triton one behind the same
 #                  FA4 forward (fa4 vs fa4/triton), Wan-1.3B 480p and HunyuanVideo 720p, 10-50% (#18) (~420)
+#   e2e-profile    Wan-1.3B compiled 25%: plan, top-k, hybrid (ranges and lists), each forward once more under
+#                  torch.profiler (where the hybrid's time goes; E2E_BACKEND, default triton) (#22) (~110)
+#   backward-profile  FA4's block-sparse backward at Wan-1.3B 480p 10% under torch.profiler (its 0.73) (#18) (~60)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -173,6 +176,12 @@ for name in "$@"; do
         --out "$R/backward-fa4" ;;
     tests-f) TAIL=12 step tests-f 240 python3 -m pytest -q -p no:cacheprovider tests/methods/test_online_gpu.py \
         tests/kernels/test_triton_block_list.py tests/integrations/test_cuda_graphs.py ;;
+    e2e-profile) b=${E2E_BACKEND:-triton}; step e2e-profile-$b 300 python3 bench/e2e.py --models wan-1.3b --modes compiled \
+        --densities 0.25 --svg-densities "" --online-densities 0.25 --online-cluster-iters 0 --online-key-groups "" \
+        --online-every 1 --online-block-list --repeats 3 --backend "$b" --budget-s 270 --profile "$R/e2e-profile-$b" \
+        --out "$R/e2e_profile_$b.json" ;;
+    backward-profile) TAIL=20 step backward-profile 200 python3 bench/backward.py --shapes wan1.3b-480p \
+        --densities 0.1 0.5 --kinds mixed --backends fa4 --profile --target-ms 200 --out "$R/backward-profile" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done

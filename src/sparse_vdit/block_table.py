@@ -11,7 +11,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -281,12 +281,6 @@ def declare_run_length(table: BlockTable, value: float) -> BlockTable:
     """Record ``value`` (known on the host) as ``table``'s :func:`run_length` instead of measuring it; ``table``."""
     table.form(RUN_LENGTH, lambda t: float(value))
     return table
-
-
-@lru_cache(maxsize=256)
-def heads_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """int64 tensor of ``heads`` on ``device``, made once (callers must not write into it)."""
-    return torch.tensor(heads, dtype=torch.long, device=device)
 
 
 _SERIAL = itertools.count(1)

@@ -12,7 +12,7 @@ def test_backward_dry_run(load_script, tmp_path):
     if not registry.available("triton", torch.device("cpu"))[0]:
         pytest.skip("needs triton and TRITON_INTERPRET=1")
     result = load_script("backward").main(["--dry-run", "--backends", "triton", "--kinds", "band", "--out", str(tmp_path),
-                                           "--variants", "default"])  # fmt: skip
+                                           "--variants", "default", "--profile"])  # fmt: skip
     rows = {r["backend"]: r for r in result["rows"]}
     assert set(rows) == {"cudnn-backward", "triton[default]", "reference"}
     (check,) = result["checks"]["default"]  # checked against float64 before it was timed
@@ -21,6 +21,9 @@ def test_backward_dry_run(load_script, tmp_path):
     assert all(r["ms"] > 0 and r["block_eff"] > 0 for r in rows.values())
     assert abs(rows["triton[default]"]["density"] - 0.1) < 0.2  # 4 x 4 blocks: the nearest density reached
     assert json.loads((tmp_path / "backward.json").read_text())["rows"] == result["rows"]
+    traces = sorted(p.name for p in (tmp_path / "profile").iterdir())  # one profiled backward per sparse row
+    assert traces == ["tiny-band-0.1-reference.txt", "tiny-band-0.1-triton[default].txt"]
+    assert "sorted by self_cpu_time_total" in (tmp_path / "profile" / traces[1]).read_text()
 
 
 def test_fa4_rows_say_which_backward_and_the_ab_forces_triton(load_script, monkeypatch):

@@ -24,5 +24,5 @@ def clear_caches() -> None:
     """Forget the methods' per-layout caches (band widths, SVG candidates, key-block lists, row masks)."""
     for cached in (_svg.band_widths, _svg._candidates, _svg._profile, _svg_profile._key_blocks,
                    _svg_profile.position_ranges, _candidates.video_key_blocks, _estimate._all_rows_mask,
-                   _online.forced_blocks, _online.heads_index, _online.max_runs):
+                   _online.forced_blocks, _online.max_runs):
         cached.cache_clear()

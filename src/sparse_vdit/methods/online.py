@@ -32,7 +32,8 @@ from functools import lru_cache
 
 import torch
 
-from ..block_table import (DEFAULT_BLOCK, BlockTable, MaskHead, compact_positions, declare_run_length, heads_index, mask_ranges, num_blocks, run_length, valid_block_size)
+from ..block_table import (DEFAULT_BLOCK, BlockTable, MaskHead, compact_positions, declare_run_length, mask_ranges,
+                           num_blocks, run_length, valid_block_size)
 from ..layout import VideoLayout
 from ..patterns import compile_layer
 from ..patterns.base import Geometry, text_intervals
@@ -457,44 +458,61 @@ def merge_heads(static: BlockTable, chosen: BlockTable, heads: tuple[int, ...]) 
     ``chosen`` of as many heads as ``static``: head ``h`` <- its row ``h``).
 
     Same layout and block size; ranges padded with empty ranges to the wider of the two, index lists
-    (``kv_indices``) merged the same way; no host sync once ``static``'s forms are built (it is a
-    cached plan table). Its :func:`~sparse_vdit.block_table.run_length` is declared from the parts'.
+    (``kv_indices``) merged the same way. No host sync and no host-to-device copy once ``static``'s
+    forms are built (it is a cached plan table: the head masks and its padded rows are kept with it),
+    so a layer call does not stall the GPU queue. Its :func:`~sparse_vdit.block_table.run_length` is
+    declared from the parts'.
     """
     if (static.layout != chosen.layout or static.block_size != chosen.block_size
             or chosen.num_heads not in (len(heads), static.num_heads)):  # fmt: skip
         raise ValueError("merge_heads: the tables differ in layout or block size, or heads do not match")
-    index = heads_index(heads, static.device)
-    whole_rows = chosen.num_heads == len(heads)  # else: chosen's rows of `heads`
+    mask, rows, token_major = static.form(("merge_heads.maps", heads, chosen.num_heads),
+                                          lambda t: _merge_maps(t, heads, chosen.num_heads))  # fmt: skip
 
-    def merged(a: torch.Tensor, b: torch.Tensor, pad) -> torch.Tensor:
+    def merged(name: str, b: torch.Tensor, pad) -> torch.Tensor:
+        a = getattr(static, name)
         width = max(a.shape[-1], b.shape[-1])
-        out = pad(a, width).clone()
-        b = pad(b.to(out.device), width)
-        out[index] = b if whole_rows else b[index]
-        return out
+        a = static.form(("merge_heads.padded", name, width), lambda t: pad(a, width))
+        b = pad(b.to(a.device), width)
+        b = b if rows is None else b.index_select(0, rows)
+        return torch.where(mask.view(-1, *(1,) * (b.dim() - 1)), b, a)
 
     patterns = list(static.patterns)
     for h in heads:
         patterns[h] = MaskHead(chosen.patterns[0].name)
-    token_major = static.token_major.clone()
-    token_major[index] = False
-    starts = merged(static.range_starts, chosen.range_starts, _pad_empty)
-    ends = merged(static.range_ends, chosen.range_ends, _pad_empty)
+    starts = merged("range_starts", chosen.range_starts, _pad_empty)
+    ends = merged("range_ends", chosen.range_ends, _pad_empty)
     table = BlockTable(static.layout, static.block_size, tuple(patterns), starts, ends, token_major)
-    table.form("kv_indices", lambda t: merged(static.kv_indices, chosen.kv_indices, _pad_last))
+    table.form("kv_indices", lambda t: merged("kv_indices", chosen.kv_indices, _pad_last))
     replaced = set(heads)
     kept = tuple(h for h in range(static.num_heads) if h not in replaced)
     runs = [(len(heads), run_length(chosen))] + ([(len(kept), run_length(static.heads(kept)))] if kept else [])
     return declare_run_length(table, mean_run_length(runs))
 
 
+def _merge_maps(static: BlockTable, heads: tuple[int, ...], chosen_heads: int):
+    """(bool [H] mask of ``heads``, the row of ``chosen`` each head reads or None for row h <- h, the
+    merged table's token-major flags) on ``static``'s device: made once per plan table and heads."""
+    mask = torch.zeros(static.num_heads, dtype=torch.bool)
+    mask[list(heads)] = True
+    rows = None
+    if chosen_heads != static.num_heads:
+        rows = torch.zeros(static.num_heads, dtype=torch.long)
+        rows[list(heads)] = torch.arange(len(heads))
+        rows = rows.to(static.device)
+    mask = mask.to(static.device)
+    return mask, rows, static.token_major & ~mask
+
+
 def _pad_empty(x: torch.Tensor, width: int) -> torch.Tensor:
     """Ranges ``[..., R]`` widened to ``width`` with empty ranges ``[0, 0)``."""
-    return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+    return x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
 
 
 def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
     """Index lists ``[..., W]`` widened to ``width`` by repeating each row's last slot (as ``kv_indices`` pads)."""
+    if x.shape[-1] == width:
+        return x
     return torch.cat([x, x[..., -1:].expand(*x.shape[:-1], width - x.shape[-1])], -1)
 
 
