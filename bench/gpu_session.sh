@@ -53,6 +53,7 @@
 #                  FA4 forward (fa4 vs fa4/triton), Wan-1.3B 480p and HunyuanVideo 720p, 10-50% (#18) (~420)
 #   e2e-profile    Wan-1.3B compiled 25%: plan, top-k, hybrid (ranges and lists), each forward once more under
 #                  torch.profiler (where the hybrid's time goes; E2E_BACKEND, default triton) (#22) (~110)
+#   tests-h        GPU tests of session h's changes: the hybrid's layer call without a host sync, online GPU (~60)
 #   backward-profile  FA4's block-sparse backward at Wan-1.3B 480p 10% under torch.profiler (its 0.73) (#18) (~60)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
@@ -180,6 +181,7 @@ for name in "$@"; do
         --densities 0.25 --svg-densities "" --online-densities 0.25 --online-cluster-iters 0 --online-key-groups "" \
         --online-every 1 --online-block-list --repeats 3 --backend "$b" --budget-s 270 --profile "$R/e2e-profile-$b" \
         --out "$R/e2e_profile_$b.json" ;;
+    tests-h) TAIL=12 step tests-h 200 python3 -m pytest -q -p no:cacheprovider tests/methods/test_online_gpu.py ;;
     backward-profile) TAIL=20 step backward-profile 200 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 0.5 --kinds mixed --backends fa4 --profile --target-ms 200 --out "$R/backward-profile" ;;
     *) echo "unknown step $name" >&2 ;;
