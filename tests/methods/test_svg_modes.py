@@ -174,5 +174,8 @@ def test_auto_decides_on_the_device_for_the_triton_backend():
     choice = svg(call(q, k, v, WAN, state=SimpleNamespace(backend="triton")))
     assert svg.last_decided_on == "device" and choice.patterns(0) == host
     out = select_attention(q, k, v, choice.table(WAN, BLOCK), choice.selected, backend="triton")
-    expected = sparse_attention(q, k, v, compile_layer(host, WAN, BLOCK), backend="reference")
-    assert rel_rms(out, expected) < (1e-3 if on_gpu else 1e-5)  # tf32 dot products on the GPU
+    table = compile_layer(host, WAN, BLOCK)
+    expected = sparse_attention(q.double(), k.double(), v.double(), table, backend="reference")
+    # tf32 dot products on the GPU; float32 in the interpreter, whose base-2 softmax over these sharp heads'
+    # logits (|q| up to ~1e3) lands at 2.1e-5 (numpy 2.4, triton 3.9; torch's float32 reference: 2.5e-6)
+    assert rel_rms(out.double(), expected) < (1e-3 if on_gpu else 1e-4)
