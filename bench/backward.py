@@ -67,14 +67,14 @@ def input_sets(shape: Shape, count: int, batch: int, device, dtype) -> list:
             for _ in range(count)]  # fmt: skip
 
 
-def measure(attend, sets, target_ms: float, trace: str | None = None) -> float:
+def measure(attend, sets, target_ms: float, trace: Path | None = None) -> float:
     """Median ms of the backward of ``attend`` over ``sets`` (graphs built once, outside the timing);
     ``trace``: one more backward under torch.profiler, its operator tables written there."""
     prepare, run = backward_timer(attend)
     prepared = [prepare(*s) for s in sets]
     ms, _, _ = time_fn(run, prepared, target_ms=target_ms)
     if trace is not None:
-        profile_to(Path(trace), lambda: run(*prepared[0]), Path(trace).stem)
+        profile_to(trace, lambda: run(*prepared[0]), trace.stem)
     del prepared
     return ms
 
@@ -267,7 +267,7 @@ def main(argv=None) -> dict:
                         row_label, ran = backend_label(backend, variant, table, sets[0][0])
                         row = dict(shape=shape.name, kind=kind, target=density, backend=row_label, variant=variant,
                                    backward=ran)  # fmt: skip
-                        trace = (os.path.join(args.out, "profile", f"{shape.name}-{kind}-{density:g}-{row_label}.txt")
+                        trace = (Path(args.out, "profile", f"{shape.name}-{kind}-{density:g}-{row_label}.txt")
                                  if args.profile else None)  # fmt: skip
                         try:
                             ms = measure(lambda q, k, v: sparse_attention(q, k, v, table, backend=backend), sets,

@@ -16,8 +16,8 @@ the kernel's ``tile_n`` (128, or 64 with 64x64 tiles), and the query block a mul
 datacenter Blackwell (sm100/sm103) the forward processes two 128-row Q tiles per CTA
 (``q_stage=2``), so query blocks must be multiples of 256.
 
-The backward (:func:`run_backward`) runs our Triton backward, or, opted in (:data:`BACKWARD`), FA4's
-block-sparse backward (``_flash_attn_bwd``) where it serves (:func:`backward_supports`).
+The backward (:func:`run_backward`) runs FA4's block-sparse backward (``_flash_attn_bwd``) where it
+serves (:func:`backward_supports`), else our Triton backward (:data:`BACKWARD` forces either).
 FA4's backward walks key tiles, so it takes the table transposed ("Q-direction", as FlashAttention's
 ``BlockMask`` keeps ``q_num_blocks`` / ``q_indices``): counts ``[B, H, key blocks]`` and indices
 ``[B, H, key blocks, W]`` (W <= query blocks) of the query blocks visiting each key block, again
