@@ -55,6 +55,9 @@
 #                  torch.profiler (where the hybrid's time goes; E2E_BACKEND, default triton) (#22) (~110)
 #   tests-h        GPU tests of session h's changes: the hybrid's layer call without a host sync, online GPU (~60)
 #   backward-profile  FA4's block-sparse backward at Wan-1.3B 480p 10% under torch.profiler (its 0.73) (#18) (~60)
+#   tests-i        GPU tests of session i's changes: every Triton backward variant (stored dS) against float64 (~90)
+#   backward-stored  Triton backward: recompute vs stored dS (all heads at once, in chunks, 64-key dQ steps),
+#                  Wan-1.3B 480p and HunyuanVideo 720p, 10-50% (#18)                              (~250)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -182,6 +185,11 @@ for name in "$@"; do
         --online-every 1 --online-block-list --repeats 3 --backend "$b" --budget-s 270 --profile "$R/e2e-profile-$b" \
         --out "$R/e2e_profile_$b.json" ;;
     tests-h) TAIL=12 step tests-h 200 python3 -m pytest -q -p no:cacheprovider tests/methods/test_online_gpu.py ;;
+    tests-i) TAIL=12 step tests-i 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_backward.py \
+        -k "gpu_triton_backward_variants or (gpu_backward and triton)" ;;
+    backward-stored) TAIL=40 step backward-stored 420 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants default stored stored-kv64 stored-all \
+        --target-ms 200 --budget-s 400 --out "$R/backward-stored" ;;
     backward-profile) TAIL=20 step backward-profile 200 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 0.5 --kinds mixed --backends fa4 --profile --target-ms 200 --out "$R/backward-profile" ;;
     *) echo "unknown step $name" >&2 ;;

@@ -74,15 +74,16 @@ def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def poison_empty_like(monkeypatch, module=torch) -> None:
-    """Make ``module.torch.empty_like`` (or ``torch.empty_like``) return NaN-filled float buffers, so a
-    kernel's unwritten output elements show; ``monkeypatch.undo()`` restores it."""
-    real = torch.empty_like
+    """Make ``module.torch.empty_like`` and ``.empty`` (or torch's) return NaN-filled float buffers, so a
+    kernel's unwritten output elements (and reads of unwritten scratch) show; ``monkeypatch.undo()`` restores them."""
+    for name in ("empty_like", "empty"):
+        real = getattr(torch, name)
 
-    def poisoned(x, *args, **kwargs):
-        out = real(x, *args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
+        def poisoned(*args, _real=real, **kwargs):
+            out = _real(*args, **kwargs)
+            return out.fill_(float("nan")) if out.is_floating_point() else out
 
-    monkeypatch.setattr(module, "empty_like", poisoned)
+        monkeypatch.setattr(module, name, poisoned)
 
 
 def saved_tiny_organism(folder):

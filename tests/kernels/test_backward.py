@@ -144,6 +144,48 @@ def test_triton_backward_variants_match_masked_attention(case, variant, monkeypa
     _check(CASES[case], "triton", torch.float16, "cpu", 2e-6, monkeypatch)
 
 
+def test_head_chunks_fit_the_budget_in_order():
+    pytest.importorskip("triton")
+    from sparse_vdit.kernels.triton.backward import _head_chunks
+
+    head_first = [0, 3, 3, 7, 9]  # pairs per head: 3, 0, 4, 2
+    assert _head_chunks(head_first, 10, 1000) == [(0, 4)]
+    assert _head_chunks(head_first, 10, 70) == [(0, 3), (3, 4)]
+    assert _head_chunks(head_first, 10, 40) == [(0, 2), (2, 3), (3, 4)]
+    assert _head_chunks(head_first, 10, 39) is None  # the third head alone is over: dQ recomputes
+    assert _head_chunks([0, 0], 10, 0) == [(0, 1)]
+
+
+@pytest.mark.parametrize("budget_pairs", [None, 40, 1])
+def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, monkeypatch):
+    """The stored-dS dQ with every head in one launch, heads in chunks of at most 40 pairs' tiles
+    (several launches), and a budget no head fits (the call recomputes): all against float64,
+    every buffer (the stored tiles too) NaN-poisoned."""
+    pytest.importorskip("triton")
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
+    from sparse_vdit.kernels.triton import backward
+
+    case = CASES["mixed-text-suffix-padded-batch2"]
+    layout, block, heads, batch, _ = case
+    pair_bytes = batch * block * block * 2
+    for key, value in _variant_options("stored", block).items():
+        monkeypatch.setitem(backward.OPTIONS, key, value)
+    if budget_pairs is not None:
+        monkeypatch.setattr(backward, "_ds_budget", lambda device: budget_pairs * pair_bytes)
+    chunks = []
+    real = backward._head_chunks
+    monkeypatch.setattr(backward, "_head_chunks", lambda *a: chunks.append(real(*a)) or chunks[-1])
+    _check(case, "triton", torch.float16, "cpu", 2e-6, monkeypatch)
+    assert chunks, "the stored path was not asked for"
+    if budget_pairs is None:
+        assert chunks[-1] == [(0, len(heads))]
+    elif budget_pairs == 40:
+        assert chunks[-1] is not None and len(chunks[-1]) > 1
+    else:
+        assert chunks[-1] is None
+
+
 def test_triton_backward_on_permuted_tensors_as_fa4_runs_it():
     """The FA4 route: tensors already in each head's order (and the forward's LSE in that order),
     the Triton backward told not to permute, gradients permuted back: same as reading in place."""
@@ -241,6 +283,23 @@ def test_gpu_backward_matches_masked_attention(case, backend, dtype, monkeypatch
     if problem:
         pytest.skip(problem)
     _check(GPU_CASES[case], backend, dtype, "cuda", 1e-6, monkeypatch if backend == "triton" else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_triton_backward_variants_match_masked_attention(case, variant, monkeypatch):
+    """Every Triton backward variant on the GPU (bf16; its own tiles, TMA), buffers NaN-poisoned."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    ok, why = registry.available("triton", device)
+    if not ok:
+        pytest.skip(why)
+    from sparse_vdit.kernels.triton import backward
+
+    for key, value in VARIANTS[variant].items():
+        monkeypatch.setitem(backward.OPTIONS, key, value)
+    _check(GPU_CASES[case], "triton", torch.bfloat16, "cuda", 1e-6, monkeypatch)
 
 
 @pytest.mark.gpu

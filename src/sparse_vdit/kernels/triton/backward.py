@@ -13,6 +13,8 @@ torch reference is autograd through ``sparse_vdit.kernels.reference``.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -25,8 +27,12 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option
 # ``tiles`` (dK/dV key tile, its query step, dQ query tile, its key step; None: the rule of _tiles),
 # ``warps`` and ``stages`` (dK/dV kernel, dQ kernel), ``tma`` (frame-major heads read their whole
 # steps through tensor descriptors where the device has them, sm90+).
-OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None}
-DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True}
+# ``dq``: "stored" (the dK/dV kernel stores each visited pair's dS tile, the dQ kernel multiplies it by K: 5
+# matmuls a block) or "recompute" (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of
+# the device's memory the stored tiles may take at once (heads go in chunks that fit; a head that alone does
+# not fit makes the call recompute).
+OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None}
+DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "dq": "recompute", "ds_budget": 0.1}
 
 
 # Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first);
@@ -36,6 +42,9 @@ DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True}
 # 0.58-0.62; its code is in commit b34ab84).
 VARIANTS: dict[str, dict] = {
     "default": {},  # 128-key tiles with 32-query steps (and the converse for dQ), 8 warps, 3 stages, TMA
+    "stored": {"dq": "stored"},  # dS stored by the dK/dV kernel, read by a one-matmul dQ kernel (32-key steps)
+    "stored-kv64": {"dq": "stored", "tiles": (128, 32, 128, 64)},  # the same, 64-key dQ steps
+    "stored-all": {"dq": "stored", "ds_budget": 0.5},  # no head chunks at these shapes (to see what chunking costs)
 }
 
 
@@ -102,14 +111,32 @@ def _step(A, B, A_DESC, B_DESC, start, last, base, batch, head, stride_n, token_
 
 
 @triton.jit
+def _slot(ROW_STARTS, ROW_ENDS, SLOTS, row, column, NUM_ROW_RANGES, ROW_RANGES: tl.constexpr):
+    """The stored-dS slot of the pair (query block ``row``, key block ``column``): ``row``'s forward
+    ranges (``[NUM_ROW_RANGES]`` at ``ROW_STARTS + row``, ROW_RANGES a power of two above) hold
+    ``column`` in one range, whose first pair's slot is in SLOTS."""
+    r = tl.arange(0, ROW_RANGES)
+    ok = r < NUM_ROW_RANGES
+    s = tl.load(ROW_STARTS + row * NUM_ROW_RANGES + r, mask=ok, other=0)
+    e = tl.load(ROW_ENDS + row * NUM_ROW_RANGES + r, mask=ok, other=0)
+    first = tl.load(SLOTS + row * NUM_ROW_RANGES + r, mask=ok, other=0)
+    return tl.sum(tl.where((s <= column) & (column < e), first + column - s, 0))
+
+
+@triton.jit
 def _dkdv_steps(
     dk, dv, k, v, first, last, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
     stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+    DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
     FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
+    STORE_DS: tl.constexpr, TABLE_BLOCK: tl.constexpr, ROW_RANGES: tl.constexpr,
 ):  # fmt: skip
     """Query steps ``[first, last)`` into ``(dk, dv)`` of one key tile; MASKED: rows ``>= last`` masked.
-    Keys past the real ones are not masked: their rows of dK, dV are zeroed by the launcher."""
+    Keys past the real ones are not masked: their rows of dK, dV are zeroed by the launcher.
+    STORE_DS: each step's ``dS^T`` also goes to its pair's ``[TABLE_BLOCK keys, TABLE_BLOCK queries]``
+    tile of DS (pair ``ds_pair0 + slot``; ``ds_keys``: this tile's rows there, offsets by key), for the
+    dQ kernel to read."""
     for start in range(first, last, BLOCK_M):
         rows_m, q_ok, q, do = _step(Q, DO, Q_DESC, DO_DESC, start, last, base, batch, head, stride_n, token_major,
                                     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, BLOCK_M, HEAD_DIM,
@@ -122,8 +149,15 @@ def _dkdv_steps(
             delta = tl.load(DELTA + stats + rows_m)
         p_t = tl.math.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
         dv += _dot(p_t.to(do.dtype), do, IEEE)
-        ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
-        dk += _dot(ds_t.to(q.dtype), q, IEEE)
+        ds_t = (p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])).to(q.dtype)
+        dk += _dot(ds_t, q, IEEE)
+        if STORE_DS:
+            slot = _slot(ROW_STARTS, ROW_ENDS, SLOTS, start // TABLE_BLOCK, column, NUM_ROW_RANGES, ROW_RANGES)
+            ptrs = DS + (ds_pair0 + slot) * (TABLE_BLOCK * TABLE_BLOCK) + ds_keys[:, None] + (start % TABLE_BLOCK + tl.arange(0, BLOCK_M))[None, :]
+            if MASKED:
+                tl.store(ptrs, ds_t, mask=(start + tl.arange(0, BLOCK_M) < last)[None, :])
+            else:
+                tl.store(ptrs, ds_t)
     return dk, dv
 
 
@@ -140,18 +174,26 @@ def block_sparse_attention_bwd_dkdv(
     STARTS, ENDS,  # int32 [H, Kb, R]: the query blocks visiting each key block, as ranges
     SCHEDULE,  # int32 [H * NUM_K_TILES]: work items, heaviest first
     TOKEN_MAJOR,  # int8 [H]
+    DS,  # with STORE_DS: [B, ds_pairs, TABLE_BLOCK, TABLE_BLOCK] dS^T of each visited pair; else unused
+    ROW_STARTS, ROW_ENDS, SLOTS,  # with STORE_DS: int32 [H, Qb, NUM_ROW_RANGES] forward ranges, their first slots
     stride_b, stride_n, stride_h, stride_rh, stride_rm,
     N, KV_LEN, HEADS, NUM_K_TILES, NUM_RANGES,
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
     qk_scale, softmax_scale,
+    NUM_Q_BLOCKS, NUM_ROW_RANGES, ds_pairs, slot_base,  # DS holds slots [slot_base, slot_base + ds_pairs)
     FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per step
     BLOCK_N: tl.constexpr,  # keys per program
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
+    STORE_DS: tl.constexpr, ROW_RANGES: tl.constexpr,
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
     column = tile * BLOCK_N // TABLE_BLOCK  # the key block holding this tile
+    ds_pair0 = batch.to(tl.int64) * ds_pairs - slot_base
+    ds_keys = (tile * BLOCK_N % TABLE_BLOCK + tl.arange(0, BLOCK_N)) * TABLE_BLOCK
+    row_table = head * NUM_Q_BLOCKS * NUM_ROW_RANGES  # this head's forward ranges
+    ROW_STARTS, ROW_ENDS, SLOTS = ROW_STARTS + row_table, ROW_ENDS + row_table, SLOTS + row_table
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions in the head's own order
     offs_d = tl.arange(0, HEAD_DIM)
     rows_n = _rows(offs_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
@@ -170,14 +212,18 @@ def block_sparse_attention_bwd_dkdv(
         if token_major:  # kind of head; then the ragged step
             dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch,
                                  head, stride_n, True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False)  # fmt: skip
+                                 DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
+                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False, STORE_DS, TABLE_BLOCK, ROW_RANGES)  # fmt: skip
         else:
             dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch,
                                  head, stride_n, False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False)  # fmt: skip
+                                 DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
+                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False, STORE_DS, TABLE_BLOCK, ROW_RANGES)  # fmt: skip
         dk, dv = _dkdv_steps(dk, dv, k, v, full, last, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
                              stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                             FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True)  # fmt: skip
+                             DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
+                             FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, STORE_DS, TABLE_BLOCK,
+                             ROW_RANGES)  # fmt: skip
     out_ok = (offs_n < N)[:, None]  # rows of keys past KV_LEN are zeroed by the launcher
     dk = dk * softmax_scale  # (a tl.where here costs register spills in the loop on sm90)
     tl.store(DK + base + rows_n[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
@@ -251,6 +297,79 @@ def block_sparse_attention_bwd_dq(
                        FRAMES, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True)  # fmt: skip
     dq = (dq * softmax_scale).to(DQ.dtype.element_ty)
     tl.store(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], dq, mask=q_ok[:, None])
+
+
+@triton.jit
+def _dq_stored_steps(
+    dq, ds_queries, ds_pair, first, lo, last, K, K_DESC, DS, base, batch, head, stride_n, token_major,
+    FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+    FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Key steps ``[lo, last)`` of the range from ``first`` into ``dq``: ``dS K`` with dS read from the
+    pairs' stored tiles (``ds_pair``: the range's first pair); MASKED: keys ``>= last`` masked."""
+    for start in range(lo, last, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        key_ok = offs < last
+        rows = _rows(offs, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
+        k = _tile(K, K_DESC, base, rows, key_ok, batch, head, start, stride_n, BLOCK_N, HEAD_DIM, MASKED, TMA)
+        pair = ds_pair + (start - first) // TABLE_BLOCK
+        ptrs = DS + pair * (TABLE_BLOCK * TABLE_BLOCK) + ds_queries[:, None] + (offs % TABLE_BLOCK)[None, :] * TABLE_BLOCK
+        if MASKED:
+            ds = tl.load(ptrs, mask=key_ok[None, :], other=0.0)
+        else:
+            ds = tl.load(ptrs)
+        dq += _dot(ds, k, IEEE)
+    return dq
+
+
+@triton.jit(do_not_specialize=[*_SIZES, "NUM_Q_TILES", "ds_pairs", "slot_base"])
+def block_sparse_attention_bwd_dq_stored(
+    K, DQ,  # [B, N, H, D], one set of strides
+    K_DESC,  # with TMA: descriptor of K, blocks [1, BLOCK_N, 1, D]; else unused
+    DS,  # [B, ds_pairs, TABLE_BLOCK, TABLE_BLOCK]: dS^T of each visited pair, from the dK/dV kernel
+    STARTS, ENDS, SLOTS,  # int32 [H, Qb, R]: the forward's key-block ranges, the slot of each range's first pair
+    SCHEDULE,  # int32 [H * NUM_Q_TILES]
+    TOKEN_MAJOR,  # int8 [H]
+    stride_b, stride_n, stride_h, stride_rh, stride_rm,
+    N, KV_LEN, HEADS, NUM_Q_TILES, NUM_RANGES,
+    FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+    softmax_scale, ds_pairs, slot_base,
+    FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per step
+    HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """``dQ = dS K`` for one query tile: one matmul per step, the probabilities not recomputed."""
+    head, tile, batch, token_major, base, _ = _program(SCHEDULE, TOKEN_MAJOR, NUM_Q_TILES, N, HEADS, stride_b,
+                                                       stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
+    row = tile * BLOCK_M // TABLE_BLOCK
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows_m = _rows(offs_m, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
+    ds_queries = offs_m % TABLE_BLOCK
+    ds_pair0 = batch.to(tl.int64) * ds_pairs - slot_base
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    ranges = head * stride_rh + row * stride_rm
+    for r in range(0, NUM_RANGES):
+        first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
+        last = tl.minimum(tl.load(ENDS + ranges + r) * TABLE_BLOCK, KV_LEN)
+        ds_pair = ds_pair0 + tl.load(SLOTS + ranges + r)
+        full = first + tl.maximum(last - first, 0) // BLOCK_N * BLOCK_N
+        if token_major:
+            dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, first, full, K, K_DESC, DS, base, batch, head, stride_n,
+                                  True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+                                  FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, True, False, False)  # fmt: skip
+        else:
+            dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, first, full, K, K_DESC, DS, base, batch, head, stride_n,
+                                  False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+                                  FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, False, TMA, False)  # fmt: skip
+        dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, full, last, K, K_DESC, DS, base, batch, head, stride_n,
+                              token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+                              FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True)  # fmt: skip
+    q_ok = offs_m < N
+    tl.store(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], (dq * softmax_scale).to(DQ.dtype.element_ty),
+             mask=q_ok[:, None])  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["ROWS", "HEADS", "N"])
@@ -328,11 +447,10 @@ def backward(
     delta, lse2 = _prologue(grad_out, out, lse.contiguous())
     order = option("schedule")
     num_q_tiles, num_k_tiles = num_blocks(n, q_tile), num_blocks(n, kv_tile)
-    dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order),
-                               lambda t: _schedule(t.query_num_blocks, block // kv_tile, num_k_tiles, order))  # fmt: skip
     any_token_major = token_major and bool(table.token_major_heads)
     flags = table.token_major.to(torch.int8) if any_token_major else delta
     q_starts, q_ends = table.query_ranges
+    starts, ends = table.range_starts.contiguous(), table.range_ends.contiguous()
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq = torch.empty_like(q)
     launch = [{} if device.type == "cpu" else {"num_warps": w, "num_stages": s} for w, s in zip(warps, stages)]
@@ -341,26 +459,88 @@ def backward(
         ANY_TOKEN_MAJOR=any_token_major,
     )  # fmt: skip
     sizes = (layout.frame_tokens, layout.video_start, layout.video_tokens, softmax_scale * LOG2E, softmax_scale)
-    descriptors = _descriptors(q, grad_out, q_step) if tma else None
-    block_sparse_attention_bwd_dkdv[(heads * num_k_tiles, batch)](
-        q, k, v, grad_out, dk, dv, *(descriptors or (delta, delta)), lse2, delta, q_starts, q_ends, dkdv_schedule, flags,
-        q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
-        n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
-        BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=descriptors is not None, **common, **launch[0],
-    )  # fmt: skip
+    slots, head_first = table.form("triton.bwd.ds_slots", _ds_slots)
+    chunks = None
+    if backward_option("dq") == "stored":
+        chunks = _head_chunks(head_first, batch * block * block * q.element_size(), _ds_budget(device))
+    q_descriptors = _descriptors(q, grad_out, q_step) if tma else None
+    kv_descriptors = _descriptors(k, v, kv_step) if tma else None
+    for h0, h1 in chunks or [(0, heads)]:
+        pairs = head_first[h1] - head_first[h0]
+        ds = torch.empty(batch, max(pairs, 1), block, block, dtype=q.dtype, device=device) if chunks else delta
+        dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order, h0, h1),
+                                   lambda t: _heads_schedule(t.query_num_blocks, block // kv_tile, num_k_tiles, order,
+                                                             h0, h1))  # fmt: skip
+        block_sparse_attention_bwd_dkdv[(len(dkdv_schedule), batch)](
+            q, k, v, grad_out, dk, dv, *(q_descriptors or (delta, delta)), lse2, delta, q_starts, q_ends,
+            dkdv_schedule, flags, ds, starts, ends, slots,
+            q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
+            n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
+            table.num_q_blocks, starts.shape[2], pairs, head_first[h0],
+            BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=chunks is not None,
+            ROW_RANGES=triton.next_power_of_2(starts.shape[2]), **common, **launch[0],
+        )  # fmt: skip
+        dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1),
+                                 lambda t: _heads_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
+                                                           h0, h1))  # fmt: skip
+        ranges = (starts.stride(0), starts.stride(1), n, layout.kv_len, heads, num_q_tiles, starts.shape[2])
+        if chunks:
+            block_sparse_attention_bwd_dq_stored[(len(dq_schedule), batch)](
+                k, dq, kv_descriptors[0] if kv_descriptors else delta, ds, starts, ends, slots, dq_schedule, flags,
+                q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes[:3], softmax_scale, pairs, head_first[h0],
+                BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, **common, **launch[1],
+            )  # fmt: skip
+        else:
+            block_sparse_attention_bwd_dq[(len(dq_schedule), batch)](
+                q, k, v, grad_out, dq, *(kv_descriptors or (delta, delta)), lse2, delta, starts, ends, dq_schedule,
+                flags, q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes,
+                BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, **common, **launch[1],
+            )  # fmt: skip
     if layout.kv_len < n:  # the kernel left the rows of padded keys as they came
         dk[:, layout.kv_len :], dv[:, layout.kv_len :] = 0, 0
-    dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order),
-                             lambda t: _schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order))  # fmt: skip
-    starts, ends = table.range_starts.contiguous(), table.range_ends.contiguous()
-    descriptors = _descriptors(k, v, kv_step) if tma else None
-    block_sparse_attention_bwd_dq[(heads * num_q_tiles, batch)](
-        q, k, v, grad_out, dq, *(descriptors or (delta, delta)), lse2, delta, starts, ends, dq_schedule, flags,
-        q.stride(0), q.stride(1), q.stride(2), starts.stride(0), starts.stride(1),
-        n, layout.kv_len, heads, num_q_tiles, starts.shape[2], *sizes,
-        BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=descriptors is not None, **common, **launch[1],
-    )  # fmt: skip
     return dq, dk, dv
+
+
+def _ds_slots(table) -> tuple[torch.Tensor, list[int]]:
+    """Where stored dS tiles go: int32 ``[H, Qb, R]``, the slot of each forward range's first pair
+    (pairs numbered head by head, query block by query block, key block ascending), and the first
+    slot of each head (``H + 1`` entries, the last the number of pairs)."""
+    length = (table.range_ends - table.range_starts).long()
+    flat = length.flatten()
+    first = (torch.cumsum(flat, 0) - flat).view_as(length).to(torch.int32).contiguous()
+    per_head = length.sum((1, 2)).tolist()
+    return first, [0, *itertools.accumulate(per_head)]
+
+
+def _ds_budget(device: torch.device) -> int:
+    """Bytes the stored dS tiles of one launch may take: ``ds_budget`` (a fraction of the device's memory)."""
+    share = float(backward_option("ds_budget"))
+    if device.type != "cuda":
+        return int(share * (8 << 30))
+    return int(share * torch.cuda.get_device_properties(device).total_memory)
+
+
+def _head_chunks(head_first: list[int], pair_bytes: int, budget: int) -> list[tuple[int, int]] | None:
+    """Runs of heads ``(h0, h1)`` whose dS tiles (``pair_bytes`` a pair) fit ``budget`` each, in order;
+    None when one head alone does not (then dQ recomputes the probabilities instead)."""
+    chunks, h0 = [], 0
+    for h in range(len(head_first) - 1):
+        if (head_first[h + 1] - head_first[h]) * pair_bytes > budget:
+            return None
+        if (head_first[h + 1] - head_first[h0]) * pair_bytes > budget:
+            chunks.append((h0, h))
+            h0 = h
+    chunks.append((h0, len(head_first) - 1))
+    return chunks
+
+
+def _heads_schedule(work: torch.Tensor, tiles_per_block: int, num_tiles: int, order: str, h0: int, h1: int) -> torch.Tensor:
+    """``launcher._schedule``'s work items restricted to heads ``[h0, h1)``."""
+    schedule = _schedule(work, tiles_per_block, num_tiles, order)
+    if (h0, h1) == (0, work.shape[0]):
+        return schedule
+    head = schedule // num_tiles
+    return schedule[(head >= h0) & (head < h1)].contiguous()
 
 
 __all__ = ["OPTIONS", "VARIANTS", "backward"]
