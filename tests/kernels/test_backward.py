@@ -212,6 +212,28 @@ def test_triton_backward_on_permuted_tensors_as_fa4_runs_it():
         assert rel_rms(reorder_heads(a, layout, moved, to_token_major=False), b) < 1e-6
 
 
+def test_backward_reuses_the_forwards_permuted_inputs(monkeypatch):
+    """A backend that runs token-major heads permuted (reference here, fa4 and flex on the GPU) keeps
+    the q, k, v it ran on for the backward: only grad_out goes in and dq, dk, dv come back (4 copies,
+    not 7); gradients as before."""
+    from sparse_vdit.kernels import api
+
+    layout, block, heads, batch, dim = CASES["svg-spatial-temporal-batch2"]
+    table = compile_layer(heads, layout, block)
+    assert table.token_major_heads
+    q, k, v, grad_out = _inputs(layout, len(heads), batch, dim)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = sparse_attention(*leaves, table, backend="reference")
+    copies = []
+    real = api.reorder_heads
+    monkeypatch.setattr(api, "reorder_heads", lambda *a, **kw: copies.append(1) or real(*a, **kw))
+    out.backward(grad_out)
+    assert len(copies) == 4
+    expected = _oracle(table, q, k, v, grad_out, dim**-0.5)
+    for got, exact in zip((t.grad for t in leaves), expected[1:]):
+        assert rel_rms(got, exact) < 1e-5
+
+
 def test_transposed_table_lists_the_query_blocks_of_each_key_block():
     layout, block, heads, _, _ = CASES["mixed-text-suffix-padded-batch2"]
     table = compile_layer([*heads, temporal(0.1)], layout, 16)

@@ -122,13 +122,15 @@ def _runs(heads: Sequence[int]) -> list[tuple[int, int]]:
 
 @torch.library.custom_op("sparse_vdit::sparse_attention", mutates_args=())
 def _sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_key: int, softmax_scale: float,
-                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The kernel call behind :func:`sparse_attention`, opaque to ``torch.compile``: ``(out, lse)``.
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The kernel call behind :func:`sparse_attention`, opaque to ``torch.compile``: ``(out, lse, q, k, v)``.
 
     The table travels as its :attr:`~sparse_vdit.block_table.BlockTable.key` (the op looks the live
     table up), so a compiled graph holds no table tensors and every derived form stays with the table.
     ``lse`` is what the backend's backward needs from its forward (``run_with_lse``: the rows'
     log-sum-exp, float32 ``[B, H, N]`` in the order the backend ran them), else an empty tensor.
+    The last three are q, k, v as the backend ran them where token-major heads were permuted for it
+    (the backward reuses them instead of permuting again), else empty tensors.
     """
     table = table_by_key(table_key)
     module = registry.get(backend).module
@@ -141,8 +143,8 @@ def _sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tabl
     else:
         out, lse = run_with_lse(q, k, v, table, softmax_scale)
     if permuted:
-        out = reorder_heads(out, table.layout, permuted, to_token_major=False)
-    return out, lse
+        return reorder_heads(out, table.layout, permuted, to_token_major=False), lse, q, k, v
+    return (out, lse, *(q.new_empty(0) for _ in range(3)))
 
 
 @_sparse_attention_op.register_fake
@@ -150,7 +152,9 @@ def _(q, k, v, table_key, softmax_scale, backend):
     module = registry.get(backend).module
     batch, n, heads, _ = q.shape
     shape = (batch, heads, n) if hasattr(module, "run_with_lse") else (0,)
-    return torch.empty_like(q), q.new_empty(shape, dtype=torch.float32)
+    permuted = bool(_permuted_heads(backend, table_by_key(table_key)))
+    inputs = (torch.empty_like(t) if permuted else q.new_empty(0) for t in (q, k, v))
+    return torch.empty_like(q), q.new_empty(shape, dtype=torch.float32), *inputs
 
 
 def _permuted_heads(backend: str, table: BlockTable) -> tuple[int, ...]:
@@ -161,19 +165,23 @@ def _permuted_heads(backend: str, table: BlockTable) -> tuple[int, ...]:
 @torch.library.custom_op("sparse_vdit::sparse_attention_backward", mutates_args=())
 def _sparse_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   out: torch.Tensor, lse: torch.Tensor, table_key: int, softmax_scale: float,
-                                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                                  backend: str, inputs_permuted: bool = False,
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(dq, dk, dv)`` of :func:`_sparse_attention_op`, opaque to ``torch.compile``.
 
     Token-major heads are permuted exactly as in the forward (a permutation: the gradients go back
-    through the inverse). A backend with ``run_backward`` uses it with the forward's ``lse``; the
-    others recompute their forward under autograd here.
+    through the inverse); ``inputs_permuted``: q, k, v are the forward's permuted ones already. A
+    backend with ``run_backward`` uses it with the forward's ``lse``; the others recompute their
+    forward under autograd here.
     """
     table = table_by_key(table_key)
     module = registry.get(backend).module
     permuted = _permuted_heads(backend, table)
     run_backward = getattr(module, "run_backward", None)
     if permuted:
-        grad_out, q, k, v = (reorder_heads(t, table.layout, permuted) for t in (grad_out, q, k, v))
+        grad_out = reorder_heads(grad_out, table.layout, permuted)
+        if not inputs_permuted:
+            q, k, v = (reorder_heads(t, table.layout, permuted) for t in (q, k, v))
         out = reorder_heads(out, table.layout, permuted) if run_backward is not None else out
     if run_backward is not None:
         grads = run_backward(grad_out, q, k, v, out, lse, table, softmax_scale)
@@ -187,22 +195,24 @@ def _sparse_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
 
 
 @_sparse_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, table_key, softmax_scale, backend):
+def _(grad_out, q, k, v, out, lse, table_key, softmax_scale, backend, inputs_permuted=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, table_key, softmax_scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.mark_non_differentiable(lse)
+    out, lse, *ran = output
+    ctx.inputs_permuted = ran[0].numel() > 0  # the permuted copies the kernel ran on, kept instead of q, k, v
+    ctx.save_for_backward(*(ran if ctx.inputs_permuted else (q, k, v)), out, lse)
+    ctx.mark_non_differentiable(lse, *ran)
     ctx.table_key, ctx.softmax_scale, ctx.backend = table_key, softmax_scale, backend
 
 
-def _backward(ctx, grad_out, _grad_lse):
+def _backward(ctx, grad_out, *_grads_of_the_rest):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.sparse_vdit.sparse_attention_backward(
-        grad_out.contiguous(), q, k, v, out, lse, ctx.table_key, ctx.softmax_scale, ctx.backend)  # fmt: skip
+        grad_out.contiguous(), q, k, v, out, lse, ctx.table_key, ctx.softmax_scale, ctx.backend,
+        ctx.inputs_permuted)  # fmt: skip
     return dq, dk, dv, None, None, None
 
 
