@@ -56,6 +56,9 @@
 #   tests-h        GPU tests of session h's changes: the hybrid's layer call without a host sync, online GPU (~60)
 #   backward-profile  FA4's block-sparse backward at Wan-1.3B 480p 10% under torch.profiler (its 0.73) (#18) (~60)
 #   tests-i        GPU tests of session i's changes: every Triton backward variant (stored dS) against float64 (~90)
+#   tests-i-fa4    GPU tests of the fa4 backward through the op that now keeps the permuted q, k, v (#18) (~240)
+#   backward-fa4-saved  FA4's block-sparse backward with the permuted q, k, v kept, Wan-1.3B 480p 10-50%,
+#                  each row profiled (the permutation copies left) (#18)                         (~120)
 #   backward-stored  Triton backward: recompute vs stored dS (all heads at once, in chunks, 64-key dQ steps),
 #                  Wan-1.3B 480p and HunyuanVideo 720p, 10-50% (#18)                              (~250)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
@@ -187,6 +190,11 @@ for name in "$@"; do
     tests-h) TAIL=12 step tests-h 200 python3 -m pytest -q -p no:cacheprovider tests/methods/test_online_gpu.py ;;
     tests-i) TAIL=12 step tests-i 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_backward.py \
         -k "gpu_triton_backward_variants or (gpu_backward and triton)" ;;
+    tests-i-fa4) TAIL=12 step tests-i-fa4 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_backward.py \
+        -k "gpu and fa4" ;;
+    backward-fa4-saved) TAIL=30 step backward-fa4-saved 240 python3 bench/backward.py --shapes wan1.3b-480p \
+        --densities 0.1 0.25 0.5 --kinds mixed --backends fa4 --profile --target-ms 200 --budget-s 200 \
+        --out "$R/backward-fa4-saved" ;;
     backward-stored) TAIL=40 step backward-stored 420 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants default stored stored-kv64 stored-all \
         --target-ms 200 --budget-s 400 --out "$R/backward-stored" ;;
