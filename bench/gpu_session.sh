@@ -196,7 +196,7 @@ for name in "$@"; do
         --densities 0.1 0.25 0.5 --kinds mixed --backends fa4 --profile --target-ms 200 --budget-s 200 \
         --out "$R/backward-fa4-saved" ;;
     backward-stored) TAIL=40 step backward-stored 420 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
-        --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants default stored stored-kv64 stored-all \
+        --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants default stored stored-tma stored-kv64 stored-all \
         --target-ms 200 --budget-s 400 --out "$R/backward-stored" ;;
     backward-profile) TAIL=20 step backward-profile 200 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 0.5 --kinds mixed --backends fa4 --profile --target-ms 200 --out "$R/backward-profile" ;;

@@ -30,9 +30,10 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option
 # ``dq``: "stored" (the dK/dV kernel stores each visited pair's dS tile, the dQ kernel multiplies it by K: 5
 # matmuls a block) or "recompute" (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of
 # the device's memory the stored tiles may take at once (heads go in chunks that fit; a head that alone does
-# not fit makes the call recompute).
-OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None}
-DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "dq": "recompute", "ds_budget": 0.1}
+# not fit makes the call recompute); ``ds_tma``: the tiles stored and read through tensor descriptors (sm90+).
+OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None, "ds_tma": None}
+DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "dq": "recompute", "ds_budget": 0.1,
+                  "ds_tma": False}
 
 
 # Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first);
@@ -44,6 +45,7 @@ VARIANTS: dict[str, dict] = {
     "default": {},  # 128-key tiles with 32-query steps (and the converse for dQ), 8 warps, 3 stages, TMA
     "stored": {"dq": "stored"},  # dS stored by the dK/dV kernel, read by a one-matmul dQ kernel (32-key steps)
     "stored-kv64": {"dq": "stored", "tiles": (128, 32, 128, 64)},  # the same, 64-key dQ steps
+    "stored-tma": {"dq": "stored", "ds_tma": True},  # the tiles stored and read through tensor descriptors
     "stored-all": {"dq": "stored", "ds_budget": 0.5},  # no head chunks at these shapes (to see what chunking costs)
 }
 
@@ -130,13 +132,14 @@ def _dkdv_steps(
     DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
     FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
-    STORE_DS: tl.constexpr, TABLE_BLOCK: tl.constexpr, ROW_RANGES: tl.constexpr,
+    STORE_DS: tl.constexpr, TABLE_BLOCK: tl.constexpr, ROW_RANGES: tl.constexpr, DS_TMA: tl.constexpr,
 ):  # fmt: skip
     """Query steps ``[first, last)`` into ``(dk, dv)`` of one key tile; MASKED: rows ``>= last`` masked.
     Keys past the real ones are not masked: their rows of dK, dV are zeroed by the launcher.
     STORE_DS: each step's ``dS^T`` also goes to its pair's ``[TABLE_BLOCK keys, TABLE_BLOCK queries]``
     tile of DS (pair ``ds_pair0 + slot``; ``ds_keys``: this tile's rows there, offsets by key), for the
-    dQ kernel to read."""
+    dQ kernel to read; DS_TMA: DS is a descriptor of its ``[pairs * TABLE_BLOCK, TABLE_BLOCK]`` view and
+    ``ds_keys`` the tile's first row in a pair."""
     for start in range(first, last, BLOCK_M):
         rows_m, q_ok, q, do = _step(Q, DO, Q_DESC, DO_DESC, start, last, base, batch, head, stride_n, token_major,
                                     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, BLOCK_M, HEAD_DIM,
@@ -153,6 +156,9 @@ def _dkdv_steps(
         dk += _dot(ds_t, q, IEEE)
         if STORE_DS:
             slot = _slot(ROW_STARTS, ROW_ENDS, SLOTS, start // TABLE_BLOCK, column, NUM_ROW_RANGES, ROW_RANGES)
+        if DS_TMA:  # the whole box: columns of queries past ``last`` are never read back
+            DS.store([((ds_pair0 + slot) * TABLE_BLOCK + ds_keys).to(tl.int32), start % TABLE_BLOCK], ds_t)
+        elif STORE_DS:
             ptrs = DS + (ds_pair0 + slot) * (TABLE_BLOCK * TABLE_BLOCK) + ds_keys[:, None] + (start % TABLE_BLOCK + tl.arange(0, BLOCK_M))[None, :]
             if MASKED:
                 tl.store(ptrs, ds_t, mask=(start + tl.arange(0, BLOCK_M) < last)[None, :])
@@ -185,13 +191,16 @@ def block_sparse_attention_bwd_dkdv(
     BLOCK_M: tl.constexpr,  # query rows per step
     BLOCK_N: tl.constexpr,  # keys per program
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
-    STORE_DS: tl.constexpr, ROW_RANGES: tl.constexpr,
+    STORE_DS: tl.constexpr, ROW_RANGES: tl.constexpr, DS_TMA: tl.constexpr,  # DS_TMA: DS is a descriptor
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
     column = tile * BLOCK_N // TABLE_BLOCK  # the key block holding this tile
     ds_pair0 = batch.to(tl.int64) * ds_pairs - slot_base
-    ds_keys = (tile * BLOCK_N % TABLE_BLOCK + tl.arange(0, BLOCK_N)) * TABLE_BLOCK
+    if DS_TMA:
+        ds_keys = tile * BLOCK_N % TABLE_BLOCK
+    else:
+        ds_keys = (tile * BLOCK_N % TABLE_BLOCK + tl.arange(0, BLOCK_N)) * TABLE_BLOCK
     row_table = head * NUM_Q_BLOCKS * NUM_ROW_RANGES  # this head's forward ranges
     ROW_STARTS, ROW_ENDS, SLOTS = ROW_STARTS + row_table, ROW_ENDS + row_table, SLOTS + row_table
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions in the head's own order
@@ -213,17 +222,19 @@ def block_sparse_attention_bwd_dkdv(
             dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch,
                                  head, stride_n, True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                                  DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
-                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False, STORE_DS, TABLE_BLOCK, ROW_RANGES)  # fmt: skip
+                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False, STORE_DS, TABLE_BLOCK, ROW_RANGES,
+                                 DS_TMA)  # fmt: skip
         else:
             dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch,
                                  head, stride_n, False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                                  DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
-                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False, STORE_DS, TABLE_BLOCK, ROW_RANGES)  # fmt: skip
+                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False, STORE_DS, TABLE_BLOCK, ROW_RANGES,
+                                 DS_TMA)  # fmt: skip
         dk, dv = _dkdv_steps(dk, dv, k, v, full, last, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
                              stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                              DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
                              FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, STORE_DS, TABLE_BLOCK,
-                             ROW_RANGES)  # fmt: skip
+                             ROW_RANGES, DS_TMA)  # fmt: skip
     out_ok = (offs_n < N)[:, None]  # rows of keys past KV_LEN are zeroed by the launcher
     dk = dk * softmax_scale  # (a tl.where here costs register spills in the loop on sm90)
     tl.store(DK + base + rows_n[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
@@ -305,20 +316,27 @@ def _dq_stored_steps(
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
     FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
+    DS_TMA: tl.constexpr,
 ):  # fmt: skip
     """Key steps ``[lo, last)`` of the range from ``first`` into ``dq``: ``dS K`` with dS read from the
-    pairs' stored tiles (``ds_pair``: the range's first pair); MASKED: keys ``>= last`` masked."""
+    pairs' stored tiles (``ds_pair``: the range's first pair); MASKED: keys ``>= last`` masked. DS_TMA:
+    DS a descriptor of the tiles' ``[pairs * TABLE_BLOCK, TABLE_BLOCK]`` view, ``ds_queries`` the first column."""
     for start in range(lo, last, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         key_ok = offs < last
         rows = _rows(offs, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
         k = _tile(K, K_DESC, base, rows, key_ok, batch, head, start, stride_n, BLOCK_N, HEAD_DIM, MASKED, TMA)
         pair = ds_pair + (start - first) // TABLE_BLOCK
-        ptrs = DS + pair * (TABLE_BLOCK * TABLE_BLOCK) + ds_queries[:, None] + (offs % TABLE_BLOCK)[None, :] * TABLE_BLOCK
-        if MASKED:
-            ds = tl.load(ptrs, mask=key_ok[None, :], other=0.0)
+        if DS_TMA:
+            ds = DS.load([(pair * TABLE_BLOCK + start % TABLE_BLOCK).to(tl.int32), ds_queries]).T
+            if MASKED:
+                ds = tl.where(key_ok[None, :], ds, 0.0)
         else:
-            ds = tl.load(ptrs)
+            ptrs = DS + pair * (TABLE_BLOCK * TABLE_BLOCK) + ds_queries[:, None] + (offs % TABLE_BLOCK)[None, :] * TABLE_BLOCK
+            if MASKED:
+                ds = tl.load(ptrs, mask=key_ok[None, :], other=0.0)
+            else:
+                ds = tl.load(ptrs)
         dq += _dot(ds, k, IEEE)
     return dq
 
@@ -339,6 +357,7 @@ def block_sparse_attention_bwd_dq_stored(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per step
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
+    DS_TMA: tl.constexpr,  # DS is a descriptor of its [B * ds_pairs * TABLE_BLOCK, TABLE_BLOCK] view
 ):  # fmt: skip
     """``dQ = dS K`` for one query tile: one matmul per step, the probabilities not recomputed."""
     head, tile, batch, token_major, base, _ = _program(SCHEDULE, TOKEN_MAJOR, NUM_Q_TILES, N, HEADS, stride_b,
@@ -347,7 +366,10 @@ def block_sparse_attention_bwd_dq_stored(
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_m = _rows(offs_m, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
-    ds_queries = offs_m % TABLE_BLOCK
+    if DS_TMA:
+        ds_queries = tile * BLOCK_M % TABLE_BLOCK
+    else:
+        ds_queries = offs_m % TABLE_BLOCK
     ds_pair0 = batch.to(tl.int64) * ds_pairs - slot_base
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     ranges = head * stride_rh + row * stride_rm
@@ -359,14 +381,14 @@ def block_sparse_attention_bwd_dq_stored(
         if token_major:
             dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, first, full, K, K_DESC, DS, base, batch, head, stride_n,
                                   True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-                                  FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, True, False, False)  # fmt: skip
+                                  FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, True, False, False, DS_TMA)  # fmt: skip
         else:
             dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, first, full, K, K_DESC, DS, base, batch, head, stride_n,
                                   False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-                                  FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, False, TMA, False)  # fmt: skip
+                                  FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, False, TMA, False, DS_TMA)  # fmt: skip
         dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, full, last, K, K_DESC, DS, base, batch, head, stride_n,
                               token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-                              FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True)  # fmt: skip
+                              FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, DS_TMA)  # fmt: skip
     q_ok = offs_m < N
     tl.store(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], (dq * softmax_scale).to(DQ.dtype.element_ty),
              mask=q_ok[:, None])  # fmt: skip
@@ -461,6 +483,7 @@ def backward(
     sizes = (layout.frame_tokens, layout.video_start, layout.video_tokens, softmax_scale * LOG2E, softmax_scale)
     slots, head_first = table.form("triton.bwd.ds_slots", _ds_slots)
     chunks = None
+    ds_tma = bool(backward_option("ds_tma")) and _tma_ok(device)
     if backward_option("dq") == "stored":
         chunks = _head_chunks(head_first, batch * block * block * q.element_size(), _ds_budget(device))
     q_descriptors = _descriptors(q, grad_out, q_step) if tma else None
@@ -468,17 +491,20 @@ def backward(
     for h0, h1 in chunks or [(0, heads)]:
         pairs = head_first[h1] - head_first[h0]
         ds = torch.empty(batch, max(pairs, 1), block, block, dtype=q.dtype, device=device) if chunks else delta
+        ds_store = ds_load = ds
+        if chunks and ds_tma:
+            ds_store, ds_load = _ds_descriptors(ds, (kv_tile, q_step), (kv_step, q_tile))
         dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order, h0, h1),
                                    lambda t: _heads_schedule(t.query_num_blocks, block // kv_tile, num_k_tiles, order,
                                                              h0, h1))  # fmt: skip
         block_sparse_attention_bwd_dkdv[(len(dkdv_schedule), batch)](
             q, k, v, grad_out, dk, dv, *(q_descriptors or (delta, delta)), lse2, delta, q_starts, q_ends,
-            dkdv_schedule, flags, ds, starts, ends, slots,
+            dkdv_schedule, flags, ds_store, starts, ends, slots,
             q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
             n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
             table.num_q_blocks, starts.shape[2], pairs, head_first[h0],
             BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=chunks is not None,
-            ROW_RANGES=triton.next_power_of_2(starts.shape[2]), **common, **launch[0],
+            ROW_RANGES=triton.next_power_of_2(starts.shape[2]), DS_TMA=bool(chunks) and ds_tma, **common, **launch[0],
         )  # fmt: skip
         dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1),
                                  lambda t: _heads_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
@@ -486,9 +512,9 @@ def backward(
         ranges = (starts.stride(0), starts.stride(1), n, layout.kv_len, heads, num_q_tiles, starts.shape[2])
         if chunks:
             block_sparse_attention_bwd_dq_stored[(len(dq_schedule), batch)](
-                k, dq, kv_descriptors[0] if kv_descriptors else delta, ds, starts, ends, slots, dq_schedule, flags,
+                k, dq, kv_descriptors[0] if kv_descriptors else delta, ds_load, starts, ends, slots, dq_schedule, flags,
                 q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes[:3], softmax_scale, pairs, head_first[h0],
-                BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, **common, **launch[1],
+                BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, DS_TMA=ds_tma, **common, **launch[1],
             )  # fmt: skip
         else:
             block_sparse_attention_bwd_dq[(len(dq_schedule), batch)](
@@ -499,6 +525,14 @@ def backward(
     if layout.kv_len < n:  # the kernel left the rows of padded keys as they came
         dk[:, layout.kv_len :], dv[:, layout.kv_len :] = 0, 0
     return dq, dk, dv
+
+
+def _ds_descriptors(ds: torch.Tensor, *boxes: tuple[int, int]) -> tuple:
+    """Tensor descriptors of the stored tiles' ``[pairs * block, block]`` view, one per box shape."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows = ds.view(-1, ds.shape[-1])
+    return tuple(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), list(box)) for box in boxes)
 
 
 def _ds_slots(table) -> tuple[torch.Tensor, list[int]]:
