@@ -188,16 +188,16 @@ for name in "$@"; do
         --online-every 1 --online-block-list --repeats 3 --backend "$b" --budget-s 270 --profile "$R/e2e-profile-$b" \
         --out "$R/e2e_profile_$b.json" ;;
     tests-h) TAIL=12 step tests-h 200 python3 -m pytest -q -p no:cacheprovider tests/methods/test_online_gpu.py ;;
-    tests-i) TAIL=12 step tests-i 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_backward.py \
+    tests-i) TAIL=12 step tests-i 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_backward.py \
         -k "gpu_triton_backward_variants or (gpu_backward and triton)" ;;
     tests-i-fa4) TAIL=12 step tests-i-fa4 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_backward.py \
         -k "gpu and fa4" ;;
     backward-fa4-saved) TAIL=30 step backward-fa4-saved 240 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 0.25 0.5 --kinds mixed --backends fa4 --profile --target-ms 200 --budget-s 200 \
         --out "$R/backward-fa4-saved" ;;
-    backward-stored) TAIL=40 step backward-stored 420 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+    backward-stored) TAIL=40 step backward-stored 350 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants default stored stored-tma stored-kv64 stored-all \
-        --target-ms 200 --budget-s 400 --out "$R/backward-stored" ;;
+        --target-ms 150 --budget-s 320 --out "$R/backward-stored" ;;
     backward-profile) TAIL=20 step backward-profile 200 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 0.5 --kinds mixed --backends fa4 --profile --target-ms 200 --out "$R/backward-profile" ;;
     *) echo "unknown step $name" >&2 ;;
