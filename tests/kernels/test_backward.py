@@ -149,18 +149,21 @@ def test_head_chunks_fit_the_budget_in_order():
     from sparse_vdit.kernels.triton.backward import _head_chunks
 
     head_first = [0, 3, 3, 7, 9]  # pairs per head: 3, 0, 4, 2
-    assert _head_chunks(head_first, 10, 1000) == [(0, 4)]
-    assert _head_chunks(head_first, 10, 70) == [(0, 3), (3, 4)]
-    assert _head_chunks(head_first, 10, 40) == [(0, 2), (2, 3), (3, 4)]
-    assert _head_chunks(head_first, 10, 39) is None  # the third head alone is over: dQ recomputes
-    assert _head_chunks([0, 0], 10, 0) == [(0, 1)]
+    assert _head_chunks(head_first, 10, 1000) == [(0, 4, True)]
+    assert _head_chunks(head_first, 10, 70) == [(0, 3, True), (3, 4, True)]
+    assert _head_chunks(head_first, 10, 40) == [(0, 2, True), (2, 3, True), (3, 4, True)]
+    assert _head_chunks(head_first, 10, 39) == [(0, 2, True), (2, 3, False), (3, 4, True)]  # the third alone is over
+    assert _head_chunks(head_first, 10, 20) == [(0, 1, False), (1, 2, True), (2, 3, False), (3, 4, True)]
+    assert _head_chunks([0, 0], 10, 0) == [(0, 1, True)]
 
 
-@pytest.mark.parametrize("budget_pairs", [None, 40, 1])
-def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, monkeypatch):
+@pytest.mark.parametrize("ds_tma", [False, True])
+@pytest.mark.parametrize("budget_pairs", [None, 40, 15, 1])
+def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, ds_tma, monkeypatch):
     """The stored-dS dQ with every head in one launch, heads in chunks of at most 40 pairs' tiles
-    (several launches), and a budget no head fits (the call recomputes): all against float64,
-    every buffer (the stored tiles too) NaN-poisoned."""
+    (several launches), some heads over a 15-pair budget (those recompute, the others store), and a
+    budget no head fits; tiles by pointers and by descriptors: all against float64, every buffer
+    (the stored tiles too) NaN-poisoned."""
     pytest.importorskip("triton")
     if not registry.available("triton", torch.device("cpu"))[0]:
         pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
@@ -169,7 +172,7 @@ def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, monkeypatch):
     case = CASES["mixed-text-suffix-padded-batch2"]
     layout, block, heads, batch, _ = case
     pair_bytes = batch * block * block * 2
-    for key, value in _variant_options("stored", block).items():
+    for key, value in _variant_options("stored-tma" if ds_tma else "stored", block).items():
         monkeypatch.setitem(backward.OPTIONS, key, value)
     if budget_pairs is not None:
         monkeypatch.setattr(backward, "_ds_budget", lambda device: budget_pairs * pair_bytes)
@@ -178,12 +181,15 @@ def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, monkeypatch):
     monkeypatch.setattr(backward, "_head_chunks", lambda *a: chunks.append(real(*a)) or chunks[-1])
     _check(case, "triton", torch.float16, "cpu", 2e-6, monkeypatch)
     assert chunks, "the stored path was not asked for"
+    stored = [c[2] for c in chunks[-1]]
     if budget_pairs is None:
-        assert chunks[-1] == [(0, len(heads))]
+        assert chunks[-1] == [(0, len(heads), True)]
     elif budget_pairs == 40:
-        assert chunks[-1] is not None and len(chunks[-1]) > 1
+        assert len(stored) > 1 and all(stored)
+    elif budget_pairs == 15:  # pairs by head: 16, 0 (skipped), 14, 14, 16
+        assert stored == [False, True, True, False]
     else:
-        assert chunks[-1] is None
+        assert stored == [False, True, False, False, False]  # the skipped head has no pairs: it fits
 
 
 def test_triton_backward_on_permuted_tensors_as_fa4_runs_it():

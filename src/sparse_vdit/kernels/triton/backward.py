@@ -30,7 +30,7 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option
 # ``dq``: "stored" (the dK/dV kernel stores each visited pair's dS tile, the dQ kernel multiplies it by K: 5
 # matmuls a block) or "recompute" (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of
 # the device's memory the stored tiles may take at once (heads go in chunks that fit; a head that alone does
-# not fit makes the call recompute); ``ds_tma``: the tiles stored and read through tensor descriptors (sm90+).
+# not fit recomputes); ``ds_tma``: the tiles stored and read through tensor descriptors (sm90+).
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None, "ds_tma": None}
 DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "dq": "recompute", "ds_budget": 0.1,
                   "ds_tma": False}
@@ -46,6 +46,9 @@ VARIANTS: dict[str, dict] = {
     "stored": {"dq": "stored"},  # dS stored by the dK/dV kernel, read by a one-matmul dQ kernel (32-key steps)
     "stored-kv64": {"dq": "stored", "tiles": (128, 32, 128, 64)},  # the same, 64-key dQ steps
     "stored-tma": {"dq": "stored", "ds_tma": True},  # the tiles stored and read through tensor descriptors
+    "stored-tma-kv64": {"dq": "stored", "ds_tma": True, "tiles": (128, 32, 128, 64)},
+    "stored-tma-kv128": {"dq": "stored", "ds_tma": True, "tiles": (128, 32, 128, 128)},
+    "kv64-dq": {"tiles": (128, 32, 128, 64)},  # recompute, 64-key dQ steps
     "stored-all": {"dq": "stored", "ds_budget": 0.5},  # no head chunks at these shapes (to see what chunking costs)
 }
 
@@ -482,17 +485,17 @@ def backward(
     )  # fmt: skip
     sizes = (layout.frame_tokens, layout.video_start, layout.video_tokens, softmax_scale * LOG2E, softmax_scale)
     slots, head_first = table.form("triton.bwd.ds_slots", _ds_slots)
-    chunks = None
+    chunks = [(0, heads, False)]
     ds_tma = bool(backward_option("ds_tma")) and _tma_ok(device)
     if backward_option("dq") == "stored":
         chunks = _head_chunks(head_first, batch * block * block * q.element_size(), _ds_budget(device))
     q_descriptors = _descriptors(q, grad_out, q_step) if tma else None
     kv_descriptors = _descriptors(k, v, kv_step) if tma else None
-    for h0, h1 in chunks or [(0, heads)]:
+    for h0, h1, stored in chunks:
         pairs = head_first[h1] - head_first[h0]
-        ds = torch.empty(batch, max(pairs, 1), block, block, dtype=q.dtype, device=device) if chunks else delta
+        ds = torch.empty(batch, max(pairs, 1), block, block, dtype=q.dtype, device=device) if stored else delta
         ds_store = ds_load = ds
-        if chunks and ds_tma:
+        if stored and ds_tma:
             ds_store, ds_load = _ds_descriptors(ds, (kv_tile, q_step), (kv_step, q_tile))
         dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order, h0, h1),
                                    lambda t: _heads_schedule(t.query_num_blocks, block // kv_tile, num_k_tiles, order,
@@ -503,14 +506,14 @@ def backward(
             q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
             n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
             table.num_q_blocks, starts.shape[2], pairs, head_first[h0],
-            BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=chunks is not None,
-            ROW_RANGES=triton.next_power_of_2(starts.shape[2]), DS_TMA=bool(chunks) and ds_tma, **common, **launch[0],
+            BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored,
+            ROW_RANGES=triton.next_power_of_2(starts.shape[2]), DS_TMA=stored and ds_tma, **common, **launch[0],
         )  # fmt: skip
         dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1),
                                  lambda t: _heads_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
                                                            h0, h1))  # fmt: skip
         ranges = (starts.stride(0), starts.stride(1), n, layout.kv_len, heads, num_q_tiles, starts.shape[2])
-        if chunks:
+        if stored:
             block_sparse_attention_bwd_dq_stored[(len(dq_schedule), batch)](
                 k, dq, kv_descriptors[0] if kv_descriptors else delta, ds_load, starts, ends, slots, dq_schedule, flags,
                 q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes[:3], softmax_scale, pairs, head_first[h0],
@@ -554,17 +557,22 @@ def _ds_budget(device: torch.device) -> int:
     return int(share * torch.cuda.get_device_properties(device).total_memory)
 
 
-def _head_chunks(head_first: list[int], pair_bytes: int, budget: int) -> list[tuple[int, int]] | None:
-    """Runs of heads ``(h0, h1)`` whose dS tiles (``pair_bytes`` a pair) fit ``budget`` each, in order;
-    None when one head alone does not (then dQ recomputes the probabilities instead)."""
-    chunks, h0 = [], 0
+def _head_chunks(head_first: list[int], pair_bytes: int, budget: int) -> list[tuple[int, int, bool]]:
+    """Runs of heads ``(h0, h1, stored)`` in order: heads whose dS tiles (``pair_bytes`` a pair) fit
+    ``budget`` together, stored; a head whose tiles alone do not fit goes alone, not stored (its dQ
+    recomputes the probabilities)."""
+    chunks: list[tuple[int, int, bool]] = []
+    h0 = 0
     for h in range(len(head_first) - 1):
-        if (head_first[h + 1] - head_first[h]) * pair_bytes > budget:
-            return None
-        if (head_first[h + 1] - head_first[h0]) * pair_bytes > budget:
-            chunks.append((h0, h))
+        alone = (head_first[h + 1] - head_first[h]) * pair_bytes > budget
+        if h > h0 and (alone or (head_first[h + 1] - head_first[h0]) * pair_bytes > budget):
+            chunks.append((h0, h, True))
             h0 = h
-    chunks.append((h0, len(head_first) - 1))
+        if alone:
+            chunks.append((h, h + 1, False))
+            h0 = h + 1
+    if h0 < len(head_first) - 1:
+        chunks.append((h0, len(head_first) - 1, True))
     return chunks
 
 
