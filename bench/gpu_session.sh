@@ -61,6 +61,8 @@
 #                  each row profiled (the permutation copies left) (#18)                         (~120)
 #   backward-stored2  Triton backward: recompute (32- / 64-key dQ steps) vs stored dS through descriptors (32-, 64-,
 #                  128-key dQ steps), heads over the memory share recomputing alone, Wan / Hunyuan 10-50% (#18) (~200)
+#   backward-stored3  stored dS through descriptors, 64-key dQ steps: slot once per query block (hoist), memory
+#                  share 0.15 (big), Wan / Hunyuan 10-50%, with the GPU tests of those variants (#18)   (~200)
 #   backward-ceiling  Triton backward at 10% and 95% (bands): the kernel's own rate against cuDNN's, profiled (#18) (~60)
 #   backward-stored  Triton backward: recompute vs stored dS (all heads at once, in chunks, 64-key dQ steps),
 #                  Wan-1.3B 480p and HunyuanVideo 720p, 10-50% (#18)                              (~250)
@@ -201,6 +203,11 @@ for name in "$@"; do
     backward-stored2) TAIL=14 step backward-stored2 300 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants default kv64-dq stored-tma stored-tma-kv64 \
         stored-tma-kv128 --target-ms 150 --budget-s 270 --out "$R/backward-stored2" ;;
+    backward-stored3) TAIL=4 step tests-i2 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_backward.py \
+        -k "gpu_triton_backward_variants and (hoist or big)"
+        TAIL=14 step backward-stored3 300 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants stored-tma-kv64 stored-tma-kv64-hoist \
+        stored-tma-kv64-big --target-ms 150 --budget-s 270 --out "$R/backward-stored3" ;;
     backward-ceiling) TAIL=14 step backward-ceiling 150 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 0.95 --kinds band --backends triton --variants default stored-tma-kv64 --profile \
         --target-ms 150 --budget-s 120 --out "$R/backward-ceiling" ;;

@@ -31,9 +31,10 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option
 # matmuls a block) or "recompute" (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of
 # the device's memory the stored tiles may take at once (heads go in chunks that fit; a head that alone does
 # not fit recomputes); ``ds_tma``: the tiles stored and read through tensor descriptors (sm90+).
-OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None, "ds_tma": None}
+OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None, "ds_tma": None,
+                 "ds_hoist": None}
 DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "dq": "recompute", "ds_budget": 0.1,
-                  "ds_tma": False}
+                  "ds_tma": False, "ds_hoist": False}
 
 
 # Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first);
@@ -47,6 +48,8 @@ VARIANTS: dict[str, dict] = {
     "stored-kv64": {"dq": "stored", "tiles": (128, 32, 128, 64)},  # the same, 64-key dQ steps
     "stored-tma": {"dq": "stored", "ds_tma": True},  # the tiles stored and read through tensor descriptors
     "stored-tma-kv64": {"dq": "stored", "ds_tma": True, "tiles": (128, 32, 128, 64)},
+    "stored-tma-kv64-hoist": {"dq": "stored", "ds_tma": True, "tiles": (128, 32, 128, 64), "ds_hoist": True},
+    "stored-tma-kv64-big": {"dq": "stored", "ds_tma": True, "tiles": (128, 32, 128, 64), "ds_budget": 0.15},
     "stored-tma-kv128": {"dq": "stored", "ds_tma": True, "tiles": (128, 32, 128, 128)},
     "kv64-dq": {"tiles": (128, 32, 128, 64)},  # recompute, 64-key dQ steps
     "stored-all": {"dq": "stored", "ds_budget": 0.5},  # no head chunks at these shapes (to see what chunking costs)
@@ -136,6 +139,7 @@ def _dkdv_steps(
     FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
     STORE_DS: tl.constexpr, TABLE_BLOCK: tl.constexpr, ROW_RANGES: tl.constexpr, DS_TMA: tl.constexpr,
+    DS_HOIST: tl.constexpr,
 ):  # fmt: skip
     """Query steps ``[first, last)`` into ``(dk, dv)`` of one key tile; MASKED: rows ``>= last`` masked.
     Keys past the real ones are not masked: their rows of dK, dV are zeroed by the launcher.
@@ -143,7 +147,14 @@ def _dkdv_steps(
     tile of DS (pair ``ds_pair0 + slot``; ``ds_keys``: this tile's rows there, offsets by key), for the
     dQ kernel to read; DS_TMA: DS is a descriptor of its ``[pairs * TABLE_BLOCK, TABLE_BLOCK]`` view and
     ``ds_keys`` the tile's first row in a pair."""
+    slot = first * 0
     for start in range(first, last, BLOCK_M):
+        if STORE_DS:  # the pair's slot: once per query block (steps start at block boundaries) with DS_HOIST
+            if DS_HOIST:
+                if start % TABLE_BLOCK == 0:
+                    slot = _slot(ROW_STARTS, ROW_ENDS, SLOTS, start // TABLE_BLOCK, column, NUM_ROW_RANGES, ROW_RANGES)
+            else:
+                slot = _slot(ROW_STARTS, ROW_ENDS, SLOTS, start // TABLE_BLOCK, column, NUM_ROW_RANGES, ROW_RANGES)
         rows_m, q_ok, q, do = _step(Q, DO, Q_DESC, DO_DESC, start, last, base, batch, head, stride_n, token_major,
                                     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, BLOCK_M, HEAD_DIM,
                                     ANY_TOKEN_MAJOR, MASKED, TMA)  # fmt: skip
@@ -157,8 +168,6 @@ def _dkdv_steps(
         dv += _dot(p_t.to(do.dtype), do, IEEE)
         ds_t = (p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])).to(q.dtype)
         dk += _dot(ds_t, q, IEEE)
-        if STORE_DS:
-            slot = _slot(ROW_STARTS, ROW_ENDS, SLOTS, start // TABLE_BLOCK, column, NUM_ROW_RANGES, ROW_RANGES)
         if DS_TMA:  # the whole box: columns of queries past ``last`` are never read back
             DS.store([((ds_pair0 + slot) * TABLE_BLOCK + ds_keys).to(tl.int32), start % TABLE_BLOCK], ds_t)
         elif STORE_DS:
@@ -195,6 +204,7 @@ def block_sparse_attention_bwd_dkdv(
     BLOCK_N: tl.constexpr,  # keys per program
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
     STORE_DS: tl.constexpr, ROW_RANGES: tl.constexpr, DS_TMA: tl.constexpr,  # DS_TMA: DS is a descriptor
+    DS_HOIST: tl.constexpr,  # the stored tile's slot found once per query block, not per step
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
@@ -226,18 +236,18 @@ def block_sparse_attention_bwd_dkdv(
                                  head, stride_n, True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                                  DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
                                  FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False, STORE_DS, TABLE_BLOCK, ROW_RANGES,
-                                 DS_TMA)  # fmt: skip
+                                 DS_TMA, DS_HOIST)  # fmt: skip
         else:
             dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch,
                                  head, stride_n, False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                                  DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
                                  FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False, STORE_DS, TABLE_BLOCK, ROW_RANGES,
-                                 DS_TMA)  # fmt: skip
+                                 DS_TMA, DS_HOIST)  # fmt: skip
         dk, dv = _dkdv_steps(dk, dv, k, v, full, last, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
                              stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                              DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
                              FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, STORE_DS, TABLE_BLOCK,
-                             ROW_RANGES, DS_TMA)  # fmt: skip
+                             ROW_RANGES, DS_TMA, DS_HOIST)  # fmt: skip
     out_ok = (offs_n < N)[:, None]  # rows of keys past KV_LEN are zeroed by the launcher
     dk = dk * softmax_scale  # (a tl.where here costs register spills in the loop on sm90)
     tl.store(DK + base + rows_n[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
@@ -507,7 +517,8 @@ def backward(
             n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
             table.num_q_blocks, starts.shape[2], pairs, head_first[h0],
             BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored,
-            ROW_RANGES=triton.next_power_of_2(starts.shape[2]), DS_TMA=stored and ds_tma, **common, **launch[0],
+            ROW_RANGES=triton.next_power_of_2(starts.shape[2]), DS_TMA=stored and ds_tma,
+            DS_HOIST=bool(backward_option("ds_hoist")), **common, **launch[0],
         )  # fmt: skip
         dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1),
                                  lambda t: _heads_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
