@@ -59,13 +59,8 @@
 #   tests-i-fa4    GPU tests of the fa4 backward through the op that now keeps the permuted q, k, v (#18) (~240)
 #   backward-fa4-saved  FA4's block-sparse backward with the permuted q, k, v kept, Wan-1.3B 480p 10-50%,
 #                  each row profiled (the permutation copies left) (#18)                         (~120)
-#   backward-stored2  Triton backward: recompute (32- / 64-key dQ steps) vs stored dS through descriptors (32-, 64-,
-#                  128-key dQ steps), heads over the memory share recomputing alone, Wan / Hunyuan 10-50% (#18) (~200)
-#   backward-stored3  stored dS through descriptors, 64-key dQ steps: slot once per query block (hoist), memory
-#                  share 0.15 (big), Wan / Hunyuan 10-50%, with the GPU tests of those variants (#18)   (~200)
-#   backward-ceiling  Triton backward at 10% and 95% (bands): the kernel's own rate against cuDNN's, profiled (#18) (~60)
-#   backward-stored  Triton backward: recompute vs stored dS (all heads at once, in chunks, 64-key dQ steps),
-#                  Wan-1.3B 480p and HunyuanVideo 720p, 10-50% (#18)                              (~250)
+#   backward-i     Triton backward: the default (stored dS) vs recompute, Wan-1.3B / HunyuanVideo 10-50% (#18) (~120)
+#   backward-ceiling  Triton backward at 10% and 75% (bands): the kernel's own rate against cuDNN's, profiled (#18) (~60)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -200,20 +195,12 @@ for name in "$@"; do
     backward-fa4-saved) TAIL=30 step backward-fa4-saved 240 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 0.25 0.5 --kinds mixed --backends fa4 --profile --target-ms 200 --budget-s 200 \
         --out "$R/backward-fa4-saved" ;;
-    backward-stored2) TAIL=14 step backward-stored2 300 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
-        --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants default kv64-dq stored-tma stored-tma-kv64 \
-        stored-tma-kv128 --target-ms 150 --budget-s 270 --out "$R/backward-stored2" ;;
-    backward-stored3) TAIL=4 step tests-i2 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_backward.py \
-        -k "gpu_triton_backward_variants and (hoist or big)"
-        TAIL=14 step backward-stored3 300 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
-        --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants stored-tma-kv64 stored-tma-kv64-hoist \
-        stored-tma-kv64-big --target-ms 150 --budget-s 270 --out "$R/backward-stored3" ;;
+    backward-i) TAIL=14 step backward-i 300 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants default recompute \
+        --target-ms 150 --budget-s 270 --out "$R/backward-i" ;;
     backward-ceiling) TAIL=14 step backward-ceiling 150 python3 bench/backward.py --shapes wan1.3b-480p \
-        --densities 0.1 0.95 --kinds band --backends triton --variants default stored-tma-kv64 --profile \
+        --densities 0.1 0.95 --kinds band --backends triton --variants default recompute --profile \
         --target-ms 150 --budget-s 120 --out "$R/backward-ceiling" ;;
-    backward-stored) TAIL=40 step backward-stored 350 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
-        --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants default stored stored-tma stored-kv64 stored-all \
-        --target-ms 150 --budget-s 320 --out "$R/backward-stored" ;;
     backward-profile) TAIL=20 step backward-profile 200 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 0.5 --kinds mixed --backends fa4 --profile --target-ms 200 --out "$R/backward-profile" ;;
     *) echo "unknown step $name" >&2 ;;

@@ -36,10 +36,15 @@ CASES = {  # layout, block, heads, batch, head dim: small, for the interpreter
     "svg-spatial-temporal-batch2": (VideoLayout(4, 4, 6), 32, [spatial(1.0), temporal(0.2), spatial(0.0)], 2, 64),
     "odd-frames-ragged-block16": (VideoLayout(3, 5, 7), 16, [diagonal(0.5), multi_diagonal(0.2)], 1, 64),
 }
+# a ragged last query block and key range with a whole step before their ragged one (the variant tests'
+# 16-row steps on 32-token blocks: 120 tokens, 118 real keys)
+RAGGED_STEPS = (VideoLayout(2, 5, 9, 30, "suffix", text_valid=28), 32, MIXED, 1, 64)
 GPU_CASES = {
     # 1560-token frames (12.2 blocks of 128), 77 text tokens after the video, 60 real
     "3x30x52+suffix77pad": (VideoLayout(3, 30, 52, 77, "suffix", text_valid=60), 128, [*MIXED, temporal(0.1)], 2, 128),
     "2x12x20+prefix40-d64": (VideoLayout(2, 12, 20, 40, "prefix"), 128, MIXED, 1, 64),
+    # 3240 tokens (40 in the last block: a whole 32-query step, then a ragged one), 3150 real keys (78 in the last)
+    "2x30x52+suffix120pad-ragged-steps": (VideoLayout(2, 30, 52, 120, "suffix", text_valid=30), 128, MIXED, 1, 128),
 }
 
 
@@ -124,13 +129,13 @@ def _variant_options(name: str, block: int) -> dict:
     from sparse_vdit.kernels.triton.backward import OPTIONS
 
     options = {**dict.fromkeys(OPTIONS), **VARIANTS[name]}
-    tiles = options["tiles"] or (128, 32, 128, 32)  # the GPU rule's, not the interpreter's whole blocks: steps split
+    tiles = options["tiles"] or (128, 32, 128, 64)  # the GPU rule's, not the interpreter's whole blocks: steps split
     options["tiles"] = tuple(max(16, t * block // 128) for t in tiles)
     return options
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("case", ["mixed-text-suffix-padded-batch2", "mixed-text-prefix-d128"])
+@pytest.mark.parametrize("case", ["mixed-text-suffix-padded-batch2", "mixed-text-prefix-d128", "ragged-steps"])
 def test_triton_backward_variants_match_masked_attention(case, variant, monkeypatch):
     """Every candidate of bench/backward.py --variants (fp16, tiles split into several steps per block,
     ragged last blocks, text, token-major and skipped heads)."""
@@ -139,9 +144,10 @@ def test_triton_backward_variants_match_masked_attention(case, variant, monkeypa
         pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
     from sparse_vdit.kernels.triton import backward
 
-    for key, value in _variant_options(variant, CASES[case][1]).items():
+    layout = RAGGED_STEPS if case == "ragged-steps" else CASES[case]
+    for key, value in _variant_options(variant, layout[1]).items():
         monkeypatch.setitem(backward.OPTIONS, key, value)
-    _check(CASES[case], "triton", torch.float16, "cpu", 2e-6, monkeypatch)
+    _check(layout, "triton", torch.float16, "cpu", 2e-6, monkeypatch)
 
 
 def test_head_chunks_fit_the_budget_in_order():
@@ -157,9 +163,9 @@ def test_head_chunks_fit_the_budget_in_order():
     assert _head_chunks([0, 0], 10, 0) == [(0, 1, True)]
 
 
-@pytest.mark.parametrize("ds_tma", [False, True])
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("budget_pairs", [None, 40, 15, 1])
-def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, ds_tma, monkeypatch):
+def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, tma, monkeypatch):
     """The stored-dS dQ with every head in one launch, heads in chunks of at most 40 pairs' tiles
     (several launches), some heads over a 15-pair budget (those recompute, the others store), and a
     budget no head fits; tiles by pointers and by descriptors: all against float64, every buffer
@@ -172,8 +178,9 @@ def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, ds_tma, monkeypa
     case = CASES["mixed-text-suffix-padded-batch2"]
     layout, block, heads, batch, _ = case
     pair_bytes = batch * block * block * 2
-    for key, value in _variant_options("stored-tma" if ds_tma else "stored", block).items():
+    for key, value in _variant_options("default", block).items():
         monkeypatch.setitem(backward.OPTIONS, key, value)
+    monkeypatch.setitem(backward.OPTIONS, "tma", tma)
     if budget_pairs is not None:
         monkeypatch.setattr(backward, "_ds_budget", lambda device: budget_pairs * pair_bytes)
     chunks = []

@@ -1,14 +1,16 @@
 """Block-sparse attention backward in Triton, exact for the forward's block table.
 
 FlashAttention-2 style: ``dK, dV`` by key tile, looping over the query blocks that visit its key
-block (the table's transposed form, :attr:`BlockTable.query_ranges`), and ``dQ`` by query tile,
-looping over the forward's key-block ranges. Both recompute the probabilities from the forward's
-log-sum-exp (``launcher.forward(..., return_lse=True)``), turned to base 2 by a prologue kernel
-that also computes ``delta = rowsum(dO * O)``. Each range's whole steps run unmasked (frame-major
-heads read them through tensor descriptors, TMA, on sm90+), only its ragged last step masked.
-Token-major heads are read and written through their order in place, as in the forward. Every
-element of dQ, dK, dV is written (zeros for keys nobody visits: skipped heads, padded text). The
-torch reference is autograd through ``sparse_vdit.kernels.reference``.
+block (the table's transposed form, :attr:`BlockTable.query_ranges`), recomputing the probabilities
+from the forward's log-sum-exp (``launcher.forward(..., return_lse=True)``, turned to base 2 by a
+prologue kernel that also computes ``delta = rowsum(dO * O)``). The same kernel stores each visited
+pair's ``dS`` tile (heads in chunks within a memory share, :data:`DEFAULTS`), and ``dQ = dS K`` runs
+by query tile over the forward's key-block ranges: one matmul per block. A head whose tiles do not fit
+the share has its ``dQ`` recompute the probabilities instead (``dq="recompute"``). Each range's whole
+steps run unmasked (frame-major heads read them, and the dS tiles go, through tensor descriptors, TMA,
+on sm90+), only its ragged last step masked. Token-major heads are read and written through their
+order in place, as in the forward. Every element of dQ, dK, dV is written (zeros for keys nobody
+visits: skipped heads, padded text). The torch reference is autograd through ``sparse_vdit.kernels.reference``.
 """
 
 from __future__ import annotations
@@ -25,34 +27,25 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option
 
 # Options of the backward (None: DEFAULTS), set by benchmarks (bench/backward.py --variants) and tests:
 # ``tiles`` (dK/dV key tile, its query step, dQ query tile, its key step; None: the rule of _tiles),
-# ``warps`` and ``stages`` (dK/dV kernel, dQ kernel), ``tma`` (frame-major heads read their whole
-# steps through tensor descriptors where the device has them, sm90+).
-# ``dq``: "stored" (the dK/dV kernel stores each visited pair's dS tile, the dQ kernel multiplies it by K: 5
-# matmuls a block) or "recompute" (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of
-# the device's memory the stored tiles may take at once (heads go in chunks that fit; a head that alone does
-# not fit recomputes); ``ds_tma``: the tiles stored and read through tensor descriptors (sm90+).
-OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None, "ds_tma": None,
-                 "ds_hoist": None}
-DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "dq": "recompute", "ds_budget": 0.1,
-                  "ds_tma": False, "ds_hoist": False}
+# ``warps`` and ``stages`` (dK/dV kernel, dQ kernel), ``tma`` (tensor descriptors where the device has
+# them, sm90+: frame-major heads' whole steps, and the stored dS tiles); ``dq``: "stored" (the dK/dV kernel
+# stores each visited pair's dS tile, the dQ kernel multiplies it by K: 5 matmuls a block) or "recompute"
+# (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of the device's memory the
+# stored tiles may take at once (heads go in chunks that fit; a head whose tiles alone do not recomputes).
+OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None}
+DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15}
 
 
 # Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first);
 # a winner becomes DEFAULTS, the losers go (BENCHMARKS.md keeps their numbers). Tiles are for 128-token
 # table blocks (tests scale them). Removed after H200 runs (BENCHMARKS.md): one dK/dV kernel that also adds dQ,
 # by fp32 atomics (fused-tma) or by TMA bulk reductions (fused-tma-reduce: 0.55-0.59 against the default's
-# 0.58-0.62; its code is in commit b34ab84).
+# 0.58-0.62; its code is in commit b34ab84); for the stored dS, tiles stored by pointers where descriptors
+# serve, 32- and 128-key dQ steps, the slot found once per query block, a 0.1 memory share (session i).
 VARIANTS: dict[str, dict] = {
-    "default": {},  # 128-key tiles with 32-query steps (and the converse for dQ), 8 warps, 3 stages, TMA
-    "stored": {"dq": "stored"},  # dS stored by the dK/dV kernel, read by a one-matmul dQ kernel (32-key steps)
-    "stored-kv64": {"dq": "stored", "tiles": (128, 32, 128, 64)},  # the same, 64-key dQ steps
-    "stored-tma": {"dq": "stored", "ds_tma": True},  # the tiles stored and read through tensor descriptors
-    "stored-tma-kv64": {"dq": "stored", "ds_tma": True, "tiles": (128, 32, 128, 64)},
-    "stored-tma-kv64-hoist": {"dq": "stored", "ds_tma": True, "tiles": (128, 32, 128, 64), "ds_hoist": True},
-    "stored-tma-kv64-big": {"dq": "stored", "ds_tma": True, "tiles": (128, 32, 128, 64), "ds_budget": 0.15},
-    "stored-tma-kv128": {"dq": "stored", "ds_tma": True, "tiles": (128, 32, 128, 128)},
-    "kv64-dq": {"tiles": (128, 32, 128, 64)},  # recompute, 64-key dQ steps
-    "stored-all": {"dq": "stored", "ds_budget": 0.5},  # no head chunks at these shapes (to see what chunking costs)
+    "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
+    # dQ tiles with 64-key steps, 8 warps, 3 stages
+    "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
 }
 
 
@@ -139,7 +132,6 @@ def _dkdv_steps(
     FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
     STORE_DS: tl.constexpr, TABLE_BLOCK: tl.constexpr, ROW_RANGES: tl.constexpr, DS_TMA: tl.constexpr,
-    DS_HOIST: tl.constexpr,
 ):  # fmt: skip
     """Query steps ``[first, last)`` into ``(dk, dv)`` of one key tile; MASKED: rows ``>= last`` masked.
     Keys past the real ones are not masked: their rows of dK, dV are zeroed by the launcher.
@@ -147,14 +139,9 @@ def _dkdv_steps(
     tile of DS (pair ``ds_pair0 + slot``; ``ds_keys``: this tile's rows there, offsets by key), for the
     dQ kernel to read; DS_TMA: DS is a descriptor of its ``[pairs * TABLE_BLOCK, TABLE_BLOCK]`` view and
     ``ds_keys`` the tile's first row in a pair."""
-    slot = first * 0
     for start in range(first, last, BLOCK_M):
-        if STORE_DS:  # the pair's slot: once per query block (steps start at block boundaries) with DS_HOIST
-            if DS_HOIST:
-                if start % TABLE_BLOCK == 0:
-                    slot = _slot(ROW_STARTS, ROW_ENDS, SLOTS, start // TABLE_BLOCK, column, NUM_ROW_RANGES, ROW_RANGES)
-            else:
-                slot = _slot(ROW_STARTS, ROW_ENDS, SLOTS, start // TABLE_BLOCK, column, NUM_ROW_RANGES, ROW_RANGES)
+        if STORE_DS:
+            slot = _slot(ROW_STARTS, ROW_ENDS, SLOTS, start // TABLE_BLOCK, column, NUM_ROW_RANGES, ROW_RANGES)
         rows_m, q_ok, q, do = _step(Q, DO, Q_DESC, DO_DESC, start, last, base, batch, head, stride_n, token_major,
                                     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, BLOCK_M, HEAD_DIM,
                                     ANY_TOKEN_MAJOR, MASKED, TMA)  # fmt: skip
@@ -204,7 +191,6 @@ def block_sparse_attention_bwd_dkdv(
     BLOCK_N: tl.constexpr,  # keys per program
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
     STORE_DS: tl.constexpr, ROW_RANGES: tl.constexpr, DS_TMA: tl.constexpr,  # DS_TMA: DS is a descriptor
-    DS_HOIST: tl.constexpr,  # the stored tile's slot found once per query block, not per step
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
@@ -236,18 +222,18 @@ def block_sparse_attention_bwd_dkdv(
                                  head, stride_n, True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                                  DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
                                  FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False, STORE_DS, TABLE_BLOCK, ROW_RANGES,
-                                 DS_TMA, DS_HOIST)  # fmt: skip
+                                 DS_TMA)  # fmt: skip
         else:
             dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch,
                                  head, stride_n, False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                                  DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
                                  FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False, STORE_DS, TABLE_BLOCK, ROW_RANGES,
-                                 DS_TMA, DS_HOIST)  # fmt: skip
+                                 DS_TMA)  # fmt: skip
         dk, dv = _dkdv_steps(dk, dv, k, v, full, last, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
                              stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                              DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
                              FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, STORE_DS, TABLE_BLOCK,
-                             ROW_RANGES, DS_TMA, DS_HOIST)  # fmt: skip
+                             ROW_RANGES, DS_TMA)  # fmt: skip
     out_ok = (offs_n < N)[:, None]  # rows of keys past KV_LEN are zeroed by the launcher
     dk = dk * softmax_scale  # (a tl.where here costs register spills in the loop on sm90)
     tl.store(DK + base + rows_n[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
@@ -435,9 +421,10 @@ def _tiles(block_size: int, head_dim: int, device: torch.device, override=None) 
         return tiles  # type: ignore[return-value]
     if device.type == "cpu":
         return block_size, block_size, block_size, block_size
-    # the Triton tutorial's split for the backward: wide tiles held, narrow steps streamed
+    # the Triton tutorial's split for the backward: wide tiles held, narrow steps streamed (64-key dQ steps
+    # measured faster than 32 at D=128, recomputing or not: BENCHMARKS.md, session i)
     big, small = min(block_size, 128), min(block_size, 32 if head_dim > 64 else 64)
-    return big, small, big, small
+    return big, small, big, min(block_size, 64)
 
 
 def _prologue(grad_out, out, lse) -> tuple[torch.Tensor, torch.Tensor]:
@@ -496,7 +483,6 @@ def backward(
     sizes = (layout.frame_tokens, layout.video_start, layout.video_tokens, softmax_scale * LOG2E, softmax_scale)
     slots, head_first = table.form("triton.bwd.ds_slots", _ds_slots)
     chunks = [(0, heads, False)]
-    ds_tma = bool(backward_option("ds_tma")) and _tma_ok(device)
     if backward_option("dq") == "stored":
         chunks = _head_chunks(head_first, batch * block * block * q.element_size(), _ds_budget(device))
     q_descriptors = _descriptors(q, grad_out, q_step) if tma else None
@@ -505,7 +491,7 @@ def backward(
         pairs = head_first[h1] - head_first[h0]
         ds = torch.empty(batch, max(pairs, 1), block, block, dtype=q.dtype, device=device) if stored else delta
         ds_store = ds_load = ds
-        if stored and ds_tma:
+        if stored and tma:
             ds_store, ds_load = _ds_descriptors(ds, (kv_tile, q_step), (kv_step, q_tile))
         dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order, h0, h1),
                                    lambda t: _heads_schedule(t.query_num_blocks, block // kv_tile, num_k_tiles, order,
@@ -517,8 +503,7 @@ def backward(
             n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
             table.num_q_blocks, starts.shape[2], pairs, head_first[h0],
             BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored,
-            ROW_RANGES=triton.next_power_of_2(starts.shape[2]), DS_TMA=stored and ds_tma,
-            DS_HOIST=bool(backward_option("ds_hoist")), **common, **launch[0],
+            ROW_RANGES=triton.next_power_of_2(starts.shape[2]), DS_TMA=stored and tma, **common, **launch[0],
         )  # fmt: skip
         dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1),
                                  lambda t: _heads_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
@@ -528,7 +513,7 @@ def backward(
             block_sparse_attention_bwd_dq_stored[(len(dq_schedule), batch)](
                 k, dq, kv_descriptors[0] if kv_descriptors else delta, ds_load, starts, ends, slots, dq_schedule, flags,
                 q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes[:3], softmax_scale, pairs, head_first[h0],
-                BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, DS_TMA=ds_tma, **common, **launch[1],
+                BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, DS_TMA=tma, **common, **launch[1],
             )  # fmt: skip
         else:
             block_sparse_attention_bwd_dq[(len(dq_schedule), batch)](
