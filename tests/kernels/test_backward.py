@@ -199,6 +199,26 @@ def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, tma, monkeypatch
         assert stored == [False, True, False, False, False]  # the skipped head has no pairs: it fits
 
 
+def test_triton_backward_recomputes_when_no_memory_is_left_for_the_tiles(monkeypatch):
+    """Out of memory for the dS tiles: the heads recompute instead, nothing fails, gradients exact."""
+    pytest.importorskip("triton")
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
+    from sparse_vdit.kernels.triton import backward
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("no room for the tiles")
+
+    assert backward._tiles_buffer((2, 3), torch.float16, torch.device("cpu"), allocate=no_memory) is None
+    asked = []
+    real = backward._tiles_buffer
+    monkeypatch.setattr(backward, "_tiles_buffer", lambda *a: asked.append(a) or real(*a, allocate=no_memory))
+    for key, value in _variant_options("default", RAGGED_STEPS[1]).items():
+        monkeypatch.setitem(backward.OPTIONS, key, value)
+    _check(RAGGED_STEPS, "triton", torch.float16, "cpu", 2e-6, monkeypatch)
+    assert asked
+
+
 def test_triton_backward_on_permuted_tensors_as_fa4_runs_it():
     """The FA4 route: tensors already in each head's order (and the forward's LSE in that order),
     the Triton backward told not to permute, gradients permuted back: same as reading in place."""

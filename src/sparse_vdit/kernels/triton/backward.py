@@ -455,7 +455,9 @@ def backward(
     ``out`` and ``lse`` (float32 ``[B, H, N]``, natural log, by memory row) come from the forward.
     ``token_major``: read token-major heads through their order in place (False: q, k, v, out and
     grad_out are already in each head's own order, as for FlashAttention-4's forward). How the
-    kernels run: :data:`OPTIONS`.
+    kernels run: :data:`OPTIONS`. Memory besides the gradients: the stored dS tiles of one chunk of
+    heads, at most ``ds_budget`` of the device's memory (heads that do not fit, or find no memory
+    free, recompute instead).
     """
     batch, n, heads, dim = q.shape
     q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
@@ -481,15 +483,17 @@ def backward(
         ANY_TOKEN_MAJOR=any_token_major,
     )  # fmt: skip
     sizes = (layout.frame_tokens, layout.video_start, layout.video_tokens, softmax_scale * LOG2E, softmax_scale)
-    slots, head_first = table.form("triton.bwd.ds_slots", _ds_slots)
-    chunks = [(0, heads, False)]
+    slots, head_first, chunks = starts, [0] * (heads + 1), [(0, heads, False)]  # recompute: no slots
     if backward_option("dq") == "stored":
+        slots, head_first = table.form("triton.bwd.ds_slots", _ds_slots)
         chunks = _head_chunks(head_first, batch * block * block * q.element_size(), _ds_budget(device))
     q_descriptors = _descriptors(q, grad_out, q_step) if tma else None
     kv_descriptors = _descriptors(k, v, kv_step) if tma else None
     for h0, h1, stored in chunks:
         pairs = head_first[h1] - head_first[h0]
-        ds = torch.empty(batch, max(pairs, 1), block, block, dtype=q.dtype, device=device) if stored else delta
+        ds = _tiles_buffer((batch, max(pairs, 1), block, block), q.dtype, device) if stored else None
+        stored = ds is not None  # no memory for them now: these heads recompute
+        ds = delta if ds is None else ds
         ds_store = ds_load = ds
         if stored and tma:
             ds_store, ds_load = _ds_descriptors(ds, (kv_tile, q_step), (kv_step, q_tile))
@@ -524,6 +528,15 @@ def backward(
     if layout.kv_len < n:  # the kernel left the rows of padded keys as they came
         dk[:, layout.kv_len :], dv[:, layout.kv_len :] = 0, 0
     return dq, dk, dv
+
+
+def _tiles_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, allocate=None):
+    """Room for stored dS tiles (``allocate``, default ``torch.empty``), or None when the device has not
+    that much free now."""
+    try:
+        return (allocate or torch.empty)(shape, dtype=dtype, device=device)
+    except torch.OutOfMemoryError:
+        return None
 
 
 def _ds_descriptors(ds: torch.Tensor, *boxes: tuple[int, int]) -> tuple:
