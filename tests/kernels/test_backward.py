@@ -152,15 +152,15 @@ def test_triton_backward_variants_match_masked_attention(case, variant, monkeypa
 
 def test_head_chunks_fit_the_budget_in_order():
     pytest.importorskip("triton")
-    from sparse_vdit.kernels.triton.backward import _head_chunks
+    from sparse_vdit.kernels.triton.ds_tiles import head_chunks
 
     head_first = [0, 3, 3, 7, 9]  # pairs per head: 3, 0, 4, 2
-    assert _head_chunks(head_first, 10, 1000) == [(0, 4, True)]
-    assert _head_chunks(head_first, 10, 70) == [(0, 3, True), (3, 4, True)]
-    assert _head_chunks(head_first, 10, 40) == [(0, 2, True), (2, 3, True), (3, 4, True)]
-    assert _head_chunks(head_first, 10, 39) == [(0, 2, True), (2, 3, False), (3, 4, True)]  # the third alone is over
-    assert _head_chunks(head_first, 10, 20) == [(0, 1, False), (1, 2, True), (2, 3, False), (3, 4, True)]
-    assert _head_chunks([0, 0], 10, 0) == [(0, 1, True)]
+    assert head_chunks(head_first, 10, 1000) == [(0, 4, True)]
+    assert head_chunks(head_first, 10, 70) == [(0, 3, True), (3, 4, True)]
+    assert head_chunks(head_first, 10, 40) == [(0, 2, True), (2, 3, True), (3, 4, True)]
+    assert head_chunks(head_first, 10, 39) == [(0, 2, True), (2, 3, False), (3, 4, True)]  # the third alone is over
+    assert head_chunks(head_first, 10, 20) == [(0, 1, False), (1, 2, True), (2, 3, False), (3, 4, True)]
+    assert head_chunks([0, 0], 10, 0) == [(0, 1, True)]
 
 
 @pytest.mark.parametrize("tma", [False, True])
@@ -173,7 +173,7 @@ def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, tma, monkeypatch
     pytest.importorskip("triton")
     if not registry.available("triton", torch.device("cpu"))[0]:
         pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
-    from sparse_vdit.kernels.triton import backward
+    from sparse_vdit.kernels.triton import backward, ds_tiles
 
     case = CASES["mixed-text-suffix-padded-batch2"]
     layout, block, heads, batch, _ = case
@@ -182,10 +182,10 @@ def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, tma, monkeypatch
         monkeypatch.setitem(backward.OPTIONS, key, value)
     monkeypatch.setitem(backward.OPTIONS, "tma", tma)
     if budget_pairs is not None:
-        monkeypatch.setattr(backward, "_ds_budget", lambda device: budget_pairs * pair_bytes)
+        monkeypatch.setattr(ds_tiles, "budget", lambda device, share: budget_pairs * pair_bytes)
     chunks = []
-    real = backward._head_chunks
-    monkeypatch.setattr(backward, "_head_chunks", lambda *a: chunks.append(real(*a)) or chunks[-1])
+    real = ds_tiles.head_chunks
+    monkeypatch.setattr(ds_tiles, "head_chunks", lambda *a: chunks.append(real(*a)) or chunks[-1])
     _check(case, "triton", torch.float16, "cpu", 2e-6, monkeypatch)
     assert chunks, "the stored path was not asked for"
     stored = [c[2] for c in chunks[-1]]
@@ -204,15 +204,15 @@ def test_triton_backward_recomputes_when_no_memory_is_left_for_the_tiles(monkeyp
     pytest.importorskip("triton")
     if not registry.available("triton", torch.device("cpu"))[0]:
         pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
-    from sparse_vdit.kernels.triton import backward
+    from sparse_vdit.kernels.triton import backward, ds_tiles
 
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("no room for the tiles")
 
-    assert backward._tiles_buffer((2, 3), torch.float16, torch.device("cpu"), allocate=no_memory) is None
+    assert ds_tiles.buffer((2, 3), torch.float16, torch.device("cpu"), allocate=no_memory) is None
     asked = []
-    real = backward._tiles_buffer
-    monkeypatch.setattr(backward, "_tiles_buffer", lambda *a: asked.append(a) or real(*a, allocate=no_memory))
+    real = ds_tiles.buffer
+    monkeypatch.setattr(ds_tiles, "buffer", lambda *a: asked.append(a) or real(*a, allocate=no_memory))
     for key, value in _variant_options("default", RAGGED_STEPS[1]).items():
         monkeypatch.setitem(backward.OPTIONS, key, value)
     _check(RAGGED_STEPS, "triton", torch.float16, "cpu", 2e-6, monkeypatch)

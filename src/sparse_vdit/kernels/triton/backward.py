@@ -15,14 +15,13 @@ visits: skipped heads, padded text). The torch reference is autograd through ``s
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
 
 from ...block_table import num_blocks
 from .kernel import sequence_rows
+from . import ds_tiles
 from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option
 
 # Options of the backward (None: DEFAULTS), set by benchmarks (bench/backward.py --variants) and tests:
@@ -158,7 +157,8 @@ def _dkdv_steps(
         if DS_TMA:  # the whole box: columns of queries past ``last`` are never read back
             DS.store([((ds_pair0 + slot) * TABLE_BLOCK + ds_keys).to(tl.int32), start % TABLE_BLOCK], ds_t)
         elif STORE_DS:
-            ptrs = DS + (ds_pair0 + slot) * (TABLE_BLOCK * TABLE_BLOCK) + ds_keys[:, None] + (start % TABLE_BLOCK + tl.arange(0, BLOCK_M))[None, :]
+            columns = start % TABLE_BLOCK + tl.arange(0, BLOCK_M)
+            ptrs = DS + (ds_pair0 + slot) * (TABLE_BLOCK * TABLE_BLOCK) + ds_keys[:, None] + columns[None, :]
             if MASKED:
                 tl.store(ptrs, ds_t, mask=(start + tl.arange(0, BLOCK_M) < last)[None, :])
             else:
@@ -331,7 +331,8 @@ def _dq_stored_steps(
             if MASKED:
                 ds = tl.where(key_ok[None, :], ds, 0.0)
         else:
-            ptrs = DS + pair * (TABLE_BLOCK * TABLE_BLOCK) + ds_queries[:, None] + (offs % TABLE_BLOCK)[None, :] * TABLE_BLOCK
+            keys = (offs % TABLE_BLOCK) * TABLE_BLOCK
+            ptrs = DS + pair * (TABLE_BLOCK * TABLE_BLOCK) + ds_queries[:, None] + keys[None, :]
             if MASKED:
                 ds = tl.load(ptrs, mask=key_ok[None, :], other=0.0)
             else:
@@ -378,16 +379,17 @@ def block_sparse_attention_bwd_dq_stored(
         ds_pair = ds_pair0 + tl.load(SLOTS + ranges + r)
         full = first + tl.maximum(last - first, 0) // BLOCK_N * BLOCK_N
         if token_major:
-            dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, first, full, K, K_DESC, DS, base, batch, head, stride_n,
-                                  True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+            dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, first, full, K, K_DESC, DS, base, batch, head,
+                                  stride_n, True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
                                   FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, True, False, False, DS_TMA)  # fmt: skip
         else:
-            dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, first, full, K, K_DESC, DS, base, batch, head, stride_n,
-                                  False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+            dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, first, full, K, K_DESC, DS, base, batch, head,
+                                  stride_n, False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
                                   FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, False, TMA, False, DS_TMA)  # fmt: skip
         dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, full, last, K, K_DESC, DS, base, batch, head, stride_n,
                               token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-                              FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, DS_TMA)  # fmt: skip
+                              FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True,
+                              DS_TMA)  # fmt: skip
     q_ok = offs_m < N
     tl.store(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], (dq * softmax_scale).to(DQ.dtype.element_ty),
              mask=q_ok[:, None])  # fmt: skip
@@ -485,18 +487,19 @@ def backward(
     sizes = (layout.frame_tokens, layout.video_start, layout.video_tokens, softmax_scale * LOG2E, softmax_scale)
     slots, head_first, chunks = starts, [0] * (heads + 1), [(0, heads, False)]  # recompute: no slots
     if backward_option("dq") == "stored":
-        slots, head_first = table.form("triton.bwd.ds_slots", _ds_slots)
-        chunks = _head_chunks(head_first, batch * block * block * q.element_size(), _ds_budget(device))
+        slots, head_first = table.form("triton.bwd.ds_slots", ds_tiles.slots)
+        limit = ds_tiles.budget(device, float(backward_option("ds_budget")))
+        chunks = ds_tiles.head_chunks(head_first, batch * block * block * q.element_size(), limit)
     q_descriptors = _descriptors(q, grad_out, q_step) if tma else None
     kv_descriptors = _descriptors(k, v, kv_step) if tma else None
     for h0, h1, stored in chunks:
         pairs = head_first[h1] - head_first[h0]
-        ds = _tiles_buffer((batch, max(pairs, 1), block, block), q.dtype, device) if stored else None
+        ds = ds_tiles.buffer((batch, max(pairs, 1), block, block), q.dtype, device) if stored else None
         stored = ds is not None  # no memory for them now: these heads recompute
         ds = delta if ds is None else ds
         ds_store = ds_load = ds
         if stored and tma:
-            ds_store, ds_load = _ds_descriptors(ds, (kv_tile, q_step), (kv_step, q_tile))
+            ds_store, ds_load = ds_tiles.descriptors(ds, (kv_tile, q_step), (kv_step, q_tile))
         dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order, h0, h1),
                                    lambda t: _heads_schedule(t.query_num_blocks, block // kv_tile, num_k_tiles, order,
                                                              h0, h1))  # fmt: skip
@@ -530,62 +533,8 @@ def backward(
     return dq, dk, dv
 
 
-def _tiles_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, allocate=None):
-    """Room for stored dS tiles (``allocate``, default ``torch.empty``), or None when the device has not
-    that much free now."""
-    try:
-        return (allocate or torch.empty)(shape, dtype=dtype, device=device)
-    except torch.OutOfMemoryError:
-        return None
-
-
-def _ds_descriptors(ds: torch.Tensor, *boxes: tuple[int, int]) -> tuple:
-    """Tensor descriptors of the stored tiles' ``[pairs * block, block]`` view, one per box shape."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    rows = ds.view(-1, ds.shape[-1])
-    return tuple(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), list(box)) for box in boxes)
-
-
-def _ds_slots(table) -> tuple[torch.Tensor, list[int]]:
-    """Where stored dS tiles go: int32 ``[H, Qb, R]``, the slot of each forward range's first pair
-    (pairs numbered head by head, query block by query block, key block ascending), and the first
-    slot of each head (``H + 1`` entries, the last the number of pairs)."""
-    length = (table.range_ends - table.range_starts).long()
-    flat = length.flatten()
-    first = (torch.cumsum(flat, 0) - flat).view_as(length).to(torch.int32).contiguous()
-    per_head = length.sum((1, 2)).tolist()
-    return first, [0, *itertools.accumulate(per_head)]
-
-
-def _ds_budget(device: torch.device) -> int:
-    """Bytes the stored dS tiles of one launch may take: ``ds_budget`` (a fraction of the device's memory)."""
-    share = float(backward_option("ds_budget"))
-    if device.type != "cuda":
-        return int(share * (8 << 30))
-    return int(share * torch.cuda.get_device_properties(device).total_memory)
-
-
-def _head_chunks(head_first: list[int], pair_bytes: int, budget: int) -> list[tuple[int, int, bool]]:
-    """Runs of heads ``(h0, h1, stored)`` in order: heads whose dS tiles (``pair_bytes`` a pair) fit
-    ``budget`` together, stored; a head whose tiles alone do not fit goes alone, not stored (its dQ
-    recomputes the probabilities)."""
-    chunks: list[tuple[int, int, bool]] = []
-    h0 = 0
-    for h in range(len(head_first) - 1):
-        alone = (head_first[h + 1] - head_first[h]) * pair_bytes > budget
-        if h > h0 and (alone or (head_first[h + 1] - head_first[h0]) * pair_bytes > budget):
-            chunks.append((h0, h, True))
-            h0 = h
-        if alone:
-            chunks.append((h, h + 1, False))
-            h0 = h + 1
-    if h0 < len(head_first) - 1:
-        chunks.append((h0, len(head_first) - 1, True))
-    return chunks
-
-
-def _heads_schedule(work: torch.Tensor, tiles_per_block: int, num_tiles: int, order: str, h0: int, h1: int) -> torch.Tensor:
+def _heads_schedule(work: torch.Tensor, tiles_per_block: int, num_tiles: int, order: str, h0: int,
+                    h1: int) -> torch.Tensor:
     """``launcher._schedule``'s work items restricted to heads ``[h0, h1)``."""
     schedule = _schedule(work, tiles_per_block, num_tiles, order)
     if (h0, h1) == (0, work.shape[0]):

@@ -1,0 +1,67 @@
+"""Where the Triton backward keeps its stored dS tiles (:mod:`.backward`, ``dq="stored"``).
+
+One ``[block, block]`` tile per visited (query block, key block) pair, numbered head by head, query block by
+query block, key block ascending (:func:`slots`); heads go in chunks whose tiles fit a memory share
+(:func:`head_chunks`, :func:`budget`), the tiles of a chunk in one buffer (:func:`buffer`), read and written
+through tensor descriptors where the device has them (:func:`descriptors`).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+
+def buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, allocate=None):
+    """Room for stored dS tiles (``allocate``, default ``torch.empty``), or None when the device has not
+    that much free now."""
+    try:
+        return (allocate or torch.empty)(shape, dtype=dtype, device=device)
+    except torch.OutOfMemoryError:
+        return None
+
+
+def descriptors(ds: torch.Tensor, *boxes: tuple[int, int]) -> tuple:
+    """Tensor descriptors of the stored tiles' ``[pairs * block, block]`` view, one per box shape."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows = ds.view(-1, ds.shape[-1])
+    return tuple(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), list(box)) for box in boxes)
+
+
+def slots(table) -> tuple[torch.Tensor, list[int]]:
+    """Where stored dS tiles go: int32 ``[H, Qb, R]``, the slot of each forward range's first pair
+    (pairs numbered head by head, query block by query block, key block ascending), and the first
+    slot of each head (``H + 1`` entries, the last the number of pairs)."""
+    length = (table.range_ends - table.range_starts).long()
+    flat = length.flatten()
+    first = (torch.cumsum(flat, 0) - flat).view_as(length).to(torch.int32).contiguous()
+    per_head = length.sum((1, 2)).tolist()
+    return first, [0, *itertools.accumulate(per_head)]
+
+
+def budget(device: torch.device, share: float) -> int:
+    """Bytes the stored dS tiles of one launch may take: ``share`` of the device's memory (of 8 GiB on the CPU)."""
+    if device.type != "cuda":
+        return int(share * (8 << 30))
+    return int(share * torch.cuda.get_device_properties(device).total_memory)
+
+
+def head_chunks(head_first: list[int], pair_bytes: int, limit: int) -> list[tuple[int, int, bool]]:
+    """Runs of heads ``(h0, h1, stored)`` in order: heads whose dS tiles (``pair_bytes`` a pair) fit
+    ``limit`` bytes together, stored; a head whose tiles alone do not fit goes alone, not stored (its dQ
+    recomputes the probabilities)."""
+    chunks: list[tuple[int, int, bool]] = []
+    h0 = 0
+    for h in range(len(head_first) - 1):
+        alone = (head_first[h + 1] - head_first[h]) * pair_bytes > limit
+        if h > h0 and (alone or (head_first[h + 1] - head_first[h0]) * pair_bytes > limit):
+            chunks.append((h0, h, True))
+            h0 = h
+        if alone:
+            chunks.append((h, h + 1, False))
+            h0 = h + 1
+    if h0 < len(head_first) - 1:
+        chunks.append((h0, len(head_first) - 1, True))
+    return chunks
