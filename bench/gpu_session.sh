@@ -61,6 +61,8 @@
 #                  each row profiled (the permutation copies left) (#18)                         (~120)
 #   backward-i     Triton backward: the default (stored dS) vs recompute, Wan-1.3B / HunyuanVideo 10-50% (#18) (~120)
 #   backward-ceiling  Triton backward at 10% and 75% (bands): the kernel's own rate against cuDNN's, profiled (#18) (~60)
+#   backward-j     Triton backward (dS tiles by wide stores, session j): default vs recompute, as backward-i (#18) (~100)
+#   backward-ceiling-j  backward-ceiling, profiled, as of session j (#18) (~30)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -201,6 +203,12 @@ for name in "$@"; do
     backward-ceiling) TAIL=14 step backward-ceiling 150 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 0.95 --kinds band --backends triton --variants default recompute --profile \
         --target-ms 150 --budget-s 120 --out "$R/backward-ceiling" ;;
+    backward-j) TAIL=16 step backward-j 330 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants default recompute \
+        --target-ms 120 --budget-s 300 --out "$R/backward-j" ;;
+    backward-ceiling-j) TAIL=14 step backward-ceiling-j 150 python3 bench/backward.py --shapes wan1.3b-480p \
+        --densities 0.1 0.95 --kinds band --backends triton --variants default recompute --profile \
+        --target-ms 150 --budget-s 120 --out "$R/backward-ceiling-j" ;;
     backward-profile) TAIL=20 step backward-profile 200 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 0.5 --kinds mixed --backends fa4 --profile --target-ms 200 --out "$R/backward-profile" ;;
     *) echo "unknown step $name" >&2 ;;

@@ -371,6 +371,19 @@ def expand_ranges(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tenso
     return count.to(torch.int32).reshape(shape), index.to(torch.int32).reshape(*shape, width)
 
 
+def pairs_by_column(starts: torch.Tensor, ends: torch.Tensor, num_columns: int) -> tuple[torch.Tensor, ...]:
+    """Every pair held by row ranges [H, Rows, R], ordered by (head, column, row): ``(cell, row, index)``,
+    int64 [pairs]: its ``head * num_columns + column``, its row, and its place in the ranges' own order
+    (head, row, then each row's ranges in turn), on the inputs' device."""
+    rows = starts.shape[1]
+    count, columns = expand_ranges(starts, ends)  # [H, Rows], [H, Rows, W] each row's columns in range order
+    used = torch.arange(columns.shape[-1], device=starts.device)[None, None, :] < count[..., None]
+    head, row, where = used.nonzero(as_tuple=True)
+    cell = head * num_columns + columns[head, row, where].long()
+    index = torch.argsort(cell * rows + row)  # by (head, column), then row
+    return cell[index], row[index], index
+
+
 def transpose_ranges(starts: torch.Tensor, ends: torch.Tensor, num_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row ranges [H, Rows, R] -> column ranges [H, num_columns, R']: for each column, its rows.
 
@@ -380,14 +393,7 @@ def transpose_ranges(starts: torch.Tensor, ends: torch.Tensor, num_columns: int)
     """
     heads, rows, _ = starts.shape
     device = starts.device
-    count, index = expand_ranges(starts, ends)  # [H, Rows], [H, Rows, W] ascending columns
-    slot = torch.arange(index.shape[-1], device=device)
-    used = slot[None, None, :] < count[..., None]
-    head, row, where = used.nonzero(as_tuple=True)
-    column = index[head, row, where].long()
-    cell = head * num_columns + column  # (head, column) of every visited pair
-    order = torch.argsort(cell * rows + row)  # by (head, column), then row
-    cell, row = cell[order], row[order]
+    cell, row, _ = pairs_by_column(starts, ends, num_columns)
     first = torch.ones_like(cell, dtype=torch.bool)  # a pair that starts a new range
     if cell.numel() > 1:
         first[1:] = (cell[1:] != cell[:-1]) | (row[1:] != row[:-1] + 1)

@@ -284,6 +284,34 @@ def test_transposed_table_lists_the_query_blocks_of_each_key_block():
     assert [t.shape for t in empty] == [(1, 3, 1)] * 2 and not empty[1].any()
 
 
+def test_stored_tile_slots_agree_between_the_table_and_its_transpose():
+    """Each visited pair's slot, counted in the forward ranges' order (the dQ kernel's), is the one the
+    dK/dV kernel finds through the transposed table's list (where each query range starts in it)."""
+    pytest.importorskip("triton")
+    from sparse_vdit.kernels.triton.ds_tiles import slots
+
+    layout, _, heads, _, _ = CASES["mixed-text-suffix-padded-batch2"]
+    table = compile_layer([*heads, temporal(0.1)], layout, 16)
+    first, head_first, by_column, q_first = slots(table)
+    expected, slot = {}, 0
+    for h in range(table.num_heads):
+        for qb in range(table.num_q_blocks):
+            for r in range(table.range_starts.shape[2]):
+                s, e = int(table.range_starts[h, qb, r]), int(table.range_ends[h, qb, r])
+                if e > s:
+                    assert int(first[h, qb, r]) == slot
+                for kb in range(s, e):
+                    expected[h, qb, kb] = slot
+                    slot += 1
+        assert head_first[h + 1] == slot
+    q_starts, q_ends = table.query_ranges
+    found = {}
+    for h, kb, r in zip(*torch.nonzero(q_ends > q_starts, as_tuple=True)):
+        for qb in range(int(q_starts[h, kb, r]), int(q_ends[h, kb, r])):
+            found[int(h), qb, int(kb)] = int(by_column[q_first[h, kb, r] + qb - q_starts[h, kb, r]])
+    assert found == expected and len(by_column) == slot
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_backward_compiles_and_matches_eager(backend):
     layout, block, heads, batch, dim = CASES["mixed-text-suffix-padded-batch2"]

@@ -7,8 +7,9 @@ prologue kernel that also computes ``delta = rowsum(dO * O)``). The same kernel 
 pair's ``dS`` tile (heads in chunks within a memory share, :data:`DEFAULTS`), and ``dQ = dS K`` runs
 by query tile over the forward's key-block ranges: one matmul per block. A head whose tiles do not fit
 the share has its ``dQ`` recompute the probabilities instead (``dq="recompute"``). Each range's whole
-steps run unmasked (frame-major heads read them, and the dS tiles go, through tensor descriptors, TMA,
-on sm90+), only its ragged last step masked. Token-major heads are read and written through their
+steps run unmasked (frame-major heads read them, and the dQ kernel its dS tiles, through tensor
+descriptors, TMA, on sm90+), only its ragged last step masked; the tiles go out as wide stores from
+the matmul's registers, rows and columns in an order that needs no exchange between threads. Token-major heads are read and written through their
 order in place, as in the forward. Every element of dQ, dK, dV is written (zeros for keys nobody
 visits: skipped heads, padded text). The torch reference is autograd through ``sparse_vdit.kernels.reference``.
 """
@@ -40,7 +41,8 @@ DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "
 # table blocks (tests scale them). Removed after H200 runs (BENCHMARKS.md): one dK/dV kernel that also adds dQ,
 # by fp32 atomics (fused-tma) or by TMA bulk reductions (fused-tma-reduce: 0.55-0.59 against the default's
 # 0.58-0.62; its code is in commit b34ab84); for the stored dS, tiles stored by pointers where descriptors
-# serve, 32- and 128-key dQ steps, the slot found once per query block, a 0.1 memory share (session i).
+# serve, 32- and 128-key dQ steps, the slot found once per query block, a 0.1 memory share (session i);
+# tiles stored through TMA (staged in shared memory), the slot searched in the forward ranges (session j).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages
@@ -111,36 +113,48 @@ def _step(A, B, A_DESC, B_DESC, start, last, base, batch, head, stride_n, token_
 
 
 @triton.jit
-def _slot(ROW_STARTS, ROW_ENDS, SLOTS, row, column, NUM_ROW_RANGES, ROW_RANGES: tl.constexpr):
-    """The stored-dS slot of the pair (query block ``row``, key block ``column``): ``row``'s forward
-    ranges (``[NUM_ROW_RANGES]`` at ``ROW_STARTS + row``, ROW_RANGES a power of two above) hold
-    ``column`` in one range, whose first pair's slot is in SLOTS."""
-    r = tl.arange(0, ROW_RANGES)
-    ok = r < NUM_ROW_RANGES
-    s = tl.load(ROW_STARTS + row * NUM_ROW_RANGES + r, mask=ok, other=0)
-    e = tl.load(ROW_ENDS + row * NUM_ROW_RANGES + r, mask=ok, other=0)
-    first = tl.load(SLOTS + row * NUM_ROW_RANGES + r, mask=ok, other=0)
-    return tl.sum(tl.where((s <= column) & (column < e), first + column - s, 0))
+def _store_order(ds_t):
+    """``ds_t`` ``[BLOCK_N, BLOCK_M]`` reordered so that sm90 matmul results go out as wide stores with no
+    exchange between threads: row ``16h + 8a + l`` (``l < 8``) to ``a * BLOCK_N / 2 + 8h + l``
+    (:func:`_stored_key` undoes it: the tile's own rows), and query ``8j + 2t + b`` (``t < 4``, ``b < 2``)
+    to column ``t * BLOCK_M / 4 + 2j + b`` (the tile's columns stay in this order: :func:`_stored_query`)."""
+    rows: tl.constexpr = ds_t.shape[0]
+    columns: tl.constexpr = ds_t.shape[1]
+    split = tl.reshape(ds_t, [rows // 16, 2, 8, columns // 8, 4, 2])
+    return tl.reshape(tl.permute(split, [1, 0, 2, 4, 3, 5]), [rows, columns])
+
+
+@triton.jit
+def _stored_key(row, BLOCK_N: tl.constexpr):
+    """The key offset of row ``row`` of :func:`_store_order`'s tile."""
+    return row // 8 % (BLOCK_N // 16) * 16 + row // (BLOCK_N // 2) * 8 + row % 8
+
+
+@triton.jit
+def _stored_query(position, Q_STEP: tl.constexpr):
+    """The query offset held at stored column ``position`` (:func:`_store_order`'s columns, steps of ``Q_STEP``)."""
+    within = position % Q_STEP
+    t, rest = within // (Q_STEP // 4), within % (Q_STEP // 4)
+    return position - within + rest // 2 * 8 + t * 2 + rest % 2
 
 
 @triton.jit
 def _dkdv_steps(
     dk, dv, k, v, first, last, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
     stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-    DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
+    DS, ds_pair0, ds_keys, PAIR_SLOTS,
     FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
-    STORE_DS: tl.constexpr, TABLE_BLOCK: tl.constexpr, ROW_RANGES: tl.constexpr, DS_TMA: tl.constexpr,
+    STORE_DS: tl.constexpr, TABLE_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Query steps ``[first, last)`` into ``(dk, dv)`` of one key tile; MASKED: rows ``>= last`` masked.
     Keys past the real ones are not masked: their rows of dK, dV are zeroed by the launcher.
     STORE_DS: each step's ``dS^T`` also goes to its pair's ``[TABLE_BLOCK keys, TABLE_BLOCK queries]``
-    tile of DS (pair ``ds_pair0 + slot``; ``ds_keys``: this tile's rows there, offsets by key), for the
-    dQ kernel to read; DS_TMA: DS is a descriptor of its ``[pairs * TABLE_BLOCK, TABLE_BLOCK]`` view and
-    ``ds_keys`` the tile's first row in a pair."""
+    tile of DS (pair ``ds_pair0 + slot``, the slot of query block ``b`` at ``PAIR_SLOTS + b``), in
+    :func:`_store_order` (``ds_keys``: the offsets of that order's rows in a pair), for the dQ kernel."""
     for start in range(first, last, BLOCK_M):
         if STORE_DS:
-            slot = _slot(ROW_STARTS, ROW_ENDS, SLOTS, start // TABLE_BLOCK, column, NUM_ROW_RANGES, ROW_RANGES)
+            slot = tl.load(PAIR_SLOTS + start // TABLE_BLOCK)
         rows_m, q_ok, q, do = _step(Q, DO, Q_DESC, DO_DESC, start, last, base, batch, head, stride_n, token_major,
                                     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, BLOCK_M, HEAD_DIM,
                                     ANY_TOKEN_MAJOR, MASKED, TMA)  # fmt: skip
@@ -154,15 +168,10 @@ def _dkdv_steps(
         dv += _dot(p_t.to(do.dtype), do, IEEE)
         ds_t = (p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])).to(q.dtype)
         dk += _dot(ds_t, q, IEEE)
-        if DS_TMA:  # the whole box: columns of queries past ``last`` are never read back
-            DS.store([((ds_pair0 + slot) * TABLE_BLOCK + ds_keys).to(tl.int32), start % TABLE_BLOCK], ds_t)
-        elif STORE_DS:
-            columns = start % TABLE_BLOCK + tl.arange(0, BLOCK_M)
+        if STORE_DS:  # the whole box: columns of queries past ``last`` are never read back
+            columns = tl.multiple_of(start % TABLE_BLOCK, BLOCK_M) + tl.arange(0, BLOCK_M)
             ptrs = DS + (ds_pair0 + slot) * (TABLE_BLOCK * TABLE_BLOCK) + ds_keys[:, None] + columns[None, :]
-            if MASKED:
-                tl.store(ptrs, ds_t, mask=(start + tl.arange(0, BLOCK_M) < last)[None, :])
-            else:
-                tl.store(ptrs, ds_t)
+            tl.store(ptrs, _store_order(ds_t))
     return dk, dv
 
 
@@ -180,28 +189,23 @@ def block_sparse_attention_bwd_dkdv(
     SCHEDULE,  # int32 [H * NUM_K_TILES]: work items, heaviest first
     TOKEN_MAJOR,  # int8 [H]
     DS,  # with STORE_DS: [B, ds_pairs, TABLE_BLOCK, TABLE_BLOCK] dS^T of each visited pair; else unused
-    ROW_STARTS, ROW_ENDS, SLOTS,  # with STORE_DS: int32 [H, Qb, NUM_ROW_RANGES] forward ranges, their first slots
+    PAIR_SLOTS, Q_FIRST,  # with STORE_DS: int32 [pairs] slots in the transposed order, where each query range starts there
     stride_b, stride_n, stride_h, stride_rh, stride_rm,
     N, KV_LEN, HEADS, NUM_K_TILES, NUM_RANGES,
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
     qk_scale, softmax_scale,
-    NUM_Q_BLOCKS, NUM_ROW_RANGES, ds_pairs, slot_base,  # DS holds slots [slot_base, slot_base + ds_pairs)
+    ds_pairs, slot_base,  # DS holds slots [slot_base, slot_base + ds_pairs)
     FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per step
     BLOCK_N: tl.constexpr,  # keys per program
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
-    STORE_DS: tl.constexpr, ROW_RANGES: tl.constexpr, DS_TMA: tl.constexpr,  # DS_TMA: DS is a descriptor
+    STORE_DS: tl.constexpr,
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
     column = tile * BLOCK_N // TABLE_BLOCK  # the key block holding this tile
     ds_pair0 = batch.to(tl.int64) * ds_pairs - slot_base
-    if DS_TMA:
-        ds_keys = tile * BLOCK_N % TABLE_BLOCK
-    else:
-        ds_keys = (tile * BLOCK_N % TABLE_BLOCK + tl.arange(0, BLOCK_N)) * TABLE_BLOCK
-    row_table = head * NUM_Q_BLOCKS * NUM_ROW_RANGES  # this head's forward ranges
-    ROW_STARTS, ROW_ENDS, SLOTS = ROW_STARTS + row_table, ROW_ENDS + row_table, SLOTS + row_table
+    ds_keys = (tile * BLOCK_N % TABLE_BLOCK + _stored_key(tl.arange(0, BLOCK_N), BLOCK_N)) * TABLE_BLOCK
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions in the head's own order
     offs_d = tl.arange(0, HEAD_DIM)
     rows_n = _rows(offs_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
@@ -214,26 +218,28 @@ def block_sparse_attention_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     ranges = head * stride_rh + column * stride_rm
     for r in range(0, NUM_RANGES):
-        first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
+        q0 = tl.load(STARTS + ranges + r)
+        first = q0 * TABLE_BLOCK
         last = tl.minimum(tl.load(ENDS + ranges + r) * TABLE_BLOCK, N)
+        pair_slots = PAIR_SLOTS
+        if STORE_DS:
+            pair_slots = PAIR_SLOTS + (tl.load(Q_FIRST + ranges + r) - q0)
         full = first + tl.maximum(last - first, 0) // BLOCK_M * BLOCK_M  # whole steps unmasked, one loop per
         if token_major:  # kind of head; then the ragged step
             dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch,
                                  head, stride_n, True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                                 DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
-                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False, STORE_DS, TABLE_BLOCK, ROW_RANGES,
-                                 DS_TMA)  # fmt: skip
+                                 DS, ds_pair0, ds_keys, pair_slots,
+                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False, STORE_DS, TABLE_BLOCK)  # fmt: skip
         else:
             dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch,
                                  head, stride_n, False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                                 DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
-                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False, STORE_DS, TABLE_BLOCK, ROW_RANGES,
-                                 DS_TMA)  # fmt: skip
+                                 DS, ds_pair0, ds_keys, pair_slots,
+                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False, STORE_DS, TABLE_BLOCK)  # fmt: skip
         dk, dv = _dkdv_steps(dk, dv, k, v, full, last, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
                              stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                             DS, ds_pair0, ds_keys, column, ROW_STARTS, ROW_ENDS, SLOTS, NUM_ROW_RANGES,
-                             FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, STORE_DS, TABLE_BLOCK,
-                             ROW_RANGES, DS_TMA)  # fmt: skip
+                             DS, ds_pair0, ds_keys, pair_slots,
+                             FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, STORE_DS,
+                             TABLE_BLOCK)  # fmt: skip
     out_ok = (offs_n < N)[:, None]  # rows of keys past KV_LEN are zeroed by the launcher
     dk = dk * softmax_scale  # (a tl.where here costs register spills in the loop on sm90)
     tl.store(DK + base + rows_n[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
@@ -358,18 +364,21 @@ def block_sparse_attention_bwd_dq_stored(
     BLOCK_N: tl.constexpr,  # keys per step
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
     DS_TMA: tl.constexpr,  # DS is a descriptor of its [B * ds_pairs * TABLE_BLOCK, TABLE_BLOCK] view
+    Q_STEP: tl.constexpr,  # the dK/dV kernel's query step (the tiles' columns in _store_order)
 ):  # fmt: skip
-    """``dQ = dS K`` for one query tile: one matmul per step, the probabilities not recomputed."""
+    """``dQ = dS K`` for one query tile: one matmul per step, the probabilities not recomputed; row ``i``
+    of ``dq`` is the query at the tiles' column ``i``."""
     head, tile, batch, token_major, base, _ = _program(SCHEDULE, TOKEN_MAJOR, NUM_Q_TILES, N, HEADS, stride_b,
                                                        stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
     row = tile * BLOCK_M // TABLE_BLOCK
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    columns = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = _stored_query(columns, Q_STEP)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_m = _rows(offs_m, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
     if DS_TMA:
         ds_queries = tile * BLOCK_M % TABLE_BLOCK
     else:
-        ds_queries = offs_m % TABLE_BLOCK
+        ds_queries = columns % TABLE_BLOCK
     ds_pair0 = batch.to(tl.int64) * ds_pairs - slot_base
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     ranges = head * stride_rh + row * stride_rm
@@ -486,8 +495,9 @@ def backward(
     )  # fmt: skip
     sizes = (layout.frame_tokens, layout.video_start, layout.video_tokens, softmax_scale * LOG2E, softmax_scale)
     slots, head_first, chunks = starts, [0] * (heads + 1), [(0, heads, False)]  # recompute: no slots
+    pair_slots, q_first = starts, q_starts
     if backward_option("dq") == "stored":
-        slots, head_first = table.form("triton.bwd.ds_slots", ds_tiles.slots)
+        slots, head_first, pair_slots, q_first = table.form("triton.bwd.ds_slots", ds_tiles.slots)
         limit = ds_tiles.budget(device, float(backward_option("ds_budget")))
         chunks = ds_tiles.head_chunks(head_first, batch * block * block * q.element_size(), limit)
     q_descriptors = _descriptors(q, grad_out, q_step) if tma else None
@@ -497,20 +507,17 @@ def backward(
         ds = ds_tiles.buffer((batch, max(pairs, 1), block, block), q.dtype, device) if stored else None
         stored = ds is not None  # no memory for them now: these heads recompute
         ds = delta if ds is None else ds
-        ds_store = ds_load = ds
-        if stored and tma:
-            ds_store, ds_load = ds_tiles.descriptors(ds, (kv_tile, q_step), (kv_step, q_tile))
+        ds_load = ds_tiles.descriptors(ds, (kv_step, q_tile))[0] if stored and tma else ds
         dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order, h0, h1),
                                    lambda t: _heads_schedule(t.query_num_blocks, block // kv_tile, num_k_tiles, order,
                                                              h0, h1))  # fmt: skip
         block_sparse_attention_bwd_dkdv[(len(dkdv_schedule), batch)](
             q, k, v, grad_out, dk, dv, *(q_descriptors or (delta, delta)), lse2, delta, q_starts, q_ends,
-            dkdv_schedule, flags, ds_store, starts, ends, slots,
+            dkdv_schedule, flags, ds, pair_slots, q_first,
             q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
             n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
-            table.num_q_blocks, starts.shape[2], pairs, head_first[h0],
-            BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored,
-            ROW_RANGES=triton.next_power_of_2(starts.shape[2]), DS_TMA=stored and tma, **common, **launch[0],
+            pairs, head_first[h0],
+            BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored, **common, **launch[0],
         )  # fmt: skip
         dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1),
                                  lambda t: _heads_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
@@ -520,7 +527,8 @@ def backward(
             block_sparse_attention_bwd_dq_stored[(len(dq_schedule), batch)](
                 k, dq, kv_descriptors[0] if kv_descriptors else delta, ds_load, starts, ends, slots, dq_schedule, flags,
                 q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes[:3], softmax_scale, pairs, head_first[h0],
-                BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, DS_TMA=tma, **common, **launch[1],
+                BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, DS_TMA=tma, Q_STEP=q_step,
+                **common, **launch[1],
             )  # fmt: skip
         else:
             block_sparse_attention_bwd_dq[(len(dq_schedule), batch)](

@@ -2,8 +2,9 @@
 
 One ``[block, block]`` tile per visited (query block, key block) pair, numbered head by head, query block by
 query block, key block ascending (:func:`slots`); heads go in chunks whose tiles fit a memory share
-(:func:`head_chunks`, :func:`budget`), the tiles of a chunk in one buffer (:func:`buffer`), read and written
-through tensor descriptors where the device has them (:func:`descriptors`).
+(:func:`head_chunks`, :func:`budget`), the tiles of a chunk in one buffer (:func:`buffer`), written by the
+dK/dV kernel's wide stores and read by the dQ kernel through tensor descriptors where the device has them
+(:func:`descriptors`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import itertools
 
 import torch
+
+from ...block_table import pairs_by_column
 
 
 def buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, allocate=None):
@@ -30,15 +33,21 @@ def descriptors(ds: torch.Tensor, *boxes: tuple[int, int]) -> tuple:
     return tuple(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), list(box)) for box in boxes)
 
 
-def slots(table) -> tuple[torch.Tensor, list[int]]:
-    """Where stored dS tiles go: int32 ``[H, Qb, R]``, the slot of each forward range's first pair
-    (pairs numbered head by head, query block by query block, key block ascending), and the first
-    slot of each head (``H + 1`` entries, the last the number of pairs)."""
+def slots(table) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
+    """Where stored dS tiles go, pairs numbered head by head, query block by query block, key block
+    ascending: int32 ``[H, Qb, R]``, the slot of each forward range's first pair (for the dQ kernel); the
+    first slot of each head (``H + 1`` entries, the last the number of pairs); and, for the dK/dV kernel,
+    int32 ``[pairs]`` the slot of each pair taken in the transposed table's order (head, key block,
+    query block) with int32 ``[H, Kb, R']``, where each of its query ranges starts in that list."""
     length = (table.range_ends - table.range_starts).long()
     flat = length.flatten()
     first = (torch.cumsum(flat, 0) - flat).view_as(length).to(torch.int32).contiguous()
     per_head = length.sum((1, 2)).tolist()
-    return first, [0, *itertools.accumulate(per_head)]
+    _, _, by_column = pairs_by_column(table.range_starts, table.range_ends, table.num_q_blocks)
+    q_starts, q_ends = table.query_ranges
+    q_length = (q_ends - q_starts).long().flatten()
+    q_first = (torch.cumsum(q_length, 0) - q_length).view_as(q_starts).to(torch.int32).contiguous()
+    return first, [0, *itertools.accumulate(per_head)], by_column.to(torch.int32), q_first
 
 
 def budget(device: torch.device, share: float) -> int:
