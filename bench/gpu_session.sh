@@ -63,6 +63,9 @@
 #   backward-ceiling  Triton backward at 10% and 75% (bands): the kernel's own rate against cuDNN's, profiled (#18) (~60)
 #   backward-j     Triton backward (dS tiles by wide stores, session j): default vs recompute, as backward-i (#18) (~100)
 #   backward-ceiling-j  backward-ceiling, profiled, as of session j (#18) (~30)
+#   backward-kinds-j  Triton backward by pattern kind (band, multi-diagonal, vertical, mixed), profiled (#18) (~120)
+#   backward-tm-j  Triton backward on multi-diagonal and mixed plans (token-major heads), default vs recompute (#18) (~100)
+#   backward-final-j  Triton backward, every pattern kind, 10/25/50%, both shapes, as adopted in session j (#18) (~100)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -209,6 +212,15 @@ for name in "$@"; do
     backward-ceiling-j) TAIL=14 step backward-ceiling-j 150 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 0.95 --kinds band --backends triton --variants default recompute --profile \
         --target-ms 150 --budget-s 120 --out "$R/backward-ceiling-j" ;;
+    backward-kinds-j) TAIL=20 step backward-kinds-j 200 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.5 --kinds band multi_diag vertical mixed --backends triton --profile \
+        --target-ms 100 --budget-s 170 --out "$R/backward-kinds-j" ;;
+    backward-tm-j) TAIL=18 step backward-tm-j 300 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds multi_diag mixed --backends triton --variants default recompute \
+        --target-ms 100 --budget-s 270 --out "$R/backward-tm-j" ;;
+    backward-final-j) TAIL=30 step backward-final-j 300 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds band multi_diag vertical mixed --backends triton \
+        --target-ms 100 --budget-s 270 --out "$R/backward-final-j" ;;
     backward-profile) TAIL=20 step backward-profile 200 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 0.5 --kinds mixed --backends fa4 --profile --target-ms 200 --out "$R/backward-profile" ;;
     *) echo "unknown step $name" >&2 ;;

@@ -9,8 +9,9 @@ by query tile over the forward's key-block ranges: one matmul per block. A head 
 the share has its ``dQ`` recompute the probabilities instead (``dq="recompute"``). Each range's whole
 steps run unmasked (frame-major heads read them, and the dQ kernel its dS tiles, through tensor
 descriptors, TMA, on sm90+), only its ragged last step masked; the tiles go out as wide stores from
-the matmul's registers, rows and columns in an order that needs no exchange between threads. Token-major heads are read and written through their
-order in place, as in the forward. Every element of dQ, dK, dV is written (zeros for keys nobody
+the matmul's registers, rows and columns in an order that needs no exchange between threads.
+Token-major heads are read and written through their order in place, as in the forward (their LSE
+and delta gathered into their order once, for the dK/dV kernel's whole steps). Every element of dQ, dK, dV is written (zeros for keys nobody
 visits: skipped heads, padded text). The torch reference is autograd through ``sparse_vdit.kernels.reference``.
 """
 
@@ -42,7 +43,9 @@ DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "
 # by fp32 atomics (fused-tma) or by TMA bulk reductions (fused-tma-reduce: 0.55-0.59 against the default's
 # 0.58-0.62; its code is in commit b34ab84); for the stored dS, tiles stored by pointers where descriptors
 # serve, 32- and 128-key dQ steps, the slot found once per query block, a 0.1 memory share (session i);
-# tiles stored through TMA (staged in shared memory), the slot searched in the forward ranges (session j).
+# tiles stored through TMA (staged in shared memory), the slot searched in the forward ranges, token-major
+# heads' LSE and delta gathered through their order in the dK/dV kernel, and their q and dO copied to their
+# order and read through TMA (session j).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages
@@ -145,19 +148,22 @@ def _dkdv_steps(
     DS, ds_pair0, ds_keys, PAIR_SLOTS,
     FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
-    STORE_DS: tl.constexpr, TABLE_BLOCK: tl.constexpr,
+    STORE_DS: tl.constexpr, TABLE_BLOCK: tl.constexpr, STATS_IN_ORDER: tl.constexpr,
 ):  # fmt: skip
     """Query steps ``[first, last)`` into ``(dk, dv)`` of one key tile; MASKED: rows ``>= last`` masked.
     Keys past the real ones are not masked: their rows of dK, dV are zeroed by the launcher.
     STORE_DS: each step's ``dS^T`` also goes to its pair's ``[TABLE_BLOCK keys, TABLE_BLOCK queries]``
     tile of DS (pair ``ds_pair0 + slot``, the slot of query block ``b`` at ``PAIR_SLOTS + b``), in
-    :func:`_store_order` (``ds_keys``: the offsets of that order's rows in a pair), for the dQ kernel."""
+    :func:`_store_order` (``ds_keys``: the offsets of that order's rows in a pair), for the dQ kernel.
+    STATS_IN_ORDER: LSE and DELTA hold the head's rows in its own order."""
     for start in range(first, last, BLOCK_M):
         if STORE_DS:
             slot = tl.load(PAIR_SLOTS + start // TABLE_BLOCK)
         rows_m, q_ok, q, do = _step(Q, DO, Q_DESC, DO_DESC, start, last, base, batch, head, stride_n, token_major,
                                     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, BLOCK_M, HEAD_DIM,
                                     ANY_TOKEN_MAJOR, MASKED, TMA)  # fmt: skip
+        if STATS_IN_ORDER:
+            rows_m = start + tl.arange(0, BLOCK_M)
         if MASKED:
             lse = tl.load(LSE + stats + rows_m, mask=q_ok, other=float("inf"))
             delta = tl.load(DELTA + stats + rows_m, mask=q_ok, other=0.0)
@@ -184,6 +190,7 @@ _SIZES = ["N", "KV_LEN", "HEADS", "NUM_RANGES", "FRAME_TOKENS", "VIDEO_START", "
 def block_sparse_attention_bwd_dkdv(
     Q, K, V, DO, DK, DV,  # [B, N, H, D], one set of strides (the launcher makes them contiguous)
     Q_DESC, DO_DESC,  # with TMA: descriptors of Q and DO, blocks [1, BLOCK_M, 1, D]; else unused
+    LSE_T, DELTA_T,  # with ANY_TOKEN_MAJOR: LSE and DELTA with token-major heads' rows in their own order
     LSE, DELTA,  # float32 [B, H, N] by memory row; LSE in base 2
     STARTS, ENDS,  # int32 [H, Kb, R]: the query blocks visiting each key block, as ranges
     SCHEDULE,  # int32 [H * NUM_K_TILES]: work items, heaviest first
@@ -225,21 +232,23 @@ def block_sparse_attention_bwd_dkdv(
         if STORE_DS:
             pair_slots = PAIR_SLOTS + (tl.load(Q_FIRST + ranges + r) - q0)
         full = first + tl.maximum(last - first, 0) // BLOCK_M * BLOCK_M  # whole steps unmasked, one loop per
-        if token_major:  # kind of head; then the ragged step
-            dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch,
+        if token_major:  # kind of head (token-major: LSE and delta in the head's order); then the ragged step
+            dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE_T, DELTA_T, base, stats, batch,
                                  head, stride_n, True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                                  DS, ds_pair0, ds_keys, pair_slots,
-                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False, STORE_DS, TABLE_BLOCK)  # fmt: skip
+                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False, STORE_DS, TABLE_BLOCK,
+                                 True)  # fmt: skip
         else:
             dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch,
                                  head, stride_n, False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                                  DS, ds_pair0, ds_keys, pair_slots,
-                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False, STORE_DS, TABLE_BLOCK)  # fmt: skip
+                                 FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False, STORE_DS, TABLE_BLOCK,
+                                 False)  # fmt: skip
         dk, dv = _dkdv_steps(dk, dv, k, v, full, last, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
                              stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                              DS, ds_pair0, ds_keys, pair_slots,
                              FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, STORE_DS,
-                             TABLE_BLOCK)  # fmt: skip
+                             TABLE_BLOCK, False)  # fmt: skip
     out_ok = (offs_n < N)[:, None]  # rows of keys past KV_LEN are zeroed by the launcher
     dk = dk * softmax_scale  # (a tl.where here costs register spills in the loop on sm90)
     tl.store(DK + base + rows_n[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
@@ -501,6 +510,10 @@ def backward(
         limit = ds_tiles.budget(device, float(backward_option("ds_budget")))
         chunks = ds_tiles.head_chunks(head_first, batch * block * block * q.element_size(), limit)
     q_descriptors = _descriptors(q, grad_out, q_step) if tma else None
+    lse_t, delta_t = lse2, delta
+    if any_token_major:  # token-major heads' LSE and delta in their order: read by position, not gathered
+        index = table.form("triton.bwd.stat_order", lambda t: _stat_order(t, device))
+        lse_t, delta_t = (torch.gather(t, 2, index.expand_as(t)) for t in (lse2, delta))
     kv_descriptors = _descriptors(k, v, kv_step) if tma else None
     for h0, h1, stored in chunks:
         pairs = head_first[h1] - head_first[h0]
@@ -512,7 +525,8 @@ def backward(
                                    lambda t: _heads_schedule(t.query_num_blocks, block // kv_tile, num_k_tiles, order,
                                                              h0, h1))  # fmt: skip
         block_sparse_attention_bwd_dkdv[(len(dkdv_schedule), batch)](
-            q, k, v, grad_out, dk, dv, *(q_descriptors or (delta, delta)), lse2, delta, q_starts, q_ends,
+            q, k, v, grad_out, dk, dv, *(q_descriptors or (delta, delta)), lse_t, delta_t,
+            lse2, delta, q_starts, q_ends,
             dkdv_schedule, flags, ds, pair_slots, q_first,
             q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
             n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
@@ -539,6 +553,15 @@ def backward(
     if layout.kv_len < n:  # the kernel left the rows of padded keys as they came
         dk[:, layout.kv_len :], dv[:, layout.kv_len :] = 0, 0
     return dq, dk, dv
+
+
+def _stat_order(table, device: torch.device) -> torch.Tensor:
+    """int64 ``[1, H, N]``: the memory row of each position in each head's own order (token-major heads
+    permuted, the others in place), to gather LSE and delta in that order."""
+    rows = torch.arange(table.layout.num_tokens, device=device).repeat(table.num_heads, 1)
+    if table.token_major_heads:
+        rows[list(table.token_major_heads)] = table.layout.token_major_order(device)
+    return rows[None]
 
 
 def _heads_schedule(work: torch.Tensor, tiles_per_block: int, num_tiles: int, order: str, h0: int,
