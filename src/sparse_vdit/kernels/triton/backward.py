@@ -11,8 +11,8 @@ steps run unmasked (frame-major heads read them, and the dQ kernel its dS tiles,
 descriptors, TMA, on sm90+), only its ragged last step masked; the tiles go out as wide stores from
 the matmul's registers, rows and columns in an order that needs no exchange between threads.
 Token-major heads are read and written through their order in place, as in the forward (their LSE
-and delta gathered into their order once, for the dK/dV kernel's whole steps). Every element of dQ, dK, dV is written (zeros for keys nobody
-visits: skipped heads, padded text). The torch reference is autograd through ``sparse_vdit.kernels.reference``.
+and delta gathered into their order once, for the dK/dV kernel's whole steps). Every element of dQ,
+dK, dV is written (zeros for keys nobody visits: skipped heads, padded text). The torch reference is autograd through ``sparse_vdit.kernels.reference``.
 """
 
 from __future__ import annotations
@@ -196,7 +196,8 @@ def block_sparse_attention_bwd_dkdv(
     SCHEDULE,  # int32 [H * NUM_K_TILES]: work items, heaviest first
     TOKEN_MAJOR,  # int8 [H]
     DS,  # with STORE_DS: [B, ds_pairs, TABLE_BLOCK, TABLE_BLOCK] dS^T of each visited pair; else unused
-    PAIR_SLOTS, Q_FIRST,  # with STORE_DS: int32 [pairs] slots in the transposed order, where each query range starts there
+    PAIR_SLOTS,  # with STORE_DS: int32 [pairs] the slots in the transposed table's order
+    Q_FIRST,  # with STORE_DS: int32 [H, Kb, R], where each query range starts in PAIR_SLOTS
     stride_b, stride_n, stride_h, stride_rh, stride_rm,
     N, KV_LEN, HEADS, NUM_K_TILES, NUM_RANGES,
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
@@ -520,7 +521,7 @@ def backward(
         ds = ds_tiles.buffer((batch, max(pairs, 1), block, block), q.dtype, device) if stored else None
         stored = ds is not None  # no memory for them now: these heads recompute
         ds = delta if ds is None else ds
-        ds_load = ds_tiles.descriptors(ds, (kv_step, q_tile))[0] if stored and tma else ds
+        ds_load = ds_tiles.descriptor(ds, (kv_step, q_tile)) if stored and tma else ds
         dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order, h0, h1),
                                    lambda t: _heads_schedule(t.query_num_blocks, block // kv_tile, num_k_tiles, order,
                                                              h0, h1))  # fmt: skip

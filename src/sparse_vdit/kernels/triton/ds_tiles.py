@@ -4,7 +4,7 @@ One ``[block, block]`` tile per visited (query block, key block) pair, numbered 
 query block, key block ascending (:func:`slots`); heads go in chunks whose tiles fit a memory share
 (:func:`head_chunks`, :func:`budget`), the tiles of a chunk in one buffer (:func:`buffer`), written by the
 dK/dV kernel's wide stores and read by the dQ kernel through tensor descriptors where the device has them
-(:func:`descriptors`).
+(:func:`descriptor`).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ def buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, all
         return None
 
 
-def descriptors(ds: torch.Tensor, *boxes: tuple[int, int]) -> tuple:
-    """Tensor descriptors of the stored tiles' ``[pairs * block, block]`` view, one per box shape."""
+def descriptor(ds: torch.Tensor, box: tuple[int, int]):
+    """A tensor descriptor of the stored tiles' ``[pairs * block, block]`` view, ``box`` at a time."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     rows = ds.view(-1, ds.shape[-1])
-    return tuple(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), list(box)) for box in boxes)
+    return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), list(box))
 
 
 def slots(table) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
@@ -39,15 +39,16 @@ def slots(table) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
     first slot of each head (``H + 1`` entries, the last the number of pairs); and, for the dK/dV kernel,
     int32 ``[pairs]`` the slot of each pair taken in the transposed table's order (head, key block,
     query block) with int32 ``[H, Kb, R']``, where each of its query ranges starts in that list."""
-    length = (table.range_ends - table.range_starts).long()
-    flat = length.flatten()
-    first = (torch.cumsum(flat, 0) - flat).view_as(length).to(torch.int32).contiguous()
-    per_head = length.sum((1, 2)).tolist()
     _, _, by_column = pairs_by_column(table.range_starts, table.range_ends, table.num_q_blocks)
-    q_starts, q_ends = table.query_ranges
-    q_length = (q_ends - q_starts).long().flatten()
-    q_first = (torch.cumsum(q_length, 0) - q_length).view_as(q_starts).to(torch.int32).contiguous()
-    return first, [0, *itertools.accumulate(per_head)], by_column.to(torch.int32), q_first
+    per_head = (table.range_ends - table.range_starts).sum((1, 2)).tolist()
+    return (_first_pairs(table.range_starts, table.range_ends), [0, *itertools.accumulate(per_head)],
+            by_column.to(torch.int32), _first_pairs(*table.query_ranges))  # fmt: skip
+
+
+def _first_pairs(starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """int32, the shape of ``starts``: the number of pairs in the ranges before each one (flat order)."""
+    length = (ends - starts).long().flatten()
+    return (torch.cumsum(length, 0) - length).view_as(starts).to(torch.int32).contiguous()
 
 
 def budget(device: torch.device, share: float) -> int:
