@@ -23,6 +23,13 @@ at most twice dense SDPA's own at the same dtype, or the variant is not timed.
 fa4 and fa4/triton are checked the same way before they are timed.
 Writes ``backward.json`` to ``--out`` and prints a table last (with variants: efficiency per variant);
 ``--profile``: each timed row's backward once more under torch.profiler, operator tables in ``OUT/profile/``.
+
+``--calls``: also the backward of the whole processor attention call, the family's rotary included
+(``bench/processor_attention.py``'s tables), on the Triton backend: ``call-old`` (the model's rotary in
+torch, then ``sparse_attention``: token-major heads read in place) and ``call-fused``
+(``attention_in_head_order``: rotary and head order in one pass each way, the kernels on head-ordered
+tensors). Their bar is the same call dense, the faster of the torch rotary and the fused pass then
+cuDNN (rows ``dense-call[...]``): ``block_eff`` = density x t_dense_call / t_call.
 """
 
 from __future__ import annotations
@@ -167,6 +174,34 @@ def backend_label(name: str, variant: str | None, table, q) -> tuple[str, str | 
     return name + (f"[{variant}]" if variant else ""), ("triton" if name == "triton" else None)
 
 
+def call_paths(shape: Shape, device, dense, kv: int) -> dict:
+    """The processor call's paths for ``--calls``: ``{"dense": {rotary name: fn(q, k, v)}, "call-old":
+    make(table) -> fn, "call-fused": make(table) -> fn}``, with the family's rotary tables for ``shape``."""
+    from processor_attention import FAMILY, models_rotary, rotary_tables
+
+    from sparse_vdit.kernels import sparse_attention
+    from sparse_vdit.kernels.head_order import attention_in_head_order, rotate
+
+    rotary = rotary_tables(shape, FAMILY[shape.name], device)
+
+    def torch_rotary(q, k):
+        return models_rotary(q, rotary), models_rotary(k, rotary)
+
+    def dense_call(rotate_fn):
+        def run(q, k, v):
+            q, k = rotate_fn(q, k)
+            return dense(q, k[:, :kv], v[:, :kv])
+
+        return run
+
+    return {
+        "dense": {"torch rotary": dense_call(torch_rotary), "fused rotary": dense_call(lambda q, k: rotate(q, k, rotary))},
+        "call-old": lambda table: lambda q, k, v: sparse_attention(*torch_rotary(q, k), v, table, backend="triton"),
+        "call-fused": lambda table: lambda q, k, v: attention_in_head_order(q, k, v, table, backend="triton",
+                                                                          rotary=rotary),
+    }  # fmt: skip
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES), choices=list(SHAPES))
@@ -184,6 +219,8 @@ def parse(argv):
     p.add_argument("--budget-s", type=float, default=500.0, help="stop starting new rows after this long")
     p.add_argument("--out", default=out_dir())
     p.add_argument("--dry-run", action="store_true", help="a tiny shape on the CPU: triton (interpreter) and reference")
+    p.add_argument("--calls", action="store_true",
+                   help="also the whole processor call's backward, rotary included: old vs fused path (triton)")
     p.add_argument("--profile", action="store_true",
                    help="after each timed row, one more backward under torch.profiler (tables to OUT/profile/)")
     return p.parse_args(argv)
@@ -241,6 +278,13 @@ def main(argv=None) -> dict:
         t_dense = measure(lambda q, k, v: dense(q, k[:, :kv], v[:, :kv]), sets, args.target_ms)
         record(shape=shape.name, kind="dense", target=1.0, density=1.0, backend="cudnn-backward", ms=t_dense, block_eff=1.0)
         tables = {}
+        calls = call_paths(shape, device, dense, kv) if args.calls and "triton" in backends else {}
+        t_dense_call = None
+        for name, fn in calls.pop("dense", {}).items():
+            ms = measure(fn, sets, args.target_ms)
+            record(shape=shape.name, kind="dense", target=1.0, density=1.0, backend=f"dense-call[{name}]", ms=ms,
+                   block_eff=None)  # fmt: skip
+            t_dense_call = ms if t_dense_call is None else min(t_dense_call, ms)
         for spec in backends:
             backend = use_backend(spec)
             for variant in variants if backend == "triton" else [None]:
@@ -277,6 +321,11 @@ def main(argv=None) -> dict:
                             result["rows"].append(dict(**row, error=str(exc)[:300]))
                             continue
                         record(**row, density=table.density, ms=ms, block_eff=table.density * t_dense / ms)
+                        for call, make in calls.items() if backend == "triton" and variant is None else ():
+                            ms = measure(make(table), sets, args.target_ms)
+                            record(shape=shape.name, kind=kind, target=density, backend=f"triton[{call}]", variant=None,
+                                   backward="triton", density=table.density, ms=ms,
+                                   block_eff=table.density * t_dense_call / ms)  # fmt: skip
         use_variant(None)
         use_backend(None)
         del sets, tables

@@ -66,6 +66,9 @@
 #   backward-kinds-j  Triton backward by pattern kind (band, multi-diagonal, vertical, mixed), profiled (#18) (~120)
 #   backward-tm-j  Triton backward on multi-diagonal and mixed plans (token-major heads), default vs recompute (#18) (~100)
 #   backward-final-j  Triton backward, every pattern kind, 10/25/50%, both shapes, as adopted in session j (#18) (~100)
+#   tests-k        GPU tests of the fused path's backward (head order both ways) and the Triton backward (#18) (~150)
+#   backward-calls-k  the whole processor call's backward, rotary included: old vs fused path, multi-diagonal and
+#                  mixed, 10-50% (CALL_SHAPES, default Wan-1.3B 480p) (#18) (~200)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -223,6 +226,11 @@ for name in "$@"; do
         --target-ms 100 --budget-s 270 --out "$R/backward-final-j" ;;
     backward-profile) TAIL=20 step backward-profile 200 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 0.5 --kinds mixed --backends fa4 --profile --target-ms 200 --out "$R/backward-profile" ;;
+    tests-k) TAIL=12 step tests-k 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_head_order_backward.py \
+        tests/kernels/test_head_order.py tests/kernels/test_backward.py -k "(head_order or triton) and not sweep" ;;
+    backward-calls-k) TAIL=40 step backward-calls-k 330 python3 bench/backward.py --shapes ${CALL_SHAPES:-wan1.3b-480p} \
+        --densities 0.1 0.25 0.5 --kinds multi_diag mixed --backends triton --calls --target-ms 100 --budget-s 300 \
+        --out "$R/backward-calls-k" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done

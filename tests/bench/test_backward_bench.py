@@ -54,3 +54,22 @@ def test_backward_dry_run_skips_fa4_specs_without_a_gpu(load_script, tmp_path):
     assert set(result["skipped_backends"]) == {"fa4", "fa4/triton"}
     assert {r["backend"] for r in result["rows"]} == {"cudnn-backward", "reference"}
     assert fa4.BACKWARD == fa4.BACKWARD_DEFAULT
+
+
+def test_backward_dry_run_times_the_processor_calls(load_script, tmp_path):
+    """--calls: the whole call's backward, rotary included, on the old and the fused path, against the
+    faster dense call (rotary then dense attention)."""
+    from sparse_vdit.kernels import registry
+
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    result = load_script("backward").main(["--dry-run", "--backends", "triton", "--kinds", "multi_diag", "--calls",
+                                           "--out", str(tmp_path)])  # fmt: skip
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert set(rows) == {"cudnn-backward", "dense-call[torch rotary]", "dense-call[fused rotary]", "triton",
+                         "triton[call-old]", "triton[call-fused]", "reference"}  # fmt: skip
+    bar = min(rows[f"dense-call[{r}]"]["ms"] for r in ("torch rotary", "fused rotary"))
+    for path in ("call-old", "call-fused"):
+        row = rows[f"triton[{path}]"]
+        assert row["ms"] > 0 and row["block_eff"] == pytest.approx(row["density"] * bar / row["ms"])
+    assert json.loads((tmp_path / "backward.json").read_text())["rows"] == result["rows"]

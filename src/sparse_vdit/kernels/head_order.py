@@ -5,7 +5,8 @@ embedding to q and k and writes every token-major head of the table in token-maj
 same pass (one Triton launch for q and k, one for v), then :func:`attention_in_head_order` runs
 the backend on those tensors and returns the output frame-major: the Triton kernel stores its rows
 to their frame-major positions itself, the other backends' output goes back through one copy
-(:func:`to_frame_major`). No separate gather runs. Forward only (inference).
+(:func:`to_frame_major`). No separate gather runs. Differentiable: on the Triton backend the backward
+runs on the head-ordered tensors too, its passes the same kernel's (:func:`attention_in_head_order`).
 
 The rotary conventions (model-agnostic; the integration says which one a model uses):
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..block_table import BlockTable
+from ..block_table import BlockTable, table_by_key
 from . import registry
 from .api import reorder_heads
 from .checks import check_inputs
@@ -109,16 +110,43 @@ def _flags(table: BlockTable) -> torch.Tensor | None:
 
 
 def rotate(q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k with ``rotary`` applied (one fused pass where Triton runs; plain torch, differentiable,
-    under autograd), order unchanged."""
+    """q and k with ``rotary`` applied, order unchanged: one fused pass where Triton runs (differentiable:
+    its backward is the same pass with the rotation transposed), else plain torch."""
     if rotary is None:
         return q, k
-    if not _fused(q, rotary) or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+    if not _fused(q, rotary):
         return apply_rotary(q, rotary), apply_rotary(k, rotary)
+    return torch.ops.sparse_vdit.rotary_pass(q, k, rotary.cos, rotary.sin, rotary.start, rotary.pairs, False)
+
+
+@torch.library.custom_op("sparse_vdit::rotary_pass", mutates_args=())
+def _rotary_pass(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, pairs: str,
+                 transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`rotate`'s fused pass (``transpose``: the rotation's transpose), opaque to ``torch.compile``."""
     from .triton.rotary import rotary_order
 
-    geometry = (1, 1, 0, 0)
-    return rotary_order(q, None, geometry, rotary, second=k)
+    return rotary_order(q, None, (1, 1, 0, 0), Rotary(cos, sin, start, pairs), second=k, transpose=transpose)
+
+
+@_rotary_pass.register_fake
+def _(q, k, cos, sin, start, pairs, transpose):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _rotary_pass_setup(ctx, inputs, output) -> None:
+    _, _, cos, sin, start, pairs, transpose = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.rotary = (start, pairs, transpose)
+
+
+def _rotary_pass_backward(ctx, grad_q, grad_k):
+    cos, sin = ctx.saved_tensors
+    start, pairs, transpose = ctx.rotary
+    grads = torch.ops.sparse_vdit.rotary_pass(grad_q, grad_k, cos, sin, start, pairs, not transpose)
+    return *grads, None, None, None, None, None
+
+
+torch.library.register_autograd("sparse_vdit::rotary_pass", _rotary_pass_backward, setup_context=_rotary_pass_setup)
 
 
 def to_head_order(q, k, v, table: BlockTable, rotary: Rotary | None = None):
@@ -154,25 +182,99 @@ def attention_in_head_order(q, k, v, table: BlockTable, softmax_scale: float | N
                             rotary: Rotary | None = None) -> torch.Tensor:  # fmt: skip
     """Block-sparse attention of frame-major q, k, v [B, N, H, D] (q and k before ``rotary``), the
     rotary and the token-major permutation fused into one pass; output frame-major, as
-    :func:`~sparse_vdit.kernels.sparse_attention` of the rotated inputs. Forward only.
+    :func:`~sparse_vdit.kernels.sparse_attention` of the rotated inputs.
+
+    Differentiable. On the Triton backend the backward runs on the head-ordered tensors the forward
+    made (saved in place of q, k, v): grad_out goes to head order in one pass, the kernels run as on
+    frame-major heads, and the gradients go back to frame-major in one pass each for (q, k), through the
+    rotary's transpose, and v. Other backends rotate (differentiably) and call ``sparse_attention``.
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise RuntimeError("attention_in_head_order is forward only; use sparse_attention under autograd")
     scale = check_inputs(q, k, v, table, softmax_scale)
     table = table if table.device == q.device else table.to(q.device)
     name = registry.choose(backend, q, table).name
     if table.all_skip:
         return torch.zeros_like(q)
-    if table.all_dense or not table.token_major_heads:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if (table.all_dense or not table.token_major_heads or needs_grad and (name != "triton" or not _fused(q, rotary))):
         from .api import sparse_attention
 
         return sparse_attention(*rotate(q, k, rotary), v, table, softmax_scale=scale, backend=name)
+    if needs_grad:
+        cos, sin, start, pairs = (None, None, 0, PAIRS[0]) if rotary is None else (rotary.cos, rotary.sin,
+                                                                                   rotary.start, rotary.pairs)  # fmt: skip
+        return torch.ops.sparse_vdit.attention_in_head_order(q, k, v, cos, sin, start, pairs, table.key, scale)[0]
     q, k, v = to_head_order(q, k, v, table, rotary)
     if name == "triton":  # stores its rows frame-major itself
         from .triton import backend
 
         return backend.run(q, k, v, table, scale, head_order=True)
     return to_frame_major(registry.get(name).module.run(q, k, v, table, scale), table)
+
+
+def _rotary_of(cos: torch.Tensor | None, sin: torch.Tensor | None, start: int, pairs: str) -> Rotary | None:
+    return None if cos is None else Rotary(cos, sin, start, pairs)
+
+
+@torch.library.custom_op("sparse_vdit::attention_in_head_order", mutates_args=())
+def _head_order_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
+                   sin: torch.Tensor | None, rotary_start: int, rotary_pairs: str, table_key: int,
+                   softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`attention_in_head_order` on the Triton backend under autograd, opaque to ``torch.compile``:
+    ``(out, lse, q, k, v)``, the output and LSE frame-major, q, k, v rotated and in head order (for the backward)."""
+    from .triton import backend
+
+    table = table_by_key(table_key)
+    q, k, v = to_head_order(q, k, v, table, _rotary_of(cos, sin, rotary_start, rotary_pairs))
+    out, lse = backend.run_with_lse(q, k, v, table, softmax_scale, head_order=True)
+    return out, lse, q, k, v
+
+
+@_head_order_op.register_fake
+def _(q, k, v, cos, sin, rotary_start, rotary_pairs, table_key, softmax_scale):
+    batch, n, heads, _ = q.shape
+    return (q.new_empty(q.shape), q.new_empty((batch, heads, n), dtype=torch.float32), q.new_empty(q.shape),
+            k.new_empty(k.shape), v.new_empty(v.shape))  # fmt: skip
+
+
+@torch.library.custom_op("sparse_vdit::attention_in_head_order_backward", mutates_args=())
+def _head_order_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            out: torch.Tensor, lse: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                            rotary_start: int, rotary_pairs: str, table_key: int, softmax_scale: float,
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dq, dk, dv)`` of :func:`_head_order_op` (frame-major, before the rotary), from its head-ordered q, k, v."""
+    from .triton import backend
+    from .triton.rotary import rotary_order
+
+    table = table_by_key(table_key)
+    dq, dk, dv = backend.run_backward(grad_out, q, k, v, out, lse, table, softmax_scale, head_order=True)
+    flags, geometry = _flags(table), _geometry(table)
+    rotary = _rotary_of(cos, sin, rotary_start, rotary_pairs)
+    dq, dk = rotary_order(dq, flags, geometry, rotary, second=dk, to_head_order=False, transpose=True)
+    return dq, dk, rotary_order(dv, flags, geometry, to_head_order=False)[0]
+
+
+@_head_order_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, cos, sin, rotary_start, rotary_pairs, table_key, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _head_order_setup(ctx, inputs, output) -> None:
+    cos, sin, rotary_start, rotary_pairs, table_key, softmax_scale = inputs[3:]
+    out, lse, q, k, v = output
+    ctx.save_for_backward(q, k, v, out, lse, cos, sin)
+    ctx.mark_non_differentiable(lse, q, k, v)
+    ctx.call = (rotary_start, rotary_pairs, table_key, softmax_scale)
+
+
+def _head_order_backward(ctx, grad_out, *_grads_of_the_rest):
+    q, k, v, out, lse, cos, sin = ctx.saved_tensors
+    grads = torch.ops.sparse_vdit.attention_in_head_order_backward(grad_out.contiguous(), q, k, v, out, lse, cos, sin,
+                                                                   *ctx.call)  # fmt: skip
+    return *grads, None, None, None, None, None, None
+
+
+torch.library.register_autograd("sparse_vdit::attention_in_head_order", _head_order_backward,
+                                setup_context=_head_order_setup)  # fmt: skip
 
 
 __all__ = ["PAIRS", "Rotary", "apply_rotary", "attention_in_head_order", "in_float32", "reference_head_order", "rotate",

@@ -23,9 +23,9 @@ patterns of its global heads (``call.heads``) in one launch, and exchanges the o
 
 Fused rotary (``state.fuse_rotary``): on one GPU the family's rotary embedding is not applied in
 ``project`` but handed to the attention step (``rotary.py``; through the compiled op too): in
-inference with a plan and no observers it is applied in the same pass that writes token-major
-heads in their order (:func:`~sparse_vdit.kernels.head_order.attention_in_head_order`), otherwise
-first, in one pass (torch under autograd). ``None`` (the default): fused on CUDA for every family with
+inference and training, with a plan and no observers, it is applied in the same pass that writes
+token-major heads in their order (:func:`~sparse_vdit.kernels.head_order.attention_in_head_order`;
+the backward's passes likewise), otherwise first, in one pass. ``None`` (the default): fused on CUDA for every family with
 a rotary convention (``rotary.fused_by_default``: Wan, HunyuanVideo, CogVideoX; faster on an H200,
 issue 21), the model's own rotary on the CPU; ``False`` keeps the model's torch rotary in ``project``,
 ``True`` forces fusion.
@@ -199,8 +199,8 @@ class SparseState:
 
     def fuses_rotary(self, device: torch.device) -> bool:
         """Whether :meth:`attend` applies a call's rotary in the pass that permutes token-major heads
-        (fusion on, inference with a plan and no observers: nothing reads q or k before the kernel)."""
-        return (self.rotary_fused(device) and not self.observers and not torch.is_grad_enabled() and self.plan is not None
+        (fusion on, a plan and no observers: nothing reads q or k before the kernel; also in training)."""
+        return (self.rotary_fused(device) and not self.observers and self.plan is not None
                 and getattr(self.pattern_source, "plan", None) is self.plan)  # the plan's own source  # fmt: skip
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -57,16 +57,18 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale:
     return _run(q, k, v, table, softmax_scale, False, head_order)
 
 
-def run_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float):
-    """:func:`run` and each row's log-sum-exp (float32 ``[B, H, N]``, by memory row), for :func:`run_backward`."""
-    return _run(q, k, v, table, softmax_scale, True)
+def run_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float,
+                 head_order: bool = False):  # fmt: skip
+    """:func:`run` and each row's log-sum-exp (float32 ``[B, H, N]``, by frame-major row), for :func:`run_backward`."""
+    return _run(q, k, v, table, softmax_scale, True, head_order)
 
 
-def run_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float):
-    """``(dq, dk, dv)`` of :func:`run_with_lse`'s attention (:mod:`.backward`'s two kernels)."""
+def run_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float, head_order: bool = False):
+    """``(dq, dk, dv)`` of :func:`run_with_lse`'s attention (:mod:`.backward`'s two kernels); ``head_order``:
+    q, k, v as that forward ran them in head order, the gradients come back in that order."""
     from .backward import backward as triton_backward
 
-    return triton_backward(grad_out, q, k, v, out, lse, table, softmax_scale)
+    return triton_backward(grad_out, q, k, v, out, lse, table, softmax_scale, head_order=head_order)
 
 
 def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: bool = False):

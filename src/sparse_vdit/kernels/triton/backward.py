@@ -25,6 +25,7 @@ from ...block_table import num_blocks
 from .kernel import sequence_rows
 from . import ds_tiles
 from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option
+from .rotary import rotary_order
 
 # Options of the backward (None: DEFAULTS), set by benchmarks (bench/backward.py --variants) and tests:
 # ``tiles`` (dK/dV key tile, its query step, dQ query tile, its key step; None: the rule of _tiles),
@@ -470,12 +471,16 @@ def backward(
     softmax_scale: float,
     *,
     token_major: bool = True,
+    head_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of block-sparse attention over ``table`` for ``[B, N, H, D]`` tensors.
 
     ``out`` and ``lse`` (float32 ``[B, H, N]``, natural log, by memory row) come from the forward.
     ``token_major``: read token-major heads through their order in place (False: q, k, v, out and
-    grad_out are already in each head's own order, as for FlashAttention-4's forward). How the
+    grad_out are already in each head's own order, as for FlashAttention-4's forward). ``head_order``:
+    q, k, v are in each head's own order while grad_out, out and lse are frame-major, as the forward on
+    head-ordered inputs leaves them (``launcher.forward(head_order=True)``): grad_out is put in head order
+    here (one pass) and the gradients come back in head order. How the
     kernels run: :data:`OPTIONS`. Memory besides the gradients: the stored dS tiles of one chunk of
     heads, at most ``ds_budget`` of the device's memory (heads that do not fit, or find no memory
     free, recompute instead).
@@ -490,9 +495,15 @@ def backward(
     tma = bool(backward_option("tma")) and _tma_ok(device)
     layout = table.layout
     delta, lse2 = _prologue(grad_out, out, lse.contiguous())
+    if head_order and table.token_major_heads:  # the statistics and grad_out to the order q, k, v are in
+        index = table.form("triton.bwd.stat_order", lambda t: _stat_order(t, device))
+        lse2, delta = (torch.gather(t, 2, index.expand_as(t)) for t in (lse2, delta))
+        flags = table.form("triton.token_major_int8", lambda t: t.token_major.to(torch.int8))
+        geometry = (layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens)
+        grad_out = rotary_order(grad_out, flags, geometry)[0]
     order = option("schedule")
     num_q_tiles, num_k_tiles = num_blocks(n, q_tile), num_blocks(n, kv_tile)
-    any_token_major = token_major and bool(table.token_major_heads)
+    any_token_major = token_major and not head_order and bool(table.token_major_heads)
     flags = table.token_major.to(torch.int8) if any_token_major else delta
     q_starts, q_ends = table.query_ranges
     starts, ends = table.range_starts.contiguous(), table.range_ends.contiguous()

@@ -4,7 +4,8 @@ The fixed cost of token-major heads is the permutation of q, k, v before attenti
 output after it. On a real model the rotary embedding is applied to q and k right before
 attention, so the permutation rides on that pass: :func:`rotary_order` reads q and k once, rotates
 them, and writes every token-major head in token-major order (v in a second launch, permuted
-only). With ``to_head_order=False`` and no rotary it is the inverse (an output back to frame-major).
+only). With ``to_head_order=False`` it goes back to frame-major (an output; with ``transpose``, the
+backward of the pass: gradients rotated by the transpose).
 The torch reference is :func:`sparse_vdit.kernels.head_order.reference_head_order`.
 
 Launch: a program per (batch, head) and tile of ``block`` tokens, a token tile's heads side by side
@@ -26,11 +27,11 @@ from .kernel import sequence_rows
 
 @triton.jit
 def rotate_pairs(x, COS, SIN, rows, inside, stride_c, offs_d, ok, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                 WAN_PAIRS: tl.constexpr, F64: tl.constexpr):  # fmt: skip
+                 WAN_PAIRS: tl.constexpr, F64: tl.constexpr, TRANSPOSE: tl.constexpr = False):  # fmt: skip
     """``x`` [BLOCK, BLOCK_D] rotated by the rotary tables' rows ``rows`` where ``inside`` (else unchanged),
     channel pairs split in registers; float32 math (float64 with ``F64``). ``BLOCK_D`` is the head dim.
     ``WAN_PAIRS``: Wan's rule (cos of a pair's even channel, sin of its odd one); else diffusers'
-    ``apply_rotary_emb`` (each channel its own cos / sin)."""
+    ``apply_rotary_emb`` (each channel its own cos / sin). ``TRANSPOSE``: the map's transpose (its backward)."""
     cmask = ok & inside[:, None]
     crow = tl.where(inside, rows, 0).to(tl.int64)[:, None] * stride_c
     c = tl.load(COS + crow + offs_d[None, :], mask=cmask, other=1.0)
@@ -43,8 +44,13 @@ def rotate_pairs(x, COS, SIN, rows, inside, stride_c, offs_d, ok, BLOCK: tl.cons
     ce, co = tl.split(tl.reshape(c, [BLOCK, BLOCK_D // 2, 2]))
     se, so = tl.split(tl.reshape(s, [BLOCK, BLOCK_D // 2, 2]))
     if WAN_PAIRS:  # Wan: cos of the pair's even channel, sin of its odd one
+        if TRANSPOSE:
+            so = -so
         ye = xe * ce - xo * so
         yo = xo * ce + xe * so
+    elif TRANSPOSE:  # of [[ce, -se], [so, co]]
+        ye = xe * ce + xo * so
+        yo = xo * co - xe * se
     else:  # diffusers apply_rotary_emb (use_real_unbind_dim=-1): each channel its own cos / sin
         ye = xe * ce - xo * se
         yo = xo * co + xe * so
@@ -63,7 +69,8 @@ def rotary_order_fwd(
     FRAMES: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     ROTARY: tl.constexpr, WAN_PAIRS: tl.constexpr, F64: tl.constexpr, PAIR: tl.constexpr,
     ANY_TOKEN_MAJOR: tl.constexpr,
-    TO_HEAD_ORDER: tl.constexpr,  # Y[own position] = rotary(X[row]); else Y[row] = X[own position]
+    TO_HEAD_ORDER: tl.constexpr,  # Y[own position] = rotary(X[row]); else Y[row] = rotary(X[own position])
+    TRANSPOSE: tl.constexpr,  # the rotation's transpose (the pass's backward)
 ):  # fmt: skip
     bh = tl.program_id(0)  # grid (batch * heads, tiles): a token tile's heads run side by side
     tile = tl.program_id(1)
@@ -82,10 +89,11 @@ def rotary_order_fwd(
         x2 = tl.load(X2 + batch * stride_x2b + head * stride_x2h + src64 * stride_x2n + offs_d[None, :], mask=ok)
     if ROTARY:  # the table is indexed by the memory (sequence) row; BLOCK_D == HEAD_DIM
         inside = (rows >= ROT_START) & (rows < ROT_END)
-        x = rotate_pairs(x, COS, SIN, rows - ROT_START, inside, stride_c, offs_d, ok, BLOCK, BLOCK_D, WAN_PAIRS, F64)
+        x = rotate_pairs(x, COS, SIN, rows - ROT_START, inside, stride_c, offs_d, ok, BLOCK, BLOCK_D, WAN_PAIRS, F64,
+                         TRANSPOSE)  # fmt: skip
         if PAIR:
             x2 = rotate_pairs(x2, COS, SIN, rows - ROT_START, inside, stride_c, offs_d, ok, BLOCK, BLOCK_D,
-                              WAN_PAIRS, F64)  # fmt: skip
+                              WAN_PAIRS, F64, TRANSPOSE)  # fmt: skip
     tl.store(Y + batch * stride_yb + head * stride_yh + dst64 * stride_yn + offs_d[None, :], x.to(Y.dtype.element_ty),
              mask=ok)  # fmt: skip
     if PAIR:
@@ -116,22 +124,22 @@ def rotary_order(
     rotary=None,
     second: torch.Tensor | None = None,
     to_head_order: bool = True,
+    transpose: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x`` (and ``second``) [B, N, H, D] rotated by ``rotary`` and with each head in its own order.
 
     ``token_major``: int8 [H] on x's device, the heads to put in token-major order (None: none);
     ``geometry`` = (frames, frame tokens, video start, video tokens); ``rotary``: a
     :class:`~sparse_vdit.kernels.head_order.Rotary` or None (with one, D a power of two:
-    :func:`supports`). ``to_head_order=False`` (no rotary): the inverse, from each head's own order
-    back to frame-major rows. Returns new tensors.
+    :func:`supports`). ``to_head_order=False``: from each head's own order back to frame-major rows
+    (the table still indexed by the frame-major row). ``transpose``: apply the rotation's transpose, so
+    ``to_head_order=False, transpose=True`` is the backward of the pass. Returns new tensors.
     """
     batch, n, heads, dim = x.shape
     pair = second is not None
     tensors = (x, second) if pair else (x,)
     if any(t.stride(-1) != 1 for t in tensors):
         tensors = tuple(t.contiguous() for t in tensors)
-    if rotary is not None and not to_head_order:
-        raise ValueError("the rotary embedding is applied on the way in (to_head_order=True)")
     if rotary is not None and not supports(dim):
         raise ValueError(f"the fused rotary pass needs a power-of-two head dim, got {dim}")
     outs = tuple(torch.empty(batch, n, heads, dim, dtype=t.dtype, device=t.device) for t in tensors)
@@ -149,6 +157,6 @@ def rotary_order(
         FRAMES=geometry[0], BLOCK=block, HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim),
         ROTARY=rotary is not None, WAN_PAIRS=rotary is not None and rotary.pairs == "wan",
         F64=rotary is not None and rotary.cos.dtype == torch.float64, PAIR=pair,
-        ANY_TOKEN_MAJOR=token_major is not None, TO_HEAD_ORDER=to_head_order, **extra,
+        ANY_TOKEN_MAJOR=token_major is not None, TO_HEAD_ORDER=to_head_order, TRANSPOSE=transpose, **extra,
     )  # fmt: skip
     return outs[0], (outs[1] if pair else None)
