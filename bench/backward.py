@@ -26,10 +26,13 @@ Writes ``backward.json`` to ``--out`` and prints a table last (with variants: ef
 
 ``--calls``: also the backward of the whole processor attention call, the family's rotary included
 (``bench/processor_attention.py``'s tables), on the Triton backend: ``call-old`` (the model's rotary in
-torch, then ``sparse_attention``: token-major heads read in place) and ``call-fused``
+torch, then ``sparse_attention``) and ``call-fused``
 (``attention_in_head_order``: rotary and head order in one pass each way, the kernels on head-ordered
-tensors). Their bar is the same call dense, the faster of the torch rotary and the fused pass then
-cuDNN (rows ``dense-call[...]``): ``block_eff`` = density x t_dense_call / t_call.
+tensors; ``call-fused-f32`` with float64 tables cast to float32 once, as ``state.rotary_float32``).
+Their bar is the same call dense, the faster of the torch rotary and the fused pass then cuDNN (rows
+``dense-call[...]``): ``block_eff`` = density x t_dense_call / t_call. ``op-in-place``: the
+``sparse_attention`` op called directly, as ``torch.compile`` runs it (token-major heads read in place, not
+put in head order as eager training does), against cuDNN alone.
 """
 
 from __future__ import annotations
@@ -180,7 +183,7 @@ def call_paths(shape: Shape, device, dense, kv: int) -> dict:
     from processor_attention import FAMILY, models_rotary, rotary_tables
 
     from sparse_vdit.kernels import sparse_attention
-    from sparse_vdit.kernels.head_order import attention_in_head_order, rotate
+    from sparse_vdit.kernels.head_order import attention_in_head_order, in_float32, rotate
 
     rotary = rotary_tables(shape, FAMILY[shape.name], device)
 
@@ -194,12 +197,20 @@ def call_paths(shape: Shape, device, dense, kv: int) -> dict:
 
         return run
 
-    return {
+    def fused(tables):
+        return lambda table: lambda q, k, v: attention_in_head_order(q, k, v, table, backend="triton", rotary=tables)
+
+    paths = {
         "dense": {"torch rotary": dense_call(torch_rotary), "fused rotary": dense_call(lambda q, k: rotate(q, k, rotary))},
         "call-old": lambda table: lambda q, k, v: sparse_attention(*torch_rotary(q, k), v, table, backend="triton"),
-        "call-fused": lambda table: lambda q, k, v: attention_in_head_order(q, k, v, table, backend="triton",
-                                                                          rotary=rotary),
+        "call-fused": fused(rotary),
+        # the sparse_attention op itself, as torch.compile calls it (token-major heads read in place; no rotary)
+        "op-in-place": lambda table: lambda q, k, v: torch.ops.sparse_vdit.sparse_attention(
+            q, k, v, table.key, q.shape[-1] ** -0.5, "triton")[0],
     }  # fmt: skip
+    if rotary.cos.dtype == torch.float64:  # Wan: also with the tables cast to float32 (the processor's rotary_float32)
+        paths["call-fused-f32"] = fused(in_float32(rotary))
+    return paths
 
 
 def parse(argv):
@@ -322,10 +333,11 @@ def main(argv=None) -> dict:
                             continue
                         record(**row, density=table.density, ms=ms, block_eff=table.density * t_dense / ms)
                         for call, make in calls.items() if backend == "triton" and variant is None else ():
-                            ms = measure(make(table), sets, args.target_ms)
+                            call_trace = trace and trace.with_name(f"{shape.name}-{kind}-{density:g}-call-{call}.txt")
+                            ms = measure(make(table), sets, args.target_ms, call_trace)
                             record(shape=shape.name, kind=kind, target=density, backend=f"triton[{call}]", variant=None,
                                    backward="triton", density=table.density, ms=ms,
-                                   block_eff=table.density * t_dense_call / ms)  # fmt: skip
+                                   block_eff=table.density * (t_dense if call == "op-in-place" else t_dense_call) / ms)  # fmt: skip
         use_variant(None)
         use_backend(None)
         del sets, tables

@@ -69,6 +69,7 @@
 #   tests-k        GPU tests of the fused path's backward (head order both ways) and the Triton backward (#18) (~150)
 #   backward-calls-k  the whole processor call's backward, rotary included: old vs fused path, multi-diagonal and
 #                  mixed, 10-50% (CALL_SHAPES, default Wan-1.3B 480p) (#18) (~200)
+#   backward-calls-profile-k  the same at 10% on Wan-1.3B 480p under torch.profiler: operator and call tables (#18) (~60)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -228,9 +229,12 @@ for name in "$@"; do
         --densities 0.1 0.5 --kinds mixed --backends fa4 --profile --target-ms 200 --out "$R/backward-profile" ;;
     tests-k) TAIL=12 step tests-k 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_head_order_backward.py \
         tests/kernels/test_head_order.py tests/kernels/test_backward.py -k "(head_order or triton) and not sweep" ;;
-    backward-calls-k) TAIL=40 step backward-calls-k 330 python3 bench/backward.py --shapes ${CALL_SHAPES:-wan1.3b-480p} \
-        --densities 0.1 0.25 0.5 --kinds multi_diag mixed --backends triton --calls --target-ms 100 --budget-s 300 \
+    backward-calls-k) TAIL=60 step backward-calls-k 520 python3 bench/backward.py --shapes ${CALL_SHAPES:-wan1.3b-480p} \
+        --densities 0.1 0.25 0.5 --kinds multi_diag mixed --backends triton --calls --target-ms 100 --budget-s 480 \
         --out "$R/backward-calls-k" ;;
+    backward-calls-profile-k) TAIL=4 step backward-calls-profile-k 200 python3 bench/backward.py --shapes wan1.3b-480p \
+        --densities 0.1 --kinds multi_diag mixed --backends triton --calls --profile --target-ms 100 --budget-s 150 \
+        --out "$R/backward-calls-profile-k" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done

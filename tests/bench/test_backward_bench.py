@@ -64,12 +64,17 @@ def test_backward_dry_run_times_the_processor_calls(load_script, tmp_path):
     if not registry.available("triton", torch.device("cpu"))[0]:
         pytest.skip("needs triton and TRITON_INTERPRET=1")
     result = load_script("backward").main(["--dry-run", "--backends", "triton", "--kinds", "multi_diag", "--calls",
-                                           "--out", str(tmp_path)])  # fmt: skip
+                                           "--profile", "--out", str(tmp_path)])  # fmt: skip
     rows = {r["backend"]: r for r in result["rows"]}
-    assert set(rows) == {"cudnn-backward", "dense-call[torch rotary]", "dense-call[fused rotary]", "triton",
-                         "triton[call-old]", "triton[call-fused]", "reference"}  # fmt: skip
+    assert set(rows) - {"triton[call-fused-f32]"} == {  # the f32 row only for float64 tables (Wan's)
+        "cudnn-backward", "dense-call[torch rotary]", "dense-call[fused rotary]", "triton", "triton[call-old]",
+        "triton[call-fused]", "triton[op-in-place]", "reference"}  # fmt: skip
+    for path in ("call-old", "call-fused"):  # --profile: each call's backward profiled beside the operator's
+        assert list((tmp_path / "profile").glob(f"*-{path}.txt"))
     bar = min(rows[f"dense-call[{r}]"]["ms"] for r in ("torch rotary", "fused rotary"))
     for path in ("call-old", "call-fused"):
         row = rows[f"triton[{path}]"]
         assert row["ms"] > 0 and row["block_eff"] == pytest.approx(row["density"] * bar / row["ms"])
+    row = rows["triton[op-in-place]"]  # the op alone: cuDNN's bar
+    assert row["block_eff"] == pytest.approx(row["density"] * rows["cudnn-backward"]["ms"] / row["ms"])
     assert json.loads((tmp_path / "backward.json").read_text())["rows"] == result["rows"]

@@ -86,16 +86,30 @@ def _dense_error(dtype, q, k, v, grad_out, kv_len):
     return [rel_rms(a, b) for a, b in zip(approx, exact)]
 
 
-def _check(case, backend, dtype, device, floor, monkeypatch=None):
+def _check(case, backend, dtype, device, floor, monkeypatch=None, route="eager"):
+    """``route``: ``eager`` (``sparse_attention``; Triton with token-major heads: the head-order op, checked
+    to run) or ``op`` (the ``sparse_attention`` op itself, as ``torch.compile`` calls it: token-major heads
+    read in place)."""
     layout, block, heads, batch, dim = case
     table = compile_layer(heads, layout, block, device)
     q, k, v, grad_out = _inputs(layout, len(heads), batch, dim, device)
     k[:, layout.kv_len :] = 1e4  # padded text keys: attending to them, or differentiating them, would show
+    calls = []
     if monkeypatch is not None:  # every buffer allocated with empty_like starts as NaN: unwritten elements show
         poison_empty_like(monkeypatch)
-    got = _grads(lambda q, k, v: sparse_attention(q, k, v, table, backend=backend), dtype, q, k, v, grad_out)
+        real = torch.ops.sparse_vdit.attention_in_head_order
+        monkeypatch.setattr(torch.ops.sparse_vdit, "attention_in_head_order",
+                            lambda *a: calls.append(1) or real(*a), raising=False)  # fmt: skip
+    if route == "op":
+        def attend(q, k, v):
+            return torch.ops.sparse_vdit.sparse_attention(q, k, v, table.key, dim**-0.5, backend)[0]
+    else:
+        def attend(q, k, v):
+            return sparse_attention(q, k, v, table, backend=backend)
+    got = _grads(attend, dtype, q, k, v, grad_out)
     if monkeypatch is not None:
         monkeypatch.undo()
+        assert bool(calls) == (backend == "triton" and route == "eager" and bool(table.token_major_heads)), calls
     expected = _oracle(table, q, k, v, grad_out, dim**-0.5)
     bounds = [max(2 * e, floor) for e in _dense_error(dtype, q, k, v, grad_out, layout.kv_len)]
     assert all(b == b for b in bounds)  # no NaN yardstick
@@ -115,13 +129,14 @@ def test_reference_backward_matches_masked_attention(case):
     _check(CASES[case], "reference", torch.float32, "cpu", 1e-6)
 
 
+@pytest.mark.parametrize("route", ["eager", "op"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", CASES)
-def test_triton_backward_matches_masked_attention(case, dtype, monkeypatch):
+def test_triton_backward_matches_masked_attention(case, dtype, route, monkeypatch):
     pytest.importorskip("triton")
     if not registry.available("triton", torch.device("cpu"))[0]:
         pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
-    _check(CASES[case], "triton", dtype, "cpu", 2e-6, monkeypatch)
+    _check(CASES[case], "triton", dtype, "cpu", 2e-6, monkeypatch, route)
 
 
 def _variant_options(name: str, block: int) -> dict:
@@ -134,11 +149,12 @@ def _variant_options(name: str, block: int) -> dict:
     return options
 
 
+@pytest.mark.parametrize("route", ["eager", "op"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", ["mixed-text-suffix-padded-batch2", "mixed-text-prefix-d128", "ragged-steps"])
-def test_triton_backward_variants_match_masked_attention(case, variant, monkeypatch):
+def test_triton_backward_variants_match_masked_attention(case, variant, route, monkeypatch):
     """Every candidate of bench/backward.py --variants (fp16, tiles split into several steps per block,
-    ragged last blocks, text, token-major and skipped heads)."""
+    ragged last blocks, text, token-major and skipped heads), by both routes."""
     pytest.importorskip("triton")
     if not registry.available("triton", torch.device("cpu"))[0]:
         pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
@@ -147,7 +163,7 @@ def test_triton_backward_variants_match_masked_attention(case, variant, monkeypa
     layout = RAGGED_STEPS if case == "ragged-steps" else CASES[case]
     for key, value in _variant_options(variant, layout[1]).items():
         monkeypatch.setitem(backward.OPTIONS, key, value)
-    _check(layout, "triton", torch.float16, "cpu", 2e-6, monkeypatch)
+    _check(layout, "triton", torch.float16, "cpu", 2e-6, monkeypatch, route)
 
 
 def test_head_chunks_fit_the_budget_in_order():
@@ -355,9 +371,10 @@ def test_dense_and_skip_tables_differentiate():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", ["triton", "flex", "fa4"])
+@pytest.mark.parametrize("backend", ["triton", "triton-op", "flex", "fa4"])
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_gpu_backward_matches_masked_attention(case, backend, dtype, monkeypatch):
+    backend, route = ("triton", "op") if backend == "triton-op" else (backend, "eager")
     ok, why = registry.available(backend, torch.device("cuda", torch.cuda.current_device()))
     if not ok:
         pytest.skip(why)
@@ -365,15 +382,16 @@ def test_gpu_backward_matches_masked_attention(case, backend, dtype, monkeypatch
     problem = registry.get(backend).table_problem(block, dim, dtype, torch.device("cuda", torch.cuda.current_device()))
     if problem:
         pytest.skip(problem)
-    _check(GPU_CASES[case], backend, dtype, "cuda", 1e-6, monkeypatch if backend == "triton" else None)
+    _check(GPU_CASES[case], backend, dtype, "cuda", 1e-6, monkeypatch if backend == "triton" else None, route)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("route", ["eager", "op"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_gpu_triton_backward_variants_match_masked_attention(case, variant, monkeypatch):
-    """Every Triton backward variant on the GPU (bf16; its own tiles, TMA), buffers NaN-poisoned."""
+def test_gpu_triton_backward_variants_match_masked_attention(case, variant, route, monkeypatch):
+    """Every Triton backward variant on the GPU (bf16; its own tiles, TMA), buffers NaN-poisoned, by both routes."""
     device = torch.device("cuda", torch.cuda.current_device())
     ok, why = registry.available("triton", device)
     if not ok:
@@ -382,7 +400,7 @@ def test_gpu_triton_backward_variants_match_masked_attention(case, variant, monk
 
     for key, value in VARIANTS[variant].items():
         monkeypatch.setitem(backward.OPTIONS, key, value)
-    _check(GPU_CASES[case], "triton", torch.bfloat16, "cuda", 1e-6, monkeypatch)
+    _check(GPU_CASES[case], "triton", torch.bfloat16, "cuda", 1e-6, monkeypatch, route)
 
 
 @pytest.mark.gpu

@@ -47,7 +47,9 @@ def sparse_attention(
 
     Differentiable on every backend (also under ``torch.compile``), exact for the same table:
     ``triton`` runs its own backward kernels (:mod:`~sparse_vdit.kernels.triton.backward`) from the
-    log-sum-exp its forward saves; ``fa4`` runs FA4's own block-sparse backward where its tiles fit the
+    log-sum-exp its forward saves (eagerly, with token-major heads, by
+    :func:`~sparse_vdit.kernels.head_order.attention_in_head_order`: the forward's head-ordered copies of
+    q, k, v are kept, so the backward runs as on frame-major heads); ``fa4`` runs FA4's own block-sparse backward where its tiles fit the
     table (:func:`~sparse_vdit.kernels.fa4.backward_path`, said once in the log), else the Triton
     backward on the permuted tensors with FA4's log-sum-exp; ``flex`` and ``reference`` recompute their
     forward under autograd in the backward. Skipped heads and keys that no query visits get zero gradients.
@@ -67,6 +69,10 @@ def sparse_attention(
     if table.all_dense and backend != "reference":
         use_fa4 = name == "fa4" and not _needs_grad(q, k, v)  # FA4's dense call has no backward: SDPA's has
         return dense.forward(q, k, v, kv_len=table.layout.kv_len, softmax_scale=scale, use_fa4=use_fa4)
+    if name == "triton" and table.token_major_heads and _needs_grad(q, k, v) and not torch.compiler.is_compiling():
+        from .head_order import attention_in_head_order  # imports this module
+
+        return attention_in_head_order(q, k, v, table, scale, backend=name)
     return torch.ops.sparse_vdit.sparse_attention(q, k, v, table.key, scale, name)[0]
 
 
@@ -205,10 +211,13 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.inputs_permuted = ran[0].numel() > 0  # the permuted copies the kernel ran on, kept instead of q, k, v
     ctx.save_for_backward(*(ran if ctx.inputs_permuted else (q, k, v)), out, lse)
     ctx.mark_non_differentiable(lse, *ran)
+    ctx.set_materialize_grads(False)  # no zeros for the outputs the backward ignores (lse, the permuted copies)
     ctx.table_key, ctx.softmax_scale, ctx.backend = table_key, softmax_scale, backend
 
 
 def _backward(ctx, grad_out, *_grads_of_the_rest):
+    if grad_out is None:  # the output itself took no part in the loss
+        return None, None, None, None, None, None
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.sparse_vdit.sparse_attention_backward(
         grad_out.contiguous(), q, k, v, out, lse, ctx.table_key, ctx.softmax_scale, ctx.backend,

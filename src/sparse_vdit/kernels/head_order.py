@@ -263,10 +263,13 @@ def _head_order_setup(ctx, inputs, output) -> None:
     out, lse, q, k, v = output
     ctx.save_for_backward(q, k, v, out, lse, cos, sin)
     ctx.mark_non_differentiable(lse, q, k, v)
+    ctx.set_materialize_grads(False)  # no zeros for the outputs the backward ignores (lse, q, k, v)
     ctx.call = (rotary_start, rotary_pairs, table_key, softmax_scale)
 
 
 def _head_order_backward(ctx, grad_out, *_grads_of_the_rest):
+    if grad_out is None:  # the output itself took no part in the loss
+        return None, None, None, None, None, None, None, None, None
     q, k, v, out, lse, cos, sin = ctx.saved_tensors
     grads = torch.ops.sparse_vdit.attention_in_head_order_backward(grad_out.contiguous(), q, k, v, out, lse, cos, sin,
                                                                    *ctx.call)  # fmt: skip

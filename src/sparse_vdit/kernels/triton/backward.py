@@ -3,7 +3,7 @@
 FlashAttention-2 style: ``dK, dV`` by key tile, looping over the query blocks that visit its key
 block (the table's transposed form, :attr:`BlockTable.query_ranges`), recomputing the probabilities
 from the forward's log-sum-exp (``launcher.forward(..., return_lse=True)``, turned to base 2 by a
-prologue kernel that also computes ``delta = rowsum(dO * O)``). The same kernel stores each visited
+prologue kernel that also computes ``delta = rowsum(dO * O)``: :mod:`.backward_prologue`). The same kernel stores each visited
 pair's ``dS`` tile (heads in chunks within a memory share, :data:`DEFAULTS`), and ``dQ = dS K`` runs
 by query tile over the forward's key-block ranges: one matmul per block. A head whose tiles do not fit
 the share has its ``dQ`` recompute the probabilities instead (``dq="recompute"``). Each range's whole
@@ -11,7 +11,9 @@ steps run unmasked (frame-major heads read them, and the dQ kernel its dS tiles,
 descriptors, TMA, on sm90+), only its ragged last step masked; the tiles go out as wide stores from
 the matmul's registers, rows and columns in an order that needs no exchange between threads.
 Token-major heads are read and written through their order in place, as in the forward (their LSE
-and delta gathered into their order once, for the dK/dV kernel's whole steps). Every element of dQ,
+and delta gathered into their order once, for the dK/dV kernel's whole steps), or, after the forward on
+head-ordered q, k, v (``head_order``: how eager training runs), as frame-major heads, the prologue
+putting grad_out and the statistics in head order. Every element of dQ,
 dK, dV is written (zeros for keys nobody visits: skipped heads, padded text). The torch reference is autograd through ``sparse_vdit.kernels.reference``.
 """
 
@@ -24,8 +26,8 @@ import triton.language as tl
 from ...block_table import num_blocks
 from .kernel import sequence_rows
 from . import ds_tiles
+from .backward_prologue import prologue, prologue_in_head_order
 from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option
-from .rotary import rotary_order
 
 # Options of the backward (None: DEFAULTS), set by benchmarks (bench/backward.py --variants) and tests:
 # ``tiles`` (dK/dV key tile, its query step, dQ query tile, its key step; None: the rule of _tiles),
@@ -415,21 +417,6 @@ def block_sparse_attention_bwd_dq_stored(
              mask=q_ok[:, None])  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["ROWS", "HEADS", "N"])
-def backward_prologue(O, DO, LSE, DELTA, LSE2, ROWS, HEADS, N, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """``DELTA = rowsum(DO * O)`` and ``LSE2 = LSE * log2(e)`` for ``BLOCK`` rows of the flat
-    ``[B * N * H, D]`` tensors; DELTA, LSE, LSE2 are ``[B, H, N]``."""
-    flat = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = flat < ROWS
-    ptrs = flat.to(tl.int64)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    o = tl.load(O + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-    head = flat % HEADS
-    stats = ((flat // HEADS) // N * HEADS + head).to(tl.int64) * N + (flat // HEADS) % N  # (batch, head, n)
-    tl.store(DELTA + stats, tl.sum(o * do, 1), mask=ok)
-    tl.store(LSE2 + stats, tl.load(LSE + stats, mask=ok) * 1.4426950408889634, mask=ok)
-
-
 def _tiles(block_size: int, head_dim: int, device: torch.device, override=None) -> tuple[int, int, int, int]:
     """(dK/dV key tile, its query step, dQ query tile, its key step); ``override`` checked.
 
@@ -447,17 +434,6 @@ def _tiles(block_size: int, head_dim: int, device: torch.device, override=None) 
     # measured faster than 32 at D=128, recomputing or not: BENCHMARKS.md, session i)
     big, small = min(block_size, 128), min(block_size, 32 if head_dim > 64 else 64)
     return big, small, big, min(block_size, 64)
-
-
-def _prologue(grad_out, out, lse) -> tuple[torch.Tensor, torch.Tensor]:
-    """(delta, base-2 LSE), float32 ``[B, H, N]``, by one Triton pass."""
-    batch, n, heads, dim = out.shape
-    delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
-    rows, block = batch * n * heads, 64
-    extra = {} if out.device.type == "cpu" else {"num_warps": 4}
-    backward_prologue[(triton.cdiv(rows, block),)](out, grad_out, lse, delta, lse2, rows, heads, n, BLOCK=block,
-                                                   HEAD_DIM=dim, **extra)  # fmt: skip
-    return delta, lse2
 
 
 def backward(
@@ -479,8 +455,8 @@ def backward(
     ``token_major``: read token-major heads through their order in place (False: q, k, v, out and
     grad_out are already in each head's own order, as for FlashAttention-4's forward). ``head_order``:
     q, k, v are in each head's own order while grad_out, out and lse are frame-major, as the forward on
-    head-ordered inputs leaves them (``launcher.forward(head_order=True)``): grad_out is put in head order
-    here (one pass) and the gradients come back in head order. How the
+    head-ordered inputs leaves them (``launcher.forward(head_order=True)``): the prologue's pass puts
+    grad_out and the statistics in head order, and the gradients come back in head order. How the
     kernels run: :data:`OPTIONS`. Memory besides the gradients: the stored dS tiles of one chunk of
     heads, at most ``ds_budget`` of the device's memory (heads that do not fit, or find no memory
     free, recompute instead).
@@ -494,13 +470,10 @@ def backward(
     stages = backward_option("stages")
     tma = bool(backward_option("tma")) and _tma_ok(device)
     layout = table.layout
-    delta, lse2 = _prologue(grad_out, out, lse.contiguous())
-    if head_order and table.token_major_heads:  # the statistics and grad_out to the order q, k, v are in
-        index = table.form("triton.bwd.stat_order", lambda t: _stat_order(t, device))
-        lse2, delta = (torch.gather(t, 2, index.expand_as(t)) for t in (lse2, delta))
-        flags = table.form("triton.token_major_int8", lambda t: t.token_major.to(torch.int8))
-        geometry = (layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens)
-        grad_out = rotary_order(grad_out, flags, geometry)[0]
+    if head_order and table.token_major_heads:  # the statistics and grad_out in the order q, k, v are in
+        delta, lse2, grad_out = prologue_in_head_order(grad_out, out, lse.contiguous(), table)
+    else:
+        delta, lse2 = prologue(grad_out, out, lse.contiguous())
     order = option("schedule")
     num_q_tiles, num_k_tiles = num_blocks(n, q_tile), num_blocks(n, kv_tile)
     any_token_major = token_major and not head_order and bool(table.token_major_heads)
