@@ -49,8 +49,8 @@ def sparse_attention(
     ``triton`` runs its own backward kernels (:mod:`~sparse_vdit.kernels.triton.backward`) from the
     log-sum-exp its forward saves (eagerly, with token-major heads, by
     :func:`~sparse_vdit.kernels.head_order.attention_in_head_order`: the forward's head-ordered copies of
-    q, k, v are kept, so the backward runs as on frame-major heads); ``fa4`` runs FA4's own block-sparse backward where its tiles fit the
-    table (:func:`~sparse_vdit.kernels.fa4.backward_path`, said once in the log), else the Triton
+    q, k, v are kept, so the backward runs as on frame-major heads); ``fa4`` runs FA4's own block-sparse
+    backward where its tiles fit the table (:func:`~sparse_vdit.kernels.fa4.backward_path`, said once in the log), else the Triton
     backward on the permuted tensors with FA4's log-sum-exp; ``flex`` and ``reference`` recompute their
     forward under autograd in the backward. Skipped heads and keys that no query visits get zero gradients.
 

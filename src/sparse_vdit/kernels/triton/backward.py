@@ -3,18 +3,19 @@
 FlashAttention-2 style: ``dK, dV`` by key tile, looping over the query blocks that visit its key
 block (the table's transposed form, :attr:`BlockTable.query_ranges`), recomputing the probabilities
 from the forward's log-sum-exp (``launcher.forward(..., return_lse=True)``, turned to base 2 by a
-prologue kernel that also computes ``delta = rowsum(dO * O)``: :mod:`.backward_prologue`). The same kernel stores each visited
-pair's ``dS`` tile (heads in chunks within a memory share, :data:`DEFAULTS`), and ``dQ = dS K`` runs
-by query tile over the forward's key-block ranges: one matmul per block. A head whose tiles do not fit
-the share has its ``dQ`` recompute the probabilities instead (``dq="recompute"``). Each range's whole
+prologue kernel that also computes ``delta = rowsum(dO * O)``: :mod:`.backward_prologue`). The same
+kernel stores each visited pair's ``dS`` tile (heads in chunks within a memory share, :data:`DEFAULTS`),
+and ``dQ = dS K`` runs by query tile over the forward's key-block ranges: one matmul per block. A head
+whose tiles do not fit the share has its ``dQ`` recompute the probabilities instead (``dq="recompute"``). Each range's whole
 steps run unmasked (frame-major heads read them, and the dQ kernel its dS tiles, through tensor
 descriptors, TMA, on sm90+), only its ragged last step masked; the tiles go out as wide stores from
 the matmul's registers, rows and columns in an order that needs no exchange between threads.
 Token-major heads are read and written through their order in place, as in the forward (their LSE
 and delta gathered into their order once, for the dK/dV kernel's whole steps), or, after the forward on
 head-ordered q, k, v (``head_order``: how eager training runs), as frame-major heads, the prologue
-putting grad_out and the statistics in head order. Every element of dQ,
-dK, dV is written (zeros for keys nobody visits: skipped heads, padded text). The torch reference is autograd through ``sparse_vdit.kernels.reference``.
+putting grad_out and the statistics in head order. Every element of dQ, dK, dV is written (zeros for
+keys nobody visits: skipped heads, padded text). The torch reference is autograd through
+``sparse_vdit.kernels.reference``.
 """
 
 from __future__ import annotations
