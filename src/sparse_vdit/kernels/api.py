@@ -11,6 +11,7 @@ from ..block_table import BlockTable, table_by_key
 from ..layout import VideoLayout
 from . import dense, registry
 from .checks import check_inputs
+from .head_order_op import train_in_head_order
 from .registry import resolve
 
 
@@ -48,7 +49,7 @@ def sparse_attention(
     Differentiable on every backend (also under ``torch.compile``), exact for the same table:
     ``triton`` runs its own backward kernels (:mod:`~sparse_vdit.kernels.triton.backward`) from the
     log-sum-exp its forward saves (eagerly, with token-major heads, by
-    :func:`~sparse_vdit.kernels.head_order.attention_in_head_order`: the forward's head-ordered copies of
+    :func:`~sparse_vdit.kernels.head_order_op.train_in_head_order`: the forward's head-ordered copies of
     q, k, v are kept, so the backward runs as on frame-major heads); ``fa4`` runs FA4's own block-sparse
     backward where its tiles fit the table (:func:`~sparse_vdit.kernels.fa4.backward_path`, said once in the log), else the Triton
     backward on the permuted tensors with FA4's log-sum-exp; ``flex`` and ``reference`` recompute their
@@ -70,9 +71,7 @@ def sparse_attention(
         use_fa4 = name == "fa4" and not _needs_grad(q, k, v)  # FA4's dense call has no backward: SDPA's has
         return dense.forward(q, k, v, kv_len=table.layout.kv_len, softmax_scale=scale, use_fa4=use_fa4)
     if name == "triton" and table.token_major_heads and _needs_grad(q, k, v) and not torch.compiler.is_compiling():
-        from .head_order import attention_in_head_order  # imports this module
-
-        return attention_in_head_order(q, k, v, table, scale, backend=name)
+        return train_in_head_order(q, k, v, table, scale)
     return torch.ops.sparse_vdit.sparse_attention(q, k, v, table.key, scale, name)[0]
 
 

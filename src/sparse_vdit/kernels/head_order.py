@@ -6,7 +6,7 @@ same pass (one Triton launch for q and k, one for v), then :func:`attention_in_h
 the backend on those tensors and returns the output frame-major: the Triton kernel stores its rows
 to their frame-major positions itself, the other backends' output goes back through one copy
 (:func:`to_frame_major`). No separate gather runs. Differentiable: on the Triton backend the backward
-runs on the head-ordered tensors too, its passes the same kernel's (:func:`attention_in_head_order`).
+runs on the head-ordered tensors too (:mod:`.head_order_op`, the op under autograd).
 
 The rotary conventions (model-agnostic; the integration says which one a model uses):
 
@@ -19,44 +19,24 @@ The rotary conventions (model-agnostic; the integration says which one a model u
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
-from ..block_table import BlockTable, table_by_key
+from ..block_table import BlockTable
 from . import registry
 from .api import reorder_heads
 from .checks import check_inputs
+from .head_order_op import PAIRS, Rotary, fused_head_order, train_in_head_order
+from .head_order_op import flags as _flags
+from .head_order_op import geometry as _geometry
 
-PAIRS = ("interleaved", "wan")
 # The Triton backend runs token-major heads on this path permuted (q, k, v written in each head's
 # order by the fused pass, every key tile contiguous). A rotary-only pass with the kernel reading
 # token-major heads through the order lost on an H200 (issue 21, BENCHMARKS.md) and was removed, as
 # was q left out of the pass and rotated by the kernel on load (slower in 44 of the sweep's 48 calls).
 
 
-@dataclass(frozen=True, eq=False)
-class Rotary:
-    """A rotary embedding of sequence rows ``start .. start + len(cos)``: ``cos`` / ``sin`` [R, D]
-    (float32 or float64, last dim contiguous), ``pairs`` one of :data:`PAIRS`. Other rows pass unchanged."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-    start: int = 0
-    pairs: str = "interleaved"
-
-    def __post_init__(self) -> None:
-        if self.pairs not in PAIRS:
-            raise ValueError(f"pairs must be one of {PAIRS}, got {self.pairs!r}")
-        if self.cos.dim() != 2 or self.cos.shape != self.sin.shape or self.cos.shape[1] % 2:
-            raise ValueError(f"cos and sin must be [rows, even head_dim] alike, got {tuple(self.cos.shape)}, "
-                             f"{tuple(self.sin.shape)}")  # fmt: skip
-        if self.cos.stride(-1) != 1 or self.sin.stride(-1) != 1 or self.cos.stride(0) != self.sin.stride(0):
-            raise ValueError("cos and sin need a contiguous last dim and the same row stride")
-
-    @property
-    def end(self) -> int:
-        return self.start + self.cos.shape[0]
 
 
 def in_float32(rotary: Rotary) -> Rotary:
@@ -96,17 +76,6 @@ def _fused(x: torch.Tensor, rotary: Rotary | None = None) -> bool:
 
         ok = ok and supports(x.shape[-1])
     return ok and x.dtype != torch.float64
-
-
-def _geometry(table: BlockTable) -> tuple[int, int, int, int]:
-    layout = table.layout
-    return layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens
-
-
-def _flags(table: BlockTable) -> torch.Tensor | None:
-    if not table.token_major_heads:
-        return None
-    return table.form("triton.token_major_int8", lambda t: t.token_major.to(torch.int8))  # shared with the Triton backend
 
 
 def rotate(q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,15 +125,7 @@ def to_head_order(q, k, v, table: BlockTable, rotary: Rotary | None = None):
     """
     if not _fused(q, rotary):
         return tuple(reference_head_order(t, table, r) for t, r in ((q, rotary), (k, rotary), (v, None)))
-    from .triton.rotary import rotary_order
-
-    flags, geometry = _flags(table), _geometry(table)
-    if flags is None and rotary is None:
-        return q, k, v
-    q, k = rotary_order(q, flags, geometry, rotary, second=k)
-    if flags is not None:
-        v, _ = rotary_order(v, flags, geometry)
-    return q, k, v
+    return fused_head_order(q, k, v, table, rotary)
 
 
 def to_frame_major(out: torch.Tensor, table: BlockTable) -> torch.Tensor:
@@ -185,9 +146,8 @@ def attention_in_head_order(q, k, v, table: BlockTable, softmax_scale: float | N
     :func:`~sparse_vdit.kernels.sparse_attention` of the rotated inputs.
 
     Differentiable. On the Triton backend the backward runs on the head-ordered tensors the forward
-    made (saved in place of q, k, v): grad_out goes to head order in one pass, the kernels run as on
-    frame-major heads, and the gradients go back to frame-major in one pass each for (q, k), through the
-    rotary's transpose, and v. Other backends rotate (differentiably) and call ``sparse_attention``.
+    made (:func:`~sparse_vdit.kernels.head_order_op.train_in_head_order`). Other backends rotate
+    (differentiably) and call ``sparse_attention``.
     """
     scale = check_inputs(q, k, v, table, softmax_scale)
     table = table if table.device == q.device else table.to(q.device)
@@ -200,84 +160,13 @@ def attention_in_head_order(q, k, v, table: BlockTable, softmax_scale: float | N
 
         return sparse_attention(*rotate(q, k, rotary), v, table, softmax_scale=scale, backend=name)
     if needs_grad:
-        cos, sin, start, pairs = (None, None, 0, PAIRS[0]) if rotary is None else (rotary.cos, rotary.sin,
-                                                                                   rotary.start, rotary.pairs)  # fmt: skip
-        return torch.ops.sparse_vdit.attention_in_head_order(q, k, v, cos, sin, start, pairs, table.key, scale)[0]
+        return train_in_head_order(q, k, v, table, scale, rotary)
     q, k, v = to_head_order(q, k, v, table, rotary)
     if name == "triton":  # stores its rows frame-major itself
         from .triton import backend
 
         return backend.run(q, k, v, table, scale, head_order=True)
     return to_frame_major(registry.get(name).module.run(q, k, v, table, scale), table)
-
-
-def _rotary_of(cos: torch.Tensor | None, sin: torch.Tensor | None, start: int, pairs: str) -> Rotary | None:
-    return None if cos is None else Rotary(cos, sin, start, pairs)
-
-
-@torch.library.custom_op("sparse_vdit::attention_in_head_order", mutates_args=())
-def _head_order_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
-                   sin: torch.Tensor | None, rotary_start: int, rotary_pairs: str, table_key: int,
-                   softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """:func:`attention_in_head_order` on the Triton backend under autograd, opaque to ``torch.compile``:
-    ``(out, lse, q, k, v)``, the output and LSE frame-major, q, k, v rotated and in head order (for the backward)."""
-    from .triton import backend
-
-    table = table_by_key(table_key)
-    q, k, v = to_head_order(q, k, v, table, _rotary_of(cos, sin, rotary_start, rotary_pairs))
-    out, lse = backend.run_with_lse(q, k, v, table, softmax_scale, head_order=True)
-    return out, lse, q, k, v
-
-
-@_head_order_op.register_fake
-def _(q, k, v, cos, sin, rotary_start, rotary_pairs, table_key, softmax_scale):
-    batch, n, heads, _ = q.shape
-    return (q.new_empty(q.shape), q.new_empty((batch, heads, n), dtype=torch.float32), q.new_empty(q.shape),
-            k.new_empty(k.shape), v.new_empty(v.shape))  # fmt: skip
-
-
-@torch.library.custom_op("sparse_vdit::attention_in_head_order_backward", mutates_args=())
-def _head_order_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            out: torch.Tensor, lse: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                            rotary_start: int, rotary_pairs: str, table_key: int, softmax_scale: float,
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(dq, dk, dv)`` of :func:`_head_order_op` (frame-major, before the rotary), from its head-ordered q, k, v."""
-    from .triton import backend
-    from .triton.rotary import rotary_order
-
-    table = table_by_key(table_key)
-    dq, dk, dv = backend.run_backward(grad_out, q, k, v, out, lse, table, softmax_scale, head_order=True)
-    flags, geometry = _flags(table), _geometry(table)
-    rotary = _rotary_of(cos, sin, rotary_start, rotary_pairs)
-    dq, dk = rotary_order(dq, flags, geometry, rotary, second=dk, to_head_order=False, transpose=True)
-    return dq, dk, rotary_order(dv, flags, geometry, to_head_order=False)[0]
-
-
-@_head_order_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, cos, sin, rotary_start, rotary_pairs, table_key, softmax_scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _head_order_setup(ctx, inputs, output) -> None:
-    cos, sin, rotary_start, rotary_pairs, table_key, softmax_scale = inputs[3:]
-    out, lse, q, k, v = output
-    ctx.save_for_backward(q, k, v, out, lse, cos, sin)
-    ctx.mark_non_differentiable(lse, q, k, v)
-    ctx.set_materialize_grads(False)  # no zeros for the outputs the backward ignores (lse, q, k, v)
-    ctx.call = (rotary_start, rotary_pairs, table_key, softmax_scale)
-
-
-def _head_order_backward(ctx, grad_out, *_grads_of_the_rest):
-    if grad_out is None:  # the output itself took no part in the loss
-        return None, None, None, None, None, None, None, None, None
-    q, k, v, out, lse, cos, sin = ctx.saved_tensors
-    grads = torch.ops.sparse_vdit.attention_in_head_order_backward(grad_out.contiguous(), q, k, v, out, lse, cos, sin,
-                                                                   *ctx.call)  # fmt: skip
-    return *grads, None, None, None, None, None, None
-
-
-torch.library.register_autograd("sparse_vdit::attention_in_head_order", _head_order_backward,
-                                setup_context=_head_order_setup)  # fmt: skip
 
 
 __all__ = ["PAIRS", "Rotary", "apply_rotary", "attention_in_head_order", "in_float32", "reference_head_order", "rotate",

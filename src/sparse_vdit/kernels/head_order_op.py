@@ -1,0 +1,148 @@
+"""The fused path under autograd: block-sparse attention on the Triton backend with q, k, v put in each
+head's own order (the rotary fused in), one custom op with its backward, opaque to ``torch.compile``.
+
+The forward keeps the head-ordered, rotated q, k, v it made (in place of the inputs); the backward runs
+the kernels on them as on frame-major heads (its prologue puts grad_out in head order), then one pass
+takes dq and dk back to frame-major through the rotary's transpose and one takes dv back. Below both
+:func:`~sparse_vdit.kernels.sparse_attention` (whose eager training runs token-major heads here) and
+:mod:`.head_order` (the processor's fused path, and the torch references).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..block_table import BlockTable, table_by_key
+
+PAIRS = ("interleaved", "wan")
+
+
+@dataclass(frozen=True, eq=False)
+class Rotary:
+    """A rotary embedding of sequence rows ``start .. start + len(cos)``: ``cos`` / ``sin`` [R, D]
+    (float32 or float64, last dim contiguous), ``pairs`` one of :data:`PAIRS`. Other rows pass unchanged."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    start: int = 0
+    pairs: str = "interleaved"
+
+    def __post_init__(self) -> None:
+        if self.pairs not in PAIRS:
+            raise ValueError(f"pairs must be one of {PAIRS}, got {self.pairs!r}")
+        if self.cos.dim() != 2 or self.cos.shape != self.sin.shape or self.cos.shape[1] % 2:
+            raise ValueError(f"cos and sin must be [rows, even head_dim] alike, got {tuple(self.cos.shape)}, "
+                             f"{tuple(self.sin.shape)}")  # fmt: skip
+        if self.cos.stride(-1) != 1 or self.sin.stride(-1) != 1 or self.cos.stride(0) != self.sin.stride(0):
+            raise ValueError("cos and sin need a contiguous last dim and the same row stride")
+
+    @property
+    def end(self) -> int:
+        return self.start + self.cos.shape[0]
+
+
+def geometry(table: BlockTable) -> tuple[int, int, int, int]:
+    layout = table.layout
+    return layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens
+
+
+def flags(table: BlockTable) -> torch.Tensor | None:
+    if not table.token_major_heads:
+        return None
+    return table.form("triton.token_major_int8", lambda t: t.token_major.to(torch.int8))  # shared with the Triton backend
+
+
+def fused_head_order(q, k, v, table: BlockTable, rotary: Rotary | None = None):
+    """(q, k, v) rotated (q and k) and with the table's token-major heads in token-major order, by the
+    Triton pass: one launch for q and k, one for v (:func:`~sparse_vdit.kernels.triton.rotary.rotary_order`)."""
+    from .triton.rotary import rotary_order
+
+    token_major, shape = flags(table), geometry(table)
+    if token_major is None and rotary is None:
+        return q, k, v
+    q, k = rotary_order(q, token_major, shape, rotary, second=k)
+    if token_major is not None:
+        v, _ = rotary_order(v, token_major, shape)
+    return q, k, v
+
+
+def train_in_head_order(q, k, v, table: BlockTable, softmax_scale: float, rotary: Rotary | None = None) -> torch.Tensor:
+    """Differentiable block-sparse attention of frame-major q, k, v (q and k before ``rotary``) on the Triton
+    backend through head order; output frame-major. Inputs are the caller's to check."""
+    cos, sin, start, pairs = (None, None, 0, PAIRS[0]) if rotary is None else (rotary.cos, rotary.sin, rotary.start,
+                                                                               rotary.pairs)  # fmt: skip
+    return torch.ops.sparse_vdit.attention_in_head_order(q, k, v, cos, sin, start, pairs, table.key, softmax_scale)[0]
+
+
+def _rotary_of(cos: torch.Tensor | None, sin: torch.Tensor | None, start: int, pairs: str) -> Rotary | None:
+    return None if cos is None else Rotary(cos, sin, start, pairs)
+
+
+@torch.library.custom_op("sparse_vdit::attention_in_head_order", mutates_args=())
+def _head_order_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
+                   sin: torch.Tensor | None, rotary_start: int, rotary_pairs: str, table_key: int,
+                   softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`train_in_head_order`'s op, opaque to ``torch.compile``:
+    ``(out, lse, q, k, v)``, the output and LSE frame-major, q, k, v rotated and in head order (for the backward)."""
+    from .triton import backend
+
+    table = table_by_key(table_key)
+    q, k, v = fused_head_order(q, k, v, table, _rotary_of(cos, sin, rotary_start, rotary_pairs))
+    out, lse = backend.run_with_lse(q, k, v, table, softmax_scale, head_order=True)
+    return out, lse, q, k, v
+
+
+@_head_order_op.register_fake
+def _(q, k, v, cos, sin, rotary_start, rotary_pairs, table_key, softmax_scale):
+    batch, n, heads, _ = q.shape
+    return (q.new_empty(q.shape), q.new_empty((batch, heads, n), dtype=torch.float32), q.new_empty(q.shape),
+            k.new_empty(k.shape), v.new_empty(v.shape))  # fmt: skip
+
+
+@torch.library.custom_op("sparse_vdit::attention_in_head_order_backward", mutates_args=())
+def _head_order_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            out: torch.Tensor, lse: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                            rotary_start: int, rotary_pairs: str, table_key: int, softmax_scale: float,
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dq, dk, dv)`` of :func:`_head_order_op` (frame-major, before the rotary), from its head-ordered q, k, v."""
+    from .triton import backend
+    from .triton.rotary import rotary_order
+
+    table = table_by_key(table_key)
+    dq, dk, dv = backend.run_backward(grad_out, q, k, v, out, lse, table, softmax_scale, head_order=True)
+    token_major, shape = flags(table), geometry(table)
+    rotary = _rotary_of(cos, sin, rotary_start, rotary_pairs)
+    dq, dk = rotary_order(dq, token_major, shape, rotary, second=dk, to_head_order=False, transpose=True)
+    return dq, dk, rotary_order(dv, token_major, shape, to_head_order=False)[0]
+
+
+@_head_order_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, cos, sin, rotary_start, rotary_pairs, table_key, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _head_order_setup(ctx, inputs, output) -> None:
+    cos, sin, rotary_start, rotary_pairs, table_key, softmax_scale = inputs[3:]
+    out, lse, q, k, v = output
+    ctx.save_for_backward(q, k, v, out, lse, cos, sin)
+    ctx.mark_non_differentiable(lse, q, k, v)
+    ctx.set_materialize_grads(False)  # no zeros for the outputs the backward ignores (lse, q, k, v)
+    ctx.call = (rotary_start, rotary_pairs, table_key, softmax_scale)
+
+
+def _head_order_backward(ctx, grad_out, *_grads_of_the_rest):
+    if grad_out is None:  # the output itself took no part in the loss
+        return None, None, None, None, None, None, None, None, None
+    q, k, v, out, lse, cos, sin = ctx.saved_tensors
+    grads = torch.ops.sparse_vdit.attention_in_head_order_backward(grad_out.contiguous(), q, k, v, out, lse, cos, sin,
+                                                                   *ctx.call)  # fmt: skip
+    return *grads, None, None, None, None, None, None
+
+
+torch.library.register_autograd("sparse_vdit::attention_in_head_order", _head_order_backward,
+                                setup_context=_head_order_setup)  # fmt: skip
+
+
+__all__ = ["PAIRS", "Rotary", "flags", "fused_head_order", "geometry", "train_in_head_order"]
