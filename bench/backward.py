@@ -31,8 +31,8 @@ torch, then ``sparse_attention``) and ``call-fused``
 tensors; ``call-fused-f32`` with float64 tables cast to float32 once, as ``state.rotary_float32``).
 Their bar is the same call dense, the faster of the torch rotary and the fused pass then cuDNN (rows
 ``dense-call[...]``): ``block_eff`` = density x t_dense_call / t_call. ``op-in-place``: the
-``sparse_attention`` op called directly, as ``torch.compile`` runs it (token-major heads read in place, not
-put in head order as eager training does), against cuDNN alone.
+``sparse_attention`` op called directly (token-major heads read in place, not put in head order as
+``sparse_attention`` under autograd does), against cuDNN alone.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def call_paths(shape: Shape, device, dense, kv: int) -> dict:
         "dense": {"torch rotary": dense_call(torch_rotary), "fused rotary": dense_call(lambda q, k: rotate(q, k, rotary))},
         "call-old": lambda table: lambda q, k, v: sparse_attention(*torch_rotary(q, k), v, table, backend="triton"),
         "call-fused": fused(rotary),
-        # the sparse_attention op itself, as torch.compile calls it (token-major heads read in place; no rotary)
+        # the sparse_attention op itself (token-major heads read in place; no rotary)
         "op-in-place": lambda table: lambda q, k, v: torch.ops.sparse_vdit.sparse_attention(
             q, k, v, table.key, q.shape[-1] ** -0.5, "triton")[0],
     }  # fmt: skip

@@ -86,10 +86,9 @@ def _dense_error(dtype, q, k, v, grad_out, kv_len):
     return [rel_rms(a, b) for a, b in zip(approx, exact)]
 
 
-def _check(case, backend, dtype, device, floor, monkeypatch=None, route="eager"):
-    """``route``: ``eager`` (``sparse_attention``; Triton with token-major heads: the head-order op, checked
-    to run) or ``op`` (the ``sparse_attention`` op itself, as ``torch.compile`` calls it: token-major heads
-    read in place)."""
+def _check(case, backend, dtype, device, floor, monkeypatch=None, route="api"):
+    """``route``: ``api`` (``sparse_attention``; Triton with token-major heads: the head-order op, checked
+    to run) or ``op`` (the ``sparse_attention`` op itself: token-major heads read in place)."""
     layout, block, heads, batch, dim = case
     table = compile_layer(heads, layout, block, device)
     q, k, v, grad_out = _inputs(layout, len(heads), batch, dim, device)
@@ -109,7 +108,7 @@ def _check(case, backend, dtype, device, floor, monkeypatch=None, route="eager")
     got = _grads(attend, dtype, q, k, v, grad_out)
     if monkeypatch is not None:
         monkeypatch.undo()
-        assert bool(calls) == (backend == "triton" and route == "eager" and bool(table.token_major_heads)), calls
+        assert bool(calls) == (backend == "triton" and route == "api" and bool(table.token_major_heads)), calls
     expected = _oracle(table, q, k, v, grad_out, dim**-0.5)
     bounds = [max(2 * e, floor) for e in _dense_error(dtype, q, k, v, grad_out, layout.kv_len)]
     assert all(b == b for b in bounds)  # no NaN yardstick
@@ -129,7 +128,7 @@ def test_reference_backward_matches_masked_attention(case):
     _check(CASES[case], "reference", torch.float32, "cpu", 1e-6)
 
 
-@pytest.mark.parametrize("route", ["eager", "op"])
+@pytest.mark.parametrize("route", ["api", "op"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", CASES)
 def test_triton_backward_matches_masked_attention(case, dtype, route, monkeypatch):
@@ -149,7 +148,7 @@ def _variant_options(name: str, block: int) -> dict:
     return options
 
 
-@pytest.mark.parametrize("route", ["eager", "op"])
+@pytest.mark.parametrize("route", ["api", "op"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", ["mixed-text-suffix-padded-batch2", "mixed-text-prefix-d128", "ragged-steps"])
 def test_triton_backward_variants_match_masked_attention(case, variant, route, monkeypatch):
@@ -328,8 +327,12 @@ def test_stored_tile_slots_agree_between_the_table_and_its_transpose():
     assert found == expected and len(by_column) == slot
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
 def test_backward_compiles_and_matches_eager(backend):
+    """Compiled (the whole graph) gradients equal the eager ones; Triton: token-major heads through the head-order
+    op in the graph too."""
+    if backend == "triton" and not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
     layout, block, heads, batch, dim = CASES["mixed-text-suffix-padded-batch2"]
     table = compile_layer(heads, layout, block)
     q, k, v, grad_out = _inputs(layout, len(heads), batch, dim)
@@ -337,10 +340,20 @@ def test_backward_compiles_and_matches_eager(backend):
     def attend(q, k, v):
         return sparse_attention(q, k, v, table, backend=backend)
 
+    ops = []
+
+    def recording(gm, example_inputs):
+        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
     eager = _grads(attend, torch.float32, q, k, v, grad_out)
     compiled = _grads(torch.compile(attend, backend="aot_eager", fullgraph=True), torch.float32, q, k, v, grad_out)
     for a, b in zip(compiled, eager):
         assert rel_rms(a, b) == 0.0
+    if backend == "triton":
+        torch._dynamo.reset()
+        _grads(torch.compile(attend, backend=recording, fullgraph=True), torch.float32, q, k, v, grad_out)
+        assert "sparse_vdit.attention_in_head_order" in ops, ops
 
 
 def test_backward_op_passes_opcheck():
@@ -374,7 +387,7 @@ def test_dense_and_skip_tables_differentiate():
 @pytest.mark.parametrize("backend", ["triton", "triton-op", "flex", "fa4"])
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_gpu_backward_matches_masked_attention(case, backend, dtype, monkeypatch):
-    backend, route = ("triton", "op") if backend == "triton-op" else (backend, "eager")
+    backend, route = ("triton", "op") if backend == "triton-op" else (backend, "api")
     ok, why = registry.available(backend, torch.device("cuda", torch.cuda.current_device()))
     if not ok:
         pytest.skip(why)
@@ -387,7 +400,7 @@ def test_gpu_backward_matches_masked_attention(case, backend, dtype, monkeypatch
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("route", ["eager", "op"])
+@pytest.mark.parametrize("route", ["api", "op"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_gpu_triton_backward_variants_match_masked_attention(case, variant, route, monkeypatch):

@@ -48,7 +48,7 @@ def sparse_attention(
 
     Differentiable on every backend (also under ``torch.compile``), exact for the same table:
     ``triton`` runs its own backward kernels (:mod:`~sparse_vdit.kernels.triton.backward`) from the
-    log-sum-exp its forward saves (eagerly, with token-major heads, by
+    log-sum-exp its forward saves (with token-major heads, by
     :func:`~sparse_vdit.kernels.head_order_op.train_in_head_order`: the forward's head-ordered copies of
     q, k, v are kept, so the backward runs as on frame-major heads); ``fa4`` runs FA4's own block-sparse
     backward where its tiles fit the table (:func:`~sparse_vdit.kernels.fa4.backward_path`, said once in the log), else the Triton
@@ -70,7 +70,7 @@ def sparse_attention(
     if table.all_dense and backend != "reference":
         use_fa4 = name == "fa4" and not _needs_grad(q, k, v)  # FA4's dense call has no backward: SDPA's has
         return dense.forward(q, k, v, kv_len=table.layout.kv_len, softmax_scale=scale, use_fa4=use_fa4)
-    if name == "triton" and table.token_major_heads and _needs_grad(q, k, v) and not torch.compiler.is_compiling():
+    if name == "triton" and table.token_major_heads and _needs_grad(q, k, v):
         return train_in_head_order(q, k, v, table, scale)
     return torch.ops.sparse_vdit.sparse_attention(q, k, v, table.key, scale, name)[0]
 
