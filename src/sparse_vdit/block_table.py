@@ -70,6 +70,8 @@ class BlockTable:
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", next(_SERIAL))
         _LIVE[self.key] = self
+        for name in ("token_major_heads", "all_dense", "all_skip"):  # read by every call: cached now, so that
+            getattr(self, name)  # torch.compile never traces cached_property's lock (Python 3.11: a graph break)
 
     def form(self, name: Any, build: Callable[[BlockTable], Any]) -> Any:
         """What ``build(self)`` derives from this table, built once and kept with it.
