@@ -201,12 +201,12 @@ def video_layout(name: str, text: int) -> VideoLayout:
 
 def _masked(q, k, v, layout, patterns, valid):
     """(B, N, H, D) attention, each head with its token mask, each sample with its text padding."""
-    out = torch.zeros(q.shape, dtype=torch.float64)
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     for b in range(q.shape[0]):
         sample = layout if valid is None or valid[b] == layout.text else layout.with_text_valid(valid[b])
         table = compile_layer(patterns, sample, BLOCK)
         for h in range(q.shape[2]):
-            mask = token_mask(table, h)
+            mask = token_mask(table, h).to(q.device)
             out[b, :, h] = masked_attention(q[b : b + 1, :, h], k[b : b + 1, :, h], v[b : b + 1, :, h], mask, q.shape[-1] ** -0.5)[0]
     return out.to(q.dtype)
 
