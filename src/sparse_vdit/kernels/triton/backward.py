@@ -49,7 +49,7 @@ DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "
 # serve, 32- and 128-key dQ steps, the slot found once per query block, a 0.1 memory share (session i);
 # tiles stored through TMA (staged in shared memory), the slot searched in the forward ranges, token-major
 # heads' LSE and delta gathered through their order in the dK/dV kernel, and their q and dO copied to their
-# order and read through TMA (session j).
+# order and read through TMA (session j); 64-key dK/dV tiles with 4 or 8 warps, or 64-query steps (session l).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages
