@@ -67,6 +67,12 @@
 #   backward-tm-j  Triton backward on multi-diagonal and mixed plans (token-major heads), default vs recompute (#18) (~100)
 #   backward-final-j  Triton backward, every pattern kind, 10/25/50%, both shapes, as adopted in session j (#18) (~100)
 #   tests-k        GPU tests of the fused path's backward (head order both ways) and the Triton backward (#18) (~150)
+#   backward-small-l  Triton backward on Wan-1.3B: 64-key dK/dV tiles against the default, 3 kinds (#18) (~300)
+#   train-step-l   one training step (attention projections train, checkpointing), Wan-1.3B eager and
+#                  compiled, unpatched / dense / 25% / 10% (#18)                                 (~200)
+#   train-step-hunyuan-l  the same, HunyuanVideo 720p, eager (did not finish its first step in 210 s)
+#   train-step-wan14b-l  the same, Wan-14B 720p, eager, one timed step a variant                  (~400)
+#   train-step-profile-l  Wan-1.3B compiled: unpatched, dense, 25%, each step profiled             (~150)
 #   backward-calls-k  the whole processor call's backward, rotary included: old vs fused path, multi-diagonal and
 #                  mixed, 10-50% (CALL_SHAPES, default Wan-1.3B 480p) (#18) (~200)
 #   backward-calls-profile-k  the same at 10% on Wan-1.3B 480p under torch.profiler: operator and call tables (#18) (~60)
@@ -227,7 +233,7 @@ for name in "$@"; do
         --target-ms 100 --budget-s 270 --out "$R/backward-final-j" ;;
     backward-profile) TAIL=20 step backward-profile 200 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 0.5 --kinds mixed --backends fa4 --profile --target-ms 200 --out "$R/backward-profile" ;;
-    tests-k) TAIL=12 step tests-k 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_head_order_backward.py \
+    tests-k) TAIL=12 step tests-k 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_head_order_backward.py \
         tests/kernels/test_head_order.py tests/kernels/test_backward.py -k "(head_order or triton) and not sweep" ;;
     backward-calls-k) TAIL=60 step backward-calls-k 520 python3 bench/backward.py --shapes ${CALL_SHAPES:-wan1.3b-480p} \
         --densities 0.1 0.25 0.5 --kinds multi_diag mixed --backends triton --calls --target-ms 100 --budget-s 480 \
@@ -235,6 +241,18 @@ for name in "$@"; do
     backward-calls-profile-k) TAIL=4 step backward-calls-profile-k 200 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 --kinds multi_diag mixed --backends triton --calls --profile --target-ms 100 --budget-s 150 \
         --out "$R/backward-calls-profile-k" ;;
+    backward-small-l) TAIL=40 step backward-small-l 330 python3 bench/backward.py --shapes wan1.3b-480p \
+        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton \
+        --variants default k64w4 k64w8 k64q64w4 --target-ms 80 --budget-s 300 --out "$R/backward-small-l" ;;
+    train-step-l) TAIL=14 step train-step-l 330 python3 bench/train_step.py --models wan-1.3b --modes eager,compiled \
+        --densities 0.25,0.1 --repeats 3 --budget-s 300 --out "$R/train_step.json" ;;
+    train-step-hunyuan-l) TAIL=10 step train-step-hunyuan-l 250 python3 bench/train_step.py --models hunyuan \
+        --modes eager --densities 0.25,0.1 --repeats 2 --budget-s 220 --out "$R/train_step.json" ;;
+    train-step-wan14b-l) TAIL=10 step train-step-wan14b-l 420 python3 bench/train_step.py --models wan-14b \
+        --modes eager --densities 0.25,0.1 --repeats 1 --budget-s 400 --out "$R/train_step.json" ;;
+    train-step-profile-l) TAIL=70 step train-step-profile-l 300 python3 bench/train_step.py --models wan-1.3b \
+        --modes compiled --densities 0.25 --repeats 1 --profile "$R/train-step-profile" --budget-s 280 \
+        --out "$R/train_step_profile.json" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done
