@@ -73,6 +73,7 @@
 #   train-step-hunyuan-l  the same, HunyuanVideo 720p, eager (did not finish its first step in 210 s)
 #   train-step-wan14b-l  the same, Wan-14B 720p, eager, one timed step a variant                  (~400)
 #   train-step-profile-l  Wan-1.3B compiled: unpatched, dense, 25%, each step profiled             (~150)
+#   train-step-hunyuan-m  HunyuanVideo 720p eager, our dense plan / 25% / 10% (no unpatched row)   (~200)
 #   backward-calls-k  the whole processor call's backward, rotary included: old vs fused path, multi-diagonal and
 #                  mixed, 10-50% (CALL_SHAPES, default Wan-1.3B 480p) (#18) (~200)
 #   backward-calls-profile-k  the same at 10% on Wan-1.3B 480p under torch.profiler: operator and call tables (#18) (~60)
@@ -253,6 +254,8 @@ for name in "$@"; do
     train-step-profile-l) TAIL=70 step train-step-profile-l 300 python3 bench/train_step.py --models wan-1.3b \
         --modes compiled --densities 0.25 --repeats 1 --profile "$R/train-step-profile" --budget-s 280 \
         --out "$R/train_step_profile.json" ;;
+    train-step-hunyuan-m) TAIL=10 step train-step-hunyuan-m 300 python3 bench/train_step.py --models hunyuan \
+        --modes eager --densities 0.25,0.1 --repeats 1 --no-unpatched --budget-s 280 --out "$R/train_step.json" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done

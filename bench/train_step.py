@@ -1,7 +1,8 @@
 """One training step of real-size video transformers with a sparse plan in place: what fine-tuning pays (#18).
 
     python bench/train_step.py [--models wan-1.3b] [--modes eager,compiled] [--densities 0.25,0.1]
-                               [--trainable attention|all] [--no-checkpointing] [--repeats 3] [--profile DIR]
+                               [--trainable attention|all] [--no-checkpointing] [--no-unpatched] [--repeats 3]
+                               [--profile DIR]
     python bench/train_step.py --dry-run          # tiny models on the CPU (results to a temp file)
 
 Models as in ``bench/e2e.py`` (published configs, random weights, bf16, no download). A step is the
@@ -109,7 +110,7 @@ def run_model(name: str, args, device, dtype, rows: list, deadline: float) -> No
             compile_blocks(model, "inductor")
         try:
             base: dict = {}
-            variants = [("unpatched", None), *plans.items()]
+            variants = [("unpatched", None)] * args.unpatched + list(plans.items())
             for variant, plan in variants:
                 if rows and rows[-1]["seconds"] * (args.repeats + 1) + time.perf_counter() > deadline:
                     say(f"{name} {mode}: {variant} and after skipped (budget)")
@@ -161,6 +162,8 @@ def parse_args(argv=None):
     p.add_argument("--densities", default="0.25,0.1")
     p.add_argument("--trainable", choices=("attention", "all"), default="attention")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    p.add_argument("--no-unpatched", dest="unpatched", action="store_false",
+                   help="no unpatched row (HunyuanVideo's masked SDPA trains far slower than our dense plan)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per variant, after one warm-up")
     p.add_argument("--backend", default="auto", help="sparse backend of our integration")
     p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)

@@ -33,3 +33,14 @@ def test_trainable_attention_is_the_projections_only(load_script):
     assert names and all(n.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")) for n in names)
     assert any(".attn1." in n for n in names)  # self-attention's projections among them
     assert train_step.set_trainable(model, "all") == sum(p.numel() for p in model.parameters())
+
+
+def test_no_unpatched_row_and_speedups_against_dense(load_script, tmp_path):
+    train_step = load_script("train_step")
+    out = tmp_path / "train_step.json"
+    assert train_step.main(["--dry-run", "--models", "hunyuan", "--densities", "0.3", "--repeats", "1", "--no-unpatched",
+                            "--trainable", "all", "--no-checkpointing", "--out", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == ["dense", "sparse-30"]
+    assert "speedup_vs_unpatched" not in rows[1] and rows[1]["speedup_vs_dense"] > 0
+    assert not rows[1]["checkpointing"] and rows[1]["trainable"] == "all"
