@@ -199,3 +199,51 @@ def test_fused_path_trains_like_the_old_path(monkeypatch):
     assert grads[True].keys() == grads[False].keys() and grads[True]
     worst = max(rel_rms(grads[True][n], grads[False][n]) for n in grads[True] if grads[False][n].norm() > 0)
     assert worst < 1e-4, worst
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_compiled_fused_training_runs_no_second_forward(checkpointing, monkeypatch):
+    """Blocks compiled (aot_eager, fullgraph), the fused path on Triton: the op's backward runs from the call's
+    output and LSE (no replay of the call), and every gradient equals the eager one."""
+    import torch._dynamo
+
+    from sparse_vdit.kernels import registry
+    from tiny_diffusers import undo_compile, wan
+
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    model, inputs = wan(batch=1, num_attention_heads=2, attention_head_dim=64)
+    model.train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    layers = [[multi_diagonal(0.2), diagonal(0.5)], [vertical(((0.0, 1.0),), 0.3), skip()]]
+    target = torch.randn(inputs["hidden_states"].shape, generator=torch.Generator().manual_seed(3))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(**inputs)[0], target).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plan = Plan.from_layers(model, layers, block_size=BLOCK, warmup_steps=0)
+    state = sparse_vdit.apply(model, plan, backend="triton")
+    state.fuse_rotary = True
+    eager = grads()
+    calls = {"attend": 0, "forward": 0, "backward": 0}
+    for name, key in (("forward_with_lse", "forward"), ("backward_from_lse", "backward")):
+        original = getattr(processor, name)
+        monkeypatch.setattr(processor, name, lambda *a, _f=original, _k=key, **kw: calls.__setitem__(_k, calls[_k] + 1)
+                            or _f(*a, **kw))  # fmt: skip
+    attend = state.attend
+    monkeypatch.setattr(state, "attend", lambda *a, **kw: calls.__setitem__("attend", calls["attend"] + 1)
+                        or attend(*a, **kw))  # fmt: skip
+    model.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
+    try:
+        compiled = grads()
+    finally:
+        undo_compile(model)
+    assert calls == {"attend": 0, "forward": len(layers) * (2 if checkpointing else 1), "backward": len(layers)}
+    assert compiled.keys() == eager.keys() and compiled
+    worst = max(rel_rms(compiled[n], eager[n]) for n in compiled if eager[n].norm() > 0)
+    assert worst < 1e-5, worst

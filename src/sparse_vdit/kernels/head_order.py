@@ -67,7 +67,7 @@ def reference_head_order(x: torch.Tensor, table: BlockTable, rotary: Rotary | No
     return reorder_heads(apply_rotary(x, rotary), table.layout, table.token_major_heads)
 
 
-def _fused(x: torch.Tensor, rotary: Rotary | None = None) -> bool:
+def fused_pass_runs(x: torch.Tensor, rotary: Rotary | None = None) -> bool:
     """Whether the Triton pass runs for ``x`` (CUDA, or the CPU under the interpreter; with ``rotary``,
     head dims that are powers of two)."""
     ok, _ = registry.available("triton", x.device)
@@ -83,7 +83,7 @@ def rotate(q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None) -> tuple[tor
     its backward is the same pass with the rotation transposed), else plain torch."""
     if rotary is None:
         return q, k
-    if not _fused(q, rotary):
+    if not fused_pass_runs(q, rotary):
         return apply_rotary(q, rotary), apply_rotary(k, rotary)
     return torch.ops.sparse_vdit.rotary_pass(q, k, rotary.cos, rotary.sin, rotary.start, rotary.pairs, False)
 
@@ -123,7 +123,7 @@ def to_head_order(q, k, v, table: BlockTable, rotary: Rotary | None = None):
 
     One pass over q and k and one over v (Triton where it runs; else torch).
     """
-    if not _fused(q, rotary):
+    if not fused_pass_runs(q, rotary):
         return tuple(reference_head_order(t, table, r) for t, r in ((q, rotary), (k, rotary), (v, None)))
     return fused_head_order(q, k, v, table, rotary)
 
@@ -132,7 +132,7 @@ def to_frame_major(out: torch.Tensor, table: BlockTable) -> torch.Tensor:
     """An output in each head's own order back to frame-major rows (one copy)."""
     if not table.token_major_heads:
         return out
-    if not _fused(out):
+    if not fused_pass_runs(out):
         return reorder_heads(out, table.layout, table.token_major_heads, to_token_major=False)
     from .triton.rotary import rotary_order
 
@@ -155,7 +155,9 @@ def attention_in_head_order(q, k, v, table: BlockTable, softmax_scale: float | N
     if table.all_skip:
         return torch.zeros_like(q)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if (table.all_dense or not table.token_major_heads or needs_grad and (name != "triton" or not _fused(q, rotary))):
+    if table.all_dense or not table.token_major_heads or (
+        needs_grad and (name != "triton" or not fused_pass_runs(q, rotary))
+    ):
         from .api import sparse_attention
 
         return sparse_attention(*rotate(q, k, rotary), v, table, softmax_scale=scale, backend=name)
@@ -169,5 +171,5 @@ def attention_in_head_order(q, k, v, table: BlockTable, softmax_scale: float | N
     return to_frame_major(registry.get(name).module.run(q, k, v, table, scale), table)
 
 
-__all__ = ["PAIRS", "Rotary", "apply_rotary", "attention_in_head_order", "in_float32", "reference_head_order", "rotate",
-           "to_frame_major", "to_head_order"]
+__all__ = ["PAIRS", "Rotary", "apply_rotary", "attention_in_head_order", "fused_pass_runs", "in_float32",
+           "reference_head_order", "rotate", "to_frame_major", "to_head_order"]

@@ -76,6 +76,26 @@ def train_in_head_order(q, k, v, table: BlockTable, softmax_scale: float, rotary
     return torch.ops.sparse_vdit.attention_in_head_order(q, k, v, cos, sin, start, pairs, table.key, softmax_scale)[0]
 
 
+def forward_with_lse(q, k, v, table: BlockTable, softmax_scale: float, rotary: Rotary | None = None):
+    """``(out, lse)`` of the fused path on the Triton backend, no autograd: the output and the LSE frame-major,
+    what :func:`backward_from_lse` needs besides the inputs (the compiled processor's op keeps them)."""
+    from .triton import backend
+
+    q, k, v = fused_head_order(q, k, v, table, rotary)
+    return backend.run_with_lse(q, k, v, table, softmax_scale, head_order=True)
+
+
+def backward_from_lse(grad_out, q, k, v, out, lse, table: BlockTable, softmax_scale: float,
+                      rotary: Rotary | None = None):  # fmt: skip
+    """``(dq, dk, dv)`` of :func:`forward_with_lse` from its inputs, output and LSE: the head-ordered q, k, v
+    made again by one pass, then the backward (no forward kernel runs again)."""
+    q, k, v = fused_head_order(q, k, v, table, rotary)
+    cos, sin, start, pairs = (None, None, 0, PAIRS[0]) if rotary is None else (rotary.cos, rotary.sin, rotary.start,
+                                                                               rotary.pairs)  # fmt: skip
+    return torch.ops.sparse_vdit.attention_in_head_order_backward(grad_out.contiguous(), q, k, v, out, lse, cos, sin,
+                                                                  start, pairs, table.key, softmax_scale)  # fmt: skip
+
+
 def _rotary_of(cos: torch.Tensor | None, sin: torch.Tensor | None, start: int, pairs: str) -> Rotary | None:
     return None if cos is None else Rotary(cos, sin, start, pairs)
 
@@ -145,4 +165,5 @@ torch.library.register_autograd("sparse_vdit::attention_in_head_order", _head_or
                                 setup_context=_head_order_setup)  # fmt: skip
 
 
-__all__ = ["PAIRS", "Rotary", "flags", "fused_head_order", "geometry", "train_in_head_order"]
+__all__ = ["PAIRS", "Rotary", "backward_from_lse", "flags", "forward_with_lse", "fused_head_order", "geometry",
+           "train_in_head_order"]

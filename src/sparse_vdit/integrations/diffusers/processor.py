@@ -36,9 +36,10 @@ rotary; on an H200 -0.01 to +0.10 block efficiency on Wan at 5-40%, BENCHMARKS.m
 Under ``torch.compile`` the attention step is one opaque custom op, so the graph has no break
 inside a block and the Python decisions run eagerly at run time; the op is tagged
 ``cudagraph_unsafe``, so under CUDA graphs (``mode="reduce-overhead"``, Inductor's graph partition)
-it runs between the captured graphs, every call, at the current step. The op is differentiable: its
-backward replays the call (same step and patterns) under autograd, one extra attention forward;
-eager training differentiates :func:`~sparse_vdit.sparse_attention` directly.
+it runs between the captured graphs, every call, at the current step. The op is differentiable: on the
+fused path with the Triton backend (``SparseState.fused_call``) its backward runs from the call's output
+and LSE; elsewhere it replays the call (same step and patterns) under autograd, one extra attention
+forward. Eager training differentiates :func:`~sparse_vdit.sparse_attention` directly.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ from ...block_table import DEFAULT_BLOCK, BlockTable, all_dense
 from ...kernels import dense as dense_kernels
 from ...kernels import resolve_backend, sparse_attention
 from ...kernels.api import autograd_inside_op
-from ...kernels.head_order import Rotary, attention_in_head_order, in_float32, rotate
+from ...kernels import registry
+from ...kernels.head_order import Rotary, attention_in_head_order, fused_pass_runs, in_float32, rotate
+from ...kernels.head_order_op import backward_from_lse, forward_with_lse
 from ...layout import VideoLayout
 from ...kernels import select_attention
 from ...methods.protocol import AttentionCall, Observer, PatternSource, plan_source
@@ -235,6 +238,40 @@ class SparseState:
             self._timings.append((self.steps.step, start, clock(q)))
         return out
 
+    def fused_call(self, layer: int, q, k, v, key_mask, rotary: Rotary | None):
+        """``(table, rotary, layout)`` where this call runs the fused path on the Triton backend whose
+        backward needs only the call's output and LSE (:meth:`attend_keeping_lse`): the rotary fused, the
+        plan's patterns not all dense nor all skipped, one prompt length; else None. Asks the pattern
+        source, as :meth:`attend` does."""
+        if rotary is None or not self.fuses_rotary(q.device) or not fused_pass_runs(q, rotary):
+            return None
+        layout = self.layout(q.shape[1])
+        valid = self._text_valid(key_mask, layout, q.shape[0])
+        if valid is not None and len(valid) != 1:
+            return None
+        layout = layout if valid is None else self._padded(layout, next(iter(valid)))
+        patterns = self.pattern_source(AttentionCall(self.steps.step, layer, q, k, v, layout, self, None))
+        if not isinstance(patterns, Sequence) or len(patterns) != q.shape[2] or all_dense(patterns):
+            return None
+        table = compile_layer(tuple(patterns), layout, self.block_size, q.device)  # cached by value
+        if table.all_skip or registry.choose(self.backend, q, table).name != "triton":
+            return None
+        return table, self._float32_rotary(rotary) if self.rotary_float32 else rotary, layout
+
+    def attend_keeping_lse(self, layer: int, q, k, v, key_mask, rotary: Rotary | None):
+        """:meth:`attend` of the compiled op: ``(out, lse)``, the LSE (float32 [B, H, N]) where the call
+        takes :meth:`fused_call`'s path, else None (the op's backward then replays the call)."""
+        fused = self.fused_call(layer, q, k, v, key_mask, rotary)
+        if fused is None:
+            return self.attend(layer, q, k, v, key_mask, rotary=rotary), None
+        table, rotary, layout = fused
+        start = clock(q) if self.timing else None
+        out, lse = forward_with_lse(q, k, v, table, q.shape[-1] ** -0.5, rotary)
+        self.last_layout = layout
+        if start is not None:
+            self._timings.append((self.steps.step, start, clock(q)))
+        return out, lse
+
     def _attend(self, layer, q, k, v, layout, heads=None, observe=True, rotary=None) -> torch.Tensor:
         call = AttentionCall(self.steps.step, layer, q, k, v, layout, self, heads)
         patterns = self.pattern_source(call)
@@ -377,62 +414,77 @@ def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, layer: torch.Tensor, handle: int,
     cos: torch.Tensor | None, sin: torch.Tensor | None, rotary_start: int, rotary_pairs: str,
     timestep: torch.Tensor | None = None, grid: list[int] | None = None,
-) -> torch.Tensor:  # fmt: skip
-    """:meth:`SparseState.attend` as one opaque op; ``cos`` / ``sin`` (or None): q and k still need
-    that rotary embedding (fused where the call allows, else applied first). ``timestep`` / ``grid``
-    come only from a graph traced by ``torch.export`` (no step hook runs in it): layer 0 then counts
-    the step here, at run time."""
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:meth:`SparseState.attend` as one opaque op: ``(out, lse)``, the LSE (float32 [B, H, N]) for the
+    backward where the call takes :meth:`SparseState.fused_call`'s path (else unwritten). ``cos`` / ``sin``
+    (or None): q and k still need that rotary embedding (fused where the call allows, else applied first).
+    ``timestep`` / ``grid`` come only from a graph traced by ``torch.export`` (no step hook runs in it):
+    layer 0 then counts the step here, at run time."""
     state = _STATES.get(handle)
     if state is None:
         raise RuntimeError("sparse-vdit: this compiled graph belongs to a model whose sparse attention was removed")
     if timestep is not None and int(layer) == 0:
         state.steps.observe(timestep_value(timestep), None if grid is None else tuple(grid))
     rotary = _rotary(cos, sin, rotary_start, rotary_pairs)
-    return state.attend(int(layer), q, k, v, key_mask, rotary=rotary).contiguous()
+    out, lse = state.attend_keeping_lse(int(layer), q, k, v, key_mask, rotary)
+    if lse is None:  # NaN: gradients made from it would show
+        lse = q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), dtype=torch.float32)
+    return out.contiguous(), lse
 
 
 @_attention_op.register_fake
 def _(q, k, v, key_mask, layer, handle, cos, sin, rotary_start, rotary_pairs, timestep=None, grid=None):
-    return q.new_empty(q.shape)  # contiguous, as the real op returns
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("sparse_vdit::diffusers_attention_backward", mutates_args=(), tags=_HOST_DECIDES)
 def _attention_backward_op(
-    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-    layer: torch.Tensor, handle: int, cos: torch.Tensor | None, sin: torch.Tensor | None, rotary_start: int,
-    rotary_pairs: str,
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    key_mask: torch.Tensor | None, layer: torch.Tensor, handle: int, cos: torch.Tensor | None,
+    sin: torch.Tensor | None, rotary_start: int, rotary_pairs: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(dq, dk, dv)`` of :func:`_attention_op`: the call replayed under autograd (same step, same
-    patterns, the rotary in torch; no timing, no observers), then differentiated by the kernels' own backward."""
+    """``(dq, dk, dv)`` of :func:`_attention_op`. On :meth:`SparseState.fused_call`'s path from the call's
+    output and LSE (one pass to head order, then the kernels' backward); otherwise the call replayed under
+    autograd (same step, same patterns; no timing, no observers), then differentiated."""
     state = _STATES.get(handle)
     if state is None:
         raise RuntimeError("sparse-vdit: this compiled graph belongs to a model whose sparse attention was removed")
+    rotary = _rotary(cos, sin, rotary_start, rotary_pairs)
+    fused = state.fused_call(int(layer), q, k, v, key_mask, rotary)
+    if fused is not None:
+        table, rotary, _ = fused
+        return backward_from_lse(grad, q, k, v, out, lse, table, q.shape[-1] ** -0.5, rotary)
     with autograd_inside_op():
         inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        rotary = _rotary(cos, sin, rotary_start, rotary_pairs)
         out = state.attend(int(layer), *inputs, key_mask, observe=False, rotary=rotary)
         grads = torch.autograd.grad(out, inputs, grad, allow_unused=True) if out.requires_grad else (None,) * 3
     return tuple(torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, (q, k, v)))
 
 
 @_attention_backward_op.register_fake
-def _(grad, q, k, v, key_mask, layer, handle, cos, sin, rotary_start, rotary_pairs):
+def _(grad, q, k, v, out, lse, key_mask, layer, handle, cos, sin, rotary_start, rotary_pairs):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx, inputs, output) -> None:
     q, k, v, key_mask, layer, handle, cos, sin, rotary_start, rotary_pairs = inputs[:10]
-    ctx.save_for_backward(q, k, v, key_mask, layer, cos, sin)
+    ctx.save_for_backward(q, k, v, *output, key_mask, layer, cos, sin)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.handle, ctx.rotary = handle, (rotary_start, rotary_pairs)
 
 
-def _attention_backward(ctx, grad):
-    q, k, v, key_mask, layer, cos, sin = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad.contiguous(), q, k, v, key_mask, layer, ctx.handle, cos, sin, *ctx.rotary)
+def _attention_backward(ctx, grad, _grad_lse):
+    if grad is None:  # the output itself took no part in the loss
+        return (None,) * 12
+    q, k, v, out, lse, key_mask, layer, cos, sin = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad.contiguous(), q, k, v, out, lse, key_mask, layer, ctx.handle, cos, sin,
+                                        *ctx.rotary)  # fmt: skip
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
-# compiled training: the opaque op recomputes its forward in the backward (one extra attention forward)
+# compiled training: on the fused Triton path the backward runs from the call's output and LSE; elsewhere
+# the opaque op recomputes its forward in the backward (one extra attention forward)
 torch.library.register_autograd("sparse_vdit::diffusers_attention", _attention_backward, setup_context=_attention_setup)
 
 
@@ -478,7 +530,7 @@ class SparseAttnProcessor:
                 raise NotImplementedError("sparse-vdit: torch.compile with context parallelism is not supported yet")
             timestep, grid = self.state.steps.traced or (None, None)  # set under torch.export only
             out = _attention_op(q, k, v, key_mask, self.layer_index, self.state.handle, *(parts or (None, None, 0, "")),
-                                timestep, None if grid is None else list(grid))  # fmt: skip
+                                timestep, None if grid is None else list(grid))[0]  # fmt: skip
         else:
             out = self.state.attend(self.layer, q, k, v, key_mask, heads, rotary=_rotary(*parts) if parts else None)
         if shards is not None:
