@@ -31,7 +31,7 @@ def test_svg_bench_dry_run_sweeps_programs_per_sm_and_splits_the_profile(bench, 
     before = dict(sampled.TUNING)
     result = bench.main(["--dry-run", "--shapes", "tiny-text", "--densities", "0.4", "--rows", "16", "--sets", "1",
                          "--profile-backends", "triton", "torch", "--programs-per-sm", "2", "8",
-                         "--tiles", "default", "16,16,0,0", "--out", str(tmp_path)])  # fmt: skip
+                         "--tiles", "16,16,0,0", "--out", str(tmp_path)])  # fmt: skip
     assert sampled.TUNING == before  # each sweep point's overrides are undone
     saved = json.loads((tmp_path / "svg-dry-run.json").read_text())
     assert saved["summary"] == result["summary"]
@@ -40,7 +40,7 @@ def test_svg_bench_dry_run_sweeps_programs_per_sm_and_splits_the_profile(bench, 
     assert not [r for r in rows if "error" in r]
 
     triton = [r for r in rows if r["profile_backend"] == "triton"]
-    points = {(t, p) for t in ("default", "16,16,0,0") for p in (2, 8)}
+    points = {("16,16,0,0", p) for p in (2, 8)}  # (the default tiles: test_svg_bench_profile_replays_...)
     assert {(r["tiles"], r["programs_per_sm"]) for r in triton} == points
     for point in points:  # every part at every point, the profile split into kernel and fused call
         parts = {r["part"] for r in triton if (r["tiles"], r["programs_per_sm"]) == point and "ms" in r}

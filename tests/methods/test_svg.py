@@ -132,6 +132,10 @@ TRITON_CASES = {
 # frame-major mask tested once per row and tile, as on a GPU at block 128), and the mask tested per key
 KERNEL_SETTINGS = {"default": {}, "16x16-row-wise": {"block_m": 16, "block_n": 16},
                    "per-key": {"block_n": 16, "row_wise": False}}
+# the interpreter (CI's CPU suite) runs a covering subset, every case and every setting at least once, the
+# slow 16-row tiles on the smallest case; a GPU runs them all
+INTERPRETER_LEFT_OUT = {("prefix-text-fp16", "16x16-row-wise"), ("suffix-padded-fp32-d32", "16x16-row-wise"),
+                        ("video-fp32", "per-key")}
 
 
 @pytest.mark.parametrize("setting", KERNEL_SETTINGS)
@@ -149,6 +153,8 @@ def test_fused_triton_profiling_equals_the_torch_path(case, setting, monkeypatch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter computes bf16 dots wrongly on the CPU")
+    if device == "cpu" and (case, setting) in INTERPRETER_LEFT_OUT:
+        pytest.skip("left out on the interpreter (its other cases cover this setting and case)")
     q, k, v = (t.to(device, dtype) for t in structured_qkv(layout, dim=dim, noise=1.0, sigma=60.0))
     rows = sample_rows(layout, 24, 2, 1).to(device)
     patterns = band_widths(layout, 0.25, BLOCK).patterns()
