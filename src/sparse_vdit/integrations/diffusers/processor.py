@@ -55,9 +55,8 @@ import torch
 
 from ...block_table import DEFAULT_BLOCK, BlockTable, all_dense
 from ...kernels import dense as dense_kernels
-from ...kernels import resolve_backend, sparse_attention
+from ...kernels import registry, resolve_backend, sparse_attention
 from ...kernels.api import autograd_inside_op
-from ...kernels import registry
 from ...kernels.head_order import Rotary, attention_in_head_order, fused_pass_runs, in_float32, rotate
 from ...kernels.head_order_op import backward_from_lse, forward_with_lse
 from ...layout import VideoLayout
@@ -416,7 +415,7 @@ def _attention_op(
     timestep: torch.Tensor | None = None, grid: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """:meth:`SparseState.attend` as one opaque op: ``(out, lse)``, the LSE (float32 [B, H, N]) for the
-    backward where the call takes :meth:`SparseState.fused_call`'s path (else unwritten). ``cos`` / ``sin``
+    backward where the call takes :meth:`SparseState.fused_call`'s path (else NaN: the backward replays). ``cos`` / ``sin``
     (or None): q and k still need that rotary embedding (fused where the call allows, else applied first).
     ``timestep`` / ``grid`` come only from a graph traced by ``torch.export`` (no step hook runs in it):
     layer 0 then counts the step here, at run time."""
