@@ -9,6 +9,7 @@ and tiny diffusers transformers the end-to-end scripts build.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,6 +41,17 @@ BLOCK = DEFAULT_BLOCK
 def say(*args) -> None:
     """Print with the seconds since the bench started, flushed (long GPU runs are read live)."""
     print(f"[{time.perf_counter() - START:7.1f}s]", *args, flush=True)
+
+
+@contextlib.contextmanager
+def out_of_memory_said(what: str):
+    """Run the block; a CUDA out-of-memory error in it is said (``what: out of memory``) and the cache
+    emptied instead of raised, so the rows measured before it are kept."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as err:
+        say(f"{what}: out of memory ({err})")
+        torch.cuda.empty_cache()
 
 
 def sync(device: torch.device) -> None:

@@ -82,10 +82,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside it
-from common import START, device_and_dtype, environment, merge_results, profile_to, results_path, say  # noqa: E402
+from common import (START, device_and_dtype, environment, merge_results, out_of_memory_said, profile_to,  # noqa: E402
+                    results_path, say)
 from models import (  # noqa: E402
-    MODELS, TINY, Bench, build, compile_blocks, cudnn_first, layout_of, make_inputs, mixed_plan, model_names,
-    transformer_blocks,
+    MODELS, TINY, Bench, build, compile_blocks, cudnn_first, layout_of, make_inputs, mixed_plan, mode_names,
+    model_names, transformer_blocks,
 )
 
 import sparse_vdit  # noqa: E402
@@ -497,9 +498,7 @@ def parse_args(argv=None):
                    help="folder: after each variant's timing, one more forward under torch.profiler (operator tables)")
     args = p.parse_args(argv)
     args.models = model_names(p, args.models)
-    args.modes = [m.strip() for m in (args.modes or ("eager" if args.dry_run else "eager,compiled")).split(",")]
-    if set(args.modes) - {"eager", "compiled"}:
-        p.error("--modes takes eager and/or compiled")
+    args.modes = mode_names(p, args.modes, args.dry_run)
     args.densities = [float(d) for d in args.densities.split(",") if d.strip()]
     args.svg_densities = [float(d) for d in args.svg_densities.split(",") if d.strip()]
     args.svg_backends = [b.strip() for b in args.svg_backends.split(",") if b.strip()]
@@ -525,11 +524,8 @@ def main(argv=None) -> int:
     deadline = START + args.budget_s
     rows: list = []
     for name in args.models:
-        try:
+        with out_of_memory_said(name):
             run_model((TINY if args.dry_run else MODELS)[name], args, device, dtype, rows, deadline)
-        except torch.cuda.OutOfMemoryError as err:  # keep what was measured
-            say(f"{name}: out of memory ({err})")
-            torch.cuda.empty_cache()
     results = merge(args.out, env, rows)
     say(f"wrote {args.out}")
     print(table([r for r in results if r.get("dry_run", False) == args.dry_run]), flush=True)

@@ -287,6 +287,14 @@ def cudnn_first():
     return sdpa_kernel(order, set_priority=True)
 
 
+def mode_names(parser: argparse.ArgumentParser, text: str | None, dry_run: bool) -> list[str]:
+    """``--modes`` (comma-separated; default eager and compiled, eager only on a dry run) checked."""
+    modes = [m.strip() for m in (text or ("eager" if dry_run else "eager,compiled")).split(",")]
+    if set(modes) - {"eager", "compiled"}:
+        parser.error("--modes takes eager and/or compiled")
+    return modes
+
+
 def model_names(parser: argparse.ArgumentParser, text: str) -> list[str]:
     """``--models`` (comma-separated) checked against :data:`MODELS`; ``wan2.2-a14b`` names both experts."""
     names = [n for m in text.split(",") if m.strip() for n in ALIASES.get(m.strip(), [m.strip()])]

@@ -328,11 +328,8 @@ def main(argv=None) -> int:
                 if time.perf_counter() > deadline:
                     say(f"{name}: skipped, over the {args.budget_s:.0f} s budget")
                     continue
-                try:
+                with common.out_of_memory_said(name):
                     run_model((TINY if args.dry_run else MODELS)[name], args, device, dtype, rows, deadline, save)
-                except torch.cuda.OutOfMemoryError as err:  # keep what was measured
-                    say(f"{name}: out of memory ({err})")
-                    torch.cuda.empty_cache()
         finally:
             if saved is None:
                 os.environ.pop("SPARSE_VDIT_CACHE", None)

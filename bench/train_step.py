@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside it
-from common import START, device_and_dtype, environment, merge_results, profile_to, results_path, say  # noqa: E402
+from common import (START, device_and_dtype, environment, merge_results, out_of_memory_said, profile_to,  # noqa: E402
+                    results_path, say)
 from models import (MODELS, TINY, build, compile_blocks, cudnn_first, layout_of, make_inputs, mixed_plan,  # noqa: E402
-                    model_names, transformer_blocks)
+                    mode_names, model_names, transformer_blocks)
 
 import sparse_vdit  # noqa: E402
 from sparse_vdit import Plan  # noqa: E402
@@ -175,9 +176,7 @@ def parse_args(argv=None):
                    help="folder: after each variant's timing, one more step under torch.profiler (operator tables)")
     args = p.parse_args(argv)
     args.models = model_names(p, args.models)
-    args.modes = [m.strip() for m in (args.modes or ("eager" if args.dry_run else "eager,compiled")).split(",")]
-    if set(args.modes) - {"eager", "compiled"}:
-        p.error("--modes takes eager and/or compiled")
+    args.modes = mode_names(p, args.modes, args.dry_run)
     args.densities = [float(d) for d in args.densities.split(",") if d.strip()]
     if any(not 0 < d < 1 for d in args.densities):
         p.error("--densities are shares of the attention, between 0 and 1")
@@ -195,11 +194,8 @@ def main(argv=None) -> int:
         f"models {args.models}, modes {args.modes}, densities {args.densities}")
     rows: list = []
     for name in args.models:
-        try:
+        with out_of_memory_said(name):
             run_model(name, args, device, dtype, rows, START + args.budget_s)
-        except torch.cuda.OutOfMemoryError as err:  # keep what was measured
-            say(f"{name}: out of memory ({err})")
-            torch.cuda.empty_cache()
     results = merge_results(args.out, env, rows,
                             key=lambda r: (r["model"], r["mode"], r["variant"], r["trainable"], r["checkpointing"],
                                            r.get("dry_run")))  # fmt: skip

@@ -61,3 +61,13 @@ def test_kernel_variants_dry_run(load_script, tmp_path):
     assert all("error" not in r and r["ms"] > 0 for r in rows)
     assert all(r["rel_rms_vs_first"] < 1e-3 for r in rows)
     assert json.loads((tmp_path / "kernel_variants.json").read_text())["meta"]["dry_run"]
+
+
+def test_out_of_memory_is_said_and_the_run_goes_on(capsys):
+    import common
+
+    with common.out_of_memory_said("wan-14b"):
+        raise torch.cuda.OutOfMemoryError("no room")
+    assert "wan-14b: out of memory (no room)" in capsys.readouterr().out
+    with pytest.raises(ValueError), common.out_of_memory_said("wan-14b"):  # other errors still raise
+        raise ValueError("bad")

@@ -71,8 +71,7 @@ def fused_head_order(q, k, v, table: BlockTable, rotary: Rotary | None = None):
 def train_in_head_order(q, k, v, table: BlockTable, softmax_scale: float, rotary: Rotary | None = None) -> torch.Tensor:
     """Differentiable block-sparse attention of frame-major q, k, v (q and k before ``rotary``) on the Triton
     backend through head order; output frame-major. Inputs are the caller's to check."""
-    cos, sin, start, pairs = (None, None, 0, PAIRS[0]) if rotary is None else (rotary.cos, rotary.sin, rotary.start,
-                                                                               rotary.pairs)  # fmt: skip
+    cos, sin, start, pairs = rotary_args(rotary)
     return torch.ops.sparse_vdit.attention_in_head_order(q, k, v, cos, sin, start, pairs, table.key, softmax_scale)[0]
 
 
@@ -90,13 +89,18 @@ def backward_from_lse(grad_out, q, k, v, out, lse, table: BlockTable, softmax_sc
     """``(dq, dk, dv)`` of :func:`forward_with_lse` from its inputs, output and LSE: the head-ordered q, k, v
     made again by one pass, then the backward (no forward kernel runs again)."""
     q, k, v = fused_head_order(q, k, v, table, rotary)
-    cos, sin, start, pairs = (None, None, 0, PAIRS[0]) if rotary is None else (rotary.cos, rotary.sin, rotary.start,
-                                                                               rotary.pairs)  # fmt: skip
+    cos, sin, start, pairs = rotary_args(rotary)
     return torch.ops.sparse_vdit.attention_in_head_order_backward(grad_out.contiguous(), q, k, v, out, lse, cos, sin,
                                                                   start, pairs, table.key, softmax_scale)  # fmt: skip
 
 
-def _rotary_of(cos: torch.Tensor | None, sin: torch.Tensor | None, start: int, pairs: str) -> Rotary | None:
+def rotary_args(rotary: Rotary | None) -> tuple:
+    """``(cos, sin, start, pairs)`` of ``rotary`` as the ops take them (None: no rotary)."""
+    return (None, None, 0, PAIRS[0]) if rotary is None else (rotary.cos, rotary.sin, rotary.start, rotary.pairs)
+
+
+def rotary_of(cos: torch.Tensor | None, sin: torch.Tensor | None, start: int, pairs: str) -> Rotary | None:
+    """The :class:`Rotary` of an op's ``(cos, sin, start, pairs)`` arguments (None where ``cos`` is None)."""
     return None if cos is None else Rotary(cos, sin, start, pairs)
 
 
@@ -109,7 +113,7 @@ def _head_order_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     from .triton import backend
 
     table = table_by_key(table_key)
-    q, k, v = fused_head_order(q, k, v, table, _rotary_of(cos, sin, rotary_start, rotary_pairs))
+    q, k, v = fused_head_order(q, k, v, table, rotary_of(cos, sin, rotary_start, rotary_pairs))
     out, lse = backend.run_with_lse(q, k, v, table, softmax_scale, head_order=True)
     return out, lse, q, k, v
 
@@ -133,7 +137,7 @@ def _head_order_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
     table = table_by_key(table_key)
     dq, dk, dv = backend.run_backward(grad_out, q, k, v, out, lse, table, softmax_scale, head_order=True)
     token_major, shape = flags(table), geometry(table)
-    rotary = _rotary_of(cos, sin, rotary_start, rotary_pairs)
+    rotary = rotary_of(cos, sin, rotary_start, rotary_pairs)
     dq, dk = rotary_order(dq, token_major, shape, rotary, second=dk, to_head_order=False, transpose=True)
     return dq, dk, rotary_order(dv, token_major, shape, to_head_order=False)[0]
 
@@ -166,4 +170,4 @@ torch.library.register_autograd("sparse_vdit::attention_in_head_order", _head_or
 
 
 __all__ = ["PAIRS", "Rotary", "backward_from_lse", "flags", "forward_with_lse", "fused_head_order", "geometry",
-           "train_in_head_order"]
+           "rotary_args", "rotary_of", "train_in_head_order"]

@@ -58,7 +58,7 @@ from ...kernels import dense as dense_kernels
 from ...kernels import registry, resolve_backend, sparse_attention
 from ...kernels.api import autograd_inside_op
 from ...kernels.head_order import Rotary, attention_in_head_order, fused_pass_runs, in_float32, rotate
-from ...kernels.head_order_op import backward_from_lse, forward_with_lse
+from ...kernels.head_order_op import backward_from_lse, forward_with_lse, rotary_of
 from ...layout import VideoLayout
 from ...kernels import select_attention
 from ...methods.protocol import AttentionCall, Observer, PatternSource, plan_source
@@ -398,10 +398,6 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-def _rotary(cos: torch.Tensor | None, sin: torch.Tensor | None, start: int, pairs: str) -> Rotary | None:
-    return None if cos is None else Rotary(cos, sin, start, pairs)
-
-
 # cudagraph_unsafe: under CUDA graphs (torch.compile mode="reduce-overhead") Inductor partitions the
 # graph around the op and runs it eagerly every call, so the step and the plan's patterns are read at
 # run time instead of being frozen at the captured step (and its host reads never run in a capture)
@@ -415,8 +411,9 @@ def _attention_op(
     timestep: torch.Tensor | None = None, grid: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """:meth:`SparseState.attend` as one opaque op: ``(out, lse)``, the LSE (float32 [B, H, N]) for the
-    backward where the call takes :meth:`SparseState.fused_call`'s path (else NaN: the backward replays). ``cos`` / ``sin``
-    (or None): q and k still need that rotary embedding (fused where the call allows, else applied first).
+    backward where the call takes :meth:`SparseState.fused_call`'s path (else NaN: the backward replays).
+    ``cos`` / ``sin`` (or None): q and k still need that rotary embedding (fused where the call allows, else
+    applied first).
     ``timestep`` / ``grid`` come only from a graph traced by ``torch.export`` (no step hook runs in it):
     layer 0 then counts the step here, at run time."""
     state = _STATES.get(handle)
@@ -424,7 +421,7 @@ def _attention_op(
         raise RuntimeError("sparse-vdit: this compiled graph belongs to a model whose sparse attention was removed")
     if timestep is not None and int(layer) == 0:
         state.steps.observe(timestep_value(timestep), None if grid is None else tuple(grid))
-    rotary = _rotary(cos, sin, rotary_start, rotary_pairs)
+    rotary = rotary_of(cos, sin, rotary_start, rotary_pairs)
     out, lse = state.attend_keeping_lse(int(layer), q, k, v, key_mask, rotary)
     if lse is None:  # NaN: gradients made from it would show
         lse = q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), dtype=torch.float32)
@@ -448,7 +445,7 @@ def _attention_backward_op(
     state = _STATES.get(handle)
     if state is None:
         raise RuntimeError("sparse-vdit: this compiled graph belongs to a model whose sparse attention was removed")
-    rotary = _rotary(cos, sin, rotary_start, rotary_pairs)
+    rotary = rotary_of(cos, sin, rotary_start, rotary_pairs)
     fused = state.fused_call(int(layer), q, k, v, key_mask, rotary)
     if fused is not None:
         table, rotary, _ = fused
@@ -531,7 +528,7 @@ class SparseAttnProcessor:
             out = _attention_op(q, k, v, key_mask, self.layer_index, self.state.handle, *(parts or (None, None, 0, "")),
                                 timestep, None if grid is None else list(grid))[0]  # fmt: skip
         else:
-            out = self.state.attend(self.layer, q, k, v, key_mask, heads, rotary=_rotary(*parts) if parts else None)
+            out = self.state.attend(self.layer, q, k, v, key_mask, heads, rotary=rotary_of(*parts) if parts else None)
         if shards is not None:
             out = shards.scatter(out, projected.text, family.text_position)
         return family.finish(attn, out, projected)
