@@ -74,6 +74,12 @@
 #   train-step-wan14b-l  the same, Wan-14B 720p, eager, one timed step a variant                  (~400)
 #   train-step-profile-l  Wan-1.3B compiled: unpatched, dense, 25%, each step profiled             (~150)
 #   train-step-hunyuan-m  HunyuanVideo 720p eager, our dense plan / 25% / 10% (no unpatched row)   (~200)
+#   tests-n        GPU tests of training: the tiny Wan's gradients (eager, Inductor), the compiled fused op without
+#                  a replayed forward, the Inductor backward against eager (#18)                 (~150)
+#   tests-n2       GPU tests of compiled training from the LSE: dense layers by cuDNN, the plan's tables on
+#                  triton and fa4, bf16, no replayed call; the CUDA-graph tests (#18)              (~150)
+#   train-step-n   one training step, Wan-1.3B compiled: unpatched / dense / 25% / 10%, Triton (#18) (~100)
+#   train-step-fa4-n  the same eager and compiled with the fa4 backend (its wheels carried) (#18)  (~250)
 #   backward-calls-k  the whole processor call's backward, rotary included: old vs fused path, multi-diagonal and
 #                  mixed, 10-50% (CALL_SHAPES, default Wan-1.3B 480p) (#18) (~200)
 #   backward-calls-profile-k  the same at 10% on Wan-1.3B 480p under torch.profiler: operator and call tables (#18) (~60)
@@ -256,6 +262,15 @@ for name in "$@"; do
         --out "$R/train_step_profile.json" ;;
     train-step-hunyuan-m) TAIL=10 step train-step-hunyuan-m 300 python3 bench/train_step.py --models hunyuan \
         --modes eager --densities 0.25,0.1 --repeats 1 --no-unpatched --budget-s 280 --out "$R/train_step.json" ;;
+    tests-n) TAIL=12 step tests-n 240 python3 -m pytest -q -p no:cacheprovider tests/integrations/test_training_gpu.py \
+        tests/integrations/test_fused_rotary.py -k "training or trains" \
+        tests/kernels/test_backward.py::test_gpu_backward_compiles_with_inductor_and_matches_eager ;;
+    tests-n2) TAIL=12 step tests-n2 300 python3 -m pytest -q -p no:cacheprovider \
+        tests/integrations/test_training_gpu.py tests/integrations/test_cuda_graphs.py tests/kernels/test_dense_lse.py ;;
+    train-step-n) TAIL=10 step train-step-n 200 python3 bench/train_step.py --models wan-1.3b --modes compiled \
+        --densities 0.25,0.1 --repeats 3 --budget-s 180 --out "$R/train_step_n.json" ;;
+    train-step-fa4-n) TAIL=12 step train-step-fa4-n 330 python3 bench/train_step.py --models wan-1.3b \
+        --modes eager,compiled --backend fa4 --densities 0.25,0.1 --repeats 3 --budget-s 300 --out "$R/train_step_fa4.json" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done

@@ -201,10 +201,35 @@ def test_fused_path_trains_like_the_old_path(monkeypatch):
     assert worst < 1e-4, worst
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_compiled_fused_training_runs_no_second_forward(checkpointing, monkeypatch):
-    """Blocks compiled (aot_eager, fullgraph), the fused path on Triton: the op's backward runs from the call's
-    output and LSE (no replay of the call), and every gradient equals the eager one."""
+class HeadOrderedTriton:
+    """A backend module with FA4's contract, on the Triton kernels: ``run_with_lse`` / ``run_backward`` take and
+    give tensors in each head's own order (the route other backends than triton take in the compiled op)."""
+
+    @staticmethod
+    def run_with_lse(q, k, v, table, scale):
+        from sparse_vdit.kernels.api import reorder_heads
+        from sparse_vdit.kernels.triton import backend
+
+        out, lse = backend.run_with_lse(q, k, v, table, scale, head_order=True)  # stores frame-major rows
+        return reorder_heads(out, table.layout, table.token_major_heads), lse
+
+    @staticmethod
+    def run_backward(grad_out, q, k, v, out, lse, table, scale):
+        from sparse_vdit.kernels.api import reorder_heads
+        from sparse_vdit.kernels.triton import backend
+
+        grad_out, out = (reorder_heads(t, table.layout, table.token_major_heads, to_token_major=False)
+                         for t in (grad_out, out))  # fmt: skip
+        return backend.run_backward(grad_out, q, k, v, out, lse, table, scale, head_order=True)
+
+
+@pytest.mark.parametrize("route", ["fused", "unfused-rotary", "head-ordered-backend", "checkpointing"])
+def test_compiled_training_runs_no_second_forward(route, monkeypatch):
+    """Blocks compiled (aot_eager, fullgraph): the op's backward runs from the call's output and LSE (no replay
+    of the call) on each route (the rotary fused on Triton; the model's own rotary first; a backend that
+    takes head-ordered tensors, as FA4; with checkpointing), and every gradient equals the eager one."""
+    import types
+
     import torch._dynamo
 
     from sparse_vdit.kernels import registry
@@ -216,7 +241,7 @@ def test_compiled_fused_training_runs_no_second_forward(checkpointing, monkeypat
     torch._dynamo.reset()
     model, inputs = wan(batch=1, num_attention_heads=2, attention_head_dim=64)
     model.train()
-    if checkpointing:
+    if route == "checkpointing":
         model.enable_gradient_checkpointing()
     layers = [[multi_diagonal(0.2), diagonal(0.5)], [vertical(((0.0, 1.0),), 0.3), skip()]]
     target = torch.randn(inputs["hidden_states"].shape, generator=torch.Generator().manual_seed(3))
@@ -228,7 +253,7 @@ def test_compiled_fused_training_runs_no_second_forward(checkpointing, monkeypat
 
     plan = Plan.from_layers(model, layers, block_size=BLOCK, warmup_steps=0)
     state = sparse_vdit.apply(model, plan, backend="triton")
-    state.fuse_rotary = True
+    state.fuse_rotary = route != "unfused-rotary"
     eager = grads()
     calls = {"attend": 0, "forward": 0, "backward": 0}
     for name, key in (("forward_with_lse", "forward"), ("backward_from_lse", "backward")):
@@ -238,12 +263,18 @@ def test_compiled_fused_training_runs_no_second_forward(checkpointing, monkeypat
     attend = state.attend
     monkeypatch.setattr(state, "attend", lambda *a, **kw: calls.__setitem__("attend", calls["attend"] + 1)
                         or attend(*a, **kw))  # fmt: skip
+    if route == "head-ordered-backend":
+        shim = types.SimpleNamespace(name="head_ordered", module=HeadOrderedTriton)
+        get = registry.get
+        monkeypatch.setattr(registry, "choose", lambda *a, **kw: shim)
+        monkeypatch.setattr(registry, "get", lambda name: shim if name == shim.name else get(name))
     model.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
     try:
         compiled = grads()
     finally:
         undo_compile(model)
-    assert calls == {"attend": 0, "forward": len(layers) * (2 if checkpointing else 1), "backward": len(layers)}
+    assert calls == {"attend": 0, "forward": len(layers) * (2 if route == "checkpointing" else 1),
+                     "backward": len(layers)}  # fmt: skip
     assert compiled.keys() == eager.keys() and compiled
     worst = max(rel_rms(compiled[n], eager[n]) for n in compiled if eager[n].norm() > 0)
     assert worst < 1e-5, worst

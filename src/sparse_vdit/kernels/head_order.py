@@ -78,14 +78,18 @@ def fused_pass_runs(x: torch.Tensor, rotary: Rotary | None = None) -> bool:
     return ok and x.dtype != torch.float64
 
 
-def rotate(q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate(q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None,
+           transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """q and k with ``rotary`` applied, order unchanged: one fused pass where Triton runs (differentiable:
-    its backward is the same pass with the rotation transposed), else plain torch."""
+    its backward is the same pass with the rotation transposed), else plain torch. ``transpose``: the
+    rotation's transpose (gradients back through the rotary; the fused pass only)."""
     if rotary is None:
         return q, k
     if not fused_pass_runs(q, rotary):
+        if transpose:
+            raise ValueError("the rotary's transpose runs in the fused pass only (Triton, head dims powers of two)")
         return apply_rotary(q, rotary), apply_rotary(k, rotary)
-    return torch.ops.sparse_vdit.rotary_pass(q, k, rotary.cos, rotary.sin, rotary.start, rotary.pairs, False)
+    return torch.ops.sparse_vdit.rotary_pass(q, k, rotary.cos, rotary.sin, rotary.start, rotary.pairs, transpose)
 
 
 @torch.library.custom_op("sparse_vdit::rotary_pass", mutates_args=())

@@ -6,6 +6,10 @@ the kernels on them as on frame-major heads (its prologue puts grad_out in head 
 takes dq and dk back to frame-major through the rotary's transpose and one takes dv back. Below both
 :func:`~sparse_vdit.kernels.sparse_attention` (whose eager training runs token-major heads here) and
 :mod:`.head_order` (the processor's fused path, and the torch references).
+
+:func:`forward_with_lse` / :func:`backward_from_lse` are the same path without autograd, split where a caller
+keeps the output and LSE itself (the compiled processor's op), on triton or any backend whose module has
+``run_with_lse`` and ``run_backward`` on head-ordered tensors (fa4).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..block_table import BlockTable, table_by_key
+from . import registry
 
 PAIRS = ("interleaved", "wan")
 
@@ -75,23 +80,54 @@ def train_in_head_order(q, k, v, table: BlockTable, softmax_scale: float, rotary
     return torch.ops.sparse_vdit.attention_in_head_order(q, k, v, cos, sin, start, pairs, table.key, softmax_scale)[0]
 
 
-def forward_with_lse(q, k, v, table: BlockTable, softmax_scale: float, rotary: Rotary | None = None):
-    """``(out, lse)`` of the fused path on the Triton backend, no autograd: the output and the LSE frame-major,
-    what :func:`backward_from_lse` needs besides the inputs (the compiled processor's op keeps them)."""
-    from .triton import backend
-
+def forward_with_lse(q, k, v, table: BlockTable, softmax_scale: float, rotary: Rotary | None = None,
+                     backend: str = "triton"):  # fmt: skip
+    """``(out, lse)`` of the fused path, no autograd: the output frame-major and the LSE in the order ``backend``
+    ran the rows, what :func:`backward_from_lse` needs besides the inputs (the compiled processor's op keeps
+    them). ``backend``: one whose module has ``run_with_lse`` and ``run_backward`` (triton stores its rows
+    frame-major itself; the others' output goes back in one pass)."""
     q, k, v = fused_head_order(q, k, v, table, rotary)
-    return backend.run_with_lse(q, k, v, table, softmax_scale, head_order=True)
+    if backend == "triton":
+        from .triton import backend as triton
+
+        return triton.run_with_lse(q, k, v, table, softmax_scale, head_order=True)
+    out, lse = registry.get(backend).module.run_with_lse(q, k, v, table, softmax_scale)
+    return _in_order(out, table, to_head_order=False), lse
 
 
 def backward_from_lse(grad_out, q, k, v, out, lse, table: BlockTable, softmax_scale: float,
-                      rotary: Rotary | None = None):  # fmt: skip
+                      rotary: Rotary | None = None, backend: str = "triton"):  # fmt: skip
     """``(dq, dk, dv)`` of :func:`forward_with_lse` from its inputs, output and LSE: the head-ordered q, k, v
-    made again by one pass, then the backward (no forward kernel runs again)."""
+    made again by one pass, then ``backend``'s backward (no forward kernel runs again)."""
     q, k, v = fused_head_order(q, k, v, table, rotary)
-    cos, sin, start, pairs = rotary_args(rotary)
-    return torch.ops.sparse_vdit.attention_in_head_order_backward(grad_out.contiguous(), q, k, v, out, lse, cos, sin,
-                                                                  start, pairs, table.key, softmax_scale)  # fmt: skip
+    if backend == "triton":
+        cos, sin, start, pairs = rotary_args(rotary)
+        return torch.ops.sparse_vdit.attention_in_head_order_backward(grad_out.contiguous(), q, k, v, out, lse, cos,
+                                                                      sin, start, pairs, table.key, softmax_scale)  # fmt: skip
+    grad_out, out = (_in_order(t.contiguous(), table) for t in (grad_out, out))
+    grads = registry.get(backend).module.run_backward(grad_out, q, k, v, out, lse, table, softmax_scale)
+    return frame_major_grads(*grads, table, rotary)
+
+
+def frame_major_grads(dq, dk, dv, table: BlockTable, rotary: Rotary | None = None):
+    """Gradients of the head-ordered, rotated q, k, v back to frame-major rows and through the rotary's
+    transpose: one pass for dq and dk, one for dv (none where there is nothing to undo)."""
+    from .triton.rotary import rotary_order
+
+    token_major, shape = flags(table), geometry(table)
+    if rotary is not None or token_major is not None:
+        dq, dk = rotary_order(dq, token_major, shape, rotary, second=dk, to_head_order=False, transpose=True)
+    return dq, dk, _in_order(dv, table, to_head_order=False)
+
+
+def _in_order(x: torch.Tensor, table: BlockTable, to_head_order: bool = True) -> torch.Tensor:
+    """``x`` with the table's token-major heads put in their order (or back to frame-major), one pass."""
+    token_major = flags(table)
+    if token_major is None:
+        return x
+    from .triton.rotary import rotary_order
+
+    return rotary_order(x, token_major, geometry(table), to_head_order=to_head_order)[0]
 
 
 def rotary_args(rotary: Rotary | None) -> tuple:
@@ -132,14 +168,10 @@ def _head_order_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(dq, dk, dv)`` of :func:`_head_order_op` (frame-major, before the rotary), from its head-ordered q, k, v."""
     from .triton import backend
-    from .triton.rotary import rotary_order
 
     table = table_by_key(table_key)
     dq, dk, dv = backend.run_backward(grad_out, q, k, v, out, lse, table, softmax_scale, head_order=True)
-    token_major, shape = flags(table), geometry(table)
-    rotary = rotary_of(cos, sin, rotary_start, rotary_pairs)
-    dq, dk = rotary_order(dq, token_major, shape, rotary, second=dk, to_head_order=False, transpose=True)
-    return dq, dk, rotary_order(dv, token_major, shape, to_head_order=False)[0]
+    return frame_major_grads(dq, dk, dv, table, rotary_of(cos, sin, rotary_start, rotary_pairs))
 
 
 @_head_order_backward_op.register_fake
@@ -169,5 +201,5 @@ torch.library.register_autograd("sparse_vdit::attention_in_head_order", _head_or
                                 setup_context=_head_order_setup)  # fmt: skip
 
 
-__all__ = ["PAIRS", "Rotary", "backward_from_lse", "flags", "forward_with_lse", "fused_head_order", "geometry",
-           "rotary_args", "rotary_of", "train_in_head_order"]
+__all__ = ["PAIRS", "Rotary", "backward_from_lse", "flags", "forward_with_lse", "frame_major_grads", "fused_head_order",
+           "geometry", "rotary_args", "rotary_of", "train_in_head_order"]

@@ -37,26 +37,24 @@ Under ``torch.compile`` the attention step is one opaque custom op, so the graph
 inside a block and the Python decisions run eagerly at run time; the op is tagged
 ``cudagraph_unsafe``, so under CUDA graphs (``mode="reduce-overhead"``, Inductor's graph partition)
 it runs between the captured graphs, every call, at the current step. The op is differentiable: on the
-fused path with the Triton backend (``SparseState.fused_call``) its backward runs from the call's output
-and LSE; elsewhere it replays the call (same step and patterns) under autograd, one extra attention
-forward. Eager training differentiates :func:`~sparse_vdit.sparse_attention` directly.
+call's route (``SparseState.lse_route``: a plan's table on a backend with an LSE, triton or fa4, through head
+order; dense layers by cuDNN) its backward runs from the call's output and LSE; elsewhere (observers, online
+choices, several prompt lengths) it replays the call (same step and patterns) under autograd, one extra
+attention forward. Eager training differentiates :func:`~sparse_vdit.sparse_attention` directly.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import warnings
-import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ...block_table import DEFAULT_BLOCK, BlockTable, all_dense
 from ...kernels import dense as dense_kernels
 from ...kernels import registry, resolve_backend, sparse_attention
-from ...kernels.api import autograd_inside_op
 from ...kernels.head_order import Rotary, attention_in_head_order, fused_pass_runs, in_float32, rotate
 from ...kernels.head_order_op import backward_from_lse, forward_with_lse, rotary_of
 from ...layout import VideoLayout
@@ -65,13 +63,21 @@ from ...methods.protocol import AttentionCall, Observer, PatternSource, plan_sou
 from ...patterns import HeadChoice, Pattern, compile_layer
 from ...plan import ModelSpec, Plan
 from ...timing import clock, seconds_per_step
+from . import compiled_op
 from .families import Family, set_processor
 from .parallel import head_shards
 from .rotary import fusable, fused_by_default, rotary_parts
-from .steps import StepTracker, timestep_value
+from .steps import StepTracker
 
-_STATES: weakref.WeakValueDictionary[int, SparseState] = weakref.WeakValueDictionary()
-_HANDLES = itertools.count()
+class LseRoute(NamedTuple):
+    """How a compiled call runs so that its backward needs only its output and LSE (:meth:`SparseState.lse_route`)."""
+
+    table: BlockTable | None  # None: dense, by cuDNN
+    rotary: Rotary | None  # still to apply to q and k (fused into the head-order pass)
+    layout: VideoLayout
+    backend: str  # the table's backend ("cudnn" when dense)
+
+
 
 
 class SparseState:
@@ -107,8 +113,7 @@ class SparseState:
         self.last_layout: VideoLayout | None = None  # of the last call, padding included
         self._foreign: frozenset = frozenset()  # layers whose processor someone else replaced (warned)
         self._backend_warned = False
-        self.handle = next(_HANDLES)
-        _STATES[self.handle] = self
+        self.handle = compiled_op.register(self)
 
     def __deepcopy__(self, memo):
         """An independent state (own handle, steps, caches) for a deep copy of the patched model."""
@@ -117,8 +122,7 @@ class SparseState:
         memo[id(self.family)] = self.family  # stateless adapters are shared
         for key, value in self.__dict__.items():
             setattr(new, key, {} if key == "_memo" else copy.deepcopy(value, memo))
-        new.handle = next(_HANDLES)
-        _STATES[new.handle] = new
+        new.handle = compiled_op.register(new)
         return new
 
     def check_processors(self, model) -> None:
@@ -237,12 +241,14 @@ class SparseState:
             self._timings.append((self.steps.step, start, clock(q)))
         return out
 
-    def fused_call(self, layer: int, q, k, v, key_mask, rotary: Rotary | None):
-        """``(table, rotary, layout)`` where this call runs the fused path on the Triton backend whose
-        backward needs only the call's output and LSE (:meth:`attend_keeping_lse`): the rotary fused, the
-        plan's patterns not all dense nor all skipped, one prompt length; else None. Asks the pattern
-        source, as :meth:`attend` does."""
-        if rotary is None or not self.fuses_rotary(q.device) or not fused_pass_runs(q, rotary):
+    def lse_route(self, layer: int, q, k, v, key_mask, rotary: Rotary | None) -> LseRoute | None:
+        """How this call runs in the compiled op so that its backward needs only the call's output and LSE
+        (:meth:`attend_keeping_lse`): a table on a backend with ``run_with_lse`` and ``run_backward`` through
+        head order (``forward_with_lse``: triton, fa4), or dense patterns by cuDNN; None where the op's
+        backward replays the call instead (observers, a rotary that cannot be fused, several prompt lengths,
+        an online method's choice, all heads skipped, no such kernel). Asks the pattern source, as
+        :meth:`attend` does."""
+        if self.observers or (rotary is not None and not self.fuses_rotary(q.device)):
             return None
         layout = self.layout(q.shape[1])
         valid = self._text_valid(key_mask, layout, q.shape[0])
@@ -250,26 +256,54 @@ class SparseState:
             return None
         layout = layout if valid is None else self._padded(layout, next(iter(valid)))
         patterns = self.pattern_source(AttentionCall(self.steps.step, layer, q, k, v, layout, self, None))
-        if not isinstance(patterns, Sequence) or len(patterns) != q.shape[2] or all_dense(patterns):
+        if rotary is not None:
+            if not fused_pass_runs(q, rotary):
+                return None
+            rotary = self._float32_rotary(rotary) if self.rotary_float32 else rotary
+        heads = q.shape[2]
+        if patterns is None or (isinstance(patterns, Sequence) and len(patterns) == heads and all_dense(patterns)):
+            return LseRoute(None, rotary, layout, "cudnn") if dense_kernels.lse_serves(q, k, v) else None
+        if isinstance(patterns, BlockTable) and patterns.layout == layout and patterns.num_heads == heads:
+            table = patterns
+        elif isinstance(patterns, Sequence) and len(patterns) == heads:
+            table = compile_layer(tuple(patterns), layout, self.block_size, q.device)  # cached by value
+        else:
             return None
-        table = compile_layer(tuple(patterns), layout, self.block_size, q.device)  # cached by value
-        if table.all_skip or registry.choose(self.backend, q, table).name != "triton":
+        name = registry.choose(self.backend, q, table).name
+        module = registry.get(name).module
+        if table.all_skip or not (hasattr(module, "run_with_lse") and hasattr(module, "run_backward")):
             return None
-        return table, self._float32_rotary(rotary) if self.rotary_float32 else rotary, layout
+        if table.token_major_heads and not fused_pass_runs(q):
+            return None
+        return LseRoute(table, rotary, layout, name)
 
     def attend_keeping_lse(self, layer: int, q, k, v, key_mask, rotary: Rotary | None):
         """:meth:`attend` of the compiled op: ``(out, lse)``, the LSE (float32 [B, H, N]) where the call
-        takes :meth:`fused_call`'s path, else None (the op's backward then replays the call)."""
-        fused = self.fused_call(layer, q, k, v, key_mask, rotary)
-        if fused is None:
+        takes a :meth:`lse_route`, else None (the op's backward then replays the call)."""
+        route = self.lse_route(layer, q, k, v, key_mask, rotary)
+        if route is None:
             return self.attend(layer, q, k, v, key_mask, rotary=rotary), None
-        table, rotary, layout = fused
         start = clock(q) if self.timing else None
-        out, lse = forward_with_lse(q, k, v, table, q.shape[-1] ** -0.5, rotary)
-        self.last_layout = layout
+        scale = q.shape[-1] ** -0.5
+        if route.table is None:
+            q, k = rotate(q, k, route.rotary)
+            out, lse = dense_kernels.forward_with_lse(q, k, v, kv_len=route.layout.kv_len, softmax_scale=scale)
+        else:
+            out, lse = forward_with_lse(q, k, v, route.table, scale, route.rotary, route.backend)
+        self.last_layout = route.layout
         if start is not None:
             self._timings.append((self.steps.step, start, clock(q)))
         return out, lse
+
+    def lse_backward(self, route: LseRoute, grad, q, k, v, out, lse):
+        """``(dq, dk, dv)`` of :meth:`attend_keeping_lse`'s call along ``route`` from its output and LSE."""
+        scale = q.shape[-1] ** -0.5
+        if route.table is not None:
+            return backward_from_lse(grad, q, k, v, out, lse, route.table, scale, route.rotary, route.backend)
+        q, k = rotate(q, k, route.rotary)
+        dq, dk, dv = dense_kernels.backward_from_lse(grad, q, k, v, out, lse, kv_len=route.layout.kv_len,
+                                                     softmax_scale=scale)  # fmt: skip
+        return (*rotate(dq, dk, route.rotary, transpose=True), dv)
 
     def _attend(self, layer, q, k, v, layout, heads=None, observe=True, rotary=None) -> torch.Tensor:
         call = AttentionCall(self.steps.step, layer, q, k, v, layout, self, heads)
@@ -398,92 +432,6 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-# cudagraph_unsafe: under CUDA graphs (torch.compile mode="reduce-overhead") Inductor partitions the
-# graph around the op and runs it eagerly every call, so the step and the plan's patterns are read at
-# run time instead of being frozen at the captured step (and its host reads never run in a capture)
-_HOST_DECIDES = (torch.Tag.cudagraph_unsafe,)
-
-
-@torch.library.custom_op("sparse_vdit::diffusers_attention", mutates_args=(), tags=_HOST_DECIDES)
-def _attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, layer: torch.Tensor, handle: int,
-    cos: torch.Tensor | None, sin: torch.Tensor | None, rotary_start: int, rotary_pairs: str,
-    timestep: torch.Tensor | None = None, grid: list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """:meth:`SparseState.attend` as one opaque op: ``(out, lse)``, the LSE (float32 [B, H, N]) for the
-    backward where the call takes :meth:`SparseState.fused_call`'s path (else NaN: the backward replays).
-    ``cos`` / ``sin`` (or None): q and k still need that rotary embedding (fused where the call allows, else
-    applied first).
-    ``timestep`` / ``grid`` come only from a graph traced by ``torch.export`` (no step hook runs in it):
-    layer 0 then counts the step here, at run time."""
-    state = _STATES.get(handle)
-    if state is None:
-        raise RuntimeError("sparse-vdit: this compiled graph belongs to a model whose sparse attention was removed")
-    if timestep is not None and int(layer) == 0:
-        state.steps.observe(timestep_value(timestep), None if grid is None else tuple(grid))
-    rotary = rotary_of(cos, sin, rotary_start, rotary_pairs)
-    out, lse = state.attend_keeping_lse(int(layer), q, k, v, key_mask, rotary)
-    if lse is None:  # NaN: gradients made from it would show
-        lse = q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), dtype=torch.float32)
-    return out.contiguous(), lse
-
-
-@_attention_op.register_fake
-def _(q, k, v, key_mask, layer, handle, cos, sin, rotary_start, rotary_pairs, timestep=None, grid=None):
-    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
-
-
-@torch.library.custom_op("sparse_vdit::diffusers_attention_backward", mutates_args=(), tags=_HOST_DECIDES)
-def _attention_backward_op(
-    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    key_mask: torch.Tensor | None, layer: torch.Tensor, handle: int, cos: torch.Tensor | None,
-    sin: torch.Tensor | None, rotary_start: int, rotary_pairs: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(dq, dk, dv)`` of :func:`_attention_op`. On :meth:`SparseState.fused_call`'s path from the call's
-    output and LSE (one pass to head order, then the kernels' backward); otherwise the call replayed under
-    autograd (same step, same patterns; no timing, no observers), then differentiated."""
-    state = _STATES.get(handle)
-    if state is None:
-        raise RuntimeError("sparse-vdit: this compiled graph belongs to a model whose sparse attention was removed")
-    rotary = rotary_of(cos, sin, rotary_start, rotary_pairs)
-    fused = state.fused_call(int(layer), q, k, v, key_mask, rotary)
-    if fused is not None:
-        table, rotary, _ = fused
-        return backward_from_lse(grad, q, k, v, out, lse, table, q.shape[-1] ** -0.5, rotary)
-    with autograd_inside_op():
-        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = state.attend(int(layer), *inputs, key_mask, observe=False, rotary=rotary)
-        grads = torch.autograd.grad(out, inputs, grad, allow_unused=True) if out.requires_grad else (None,) * 3
-    return tuple(torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, (q, k, v)))
-
-
-@_attention_backward_op.register_fake
-def _(grad, q, k, v, out, lse, key_mask, layer, handle, cos, sin, rotary_start, rotary_pairs):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _attention_setup(ctx, inputs, output) -> None:
-    q, k, v, key_mask, layer, handle, cos, sin, rotary_start, rotary_pairs = inputs[:10]
-    ctx.save_for_backward(q, k, v, *output, key_mask, layer, cos, sin)
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-    ctx.handle, ctx.rotary = handle, (rotary_start, rotary_pairs)
-
-
-def _attention_backward(ctx, grad, _grad_lse):
-    if grad is None:  # the output itself took no part in the loss
-        return (None,) * 12
-    q, k, v, out, lse, key_mask, layer, cos, sin = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad.contiguous(), q, k, v, out, lse, key_mask, layer, ctx.handle, cos, sin,
-                                        *ctx.rotary)  # fmt: skip
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
-
-
-# compiled training: on the fused Triton path the backward runs from the call's output and LSE; elsewhere
-# the opaque op recomputes its forward in the backward (one extra attention forward)
-torch.library.register_autograd("sparse_vdit::diffusers_attention", _attention_backward, setup_context=_attention_setup)
-
-
 class SparseAttnProcessor:
     """Diffusers attention processor of one self-attention layer (any supported family).
 
@@ -525,8 +473,10 @@ class SparseAttnProcessor:
             if heads is not None:
                 raise NotImplementedError("sparse-vdit: torch.compile with context parallelism is not supported yet")
             timestep, grid = self.state.steps.traced or (None, None)  # set under torch.export only
-            out = _attention_op(q, k, v, key_mask, self.layer_index, self.state.handle, *(parts or (None, None, 0, "")),
-                                timestep, None if grid is None else list(grid))[0]  # fmt: skip
+            keep_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # traced for training
+            out = compiled_op.attention(q, k, v, key_mask, self.layer_index, self.state.handle,
+                                        *(parts or (None, None, 0, "")), keep_lse, timestep,
+                                        None if grid is None else list(grid))[0]  # fmt: skip
         else:
             out = self.state.attend(self.layer, q, k, v, key_mask, heads, rotary=rotary_of(*parts) if parts else None)
         if shards is not None:
