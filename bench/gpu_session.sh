@@ -80,6 +80,7 @@
 #                  triton and fa4, bf16, no replayed call; the CUDA-graph tests (#18)              (~150)
 #   train-step-n   one training step, Wan-1.3B compiled: unpatched / dense / 25% / 10%, Triton (#18) (~100)
 #   train-step-fa4-n  the same eager and compiled with the fa4 backend (its wheels carried) (#18)  (~250)
+#   train-step-hunyuan-n  HunyuanVideo 720p eager, the sparse rows only (25%, 10%; dense plan: train-step-hunyuan-m) (~200)
 #   backward-calls-k  the whole processor call's backward, rotary included: old vs fused path, multi-diagonal and
 #                  mixed, 10-50% (CALL_SHAPES, default Wan-1.3B 480p) (#18) (~200)
 #   backward-calls-profile-k  the same at 10% on Wan-1.3B 480p under torch.profiler: operator and call tables (#18) (~60)
@@ -271,6 +272,8 @@ for name in "$@"; do
         --densities 0.25,0.1 --repeats 3 --budget-s 180 --out "$R/train_step_n.json" ;;
     train-step-fa4-n) TAIL=12 step train-step-fa4-n 330 python3 bench/train_step.py --models wan-1.3b \
         --modes eager,compiled --backend fa4 --densities 0.25,0.1 --repeats 3 --budget-s 300 --out "$R/train_step_fa4.json" ;;
+    train-step-hunyuan-n) TAIL=10 step train-step-hunyuan-n 330 python3 bench/train_step.py --models hunyuan \
+        --modes eager --densities 0.25,0.1 --repeats 1 --no-unpatched --no-dense --budget-s 300 --out "$R/train_step.json" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done

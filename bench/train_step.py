@@ -100,7 +100,7 @@ def run_model(name: str, args, device, dtype, rows: list, deadline: float) -> No
     spec, layout = model_spec(model), layout_of(bench, model, inputs)
     probe = torch.empty(1, 1, 1, model.config.attention_head_dim, device=device, dtype=dtype)
     backend = sparse_vdit.kernels.resolve_backend(args.backend, probe)
-    plans = {"dense": Plan.dense(spec, block_size=args.block_size)}
+    plans = {"dense": Plan.dense(spec, block_size=args.block_size)} if args.dense else {}
     for d in args.densities:
         plans[f"sparse-{round(d * 100):02d}"] = mixed_plan(spec, layout, d, args.block_size, seed=bench.seed)
     say(f"{name}: {trainable / 1e6:.1f}M trainable ({args.trainable}), checkpointing {args.checkpointing}, layout "
@@ -165,6 +165,8 @@ def parse_args(argv=None):
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     p.add_argument("--no-unpatched", dest="unpatched", action="store_false",
                    help="no unpatched row (HunyuanVideo's masked SDPA trains far slower than our dense plan)")
+    p.add_argument("--no-dense", dest="dense", action="store_false",
+                   help="no dense-plan row (sparse rows only, e.g. where one call cannot hold every variant)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per variant, after one warm-up")
     p.add_argument("--backend", default="auto", help="sparse backend of our integration")
     p.add_argument("--block-size", type=int, default=sparse_vdit.block_table.DEFAULT_BLOCK)

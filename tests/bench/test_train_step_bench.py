@@ -44,3 +44,13 @@ def test_no_unpatched_row_and_speedups_against_dense(load_script, tmp_path):
     assert [r["variant"] for r in rows] == ["dense", "sparse-30"]
     assert "speedup_vs_unpatched" not in rows[1] and rows[1]["speedup_vs_dense"] > 0
     assert not rows[1]["checkpointing"] and rows[1]["trainable"] == "all"
+
+
+def test_sparse_rows_only(load_script, tmp_path):
+    train_step = load_script("train_step")
+    out = tmp_path / "train_step.json"
+    assert train_step.main(["--dry-run", "--models", "wan-1.3b", "--densities", "0.3,0.2", "--repeats", "1",
+                            "--no-unpatched", "--no-dense", "--out", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == ["sparse-30", "sparse-20"]
+    assert not any(key.startswith("speedup_vs") for r in rows for key in r)
