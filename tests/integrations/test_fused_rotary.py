@@ -223,11 +223,11 @@ class HeadOrderedTriton:
         return backend.run_backward(grad_out, q, k, v, out, lse, table, scale, head_order=True)
 
 
-@pytest.mark.parametrize("route", ["fused", "unfused-rotary", "head-ordered-backend", "checkpointing"])
+@pytest.mark.parametrize("route", ["fused-checkpointing", "unfused-rotary", "head-ordered-backend"])
 def test_compiled_training_runs_no_second_forward(route, monkeypatch):
     """Blocks compiled (aot_eager, fullgraph): the op's backward runs from the call's output and LSE (no replay
-    of the call) on each route (the rotary fused on Triton; the model's own rotary first; a backend that
-    takes head-ordered tensors, as FA4; with checkpointing), and every gradient equals the eager one."""
+    of the call) on each route (the rotary fused on Triton, with checkpointing; the model's own rotary first; a
+    backend that takes head-ordered tensors, as FA4), and every gradient equals the eager one."""
     import types
 
     import torch._dynamo
@@ -241,7 +241,7 @@ def test_compiled_training_runs_no_second_forward(route, monkeypatch):
     torch._dynamo.reset()
     model, inputs = wan(batch=1, num_attention_heads=2, attention_head_dim=64)
     model.train()
-    if route == "checkpointing":
+    if route == "fused-checkpointing":
         model.enable_gradient_checkpointing()
     layers = [[multi_diagonal(0.2), diagonal(0.5)], [vertical(((0.0, 1.0),), 0.3), skip()]]
     target = torch.randn(inputs["hidden_states"].shape, generator=torch.Generator().manual_seed(3))
@@ -273,7 +273,7 @@ def test_compiled_training_runs_no_second_forward(route, monkeypatch):
         compiled = grads()
     finally:
         undo_compile(model)
-    assert calls == {"attend": 0, "forward": len(layers) * (2 if route == "checkpointing" else 1),
+    assert calls == {"attend": 0, "forward": len(layers) * (2 if route == "fused-checkpointing" else 1),
                      "backward": len(layers)}  # fmt: skip
     assert compiled.keys() == eager.keys() and compiled
     worst = max(rel_rms(compiled[n], eager[n]) for n in compiled if eager[n].norm() > 0)

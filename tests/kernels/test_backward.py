@@ -178,9 +178,8 @@ def test_head_chunks_fit_the_budget_in_order():
     assert head_chunks([0, 0], 10, 0) == [(0, 1, True)]
 
 
-@pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize("budget_pairs", [None, 40, 15, 1])
-def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, tma, monkeypatch):
+@pytest.mark.parametrize("budget_pairs, tma", [(None, False), (40, True), (15, False), (1, True)])  # each budget once,
+def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, tma, monkeypatch):  # each tile mode twice (CPU time)
     """The stored-dS dQ with every head in one launch, heads in chunks of at most 40 pairs' tiles
     (several launches), some heads over a 15-pair budget (those recompute, the others store), and a
     budget no head fits; tiles by pointers and by descriptors: all against float64, every buffer
