@@ -69,6 +69,7 @@ from .parallel import head_shards
 from .rotary import fusable, fused_by_default, rotary_parts
 from .steps import StepTracker
 
+
 class LseRoute(NamedTuple):
     """How a compiled call runs so that its backward needs only its output and LSE (:meth:`SparseState.lse_route`)."""
 
@@ -76,8 +77,6 @@ class LseRoute(NamedTuple):
     rotary: Rotary | None  # still to apply to q and k (fused into the head-order pass)
     layout: VideoLayout
     backend: str  # the table's backend ("cudnn" when dense)
-
-
 
 
 class SparseState:
