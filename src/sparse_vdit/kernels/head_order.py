@@ -27,9 +27,7 @@ from ..block_table import BlockTable
 from . import registry
 from .api import reorder_heads
 from .checks import check_inputs
-from .head_order_op import PAIRS, Rotary, fused_head_order, train_in_head_order
-from .head_order_op import flags as _flags
-from .head_order_op import geometry as _geometry
+from .head_order_op import PAIRS, Rotary, fused_head_order, in_head_order, train_in_head_order
 
 # The Triton backend runs token-major heads on this path permuted (q, k, v written in each head's
 # order by the fused pass, every key tile contiguous). A rotary-only pass with the kernel reading
@@ -138,9 +136,7 @@ def to_frame_major(out: torch.Tensor, table: BlockTable) -> torch.Tensor:
         return out
     if not fused_pass_runs(out):
         return reorder_heads(out, table.layout, table.token_major_heads, to_token_major=False)
-    from .triton.rotary import rotary_order
-
-    return rotary_order(out, _flags(table), _geometry(table), to_head_order=False)[0]
+    return in_head_order(out, table, to_head_order=False)
 
 
 def attention_in_head_order(q, k, v, table: BlockTable, softmax_scale: float | None = None, backend: str = "auto",

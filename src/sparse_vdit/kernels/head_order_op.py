@@ -68,9 +68,7 @@ def fused_head_order(q, k, v, table: BlockTable, rotary: Rotary | None = None):
     if token_major is None and rotary is None:
         return q, k, v
     q, k = rotary_order(q, token_major, shape, rotary, second=k)
-    if token_major is not None:
-        v, _ = rotary_order(v, token_major, shape)
-    return q, k, v
+    return q, k, in_head_order(v, table)
 
 
 def train_in_head_order(q, k, v, table: BlockTable, softmax_scale: float, rotary: Rotary | None = None) -> torch.Tensor:
@@ -92,7 +90,7 @@ def forward_with_lse(q, k, v, table: BlockTable, softmax_scale: float, rotary: R
 
         return triton.run_with_lse(q, k, v, table, softmax_scale, head_order=True)
     out, lse = registry.get(backend).module.run_with_lse(q, k, v, table, softmax_scale)
-    return _in_order(out, table, to_head_order=False), lse
+    return in_head_order(out, table, to_head_order=False), lse
 
 
 def backward_from_lse(grad_out, q, k, v, out, lse, table: BlockTable, softmax_scale: float,
@@ -104,7 +102,7 @@ def backward_from_lse(grad_out, q, k, v, out, lse, table: BlockTable, softmax_sc
         cos, sin, start, pairs = rotary_args(rotary)
         return torch.ops.sparse_vdit.attention_in_head_order_backward(grad_out.contiguous(), q, k, v, out, lse, cos,
                                                                       sin, start, pairs, table.key, softmax_scale)  # fmt: skip
-    grad_out, out = (_in_order(t.contiguous(), table) for t in (grad_out, out))
+    grad_out, out = (in_head_order(t.contiguous(), table) for t in (grad_out, out))
     grads = registry.get(backend).module.run_backward(grad_out, q, k, v, out, lse, table, softmax_scale)
     return frame_major_grads(*grads, table, rotary)
 
@@ -117,11 +115,12 @@ def frame_major_grads(dq, dk, dv, table: BlockTable, rotary: Rotary | None = Non
     token_major, shape = flags(table), geometry(table)
     if rotary is not None or token_major is not None:
         dq, dk = rotary_order(dq, token_major, shape, rotary, second=dk, to_head_order=False, transpose=True)
-    return dq, dk, _in_order(dv, table, to_head_order=False)
+    return dq, dk, in_head_order(dv, table, to_head_order=False)
 
 
-def _in_order(x: torch.Tensor, table: BlockTable, to_head_order: bool = True) -> torch.Tensor:
-    """``x`` with the table's token-major heads put in their order (or back to frame-major), one pass."""
+def in_head_order(x: torch.Tensor, table: BlockTable, to_head_order: bool = True) -> torch.Tensor:
+    """``x`` [B, N, H, D] with the table's token-major heads put in their order (or back to frame-major), one
+    Triton pass (``x`` itself where the table has none)."""
     token_major = flags(table)
     if token_major is None:
         return x
@@ -202,4 +201,4 @@ torch.library.register_autograd("sparse_vdit::attention_in_head_order", _head_or
 
 
 __all__ = ["PAIRS", "Rotary", "backward_from_lse", "flags", "forward_with_lse", "frame_major_grads", "fused_head_order",
-           "geometry", "rotary_args", "rotary_of", "train_in_head_order"]
+           "geometry", "in_head_order", "rotary_args", "rotary_of", "train_in_head_order"]

@@ -223,16 +223,14 @@ class SparseState:
             q, k, rotary = *rotate(q, k, rotary), None
         elif rotary is not None and self.rotary_float32:
             rotary = self._float32_rotary(rotary)
-        layout = self.layout(q.shape[1])
         start = clock(q) if self.timing and observe else None
-        valid = self._text_valid(key_mask, layout, q.shape[0])
-        if valid is None or len(valid) == 1:
-            layout = layout if valid is None else self._padded(layout, next(iter(valid)))
+        layout, lengths = self._call_layout(q, key_mask)
+        if lengths is None:
             out = self._attend(layer, q, k, v, layout, heads, observe, rotary)
         else:  # samples with different prompt lengths: one call per length
             q, k = rotate(q, k, rotary)
             out = torch.empty_like(q)
-            for count, samples in valid.items():
+            for count, samples in lengths.items():
                 index = torch.tensor(samples, device=q.device)
                 out[index] = self._attend(layer, q[index], k[index], v[index], self._padded(layout, count), heads, observe)
         self.last_layout = layout
@@ -249,11 +247,9 @@ class SparseState:
         :meth:`attend` does."""
         if self.observers or (rotary is not None and not self.fuses_rotary(q.device)):
             return None
-        layout = self.layout(q.shape[1])
-        valid = self._text_valid(key_mask, layout, q.shape[0])
-        if valid is not None and len(valid) != 1:
+        layout, lengths = self._call_layout(q, key_mask)
+        if lengths is not None:
             return None
-        layout = layout if valid is None else self._padded(layout, next(iter(valid)))
         patterns = self.pattern_source(AttentionCall(self.steps.step, layer, q, k, v, layout, self, None))
         if rotary is not None:
             if not fused_pass_runs(q, rotary):
@@ -303,6 +299,17 @@ class SparseState:
         dq, dk, dv = dense_kernels.backward_from_lse(grad, q, k, v, out, lse, kv_len=route.layout.kv_len,
                                                      softmax_scale=scale)  # fmt: skip
         return (*rotate(dq, dk, route.rotary, transpose=True), dv)
+
+    def _call_layout(self, q: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[VideoLayout, dict | None]:
+        """``(layout, lengths)`` of a call: its layout padded to the prompt length where every sample has one,
+        lengths None; where samples' prompt lengths differ, the unpadded layout and the samples by length."""
+        layout = self.layout(q.shape[1])
+        valid = self._text_valid(key_mask, layout, q.shape[0])
+        if valid is None:
+            return layout, None
+        if len(valid) == 1:
+            return self._padded(layout, next(iter(valid))), None
+        return layout, valid
 
     def _attend(self, layer, q, k, v, layout, heads=None, observe=True, rotary=None) -> torch.Tensor:
         call = AttentionCall(self.steps.step, layer, q, k, v, layout, self, heads)
