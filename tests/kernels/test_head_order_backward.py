@@ -115,6 +115,8 @@ def _check(case, pairs: str, dtype, device: str, floor: float, monkeypatch=None)
 @pytest.mark.parametrize("case", CASES)
 def test_head_order_gradients_match_float64(case, pairs, monkeypatch):
     _needs_triton("cpu")
+    if (case, pairs) == ("suffix-padded-batch2", "wan"):  # CPU time: Wan's pairs run on the other two cases here
+        pytest.skip("left out on the interpreter (Wan's pair rule: the other cases; this case: interleaved, float32)")
     _check(CASES[case], pairs, torch.float16, "cpu", 2e-6, monkeypatch)
 
 
