@@ -54,9 +54,9 @@ def geometry(table: BlockTable) -> tuple[int, int, int, int]:
 
 
 def flags(table: BlockTable) -> torch.Tensor | None:
-    if not table.token_major_heads:
-        return None
-    return table.form("triton.token_major_int8", lambda t: t.token_major.to(torch.int8))  # shared with the Triton backend
+    from .triton.launcher import token_major_flags
+
+    return token_major_flags(table)
 
 
 def fused_head_order(q, k, v, table: BlockTable, rotary: Rotary | None = None):

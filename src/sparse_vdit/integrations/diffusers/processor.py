@@ -45,6 +45,7 @@ attention forward. Eager training differentiates :func:`~sparse_vdit.sparse_atte
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Sequence
@@ -223,19 +224,18 @@ class SparseState:
             q, k, rotary = *rotate(q, k, rotary), None
         elif rotary is not None and self.rotary_float32:
             rotary = self._float32_rotary(rotary)
-        start = clock(q) if self.timing and observe else None
-        layout, lengths = self._call_layout(q, key_mask)
-        if lengths is None:
-            out = self._attend(layer, q, k, v, layout, heads, observe, rotary)
-        else:  # samples with different prompt lengths: one call per length
-            q, k = rotate(q, k, rotary)
-            out = torch.empty_like(q)
-            for count, samples in lengths.items():
-                index = torch.tensor(samples, device=q.device)
-                out[index] = self._attend(layer, q[index], k[index], v[index], self._padded(layout, count), heads, observe)
+        with self._timed(q, observe):
+            layout, lengths = self._call_layout(q, key_mask)
+            if lengths is None:
+                out = self._attend(layer, q, k, v, layout, heads, observe, rotary)
+            else:  # samples with different prompt lengths: one call per length
+                q, k = rotate(q, k, rotary)
+                out = torch.empty_like(q)
+                for count, samples in lengths.items():
+                    index = torch.tensor(samples, device=q.device)
+                    out[index] = self._attend(layer, q[index], k[index], v[index], self._padded(layout, count), heads,
+                                              observe)  # fmt: skip
         self.last_layout = layout
-        if start is not None:
-            self._timings.append((self.steps.step, start, clock(q)))
         return out
 
     def lse_route(self, layer: int, q, k, v, key_mask, rotary: Rotary | None) -> LseRoute | None:
@@ -278,16 +278,14 @@ class SparseState:
         route = self.lse_route(layer, q, k, v, key_mask, rotary)
         if route is None:
             return self.attend(layer, q, k, v, key_mask, rotary=rotary), None
-        start = clock(q) if self.timing else None
         scale = q.shape[-1] ** -0.5
-        if route.table is None:
-            q, k = rotate(q, k, route.rotary)
-            out, lse = dense_kernels.forward_with_lse(q, k, v, kv_len=route.layout.kv_len, softmax_scale=scale)
-        else:
-            out, lse = forward_with_lse(q, k, v, route.table, scale, route.rotary, route.backend)
+        with self._timed(q):
+            if route.table is None:
+                q, k = rotate(q, k, route.rotary)
+                out, lse = dense_kernels.forward_with_lse(q, k, v, kv_len=route.layout.kv_len, softmax_scale=scale)
+            else:
+                out, lse = forward_with_lse(q, k, v, route.table, scale, route.rotary, route.backend)
         self.last_layout = route.layout
-        if start is not None:
-            self._timings.append((self.steps.step, start, clock(q)))
         return out, lse
 
     def lse_backward(self, route: LseRoute, grad, q, k, v, out, lse):
@@ -416,6 +414,14 @@ class SparseState:
         return groups
 
     # --- timing -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _timed(self, like: torch.Tensor, on: bool = True):
+        """Records the time of the call's attention inside it (with :attr:`timing` and ``on``)."""
+        start = clock(like) if self.timing and on else None
+        yield
+        if start is not None:
+            self._timings.append((self.steps.step, start, clock(like)))
 
     def attention_seconds(self) -> dict[int, float]:
         """Seconds spent in attention per step since the last :meth:`reset_timings` (synchronises)."""

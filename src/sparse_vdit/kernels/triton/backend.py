@@ -81,7 +81,7 @@ def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: boo
     layout = table.layout
     return launcher.forward(
         q, k, v, table.kv_num_blocks, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
-        ranges=(table.range_starts, table.range_ends), token_major=_token_major_flags(table),
+        ranges=(table.range_starts, table.range_ends), token_major=launcher.token_major_flags(table),
         layout=(layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens),
         tiles=tiles, schedule=schedule, return_lse=return_lse, head_order=head_order,
         visited=_visited(table),
@@ -104,14 +104,6 @@ def _visited(table) -> tuple[torch.Tensor, torch.Tensor] | None:
     return (table.kv_num_blocks, table.kv_indices) if block_list_on(table) else None
 
 
-def _token_major_flags(table) -> torch.Tensor | None:
-    """The kernel's int8 token-major flags of ``table``'s heads, kept with the table (no cast
-    launched per call); None where every head is frame-major."""
-    if not table.token_major_heads:
-        return None
-    return table.form("triton.token_major_int8", lambda t: t.token_major.to(torch.int8))
-
-
 SELECT_ON_DEVICE = True  # run_selected reads the per-(sample, head) choice in the kernel
 
 
@@ -129,7 +121,7 @@ def run_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, candidates, 
     schedule = candidates.form(("triton.select_schedule", heads, per_block, q_tiles, order),
                                lambda t: launcher._schedule(counts, per_block, q_tiles, order))  # fmt: skip
     layout = candidates.layout
-    token_major = _token_major_flags(candidates)
+    token_major = launcher.token_major_flags(candidates)
     return launcher.forward(
         q, k, v, counts, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
         ranges=(candidates.range_starts, candidates.range_ends), token_major=token_major,

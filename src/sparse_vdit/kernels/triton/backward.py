@@ -28,7 +28,7 @@ from ...block_table import num_blocks
 from .kernel import sequence_rows
 from . import ds_tiles
 from .backward_prologue import prologue, prologue_in_head_order
-from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option
+from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option, token_major_flags
 
 # Options of the backward (None: DEFAULTS), set by benchmarks (bench/backward.py --variants) and tests:
 # ``tiles`` (dK/dV key tile, its query step, dQ query tile, its key step; None: the rule of _tiles),
@@ -49,7 +49,9 @@ DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "
 # serve, 32- and 128-key dQ steps, the slot found once per query block, a 0.1 memory share (session i);
 # tiles stored through TMA (staged in shared memory), the slot searched in the forward ranges, token-major
 # heads' LSE and delta gathered through their order in the dK/dV kernel, and their q and dO copied to their
-# order and read through TMA (session j); 64-key dK/dV tiles with 4 or 8 warps, or 64-query steps (session l).
+# order and read through TMA (session j); 64-key dK/dV tiles with 4 or 8 warps, or 64-query steps (session l);
+# each head chunk's dQ on a side stream beside the next chunk's dK/dV, and after a head-ordered forward the
+# gradients stored frame-major through the rotary's transpose (as in session k, no pass after them) (session o).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages
@@ -478,7 +480,7 @@ def backward(
     order = option("schedule")
     num_q_tiles, num_k_tiles = num_blocks(n, q_tile), num_blocks(n, kv_tile)
     any_token_major = token_major and not head_order and bool(table.token_major_heads)
-    flags = table.token_major.to(torch.int8) if any_token_major else delta
+    flags = token_major_flags(table) if any_token_major else delta
     q_starts, q_ends = table.query_ranges
     starts, ends = table.range_starts.contiguous(), table.range_ends.contiguous()
     dk, dv = torch.empty_like(k), torch.empty_like(v)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .kernel import sequence_rows
+from .launcher import token_major_flags
 
 
 @triton.jit(do_not_specialize=["ROWS", "HEADS", "N"])
@@ -66,7 +67,7 @@ def prologue_in_head_order(grad_out, out, lse, table) -> tuple[torch.Tensor, tor
     """(delta, base-2 LSE, grad_out) in each head's own order from the frame-major ones, by one Triton pass."""
     batch, n, heads, dim = out.shape
     delta, lse2, grad_in_order = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(grad_out)
-    flags = table.form("triton.token_major_int8", lambda t: t.token_major.to(torch.int8))
+    flags = token_major_flags(table)
     layout, block = table.layout, 64
     extra = {} if out.device.type == "cpu" else {"num_warps": 4}
     backward_prologue_in_head_order[(batch * heads, triton.cdiv(n, block))](

@@ -169,6 +169,14 @@ def _schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: in
     return result.to(torch.int32)
 
 
+def token_major_flags(table) -> torch.Tensor | None:
+    """The kernels' int8 token-major flags of ``table``'s heads, kept with the table (no cast launched per
+    call); None where every head is frame-major."""
+    if not table.token_major_heads:
+        return None
+    return table.form("triton.token_major_int8", lambda t: t.token_major.to(torch.int8))
+
+
 def _tma_ok(device: torch.device) -> bool:
     if device.type == "cpu":
         return interpreting()
