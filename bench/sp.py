@@ -258,6 +258,8 @@ def measure_world(args) -> int:
         if rank == 0:
             merge(args.out, {**env, "world": world}, rows)
             say(f"wrote {args.out}")
+        if dist.is_initialized():  # every rank done before any tears down (gloo aborted a peer otherwise, CI)
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

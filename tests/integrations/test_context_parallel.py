@@ -188,6 +188,7 @@ def _worker(rank: int, world: int, init: str, result: str, families: tuple) -> N
         if rank == 0:
             with open(result, "w") as f:
                 json.dump(report, f)
+        dist.barrier()  # every rank done before any tears down (a gloo peer can abort otherwise)
     finally:
         dist.destroy_process_group()
 
