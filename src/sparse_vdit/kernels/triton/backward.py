@@ -52,7 +52,7 @@ DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "
 # order and read through TMA (session j); 64-key dK/dV tiles with 4 or 8 warps, or 64-query steps (session l);
 # each head chunk's dQ on a side stream beside the next chunk's dK/dV, and after a head-ordered forward the
 # gradients stored frame-major through the rotary's transpose (as in session k, no pass after them), the dQ
-# kernel with 4-5 stages or 4 warps (session o).
+# kernel with 4-5 stages or 4 warps, the dK/dV kernel with 2 or 4 stages (session o).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages
