@@ -16,7 +16,7 @@
 #   e2e-wan14b     end to end eager, Wan-14B, 25% and SVG 25%                                     (~150)
 #   e2e-wan14b-compiled  the same with torch.compile (no flex row)                               (~300)
 #   variants       kernel options A/B: Triton attention (TMA, warp spec.), SVG profiling kernel    (~300)
-#   tests          the GPU tests: kernels, patterns, layout, SVG's fused profiling kernel         (~60)
+#   tests          the GPU tests: kernels, patterns, layout, SVG's fused profiling kernel         (~330; ran past 300 s in session o)
 #   backward       backward block efficiency, Triton, Wan-1.3B and HunyuanVideo, 10-50% (#18)   (~110)
 #   finetune       sparse-aware LoRA fine-tuning of the fidelity organism, 10% and 25% (#18)   (~200)
 #   new-tests      GPU tests of this session's kernels: backward, select, online, SVG step path,
@@ -133,7 +133,7 @@ for name in "$@"; do
         --densities 0.25 --svg-densities 0.25 --svg-backends auto --repeats 1 --budget-s 370 \
         --out "$R/e2e_wan14b_compiled.json" ;;
     variants) TAIL=80 step variants 540 python3 bench/kernel_variants.py --densities 0.1 0.3 1.0 --out "$R" ;;
-    tests) TAIL=6 step tests 300 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels \
+    tests) TAIL=6 step tests 480 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels \
         tests/patterns tests/test_layout.py tests/methods; python3 -m pytest -q -p no:cacheprovider \
         tests/methods/test_svg.py -k triton" ;;
     backward) TAIL=30 step backward 120 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
