@@ -1,0 +1,222 @@
+"""What the attention kernels' key loops compile to on Hopper, without a GPU.
+
+    python bench/sm90_loop.py            # the Triton kernel and the Gluon kernel's tile choices
+
+Compiles each kernel for sm_90a on the CPU with the installed Triton and its bundled ``ptxas`` /
+``cuobjdump``, then reads the innermost loop that issues warpgroup MMAs from the SASS: the order of
+its MMAs (``HGMMA``), waits for them (``DEPBAR<=n``: at most n MMA groups left in flight), the softmax's
+exponentials (``EXP``, with the bf16 packing of P), CTA barriers and TMA loads. A loop that reads
+``HGMMA ... DEPBAR<=0 EXP`` runs its softmax with the tensor cores idle; ``DEPBAR<=1 EXP DEPBAR<=0``
+overlaps it with the previous tile's ``P V``. Also registers, spills and shared memory per program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+try:  # run as a script from a checkout without installing
+    import sparse_vdit  # noqa: F401
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+SHARED_LIMIT = 232448  # bytes of shared memory one program may use on sm90 (227 KB)
+
+
+@dataclass
+class Compiled:
+    name: str
+    registers: int
+    spilled: int  # bytes stored to local memory
+    shared: int
+    loop: list[str]  # the innermost MMA loop's instruction classes in order, runs merged ("EXPx34")
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _signature(fn, constexprs: dict, descriptors: dict) -> dict:
+    """Argument types of ``fn`` for a CPU compile: bf16 tensors, int32 tables and strides."""
+    types = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name in descriptors:
+            types[name] = descriptors[name]
+        elif name in ("Q", "K", "V", "O"):
+            types[name] = "*bf16"
+        elif name in ("TOKEN_MAJOR",):
+            types[name] = "*i8"
+        elif name in ("LSE",):
+            types[name] = "*fp32"
+        elif name == "qk_scale":
+            types[name] = "fp32"
+        elif name in ("STARTS", "ENDS", "SCHEDULE", "SELECTED", "COUNTS", "BLOCKS"):
+            types[name] = "*i32"
+        else:
+            types[name] = "i32"
+    return types
+
+
+def compile_gluon(tiles: tuple[int, int, int, int], head_dim: int = 128, block: int = 128):
+    """The Gluon kernel (``kernels.triton.gluon_forward``) compiled for sm_90a: the compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from sparse_vdit.kernels.triton import gluon_forward as G
+
+    block_m, block_n, warps, stages = G.tiles_for(block, head_dim, tiles)
+    fn = G.block_sparse_attention_fwd_sm90
+    constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
+                      STAGES=stages, STORE_LSE=True, ANY_TOKEN_MAJOR=True, num_warps=warps)  # fmt: skip
+
+    def desc(rows: int) -> str:
+        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
+        return f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
+
+    types = _signature(fn, constexprs, {"q_desc": desc(block_m), "k_desc": desc(block_n), "v_desc": desc(block_n)})
+    names = list(types)
+    source = GluonASTSource(fn, types, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, maxnreg=G.MAXNREG))  # fmt: skip
+
+
+def compile_triton(tiles: tuple[int, int, int, int] = (128, 64, 8, 3), head_dim: int = 128, block: int = 128):
+    """Our Triton kernel (``kernels.triton.kernel``, head-ordered inputs through TMA) compiled for sm_90a."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sparse_vdit.kernels.triton.kernel import block_sparse_attention_fwd as fn
+
+    block_m, block_n, warps, stages = tiles
+    constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
+                      STORE_LSE=False, IEEE=False, ANY_TOKEN_MAJOR=True, TMA=True, WARP_SPECIALIZE=False,
+                      SELECT=False, HEAD_ORDER=True, BLOCK_LIST=False)  # fmt: skip
+    desc = f"tensordesc<bf16[1,{block_n},1,{head_dim}]>"
+    types = _signature(fn, constexprs, {"K_DESC": desc, "V_DESC": desc})
+    names = list(types)
+    source = ASTSource(fn, types, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def _ptxas_info(ptx: str) -> tuple[int, int]:
+    """(registers, spilled bytes) that the ptxas Triton compiles sm90 with reports for ``ptx``."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        command = [get_ptxas(90).path, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")]
+        report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spilled = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+    return registers, spilled
+
+
+def sass(cubin: bytes) -> list[tuple[int, str]]:
+    """(address, instruction) of ``cubin``'s SASS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+    found = (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in text.splitlines())
+    return [(int(m.group(1), 16), m.group(2).strip()) for m in found if m]
+
+
+CLASSES = (("MUFU.EX2", "EXP"), ("F2FP", "EXP"), ("HGMMA", "HGMMA"), ("BAR.SYNC", "BAR"), ("UTMALDG", "TMA"))
+
+
+def mma_loop(instructions: list[tuple[int, str]]) -> list[str]:
+    """The innermost loop (shortest predicated backward branch) holding an ``HGMMA``, as instruction classes in
+    order with runs merged: ``HGMMAx8``, ``DEPBAR<=1``, ``EXPx48``, ``BAR``, ``TMA``."""
+    best = None
+    for address, text in instructions:
+        target = re.search(r"\bBRA (0x[0-9a-f]+)", text)
+        # a loop's back edge is predicated; the jumps back from spin-waits laid out at the end are not
+        if target is None or not text.startswith("@") or int(target.group(1), 16) >= address:
+            continue
+        body = [t for a, t in instructions if int(target.group(1), 16) <= a <= address]
+        if any("HGMMA" in t for t in body) and (best is None or len(body) < len(best)):
+            best = body
+    runs: list[list] = []
+    for text in best or []:
+        name = next((label for key, label in CLASSES if key in text), None)
+        if "WARPGROUP.DEPBAR" in text:
+            name = f"DEPBAR<={int(text.split()[-1], 16)}"
+        if name is None:
+            continue
+        if runs and runs[-1][0] == name and name in ("EXP", "HGMMA"):
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    return [f"{name}x{count}" if count > 1 else name for name, count in runs]
+
+
+def summarize(name: str, kernel) -> Compiled:
+    registers, spilled = _ptxas_info(kernel.asm["ptx"])
+    return Compiled(name, registers, spilled, kernel.metadata.shared, mma_loop(sass(kernel.asm["cubin"])))
+
+
+def overlaps_softmax(loop: list[str]) -> bool:
+    """Whether the loop's exponentials run between a wait that leaves one MMA group in flight and the
+    wait for all: the softmax beside the previous tile's ``P V``."""
+    try:
+        first, last = loop.index("DEPBAR<=1"), loop.index("DEPBAR<=0")
+    except ValueError:
+        return False
+    return first < last and any(step.startswith("EXP") for step in loop[first:last])
+
+
+GLUON_TILES = ((128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3))
+
+
+def parse_tiles(text: str) -> tuple[int, int, int, int]:
+    """``"128x64x8x3"`` -> (128, 64, 8, 3)."""
+    tiles = tuple(int(x) for x in text.split("x"))
+    if len(tiles) != 4:
+        raise argparse.ArgumentTypeError(f"tiles are BLOCK_MxBLOCK_NxWARPSxSTAGES, got {text!r}")
+    return tiles
+
+
+def main(argv=None) -> list[Compiled]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--head-dims", nargs="*", type=int, default=[128, 64])
+    p.add_argument("--gluon-tiles", nargs="*", type=parse_tiles, default=list(GLUON_TILES))
+    p.add_argument("--no-triton", action="store_true", help="only the Gluon kernel")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON (for tests), not a table")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("compiling for sm_90a needs TRITON_INTERPRET unset (the interpreter wraps Triton's own functions)")
+    rows = []
+    for dim in args.head_dims:
+        if not args.no_triton:
+            rows.append(summarize(f"triton 128x64x8x3 D{dim}", compile_triton((128, 64, 8, 3), dim)))
+        for tiles in args.gluon_tiles:
+            rows.append(summarize(f"gluon {'x'.join(map(str, tiles))} D{dim}", compile_gluon(tiles, dim)))
+    if args.json:
+        print(json.dumps([{**asdict(row), "overlaps": overlaps_softmax(row.loop)} for row in rows]))
+        return rows
+    print("\n| kernel | registers | spilled B | shared KB | softmax beside P V | key loop (SASS) |\n|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row.name} | {row.registers} | {row.spilled} | {row.shared / 1024:.1f} | "
+              f"{'yes' if overlaps_softmax(row.loop) else 'no'} | {' '.join(row.loop)} |")  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Block-sparse attention forward for Hopper (sm90) in Gluon, Triton's lower-level language.
+
+Triton 3.6 (and 3.9) compiles our Triton kernel's key loop so that each tile's scores are waited for
+before its softmax: the tensor cores idle while the softmax runs, and Triton's warp specialisation
+does not build for this loop on sm90 (issue 21; BENCHMARKS.md). This kernel writes the loop by hand
+with asynchronous warpgroup MMAs, as FlashAttention-3 does within a warpgroup: tile ``j``'s scores
+``Q K_j`` and tile ``j - 1``'s ``P V`` are issued together, the softmax of tile ``j`` runs while
+``P V`` is still on the tensor cores, and keys and values arrive by TMA ``STAGES`` tiles ahead.
+
+It serves inputs in each head's own order (the processor's fused path; frame-major heads are
+already in theirs), contiguous ``[B, N, H, D]`` bf16 / fp16 with D 64 or 128, on sm90, walking the
+table's ascending key-block lists; the output goes to frame-major rows, as the Triton kernel's
+``HEAD_ORDER`` path. Opt-in: ``launcher.OPTIONS["gluon"]`` (see :func:`applies`).
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+# Triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load (the old name raises)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+# (BLOCK_M, BLOCK_N, warps, stages) at 128-token table blocks; 64-token blocks take 64-row, 4-warp tiles.
+TILES = (128, 64, 8, 3)
+# ptxas, left to choose the register count of a 256-thread program, sinks the softmax's exponentials
+# below the wait for P V (the overlap is lost; seen in the sm_90a SASS); any register cap keeps them
+# above it. 240 is above what every tile choice uses (at most 243 at 128 x 128, without spills).
+MAXNREG = 240
+
+
+@gluon.jit
+def _tile_start(blocks, i, TABLE_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, ok=True):
+    """First key of the ``i``-th key tile of the query tile's ascending block list."""
+    per_block: gl.constexpr = TABLE_BLOCK // BLOCK_N
+    return gl.load(blocks + i // per_block, mask=ok, other=0) * TABLE_BLOCK + (i % per_block) * BLOCK_N
+
+
+@gluon.jit
+def _issue(i, ntiles, blocks, row0, col, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars,
+           TABLE_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """TMA loads of key tile ``i`` and its values into slot ``i % STAGES`` (nothing past the last tile)."""
+    ok = i < ntiles
+    start = _tile_start(blocks, i, TABLE_BLOCK, BLOCK_N, ok)
+    slot = i % STAGES
+    mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes, pred=ok)
+    _tma_load(k_desc, [row0 + start, col], k_bars.index(slot), k_smem.index(slot), pred=ok)
+    mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes, pred=ok)
+    _tma_load(v_desc, [row0 + start, col], v_bars.index(slot), v_smem.index(slot), pred=ok)
+
+
+@gluon.jit
+def _masked(s, j, blocks, KV_LEN, s_layout: gl.constexpr, TABLE_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Scores of key tile ``j`` with the keys at or past ``KV_LEN`` (the ragged last block) at -inf."""
+    start = _tile_start(blocks, j, TABLE_BLOCK, BLOCK_N)
+    if start + BLOCK_N > KV_LEN:
+        cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where((cols < KV_LEN)[None, :], s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def block_sparse_attention_fwd_sm90(
+    q_desc, k_desc, v_desc,  # TMA descriptors of the [B * N, H * D] views; blocks [BLOCK_M or BLOCK_N, D]
+    O,  # [B, N, H, D] output, frame-major rows
+    SCHEDULE,  # int32 [H * NUM_Q_TILES]: work items head * NUM_Q_TILES + tile, heaviest first
+    TOKEN_MAJOR,  # int8 [H]: heads whose order is token-major (their output rows move back); unused without
+    COUNTS, BLOCKS,  # int32 [H, Qb] visited key blocks and int32 [H, Qb, W] their ascending list
+    LSE,  # with STORE_LSE: float32 [B, H, N] log-sum-exp by frame-major row
+    stride_ob, stride_on, stride_oh, stride_ch, stride_bh, stride_bm, stride_lb,
+    N, KV_LEN, NUM_Q_TILES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
+    qk_scale,  # softmax_scale * log2(e)
+    FRAMES: gl.constexpr, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr, ANY_TOKEN_MAJOR: gl.constexpr,
+    num_warps: gl.constexpr,
+):  # fmt: skip
+    item = gl.load(SCHEDULE + gl.program_id(0))
+    head = item // NUM_Q_TILES
+    tile = item % NUM_Q_TILES
+    batch = gl.program_id(1)
+    row = tile * BLOCK_M // TABLE_BLOCK  # the table's query block holding this tile
+    count = gl.load(COUNTS + head * stride_ch + row)
+    blocks = BLOCKS + head * stride_bh + row * stride_bm
+    last_start = gl.load(blocks + gl.maximum(count - 1, 0)) * TABLE_BLOCK
+    in_last = gl.minimum(KV_LEN - last_start, TABLE_BLOCK)  # keys of the last listed block
+    ntiles = gl.where(count > 0, (count - 1) * (TABLE_BLOCK // BLOCK_N) + (in_last + BLOCK_N - 1) // BLOCK_N, 0)
+    row0 = batch * N
+    col = head * HEAD_DIM
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(b), count=1)
+        mbarrier.init(v_bars.index(b), count=1)
+    mbarrier.init(q_bar, count=1)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    _tma_load(q_desc, [row0 + tile * BLOCK_M, col], q_bar, q_smem)
+    for i in gl.static_range(STAGES):
+        _issue(i, ntiles, blocks, row0, col, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, TABLE_BLOCK, BLOCK_N,
+               STAGES)  # fmt: skip
+
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    mbarrier.wait(q_bar, 0)
+    if ntiles > 0:
+        mbarrier.wait(k_bars.index(0), 0)  # tile 0: its scores alone
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        s = _masked(s, 0, blocks, KV_LEN, s_layout, TABLE_BLOCK, BLOCK_N)
+        m_i = gl.max(s, axis=1) * qk_scale
+        p = gl.exp2(s * qk_scale - m_i[:, None])
+        l_i = gl.sum(p, axis=1)
+        for j in range(1, ntiles):
+            slot = j % STAGES
+            mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
+            s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            prev = (j - 1) % STAGES
+            mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
+            # P is packed here, after the last wait: registers an in-flight MMA reads are not written
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # this tile's scores; P V of the last runs on
+            s = _masked(s, j, blocks, KV_LEN, s_layout, TABLE_BLOCK, BLOCK_N)
+            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+            p = gl.exp2(s * qk_scale - m_new[:, None])
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            m_i = m_new
+            acc, p_op, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op, p))
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            # tile j - 1's slot is free (its scores and its P V are done): the tile STAGES - 1 ahead goes there
+            _issue(j + STAGES - 1, ntiles, blocks, row0, col, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars,
+                   TABLE_BLOCK, BLOCK_N, STAGES)  # fmt: skip
+        last = (ntiles - 1) % STAGES
+        mbarrier.wait(v_bars.index(last), ((ntiles - 1) // STAGES) & 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+    for b in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(b))
+        mbarrier.invalidate(v_bars.index(b))
+    mbarrier.invalidate(q_bar)
+
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]  # rows that visit nothing stay 0
+    offs_m = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))  # the head's order
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    rows_m = offs_m
+    if ANY_TOKEN_MAJOR:  # a token-major head's video position p * F + f is frame-major row f * S + p
+        token_major = gl.load(TOKEN_MAJOR + head) != 0
+        j = offs_m - VIDEO_START
+        moved = (j >= 0) & (j < VIDEO_TOKENS) & token_major
+        rows_m = gl.where(moved, VIDEO_START + (j % FRAMES) * FRAME_TOKENS + j // FRAMES, offs_m)
+    o_ptrs = O + batch.to(gl.int64) * stride_ob + head * stride_oh + rows_m[:, None] * stride_on + offs_d[None, :]
+    gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < N)[:, None])
+    if STORE_LSE:
+        m_o = gl.convert_layout(m_i, gl.SliceLayout(1, o_layout))
+        lse = gl.where(l_o == 0.0, float("inf"), (m_o + gl.log2(l_o)) * 0.6931471805599453)
+        gl.store(LSE + batch.to(gl.int64) * stride_lb + head * N + rows_m, lse, mask=offs_m < N)
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, head_order: bool) -> str | None:
+    """Why this kernel cannot run these inputs (None: it can): bf16 / fp16, head dim 64 or 128,
+    contiguous ``[B, N, H, D]`` q, k, v in each head's own order (``head_order``, or a table without
+    token-major heads), a 64- or 128-token table, an sm90 GPU."""
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"needs bf16 or fp16 q, k, v (got {q.dtype}, {k.dtype}, {v.dtype})"
+    if q.dim() != 4 or q.shape[-1] not in (64, 128) or k.shape != q.shape or v.shape != q.shape:
+        return (f"needs q, k, v of one [B, N, H, D] shape with D 64 or 128 (got {tuple(q.shape)}, "
+                f"{tuple(k.shape)}, {tuple(v.shape)})")  # fmt: skip
+    if not all(t.is_contiguous() for t in (q, k, v)):
+        return "needs contiguous q, k, v"
+    if table.token_major_heads and not head_order:
+        return "needs token-major heads in their own order (head_order inputs)"
+    if table.block_size not in (64, 128):
+        return f"needs a 64- or 128-token table (got {table.block_size})"
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "needs an sm90 (Hopper) GPU"
+    return None
+
+
+def tiles_for(block_size: int, head_dim: int, tiles: tuple[int, int, int, int] | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) for a table of ``block_size`` tokens: ``tiles`` (default
+    :data:`TILES`) with the tiles cut to the block, 4 warps for 64-row tiles."""
+    block_m, block_n, warps, stages = tiles or TILES
+    block_m, block_n = min(block_m, block_size), min(block_n, block_size)
+    if block_m < 64 or block_n < 16 or block_size % block_m or block_size % block_n:
+        raise ValueError(f"tiles {tiles} do not fit {block_size}-token blocks (BLOCK_M >= 64, both dividing the block)")
+    return block_m, block_n, 4 if block_m == 64 else warps, stages
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_scale: float, *,
+            tiles: tuple[int, int, int, int] | None = None, schedule: torch.Tensor | None = None,
+            return_lse: bool = False, out: torch.Tensor | None = None):  # fmt: skip
+    """Block-sparse attention of ``table`` on ``q, k, v`` held in each head's own order (see
+    :func:`applies`, which must hold); output (and with ``return_lse`` the float32 ``[B, H, N]``
+    log-sum-exp) by frame-major row, as :func:`.launcher.forward` with ``head_order``. ``schedule``:
+    work items heaviest first for these tiles (computed when not given); ``out``: where to write."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from ...block_table import num_blocks
+    from .launcher import LOG2E, _schedule, token_major_flags
+
+    batch, n, heads, dim = q.shape
+    block_m, block_n, warps, stages = tiles_for(table.block_size, dim, tiles)
+    element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[q.dtype]
+
+    def descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+        flat = t.view(batch * n, heads * dim)
+        layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
+        return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, dim], layout)
+
+    q_tiles = num_blocks(n, block_m)
+    per_block = table.block_size // block_m
+    if schedule is None:
+        schedule = _schedule(table.kv_num_blocks, per_block, q_tiles, "levels")
+    counts, blocks = table.kv_num_blocks, table.kv_indices
+    flags = token_major_flags(table)
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(batch, heads, n, dtype=torch.float32, device=q.device) if return_lse else out
+    layout = table.layout
+    block_sparse_attention_fwd_sm90[(schedule.numel(), batch)](
+        descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), out, schedule,
+        counts if flags is None else flags, counts, blocks, lse,
+        out.stride(0), out.stride(1), out.stride(2), counts.stride(0), blocks.stride(0), blocks.stride(1), heads * n,
+        n, layout.kv_len, q_tiles, layout.frame_tokens, layout.video_start, layout.video_tokens,
+        softmax_scale * LOG2E,
+        FRAMES=layout.frames, TABLE_BLOCK=table.block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
+        STAGES=stages, STORE_LSE=return_lse, ANY_TOKEN_MAJOR=flags is not None, num_warps=warps, maxnreg=MAXNREG,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["MAXNREG", "TILES", "applies", "block_sparse_attention_fwd_sm90", "forward", "tiles_for"]

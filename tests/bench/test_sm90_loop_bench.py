@@ -1,0 +1,34 @@
+"""bench/sm90_loop.py: both forward kernels compiled for sm_90a on the CPU and their key loops read from the SASS."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[2] / "bench" / "sm90_loop.py"
+
+
+def test_reads_the_key_loops_of_both_kernels():
+    pytest.importorskip("triton.experimental.gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--json", "--head-dims", "64", "--gluon-tiles", "64x64x4x2"],
+                          env=env, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [row["name"] for row in rows] == ["triton 128x64x8x3 D64", "gluon 64x64x4x2 D64"]
+    for row in rows:
+        assert row["registers"] > 0 and 0 < row["shared"] and row["spilled"] >= 0
+        assert any(step.startswith("HGMMA") for step in row["loop"]) and any(s.startswith("EXP") for s in row["loop"])
+
+
+def test_refuses_the_interpreter_and_bad_tiles(load_script, monkeypatch):
+    module = load_script("sm90_loop")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit, match="TRITON_INTERPRET unset"):
+        module.main(["--head-dims", "64"])
+    assert module.parse_tiles("128x64x8x3") == (128, 64, 8, 3)
+    with pytest.raises(Exception, match="BLOCK_MxBLOCK_N"):
+        module.parse_tiles("128x64")

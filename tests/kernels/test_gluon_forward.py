@@ -1,0 +1,198 @@
+"""The Gluon sm90 forward (``kernels.triton.gluon_forward``, ``launcher.OPTIONS["gluon"]``, issue 21).
+
+On the CPU: its key loop as compiled for sm_90a (the softmax between the wait that leaves ``P V`` in
+flight and the wait for it, no spills, shared memory within a program's 227 KB), where it applies, and
+that the option leaves CPU calls to the Triton kernel. On an sm90 GPU (``-m gpu``): outputs (poisoned
+first) and log-sum-exp against the float64 reference on awkward layouts, and the processor's path.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+import triton  # noqa: E402
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import sm90_loop  # noqa: E402
+from helpers import rel_rms  # noqa: E402
+from sparse_vdit import VideoLayout, compile_layer, sparse_attention  # noqa: E402
+from sparse_vdit.block_table import table_from_mask  # noqa: E402
+from sparse_vdit.kernels.head_order import Rotary, apply_rotary, attention_in_head_order, to_head_order  # noqa: E402
+from sparse_vdit.kernels.triton import backend as triton_backend  # noqa: E402
+from sparse_vdit.kernels.triton import gluon_forward, launcher  # noqa: E402
+from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, vertical  # noqa: E402
+
+torch.set_num_threads(1)
+SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+MIXED = [multi_diagonal(0.15), dense(), skip(), diagonal(0.5), multi_diagonal(0.3), vertical(((0.0, 1.0),), 0.3)]
+TILE_CHOICES = [None, (128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)]
+
+
+COMPILED = [("128x64x8x3", 128), ("128x128x8x2", 128), ("64x64x4x2", 128), ("128x64x8x3", 64)]
+
+
+@pytest.fixture(scope="module")
+def compiled_for_sm90():
+    """``bench/sm90_loop.py`` on the Gluon kernel's tile choices, in a process of its own (compiling
+    for sm_90a needs the Triton interpreter off)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    rows = []
+    for dim in sorted({d for _, d in COMPILED}):
+        tiles = [t for t, d in COMPILED if d == dim]
+        done = subprocess.run([sys.executable, str(BENCH / "sm90_loop.py"), "--json", "--no-triton", "--head-dims",
+                               str(dim), "--gluon-tiles", *tiles], env=env, capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows += json.loads(done.stdout.strip().splitlines()[-1])
+    return {row["name"]: row for row in rows}
+
+
+@pytest.mark.parametrize("tiles,dim", COMPILED)
+def test_key_loop_runs_the_softmax_beside_p_v_on_sm90(compiled_for_sm90, tiles, dim):
+    """Compiled for sm_90a with the installed Triton: the exponentials lie between the wait that leaves
+    one MMA group (the previous tile's P V) in flight and the wait for it; nothing spills.
+
+    Triton 3.6 (the GPU machine's, with torch 2.11) keeps that order at 4 and 8 warps. Triton 3.9 puts a
+    CTA barrier after the first wait when two warpgroups share a program, and ptxas then moves the
+    exponentials below the second (``python bench/sm90_loop.py`` shows the loops): there only the
+    4-warp tiles are held to it."""
+    row = compiled_for_sm90[f"gluon {tiles} D{dim}"]
+    assert row["spilled"] == 0
+    assert row["shared"] <= sm90_loop.SHARED_LIMIT
+    if tiles.split("x")[2] == "8" and tuple(int(x) for x in triton.__version__.split(".")[:2]) > (3, 6):
+        pytest.skip(f"8-warp tiles keep the overlap on Triton 3.6, not on {triton.__version__} (see the docstring)")
+    assert row["overlaps"], row["loop"]
+
+
+def test_overlap_reader_tells_the_two_orders_apart():
+    assert sm90_loop.overlaps_softmax(["HGMMAx12", "DEPBAR<=1", "EXPx32", "DEPBAR<=0", "TMA"])
+    assert not sm90_loop.overlaps_softmax(["HGMMAx8", "DEPBAR<=0", "EXPx50", "HGMMAx4"])
+    assert not sm90_loop.overlaps_softmax(["HGMMAx8", "DEPBAR<=1", "DEPBAR<=0", "EXPx32"])
+
+
+def _cpu_inputs(dtype=torch.bfloat16, dim=128, heads=MIXED, block=128):
+    layout = VideoLayout(3, 8, 16, 24, "suffix")
+    q, k, v = (torch.randn(1, layout.num_tokens, len(heads), dim).to(dtype) for _ in range(3))
+    return q, k, v, compile_layer(heads, layout, block, "cpu")
+
+
+def test_applies_says_why_not():
+    q, k, v, table = _cpu_inputs()
+    assert "bf16 or fp16" in gluon_forward.applies(q.float(), k.float(), v.float(), table, True)
+    q96, k96, v96, _ = _cpu_inputs(dim=96)
+    assert "D 64 or 128" in gluon_forward.applies(q96, k96, v96, table, True)
+    strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, N, H, D] with heads outermost in memory
+    assert "contiguous" in gluon_forward.applies(strided, k, v, table, True)
+    assert "own order" in gluon_forward.applies(q, k, v, table, False)
+    q32, k32, v32, table32 = _cpu_inputs(block=32)
+    assert "64- or 128-token" in gluon_forward.applies(q32, k32, v32, table32, True)
+    assert "sm90" in gluon_forward.applies(q, k, v, table, True)
+    _, _, _, frame_major = _cpu_inputs(heads=[diagonal(0.5), dense()])
+    assert "own order" not in gluon_forward.applies(q[:, :, :2], k[:, :, :2], v[:, :, :2], frame_major, False)
+
+
+def test_tiles_for_cuts_tiles_to_the_block():
+    assert gluon_forward.tiles_for(128, 128) == gluon_forward.TILES
+    assert gluon_forward.tiles_for(64, 128) == (64, 64, 4, gluon_forward.TILES[3])
+    assert gluon_forward.tiles_for(128, 64, (128, 128, 8, 2)) == (128, 128, 8, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        gluon_forward.tiles_for(128, 128, (32, 64, 4, 2))
+
+
+def test_option_leaves_cpu_calls_to_the_triton_kernel(monkeypatch):
+    """Off the GPU the option changes nothing: the Triton kernel (interpreted) gives the same output."""
+    q, k, v, table = _cpu_inputs(dtype=torch.float16, dim=64, heads=[diagonal(0.5), dense(), skip()], block=64)
+    q, k, v = (t[:, : 4 * 64] for t in (q, k, v))  # a short call for the interpreter
+    table = compile_layer([diagonal(0.5), dense(), skip()], VideoLayout(1, 16, 16), 64, "cpu")
+    off = sparse_attention(q, k, v, table, backend="triton")
+    monkeypatch.setitem(launcher.OPTIONS, "gluon", True)
+    on = sparse_attention(q, k, v, table, backend="triton")
+    assert torch.equal(on, off)
+
+
+# ------------------------------------------------------------------ on an sm90 GPU (-m gpu)
+GPU_CASES = {  # layout, block, heads, batch, head dim
+    "suffix-padded-mixed": (VideoLayout(7, 12, 20, 37, "suffix", text_valid=29), 128, MIXED, 2, 128),
+    "prefix-ragged-d64": (VideoLayout(5, 9, 15, 45, "prefix"), 64, MIXED[:4], 1, 64),
+    "no-text-token-major": (VideoLayout(9, 10, 13), 128, [multi_diagonal(0.2), multi_diagonal(0.05)], 1, 128),
+}
+
+
+def _gpu_case(case, dtype, seed=0):
+    layout, block, heads, batch, dim = GPU_CASES[case]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(batch, layout.num_tokens, len(heads), dim, generator=g, device="cuda").to(dtype)
+               for _ in range(3))  # fmt: skip
+    return layout, compile_layer(heads, layout, block, "cuda"), (q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not SM90, reason="needs an sm90 (Hopper) GPU")
+@pytest.mark.parametrize("tiles", TILE_CHOICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_gpu_matches_float64_reference(case, dtype, tiles):
+    """Head-ordered inputs, the output poisoned first: within twice the Triton kernel's own error
+    of the float64 reference; the log-sum-exp as the Triton kernel's (inf where a row visits nothing)."""
+    layout, table, (q, k, v) = _gpu_case(case, dtype)
+    scale = q.shape[-1] ** -0.5
+    ref = sparse_attention(q.double(), k.double(), v.double(), table, backend="reference")
+    hq, hk, hv = to_head_order(q, k, v, table)
+    triton_out, triton_lse = triton_backend.run_with_lse(hq, hk, hv, table, scale, head_order=True)
+    out = torch.full_like(q, float("nan"))
+    out, lse = gluon_forward.forward(hq, hk, hv, table, scale, tiles=tiles, return_lse=True, out=out)
+    assert not out.isnan().any()
+    assert rel_rms(out, ref) <= 2 * rel_rms(triton_out, ref) + 1e-3
+    assert torch.equal(lse.isinf(), triton_lse.isinf())
+    finite = triton_lse.isfinite()
+    assert (lse[finite] - triton_lse[finite]).abs().max() <= 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not SM90, reason="needs an sm90 (Hopper) GPU")
+def test_gpu_scattered_table_with_empty_rows():
+    """A frame-major table with scattered blocks, rows that visit nothing and the ragged last key block."""
+    layout = VideoLayout(5, 16, 24, 77, "suffix", text_valid=50)
+    g = torch.Generator().manual_seed(3)
+    qb, kb = -(-layout.num_tokens // 128), -(-layout.kv_len // 128)
+    keep = torch.rand(3, qb, kb, generator=g) < 0.3
+    keep[:, ::4] = False
+    keep[:, 1, -1] = True
+    table = table_from_mask(layout, 128, keep.cuda(), "scattered")
+    q, k, v = (torch.randn(1, layout.num_tokens, 3, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = sparse_attention(q.double(), k.double(), v.double(), table, backend="reference")
+    out = gluon_forward.forward(q, k, v, table, 128**-0.5, out=torch.full_like(q, float("nan")))
+    assert not out.isnan().any()
+    assert rel_rms(out, ref) <= 2 * rel_rms(sparse_attention(q, k, v, table, backend="triton"), ref) + 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not SM90, reason="needs an sm90 (Hopper) GPU")
+def test_gpu_processor_path_with_the_option(monkeypatch):
+    """The fused rotary path with ``launcher.OPTIONS["gluon"]``: the float64 reference's attention, and
+    gradients (the Triton backward on the Gluon forward's log-sum-exp) as with the option off."""
+    layout, table, (q, k, v) = _gpu_case("suffix-padded-mixed", torch.bfloat16, seed=4)
+    g = torch.Generator().manual_seed(1)
+    angles = torch.rand(layout.video_tokens, 64, generator=g, dtype=torch.float64) * 6.3
+    cos, sin = (f(angles).repeat_interleave(2, -1).float().cuda() for f in (torch.cos, torch.sin))
+    rotary = Rotary(cos, sin, 0, "interleaved")
+    ref = sparse_attention(apply_rotary(q.double(), rotary), apply_rotary(k.double(), rotary), v.double(), table,
+                           backend="reference")  # fmt: skip
+    grads = {}
+    for on in (False, True):
+        monkeypatch.setitem(launcher.OPTIONS, "gluon", on)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention_in_head_order(*leaves, table, backend="triton", rotary=rotary)
+        assert rel_rms(out, ref) <= 2e-2
+        out.float().square().sum().backward()
+        grads[on] = [t.grad for t in leaves]
+    for a, b in zip(grads[True], grads[False]):
+        assert rel_rms(a, b) <= 2e-2
