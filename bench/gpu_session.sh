@@ -84,6 +84,9 @@
 #   backward-calls-k  the whole processor call's backward, rotary included: old vs fused path, multi-diagonal and
 #                  mixed, 10-50% (CALL_SHAPES, default Wan-1.3B 480p) (#18) (~200)
 #   backward-calls-profile-k  the same at 10% on Wan-1.3B 480p under torch.profiler: operator and call tables (#18) (~60)
+#   tests-gluon    GPU tests of the Gluon sm90 forward: float64 reference, processor path, gradients (#21) (~150)
+#   processor-gluon  the whole processor call, Triton kernel vs the Gluon sm90 kernel (three tile choices),
+#                  four shapes, multi-diagonal and mixed, 5-40% (#21)                              (~300)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -274,6 +277,11 @@ for name in "$@"; do
         --modes eager,compiled --backend fa4 --densities 0.25,0.1 --repeats 3 --budget-s 300 --out "$R/train_step_fa4.json" ;;
     train-step-hunyuan-n) TAIL=10 step train-step-hunyuan-n 330 python3 bench/train_step.py --models hunyuan \
         --modes eager --densities 0.25,0.1 --repeats 1 --no-unpatched --no-dense --budget-s 300 --out "$R/train_step.json" ;;
+    tests-gluon) TAIL=12 step tests-gluon 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_forward.py ;;
+    processor-gluon) TAIL=70 step processor-gluon 330 python3 bench/processor_attention.py --shapes wan1.3b-480p \
+        hunyuan-720p wan14b-720p cogvideox1.5-768p --densities 0.05 0.1 0.2 0.4 --kinds multi_diag mixed \
+        --backends triton --paths fused-permuted gluon gluon-128x128x8x2 gluon-64x64x4x2 --target-ms 60 \
+        --budget-s 290 --out "$R/processor-gluon" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done
