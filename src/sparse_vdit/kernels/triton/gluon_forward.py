@@ -46,8 +46,8 @@ def _issue(i, ntiles, blocks, row0, col, k_desc, v_desc, k_smem, v_smem, k_bars,
     start = _tile_start(blocks, i, TABLE_BLOCK, BLOCK_N, ok)
     slot = i % STAGES
     mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes, pred=ok)
-    _tma_load(k_desc, [row0 + start, col], k_bars.index(slot), k_smem.index(slot), pred=ok)
     mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes, pred=ok)
+    _tma_load(k_desc, [row0 + start, col], k_bars.index(slot), k_smem.index(slot), pred=ok)
     _tma_load(v_desc, [row0 + start, col], v_bars.index(slot), v_smem.index(slot), pred=ok)
 
 
