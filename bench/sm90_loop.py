@@ -68,6 +68,12 @@ def _signature(fn, constexprs: dict, descriptors: dict) -> dict:
     return types
 
 
+def _aligned(types: dict) -> dict:
+    """Pointers and strides marked divisible by 16, as Triton's launch specialises them for real tensors."""
+    return {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(types.items())
+            if kind.startswith("*") or name.startswith("stride")}  # fmt: skip
+
+
 def compile_gluon(tiles: tuple[int, int, int, int], head_dim: int = 128, block: int = 128):
     """The Gluon kernel (``kernels.triton.gluon_forward``) compiled for sm_90a: the compiled kernel."""
     import triton
@@ -88,7 +94,8 @@ def compile_gluon(tiles: tuple[int, int, int, int], head_dim: int = 128, block: 
 
     types = _signature(fn, constexprs, {"q_desc": desc(block_m), "k_desc": desc(block_n), "v_desc": desc(block_n)})
     names = list(types)
-    source = GluonASTSource(fn, types, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    source = GluonASTSource(fn, types, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                            attrs=_aligned(types))  # fmt: skip
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, maxnreg=G.MAXNREG))  # fmt: skip
 
@@ -108,8 +115,52 @@ def compile_triton(tiles: tuple[int, int, int, int] = (128, 64, 8, 3), head_dim:
     desc = f"tensordesc<bf16[1,{block_n},1,{head_dim}]>"
     types = _signature(fn, constexprs, {"K_DESC": desc, "V_DESC": desc})
     names = list(types)
-    source = ASTSource(fn, types, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    source = ASTSource(fn, types, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=_aligned(types))
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def compile_triton_dkdv(head_dim: int = 128, block: int = 128):
+    """The Triton backward's dK/dV kernel (``kernels.triton.backward``, head-ordered inputs, dS stored) at its
+    default tiles (128 keys a program, 32-query steps, 3 stages) compiled for sm_90a."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sparse_vdit.kernels.triton.backward import _tiles, block_sparse_attention_bwd_dkdv as fn
+
+    kv_tile, q_step, _, _ = _tiles(block, head_dim, _CUDA)
+    constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=kv_tile, HEAD_DIM=head_dim, IEEE=False,
+                      ANY_TOKEN_MAJOR=False, TMA=True, STORE_DS=True)  # fmt: skip
+    desc = f"tensordesc<bf16[1,{q_step},1,{head_dim}]>"
+    types = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name in ("Q_DESC", "DO_DESC"):
+            types[name] = desc
+        elif name in ("Q", "K", "V", "DO", "DK", "DV", "DS"):
+            types[name] = "*bf16"
+        elif name in ("LSE_T", "DELTA_T", "LSE", "DELTA"):
+            types[name] = "*fp32"
+        elif name in ("STARTS", "ENDS", "SCHEDULE", "PAIR_SLOTS", "Q_FIRST"):
+            types[name] = "*i32"
+        elif name == "TOKEN_MAJOR":
+            types[name] = "*i8"
+        elif name in ("qk_scale", "softmax_scale"):
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    names = list(types)
+    source = ASTSource(fn, types, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=_aligned(types))
+    warps = 8 if head_dim > 64 else 4
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=3))
+
+
+class _Cuda:  # the backward's tile rule asks only for the device's type
+    type = "cuda"
+
+
+_CUDA = _Cuda()
 
 
 def _ptxas_info(ptx: str) -> tuple[int, int]:
@@ -199,6 +250,7 @@ def main(argv=None) -> list[Compiled]:
     p.add_argument("--gluon-tiles", nargs="*", type=parse_tiles, default=list(GLUON_TILES))
     p.add_argument("--no-triton", action="store_true", help="only the Gluon kernel")
     p.add_argument("--json", action="store_true", help="print the rows as JSON (for tests), not a table")
+    p.add_argument("--backward", action="store_true", help="also the Triton backward's dK/dV kernel")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compiling for sm_90a needs TRITON_INTERPRET unset (the interpreter wraps Triton's own functions)")
@@ -206,6 +258,8 @@ def main(argv=None) -> list[Compiled]:
     for dim in args.head_dims:
         if not args.no_triton:
             rows.append(summarize(f"triton 128x64x8x3 D{dim}", compile_triton((128, 64, 8, 3), dim)))
+            if args.backward:
+                rows.append(summarize(f"triton backward dK/dV D{dim}", compile_triton_dkdv(dim)))
         for tiles in args.gluon_tiles:
             rows.append(summarize(f"gluon {'x'.join(map(str, tiles))} D{dim}", compile_gluon(tiles, dim)))
     if args.json:

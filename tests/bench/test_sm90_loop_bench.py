@@ -1,4 +1,5 @@
-"""bench/sm90_loop.py: both forward kernels compiled for sm_90a on the CPU and their key loops read from the SASS."""
+"""bench/sm90_loop.py: the forward kernels and the backward's dK/dV kernel compiled for sm_90a on the CPU, their
+key loops read from the SASS."""
 
 import json
 import os
@@ -14,11 +15,11 @@ SCRIPT = Path(__file__).parents[2] / "bench" / "sm90_loop.py"
 def test_reads_the_key_loops_of_both_kernels():
     pytest.importorskip("triton.experimental.gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--json", "--head-dims", "64", "--gluon-tiles", "64x64x4x2"],
-                          env=env, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run([sys.executable, str(SCRIPT), "--json", "--backward", "--head-dims", "64", "--gluon-tiles",
+                           "64x64x4x2"], env=env, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [row["name"] for row in rows] == ["triton 128x64x8x3 D64", "gluon 64x64x4x2 D64"]
+    assert [row["name"] for row in rows] == ["triton 128x64x8x3 D64", "triton backward dK/dV D64", "gluon 64x64x4x2 D64"]
     for row in rows:
         assert row["registers"] > 0 and 0 < row["shared"] and row["spilled"] >= 0
         assert any(step.startswith("HGMMA") for step in row["loop"]) and any(s.startswith("EXP") for s in row["loop"])
