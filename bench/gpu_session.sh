@@ -87,6 +87,7 @@
 #   tests-gluon    GPU tests of the Gluon sm90 forward: float64 reference, processor path, gradients (#21) (~150)
 #   processor-gluon  the whole processor call, Triton kernel vs the Gluon sm90 kernel (three tile choices),
 #                  four shapes, multi-diagonal and mixed, 5-40% (#21)                              (~300)
+#   backward-d64   the Triton backward at head dim 64 (CogVideoX1.5 768p), default (4 warps) vs warps8, 10-50% (#18) (~120)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -277,6 +278,9 @@ for name in "$@"; do
         --modes eager,compiled --backend fa4 --densities 0.25,0.1 --repeats 3 --budget-s 300 --out "$R/train_step_fa4.json" ;;
     train-step-hunyuan-n) TAIL=10 step train-step-hunyuan-n 330 python3 bench/train_step.py --models hunyuan \
         --modes eager --densities 0.25,0.1 --repeats 1 --no-unpatched --no-dense --budget-s 300 --out "$R/train_step.json" ;;
+    backward-d64) TAIL=20 step backward-d64 200 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
+        0.25 0.5 --kinds band mixed --backends triton --variants default warps8 --target-ms 300 --budget-s 170 \
+        --out "$R" ;;
     tests-gluon) TAIL=12 step tests-gluon 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_forward.py ;;
     processor-gluon) TAIL=70 step processor-gluon 330 python3 bench/processor_attention.py --shapes wan1.3b-480p \
         hunyuan-720p wan14b-720p cogvideox1.5-768p --densities 0.05 0.1 0.2 0.4 --kinds multi_diag mixed \

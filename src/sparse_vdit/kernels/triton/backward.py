@@ -57,6 +57,10 @@ VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages
     "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
+    # 8 warps at head dim 64 too (the default there is 4): compiled for sm_90a on the CPU, the dK/dV kernel
+    # at 4 warps spills 664 bytes and waits after each of its MMA instructions, at 8 none (bench/sm90_loop.py
+    # --backward); not yet timed
+    "warps8": {"warps": (8, 8)},
 }
 
 
