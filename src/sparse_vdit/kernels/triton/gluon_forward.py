@@ -31,6 +31,24 @@ TILES = (128, 64, 8, 3)
 MAXNREG = 240
 
 
+@gluon.constexpr_function
+def mma_layout(num_warps, columns):
+    """The warpgroup MMA accumulator layout of ``[rows, columns]`` tiles: warps stacked along the rows."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, columns, 16])
+
+
+def row_descriptor(t: torch.Tensor, rows: int):
+    """A TMA descriptor of contiguous ``[B, N, H, D]`` ``t`` as its ``[B * N, H * D]`` view, ``[rows, D]`` at a
+    time (one head's rows): coordinates ``(b * N + position, h * D)``."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    batch, n, heads, dim = t.shape
+    element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
+    flat = t.view(batch * n, heads * dim)
+    layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, dim], layout)
+
+
 @gluon.jit
 def _tile_start(blocks, i, TABLE_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, ok=True):
     """First key of the ``i``-th key tile of the query tile's ascending block list."""
@@ -89,10 +107,8 @@ def block_sparse_attention_fwd_sm90(
     row0 = batch * N
     col = head * HEAD_DIM
 
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    s_layout: gl.constexpr = mma_layout(num_warps, BLOCK_N)
+    o_layout: gl.constexpr = mma_layout(num_warps, HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
 
     dtype: gl.constexpr = q_desc.dtype
@@ -211,19 +227,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_sc
     :func:`applies`, which must hold); output (and with ``return_lse`` the float32 ``[B, H, N]``
     log-sum-exp) by frame-major row, as :func:`.launcher.forward` with ``head_order``. ``schedule``:
     work items heaviest first for these tiles (computed when not given); ``out``: where to write."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     from ...block_table import num_blocks
     from .launcher import LOG2E, _schedule, token_major_flags
 
     batch, n, heads, dim = q.shape
     block_m, block_n, warps, stages = tiles_for(table.block_size, dim, tiles)
-    element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[q.dtype]
-
-    def descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
-        flat = t.view(batch * n, heads * dim)
-        layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
-        return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, dim], layout)
 
     q_tiles = num_blocks(n, block_m)
     per_block = table.block_size // block_m
@@ -235,7 +243,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_sc
     lse = torch.empty(batch, heads, n, dtype=torch.float32, device=q.device) if return_lse else out
     layout = table.layout
     block_sparse_attention_fwd_sm90[(schedule.numel(), batch)](
-        descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), out, schedule,
+        row_descriptor(q, block_m), row_descriptor(k, block_n), row_descriptor(v, block_n), out, schedule,
         counts if flags is None else flags, counts, blocks, lse,
         out.stride(0), out.stride(1), out.stride(2), counts.stride(0), blocks.stride(0), blocks.stride(1), heads * n,
         n, layout.kv_len, q_tiles, layout.frame_tokens, layout.video_start, layout.video_tokens,
@@ -246,4 +254,5 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_sc
     return (out, lse) if return_lse else out
 
 
-__all__ = ["MAXNREG", "TILES", "applies", "block_sparse_attention_fwd_sm90", "forward", "tiles_for"]
+__all__ = ["MAXNREG", "TILES", "applies", "block_sparse_attention_fwd_sm90", "forward", "mma_layout", "row_descriptor",
+           "tiles_for"]
