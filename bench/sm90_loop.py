@@ -100,6 +100,50 @@ def compile_gluon(tiles: tuple[int, int, int, int], head_dim: int = 128, block: 
                           options=dict(num_warps=warps, maxnreg=G.MAXNREG))  # fmt: skip
 
 
+def compile_gluon_dkdv(head_dim: int = 128, block: int = 128):
+    """The Gluon dK/dV kernel (``kernels.triton.gluon_backward``) at the Triton backward's default tiles
+    (128 keys a program, 32-query steps at D 128, 64 at D 64), 8 warps, compiled for sm_90a."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from sparse_vdit.kernels.triton import gluon_backward as GB
+    from sparse_vdit.kernels.triton.backward import _tiles
+
+    kv_tile, q_step, _, _ = _tiles(block, head_dim, _CUDA)
+    fn = GB.block_sparse_attention_bwd_dkdv_sm90
+    constexprs = dict(TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=kv_tile, HEAD_DIM=head_dim, STAGES=GB.STAGES,
+                      num_warps=8)  # fmt: skip
+
+    def desc(rows: int) -> str:
+        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
+        return f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
+
+    types = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name in ("q_desc", "do_desc"):
+            types[name] = desc(q_step)
+        elif name in ("k_desc", "v_desc"):
+            types[name] = desc(kv_tile)
+        elif name in ("DK", "DV", "DS"):
+            types[name] = "*bf16"
+        elif name in ("LSE", "DELTA"):
+            types[name] = "*fp32"
+        elif name in ("STARTS", "ENDS", "SCHEDULE", "PAIR_SLOTS", "Q_FIRST"):
+            types[name] = "*i32"
+        elif name in ("qk_scale", "softmax_scale"):
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    names = list(types)
+    source = GluonASTSource(fn, types, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                            attrs=_aligned(types))  # fmt: skip
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, maxnreg=GB.MAXNREG))
+
+
 def compile_triton(tiles: tuple[int, int, int, int] = (128, 64, 8, 3), head_dim: int = 128, block: int = 128):
     """Our Triton kernel (``kernels.triton.kernel``, head-ordered inputs through TMA) compiled for sm_90a."""
     import triton
@@ -233,6 +277,12 @@ def overlaps_softmax(loop: list[str]) -> bool:
     return first < last and any(step.startswith("EXP") for step in loop[first:last])
 
 
+def waits_for_all(loop: list[str]) -> bool:
+    """Whether the loop waits, somewhere, for every MMA it issued (``DEPBAR<=0``): with none, each step's
+    exponentials run beside MMAs still in flight (the Gluon dK/dV kernel's loop)."""
+    return "DEPBAR<=0" in loop
+
+
 GLUON_TILES = ((128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3))
 
 
@@ -251,6 +301,7 @@ def main(argv=None) -> list[Compiled]:
     p.add_argument("--no-triton", action="store_true", help="only the Gluon kernel")
     p.add_argument("--json", action="store_true", help="print the rows as JSON (for tests), not a table")
     p.add_argument("--backward", action="store_true", help="also the Triton backward's dK/dV kernel")
+    p.add_argument("--gluon-backward", action="store_true", help="also the Gluon dK/dV kernel")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compiling for sm_90a needs TRITON_INTERPRET unset (the interpreter wraps Triton's own functions)")
@@ -262,13 +313,18 @@ def main(argv=None) -> list[Compiled]:
                 rows.append(summarize(f"triton backward dK/dV D{dim}", compile_triton_dkdv(dim)))
         for tiles in args.gluon_tiles:
             rows.append(summarize(f"gluon {'x'.join(map(str, tiles))} D{dim}", compile_gluon(tiles, dim)))
+        if args.gluon_backward:
+            rows.append(summarize(f"gluon backward dK/dV D{dim}", compile_gluon_dkdv(dim)))
     if args.json:
-        print(json.dumps([{**asdict(row), "overlaps": overlaps_softmax(row.loop)} for row in rows]))
+        print(json.dumps([{**asdict(row), "overlaps": overlaps_softmax(row.loop), "waits_for_all": waits_for_all(row.loop)}
+                          for row in rows]))  # fmt: skip
         return rows
-    print("\n| kernel | registers | spilled B | shared KB | softmax beside P V | key loop (SASS) |\n|---|---|---|---|---|---|")
+    print("\n| kernel | registers | spilled B | shared KB | softmax beside P V | waits for every MMA | key loop (SASS) |"
+          "\n|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row.name} | {row.registers} | {row.spilled} | {row.shared / 1024:.1f} | "
-              f"{'yes' if overlaps_softmax(row.loop) else 'no'} | {' '.join(row.loop)} |")  # fmt: skip
+              f"{'yes' if overlaps_softmax(row.loop) else 'no'} | {'yes' if waits_for_all(row.loop) else 'no'} | "
+              f"{' '.join(row.loop)} |")  # fmt: skip
     return rows
 
 
