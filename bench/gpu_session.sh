@@ -84,7 +84,10 @@
 #   backward-calls-k  the whole processor call's backward, rotary included: old vs fused path, multi-diagonal and
 #                  mixed, 10-50% (CALL_SHAPES, default Wan-1.3B 480p) (#18) (~200)
 #   backward-calls-profile-k  the same at 10% on Wan-1.3B 480p under torch.profiler: operator and call tables (#18) (~60)
-#   tests-gluon    GPU tests of the Gluon sm90 forward: float64 reference, processor path, gradients (#21) (~150)
+#   tests-gluon    GPU tests of the Gluon sm90 kernels: the forward (float64 reference, processor path,
+#                  gradients) and the dK/dV kernel (gradients against float64 autograd) (#21, #18)      (~200)
+#   backward-gluon the Triton backward with its dK/dV kernel in Gluon vs the default, Wan-1.3B and
+#                  HunyuanVideo, band / multi-diagonal / mixed, 10-50% (#18)                       (~150)
 #   processor-gluon  the whole processor call, Triton kernel vs the Gluon sm90 kernel (three tile choices),
 #                  four shapes, multi-diagonal and mixed, 5-40% (#21)                              (~300)
 #   backward-d64   the Triton backward at head dim 64 (CogVideoX1.5 768p), default (4 warps) vs warps8, 10-50% (#18) (~120)
@@ -281,7 +284,11 @@ for name in "$@"; do
     backward-d64) TAIL=20 step backward-d64 200 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
         0.25 0.5 --kinds band mixed --backends triton --variants default warps8 --target-ms 300 --budget-s 170 \
         --out "$R" ;;
-    tests-gluon) TAIL=12 step tests-gluon 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_forward.py ;;
+    tests-gluon) TAIL=12 step tests-gluon 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_forward.py \
+        tests/kernels/test_gluon_backward.py ;;
+    backward-gluon) TAIL=30 step backward-gluon 220 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default gluon \
+        --target-ms 300 --budget-s 190 --out "$R" ;;
     processor-gluon) TAIL=70 step processor-gluon 330 python3 bench/processor_attention.py --shapes wan1.3b-480p \
         hunyuan-720p wan14b-720p cogvideox1.5-768p --densities 0.05 0.1 0.2 0.4 --kinds multi_diag mixed \
         --backends triton --paths fused-permuted gluon gluon-128x128x8x2 gluon-64x64x4x2 --target-ms 60 \
