@@ -3,9 +3,10 @@
 Compiled for sm_90a, the Triton dK/dV kernel waits for each query step's ``S^T = K Q^T`` and
 ``dP^T = V dO^T`` and then for ``dV += P^T dO`` and ``dK += dS^T Q`` before going on (``bench/sm90_loop.py
 --backward``): the tensor cores idle while the exponentials and dS are computed. Here, as in
-:mod:`.gluon_forward`, the MMAs are asynchronous: step ``j``'s ``S^T`` and ``dP^T`` are issued with step
-``j - 1``'s ``dV`` and ``dK`` updates, the wait for the first two leaves the updates in flight, and step
-``j``'s P and dS are computed beside them. Queries and dO arrive by TMA ``STAGES`` steps ahead.
+:mod:`.gluon_forward`, the MMAs are asynchronous: step ``j``'s P and dS are computed while step ``j - 1``'s
+``dV`` and ``dK`` updates run; then step ``j + 1``'s ``S^T`` and ``dP^T`` are issued, the updates waited for
+(the scores stay in flight), step ``j``'s updates issued, and the scores waited for (the updates stay in
+flight). Queries and dO arrive by TMA ``STAGES`` steps ahead.
 
 Same inputs and results as the Triton kernel's stored-dS path when no head is read through the token-major
 order in place (inputs in each head's own order, or no token-major head): dK (scaled) and dV by row, and each
@@ -21,8 +22,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait
 
-from .gluon_forward import MAXNREG, _tma_load, mma_layout, row_descriptor
+from .gluon_forward import _tma_load, mma_layout, row_descriptor
 
+# a register cap keeps ptxas's schedule (as in gluon_forward); the whole file at 8 warps: at 240 the loop spills
+# (24 bytes with Triton 3.6, 16 at 248 with 3.9), at 255 it does not (252 / 255 registers used)
+MAXNREG = 255
 STAGES = 3  # at least 3: step j + 1's loads are issued at step j - 1 (its slot freed by step j - 2's updates)
 
 
@@ -129,6 +133,8 @@ def block_sparse_attention_bwd_dkdv_sm90(
             s_t, dp_t = warpgroup_mma_wait(num_outstanding=0, deps=(s_t, dp_t))
             dv = warpgroup_mma_init(dv)  # the accumulators stay in flight from one step to the next
             dk = warpgroup_mma_init(dk)
+            p_prev = gl.zeros([BLOCK_N, BLOCK_M], dtype, layout=a_layout)  # operands an update in flight reads
+            ds_prev = gl.zeros([BLOCK_N, BLOCK_M], dtype, layout=a_layout)
             for j in range(0, nsteps - 1):
                 # step j's P and dS while step j - 1's dV and dK updates are still on the tensor cores
                 start = first + j * BLOCK_M
@@ -144,9 +150,13 @@ def block_sparse_attention_bwd_dkdv_sm90(
                                     is_async=True)  # fmt: skip
                 dp_t = warpgroup_mma(v_smem, do_smem.index(following).permute((1, 0)), zero_s, use_acc=False,
                                      is_async=True)  # fmt: skip
-                dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), a_layout), do_smem.index(slot), dv, is_async=True)
-                dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), a_layout), q_smem.index(slot), dk, is_async=True)
-                # the next step's scores, and step j - 1's updates before them; step j's stay in flight
+                # step j - 1's updates done (issued before the scores): their operands may be written again
+                dv, dk, p_prev, ds_prev = warpgroup_mma_wait(num_outstanding=2, deps=(dv, dk, p_prev, ds_prev))
+                p_prev = gl.convert_layout(p_t.to(dtype), a_layout)
+                ds_prev = gl.convert_layout(ds_t.to(dtype), a_layout)
+                dv = warpgroup_mma(p_prev, do_smem.index(slot), dv, is_async=True)
+                dk = warpgroup_mma(ds_prev, q_smem.index(slot), dk, is_async=True)
+                # the next step's scores; step j's updates stay in flight
                 s_t, dp_t = warpgroup_mma_wait(num_outstanding=2, deps=(s_t, dp_t))
                 if j > 0:  # step j - 1's slot is free: the step STAGES ahead of it goes there
                     _issue_step(j - 1 + STAGES, nsteps, g, first, row0, col, q_desc, do_desc, q_smem, do_smem, bars,
@@ -157,6 +167,7 @@ def block_sparse_attention_bwd_dkdv_sm90(
             gl.store(DS + pair * (TABLE_BLOCK * TABLE_BLOCK) + ds_rows[:, None]
                      + (start % TABLE_BLOCK + ds_columns)[None, :], ds_t.to(dtype))  # fmt: skip
             slot = (g + nsteps - 1) % STAGES
+            dv, dk, p_prev, ds_prev = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, p_prev, ds_prev))
             p_op = gl.convert_layout(p_t.to(dtype), a_layout)
             ds_op = gl.convert_layout(ds_t.to(dtype), a_layout)
             dv = warpgroup_mma(p_op, do_smem.index(slot), dv, is_async=True)
@@ -214,4 +225,4 @@ def dkdv(q, k, v, grad_out, dk, dv, lse2, delta, q_starts, q_ends, schedule, ds,
     )  # fmt: skip
 
 
-__all__ = ["STAGES", "applies", "block_sparse_attention_bwd_dkdv_sm90", "dkdv"]
+__all__ = ["MAXNREG", "STAGES", "applies", "block_sparse_attention_bwd_dkdv_sm90", "dkdv"]
