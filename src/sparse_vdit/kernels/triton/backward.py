@@ -36,7 +36,8 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option, token_maj
 # them, sm90+: frame-major heads' whole steps, and the stored dS tiles); ``dq``: "stored" (the dK/dV kernel
 # stores each visited pair's dS tile, the dQ kernel multiplies it by K: 5 matmuls a block) or "recompute"
 # (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of the device's memory the
-# stored tiles may take at once (heads go in chunks that fit; a head whose tiles alone do not recomputes).
+# stored tiles may take at once (heads go in chunks that fit; a head whose tiles alone do not recomputes);
+# ``gluon``: on sm90 the dK/dV launches go to the Gluon kernel (gluon_backward.py) where it applies.
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
                  "gluon": None}  # fmt: skip
 DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
