@@ -45,27 +45,12 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def _signature(fn, constexprs: dict, descriptors: dict) -> dict:
-    """Argument types of ``fn`` for a CPU compile: bf16 tensors, int32 tables and strides."""
-    types = {}
-    for name in inspect.signature(fn.fn).parameters:
-        if name in constexprs:
-            types[name] = "constexpr"
-        elif name in descriptors:
-            types[name] = descriptors[name]
-        elif name in ("Q", "K", "V", "O"):
-            types[name] = "*bf16"
-        elif name in ("TOKEN_MAJOR",):
-            types[name] = "*i8"
-        elif name in ("LSE",):
-            types[name] = "*fp32"
-        elif name == "qk_scale":
-            types[name] = "fp32"
-        elif name in ("STARTS", "ENDS", "SCHEDULE", "SELECTED", "COUNTS", "BLOCKS"):
-            types[name] = "*i32"
-        else:
-            types[name] = "i32"
-    return types
+# argument types by name across the kernels compiled here (anything else: an int32 scalar)
+_TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DK", "DV", "DS"), "*bf16"),
+          **dict.fromkeys(("LSE", "LSE_T", "DELTA", "DELTA_T"), "*fp32"), "TOKEN_MAJOR": "*i8",
+          **dict.fromkeys(("STARTS", "ENDS", "SCHEDULE", "SELECTED", "COUNTS", "BLOCKS", "PAIR_SLOTS", "Q_FIRST"),
+                          "*i32"),
+          **dict.fromkeys(("qk_scale", "softmax_scale"), "fp32")}  # fmt: skip
 
 
 def _aligned(types: dict) -> dict:
@@ -74,130 +59,81 @@ def _aligned(types: dict) -> dict:
             if kind.startswith("*") or name.startswith("stride")}  # fmt: skip
 
 
-def compile_gluon(tiles: tuple[int, int, int, int], head_dim: int = 128, block: int = 128):
-    """The Gluon kernel (``kernels.triton.gluon_forward``) compiled for sm_90a: the compiled kernel."""
+def _compile(fn, constexprs: dict, descriptors: dict, options: dict, gluon: bool = False):
+    """``fn`` compiled for sm_90a on the CPU: bf16 tensors, int32 tables and strides, ``descriptors`` (name:
+    tensordesc type) for its descriptor arguments, pointers and strides aligned as a real launch's."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.compiler import ASTSource
 
+    types = {name: "constexpr" if name in constexprs else descriptors.get(name, _TYPES.get(name, "i32"))
+             for name in inspect.signature(fn.fn).parameters}  # fmt: skip
+    names = list(types)
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource  # noqa: N814
+    source = ASTSource(fn, types, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=_aligned(types))
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _gluon_descriptor(rows: int, head_dim: int) -> str:
+    """The type of a Gluon TMA descriptor of bf16 ``[rows, head_dim]`` blocks in their default shared layout."""
+    from triton.experimental.gluon import language as gl
+
+    return f"tensordesc<bf16[{rows},{head_dim}],{gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)!r}>"
+
+
+def compile_gluon(tiles: tuple[int, int, int, int], head_dim: int = 128, block: int = 128):
+    """The Gluon kernel (``kernels.triton.gluon_forward``) compiled for sm_90a: the compiled kernel."""
     from sparse_vdit.kernels.triton import gluon_forward as G
 
     block_m, block_n, warps, stages = G.tiles_for(block, head_dim, tiles)
-    fn = G.block_sparse_attention_fwd_sm90
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
                       STAGES=stages, STORE_LSE=True, ANY_TOKEN_MAJOR=True, num_warps=warps)  # fmt: skip
-
-    def desc(rows: int) -> str:
-        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
-        return f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
-
-    types = _signature(fn, constexprs, {"q_desc": desc(block_m), "k_desc": desc(block_n), "v_desc": desc(block_n)})
-    names = list(types)
-    source = GluonASTSource(fn, types, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                            attrs=_aligned(types))  # fmt: skip
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, maxnreg=G.MAXNREG))  # fmt: skip
+    descriptors = {"q_desc": _gluon_descriptor(block_m, head_dim), "k_desc": _gluon_descriptor(block_n, head_dim),
+                   "v_desc": _gluon_descriptor(block_n, head_dim)}  # fmt: skip
+    return _compile(G.block_sparse_attention_fwd_sm90, constexprs, descriptors,
+                    dict(num_warps=warps, maxnreg=G.MAXNREG), gluon=True)  # fmt: skip
 
 
 def compile_gluon_dkdv(head_dim: int = 128, block: int = 128):
     """The Gluon dK/dV kernel (``kernels.triton.gluon_backward``) at the Triton backward's default tiles
     (128 keys a program, 32-query steps at D 128, 64 at D 64), 8 warps, compiled for sm_90a."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     from sparse_vdit.kernels.triton import gluon_backward as GB
     from sparse_vdit.kernels.triton.backward import _tiles
 
     kv_tile, q_step, _, _ = _tiles(block, head_dim, _CUDA)
-    fn = GB.block_sparse_attention_bwd_dkdv_sm90
     constexprs = dict(TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=kv_tile, HEAD_DIM=head_dim, STAGES=GB.STAGES,
                       num_warps=8)  # fmt: skip
-
-    def desc(rows: int) -> str:
-        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
-        return f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
-
-    types = {}
-    for name in inspect.signature(fn.fn).parameters:
-        if name in constexprs:
-            types[name] = "constexpr"
-        elif name in ("q_desc", "do_desc"):
-            types[name] = desc(q_step)
-        elif name in ("k_desc", "v_desc"):
-            types[name] = desc(kv_tile)
-        elif name in ("DK", "DV", "DS"):
-            types[name] = "*bf16"
-        elif name in ("LSE", "DELTA"):
-            types[name] = "*fp32"
-        elif name in ("STARTS", "ENDS", "SCHEDULE", "PAIR_SLOTS", "Q_FIRST"):
-            types[name] = "*i32"
-        elif name in ("qk_scale", "softmax_scale"):
-            types[name] = "fp32"
-        else:
-            types[name] = "i32"
-    names = list(types)
-    source = GluonASTSource(fn, types, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                            attrs=_aligned(types))  # fmt: skip
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, maxnreg=GB.MAXNREG))
+    steps, keys = _gluon_descriptor(q_step, head_dim), _gluon_descriptor(kv_tile, head_dim)
+    descriptors = {"q_desc": steps, "do_desc": steps, "k_desc": keys, "v_desc": keys}
+    return _compile(GB.block_sparse_attention_bwd_dkdv_sm90, constexprs, descriptors,
+                    dict(num_warps=8, maxnreg=GB.MAXNREG), gluon=True)  # fmt: skip
 
 
 def compile_triton(tiles: tuple[int, int, int, int] = (128, 64, 8, 3), head_dim: int = 128, block: int = 128):
     """Our Triton kernel (``kernels.triton.kernel``, head-ordered inputs through TMA) compiled for sm_90a."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from sparse_vdit.kernels.triton.kernel import block_sparse_attention_fwd as fn
+    from sparse_vdit.kernels.triton.kernel import block_sparse_attention_fwd
 
     block_m, block_n, warps, stages = tiles
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
                       STORE_LSE=False, IEEE=False, ANY_TOKEN_MAJOR=True, TMA=True, WARP_SPECIALIZE=False,
                       SELECT=False, HEAD_ORDER=True, BLOCK_LIST=False)  # fmt: skip
     desc = f"tensordesc<bf16[1,{block_n},1,{head_dim}]>"
-    types = _signature(fn, constexprs, {"K_DESC": desc, "V_DESC": desc})
-    names = list(types)
-    source = ASTSource(fn, types, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=_aligned(types))
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return _compile(block_sparse_attention_fwd, constexprs, {"K_DESC": desc, "V_DESC": desc},
+                    dict(num_warps=warps, num_stages=stages))  # fmt: skip
 
 
 def compile_triton_dkdv(head_dim: int = 128, block: int = 128):
     """The Triton backward's dK/dV kernel (``kernels.triton.backward``, head-ordered inputs, dS stored) at its
     default tiles (128 keys a program, 32-query steps, 3 stages) compiled for sm_90a."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from sparse_vdit.kernels.triton.backward import _tiles, block_sparse_attention_bwd_dkdv as fn
+    from sparse_vdit.kernels.triton.backward import _tiles, block_sparse_attention_bwd_dkdv
 
     kv_tile, q_step, _, _ = _tiles(block, head_dim, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=kv_tile, HEAD_DIM=head_dim, IEEE=False,
                       ANY_TOKEN_MAJOR=False, TMA=True, STORE_DS=True)  # fmt: skip
     desc = f"tensordesc<bf16[1,{q_step},1,{head_dim}]>"
-    types = {}
-    for name in inspect.signature(fn.fn).parameters:
-        if name in constexprs:
-            types[name] = "constexpr"
-        elif name in ("Q_DESC", "DO_DESC"):
-            types[name] = desc
-        elif name in ("Q", "K", "V", "DO", "DK", "DV", "DS"):
-            types[name] = "*bf16"
-        elif name in ("LSE_T", "DELTA_T", "LSE", "DELTA"):
-            types[name] = "*fp32"
-        elif name in ("STARTS", "ENDS", "SCHEDULE", "PAIR_SLOTS", "Q_FIRST"):
-            types[name] = "*i32"
-        elif name == "TOKEN_MAJOR":
-            types[name] = "*i8"
-        elif name in ("qk_scale", "softmax_scale"):
-            types[name] = "fp32"
-        else:
-            types[name] = "i32"
-    names = list(types)
-    source = ASTSource(fn, types, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=_aligned(types))
-    warps = 8 if head_dim > 64 else 4
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=3))
+    return _compile(block_sparse_attention_bwd_dkdv, constexprs, {"Q_DESC": desc, "DO_DESC": desc},
+                    dict(num_warps=8 if head_dim > 64 else 4, num_stages=3))  # fmt: skip
 
 
 class _Cuda:  # the backward's tile rule asks only for the device's type
