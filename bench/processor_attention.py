@@ -122,12 +122,12 @@ def path_fn(backend: str, path: str, table, rotary: Rotary):
     fused, float32 = PATHS[(backend, path)]
     tables = in_float32(rotary) if float32 else rotary  # cast once, as the processor does
 
+    options = {"gluon": GLUON_PATHS[path]} if path in GLUON_PATHS else {}
+
     def run(q, k, v):
-        if path in GLUON_PATHS:
-            with launcher.options_set(gluon=GLUON_PATHS[path]):
-                return attention_in_head_order(q, k, v, table, backend=backend, rotary=tables)
         if fused:
-            return attention_in_head_order(q, k, v, table, backend=backend, rotary=tables)
+            with launcher.options_set(**options):
+                return attention_in_head_order(q, k, v, table, backend=backend, rotary=tables)
         return sparse_attention(models_rotary(q, rotary), models_rotary(k, rotary), v, table, backend=backend)
 
     return run
