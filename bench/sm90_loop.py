@@ -37,6 +37,7 @@ class Compiled:
     spilled: int  # bytes stored to local memory
     shared: int
     loop: list[str]  # the innermost MMA loop's instruction classes in order, runs merged ("EXPx34")
+    stores: dict[str, int]  # the loop's global stores by opcode ("STG.E.128": 2)
 
 
 def _tool(name: str) -> str:
@@ -172,9 +173,8 @@ def sass(cubin: bytes) -> list[tuple[int, str]]:
 CLASSES = (("MUFU.EX2", "EXP"), ("F2FP", "EXP"), ("HGMMA", "HGMMA"), ("BAR.SYNC", "BAR"), ("UTMALDG", "TMA"))
 
 
-def mma_loop(instructions: list[tuple[int, str]]) -> list[str]:
-    """The innermost loop (shortest predicated backward branch) holding an ``HGMMA``, as instruction classes in
-    order with runs merged: ``HGMMAx8``, ``DEPBAR<=1``, ``EXPx48``, ``BAR``, ``TMA``."""
+def _innermost_mma_loop(instructions: list[tuple[int, str]]) -> list[str]:
+    """The instructions of the innermost loop (shortest predicated backward branch) holding an ``HGMMA``."""
     best = None
     for address, text in instructions:
         target = re.search(r"\bBRA (0x[0-9a-f]+)", text)
@@ -184,8 +184,14 @@ def mma_loop(instructions: list[tuple[int, str]]) -> list[str]:
         body = [t for a, t in instructions if int(target.group(1), 16) <= a <= address]
         if any("HGMMA" in t for t in body) and (best is None or len(body) < len(best)):
             best = body
+    return best or []
+
+
+def mma_loop(instructions: list[tuple[int, str]]) -> list[str]:
+    """The innermost loop holding an ``HGMMA``, as instruction classes in order with runs merged: ``HGMMAx8``,
+    ``DEPBAR<=1``, ``EXPx48``, ``BAR``, ``TMA``."""
     runs: list[list] = []
-    for text in best or []:
+    for text in _innermost_mma_loop(instructions):
         name = next((label for key, label in CLASSES if key in text), None)
         if "WARPGROUP.DEPBAR" in text:
             name = f"DEPBAR<={int(text.split()[-1], 16)}"
@@ -198,9 +204,21 @@ def mma_loop(instructions: list[tuple[int, str]]) -> list[str]:
     return [f"{name}x{count}" if count > 1 else name for name, count in runs]
 
 
+def loop_stores(instructions: list[tuple[int, str]]) -> dict[str, int]:
+    """The global stores of the innermost MMA loop by opcode (``{"STG.E.128": 2}``: two 16-byte stores a
+    thread an iteration; ``STG.E.U16``: two bytes each)."""
+    stores: dict[str, int] = {}
+    for text in _innermost_mma_loop(instructions):
+        opcode = text.split()[1] if text.startswith("@") else text.split()[0]
+        if opcode.startswith("STG"):
+            stores[opcode] = stores.get(opcode, 0) + 1
+    return stores
+
+
 def summarize(name: str, kernel) -> Compiled:
     registers, spilled = _ptxas_info(kernel.asm["ptx"])
-    return Compiled(name, registers, spilled, kernel.metadata.shared, mma_loop(sass(kernel.asm["cubin"])))
+    instructions = sass(kernel.asm["cubin"])
+    return Compiled(name, registers, spilled, kernel.metadata.shared, mma_loop(instructions), loop_stores(instructions))
 
 
 def overlaps_softmax(loop: list[str]) -> bool:
@@ -255,12 +273,12 @@ def main(argv=None) -> list[Compiled]:
         print(json.dumps([{**asdict(row), "overlaps": overlaps_softmax(row.loop), "waits_for_all": waits_for_all(row.loop)}
                           for row in rows]))  # fmt: skip
         return rows
-    print("\n| kernel | registers | spilled B | shared KB | softmax beside P V | waits for every MMA | key loop (SASS) |"
-          "\n|---|---|---|---|---|---|---|")
+    print("\n| kernel | registers | spilled B | shared KB | softmax beside P V | waits for every MMA | key loop (SASS) "
+          "| loop's global stores |\n|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row.name} | {row.registers} | {row.spilled} | {row.shared / 1024:.1f} | "
               f"{'yes' if overlaps_softmax(row.loop) else 'no'} | {'yes' if waits_for_all(row.loop) else 'no'} | "
-              f"{' '.join(row.loop)} |")  # fmt: skip
+              f"{' '.join(row.loop)} | {' '.join(f'{op}x{n}' for op, n in row.stores.items()) or '-'} |")  # fmt: skip
     return rows
 
 

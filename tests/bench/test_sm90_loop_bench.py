@@ -25,6 +25,15 @@ def test_reads_the_key_loops_of_both_kernels():
         assert any(step.startswith("HGMMA") for step in row["loop"]) and any(s.startswith("EXP") for s in row["loop"])
 
 
+def test_loop_stores_counts_the_innermost_mma_loops_global_stores(load_script):
+    module = load_script("sm90_loop")
+    sass = [(0x00, "STG.E.U16 [R2.64], R4"), (0x10, "HGMMA.64x32x16.F32.BF16 R24, gdesc[UR8], RZ"),
+            (0x20, "STG.E.128 [R2.64], R8"), (0x30, "@P0 STG.E.128 [R6.64], R12"), (0x40, "@P1 BRA 0x10"),
+            (0x50, "STG.E [R2.64], R4")]  # fmt: skip
+    assert module.loop_stores(sass) == {"STG.E.128": 2}
+    assert module.mma_loop(sass) == ["HGMMA"]
+
+
 def test_refuses_the_interpreter_and_bad_tiles(load_script, monkeypatch):
     module = load_script("sm90_loop")
     monkeypatch.setenv("TRITON_INTERPRET", "1")

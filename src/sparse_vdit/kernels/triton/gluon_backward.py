@@ -41,12 +41,30 @@ def _issue_step(i, nsteps, g0, first, row0, col, q_desc, do_desc, q_smem, do_sme
     _tma_load(do_desc, [row0 + first + i * BLOCK_M, col], bars.index(slot), do_smem.index(slot), pred=ok)
 
 
+@gluon.constexpr_function
+def _columns_first(layout):
+    """``layout`` (a linear one) with its registers reordered, column steps before row steps: a thread's
+    registers then run along a row, as wide stores need."""
+    registers = sorted(layout.reg_bases, key=lambda basis: basis[0] != 0)  # stable: each kind keeps its order
+    return gl.DistributedLinearLayout(reg_bases=registers, lane_bases=layout.lane_bases, warp_bases=layout.warp_bases,
+                                      block_bases=layout.block_bases, shape=layout.shape)  # fmt: skip
+
+
 @gluon.jit
-def _stored_columns(BLOCK_M: gl.constexpr, layout: gl.constexpr):
-    """Column of each query offset of a step in the stored tile's order: query ``8j + 2t + b`` (t < 4,
-    b < 2) at ``t * BLOCK_M / 4 + 2j + b`` (the inverse of ``backward._stored_query``)."""
-    offs = gl.arange(0, BLOCK_M, layout=layout)
-    return (offs % 8) // 2 * (BLOCK_M // 4) + offs // 8 * 2 + offs % 2
+def _store_ds(ds_t, DS, pair, ds_rows, start, TABLE_BLOCK: gl.constexpr):
+    """Step ``ds_t`` (``[BLOCK_N, BLOCK_M]``) into its pair's tile in the dQ kernel's column order: query
+    ``8j + 2t + b`` (t < 4, b < 2) at column ``t * BLOCK_M / 4 + 2j + b`` (the inverse of
+    ``backward._stored_query``). The reorder moves no data between threads (a thread's accumulator holds queries
+    ``8j + 2t + b`` of one ``t``), so each thread's part of a row goes out as contiguous wide stores."""
+    rows: gl.constexpr = ds_t.shape[0]
+    columns: gl.constexpr = ds_t.shape[1]
+    split = gl.reshape(ds_t, [rows, columns // 8, 4, 2])
+    ordered = gl.reshape(gl.permute(split, [0, 2, 1, 3]), [rows, columns])
+    layout: gl.constexpr = _columns_first(ordered.type.layout)
+    ordered = gl.convert_layout(ordered, layout, assert_trivial=True)
+    offs = gl.multiple_of(start % TABLE_BLOCK, columns) + gl.arange(0, columns, layout=gl.SliceLayout(0, layout))
+    keys = gl.convert_layout(ds_rows, gl.SliceLayout(1, layout))
+    gl.store(DS + pair * (TABLE_BLOCK * TABLE_BLOCK) + keys[:, None] + offs[None, :], ordered)
 
 
 @gluon.jit
@@ -110,7 +128,6 @@ def block_sparse_attention_bwd_dkdv_sm90(
     keys = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
     key_ok = keys < KV_LEN
     ds_rows = (tile * BLOCK_N % TABLE_BLOCK + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))) * TABLE_BLOCK
-    ds_columns = _stored_columns(BLOCK_M, gl.SliceLayout(0, s_layout))
     zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=o_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=o_layout)
@@ -141,8 +158,7 @@ def block_sparse_attention_bwd_dkdv_sm90(
                 p_t, ds_t = _probabilities(s_t, dp_t, start, last, key_ok, LSE, DELTA, stats, qk_scale, BLOCK_M,
                                            s_layout)  # fmt: skip
                 pair = ds_pair0 + gl.load(pair_slots + start // TABLE_BLOCK)
-                gl.store(DS + pair * (TABLE_BLOCK * TABLE_BLOCK) + ds_rows[:, None]
-                         + (start % TABLE_BLOCK + ds_columns)[None, :], ds_t.to(dtype))  # fmt: skip
+                _store_ds(ds_t.to(dtype), DS, pair, ds_rows, start, TABLE_BLOCK)
                 slot = (g + j) % STAGES
                 following = (g + j + 1) % STAGES
                 mbarrier.wait(bars.index(following), ((g + j + 1) // STAGES) & 1)
@@ -164,8 +180,7 @@ def block_sparse_attention_bwd_dkdv_sm90(
             start = first + (nsteps - 1) * BLOCK_M  # the last step
             p_t, ds_t = _probabilities(s_t, dp_t, start, last, key_ok, LSE, DELTA, stats, qk_scale, BLOCK_M, s_layout)
             pair = ds_pair0 + gl.load(pair_slots + start // TABLE_BLOCK)
-            gl.store(DS + pair * (TABLE_BLOCK * TABLE_BLOCK) + ds_rows[:, None]
-                     + (start % TABLE_BLOCK + ds_columns)[None, :], ds_t.to(dtype))  # fmt: skip
+            _store_ds(ds_t.to(dtype), DS, pair, ds_rows, start, TABLE_BLOCK)
             slot = (g + nsteps - 1) % STAGES
             dv, dk, p_prev, ds_prev = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, p_prev, ds_prev))
             p_op = gl.convert_layout(p_t.to(dtype), a_layout)
