@@ -88,8 +88,8 @@
 #                  gradients) and the dK/dV kernel (gradients against float64 autograd) (#21, #18)      (~200)
 #   backward-gluon the Triton backward with its dK/dV kernel in Gluon vs the default, Wan-1.3B and
 #                  HunyuanVideo, band / multi-diagonal / mixed, 10-50% (#18)                       (~150)
-#   processor-gluon  the whole processor call, Triton kernel vs the Gluon sm90 kernel (three tile choices),
-#                  four shapes, multi-diagonal and mixed, 5-40% (#21)                              (~300)
+#   processor-gluon  the whole processor call, Triton kernel vs the Gluon sm90 kernel (three tile choices, and
+#                  persistent at two), four shapes, multi-diagonal and mixed, 5-40% (#21)           (~300)
 #   backward-d64   the Triton backward at head dim 64 (CogVideoX1.5 768p), default (4 warps) vs warps8, 10-50% (#18) (~120)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
@@ -291,7 +291,8 @@ for name in "$@"; do
         --target-ms 300 --budget-s 190 --out "$R" ;;
     processor-gluon) TAIL=70 step processor-gluon 330 python3 bench/processor_attention.py --shapes wan1.3b-480p \
         hunyuan-720p wan14b-720p cogvideox1.5-768p --densities 0.05 0.1 0.2 0.4 --kinds multi_diag mixed \
-        --backends triton --paths fused-permuted gluon gluon-128x128x8x2 gluon-64x64x4x2 --target-ms 60 \
+        --backends triton --paths fused-permuted gluon gluon-128x128x8x2 gluon-64x64x4x2 gluon-persistent \
+        gluon-persistent-64x64x4x2 --target-ms 60 \
         --budget-s 290 --out "$R/processor-gluon" ;;
     *) echo "unknown step $name" >&2 ;;
     esac

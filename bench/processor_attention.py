@@ -14,7 +14,8 @@ inverse permutation of the output. Paths per backend:
 - ``gluon`` / ``gluon-128x128x8x2`` / ``gluon-64x64x4x2`` (Triton, only when named in ``--paths``):
   ``fused-permuted`` with the kernel replaced by the Gluon sm90 kernel (``launcher.OPTIONS["gluon"]``,
   ``kernels/triton/gluon_forward.py``: the softmax beside the previous tile's P V) at its default or
-  these tiles; elsewhere than sm90 the Triton kernel runs (the option does not apply).
+  these tiles; ``gluon-persistent`` / ``gluon-persistent-64x64x4x2``: persistent programs
+  (``OPTIONS["gluon_persistent"]``); elsewhere than sm90 the Triton kernel runs (the options do not apply).
 - ``fused-f32`` / ``fused-permuted-f32``: the fused path with float64 tables (Wan's) cast to float32
   once (``head_order.in_float32``; the processor's ``state.rotary_float32``); only for float64 tables.
   ``dense-fused-f32`` likewise for the dense call.
@@ -87,9 +88,14 @@ KINDS = ("multi_diag", "mixed")
 PATHS = {("triton", "old"): (False, False), ("triton", "fused-permuted"): (True, False),
          ("triton", "fused-permuted-f32"): (True, True), ("fa4", "old"): (False, False), ("fa4", "fused"): (True, False),
          ("fa4", "fused-f32"): (True, True), ("triton", "gluon"): (True, False),
-         ("triton", "gluon-128x128x8x2"): (True, False), ("triton", "gluon-64x64x4x2"): (True, False)}  # fmt: skip
-# fused paths whose Triton call takes the Gluon sm90 kernel (launcher.OPTIONS["gluon"]): its default or these tiles
-GLUON_PATHS = {"gluon": True, "gluon-128x128x8x2": (128, 128, 8, 2), "gluon-64x64x4x2": (64, 64, 4, 2)}
+         ("triton", "gluon-128x128x8x2"): (True, False), ("triton", "gluon-64x64x4x2"): (True, False),
+         ("triton", "gluon-persistent"): (True, False), ("triton", "gluon-persistent-64x64x4x2"): (True, False)}  # fmt: skip
+# fused paths whose Triton call takes the Gluon sm90 kernel: the launcher options they set (its default tiles or
+# these, one work item a program or persistent)
+GLUON_PATHS = {"gluon": {"gluon": True}, "gluon-128x128x8x2": {"gluon": (128, 128, 8, 2)},
+               "gluon-64x64x4x2": {"gluon": (64, 64, 4, 2)},
+               "gluon-persistent": {"gluon": True, "gluon_persistent": True},
+               "gluon-persistent-64x64x4x2": {"gluon": (64, 64, 4, 2), "gluon_persistent": True}}  # fmt: skip
 
 
 def rotary_tables(shape: Shape, family: str, device) -> Rotary:
@@ -122,7 +128,7 @@ def path_fn(backend: str, path: str, table, rotary: Rotary):
     fused, float32 = PATHS[(backend, path)]
     tables = in_float32(rotary) if float32 else rotary  # cast once, as the processor does
 
-    options = {"gluon": GLUON_PATHS[path]} if path in GLUON_PATHS else {}
+    options = GLUON_PATHS.get(path, {})
 
     def run(q, k, v):
         if fused:

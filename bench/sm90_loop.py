@@ -1,6 +1,7 @@
 """What the attention kernels' key loops compile to on Hopper, without a GPU.
 
     python bench/sm90_loop.py            # the Triton kernel and the Gluon kernel's tile choices
+    python bench/sm90_loop.py --persistent --backward --gluon-backward   # and the rest
 
 Compiles each kernel for sm_90a on the CPU with the installed Triton and its bundled ``ptxas`` /
 ``cuobjdump``, then reads the innermost loop that issues warpgroup MMAs from the SASS: the order of
@@ -83,17 +84,19 @@ def _gluon_descriptor(rows: int, head_dim: int) -> str:
     return f"tensordesc<bf16[{rows},{head_dim}],{gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)!r}>"
 
 
-def compile_gluon(tiles: tuple[int, int, int, int], head_dim: int = 128, block: int = 128):
-    """The Gluon kernel (``kernels.triton.gluon_forward``) compiled for sm_90a: the compiled kernel."""
+def compile_gluon(tiles: tuple[int, int, int, int], head_dim: int = 128, block: int = 128, persistent: bool = False):
+    """The Gluon kernel (``kernels.triton.gluon_forward``, one work item a program or ``persistent``) compiled
+    for sm_90a: the compiled kernel."""
     from sparse_vdit.kernels.triton import gluon_forward as G
 
     block_m, block_n, warps, stages = G.tiles_for(block, head_dim, tiles)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
-                      STAGES=stages, STORE_LSE=True, ANY_TOKEN_MAJOR=True, num_warps=warps)  # fmt: skip
+                      STAGES=stages, STORE_LSE=True, ANY_TOKEN_MAJOR=True, PERSISTENT=persistent,
+                      num_warps=warps)  # fmt: skip
     descriptors = {"q_desc": _gluon_descriptor(block_m, head_dim), "k_desc": _gluon_descriptor(block_n, head_dim),
                    "v_desc": _gluon_descriptor(block_n, head_dim)}  # fmt: skip
     return _compile(G.block_sparse_attention_fwd_sm90, constexprs, descriptors,
-                    dict(num_warps=warps, maxnreg=G.MAXNREG), gluon=True)  # fmt: skip
+                    dict(num_warps=warps), gluon=True)  # fmt: skip
 
 
 def compile_gluon_dkdv(head_dim: int = 128, block: int = 128):
@@ -256,6 +259,7 @@ def main(argv=None) -> list[Compiled]:
     p.add_argument("--json", action="store_true", help="print the rows as JSON (for tests), not a table")
     p.add_argument("--backward", action="store_true", help="also the Triton backward's dK/dV kernel")
     p.add_argument("--gluon-backward", action="store_true", help="also the Gluon dK/dV kernel")
+    p.add_argument("--persistent", action="store_true", help="also the persistent Gluon forward at each tile choice")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compiling for sm_90a needs TRITON_INTERPRET unset (the interpreter wraps Triton's own functions)")
@@ -266,7 +270,10 @@ def main(argv=None) -> list[Compiled]:
             if args.backward:
                 rows.append(summarize(f"triton backward dK/dV D{dim}", compile_triton_dkdv(dim)))
         for tiles in args.gluon_tiles:
-            rows.append(summarize(f"gluon {'x'.join(map(str, tiles))} D{dim}", compile_gluon(tiles, dim)))
+            name = "x".join(map(str, tiles))
+            rows.append(summarize(f"gluon {name} D{dim}", compile_gluon(tiles, dim)))
+            if args.persistent:
+                rows.append(summarize(f"gluon persistent {name} D{dim}", compile_gluon(tiles, dim, persistent=True)))
         if args.gluon_backward:
             rows.append(summarize(f"gluon backward dK/dV D{dim}", compile_gluon_dkdv(dim)))
     if args.json:

@@ -77,7 +77,8 @@ def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: boo
     if gluon is not None:
         module, tiles = gluon
         schedule = _table_schedule(table, q.shape[1], tiles[0], "levels")
-        return module.forward(q, k, v, table, softmax_scale, tiles=tiles, schedule=schedule, return_lse=return_lse)
+        return module.forward(q, k, v, table, softmax_scale, tiles=tiles, schedule=schedule, return_lse=return_lse,
+                              persistent=launcher.option("gluon_persistent"))  # fmt: skip
     tiles = _tiles(q, block, table=table, head_order=head_order)
     schedule = _table_schedule(table, q.shape[1], tiles[0], launcher.option("schedule"))
     layout = table.layout

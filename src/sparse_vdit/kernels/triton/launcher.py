@@ -43,14 +43,16 @@ LOG2E = 1.4426950408889634
 # ``gluon``: on sm90, inputs in each head's own order go to the Gluon kernel (``gluon_forward``: the key loop
 # with asynchronous MMAs, the softmax overlapping P V) where it applies: True, or its tiles (BLOCK_M,
 # BLOCK_N, warps, stages). Off by default: built without a GPU (compiled for sm_90a on the CPU), not yet
-# measured (issue 21).
+# measured (issue 21). ``gluon_persistent``: that kernel with as many programs as the GPU holds, each taking
+# work items in turn and loading the next one's tiles during this one's last (True, or a number of programs).
 OPTIONS: dict[str, bool | float | str | tuple | dict | None] = {"tma": None, "warp_specialize": None, "schedule": None,
                                                                 "tiles": None, "block_list": None,
-                                                                "list_stages": None, "gluon": None}  # fmt: skip
+                                                                "list_stages": None, "gluon": None,
+                                                                "gluon_persistent": None}  # fmt: skip
 DEFAULTS: dict[str, bool | float | str | tuple | dict | None] = {"tma": True, "warp_specialize": False,
                                                                  "schedule": "levels", "tiles": None,
                                                                  "block_list": 8.0, "list_stages": 5,
-                                                                 "gluon": False}  # fmt: skip
+                                                                 "gluon": False, "gluon_persistent": False}  # fmt: skip
 # Launch shapes (device, dtype, head dim, tiles, warps) whose block-list launch at ``list_stages`` ran out of
 # shared memory; they run at the tiles' own stages from then on.
 _LIST_STAGES_TOO_DEEP: set[tuple] = set()
