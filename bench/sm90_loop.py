@@ -39,6 +39,7 @@ class Compiled:
     shared: int
     loop: list[str]  # the innermost MMA loop's instruction classes in order, runs merged ("EXPx34")
     stores: dict[str, int]  # the loop's global stores by opcode ("STG.E.128": 2)
+    loads_after_barriers: bool  # every TMA load follows a CTA barrier with no MMA between (tma_loads_follow_barriers)
 
 
 def _tool(name: str) -> str:
@@ -218,10 +219,28 @@ def loop_stores(instructions: list[tuple[int, str]]) -> dict[str, int]:
     return stores
 
 
+def tma_loads_follow_barriers(ptx: str) -> bool:
+    """Whether every TMA load in ``ptx`` comes after a CTA barrier (``bar.sync``) with no warpgroup MMA and no
+    branch target between: a load into a shared buffer that the program's other warpgroup may still be reading
+    with an MMA is ordered after that warpgroup's wait for it only by such a barrier (Triton's shared-memory
+    barrier pass puts them there; nothing in the kernels asks for them)."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    for i, line in enumerate(lines):
+        if "cp.async.bulk.tensor" not in line:
+            continue
+        for before in reversed(lines[:i]):  # back to the barrier, or to the kernel's entry (no MMA before it)
+            if before.startswith("bar.sync"):
+                break
+            if "wgmma" in before or before.startswith("$L__"):
+                return False
+    return True
+
+
 def summarize(name: str, kernel) -> Compiled:
     registers, spilled = _ptxas_info(kernel.asm["ptx"])
     instructions = sass(kernel.asm["cubin"])
-    return Compiled(name, registers, spilled, kernel.metadata.shared, mma_loop(instructions), loop_stores(instructions))
+    return Compiled(name, registers, spilled, kernel.metadata.shared, mma_loop(instructions), loop_stores(instructions),
+                    tma_loads_follow_barriers(kernel.asm["ptx"]))
 
 
 def overlaps_softmax(loop: list[str]) -> bool:

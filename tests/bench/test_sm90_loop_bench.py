@@ -34,6 +34,15 @@ def test_loop_stores_counts_the_innermost_mma_loops_global_stores(load_script):
     assert module.mma_loop(sass) == ["HGMMA"]
 
 
+def test_tma_loads_follow_barriers_reads_the_ptx(load_script):
+    module = load_script("sm90_loop")
+    ordered = "bar.sync 0;\nmov.u32 %r1, 0;\n// begin inline asm\n@%p2 cp.async.bulk.tensor.2d.shared::cluster [%r1];"
+    assert module.tma_loads_follow_barriers("mbarrier.init.shared.b64 [%r0], 1;\n@%p1 cp.async.bulk.tensor.2d [%r1];")
+    assert module.tma_loads_follow_barriers("wgmma.wait_group.sync.aligned 0;\n" + ordered)
+    assert not module.tma_loads_follow_barriers(ordered.replace("mov.u32 %r1, 0;", "wgmma.mma_async.sync.aligned ...;"))
+    assert not module.tma_loads_follow_barriers(ordered.replace("mov.u32 %r1, 0;", "$L__BB0_3:"))
+
+
 def test_refuses_the_interpreter_and_bad_tiles(load_script, monkeypatch):
     module = load_script("sm90_loop")
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -68,6 +68,7 @@ def test_key_loop_runs_the_softmax_beside_p_v_on_sm90(compiled_for_sm90, tiles, 
     row = compiled_for_sm90[f"gluon {'persistent ' if persistent else ''}{tiles} D{dim}"]
     assert row["overlaps"], row["loop"]
     assert row["shared"] <= sm90_loop.SHARED_LIMIT
+    assert row["loads_after_barriers"]  # no TMA load overwrites a slot the other warpgroup may still be reading
     at_the_limit = (tiles, dim, persistent) == ("128x128x8x2", 128, False)
     if at_the_limit and tuple(int(x) for x in triton.__version__.split(".")[:2]) > (3, 6):
         assert row["spilled"] <= 8, row["spilled"]
@@ -108,6 +109,8 @@ def test_tiles_for_cuts_tiles_to_the_block():
     assert gluon_forward.tiles_for(128, 64, (128, 128, 8, 2)) == (128, 128, 8, 2)
     with pytest.raises(ValueError, match="do not fit"):
         gluon_forward.tiles_for(128, 128, (32, 64, 4, 2))
+    with pytest.raises(ValueError, match="at least 2 stages"):  # one slot: tile 1 would be waited for unissued
+        gluon_forward.tiles_for(128, 128, (128, 64, 8, 1))
 
 
 def test_programs_per_sm_counts_shared_memory_and_registers():

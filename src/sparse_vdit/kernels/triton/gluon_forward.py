@@ -303,6 +303,8 @@ def tiles_for(block_size: int, head_dim: int, tiles: tuple[int, int, int, int] |
     block_m, block_n = min(block_m, block_size), min(block_n, block_size)
     if block_m < 64 or block_n < 16 or block_size % block_m or block_size % block_n:
         raise ValueError(f"tiles {tiles} do not fit {block_size}-token blocks (BLOCK_M >= 64, both dividing the block)")
+    if stages < 2:
+        raise ValueError(f"tiles {tiles}: the key ring needs at least 2 stages (the next tile loads beside this one)")
     return block_m, block_n, 4 if block_m == 64 else warps, stages
 
 
