@@ -79,10 +79,12 @@ def _compile(fn, constexprs: dict, descriptors: dict, options: dict, gluon: bool
 
 
 def _gluon_descriptor(rows: int, head_dim: int) -> str:
-    """The type of a Gluon TMA descriptor of bf16 ``[rows, head_dim]`` blocks in their default shared layout."""
+    """The type of a Gluon TMA descriptor of bf16 ``[1, rows, head_dim]`` blocks in their default shared layout
+    (``gluon_forward.row_descriptor``'s)."""
     from triton.experimental.gluon import language as gl
 
-    return f"tensordesc<bf16[{rows},{head_dim}],{gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)!r}>"
+    layout = gl.NVMMASharedLayout.get_default_for([1, rows, head_dim], gl.bfloat16)
+    return f"tensordesc<bf16[1,{rows},{head_dim}],{layout!r}>"
 
 
 def compile_gluon(tiles: tuple[int, int, int, int], head_dim: int = 128, block: int = 128, persistent: bool = False):
@@ -231,7 +233,7 @@ def tma_loads_follow_barriers(ptx: str) -> bool:
         for before in reversed(lines[:i]):  # back to the barrier, or to the kernel's entry (no MMA before it)
             if before.startswith("bar.sync"):
                 break
-            if "wgmma" in before or before.startswith("$L__"):
+            if "wgmma" in before or before.startswith("$L__BB"):  # a branch target ($L__tmp: debug ranges)
                 return False
     return True
 

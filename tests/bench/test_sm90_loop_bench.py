@@ -41,6 +41,7 @@ def test_tma_loads_follow_barriers_reads_the_ptx(load_script):
     assert module.tma_loads_follow_barriers("wgmma.wait_group.sync.aligned 0;\n" + ordered)
     assert not module.tma_loads_follow_barriers(ordered.replace("mov.u32 %r1, 0;", "wgmma.mma_async.sync.aligned ...;"))
     assert not module.tma_loads_follow_barriers(ordered.replace("mov.u32 %r1, 0;", "$L__BB0_3:"))
+    assert module.tma_loads_follow_barriers(ordered.replace("mov.u32 %r1, 0;", "$L__tmp13:"))  # a debug range
 
 
 def test_refuses_the_interpreter_and_bad_tiles(load_script, monkeypatch):

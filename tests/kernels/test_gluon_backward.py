@@ -116,3 +116,27 @@ def test_gpu_gradients_with_the_gluon_dkdv_kernel(case, dtype, monkeypatch):
         assert rel_rms(a[:, real_keys], ref[:, real_keys]) <= bound, name
         if name != "dq":  # padded keys' rows
             assert (a[:, layout.kv_len :] == 0).all(), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not SM90, reason="needs an sm90 (Hopper) GPU")
+def test_gpu_samples_do_not_reach_each_other(monkeypatch):
+    """A tile past a sample's last row reads zeros, not the next sample's rows: with NaN in sample 1's
+    q, k, v and output gradient, sample 0's gradients are those of sample 0 alone."""
+    layout, heads, _, dim = CASES["suffix-padded-mixed"]
+    table = compile_layer(heads, layout, 128, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v, grad_out = (torch.randn(2, layout.num_tokens, len(heads), dim, generator=g, device="cuda")
+                         .to(torch.bfloat16) for _ in range(4))  # fmt: skip
+    for t in (q, k, v, grad_out):
+        t[1] = float("nan")
+    monkeypatch.setitem(backward.OPTIONS, "gluon", True)
+
+    def grads(q, k, v, grad_out):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        sparse_attention(*leaves, table, backend="triton").backward(grad_out)
+        return [t.grad for t in leaves]
+
+    for both, alone in zip(grads(q, k, v, grad_out), grads(q[:1], k[:1], v[:1], grad_out[:1])):
+        assert not both[0].isnan().any()
+        assert torch.equal(both[0], alone[0])

@@ -22,7 +22,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait
 
-from .gluon_forward import _tma_load, mma_layout, row_descriptor
+from .gluon_forward import _load_rows, buffer_layout, mma_layout, row_descriptor
 
 # a register cap keeps ptxas's schedule (as in gluon_forward); the whole file at 8 warps: at 240 the loop spills
 # (24 bytes with Triton 3.6, 16 at 248 with 3.9), at 255 it does not (252 / 255 registers used)
@@ -31,14 +31,14 @@ STAGES = 3  # at least 3: step j + 1's loads are issued at step j - 1 (its slot 
 
 
 @gluon.jit
-def _issue_step(i, nsteps, g0, first, row0, col, q_desc, do_desc, q_smem, do_smem, bars,
+def _issue_step(i, nsteps, g0, first, batch, col, q_desc, do_desc, q_smem, do_smem, bars,
                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
     """TMA loads of step ``i`` of the range (queries ``first + i * BLOCK_M``) into slot ``(g0 + i) % STAGES``."""
     ok = i < nsteps
     slot = (g0 + i) % STAGES
     mbarrier.expect(bars.index(slot), q_desc.block_type.nbytes + do_desc.block_type.nbytes, pred=ok)
-    _tma_load(q_desc, [row0 + first + i * BLOCK_M, col], bars.index(slot), q_smem.index(slot), pred=ok)
-    _tma_load(do_desc, [row0 + first + i * BLOCK_M, col], bars.index(slot), do_smem.index(slot), pred=ok)
+    _load_rows(q_desc, batch, first + i * BLOCK_M, col, bars.index(slot), q_smem.index(slot), pred=ok)
+    _load_rows(do_desc, batch, first + i * BLOCK_M, col, bars.index(slot), do_smem.index(slot), pred=ok)
 
 
 @gluon.constexpr_function
@@ -82,8 +82,8 @@ def _probabilities(s_t, dp_t, start, last, key_ok, LSE, DELTA, stats, qk_scale,
 
 @gluon.jit
 def block_sparse_attention_bwd_dkdv_sm90(
-    q_desc, do_desc,  # TMA descriptors of the [B * N, H * D] views of Q and dO; blocks [BLOCK_M, D]
-    k_desc, v_desc,  # of K and V; blocks [BLOCK_N, D]
+    q_desc, do_desc,  # TMA descriptors of the [B, N, H * D] views of Q and dO; blocks [1, BLOCK_M, D]
+    k_desc, v_desc,  # of K and V; blocks [1, BLOCK_N, D]
     DK, DV,  # [B, N, H, D] contiguous
     LSE, DELTA,  # float32 [B, H, N] by row; LSE in base 2
     STARTS, ENDS,  # int32 [H, Kb, R]: the query blocks visiting each key block, as ranges
@@ -97,11 +97,11 @@ def block_sparse_attention_bwd_dkdv_sm90(
     TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
     STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
+    gl.static_assert(STAGES >= 3, "step j + 1's loads are issued at step j - 1: at least 3 slots")
     item = gl.load(SCHEDULE + gl.program_id(0))
     head = item // NUM_K_TILES
     tile = item % NUM_K_TILES
     batch = gl.program_id(1)
-    row0 = batch * N
     col = head * HEAD_DIM
     stats = (batch.to(gl.int64) * HEADS + head) * N
     column = tile * BLOCK_N // TABLE_BLOCK  # the key block holding this tile
@@ -112,18 +112,18 @@ def block_sparse_attention_bwd_dkdv_sm90(
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     dtype: gl.constexpr = q_desc.dtype
 
-    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], buffer_layout(BLOCK_N, HEAD_DIM, dtype))
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], buffer_layout(BLOCK_N, HEAD_DIM, dtype))
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], buffer_layout(BLOCK_M, HEAD_DIM, dtype))
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], buffer_layout(BLOCK_M, HEAD_DIM, dtype))
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for b in gl.static_range(STAGES):
         mbarrier.init(bars.index(b), count=1)
     mbarrier.init(kv_bar, count=1)
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    _tma_load(k_desc, [row0 + tile * BLOCK_N, col], kv_bar, k_smem)
-    _tma_load(v_desc, [row0 + tile * BLOCK_N, col], kv_bar, v_smem)
+    _load_rows(k_desc, batch, tile * BLOCK_N, col, kv_bar, k_smem)
+    _load_rows(v_desc, batch, tile * BLOCK_N, col, kv_bar, v_smem)
 
     keys = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
     key_ok = keys < KV_LEN
@@ -141,7 +141,7 @@ def block_sparse_attention_bwd_dkdv_sm90(
         nsteps = gl.maximum(last - first + BLOCK_M - 1, 0) // BLOCK_M
         pair_slots = PAIR_SLOTS + (gl.load(Q_FIRST + ranges + r) - q0)
         for i in gl.static_range(STAGES):
-            _issue_step(i, nsteps, g, first, row0, col, q_desc, do_desc, q_smem, do_smem, bars, BLOCK_M, STAGES)
+            _issue_step(i, nsteps, g, first, batch, col, q_desc, do_desc, q_smem, do_smem, bars, BLOCK_M, STAGES)
         if nsteps > 0:
             slot = g % STAGES  # step 0's S^T and dP^T alone
             mbarrier.wait(bars.index(slot), (g // STAGES) & 1)
@@ -175,7 +175,7 @@ def block_sparse_attention_bwd_dkdv_sm90(
                 # the next step's scores; step j's updates stay in flight
                 s_t, dp_t = warpgroup_mma_wait(num_outstanding=2, deps=(s_t, dp_t))
                 if j > 0:  # step j - 1's slot is free: the step STAGES ahead of it goes there
-                    _issue_step(j - 1 + STAGES, nsteps, g, first, row0, col, q_desc, do_desc, q_smem, do_smem, bars,
+                    _issue_step(j - 1 + STAGES, nsteps, g, first, batch, col, q_desc, do_desc, q_smem, do_smem, bars,
                                 BLOCK_M, STAGES)  # fmt: skip
             start = first + (nsteps - 1) * BLOCK_M  # the last step
             p_t, ds_t = _probabilities(s_t, dp_t, start, last, key_ok, LSE, DELTA, stats, qk_scale, BLOCK_M, s_layout)

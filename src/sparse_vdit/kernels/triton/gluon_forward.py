@@ -40,15 +40,29 @@ def mma_layout(num_warps, columns):
 
 
 def row_descriptor(t: torch.Tensor, rows: int):
-    """A TMA descriptor of contiguous ``[B, N, H, D]`` ``t`` as its ``[B * N, H * D]`` view, ``[rows, D]`` at a
-    time (one head's rows): coordinates ``(b * N + position, h * D)``."""
+    """A TMA descriptor of contiguous ``[B, N, H, D]`` ``t`` as its ``[B, N, H * D]`` view, ``[1, rows, D]`` at a
+    time (one head's rows of one sample): coordinates ``(b, position, h * D)``; rows past the sample's ``N`` read
+    as zeros (never the next sample's)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     batch, n, heads, dim = t.shape
     element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
-    flat = t.view(batch * n, heads * dim)
-    layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
-    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, dim], layout)
+    view = t.view(batch, n, heads * dim)
+    layout = gl.NVMMASharedLayout.get_default_for([1, rows, dim], element)
+    return TensorDescriptor(view, list(view.shape), list(view.stride()), [1, rows, dim], layout)
+
+
+@gluon.constexpr_function
+def buffer_layout(rows, dim, dtype):
+    """The shared-memory layout of a ``[rows, dim]`` buffer that :func:`_load_rows` fills and MMAs read."""
+    return gl.NVMMASharedLayout.get_default_for([rows, dim], dtype)
+
+
+@gluon.jit
+def _load_rows(desc, batch, row, col, bar, smem, pred=True):
+    """TMA load of sample ``batch``'s rows from ``row`` and columns from ``col`` (a :func:`row_descriptor`) into the
+    ``[rows, D]`` buffer ``smem``, arriving on ``bar``."""
+    _tma_load(desc, [batch, row, col], bar, smem.reshape([1, smem.shape[0], smem.shape[1]]), pred=pred)
 
 
 @gluon.jit
@@ -77,7 +91,7 @@ def _work(w, TOTAL, BATCH, SCHEDULE, COUNTS, BLOCKS, KV_LEN, NUM_Q_TILES, stride
 
 
 @gluon.jit
-def _produce(produced, allowed, done, ntiles, blocks, row0, col, next_done, next_ntiles, next_blocks, next_row0,
+def _produce(produced, allowed, done, ntiles, blocks, batch, col, next_done, next_ntiles, next_blocks, next_batch,
              next_col, BLOCKS, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars,
              TABLE_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
     """If ``allowed``, TMA loads of the next key tile of the program's stream (the current work item's, else
@@ -87,13 +101,13 @@ def _produce(produced, allowed, done, ntiles, blocks, row0, col, next_done, next
     ok = from_this | from_next
     start = _tile_start(BLOCKS + gl.where(from_this, blocks, next_blocks), gl.where(from_this, done, next_done),
                         TABLE_BLOCK, BLOCK_N, ok)  # fmt: skip
-    row = gl.where(from_this, row0, next_row0) + start
+    sample = gl.where(from_this, batch, next_batch)
     column = gl.where(from_this, col, next_col)
     slot = produced % STAGES
     mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes, pred=ok)
     mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes, pred=ok)
-    _tma_load(k_desc, [row, column], k_bars.index(slot), k_smem.index(slot), pred=ok)
-    _tma_load(v_desc, [row, column], v_bars.index(slot), v_smem.index(slot), pred=ok)
+    _load_rows(k_desc, sample, start, column, k_bars.index(slot), k_smem.index(slot), pred=ok)
+    _load_rows(v_desc, sample, start, column, v_bars.index(slot), v_smem.index(slot), pred=ok)
     return produced + ok.to(gl.int32), done + from_this.to(gl.int32), next_done + from_next.to(gl.int32)
 
 
@@ -120,7 +134,7 @@ def _masked(s, j, blocks, KV_LEN, s_layout: gl.constexpr, TABLE_BLOCK: gl.conste
 
 @gluon.jit
 def block_sparse_attention_fwd_sm90(
-    q_desc, k_desc, v_desc,  # TMA descriptors of the [B * N, H * D] views; blocks [BLOCK_M or BLOCK_N, D]
+    q_desc, k_desc, v_desc,  # TMA descriptors of the [B, N, H * D] views; blocks [1, BLOCK_M or BLOCK_N, D]
     O,  # [B, N, H, D] output, frame-major rows
     SCHEDULE,  # int32 [H * NUM_Q_TILES]: work items head * NUM_Q_TILES + tile, heaviest first
     TOKEN_MAJOR,  # int8 [H]: heads whose order is token-major (their output rows move back); unused without
@@ -136,15 +150,16 @@ def block_sparse_attention_fwd_sm90(
     # Program p takes work items p, p + P, ... of the TOTAL = schedule x batch (P programs; without PERSISTENT,
     # one item each). Its key tiles form one stream through the ring; PERSISTENT: the next item's query tile
     # (in a second buffer) and first key tiles load while this item's last tiles run.
+    gl.static_assert(STAGES >= 2, "the next key tile loads beside this one: at least 2 slots")
     Q_BUFFERS: gl.constexpr = 2 if PERSISTENT else 1
     s_layout: gl.constexpr = mma_layout(num_warps, BLOCK_N)
     o_layout: gl.constexpr = mma_layout(num_warps, HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
 
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS, BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS, BLOCK_M, HEAD_DIM], buffer_layout(BLOCK_M, HEAD_DIM, dtype))
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], buffer_layout(BLOCK_N, HEAD_DIM, dtype))
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], buffer_layout(BLOCK_N, HEAD_DIM, dtype))
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_bars = gl.allocate_shared_memory(gl.int64, [Q_BUFFERS, 1], mbarrier.MBarrierLayout())
@@ -159,7 +174,7 @@ def block_sparse_attention_fwd_sm90(
     batch, head, tile, blocks, ntiles = _work(first, TOTAL, BATCH, SCHEDULE, COUNTS, BLOCKS, KV_LEN, NUM_Q_TILES,
                                               stride_ch, stride_bh, stride_bm, TABLE_BLOCK, BLOCK_M, BLOCK_N)  # fmt: skip
     mbarrier.expect(q_bars.index(0), q_desc.block_type.nbytes)
-    _tma_load(q_desc, [batch * N + tile * BLOCK_M, head * HEAD_DIM], q_bars.index(0), q_smem.index(0))
+    _load_rows(q_desc, batch, tile * BLOCK_M, head * HEAD_DIM, q_bars.index(0), q_smem.index(0))
     produced = 0  # key tiles issued and consumed by this program so far: the ring's slots and phases
     consumed = 0
     done = 0  # tiles of the current item issued (some may have been issued during the previous item)
@@ -172,18 +187,16 @@ def block_sparse_attention_fwd_sm90(
             # the next item's query tile goes where the last item's was (its MMAs are done)
             q_next = (it + 1) % Q_BUFFERS
             mbarrier.expect(q_bars.index(q_next), q_desc.block_type.nbytes, pred=w + step < TOTAL)
-            _tma_load(q_desc, [nb * N + nt * BLOCK_M, nh * HEAD_DIM], q_bars.index(q_next), q_smem.index(q_next),
-                      pred=w + step < TOTAL)  # fmt: skip
+            _load_rows(q_desc, nb, nt * BLOCK_M, nh * HEAD_DIM, q_bars.index(q_next), q_smem.index(q_next),
+                       pred=w + step < TOTAL)  # fmt: skip
         else:
             nb, nh, nt, next_blocks, next_ntiles = batch, head, tile, blocks, 0
-        row0 = batch * N
         col = head * HEAD_DIM
-        next_row0 = nb * N
         next_col = nh * HEAD_DIM
         next_done = 0
         for _ in gl.static_range(STAGES):  # every slot is free between items
-            produced, done, next_done = _produce(produced, produced < consumed + STAGES, done, ntiles, blocks, row0,
-                                                 col, next_done, next_ntiles, next_blocks, next_row0, next_col, BLOCKS,
+            produced, done, next_done = _produce(produced, produced < consumed + STAGES, done, ntiles, blocks, batch,
+                                                 col, next_done, next_ntiles, next_blocks, nb, next_col, BLOCKS,
                                                  k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, TABLE_BLOCK, BLOCK_N,
                                                  STAGES)  # fmt: skip
         q_smem_now = q_smem.index(it % Q_BUFFERS)
@@ -224,7 +237,7 @@ def block_sparse_attention_fwd_sm90(
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
                 # tile j - 1's slot is free (its scores and its P V are done): the stream's next tile goes there
                 produced, done, next_done = _produce(produced, produced < consumed + j + STAGES, done, ntiles, blocks,
-                                                     row0, col, next_done, next_ntiles, next_blocks, next_row0,
+                                                     batch, col, next_done, next_ntiles, next_blocks, nb,
                                                      next_col, BLOCKS, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars,
                                                      TABLE_BLOCK, BLOCK_N, STAGES)  # fmt: skip
             last = (consumed + ntiles - 1) % STAGES
@@ -234,7 +247,7 @@ def block_sparse_attention_fwd_sm90(
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
             # the last tile's slot is free: the next item's tile goes there before this item's output is written
             produced, done, next_done = _produce(produced, produced < consumed + ntiles + STAGES, done, ntiles,
-                                                 blocks, row0, col, next_done, next_ntiles, next_blocks, next_row0,
+                                                 blocks, batch, col, next_done, next_ntiles, next_blocks, nb,
                                                  next_col, BLOCKS, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars,
                                                  TABLE_BLOCK, BLOCK_N, STAGES)  # fmt: skip
         _write_rows(acc, m_i, l_i, O, LSE, TOKEN_MAJOR, batch, head, tile, stride_ob, stride_on, stride_oh, stride_lb,
