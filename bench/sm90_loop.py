@@ -49,9 +49,9 @@ def _tool(name: str) -> str:
 
 
 # argument types by name across the kernels compiled here (anything else: an int32 scalar)
-_TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DK", "DV", "DS"), "*bf16"),
+_TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "DS"), "*bf16"),
           **dict.fromkeys(("LSE", "LSE_T", "DELTA", "DELTA_T"), "*fp32"), "TOKEN_MAJOR": "*i8",
-          **dict.fromkeys(("STARTS", "ENDS", "SCHEDULE", "SELECTED", "COUNTS", "BLOCKS", "PAIR_SLOTS", "Q_FIRST"),
+          **dict.fromkeys(("STARTS", "ENDS", "SLOTS", "SCHEDULE", "SELECTED", "COUNTS", "BLOCKS", "PAIR_SLOTS", "Q_FIRST"),
                           "*i32"),
           **dict.fromkeys(("qk_scale", "softmax_scale"), "fp32")}  # fmt: skip
 
@@ -140,6 +140,20 @@ def compile_triton_dkdv(head_dim: int = 128, block: int = 128):
                       ANY_TOKEN_MAJOR=False, TMA=True, STORE_DS=True)  # fmt: skip
     desc = f"tensordesc<bf16[1,{q_step},1,{head_dim}]>"
     return _compile(block_sparse_attention_bwd_dkdv, constexprs, {"Q_DESC": desc, "DO_DESC": desc},
+                    dict(num_warps=8 if head_dim > 64 else 4, num_stages=3))  # fmt: skip
+
+
+def compile_triton_dq(head_dim: int = 128, block: int = 128):
+    """The Triton backward's dQ kernel on stored dS tiles (``block_sparse_attention_bwd_dq_stored``: one MMA a
+    step, dS and K by TMA) at its default tiles and launch (128 queries a program, 64-key steps, 3 stages),
+    compiled for sm_90a."""
+    from sparse_vdit.kernels.triton.backward import _tiles, block_sparse_attention_bwd_dq_stored
+
+    _, q_step, q_tile, kv_step = _tiles(block, head_dim, _CUDA)
+    constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_tile, BLOCK_N=kv_step, HEAD_DIM=head_dim, IEEE=False,
+                      ANY_TOKEN_MAJOR=False, TMA=True, DS_TMA=True, Q_STEP=q_step)  # fmt: skip
+    descriptors = {"K_DESC": f"tensordesc<bf16[1,{kv_step},1,{head_dim}]>", "DS": f"tensordesc<bf16[{kv_step},{q_tile}]>"}
+    return _compile(block_sparse_attention_bwd_dq_stored, constexprs, descriptors,
                     dict(num_warps=8 if head_dim > 64 else 4, num_stages=3))  # fmt: skip
 
 
@@ -278,7 +292,7 @@ def main(argv=None) -> list[Compiled]:
     p.add_argument("--gluon-tiles", nargs="*", type=parse_tiles, default=list(GLUON_TILES))
     p.add_argument("--no-triton", action="store_true", help="only the Gluon kernel")
     p.add_argument("--json", action="store_true", help="print the rows as JSON (for tests), not a table")
-    p.add_argument("--backward", action="store_true", help="also the Triton backward's dK/dV kernel")
+    p.add_argument("--backward", action="store_true", help="also the Triton backward's dK/dV and dQ kernels")
     p.add_argument("--gluon-backward", action="store_true", help="also the Gluon dK/dV kernel")
     p.add_argument("--persistent", action="store_true", help="also the persistent Gluon forward at each tile choice")
     args = p.parse_args(argv)
@@ -290,6 +304,7 @@ def main(argv=None) -> list[Compiled]:
             rows.append(summarize(f"triton 128x64x8x3 D{dim}", compile_triton((128, 64, 8, 3), dim)))
             if args.backward:
                 rows.append(summarize(f"triton backward dK/dV D{dim}", compile_triton_dkdv(dim)))
+                rows.append(summarize(f"triton backward dQ D{dim}", compile_triton_dq(dim)))
         for tiles in args.gluon_tiles:
             name = "x".join(map(str, tiles))
             rows.append(summarize(f"gluon {name} D{dim}", compile_gluon(tiles, dim)))

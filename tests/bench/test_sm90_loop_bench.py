@@ -19,10 +19,13 @@ def test_reads_the_key_loops_of_both_kernels():
                            "64x64x4x2"], env=env, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [row["name"] for row in rows] == ["triton 128x64x8x3 D64", "triton backward dK/dV D64", "gluon 64x64x4x2 D64"]
+    assert [row["name"] for row in rows] == ["triton 128x64x8x3 D64", "triton backward dK/dV D64", "triton backward dQ D64",
+                                             "gluon 64x64x4x2 D64"]  # fmt: skip
     for row in rows:
         assert row["registers"] > 0 and 0 < row["shared"] and row["spilled"] >= 0
-        assert any(step.startswith("HGMMA") for step in row["loop"]) and any(s.startswith("EXP") for s in row["loop"])
+        assert any(step.startswith("HGMMA") for step in row["loop"])
+        # the dQ kernel on stored dS is one MMA a step (no softmax), kept in flight while the next loads
+        assert any(s.startswith("EXP") for s in row["loop"]) != ("dQ" in row["name"]), row["loop"]
 
 
 def test_loop_stores_counts_the_innermost_mma_loops_global_stores(load_script):
