@@ -49,6 +49,10 @@ Variants, each in each mode (``eager``; ``compiled`` = every transformer block c
   #22 the lists for top-k tables, key groups and hybrids, the ranges for plans). Their ``profile``
   column is the selection's own time as a share of the attention time.
 
+``--triton-options NAME=VALUE ...``: the Triton kernel's launch options (``kernels.triton.launcher.OPTIONS``,
+e.g. ``gluon=True gluon_persistent=True``: the sm90 Gluon forward) for the whole run; the rows carry them
+(``options``, shown after the variant) and merge apart from rows without them.
+
 ``--profile DIR``: after each variant's timing, one more forward (or timed unit) under torch.profiler,
 its operators by self device and host time written to ``DIR/<model>-<mode>-<variant>.txt`` (where a
 variant's time goes, e.g. the hybrid's cost beyond the top-k's).
@@ -229,6 +233,8 @@ class Mode:
     def record(self, variant: str, result: dict, density: float) -> None:
         row = {"model": self.model, "mode": self.mode, "variant": variant, "density": density,
                "backend": self.backend, "dry_run": self.args.dry_run, **result}  # fmt: skip
+        if self.args.triton_options:
+            row["options"] = options_label(self.args.triton_options)
         self.base.setdefault(variant, result["seconds"])
         for ref in ("unpatched", "dense"):
             if ref in self.base:
@@ -444,29 +450,55 @@ def svg_plan_row(run: Mode, model, inputs, layout: VideoLayout, state, density: 
 
 
 def table(rows: list) -> str:
-    head = (f"{'model':<13} {'mode':<9} {'variant':<13} {'density':>8} {'ms':>10} {'attn':>6} {'x unpatched':>12} "
+    labels = [r["variant"] + (f" [{r['options']}]" if r.get("options") else "") for r in rows]
+    width = max([13, *map(len, labels)])
+    head = (f"{'model':<13} {'mode':<9} {'variant':<{width}} {'density':>8} {'ms':>10} {'attn':>6} {'x unpatched':>12} "
             f"{'x dense':>8} {'profile':>8}")  # fmt: skip
     lines = [head, "-" * len(head)]
-    for r in rows:
+    for r, label in zip(rows, labels):
         share = "" if r.get("attention_share") is None else f"{r['attention_share']:.0%}"
         vs_u = f"{r['speedup_vs_unpatched']:.2f}" if "speedup_vs_unpatched" in r else ""
         vs_d = f"{r['speedup_vs_dense']:.2f}" if "speedup_vs_dense" in r else ""
         prof = "" if r.get("profile_share") is None else f"{r['profile_share']:.1%}"
-        lines.append(f"{r['model']:<13} {r['mode']:<9} {r['variant']:<13} {r['density']:>8.1%} "
+        lines.append(f"{r['model']:<13} {r['mode']:<9} {label:<{width}} {r['density']:>8.1%} "
                      f"{r['seconds'] * 1e3:>10.1f} {share:>6} {vs_u:>12} {vs_d:>8} {prof:>8}")  # fmt: skip
     return "\n".join(lines)
 
 
 def merge(path: Path, env: dict, rows: list) -> list:
-    """Merge rows into the JSON at ``path`` by (model, mode, variant, dry_run); returns all rows."""
+    """Merge rows into the JSON at ``path`` by (model, mode, variant, options, dry_run); returns all rows."""
     order = {name: i for i, name in enumerate(MODELS)}
     return merge_results(
-        path, env, rows, key=lambda r: (r["model"], r["mode"], r["variant"], r.get("dry_run")),
+        path, env, rows, key=lambda r: (r["model"], r["mode"], r["variant"], r.get("options", ""), r.get("dry_run")),
         order=lambda r: (r.get("dry_run", False), order.get(r["model"], 99), r["mode"] != "eager",
                          r["variant"] != "unpatched", r["variant"] != "dense",
                          2 if r["variant"].startswith(("top-k", "hybrid")) else r["variant"].startswith("svg"),
                          -r.get("target_density", r["density"]), r["variant"]),
     )  # fmt: skip
+
+
+def triton_options(pairs: list[str]) -> dict:
+    """``["gluon=True", "tiles=(128, 64, 8, 3)"]`` -> ``{"gluon": True, "tiles": (128, 64, 8, 3)}`` (values as Python
+    literals, else strings), names checked against ``kernels.triton.launcher.OPTIONS``."""
+    import ast
+
+    from sparse_vdit.kernels.triton import launcher
+
+    options = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in launcher.OPTIONS:
+            raise ValueError(f"--triton-options takes NAME=VALUE with NAME one of {sorted(launcher.OPTIONS)}; got {pair!r}")
+        try:
+            options[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[name] = text
+    return options
+
+
+def options_label(options: dict) -> str:
+    """How a row names the Triton options it ran with: ``gluon=True,gluon_persistent=True``."""
+    return ",".join(f"{name}={value}" for name, value in sorted(options.items()))
 
 
 def parse_args(argv=None):
@@ -494,6 +526,8 @@ def parse_args(argv=None):
                    help="results JSON (default bench/results/e2e.json; a temp file with --dry-run)")  # fmt: skip
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting measurements after this long")
     p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU (fp32), to check the script")
+    p.add_argument("--triton-options", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="the Triton kernel's launch options for the run (launcher.OPTIONS), e.g. gluon=True")
     p.add_argument("--profile", type=Path, default=None,
                    help="folder: after each variant's timing, one more forward under torch.profiler (operator tables)")
     args = p.parse_args(argv)
@@ -508,6 +542,10 @@ def parse_args(argv=None):
                                                                                         "reference"}:  # fmt: skip
         p.error("--svg-backends takes auto, flex, triton, fa4, reference (each with -device: decided on the device, "
                 "or -plan: SVG's recorded choices as a fixed plan)")
+    try:
+        args.triton_options = triton_options(args.triton_options)
+    except ValueError as error:
+        p.error(str(error))
     if args.dry_run:
         args.block_size = min(args.block_size, 16)
     args.out = args.out or results_path("e2e", args.dry_run)
@@ -523,9 +561,17 @@ def main(argv=None) -> int:
         f"svg {args.svg_densities} via {args.svg_backends}")  # fmt: skip
     deadline = START + args.budget_s
     rows: list = []
-    for name in args.models:
-        with out_of_memory_said(name):
-            run_model((TINY if args.dry_run else MODELS)[name], args, device, dtype, rows, deadline)
+    if args.triton_options:
+        from sparse_vdit.kernels.triton import launcher
+
+        env["triton_options"] = options_label(args.triton_options)
+        options = launcher.options_set(**args.triton_options)
+    else:
+        options = contextlib.nullcontext()
+    with options:
+        for name in args.models:
+            with out_of_memory_said(name):
+                run_model((TINY if args.dry_run else MODELS)[name], args, device, dtype, rows, deadline)
     results = merge(args.out, env, rows)
     say(f"wrote {args.out}")
     print(table([r for r in results if r.get("dry_run", False) == args.dry_run]), flush=True)

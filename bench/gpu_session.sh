@@ -91,6 +91,8 @@
 #   processor-gluon  the whole processor call, Triton kernel vs the Gluon sm90 kernel (three tile choices, and
 #                  persistent at two), four shapes, multi-diagonal and mixed, 5-40% (#21)           (~300)
 #   backward-d64   the Triton backward at head dim 64 (CogVideoX1.5 768p), default (4 warps) vs warps8, 10-50% (#18) (~120)
+#   e2e-gluon      Wan-1.3B 480p compiled, Triton backend, plans at 25% and 10%: the Triton kernel, then the Gluon
+#                  forward (GLUON_OPTIONS, default gluon=True), one file e2e_gluon.json (#21)      (~450)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -169,6 +171,12 @@ for name in "$@"; do
     e2e-wan13b) step e2e-wan13b 270 python3 bench/e2e.py --models wan-1.3b --modes compiled --densities 0.25,0.1 \
         --svg-densities 0.25 --svg-backends triton-device,triton-plan --online-densities 0.25 \
         --online-cluster-iters 0 --repeats 3 --backend triton --budget-s 240 --out "$R/e2e_wan13b.json" ;;
+    e2e-gluon) for run in off on; do  # the Triton kernel, then the same run with the Gluon forward
+        options=(); [ $run = on ] && options=(--triton-options ${GLUON_OPTIONS:-gluon=True})
+        step "e2e-gluon-$run" 230 python3 bench/e2e.py --models wan-1.3b --modes compiled --densities 0.25,0.1 \
+            --svg-densities "" --online-densities "" --repeats 3 --backend triton --budget-s 200 \
+            --out "$R/e2e_gluon.json" "${options[@]}"
+        done ;;
     e2e-a14b) step e2e-a14b 250 python3 bench/e2e.py --models wan2.2-a14b --modes eager --densities 0.25 \
         --svg-densities "" --online-densities "" --repeats 1 --backend "${E2E_BACKEND:-triton}" --budget-s 225 \
         --out "$R/e2e_a14b.json" ;;

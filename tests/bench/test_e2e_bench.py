@@ -75,3 +75,27 @@ def test_svg_attention_bench_dry_run(tmp_path, load_script):
     (summary,) = result["summary"]
     assert summary["profile_share"] > 0 and summary["flex_over_fast"] > 0 and summary["profile_backend"] == "torch"
     assert json.loads((tmp_path / "svg-dry-run.json").read_text())["summary"] == result["summary"]
+
+
+def test_triton_options_tag_rows_and_merge_apart(e2e, tmp_path, capsys):
+    """``--triton-options``: set for the run and restored after it; its rows carry them and merge beside the
+    rows run without them, in one file."""
+    from sparse_vdit.kernels.triton import launcher
+
+    out = tmp_path / "e2e.json"
+    common = ["--dry-run", "--models", "hunyuan", "--densities", "0.3", "--svg-densities", "", "--online-densities", "",
+              "--repeats", "1", "--out", str(out)]  # fmt: skip
+    assert e2e.main(common) == 0
+    assert e2e.main([*common, "--triton-options", "gluon=True", "gluon_persistent=True"]) == 0
+    assert launcher.OPTIONS["gluon"] is None and launcher.OPTIONS["gluon_persistent"] is None
+    rows = json.loads(out.read_text())["results"]
+    tagged = sorted(r["variant"] for r in rows if r.get("options") == "gluon=True,gluon_persistent=True")
+    plain = sorted(r["variant"] for r in rows if "options" not in r)
+    assert tagged == plain == ["dense", "sparse-30", "unpatched"]
+    assert "sparse-30 [gluon=True,gluon_persistent=True]" in capsys.readouterr().out
+    assert e2e.triton_options(["tiles=(128, 64, 8, 3)", "schedule=levels"]) == {"tiles": (128, 64, 8, 3),
+                                                                                  "schedule": "levels"}
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        e2e.triton_options(["glon=True"])
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        e2e.triton_options(["gluon"])
