@@ -292,7 +292,7 @@ for name in "$@"; do
     backward-d64) TAIL=20 step backward-d64 200 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
         0.25 0.5 --kinds band mixed --backends triton --variants default warps8 --target-ms 300 --budget-s 170 \
         --out "$R" ;;
-    tests-gluon) TAIL=12 step tests-gluon 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_forward.py \
+    tests-gluon) TAIL=12 step tests-gluon 420 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_forward.py \
         tests/kernels/test_gluon_backward.py ;;
     backward-gluon) TAIL=30 step backward-gluon 220 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default gluon \
