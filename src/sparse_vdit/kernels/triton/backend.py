@@ -76,11 +76,10 @@ def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: boo
     gluon = _gluon(q, k, v, table, head_order)
     if gluon is not None:
         module, tiles = gluon
-        schedule = _table_schedule(table, q.shape[1], tiles[0], "levels")
-        return module.forward(q, k, v, table, softmax_scale, tiles=tiles, schedule=schedule, return_lse=return_lse,
+        return module.forward(q, k, v, table, softmax_scale, tiles=tiles, return_lse=return_lse,
                               persistent=launcher.option("gluon_persistent"))  # fmt: skip
     tiles = _tiles(q, block, table=table, head_order=head_order)
-    schedule = _table_schedule(table, q.shape[1], tiles[0], launcher.option("schedule"))
+    schedule = launcher.table_schedule(table, q.shape[1], tiles[0], launcher.option("schedule"))
     layout = table.layout
     return launcher.forward(
         q, k, v, table.kv_num_blocks, None, block_size=block, kv_len=layout.kv_len, softmax_scale=softmax_scale,
@@ -89,14 +88,6 @@ def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: boo
         tiles=tiles, schedule=schedule, return_lse=return_lse, head_order=head_order,
         visited=_visited(table),
     )  # fmt: skip
-
-
-def _table_schedule(table, n: int, block_m: int, order: str):
-    """``launcher._schedule``'s work items of ``table`` for ``block_m``-row query tiles over ``n`` tokens, kept
-    with the table."""
-    per_block, q_tiles = table.block_size // block_m, num_blocks(n, block_m)
-    return table.form(("triton.schedule", per_block, q_tiles, order),
-                      lambda t: launcher._schedule(t.kv_num_blocks, per_block, q_tiles, order))
 
 
 def _gluon(q, k, v, table, head_order: bool):

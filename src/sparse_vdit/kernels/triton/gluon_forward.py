@@ -335,20 +335,20 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softmax_sc
     """Block-sparse attention of ``table`` on ``q, k, v`` held in each head's own order (see
     :func:`applies`, which must hold); output (and with ``return_lse`` the float32 ``[B, H, N]``
     log-sum-exp) by frame-major row, as :func:`.launcher.forward` with ``head_order``. ``schedule``:
-    work items heaviest first for these tiles (computed when not given); ``out``: where to write;
+    work items heaviest first for these tiles (the table's ``"levels"`` schedule, kept with it, when not
+    given); ``out``: where to write;
     ``persistent``: as many programs as the GPU holds at once (or this many), each taking every P-th work item
     and loading the next one's query and first key tiles during this one's last (else one program an item)."""
     from ...block_table import num_blocks
-    from .launcher import LOG2E, _schedule, token_major_flags
+    from .launcher import LOG2E, table_schedule, token_major_flags
 
     batch, n, heads, dim = q.shape
     tiles = tiles_for(table.block_size, dim, tiles)
     block_m, block_n, warps, stages = tiles
 
     q_tiles = num_blocks(n, block_m)
-    per_block = table.block_size // block_m
     if schedule is None:
-        schedule = _schedule(table.kv_num_blocks, per_block, q_tiles, "levels")
+        schedule = table_schedule(table, n, block_m, "levels")
     counts, blocks = table.kv_num_blocks, table.kv_indices
     flags = token_major_flags(table)
     out = torch.empty_like(q) if out is None else out

@@ -176,6 +176,14 @@ def _schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: in
     return result.to(torch.int32)
 
 
+def table_schedule(table, n: int, block_m: int, order: str) -> torch.Tensor:
+    """:func:`_schedule`'s work items of ``table`` for ``block_m``-row query tiles over ``n`` tokens, kept
+    with the table (computed once per table and tile)."""
+    per_block, q_tiles = table.block_size // block_m, num_blocks(n, block_m)
+    return table.form(("triton.schedule", per_block, q_tiles, order),
+                      lambda t: _schedule(t.kv_num_blocks, per_block, q_tiles, order))
+
+
 def token_major_flags(table) -> torch.Tensor | None:
     """The kernels' int8 token-major flags of ``table``'s heads, kept with the table (no cast launched per
     call); None where every head is frame-major."""
