@@ -68,6 +68,12 @@ def masked_attention(q, k, v, mask, scale):
     return torch.softmax(s, -1).nan_to_num(0.0) @ v[:, :kv].double()
 
 
+def random_qkv(shape, dtype: torch.dtype, device, seed: int) -> list[torch.Tensor]:
+    """q, k, v of ``shape`` ([B, N, H, D]): standard normal from a ``seed``-ed generator on ``device``, then cast."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(*shape, generator=g, device=device).to(dtype) for _ in range(3)]
+
+
 def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))

@@ -21,7 +21,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import sm90_loop  # noqa: E402
-from helpers import rel_rms  # noqa: E402
+from helpers import random_qkv, rel_rms  # noqa: E402
 from sparse_vdit import VideoLayout, compile_layer, sparse_attention  # noqa: E402
 from sparse_vdit.block_table import table_from_mask  # noqa: E402
 from sparse_vdit.kernels.head_order import Rotary, apply_rotary, attention_in_head_order, to_head_order  # noqa: E402
@@ -137,9 +137,7 @@ GPU_CASES = {  # layout, block, heads, batch, head dim
 
 def _gpu_case(case, dtype, seed=0):
     layout, block, heads, batch, dim = GPU_CASES[case]
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v = (torch.randn(batch, layout.num_tokens, len(heads), dim, generator=g, device="cuda").to(dtype)
-               for _ in range(3))  # fmt: skip
+    q, k, v = random_qkv((batch, layout.num_tokens, len(heads), dim), dtype, "cuda", seed)
     return layout, compile_layer(heads, layout, block, "cuda"), (q, k, v)
 
 

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import rel_rms  # noqa: E402
+from helpers import random_qkv, rel_rms  # noqa: E402
 from sparse_vdit import VideoLayout, compile_layer, sparse_attention  # noqa: E402
 from sparse_vdit.kernels import head_order  # noqa: E402
 from sparse_vdit.kernels.head_order import Rotary, apply_rotary, attention_in_head_order, to_frame_major, to_head_order  # noqa: E402
@@ -31,8 +31,7 @@ CASES = {  # layout, block, heads, batch, head dim
 
 def _inputs(case, dtype, seed=0):
     layout, block, heads, batch, dim = CASES[case]
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    qkv = [torch.randn(batch, layout.num_tokens, len(heads), dim, generator=g, device=DEVICE).to(dtype) for _ in range(3)]
+    qkv = random_qkv((batch, layout.num_tokens, len(heads), dim), dtype, DEVICE, seed)
     return layout, compile_layer(heads, layout, block, DEVICE), qkv
 
 

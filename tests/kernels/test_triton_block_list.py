@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import masked_attention, poison_empty_like, rel_rms, token_mask  # noqa: E402
+from helpers import masked_attention, poison_empty_like, random_qkv, rel_rms, token_mask  # noqa: E402
 from sparse_vdit import VideoLayout, compile_layer, sparse_attention  # noqa: E402
 from sparse_vdit.block_table import BlockTable, MaskHead, declare_run_length, run_length, table_from_mask  # noqa: E402
 from sparse_vdit.kernels import select_attention  # noqa: E402
@@ -44,8 +44,7 @@ def _scattered(layout, block, flags, seed=0, density=0.4) -> BlockTable:
 
 
 def _inputs(layout, batch, heads, dtype, seed=1, dim=64):
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    return [torch.randn(batch, layout.num_tokens, heads, dim, generator=g, device=DEVICE).to(dtype) for _ in range(3)]
+    return random_qkv((batch, layout.num_tokens, heads, dim), dtype, DEVICE, seed)
 
 
 def _reference(q, k, v, table):
