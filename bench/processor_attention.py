@@ -84,18 +84,16 @@ FAMILY = {"wan1.3b-480p": "wan", "wan14b-720p": "wan", "hunyuan-720p": "hunyuan_
 TINY = Shape("tiny", VideoLayout(3, 5, 9, 19, "suffix"), 4, 64)  # --dry-run
 DENSITIES = (0.05, 0.10, 0.20, 0.40)
 KINDS = ("multi_diag", "mixed")
-# (backend, path) -> (fused?, float64 tables cast to float32?)
-PATHS = {("triton", "old"): (False, False), ("triton", "fused-permuted"): (True, False),
-         ("triton", "fused-permuted-f32"): (True, True), ("fa4", "old"): (False, False), ("fa4", "fused"): (True, False),
-         ("fa4", "fused-f32"): (True, True), ("triton", "gluon"): (True, False),
-         ("triton", "gluon-128x128x8x2"): (True, False), ("triton", "gluon-64x64x4x2"): (True, False),
-         ("triton", "gluon-persistent"): (True, False), ("triton", "gluon-persistent-64x64x4x2"): (True, False)}  # fmt: skip
 # fused paths whose Triton call takes the Gluon sm90 kernel: the launcher options they set (its default tiles or
 # these, one work item a program or persistent)
 GLUON_PATHS = {"gluon": {"gluon": True}, "gluon-128x128x8x2": {"gluon": (128, 128, 8, 2)},
                "gluon-64x64x4x2": {"gluon": (64, 64, 4, 2)},
                "gluon-persistent": {"gluon": True, "gluon_persistent": True},
                "gluon-persistent-64x64x4x2": {"gluon": (64, 64, 4, 2), "gluon_persistent": True}}  # fmt: skip
+# (backend, path) -> (fused?, float64 tables cast to float32?)
+PATHS = {("triton", "old"): (False, False), ("triton", "fused-permuted"): (True, False),
+         ("triton", "fused-permuted-f32"): (True, True), ("fa4", "old"): (False, False), ("fa4", "fused"): (True, False),
+         ("fa4", "fused-f32"): (True, True), **{("triton", path): (True, False) for path in GLUON_PATHS}}  # fmt: skip
 
 
 def rotary_tables(shape: Shape, family: str, device) -> Rotary:
