@@ -90,9 +90,11 @@ def measure(attend, sets, target_ms: float, trace: Path | None = None) -> float:
 
 
 def check_layout(shape: Shape) -> VideoLayout:
-    """A small layout with ``shape``'s frame count (a constant of the kernels) and text kind, ragged blocks."""
+    """A small layout with ``shape``'s frame count (a constant of the kernels) and text kind, ragged blocks
+    (padded text where the layout allows it: a suffix)."""
     layout = shape.layout
-    text = dict(text=40, text_position=layout.text_position, text_valid=30) if layout.text else {}
+    valid = 30 if layout.text_position == "suffix" else 40
+    text = dict(text=40, text_position=layout.text_position, text_valid=valid) if layout.text else {}
     return VideoLayout(layout.frames, 12, 20, **text)
 
 

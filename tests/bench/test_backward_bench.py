@@ -78,3 +78,15 @@ def test_backward_dry_run_times_the_processor_calls(load_script, tmp_path):
     row = rows["triton[op-in-place]"]  # the op alone: cuDNN's bar
     assert row["block_eff"] == pytest.approx(row["density"] * rows["cudnn-backward"]["ms"] / row["ms"])
     assert json.loads((tmp_path / "backward.json").read_text())["rows"] == result["rows"]
+
+
+def test_check_layouts_build_for_every_shape(load_script):
+    """Each shape's small check layout is valid: padded text only where the layout allows it (a suffix)."""
+    from common import SHAPES
+
+    backward = load_script("backward")
+    for name, shape in SHAPES.items():
+        layout = backward.check_layout(shape)
+        assert layout.frames == shape.layout.frames, name
+        padded = layout.text_valid is not None and layout.text_valid < layout.text
+        assert padded == (shape.layout.text_position == "suffix" and layout.text > 0), name
