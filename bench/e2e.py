@@ -50,7 +50,7 @@ Variants, each in each mode (``eager``; ``compiled`` = every transformer block c
   column is the selection's own time as a share of the attention time.
 
 ``--triton-options NAME=VALUE ...``: the Triton kernel's launch options (``kernels.triton.launcher.OPTIONS``,
-e.g. ``gluon=True gluon_persistent=True``: the sm90 Gluon forward) for the whole run; the rows carry them
+e.g. ``schedule=heads tma=False``) for the whole run; the rows carry them
 (``options``, shown after the variant) and merge apart from rows without them.
 
 ``--profile DIR``: after each variant's timing, one more forward (or timed unit) under torch.profiler,
@@ -478,7 +478,7 @@ def merge(path: Path, env: dict, rows: list) -> list:
 
 
 def triton_options(pairs: list[str]) -> dict:
-    """``["gluon=True", "tiles=(128, 64, 8, 3)"]`` -> ``{"gluon": True, "tiles": (128, 64, 8, 3)}`` (values as Python
+    """``["tma=False", "tiles=(128, 64, 8, 3)"]`` -> ``{"tma": False, "tiles": (128, 64, 8, 3)}`` (values as Python
     literals, else strings), names checked against ``kernels.triton.launcher.OPTIONS``."""
     import ast
 
@@ -497,7 +497,7 @@ def triton_options(pairs: list[str]) -> dict:
 
 
 def options_label(options: dict) -> str:
-    """How a row names the Triton options it ran with: ``gluon=True,gluon_persistent=True``."""
+    """How a row names the Triton options it ran with: ``schedule=heads,tma=False``."""
     return ",".join(f"{name}={value}" for name, value in sorted(options.items()))
 
 
@@ -527,7 +527,7 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting measurements after this long")
     p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU (fp32), to check the script")
     p.add_argument("--triton-options", nargs="*", default=[], metavar="NAME=VALUE",
-                   help="the Triton kernel's launch options for the run (launcher.OPTIONS), e.g. gluon=True")
+                   help="the Triton kernel's launch options for the run (launcher.OPTIONS), e.g. tma=False")
     p.add_argument("--profile", type=Path, default=None,
                    help="folder: after each variant's timing, one more forward under torch.profiler (operator tables)")
     args = p.parse_args(argv)

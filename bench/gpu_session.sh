@@ -84,15 +84,10 @@
 #   backward-calls-k  the whole processor call's backward, rotary included: old vs fused path, multi-diagonal and
 #                  mixed, 10-50% (CALL_SHAPES, default Wan-1.3B 480p) (#18) (~200)
 #   backward-calls-profile-k  the same at 10% on Wan-1.3B 480p under torch.profiler: operator and call tables (#18) (~60)
-#   tests-gluon    GPU tests of the Gluon sm90 kernels: the forward (float64 reference, processor path,
-#                  gradients) and the dK/dV kernel (gradients against float64 autograd) (#21, #18)      (~200)
+#   tests-gluon    GPU tests of the Gluon sm90 dK/dV kernel (gradients against float64 autograd) (#18)    (~60)
 #   backward-gluon the Triton backward with its dK/dV kernel in Gluon vs the default, Wan-1.3B and
 #                  HunyuanVideo, band / multi-diagonal / mixed, 10-50% (#18)                       (~150)
-#   processor-gluon  the whole processor call, Triton kernel vs the Gluon sm90 kernel (three tile choices, and
-#                  persistent at two), four shapes, multi-diagonal and mixed, 5-40% (#21)           (~300)
 #   backward-d64   the Triton backward at head dim 64 (CogVideoX1.5 768p), default (4 warps) vs warps8, 10-50% (#18) (~120)
-#   e2e-gluon      Wan-1.3B 480p compiled, Triton backend, plans at 25% and 10%: the Triton kernel, then the Gluon
-#                  forward (GLUON_OPTIONS, default gluon=True), one file e2e_gluon.json (#21)      (~450)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -171,12 +166,6 @@ for name in "$@"; do
     e2e-wan13b) step e2e-wan13b 270 python3 bench/e2e.py --models wan-1.3b --modes compiled --densities 0.25,0.1 \
         --svg-densities 0.25 --svg-backends triton-device,triton-plan --online-densities 0.25 \
         --online-cluster-iters 0 --repeats 3 --backend triton --budget-s 240 --out "$R/e2e_wan13b.json" ;;
-    e2e-gluon) for run in off on; do  # the Triton kernel, then the same run with the Gluon forward
-        options=(); [ $run = on ] && options=(--triton-options ${GLUON_OPTIONS:-gluon=True})
-        step "e2e-gluon-$run" 230 python3 bench/e2e.py --models wan-1.3b --modes compiled --densities 0.25,0.1 \
-            --svg-densities "" --online-densities "" --repeats 3 --backend triton --budget-s 200 \
-            --out "$R/e2e_gluon.json" "${options[@]}"
-        done ;;
     e2e-a14b) step e2e-a14b 250 python3 bench/e2e.py --models wan2.2-a14b --modes eager --densities 0.25 \
         --svg-densities "" --online-densities "" --repeats 1 --backend "${E2E_BACKEND:-triton}" --budget-s 225 \
         --out "$R/e2e_a14b.json" ;;
@@ -292,16 +281,10 @@ for name in "$@"; do
     backward-d64) TAIL=20 step backward-d64 200 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
         0.25 0.5 --kinds band mixed --backends triton --variants default warps8 --target-ms 300 --budget-s 170 \
         --out "$R" ;;
-    tests-gluon) TAIL=12 step tests-gluon 420 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_forward.py \
-        tests/kernels/test_gluon_backward.py ;;
+    tests-gluon) TAIL=12 step tests-gluon 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_backward.py ;;
     backward-gluon) TAIL=30 step backward-gluon 220 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default gluon \
         --target-ms 300 --budget-s 190 --out "$R" ;;
-    processor-gluon) TAIL=70 step processor-gluon 330 python3 bench/processor_attention.py --shapes wan1.3b-480p \
-        hunyuan-720p wan14b-720p cogvideox1.5-768p --densities 0.05 0.1 0.2 0.4 --kinds multi_diag mixed \
-        --backends triton --paths fused-permuted gluon gluon-128x128x8x2 gluon-64x64x4x2 gluon-persistent \
-        gluon-persistent-64x64x4x2 --target-ms 60 \
-        --budget-s 290 --out "$R/processor-gluon" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done

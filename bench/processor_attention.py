@@ -11,11 +11,6 @@ inverse permutation of the output. Paths per backend:
 - ``fused`` (FA4): :func:`sparse_vdit.kernels.head_order.attention_in_head_order`: rotary and
   permutation in one pass, FA4, one copy back. Triton: ``fused-permuted`` (inputs written in each
   head's order, every key tile contiguous, rows stored frame-major).
-- ``gluon`` / ``gluon-128x128x8x2`` / ``gluon-64x64x4x2`` (Triton, only when named in ``--paths``):
-  ``fused-permuted`` with the kernel replaced by the Gluon sm90 kernel (``launcher.OPTIONS["gluon"]``,
-  ``kernels/triton/gluon_forward.py``: the softmax beside the previous tile's P V) at its default or
-  these tiles; ``gluon-persistent`` / ``gluon-persistent-64x64x4x2``: persistent programs
-  (``OPTIONS["gluon_persistent"]``); elsewhere than sm90 the Triton kernel runs (the options do not apply).
 - ``fused-f32`` / ``fused-permuted-f32``: the fused path with float64 tables (Wan's) cast to float32
   once (``head_order.in_float32``; the processor's ``state.rotary_float32``); only for float64 tables.
   ``dense-fused-f32`` likewise for the dense call.
@@ -75,7 +70,6 @@ import sparse_vdit  # noqa: E402
 from sparse_vdit import sparse_attention  # noqa: E402
 from sparse_vdit.kernels import dense, registry  # noqa: E402
 from sparse_vdit.kernels.head_order import Rotary, apply_rotary, attention_in_head_order, in_float32, rotate  # noqa: E402
-from sparse_vdit.kernels.triton import launcher  # noqa: E402
 from sparse_vdit.layout import VideoLayout  # noqa: E402
 from processor_sweep import PASS_VARIANTS, TILE_VARIANTS, pass_sweep, print_sweep, tile_sweep, tuned_fn, variant  # noqa: E402
 
@@ -84,16 +78,10 @@ FAMILY = {"wan1.3b-480p": "wan", "wan14b-720p": "wan", "hunyuan-720p": "hunyuan_
 TINY = Shape("tiny", VideoLayout(3, 5, 9, 19, "suffix"), 4, 64)  # --dry-run
 DENSITIES = (0.05, 0.10, 0.20, 0.40)
 KINDS = ("multi_diag", "mixed")
-# fused paths whose Triton call takes the Gluon sm90 kernel: the launcher options they set (its default tiles or
-# these, one work item a program or persistent)
-GLUON_PATHS = {"gluon": {"gluon": True}, "gluon-128x128x8x2": {"gluon": (128, 128, 8, 2)},
-               "gluon-64x64x4x2": {"gluon": (64, 64, 4, 2)},
-               "gluon-persistent": {"gluon": True, "gluon_persistent": True},
-               "gluon-persistent-64x64x4x2": {"gluon": (64, 64, 4, 2), "gluon_persistent": True}}  # fmt: skip
 # (backend, path) -> (fused?, float64 tables cast to float32?)
 PATHS = {("triton", "old"): (False, False), ("triton", "fused-permuted"): (True, False),
          ("triton", "fused-permuted-f32"): (True, True), ("fa4", "old"): (False, False), ("fa4", "fused"): (True, False),
-         ("fa4", "fused-f32"): (True, True), **{("triton", path): (True, False) for path in GLUON_PATHS}}  # fmt: skip
+         ("fa4", "fused-f32"): (True, True)}  # fmt: skip
 
 
 def rotary_tables(shape: Shape, family: str, device) -> Rotary:
@@ -126,12 +114,9 @@ def path_fn(backend: str, path: str, table, rotary: Rotary):
     fused, float32 = PATHS[(backend, path)]
     tables = in_float32(rotary) if float32 else rotary  # cast once, as the processor does
 
-    options = GLUON_PATHS.get(path, {})
-
     def run(q, k, v):
         if fused:
-            with launcher.options_set(**options):
-                return attention_in_head_order(q, k, v, table, backend=backend, rotary=tables)
+            return attention_in_head_order(q, k, v, table, backend=backend, rotary=tables)
         return sparse_attention(models_rotary(q, rotary), models_rotary(k, rotary), v, table, backend=backend)
 
     return run
@@ -139,8 +124,7 @@ def path_fn(backend: str, path: str, table, rotary: Rotary):
 
 # the rotary each path applies, run alone in identity order (rotary_fns) for the rotary-excluded efficiency
 ROTARY_OF_PATH = {"old": "old", "fused": "fused", "fused-permuted": "fused", "fused-f32": "fused-f32",
-                  "fused-permuted-f32": "fused-f32", "tuned": "fused-tuned", "tuned-f32": "fused-tuned-f32",
-                  **dict.fromkeys(GLUON_PATHS, "fused")}  # fmt: skip
+                  "fused-permuted-f32": "fused-f32", "tuned": "fused-tuned", "tuned-f32": "fused-tuned-f32"}  # fmt: skip
 
 
 def rotary_fns(rotary: Rotary, tuned: dict | None = None) -> dict:
@@ -303,8 +287,6 @@ def main(argv=None) -> dict:
                     for (b, label) in PATHS:
                         if b != backend or (args.paths and label not in args.paths and label != "old"):
                             continue
-                        if label in GLUON_PATHS and not (args.paths and label in args.paths):
-                            continue  # only where asked for by name
                         if PATHS[(b, label)][1] and rotary.cos.dtype != torch.float64:
                             continue  # float32 tables already: the same as the path without -f32
                         calls.append((label, path_fn(backend, label, table, rotary), {}))

@@ -1,14 +1,16 @@
 """What the attention kernels' key loops compile to on Hopper, without a GPU.
 
-    python bench/sm90_loop.py            # the Triton kernel and the Gluon kernel's tile choices
-    python bench/sm90_loop.py --persistent --backward --gluon-backward   # and the rest
+    python bench/sm90_loop.py                                # the Triton forward
+    python bench/sm90_loop.py --backward --gluon-backward    # and the backward's kernels
 
 Compiles each kernel for sm_90a on the CPU with the installed Triton and its bundled ``ptxas`` /
 ``cuobjdump``, then reads the innermost loop that issues warpgroup MMAs from the SASS: the order of
 its MMAs (``HGMMA``), waits for them (``DEPBAR<=n``: at most n MMA groups left in flight), the softmax's
 exponentials (``EXP``, with the bf16 packing of P), CTA barriers and TMA loads. A loop that reads
 ``HGMMA ... DEPBAR<=0 EXP`` runs its softmax with the tensor cores idle; ``DEPBAR<=1 EXP DEPBAR<=0``
-overlaps it with the previous tile's ``P V``. Also registers, spills and shared memory per program.
+overlaps it with the previous tile's ``P V`` (the Gluon forward that did, 2026-12-05, lost to the Triton
+kernel on an H200: BENCHMARKS.md). Also registers, spills and shared memory per program, and two checks read
+from the PTX: TMA loads after CTA barriers, and registers that asynchronous MMAs read left alone until waited.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Compiled:
     loop: list[str]  # the innermost MMA loop's instruction classes in order, runs merged ("EXPx34")
     stores: dict[str, int]  # the loop's global stores by opcode ("STG.E.128": 2)
     loads_after_barriers: bool  # every TMA load follows a CTA barrier with no MMA between (tma_loads_follow_barriers)
+    operands_kept: bool  # no register an MMA reads is written while the MMA may run (register_operands_kept)
 
 
 def _tool(name: str) -> str:
@@ -80,26 +83,11 @@ def _compile(fn, constexprs: dict, descriptors: dict, options: dict, gluon: bool
 
 def _gluon_descriptor(rows: int, head_dim: int) -> str:
     """The type of a Gluon TMA descriptor of bf16 ``[1, rows, head_dim]`` blocks in their default shared layout
-    (``gluon_forward.row_descriptor``'s)."""
+    (``gluon_backward.row_descriptor``'s)."""
     from triton.experimental.gluon import language as gl
 
     layout = gl.NVMMASharedLayout.get_default_for([1, rows, head_dim], gl.bfloat16)
     return f"tensordesc<bf16[1,{rows},{head_dim}],{layout!r}>"
-
-
-def compile_gluon(tiles: tuple[int, int, int, int], head_dim: int = 128, block: int = 128, persistent: bool = False):
-    """The Gluon kernel (``kernels.triton.gluon_forward``, one work item a program or ``persistent``) compiled
-    for sm_90a: the compiled kernel."""
-    from sparse_vdit.kernels.triton import gluon_forward as G
-
-    block_m, block_n, warps, stages = G.tiles_for(block, head_dim, tiles)
-    constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
-                      STAGES=stages, STORE_LSE=True, ANY_TOKEN_MAJOR=True, PERSISTENT=persistent,
-                      num_warps=warps)  # fmt: skip
-    descriptors = {"q_desc": _gluon_descriptor(block_m, head_dim), "k_desc": _gluon_descriptor(block_n, head_dim),
-                   "v_desc": _gluon_descriptor(block_n, head_dim)}  # fmt: skip
-    return _compile(G.block_sparse_attention_fwd_sm90, constexprs, descriptors,
-                    dict(num_warps=warps), gluon=True)  # fmt: skip
 
 
 def compile_gluon_dkdv(head_dim: int = 128, block: int = 128):
@@ -252,11 +240,45 @@ def tma_loads_follow_barriers(ptx: str) -> bool:
     return True
 
 
+_REGISTER_A = re.compile(r"wgmma\.mma_async\S*\s+\{[^}]*\},\s*\{([^}]*)\}")
+
+
+def register_operands_kept(ptx: str) -> bool:
+    """Whether no register that an asynchronous MMA reads its A operand from (``wgmma.mma_async`` with
+    ``{...}`` registers) is written where that MMA may still be running, judged in straight-line code (no branch
+    target between the write and the MMA): a write before the MMA must come after the last ``wgmma.wait_group``
+    before it, a write after it after a wait. (A write before that wait, in a loop, lands while the previous
+    iteration's MMA reads the register: undefined in PTX. The Gluon dK/dV kernel packed its dS tiles for their
+    store into the dK update's registers there, and its dK came out wrong.)"""
+    lines = [line.strip() for line in ptx.splitlines()]
+    waits = [i for i, line in enumerate(lines) if line.startswith("wgmma.wait_group")]
+    labels = [i for i, line in enumerate(lines) if line.startswith("$L__BB")]
+    writes: dict[str, list[int]] = {}
+    for i, line in enumerate(lines):
+        target = re.match(r"(?:@!?%p\d+\s+)?[a-z][\w.]*\s+(%r\d+),", line)
+        if target and not line.startswith(("st.", "wgmma")):
+            writes.setdefault(target.group(1), []).append(i)
+    for i, line in enumerate(lines):
+        operands = _REGISTER_A.search(line)
+        if not operands:
+            continue
+        for register in re.findall(r"%r\d+", operands.group(1)):
+            for w in writes.get(register, []):
+                low, high = min(w, i), max(w, i)
+                if any(low < x < high for x in labels):
+                    continue
+                between = any(low < x < high for x in waits)
+                if between == (w < i):  # before: a wait between them; after: none
+                    return False
+    return True
+
+
 def summarize(name: str, kernel) -> Compiled:
     registers, spilled = _ptxas_info(kernel.asm["ptx"])
     instructions = sass(kernel.asm["cubin"])
+    ptx = kernel.asm["ptx"]
     return Compiled(name, registers, spilled, kernel.metadata.shared, mma_loop(instructions), loop_stores(instructions),
-                    tma_loads_follow_barriers(kernel.asm["ptx"]))
+                    tma_loads_follow_barriers(ptx), register_operands_kept(ptx))
 
 
 def overlaps_softmax(loop: list[str]) -> bool:
@@ -275,26 +297,13 @@ def waits_for_all(loop: list[str]) -> bool:
     return "DEPBAR<=0" in loop
 
 
-GLUON_TILES = ((128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3))
-
-
-def parse_tiles(text: str) -> tuple[int, int, int, int]:
-    """``"128x64x8x3"`` -> (128, 64, 8, 3)."""
-    tiles = tuple(int(x) for x in text.split("x"))
-    if len(tiles) != 4:
-        raise argparse.ArgumentTypeError(f"tiles are BLOCK_MxBLOCK_NxWARPSxSTAGES, got {text!r}")
-    return tiles
-
-
 def main(argv=None) -> list[Compiled]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--head-dims", nargs="*", type=int, default=[128, 64])
-    p.add_argument("--gluon-tiles", nargs="*", type=parse_tiles, default=list(GLUON_TILES))
-    p.add_argument("--no-triton", action="store_true", help="only the Gluon kernel")
+    p.add_argument("--no-triton", action="store_true", help="no Triton kernel (with --gluon-backward: the Gluon one only)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON (for tests), not a table")
     p.add_argument("--backward", action="store_true", help="also the Triton backward's dK/dV and dQ kernels")
     p.add_argument("--gluon-backward", action="store_true", help="also the Gluon dK/dV kernel")
-    p.add_argument("--persistent", action="store_true", help="also the persistent Gluon forward at each tile choice")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compiling for sm_90a needs TRITON_INTERPRET unset (the interpreter wraps Triton's own functions)")
@@ -305,11 +314,6 @@ def main(argv=None) -> list[Compiled]:
             if args.backward:
                 rows.append(summarize(f"triton backward dK/dV D{dim}", compile_triton_dkdv(dim)))
                 rows.append(summarize(f"triton backward dQ D{dim}", compile_triton_dq(dim)))
-        for tiles in args.gluon_tiles:
-            name = "x".join(map(str, tiles))
-            rows.append(summarize(f"gluon {name} D{dim}", compile_gluon(tiles, dim)))
-            if args.persistent:
-                rows.append(summarize(f"gluon persistent {name} D{dim}", compile_gluon(tiles, dim, persistent=True)))
         if args.gluon_backward:
             rows.append(summarize(f"gluon backward dK/dV D{dim}", compile_gluon_dkdv(dim)))
     if args.json:
@@ -317,11 +321,12 @@ def main(argv=None) -> list[Compiled]:
                           for row in rows]))  # fmt: skip
         return rows
     print("\n| kernel | registers | spilled B | shared KB | softmax beside P V | waits for every MMA | key loop (SASS) "
-          "| loop's global stores |\n|---|---|---|---|---|---|---|---|")
+          "| loop's global stores | MMA operands kept |\n|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row.name} | {row.registers} | {row.spilled} | {row.shared / 1024:.1f} | "
               f"{'yes' if overlaps_softmax(row.loop) else 'no'} | {'yes' if waits_for_all(row.loop) else 'no'} | "
-              f"{' '.join(row.loop)} | {' '.join(f'{op}x{n}' for op, n in row.stores.items()) or '-'} |")  # fmt: skip
+              f"{' '.join(row.loop)} | {' '.join(f'{op}x{n}' for op, n in row.stores.items()) or '-'} | "
+              f"{'yes' if row.operands_kept else 'NO'} |")  # fmt: skip
     return rows
 
 

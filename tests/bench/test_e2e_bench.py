@@ -86,16 +86,16 @@ def test_triton_options_tag_rows_and_merge_apart(e2e, tmp_path, capsys):
     common = ["--dry-run", "--models", "hunyuan", "--densities", "0.3", "--svg-densities", "", "--online-densities", "",
               "--repeats", "1", "--out", str(out)]  # fmt: skip
     assert e2e.main(common) == 0
-    assert e2e.main([*common, "--triton-options", "gluon=True", "gluon_persistent=True"]) == 0
-    assert launcher.OPTIONS["gluon"] is None and launcher.OPTIONS["gluon_persistent"] is None
+    assert e2e.main([*common, "--triton-options", "schedule=heads", "tma=False"]) == 0
+    assert launcher.OPTIONS["schedule"] is None and launcher.OPTIONS["tma"] is None
     rows = json.loads(out.read_text())["results"]
-    tagged = sorted(r["variant"] for r in rows if r.get("options") == "gluon=True,gluon_persistent=True")
+    tagged = sorted(r["variant"] for r in rows if r.get("options") == "schedule=heads,tma=False")
     plain = sorted(r["variant"] for r in rows if "options" not in r)
     assert tagged == plain == ["dense", "sparse-30", "unpatched"]
-    assert "sparse-30 [gluon=True,gluon_persistent=True]" in capsys.readouterr().out
+    assert "sparse-30 [schedule=heads,tma=False]" in capsys.readouterr().out
     assert e2e.triton_options(["tiles=(128, 64, 8, 3)", "schedule=levels"]) == {"tiles": (128, 64, 8, 3),
                                                                                   "schedule": "levels"}
     with pytest.raises(ValueError, match="NAME=VALUE"):
         e2e.triton_options(["glon=True"])
     with pytest.raises(ValueError, match="NAME=VALUE"):
-        e2e.triton_options(["gluon"])
+        e2e.triton_options(["tma"])

@@ -20,9 +20,8 @@ def test_processor_attention_dry_run(family, load_script, tmp_path, capsys, monk
     result = script.main(["--dry-run", "--densities", "0.3", "--kinds", "mixed", "--backends", "triton", "--sets", "1",
                           "--out", str(tmp_path), *(sweep if family == "wan" else [])])  # fmt: skip
     assert sorted(label for backend, label in script.PATHS if backend == "triton") == [
-        "fused-permuted", "fused-permuted-f32", "gluon", "gluon-128x128x8x2", "gluon-64x64x4x2", "gluon-persistent",
-        "gluon-persistent-64x64x4x2", "old"]
-    # the -f32 path runs for float64 tables only (Wan); the gluon paths only when named in --paths
+        "fused-permuted", "fused-permuted-f32", "old"]
+    # the -f32 path runs for float64 tables only (Wan)
     rows = {(r["kind"], r["path"]): r for r in result["rows"] if r["part"] in ("dense", "call")}
     expected = {("dense", "dense-old"), ("dense", "dense-fused"), ("dense", "dense-cudnn"), ("mixed", "old"),
                 ("mixed", "fused-permuted")}  # fmt: skip
@@ -88,20 +87,3 @@ def test_rotary_fns_rotate_in_identity_order(family, load_script):
     for label, fn in fns.items():
         for got, want in zip(fn(q, k), expected):
             assert got.shape == want.shape and (got - want).abs().max() <= 1e-5 * want.abs().max(), label
-
-
-def test_gluon_path_runs_only_when_named(load_script, tmp_path):
-    """``--paths gluon``: the fused path with ``launcher.OPTIONS["gluon"]`` set for the call (off the GPU
-    the Triton kernel runs, so it matches the old path), and the option restored after it."""
-    from sparse_vdit.kernels import registry
-    from sparse_vdit.kernels.triton import launcher
-
-    if not registry.available("triton", torch.device("cpu"))[0]:
-        pytest.skip("needs triton and TRITON_INTERPRET=1")
-    script = load_script("processor_attention")
-    result = script.main(["--dry-run", "--densities", "0.3", "--kinds", "mixed", "--backends", "triton", "--sets", "1",
-                          "--paths", "gluon", "gluon-persistent", "--out", str(tmp_path)])  # fmt: skip
-    paths = {r["path"] for r in result["rows"] if r["part"] == "call"}
-    assert paths == {"old", "gluon", "gluon-persistent"}
-    assert not result["failed_checks"]
-    assert launcher.OPTIONS["gluon"] is None and launcher.OPTIONS["gluon_persistent"] is None

@@ -1,5 +1,5 @@
-"""bench/sm90_loop.py: the forward kernels and the backward's dK/dV kernel compiled for sm_90a on the CPU, their
-key loops read from the SASS."""
+"""bench/sm90_loop.py: the Triton forward and backward kernels and the Gluon dK/dV kernel compiled for sm_90a on
+the CPU, their key loops read from the SASS, two checks from the PTX."""
 
 import json
 import os
@@ -15,17 +15,18 @@ SCRIPT = Path(__file__).parents[2] / "bench" / "sm90_loop.py"
 def test_reads_the_key_loops_of_both_kernels():
     pytest.importorskip("triton.experimental.gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--json", "--backward", "--head-dims", "64", "--gluon-tiles",
-                           "64x64x4x2"], env=env, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run([sys.executable, str(SCRIPT), "--json", "--backward", "--gluon-backward", "--head-dims", "64"],
+                          env=env, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     assert [row["name"] for row in rows] == ["triton 128x64x8x3 D64", "triton backward dK/dV D64", "triton backward dQ D64",
-                                             "gluon 64x64x4x2 D64"]  # fmt: skip
+                                             "gluon backward dK/dV D64"]  # fmt: skip
     for row in rows:
         assert row["registers"] > 0 and 0 < row["shared"] and row["spilled"] >= 0
         assert any(step.startswith("HGMMA") for step in row["loop"])
         # the dQ kernel on stored dS is one MMA a step (no softmax), kept in flight while the next loads
         assert any(s.startswith("EXP") for s in row["loop"]) != ("dQ" in row["name"]), row["loop"]
+        assert row["loads_after_barriers"] and row["operands_kept"], row["name"]
 
 
 def test_loop_stores_counts_the_innermost_mma_loops_global_stores(load_script):
@@ -47,11 +48,21 @@ def test_tma_loads_follow_barriers_reads_the_ptx(load_script):
     assert module.tma_loads_follow_barriers(ordered.replace("mov.u32 %r1, 0;", "$L__tmp13:"))  # a debug range
 
 
-def test_refuses_the_interpreter_and_bad_tiles(load_script, monkeypatch):
+def test_register_operands_kept_reads_the_ptx(load_script):
+    module = load_script("sm90_loop")
+    mma = "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%r10,%r11}, {%r1,%r2}, %rd1, %p1, 1, 1, 1;"
+    wait = "wgmma.wait_group.sync.aligned 2;"
+    pack = "mov.b32 %r1, {%rs1, %rs2};"
+    assert module.register_operands_kept("\n".join([wait, pack, mma]))  # packed after the previous update's wait
+    assert not module.register_operands_kept("\n".join([pack, wait, mma]))  # packed while it may still read them
+    assert not module.register_operands_kept("\n".join([mma, pack, wait]))  # written while it runs
+    assert module.register_operands_kept("\n".join([mma, wait, pack]))
+    assert module.register_operands_kept("\n".join([pack, "$L__BB0_2:", wait, mma]))  # not straight-line: not judged
+    assert module.register_operands_kept("\n".join([pack, wait, mma.replace("{%r1,%r2}", "%rd2")]))  # A in shared memory
+
+
+def test_refuses_the_interpreter(load_script, monkeypatch):
     module = load_script("sm90_loop")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(SystemExit, match="TRITON_INTERPRET unset"):
         module.main(["--head-dims", "64"])
-    assert module.parse_tiles("128x64x8x3") == (128, 64, 8, 3)
-    with pytest.raises(Exception, match="BLOCK_MxBLOCK_N"):
-        module.parse_tiles("128x64")

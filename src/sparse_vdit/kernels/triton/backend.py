@@ -73,11 +73,6 @@ def run_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float, head_
 
 def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: bool = False):
     block = table.block_size
-    gluon = _gluon(q, k, v, table, head_order)
-    if gluon is not None:
-        module, tiles = gluon
-        return module.forward(q, k, v, table, softmax_scale, tiles=tiles, return_lse=return_lse,
-                              persistent=launcher.option("gluon_persistent"))  # fmt: skip
     tiles = _tiles(q, block, table=table, head_order=head_order)
     schedule = launcher.table_schedule(table, q.shape[1], tiles[0], launcher.option("schedule"))
     layout = table.layout
@@ -88,19 +83,6 @@ def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: boo
         tiles=tiles, schedule=schedule, return_lse=return_lse, head_order=head_order,
         visited=_visited(table),
     )  # fmt: skip
-
-
-def _gluon(q, k, v, table, head_order: bool):
-    """(the Gluon kernel's module, its tiles) where ``launcher.option("gluon")`` asks for it and it applies
-    (:func:`.gluon_forward.applies`), else None."""
-    choice = launcher.option("gluon")
-    if not choice or q.device.type != "cuda":
-        return None
-    from . import gluon_forward
-
-    if gluon_forward.applies(q, k, v, table, head_order) is not None:
-        return None
-    return gluon_forward, gluon_forward.tiles_for(table.block_size, q.shape[-1], None if choice is True else choice)
 
 
 def block_list_on(table) -> bool:

@@ -2,8 +2,8 @@
 
 Compiled for sm_90a, the Triton dK/dV kernel waits for each query step's ``S^T = K Q^T`` and
 ``dP^T = V dO^T`` and then for ``dV += P^T dO`` and ``dK += dS^T Q`` before going on (``bench/sm90_loop.py
---backward``): the tensor cores idle while the exponentials and dS are computed. Here, as in
-:mod:`.gluon_forward`, the MMAs are asynchronous: step ``j``'s P and dS are computed while step ``j - 1``'s
+--backward``): the tensor cores idle while the exponentials and dS are computed. Here the MMAs are
+asynchronous, as in FlashAttention-3: step ``j``'s P and dS are computed while step ``j - 1``'s
 ``dV`` and ``dK`` updates run; then step ``j + 1``'s ``S^T`` and ``dP^T`` are issued, the updates waited for
 (the scores stay in flight), step ``j``'s updates issued, and the scores waited for (the updates stay in
 flight). Queries and dO arrive by TMA ``STAGES`` steps ahead.
@@ -20,14 +20,53 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
 
-from .gluon_forward import _load_rows, buffer_layout, mma_layout, row_descriptor
+# Triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load (the old name raises)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
-# a register cap keeps ptxas's schedule (as in gluon_forward); the whole file at 8 warps: at 240 the loop spills
+# a register cap keeps ptxas's schedule; the whole file at 8 warps: at 240 the loop spills
 # (24 bytes with Triton 3.6, 16 at 248 with 3.9), at 255 it does not (252 / 255 registers used)
 MAXNREG = 255
 STAGES = 3  # at least 3: step j + 1's loads are issued at step j - 1 (its slot freed by step j - 2's updates)
+
+
+@gluon.constexpr_function
+def mma_layout(num_warps, columns):
+    """The warpgroup MMA accumulator layout of ``[rows, columns]`` tiles: warps stacked along the rows."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, columns, 16])
+
+
+def row_descriptor(t: torch.Tensor, rows: int):
+    """A TMA descriptor of contiguous ``[B, N, H, D]`` ``t`` as its ``[B, N, H * D]`` view, ``[1, rows, D]`` at a
+    time (one head's rows of one sample): coordinates ``(b, position, h * D)``; rows past the sample's ``N`` read
+    as zeros (never the next sample's)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    batch, n, heads, dim = t.shape
+    element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
+    view = t.view(batch, n, heads * dim)
+    layout = gl.NVMMASharedLayout.get_default_for([1, rows, dim], element)
+    return TensorDescriptor(view, list(view.shape), list(view.stride()), [1, rows, dim], layout)
+
+
+@gluon.constexpr_function
+def buffer_layout(rows, dim, dtype):
+    """The shared-memory layout of a ``[rows, dim]`` buffer that :func:`_load_rows` fills and MMAs read."""
+    return gl.NVMMASharedLayout.get_default_for([rows, dim], dtype)
+
+
+@gluon.jit
+def _load_rows(desc, batch, row, col, bar, smem, pred=True):
+    """TMA load of sample ``batch``'s rows from ``row`` and columns from ``col`` (a :func:`row_descriptor`) into the
+    ``[rows, D]`` buffer ``smem``, arriving on ``bar``."""
+    _tma_load(desc, [batch, row, col], bar, smem.reshape([1, smem.shape[0], smem.shape[1]]), pred=pred)
 
 
 @gluon.jit
@@ -157,8 +196,6 @@ def block_sparse_attention_bwd_dkdv_sm90(
                 start = first + j * BLOCK_M
                 p_t, ds_t = _probabilities(s_t, dp_t, start, last, key_ok, LSE, DELTA, stats, qk_scale, BLOCK_M,
                                            s_layout)  # fmt: skip
-                pair = ds_pair0 + gl.load(pair_slots + start // TABLE_BLOCK)
-                _store_ds(ds_t.to(dtype), DS, pair, ds_rows, start, TABLE_BLOCK)
                 slot = (g + j) % STAGES
                 following = (g + j + 1) % STAGES
                 mbarrier.wait(bars.index(following), ((g + j + 1) // STAGES) & 1)
@@ -172,6 +209,10 @@ def block_sparse_attention_bwd_dkdv_sm90(
                 ds_prev = gl.convert_layout(ds_t.to(dtype), a_layout)
                 dv = warpgroup_mma(p_prev, do_smem.index(slot), dv, is_async=True)
                 dk = warpgroup_mma(ds_prev, q_smem.index(slot), dk, is_async=True)
+                # stored only now: its 16-bit pairs are the registers the dK update reads, and packed before the
+                # wait above they would overwrite those step j - 1's dK update may still be reading
+                _store_ds(ds_t.to(dtype), DS, ds_pair0 + gl.load(pair_slots + start // TABLE_BLOCK), ds_rows, start,
+                          TABLE_BLOCK)  # fmt: skip
                 # the next step's scores; step j's updates stay in flight
                 s_t, dp_t = warpgroup_mma_wait(num_outstanding=2, deps=(s_t, dp_t))
                 if j > 0:  # step j - 1's slot is free: the step STAGES ahead of it goes there
@@ -179,14 +220,14 @@ def block_sparse_attention_bwd_dkdv_sm90(
                                 BLOCK_M, STAGES)  # fmt: skip
             start = first + (nsteps - 1) * BLOCK_M  # the last step
             p_t, ds_t = _probabilities(s_t, dp_t, start, last, key_ok, LSE, DELTA, stats, qk_scale, BLOCK_M, s_layout)
-            pair = ds_pair0 + gl.load(pair_slots + start // TABLE_BLOCK)
-            _store_ds(ds_t.to(dtype), DS, pair, ds_rows, start, TABLE_BLOCK)
             slot = (g + nsteps - 1) % STAGES
             dv, dk, p_prev, ds_prev = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, p_prev, ds_prev))
             p_op = gl.convert_layout(p_t.to(dtype), a_layout)
             ds_op = gl.convert_layout(ds_t.to(dtype), a_layout)
             dv = warpgroup_mma(p_op, do_smem.index(slot), dv, is_async=True)
             dk = warpgroup_mma(ds_op, q_smem.index(slot), dk, is_async=True)
+            _store_ds(ds_t.to(dtype), DS, ds_pair0 + gl.load(pair_slots + start // TABLE_BLOCK), ds_rows, start,
+                      TABLE_BLOCK)  # fmt: skip
             dv, dk, p_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, p_op, ds_op))
         g += nsteps
     for b in gl.static_range(STAGES):

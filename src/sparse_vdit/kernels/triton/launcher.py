@@ -40,19 +40,12 @@ LOG2E = 1.4426950408889634
 # 5. Default 5, from issue 22's H200 run (bf16, 25%, online top-k tables as lists, kernel time vs the plan's
 # tables in ranges; Wan-1.3B 480p / Wan-14B 720p): 1.21x / 1.11x at the tiles' 3 stages, 1.20x / 1.10x at
 # 4, 1.04x / 1.01x at 5 (`bench/online_cost.py --block-list --list-stages 4 5`, BENCHMARKS.md).
-# ``gluon``: on sm90, inputs in each head's own order go to the Gluon kernel (``gluon_forward``: the key loop
-# with asynchronous MMAs, the softmax overlapping P V) where it applies: True, or its tiles (BLOCK_M,
-# BLOCK_N, warps, stages). Off by default: built without a GPU (compiled for sm_90a on the CPU), not yet
-# measured (issue 21). ``gluon_persistent``: that kernel with as many programs as the GPU holds, each taking
-# work items in turn and loading the next one's tiles during this one's last (True, or a number of programs).
 OPTIONS: dict[str, bool | float | str | tuple | dict | None] = {"tma": None, "warp_specialize": None, "schedule": None,
                                                                 "tiles": None, "block_list": None,
-                                                                "list_stages": None, "gluon": None,
-                                                                "gluon_persistent": None}  # fmt: skip
+                                                                "list_stages": None}  # fmt: skip
 DEFAULTS: dict[str, bool | float | str | tuple | dict | None] = {"tma": True, "warp_specialize": False,
                                                                  "schedule": "levels", "tiles": None,
-                                                                 "block_list": 8.0, "list_stages": 5,
-                                                                 "gluon": False, "gluon_persistent": False}  # fmt: skip
+                                                                 "block_list": 8.0, "list_stages": 5}  # fmt: skip
 # Launch shapes (device, dtype, head dim, tiles, warps) whose block-list launch at ``list_stages`` ran out of
 # shared memory; they run at the tiles' own stages from then on.
 _LIST_STAGES_TOO_DEEP: set[tuple] = set()
