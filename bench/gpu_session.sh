@@ -84,9 +84,6 @@
 #   backward-calls-k  the whole processor call's backward, rotary included: old vs fused path, multi-diagonal and
 #                  mixed, 10-50% (CALL_SHAPES, default Wan-1.3B 480p) (#18) (~200)
 #   backward-calls-profile-k  the same at 10% on Wan-1.3B 480p under torch.profiler: operator and call tables (#18) (~60)
-#   tests-gluon    GPU tests of the Gluon sm90 dK/dV kernel (gradients against float64 autograd) (#18)    (~60)
-#   backward-gluon the Triton backward with its dK/dV kernel in Gluon vs the default, Wan-1.3B and
-#                  HunyuanVideo, band / multi-diagonal / mixed, 10-50% (#18)                       (~150)
 #   backward-d64   the Triton backward at head dim 64 (CogVideoX1.5 768p), default (4 warps) vs warps8, 10-50% (#18) (~120)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
@@ -281,10 +278,6 @@ for name in "$@"; do
     backward-d64) TAIL=20 step backward-d64 200 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
         0.25 0.5 --kinds band mixed --backends triton --variants default warps8 --target-ms 300 --budget-s 170 \
         --out "$R" ;;
-    tests-gluon) TAIL=12 step tests-gluon 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gluon_backward.py ;;
-    backward-gluon) TAIL=30 step backward-gluon 220 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
-        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default gluon \
-        --target-ms 300 --budget-s 190 --out "$R" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done

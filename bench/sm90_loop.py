@@ -1,15 +1,15 @@
 """What the attention kernels' key loops compile to on Hopper, without a GPU.
 
-    python bench/sm90_loop.py                                # the Triton forward
-    python bench/sm90_loop.py --backward --gluon-backward    # and the backward's kernels
+    python bench/sm90_loop.py               # the Triton forward
+    python bench/sm90_loop.py --backward    # and the backward's dK/dV and dQ kernels
 
 Compiles each kernel for sm_90a on the CPU with the installed Triton and its bundled ``ptxas`` /
 ``cuobjdump``, then reads the innermost loop that issues warpgroup MMAs from the SASS: the order of
 its MMAs (``HGMMA``), waits for them (``DEPBAR<=n``: at most n MMA groups left in flight), the softmax's
 exponentials (``EXP``, with the bf16 packing of P), CTA barriers and TMA loads. A loop that reads
 ``HGMMA ... DEPBAR<=0 EXP`` runs its softmax with the tensor cores idle; ``DEPBAR<=1 EXP DEPBAR<=0``
-overlaps it with the previous tile's ``P V`` (the Gluon forward that did, 2026-12-05, lost to the Triton
-kernel on an H200: BENCHMARKS.md). Also registers, spills and shared memory per program, and two checks read
+overlaps it with the previous tile's ``P V`` (the Gluon forward and dK/dV kernels written that way lost to
+the Triton kernels on an H200, 2026-12-05: BENCHMARKS.md). Also registers, spills and shared memory per program, and two checks read
 from the PTX: TMA loads after CTA barriers, and registers that asynchronous MMAs read left alone until waited.
 """
 
@@ -65,7 +65,7 @@ def _aligned(types: dict) -> dict:
             if kind.startswith("*") or name.startswith("stride")}  # fmt: skip
 
 
-def _compile(fn, constexprs: dict, descriptors: dict, options: dict, gluon: bool = False):
+def _compile(fn, constexprs: dict, descriptors: dict, options: dict):
     """``fn`` compiled for sm_90a on the CPU: bf16 tensors, int32 tables and strides, ``descriptors`` (name:
     tensordesc type) for its descriptor arguments, pointers and strides aligned as a real launch's."""
     import triton
@@ -75,34 +75,8 @@ def _compile(fn, constexprs: dict, descriptors: dict, options: dict, gluon: bool
     types = {name: "constexpr" if name in constexprs else descriptors.get(name, _TYPES.get(name, "i32"))
              for name in inspect.signature(fn.fn).parameters}  # fmt: skip
     names = list(types)
-    if gluon:
-        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource  # noqa: N814
     source = ASTSource(fn, types, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=_aligned(types))
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-
-
-def _gluon_descriptor(rows: int, head_dim: int) -> str:
-    """The type of a Gluon TMA descriptor of bf16 ``[1, rows, head_dim]`` blocks in their default shared layout
-    (``gluon_backward.row_descriptor``'s)."""
-    from triton.experimental.gluon import language as gl
-
-    layout = gl.NVMMASharedLayout.get_default_for([1, rows, head_dim], gl.bfloat16)
-    return f"tensordesc<bf16[1,{rows},{head_dim}],{layout!r}>"
-
-
-def compile_gluon_dkdv(head_dim: int = 128, block: int = 128):
-    """The Gluon dK/dV kernel (``kernels.triton.gluon_backward``) at the Triton backward's default tiles
-    (128 keys a program, 32-query steps at D 128, 64 at D 64), 8 warps, compiled for sm_90a."""
-    from sparse_vdit.kernels.triton import gluon_backward as GB
-    from sparse_vdit.kernels.triton.backward import _tiles
-
-    kv_tile, q_step, _, _ = _tiles(block, head_dim, _CUDA)
-    constexprs = dict(TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=kv_tile, HEAD_DIM=head_dim, STAGES=GB.STAGES,
-                      num_warps=8)  # fmt: skip
-    steps, keys = _gluon_descriptor(q_step, head_dim), _gluon_descriptor(kv_tile, head_dim)
-    descriptors = {"q_desc": steps, "do_desc": steps, "k_desc": keys, "v_desc": keys}
-    return _compile(GB.block_sparse_attention_bwd_dkdv_sm90, constexprs, descriptors,
-                    dict(num_warps=8, maxnreg=GB.MAXNREG), gluon=True)  # fmt: skip
 
 
 def compile_triton(tiles: tuple[int, int, int, int] = (128, 64, 8, 3), head_dim: int = 128, block: int = 128):
@@ -248,8 +222,8 @@ def register_operands_kept(ptx: str) -> bool:
     ``{...}`` registers) is written where that MMA may still be running, judged in straight-line code (no branch
     target between the write and the MMA): a write before the MMA must come after the last ``wgmma.wait_group``
     before it, a write after it after a wait. (A write before that wait, in a loop, lands while the previous
-    iteration's MMA reads the register: undefined in PTX. The Gluon dK/dV kernel packed its dS tiles for their
-    store into the dK update's registers there, and its dK came out wrong.)"""
+    iteration's MMA reads the register: undefined in PTX. The Gluon dK/dV kernel of 2026-12-05, since removed,
+    packed its dS tiles for their store into the dK update's registers there, and its dK came out wrong.)"""
     lines = [line.strip() for line in ptx.splitlines()]
     waits = [i for i, line in enumerate(lines) if line.startswith("wgmma.wait_group")]
     labels = [i for i, line in enumerate(lines) if line.startswith("$L__BB")]
@@ -293,29 +267,24 @@ def overlaps_softmax(loop: list[str]) -> bool:
 
 def waits_for_all(loop: list[str]) -> bool:
     """Whether the loop waits, somewhere, for every MMA it issued (``DEPBAR<=0``): with none, each step's
-    exponentials run beside MMAs still in flight (the Gluon dK/dV kernel's loop)."""
+    exponentials would run beside MMAs still in flight."""
     return "DEPBAR<=0" in loop
 
 
 def main(argv=None) -> list[Compiled]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--head-dims", nargs="*", type=int, default=[128, 64])
-    p.add_argument("--no-triton", action="store_true", help="no Triton kernel (with --gluon-backward: the Gluon one only)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON (for tests), not a table")
     p.add_argument("--backward", action="store_true", help="also the Triton backward's dK/dV and dQ kernels")
-    p.add_argument("--gluon-backward", action="store_true", help="also the Gluon dK/dV kernel")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compiling for sm_90a needs TRITON_INTERPRET unset (the interpreter wraps Triton's own functions)")
     rows = []
     for dim in args.head_dims:
-        if not args.no_triton:
-            rows.append(summarize(f"triton 128x64x8x3 D{dim}", compile_triton((128, 64, 8, 3), dim)))
-            if args.backward:
-                rows.append(summarize(f"triton backward dK/dV D{dim}", compile_triton_dkdv(dim)))
-                rows.append(summarize(f"triton backward dQ D{dim}", compile_triton_dq(dim)))
-        if args.gluon_backward:
-            rows.append(summarize(f"gluon backward dK/dV D{dim}", compile_gluon_dkdv(dim)))
+        rows.append(summarize(f"triton 128x64x8x3 D{dim}", compile_triton((128, 64, 8, 3), dim)))
+        if args.backward:
+            rows.append(summarize(f"triton backward dK/dV D{dim}", compile_triton_dkdv(dim)))
+            rows.append(summarize(f"triton backward dQ D{dim}", compile_triton_dq(dim)))
     if args.json:
         print(json.dumps([{**asdict(row), "overlaps": overlaps_softmax(row.loop), "waits_for_all": waits_for_all(row.loop)}
                           for row in rows]))  # fmt: skip

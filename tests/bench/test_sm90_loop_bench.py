@@ -1,5 +1,5 @@
-"""bench/sm90_loop.py: the Triton forward and backward kernels and the Gluon dK/dV kernel compiled for sm_90a on
-the CPU, their key loops read from the SASS, two checks from the PTX."""
+"""bench/sm90_loop.py: the Triton forward and backward kernels compiled for sm_90a on the CPU, their key loops read
+from the SASS, two checks from the PTX."""
 
 import json
 import os
@@ -13,14 +13,13 @@ SCRIPT = Path(__file__).parents[2] / "bench" / "sm90_loop.py"
 
 
 def test_reads_the_key_loops_of_both_kernels():
-    pytest.importorskip("triton.experimental.gluon")
+    pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--json", "--backward", "--gluon-backward", "--head-dims", "64"],
-                          env=env, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run([sys.executable, str(SCRIPT), "--json", "--backward", "--head-dims", "64"], env=env,
+                          capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [row["name"] for row in rows] == ["triton 128x64x8x3 D64", "triton backward dK/dV D64", "triton backward dQ D64",
-                                             "gluon backward dK/dV D64"]  # fmt: skip
+    assert [row["name"] for row in rows] == ["triton 128x64x8x3 D64", "triton backward dK/dV D64", "triton backward dQ D64"]
     for row in rows:
         assert row["registers"] > 0 and 0 < row["shared"] and row["spilled"] >= 0
         assert any(step.startswith("HGMMA") for step in row["loop"])

@@ -36,12 +36,9 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option, token_maj
 # them, sm90+: frame-major heads' whole steps, and the stored dS tiles); ``dq``: "stored" (the dK/dV kernel
 # stores each visited pair's dS tile, the dQ kernel multiplies it by K: 5 matmuls a block) or "recompute"
 # (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of the device's memory the
-# stored tiles may take at once (heads go in chunks that fit; a head whose tiles alone do not recomputes);
-# ``gluon``: on sm90 the dK/dV launches go to the Gluon kernel (gluon_backward.py) where it applies.
-OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
-                 "gluon": None}  # fmt: skip
-DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
-                  "gluon": False}  # fmt: skip
+# stored tiles may take at once (heads go in chunks that fit; a head whose tiles alone do not recomputes).
+OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None}
+DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15}
 
 
 # Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first);
@@ -55,7 +52,9 @@ DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "
 # order and read through TMA (session j); 64-key dK/dV tiles with 4 or 8 warps, or 64-query steps (session l);
 # each head chunk's dQ on a side stream beside the next chunk's dK/dV, and after a head-ordered forward the
 # gradients stored frame-major through the rotary's transpose (as in session k, no pass after them), the dQ
-# kernel with 4-5 stages or 4 warps, the dK/dV kernel with 2 or 4 stages (session o).
+# kernel with 4-5 stages or 4 warps, the dK/dV kernel with 2 or 4 stages (session o); the dK/dV kernel in Gluon
+# for sm90, each step's P and dS computed beside the previous step's updates on the tensor cores (0.63-0.77
+# against the default's 0.77-0.82, session r; its code is in commit 299490f).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages
@@ -64,9 +63,6 @@ VARIANTS: dict[str, dict] = {
     # at 4 warps spills 664 bytes and waits after each of its MMA instructions, at 8 none (bench/sm90_loop.py
     # --backward); not yet timed
     "warps8": {"warps": (8, 8)},
-    # the dK/dV kernel in Gluon on sm90 (gluon_backward.py: each step's P and dS beside the last step's dV and dK
-    # updates on the tensor cores, as compiled for sm_90a), where it applies; not yet timed
-    "gluon": {"gluon": True},
 }
 
 
@@ -523,22 +519,15 @@ def backward(
         dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order, h0, h1),
                                    lambda t: _heads_schedule(t.query_num_blocks, block // kv_tile, num_k_tiles, order,
                                                              h0, h1))  # fmt: skip
-        if _gluon_dkdv(q, table, kv_tile, q_step, stored, any_token_major):
-            from .gluon_backward import dkdv as gluon_dkdv
-
-            gluon_dkdv(q, k, v, grad_out, dk, dv, lse2, delta, q_starts, q_ends, dkdv_schedule, ds, pair_slots, q_first,
-                       table=table, kv_tile=kv_tile, q_step=q_step, softmax_scale=softmax_scale, pairs=pairs,
-                       slot_base=head_first[h0])  # fmt: skip
-        else:
-            block_sparse_attention_bwd_dkdv[(len(dkdv_schedule), batch)](
-                q, k, v, grad_out, dk, dv, *(q_descriptors or (delta, delta)), lse_t, delta_t,
-                lse2, delta, q_starts, q_ends,
-                dkdv_schedule, flags, ds, pair_slots, q_first,
-                q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
-                n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
-                pairs, head_first[h0],
-                BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored, **common, **launch[0],
-            )  # fmt: skip
+        block_sparse_attention_bwd_dkdv[(len(dkdv_schedule), batch)](
+            q, k, v, grad_out, dk, dv, *(q_descriptors or (delta, delta)), lse_t, delta_t,
+            lse2, delta, q_starts, q_ends,
+            dkdv_schedule, flags, ds, pair_slots, q_first,
+            q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
+            n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
+            pairs, head_first[h0],
+            BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored, **common, **launch[0],
+        )  # fmt: skip
         dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1),
                                  lambda t: _heads_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
                                                            h0, h1))  # fmt: skip
@@ -559,16 +548,6 @@ def backward(
     if layout.kv_len < n:  # the kernel left the rows of padded keys as they came
         dk[:, layout.kv_len :], dv[:, layout.kv_len :] = 0, 0
     return dq, dk, dv
-
-
-def _gluon_dkdv(q, table, kv_tile: int, q_step: int, stored: bool, any_token_major: bool) -> bool:
-    """Whether this dK/dV launch goes to the Gluon sm90 kernel (``OPTIONS["gluon"]`` and
-    :func:`.gluon_backward.applies`)."""
-    if not backward_option("gluon") or q.device.type != "cuda":
-        return False
-    from .gluon_backward import applies
-
-    return applies(q, table, kv_tile, q_step, stored, any_token_major) is None
 
 
 def _stat_order(table, device: torch.device) -> torch.Tensor:
