@@ -40,6 +40,9 @@ LOG2E = 1.4426950408889634
 # 5. Default 5, from issue 22's H200 run (bf16, 25%, online top-k tables as lists, kernel time vs the plan's
 # tables in ranges; Wan-1.3B 480p / Wan-14B 720p): 1.21x / 1.11x at the tiles' 3 stages, 1.20x / 1.10x at
 # 4, 1.04x / 1.01x at 5 (`bench/online_cost.py --block-list --list-stages 4 5`, BENCHMARKS.md).
+# Dropped after an H200 run (session r): a forward written in Gluon with the softmax beside the previous key
+# tile's P V (asynchronous MMAs), one work item a program or persistent: 0.02-0.14 below this kernel in all 32
+# processor cells (its code is in commit c3b88b1).
 OPTIONS: dict[str, bool | float | str | tuple | dict | None] = {"tma": None, "warp_specialize": None, "schedule": None,
                                                                 "tiles": None, "block_list": None,
                                                                 "list_stages": None}  # fmt: skip
