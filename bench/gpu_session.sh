@@ -84,6 +84,8 @@
 #   backward-calls-k  the whole processor call's backward, rotary included: old vs fused path, multi-diagonal and
 #                  mixed, 10-50% (CALL_SHAPES, default Wan-1.3B 480p) (#18) (~200)
 #   backward-calls-profile-k  the same at 10% on Wan-1.3B 480p under torch.profiler: operator and call tables (#18) (~60)
+#   processor-ceiling-triton / processor-ceiling-fa4  the processor call on four shapes with the dense
+#                  kernels alone (cuDNN, the backend's own), for the metric's ceilings; one backend each (#21) (~150)
 #   backward-d64   the Triton backward at head dim 64 (CogVideoX1.5 768p), default (4 warps) vs warps8, 10-50% (#18) (~120)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
@@ -275,6 +277,10 @@ for name in "$@"; do
         --modes eager,compiled --backend fa4 --densities 0.25,0.1 --repeats 3 --budget-s 300 --out "$R/train_step_fa4.json" ;;
     train-step-hunyuan-n) TAIL=10 step train-step-hunyuan-n 330 python3 bench/train_step.py --models hunyuan \
         --modes eager --densities 0.25,0.1 --repeats 1 --no-unpatched --no-dense --budget-s 300 --out "$R/train_step.json" ;;
+    processor-ceiling-triton | processor-ceiling-fa4) TAIL=90 step "$name" 170 python3 bench/processor_attention.py \
+        --shapes wan1.3b-480p hunyuan-720p wan14b-720p cogvideox1.5-768p --densities 0.05 0.1 0.2 0.4 --kinds \
+        multi_diag mixed --backends "${name#processor-ceiling-}" --paths fused fused-permuted --target-ms 60 \
+        --budget-s 140 --out "$R/$name" ;;
     backward-d64) TAIL=20 step backward-d64 200 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
         0.25 0.5 --kinds band mixed --backends triton --variants default warps8 --target-ms 300 --budget-s 170 \
         --out "$R" ;;

@@ -44,6 +44,11 @@ path applies, run alone on q and k in identity order (no permutation: what a den
 the same tables and options (rows ``part="rotary"``: ``old`` the model's torch rotary, ``fused`` the
 fused pass, ``fused-f32``, ``fused-tuned[-f32]``; :data:`ROTARY_OF_PATH`). It is 1.0 when the call
 costs its rotary plus ``density`` of the dense kernel, i.e. the permutation rides on the rotary for free.
+And the metric's ``ceiling`` (:func:`metric_ceiling`, printed with each call's share of it): the block
+efficiency of a call that pays its rotary and then ``density`` of the fastest dense kernel alone (cuDNN,
+or FA4's dense kernel, ``dense-fa4``, where FA4 runs): no post-rotary kernel as fast per block as dense
+reaches more; and per backend the same with its own dense kernel (``dense-fa4``; ``dense-triton``, the
+Triton block path on an all-dense table). ``--from-json PATH`` prints the tables of a saved run.
 Every timed path is first checked against the backend's old path on the same inputs (relative
 RMS, ``check``). Shapes: Wan-1.3B 480p, Wan-14B 720p, HunyuanVideo 720p (+256 text),
 CogVideoX1.5 768p (+226 text, D=64); multi-diagonal and mixed layers at 5/10/20/40% of blocks.
@@ -146,20 +151,33 @@ def rotary_fns(rotary: Rotary, tuned: dict | None = None) -> dict:
     return fns
 
 
-def dense_fns(layout: VideoLayout, rotary: Rotary, tuned: dict | None = None) -> dict:
-    """The same call without sparsity: ``dense-<rotary>``, each rotary of :func:`rotary_fns` then dense
-    cuDNN SDPA; and ``dense-cudnn``, cuDNN alone (no rotary)."""
-    kw = dict(kv_len=layout.kv_len, use_fa4=False)
+KERNEL_ALONE = ("dense-cudnn", "dense-fa4", "dense-triton")  # dense rows without a rotary: not the bar
 
-    def call(rotary_fn):
+
+def dense_fns(layout: VideoLayout, rotary: Rotary, tuned: dict | None = None, fa4: bool = False) -> dict:
+    """The same call without sparsity: ``dense-<rotary>``, each rotary of :func:`rotary_fns` then dense
+    cuDNN SDPA; ``dense-cudnn``, cuDNN alone (no rotary), and with ``fa4`` ``dense-fa4``, FlashAttention-4's
+    dense kernel alone (:data:`KERNEL_ALONE`)."""
+
+    def call(rotary_fn, use_fa4=False):
         def run(q, k, v):
             q, k = rotary_fn(q, k)
-            return dense.forward(q, k, v, softmax_scale=q.shape[-1] ** -0.5, **kw)
+            return dense.forward(q, k, v, softmax_scale=q.shape[-1] ** -0.5, kv_len=layout.kv_len, use_fa4=use_fa4)
 
         return run
 
-    fns = {"dense-cudnn": call(lambda q, k: (q, k))}
+    fns = {"dense-cudnn": call(lambda q, k: (q, k))} | ({"dense-fa4": call(lambda q, k: (q, k), True)} if fa4 else {})
     return fns | {f"dense-{label}": call(fn) for label, fn in rotary_fns(rotary, tuned).items()}
+
+
+def triton_dense_fn(layout: VideoLayout, heads: int, device):
+    """``dense-triton``: the Triton kernel's block path on an all-dense table (frame-major, no rotary), the
+    speed per block its sparse calls could at best keep."""
+    from attention import direct_backend
+
+    table, _ = table_for("band", 1.0, layout, heads, device)
+    run = direct_backend("triton")
+    return lambda q, k, v: run(q, k, v, table)
 
 
 def rotary_excluded_eff(density: float, dense_kernel_ms: float, call_ms: float, rotary_ms: float) -> float | None:
@@ -168,6 +186,40 @@ def rotary_excluded_eff(density: float, dense_kernel_ms: float, call_ms: float, 
     None where the call is not slower than its rotary alone (nothing left to measure)."""
     rest = call_ms - rotary_ms
     return density * dense_kernel_ms / rest if rest > 0 else None
+
+
+def metric_ceiling(density: float, bar_ms: float, dense_kernel_ms: float, rotary_ms: float) -> float:
+    """The block efficiency (issue 21's metric, against ``bar_ms``) of an ideal sparse call that runs its
+    rotary pass and then ``density`` of a dense kernel taking ``dense_kernel_ms``, the permutation free:
+    ``density x bar / (t_rotary + density x t_dense_kernel)``. Below 1.0 at low density however fast the
+    kernel, since the bar scales the rotary by the density while the call pays it whole."""
+    return density * bar_ms / (rotary_ms + density * dense_kernel_ms)
+
+
+def with_ceilings(result: dict) -> list[dict]:
+    """The call rows of ``result`` with ``ceiling`` (:func:`metric_ceiling` with the row's own rotary, the
+    shape's bar and its fastest dense kernel alone: cuDNN, or FA4's where timed), ``of_ceiling`` (the
+    row's block efficiency / the ceiling), and where the row's backend has its own dense kernel timed
+    (``dense-fa4``, ``dense-triton``) ``own_ceiling`` / ``of_own``, the same with that kernel."""
+    dense = {}
+    for r in result["rows"]:
+        if r.get("part") == "dense" and "ms" in r:
+            dense.setdefault(r["shape"], {})[r["path"]] = r["ms"]
+    rows = []
+    for r in result["rows"]:
+        if r.get("part") != "call" or "ms" not in r or r["shape"] not in dense:
+            continue
+        shape = dense[r["shape"]]
+        bar = min(ms for label, ms in shape.items() if label not in KERNEL_ALONE)
+        kernel = min(ms for label, ms in shape.items() if label in KERNEL_ALONE)
+        ceiling = metric_ceiling(r["density"], bar, kernel, r["rotary_ms"])
+        row = dict(r, ceiling=ceiling, of_ceiling=r["block_eff"] / ceiling)
+        own = shape.get("dense-" + r["backend"].split("/")[0])
+        if own is not None:
+            row["own_ceiling"] = metric_ceiling(r["density"], bar, own, r["rotary_ms"])
+            row["of_own"] = r["block_eff"] / row["own_ceiling"]
+        rows.append(row)
+    return rows
 
 
 def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -196,11 +248,17 @@ def parse(argv):
     p.add_argument("--tile-variants", nargs="*", default=list(dict.fromkeys(n for t in TILE_VARIANTS.values() for n in t)),
                    choices=list(dict.fromkeys(n for t in TILE_VARIANTS.values() for n in t)))
     p.add_argument("--dry-run", action="store_true", help="tiny shape on the CPU (Triton interpreter), fp32")
+    p.add_argument("--from-json", metavar="PATH", help="print the tables of a saved processor-attention.json, run nothing")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+        print_table(result)
+        return result
     t_start = time.time()
     if args.triton_autotune:  # before any launch: the launcher reads it per call
         os.environ["SPARSE_VDIT_TRITON_AUTOTUNE"] = "1"
@@ -260,7 +318,10 @@ def main(argv=None) -> dict:
             tuned_pass = pass_sweep(shape, rotary, all_token_major, sets, args, rows)
         dense_ms = {}
         flops = 4.0 * shape.heads * layout.num_tokens * layout.kv_len * shape.dim
-        for label, fn in dense_fns(layout, rotary, tuned_pass).items():
+        dense_calls = dense_fns(layout, rotary, tuned_pass, fa4="fa4" in backends)
+        if "triton" in backends:
+            dense_calls["dense-triton"] = triton_dense_fn(layout, shape.heads, device)
+        for label, fn in dense_calls.items():
             ms, host, reps = time_fn(fn, sets, target_ms=args.target_ms)
             dense_ms[label] = ms
             rows.append(dict(part="dense", shape=shape.name, kind="dense", backend=label, path=label, density=1.0, ms=ms,
@@ -273,7 +334,7 @@ def main(argv=None) -> dict:
             rows.append(dict(part="rotary", shape=shape.name, kind="rotary", backend=f"rotary-{label}", path=label, ms=ms,
                              host_ms=host))  # fmt: skip
             say(f"  {'rotary-' + label:24s} {ms:9.3f} ms")
-        bar = min(ms for label, ms in dense_ms.items() if label != "dense-cudnn")  # the call with its rotary
+        bar = min(ms for label, ms in dense_ms.items() if label not in KERNEL_ALONE)  # the call with its rotary
         for kind in args.kinds:
             for target in args.densities:
                 if time.time() - t_start > args.budget_s:
@@ -330,6 +391,25 @@ def print_table(result: dict) -> None:
     excluded = [r for r in result["rows"] if r.get("part") == "dense" and r["path"] == "dense-cudnn"]
     excluded += [dict(r, block_eff=r["eff_excl"]) for r in result["rows"] if r.get("part") == "call" and "ms" in r]
     attention_table(dict(result, rows=excluded))
+    ceilings = with_ceilings(result)
+    if ceilings:
+        print("\nceiling = density x t(rotary + dense cuDNN) / (t(the call's rotary alone) + density x t(fastest dense "
+              "kernel alone)): a call whose kernel is as fast per block as the fastest dense kernel (cuDNN, or FA4's "
+              "where timed), the permutation free; per path's rotary:")
+        for shape in dict.fromkeys(r["shape"] for r in ceilings):
+            cells = {}
+            for r in (r for r in ceilings if r["shape"] == shape):
+                cells.setdefault((r["kind"], r["target"]), {})[ROTARY_OF_PATH.get(r["path"], r["path"])] = r["ceiling"]
+            for (kind, target), by_rotary in cells.items():
+                print(f"  {shape:18s} {kind:10s} {target:5.2f}  " + "  ".join(f"{k} {v:.2f}" for k, v in by_rotary.items()))
+        print("\nthe measured block efficiency as a share of its ceiling:")
+        attention_table(dict(result, rows=[dict(r, block_eff=r["of_ceiling"]) for r in ceilings]))
+        own = [r for r in ceilings if "own_ceiling" in r]
+        if own:
+            print("\nthe same with the backend's own dense kernel alone (dense-fa4, dense-triton): its ceiling, then the "
+                  "measured share of it")
+            attention_table(dict(result, rows=[dict(r, block_eff=r["own_ceiling"]) for r in own]))
+            attention_table(dict(result, rows=[dict(r, block_eff=r["of_own"]) for r in own]))
     print(f"\nchecks against the old path: {'all within tolerance' if not result['failed_checks'] else result['failed_checks']}")
     print_sweep(result)
 

@@ -23,8 +23,8 @@ def test_processor_attention_dry_run(family, load_script, tmp_path, capsys, monk
         "fused-permuted", "fused-permuted-f32", "old"]
     # the -f32 path runs for float64 tables only (Wan)
     rows = {(r["kind"], r["path"]): r for r in result["rows"] if r["part"] in ("dense", "call")}
-    expected = {("dense", "dense-old"), ("dense", "dense-fused"), ("dense", "dense-cudnn"), ("mixed", "old"),
-                ("mixed", "fused-permuted")}  # fmt: skip
+    expected = {("dense", "dense-old"), ("dense", "dense-fused"), ("dense", "dense-cudnn"), ("dense", "dense-triton"),
+                ("mixed", "old"), ("mixed", "fused-permuted")}  # fmt: skip
     if family == "wan":  # and the sweep: the tuned calls (the fastest pass options and tiles)
         expected |= {("dense", "dense-fused-f32"), ("mixed", "fused-permuted-f32"),
                      ("dense", "dense-fused-tuned"), ("dense", "dense-fused-tuned-f32"), ("mixed", "tuned"),
@@ -54,6 +54,14 @@ def test_processor_attention_dry_run(family, load_script, tmp_path, capsys, monk
     printed = capsys.readouterr().out
     assert "triton/fused-permuted" in printed.split("block efficiency")[1]  # the table
     assert "triton/fused-permuted" in printed.split("rotary excluded")[1]  # and the one with the rotary left out
+    # the metric's ceiling per call, and with the Triton kernel's own dense speed (its block path, all blocks)
+    bar = min(r["ms"] for (kind, path), r in rows.items() if kind == "dense" and path not in script.KERNEL_ALONE)
+    kernel = {path: rows[("dense", path)]["ms"] for path in ("dense-cudnn", "dense-triton")}
+    for r in script.with_ceilings(result):
+        assert r["ceiling"] == pytest.approx(script.metric_ceiling(r["density"], bar, min(kernel.values()), r["rotary_ms"]))
+        assert r["own_ceiling"] == pytest.approx(script.metric_ceiling(r["density"], bar, kernel["dense-triton"],
+                                                                       r["rotary_ms"]))  # fmt: skip
+    assert "own dense kernel" in printed
     if family == "wan":  # the winners, printed last
         assert "tuned-f32" in printed.split("winners:")[-1]
 
@@ -87,3 +95,36 @@ def test_rotary_fns_rotate_in_identity_order(family, load_script):
     for label, fn in fns.items():
         for got, want in zip(fn(q, k), expected):
             assert got.shape == want.shape and (got - want).abs().max() <= 1e-5 * want.abs().max(), label
+
+
+def test_metric_ceiling(load_script):
+    """density x bar / (t_rotary + density x t_kernel): 1.0 with no rotary, below it at low density with one."""
+    ceiling = load_script("processor_attention").metric_ceiling
+    assert ceiling(0.1, 10.0, 10.0, 0.0) == pytest.approx(1.0)
+    assert ceiling(0.05, 10.2, 10.0, 0.2) == pytest.approx(0.05 * 10.2 / (0.2 + 0.5))  # 0.73: the rotary paid whole
+    assert ceiling(0.05, 10.2, 10.0, 0.2) < ceiling(0.4, 10.2, 10.0, 0.2) < 1.0
+    assert ceiling(0.1, 10.0, 8.0, 0.0) == pytest.approx(1.25)  # a dense kernel faster than the bar's
+
+
+def test_ceilings_from_saved_rows(load_script, tmp_path, capsys):
+    """The ceiling of each call row takes the bar (the fastest dense call with a rotary), the fastest dense
+    kernel alone (FA4's counted) and the row's own rotary; --from-json prints the tables of a saved run."""
+    script = load_script("processor_attention")
+    dense = [("dense-cudnn", 10.0), ("dense-fa4", 8.0), ("dense-old", 13.0), ("dense-fused", 10.5)]
+    rows = [dict(part="dense", shape="s", kind="dense", backend=label, path=label, density=1.0, ms=ms, tflops=1.0)
+            for label, ms in dense]  # fmt: skip
+    rows.append(dict(part="rotary", shape="s", kind="rotary", backend="rotary-fused", path="fused", ms=0.2))
+    call = dict(part="call", shape="s", kind="mixed", target=0.1, density=0.1, backend="fa4/fused", path="fused", ms=1.5,
+                block_eff=0.1 * 10.5 / 1.5, rotary_ms=0.2, eff_excl=None)  # fmt: skip
+    failed = dict(call, backend="triton/fused-permuted", error="boom")
+    del failed["ms"]
+    result = {"versions": {}, "rows": rows + [call, failed], "incomplete": [], "failed_checks": []}
+    (got,) = script.with_ceilings(result)
+    assert got["ceiling"] == pytest.approx(0.1 * 10.5 / (0.2 + 0.1 * 8.0))
+    assert got["of_ceiling"] == pytest.approx(call["block_eff"] / got["ceiling"])
+    path = tmp_path / "processor-attention.json"
+    path.write_text(json.dumps(result))
+    assert script.main(["--from-json", str(path)])["rows"] == result["rows"]
+    printed = capsys.readouterr().out
+    assert f"fused {got['ceiling']:.2f}" in printed.split("ceiling =")[1]
+    assert "fa4/fused" in printed.split("share of its ceiling")[1]
