@@ -54,15 +54,20 @@ DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "
 # gradients stored frame-major through the rotary's transpose (as in session k, no pass after them), the dQ
 # kernel with 4-5 stages or 4 warps, the dK/dV kernel with 2 or 4 stages (session o); the dK/dV kernel in Gluon
 # for sm90, each step's P and dS computed beside the previous step's updates on the tensor cores (0.63-0.77
-# against the default's 0.77-0.82, session r; its code is in commit 299490f).
+# against the default's 0.77-0.82, session r; its code is in commit 299490f). Adopted: 8 warps at head dim 64
+# (was 4; session s).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages
     "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
-    # 8 warps at head dim 64 too (the default there is 4): compiled for sm_90a on the CPU, the dK/dV kernel
-    # at 4 warps spills 664 bytes and waits after each of its MMA instructions, at 8 none (bench/sm90_loop.py
-    # --backward); not yet timed
-    "warps8": {"warps": (8, 8)},
+    # at head dim 64 (tiles for 128-token blocks; the default there: 128-key dK/dV tiles, 64-query steps,
+    # 128-query dQ tiles, 64-key steps): 32-query steps, 128-query steps, 128-key dQ steps; and the dQ
+    # kernel at 4 warps, both kernels at 4 stages
+    "d64-q32": {"tiles": (128, 32, 128, 64)},
+    "d64-q128": {"tiles": (128, 128, 128, 64)},
+    "d64-dq-k128": {"tiles": (128, 64, 128, 128)},
+    "dq-warps4": {"warps": (8, 4)},
+    "stages4": {"stages": (4, 4)},
 }
 
 
@@ -476,7 +481,8 @@ def backward(
     device = q.device
     block = table.block_size
     kv_tile, q_step, q_tile, kv_step = _tiles(block, dim, device, backward_option("tiles"))
-    warps = backward_option("warps") or ((8, 8) if dim > 64 else (4, 4))  # D=128: dK and dV, two 128 x 128 fp32 accumulators
+    # 8 warps at D=64 too (session s, CogVideoX1.5: 0.66-0.70 against 4 warps' 0.57-0.60, which spill)
+    warps = backward_option("warps") or (8, 8)
     stages = backward_option("stages")
     tma = bool(backward_option("tma")) and _tma_ok(device)
     layout = table.layout
