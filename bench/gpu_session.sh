@@ -86,7 +86,7 @@
 #   backward-calls-profile-k  the same at 10% on Wan-1.3B 480p under torch.profiler: operator and call tables (#18) (~60)
 #   processor-ceiling-triton / processor-ceiling-fa4  the processor call on four shapes with the dense
 #                  kernels alone (cuDNN, the backend's own), for the metric's ceilings; one backend each (#21) (~150)
-#   backward-d64   the Triton backward at head dim 64 (CogVideoX1.5 768p), default vs recompute and the d64 candidates, 10-50% (#18) (~230)
+#   backward-d64   the Triton backward at head dim 64 (CogVideoX1.5 768p), default vs the recomputing dQ, 10-50% (#18) (~60)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -282,7 +282,7 @@ for name in "$@"; do
         multi_diag mixed --backends "${name#processor-ceiling-}" --paths fused fused-permuted --target-ms 60 \
         --budget-s 140 --out "$R/$name" ;;
     backward-d64) TAIL=20 step backward-d64 280 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
-        0.25 0.5 --kinds band mixed --backends triton --variants default recompute d64-q32 d64-q128 d64-dq-k128 dq-warps4 stages4 --target-ms 150 --budget-s 230 \
+        0.25 0.5 --kinds band mixed --backends triton --variants default recompute --target-ms 150 --budget-s 230 \
         --out "$R" ;;
     *) echo "unknown step $name" >&2 ;;
     esac

@@ -54,20 +54,14 @@ DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "
 # gradients stored frame-major through the rotary's transpose (as in session k, no pass after them), the dQ
 # kernel with 4-5 stages or 4 warps, the dK/dV kernel with 2 or 4 stages (session o); the dK/dV kernel in Gluon
 # for sm90, each step's P and dS computed beside the previous step's updates on the tensor cores (0.63-0.77
-# against the default's 0.77-0.82, session r; its code is in commit 299490f). Adopted: 8 warps at head dim 64
-# (was 4; session s).
+# against the default's 0.77-0.82, session r; its code is in commit 299490f). At head dim 64 (session s,
+# CogVideoX1.5 768p, 10% / 25% / 50% mixed): 8 warps adopted (0.66-0.69 against 4 warps' 0.57-0.59), then 32-query
+# steps (0.655 / 0.686 / 0.687 against 64-query steps' 0.640 / 0.670 / 0.688); removed: 128-query steps (0.48-0.50),
+# 128-key dQ steps, the dQ kernel at 4 warps, 4 stages (0.63-0.69); the recomputing dQ tied (0.64-0.69).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages
     "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
-    # at head dim 64 (tiles for 128-token blocks; the default there: 128-key dK/dV tiles, 64-query steps,
-    # 128-query dQ tiles, 64-key steps): 32-query steps, 128-query steps, 128-key dQ steps; and the dQ
-    # kernel at 4 warps, both kernels at 4 stages
-    "d64-q32": {"tiles": (128, 32, 128, 64)},
-    "d64-q128": {"tiles": (128, 128, 128, 64)},
-    "d64-dq-k128": {"tiles": (128, 64, 128, 128)},
-    "dq-warps4": {"warps": (8, 4)},
-    "stages4": {"stages": (4, 4)},
 }
 
 
@@ -432,7 +426,7 @@ def block_sparse_attention_bwd_dq_stored(
              mask=q_ok[:, None])  # fmt: skip
 
 
-def _tiles(block_size: int, head_dim: int, device: torch.device, override=None) -> tuple[int, int, int, int]:
+def _tiles(block_size: int, device: torch.device, override=None) -> tuple[int, int, int, int]:
     """(dK/dV key tile, its query step, dQ query tile, its key step); ``override`` checked.
 
     The CPU (interpreter) takes whole table blocks: fewest programs and steps.
@@ -446,8 +440,9 @@ def _tiles(block_size: int, head_dim: int, device: torch.device, override=None) 
     if device.type == "cpu":
         return block_size, block_size, block_size, block_size
     # the Triton tutorial's split for the backward: wide tiles held, narrow steps streamed (64-key dQ steps
-    # measured faster than 32 at D=128, recomputing or not: BENCHMARKS.md, session i)
-    big, small = min(block_size, 128), min(block_size, 32 if head_dim > 64 else 64)
+    # measured faster than 32 at D=128, recomputing or not: BENCHMARKS.md, session i; 32-query steps at D=64
+    # too, session s)
+    big, small = min(block_size, 128), min(block_size, 32)
     return big, small, big, min(block_size, 64)
 
 
@@ -480,7 +475,7 @@ def backward(
     q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
     device = q.device
     block = table.block_size
-    kv_tile, q_step, q_tile, kv_step = _tiles(block, dim, device, backward_option("tiles"))
+    kv_tile, q_step, q_tile, kv_step = _tiles(block, device, backward_option("tiles"))
     # 8 warps at D=64 too (session s, CogVideoX1.5: 0.66-0.70 against 4 warps' 0.57-0.60, which spill)
     warps = backward_option("warps") or (8, 8)
     stages = backward_option("stages")
