@@ -86,6 +86,8 @@
 #   backward-calls-profile-k  the same at 10% on Wan-1.3B 480p under torch.profiler: operator and call tables (#18) (~60)
 #   processor-ceiling-triton / processor-ceiling-fa4  the processor call on four shapes with the dense
 #                  kernels alone (cuDNN, the backend's own), for the metric's ceilings; one backend each (#21) (~150)
+#   backward-profile  the Triton backward's kernels under torch.profiler, mixed 10%: CogVideoX1.5 (D 64) and
+#                  Wan-1.3B (#18's last cell) (~60)
 #   backward-d64   the Triton backward at head dim 64 (CogVideoX1.5 768p), default vs the recomputing dQ, 10-50% (#18) (~60)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
@@ -281,6 +283,8 @@ for name in "$@"; do
         --shapes wan1.3b-480p hunyuan-720p wan14b-720p cogvideox1.5-768p --densities 0.05 0.1 0.2 0.4 --kinds \
         multi_diag mixed --backends "${name#processor-ceiling-}" --paths fused fused-permuted --target-ms 60 \
         --budget-s 140 --out "$R/$name" ;;
+    backward-profile) TAIL=80 step backward-profile 150 python3 bench/backward.py --shapes cogvideox1.5-768p \
+        wan1.3b-480p --densities 0.1 --kinds mixed --backends triton --profile --target-ms 100 --out "$R" ;;
     backward-d64) TAIL=20 step backward-d64 280 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
         0.25 0.5 --kinds band mixed --backends triton --variants default recompute --target-ms 150 --budget-s 230 \
         --out "$R" ;;
