@@ -255,6 +255,8 @@ def parse(argv):
 def main(argv=None) -> dict:
     args = parse(argv)
     if args.from_json:
+        if not os.path.isfile(args.from_json):
+            raise SystemExit(f"--from-json: no file {args.from_json}")
         with open(args.from_json) as f:
             result = json.load(f)
         print_table(result)

@@ -128,3 +128,5 @@ def test_ceilings_from_saved_rows(load_script, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"fused {got['ceiling']:.2f}" in printed.split("ceiling =")[1]
     assert "fa4/fused" in printed.split("share of its ceiling")[1]
+    with pytest.raises(SystemExit, match="no file"):
+        script.main(["--from-json", str(tmp_path / "missing.json")])
