@@ -154,6 +154,11 @@ def rotary_fns(rotary: Rotary, tuned: dict | None = None) -> dict:
 KERNEL_ALONE = ("dense-cudnn", "dense-fa4", "dense-triton")  # dense rows without a rotary: not the bar
 
 
+def dense_bar(dense_ms: dict) -> float:
+    """The bar from a shape's dense rows (label: ms): the fastest dense call with its rotary."""
+    return min(ms for label, ms in dense_ms.items() if label not in KERNEL_ALONE)
+
+
 def dense_fns(layout: VideoLayout, rotary: Rotary, tuned: dict | None = None, fa4: bool = False) -> dict:
     """The same call without sparsity: ``dense-<rotary>``, each rotary of :func:`rotary_fns` then dense
     cuDNN SDPA; ``dense-cudnn``, cuDNN alone (no rotary), and with ``fa4`` ``dense-fa4``, FlashAttention-4's
@@ -210,7 +215,7 @@ def with_ceilings(result: dict) -> list[dict]:
         if r.get("part") != "call" or "ms" not in r or r["shape"] not in dense:
             continue
         shape = dense[r["shape"]]
-        bar = min(ms for label, ms in shape.items() if label not in KERNEL_ALONE)
+        bar = dense_bar(shape)
         kernel = min(ms for label, ms in shape.items() if label in KERNEL_ALONE)
         ceiling = metric_ceiling(r["density"], bar, kernel, r["rotary_ms"])
         row = dict(r, ceiling=ceiling, of_ceiling=r["block_eff"] / ceiling)
@@ -336,7 +341,7 @@ def main(argv=None) -> dict:
             rows.append(dict(part="rotary", shape=shape.name, kind="rotary", backend=f"rotary-{label}", path=label, ms=ms,
                              host_ms=host))  # fmt: skip
             say(f"  {'rotary-' + label:24s} {ms:9.3f} ms")
-        bar = min(ms for label, ms in dense_ms.items() if label not in KERNEL_ALONE)  # the call with its rotary
+        bar = dense_bar(dense_ms)
         for kind in args.kinds:
             for target in args.densities:
                 if time.time() - t_start > args.budget_s:

@@ -95,28 +95,28 @@ def compile_triton(tiles: tuple[int, int, int, int] = (128, 64, 8, 3), head_dim:
 def compile_triton_dkdv(head_dim: int = 128, block: int = 128):
     """The Triton backward's dK/dV kernel (``kernels.triton.backward``, head-ordered inputs, dS stored) at its
     default tiles (128 keys a program, 32-query steps, 3 stages) compiled for sm_90a."""
-    from sparse_vdit.kernels.triton.backward import _tiles, block_sparse_attention_bwd_dkdv
+    from sparse_vdit.kernels.triton.backward import DEFAULTS, _tiles, block_sparse_attention_bwd_dkdv
 
     kv_tile, q_step, _, _ = _tiles(block, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=kv_tile, HEAD_DIM=head_dim, IEEE=False,
                       ANY_TOKEN_MAJOR=False, TMA=True, STORE_DS=True)  # fmt: skip
     desc = f"tensordesc<bf16[1,{q_step},1,{head_dim}]>"
     return _compile(block_sparse_attention_bwd_dkdv, constexprs, {"Q_DESC": desc, "DO_DESC": desc},
-                    dict(num_warps=8, num_stages=3))  # fmt: skip
+                    dict(num_warps=DEFAULTS["warps"][0], num_stages=DEFAULTS["stages"][0]))  # fmt: skip
 
 
 def compile_triton_dq(head_dim: int = 128, block: int = 128):
     """The Triton backward's dQ kernel on stored dS tiles (``block_sparse_attention_bwd_dq_stored``: one MMA a
     step, dS and K by TMA) at its default tiles and launch (128 queries a program, 64-key steps, 3 stages),
     compiled for sm_90a."""
-    from sparse_vdit.kernels.triton.backward import _tiles, block_sparse_attention_bwd_dq_stored
+    from sparse_vdit.kernels.triton.backward import DEFAULTS, _tiles, block_sparse_attention_bwd_dq_stored
 
     _, q_step, q_tile, kv_step = _tiles(block, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_tile, BLOCK_N=kv_step, HEAD_DIM=head_dim, IEEE=False,
                       ANY_TOKEN_MAJOR=False, TMA=True, DS_TMA=True, Q_STEP=q_step)  # fmt: skip
     descriptors = {"K_DESC": f"tensordesc<bf16[1,{kv_step},1,{head_dim}]>", "DS": f"tensordesc<bf16[{kv_step},{q_tile}]>"}
     return _compile(block_sparse_attention_bwd_dq_stored, constexprs, descriptors,
-                    dict(num_warps=8, num_stages=3))  # fmt: skip
+                    dict(num_warps=DEFAULTS["warps"][1], num_stages=DEFAULTS["stages"][1]))  # fmt: skip
 
 
 class _Cuda:  # the backward's tile rule asks only for the device's type

@@ -38,7 +38,7 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option, token_maj
 # (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of the device's memory the
 # stored tiles may take at once (heads go in chunks that fit; a head whose tiles alone do not recomputes).
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None}
-DEFAULTS: dict = {"tiles": None, "warps": None, "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15}
+DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15}
 
 
 # Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first);
@@ -476,8 +476,7 @@ def backward(
     device = q.device
     block = table.block_size
     kv_tile, q_step, q_tile, kv_step = _tiles(block, device, backward_option("tiles"))
-    # 8 warps at D=64 too (session s, CogVideoX1.5: 0.66-0.70 against 4 warps' 0.57-0.60, which spill)
-    warps = backward_option("warps") or (8, 8)
+    warps = backward_option("warps")
     stages = backward_option("stages")
     tma = bool(backward_option("tma")) and _tma_ok(device)
     layout = table.layout
