@@ -141,15 +141,16 @@ def use_variant(name: str | None) -> None:
 
 
 def variant_table(result: dict) -> str:
-    """Efficiency per (shape, kind, density) row and variant column, from ``result['rows']``."""
+    """Efficiency per (shape, kind, density[, whole call]) row and variant column, from ``result['rows']``."""
     rows = [r for r in result["rows"] if r.get("variant") and "block_eff" in r]
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    keys = list(dict.fromkeys((r["shape"], r["kind"], r["target"]) for r in rows))
-    eff = {(r["shape"], r["kind"], r["target"], r["variant"]): r["block_eff"] for r in rows}
+    keys = list(dict.fromkeys((r["shape"], r["kind"], r["target"], r.get("call")) for r in rows))
+    eff = {(r["shape"], r["kind"], r["target"], r.get("call"), r["variant"]): r["block_eff"] for r in rows}
     lines = ["shape / kind / density " + " ".join(f"{v:>10s}" for v in variants)]
     for key in keys:
         cells = (f"{eff[(*key, v)]:10.3f}" if (*key, v) in eff else f"{'-':>10s}" for v in variants)
-        lines.append(f"{key[0]} / {key[1]} / {key[2]:.2f} " + " ".join(cells))
+        call = f" / call {key[3]}" if key[3] else ""
+        lines.append(f"{key[0]} / {key[1]} / {key[2]:.2f}{call} " + " ".join(cells))
     for variant, checks in result.get("checks", {}).items():
         worst = [max(e / d for e, d in zip(c["error"], c["dense_error"])) for c in checks if "error" in c]
         lines.append(f"check {variant}: {'ok' if all(c['ok'] for c in checks) else 'FAILED'}, worst error "
@@ -334,11 +335,11 @@ def main(argv=None) -> dict:
                             result["rows"].append(dict(**row, error=str(exc)[:300]))
                             continue
                         record(**row, density=table.density, ms=ms, block_eff=table.density * t_dense / ms)
-                        for call, make in calls.items() if backend == "triton" and variant is None else ():
+                        for call, make in calls.items() if backend == "triton" else ():
                             call_trace = trace and trace.with_name(f"{shape.name}-{kind}-{density:g}-call-{call}.txt")
                             ms = measure(make(table), sets, args.target_ms, call_trace)
-                            record(shape=shape.name, kind=kind, target=density, backend=f"triton[{call}]", variant=None,
-                                   backward="triton", density=table.density, ms=ms,
+                            record(shape=shape.name, kind=kind, target=density, backend=f"{label}[{call}]",
+                                   variant=variant, call=call, backward="triton", density=table.density, ms=ms,
                                    block_eff=table.density * (t_dense if call == "op-in-place" else t_dense_call) / ms)  # fmt: skip
         use_variant(None)
         use_backend(None)

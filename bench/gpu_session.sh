@@ -86,9 +86,13 @@
 #   backward-calls-profile-k  the same at 10% on Wan-1.3B 480p under torch.profiler: operator and call tables (#18) (~60)
 #   processor-ceiling-triton / processor-ceiling-fa4  the processor call on four shapes with the dense
 #                  kernels alone (cuDNN, the backend's own), for the metric's ceilings; one backend each (#21) (~150)
-#   backward-profile  the Triton backward's kernels under torch.profiler, mixed 10%: CogVideoX1.5 (D 64) and
-#                  Wan-1.3B (#18's last cell) (~60)
+#   backward-profile-triton  the Triton backward's kernels under torch.profiler, mixed 10%: CogVideoX1.5 (D 64)
+#                  and Wan-1.3B (#18's last cell) (~60)
 #   backward-d64   the Triton backward at head dim 64 (CogVideoX1.5 768p), default vs the recomputing dQ, 10-50% (#18) (~60)
+#   tests-t        GPU tests of the Triton backward's variants (rows-out among them) and rows-out under a rotary (#18) (~120)
+#   backward-rows-out  the Triton backward, default vs rows-out (gradients stored frame-major by the kernels, no
+#                  pass after them), band / multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~250)
+#   backward-rows-out-calls  the same on the whole processor call (rotary: dv stored frame-major), Wan-1.3B (#18) (~200)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -283,8 +287,17 @@ for name in "$@"; do
         --shapes wan1.3b-480p hunyuan-720p wan14b-720p cogvideox1.5-768p --densities 0.05 0.1 0.2 0.4 --kinds \
         multi_diag mixed --backends "${name#processor-ceiling-}" --paths fused fused-permuted --target-ms 60 \
         --budget-s 140 --out "$R/$name" ;;
-    backward-profile) TAIL=80 step backward-profile 150 python3 bench/backward.py --shapes cogvideox1.5-768p \
-        wan1.3b-480p --densities 0.1 --kinds mixed --backends triton --profile --target-ms 100 --out "$R" ;;
+    backward-profile-triton) TAIL=80 step backward-profile-triton 150 python3 bench/backward.py --shapes \
+        cogvideox1.5-768p wan1.3b-480p --densities 0.1 --kinds mixed --backends triton --profile --target-ms 100 \
+        --out "$R/backward-profile-triton" ;;
+    tests-t) TAIL=12 step tests-t 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_backward.py \
+        tests/kernels/test_head_order_backward.py -k "gpu_triton_backward_variants or rows_out" ;;
+    backward-rows-out) TAIL=40 step backward-rows-out 330 python3 bench/backward.py --shapes wan1.3b-480p \
+        hunyuan-720p --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default \
+        rows-out --target-ms 80 --budget-s 300 --out "$R/backward-rows-out" ;;
+    backward-rows-out-calls) TAIL=30 step backward-rows-out-calls 250 python3 bench/backward.py --shapes \
+        wan1.3b-480p --densities 0.1 0.25 0.5 --kinds multi_diag mixed --backends triton --variants default rows-out \
+        --calls --target-ms 80 --budget-s 220 --out "$R/backward-rows-out-calls" ;;
     backward-d64) TAIL=20 step backward-d64 280 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
         0.25 0.5 --kinds band mixed --backends triton --variants default recompute --target-ms 150 --budget-s 230 \
         --out "$R" ;;

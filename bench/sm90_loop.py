@@ -53,7 +53,7 @@ def _tool(name: str) -> str:
 
 # argument types by name across the kernels compiled here (anything else: an int32 scalar)
 _TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "DS"), "*bf16"),
-          **dict.fromkeys(("LSE", "LSE_T", "DELTA", "DELTA_T"), "*fp32"), "TOKEN_MAJOR": "*i8",
+          **dict.fromkeys(("LSE", "LSE_T", "DELTA", "DELTA_T"), "*fp32"), "TOKEN_MAJOR": "*i8", "ROW_OF": "*i64",
           **dict.fromkeys(("STARTS", "ENDS", "SLOTS", "SCHEDULE", "SELECTED", "COUNTS", "BLOCKS", "PAIR_SLOTS", "Q_FIRST"),
                           "*i32"),
           **dict.fromkeys(("qk_scale", "softmax_scale"), "fp32")}  # fmt: skip
@@ -92,28 +92,29 @@ def compile_triton(tiles: tuple[int, int, int, int] = (128, 64, 8, 3), head_dim:
                     dict(num_warps=warps, num_stages=stages))  # fmt: skip
 
 
-def compile_triton_dkdv(head_dim: int = 128, block: int = 128):
+def compile_triton_dkdv(head_dim: int = 128, block: int = 128, rows_out: bool = False):
     """The Triton backward's dK/dV kernel (``kernels.triton.backward``, head-ordered inputs, dS stored) at its
-    default tiles (128 keys a program, 32-query steps, 3 stages) compiled for sm_90a."""
+    default tiles (128 keys a program, 32-query steps, 3 stages) compiled for sm_90a; ``rows_out``: dK and dV
+    stored at their frame-major rows (the backward's ``rows_out`` option)."""
     from sparse_vdit.kernels.triton.backward import DEFAULTS, _tiles, block_sparse_attention_bwd_dkdv
 
     kv_tile, q_step, _, _ = _tiles(block, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=kv_tile, HEAD_DIM=head_dim, IEEE=False,
-                      ANY_TOKEN_MAJOR=False, TMA=True, STORE_DS=True)  # fmt: skip
+                      ANY_TOKEN_MAJOR=False, TMA=True, STORE_DS=True, ROWS_OUT_K=rows_out, ROWS_OUT_V=rows_out)  # fmt: skip
     desc = f"tensordesc<bf16[1,{q_step},1,{head_dim}]>"
     return _compile(block_sparse_attention_bwd_dkdv, constexprs, {"Q_DESC": desc, "DO_DESC": desc},
                     dict(num_warps=DEFAULTS["warps"][0], num_stages=DEFAULTS["stages"][0]))  # fmt: skip
 
 
-def compile_triton_dq(head_dim: int = 128, block: int = 128):
+def compile_triton_dq(head_dim: int = 128, block: int = 128, rows_out: bool = False):
     """The Triton backward's dQ kernel on stored dS tiles (``block_sparse_attention_bwd_dq_stored``: one MMA a
     step, dS and K by TMA) at its default tiles and launch (128 queries a program, 64-key steps, 3 stages),
-    compiled for sm_90a."""
+    compiled for sm_90a; ``rows_out``: dQ stored at its frame-major rows."""
     from sparse_vdit.kernels.triton.backward import DEFAULTS, _tiles, block_sparse_attention_bwd_dq_stored
 
     _, q_step, q_tile, kv_step = _tiles(block, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_tile, BLOCK_N=kv_step, HEAD_DIM=head_dim, IEEE=False,
-                      ANY_TOKEN_MAJOR=False, TMA=True, DS_TMA=True, Q_STEP=q_step)  # fmt: skip
+                      ANY_TOKEN_MAJOR=False, TMA=True, DS_TMA=True, Q_STEP=q_step, ROWS_OUT=rows_out)  # fmt: skip
     descriptors = {"K_DESC": f"tensordesc<bf16[1,{kv_step},1,{head_dim}]>", "DS": f"tensordesc<bf16[{kv_step},{q_tile}]>"}
     return _compile(block_sparse_attention_bwd_dq_stored, constexprs, descriptors,
                     dict(num_warps=DEFAULTS["warps"][1], num_stages=DEFAULTS["stages"][1]))  # fmt: skip
@@ -276,6 +277,8 @@ def main(argv=None) -> list[Compiled]:
     p.add_argument("--head-dims", nargs="*", type=int, default=[128, 64])
     p.add_argument("--json", action="store_true", help="print the rows as JSON (for tests), not a table")
     p.add_argument("--backward", action="store_true", help="also the Triton backward's dK/dV and dQ kernels")
+    p.add_argument("--rows-out", action="store_true",
+                   help="with --backward, also both kernels storing the gradients at their frame-major rows")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compiling for sm_90a needs TRITON_INTERPRET unset (the interpreter wraps Triton's own functions)")
@@ -283,8 +286,10 @@ def main(argv=None) -> list[Compiled]:
     for dim in args.head_dims:
         rows.append(summarize(f"triton 128x64x8x3 D{dim}", compile_triton((128, 64, 8, 3), dim)))
         if args.backward:
-            rows.append(summarize(f"triton backward dK/dV D{dim}", compile_triton_dkdv(dim)))
-            rows.append(summarize(f"triton backward dQ D{dim}", compile_triton_dq(dim)))
+            for rows_out in (False, True) if args.rows_out else (False,):
+                tag = " rows-out" if rows_out else ""
+                rows.append(summarize(f"triton backward dK/dV D{dim}{tag}", compile_triton_dkdv(dim, rows_out=rows_out)))
+                rows.append(summarize(f"triton backward dQ D{dim}{tag}", compile_triton_dq(dim, rows_out=rows_out)))
     if args.json:
         print(json.dumps([{**asdict(row), "overlaps": overlaps_softmax(row.loop), "waits_for_all": waits_for_all(row.loop)}
                           for row in rows]))  # fmt: skip

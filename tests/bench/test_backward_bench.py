@@ -80,6 +80,25 @@ def test_backward_dry_run_times_the_processor_calls(load_script, tmp_path):
     assert json.loads((tmp_path / "backward.json").read_text())["rows"] == result["rows"]
 
 
+def test_backward_dry_run_times_the_calls_under_each_variant(load_script, tmp_path):
+    """--calls with --variants: each variant's whole calls too, labelled by both, one table row per call."""
+    from sparse_vdit.kernels import registry
+
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    script = load_script("backward")
+    result = script.main(["--dry-run", "--backends", "triton", "--kinds", "multi_diag", "--calls", "--variants",
+                          "default", "rows-out", "--out", str(tmp_path)])  # fmt: skip
+    rows = {r["backend"]: r for r in result["rows"]}
+    for variant in ("default", "rows-out"):
+        assert result["checks"][variant][0]["ok"], result["checks"][variant]
+        for call in ("call-old", "call-fused"):
+            row = rows[f"triton[{variant}][{call}]"]
+            assert (row["variant"], row["call"]) == (variant, call) and row["ms"] > 0
+    table = script.variant_table(result)
+    assert "tiny / multi_diag / 0.10 / call call-fused " in table and "rows-out" in table.splitlines()[0]
+
+
 def test_check_layouts_build_for_every_shape(load_script):
     """Each shape's small check layout is valid: padded text only where the layout allows it (a suffix)."""
     from common import SHAPES

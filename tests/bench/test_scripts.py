@@ -71,3 +71,17 @@ def test_out_of_memory_is_said_and_the_run_goes_on(capsys):
     assert "wan-14b: out of memory (no room)" in capsys.readouterr().out
     with pytest.raises(ValueError), common.out_of_memory_said("wan-14b"):  # other errors still raise
         raise ValueError("bad")
+
+
+def test_gpu_session_steps_are_named_once_and_listed():
+    """bench/gpu_session.sh: every step's case label is unique (bash runs the first of two alike, silently) and
+    its header lists it."""
+    import re
+
+    text = (BENCH / "gpu_session.sh").read_text()
+    labels = [name for line in re.findall(r"^    ([\w|. -]+)\) ", text, re.M) for name in re.split(r"\s*\|\s*", line)]
+    assert len(labels) > 20
+    assert len(labels) == len(set(labels)), sorted({n for n in labels if labels.count(n) > 1})
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    missing = [n for n in labels if not re.search(rf"(^|[\s/]){re.escape(n)}(\s|$)", header, re.M)]
+    assert not missing, missing

@@ -233,6 +233,31 @@ def test_triton_backward_recomputes_when_no_memory_is_left_for_the_tiles(monkeyp
     assert asked
 
 
+def test_rows_out_leaves_no_pass_after_the_kernels(monkeypatch):
+    """``rows_out`` without a rotary (``sparse_attention`` on token-major heads): the kernels store dq, dk and
+    dv at their frame-major rows, so no pass runs after them (the default runs two); gradients checked by the
+    variant tests above."""
+    pytest.importorskip("triton")
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1)")
+    from sparse_vdit.kernels.triton import backward, rotary
+
+    layout, block, heads, batch, dim = CASES["odd-frames-ragged-block16"]
+    table = compile_layer(heads, layout, block)
+    q, k, v, grad_out = _inputs(layout, len(heads), batch, dim)
+    passes, real = [], rotary.rotary_order
+    monkeypatch.setattr(rotary, "rotary_order", lambda *a, **kw: passes.append(kw) or real(*a, **kw))
+    grads = {}
+    for rows_out in (False, True):
+        monkeypatch.setitem(backward.OPTIONS, "rows_out", rows_out)
+        passes.clear()
+        grads[rows_out] = _grads(lambda q, k, v: sparse_attention(q, k, v, table, backend="triton"), torch.float32,
+                                 q, k, v, grad_out)  # fmt: skip
+        assert sum(kw.get("to_head_order") is False for kw in passes) == (0 if rows_out else 2), passes
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.equal(a, b)
+
+
 def test_triton_backward_on_permuted_tensors_as_fa4_runs_it():
     """The FA4 route: tensors already in each head's order (and the forward's LSE in that order),
     the Triton backward told not to permute, gradients permuted back: same as reading in place."""
