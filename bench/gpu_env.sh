@@ -34,3 +34,29 @@ if [ -n "$new" ]; then
 fi
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD/src:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
+# A newer Triton (3.9.0, what newer torch releases install; the image has 3.6.0), for timing the same kernels
+# under its compiler: its package trimmed (no AMD backend, no CUPTI, sm_90 ptxas only) as triton39.tar.xz,
+# carried in TRITON39_PARTS parts (default 2: .tri1/, .tri2/ beside their SHA256) in calls made back to back,
+# unpacked to /tmp/triton39 when whole; TRITON39=1 puts it before the image's Triton.
+for d in .tri*; do
+    [ -d "$d" ] && mkdir -p /tmp/tri && cp -n "$d"/* /tmp/tri/ 2>/dev/null
+done
+if [ ! -d /tmp/triton39/triton ] && ls /tmp/tri/triton39.part.* >/dev/null 2>&1; then
+    if [ "$(ls /tmp/tri/triton39.part.* | wc -l)" -eq "${TRITON39_PARTS:-2}" ]; then
+        cat /tmp/tri/triton39.part.* > /tmp/tri/triton39.tar.xz
+        if (cd /tmp/tri && sha256sum --quiet -c SHA256); then
+            mkdir -p /tmp/triton39 && tar xJf /tmp/tri/triton39.tar.xz -C /tmp/triton39 && rm -f /tmp/tri/triton39.*
+        else
+            echo "triton39.tar.xz: checksum mismatch" >&2
+        fi
+    else
+        echo "only $(ls /tmp/tri/triton39.part.* | wc -l) of ${TRITON39_PARTS:-2} parts of triton39.tar.xz are here" >&2
+    fi
+fi
+if [ "${TRITON39:-0}" = 1 ]; then
+    if [ -d /tmp/triton39/triton ]; then
+        export PYTHONPATH=/tmp/triton39:$PYTHONPATH
+    else
+        echo "TRITON39=1 but /tmp/triton39 is not unpacked: the image's Triton runs" >&2
+    fi
+fi

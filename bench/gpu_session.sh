@@ -3,6 +3,7 @@
 # result and log into $OUT/results.tar (the device returns at most 8 files).
 #
 #   bash bench/gpu_session.sh [STEP ...]      (wheels carried as bench/gpu_env.sh says)
+#   TRITON39=1 bash bench/gpu_session.sh ...  (the steps under the carried Triton 3.9: bench/gpu_env.sh)
 #
 # Steps (default: fidelity svg attention, the set run on 2026-11-23; seconds in parentheses):
 #   fidelity       organism fidelity, searches included: bench/fidelity.py --steps 12 --paper   (~140)
