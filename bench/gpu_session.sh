@@ -90,10 +90,13 @@
 #   backward-profile-triton  the Triton backward's kernels under torch.profiler, mixed 10%: CogVideoX1.5 (D 64)
 #                  and Wan-1.3B (#18's last cell) (~60)
 #   backward-d64   the Triton backward at head dim 64 (CogVideoX1.5 768p), default vs the recomputing dQ, 10-50% (#18) (~60)
-#   tests-t        GPU tests of the Triton backward's variants (rows-out among them) and rows-out under a rotary (#18) (~120)
-#   backward-rows-out  the Triton backward, default vs rows-out (gradients stored frame-major by the kernels, no
-#                  pass after them), band / multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~250)
-#   backward-rows-out-calls  the same on the whole processor call (rotary: dv stored frame-major), Wan-1.3B (#18) (~200)
+#   tests-t        GPU tests of the Triton backward's variants (rows-out, dp-early among them) and rows-out under a
+#                  rotary (#18) (~150)
+#   backward-t     the Triton backward's variants of session t: default, rows-out (gradients stored frame-major by
+#                  the kernels, no pass after them), dp-early (dP's MMAs beside the exponentials), both; band /
+#                  multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~400)
+#   backward-t-calls  the same on the whole processor call (rotary: dv stored frame-major), Wan-1.3B (#18) (~250)
+#   backward-t-d64  default vs dp-early at head dim 64 (CogVideoX1.5 768p), band / mixed, 10-50% (#18) (~120)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -291,14 +294,17 @@ for name in "$@"; do
     backward-profile-triton) TAIL=80 step backward-profile-triton 150 python3 bench/backward.py --shapes \
         cogvideox1.5-768p wan1.3b-480p --densities 0.1 --kinds mixed --backends triton --profile --target-ms 100 \
         --out "$R/backward-profile-triton" ;;
-    tests-t) TAIL=12 step tests-t 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_backward.py \
+    tests-t) TAIL=12 step tests-t 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_backward.py \
         tests/kernels/test_head_order_backward.py -k "gpu_triton_backward_variants or rows_out" ;;
-    backward-rows-out) TAIL=40 step backward-rows-out 330 python3 bench/backward.py --shapes wan1.3b-480p \
-        hunyuan-720p --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default \
-        rows-out --target-ms 80 --budget-s 300 --out "$R/backward-rows-out" ;;
-    backward-rows-out-calls) TAIL=30 step backward-rows-out-calls 250 python3 bench/backward.py --shapes \
-        wan1.3b-480p --densities 0.1 0.25 0.5 --kinds multi_diag mixed --backends triton --variants default rows-out \
-        --calls --target-ms 80 --budget-s 220 --out "$R/backward-rows-out-calls" ;;
+    backward-t) TAIL=40 step backward-t 480 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default rows-out \
+        dp-early dp-early-rows-out --target-ms 80 --budget-s 420 --out "$R/backward-t" ;;
+    backward-t-calls) TAIL=40 step backward-t-calls 330 python3 bench/backward.py --shapes wan1.3b-480p \
+        --densities 0.1 0.25 0.5 --kinds multi_diag mixed --backends triton --variants default rows-out \
+        dp-early-rows-out --calls --target-ms 80 --budget-s 280 --out "$R/backward-t-calls" ;;
+    backward-t-d64) TAIL=20 step backward-t-d64 200 python3 bench/backward.py --shapes cogvideox1.5-768p \
+        --densities 0.1 0.25 0.5 --kinds band mixed --backends triton --variants default dp-early --target-ms 100 \
+        --budget-s 160 --out "$R/backward-t-d64" ;;
     backward-d64) TAIL=20 step backward-d64 280 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
         0.25 0.5 --kinds band mixed --backends triton --variants default recompute --target-ms 150 --budget-s 230 \
         --out "$R" ;;

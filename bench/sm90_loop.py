@@ -2,6 +2,7 @@
 
     python bench/sm90_loop.py               # the Triton forward
     python bench/sm90_loop.py --backward    # and the backward's dK/dV and dQ kernels
+    python bench/sm90_loop.py --backward --variants default dp-early   # under the backward's variants
 
 Compiles each kernel for sm_90a on the CPU with the installed Triton and its bundled ``ptxas`` /
 ``cuobjdump``, then reads the innermost loop that issues warpgroup MMAs from the SASS: the order of
@@ -92,32 +93,43 @@ def compile_triton(tiles: tuple[int, int, int, int] = (128, 64, 8, 3), head_dim:
                     dict(num_warps=warps, num_stages=stages))  # fmt: skip
 
 
-def compile_triton_dkdv(head_dim: int = 128, block: int = 128, rows_out: bool = False):
-    """The Triton backward's dK/dV kernel (``kernels.triton.backward``, head-ordered inputs, dS stored) at its
-    default tiles (128 keys a program, 32-query steps, 3 stages) compiled for sm_90a; ``rows_out``: dK and dV
-    stored at their frame-major rows (the backward's ``rows_out`` option)."""
-    from sparse_vdit.kernels.triton.backward import DEFAULTS, _tiles, block_sparse_attention_bwd_dkdv
+def backward_options(variant: str = "default") -> dict:
+    """The Triton backward's options under ``variant`` (``backward.VARIANTS``), defaults filled in."""
+    from sparse_vdit.kernels.triton.backward import DEFAULTS, VARIANTS
 
+    return {**DEFAULTS, **VARIANTS[variant]}
+
+
+def compile_triton_dkdv(head_dim: int = 128, block: int = 128, variant: str = "default"):
+    """The Triton backward's dK/dV kernel (``kernels.triton.backward``, head-ordered inputs, dS stored) at its
+    default tiles (128 keys a program, 32-query steps) and launch, compiled for sm_90a under ``variant``'s
+    options (``rows_out``, ``dp_early``, ``warps``, ``stages``)."""
+    from sparse_vdit.kernels.triton.backward import _tiles, block_sparse_attention_bwd_dkdv
+
+    options = backward_options(variant)
     kv_tile, q_step, _, _ = _tiles(block, _CUDA)
+    rows_out = bool(options["rows_out"])
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=kv_tile, HEAD_DIM=head_dim, IEEE=False,
-                      ANY_TOKEN_MAJOR=False, TMA=True, STORE_DS=True, ROWS_OUT_K=rows_out, ROWS_OUT_V=rows_out)  # fmt: skip
+                      ANY_TOKEN_MAJOR=False, TMA=True, STORE_DS=options["dq"] == "stored", ROWS_OUT_K=rows_out, ROWS_OUT_V=rows_out,
+                      DP_EARLY=bool(options["dp_early"]))  # fmt: skip
     desc = f"tensordesc<bf16[1,{q_step},1,{head_dim}]>"
     return _compile(block_sparse_attention_bwd_dkdv, constexprs, {"Q_DESC": desc, "DO_DESC": desc},
-                    dict(num_warps=DEFAULTS["warps"][0], num_stages=DEFAULTS["stages"][0]))  # fmt: skip
+                    dict(num_warps=options["warps"][0], num_stages=options["stages"][0]))  # fmt: skip
 
 
-def compile_triton_dq(head_dim: int = 128, block: int = 128, rows_out: bool = False):
+def compile_triton_dq(head_dim: int = 128, block: int = 128, variant: str = "default"):
     """The Triton backward's dQ kernel on stored dS tiles (``block_sparse_attention_bwd_dq_stored``: one MMA a
-    step, dS and K by TMA) at its default tiles and launch (128 queries a program, 64-key steps, 3 stages),
-    compiled for sm_90a; ``rows_out``: dQ stored at its frame-major rows."""
-    from sparse_vdit.kernels.triton.backward import DEFAULTS, _tiles, block_sparse_attention_bwd_dq_stored
+    step, dS and K by TMA) at its default tiles (128 queries a program, 64-key steps) and launch, compiled for
+    sm_90a under ``variant``'s options (``rows_out``, ``warps``, ``stages``)."""
+    from sparse_vdit.kernels.triton.backward import _tiles, block_sparse_attention_bwd_dq_stored
 
+    options = backward_options(variant)
     _, q_step, q_tile, kv_step = _tiles(block, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_tile, BLOCK_N=kv_step, HEAD_DIM=head_dim, IEEE=False,
-                      ANY_TOKEN_MAJOR=False, TMA=True, DS_TMA=True, Q_STEP=q_step, ROWS_OUT=rows_out)  # fmt: skip
+                      ANY_TOKEN_MAJOR=False, TMA=True, DS_TMA=True, Q_STEP=q_step, ROWS_OUT=bool(options["rows_out"]))  # fmt: skip
     descriptors = {"K_DESC": f"tensordesc<bf16[1,{kv_step},1,{head_dim}]>", "DS": f"tensordesc<bf16[{kv_step},{q_tile}]>"}
     return _compile(block_sparse_attention_bwd_dq_stored, constexprs, descriptors,
-                    dict(num_warps=DEFAULTS["warps"][1], num_stages=DEFAULTS["stages"][1]))  # fmt: skip
+                    dict(num_warps=options["warps"][1], num_stages=options["stages"][1]))  # fmt: skip
 
 
 class _Cuda:  # the backward's tile rule asks only for the device's type
@@ -277,19 +289,27 @@ def main(argv=None) -> list[Compiled]:
     p.add_argument("--head-dims", nargs="*", type=int, default=[128, 64])
     p.add_argument("--json", action="store_true", help="print the rows as JSON (for tests), not a table")
     p.add_argument("--backward", action="store_true", help="also the Triton backward's dK/dV and dQ kernels")
-    p.add_argument("--rows-out", action="store_true",
-                   help="with --backward, also both kernels storing the gradients at their frame-major rows")
+    p.add_argument("--variants", nargs="*", default=["default"],
+                   help="with --backward: the backward's variants to compile (backward.VARIANTS; 'all': every one)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compiling for sm_90a needs TRITON_INTERPRET unset (the interpreter wraps Triton's own functions)")
     rows = []
+    from sparse_vdit.kernels.triton.backward import VARIANTS
+
+    variants = list(VARIANTS) if args.variants == ["all"] else args.variants
+    for name in variants:
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown backward variant {name!r}; known: {', '.join(VARIANTS)}")
     for dim in args.head_dims:
         rows.append(summarize(f"triton 128x64x8x3 D{dim}", compile_triton((128, 64, 8, 3), dim)))
         if args.backward:
-            for rows_out in (False, True) if args.rows_out else (False,):
-                tag = " rows-out" if rows_out else ""
-                rows.append(summarize(f"triton backward dK/dV D{dim}{tag}", compile_triton_dkdv(dim, rows_out=rows_out)))
-                rows.append(summarize(f"triton backward dQ D{dim}{tag}", compile_triton_dq(dim, rows_out=rows_out)))
+            for variant in variants:
+                tag = "" if variant == "default" else f" {variant}"
+                rows.append(summarize(f"triton backward dK/dV D{dim}{tag}", compile_triton_dkdv(dim, variant=variant)))
+                if variant == "default" or any(backward_options(variant)[key] != backward_options()[key]
+                                               for key in ("rows_out", "warps", "stages")):  # its dQ kernel differs
+                    rows.append(summarize(f"triton backward dQ D{dim}{tag}", compile_triton_dq(dim, variant=variant)))
     if args.json:
         print(json.dumps([{**asdict(row), "overlaps": overlaps_softmax(row.loop), "waits_for_all": waits_for_all(row.loop)}
                           for row in rows]))  # fmt: skip

@@ -15,18 +15,29 @@ SCRIPT = Path(__file__).parents[2] / "bench" / "sm90_loop.py"
 def test_reads_the_key_loops_of_both_kernels():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--json", "--backward", "--rows-out", "--head-dims", "64"],
-                          env=env, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run([sys.executable, str(SCRIPT), "--json", "--backward", "--variants", "default", "rows-out",
+                           "dp-early", "--head-dims", "64"], env=env, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     assert [row["name"] for row in rows] == ["triton 128x64x8x3 D64", "triton backward dK/dV D64", "triton backward dQ D64",
-                                             "triton backward dK/dV D64 rows-out", "triton backward dQ D64 rows-out"]
+                                             "triton backward dK/dV D64 rows-out", "triton backward dQ D64 rows-out",
+                                             "triton backward dK/dV D64 dp-early"]  # its dQ kernel is the default's
     by_name = {row["name"]: row for row in rows}
     for kernel in ("dK/dV", "dQ"):  # the frame-major stores (a row table read after the loop) cost the loop nothing
         plain, rows_out = by_name[f"triton backward {kernel} D64"], by_name[f"triton backward {kernel} D64 rows-out"]
         assert rows_out["spilled"] <= plain["spilled"], (plain, rows_out)
         mmas = [[s for s in row["loop"] if s.startswith("HGMMA")] for row in (plain, rows_out)]
         assert mmas[0] == mmas[1], mmas
+    # dp-early: dP's MMAs are issued after the scores' wait, among the exponentials (the tutorial's order issues
+    # them with dV's after every exponential)
+    def mma_then_exp_between_waits(loop: list[str]) -> bool:
+        first = loop.index("DEPBAR<=0")
+        between = loop[first + 1 : loop.index("DEPBAR<=0", first + 1)]
+        mmas = [i for i, step in enumerate(between) if step.startswith("HGMMA")]
+        return bool(mmas) and any(step.startswith("EXP") for step in between[mmas[0] + 1 :])
+
+    assert mma_then_exp_between_waits(by_name["triton backward dK/dV D64 dp-early"]["loop"])
+    assert not mma_then_exp_between_waits(by_name["triton backward dK/dV D64"]["loop"])
     for row in rows:
         assert row["registers"] > 0 and 0 < row["shared"] and row["spilled"] >= 0
         assert any(step.startswith("HGMMA") for step in row["loop"])

@@ -39,10 +39,11 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option, token_maj
 # stored tiles may take at once (heads go in chunks that fit; a head whose tiles alone do not recomputes).
 # ``rows_out``: after a head-ordered forward, the kernels store the gradients at their frame-major rows (dq and dk
 # only without a rotary, whose transpose a pass applies), so no pass takes them back (read by :mod:`..head_order_op`).
+# ``dp_early``: the dK/dV kernel's step computes dP before the exponentials (:func:`_dkdv_steps`).
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
-                 "rows_out": None}
+                 "rows_out": None, "dp_early": None}
 DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
-                  "rows_out": False}
+                  "rows_out": False, "dp_early": False}
 
 
 # Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first);
@@ -57,6 +58,8 @@ VARIANTS: dict[str, dict] = {
     # dQ tiles with 64-key steps, 8 warps, 3 stages
     "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
     "rows-out": {"rows_out": True},  # after a head-ordered forward, the gradients stored frame-major by the kernels
+    "dp-early": {"dp_early": True},  # dP's MMAs beside the exponentials, dV's beside dS (sm90 SASS)
+    "dp-early-rows-out": {"dp_early": True, "rows_out": True},
 }
 
 
@@ -132,46 +135,22 @@ def _step(A, B, A_DESC, B_DESC, start, last, base, batch, head, stride_n, token_
 
 
 @triton.jit
-def _store_order(ds_t):
-    """``ds_t`` ``[BLOCK_N, BLOCK_M]`` reordered so that sm90 matmul results go out as wide stores with no
-    exchange between threads: row ``16h + 8a + l`` (``l < 8``) to ``a * BLOCK_N / 2 + 8h + l``
-    (:func:`_stored_key` undoes it: the tile's own rows), and query ``8j + 2t + b`` (``t < 4``, ``b < 2``)
-    to column ``t * BLOCK_M / 4 + 2j + b`` (the tile's columns stay in this order: :func:`_stored_query`)."""
-    rows: tl.constexpr = ds_t.shape[0]
-    columns: tl.constexpr = ds_t.shape[1]
-    split = tl.reshape(ds_t, [rows // 16, 2, 8, columns // 8, 4, 2])
-    return tl.reshape(tl.permute(split, [1, 0, 2, 4, 3, 5]), [rows, columns])
-
-
-@triton.jit
-def _stored_key(row, BLOCK_N: tl.constexpr):
-    """The key offset of row ``row`` of :func:`_store_order`'s tile."""
-    return row // 8 % (BLOCK_N // 16) * 16 + row // (BLOCK_N // 2) * 8 + row % 8
-
-
-@triton.jit
-def _stored_query(position, Q_STEP: tl.constexpr):
-    """The query offset held at stored column ``position`` (:func:`_store_order`'s columns, steps of ``Q_STEP``)."""
-    within = position % Q_STEP
-    t, rest = within // (Q_STEP // 4), within % (Q_STEP // 4)
-    return position - within + rest // 2 * 8 + t * 2 + rest % 2
-
-
-@triton.jit
 def _dkdv_steps(
     dk, dv, k, v, first, last, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
     stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
     DS, ds_pair0, ds_keys, PAIR_SLOTS,
     FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
-    STORE_DS: tl.constexpr, TABLE_BLOCK: tl.constexpr, STATS_IN_ORDER: tl.constexpr,
+    STORE_DS: tl.constexpr, TABLE_BLOCK: tl.constexpr, STATS_IN_ORDER: tl.constexpr, DP_EARLY: tl.constexpr,
 ):  # fmt: skip
     """Query steps ``[first, last)`` into ``(dk, dv)`` of one key tile; MASKED: rows ``>= last`` masked.
     Keys past the real ones are not masked: their rows of dK, dV are zeroed by the launcher.
     STORE_DS: each step's ``dS^T`` also goes to its pair's ``[TABLE_BLOCK keys, TABLE_BLOCK queries]``
     tile of DS (pair ``ds_pair0 + slot``, the slot of query block ``b`` at ``PAIR_SLOTS + b``), in
-    :func:`_store_order` (``ds_keys``: the offsets of that order's rows in a pair), for the dQ kernel.
-    STATS_IN_ORDER: LSE and DELTA hold the head's rows in its own order."""
+    :func:`.ds_tiles.store_order` (``ds_keys``: the offsets of that order's rows in a pair), for the dQ kernel.
+    STATS_IN_ORDER: LSE and DELTA hold the head's rows in its own order. DP_EARLY: ``dP = V dO^T`` written
+    before the exponentials (the tutorial's order has it after the ``dV`` update): on sm90 its MMAs then run
+    beside them, and ``dV``'s beside ``dS`` (bench/sm90_loop.py)."""
     for start in range(first, last, BLOCK_M):
         if STORE_DS:
             slot = tl.load(PAIR_SLOTS + start // TABLE_BLOCK)
@@ -186,14 +165,19 @@ def _dkdv_steps(
         else:
             lse = tl.load(LSE + stats + rows_m)
             delta = tl.load(DELTA + stats + rows_m)
-        p_t = tl.math.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
+        s_t = _dot(k, tl.trans(q), IEEE)  # [BLOCK_N, BLOCK_M]
+        if DP_EARLY:
+            dp_t = _dot(v, tl.trans(do), IEEE)
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
         dv += _dot(p_t.to(do.dtype), do, IEEE)
-        ds_t = (p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])).to(q.dtype)
+        if not DP_EARLY:
+            dp_t = _dot(v, tl.trans(do), IEEE)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk += _dot(ds_t, q, IEEE)
         if STORE_DS:  # the whole box: columns of queries past ``last`` are never read back
             columns = tl.multiple_of(start % TABLE_BLOCK, BLOCK_M) + tl.arange(0, BLOCK_M)
             ptrs = DS + (ds_pair0 + slot) * (TABLE_BLOCK * TABLE_BLOCK) + ds_keys[:, None] + columns[None, :]
-            tl.store(ptrs, _store_order(ds_t))
+            tl.store(ptrs, ds_tiles.store_order(ds_t))
     return dk, dv
 
 
@@ -226,12 +210,13 @@ def block_sparse_attention_bwd_dkdv(
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
     STORE_DS: tl.constexpr,
     ROWS_OUT_K: tl.constexpr, ROWS_OUT_V: tl.constexpr,  # dK / dV stored at frame-major rows (head-ordered inputs)
+    DP_EARLY: tl.constexpr,  # the step's order (_dkdv_steps)
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
     column = tile * BLOCK_N // TABLE_BLOCK  # the key block holding this tile
     ds_pair0 = batch.to(tl.int64) * ds_pairs - slot_base
-    ds_keys = (tile * BLOCK_N % TABLE_BLOCK + _stored_key(tl.arange(0, BLOCK_N), BLOCK_N)) * TABLE_BLOCK
+    ds_keys = (tile * BLOCK_N % TABLE_BLOCK + ds_tiles.stored_key(tl.arange(0, BLOCK_N), BLOCK_N)) * TABLE_BLOCK
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions in the head's own order
     offs_d = tl.arange(0, HEAD_DIM)
     rows_n = _rows(offs_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
@@ -256,18 +241,18 @@ def block_sparse_attention_bwd_dkdv(
                                  head, stride_n, True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                                  DS, ds_pair0, ds_keys, pair_slots,
                                  FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False, STORE_DS, TABLE_BLOCK,
-                                 True)  # fmt: skip
+                                 True, DP_EARLY)  # fmt: skip
         else:
             dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch,
                                  head, stride_n, False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                                  DS, ds_pair0, ds_keys, pair_slots,
                                  FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False, STORE_DS, TABLE_BLOCK,
-                                 False)  # fmt: skip
+                                 False, DP_EARLY)  # fmt: skip
         dk, dv = _dkdv_steps(dk, dv, k, v, full, last, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
                              stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                              DS, ds_pair0, ds_keys, pair_slots,
                              FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, STORE_DS,
-                             TABLE_BLOCK, False)  # fmt: skip
+                             TABLE_BLOCK, False, DP_EARLY)  # fmt: skip
     out_ok = (offs_n < N)[:, None]  # rows of keys past KV_LEN are zeroed by the launcher
     dk = dk * softmax_scale  # (a tl.where here costs register spills in the loop on sm90)
     rows_k = _rows_out(rows_n, offs_n, ROW_OF, head, N, ROWS_OUT_K)
@@ -398,7 +383,7 @@ def block_sparse_attention_bwd_dq_stored(
     BLOCK_N: tl.constexpr,  # keys per step
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
     DS_TMA: tl.constexpr,  # DS is a descriptor of its [B * ds_pairs * TABLE_BLOCK, TABLE_BLOCK] view
-    Q_STEP: tl.constexpr,  # the dK/dV kernel's query step (the tiles' columns in _store_order)
+    Q_STEP: tl.constexpr,  # the dK/dV kernel's query step (the tiles' columns in ds_tiles.store_order)
     ROWS_OUT: tl.constexpr,  # dQ stored at frame-major rows (head-ordered inputs)
 ):  # fmt: skip
     """``dQ = dS K`` for one query tile: one matmul per step, the probabilities not recomputed; row ``i``
@@ -407,7 +392,7 @@ def block_sparse_attention_bwd_dq_stored(
                                                        stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
     row = tile * BLOCK_M // TABLE_BLOCK
     columns = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_m = _stored_query(columns, Q_STEP)
+    offs_m = ds_tiles.stored_query(columns, Q_STEP)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_m = _rows(offs_m, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
     if DS_TMA:
@@ -547,7 +532,8 @@ def backward(
             n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
             pairs, head_first[h0],
             BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored,
-            ROWS_OUT_K="dk" in frame_major, ROWS_OUT_V="dv" in frame_major, **common, **launch[0],
+            ROWS_OUT_K="dk" in frame_major, ROWS_OUT_V="dv" in frame_major,
+            DP_EARLY=bool(backward_option("dp_early")), **common, **launch[0],
         )  # fmt: skip
         dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1),
                                  lambda t: _heads_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,

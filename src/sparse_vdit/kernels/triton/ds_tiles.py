@@ -4,7 +4,7 @@ One ``[block, block]`` tile per visited (query block, key block) pair, numbered 
 query block, key block ascending (:func:`slots`); heads go in chunks whose tiles fit a memory share
 (:func:`head_chunks`, :func:`budget`), the tiles of a chunk in one buffer (:func:`buffer`), written by the
 dK/dV kernel's wide stores and read by the dQ kernel through tensor descriptors where the device has them
-(:func:`descriptor`).
+(:func:`descriptor`). A tile's rows and columns are stored in the order of :func:`store_order`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 
 import torch
+import triton
+import triton.language as tl
 
 from ...block_table import pairs_by_column
 
@@ -75,3 +77,29 @@ def head_chunks(head_first: list[int], pair_bytes: int, limit: int) -> list[tupl
     if h0 < len(head_first) - 1:
         chunks.append((h0, len(head_first) - 1, True))
     return chunks
+
+
+@triton.jit
+def store_order(ds_t):
+    """``ds_t`` ``[BLOCK_N, BLOCK_M]`` reordered so that sm90 matmul results go out as wide stores with no
+    exchange between threads: row ``16h + 8a + l`` (``l < 8``) to ``a * BLOCK_N / 2 + 8h + l``
+    (:func:`stored_key` undoes it: the tile's own rows), and query ``8j + 2t + b`` (``t < 4``, ``b < 2``)
+    to column ``t * BLOCK_M / 4 + 2j + b`` (the tile's columns stay in this order: :func:`stored_query`)."""
+    rows: tl.constexpr = ds_t.shape[0]
+    columns: tl.constexpr = ds_t.shape[1]
+    split = tl.reshape(ds_t, [rows // 16, 2, 8, columns // 8, 4, 2])
+    return tl.reshape(tl.permute(split, [1, 0, 2, 4, 3, 5]), [rows, columns])
+
+
+@triton.jit
+def stored_key(row, BLOCK_N: tl.constexpr):
+    """The key offset of row ``row`` of :func:`store_order`'s tile."""
+    return row // 8 % (BLOCK_N // 16) * 16 + row // (BLOCK_N // 2) * 8 + row % 8
+
+
+@triton.jit
+def stored_query(position, Q_STEP: tl.constexpr):
+    """The query offset held at stored column ``position`` (:func:`store_order`'s columns, steps of ``Q_STEP``)."""
+    within = position % Q_STEP
+    t, rest = within // (Q_STEP // 4), within % (Q_STEP // 4)
+    return position - within + rest // 2 * 8 + t * 2 + rest % 2
