@@ -88,9 +88,9 @@ def test_backward_dry_run_times_the_calls_under_each_variant(load_script, tmp_pa
         pytest.skip("needs triton and TRITON_INTERPRET=1")
     script = load_script("backward")
     result = script.main(["--dry-run", "--backends", "triton", "--kinds", "multi_diag", "--calls", "--variants",
-                          "default", "rows-out", "--out", str(tmp_path)])  # fmt: skip
+                          "rows-out", "--out", str(tmp_path)])  # fmt: skip
     rows = {r["backend"]: r for r in result["rows"]}
-    for variant in ("default", "rows-out"):
+    for variant in ("rows-out",):
         assert result["checks"][variant][0]["ok"], result["checks"][variant]
         for call in ("call-old", "call-fused"):
             row = rows[f"triton[{variant}][{call}]"]
