@@ -242,8 +242,8 @@ def test_triton_backward_recomputes_when_no_memory_is_left_for_the_tiles(monkeyp
 
 def test_rows_out_leaves_no_pass_after_the_kernels(monkeypatch):
     """``rows_out`` without a rotary (``sparse_attention`` on token-major heads): the kernels store dq, dk and
-    dv at their frame-major rows, so no pass runs after them (the default runs two); gradients checked by the
-    variant tests above."""
+    dv at their frame-major rows, so no pass runs after them (the default runs two), and the gradients are the
+    same bit for bit, with either dQ kernel (their accuracy: the variant tests above)."""
     _needs_interpreter()
     from sparse_vdit.kernels.triton import backward, rotary
 
@@ -252,15 +252,17 @@ def test_rows_out_leaves_no_pass_after_the_kernels(monkeypatch):
     q, k, v, grad_out = _inputs(layout, len(heads), batch, dim)
     passes, real = [], rotary.rotary_order
     monkeypatch.setattr(rotary, "rotary_order", lambda *a, **kw: passes.append(kw) or real(*a, **kw))
-    grads = {}
-    for rows_out in (False, True):
-        monkeypatch.setitem(backward.OPTIONS, "rows_out", rows_out)
-        passes.clear()
-        grads[rows_out] = _grads(lambda q, k, v: sparse_attention(q, k, v, table, backend="triton"), torch.float32,
-                                 q, k, v, grad_out)  # fmt: skip
-        assert sum(kw.get("to_head_order") is False for kw in passes) == (0 if rows_out else 2), passes
-    for a, b in zip(grads[False], grads[True]):
-        assert torch.equal(a, b)
+    for dq in ("stored", "recompute"):  # both dQ kernels store frame-major
+        monkeypatch.setitem(backward.OPTIONS, "dq", dq)
+        grads = {}
+        for rows_out in (False, True):
+            monkeypatch.setitem(backward.OPTIONS, "rows_out", rows_out)
+            passes.clear()
+            grads[rows_out] = _grads(lambda q, k, v: sparse_attention(q, k, v, table, backend="triton"),
+                                     torch.float32, q, k, v, grad_out)  # fmt: skip
+            assert sum(kw.get("to_head_order") is False for kw in passes) == (0 if rows_out else 2), passes
+        for a, b in zip(grads[False], grads[True]):
+            assert torch.equal(a, b), dq
 
 
 def test_triton_backward_on_permuted_tensors_as_fa4_runs_it():
