@@ -99,6 +99,16 @@ def test_backward_dry_run_times_the_calls_under_each_variant(load_script, tmp_pa
     assert "tiny / multi_diag / 0.10 / call call-fused " in table and "rows-out" in table.splitlines()[0]
 
 
+def test_rows_out_variants_skip_tables_without_token_major_heads_when_their_twin_runs(load_script):
+    pytest.importorskip("triton")
+    script = load_script("backward")
+    run = ["default", "rows-out", "dp-early", "dp-early-rows-out"]
+    assert script.twin_without_rows_out("rows-out", run) == "default"
+    assert script.twin_without_rows_out("dp-early-rows-out", run) == "dp-early"
+    assert script.twin_without_rows_out("dp-early-rows-out", ["default", "dp-early-rows-out"]) is None  # no twin: timed
+    assert script.twin_without_rows_out("dp-early", run) is None
+
+
 def test_check_layouts_build_for_every_shape(load_script):
     """Each shape's small check layout is valid: padded text only where the layout allows it (a suffix)."""
     from common import SHAPES
