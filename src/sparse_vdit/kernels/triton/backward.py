@@ -13,7 +13,8 @@ the matmul's registers, rows and columns in an order that needs no exchange betw
 Token-major heads are read and written through their order in place, as in the forward (their LSE
 and delta gathered into their order once, for the dK/dV kernel's whole steps), or, after the forward on
 head-ordered q, k, v (``head_order``: how eager training runs), as frame-major heads, the prologue
-putting grad_out and the statistics in head order. Every element of dQ, dK, dV is written (zeros for
+putting grad_out and the statistics in head order (``frame_major``: the kernels store the gradients named at
+their frame-major rows). Every element of dQ, dK, dV is written (zeros for
 keys nobody visits: skipped heads, padded text). The torch reference is autograd through
 ``sparse_vdit.kernels.reference``.
 """
@@ -52,7 +53,7 @@ DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True,
 # 64- and 128-query steps, 32- and 128-key dQ steps, other stages and warps, token-major q and dO copied to
 # their order, dQ beside dK/dV on a side stream, a Gluon dK/dV kernel (sessions i-s). Tiles are for 128-token
 # table blocks (tests scale them). ``rows-out``: the frame-major stores of session k, now with the rows read
-# from a table after the loops, which then compile as without them (bench/sm90_loop.py --backward --rows-out).
+# from a table after the loops, which then compile as without them (bench/sm90_loop.py --backward --variants).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages
