@@ -173,8 +173,9 @@ def _head_order_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
     from .triton.backward import backward_option
 
     table, rotary = table_by_key(table_key), rotary_of(cos, sin, rotary_start, rotary_pairs)
-    frame_major = ()  # the gradients the kernels store frame-major: dq and dk not under a rotary (its transpose
-    if backward_option("rows_out"):  # is the pass's)
+    # the gradients the kernels store frame-major: dq and dk not under a rotary (its transpose is the pass's)
+    frame_major = ()
+    if backward_option("rows_out"):
         frame_major = ("dv",) if rotary is not None else ("dq", "dk", "dv")
     dq, dk, dv = backend.run_backward(grad_out, q, k, v, out, lse, table, softmax_scale, head_order=True,
                                       frame_major=frame_major)  # fmt: skip
