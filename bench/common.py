@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover
 from sparse_vdit.block_table import DEFAULT_BLOCK  # noqa: E402
 from sparse_vdit.layout import VideoLayout  # noqa: E402
 from sparse_vdit.patterns import compile_layer, dense, diagonal, multi_diagonal, skip, vertical  # noqa: E402
+from sparse_vdit.timing import device_name  # noqa: E402
 
 START = time.perf_counter()
 BLOCK = DEFAULT_BLOCK
@@ -136,7 +137,7 @@ def environment(device: torch.device) -> dict:
     from sparse_vdit.kernels import fa4
 
     info = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "device": device_name(device),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     try:
         info["triton"] = __import__("triton").__version__

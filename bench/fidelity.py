@@ -86,6 +86,7 @@ from sparse_vdit.methods.oracle import PerCallOracle, StaticOracle  # noqa: E402
 from sparse_vdit.organism import data as D  # noqa: E402
 from sparse_vdit.organism import model as M  # noqa: E402
 from sparse_vdit.patterns import diagonal, multi_diagonal  # noqa: E402
+from sparse_vdit.timing import device_name  # noqa: E402
 
 EVAL_DATA_SEED, SEARCH_DATA_SEED = 777, 4242  # evaluation captions and (held-out) search captions
 FAMILIES = ("dense", "offline", "offline-out", "offline-paper", "svg", "window-spatial", "window-temporal",
@@ -350,8 +351,8 @@ def skipped(plan: Plan | None, steps: int) -> dict:
 def environment(args) -> dict:
     import diffusers
 
-    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
-    return {"device": gpu or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+    cpu = "" if args.device.startswith("cuda") else f", {os.cpu_count()} cores"
+    return {"device": device_name(args.device) + cpu,
             "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
 

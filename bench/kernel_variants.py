@@ -37,6 +37,7 @@ import common  # noqa: E402  (the bench library: shapes, tables, timer)
 from sparse_vdit import sparse_attention  # noqa: E402
 from sparse_vdit.kernels.triton import launcher, sampled  # noqa: E402
 from sparse_vdit.methods.svg import fused_inputs, band_widths, sample_rows  # noqa: E402
+from sparse_vdit.timing import device_name  # noqa: E402
 
 ATTENTION_VARIANTS = {  # launcher.OPTIONS, plus "tiles" (BLOCK_M, BLOCK_N, warps, stages) over the rule
     "work": {"schedule": "work", "tma": False, "warp_specialize": False},  # the kernel before the options
@@ -203,7 +204,7 @@ def main(argv=None) -> list:
         args.profile_variants = ["64x32x4x3", "64x64x4x3"]
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
-    meta = {"device": "cpu" if args.dry_run else torch.cuda.get_device_name(), "torch": torch.__version__,
+    meta = {"device": device_name("cpu" if args.dry_run else "cuda"), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "argv": argv or sys.argv[1:], "dry_run": args.dry_run}  # fmt: skip
 
     class Rows(list):  # saved after every row, so a run stopped at its time limit keeps what it measured

@@ -54,10 +54,7 @@ from sparse_vdit.organism import data as D  # noqa: E402
 from sparse_vdit.organism import model as M  # noqa: E402
 from sparse_vdit.methods.oracle import PerCallOracle, StaticOracle  # noqa: E402
 from sparse_vdit.patterns import compile_layer  # noqa: E402
-
-def device_name(device: str) -> str:
-    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
-
+from sparse_vdit.timing import device_name  # noqa: E402
 
 EVAL_DATA_SEED, SEARCH_DATA_SEED = 777, 4242  # as bench/fidelity.py: evaluation and calibration captions
 MODELS = M.MODELS

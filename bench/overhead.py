@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ except ImportError:  # pragma: no cover
 
 from sparse_vdit import Plan
 from sparse_vdit.integrations.diffusers import model_spec
+from sparse_vdit.timing import device_name
 
 sys.path.insert(0, str(HERE))  # sibling bench scripts
 import models  # noqa: E402  (the tiny configs, model builder, inputs, layouts, mixed plans)
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     finally:
         torch.set_num_threads(threads)
     data = {"command": "python bench/overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "device": f"CPU ({platform.processor() or platform.machine()}), 1 thread", "torch": torch.__version__,
+            "device": f"{device_name('cpu')}, 1 thread", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=2) + "\n")

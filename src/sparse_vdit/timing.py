@@ -1,10 +1,21 @@
-"""Timestamps that work on the CPU and on CUDA streams (events), and the time between two."""
+"""Timestamps that work on the CPU and on CUDA streams (events), the time between two, and the name
+of the device a measurement ran on."""
 
 from __future__ import annotations
 
+import platform
 import time
 
 import torch
+
+
+def device_name(device: str | torch.device) -> str:
+    """The device a result was measured on, for its record: the GPU's name for a CUDA device (as
+    ``torch.cuda.get_device_name``), ``cpu (<processor>)`` otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()})"
 
 
 def clock(like: torch.Tensor):

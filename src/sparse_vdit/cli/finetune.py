@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import shlex
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..plan import Plan
+from ..timing import device_name
 from .common import PIPELINE_BLOCK, PIPELINE_STEPS, CommandError, add_backend, add_device, add_threads
 from .common import block_size, fraction, positive_int, set_threads, writable_folder
 from .generate import DTYPES
@@ -311,7 +311,7 @@ def train(args, pipe, recipe, plan: Plan, latents, text, shape, density: float) 
         "lr": args.lr, "rank": args.rank, "batch_size": args.batch_size,
         "gradient_checkpointing": args.gradient_checkpointing, "seed": args.seed, "backend": args.backend,
         "dtype": str(transformer.dtype).removeprefix("torch."),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "device": device_name(args.device),
         "torch": torch.__version__,
         "losses": losses,
         "last_loss_mean": sum(tail) / len(tail) if losses else None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from ..plan import Plan
+from ..timing import device_name
 from .common import ORGANISM_BLOCK, ORGANISM_STEPS, PIPELINE_BLOCK, PIPELINE_STEPS, CommandError, add_backend
 from .common import add_device, write_video, add_threads, block_size, fraction, positive_int, set_threads, writable_file
 
@@ -177,7 +177,7 @@ def generate_video(
         "width": int(video.shape[2]),
         "backend": backend,
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "torch": torch.__version__,
         "total_seconds": total,
         "denoise_seconds": denoise,

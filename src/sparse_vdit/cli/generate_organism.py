@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..plan import Plan
+from ..timing import device_name
 from .common import ORGANISM_BLOCK, ORGANISM_STEPS, CommandError, write_video
 
 
@@ -74,7 +74,7 @@ def generate_organism(args: argparse.Namespace, folder: Path, plan: Plan | None,
         "width": int(video.shape[2]),
         "backend": args.backend,
         "dtype": str(dtype).removeprefix("torch."),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "device": device_name(args.device),
         "torch": torch.__version__,
         "total_seconds": run.seconds,
         "denoise_seconds": run.seconds,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import platform
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ from ..kernels import dense as dense_kernels
 from ..kernels import resolve_backend, sparse_attention
 from ..layout import VideoLayout
 from ..patterns import Pattern, compile_layer
+from ..timing import device_name
 
 FORMAT = "sparse-vdit-costs"
 VERSION = 1
@@ -122,12 +122,6 @@ class CostTable:
 
     def relative_costs(self) -> dict[str, float]:
         return {key: ms / self.dense_ms for key, ms in self.ms.items()}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type}:{platform.processor() or platform.machine()}"
 
 
 def table_meta(shape: Shape) -> dict:

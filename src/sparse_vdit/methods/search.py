@@ -35,7 +35,8 @@ from ..layout import VideoLayout
 from ..patterns import Pattern, dense
 from ..plan import Plan, StepRange, as_spec
 from .candidates import MassVertical, as_candidates, num_key_blocks, paper_candidates, tuned_candidates
-from .cost import MeasuredCost, Shape, as_cost_model, device_name
+from ..timing import device_name
+from .cost import MeasuredCost, Shape, as_cost_model
 from .estimate import block_rows, default_sample_blocks, output_errors, probe, sample_query_blocks
 
 MODES = ("ours", "paper")

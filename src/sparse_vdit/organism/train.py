@@ -20,7 +20,6 @@ import contextlib
 import copy
 import json
 import math
-import platform
 import shlex
 import sys
 import time
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..integrations.diffusers.models import DIFFUSERS_VERSION
+from ..timing import device_name
 from .data import SceneStream, make_batch, render, sample_scene
 from .model import (
     FIDELITY_MODEL,
@@ -351,7 +351,7 @@ def train(args: argparse.Namespace, command: str) -> dict:
         "final_loss": float(np.mean(history[-100:])) if history else None,
         "train_seconds": round(train_seconds, 1),
         "videos_per_second": round(run_steps * args.batch_size / max(train_seconds, 1e-9), 1),
-        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "device": device_name(device),
         "torch": torch.__version__,
         "diffusers": DIFFUSERS_VERSION,
     }
