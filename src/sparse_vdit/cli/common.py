@@ -107,6 +107,7 @@ def device(text: str) -> str:
 
 
 def default_device() -> str:
+    """``cuda`` where a CUDA GPU is visible, else ``cpu``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

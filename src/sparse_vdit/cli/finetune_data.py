@@ -26,6 +26,8 @@ CAPTION_FILES = ("captions.json", "captions.jsonl", "metadata.jsonl")
 
 @dataclass(frozen=True)
 class Sample:
+    """One training example of a data folder: a video or a latent file, and its caption."""
+
     path: Path
     caption: str
 
@@ -155,6 +157,7 @@ def load_cache(path: Path, key: dict) -> dict | None:
 
 
 def save_cache(path: Path, key: dict, latents: list | None, text: list[dict]) -> None:
+    """Write the encoded latents and text under ``key`` (atomically: a stopped run leaves no half file)."""
     tmp = path.with_suffix(".tmp")
     torch.save({"key": key, "latents": latents, "text": text}, tmp)
     tmp.replace(path)

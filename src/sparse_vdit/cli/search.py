@@ -73,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The calibration prompts: ``--prompt`` values, those of ``--prompts`` (a JSON list, or one a line with
+    ``#`` comments) and, for the organism, ``--scenes`` captions; CommandError when there are none."""
     prompts = list(args.prompt)
     if args.prompts is not None:
         try:
@@ -134,6 +136,7 @@ def load_model(args: argparse.Namespace, dtype: torch.dtype):
 
 
 def settings_from(args: argparse.Namespace) -> SearchSettings:
+    """The search settings the command line asks for (a measured cost model on a GPU unless told otherwise)."""
     from ..methods.candidates import parse_candidate
     from ..methods.cost import MeasuredCost
 

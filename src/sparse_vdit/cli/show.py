@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_layout(text: str | None) -> VideoLayout | None:
+    """``--layout FRAMESxHEIGHTxWIDTH`` as a VideoLayout (None when not given); CommandError when malformed."""
     if text is None:
         return None
     try:

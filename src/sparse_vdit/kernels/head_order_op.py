@@ -49,11 +49,13 @@ class Rotary:
 
 
 def geometry(table: BlockTable) -> tuple[int, int, int, int]:
+    """(frames, tokens per frame, first video position, video tokens) of the table's layout, as the passes take them."""
     layout = table.layout
     return layout.frames, layout.frame_tokens, layout.video_start, layout.video_tokens
 
 
 def flags(table: BlockTable) -> torch.Tensor | None:
+    """The table's int8 token-major head flags (None when every head is frame-major); imports Triton on use."""
     from .triton.launcher import token_major_flags
 
     return token_major_flags(table)

@@ -12,6 +12,7 @@ BACKEND = Backend("reference", (*API_DTYPES, torch.float64), None, needs_cuda=Fa
 
 
 def is_available(device: torch.device | None = None) -> tuple[bool, str]:
+    """Always available (plain torch on any device), with the reason shown by ``sparse-vdit check``."""
     return True, "plain torch"
 
 

@@ -125,6 +125,8 @@ class CostTable:
 
 
 def table_meta(shape: Shape) -> dict:
+    """What a measured cost table depends on (device, torch, backend, layout, block, heads, head dim, dtype):
+    its cache key."""
     layout = shape.layout
     backend = resolve_backend(
         shape.backend, torch.empty(0, 1, 1, shape.head_dim, dtype=shape.dtype, device=shape.device)

@@ -452,6 +452,8 @@ def render(
 
 @dataclass
 class Batch:
+    """Rendered scenes: their videos, captions and the scene descriptions they came from."""
+
     videos: torch.Tensor  # (n, frames, 3, H, W) in [-1, 1]
     captions: list[str]
     scenes: list[Scene]

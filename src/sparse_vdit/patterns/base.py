@@ -36,6 +36,7 @@ def register(name: str, token_major: bool = False):
 
 
 def pattern_names() -> tuple[str, ...]:
+    """Names of the registered pattern families, in registration order (what a plan may name)."""
     return tuple(_FAMILIES)
 
 

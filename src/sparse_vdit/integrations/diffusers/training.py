@@ -74,6 +74,8 @@ def _latent_dist(vae: Any, video: torch.Tensor) -> torch.Tensor:
 
 
 class WanRecipe(Recipe):
+    """``WanPipeline`` (Wan2.1 T2V, Wan2.2 TI2V-5B): UMT5 text states, latents normalised by the VAE's mean and std."""
+
     pipelines = ("WanPipeline",)
     family = "wan"
     max_sequence_length = 512  # WanPipeline.__call__'s
@@ -107,6 +109,9 @@ class WanRecipe(Recipe):
 
 
 class HunyuanVideoRecipe(Recipe):
+    """``HunyuanVideoPipeline``: text states, pooled projection and attention mask; latents times the VAE's
+    scaling factor."""
+
     pipelines = ("HunyuanVideoPipeline",)
     family = "hunyuan_video"
 
