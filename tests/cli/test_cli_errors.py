@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 
@@ -83,6 +84,14 @@ def test_version_and_defaults_in_help(capsys):
         block_help = helps[command].split("--block-size BLOCK_SIZE")[-1].split("--")[0]
         assert f"{common.PIPELINE_BLOCK}; {common.ORGANISM_BLOCK} on the organism" in block_help
     assert "(default: 64)" in helps["check"]
+
+
+def test_one_dtype_default_for_the_commands_that_load_a_model():
+    assert common.dtype_of(None, "cpu") is torch.float32
+    assert common.dtype_of(None, "cuda:1") is torch.bfloat16
+    assert common.dtype_of("fp16", "cuda") is torch.float16 and common.dtype_of("bf16", "cpu") is torch.bfloat16
+    assert fails(["generate", "--model", "x", "--dtype", "f16"]).startswith(
+        "sparse-vdit generate: argument --dtype: invalid choice: 'f16'")
 
 
 def test_bad_demo_plan_file_fails_before_the_model(tmp_path, no_model):

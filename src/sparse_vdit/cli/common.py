@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.registry import DTYPE_NAMES
+
 PIPELINE_STEPS = 50  # denoising steps on a diffusers pipeline (generate and search alike: a plan's
 # step ranges are step indices, so search with the steps you generate with)
 ORGANISM_STEPS = 12  # denoising steps on the organism (the setting its plan was searched at)
@@ -118,6 +120,18 @@ def add_backend(parser) -> None:
 
 def add_device(parser) -> None:
     parser.add_argument("--device", type=device, default=default_device(), help="torch device")
+
+
+def add_dtype(parser, what: str = "") -> None:
+    """``--dtype bf16|fp16|fp32`` (``what``: what it is the dtype of, for the help); see :func:`dtype_of`."""
+    parser.add_argument("--dtype", choices=tuple(DTYPE_NAMES), help=f"{what}default: bf16 on CUDA, fp32 on the CPU")
+
+
+def dtype_of(name: str | None, device: str) -> torch.dtype:
+    """The torch dtype of a ``--dtype`` value; without one bf16 on CUDA, float32 on the CPU."""
+    if name is not None:
+        return DTYPE_NAMES[name]
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 def add_threads(parser) -> None:

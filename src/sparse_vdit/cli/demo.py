@@ -100,7 +100,6 @@ def _model(args):
 
 def _plan(args, transformer, spec, block: int, steps: int, trained: bool):
     """(plan, label) as ``--plan`` says; default: ``plan.json`` beside trained weights, else a search now."""
-    from ..organism import model as M
     from ..organism.data import sample_scene
     from ..patterns import diagonal
     from ..plan import Plan

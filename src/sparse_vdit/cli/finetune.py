@@ -34,8 +34,7 @@ import torch
 from ..plan import Plan
 from ..timing import device_name
 from .common import PIPELINE_BLOCK, PIPELINE_STEPS, CommandError, add_backend, add_device, add_threads
-from .common import block_size, fraction, positive_int, set_threads, writable_folder
-from .generate import DTYPES
+from .common import add_dtype, block_size, dtype_of, fraction, positive_int, set_threads, writable_folder
 from .finetune_data import fingerprint, load_cache, read_latents, read_samples, read_video, save_cache
 
 DEFAULT_STEPS = 1000
@@ -75,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend(parser)
     parser.add_argument("--block-size", type=block_size,
                         help=f"block size of the tables (default: the plan's; {PIPELINE_BLOCK} with --density)")  # fmt: skip
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="of the base weights; default: bf16 on CUDA, fp32 on the CPU")
+    add_dtype(parser, "of the base weights; ")
     add_device(parser)
     add_threads(parser)
 
@@ -131,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     torch.manual_seed(args.seed)
     device = args.device
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = dtype_of(args.dtype, device)
     cache_path = args.out / "encoded.pt"
     key = _cache_key(args, samples, prompts, dtype)
     cached = load_cache(cache_path, key)

@@ -20,9 +20,8 @@ import torch
 from ..plan import Plan
 from ..timing import device_name
 from .common import ORGANISM_BLOCK, ORGANISM_STEPS, PIPELINE_BLOCK, PIPELINE_STEPS, CommandError, add_backend
-from .common import add_device, write_video, add_threads, block_size, fraction, positive_int, set_threads, writable_file
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from .common import add_device, add_dtype, add_threads, block_size, dtype_of, fraction, positive_int, set_threads
+from .common import write_video, writable_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=block_size,
                         help=f"block size of the tables (default: the plan's, else {PIPELINE_BLOCK}; "
                              f"{ORGANISM_BLOCK} on the organism)")  # fmt: skip
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
+    add_dtype(parser)
     add_device(parser)
     add_threads(parser)
 
@@ -256,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
     # a broken plan file or prompt-embeddings file fails before the (slow) model load
     plan = Plan.load(args.plan) if args.plan not in ("dense", "none", None) else None
     device = args.device
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = dtype_of(args.dtype, device)
     inputs = None
     if args.prompt_embeds is not None:
         inputs = torch.load(args.prompt_embeds, map_location="cpu", weights_only=True)

@@ -14,12 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..block_table import DEFAULT_BLOCK
 from ..methods.search import MODES, SearchSettings
 from .common import ORGANISM_BLOCK, ORGANISM_STEPS, PIPELINE_BLOCK, PIPELINE_STEPS, CommandError, add_backend
-from .common import add_device, add_threads, block_size, positive_int, set_threads, writable_file
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from .common import add_device, add_dtype, add_threads, dtype_of, block_size, positive_int, set_threads, writable_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r = parser.add_argument_group("generation")
     add_device(r)
     add_threads(r)
-    r.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
+    add_dtype(r)
     r.add_argument("--height", type=positive_int, help="pixels (default: the pipeline's)")
     r.add_argument("--width", type=positive_int, help="pixels (default: the pipeline's)")
     r.add_argument("--frames", type=positive_int, help="video frames (default: the pipeline's)")
@@ -169,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     writable_file(args.out)
     set_threads(args.threads)
     steps = args.steps or (ORGANISM_STEPS if args.model == "organism" else PIPELINE_STEPS)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    dtype = dtype_of(args.dtype, args.device)
     model, sampler = load_model(args, dtype)
     try:
         searcher = searchers_for(model, prompts, steps=steps, seeds=args.seeds, settings=settings)  # one per expert

@@ -26,7 +26,8 @@ import torch
 
 logger = logging.getLogger("sparse_vdit")
 
-API_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what sparse_attention accepts at all
+DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # on command lines
+API_DTYPES = tuple(DTYPE_NAMES.values())  # what sparse_attention accepts at all
 
 
 @dataclass(frozen=True)

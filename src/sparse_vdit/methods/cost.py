@@ -32,7 +32,6 @@ from ..timing import device_name
 
 FORMAT = "sparse-vdit-costs"
 VERSION = 1
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def cache_dir() -> Path:

@@ -16,7 +16,8 @@ from ..block_table import DEFAULT_BLOCK
 from ..layout import VideoLayout
 from ..patterns import compile_layer
 from .candidates import paper_candidates, tuned_candidates
-from .cost import DTYPES, MeasuredCost, Shape, cache_dir
+from ..kernels.registry import DTYPE_NAMES
+from .cost import MeasuredCost, Shape, cache_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-position", default="none", choices=("none", "prefix", "suffix"))
     p.add_argument("--heads", type=int, required=True)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPE_NAMES))
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK)
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", choices=("tuned", "paper", "both"), default="both")
     args = p.parse_args(argv)
     layout = VideoLayout(args.frames, args.height, args.width, args.text, args.text_position)
-    shape = Shape(layout, args.heads, args.head_dim, DTYPES[args.dtype], torch.device(args.device), args.block_size,
+    dtype = DTYPE_NAMES[args.dtype]
+    shape = Shape(layout, args.heads, args.head_dim, dtype, torch.device(args.device), args.block_size,
                   args.backend)  # fmt: skip
     cands = {"tuned": tuned_candidates(), "paper": paper_candidates()}
     chosen = cands["tuned"] + cands["paper"] if args.candidates == "both" else cands[args.candidates]
