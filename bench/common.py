@@ -131,13 +131,16 @@ def gpu_versions() -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    """What a model-level run ran on: device, torch, diffusers, triton, flash-attn-4, date."""
+    """What a model-level run ran on: device (with its core count on a CPU), torch, diffusers, triton,
+    flash-attn-4, date."""
     import diffusers
 
     from sparse_vdit.kernels import fa4
 
+    device = torch.device(device)
+    cores = "" if device.type == "cuda" else f", {os.cpu_count()} cores"
     info = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-            "device": device_name(device),
+            "device": device_name(device) + cores,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     try:
         info["triton"] = __import__("triton").__version__

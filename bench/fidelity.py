@@ -60,8 +60,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -77,6 +75,7 @@ try:  # run as a script from a checkout without installing
 except ImportError:  # pragma: no cover
     sys.path.insert(0, str(HERE.parent / "src"))
 
+from common import environment  # noqa: E402
 from report import fidelity as render_table  # noqa: E402
 
 from sparse_vdit import Plan  # noqa: E402
@@ -86,7 +85,6 @@ from sparse_vdit.methods.oracle import PerCallOracle, StaticOracle  # noqa: E402
 from sparse_vdit.organism import data as D  # noqa: E402
 from sparse_vdit.organism import model as M  # noqa: E402
 from sparse_vdit.patterns import diagonal, multi_diagonal  # noqa: E402
-from sparse_vdit.timing import device_name  # noqa: E402
 
 EVAL_DATA_SEED, SEARCH_DATA_SEED = 777, 4242  # evaluation captions and (held-out) search captions
 FAMILIES = ("dense", "offline", "offline-out", "offline-paper", "svg", "window-spatial", "window-temporal",
@@ -348,15 +346,6 @@ def skipped(plan: Plan | None, steps: int) -> dict:
     return {"skipped_heads": len(heads), "skipped_share": skips / (steps * plan.num_layers * plan.num_heads)}
 
 
-def environment(args) -> dict:
-    import diffusers
-
-    cpu = "" if args.device.startswith("cuda") else f", {os.cpu_count()} cores"
-    return {"device": device_name(args.device) + cpu,
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-
-
 def pareto_plot(data: dict, path: Path) -> Path:
     """PSNR and SSIM against attention density, and PSNR against measured attention speedup; one
     colour per family, oracles (upper bounds) dashed."""
@@ -406,7 +395,7 @@ def main(argv=None) -> int:
     data = {"model": what, "weights": weights_info(args), "videos": len(videos), "steps": args.steps,
             "block_size": args.block_size, "layout": layout_of(spec).describe(), "backend": args.backend,
             "dry_run": args.quick, "speedup_meaningful": args.device.startswith("cuda"),
-            "environment": environment(args), "captions": sorted({c for c, _ in videos}), "seeds": args.seeds,
+            "environment": environment(torch.device(args.device)), "captions": sorted({c for c, _ in videos}), "seeds": args.seeds,
             "command": "python bench/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "rows": [], "not_run": []}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
