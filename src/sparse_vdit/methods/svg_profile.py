@@ -7,13 +7,13 @@ order; never an ``N x N`` mask); :func:`sampled_errors` turns them into per-head
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
 
 from ..block_table import is_power_of_two
+from ..kernels import registry
 from ..layout import VideoLayout
 from ..patterns import Pattern, compile_layer
 
@@ -122,18 +122,15 @@ def fused_inputs(
 
 
 PROFILE_BACKENDS = ("auto", "torch", "triton")
-_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _triton_ok(q: torch.Tensor, patterns: Sequence[Pattern]) -> bool:
+    """Whether the sampled rows' Triton kernels take these inputs here (two masks, a power-of-two head dim
+    of 16-256, a Triton dtype, Triton on this device)."""
     dim = q.shape[-1]
-    if len(patterns) != 2 or dim < 16 or dim > 256 or not is_power_of_two(dim) or q.dtype not in _TRITON_DTYPES:
+    if len(patterns) != 2 or dim < 16 or dim > 256 or not is_power_of_two(dim) or q.dtype not in registry.API_DTYPES:
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return registry.available("triton", q.device)[0]
 
 
 def sampled_outputs(
