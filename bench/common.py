@@ -55,12 +55,6 @@ def out_of_memory_said(what: str):
         torch.cuda.empty_cache()
 
 
-def sync(device: torch.device) -> None:
-    """Wait for ``device``'s queued work (a no-op on the CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def random_sets(shape, count: int, device, dtype, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
     """``count`` seeded (q, k, v) sets of random ``[1, tokens, heads, dim]`` tensors for ``shape``
     (anything with ``layout``, ``heads``, ``dim``), to rotate so the L2 cache does not flatter."""

@@ -90,6 +90,7 @@ import sparse_vdit
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling bench scripts
 import common  # noqa: E402  (the bench library: clocks, results, environment)
 import models  # noqa: E402  (the models, builder, inputs)
+from sparse_vdit.timing import synchronize  # noqa: E402
 MODELS, TINY, say = models.MODELS, models.TINY, common.say
 # flow shift of each model's scheduler (Wan 480p 3.0, 720p 5.0; HunyuanVideo 7.0; CogVideoX none)
 SHIFT = {"wan-1.3b": 3.0, "wan-14b": 5.0, "hunyuan": 7.0, "cogvideox1.5": 1.0}
@@ -144,10 +145,10 @@ def time_generation(sampler, model, prompt: str, seed: int, steps: int) -> float
     """Seconds of one unpatched generation (cuDNN SDPA first on CUDA), synchronised."""
     device = next(model.parameters()).device
     with models.cudnn_first() if device.type == "cuda" else contextlib.nullcontext():
-        common.sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         sampler(prompt, seed, steps)
-        common.sync(device)
+        synchronize(device)
     return time.perf_counter() - t0
 
 

@@ -55,7 +55,7 @@ import models  # noqa: E402
 
 import sparse_vdit
 from sparse_vdit import Plan
-from sparse_vdit.timing import clock, seconds_between
+from sparse_vdit.timing import clock, seconds_between, synchronize
 
 DEFAULT_MODELS = "wan-14b,hunyuan"
 
@@ -116,9 +116,9 @@ def setup(args) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def synchronize_ranks(device) -> None:
+    """Wait for this rank's device, then for every rank (a barrier when distributed)."""
+    synchronize(device)
     if dist.is_initialized():
         dist.barrier()
 
@@ -128,10 +128,10 @@ def measure(model, inputs, state, repeats: int, device) -> dict:
     times, attention = [], []
     for i in range(repeats + 1):
         state.reset_timings()
-        synchronize(device)
+        synchronize_ranks(device)
         start = clock(inputs["hidden_states"])
         model(**inputs)
-        synchronize(device)
+        synchronize_ranks(device)
         seconds = seconds_between(start, clock(inputs["hidden_states"]))
         if i:
             times.append(seconds)

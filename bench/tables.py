@@ -19,11 +19,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside it
-from common import BLOCK, sync  # noqa: E402
+from common import BLOCK  # noqa: E402
 
 from sparse_vdit import VideoLayout, compile_layer  # noqa: E402
 from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, vertical  # noqa: E402
 from sparse_vdit.patterns.table import clear_compiled  # noqa: E402
+from sparse_vdit.timing import synchronize  # noqa: E402
 
 MODELS = {
     "hunyuan-720p": (VideoLayout(33, 45, 80, 256, "suffix", text_valid=100), 60, 24),
@@ -45,10 +46,10 @@ def build_model(layout, layers, heads, device, block=BLOCK, seed=0):
     """Every layer's table of a random plan from :data:`POOL`, and the seconds it took."""
     rng = random.Random(seed)
     plan = [tuple(rng.choice(POOL) for _ in range(heads)) for _ in range(layers)]
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     tables = [compile_layer(p, layout, block, device) for p in plan]
-    sync(device)
+    synchronize(device)
     return tables, time.perf_counter() - start
 
 

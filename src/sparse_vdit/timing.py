@@ -1,5 +1,5 @@
-"""Timestamps that work on the CPU and on CUDA streams (events), the time between two, and the name
-of the device a measurement ran on."""
+"""Timestamps that work on the CPU and on CUDA streams (events), the time between two, waiting for a
+device, and the name of the device a measurement ran on."""
 
 from __future__ import annotations
 
@@ -16,6 +16,13 @@ def device_name(device: str | torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{device.type} ({platform.processor() or platform.machine()})"
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for ``device``'s queued work (a no-op off CUDA)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def clock(like: torch.Tensor):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..plan import Plan
-from ..timing import device_name
+from ..timing import device_name, synchronize
 from .common import ORGANISM_BLOCK, ORGANISM_STEPS, PIPELINE_BLOCK, PIPELINE_STEPS, CommandError, add_backend
 from .common import add_device, add_dtype, add_threads, block_size, dtype_of, fraction, positive_int, set_threads
 from .common import write_video, writable_file
@@ -107,7 +107,6 @@ def generate_video(
     from ..integrations.diffusers import apply, remove
 
     device = pipe.transformer.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     kwargs: dict[str, Any] = dict(num_inference_steps=steps, output_type="np")
     kwargs["generator"] = torch.Generator(device="cpu").manual_seed(seed)
     for key, value in (("prompt", prompt), ("negative_prompt", negative_prompt), ("height", height),
@@ -121,11 +120,11 @@ def generate_video(
     step_ends: list[float] = []
 
     def on_forward(module, args, kwargs_):
-        sync()
+        synchronize(device)
         forward_times.append(time.perf_counter())
 
     def on_step_end(pipeline, i, t, callback_kwargs):
-        sync()
+        synchronize(device)
         step_ends.append(time.perf_counter())
         return {}
 
@@ -140,10 +139,10 @@ def generate_video(
             state.timing = True
             if state.svg is not None:
                 state.svg.timing = True
-        sync()
+        synchronize(device)
         start = time.perf_counter()
         result = pipe(**kwargs)
-        sync()
+        synchronize(device)
         total = time.perf_counter() - start
         attention = state.attention_seconds() if state is not None else {}
         layout = state.last_layout if state is not None else None

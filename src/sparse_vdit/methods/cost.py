@@ -28,7 +28,7 @@ from ..kernels import dense as dense_kernels
 from ..kernels import resolve_backend, sparse_attention
 from ..layout import VideoLayout
 from ..patterns import Pattern, compile_layer
-from ..timing import device_name
+from ..timing import device_name, synchronize
 
 FORMAT = "sparse-vdit-costs"
 VERSION = 1
@@ -153,11 +153,6 @@ def table_path(meta: dict, root: Path | None = None) -> Path:
     return (root or cache_dir()) / f"{device}-{label}-h{meta['heads']}x{meta['head_dim']}-{digest}.json"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(fn, inputs: Sequence[tuple], device: torch.device, reps: int = 20, warmup: int = 3) -> float:
     """Median milliseconds of ``fn(*inputs[i % len])`` (CUDA events on a GPU, wall clock elsewhere).
 
@@ -165,7 +160,7 @@ def time_ms(fn, inputs: Sequence[tuple], device: torch.device, reps: int = 20, w
     """
     for i in range(warmup):
         fn(*inputs[i % len(inputs)])
-    _sync(device)
+    synchronize(device)
     times = []
     for i in range(reps):
         args = inputs[i % len(inputs)]

@@ -19,6 +19,7 @@ from ...methods.candidates import Candidate
 from ...methods.search import Searcher, SearchSettings
 from ...patterns import Pattern
 from ...plan import ExpertPlans, Plan
+from ...timing import synchronize
 from .api import apply, remove, sparse
 from .families import family_of, transformer_of
 
@@ -203,9 +204,7 @@ def _time_dense(searcher: Searcher, model: Any, sampler: Sampler, run: tuple[Any
 
 
 def _sync(model) -> None:
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(next(model.parameters()).device)
 
 
 # --- the public function -----------------------------------------------------------------------
