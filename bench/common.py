@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover
 from sparse_vdit.block_table import DEFAULT_BLOCK  # noqa: E402
 from sparse_vdit.layout import VideoLayout  # noqa: E402
 from sparse_vdit.patterns import compile_layer, dense, diagonal, multi_diagonal, skip, vertical  # noqa: E402
+from sparse_vdit.files import write_text_whole  # noqa: E402
 from sparse_vdit.timing import device_name  # noqa: E402
 
 START = time.perf_counter()
@@ -198,12 +199,7 @@ def write_json(path, data, indent: int = 1) -> Path:
 
     Scripts call it after every row too, so that a run stopped at its time limit keeps what it measured.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=indent) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_whole(path, json.dumps(data, indent=indent) + "\n")
 
 
 def out_dir(default: str = "bench/results") -> str:

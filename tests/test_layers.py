@@ -16,7 +16,7 @@ SRC = ROOT / "src"
 
 # Lowest first; names in one row are independent of each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("sparse_vdit._version", "sparse_vdit.cache", "sparse_vdit.timing", "sparse_vdit.metrics"),
+    ("sparse_vdit._version", "sparse_vdit.cache", "sparse_vdit.files", "sparse_vdit.timing", "sparse_vdit.metrics"),
     ("sparse_vdit.layout",),
     ("sparse_vdit.block_table",),  # the compiled table: what kernels see of patterns
     ("sparse_vdit.patterns", "sparse_vdit.kernels"),

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import written_whole
 from ..plan import Plan
 from ..timing import device_name
 from .common import PIPELINE_BLOCK, PIPELINE_STEPS, CommandError, add_backend, add_device, add_threads
@@ -338,11 +339,10 @@ def command_line(args: argparse.Namespace) -> str:
 def _checkpoint(path: Path, transformer, optimizer, generator, step: int, losses: list[float], seconds: float) -> None:
     from peft.utils import get_peft_model_state_dict
 
-    tmp = path.with_suffix(".tmp")
-    torch.save({"lora": get_peft_model_state_dict(transformer), "optimizer": optimizer.state_dict(), "step": step,
-                "losses": losses, "generator": generator.get_state(), "seconds": seconds,
-                "rank": transformer.peft_config["default"].r}, tmp)  # fmt: skip
-    tmp.replace(path)
+    with written_whole(path) as tmp:
+        torch.save({"lora": get_peft_model_state_dict(transformer), "optimizer": optimizer.state_dict(), "step": step,
+                    "losses": losses, "generator": generator.get_state(), "seconds": seconds,
+                    "rank": transformer.peft_config["default"].r}, tmp)  # fmt: skip
 
 
 def _resume(path: Path, transformer, optimizer, generator, losses: list[float]) -> tuple[int, float]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import written_whole
 from .common import CommandError
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".mkv", ".avi")
@@ -158,6 +159,5 @@ def load_cache(path: Path, key: dict) -> dict | None:
 
 def save_cache(path: Path, key: dict, latents: list | None, text: list[dict]) -> None:
     """Write the encoded latents and text under ``key`` (atomically: a stopped run leaves no half file)."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "latents": latents, "text": text}, tmp)
-    tmp.replace(path)
+    with written_whole(path) as tmp:
+        torch.save({"key": key, "latents": latents, "text": text}, tmp)

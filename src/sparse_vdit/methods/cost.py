@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..cache import cache_root
+from ..files import write_text_whole
 from ..kernels import dense as dense_kernels
 from ..kernels import resolve_backend, sparse_attention
 from ..layout import VideoLayout
@@ -101,11 +102,7 @@ class CostTable:
         return {"format": FORMAT, "version": VERSION, **self.meta, "dense_ms": self.dense_ms, "ms": self.ms}
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        return write_text_whole(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> CostTable:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..integrations.diffusers.models import DIFFUSERS_VERSION
+from ..files import written_whole
 from ..timing import device_name
 from .data import SceneStream, make_batch, render, sample_scene
 from .model import (
@@ -237,19 +238,18 @@ def _start(args, device: torch.device):
 
 def save_checkpoint(path: Path, model, ema, opt, spec, config, state: dict) -> None:
     """Everything ``--resume`` needs, written atomically."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": opt.state_dict(),
-            "spec": asdict(spec),
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
-            **state,
-        },
-        tmp,
-    )
-    tmp.replace(path)
+    with written_whole(path) as tmp:
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": opt.state_dict(),
+                "spec": asdict(spec),
+                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+                **state,
+            },
+            tmp,
+        )
 
 
 def train(args: argparse.Namespace, command: str) -> dict:

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from ...block_table import num_blocks
+from ...files import write_text_whole
 from ...cache import cache_root
 
 ENV = "SPARSE_VDIT_TRITON_AUTOTUNE"
@@ -157,13 +158,9 @@ def store(key: str, tiles: Tiles, info: dict | None = None) -> Path:
     tiles = Tiles(*tiles)
     _memory[key] = tiles
     path = cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     entries = _read_entries(path)
     entries[key] = {"tiles": list(tiles), **(info or {})}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION, "entries": entries}, indent=1))
-    os.replace(tmp, path)  # readers never see a half-written file
-    return path
+    return write_text_whole(path, json.dumps({"format": FORMAT, "version": VERSION, "entries": entries}, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------
