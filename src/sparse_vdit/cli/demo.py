@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..timing import device_name
 from .common import FIDELITY_BLOCK, FIDELITY_STEPS, ORGANISM_BLOCK, ORGANISM_STEPS, CommandError, add_backend
 from .common import add_device, add_threads, fraction, positive_int, set_threads, writable_folder
 
@@ -178,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
                      "attention_seconds": r.attention_seconds, "density": r.density, "psnr": s["psnr"],
                      "ssim": s["ssim"]})  # fmt: skip
     info = {"model": loaded, "layout": layout.describe(), "steps": steps, "caption": args.caption, "seed": args.seed,
-            "device": args.device, "backend": args.backend, "plan": plan_label, "rows": rows}  # fmt: skip
+            "device": device_name(args.device), "backend": args.backend, "plan": plan_label, "rows": rows}  # fmt: skip
     (args.out / "demo.json").write_text(json.dumps(_finite(info), indent=2, allow_nan=False) + "\n")
 
     print(f"\n{'method':<14} {'time s':>7} {'attn s':>7} {'density':>8} {'PSNR dB':>8} {'SSIM':>6}  note")
