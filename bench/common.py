@@ -125,7 +125,7 @@ def gpu_versions() -> dict:
     }
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: str | torch.device) -> dict:
     """What a model-level run ran on: device (with its core count on a CPU), torch, diffusers, triton,
     flash-attn-4, date."""
     import diffusers

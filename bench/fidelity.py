@@ -395,7 +395,7 @@ def main(argv=None) -> int:
     data = {"model": what, "weights": weights_info(args), "videos": len(videos), "steps": args.steps,
             "block_size": args.block_size, "layout": layout_of(spec).describe(), "backend": args.backend,
             "dry_run": args.quick, "speedup_meaningful": args.device.startswith("cuda"),
-            "environment": environment(torch.device(args.device)), "captions": sorted({c for c, _ in videos}), "seeds": args.seeds,
+            "environment": environment(args.device), "captions": sorted({c for c, _ in videos}), "seeds": args.seeds,
             "command": "python bench/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "rows": [], "not_run": []}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
