@@ -61,6 +61,10 @@ def range_label(plan: Plan, index: int, steps: int | None = None) -> str:
     return f"steps {start}-{end}" if end is not None else f"steps {start}+"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _steps(plan: Plan) -> int | None:
     steps = plan.made_by.get("steps")
     return steps if isinstance(steps, int) and steps > 0 else None
@@ -76,7 +80,7 @@ def summary_text(plan: Plan, layout: VideoLayout | None = None) -> str:
     method = made.get("method", "?") + (f" (mode {made['mode']})" if "mode" in made else "")
     lines = [f"plan for {plan.spec.describe()}, block {plan.block_size}, made by {method}"]
     lines.append(f"layout: {layout.describe() if layout else 'not recorded (pass one for densities)'}; "
-                 f"dense warm-up: {plan.warmup_steps} steps, {plan.warmup_layers} layers")  # fmt: skip
+                 f"dense warm-up: {_count(plan.warmup_steps, 'step')}, {_count(plan.warmup_layers, 'layer')}")  # fmt: skip
     families = _order({p.name for r in plan.schedule for heads in r.layers for p in heads})
     for i, r in enumerate(plan.schedule):
         lines.append("")

@@ -35,6 +35,7 @@ def test_show_writes_a_png_and_prints_the_summary(tmp_path, capsys):
     assert "plan for tiny (wan, 3 layers x 4 heads), block 16, made by offline (mode ours)" in text
     assert "range 1, steps 3-6" in text and "range 2, steps 7-10" in text  # counted from 1
     assert "(warm-up: dense)" in text and "commonest:" in text
+    assert "dense warm-up: 2 steps, 1 layer\n" in text
     assert "expected attention speedup 1.70x" in text and "12% of searched heads differ" in text
     assert "search run / dense: 1.50x" in text
     assert f"wrote {out}" in text
