@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ...block_table import num_blocks
-from .kernel import sequence_rows
+from .kernel import dot, sequence_rows
 from . import ds_tiles
 from .backward_prologue import prologue, prologue_in_head_order
 from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option, token_major_flags
@@ -67,13 +67,6 @@ VARIANTS: dict[str, dict] = {
 def backward_option(name: str):
     """The backward option ``name`` in force: ``OPTIONS`` where set, else ``DEFAULTS``."""
     return DEFAULTS[name] if OPTIONS[name] is None else OPTIONS[name]
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -166,15 +159,15 @@ def _dkdv_steps(
         else:
             lse = tl.load(LSE + stats + rows_m)
             delta = tl.load(DELTA + stats + rows_m)
-        s_t = _dot(k, tl.trans(q), IEEE)  # [BLOCK_N, BLOCK_M]
+        s_t = dot(k, tl.trans(q), None, IEEE)  # [BLOCK_N, BLOCK_M]
         if DP_EARLY:
-            dp_t = _dot(v, tl.trans(do), IEEE)
+            dp_t = dot(v, tl.trans(do), None, IEEE)
         p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
-        dv += _dot(p_t.to(do.dtype), do, IEEE)
+        dv += dot(p_t.to(do.dtype), do, None, IEEE)
         if not DP_EARLY:
-            dp_t = _dot(v, tl.trans(do), IEEE)
+            dp_t = dot(v, tl.trans(do), None, IEEE)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk += _dot(ds_t, q, IEEE)
+        dk += dot(ds_t, q, None, IEEE)
         if STORE_DS:  # the whole box: columns of queries past ``last`` are never read back
             columns = tl.multiple_of(start % TABLE_BLOCK, BLOCK_M) + tl.arange(0, BLOCK_M)
             ptrs = DS + (ds_pair0 + slot) * (TABLE_BLOCK * TABLE_BLOCK) + ds_keys[:, None] + columns[None, :]
@@ -274,11 +267,11 @@ def _dq_steps(
         _, key_ok, k, v = _step(K, V, K_DESC, V_DESC, start, last, base, batch, head, stride_n, token_major,
                                 FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, BLOCK_N, HEAD_DIM,
                                 ANY_TOKEN_MAJOR, MASKED, TMA)  # fmt: skip
-        p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+        p = tl.math.exp2(dot(q, tl.trans(k), None, IEEE) * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(key_ok[None, :], p, 0.0)
-        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE)
+        ds = p * (dot(do, tl.trans(v), None, IEEE) - delta[:, None])
+        dq += dot(ds.to(k.dtype), k, None, IEEE)
     return dq
 
 
@@ -362,7 +355,7 @@ def _dq_stored_steps(
                 ds = tl.load(ptrs, mask=key_ok[None, :], other=0.0)
             else:
                 ds = tl.load(ptrs)
-        dq += _dot(ds, k, IEEE)
+        dq += dot(ds, k, None, IEEE)
     return dq
 
 

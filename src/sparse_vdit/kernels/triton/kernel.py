@@ -17,16 +17,22 @@ def sequence_rows(pos, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOK
 
 
 @triton.jit
+def dot(a, b, acc, IEEE: tl.constexpr):
+    """``a @ b``, added to ``acc`` unless it is None: with ``IEEE`` exact float32 products (float32 inputs, as
+    the torch reference computes them), else the tensor cores' own precision (TF32 for float32)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, MASKED: tl.constexpr, IEEE: tl.constexpr):
     """One key tile: q [BLOCK_M, D] against k [D, BLOCK_N] and v [BLOCK_N, D]; returns (m, l, acc).
 
     ``MASKED``: ``valid`` [BLOCK_N] marks the keys that exist (the ragged last tile); the tile
     always holds one at least, so the running max stays finite after it.
     """
-    if IEEE:
-        qk = tl.dot(q, k, input_precision="ieee")
-    else:
-        qk = tl.dot(q, k)
+    qk = dot(q, k, None, IEEE)
     if MASKED:
         qk = tl.where(valid[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -34,10 +40,7 @@ def online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, MASKED: tl.cons
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if IEEE:
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
+    acc = dot(p.to(v.dtype), v, acc, IEEE)
     return m_new, l_i, acc
 
 

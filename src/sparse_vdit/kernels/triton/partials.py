@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ...block_table import is_power_of_two, num_blocks
+from .kernel import dot
 
 LOG2E = 1.4426950408889634
 
@@ -47,20 +48,14 @@ def block_partials_fwd(
                 mask=row_ok[:, None], other=0.0)  # fmt: skip
     k = tl.load(K + batch * stride_kb + head * stride_kh + pos[None, :] * stride_kn + offs_d[:, None],
                 mask=valid[None, :], other=0.0)  # fmt: skip
-    if IEEE:
-        s = tl.dot(q, k, input_precision="ieee")
-    else:
-        s = tl.dot(q, k)
+    s = dot(q, k, None, IEEE)
     s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
     m = tl.max(s, 1)  # every key block holds at least one real key
     e = tl.math.exp2(s - m[:, None])
     z = tl.sum(e, 1)
     v = tl.load(V + batch * stride_vb + head * stride_vh + pos[:, None] * stride_vn + offs_d[None, :],
                 mask=valid[:, None], other=0.0).to(tl.float32)  # fmt: skip
-    if IEEE:
-        a = tl.dot(e, v, input_precision="ieee")
-    else:
-        a = tl.dot(e, v)  # TensorFloat-32, as the torch probe's matmuls on CUDA
+    a = dot(e, v, None, IEEE)  # without IEEE TensorFloat-32, as the torch probe's matmuls on CUDA
     cell = (bh * NUM_ROWS + offs_m) * NUM_KB + kb  # [BLOCK_M] index into [B, H, R, KB]
     tl.store(Z + cell, z, mask=row_ok)
     tl.store(M + cell, m / 1.4426950408889634, mask=row_ok)  # back to natural-log (score) units

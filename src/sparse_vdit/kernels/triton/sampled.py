@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .kernel import dot
+
 LOG2E = 1.4426950408889634
 
 
@@ -46,13 +48,6 @@ def _row_inside(RS, RE, rows, row_ok, key_block, NUM_POSITIONS, NR: tl.constexpr
 
 
 @triton.jit
-def _dot(p, v, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    return tl.dot(p.to(v.dtype), v)
-
-
-@triton.jit
 def _masked_step(acc, l_i, alpha, p, v, RS, RE, rows, row_ok, start, offs_n, token_major, NUM_POSITIONS,
                  NR: tl.constexpr, TABLE_BLOCK: tl.constexpr, TOKEN_MAJOR: tl.constexpr, ROW_WISE: tl.constexpr,
                  IEEE: tl.constexpr):  # fmt: skip
@@ -67,7 +62,7 @@ def _masked_step(acc, l_i, alpha, p, v, RS, RE, rows, row_ok, start, offs_n, tok
     else:
         block = (token_major if TOKEN_MAJOR else offs_n) // TABLE_BLOCK
         p = tl.where(_inside(RS, RE, rows, row_ok, block, NUM_POSITIONS, NR), p, 0.0)
-    acc = acc + _dot(p, v, IEEE)
+    acc = acc + dot(p.to(v.dtype), v, None, IEEE)
     l_i = l_i + tl.sum(p, 1)
     return acc, l_i
 
@@ -125,10 +120,7 @@ def sampled_rows_fwd(
         offs_n = start + tl.arange(0, BLOCK_N)
         valid = offs_n < last
         k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
-        if IEEE:
-            qk = tl.dot(q, k, input_precision="ieee")
-        else:
-            qk = tl.dot(q, k)
+        qk = dot(q, k, None, IEEE)
         qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
         # key blocks in frame-major and token-major order (video token f*S+p sits at p*F+f)
         j = offs_n - VIDEO_START
@@ -142,7 +134,7 @@ def sampled_rows_fwd(
         m_i = m_new
         p = tl.math.exp2(qk - _safe(m_i)[:, None])
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        pv = _dot(p, v, IEEE)
+        pv = dot(p.to(v.dtype), v, None, IEEE)
         l_0 = l_0 + tl.sum(p, 1)
         acc_0 = acc_0 + pv
         acc_1, l_1 = _masked_step(acc_1, l_1, alpha, p, v, RS0, RE0, rows, row_ok, start, offs_n, token_major,
