@@ -12,11 +12,14 @@ exponentials (``EXP``, with the bf16 packing of P), CTA barriers and TMA loads. 
 overlaps it with the previous tile's ``P V`` (the Gluon forward and dK/dV kernels written that way lost to
 the Triton kernels on an H200, 2026-12-05: BENCHMARKS.md). Also registers, spills and shared memory per program, and two checks read
 from the PTX: TMA loads after CTA barriers, and registers that asynchronous MMAs read left alone until waited.
+With ``--json`` each kernel also carries a digest of its SASS: run it on two checkouts to see whether a change to
+a kernel's source changed its machine code.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
 import os
@@ -44,6 +47,7 @@ class Compiled:
     stores: dict[str, int]  # the loop's global stores by opcode ("STG.E.128": 2)
     loads_after_barriers: bool  # every TMA load follows a CTA barrier with no MMA between (tma_loads_follow_barriers)
     operands_kept: bool  # no register an MMA reads is written while the MMA may run (register_operands_kept)
+    sass_digest: str  # of the whole SASS, addresses left out: equal digests, the same machine code (sass_digest)
 
 
 def _tool(name: str) -> str:
@@ -260,12 +264,18 @@ def register_operands_kept(ptx: str) -> bool:
     return True
 
 
+def sass_digest(instructions: list[tuple[int, str]]) -> str:
+    """A short digest of ``instructions`` without their addresses: two checkouts' ``--json`` rows with equal
+    digests compiled to the same machine code (how a refactor of a kernel is checked without a GPU)."""
+    return hashlib.sha1("\n".join(text for _, text in instructions).encode()).hexdigest()[:12]
+
+
 def summarize(name: str, kernel) -> Compiled:
     registers, spilled = _ptxas_info(kernel.asm["ptx"])
     instructions = sass(kernel.asm["cubin"])
     ptx = kernel.asm["ptx"]
     return Compiled(name, registers, spilled, kernel.metadata.shared, mma_loop(instructions), loop_stores(instructions),
-                    tma_loads_follow_barriers(ptx), register_operands_kept(ptx))
+                    tma_loads_follow_barriers(ptx), register_operands_kept(ptx), sass_digest(instructions))
 
 
 def overlaps_softmax(loop: list[str]) -> bool:

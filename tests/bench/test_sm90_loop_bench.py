@@ -44,6 +44,8 @@ def test_reads_the_key_loops_of_both_kernels():
         # the dQ kernel on stored dS is one MMA a step (no softmax), kept in flight while the next loads
         assert any(s.startswith("EXP") for s in row["loop"]) != ("dQ" in row["name"]), row["loop"]
         assert row["loads_after_barriers"] and row["operands_kept"], row["name"]
+        assert len(row["sass_digest"]) == 12 and int(row["sass_digest"], 16) >= 0
+    assert len({row["sass_digest"] for row in rows}) == len(rows)  # six kernels, six machine codes
 
 
 def test_loop_stores_counts_the_innermost_mma_loops_global_stores(load_script):
