@@ -79,6 +79,28 @@ def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+def grads(fn, dtype: torch.dtype, q, k, v, grad_out) -> list[torch.Tensor]:
+    """(out, dq, dk, dv) of ``fn(q, k, v)`` at ``dtype``, the inputs and ``grad_out`` cast from the same draws."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(grad_out.to(dtype))
+    return [out.detach(), *(t.grad for t in leaves)]
+
+
+def assert_gradients(got, expected, bounds, heads, kv_len: int) -> None:
+    """``got`` (out, dq, dk, dv) against ``expected`` within ``bounds`` by relative RMS error, no NaN; skipped heads
+    and padded text keys (rows from ``kv_len``, never attended) with exactly zero gradients."""
+    for name, a, b, bound in zip(("out", "dq", "dk", "dv"), got, expected, bounds):
+        assert not a.isnan().any(), name
+        assert rel_rms(a, b) <= bound, f"{name}: {rel_rms(a, b):.2e} > {bound:.2e}"
+    for h, p in enumerate(heads):
+        if p.name == "skip":
+            for name, g in zip(("dq", "dk", "dv"), got[1:]):
+                assert torch.equal(g[:, :, h], torch.zeros_like(g[:, :, h])), f"{name} of skipped head {h}"
+    for name, g in zip(("dk", "dv"), got[2:]):
+        assert torch.equal(g[:, kv_len:], torch.zeros_like(g[:, kv_len:])), f"{name} of padded text"
+
+
 def poison_empty_like(monkeypatch, module=torch) -> None:
     """Make ``module.torch.empty_like`` and ``.empty`` (or torch's) return NaN-filled float buffers, so a
     kernel's unwritten output elements (and reads of unwritten scratch) show; ``monkeypatch.undo()`` restores them."""

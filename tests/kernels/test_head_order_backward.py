@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import masked_attention, poison_empty_like, rel_rms, token_mask
+from helpers import assert_gradients, grads, masked_attention, poison_empty_like, rel_rms, token_mask
 from sparse_vdit import VideoLayout, compile_layer
 from sparse_vdit.kernels import registry
 from sparse_vdit.kernels.head_order import PAIRS, Rotary, apply_rotary, attention_in_head_order, rotate
@@ -57,13 +57,6 @@ def _rotary(layout: VideoLayout, dim: int, pairs: str, device: str, seed: int = 
     return Rotary(cos.to(device, dtype), sin.to(device, dtype), start, pairs)
 
 
-def _grads(fn, dtype, q, k, v, grad_out):
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out = fn(*leaves)
-    out.backward(grad_out.to(dtype))
-    return [out.detach(), *(t.grad for t in leaves)]
-
-
 def _check(case, pairs: str, dtype, device: str, floor: float, monkeypatch=None) -> None:
     layout, block, heads, batch, dim = case
     table = compile_layer(heads, layout, block, device)
@@ -78,7 +71,7 @@ def _check(case, pairs: str, dtype, device: str, floor: float, monkeypatch=None)
         real = torch.ops.sparse_vdit.attention_in_head_order
         monkeypatch.setattr(torch.ops.sparse_vdit, "attention_in_head_order",
                             lambda *a: calls.append(1) or real(*a), raising=False)  # fmt: skip
-    got = _grads(lambda q, k, v: attention_in_head_order(q, k, v, table, backend="triton", rotary=rotary),
+    got = grads(lambda q, k, v: attention_in_head_order(q, k, v, table, backend="triton", rotary=rotary),
                  dtype, q, k, v, grad_out)  # fmt: skip
     if monkeypatch is not None:
         monkeypatch.undo()
@@ -97,18 +90,10 @@ def _check(case, pairs: str, dtype, device: str, floor: float, monkeypatch=None)
         return F.scaled_dot_product_attention(q.transpose(1, 2), k[:, :kv].transpose(1, 2),
                                               v[:, :kv].transpose(1, 2)).transpose(1, 2)  # fmt: skip
 
-    expected = _grads(oracle, torch.float64, q, k, v, grad_out)
-    dense_exact = _grads(sdpa, torch.float64, q, k, v, grad_out)
-    bounds = [max(2 * rel_rms(a, b), floor) for a, b in zip(_grads(sdpa, dtype, q, k, v, grad_out), dense_exact)]
-    for name, a, b, bound in zip(("out", "dq", "dk", "dv"), got, expected, bounds):
-        assert not a.isnan().any(), name
-        assert rel_rms(a, b) <= bound, f"{name}: {rel_rms(a, b):.2e} > {bound:.2e}"
-    for h, p in enumerate(heads):
-        if p.name == "skip":
-            for name, grad in zip(("dq", "dk", "dv"), got[1:]):
-                assert torch.equal(grad[:, :, h], torch.zeros_like(grad[:, :, h])), name
-    for name, grad in zip(("dk", "dv"), got[2:]):  # padded text keys are never attended: zero gradient
-        assert torch.equal(grad[:, layout.kv_len :], torch.zeros_like(grad[:, layout.kv_len :])), name
+    expected = grads(oracle, torch.float64, q, k, v, grad_out)
+    dense_exact = grads(sdpa, torch.float64, q, k, v, grad_out)
+    bounds = [max(2 * rel_rms(a, b), floor) for a, b in zip(grads(sdpa, dtype, q, k, v, grad_out), dense_exact)]
+    assert_gradients(got, expected, bounds, heads, layout.kv_len)
 
 
 @pytest.mark.parametrize("pairs", PAIRS)
@@ -169,9 +154,9 @@ def test_other_backends_rotate_then_differentiate():
     rotary = _rotary(layout, dim, "interleaved", "cpu")
     from sparse_vdit import sparse_attention
 
-    got = _grads(lambda q, k, v: attention_in_head_order(q, k, v, table, backend="reference", rotary=rotary),
+    got = grads(lambda q, k, v: attention_in_head_order(q, k, v, table, backend="reference", rotary=rotary),
                  torch.float64, q, k, v, grad_out)  # fmt: skip
-    expected = _grads(lambda q, k, v: sparse_attention(apply_rotary(q, rotary), apply_rotary(k, rotary), v, table,
+    expected = grads(lambda q, k, v: sparse_attention(apply_rotary(q, rotary), apply_rotary(k, rotary), v, table,
                                                        backend="reference"), torch.float64, q, k, v, grad_out)  # fmt: skip
     for a, b in zip(got, expected):
         assert rel_rms(a, b) <= 1e-12

@@ -66,7 +66,7 @@ def sparse_attention(
     else:
         name = registry.choose(backend, q, table).name
     if table.all_skip:
-        return torch.zeros_like(q)
+        return skipped_layer(q, k, v)
     if table.all_dense and backend != "reference":
         use_fa4 = name == "fa4" and not _needs_grad(q, k, v)  # FA4's dense call has no backward: SDPA's has
         return dense.forward(q, k, v, kv_len=table.layout.kv_len, softmax_scale=scale, use_fa4=use_fa4)
@@ -82,6 +82,25 @@ def _backend_names() -> tuple[str, ...]:
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class _SkippedLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        return torch.zeros_like(q)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return torch.zeros_like(grad_out), torch.zeros_like(grad_out), torch.zeros_like(grad_out)
+
+
+def skipped_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The output of a layer whose every head is skipped: zeros like ``q``; where q, k or v need a gradient, zeros
+    that backpropagate zero gradients to them (as a mixed layer's skipped heads do), so that what made them still
+    takes part in the backward (an optimizer sees zeros, not None; DDP finds no unused parameter)."""
+    if _needs_grad(q, k, v):
+        return _SkippedLayer.apply(q, k, v)
+    return torch.zeros_like(q)
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:

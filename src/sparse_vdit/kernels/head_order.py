@@ -25,7 +25,7 @@ import torch
 
 from ..block_table import BlockTable
 from . import registry
-from .api import reorder_heads
+from .api import reorder_heads, skipped_layer
 from .checks import check_inputs
 from .head_order_op import PAIRS, Rotary, fused_head_order, in_head_order, train_in_head_order
 
@@ -153,7 +153,7 @@ def attention_in_head_order(q, k, v, table: BlockTable, softmax_scale: float | N
     table = table if table.device == q.device else table.to(q.device)
     name = registry.choose(backend, q, table).name
     if table.all_skip:
-        return torch.zeros_like(q)
+        return skipped_layer(q, k, v)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if table.all_dense or not table.token_major_heads or (
         needs_grad and (name != "triton" or not fused_pass_runs(q, rotary))
