@@ -8,6 +8,9 @@ from sparse_vdit.layout import VideoLayout
 from sparse_vdit.patterns import Pattern
 
 
+SLACK = 1e-6  # tokens: a band's ties are kept despite float rounding (patterns.base.band)
+
+
 def oracle_block_map(pattern: Pattern, layout: VideoLayout, block: int) -> torch.Tensor:
     """Bool [Qb, Kb] of visited blocks, straight from DESIGN.md's definitions, one pair at a time."""
     n, kv_len = layout.num_tokens, layout.kv_len
@@ -32,9 +35,9 @@ def oracle_block_map(pattern: Pattern, layout: VideoLayout, block: int) -> torch
             if pattern.name == "dense":
                 hit = True
             elif pattern.name in ("diagonal", "spatial", "vertical"):
-                hit = abs(centre(i) - centre(j)) <= pattern.width * s
+                hit = abs(centre(i) - centre(j)) <= pattern.width * s + SLACK
             elif pattern.name in ("multi_diagonal", "temporal"):
-                hit = abs(centre(i) - centre(j)) <= pattern.width * nv
+                hit = abs(centre(i) - centre(j)) <= pattern.width * nv + SLACK
             else:
                 raise AssertionError(pattern.name)
             for lo, hi in pattern.columns:

@@ -12,12 +12,11 @@ test_fa4_backward.py.
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from helpers import assert_gradients, grads, masked_attention, poison_empty_like, rel_rms, token_mask
@@ -25,7 +24,8 @@ from sparse_vdit import VideoLayout, compile_layer, sparse_attention
 from sparse_vdit.block_table import transpose_ranges
 from sparse_vdit.kernels.head_order import attention_in_head_order
 from sparse_vdit.kernels import registry
-from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, spatial, temporal, vertical, with_sink
+from sparse_vdit.patterns import dense, diagonal, multi_diagonal, skip, spatial, temporal, vertical
+from strategies import examples, layouts, patterns
 
 torch.set_num_threads(1)
 try:
@@ -164,34 +164,18 @@ def test_triton_backward_variants_match_masked_attention(case, variant, route, m
     _check(layout, "triton", torch.float16, "cpu", 2e-6, monkeypatch, route)
 
 
-_WIDTHS = st.floats(0.0, 3.0, allow_nan=False)  # in frames: diagonal, spatial, vertical's band
-_SHARES = st.floats(0.0, 0.6, allow_nan=False)  # of the video: multi_diagonal, temporal
-_PATTERNS = st.one_of(
-    st.just(dense()), st.just(skip()), st.builds(diagonal, _WIDTHS), st.builds(spatial, _WIDTHS),
-    st.builds(multi_diagonal, _SHARES), st.builds(temporal, _SHARES),
-    st.builds(vertical, st.lists(st.tuples(_WIDTHS, _WIDTHS).map(sorted).map(tuple), min_size=1, max_size=2), _WIDTHS),
-)
-
-
 @st.composite
 def layer_cases(draw):
     """(layout, block, heads, batch, head dim): a small random layout (text before, after or none, padded or not)
     and one random pattern per head, some with an attention sink."""
-    position = draw(st.sampled_from(["none", "prefix", "suffix"]))
-    text = 0 if position == "none" else draw(st.integers(1, 24))
-    valid = draw(st.one_of(st.none(), st.integers(0, text))) if position == "suffix" else None
-    layout = VideoLayout(draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(1, 9)), text, position, valid)
+    layout = draw(layouts())
     # one key: softmax's gradient is exactly zero, which a relative error cannot be measured against
     assume(layout.kv_len >= 2)
-    sinks = st.one_of(st.none(), st.floats(0.1, 1.5, allow_nan=False))
-    heads = [p if sink is None else with_sink(p, sink) for p, sink in draw(st.lists(st.tuples(_PATTERNS, sinks), min_size=1, max_size=4))]
+    heads = draw(st.lists(patterns(), min_size=1, max_size=4))
     return layout, draw(st.sampled_from([16, 32])), heads, draw(st.integers(1, 2)), draw(st.sampled_from([64, 128]))
 
 
-_EXAMPLES = int(os.environ.get("SPARSE_VDIT_EXAMPLES", "0"))  # a longer, random search: SPARSE_VDIT_EXAMPLES=300
-
-
-@settings(max_examples=_EXAMPLES or 8, derandomize=not _EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@examples(8)
 @given(case=layer_cases(), dtype=st.sampled_from([torch.float16, torch.float32]), route=st.sampled_from(["api", "op"]))
 def test_triton_forward_and_backward_on_random_layers(case, dtype, route):
     """Any layout and any mix of patterns: the Triton forward and backward (interpreter) against float64 autograd of

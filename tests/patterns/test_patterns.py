@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from helpers import oracle_block_map
 from sparse_vdit.layout import VideoLayout
@@ -17,6 +19,7 @@ from sparse_vdit.patterns import (
     vertical,
     with_sink,
 )
+from strategies import examples, layouts, patterns
 
 LAYOUTS = {
     "ragged-1560-frames": (VideoLayout(3, 30, 52), 128),
@@ -55,6 +58,14 @@ def test_fast_rows_equal_the_dense_oracle(pattern, name):
     assert int(index.max()) < table.num_kv_blocks and int(index.min()) >= 0
     for row, c in zip(index, count):  # visited indices ascending and distinct
         assert torch.all(row[1:c] > row[: c - 1])
+
+
+@examples(60)
+@given(pattern=patterns(), layout=layouts(), block=st.sampled_from([16, 32, 64]))
+def test_tables_equal_the_definitions_on_random_layouts(pattern, layout, block):
+    """Any pattern on any small layout: the table's blocks are DESIGN.md's definitions, pair by pair."""
+    table = compile_layer([pattern], layout, block)
+    assert torch.equal(table.block_mask(0), oracle_block_map(pattern, layout, block)), table
 
 
 def test_layer_table_pads_heads_and_marks_token_major():

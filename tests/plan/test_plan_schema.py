@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from sparse_vdit import VideoLayout, compile_layer
@@ -14,6 +14,7 @@ from sparse_vdit.kernels import sparse_attention
 from sparse_vdit.patterns import Pattern, diagonal, multi_diagonal, skip, vertical, with_sink
 from sparse_vdit.plan import ModelSpec, Plan, PlanError
 import sparse_vdit.plan_schema as schema
+from strategies import examples
 
 SHIPPED = Path(__file__).parents[2] / "src/sparse_vdit/organism/weights/plan.json"
 SPEC = ModelSpec("wan", 2, 3, "tiny")
@@ -92,7 +93,7 @@ def mutated_plans(draw):
     return path, json.dumps(data)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@examples(150)
 @given(mutated_plans())
 def test_mutated_plans_run_or_raise_a_plan_error_naming_the_field(case):
     path, text = case

@@ -138,7 +138,9 @@ class Geometry:
 
 
 def band(geometry: Geometry, half_width: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key blocks whose centre lies within ``half_width`` tokens of the query block's centre."""
+    """Key blocks whose centre lies within ``half_width`` tokens of the query block's centre, ties included with
+    a millionth of a token to spare (a width that is a whole number of tokens on paper, 0.1 of 30 frames, is one
+    after float rounding too)."""
     cq = geometry.centres(geometry.num_q_blocks)
     ck = geometry.centres(geometry.num_kv_blocks)
     lo = torch.searchsorted(ck, cq - half_width - 1e-6, right=False)
