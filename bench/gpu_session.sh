@@ -90,8 +90,8 @@
 #   backward-profile-triton  the Triton backward's kernels under torch.profiler, mixed 10%: CogVideoX1.5 (D 64)
 #                  and Wan-1.3B (#18's last cell) (~60)
 #   backward-d64   the Triton backward at head dim 64 (CogVideoX1.5 768p), default vs the recomputing dQ, 10-50% (#18) (~60)
-#   tests-t        GPU tests of the Triton backward's variants (rows-out, dp-early among them) and rows-out under a
-#                  rotary (#18) (~150)
+#   tests-t        GPU tests of the Triton backward's variants (rows-out, dp-early among them), rows-out under a
+#                  rotary, and 12 random layers under every variant (hypothesis, session w) (#18) (~200)
 #   backward-t     the Triton backward's variants of session t: default, rows-out (gradients stored frame-major by
 #                  the kernels, no pass after them), dp-early (dP's MMAs beside the exponentials), both; band /
 #                  multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~400)
@@ -295,7 +295,7 @@ for name in "$@"; do
         cogvideox1.5-768p wan1.3b-480p --densities 0.1 --kinds mixed --backends triton --profile --target-ms 100 \
         --out "$R/backward-profile-triton" ;;
     tests-t) TAIL=12 step tests-t 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_backward.py \
-        tests/kernels/test_head_order_backward.py -k "gpu_triton_backward_variants or rows_out" ;;
+        tests/kernels/test_head_order_backward.py -k "gpu_triton_backward_variants or rows_out or random_layers" ;;
     backward-t) TAIL=40 step backward-t 480 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default rows-out \
         dp-early dp-early-rows-out --target-ms 80 --budget-s 420 --out "$R/backward-t" ;;

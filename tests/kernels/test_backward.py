@@ -176,13 +176,20 @@ def layer_cases(draw):
 
 
 @examples(8)
-@given(case=layer_cases(), dtype=st.sampled_from([torch.float16, torch.float32]), route=st.sampled_from(["api", "op"]))
-def test_triton_forward_and_backward_on_random_layers(case, dtype, route):
+@given(case=layer_cases(), dtype=st.sampled_from([torch.float16, torch.float32]), route=st.sampled_from(["api", "op"]),
+       variant=st.sampled_from([None, *VARIANTS]))
+def test_triton_forward_and_backward_on_random_layers(case, dtype, route, variant):
     """Any layout and any mix of patterns: the Triton forward and backward (interpreter) against float64 autograd of
-    the masked attention, every buffer NaN-poisoned. The same 8 examples on every run; ``SPARSE_VDIT_EXAMPLES=N``
-    draws N new ones."""
+    the masked attention, every buffer NaN-poisoned; with the interpreter's tiles (``variant`` None) or under a
+    backward variant of bench/backward.py with its GPU tiles scaled to the block (steps split, ragged ones). The
+    same 8 examples on every run; ``SPARSE_VDIT_EXAMPLES=N`` draws N new ones."""
     _needs_interpreter()
+    assume(not (variant and route == "op" and VARIANTS[variant].get("rows_out")))  # rows_out: head order only
+    from sparse_vdit.kernels.triton import backward
+
     with pytest.MonkeyPatch.context() as monkeypatch:
+        for key, value in (_variant_options(variant, case[1]) if variant else {}).items():
+            monkeypatch.setitem(backward.OPTIONS, key, value)
         _check(case, "triton", dtype, "cpu", 2e-6, monkeypatch, route)
 
 
@@ -498,6 +505,35 @@ def test_gpu_triton_backward_variants_match_masked_attention(case, variant, rout
     for key, value in VARIANTS[variant].items():
         monkeypatch.setitem(backward.OPTIONS, key, value)
     _check(GPU_CASES[case], "triton", torch.bfloat16, "cuda", 1e-6, monkeypatch, route)
+
+
+@st.composite
+def gpu_layer_cases(draw):
+    """As :func:`layer_cases`, at sizes where the GPU's tiles split blocks into steps and frames are ragged."""
+    layout = draw(layouts(max_frames=4, max_height=20, max_width=30, max_text=80))
+    assume(layout.kv_len >= 2)
+    heads = draw(st.lists(patterns(), min_size=1, max_size=4))
+    return layout, draw(st.sampled_from([64, 128])), heads, draw(st.integers(1, 2)), draw(st.sampled_from([64, 128]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@examples(12)
+@given(case=gpu_layer_cases(), route=st.sampled_from(["api", "op"]), variant=st.sampled_from(list(VARIANTS)))
+def test_gpu_triton_on_random_layers(case, route, variant):
+    """The GPU twin of :func:`test_triton_forward_and_backward_on_random_layers`: bf16, the kernels' own tiles and
+    TMA, every backward variant, buffers NaN-poisoned."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    ok, why = registry.available("triton", device)
+    if not ok:
+        pytest.skip(why)
+    assume(not (route == "op" and VARIANTS[variant].get("rows_out")))  # rows_out: head order only
+    from sparse_vdit.kernels.triton import backward
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for key, value in VARIANTS[variant].items():
+            monkeypatch.setitem(backward.OPTIONS, key, value)
+        _check(case, "triton", torch.bfloat16, "cuda", 1e-6, monkeypatch, route)
 
 
 @pytest.mark.gpu
