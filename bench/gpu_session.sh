@@ -294,7 +294,7 @@ for name in "$@"; do
     backward-profile-triton) TAIL=80 step backward-profile-triton 150 python3 bench/backward.py --shapes \
         cogvideox1.5-768p wan1.3b-480p --densities 0.1 --kinds mixed --backends triton --profile --target-ms 100 \
         --out "$R/backward-profile-triton" ;;
-    tests-t) TAIL=12 step tests-t 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_backward.py \
+    tests-t) TAIL=12 step tests-t 360 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_backward.py \
         tests/kernels/test_head_order_backward.py -k "gpu_triton_backward_variants or rows_out or random_layers" ;;
     backward-t) TAIL=40 step backward-t 480 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default rows-out \
