@@ -165,14 +165,12 @@ def test_triton_backward_variants_match_masked_attention(case, variant, route, m
 
 
 @st.composite
-def layer_cases(draw):
-    """(layout, block, heads, batch, head dim): a small random layout (text before, after or none, padded or not)
-    and one random pattern per head, some with an attention sink."""
-    layout = draw(layouts())
-    # one key: softmax's gradient is exactly zero, which a relative error cannot be measured against
-    assume(layout.kv_len >= 2)
+def layer_cases(draw, layout_cases=layouts(min_keys=2), blocks=(16, 32)):
+    """(layout, block, heads, batch, head dim): a random layout of ``layout_cases`` (small by default: text before,
+    after or none, padded or not), a block of ``blocks`` and one random pattern per head, some with a sink."""
+    layout = draw(layout_cases)
     heads = draw(st.lists(patterns(), min_size=1, max_size=4))
-    return layout, draw(st.sampled_from([16, 32])), heads, draw(st.integers(1, 2)), draw(st.sampled_from([64, 128]))
+    return layout, draw(st.sampled_from(blocks)), heads, draw(st.integers(1, 2)), draw(st.sampled_from([64, 128]))
 
 
 @examples(8)
@@ -507,22 +505,14 @@ def test_gpu_triton_backward_variants_match_masked_attention(case, variant, rout
     _check(GPU_CASES[case], "triton", torch.bfloat16, "cuda", 1e-6, monkeypatch, route)
 
 
-@st.composite
-def gpu_layer_cases(draw):
-    """As :func:`layer_cases`, at sizes where the GPU's tiles split blocks into steps and frames are ragged."""
-    layout = draw(layouts(max_frames=4, max_height=20, max_width=30, max_text=80))
-    assume(layout.kv_len >= 2)
-    heads = draw(st.lists(patterns(), min_size=1, max_size=4))
-    return layout, draw(st.sampled_from([64, 128])), heads, draw(st.integers(1, 2)), draw(st.sampled_from([64, 128]))
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @examples(12)
-@given(case=gpu_layer_cases(), route=st.sampled_from(["api", "op"]), variant=st.sampled_from(list(VARIANTS)))
+@given(case=layer_cases(layouts(4, 20, 30, 80, min_keys=2), blocks=(64, 128)),
+       route=st.sampled_from(["api", "op"]), variant=st.sampled_from(list(VARIANTS)))
 def test_gpu_triton_on_random_layers(case, route, variant):
     """The GPU twin of :func:`test_triton_forward_and_backward_on_random_layers`: bf16, the kernels' own tiles and
-    TMA, every backward variant, buffers NaN-poisoned."""
+    TMA, every backward variant, buffers NaN-poisoned; layouts where the tiles split blocks and frames are ragged."""
     device = torch.device("cuda", torch.cuda.current_device())
     ok, why = registry.available("triton", device)
     if not ok:

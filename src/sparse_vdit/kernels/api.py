@@ -68,9 +68,9 @@ def sparse_attention(
     if table.all_skip:
         return skipped_layer(q, k, v)
     if table.all_dense and backend != "reference":
-        use_fa4 = name == "fa4" and not _needs_grad(q, k, v)  # FA4's dense call has no backward: SDPA's has
+        use_fa4 = name == "fa4" and not needs_grad(q, k, v)  # FA4's dense call has no backward: SDPA's has
         return dense.forward(q, k, v, kv_len=table.layout.kv_len, softmax_scale=scale, use_fa4=use_fa4)
-    if name == "triton" and table.token_major_heads and _needs_grad(q, k, v):
+    if name == "triton" and table.token_major_heads and needs_grad(q, k, v):
         return train_in_head_order(q, k, v, table, scale)
     return torch.ops.sparse_vdit.sparse_attention(q, k, v, table.key, scale, name)[0]
 
@@ -80,7 +80,8 @@ def _backend_names() -> tuple[str, ...]:
     return registry.names()
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records a call on ``tensors``: grad mode on and one of them requires a gradient."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
@@ -98,7 +99,7 @@ def skipped_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     """The output of a layer whose every head is skipped: zeros like ``q``; where q, k or v need a gradient, zeros
     that backpropagate zero gradients to them (as a mixed layer's skipped heads do), so that what made them still
     takes part in the backward (an optimizer sees zeros, not None; DDP finds no unused parameter)."""
-    if _needs_grad(q, k, v):
+    if needs_grad(q, k, v):
         return _SkippedLayer.apply(q, k, v)
     return torch.zeros_like(q)
 
@@ -273,4 +274,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "autograd_inside_op", "reorder_heads", "resolve_backend", "sparse_attention"]
+__all__ = ["BACKENDS", "autograd_inside_op", "needs_grad", "reorder_heads", "resolve_backend", "sparse_attention"]

@@ -25,7 +25,7 @@ import torch
 
 from ..block_table import BlockTable
 from . import registry
-from .api import reorder_heads, skipped_layer
+from .api import needs_grad, reorder_heads, skipped_layer
 from .checks import check_inputs
 from .head_order_op import PAIRS, Rotary, fused_head_order, in_head_order, train_in_head_order
 
@@ -154,14 +154,14 @@ def attention_in_head_order(q, k, v, table: BlockTable, softmax_scale: float | N
     name = registry.choose(backend, q, table).name
     if table.all_skip:
         return skipped_layer(q, k, v)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    training = needs_grad(q, k, v)
     if table.all_dense or not table.token_major_heads or (
-        needs_grad and (name != "triton" or not fused_pass_runs(q, rotary))
+        training and (name != "triton" or not fused_pass_runs(q, rotary))
     ):
         from .api import sparse_attention
 
         return sparse_attention(*rotate(q, k, rotary), v, table, softmax_scale=scale, backend=name)
-    if needs_grad:
+    if training:
         return train_in_head_order(q, k, v, table, scale, rotary)
     q, k, v = to_head_order(q, k, v, table, rotary)
     if name == "triton":  # stores its rows frame-major itself

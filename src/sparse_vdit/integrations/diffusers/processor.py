@@ -56,6 +56,7 @@ import torch
 from ...block_table import DEFAULT_BLOCK, BlockTable, all_dense
 from ...kernels import dense as dense_kernels
 from ...kernels import registry, resolve_backend, sparse_attention
+from ...kernels.api import needs_grad
 from ...kernels.head_order import Rotary, attention_in_head_order, fused_pass_runs, in_float32, rotate
 from ...kernels.head_order_op import backward_from_lse, forward_with_lse, rotary_of
 from ...layout import VideoLayout
@@ -485,7 +486,7 @@ class SparseAttnProcessor:
             if heads is not None:
                 raise NotImplementedError("sparse-vdit: torch.compile with context parallelism is not supported yet")
             timestep, grid = self.state.steps.traced or (None, None)  # set under torch.export only
-            keep_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # traced for training
+            keep_lse = needs_grad(q, k, v)  # traced for training
             out = compiled_op.attention(q, k, v, key_mask, self.layer_index, self.state.handle,
                                         *(parts or (None, None, 0, "")), keep_lse, timestep,
                                         None if grid is None else list(grid))[0]  # fmt: skip
