@@ -17,8 +17,7 @@ import triton.language as tl
 
 from ...block_table import is_power_of_two, num_blocks
 from .kernel import dot
-
-LOG2E = 1.4426950408889634
+from .launcher import LOG2E
 
 
 @triton.jit

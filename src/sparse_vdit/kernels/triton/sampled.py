@@ -20,8 +20,7 @@ import triton
 import triton.language as tl
 
 from .kernel import dot
-
-LOG2E = 1.4426950408889634
+from .launcher import LOG2E
 
 
 @triton.jit
