@@ -97,6 +97,8 @@
 #                  multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~400)
 #   backward-t-calls  the same on the whole processor call (rotary: dv stored frame-major), Wan-1.3B (#18) (~250)
 #   backward-t-d64  default vs dp-early at head dim 64 (CogVideoX1.5 768p), band / mixed, 10-50% (#18) (~120)
+#   backward-x     backward-t with the recomputing dQ beside them (on an H100 the stored-dS dQ kernel took 0.99 ms
+#                  of 4.33 at Wan-1.3B mixed 10%, 0.72 of 4.15 on an H200: less memory bandwidth) (#18) (~250)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -305,6 +307,9 @@ for name in "$@"; do
     backward-t-d64) TAIL=20 step backward-t-d64 200 python3 bench/backward.py --shapes cogvideox1.5-768p \
         --densities 0.1 0.25 0.5 --kinds band mixed --backends triton --variants default dp-early --target-ms 100 \
         --budget-s 160 --out "$R/backward-t-d64" ;;
+    backward-x) TAIL=40 step backward-x 540 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default recompute \
+        rows-out dp-early dp-early-rows-out --target-ms 80 --budget-s 480 --out "$R/backward-x" ;;
     backward-d64) TAIL=20 step backward-d64 280 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
         0.25 0.5 --kinds band mixed --backends triton --variants default recompute --target-ms 150 --budget-s 230 \
         --out "$R" ;;
