@@ -108,8 +108,12 @@ mkdir -p "$OUT" "$R"
 source bench/gpu_env.sh
 export TQDM_DISABLE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$R/env.txt"
+# SM clock, power and throttle reasons every 5 s while the steps run (session x's H100 sat at its power cap).
+nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,power.limit,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv -l 5 > "$R/clocks.csv" 2>/dev/null &
+CLOCKS=$!
 pack() { tar cf "$OUT/results.tar" -C /tmp results; }
-trap pack EXIT
+trap 'kill "$CLOCKS" 2>/dev/null; pack' EXIT
 
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $R/NAME.log, say how it went
     local name=$1 limit=$2
