@@ -6,9 +6,7 @@ import torch
 
 from sparse_vdit.layout import VideoLayout
 from sparse_vdit.patterns import Pattern
-
-
-SLACK = 1e-6  # tokens: a band's ties are kept despite float rounding (patterns.base.band)
+from sparse_vdit.patterns.base import TIE_SLACK
 
 
 def oracle_block_map(pattern: Pattern, layout: VideoLayout, block: int) -> torch.Tensor:
@@ -35,9 +33,9 @@ def oracle_block_map(pattern: Pattern, layout: VideoLayout, block: int) -> torch
             if pattern.name == "dense":
                 hit = True
             elif pattern.name in ("diagonal", "spatial", "vertical"):
-                hit = abs(centre(i) - centre(j)) <= pattern.width * s + SLACK
+                hit = abs(centre(i) - centre(j)) <= pattern.width * s + TIE_SLACK
             elif pattern.name in ("multi_diagonal", "temporal"):
-                hit = abs(centre(i) - centre(j)) <= pattern.width * nv + SLACK
+                hit = abs(centre(i) - centre(j)) <= pattern.width * nv + TIE_SLACK
             else:
                 raise AssertionError(pattern.name)
             for lo, hi in pattern.columns:

@@ -137,14 +137,17 @@ class Geometry:
         return min(start // self.block, limit), min(num_blocks(end, self.block), limit)
 
 
+TIE_SLACK = 1e-6  # tokens: how far past a band's edge a key block's centre may lie and still count as a tie
+
+
 def band(geometry: Geometry, half_width: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Key blocks whose centre lies within ``half_width`` tokens of the query block's centre, ties included with
-    a millionth of a token to spare (a width that is a whole number of tokens on paper, 0.1 of 30 frames, is one
-    after float rounding too)."""
+    :data:`TIE_SLACK` (a millionth of a token) to spare (a width that is a whole number of tokens on paper, 0.1
+    of 30 frames, is one after float rounding too)."""
     cq = geometry.centres(geometry.num_q_blocks)
     ck = geometry.centres(geometry.num_kv_blocks)
-    lo = torch.searchsorted(ck, cq - half_width - 1e-6, right=False)
-    hi = torch.searchsorted(ck, cq + half_width + 1e-6, right=True)
+    lo = torch.searchsorted(ck, cq - half_width - TIE_SLACK, right=False)
+    hi = torch.searchsorted(ck, cq + half_width + TIE_SLACK, right=True)
     return lo[:, None], hi[:, None]
 
 
