@@ -202,6 +202,10 @@ def test_head_chunks_fit_the_budget_in_order():
     assert head_chunks(head_first, 10, 39) == [(0, 2, True), (2, 3, False), (3, 4, True)]  # the third alone is over
     assert head_chunks(head_first, 10, 20) == [(0, 1, False), (1, 2, True), (2, 3, False), (3, 4, True)]
     assert head_chunks([0, 0], 10, 0) == [(0, 1, True)]
+    # neighbours over the budget recompute in one run, whatever lies between runs
+    assert head_chunks(head_first, 10, 10) == [(0, 1, False), (1, 2, True), (2, 4, False)]
+    assert head_chunks([0, 5, 10, 15, 16, 21], 10, 10) == [(0, 3, False), (3, 4, True), (4, 5, False)]
+    assert head_chunks([0, 5, 5, 10], 10, 10) == [(0, 1, False), (1, 2, True), (2, 3, False)]
 
 
 @pytest.mark.parametrize("budget_pairs, tma", [(None, False), (40, True), (15, False), (1, True)])  # each budget once,
@@ -234,7 +238,7 @@ def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, tma, monkeypatch
     elif budget_pairs == 15:  # pairs by head: 16, 0 (skipped), 14, 14, 16
         assert stored == [False, True, True, False]
     else:
-        assert stored == [False, True, False, False, False]  # the skipped head has no pairs: it fits
+        assert stored == [False, True, False]  # the skipped head has no pairs: it fits; the last three recompute together
 
 
 def test_triton_backward_recomputes_when_no_memory_is_left_for_the_tiles(monkeypatch):
