@@ -19,8 +19,7 @@ backward block efficiency ``density * t_cuDNN_dense_backward / t``. ``--variants
 Triton backward's candidate settings (``kernels.triton.backward.VARIANTS``) against each other,
 each first checked on small layouts of each shape's frame count (sizes are not specialised on, so
 mostly the very kernels timed) against float64 autograd of the reference backend: relative RMS error of dq, dk, dv
-at most twice dense SDPA's own at the same dtype, or the variant is not timed. A variant that adds ``rows_out`` to another
-variant of the run is not timed on tables without token-major heads (the same kernels run).
+at most twice dense SDPA's own at the same dtype, or the variant is not timed.
 fa4 and fa4/triton are checked the same way before they are timed.
 Writes ``backward.json`` to ``--out`` and prints a table last (with variants: efficiency per variant);
 ``--profile``: each timed row's backward once more under torch.profiler, operator tables in ``OUT/profile/``.
@@ -139,18 +138,6 @@ def use_variant(name: str | None) -> None:
     triton_backward.OPTIONS.update(dict.fromkeys(triton_backward.OPTIONS))
     if name is not None:
         triton_backward.OPTIONS.update(triton_backward.VARIANTS[name])
-
-
-def twin_without_rows_out(variant: str, variants) -> str | None:
-    """The variant among ``variants`` that is ``variant`` without ``rows_out`` (None if there is none, or if
-    ``variant`` has no ``rows_out``): on tables without token-major heads the two run the same kernels."""
-    from sparse_vdit.kernels.triton import backward as triton_backward
-
-    options = triton_backward.VARIANTS[variant]
-    if "rows_out" not in options:
-        return None
-    rest = {k: v for k, v in options.items() if k != "rows_out"}
-    return next((v for v in variants if v != variant and triton_backward.VARIANTS[v] == rest), None)
 
 
 def variant_table(result: dict) -> str:
@@ -335,8 +322,6 @@ def main(argv=None) -> dict:
                         if (kind, density) not in tables:
                             tables[kind, density] = table_for(kind, density, layout, shape.heads, device)[0]
                         table = tables[kind, density]
-                        if variant and not table.token_major_heads and twin_without_rows_out(variant, variants):
-                            continue  # the same kernels as its twin's, timed in this run
                         row_label, ran = backend_label(backend, variant, table, sets[0][0])
                         row = dict(shape=shape.name, kind=kind, target=density, backend=row_label, variant=variant,
                                    backward=ran)  # fmt: skip

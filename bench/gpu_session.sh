@@ -68,7 +68,6 @@
 #   backward-tm-j  Triton backward on multi-diagonal and mixed plans (token-major heads), default vs recompute (#18) (~100)
 #   backward-final-j  Triton backward, every pattern kind, 10/25/50%, both shapes, as adopted in session j (#18) (~100)
 #   tests-k        GPU tests of the fused path's backward (head order both ways) and the Triton backward (#18) (~150)
-#   backward-small-l  Triton backward on Wan-1.3B: 64-key dK/dV tiles against the default, 3 kinds (#18) (~300)
 #   train-step-l   one training step (attention projections train, checkpointing), Wan-1.3B eager and
 #                  compiled, unpatched / dense / 25% / 10% (#18)                                 (~200)
 #   train-step-hunyuan-l  the same, HunyuanVideo 720p, eager (did not finish its first step in 210 s)
@@ -90,15 +89,11 @@
 #   backward-profile-triton  the Triton backward's kernels under torch.profiler, mixed 10%: CogVideoX1.5 (D 64)
 #                  and Wan-1.3B (#18's last cell) (~60)
 #   backward-d64   the Triton backward at head dim 64 (CogVideoX1.5 768p), default vs the recomputing dQ, 10-50% (#18) (~60)
-#   tests-t        GPU tests of the Triton backward's variants (rows-out, dp-early among them), rows-out under a
-#                  rotary, and 12 random layers under every variant (hypothesis, session w) (#18) (~200)
-#   backward-t     the Triton backward's variants of session t: default, rows-out (gradients stored frame-major by
-#                  the kernels, no pass after them), dp-early (dP's MMAs beside the exponentials), both; band /
-#                  multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~400)
-#   backward-t-calls  the same on the whole processor call (rotary: dv stored frame-major), Wan-1.3B (#18) (~250)
+#   tests-t        GPU tests of the Triton backward's variants (dp-early among them) and 12 random layers under
+#                  every variant (hypothesis, session w) (#18) (~200)
 #   backward-t-d64  default vs dp-early at head dim 64 (CogVideoX1.5 768p), band / mixed, 10-50% (#18) (~120)
-#   backward-x     backward-t with the recomputing dQ beside them (on an H100 the stored-dS dQ kernel took 0.99 ms
-#                  of 4.33 at Wan-1.3B mixed 10%, 0.72 of 4.15 on an H200: less memory bandwidth) (#18) (~250)
+#   backward-x     the Triton backward's variants: default, recompute, dp-early (dP's MMAs beside the
+#                  exponentials); band / multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~170)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -268,9 +263,6 @@ for name in "$@"; do
     backward-calls-profile-k) TAIL=4 step backward-calls-profile-k 200 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 --kinds multi_diag mixed --backends triton --calls --profile --target-ms 100 --budget-s 150 \
         --out "$R/backward-calls-profile-k" ;;
-    backward-small-l) TAIL=40 step backward-small-l 330 python3 bench/backward.py --shapes wan1.3b-480p \
-        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton \
-        --variants default k64w4 k64w8 k64q64w4 --target-ms 80 --budget-s 300 --out "$R/backward-small-l" ;;
     train-step-l) TAIL=14 step train-step-l 330 python3 bench/train_step.py --models wan-1.3b --modes eager,compiled \
         --densities 0.25,0.1 --repeats 3 --budget-s 300 --out "$R/train_step.json" ;;
     train-step-hunyuan-l) TAIL=10 step train-step-hunyuan-l 250 python3 bench/train_step.py --models hunyuan \
@@ -301,19 +293,13 @@ for name in "$@"; do
         cogvideox1.5-768p wan1.3b-480p --densities 0.1 --kinds mixed --backends triton --profile --target-ms 100 \
         --out "$R/backward-profile-triton" ;;
     tests-t) TAIL=12 step tests-t 360 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_backward.py \
-        tests/kernels/test_head_order_backward.py -k "gpu_triton_backward_variants or rows_out or random_layers" ;;
-    backward-t) TAIL=40 step backward-t 480 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
-        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default rows-out \
-        dp-early dp-early-rows-out --target-ms 80 --budget-s 420 --out "$R/backward-t" ;;
-    backward-t-calls) TAIL=40 step backward-t-calls 330 python3 bench/backward.py --shapes wan1.3b-480p \
-        --densities 0.1 0.25 0.5 --kinds multi_diag mixed --backends triton --variants default rows-out \
-        dp-early-rows-out --calls --target-ms 80 --budget-s 280 --out "$R/backward-t-calls" ;;
+        tests/kernels/test_head_order_backward.py -k "gpu_triton_backward_variants or random_layers" ;;
     backward-t-d64) TAIL=20 step backward-t-d64 200 python3 bench/backward.py --shapes cogvideox1.5-768p \
         --densities 0.1 0.25 0.5 --kinds band mixed --backends triton --variants default dp-early --target-ms 100 \
         --budget-s 160 --out "$R/backward-t-d64" ;;
-    backward-x) TAIL=40 step backward-x 540 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+    backward-x) TAIL=40 step backward-x 460 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default recompute \
-        rows-out dp-early dp-early-rows-out --target-ms 80 --budget-s 480 --out "$R/backward-x" ;;
+        dp-early --target-ms 80 --budget-s 400 --out "$R/backward-x" ;;
     backward-d64) TAIL=20 step backward-d64 280 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
         0.25 0.5 --kinds band mixed --backends triton --variants default recompute --target-ms 150 --budget-s 230 \
         --out "$R" ;;

@@ -58,7 +58,7 @@ def _tool(name: str) -> str:
 
 # argument types by name across the kernels compiled here (anything else: an int32 scalar)
 _TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "DS"), "*bf16"),
-          **dict.fromkeys(("LSE", "LSE_T", "DELTA", "DELTA_T"), "*fp32"), "TOKEN_MAJOR": "*i8", "ROW_OF": "*i64",
+          **dict.fromkeys(("LSE", "LSE_T", "DELTA", "DELTA_T"), "*fp32"), "TOKEN_MAJOR": "*i8",
           **dict.fromkeys(("STARTS", "ENDS", "SLOTS", "SCHEDULE", "SELECTED", "COUNTS", "BLOCKS", "PAIR_SLOTS", "Q_FIRST"),
                           "*i32"),
           **dict.fromkeys(("qk_scale", "softmax_scale"), "fp32")}  # fmt: skip
@@ -107,14 +107,13 @@ def backward_options(variant: str = "default") -> dict:
 def compile_triton_dkdv(head_dim: int = 128, block: int = 128, variant: str = "default"):
     """The Triton backward's dK/dV kernel (``kernels.triton.backward``, head-ordered inputs, dS stored) at its
     default tiles (128 keys a program, 32-query steps) and launch, compiled for sm_90a under ``variant``'s
-    options (``rows_out``, ``dp_early``, ``warps``, ``stages``)."""
+    options (``dp_early``, ``warps``, ``stages``)."""
     from sparse_vdit.kernels.triton.backward import _tiles, block_sparse_attention_bwd_dkdv
 
     options = backward_options(variant)
     kv_tile, q_step, _, _ = _tiles(block, _CUDA)
-    rows_out = bool(options["rows_out"])
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=kv_tile, HEAD_DIM=head_dim, IEEE=False,
-                      ANY_TOKEN_MAJOR=False, TMA=True, STORE_DS=options["dq"] == "stored", ROWS_OUT_K=rows_out, ROWS_OUT_V=rows_out,
+                      ANY_TOKEN_MAJOR=False, TMA=True, STORE_DS=options["dq"] == "stored",
                       DP_EARLY=bool(options["dp_early"]))  # fmt: skip
     desc = f"tensordesc<bf16[1,{q_step},1,{head_dim}]>"
     return _compile(block_sparse_attention_bwd_dkdv, constexprs, {"Q_DESC": desc, "DO_DESC": desc},
@@ -124,13 +123,13 @@ def compile_triton_dkdv(head_dim: int = 128, block: int = 128, variant: str = "d
 def compile_triton_dq(head_dim: int = 128, block: int = 128, variant: str = "default"):
     """The Triton backward's dQ kernel on stored dS tiles (``block_sparse_attention_bwd_dq_stored``: one MMA a
     step, dS and K by TMA) at its default tiles (128 queries a program, 64-key steps) and launch, compiled for
-    sm_90a under ``variant``'s options (``rows_out``, ``warps``, ``stages``)."""
+    sm_90a under ``variant``'s options (``warps``, ``stages``)."""
     from sparse_vdit.kernels.triton.backward import _tiles, block_sparse_attention_bwd_dq_stored
 
     options = backward_options(variant)
     _, q_step, q_tile, kv_step = _tiles(block, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_tile, BLOCK_N=kv_step, HEAD_DIM=head_dim, IEEE=False,
-                      ANY_TOKEN_MAJOR=False, TMA=True, DS_TMA=True, Q_STEP=q_step, ROWS_OUT=bool(options["rows_out"]))  # fmt: skip
+                      ANY_TOKEN_MAJOR=False, TMA=True, DS_TMA=True, Q_STEP=q_step)  # fmt: skip
     descriptors = {"K_DESC": f"tensordesc<bf16[1,{kv_step},1,{head_dim}]>", "DS": f"tensordesc<bf16[{kv_step},{q_tile}]>"}
     return _compile(block_sparse_attention_bwd_dq_stored, constexprs, descriptors,
                     dict(num_warps=options["warps"][1], num_stages=options["stages"][1]))  # fmt: skip
@@ -318,7 +317,7 @@ def main(argv=None) -> list[Compiled]:
                 tag = "" if variant == "default" else f" {variant}"
                 rows.append(summarize(f"triton backward dK/dV D{dim}{tag}", compile_triton_dkdv(dim, variant=variant)))
                 if variant == "default" or any(backward_options(variant)[key] != backward_options()[key]
-                                               for key in ("rows_out", "warps", "stages")):  # its dQ kernel differs
+                                               for key in ("warps", "stages")):  # its dQ kernel differs
                     rows.append(summarize(f"triton backward dQ D{dim}{tag}", compile_triton_dq(dim, variant=variant)))
     if args.json:
         print(json.dumps([{**asdict(row), "overlaps": overlaps_softmax(row.loop), "waits_for_all": waits_for_all(row.loop)}

@@ -88,25 +88,15 @@ def test_backward_dry_run_times_the_calls_under_each_variant(load_script, tmp_pa
         pytest.skip("needs triton and TRITON_INTERPRET=1")
     script = load_script("backward")
     result = script.main(["--dry-run", "--backends", "triton", "--kinds", "multi_diag", "--calls", "--variants",
-                          "rows-out", "--out", str(tmp_path)])  # fmt: skip
+                          "dp-early", "--out", str(tmp_path)])  # fmt: skip
     rows = {r["backend"]: r for r in result["rows"]}
-    for variant in ("rows-out",):
+    for variant in ("dp-early",):
         assert result["checks"][variant][0]["ok"], result["checks"][variant]
         for call in ("call-old", "call-fused"):
             row = rows[f"triton[{variant}][{call}]"]
             assert (row["variant"], row["call"]) == (variant, call) and row["ms"] > 0
     table = script.variant_table(result)
-    assert "tiny / multi_diag / 0.10 / call call-fused " in table and "rows-out" in table.splitlines()[0]
-
-
-def test_rows_out_variants_skip_tables_without_token_major_heads_when_their_twin_runs(load_script):
-    pytest.importorskip("triton")
-    script = load_script("backward")
-    run = ["default", "rows-out", "dp-early", "dp-early-rows-out"]
-    assert script.twin_without_rows_out("rows-out", run) == "default"
-    assert script.twin_without_rows_out("dp-early-rows-out", run) == "dp-early"
-    assert script.twin_without_rows_out("dp-early-rows-out", ["default", "dp-early-rows-out"]) is None  # no twin: timed
-    assert script.twin_without_rows_out("dp-early", run) is None
+    assert "tiny / multi_diag / 0.10 / call call-fused " in table and "dp-early" in table.splitlines()[0]
 
 
 def test_check_layouts_build_for_every_shape(load_script):

@@ -85,3 +85,18 @@ def test_gpu_session_steps_are_named_once_and_listed():
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     missing = [n for n in labels if not re.search(rf"(^|[\s/]){re.escape(n)}(\s|$)", header, re.M)]
     assert not missing, missing
+
+
+def test_gpu_session_steps_name_backward_variants_that_exist():
+    """bench/gpu_session.sh: every ``--variants`` of a bench/backward.py step is in ``backward.VARIANTS`` (a step
+    naming a removed variant would spend a GPU call to stop at its first line)."""
+    import re
+
+    pytest.importorskip("triton")
+    from sparse_vdit.kernels.triton.backward import VARIANTS
+
+    text = (BENCH / "gpu_session.sh").read_text().replace("\\\n", " ")
+    named = [name for line in text.splitlines() if "bench/backward.py" in line
+             for group in re.findall(r"--variants((?:\s+(?!-)[\w-]+)+)", line) for name in group.split()]
+    assert len(named) > 5
+    assert set(named) <= set(VARIANTS), sorted(set(named) - set(VARIANTS))

@@ -16,7 +16,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import assert_gradients, grads, masked_attention, poison_empty_like, rel_rms, token_mask
@@ -131,13 +131,6 @@ def test_triton_backward_matches_masked_attention(case, dtype, route, monkeypatc
     _check(CASES[case], "triton", dtype, "cpu", 2e-6, monkeypatch, route)
 
 
-def _head_order_route_only(variant: str, route: str) -> None:
-    """Skip the op route for a variant that sets ``rows_out``: the op reads token-major heads in place, where the
-    option does nothing, so it would run the variant without it again."""
-    if route == "op" and VARIANTS[variant].get("rows_out"):
-        pytest.skip("rows_out acts after a head-ordered forward only (the api route)")
-
-
 def _variant_options(name: str, block: int) -> dict:
     """A backward variant's options, its tiles (set for 128-token blocks) scaled to ``block`` (at least 16)."""
     from sparse_vdit.kernels.triton.backward import OPTIONS
@@ -155,7 +148,6 @@ def test_triton_backward_variants_match_masked_attention(case, variant, route, m
     """Every candidate of bench/backward.py --variants (fp16, tiles split into several steps per block,
     ragged last blocks, text, token-major and skipped heads), by both routes."""
     _needs_interpreter()
-    _head_order_route_only(variant, route)
     from sparse_vdit.kernels.triton import backward
 
     layout = RAGGED_STEPS if case == "ragged-steps" else CASES[case]
@@ -182,7 +174,6 @@ def test_triton_forward_and_backward_on_random_layers(case, dtype, route, varian
     backward variant of bench/backward.py with its GPU tiles scaled to the block (steps split, ragged ones). The
     same 8 examples on every run; ``SPARSE_VDIT_EXAMPLES=N`` draws N new ones."""
     _needs_interpreter()
-    assume(not (variant and route == "op" and VARIANTS[variant].get("rows_out")))  # rows_out: head order only
     from sparse_vdit.kernels.triton import backward
 
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -257,31 +248,6 @@ def test_triton_backward_recomputes_when_no_memory_is_left_for_the_tiles(monkeyp
         monkeypatch.setitem(backward.OPTIONS, key, value)
     _check(RAGGED_STEPS, "triton", torch.float16, "cpu", 2e-6, monkeypatch)
     assert asked
-
-
-def test_rows_out_leaves_no_pass_after_the_kernels(monkeypatch):
-    """``rows_out`` without a rotary (``sparse_attention`` on token-major heads): the kernels store dq, dk and
-    dv at their frame-major rows, so no pass runs after them (the default runs two), and the gradients are the
-    same bit for bit, with either dQ kernel (their accuracy: the variant tests above)."""
-    _needs_interpreter()
-    from sparse_vdit.kernels.triton import backward, rotary
-
-    layout, block, heads, batch, dim = CASES["odd-frames-ragged-block16"]
-    table = compile_layer(heads, layout, block)
-    q, k, v, grad_out = _inputs(layout, len(heads), batch, dim)
-    passes, real = [], rotary.rotary_order
-    monkeypatch.setattr(rotary, "rotary_order", lambda *a, **kw: passes.append(kw) or real(*a, **kw))
-    for dq in ("stored", "recompute"):  # both dQ kernels store frame-major
-        monkeypatch.setitem(backward.OPTIONS, "dq", dq)
-        by_option = {}
-        for rows_out in (False, True):
-            monkeypatch.setitem(backward.OPTIONS, "rows_out", rows_out)
-            passes.clear()
-            by_option[rows_out] = grads(lambda q, k, v: sparse_attention(q, k, v, table, backend="triton"),
-                                        torch.float32, q, k, v, grad_out)  # fmt: skip
-            assert sum(kw.get("to_head_order") is False for kw in passes) == (0 if rows_out else 2), passes
-        for a, b in zip(by_option[False], by_option[True]):
-            assert torch.equal(a, b), dq
 
 
 def test_triton_backward_on_permuted_tensors_as_fa4_runs_it():
@@ -501,7 +467,6 @@ def test_gpu_triton_backward_variants_match_masked_attention(case, variant, rout
     ok, why = registry.available("triton", device)
     if not ok:
         pytest.skip(why)
-    _head_order_route_only(variant, route)
     from sparse_vdit.kernels.triton import backward
 
     for key, value in VARIANTS[variant].items():
@@ -521,7 +486,6 @@ def test_gpu_triton_on_random_layers(case, route, variant):
     ok, why = registry.available("triton", device)
     if not ok:
         pytest.skip(why)
-    assume(not (route == "op" and VARIANTS[variant].get("rows_out")))  # rows_out: head order only
     from sparse_vdit.kernels.triton import backward
 
     with pytest.MonkeyPatch.context() as monkeypatch:

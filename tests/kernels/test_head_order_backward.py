@@ -121,20 +121,6 @@ def test_head_order_gradients_on_random_layers(layout, heads, block, pairs, dim,
         _check((layout, block, heads, 1, dim), pairs, dtype, "cpu", 2e-6, monkeypatch)
 
 
-def test_head_order_gradients_with_the_kernels_storing_dv_frame_major(monkeypatch):
-    """``rows_out`` under a rotary: dv stored at its frame-major rows by the dK/dV kernel, dq and dk through
-    the pass (the rotary's transpose); every buffer poisoned."""
-    _needs_triton("cpu")
-    from sparse_vdit.kernels.triton import backward, rotary
-
-    passes, real = [], rotary.rotary_order
-    monkeypatch.setattr(rotary, "rotary_order", lambda *a, **kw: passes.append(kw) or real(*a, **kw))
-    monkeypatch.setitem(backward.OPTIONS, "rows_out", True)
-    _check(CASES["prefix-ragged-d128"], "interleaved", torch.float16, "cpu", 2e-6, monkeypatch)
-    back = [kw for kw in passes if kw.get("to_head_order") is False]
-    assert len(back) == 1 and back[0]["second"] is not None, back  # dq and dk's pass; none for dv
-
-
 def test_head_order_gradients_float32():
     _needs_triton("cpu")
     _check(CASES["suffix-padded-batch2"], "interleaved", torch.float32, "cpu", 2e-6)
@@ -185,13 +171,3 @@ def test_other_backends_rotate_then_differentiate():
 def test_gpu_head_order_gradients_match_float64(case, pairs, dtype, monkeypatch):
     _needs_triton("cuda")
     _check(GPU_CASES[case], pairs, dtype, "cuda", 2e-3, monkeypatch)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES)
-def test_gpu_head_order_gradients_with_rows_out(case, monkeypatch):
-    _needs_triton("cuda")
-    from sparse_vdit.kernels.triton import backward
-
-    monkeypatch.setitem(backward.OPTIONS, "rows_out", True)
-    _check(GPU_CASES[case], "wan", torch.bfloat16, "cuda", 2e-3, monkeypatch)

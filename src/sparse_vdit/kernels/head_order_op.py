@@ -109,18 +109,15 @@ def backward_from_lse(grad_out, q, k, v, out, lse, table: BlockTable, softmax_sc
     return frame_major_grads(*grads, table, rotary)
 
 
-def frame_major_grads(dq, dk, dv, table: BlockTable, rotary: Rotary | None = None, stored: tuple[str, ...] = ()):
+def frame_major_grads(dq, dk, dv, table: BlockTable, rotary: Rotary | None = None):
     """Gradients of the head-ordered, rotated q, k, v back to frame-major rows and through the rotary's
-    transpose: one pass for dq and dk, one for dv (none where there is nothing to undo). ``stored``: those of
-    "dq", "dk", "dv" already at their frame-major rows (dq and dk together, and only without a rotary)."""
+    transpose: one pass for dq and dk, one for dv (none where there is nothing to undo)."""
     from .triton.rotary import rotary_order
 
-    if ("dq" in stored) != ("dk" in stored) or ("dq" in stored and rotary is not None):
-        raise ValueError(f"dq and dk are stored frame-major together and only without a rotary, got {stored}")
     token_major, shape = flags(table), geometry(table)
-    if "dq" not in stored and (rotary is not None or token_major is not None):
+    if rotary is not None or token_major is not None:
         dq, dk = rotary_order(dq, token_major, shape, rotary, second=dk, to_head_order=False, transpose=True)
-    return dq, dk, dv if "dv" in stored else in_head_order(dv, table, to_head_order=False)
+    return dq, dk, in_head_order(dv, table, to_head_order=False)
 
 
 def in_head_order(x: torch.Tensor, table: BlockTable, to_head_order: bool = True) -> torch.Tensor:
@@ -172,16 +169,10 @@ def _head_order_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(dq, dk, dv)`` of :func:`_head_order_op` (frame-major, before the rotary), from its head-ordered q, k, v."""
     from .triton import backend
-    from .triton.backward import backward_option
 
-    table, rotary = table_by_key(table_key), rotary_of(cos, sin, rotary_start, rotary_pairs)
-    # the gradients the kernels store frame-major: dq and dk not under a rotary (its transpose is the pass's)
-    frame_major = ()
-    if backward_option("rows_out"):
-        frame_major = ("dv",) if rotary is not None else ("dq", "dk", "dv")
-    dq, dk, dv = backend.run_backward(grad_out, q, k, v, out, lse, table, softmax_scale, head_order=True,
-                                      frame_major=frame_major)  # fmt: skip
-    return frame_major_grads(dq, dk, dv, table, rotary, stored=frame_major)
+    table = table_by_key(table_key)
+    dq, dk, dv = backend.run_backward(grad_out, q, k, v, out, lse, table, softmax_scale, head_order=True)
+    return frame_major_grads(dq, dk, dv, table, rotary_of(cos, sin, rotary_start, rotary_pairs))
 
 
 @_head_order_backward_op.register_fake

@@ -63,15 +63,12 @@ def run_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softm
     return _run(q, k, v, table, softmax_scale, True, head_order)
 
 
-def run_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float, head_order: bool = False,
-                 frame_major: tuple[str, ...] = ()):  # fmt: skip
+def run_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float, head_order: bool = False):
     """``(dq, dk, dv)`` of :func:`run_with_lse`'s attention (:mod:`.backward`'s two kernels); ``head_order``:
-    q, k, v as that forward ran them in head order, the gradients come back in that order but those named in
-    ``frame_major`` ("dq", "dk", "dv"), stored at their frame-major rows."""
+    q, k, v as that forward ran them in head order, the gradients come back in that order."""
     from .backward import backward as triton_backward
 
-    return triton_backward(grad_out, q, k, v, out, lse, table, softmax_scale, head_order=head_order,
-                           frame_major=frame_major)  # fmt: skip
+    return triton_backward(grad_out, q, k, v, out, lse, table, softmax_scale, head_order=head_order)
 
 
 def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: bool = False):

@@ -13,8 +13,7 @@ the matmul's registers, rows and columns in an order that needs no exchange betw
 Token-major heads are read and written through their order in place, as in the forward (their LSE
 and delta gathered into their order once, for the dK/dV kernel's whole steps), or, after the forward on
 head-ordered q, k, v (``head_order``: how eager training runs), as frame-major heads, the prologue
-putting grad_out and the statistics in head order (``frame_major``: the kernels store the gradients named at
-their frame-major rows). Every element of dQ, dK, dV is written (zeros for
+putting grad_out and the statistics in head order. Every element of dQ, dK, dV is written (zeros for
 keys nobody visits: skipped heads, padded text). The torch reference is autograd through
 ``sparse_vdit.kernels.reference``.
 """
@@ -38,29 +37,25 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option, token_maj
 # stores each visited pair's dS tile, the dQ kernel multiplies it by K: 5 matmuls a block) or "recompute"
 # (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of the device's memory the
 # stored tiles may take at once (heads go in chunks that fit; a head whose tiles alone do not recomputes).
-# ``rows_out``: after a head-ordered forward, the kernels store the gradients at their frame-major rows (dq and dk
-# only without a rotary, whose transpose a pass applies), so no pass takes them back (read by :mod:`..head_order_op`).
 # ``dp_early``: the dK/dV kernel's step computes dP before the exponentials (:func:`_dkdv_steps`).
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
-                 "rows_out": None, "dp_early": None}
+                 "dp_early": None}
 DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
-                  "rows_out": False, "dp_early": False}
+                  "dp_early": False}
 
 
 # Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first);
 # a winner becomes DEFAULTS, the losers go, their numbers (and where their code lies in git) in BENCHMARKS.md:
 # a dK/dV kernel that also adds dQ (atomics, TMA reductions), dS tiles through TMA stores, 64-key dK/dV tiles,
 # 64- and 128-query steps, 32- and 128-key dQ steps, other stages and warps, token-major q and dO copied to
-# their order, dQ beside dK/dV on a side stream, a Gluon dK/dV kernel (sessions i-s). Tiles are for 128-token
-# table blocks (tests scale them). ``rows-out``: the frame-major stores of session k, now with the rows read
-# from a table after the loops, which then compile as without them (bench/sm90_loop.py --backward --variants).
+# their order, dQ beside dK/dV on a side stream, a Gluon dK/dV kernel (sessions i-s), the gradients stored at
+# their frame-major rows by the kernels after a head-ordered forward (sessions k, o, t; lost on H200s and H100s).
+# Tiles are for 128-token table blocks (tests scale them).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages
     "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
-    "rows-out": {"rows_out": True},  # after a head-ordered forward, the gradients stored frame-major by the kernels
     "dp-early": {"dp_early": True},  # dP's MMAs beside the exponentials, dV's beside dS (sm90 SASS)
-    "dp-early-rows-out": {"dp_early": True, "rows_out": True},
 }
 
 
@@ -89,15 +84,6 @@ def _rows(offs, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES: tl
     rows = offs
     if ANY_TOKEN_MAJOR:
         rows = sequence_rows(offs, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
-    return rows
-
-
-@triton.jit
-def _rows_out(rows, offs, ROW_OF, head, N, ROWS_OUT: tl.constexpr):
-    """Where the gradients of positions ``offs`` go: ``rows``, or with ROWS_OUT their frame-major rows from
-    ``ROW_OF`` (int64 ``[H, N]``), loaded here, after the loop, so the loop compiles as without it."""
-    if ROWS_OUT:
-        rows = tl.load(ROW_OF + head * N + offs, mask=offs < N, other=0).to(rows.dtype)
     return rows
 
 
@@ -192,7 +178,6 @@ def block_sparse_attention_bwd_dkdv(
     DS,  # with STORE_DS: [B, ds_pairs, TABLE_BLOCK, TABLE_BLOCK] dS^T of each visited pair; else unused
     PAIR_SLOTS,  # with STORE_DS: int32 [pairs] the slots in the transposed table's order
     Q_FIRST,  # with STORE_DS: int32 [H, Kb, R], where each query range starts in PAIR_SLOTS
-    ROW_OF,  # with ROWS_OUT_K or ROWS_OUT_V: int64 [H, N], the frame-major row of each position; else unused
     stride_b, stride_n, stride_h, stride_rh, stride_rm,
     N, KV_LEN, HEADS, NUM_K_TILES, NUM_RANGES,
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
@@ -203,7 +188,6 @@ def block_sparse_attention_bwd_dkdv(
     BLOCK_N: tl.constexpr,  # keys per program
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
     STORE_DS: tl.constexpr,
-    ROWS_OUT_K: tl.constexpr, ROWS_OUT_V: tl.constexpr,  # dK / dV stored at frame-major rows (head-ordered inputs)
     DP_EARLY: tl.constexpr,  # the step's order (_dkdv_steps)
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
@@ -249,10 +233,8 @@ def block_sparse_attention_bwd_dkdv(
                              TABLE_BLOCK, False, DP_EARLY)  # fmt: skip
     out_ok = (offs_n < N)[:, None]  # rows of keys past KV_LEN are zeroed by the launcher
     dk = dk * softmax_scale  # (a tl.where here costs register spills in the loop on sm90)
-    rows_k = _rows_out(rows_n, offs_n, ROW_OF, head, N, ROWS_OUT_K)
-    tl.store(DK + base + rows_k[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
-    rows_v = _rows_out(rows_n, offs_n, ROW_OF, head, N, ROWS_OUT_V)
-    tl.store(DV + base + rows_v[:, None] * stride_n + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_ok)
+    tl.store(DK + base + rows_n[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
+    tl.store(DV + base + rows_n[:, None] * stride_n + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -283,7 +265,6 @@ def block_sparse_attention_bwd_dq(
     STARTS, ENDS,  # int32 [H, Qb, R]: the forward's key-block ranges
     SCHEDULE,  # int32 [H * NUM_Q_TILES]
     TOKEN_MAJOR,  # int8 [H]
-    ROW_OF,  # with ROWS_OUT: int64 [H, N], the frame-major row of each position; else unused
     stride_b, stride_n, stride_h, stride_rh, stride_rm,
     N, KV_LEN, HEADS, NUM_Q_TILES, NUM_RANGES,
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
@@ -292,7 +273,6 @@ def block_sparse_attention_bwd_dq(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per step
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
-    ROWS_OUT: tl.constexpr,  # dQ stored at frame-major rows (head-ordered inputs)
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_Q_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
@@ -323,7 +303,6 @@ def block_sparse_attention_bwd_dq(
                        token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                        FRAMES, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True)  # fmt: skip
     dq = (dq * softmax_scale).to(DQ.dtype.element_ty)
-    rows_m = _rows_out(rows_m, offs_m, ROW_OF, head, N, ROWS_OUT)
     tl.store(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], dq, mask=q_ok[:, None])
 
 
@@ -367,7 +346,6 @@ def block_sparse_attention_bwd_dq_stored(
     STARTS, ENDS, SLOTS,  # int32 [H, Qb, R]: the forward's key-block ranges, the slot of each range's first pair
     SCHEDULE,  # int32 [H * NUM_Q_TILES]
     TOKEN_MAJOR,  # int8 [H]
-    ROW_OF,  # with ROWS_OUT: int64 [H, N], the frame-major row of each position; else unused
     stride_b, stride_n, stride_h, stride_rh, stride_rm,
     N, KV_LEN, HEADS, NUM_Q_TILES, NUM_RANGES,
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
@@ -378,7 +356,6 @@ def block_sparse_attention_bwd_dq_stored(
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
     DS_TMA: tl.constexpr,  # DS is a descriptor of its [B * ds_pairs * TABLE_BLOCK, TABLE_BLOCK] view
     Q_STEP: tl.constexpr,  # the dK/dV kernel's query step (the tiles' columns in ds_tiles.store_order)
-    ROWS_OUT: tl.constexpr,  # dQ stored at frame-major rows (head-ordered inputs)
 ):  # fmt: skip
     """``dQ = dS K`` for one query tile: one matmul per step, the probabilities not recomputed; row ``i``
     of ``dq`` is the query at the tiles' column ``i``."""
@@ -414,7 +391,6 @@ def block_sparse_attention_bwd_dq_stored(
                               FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True,
                               DS_TMA)  # fmt: skip
     q_ok = offs_m < N
-    rows_m = _rows_out(rows_m, offs_m, ROW_OF, head, N, ROWS_OUT)
     tl.store(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], (dq * softmax_scale).to(DQ.dtype.element_ty),
              mask=q_ok[:, None])  # fmt: skip
 
@@ -451,7 +427,6 @@ def backward(
     *,
     token_major: bool = True,
     head_order: bool = False,
-    frame_major: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of block-sparse attention over ``table`` for ``[B, N, H, D]`` tensors.
 
@@ -460,15 +435,12 @@ def backward(
     grad_out are already in each head's own order, as for FlashAttention-4's forward). ``head_order``:
     q, k, v are in each head's own order while grad_out, out and lse are frame-major, as the forward on
     head-ordered inputs leaves them (``launcher.forward(head_order=True)``): the prologue's pass puts
-    grad_out and the statistics in head order, and the gradients come back in head order, but those named in
-    ``frame_major`` (of "dq", "dk", "dv"), which the kernels store at their frame-major rows. How the
+    grad_out and the statistics in head order, and the gradients come back in head order. How the
     kernels run: :data:`OPTIONS`. Memory besides the gradients: the stored dS tiles of one chunk of
     heads, at most ``ds_budget`` of the device's memory (heads that do not fit, or find no memory
     free, recompute instead).
     """
     batch, n, heads, dim = q.shape
-    if set(frame_major) - {"dq", "dk", "dv"} or (frame_major and not head_order):
-        raise ValueError(f"frame_major names gradients (dq, dk, dv) after a head-ordered forward, got {frame_major}")
     q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
     device = q.device
     block = table.block_size
@@ -503,10 +475,8 @@ def backward(
         chunks = ds_tiles.head_chunks(head_first, batch * block * block * q.element_size(), limit)
     q_descriptors = _descriptors(q, grad_out, q_step) if tma else None
     lse_t, delta_t = lse2, delta
-    index = delta  # any pointer where no kernel reads it
-    if any_token_major or frame_major:  # each position's memory row (token-major heads' LSE and delta are
-        index = table.form("triton.bwd.stat_order", lambda t: _stat_order(t, device))  # read by position)
-    if any_token_major:
+    if any_token_major:  # token-major heads' LSE and delta in their order: read by position, not gathered
+        index = table.form("triton.bwd.stat_order", lambda t: _stat_order(t, device))
         lse_t, delta_t = (torch.gather(t, 2, index.expand_as(t)) for t in (lse2, delta))
     kv_descriptors = _descriptors(k, v, kv_step) if tma else None
     for h0, h1, stored in chunks:
@@ -521,12 +491,11 @@ def backward(
         block_sparse_attention_bwd_dkdv[(len(dkdv_schedule), batch)](
             q, k, v, grad_out, dk, dv, *(q_descriptors or (delta, delta)), lse_t, delta_t,
             lse2, delta, q_starts, q_ends,
-            dkdv_schedule, flags, ds, pair_slots, q_first, index,
+            dkdv_schedule, flags, ds, pair_slots, q_first,
             q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
             n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
             pairs, head_first[h0],
             BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored,
-            ROWS_OUT_K="dk" in frame_major, ROWS_OUT_V="dv" in frame_major,
             DP_EARLY=bool(backward_option("dp_early")), **common, **launch[0],
         )  # fmt: skip
         dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1),
@@ -536,15 +505,15 @@ def backward(
         if stored:
             block_sparse_attention_bwd_dq_stored[(len(dq_schedule), batch)](
                 k, dq, kv_descriptors[0] if kv_descriptors else delta, ds_load, starts, ends, slots, dq_schedule, flags,
-                index, q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes[:3], softmax_scale, pairs, head_first[h0],
+                q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes[:3], softmax_scale, pairs, head_first[h0],
                 BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, DS_TMA=tma, Q_STEP=q_step,
-                ROWS_OUT="dq" in frame_major, **common, **launch[1],
+                **common, **launch[1],
             )  # fmt: skip
         else:
             block_sparse_attention_bwd_dq[(len(dq_schedule), batch)](
                 q, k, v, grad_out, dq, *(kv_descriptors or (delta, delta)), lse2, delta, starts, ends, dq_schedule,
-                flags, index, q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes,
-                BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, ROWS_OUT="dq" in frame_major,
+                flags, q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes,
+                BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None,
                 **common, **launch[1],
             )  # fmt: skip
     if layout.kv_len < n:  # the kernel left the rows of padded keys as they came
@@ -554,7 +523,7 @@ def backward(
 
 def _stat_order(table, device: torch.device) -> torch.Tensor:
     """int64 ``[1, H, N]``: the memory row of each position in each head's own order (token-major heads
-    permuted, the others in place): to gather LSE and delta in that order, and to store gradients frame-major."""
+    permuted, the others in place), to gather LSE and delta in that order."""
     rows = torch.arange(table.layout.num_tokens, device=device).repeat(table.num_heads, 1)
     if table.token_major_heads:
         rows[list(table.token_major_heads)] = table.layout.token_major_order(device)
