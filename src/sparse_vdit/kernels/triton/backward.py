@@ -56,6 +56,7 @@ VARIANTS: dict[str, dict] = {
     # dQ tiles with 64-key steps, 8 warps, 3 stages
     "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
     "dp-early": {"dp_early": True},  # dP's MMAs beside the exponentials, dV's beside dS (sm90 SASS)
+    "recompute-dp-early": {"dq": "recompute", "dp_early": True},  # won where no head's dS fit (H100, session y)
 }
 
 
