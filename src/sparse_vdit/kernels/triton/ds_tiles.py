@@ -73,7 +73,7 @@ def head_chunks(head_first: list[int], pair_bytes: int, limit: int) -> list[tupl
             chunks.append((h0, h, True))
             h0 = h
         if alone:
-            if chunks and chunks[-1] == (chunks[-1][0], h, False):
+            if chunks and chunks[-1][1:] == (h, False):  # the run before ends here, not stored: extend it
                 chunks[-1] = (chunks[-1][0], h + 1, False)
             else:
                 chunks.append((h, h + 1, False))
