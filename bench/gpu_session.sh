@@ -293,7 +293,7 @@ for name in "$@"; do
         cogvideox1.5-768p wan1.3b-480p --densities 0.1 --kinds mixed --backends triton --profile --target-ms 100 \
         --out "$R/backward-profile-triton" ;;
     tests-t) TAIL=12 step tests-t 360 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_backward.py \
-        tests/kernels/test_head_order_backward.py -k "gpu_triton_backward_variants or random_layers" ;;
+        -k "gpu_triton_backward_variants or random_layers" ;;
     backward-t-d64) TAIL=20 step backward-t-d64 200 python3 bench/backward.py --shapes cogvideox1.5-768p \
         --densities 0.1 0.25 0.5 --kinds band mixed --backends triton --variants default dp-early --target-ms 100 \
         --budget-s 160 --out "$R/backward-t-d64" ;;
