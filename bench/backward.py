@@ -15,9 +15,7 @@ permutation; flex and reference recompute their forward). The backend ``fa4/trit
 the Triton backward forced (``fa4.BACKWARD = "triton"``), the A/B of the two backwards behind one
 forward; fa4 rows are labelled with the backward that ran, ``fa4[bwd=fa4]`` or ``fa4[bwd=triton]``.
 Reported per row: ms (median over rotated input sets, CUDA events) and
-backward block efficiency ``density * t_cuDNN_dense_backward / t``, t_cuDNN timed once per shape, first; with
-``--paired`` timed again for every row, in turn with it call by call (a power-capped H100's clock moves between
-1.4 and 2 GHz within a run: each pair then meets one clock), the first time kept as ``block_eff_start``. ``--variants`` times the
+backward block efficiency ``density * t_cuDNN_dense_backward / t``. ``--variants`` times the
 Triton backward's candidate settings (``kernels.triton.backward.VARIANTS``) against each other,
 each first checked on small layouts of each shape's frame count (sizes are not specialised on, so
 mostly the very kernels timed) against float64 autograd of the reference backend: relative RMS error of dq, dk, dv
@@ -49,8 +47,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside it
-from common import (SHAPES, Shape, gpu_versions, interleaved, out_dir, profile_to, sdpa_with, table_for,  # noqa: E402
-                    time_fn, write_json)
+from common import (SHAPES, Shape, gpu_versions, out_dir, profile_to, sdpa_with, table_for, time_fn,  # noqa: E402
+                    write_json)
 
 import sparse_vdit  # noqa: E402
 from sparse_vdit.layout import VideoLayout  # noqa: E402
@@ -89,19 +87,6 @@ def measure(attend, sets, target_ms: float, trace: Path | None = None) -> float:
         profile_to(trace, lambda: run(*prepared[0]), trace.stem)
     del prepared
     return ms
-
-
-def measure_paired(attend, dense, sets, reps: int) -> tuple[float, float]:
-    """Median ms of the backward of ``attend`` and of ``dense``, the two timed in turn, ``reps`` pairs
-    (:func:`common.interleaved`): each pair under one clock, where a power-capped card's moves by a
-    quarter within a run and a dense time taken once per shape would meet other clocks than the rows."""
-    timed = {}
-    for name, fn in (("sparse", attend), ("dense", dense)):
-        prepare, run = backward_timer(fn)
-        prepared = [prepare(*s) for s in sets]
-        timed[name] = lambda i, run=run, prepared=prepared: run(*prepared[i])
-    ms = interleaved(timed, len(sets), reps, sets[0][0].is_cuda)
-    return ms["sparse"], ms["dense"]
 
 
 def check_layout(shape: Shape) -> VideoLayout:
@@ -250,9 +235,6 @@ def parse(argv):
     p.add_argument("--dry-run", action="store_true", help="a tiny shape on the CPU: triton (interpreter) and reference")
     p.add_argument("--calls", action="store_true",
                    help="also the whole processor call's backward, rotary included: old vs fused path (triton)")
-    p.add_argument("--paired", action="store_true",
-                   help="each row's dense backward timed again, in turn with it (block_eff against that; "
-                        "block_eff_start against the shape's first dense time)")
     p.add_argument("--profile", action="store_true",
                    help="after each timed row, one more backward under torch.profiler (tables to OUT/profile/)")
     return p.parse_args(argv)
@@ -260,8 +242,6 @@ def parse(argv):
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    if args.paired and args.profile:
-        raise SystemExit("--paired and --profile: one at a time (the profile follows an unpaired timing)")
     from sparse_vdit.kernels import registry, sparse_attention
     from sparse_vdit.kernels.triton import backward as triton_backward
 
@@ -297,10 +277,8 @@ def main(argv=None) -> dict:
     def record(**row):
         result["rows"].append(row)
         eff = row.get("block_eff")
-        paired = ("" if "dense_ms" not in row else
-                  f" (dense beside it {row['dense_ms']:.3f} ms; eff against the first {row['block_eff_start']:.3f})")
         print(f"  {row['shape']:14s} {row['kind']:10s} {row['density']:6.3f} {row['backend']:28s} {row['ms']:9.3f} ms "
-              f"eff {'-' if eff is None else f'{eff:.3f}'}{paired}", flush=True)  # fmt: skip
+              f"eff {'-' if eff is None else f'{eff:.3f}'}", flush=True)  # fmt: skip
 
     for shape in shapes:
         layout = shape.layout
@@ -349,23 +327,14 @@ def main(argv=None) -> dict:
                                    backward=ran)  # fmt: skip
                         trace = (Path(args.out, "profile", f"{shape.name}-{kind}-{density:g}-{row_label}.txt")
                                  if args.profile else None)  # fmt: skip
-                        def attend(q, k, v, table=table, backend=backend):
-                            return sparse_attention(q, k, v, table, backend=backend)
-
-                        t_bar = t_dense
                         try:
-                            if args.paired:  # as many pairs as the sparse row alone would take repetitions
-                                reps = int(max(3, min(20, args.target_ms / (table.density * t_dense))))
-                                ms, t_bar = measure_paired(attend, lambda q, k, v: dense(q, k[:, :kv], v[:, :kv]),
-                                                           sets, reps)  # fmt: skip
-                                row.update(dense_ms=t_bar, block_eff_start=table.density * t_dense / ms)
-                            else:
-                                ms = measure(attend, sets, args.target_ms, trace)
+                            ms = measure(lambda q, k, v: sparse_attention(q, k, v, table, backend=backend), sets,
+                                         args.target_ms, trace)  # fmt: skip
                         except Exception as exc:  # reported, not fatal
                             print(f"  {row_label} {kind} {density}: {type(exc).__name__}: {exc}", flush=True)
                             result["rows"].append(dict(**row, error=str(exc)[:300]))
                             continue
-                        record(**row, density=table.density, ms=ms, block_eff=table.density * t_bar / ms)
+                        record(**row, density=table.density, ms=ms, block_eff=table.density * t_dense / ms)
                         for call, make in calls.items() if backend == "triton" else ():
                             call_trace = trace and trace.with_name(f"{shape.name}-{kind}-{density:g}-call-{call}.txt")
                             ms = measure(make(table), sets, args.target_ms, call_trace)

@@ -105,36 +105,6 @@ def time_fn(fn: Callable, sets, est_ms: float | None = None, target_ms: float = 
     return statistics.median(times), 1e3 * statistics.median(host), reps
 
 
-def interleaved(fns: dict, count: int, reps: int, on_gpu: bool, hold_cycles: int = 10_000_000) -> dict:
-    """Median ms of each ``fns[name](i)`` (``i`` = input set), the parts alternating rep by rep.
-
-    On the GPU each call is timed with CUDA events after a sleep kernel of ``hold_cycles`` (about
-    5 ms), so that its launches are all queued before it starts (GPU time only); on the CPU (dry
-    runs) with the host clock."""
-    for name, fn in fns.items():  # warm-up: compilation, caches
-        for i in range(count):
-            fn(i)
-    if on_gpu:
-        torch.cuda.synchronize()
-    times = {name: [] for name in fns}
-    for rep in range(reps):
-        i = rep % count
-        for name, fn in fns.items():
-            if on_gpu:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda._sleep(hold_cycles)
-                start.record()
-                fn(i)
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn(i)
-                times[name].append(1e3 * (time.perf_counter() - t0))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def gpu_versions() -> dict:
     """The GPU and the software under a kernel measurement (torch, CUDA, cuDNN, Triton, FA4)."""
     import triton

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import time
 from types import SimpleNamespace
 
 import torch
@@ -63,6 +64,36 @@ def variant(name: str):
         sampled.TUNING.clear()
         sampled.TUNING.update(saved[0])
         svg_profile.FUSED_CHOICE = saved[1]
+
+
+def interleaved(fns: dict, count: int, reps: int, on_gpu: bool, hold_cycles: int = 10_000_000) -> dict:
+    """Median ms of each ``fns[name](i)`` (``i`` = input set), the parts alternating rep by rep.
+
+    On the GPU each call is timed with CUDA events after a sleep kernel of ``hold_cycles`` (about
+    5 ms), so that its launches are all queued before it starts (GPU time only); on the CPU (dry
+    runs) with the host clock."""
+    for name, fn in fns.items():  # warm-up: compilation, caches
+        for i in range(count):
+            fn(i)
+    if on_gpu:
+        torch.cuda.synchronize()
+    times = {name: [] for name in fns}
+    for rep in range(reps):
+        i = rep % count
+        for name, fn in fns.items():
+            if on_gpu:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda._sleep(hold_cycles)
+                start.record()
+                fn(i)
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn(i)
+                times[name].append(1e3 * (time.perf_counter() - t0))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def kernel_table(fn, count: int, on_gpu: bool, limit: int = 12) -> list[dict]:
@@ -136,7 +167,7 @@ def one(shape, sets, mode, density, var, tiles, per_sm, args, block, backend, on
 
     fns = {"attn": lambda i: attend(i, choices[i]), "profile": lambda i: svg(calls[i]),
            "layer": lambda i: attend(i, svg(calls[i]))}  # fmt: skip
-    ms = common.interleaved(fns, len(sets), args.reps, on_gpu)
+    ms = interleaved(fns, len(sets), args.reps, on_gpu)
     temporal = sum(int(c.selected.sum()) for c in choices) / sum(c.selected.numel() for c in choices)
     base = dict(shape=shape.name, tokens=layout.num_tokens, heads=shape.heads, dim=shape.dim, mode=mode,
                 density=density, table_density=table.density, variant=var, tiles=tiles, programs_per_sm=per_sm,
@@ -232,7 +263,7 @@ def kernel_sweep(shapes: dict, args, device, dtype, record, over_budget, launch_
                     continue
                 same[point] = all(torch.equal(a.selected, b.selected) for a, b in zip(chosen, rule))
                 fns[point] = profile_at(point)
-            ms = common.interleaved(fns, len(sets), args.reps, on_gpu)
+            ms = interleaved(fns, len(sets), args.reps, on_gpu)
             for point, t in ms.items():
                 record(**base, part="kernel-sweep-profile", tiles=point[0], programs_per_sm=point[1], ms=t,
                        same_choice=same[point])  # fmt: skip
@@ -248,7 +279,7 @@ def kernel_sweep(shapes: dict, args, device, dtype, record, over_budget, launch_
 
                 prof = profile_at(point)
                 parts = {"attn": lambda i: attend(i, rule[i]), "profile": prof, "layer": lambda i: attend(i, prof(i))}
-                timed = common.interleaved(parts, len(sets), args.reps, on_gpu)
+                timed = interleaved(parts, len(sets), args.reps, on_gpu)
                 label = dict(tiles=point[0] or "rule", programs_per_sm=point[1])
                 for part, t in timed.items():
                     record(**base, **label, part=f"kernel-layer-{part}", ms=t)

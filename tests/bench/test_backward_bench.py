@@ -109,23 +109,3 @@ def test_check_layouts_build_for_every_shape(load_script):
         assert layout.frames == shape.layout.frames, name
         padded = layout.text_valid is not None and layout.text_valid < layout.text
         assert padded == (shape.layout.text_position == "suffix" and layout.text > 0), name
-
-
-def test_backward_dry_run_pairs_each_row_with_a_dense_time(load_script, tmp_path):
-    """--paired: each sparse row carries the dense time taken in turn with it, its efficiency against that one,
-    and its efficiency against the shape's first dense time beside it."""
-    from sparse_vdit.kernels import registry
-
-    if not registry.available("triton", torch.device("cpu"))[0]:
-        pytest.skip("needs triton and TRITON_INTERPRET=1")
-    script = load_script("backward")
-    result = script.main(["--dry-run", "--backends", "triton", "--kinds", "band", "--paired", "--out", str(tmp_path)])
-    rows = {r["backend"]: r for r in result["rows"]}
-    first = rows["cudnn-backward"]["ms"]
-    for name in ("triton", "reference"):
-        row = rows[name]
-        assert row["dense_ms"] > 0 and row["ms"] > 0
-        assert row["block_eff"] == pytest.approx(row["density"] * row["dense_ms"] / row["ms"])
-        assert row["block_eff_start"] == pytest.approx(row["density"] * first / row["ms"])
-    with pytest.raises(SystemExit, match="one at a time"):
-        script.main(["--dry-run", "--paired", "--profile", "--out", str(tmp_path)])
