@@ -94,9 +94,6 @@
 #   backward-t-d64  default vs dp-early at head dim 64 (CogVideoX1.5 768p), band / mixed, 10-50% (#18) (~120)
 #   backward-x     the Triton backward's variants: default, recompute, dp-early (dP's MMAs beside the
 #                  exponentials); band / multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~170)
-#   backward-z     the Triton backward's exponentials on the FMA units (exp2-split: half of them, exp2-fma: all)
-#                  against the default and dp-early; the backward-x grid (#18) (~200)
-#   backward-z-d64 the same at head dim 64 (CogVideoX1.5 768p), band / mixed, 10-50% (#18) (~60)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -303,12 +300,6 @@ for name in "$@"; do
     backward-x) TAIL=40 step backward-x 460 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default recompute \
         dp-early --target-ms 80 --budget-s 400 --out "$R/backward-x" ;;
-    backward-z) TAIL=40 step backward-z 460 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
-        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default exp2-split \
-        exp2-fma dp-early --target-ms 80 --budget-s 400 --out "$R/backward-z" ;;
-    backward-z-d64) TAIL=20 step backward-z-d64 200 python3 bench/backward.py --shapes cogvideox1.5-768p \
-        --densities 0.1 0.25 0.5 --kinds band mixed --backends triton --variants default exp2-split exp2-fma \
-        --target-ms 100 --budget-s 160 --out "$R/backward-z-d64" ;;
     backward-d64) TAIL=20 step backward-d64 280 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
         0.25 0.5 --kinds band mixed --backends triton --variants default recompute --target-ms 150 --budget-s 230 \
         --out "$R" ;;

@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 from ...block_table import num_blocks
-from .exp2 import exp2_fma, exp2_split
 from .kernel import dot, sequence_rows
 from . import ds_tiles
 from .backward_prologue import prologue, prologue_in_head_order
@@ -40,9 +39,9 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option, token_maj
 # stored tiles may take at once (heads go in chunks that fit; a head whose tiles alone do not recomputes).
 # ``dp_early``: the dK/dV kernel's step computes dP before the exponentials (:func:`_dkdv_steps`).
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
-                 "dp_early": None, "exp2": None}
+                 "dp_early": None}
 DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
-                  "dp_early": False, "exp2": "mufu"}
+                  "dp_early": False}
 
 
 # Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first);
@@ -51,19 +50,16 @@ DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True,
 # 64- and 128-query steps, 32- and 128-key dQ steps, other stages and warps, token-major q and dO copied to
 # their order, dQ beside dK/dV on a side stream, a Gluon dK/dV kernel (sessions i-s), the gradients stored at
 # their frame-major rows by the kernels after a head-ordered forward (sessions k, o, t; lost on H200s and H100s),
-# dp-early with the recomputing dQ everywhere (session y: no rule of where it wins held on both shapes).
+# dp-early with the recomputing dQ everywhere (session y: no rule of where it wins held on both shapes), half or
+# all of the dK/dV step's exponentials by a polynomial on the FMA units (session z, 547a648: under the default
+# in 47 of 48 cells, by up to 0.19; the other +0.001).
 # Tiles are for 128-token table blocks (tests scale them).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages
     "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
     "dp-early": {"dp_early": True},  # dP's MMAs beside the exponentials, dV's beside dS (sm90 SASS)
-    "exp2-split": {"exp2": "split"},  # half the dK/dV step's exponentials on the FMA units (:mod:`.exp2`)
-    "exp2-fma": {"exp2": "fma"},  # all of them
 }
-
-
-EXP2_UNITS = {"mufu": 0, "split": 1, "fma": 2}  # the ``exp2`` option: the kernels' EXP2
 
 
 def backward_option(name: str):
@@ -129,7 +125,6 @@ def _dkdv_steps(
     FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
     STORE_DS: tl.constexpr, TABLE_BLOCK: tl.constexpr, STATS_IN_ORDER: tl.constexpr, DP_EARLY: tl.constexpr,
-    EXP2: tl.constexpr,
 ):  # fmt: skip
     """Query steps ``[first, last)`` into ``(dk, dv)`` of one key tile; MASKED: rows ``>= last`` masked.
     Keys past the real ones are not masked: their rows of dK, dV are zeroed by the launcher.
@@ -138,8 +133,7 @@ def _dkdv_steps(
     :func:`.ds_tiles.store_order` (``ds_keys``: the offsets of that order's rows in a pair), for the dQ kernel.
     STATS_IN_ORDER: LSE and DELTA hold the head's rows in its own order. DP_EARLY: ``dP = V dO^T`` written
     before the exponentials (the tutorial's order has it after the ``dV`` update): on sm90 its MMAs then run
-    beside them, and ``dV``'s beside ``dS`` (bench/sm90_loop.py). EXP2: where the probabilities' exponentials
-    run, 0 the special-function unit, 1 half there and half on the FMA units, 2 all on the FMA units (:mod:`.exp2`)."""
+    beside them, and ``dV``'s beside ``dS`` (bench/sm90_loop.py)."""
     for start in range(first, last, BLOCK_M):
         if STORE_DS:
             slot = tl.load(PAIR_SLOTS + start // TABLE_BLOCK)
@@ -157,12 +151,7 @@ def _dkdv_steps(
         s_t = dot(k, tl.trans(q), None, IEEE)  # [BLOCK_N, BLOCK_M]
         if DP_EARLY:
             dp_t = dot(v, tl.trans(do), None, IEEE)
-        if EXP2 == 1:
-            p_t = exp2_split(s_t * qk_scale - lse[None, :])
-        elif EXP2 == 2:
-            p_t = exp2_fma(s_t * qk_scale - lse[None, :])
-        else:
-            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
         dv += dot(p_t.to(do.dtype), do, None, IEEE)
         if not DP_EARLY:
             dp_t = dot(v, tl.trans(do), None, IEEE)
@@ -203,7 +192,6 @@ def block_sparse_attention_bwd_dkdv(
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
     STORE_DS: tl.constexpr,
     DP_EARLY: tl.constexpr,  # the step's order (_dkdv_steps)
-    EXP2: tl.constexpr,  # where the exponentials run (_dkdv_steps)
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
@@ -234,18 +222,18 @@ def block_sparse_attention_bwd_dkdv(
                                  head, stride_n, True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                                  DS, ds_pair0, ds_keys, pair_slots,
                                  FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False, STORE_DS, TABLE_BLOCK,
-                                 True, DP_EARLY, EXP2)  # fmt: skip
+                                 True, DP_EARLY)  # fmt: skip
         else:
             dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch,
                                  head, stride_n, False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                                  DS, ds_pair0, ds_keys, pair_slots,
                                  FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False, STORE_DS, TABLE_BLOCK,
-                                 False, DP_EARLY, EXP2)  # fmt: skip
+                                 False, DP_EARLY)  # fmt: skip
         dk, dv = _dkdv_steps(dk, dv, k, v, full, last, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
                              stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                              DS, ds_pair0, ds_keys, pair_slots,
                              FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, STORE_DS,
-                             TABLE_BLOCK, False, DP_EARLY, EXP2)  # fmt: skip
+                             TABLE_BLOCK, False, DP_EARLY)  # fmt: skip
     out_ok = (offs_n < N)[:, None]  # rows of keys past KV_LEN are zeroed by the launcher
     dk = dk * softmax_scale  # (a tl.where here costs register spills in the loop on sm90)
     tl.store(DK + base + rows_n[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
@@ -476,8 +464,6 @@ def backward(
     starts, ends = table.range_starts.contiguous(), table.range_ends.contiguous()
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq = torch.empty_like(q)
-    # 16-bit inputs only: float32's rounding is finer than the polynomial's error
-    exp2_units = 0 if q.dtype == torch.float32 else EXP2_UNITS[backward_option("exp2")]
     launch = [{} if device.type == "cpu" else {"num_warps": w, "num_stages": s} for w, s in zip(warps, stages)]
     common = dict(
         FRAMES=layout.frames, TABLE_BLOCK=block, HEAD_DIM=dim, IEEE=q.dtype == torch.float32,
@@ -513,7 +499,7 @@ def backward(
             n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
             pairs, head_first[h0],
             BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored,
-            DP_EARLY=bool(backward_option("dp_early")), EXP2=exp2_units, **common, **launch[0],
+            DP_EARLY=bool(backward_option("dp_early")), **common, **launch[0],
         )  # fmt: skip
         dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1),
                                  lambda t: _heads_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
