@@ -59,6 +59,10 @@ VARIANTS: dict[str, dict] = {
     # dQ tiles with 64-key steps, 8 warps, 3 stages
     "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
     "dp-early": {"dp_early": True},  # dP's MMAs beside the exponentials, dV's beside dS (sm90 SASS)
+    # 64-key dK/dV tiles at 4 warps: 255 registers, 81 KB (3 stages) or 64 KB (2) of shared memory, so two
+    # programs share an SM and one's exponentials can run beside the other's MMAs (sm90 compile)
+    "k64w4": {"tiles": (64, 32, 128, 64), "warps": (4, 8)},
+    "k64w4s2": {"tiles": (64, 32, 128, 64), "warps": (4, 8), "stages": (2, 3)},
 }
 
 
