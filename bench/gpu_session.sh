@@ -94,8 +94,6 @@
 #   backward-t-d64  default vs dp-early at head dim 64 (CogVideoX1.5 768p), band / mixed, 10-50% (#18) (~120)
 #   backward-x     the Triton backward's variants: default, recompute, dp-early (dP's MMAs beside the
 #                  exponentials); band / multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~170)
-#   backward-k64   64-key dK/dV tiles at 4 warps (two programs an SM), 3 or 2 stages, against the default; the
-#                  backward-x grid (#18) (~170)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -302,9 +300,6 @@ for name in "$@"; do
     backward-x) TAIL=40 step backward-x 460 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default recompute \
         dp-early --target-ms 80 --budget-s 400 --out "$R/backward-x" ;;
-    backward-k64) TAIL=40 step backward-k64 460 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
-        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default k64w4 \
-        k64w4s2 --target-ms 80 --budget-s 400 --out "$R/backward-k64" ;;
     backward-d64) TAIL=20 step backward-d64 280 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
         0.25 0.5 --kinds band mixed --backends triton --variants default recompute --target-ms 150 --budget-s 230 \
         --out "$R" ;;

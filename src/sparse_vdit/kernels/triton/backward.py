@@ -52,17 +52,14 @@ DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True,
 # their frame-major rows by the kernels after a head-ordered forward (sessions k, o, t; lost on H200s and H100s),
 # dp-early with the recomputing dQ everywhere (session y: no rule of where it wins held on both shapes), half or
 # all of the dK/dV step's exponentials by a polynomial on the FMA units (session z, 547a648: under the default
-# in 47 of 48 cells, by up to 0.19; the other +0.001).
+# in 47 of 48 cells, by up to 0.19; the other +0.001), 64-key tiles at 4 warps, two programs an SM (sessions l
+# and z, e36cfb1: 10 cells won by up to 0.03, 8 lost by up to 0.09).
 # Tiles are for 128-token table blocks (tests scale them).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages
     "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
     "dp-early": {"dp_early": True},  # dP's MMAs beside the exponentials, dV's beside dS (sm90 SASS)
-    # 64-key dK/dV tiles at 4 warps: 255 registers, 81 KB (3 stages) or 64 KB (2) of shared memory, so two
-    # programs share an SM and one's exponentials can run beside the other's MMAs (sm90 compile)
-    "k64w4": {"tiles": (64, 32, 128, 64), "warps": (4, 8)},
-    "k64w4s2": {"tiles": (64, 32, 128, 64), "warps": (4, 8), "stages": (2, 3)},
 }
 
 
