@@ -94,14 +94,12 @@
 #   backward-t-d64  default vs dp-early at head dim 64 (CogVideoX1.5 768p), band / mixed, 10-50% (#18) (~120)
 #   backward-x     the Triton backward's variants: default, recompute, dp-early (dP's MMAs beside the
 #                  exponentials); band / multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~170)
-#   backward-aa    the Triton backward: default, registers (k and v read by the MMAs from registers), dp-early;
-#                  band / multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~150)
-#   backward-aa-d64  default vs registers at head dim 64 (CogVideoX1.5 768p), band / mixed, 10-50% (#18) (~60)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 R=/tmp/results
+[ "${TRITON39:-0}" = 1 ] && R=/tmp/results/t39  # under the carried Triton 3.9: beside the image Triton's
 mkdir -p "$OUT" "$R"
 source bench/gpu_env.sh
 export TQDM_DISABLE=1
@@ -303,12 +301,6 @@ for name in "$@"; do
     backward-x) TAIL=40 step backward-x 460 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default recompute \
         dp-early --target-ms 80 --budget-s 400 --out "$R/backward-x" ;;
-    backward-aa) TAIL=40 step backward-aa 460 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
-        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default registers \
-        dp-early --target-ms 80 --budget-s 400 --out "$R/backward-aa" ;;
-    backward-aa-d64) TAIL=20 step backward-aa-d64 200 python3 bench/backward.py --shapes cogvideox1.5-768p \
-        --densities 0.1 0.25 0.5 --kinds band mixed --backends triton --variants default registers --target-ms 100 \
-        --budget-s 160 --out "$R/backward-aa-d64" ;;
     backward-d64) TAIL=20 step backward-d64 280 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
         0.25 0.5 --kinds band mixed --backends triton --variants default recompute --target-ms 150 --budget-s 230 \
         --out "$R" ;;

@@ -107,14 +107,14 @@ def backward_options(variant: str = "default") -> dict:
 def compile_triton_dkdv(head_dim: int = 128, block: int = 128, variant: str = "default"):
     """The Triton backward's dK/dV kernel (``kernels.triton.backward``, head-ordered inputs, dS stored) at its
     default tiles (128 keys a program, 32-query steps) and launch, compiled for sm_90a under ``variant``'s
-    options (``dp_early``, ``registers``, ``warps``, ``stages``)."""
+    options (``dp_early``, ``warps``, ``stages``)."""
     from sparse_vdit.kernels.triton.backward import _tiles, block_sparse_attention_bwd_dkdv
 
     options = backward_options(variant)
     kv_tile, q_step, _, _ = _tiles(block, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=kv_tile, HEAD_DIM=head_dim, IEEE=False,
                       ANY_TOKEN_MAJOR=False, TMA=True, STORE_DS=options["dq"] == "stored",
-                      DP_EARLY=bool(options["dp_early"]), REGISTERS=bool(options["registers"]))  # fmt: skip
+                      DP_EARLY=bool(options["dp_early"]))  # fmt: skip
     desc = f"tensordesc<bf16[1,{q_step},1,{head_dim}]>"
     return _compile(block_sparse_attention_bwd_dkdv, constexprs, {"Q_DESC": desc, "DO_DESC": desc},
                     dict(num_warps=options["warps"][0], num_stages=options["stages"][0]))  # fmt: skip

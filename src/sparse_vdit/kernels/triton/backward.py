@@ -37,13 +37,11 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option, token_maj
 # stores each visited pair's dS tile, the dQ kernel multiplies it by K: 5 matmuls a block) or "recompute"
 # (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of the device's memory the
 # stored tiles may take at once (heads go in chunks that fit; a head whose tiles alone do not recomputes).
-# ``dp_early``: the dK/dV kernel's step computes dP before the exponentials (:func:`_dkdv_steps`);
-# ``registers``: the loops' fixed MMA operands (k and v of dK/dV, q and dO of the recomputing dQ) read by the
-# MMAs from registers, not shared memory (:func:`_held`).
+# ``dp_early``: the dK/dV kernel's step computes dP before the exponentials (:func:`_dkdv_steps`).
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
-                 "dp_early": None, "registers": None}
+                 "dp_early": None}
 DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
-                  "dp_early": False, "registers": False}
+                  "dp_early": False}
 
 
 # Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first);
@@ -55,14 +53,14 @@ DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True,
 # dp-early with the recomputing dQ everywhere (session y: no rule of where it wins held on both shapes), half or
 # all of the dK/dV step's exponentials by a polynomial on the FMA units (session z, 547a648: under the default
 # in 47 of 48 cells, by up to 0.19; the other +0.001), 64-key tiles at 4 warps, two programs an SM (sessions l
-# and z, e36cfb1: 10 cells won by up to 0.03, 8 lost by up to 0.09).
+# and z, e36cfb1: 10 cells won by up to 0.03, 8 lost by up to 0.09), k and v as the MMAs' register operands
+# (session aa, 91a1b70: Triton reloads them from shared memory every step, ldmatrix, -0.04 to -0.11).
 # Tiles are for 128-token table blocks (tests scale them).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages
     "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
     "dp-early": {"dp_early": True},  # dP's MMAs beside the exponentials, dV's beside dS (sm90 SASS)
-    "registers": {"registers": True},  # S^T's and dP^T's MMAs read k and v from registers (sm90 SASS)
 }
 
 
@@ -83,17 +81,6 @@ def _program(SCHEDULE, TOKEN_MAJOR, NUM_TILES, N, HEADS, stride_b, stride_h, ANY
         token_major = tl.load(TOKEN_MAJOR + head) != 0
     offset_b = batch.to(tl.int64)
     return head, item % NUM_TILES, batch, token_major, offset_b * stride_b + head * stride_h, (offset_b * HEADS + head) * N
-
-
-@triton.jit
-def _held(x, ok, REGISTERS: tl.constexpr):
-    """``x`` (a loaded tile, rows not ``ok`` already 0) as the A operand of the loop's MMAs. REGISTERS: kept
-    in registers: Triton gives a warpgroup MMA its A operand from shared memory when it comes straight from a
-    load, from registers when it is computed, so the rows are selected again; on sm90 the score and dP MMAs
-    (64x32x16, both operands from shared memory otherwise) then read a third of the bytes from shared memory."""
-    if REGISTERS:
-        x = tl.where(ok[:, None], x, 0.0)
-    return x
 
 
 @triton.jit
@@ -207,7 +194,6 @@ def block_sparse_attention_bwd_dkdv(
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
     STORE_DS: tl.constexpr,
     DP_EARLY: tl.constexpr,  # the step's order (_dkdv_steps)
-    REGISTERS: tl.constexpr,  # k and v held in registers for the MMAs (_held)
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
@@ -222,8 +208,6 @@ def block_sparse_attention_bwd_dkdv(
     # (in registers) across the loop for the stores at the end
     k = tl.load(K + base + rows_n[:, None] * stride_n + offs_d[None, :], mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
     v = tl.load(V + base + rows_n[:, None] * stride_n + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    k = _held(k, key_ok, REGISTERS)
-    v = _held(v, key_ok, REGISTERS)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     ranges = head * stride_rh + column * stride_rm
@@ -294,7 +278,6 @@ def block_sparse_attention_bwd_dq(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per step
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
-    REGISTERS: tl.constexpr,  # q and dO held in registers for the MMAs (_held)
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_Q_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
@@ -305,8 +288,6 @@ def block_sparse_attention_bwd_dq(
     q_ok = offs_m < N
     q = tl.load(Q + base + rows_m[:, None] * stride_n + offs_d[None, :], mask=q_ok[:, None], other=0.0)
     do = tl.load(DO + base + rows_m[:, None] * stride_n + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-    q = _held(q, q_ok, REGISTERS)
-    do = _held(do, q_ok, REGISTERS)
     lse = tl.load(LSE + stats + rows_m, mask=q_ok, other=float("inf"))
     delta = tl.load(DELTA + stats + rows_m, mask=q_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -472,7 +453,6 @@ def backward(
     warps = backward_option("warps")
     stages = backward_option("stages")
     tma = bool(backward_option("tma")) and _tma_ok(device)
-    registers = bool(backward_option("registers"))
     layout = table.layout
     if head_order and table.token_major_heads:  # the statistics and grad_out in the order q, k, v are in
         delta, lse2, grad_out = prologue_in_head_order(grad_out, out, lse.contiguous(), table)
@@ -521,7 +501,7 @@ def backward(
             n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
             pairs, head_first[h0],
             BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored,
-            DP_EARLY=bool(backward_option("dp_early")), REGISTERS=registers, **common, **launch[0],
+            DP_EARLY=bool(backward_option("dp_early")), **common, **launch[0],
         )  # fmt: skip
         dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1),
                                  lambda t: _heads_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
@@ -538,7 +518,7 @@ def backward(
             block_sparse_attention_bwd_dq[(len(dq_schedule), batch)](
                 q, k, v, grad_out, dq, *(kv_descriptors or (delta, delta)), lse2, delta, starts, ends, dq_schedule,
                 flags, q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes,
-                BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, REGISTERS=registers,
+                BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None,
                 **common, **launch[1],
             )  # fmt: skip
     if layout.kv_len < n:  # the kernel left the rows of padded keys as they came
