@@ -35,7 +35,8 @@ fi
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD/src:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
 # A newer Triton (3.9.0, what newer torch releases install; the image has 3.6.0), for timing the same kernels
-# under its compiler: its package trimmed (no AMD backend, no CUPTI, sm_90 ptxas only) as triton39.tar.xz,
+# under its compiler: its package trimmed (no AMD backend, no CUPTI, no proton, only the ptxas it runs for
+# sm90+, `ptxas-blackwell`, CUDA 13.4) as triton39.tar.xz,
 # carried in TRITON39_PARTS parts (default 2: .tri1/, .tri2/ beside their SHA256) in calls made back to back,
 # unpacked to /tmp/triton39 when whole; TRITON39=1 puts it before the image's Triton.
 for d in .tri*; do
@@ -55,7 +56,9 @@ if [ ! -d /tmp/triton39/triton ] && ls /tmp/tri/triton39.part.* >/dev/null 2>&1;
 fi
 if [ "${TRITON39:-0}" = 1 ]; then
     if [ -d /tmp/triton39/triton ]; then
-        export PYTHONPATH=/tmp/triton39:$PYTHONPATH
+        # its backends found in its own tree: by entry points it would take the image's (3.6's dist-info,
+        # which names an AMD backend the trimmed package does not hold)
+        export PYTHONPATH=/tmp/triton39:$PYTHONPATH TRITON_BACKENDS_IN_TREE=1
     else
         echo "TRITON39=1 but /tmp/triton39 is not unpacked: the image's Triton runs" >&2
     fi

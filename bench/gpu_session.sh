@@ -106,7 +106,7 @@ export TQDM_DISABLE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$R/env.txt"
 # SM clock, power and throttle reasons every 5 s while the steps run (session x's H100 sat at its power cap).
 nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,power.limit,temperature.gpu,clocks_throttle_reasons.active \
-    --format=csv -l 5 > "$R/clocks.csv" 2>/dev/null &
+    --format=csv -l 5 >> "$R/clocks.csv" 2>/dev/null &  # appended: runs sharing a folder keep every log
 CLOCKS=$!
 pack() { tar cf "$OUT/results.tar" -C /tmp results; }
 trap 'kill "$CLOCKS" 2>/dev/null; pack' EXIT

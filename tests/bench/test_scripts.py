@@ -100,3 +100,56 @@ def test_gpu_session_steps_name_backward_variants_that_exist():
              for group in re.findall(r"--variants((?:\s+(?!-)[\w-]+)+)", line) for name in group.split()]
     assert len(named) > 5
     assert set(named) <= set(VARIANTS), sorted(set(named) - set(VARIANTS))
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.sh")))
+def test_shell_script_parses(script):
+    """Every bench shell script is valid bash (a GPU call spent on a syntax error finds it too late)."""
+    import subprocess
+
+    done = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_gpu_env_joins_checks_and_unpacks_the_carried_triton(tmp_path):
+    """bench/gpu_env.sh's Triton 3.9 block, on a stand-in package split as bench/pack_triton39.sh splits it
+    (two parts under .tri1/ and .tri2/, each beside the SHA256): joined only when both parts are there, checked,
+    unpacked; TRITON39=1 then puts it first on PYTHONPATH with its backends found in its own tree."""
+    import re
+    import shutil
+    import subprocess
+    import tarfile
+
+    if not (shutil.which("xz") and shutil.which("sha256sum")):
+        pytest.skip("needs xz and sha256sum, as the GPU machine has")
+    text = (BENCH / "gpu_env.sh").read_text()
+    block = text[text.index("for d in .tri*"):]
+    block = block[: block.index("\nfi\n", block.index('if [ "${TRITON39')) + 4]
+    block = block.replace("/tmp/triton39", str(tmp_path / "t39")).replace("/tmp/tri", str(tmp_path / "tri"))
+    pack = (BENCH / "pack_triton39.sh").read_text()
+    assert "split -n 2 -d triton39.tar.xz triton39.part." in pack and re.search(r"\.tri1/\n.*\.tri2/", pack, re.S)
+
+    package = tmp_path / "pkg"
+    (package / "triton").mkdir(parents=True)
+    (package / "triton" / "__init__.py").write_text("__version__ = '3.9.0'\n")
+    archive = tmp_path / "triton39.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(package / "triton", arcname="triton")
+    data = archive.read_bytes()
+    work = tmp_path / "tree"
+    for i, part in enumerate((data[: len(data) // 2], data[len(data) // 2 :])):
+        folder = work / f".tri{i + 1}"
+        folder.mkdir(parents=True)
+        (folder / f"triton39.part.0{i}").write_bytes(part)
+        subprocess.run(f"cd {tmp_path} && sha256sum triton39.tar.xz > {folder}/SHA256", shell=True, check=True)
+    script = block + '\necho "PYTHONPATH=$PYTHONPATH IN_TREE=${TRITON_BACKENDS_IN_TREE:-}"\n'
+
+    (work / ".tri2" / "triton39.part.01").rename(tmp_path / "held")  # one part only: nothing unpacked yet
+    first = subprocess.run(["bash", "-c", script], cwd=work, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert "only 1 of 2 parts" in first.stderr and not (tmp_path / "t39").exists()
+    (tmp_path / "held").rename(work / ".tri2" / "triton39.part.01")
+    done = subprocess.run(["bash", "-c", script], cwd=work, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "TRITON39": "1", "PYTHONPATH": "src"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "t39" / "triton" / "__init__.py").read_text() == "__version__ = '3.9.0'\n"
+    assert f"PYTHONPATH={tmp_path / 't39'}:src IN_TREE=1" in done.stdout
