@@ -23,6 +23,9 @@ at most twice dense SDPA's own at the same dtype, or the variant is not timed.
 fa4 and fa4/triton are checked the same way before they are timed.
 Writes ``backward.json`` to ``--out`` and prints a table last (with variants: efficiency per variant);
 ``--profile``: each timed row's backward once more under torch.profiler, operator tables in ``OUT/profile/``.
+``--energy``: also the card's joules per backward (NVML's counter around 2.5 s of more calls), mean watts, and
+``energy_eff`` = density x J_cuDNN_dense / J: what a row's block efficiency tends to where the card runs at its
+power cap (clocks then follow energy, not work).
 
 ``--calls``: also the backward of the whole processor attention call, the family's rotary included
 (``bench/processor_attention.py``'s tables), on the Triton backend: ``call-old`` (the model's rotary in
@@ -47,8 +50,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench library beside it
-from common import (SHAPES, Shape, gpu_versions, out_dir, profile_to, sdpa_with, table_for, time_fn,  # noqa: E402
-                    write_json)
+from common import (SHAPES, Shape, energy_counter, energy_per_call, gpu_versions, out_dir, profile_to,  # noqa: E402
+                    sdpa_with, table_for, time_fn, write_json)
 
 import sparse_vdit  # noqa: E402
 from sparse_vdit.layout import VideoLayout  # noqa: E402
@@ -77,16 +80,18 @@ def input_sets(shape: Shape, count: int, batch: int, device, dtype) -> list:
             for _ in range(count)]  # fmt: skip
 
 
-def measure(attend, sets, target_ms: float, trace: Path | None = None) -> float:
-    """Median ms of the backward of ``attend`` over ``sets`` (graphs built once, outside the timing);
-    ``trace``: one more backward under torch.profiler, its operator tables written there."""
+def measure(attend, sets, target_ms: float, trace: Path | None = None, energy=None) -> tuple[float, float | None]:
+    """``(median ms, joules or None)`` of the backward of ``attend`` over ``sets`` (graphs built once, outside
+    the timing); ``trace``: one more backward under torch.profiler, its operator tables written there;
+    ``energy``: a :func:`common.energy_counter`, read around more backwards after the timed ones."""
     prepare, run = backward_timer(attend)
     prepared = [prepare(*s) for s in sets]
     ms, _, _ = time_fn(run, prepared, target_ms=target_ms)
+    joules = None if energy is None else energy_per_call(run, prepared, energy)[0]
     if trace is not None:
         profile_to(trace, lambda: run(*prepared[0]), trace.stem)
     del prepared
-    return ms
+    return ms, joules
 
 
 def check_layout(shape: Shape) -> VideoLayout:
@@ -237,6 +242,9 @@ def parse(argv):
                    help="also the whole processor call's backward, rotary included: old vs fused path (triton)")
     p.add_argument("--profile", action="store_true",
                    help="after each timed row, one more backward under torch.profiler (tables to OUT/profile/)")
+    p.add_argument("--energy", action="store_true",
+                   help="also the card's joules per backward (NVML, over 2.5 s of calls after the timed ones), its "
+                        "mean watts, and energy_eff = density x J_cuDNN_dense / J (what a power cap makes of a row)")
     return p.parse_args(argv)
 
 
@@ -274,11 +282,23 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "backward.json")
 
-    def record(**row):
+    energy = energy_counter(device) if args.energy else None
+    if args.energy and energy is None:
+        result["energy"] = "no energy counter on this device (the CPU, or no NVML): rows without joules"
+        print(result["energy"], flush=True)
+    joules_dense = None
+
+    def record(joules=None, **row):
+        if joules is not None:
+            row.update(joules=joules, watts=joules / (row["ms"] / 1e3))
+            if joules_dense is not None and row["kind"] != "dense":
+                row["energy_eff"] = row["density"] * joules_dense / joules
         result["rows"].append(row)
         eff = row.get("block_eff")
+        energy_said = f" {row['joules']:8.3f} J {row['watts']:4.0f} W" if "joules" in row else ""
+        energy_said += f" energy_eff {row['energy_eff']:.3f}" if "energy_eff" in row else ""
         print(f"  {row['shape']:14s} {row['kind']:10s} {row['density']:6.3f} {row['backend']:28s} {row['ms']:9.3f} ms "
-              f"eff {'-' if eff is None else f'{eff:.3f}'}", flush=True)  # fmt: skip
+              f"eff {'-' if eff is None else f'{eff:.3f}'}{energy_said}", flush=True)  # fmt: skip
 
     for shape in shapes:
         layout = shape.layout
@@ -289,13 +309,15 @@ def main(argv=None) -> dict:
         dense = sdpa_with(SDPBackend.CUDNN_ATTENTION if device.type == "cuda" else SDPBackend.MATH)
 
         kv = layout.kv_len
-        t_dense = measure(lambda q, k, v: dense(q, k[:, :kv], v[:, :kv]), sets, args.target_ms)
-        record(shape=shape.name, kind="dense", target=1.0, density=1.0, backend="cudnn-backward", ms=t_dense, block_eff=1.0)
+        t_dense, joules_dense = measure(lambda q, k, v: dense(q, k[:, :kv], v[:, :kv]), sets, args.target_ms,
+                                        energy=energy)  # fmt: skip
+        record(shape=shape.name, kind="dense", target=1.0, density=1.0, backend="cudnn-backward", ms=t_dense,
+               block_eff=1.0, joules=joules_dense)  # fmt: skip
         tables = {}
         calls = call_paths(shape, device, dense, kv) if args.calls and "triton" in backends else {}
         t_dense_call = None
         for name, fn in calls.pop("dense", {}).items():
-            ms = measure(fn, sets, args.target_ms)
+            ms, _ = measure(fn, sets, args.target_ms)
             record(shape=shape.name, kind="dense", target=1.0, density=1.0, backend=f"dense-call[{name}]", ms=ms,
                    block_eff=None)  # fmt: skip
             t_dense_call = ms if t_dense_call is None else min(t_dense_call, ms)
@@ -328,16 +350,16 @@ def main(argv=None) -> dict:
                         trace = (Path(args.out, "profile", f"{shape.name}-{kind}-{density:g}-{row_label}.txt")
                                  if args.profile else None)  # fmt: skip
                         try:
-                            ms = measure(lambda q, k, v: sparse_attention(q, k, v, table, backend=backend), sets,
-                                         args.target_ms, trace)  # fmt: skip
+                            ms, joules = measure(lambda q, k, v: sparse_attention(q, k, v, table, backend=backend),
+                                                 sets, args.target_ms, trace, energy)  # fmt: skip
                         except Exception as exc:  # reported, not fatal
                             print(f"  {row_label} {kind} {density}: {type(exc).__name__}: {exc}", flush=True)
                             result["rows"].append(dict(**row, error=str(exc)[:300]))
                             continue
-                        record(**row, density=table.density, ms=ms, block_eff=table.density * t_dense / ms)
+                        record(**row, density=table.density, ms=ms, block_eff=table.density * t_dense / ms, joules=joules)
                         for call, make in calls.items() if backend == "triton" else ():
                             call_trace = trace and trace.with_name(f"{shape.name}-{kind}-{density:g}-call-{call}.txt")
-                            ms = measure(make(table), sets, args.target_ms, call_trace)
+                            ms, _ = measure(make(table), sets, args.target_ms, call_trace)
                             record(shape=shape.name, kind=kind, target=density, backend=f"{label}[{call}]",
                                    variant=variant, call=call, backward="triton", density=table.density, ms=ms,
                                    block_eff=table.density * (t_dense if call == "op-in-place" else t_dense_call) / ms)  # fmt: skip

@@ -105,6 +105,38 @@ def time_fn(fn: Callable, sets, est_ms: float | None = None, target_ms: float = 
     return statistics.median(times), 1e3 * statistics.median(host), reps
 
 
+def energy_counter(device: torch.device) -> Callable[[], float] | None:
+    """The card's energy counter for ``device`` (NVML: joules drawn since the driver loaded), or None on the
+    CPU, without NVML (``pynvml``, the ``nvidia-ml-py`` package) or where the card does not count."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = torch.cuda._get_nvml_device_index(device) if hasattr(torch.cuda, "_get_nvml_device_index") else 0
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # millijoules
+    except Exception:  # no NVML, or a card without the counter
+        return None
+    return lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1e3
+
+
+def energy_per_call(fn: Callable, sets, counter: Callable[[], float], seconds: float = 2.5,
+                    synchronize: Callable[[], None] | None = None) -> tuple[float, int]:  # fmt: skip
+    """``(joules per call, calls)`` of ``fn(*set)`` over rotated input sets: ``counter`` (joules) read around at
+    least ``seconds`` of calls, 3 or more, each waited for (the card's whole draw while they run, its idle floor
+    included; NVML's counter moves in steps of tens of milliseconds, hence the seconds)."""
+    sync = synchronize or torch.cuda.synchronize
+    sync()
+    before, t0, calls = counter(), time.perf_counter(), 0
+    while calls < 3 or time.perf_counter() - t0 < seconds:
+        fn(*sets[calls % len(sets)])
+        sync()
+        calls += 1
+    return (counter() - before) / calls, calls
+
+
 def gpu_versions() -> dict:
     """The GPU and the software under a kernel measurement (torch, CUDA, cuDNN, Triton, FA4)."""
     import triton

@@ -94,6 +94,8 @@
 #   backward-t-d64  default vs dp-early at head dim 64 (CogVideoX1.5 768p), band / mixed, 10-50% (#18) (~120)
 #   backward-x     the Triton backward's variants: default, recompute, dp-early (dP's MMAs beside the
 #                  exponentials); band / multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~170)
+#   backward-energy  the Triton backward with the card's joules per call (NVML), watts and energy efficiency
+#                  beside block efficiency; band / multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~150)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -301,6 +303,9 @@ for name in "$@"; do
     backward-x) TAIL=40 step backward-x 460 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default recompute \
         dp-early --target-ms 80 --budget-s 400 --out "$R/backward-x" ;;
+    backward-energy) TAIL=30 step backward-energy 300 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --energy --target-ms 80 \
+        --budget-s 250 --out "$R/backward-energy" ;;
     backward-d64) TAIL=20 step backward-d64 280 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
         0.25 0.5 --kinds band mixed --backends triton --variants default recompute --target-ms 150 --budget-s 230 \
         --out "$R" ;;

@@ -109,3 +109,48 @@ def test_check_layouts_build_for_every_shape(load_script):
         assert layout.frames == shape.layout.frames, name
         padded = layout.text_valid is not None and layout.text_valid < layout.text
         assert padded == (shape.layout.text_position == "suffix" and layout.text > 0), name
+
+
+def test_energy_per_call_reads_the_counter_around_the_calls(load_script):
+    """common.energy_per_call: joules per call from the counter's difference over the calls it made (3 at least),
+    rotating the input sets; energy_counter is None on the CPU."""
+    common = load_script("common")
+    made = []
+
+    def fn(x):
+        made.append(x)
+
+    joules, calls = common.energy_per_call(fn, [(1,), (2,)], counter=lambda: 0.25 * len(made), seconds=0.0,
+                                           synchronize=lambda: None)  # fmt: skip
+    assert calls == 3 and made == [1, 2, 1] and joules == pytest.approx(0.25)
+    assert common.energy_counter(torch.device("cpu")) is None
+
+
+def test_backward_dry_run_energy_says_there_is_no_counter(load_script, tmp_path):
+    from sparse_vdit.kernels import registry
+
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    result = load_script("backward").main(["--dry-run", "--backends", "triton", "--kinds", "band", "--energy",
+                                           "--out", str(tmp_path)])  # fmt: skip
+    assert "no energy counter" in result["energy"]
+    assert result["rows"] and not any("joules" in r or "energy_eff" in r for r in result["rows"])
+
+
+def test_backward_dry_run_energy_rows(load_script, tmp_path, monkeypatch):
+    """--energy with a counter (a stand-in for NVML's): each row's joules and mean watts, and energy_eff =
+    density x J_dense / J against the dense cuDNN row of its shape."""
+    from sparse_vdit.kernels import registry
+
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    script = load_script("backward")
+    monkeypatch.setattr(script, "energy_counter", lambda device: (lambda: 0.0))
+    spent = iter([4.0, 1.0, 2.0])  # J per call: dense, then the two sparse rows (triton, reference)
+    monkeypatch.setattr(script, "energy_per_call", lambda fn, sets, counter: (next(spent), 3))
+    result = script.main(["--dry-run", "--backends", "triton", "--kinds", "band", "--energy", "--out", str(tmp_path)])
+    dense, triton, reference = result["rows"]
+    assert dense["joules"] == 4.0 and dense["watts"] == pytest.approx(4.0 / (dense["ms"] / 1e3))
+    assert "energy_eff" not in dense
+    assert triton["energy_eff"] == pytest.approx(triton["density"] * 4.0 / 1.0)
+    assert reference["energy_eff"] == pytest.approx(reference["density"] * 4.0 / 2.0)
