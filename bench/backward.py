@@ -80,14 +80,17 @@ def input_sets(shape: Shape, count: int, batch: int, device, dtype) -> list:
             for _ in range(count)]  # fmt: skip
 
 
-def measure(attend, sets, target_ms: float, trace: Path | None = None, energy=None) -> tuple[float, float | None]:
-    """``(median ms, joules or None)`` of the backward of ``attend`` over ``sets`` (graphs built once, outside
-    the timing); ``trace``: one more backward under torch.profiler, its operator tables written there;
+def measure(attend, sets, target_ms: float, trace: Path | None = None, energy=None) -> tuple[float, tuple | None]:
+    """``(median ms, (joules, watts) or None)`` of the backward of ``attend`` over ``sets`` (graphs built once,
+    outside the timing); ``trace``: one more backward under torch.profiler, its operator tables written there;
     ``energy``: a :func:`common.energy_counter`, read around more backwards after the timed ones."""
     prepare, run = backward_timer(attend)
     prepared = [prepare(*s) for s in sets]
     ms, _, _ = time_fn(run, prepared, target_ms=target_ms)
-    joules = None if energy is None else energy_per_call(run, prepared, energy)[0]
+    joules = None
+    if energy is not None:
+        spent, _, seconds = energy_per_call(run, prepared, energy)
+        joules = spent, spent / seconds
     if trace is not None:
         profile_to(trace, lambda: run(*prepared[0]), trace.stem)
     del prepared
@@ -243,7 +246,7 @@ def parse(argv):
     p.add_argument("--profile", action="store_true",
                    help="after each timed row, one more backward under torch.profiler (tables to OUT/profile/)")
     p.add_argument("--energy", action="store_true",
-                   help="also the card's joules per backward (NVML, over 2.5 s of calls after the timed ones), its "
+                   help="also the card's joules per backward (NVML, over 2.5 s of calls after the timed ones), their "
                         "mean watts, and energy_eff = density x J_cuDNN_dense / J (what a power cap makes of a row)")
     return p.parse_args(argv)
 
@@ -289,10 +292,10 @@ def main(argv=None) -> dict:
     joules_dense = None
 
     def record(joules=None, **row):
-        if joules is not None:
-            row.update(joules=joules, watts=joules / (row["ms"] / 1e3))
+        if joules is not None:  # (joules, mean watts) of the calls after the timed ones
+            row.update(joules=joules[0], watts=joules[1])
             if joules_dense is not None and row["kind"] != "dense":
-                row["energy_eff"] = row["density"] * joules_dense / joules
+                row["energy_eff"] = row["density"] * joules_dense[0] / joules[0]
         result["rows"].append(row)
         eff = row.get("block_eff")
         energy_said = f" {row['joules']:8.3f} J {row['watts']:4.0f} W" if "joules" in row else ""

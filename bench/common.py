@@ -123,10 +123,11 @@ def energy_counter(device: torch.device) -> Callable[[], float] | None:
 
 
 def energy_per_call(fn: Callable, sets, counter: Callable[[], float], seconds: float = 2.5,
-                    synchronize: Callable[[], None] | None = None) -> tuple[float, int]:  # fmt: skip
-    """``(joules per call, calls)`` of ``fn(*set)`` over rotated input sets: ``counter`` (joules) read around at
-    least ``seconds`` of calls, 3 or more, each waited for (the card's whole draw while they run, its idle floor
-    included; NVML's counter moves in steps of tens of milliseconds, hence the seconds)."""
+                    synchronize: Callable[[], None] | None = None) -> tuple[float, int, float]:  # fmt: skip
+    """``(joules per call, calls, seconds per call)`` of ``fn(*set)`` over rotated input sets: ``counter``
+    (joules) read around at least ``seconds`` of calls, 3 or more, each waited for (the card's whole draw while
+    they run, its idle floor included; NVML's counter moves in steps of tens of milliseconds, hence the seconds).
+    Joules over those seconds are the calls' mean watts (their clock may differ from a timed run's)."""
     sync = synchronize or torch.cuda.synchronize
     sync()
     before, t0, calls = counter(), time.perf_counter(), 0
@@ -134,7 +135,8 @@ def energy_per_call(fn: Callable, sets, counter: Callable[[], float], seconds: f
         fn(*sets[calls % len(sets)])
         sync()
         calls += 1
-    return (counter() - before) / calls, calls
+    elapsed = time.perf_counter() - t0
+    return (counter() - before) / calls, calls, elapsed / calls
 
 
 def gpu_versions() -> dict:

@@ -120,9 +120,9 @@ def test_energy_per_call_reads_the_counter_around_the_calls(load_script):
     def fn(x):
         made.append(x)
 
-    joules, calls = common.energy_per_call(fn, [(1,), (2,)], counter=lambda: 0.25 * len(made), seconds=0.0,
-                                           synchronize=lambda: None)  # fmt: skip
-    assert calls == 3 and made == [1, 2, 1] and joules == pytest.approx(0.25)
+    joules, calls, seconds = common.energy_per_call(fn, [(1,), (2,)], counter=lambda: 0.25 * len(made), seconds=0.0,
+                                                    synchronize=lambda: None)  # fmt: skip
+    assert calls == 3 and made == [1, 2, 1] and joules == pytest.approx(0.25) and 0 < seconds < 1
     assert common.energy_counter(torch.device("cpu")) is None
 
 
@@ -147,10 +147,10 @@ def test_backward_dry_run_energy_rows(load_script, tmp_path, monkeypatch):
     script = load_script("backward")
     monkeypatch.setattr(script, "energy_counter", lambda device: (lambda: 0.0))
     spent = iter([4.0, 1.0, 2.0])  # J per call: dense, then the two sparse rows (triton, reference)
-    monkeypatch.setattr(script, "energy_per_call", lambda fn, sets, counter: (next(spent), 3))
+    monkeypatch.setattr(script, "energy_per_call", lambda fn, sets, counter: (next(spent), 3, 0.5))
     result = script.main(["--dry-run", "--backends", "triton", "--kinds", "band", "--energy", "--out", str(tmp_path)])
     dense, triton, reference = result["rows"]
-    assert dense["joules"] == 4.0 and dense["watts"] == pytest.approx(4.0 / (dense["ms"] / 1e3))
+    assert dense["joules"] == 4.0 and dense["watts"] == pytest.approx(8.0) and triton["watts"] == pytest.approx(2.0)
     assert "energy_eff" not in dense
     assert triton["energy_eff"] == pytest.approx(triton["density"] * 4.0 / 1.0)
     assert reference["energy_eff"] == pytest.approx(reference["density"] * 4.0 / 2.0)
