@@ -54,7 +54,7 @@ DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True,
 # all of the dK/dV step's exponentials by a polynomial on the FMA units (session z, 547a648: under the default
 # in 47 of 48 cells, by up to 0.19; the other +0.001), 64-key tiles at 4 warps, two programs an SM (sessions l
 # and z, e36cfb1: 10 cells won by up to 0.03, 8 lost by up to 0.09), k and v as the MMAs' register operands
-# (session aa, 91a1b70: Triton reloads them from shared memory every step, ldmatrix, -0.04 to -0.11); the same
+# (session aa, 91a1b70: Triton reloads them from shared memory every step, ldmatrix, -0.04 to -0.13); the same
 # kernels compiled by Triton 3.9 (session aa: under 3.6 in 18 of 18 cells, by up to 0.03).
 # Tiles are for 128-token table blocks (tests scale them).
 VARIANTS: dict[str, dict] = {
