@@ -80,21 +80,22 @@ def input_sets(shape: Shape, count: int, batch: int, device, dtype) -> list:
             for _ in range(count)]  # fmt: skip
 
 
-def measure(attend, sets, target_ms: float, trace: Path | None = None, energy=None) -> tuple[float, tuple | None]:
-    """``(median ms, (joules, watts) or None)`` of the backward of ``attend`` over ``sets`` (graphs built once,
-    outside the timing); ``trace``: one more backward under torch.profiler, its operator tables written there;
-    ``energy``: a :func:`common.energy_counter`, read around more backwards after the timed ones."""
+def measure(attend, sets, target_ms: float, trace: Path | None = None, energy=None) -> tuple[float, dict]:
+    """``(median ms, energy fields)`` of the backward of ``attend`` over ``sets`` (graphs built once, outside the
+    timing); ``trace``: one more backward under torch.profiler, its operator tables written there; ``energy``: a
+    :func:`common.energy_counter`, read around more backwards after the timed ones, giving the fields ``joules``
+    (a call) and ``watts`` (their mean draw); without it, none."""
     prepare, run = backward_timer(attend)
     prepared = [prepare(*s) for s in sets]
     ms, _, _ = time_fn(run, prepared, target_ms=target_ms)
-    joules = None
+    spent = {}
     if energy is not None:
-        spent, _, seconds = energy_per_call(run, prepared, energy)
-        joules = spent, spent / seconds
+        joules, _, seconds = energy_per_call(run, prepared, energy)
+        spent = {"joules": joules, "watts": joules / seconds}
     if trace is not None:
         profile_to(trace, lambda: run(*prepared[0]), trace.stem)
     del prepared
-    return ms, joules
+    return ms, spent
 
 
 def check_layout(shape: Shape) -> VideoLayout:
@@ -291,11 +292,9 @@ def main(argv=None) -> dict:
         print(result["energy"], flush=True)
     joules_dense = None
 
-    def record(joules=None, **row):
-        if joules is not None:  # (joules, mean watts) of the calls after the timed ones
-            row.update(joules=joules[0], watts=joules[1])
-            if joules_dense is not None and row["kind"] != "dense":
-                row["energy_eff"] = row["density"] * joules_dense[0] / joules[0]
+    def record(**row):
+        if "joules" in row and joules_dense is not None and row["kind"] != "dense":
+            row["energy_eff"] = row["density"] * joules_dense / row["joules"]
         result["rows"].append(row)
         eff = row.get("block_eff")
         energy_said = f" {row['joules']:8.3f} J {row['watts']:4.0f} W" if "joules" in row else ""
@@ -312,10 +311,10 @@ def main(argv=None) -> dict:
         dense = sdpa_with(SDPBackend.CUDNN_ATTENTION if device.type == "cuda" else SDPBackend.MATH)
 
         kv = layout.kv_len
-        t_dense, joules_dense = measure(lambda q, k, v: dense(q, k[:, :kv], v[:, :kv]), sets, args.target_ms,
-                                        energy=energy)  # fmt: skip
+        t_dense, spent = measure(lambda q, k, v: dense(q, k[:, :kv], v[:, :kv]), sets, args.target_ms, energy=energy)
+        joules_dense = spent.get("joules")
         record(shape=shape.name, kind="dense", target=1.0, density=1.0, backend="cudnn-backward", ms=t_dense,
-               block_eff=1.0, joules=joules_dense)  # fmt: skip
+               block_eff=1.0, **spent)  # fmt: skip
         tables = {}
         calls = call_paths(shape, device, dense, kv) if args.calls and "triton" in backends else {}
         t_dense_call = None
@@ -353,13 +352,13 @@ def main(argv=None) -> dict:
                         trace = (Path(args.out, "profile", f"{shape.name}-{kind}-{density:g}-{row_label}.txt")
                                  if args.profile else None)  # fmt: skip
                         try:
-                            ms, joules = measure(lambda q, k, v: sparse_attention(q, k, v, table, backend=backend),
-                                                 sets, args.target_ms, trace, energy)  # fmt: skip
+                            ms, spent = measure(lambda q, k, v: sparse_attention(q, k, v, table, backend=backend),
+                                                sets, args.target_ms, trace, energy)  # fmt: skip
                         except Exception as exc:  # reported, not fatal
                             print(f"  {row_label} {kind} {density}: {type(exc).__name__}: {exc}", flush=True)
                             result["rows"].append(dict(**row, error=str(exc)[:300]))
                             continue
-                        record(**row, density=table.density, ms=ms, block_eff=table.density * t_dense / ms, joules=joules)
+                        record(**row, density=table.density, ms=ms, block_eff=table.density * t_dense / ms, **spent)
                         for call, make in calls.items() if backend == "triton" else ():
                             call_trace = trace and trace.with_name(f"{shape.name}-{kind}-{density:g}-call-{call}.txt")
                             ms, _ = measure(make(table), sets, args.target_ms, call_trace)
