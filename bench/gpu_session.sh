@@ -96,6 +96,12 @@
 #                  exponentials); band / multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~170)
 #   backward-energy  the Triton backward with the card's joules per call (NVML), watts and energy efficiency
 #                  beside block efficiency; band / multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~150)
+#   backward-ncu   Nsight Compute counters of the Triton backward's kernels (Wan-1.3B mixed and band 10%) beside
+#                  cuDNN's dense backward: tensor pipe, issue slots, stalls (bench/backward_counters.py) (~150)
+#   tests-ab       GPU tests of the backward's variants and the warp-specialised Gluon dK/dV kernel (#18)     (~90)
+#   backward-ab    the Triton backward, default (dK/dV by the Gluon kernel on sm90: a producer warp, two consumer
+#                  warpgroups) vs triton-dkdv; band / multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~100)
+#   backward-ncu-ab  backward-ncu's counters for triton-dkdv (the Triton dK/dV kernel on sm90), Wan-1.3B mixed 10% (~70)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -309,6 +315,15 @@ for name in "$@"; do
     backward-d64) TAIL=20 step backward-d64 280 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 \
         0.25 0.5 --kinds band mixed --backends triton --variants default recompute --target-ms 150 --budget-s 230 \
         --out "$R" ;;
+    tests-ab) TAIL=12 step tests-ab 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_backward.py \
+        -k "gpu_triton_backward_variants or random_layers or gluon" tests/kernels/test_gluon_backward.py ;;
+    backward-ab) TAIL=40 step backward-ab 400 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default triton-dkdv \
+        --target-ms 80 --budget-s 360 --out "$R/backward-ab" ;;
+    backward-ncu-ab) TAIL=20 step backward-ncu-ab 300 python3 bench/backward_counters.py profile --shape wan1.3b-480p \
+        --cells mixed:0.1 --variant triton-dkdv --out "$R/backward-ncu-ab" ;;
+    backward-ncu) TAIL=40 step backward-ncu 420 python3 bench/backward_counters.py profile --shape wan1.3b-480p \
+        --cells mixed:0.1 band:0.1 --out "$R/backward-ncu" ;;
     *) echo "unknown step $name" >&2 ;;
     esac
 done

@@ -3,6 +3,7 @@
     python bench/sm90_loop.py               # the Triton forward
     python bench/sm90_loop.py --backward    # and the backward's dK/dV and dQ kernels
     python bench/sm90_loop.py --backward --variants default dp-early   # under the backward's variants
+    python bench/sm90_loop.py --gluon-backward   # and the warp-specialised Gluon dK/dV kernel
 
 Compiles each kernel for sm_90a on the CPU with the installed Triton and its bundled ``ptxas`` /
 ``cuobjdump``, then reads the innermost loop that issues warpgroup MMAs from the SASS: the order of
@@ -70,12 +71,15 @@ def _aligned(types: dict) -> dict:
             if kind.startswith("*") or name.startswith("stride")}  # fmt: skip
 
 
-def _compile(fn, constexprs: dict, descriptors: dict, options: dict):
+def _compile(fn, constexprs: dict, descriptors: dict, options: dict, gluon: bool = False):
     """``fn`` compiled for sm_90a on the CPU: bf16 tensors, int32 tables and strides, ``descriptors`` (name:
     tensordesc type) for its descriptor arguments, pointers and strides aligned as a real launch's."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource  # noqa: N814
 
     types = {name: "constexpr" if name in constexprs else descriptors.get(name, _TYPES.get(name, "i32"))
              for name in inspect.signature(fn.fn).parameters}  # fmt: skip
@@ -118,6 +122,29 @@ def compile_triton_dkdv(head_dim: int = 128, block: int = 128, variant: str = "d
     desc = f"tensordesc<bf16[1,{q_step},1,{head_dim}]>"
     return _compile(block_sparse_attention_bwd_dkdv, constexprs, {"Q_DESC": desc, "DO_DESC": desc},
                     dict(num_warps=options["warps"][0], num_stages=options["stages"][0]))  # fmt: skip
+
+
+def _gluon_descriptor(rows: int, head_dim: int) -> str:
+    """The type of a Gluon TMA descriptor of bf16 ``[1, rows, head_dim]`` blocks in their default shared layout
+    (``gluon_backward.row_descriptor``'s)."""
+    from triton.experimental.gluon import language as gl
+
+    layout = gl.NVMMASharedLayout.get_default_for([1, rows, head_dim], gl.bfloat16)
+    return f"tensordesc<bf16[1,{rows},{head_dim}],{layout!r}>"
+
+
+def compile_gluon_dkdv(head_dim: int = 128, block: int = 128):
+    """The warp-specialised Gluon dK/dV kernel (``kernels.triton.gluon_backward``) at the Triton backward's query
+    step, compiled for sm_90a."""
+    from sparse_vdit.kernels.triton import gluon_backward as GB
+    from sparse_vdit.kernels.triton.backward import _tiles
+
+    _, q_step, _, _ = _tiles(block, _CUDA)
+    constexprs = dict(TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=2 * GB.HALF.value, HEAD_DIM=head_dim, STAGES=GB.STAGES)
+    steps, keys = _gluon_descriptor(q_step, head_dim), _gluon_descriptor(GB.HALF.value, head_dim)
+    descriptors = {"q_desc": steps, "do_desc": steps, "k_desc": keys, "v_desc": keys}
+    return _compile(GB.block_sparse_attention_bwd_dkdv_ws, constexprs, descriptors,
+                    dict(num_warps=4, maxnreg=GB.MAXNREG), gluon=True)  # fmt: skip
 
 
 def compile_triton_dq(head_dim: int = 128, block: int = 128, variant: str = "default"):
@@ -300,6 +327,8 @@ def main(argv=None) -> list[Compiled]:
     p.add_argument("--backward", action="store_true", help="also the Triton backward's dK/dV and dQ kernels")
     p.add_argument("--variants", nargs="*", default=["default"],
                    help="with --backward: the backward's variants to compile (backward.VARIANTS; 'all': every one)")
+    p.add_argument("--gluon-backward", action="store_true",
+                   help="also the warp-specialised Gluon dK/dV kernel (registers: the kernel's cap, 240 for consumers)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compiling for sm_90a needs TRITON_INTERPRET unset (the interpreter wraps Triton's own functions)")
@@ -319,6 +348,8 @@ def main(argv=None) -> list[Compiled]:
                 if variant == "default" or any(backward_options(variant)[key] != backward_options()[key]
                                                for key in ("warps", "stages")):  # its dQ kernel differs
                     rows.append(summarize(f"triton backward dQ D{dim}{tag}", compile_triton_dq(dim, variant=variant)))
+        if args.gluon_backward:
+            rows.append(summarize(f"gluon backward dK/dV D{dim}", compile_gluon_dkdv(dim)))
     if args.json:
         print(json.dumps([{**asdict(row), "overlaps": overlaps_softmax(row.loop), "waits_for_all": waits_for_all(row.loop)}
                           for row in rows]))  # fmt: skip

@@ -14,8 +14,10 @@ Token-major heads are read and written through their order in place, as in the f
 and delta gathered into their order once, for the dK/dV kernel's whole steps), or, after the forward on
 head-ordered q, k, v (``head_order``: how eager training runs), as frame-major heads, the prologue
 putting grad_out and the statistics in head order. Every element of dQ, dK, dV is written (zeros for
-keys nobody visits: skipped heads, padded text). The torch reference is autograd through
-``sparse_vdit.kernels.reference``.
+keys nobody visits: skipped heads, padded text). On Hopper the stored-dS dK/dV launches on inputs in each
+head's own order go to a warp-specialised kernel in Gluon (:mod:`.gluon_backward`: a producer warp and two
+consumer warpgroups, as FlashAttention-3; ``OPTIONS["gluon"]``), the same tiles and results. The torch reference
+is autograd through ``sparse_vdit.kernels.reference``.
 """
 
 from __future__ import annotations
@@ -38,30 +40,37 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option, token_maj
 # (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of the device's memory the
 # stored tiles may take at once (heads go in chunks that fit; a head whose tiles alone do not recomputes).
 # ``dp_early``: the dK/dV kernel's step computes dP before the exponentials (:func:`_dkdv_steps`).
+# ``gluon``: on sm90 the dK/dV launches go to the warp-specialised Gluon kernel (gluon_backward.py) where it applies
+# (H100, session ab: above the Triton dK/dV kernel's range over three runs in 14 of 18 cells, by up to 0.06;
+# under it at Wan-1.3B mixed 50%; BENCHMARKS.md).
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
-                 "dp_early": None}
+                 "dp_early": None, "gluon": None}
 DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
-                  "dp_early": False}
+                  "dp_early": False, "gluon": True}
 
 
 # Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first);
 # a winner becomes DEFAULTS, the losers go, their numbers (and where their code lies in git) in BENCHMARKS.md:
 # a dK/dV kernel that also adds dQ (atomics, TMA reductions), dS tiles through TMA stores, 64-key dK/dV tiles,
 # 64- and 128-query steps, 32- and 128-key dQ steps, other stages and warps, token-major q and dO copied to
-# their order, dQ beside dK/dV on a side stream, a Gluon dK/dV kernel (sessions i-s), the gradients stored at
+# their order, dQ beside dK/dV on a side stream, a Gluon dK/dV kernel pipelined within each warpgroup (sessions
+# p-r; the warp-specialised one of session ab won), the gradients stored at
 # their frame-major rows by the kernels after a head-ordered forward (sessions k, o, t; lost on H200s and H100s),
 # dp-early with the recomputing dQ everywhere (session y: no rule of where it wins held on both shapes), half or
 # all of the dK/dV step's exponentials by a polynomial on the FMA units (session z, 547a648: under the default
 # in 47 of 48 cells, by up to 0.19; the other +0.001), 64-key tiles at 4 warps, two programs an SM (sessions l
 # and z, e36cfb1: 10 cells won by up to 0.03, 8 lost by up to 0.09), k and v as the MMAs' register operands
 # (session aa, 91a1b70: Triton reloads them from shared memory every step, ldmatrix, -0.04 to -0.13); the same
-# kernels compiled by Triton 3.9 (session aa: under 3.6 in 18 of 18 cells, by up to 0.03).
+# kernels compiled by Triton 3.9 (session aa: under 3.6 in 18 of 18 cells, by up to 0.03); LSE and delta loaded a
+# step ahead into registers by inline-PTX loads, no shared-memory copies or their two barriers (session ab: -0.06
+# to -0.17 in 18 of 18 cells: ptxas put the loads at the step's end and the back edge's copy waits for them).
 # Tiles are for 128-token table blocks (tests scale them).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
-    # dQ tiles with 64-key steps, 8 warps, 3 stages
+    # dQ tiles with 64-key steps, 8 warps, 3 stages; dK/dV by the Gluon kernel on sm90 where it applies
     "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
     "dp-early": {"dp_early": True},  # dP's MMAs beside the exponentials, dV's beside dS (sm90 SASS)
+    "triton-dkdv": {"gluon": False},  # the Triton dK/dV kernel everywhere (its two warpgroups in lock step on sm90)
 }
 
 
@@ -494,16 +503,20 @@ def backward(
         dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order, h0, h1),
                                    lambda t: _heads_schedule(t.query_num_blocks, block // kv_tile, num_k_tiles, order,
                                                              h0, h1))  # fmt: skip
-        block_sparse_attention_bwd_dkdv[(len(dkdv_schedule), batch)](
-            q, k, v, grad_out, dk, dv, *(q_descriptors or (delta, delta)), lse_t, delta_t,
-            lse2, delta, q_starts, q_ends,
-            dkdv_schedule, flags, ds, pair_slots, q_first,
-            q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
-            n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
-            pairs, head_first[h0],
-            BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored,
-            DP_EARLY=bool(backward_option("dp_early")), **common, **launch[0],
-        )  # fmt: skip
+        if not (_gluon_dkdv(q, table, kv_tile, q_step, stored, any_token_major)
+                and _run_gluon_dkdv(q, k, v, grad_out, dk, dv, lse_t, delta_t, q_starts, q_ends, dkdv_schedule, ds,
+                                    pair_slots, q_first, table=table, q_step=q_step, softmax_scale=softmax_scale,
+                                    pairs=pairs, slot_base=head_first[h0])):  # fmt: skip
+            block_sparse_attention_bwd_dkdv[(len(dkdv_schedule), batch)](
+                q, k, v, grad_out, dk, dv, *(q_descriptors or (delta, delta)), lse_t, delta_t,
+                lse2, delta, q_starts, q_ends,
+                dkdv_schedule, flags, ds, pair_slots, q_first,
+                q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
+                n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
+                pairs, head_first[h0],
+                BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored,
+                DP_EARLY=bool(backward_option("dp_early")), **common, **launch[0],
+            )  # fmt: skip
         dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1),
                                  lambda t: _heads_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
                                                            h0, h1))  # fmt: skip
@@ -525,6 +538,43 @@ def backward(
     if layout.kv_len < n:  # the kernel left the rows of padded keys as they came
         dk[:, layout.kv_len :], dv[:, layout.kv_len :] = 0, 0
     return dq, dk, dv
+
+
+_GLUON_FAILED: list[str] = []  # why the Gluon kernel could not be built here (said once; the Triton kernel runs)
+
+
+def _gluon_dkdv(q, table, kv_tile: int, q_step: int, stored: bool, any_token_major: bool) -> bool:
+    """Whether this dK/dV launch goes to the Gluon sm90 kernel (``OPTIONS["gluon"]`` and
+    :func:`.gluon_backward.applies`)."""
+    if not backward_option("gluon") or q.device.type != "cuda" or _GLUON_FAILED:
+        return False
+    try:
+        from .gluon_backward import applies
+    except ImportError as exc:  # Gluon is Triton's experimental layer: a Triton without it runs the Triton kernel
+        return _gluon_failed(exc)
+    return applies(q, table, kv_tile, q_step, stored, any_token_major) is None
+
+
+def _run_gluon_dkdv(*args, **kwargs) -> bool:
+    """:func:`.gluon_backward.dkdv`; False (nothing launched) where this Triton cannot compile it."""
+    from triton.compiler.errors import CompilationError
+
+    from .gluon_backward import dkdv
+
+    try:
+        dkdv(*args, **kwargs)
+    except CompilationError as exc:
+        return _gluon_failed(exc)
+    return True
+
+
+def _gluon_failed(exc: Exception) -> bool:
+    import warnings
+
+    _GLUON_FAILED.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+    warnings.warn(f"sparse-vdit: the Gluon dK/dV kernel is not available with this Triton ({_GLUON_FAILED[0]}); "
+                  "the Triton dK/dV kernel runs instead", RuntimeWarning, stacklevel=3)  # fmt: skip
+    return False
 
 
 def _stat_order(table, device: torch.device) -> torch.Tensor:
