@@ -41,8 +41,8 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option, token_maj
 # stored tiles may take at once (heads go in chunks that fit; a head whose tiles alone do not recomputes).
 # ``dp_early``: the dK/dV kernel's step computes dP before the exponentials (:func:`_dkdv_steps`).
 # ``gluon``: on sm90 the dK/dV launches go to the warp-specialised Gluon kernel (gluon_backward.py) where it applies
-# (H100, session ab: above the Triton dK/dV kernel's range over three runs in 14 of 18 cells, by up to 0.06;
-# under it at Wan-1.3B mixed 50%; BENCHMARKS.md).
+# (H100, session ab: backward block efficiency 0.79-0.93 against the Triton dK/dV kernel's 0.69-0.79 in the same run,
+# equal where the dQ pass recomputes; BENCHMARKS.md).
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
                  "dp_early": None, "gluon": None}
 DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,

@@ -173,10 +173,11 @@ def _consumer(a, part: gl.constexpr, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.cons
             start = first + i * BLOCK_M
             pair = ds_pair0 + gl.load(pair_slots + start // TABLE_BLOCK)
             mbarrier.wait(full.index(slot), g // STAGES & 1)
-            s_t = warpgroup_mma(k_half, q_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            dp_t = warpgroup_mma(v_half, do_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            # read before the MMAs: issued among them, the reads queue behind their operand reads
             lse = lse_smem.index(slot).load(gl.SliceLayout(0, s_layout))
             delta = delta_smem.index(slot).load(gl.SliceLayout(0, s_layout))
+            s_t = warpgroup_mma(k_half, q_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            dp_t = warpgroup_mma(v_half, do_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))  # the scores; dP^T still running
             p_t = gl.exp2(s_t * qk_scale - lse[None, :])
             p_t = gl.where(key_ok[:, None], p_t, 0.0)
