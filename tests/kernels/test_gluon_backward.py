@@ -68,7 +68,7 @@ def test_gpu_gluon_dkdv_matches_masked_attention(case, dtype, monkeypatch):
     calls = []
     real = gluon_backward.dkdv
     monkeypatch.setattr(gluon_backward, "dkdv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setitem(backward.OPTIONS, "gluon", True)
+    monkeypatch.setitem(backward.OPTIONS, "gluon", "all")  # head dim 64 too
     _check(GPU_CASES[case], "triton", dtype, "cuda", 1e-6, monkeypatch, "api")
     assert calls, "the Gluon kernel did not run"
 

@@ -40,7 +40,8 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option, token_maj
 # (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of the device's memory the
 # stored tiles may take at once (heads go in chunks that fit; a head whose tiles alone do not recomputes).
 # ``dp_early``: the dK/dV kernel's step computes dP before the exponentials (:func:`_dkdv_steps`).
-# ``gluon``: on sm90 the dK/dV launches go to the warp-specialised Gluon kernel (gluon_backward.py) where it applies
+# ``gluon``: on sm90 the dK/dV launches at head dim 128 go to the warp-specialised Gluon kernel (gluon_backward.py)
+# where it applies; "all": at head dim 64 too (correct on an H100, its speed there not measured yet)
 # (H100, session ab: backward block efficiency 0.79-0.93 against the Triton dK/dV kernel's 0.69-0.79 in the same run,
 # equal where the dQ pass recomputes; BENCHMARKS.md).
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
@@ -71,6 +72,7 @@ VARIANTS: dict[str, dict] = {
     "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
     "dp-early": {"dp_early": True},  # dP's MMAs beside the exponentials, dV's beside dS (sm90 SASS)
     "triton-dkdv": {"gluon": False},  # the Triton dK/dV kernel everywhere (its two warpgroups in lock step on sm90)
+    "gluon-all": {"gluon": "all"},  # the Gluon kernel at head dim 64 too (CogVideoX)
 }
 
 
@@ -546,7 +548,8 @@ _GLUON_FAILED: list[str] = []  # why the Gluon kernel could not be built here (s
 def _gluon_dkdv(q, table, kv_tile: int, q_step: int, stored: bool, any_token_major: bool) -> bool:
     """Whether this dK/dV launch goes to the Gluon sm90 kernel (``OPTIONS["gluon"]`` and
     :func:`.gluon_backward.applies`)."""
-    if not backward_option("gluon") or q.device.type != "cuda" or _GLUON_FAILED:
+    wanted = backward_option("gluon")
+    if not wanted or q.device.type != "cuda" or _GLUON_FAILED or (q.shape[-1] != 128 and wanted != "all"):
         return False
     try:
         from .gluon_backward import applies
