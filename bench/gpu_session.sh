@@ -100,7 +100,8 @@
 #                  cuDNN's dense backward: tensor pipe, issue slots, stalls (bench/backward_counters.py) (~150)
 #   tests-ab       GPU tests of the backward's variants and the warp-specialised Gluon dK/dV kernel (#18)     (~90)
 #   backward-ab    the Triton backward, default (dK/dV by the Gluon kernel on sm90: a producer warp, two consumer
-#                  warpgroups) vs triton-dkdv; band / multi-diagonal / mixed, 10-50%, Wan-1.3B and HunyuanVideo (#18) (~100)
+#                  warpgroups) vs triton-dkdv vs gluon-all (also where dQ recomputes); band / multi-diagonal / mixed,
+#                  10-50%, Wan-1.3B and HunyuanVideo (#18) (~150)
 #   backward-ncu-ab  backward-ncu's counters for triton-dkdv (the Triton dK/dV kernel on sm90), Wan-1.3B mixed 10% (~70)
 #   backward-d64-ab  head dim 64 (CogVideoX1.5 768p): default (the Triton dK/dV kernel there) vs gluon-all, band / mixed (~60)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
@@ -318,9 +319,9 @@ for name in "$@"; do
         --out "$R" ;;
     tests-ab) TAIL=12 step tests-ab 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_backward.py \
         -k "gpu_triton_backward_variants or random_layers or gluon" tests/kernels/test_gluon_backward.py ;;
-    backward-ab) TAIL=40 step backward-ab 400 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
-        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default triton-dkdv \
-        --target-ms 80 --budget-s 360 --out "$R/backward-ab" ;;
+    backward-ab) TAIL=40 step backward-ab 450 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default triton-dkdv gluon-all \
+        --target-ms 80 --budget-s 420 --out "$R/backward-ab" ;;
     backward-ncu-ab) TAIL=20 step backward-ncu-ab 300 python3 bench/backward_counters.py profile --shape wan1.3b-480p \
         --cells mixed:0.1 --variant triton-dkdv --out "$R/backward-ncu-ab" ;;
     backward-d64-ab) TAIL=20 step backward-d64-ab 200 python3 bench/backward.py --shapes cogvideox1.5-768p --densities \

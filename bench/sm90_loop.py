@@ -133,14 +133,15 @@ def _gluon_descriptor(rows: int, head_dim: int) -> str:
     return f"tensordesc<bf16[1,{rows},{head_dim}],{layout!r}>"
 
 
-def compile_gluon_dkdv(head_dim: int = 128, block: int = 128):
+def compile_gluon_dkdv(head_dim: int = 128, block: int = 128, store_ds: bool = True):
     """The warp-specialised Gluon dK/dV kernel (``kernels.triton.gluon_backward``) at the Triton backward's query
-    step, compiled for sm_90a."""
+    step, storing dS or not (the heads whose dQ pass recomputes), compiled for sm_90a."""
     from sparse_vdit.kernels.triton import gluon_backward as GB
     from sparse_vdit.kernels.triton.backward import _tiles
 
     _, q_step, _, _ = _tiles(block, _CUDA)
-    constexprs = dict(TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=2 * GB.HALF.value, HEAD_DIM=head_dim, STAGES=GB.STAGES)
+    constexprs = dict(TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=2 * GB.HALF.value, HEAD_DIM=head_dim, STAGES=GB.STAGES,
+                      STORE_DS=store_ds)  # fmt: skip
     steps, keys = _gluon_descriptor(q_step, head_dim), _gluon_descriptor(GB.HALF.value, head_dim)
     descriptors = {"q_desc": steps, "do_desc": steps, "k_desc": keys, "v_desc": keys}
     return _compile(GB.block_sparse_attention_bwd_dkdv_ws, constexprs, descriptors,
@@ -350,6 +351,7 @@ def main(argv=None) -> list[Compiled]:
                     rows.append(summarize(f"triton backward dQ D{dim}{tag}", compile_triton_dq(dim, variant=variant)))
         if args.gluon_backward:
             rows.append(summarize(f"gluon backward dK/dV D{dim}", compile_gluon_dkdv(dim)))
+            rows.append(summarize(f"gluon backward dK/dV D{dim} no dS", compile_gluon_dkdv(dim, store_ds=False)))
     if args.json:
         print(json.dumps([{**asdict(row), "overlaps": overlaps_softmax(row.loop), "waits_for_all": waits_for_all(row.loop)}
                           for row in rows]))  # fmt: skip

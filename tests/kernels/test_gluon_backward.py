@@ -33,6 +33,7 @@ def test_gluon_applies_says_why_not():
     table = compile_layer([diagonal(0.5), dense()], layout, 128, "cpu")
     q = torch.zeros(1, layout.num_tokens, 2, 128, dtype=torch.bfloat16)
     assert "stored-dS" in gluon_backward.applies(q, table, 128, 32, False, False)
+    assert "stored-dS" not in gluon_backward.applies(q, table, 128, 32, False, False, recompute=True)
     assert "own order" in gluon_backward.applies(q, table, 128, 32, True, True)
     assert "bf16 or fp16" in gluon_backward.applies(q.float(), table, 128, 32, True, False)
     assert "head dim" in gluon_backward.applies(q[..., :96], table, 128, 32, True, False)
@@ -56,6 +57,8 @@ def test_gluon_consumer_loop_compiles_for_sm90_without_spills():
             i for i, step in enumerate(loop) if step.startswith("EXP")), loop
         assert row["stores"] == {"STG.E.128": 2}, row["stores"]  # each step's dS: two 16-byte stores a thread
         assert row["operands_kept"]  # no P / dS register an update reads is written while it runs
+        recomputing = rows[f"gluon backward dK/dV D{dim} no dS"]  # for heads whose dQ pass recomputes
+        assert recomputing["spilled"] == 0 and not recomputing["stores"] and recomputing["loop"] == loop
 
 
 @pytest.mark.gpu
@@ -71,6 +74,23 @@ def test_gpu_gluon_dkdv_matches_masked_attention(case, dtype, monkeypatch):
     monkeypatch.setitem(backward.OPTIONS, "gluon", "all")  # head dim 64 too
     _check(GPU_CASES[case], "triton", dtype, "cuda", 1e-6, monkeypatch, "api")
     assert calls, "the Gluon kernel did not run"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not SM90, reason="needs an sm90 GPU")
+@pytest.mark.parametrize("case", ["3x30x52+suffix77pad", "2x12x20+prefix40-d64"])
+def test_gpu_gluon_dkdv_for_heads_whose_dq_recomputes(case, monkeypatch):
+    """No memory share for dS tiles: every head's dQ pass recomputes, and the Gluon kernel (``"all"``) runs
+    without storing dS."""
+    from test_backward import GPU_CASES, _check
+
+    calls = []
+    real = gluon_backward.dkdv
+    monkeypatch.setattr(gluon_backward, "dkdv", lambda *a, **kw: calls.append(kw["store_ds"]) or real(*a, **kw))
+    monkeypatch.setitem(backward.OPTIONS, "gluon", "all")
+    monkeypatch.setitem(backward.OPTIONS, "ds_budget", 0.0)
+    _check(GPU_CASES[case], "triton", torch.bfloat16, "cuda", 1e-6, monkeypatch, "api")
+    assert False in calls, calls  # (a skipped head has no tiles: its launch may still count as storing)
 
 
 def test_a_triton_that_cannot_compile_it_runs_the_triton_kernel_after_one_warning(monkeypatch):

@@ -41,7 +41,8 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option, token_maj
 # stored tiles may take at once (heads go in chunks that fit; a head whose tiles alone do not recomputes).
 # ``dp_early``: the dK/dV kernel's step computes dP before the exponentials (:func:`_dkdv_steps`).
 # ``gluon``: on sm90 the dK/dV launches at head dim 128 go to the warp-specialised Gluon kernel (gluon_backward.py)
-# where it applies; "all": at head dim 64 too (correct on an H100, its speed there not measured yet)
+# where it applies; "all": also at head dim 64 and for heads whose dQ pass recomputes (no dS stored; on an H100 the
+# first passed the GPU tests, neither's speed is measured yet)
 # (H100, session ab: backward block efficiency 0.79-0.93 against the Triton dK/dV kernel's 0.69-0.79 in the same run,
 # equal where the dQ pass recomputes; BENCHMARKS.md).
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
@@ -72,7 +73,7 @@ VARIANTS: dict[str, dict] = {
     "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
     "dp-early": {"dp_early": True},  # dP's MMAs beside the exponentials, dV's beside dS (sm90 SASS)
     "triton-dkdv": {"gluon": False},  # the Triton dK/dV kernel everywhere (its two warpgroups in lock step on sm90)
-    "gluon-all": {"gluon": "all"},  # the Gluon kernel at head dim 64 too (CogVideoX)
+    "gluon-all": {"gluon": "all"},  # the Gluon kernel at head dim 64 too (CogVideoX), and where dQ recomputes
 }
 
 
@@ -508,7 +509,7 @@ def backward(
         if not (_gluon_dkdv(q, table, kv_tile, q_step, stored, any_token_major)
                 and _run_gluon_dkdv(q, k, v, grad_out, dk, dv, lse_t, delta_t, q_starts, q_ends, dkdv_schedule, ds,
                                     pair_slots, q_first, table=table, q_step=q_step, softmax_scale=softmax_scale,
-                                    pairs=pairs, slot_base=head_first[h0])):  # fmt: skip
+                                    pairs=pairs, slot_base=head_first[h0], store_ds=stored)):  # fmt: skip
             block_sparse_attention_bwd_dkdv[(len(dkdv_schedule), batch)](
                 q, k, v, grad_out, dk, dv, *(q_descriptors or (delta, delta)), lse_t, delta_t,
                 lse2, delta, q_starts, q_ends,
@@ -555,7 +556,7 @@ def _gluon_dkdv(q, table, kv_tile: int, q_step: int, stored: bool, any_token_maj
         from .gluon_backward import applies
     except ImportError as exc:  # Gluon is Triton's experimental layer: a Triton without it runs the Triton kernel
         return _gluon_failed(exc)
-    return applies(q, table, kv_tile, q_step, stored, any_token_major) is None
+    return applies(q, table, kv_tile, q_step, stored, any_token_major, recompute=wanted == "all") is None
 
 
 def _run_gluon_dkdv(*args, **kwargs) -> bool:

@@ -112,7 +112,7 @@ def _store_ds(ds_t, DS, pair, ds_rows, start, TABLE_BLOCK: gl.constexpr):
 
 @gluon.jit
 def _producer(a, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr):
+              STAGES: gl.constexpr, STORE_DS: gl.constexpr):
     """The loads: K and V once, then each step's queries and dO into the next free slot by TMA, and its rows of
     LSE and delta (read here, off the consumers' path: waiting for them was a sixth of their stalls) by stores."""
     (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, full, empty, kv_bar,
@@ -143,8 +143,9 @@ def _producer(a, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.c
 
 @gluon.jit
 def _consumer(a, part: gl.constexpr, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
-    """Warpgroup ``part``'s 64 keys: every step of every query range, then its rows of dK and dV."""
+              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_DS: gl.constexpr):
+    """Warpgroup ``part``'s 64 keys: every step of every query range (STORE_DS: its dS tile stored), then its rows
+    of dK and dV."""
     (q_desc, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, full, empty, kv_bar, DK, DV, STARTS, ENDS,
      SCHEDULE, DS, PAIR_SLOTS, Q_FIRST, stride_b, stride_n, stride_h, stride_rh, stride_rm, N, KV_LEN, NUM_K_TILES,
      NUM_RANGES, qk_scale, softmax_scale, ds_pairs, slot_base) = a  # fmt: skip
@@ -167,11 +168,15 @@ def _consumer(a, part: gl.constexpr, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.cons
     g = 0
     for r in range(0, NUM_RANGES):
         q0, first, last, nsteps = _range(STARTS, ENDS, ranges, r, N, TABLE_BLOCK, BLOCK_M)
-        pair_slots = PAIR_SLOTS + (gl.load(Q_FIRST + ranges + r) - q0)
+        pair_slots = PAIR_SLOTS
+        if STORE_DS:
+            pair_slots = PAIR_SLOTS + (gl.load(Q_FIRST + ranges + r) - q0)
         for i in range(0, nsteps):
             slot = g % STAGES
             start = first + i * BLOCK_M
-            pair = ds_pair0 + gl.load(pair_slots + start // TABLE_BLOCK)
+            pair = ds_pair0
+            if STORE_DS:
+                pair = ds_pair0 + gl.load(pair_slots + start // TABLE_BLOCK)
             mbarrier.wait(full.index(slot), g // STAGES & 1)
             # read before the MMAs: issued among them, the reads queue behind their operand reads
             lse = lse_smem.index(slot).load(gl.SliceLayout(0, s_layout))
@@ -187,7 +192,8 @@ def _consumer(a, part: gl.constexpr, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.cons
             ds_t = p_t * (dp_t - delta[None, :])
             ds_op = gl.convert_layout(ds_t.to(dtype), a_layout)
             dk = warpgroup_mma(ds_op, q_smem.index(slot), dk, is_async=True)
-            _store_ds(ds_t.to(dtype), DS, pair, ds_rows, start, TABLE_BLOCK)
+            if STORE_DS:
+                _store_ds(ds_t.to(dtype), DS, pair, ds_rows, start, TABLE_BLOCK)
             dv, dk, p_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, p_op, ds_op))
             mbarrier.arrive(empty.index(slot), count=1)  # this warpgroup is done with the slot
             g += 1
@@ -202,17 +208,17 @@ def _consumer(a, part: gl.constexpr, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.cons
 
 @gluon.jit
 def _worker(a, c, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-            STAGES: gl.constexpr):
+            STAGES: gl.constexpr, STORE_DS: gl.constexpr):
     """The producer partition (worker partitions share one signature: ``a`` the producer's arguments, ``c`` the
     consumers')."""
-    _producer(a, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)
+    _producer(a, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, STORE_DS)
 
 
 @gluon.jit
 def _second_consumer(a, c, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                     HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+                     HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_DS: gl.constexpr):
     """The second consumer warpgroup's partition (keys 64-127 of the tile)."""
-    _consumer(c, 1, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)
+    _consumer(c, 1, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, STORE_DS)
 
 
 @gluon.jit
@@ -223,14 +229,14 @@ def block_sparse_attention_bwd_dkdv_ws(
     LSE, DELTA,  # float32 [B, H, N] by row; LSE in base 2
     STARTS, ENDS,  # int32 [H, Kb, R]: the query blocks visiting each key block, as ranges
     SCHEDULE,  # int32 [H * NUM_K_TILES]: work items head * NUM_K_TILES + tile, heaviest first
-    DS,  # [B, ds_pairs, TABLE_BLOCK, TABLE_BLOCK] stored dS^T tiles
+    DS,  # with STORE_DS: [B, ds_pairs, TABLE_BLOCK, TABLE_BLOCK] stored dS^T tiles; else unused
     PAIR_SLOTS, Q_FIRST,  # int32 [pairs] slots in the transposed table's order; int32 [H, Kb, R] each range's first
     stride_b, stride_n, stride_h, stride_rh, stride_rm,
     N, KV_LEN, HEADS, NUM_K_TILES, NUM_RANGES,
     qk_scale, softmax_scale,
     ds_pairs, slot_base,  # DS holds slots [slot_base, slot_base + ds_pairs)
     TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-    STAGES: gl.constexpr,
+    STAGES: gl.constexpr, STORE_DS: gl.constexpr,
 ):  # fmt: skip
     gl.static_assert(BLOCK_N == 2 * HALF, "two consumer warpgroups of 64 keys")
     dtype: gl.constexpr = q_desc.dtype
@@ -254,17 +260,19 @@ def block_sparse_attention_bwd_dkdv_ws(
     consumer = (q_desc, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, full, empty, kv_bar, DK, DV, STARTS,
                 ENDS, SCHEDULE, DS, PAIR_SLOTS, Q_FIRST, stride_b, stride_n, stride_h, stride_rh, stride_rm, N,
                 KV_LEN, NUM_K_TILES, NUM_RANGES, qk_scale, softmax_scale, ds_pairs, slot_base)  # fmt: skip
-    gl.warp_specialize([(_consumer, (consumer, 0, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)),
-                        (_second_consumer, (producer, consumer, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)),
-                        (_worker, (producer, consumer, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES))],
-                       [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    gl.warp_specialize([(_consumer, (consumer, 0, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, STORE_DS)),
+                        (_second_consumer, (producer, consumer, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                                            STORE_DS)),
+                        (_worker, (producer, consumer, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, STORE_DS))],
+                       [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
 
 
-def applies(q: torch.Tensor, table, kv_tile: int, q_step: int, stored: bool, any_token_major: bool) -> str | None:
-    """Why this kernel cannot take this dK/dV launch (None: it can): dS stored, no head read through the
-    token-major order in place, bf16 / fp16, head dim 64 or 128, 128-key tiles of 128-token blocks with 32- or
-    64-query steps, an sm90 GPU."""
-    if not stored:
+def applies(q: torch.Tensor, table, kv_tile: int, q_step: int, stored: bool, any_token_major: bool,
+            recompute: bool = False) -> str | None:
+    """Why this kernel cannot take this dK/dV launch (None: it can): dS stored (or ``recompute``: also launches
+    whose dQ pass recomputes, no dS stored), no head read through the token-major order in place, bf16 / fp16,
+    head dim 64 or 128, 128-key tiles of 128-token blocks with 32- or 64-query steps, an sm90 GPU."""
+    if not stored and not recompute:
         return "needs the stored-dS path (dq='stored' and room for the tiles)"
     if any_token_major:
         return "needs inputs in each head's own order (no token-major head read in place)"
@@ -280,9 +288,9 @@ def applies(q: torch.Tensor, table, kv_tile: int, q_step: int, stored: bool, any
 
 
 def dkdv(q, k, v, grad_out, dk, dv, lse2, delta, q_starts, q_ends, schedule, ds, pair_slots, q_first, *, table,
-         q_step: int, softmax_scale: float, pairs: int, slot_base: int) -> None:  # fmt: skip
-    """One dK/dV launch over ``schedule`` into ``dk``, ``dv`` and ``ds`` (:func:`applies` must hold), with
-    the Triton kernel's arguments (``lse2`` in base 2, ``q_starts`` / ``q_ends`` the transposed table)."""
+         q_step: int, softmax_scale: float, pairs: int, slot_base: int, store_ds: bool = True) -> None:  # fmt: skip
+    """One dK/dV launch over ``schedule`` into ``dk``, ``dv`` and (``store_ds``) ``ds`` (:func:`applies` must
+    hold), with the Triton kernel's arguments (``lse2`` in base 2, ``q_starts`` / ``q_ends`` the transposed table)."""
     from ...block_table import num_blocks
     from .launcher import LOG2E
 
@@ -293,8 +301,8 @@ def dkdv(q, k, v, grad_out, dk, dv, lse2, delta, q_starts, q_ends, schedule, ds,
         q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
         n, table.layout.kv_len, heads, num_blocks(n, 2 * HALF.value), q_starts.shape[2], softmax_scale * LOG2E,
         softmax_scale, pairs, slot_base,
-        TABLE_BLOCK=table.block_size, BLOCK_M=q_step, BLOCK_N=2 * HALF.value, HEAD_DIM=dim, STAGES=STAGES, num_warps=4,
-        maxnreg=MAXNREG,
+        TABLE_BLOCK=table.block_size, BLOCK_M=q_step, BLOCK_N=2 * HALF.value, HEAD_DIM=dim, STAGES=STAGES,
+        STORE_DS=store_ds, num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip
 
 
