@@ -5,11 +5,11 @@ its warps' stalled time on the waits for each step's two score MMAs and most of 
 two warpgroups share the step's shared-memory slots, so they run the step in lock step and the tensor cores idle
 while both compute exponentials. Here, as in FlashAttention-3, one producer warp loads K, V and each step's
 queries and dO by TMA (and its rows of LSE and delta) into a ring of ``STAGES`` slots (``full`` / ``empty``
-mbarriers), and two consumer
-warpgroups (partitions of their own: no barrier between them) each own 64 of the tile's 128 keys: step by
-step ``S^T`` and ``dP^T`` (asynchronous), P, ``dV += P^T dO``, dS, ``dK += dS^T Q``, the dS tile stored, the
-slot released. One warpgroup's exponentials then run while the other's MMAs do. Consumers get 232 registers
-a thread, the producer 32 (``setmaxnreg``).
+mbarriers), and two consumer warpgroups (partitions of their own: no barrier between them) each own 64 of the
+tile's 128 keys: step by step ``S^T`` and ``dP^T`` (asynchronous), P, ``dV += P^T dO``, dS, ``dK += dS^T Q``, the
+dS tile stored (``STORE_DS``; not for heads whose dQ pass recomputes), the slot released. One warpgroup's
+exponentials then run while the other's MMAs do. Consumers get 232 registers a thread, the producer 32
+(``setmaxnreg``).
 
 Same inputs and results as the Triton kernel's stored-dS path when no head is read through the token-major
 order in place (each head's own order, as in training after the head-ordered forward, or no token-major
