@@ -51,21 +51,16 @@ DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True,
                   "dp_early": False, "gluon": True}
 
 
-# Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first);
-# a winner becomes DEFAULTS, the losers go, their numbers (and where their code lies in git) in BENCHMARKS.md:
-# a dK/dV kernel that also adds dQ (atomics, TMA reductions), dS tiles through TMA stores, 64-key dK/dV tiles,
-# 64- and 128-query steps, 32- and 128-key dQ steps, other stages and warps, token-major q and dO copied to
-# their order, dQ beside dK/dV on a side stream, a Gluon dK/dV kernel pipelined within each warpgroup (sessions
-# p-r; the warp-specialised one of session ab won), the gradients stored at
-# their frame-major rows by the kernels after a head-ordered forward (sessions k, o, t; lost on H200s and H100s),
-# dp-early with the recomputing dQ everywhere (session y: no rule of where it wins held on both shapes), half or
-# all of the dK/dV step's exponentials by a polynomial on the FMA units (session z, 547a648: under the default
-# in 47 of 48 cells, by up to 0.19; the other +0.001), 64-key tiles at 4 warps, two programs an SM (sessions l
-# and z, e36cfb1: 10 cells won by up to 0.03, 8 lost by up to 0.09), k and v as the MMAs' register operands
-# (session aa, 91a1b70: Triton reloads them from shared memory every step, ldmatrix, -0.04 to -0.13); the same
-# kernels compiled by Triton 3.9 (session aa: under 3.6 in 18 of 18 cells, by up to 0.03); LSE and delta loaded a
-# step ahead into registers by inline-PTX loads, no shared-memory copies or their two barriers (session ab: -0.06
-# to -0.17 in 18 of 18 cells: ptxas put the loads at the step's end and the back edge's copy waits for them).
+# Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first); a winner
+# becomes DEFAULTS, the losers go, their numbers (and where their code lies in git) in BENCHMARKS.md: a dK/dV kernel
+# that also adds dQ (atomics, TMA reductions), dS tiles through TMA stores, 64-key dK/dV tiles, 64- and 128-query
+# steps, 32- and 128-key dQ steps, other stages and warps, token-major q and dO copied to their order, dQ beside
+# dK/dV on a side stream, a Gluon dK/dV kernel pipelined within each warpgroup (sessions p-r; the warp-specialised
+# one of session ab won), the gradients stored at their frame-major rows after a head-ordered forward (sessions k,
+# o, t), dp-early with the recomputing dQ everywhere (session y), the step's exponentials by a polynomial on the FMA
+# units (session z, 547a648), 64-key tiles at 4 warps, two programs an SM (sessions l and z, e36cfb1), k and v as
+# the MMAs' register operands (session aa, 91a1b70), Triton 3.9 (session aa), LSE and delta a step ahead by
+# inline-PTX loads (session ab: ptxas put the loads at the step's end, the back edge's copy waits for them).
 # Tiles are for 128-token table blocks (tests scale them).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
