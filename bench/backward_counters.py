@@ -159,13 +159,11 @@ def run(args) -> list[str]:
     from common import SHAPES, sdpa_with, table_for
     from torch.nn.attention import SDPBackend
 
+    from backward import backward_timer, input_sets, use_variant
+
     from sparse_vdit.kernels import sparse_attention
-    from sparse_vdit.kernels.triton import backward as triton_backward
 
-    triton_backward.OPTIONS.update(triton_backward.VARIANTS[args.variant or "default"])
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from backward import backward_timer, input_sets
+    use_variant(args.variant)
 
     shape, device = SHAPES[args.shape], torch.device("cuda")
     kv = shape.layout.kv_len

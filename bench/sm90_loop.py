@@ -73,13 +73,15 @@ def _aligned(types: dict) -> dict:
 
 def _compile(fn, constexprs: dict, descriptors: dict, options: dict, gluon: bool = False):
     """``fn`` compiled for sm_90a on the CPU: bf16 tensors, int32 tables and strides, ``descriptors`` (name:
-    tensordesc type) for its descriptor arguments, pointers and strides aligned as a real launch's."""
+    tensordesc type) for its descriptor arguments, pointers and strides aligned as a real launch's; ``gluon``: a Gluon
+    kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     if gluon:
         from triton.experimental.gluon._runtime import GluonASTSource as ASTSource  # noqa: N814
+    else:
+        from triton.compiler import ASTSource
 
     types = {name: "constexpr" if name in constexprs else descriptors.get(name, _TYPES.get(name, "i32"))
              for name in inspect.signature(fn.fn).parameters}  # fmt: skip
@@ -329,7 +331,7 @@ def main(argv=None) -> list[Compiled]:
     p.add_argument("--variants", nargs="*", default=["default"],
                    help="with --backward: the backward's variants to compile (backward.VARIANTS; 'all': every one)")
     p.add_argument("--gluon-backward", action="store_true",
-                   help="also the warp-specialised Gluon dK/dV kernel (registers: the kernel's cap, 240 for consumers)")
+                   help="also the warp-specialised Gluon dK/dV kernel (registers: the kernel's cap; its consumers get 232)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compiling for sm_90a needs TRITON_INTERPRET unset (the interpreter wraps Triton's own functions)")

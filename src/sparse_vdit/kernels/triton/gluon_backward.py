@@ -112,7 +112,7 @@ def _store_ds(ds_t, DS, pair, ds_rows, start, TABLE_BLOCK: gl.constexpr):
 
 @gluon.jit
 def _producer(a, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, STORE_DS: gl.constexpr):
+              STAGES: gl.constexpr):
     """The loads: K and V once, then each step's queries and dO into the next free slot by TMA, and its rows of
     LSE and delta (read here, off the consumers' path: waiting for them was a sixth of their stalls) by stores."""
     (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, full, empty, kv_bar,
@@ -211,7 +211,7 @@ def _worker(a, c, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.
             STAGES: gl.constexpr, STORE_DS: gl.constexpr):
     """The producer partition (worker partitions share one signature: ``a`` the producer's arguments, ``c`` the
     consumers')."""
-    _producer(a, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, STORE_DS)
+    _producer(a, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)
 
 
 @gluon.jit
