@@ -189,6 +189,21 @@ def backend_label(name: str, variant: str | None, table, q) -> tuple[str, str | 
     return name + (f"[{variant}]" if variant else ""), ("triton" if name == "triton" else None)
 
 
+def triton_launches(table, q) -> dict:
+    """How the Triton backward's kernels launch on ``table`` for inputs like ``q`` (the options in force): launches of
+    each kernel, heads whose key blocks go in windows (over the dS tiles' memory share), heads whose dQ recomputes."""
+    from sparse_vdit.kernels.triton import backward as triton_backward, ds_tiles
+
+    if triton_backward.backward_option("dq") != "stored":
+        return {"launches": 1, "windowed_heads": 0, "recomputed_heads": table.num_heads}
+    share = float(triton_backward.backward_option("ds_budget"))
+    chunks = ds_tiles.table_chunks(table, q.shape[0], q.element_size(), q.device, share)
+    whole = (0, table.num_q_blocks)
+    windowed = {c.h0 + i for c in chunks if c.keys for i, w in enumerate(c.keys) if tuple(w) != whole}
+    return {"launches": len(chunks), "windowed_heads": len(windowed),
+            "recomputed_heads": sum(c.h1 - c.h0 for c in chunks if not c.stored)}  # fmt: skip
+
+
 def call_paths(shape: Shape, device, dense, kv: int) -> dict:
     """The processor call's paths for ``--calls``: ``{"dense": {rotary name: fn(q, k, v)}, "call-old":
     make(table) -> fn, "call-fused": make(table) -> fn}``, with the family's rotary tables for ``shape``."""
@@ -299,6 +314,9 @@ def main(argv=None) -> dict:
         eff = row.get("block_eff")
         energy_said = f" {row['joules']:8.3f} J {row['watts']:4.0f} W" if "joules" in row else ""
         energy_said += f" energy_eff {row['energy_eff']:.3f}" if "energy_eff" in row else ""
+        if row.get("windowed_heads") or row.get("recomputed_heads"):
+            energy_said += (f" ({row['launches']} launches, {row['windowed_heads']} heads in key windows, "
+                            f"{row['recomputed_heads']} recomputing)")  # fmt: skip
         print(f"  {row['shape']:14s} {row['kind']:10s} {row['density']:6.3f} {row['backend']:28s} {row['ms']:9.3f} ms "
               f"eff {'-' if eff is None else f'{eff:.3f}'}{energy_said}", flush=True)  # fmt: skip
 
@@ -358,6 +376,8 @@ def main(argv=None) -> dict:
                             print(f"  {row_label} {kind} {density}: {type(exc).__name__}: {exc}", flush=True)
                             result["rows"].append(dict(**row, error=str(exc)[:300]))
                             continue
+                        if ran == "triton":
+                            row.update(triton_launches(table, sets[0][0]))
                         record(**row, density=table.density, ms=ms, block_eff=table.density * t_dense / ms, **spent)
                         for call, make in calls.items() if backend == "triton" else ():
                             call_trace = trace and trace.with_name(f"{shape.name}-{kind}-{density:g}-call-{call}.txt")

@@ -104,6 +104,8 @@
 #                  10-50%, Wan-1.3B and HunyuanVideo (#18) (~150)
 #   backward-ncu-ab  backward-ncu's counters for triton-dkdv (the Triton dK/dV kernel on sm90), Wan-1.3B mixed 10% (~70)
 #   backward-d64-ab  head dim 64 (CogVideoX1.5 768p): default (the Triton dK/dV kernel there) vs gluon-all, band / mixed (~60)
+#   backward-ac    backward-ab's cells, default vs triton-dkdv (HunyuanVideo 50%: heads over the share in key-block
+#                  windows, no longer recomputing dQ) (#18)                                          (~300)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -327,6 +329,9 @@ for name in "$@"; do
     backward-d64-ab) TAIL=20 step backward-d64-ab 200 python3 bench/backward.py --shapes cogvideox1.5-768p --densities \
         0.1 0.25 0.5 --kinds band mixed --backends triton --variants default gluon-all --target-ms 150 --budget-s 170 \
         --out "$R/backward-d64-ab" ;;
+    backward-ac) TAIL=40 step backward-ac 450 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default triton-dkdv \
+        --target-ms 80 --budget-s 420 --out "$R/backward-ac" ;;
     backward-ncu) TAIL=40 step backward-ncu 420 python3 bench/backward_counters.py profile --shape wan1.3b-480p \
         --cells mixed:0.1 band:0.1 --out "$R/backward-ncu" ;;
     *) echo "unknown step $name" >&2 ;;

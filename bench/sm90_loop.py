@@ -159,7 +159,7 @@ def compile_triton_dq(head_dim: int = 128, block: int = 128, variant: str = "def
     options = backward_options(variant)
     _, q_step, q_tile, kv_step = _tiles(block, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_tile, BLOCK_N=kv_step, HEAD_DIM=head_dim, IEEE=False,
-                      ANY_TOKEN_MAJOR=False, TMA=True, DS_TMA=True, Q_STEP=q_step)  # fmt: skip
+                      ANY_TOKEN_MAJOR=False, TMA=True, DS_TMA=True, Q_STEP=q_step, ACCUMULATE=False)  # fmt: skip
     descriptors = {"K_DESC": f"tensordesc<bf16[1,{kv_step},1,{head_dim}]>", "DS": f"tensordesc<bf16[{kv_step},{q_tile}]>"}
     return _compile(block_sparse_attention_bwd_dq_stored, constexprs, descriptors,
                     dict(num_warps=options["warps"][1], num_stages=options["stages"][1]))  # fmt: skip

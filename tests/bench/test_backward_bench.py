@@ -44,6 +44,27 @@ def test_fa4_rows_say_which_backward_and_the_ab_forces_triton(load_script, monke
     assert script.backend_label("triton", "default", table, q) == ("triton[default]", "triton")
 
 
+def test_triton_rows_say_how_the_kernels_launch(load_script, monkeypatch):
+    """triton_launches: one launch where every head's dS tiles fit the share; heads in key windows where one
+    head's tiles are over it; every head recomputing under ``dq="recompute"`` (what the bench rows record)."""
+    pytest.importorskip("triton")
+    from sparse_vdit import VideoLayout, clear_caches, compile_layer
+    from sparse_vdit.kernels.triton import backward
+    from sparse_vdit.patterns import dense, diagonal
+
+    script = load_script("backward")
+    table = compile_layer([diagonal(0.5), dense(), diagonal(0.25)], VideoLayout(2, 8, 16), 16)  # 16 blocks of 16
+    q = torch.zeros(1, 256, 3, 64, dtype=torch.float16)
+    assert script.triton_launches(table, q) == {"launches": 1, "windowed_heads": 0, "recomputed_heads": 0}
+    pair_bytes = 16 * 16 * 2
+    monkeypatch.setitem(backward.OPTIONS, "ds_budget", 200 * pair_bytes / (8 << 30))  # the dense head has 256 pairs
+    clear_caches()
+    said = script.triton_launches(table, q)
+    assert said["windowed_heads"] == 1 and said["launches"] >= 2 and said["recomputed_heads"] == 0, said
+    monkeypatch.setitem(backward.OPTIONS, "dq", "recompute")
+    assert script.triton_launches(table, q) == {"launches": 1, "windowed_heads": 0, "recomputed_heads": 3}
+
+
 def test_backward_dry_run_skips_fa4_specs_without_a_gpu(load_script, tmp_path):
     from sparse_vdit.kernels import fa4, registry
 

@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import assert_gradients, grads, masked_attention, poison_empty_like, rel_rms, token_mask
-from sparse_vdit import VideoLayout, compile_layer, sparse_attention
+from sparse_vdit import VideoLayout, clear_caches, compile_layer, sparse_attention
 from sparse_vdit.block_table import transpose_ranges
 from sparse_vdit.kernels.head_order import attention_in_head_order
 from sparse_vdit.kernels import registry
@@ -184,27 +184,39 @@ def test_triton_forward_and_backward_on_random_layers(case, dtype, route, varian
 
 def test_head_chunks_fit_the_budget_in_order():
     pytest.importorskip("triton")
-    from sparse_vdit.kernels.triton.ds_tiles import head_chunks
+    from sparse_vdit.kernels.triton.ds_tiles import Chunk, head_chunks
 
-    head_first = [0, 3, 3, 7, 9]  # pairs per head: 3, 0, 4, 2
-    assert head_chunks(head_first, 10, 1000) == [(0, 4, True)]
-    assert head_chunks(head_first, 10, 70) == [(0, 3, True), (3, 4, True)]
-    assert head_chunks(head_first, 10, 40) == [(0, 2, True), (2, 3, True), (3, 4, True)]
-    assert head_chunks(head_first, 10, 39) == [(0, 2, True), (2, 3, False), (3, 4, True)]  # the third alone is over
-    assert head_chunks(head_first, 10, 20) == [(0, 1, False), (1, 2, True), (2, 3, False), (3, 4, True)]
-    assert head_chunks([0, 0], 10, 0) == [(0, 1, True)]
-    # neighbours over the budget recompute in one run, whatever lies between runs
-    assert head_chunks(head_first, 10, 10) == [(0, 1, False), (1, 2, True), (2, 4, False)]
-    assert head_chunks([0, 5, 10, 15, 16, 21], 10, 10) == [(0, 3, False), (3, 4, True), (4, 5, False)]
-    assert head_chunks([0, 5, 5, 10], 10, 10) == [(0, 1, False), (1, 2, True), (2, 3, False)]
+    counts = torch.tensor([[1, 2, 0], [0, 0, 0], [2, 1, 1], [1, 0, 1]])  # pairs by (head, key block): 3, 0, 4, 2
+    assert head_chunks(counts, 10, 1000) == [Chunk(0, 4, True)]
+    assert head_chunks(counts, 10, 70) == [Chunk(0, 3, True), Chunk(3, 4, True)]
+    assert head_chunks(counts, 10, 40) == [Chunk(0, 2, True), Chunk(2, 3, True), Chunk(3, 4, True)]
+    assert head_chunks(torch.zeros(1, 2, dtype=torch.int64), 10, 0) == [Chunk(0, 1, True)]
+    # a head over the budget alone: in key-block windows, a part beside the heads before or after where room is left
+    assert head_chunks(counts, 10, 39) == [Chunk(0, 2, True), Chunk(2, 3, True, ((0, 2),)),
+                                           Chunk(2, 4, True, ((2, 3), (0, 3)))]
+    assert head_chunks(counts, 10, 20) == [Chunk(0, 1, True, ((0, 1),)), Chunk(0, 2, True, ((1, 3), (0, 3))),
+                                           Chunk(2, 3, True, ((0, 1),)), Chunk(2, 3, True, ((1, 3),)), Chunk(3, 4, True)]
+    # a key block over the budget alone: the head recomputes, neighbours among such heads in one run
+    assert head_chunks(counts, 10, 10) == [Chunk(0, 1, False), Chunk(1, 2, True), Chunk(2, 3, False),
+                                           Chunk(3, 4, True, ((0, 2),)), Chunk(3, 4, True, ((2, 3),))]
+    assert head_chunks(counts[[0, 2, 1, 3]], 10, 10) == [Chunk(0, 2, False), Chunk(2, 4, True, ((0, 3), (0, 2))),
+                                                         Chunk(3, 4, True, ((2, 3),))]
+    for limit in (10, 20, 30, 39, 50):  # every pair in exactly one chunk, each stored chunk within the budget
+        seen = torch.zeros_like(counts)
+        for c in head_chunks(counts, 10, limit):
+            for i, (lo, hi) in enumerate(c.keys or [(0, counts.shape[1])] * (c.h1 - c.h0)):
+                seen[c.h0 + i, lo:hi] += 1
+            windows = c.keys or [(0, counts.shape[1])] * (c.h1 - c.h0)
+            assert not c.stored or sum(int(counts[c.h0 + i, lo:hi].sum()) for i, (lo, hi) in enumerate(windows)) * 10 <= limit
+        assert bool((seen == 1).all())
 
 
-@pytest.mark.parametrize("budget_pairs, tma", [(None, False), (40, True), (15, False), (1, True)])  # each budget once,
-def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, tma, monkeypatch):  # each tile mode twice (CPU time)
+@pytest.mark.parametrize("budget_pairs, tma", [(None, False), (40, True), (15, False), (4, True), (1, False)])
+def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, tma, monkeypatch):
     """The stored-dS dQ with every head in one launch, heads in chunks of at most 40 pairs' tiles
-    (several launches), some heads over a 15-pair budget (those recompute, the others store), and a
-    budget no head fits; tiles by pointers and by descriptors: all against float64, every buffer
-    (the stored tiles too) NaN-poisoned."""
+    (several launches), heads over a 15- and a 4-pair budget (in key-block windows, dQ adding their parts),
+    and a budget no key block fits (those heads recompute); tiles by pointers and by descriptors: all
+    against float64, every buffer (the stored tiles too) NaN-poisoned."""
     _needs_interpreter()
     from sparse_vdit.kernels.triton import backward, ds_tiles
 
@@ -219,21 +231,25 @@ def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, tma, monkeypatch
     chunks = []
     real = ds_tiles.head_chunks
     monkeypatch.setattr(ds_tiles, "head_chunks", lambda *a: chunks.append(real(*a)) or chunks[-1])
+    clear_caches()  # the chunks are kept with the table: another test's may be there
     _check(case, "triton", torch.float16, "cpu", 2e-6, monkeypatch)
     assert chunks, "the stored path was not asked for"
-    stored = [c[2] for c in chunks[-1]]
+    stored = [c.stored for c in chunks[-1]]
+    windowed = [c.keys is not None for c in chunks[-1]]
     if budget_pairs is None:
-        assert chunks[-1] == [(0, len(heads), True)]
+        assert chunks[-1] == [ds_tiles.Chunk(0, len(heads), True)]
     elif budget_pairs == 40:
-        assert len(stored) > 1 and all(stored)
-    elif budget_pairs == 15:  # pairs by head: 16, 0 (skipped), 14, 14, 16
-        assert stored == [False, True, True, False]
+        assert len(stored) > 1 and all(stored) and not any(windowed)
+    elif budget_pairs in (15, 4):  # pairs by head: 16, 0 (skipped), 14, 14, 16; at most 4 a key block
+        assert all(stored) and any(windowed)
     else:
         assert stored == [False, True, False]  # the skipped head has no pairs: it fits; the last three recompute together
 
 
-def test_triton_backward_recomputes_when_no_memory_is_left_for_the_tiles(monkeypatch):
-    """Out of memory for the dS tiles: the heads recompute instead, nothing fails, gradients exact."""
+@pytest.mark.parametrize("windows", [False, True])
+def test_triton_backward_recomputes_when_no_memory_is_left_for_the_tiles(windows, monkeypatch):
+    """Out of memory for the dS tiles: the heads recompute instead, nothing fails, gradients exact; with heads in
+    key-block windows (a 4-pair budget), every other chunk finds no memory (its dQ part recomputed and added)."""
     _needs_interpreter()
     from sparse_vdit.kernels.triton import backward, ds_tiles
 
@@ -243,11 +259,15 @@ def test_triton_backward_recomputes_when_no_memory_is_left_for_the_tiles(monkeyp
     assert ds_tiles.buffer((2, 3), torch.float16, torch.device("cpu"), allocate=no_memory) is None
     asked = []
     real = ds_tiles.buffer
-    monkeypatch.setattr(ds_tiles, "buffer", lambda *a: asked.append(a) or real(*a, allocate=no_memory))
-    for key, value in _variant_options("default", RAGGED_STEPS[1]).items():
+    case = CASES["mixed-text-suffix-padded-batch2"] if windows else RAGGED_STEPS
+    if windows:
+        monkeypatch.setattr(ds_tiles, "budget", lambda device, share: 4 * case[3] * case[1] ** 2 * 2)
+    monkeypatch.setattr(ds_tiles, "buffer", lambda *a: asked.append(a) or real(
+        *a, allocate=no_memory if not windows or len(asked) % 2 else None))  # fmt: skip
+    for key, value in _variant_options("default", case[1]).items():
         monkeypatch.setitem(backward.OPTIONS, key, value)
-    _check(RAGGED_STEPS, "triton", torch.float16, "cpu", 2e-6, monkeypatch)
-    assert asked
+    _check(case, "triton", torch.float16, "cpu", 2e-6, monkeypatch)
+    assert len(asked) > (4 if windows else 0)
 
 
 def test_triton_backward_on_permuted_tensors_as_fa4_runs_it():

@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("triton.experimental.gluon")
 
-from sparse_vdit import VideoLayout, compile_layer  # noqa: E402
+from sparse_vdit import VideoLayout, clear_caches, compile_layer  # noqa: E402
 from sparse_vdit.kernels.triton import backward, gluon_backward  # noqa: E402
 from sparse_vdit.patterns import dense, diagonal  # noqa: E402
 
@@ -91,6 +91,27 @@ def test_gpu_gluon_dkdv_for_heads_whose_dq_recomputes(case, monkeypatch):
     monkeypatch.setitem(backward.OPTIONS, "ds_budget", 0.0)
     _check(GPU_CASES[case], "triton", torch.bfloat16, "cuda", 1e-6, monkeypatch, "api")
     assert False in calls, calls  # (a skipped head has no tiles: its launch may still count as storing)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not SM90, reason="needs an sm90 GPU")
+@pytest.mark.parametrize("case", ["3x30x52+suffix77pad", "2x30x52+suffix120pad-ragged-steps"])
+def test_gpu_gluon_dkdv_in_key_block_windows(case, monkeypatch):
+    """A share of 3 pairs' tiles: every head with more goes in key-block windows, the Gluon kernel storing each
+    window's tiles and the dQ kernel adding its part (HunyuanVideo 720p at 50% on an H100, in small)."""
+    from test_backward import GPU_CASES, _check
+
+    from sparse_vdit.kernels.triton import ds_tiles
+
+    layout, block, heads, batch, dim = GPU_CASES[case]
+    monkeypatch.setattr(ds_tiles, "budget", lambda device, share: 3 * batch * block * block * 2)
+    chunks, calls = [], []
+    real_chunks, real = ds_tiles.head_chunks, gluon_backward.dkdv
+    monkeypatch.setattr(ds_tiles, "head_chunks", lambda *a: chunks.append(real_chunks(*a)) or chunks[-1])
+    monkeypatch.setattr(gluon_backward, "dkdv", lambda *a, **kw: calls.append(kw["store_ds"]) or real(*a, **kw))
+    clear_caches()  # the chunks are kept with the table: another test's may be there
+    _check(GPU_CASES[case], "triton", torch.bfloat16, "cuda", 1e-6, monkeypatch, "api")
+    assert any(c.keys is not None for c in chunks[-1]) and True in calls, (chunks, calls)
 
 
 def test_a_triton_that_cannot_compile_it_runs_the_triton_kernel_after_one_warning(monkeypatch):

@@ -5,8 +5,9 @@ block (the table's transposed form, :attr:`BlockTable.query_ranges`), recomputin
 from the forward's log-sum-exp (``launcher.forward(..., return_lse=True)``, turned to base 2 by a
 prologue kernel that also computes ``delta = rowsum(dO * O)``: :mod:`.backward_prologue`). The same
 kernel stores each visited pair's ``dS`` tile (heads in chunks within a memory share, :data:`DEFAULTS`),
-and ``dQ = dS K`` runs by query tile over the forward's key-block ranges: one matmul per block. A head
-whose tiles do not fit the share has its ``dQ`` recompute the probabilities instead (``dq="recompute"``). Each range's whole
+and ``dQ = dS K`` runs by query tile over the forward's key-block ranges: one matmul per block (a head whose
+tiles alone do not fit the share goes in key-block windows, dQ adding their parts: :func:`.ds_tiles.head_chunks`;
+``dq="recompute"``: dQ recomputes the probabilities, no tiles stored). Each range's whole
 steps run unmasked (frame-major heads read them, and the dQ kernel its dS tiles, through tensor
 descriptors, TMA, on sm90+), only its ragged last step masked; the tiles go out as wide stores from
 the matmul's registers, rows and columns in an order that needs no exchange between threads.
@@ -30,7 +31,7 @@ from ...block_table import num_blocks
 from .kernel import dot, sequence_rows
 from . import ds_tiles
 from .backward_prologue import prologue, prologue_in_head_order
-from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option, token_major_flags
+from .launcher import LOG2E, _descriptors, _tma_ok, option, token_major_flags
 
 # Options of the backward (None: DEFAULTS), set by benchmarks (bench/backward.py --variants) and tests:
 # ``tiles`` (dK/dV key tile, its query step, dQ query tile, its key step; None: the rule of _tiles),
@@ -38,7 +39,7 @@ from .launcher import LOG2E, _descriptors, _schedule, _tma_ok, option, token_maj
 # them, sm90+: frame-major heads' whole steps, and the stored dS tiles); ``dq``: "stored" (the dK/dV kernel
 # stores each visited pair's dS tile, the dQ kernel multiplies it by K: 5 matmuls a block) or "recompute"
 # (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of the device's memory the
-# stored tiles may take at once (heads go in chunks that fit; a head whose tiles alone do not recomputes).
+# stored tiles may take at once (heads go in chunks that fit, a head over it in key-block windows).
 # ``dp_early``: the dK/dV kernel's step computes dP before the exponentials (:func:`_dkdv_steps`).
 # ``gluon``: on sm90 the dK/dV launches at head dim 128 go to the warp-specialised Gluon kernel (gluon_backward.py)
 # where it applies; "all": also at head dim 64 and for heads whose dQ pass recomputes (no dS stored; on an H100 the
@@ -286,6 +287,7 @@ def block_sparse_attention_bwd_dq(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per step
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
+    ACCUMULATE: tl.constexpr,  # add to DQ (a head's key blocks in windows, ds_tiles.head_chunks)
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_Q_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
@@ -315,8 +317,7 @@ def block_sparse_attention_bwd_dq(
         dq = _dq_steps(dq, q, do, lse, delta, full, last, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
                        token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                        FRAMES, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True)  # fmt: skip
-    dq = (dq * softmax_scale).to(DQ.dtype.element_ty)
-    tl.store(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], dq, mask=q_ok[:, None])
+    _store_dq(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], dq * softmax_scale, q_ok, ACCUMULATE)
 
 
 @triton.jit
@@ -369,6 +370,7 @@ def block_sparse_attention_bwd_dq_stored(
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
     DS_TMA: tl.constexpr,  # DS is a descriptor of its [B * ds_pairs * TABLE_BLOCK, TABLE_BLOCK] view
     Q_STEP: tl.constexpr,  # the dK/dV kernel's query step (the tiles' columns in ds_tiles.store_order)
+    ACCUMULATE: tl.constexpr,  # add to DQ (a head's key blocks in windows, ds_tiles.head_chunks)
 ):  # fmt: skip
     """``dQ = dS K`` for one query tile: one matmul per step, the probabilities not recomputed; row ``i``
     of ``dq`` is the query at the tiles' column ``i``."""
@@ -403,9 +405,15 @@ def block_sparse_attention_bwd_dq_stored(
                               token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
                               FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True,
                               DS_TMA)  # fmt: skip
-    q_ok = offs_m < N
-    tl.store(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], (dq * softmax_scale).to(DQ.dtype.element_ty),
-             mask=q_ok[:, None])  # fmt: skip
+    _store_dq(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], dq * softmax_scale, offs_m < N, ACCUMULATE)
+
+
+@triton.jit
+def _store_dq(ptrs, dq, ok, ACCUMULATE: tl.constexpr):
+    """``dq`` (float32) to ``ptrs``, rows ``ok`` only; ACCUMULATE: added to what is there."""
+    if ACCUMULATE:
+        dq += tl.load(ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(ptrs, dq.to(ptrs.dtype.element_ty), mask=ok[:, None])
 
 
 def _tiles(block_size: int, device: torch.device, override=None) -> tuple[int, int, int, int]:
@@ -450,8 +458,8 @@ def backward(
     head-ordered inputs leaves them (``launcher.forward(head_order=True)``): the prologue's pass puts
     grad_out and the statistics in head order, and the gradients come back in head order. How the
     kernels run: :data:`OPTIONS`. Memory besides the gradients: the stored dS tiles of one chunk of
-    heads, at most ``ds_budget`` of the device's memory (heads that do not fit, or find no memory
-    free, recompute instead).
+    heads (or of a head's key blocks), at most ``ds_budget`` of the device's memory (a chunk that finds no
+    memory free recomputes instead).
     """
     batch, n, heads, dim = q.shape
     q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
@@ -470,40 +478,43 @@ def backward(
     num_q_tiles, num_k_tiles = num_blocks(n, q_tile), num_blocks(n, kv_tile)
     any_token_major = token_major and not head_order and bool(table.token_major_heads)
     flags = token_major_flags(table) if any_token_major else delta
-    q_starts, q_ends = table.query_ranges
-    starts, ends = table.range_starts.contiguous(), table.range_ends.contiguous()
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dq = torch.empty_like(q)
     launch = [{} if device.type == "cpu" else {"num_warps": w, "num_stages": s} for w, s in zip(warps, stages)]
     common = dict(
         FRAMES=layout.frames, TABLE_BLOCK=block, HEAD_DIM=dim, IEEE=q.dtype == torch.float32,
         ANY_TOKEN_MAJOR=any_token_major,
     )  # fmt: skip
     sizes = (layout.frame_tokens, layout.video_start, layout.video_tokens, softmax_scale * LOG2E, softmax_scale)
-    slots, head_first, chunks = starts, [0] * (heads + 1), [(0, heads, False)]  # recompute: no slots
-    pair_slots, q_first = starts, q_starts
+    chunks = [ds_tiles.Chunk(0, heads, False)]  # recompute: no slots
     if backward_option("dq") == "stored":
-        slots, head_first, pair_slots, q_first = table.form("triton.bwd.ds_slots", ds_tiles.slots)
-        limit = ds_tiles.budget(device, float(backward_option("ds_budget")))
-        chunks = ds_tiles.head_chunks(head_first, batch * block * block * q.element_size(), limit)
+        chunks = ds_tiles.table_chunks(table, batch, q.element_size(), device, float(backward_option("ds_budget")))
+    windows = any(c.keys is not None for c in chunks)  # a head's key blocks in parts: dQ adds them up
+    dq = torch.zeros_like(q) if windows else torch.empty_like(q)
     q_descriptors = _descriptors(q, grad_out, q_step) if tma else None
     lse_t, delta_t = lse2, delta
     if any_token_major:  # token-major heads' LSE and delta in their order: read by position, not gathered
         index = table.form("triton.bwd.stat_order", lambda t: _stat_order(t, device))
         lse_t, delta_t = (torch.gather(t, 2, index.expand_as(t)) for t in (lse2, delta))
     kv_descriptors = _descriptors(k, v, kv_step) if tma else None
-    for h0, h1, stored in chunks:
+    for chunk in chunks:
+        h0, h1, stored = chunk[:3]
+        part = table if chunk.keys is None else table.form(("triton.bwd.window", chunk), lambda t: ds_tiles.window(t, chunk))
+        q_starts, q_ends = part.query_ranges
+        starts, ends = part.range_starts.contiguous(), part.range_ends.contiguous()
+        slots, head_first, pair_slots, q_first = starts, [0] * (heads + 1), starts, q_starts
+        if stored:
+            slots, head_first, pair_slots, q_first = part.form("triton.bwd.ds_slots", ds_tiles.slots)
         pairs = head_first[h1] - head_first[h0]
         ds = ds_tiles.buffer((batch, max(pairs, 1), block, block), q.dtype, device) if stored else None
         stored = ds is not None  # no memory for them now: these heads recompute
         ds = delta if ds is None else ds
         ds_load = ds_tiles.descriptor(ds, (kv_step, q_tile)) if stored and tma else ds
-        dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order, h0, h1),
-                                   lambda t: _heads_schedule(t.query_num_blocks, block // kv_tile, num_k_tiles, order,
-                                                             h0, h1))  # fmt: skip
-        if not (_gluon_dkdv(q, table, kv_tile, q_step, stored, any_token_major)
+        dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order, chunk),
+                                   lambda t: ds_tiles.chunk_schedule(t.query_num_blocks, block // kv_tile, num_k_tiles, order,
+                                                             chunk))  # fmt: skip
+        if not (_gluon_dkdv(q, part, kv_tile, q_step, stored, any_token_major)
                 and _run_gluon_dkdv(q, k, v, grad_out, dk, dv, lse_t, delta_t, q_starts, q_ends, dkdv_schedule, ds,
-                                    pair_slots, q_first, table=table, q_step=q_step, softmax_scale=softmax_scale,
+                                    pair_slots, q_first, table=part, q_step=q_step, softmax_scale=softmax_scale,
                                     pairs=pairs, slot_base=head_first[h0], store_ds=stored)):  # fmt: skip
             block_sparse_attention_bwd_dkdv[(len(dkdv_schedule), batch)](
                 q, k, v, grad_out, dk, dv, *(q_descriptors or (delta, delta)), lse_t, delta_t,
@@ -515,22 +526,22 @@ def backward(
                 BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored,
                 DP_EARLY=bool(backward_option("dp_early")), **common, **launch[0],
             )  # fmt: skip
-        dq_schedule = table.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1),
-                                 lambda t: _heads_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
-                                                           h0, h1))  # fmt: skip
+        dq_schedule = part.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1, windows),
+                                lambda t: ds_tiles.chunk_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
+                                                          ds_tiles.Chunk(h0, h1, True), windows))  # fmt: skip
         ranges = (starts.stride(0), starts.stride(1), n, layout.kv_len, heads, num_q_tiles, starts.shape[2])
         if stored:
             block_sparse_attention_bwd_dq_stored[(len(dq_schedule), batch)](
                 k, dq, kv_descriptors[0] if kv_descriptors else delta, ds_load, starts, ends, slots, dq_schedule, flags,
                 q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes[:3], softmax_scale, pairs, head_first[h0],
                 BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, DS_TMA=tma, Q_STEP=q_step,
-                **common, **launch[1],
+                ACCUMULATE=windows, **common, **launch[1],
             )  # fmt: skip
         else:
             block_sparse_attention_bwd_dq[(len(dq_schedule), batch)](
                 q, k, v, grad_out, dq, *(kv_descriptors or (delta, delta)), lse2, delta, starts, ends, dq_schedule,
                 flags, q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes,
-                BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None,
+                BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, ACCUMULATE=windows,
                 **common, **launch[1],
             )  # fmt: skip
     if layout.kv_len < n:  # the kernel left the rows of padded keys as they came
@@ -583,16 +594,6 @@ def _stat_order(table, device: torch.device) -> torch.Tensor:
     if table.token_major_heads:
         rows[list(table.token_major_heads)] = table.layout.token_major_order(device)
     return rows[None]
-
-
-def _heads_schedule(work: torch.Tensor, tiles_per_block: int, num_tiles: int, order: str, h0: int,
-                    h1: int) -> torch.Tensor:
-    """``launcher._schedule``'s work items restricted to heads ``[h0, h1)``."""
-    schedule = _schedule(work, tiles_per_block, num_tiles, order)
-    if (h0, h1) == (0, work.shape[0]):
-        return schedule
-    head = schedule // num_tiles
-    return schedule[(head >= h0) & (head < h1)].contiguous()
 
 
 __all__ = ["OPTIONS", "VARIANTS", "backward"]

@@ -2,20 +2,23 @@
 
 One ``[block, block]`` tile per visited (query block, key block) pair, numbered head by head, query block by
 query block, key block ascending (:func:`slots`); heads go in chunks whose tiles fit a memory share
-(:func:`head_chunks`, :func:`budget`), the tiles of a chunk in one buffer (:func:`buffer`), written by the
-dK/dV kernel's wide stores and read by the dQ kernel through tensor descriptors where the device has them
-(:func:`descriptor`). A tile's rows and columns are stored in the order of :func:`store_order`.
+(:func:`head_chunks`, :func:`budget`; a head over it in key-block windows, :func:`window`), the tiles of a chunk
+in one buffer (:func:`buffer`), written by the dK/dV kernel's wide stores and read by the dQ kernel through tensor
+descriptors where the device has them (:func:`descriptor`). A tile's rows and columns are stored in the order of
+:func:`store_order`.
 """
 
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ...block_table import pairs_by_column
+from ...block_table import BlockTable, pairs_by_column
+from .launcher import _schedule
 
 
 def buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, allocate=None):
@@ -60,27 +63,110 @@ def budget(device: torch.device, share: float) -> int:
     return int(share * torch.cuda.get_device_properties(device).total_memory)
 
 
-def head_chunks(head_first: list[int], pair_bytes: int, limit: int) -> list[tuple[int, int, bool]]:
-    """Runs of heads ``(h0, h1, stored)`` in order: heads whose dS tiles (``pair_bytes`` a pair) fit
-    ``limit`` bytes together, stored; heads whose tiles alone do not fit, not stored (their dQ recomputes
-    the probabilities), neighbours among them in one run (one launch of each kernel: on HunyuanVideo 720p at
-    50% no head's tiles fit an H100's share, and one launch a head cost 0.02 of backward block efficiency)."""
-    chunks: list[tuple[int, int, bool]] = []
-    h0 = 0
-    for h in range(len(head_first) - 1):
-        alone = (head_first[h + 1] - head_first[h]) * pair_bytes > limit
-        if h > h0 and (alone or (head_first[h + 1] - head_first[h0]) * pair_bytes > limit):
-            chunks.append((h0, h, True))
-            h0 = h
-        if alone:
-            if chunks and chunks[-1][1:] == (h, False):  # the run before ends here, not stored: extend it
-                chunks[-1] = (chunks[-1][0], h + 1, False)
+def table_chunks(table: BlockTable, batch: int, element_size: int, device: torch.device, share: float) -> list[Chunk]:
+    """The backward's launches for ``table`` (:func:`head_chunks` within :func:`budget`), kept with the table."""
+    pair_bytes, limit = batch * table.block_size**2 * element_size, budget(device, share)
+    return table.form(("triton.bwd.chunks", pair_bytes, limit),
+                      lambda t: head_chunks(t.query_num_blocks, pair_bytes, limit))  # fmt: skip
+
+
+class Chunk(NamedTuple):
+    """One launch of each backward kernel over heads ``[h0, h1)``, their dS tiles ``stored`` (else dQ recomputes the
+    probabilities); ``keys``: None (the heads whole) or each head's key-block window ``[lo, hi)`` (:func:`window`)."""
+
+    h0: int
+    h1: int
+    stored: bool
+    keys: tuple[tuple[int, int], ...] | None = None
+
+
+def head_chunks(counts: torch.Tensor, pair_bytes: int, limit: int) -> list[Chunk]:
+    """The backward's launches, heads in order, each chunk's dS tiles (``pair_bytes`` a pair) within ``limit``
+    bytes; ``counts``: int ``[H, Kb]`` the pairs of each (head, key block) (the transposed table's query blocks).
+
+    Heads that fit go whole, as many together as fit. A head whose tiles alone do not fit goes in key-block windows
+    (its parts in consecutive chunks, beside whole heads where room is left: HunyuanVideo 720p at 50% has 14 GB of
+    tiles a head, an H100's share is 12 GB); the dQ kernel then adds each window's part. A head with a key block
+    whose tiles alone do not fit (only with a tiny ``limit``) is not stored: its dQ recomputes the probabilities,
+    neighbours among such heads in one chunk."""
+    counts = counts.detach().to("cpu", torch.int64)
+    cap, width = limit // pair_bytes, counts.shape[1]
+    chunks: list[Chunk] = []
+    open_: list[tuple[int, int, int]] = []  # (head, lo, hi) of the chunk being filled
+    used = 0
+
+    def close() -> None:
+        nonlocal open_, used
+        if open_:
+            chunks.append(_chunk(open_, width))
+        open_, used = [], 0
+
+    for h, row in enumerate(counts.tolist()):
+        total = sum(row)
+        if max(row, default=0) > cap:
+            close()
+            if chunks and not chunks[-1].stored and chunks[-1].h1 == h:  # the run before ends here: extend it
+                chunks[-1] = Chunk(chunks[-1].h0, h + 1, False)
             else:
-                chunks.append((h, h + 1, False))
-            h0 = h + 1
-    if h0 < len(head_first) - 1:
-        chunks.append((h0, len(head_first) - 1, True))
+                chunks.append(Chunk(h, h + 1, False))
+        elif total <= cap:
+            if used + total > cap:
+                close()
+            open_.append((h, 0, width))
+            used += total
+        else:
+            lo = 0
+            for block, pairs in enumerate(row):
+                if used + pairs > cap:
+                    if block > lo:
+                        open_.append((h, lo, block))
+                    close()
+                    lo = block
+                used += pairs
+            open_.append((h, lo, width))
+    close()
     return chunks
+
+
+def _chunk(segments: list[tuple[int, int, int]], width: int) -> Chunk:
+    h0, h1 = segments[0][0], segments[-1][0] + 1
+    if all(lo == 0 and hi == width for _, lo, hi in segments):
+        return Chunk(h0, h1, True)
+    windows = {h: (lo, hi) for h, lo, hi in segments}
+    return Chunk(h0, h1, True, tuple(windows[h] for h in range(h0, h1)))
+
+
+def window(table: BlockTable, chunk: Chunk) -> BlockTable:
+    """``table`` cut to ``chunk``: its heads' key blocks within their windows, the other heads empty (the pairs,
+    slots and transposed ranges of the chunk alone)."""
+    lo = torch.zeros(table.num_heads, dtype=torch.int32)
+    hi = torch.zeros(table.num_heads, dtype=torch.int32)
+    lo[chunk.h0 : chunk.h1] = torch.tensor([w[0] for w in chunk.keys], dtype=torch.int32)
+    hi[chunk.h0 : chunk.h1] = torch.tensor([w[1] for w in chunk.keys], dtype=torch.int32)
+    lo, hi = (t.to(table.device)[:, None, None] for t in (lo, hi))
+    starts, ends = (torch.minimum(torch.maximum(t, lo), hi) for t in (table.range_starts, table.range_ends))
+    return BlockTable(table.layout, table.block_size, table.patterns, starts, ends, table.token_major)
+
+
+def chunk_schedule(work: torch.Tensor, tiles_per_block: int, num_tiles: int, order: str, chunk,
+                    busy_only: bool = False) -> torch.Tensor:
+    """``launcher._schedule``'s work items restricted to the heads of ``chunk`` (:class:`Chunk`) and,
+    where it has key windows, each head's tiles to its window; ``busy_only``: tiles with no work left out."""
+    schedule = _schedule(work, tiles_per_block, num_tiles, order)
+    h0, h1 = chunk.h0, chunk.h1
+    if (h0, h1) == (0, work.shape[0]) and chunk.keys is None and not busy_only:
+        return schedule
+    head, tile = schedule // num_tiles, schedule % num_tiles
+    keep = (head >= h0) & (head < h1)
+    if chunk.keys is not None:
+        lo, hi = torch.zeros(work.shape[0], dtype=torch.long), torch.zeros(work.shape[0], dtype=torch.long)
+        lo[h0:h1], hi[h0:h1] = (torch.tensor([w[i] for w in chunk.keys]) for i in (0, 1))
+        lo, hi = lo.to(schedule.device), hi.to(schedule.device)
+        block_of = tile // tiles_per_block
+        keep &= (block_of >= lo[head.long()]) & (block_of < hi[head.long()])
+    if busy_only:
+        keep &= work.repeat_interleave(tiles_per_block, dim=1)[:, :num_tiles].flatten()[schedule.long()] > 0
+    return schedule[keep].contiguous()
 
 
 @triton.jit
