@@ -95,10 +95,12 @@ def test_gpu_gluon_dkdv_for_heads_whose_dq_recomputes(case, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not SM90, reason="needs an sm90 GPU")
+@pytest.mark.parametrize("gluon", [True, False])
 @pytest.mark.parametrize("case", ["3x30x52+suffix77pad", "2x30x52+suffix120pad-ragged-steps"])
-def test_gpu_gluon_dkdv_in_key_block_windows(case, monkeypatch):
-    """A share of 3 pairs' tiles: every head with more goes in key-block windows, the Gluon kernel storing each
-    window's tiles and the dQ kernel adding its part (HunyuanVideo 720p at 50% on an H100, in small)."""
+def test_gpu_gluon_dkdv_in_key_block_windows(case, gluon, monkeypatch):
+    """A share of 3 pairs' tiles: every head with more goes in key-block windows, the Gluon kernel (or, ``gluon``
+    off, the Triton one) storing each window's tiles and the dQ kernel adding its part (HunyuanVideo 720p at 50% on
+    an H100, in small)."""
     from test_backward import GPU_CASES, _check
 
     from sparse_vdit.kernels.triton import ds_tiles
@@ -110,8 +112,9 @@ def test_gpu_gluon_dkdv_in_key_block_windows(case, monkeypatch):
     monkeypatch.setattr(ds_tiles, "head_chunks", lambda *a: chunks.append(real_chunks(*a)) or chunks[-1])
     monkeypatch.setattr(gluon_backward, "dkdv", lambda *a, **kw: calls.append(kw["store_ds"]) or real(*a, **kw))
     clear_caches()  # the chunks are kept with the table: another test's may be there
+    monkeypatch.setitem(backward.OPTIONS, "gluon", gluon)
     _check(GPU_CASES[case], "triton", torch.bfloat16, "cuda", 1e-6, monkeypatch, "api")
-    assert any(c.keys is not None for c in chunks[-1]) and True in calls, (chunks, calls)
+    assert any(c.keys is not None for c in chunks[-1]) and (True in calls) == gluon, (chunks, calls)
 
 
 def test_a_triton_that_cannot_compile_it_runs_the_triton_kernel_after_one_warning(monkeypatch):
