@@ -210,7 +210,8 @@ def test_head_chunks_fit_the_budget_in_order():
     assert head_chunks(counts, 10, 39) == [Chunk(0, 2, True), Chunk(2, 3, True, ((0, 2),)),
                                            Chunk(2, 4, True, ((2, 3), (0, 3)))]
     assert head_chunks(counts, 10, 20) == [Chunk(0, 1, True, ((0, 1),)), Chunk(0, 2, True, ((1, 3), (0, 3))),
-                                           Chunk(2, 3, True, ((0, 1),)), Chunk(2, 3, True, ((1, 3),)), Chunk(3, 4, True)]
+                                           Chunk(2, 3, True, ((0, 1),)), Chunk(2, 3, True, ((1, 3),)),
+                                           Chunk(3, 4, True)]
     # a key block over the budget alone: the head recomputes, neighbours among such heads in one run
     assert head_chunks(counts, 10, 10) == [Chunk(0, 1, False), Chunk(1, 2, True), Chunk(2, 3, False),
                                            Chunk(3, 4, True, ((0, 2),)), Chunk(3, 4, True, ((2, 3),))]
@@ -219,10 +220,11 @@ def test_head_chunks_fit_the_budget_in_order():
     for limit in (10, 20, 30, 39, 50):  # every pair in exactly one chunk, each stored chunk within the budget
         seen = torch.zeros_like(counts)
         for c in head_chunks(counts, 10, limit):
-            for i, (lo, hi) in enumerate(c.keys or [(0, counts.shape[1])] * (c.h1 - c.h0)):
-                seen[c.h0 + i, lo:hi] += 1
             windows = c.keys or [(0, counts.shape[1])] * (c.h1 - c.h0)
-            assert not c.stored or sum(int(counts[c.h0 + i, lo:hi].sum()) for i, (lo, hi) in enumerate(windows)) * 10 <= limit
+            for i, (lo, hi) in enumerate(windows):
+                seen[c.h0 + i, lo:hi] += 1
+            pairs = sum(int(counts[c.h0 + i, lo:hi].sum()) for i, (lo, hi) in enumerate(windows))
+            assert not c.stored or pairs * 10 <= limit
         assert bool((seen == 1).all())
 
 

@@ -498,7 +498,9 @@ def backward(
     kv_descriptors = _descriptors(k, v, kv_step) if tma else None
     for chunk in chunks:
         h0, h1, stored = chunk[:3]
-        part = table if chunk.keys is None else table.form(("triton.bwd.window", chunk), lambda t: ds_tiles.window(t, chunk))
+        part = table  # the table cut to the chunk's key windows where it has them
+        if chunk.keys is not None:
+            part = table.form(("triton.bwd.window", chunk), lambda t: ds_tiles.window(t, chunk))
         q_starts, q_ends = part.query_ranges
         starts, ends = part.range_starts.contiguous(), part.range_ends.contiguous()
         slots, head_first, pair_slots, q_first = starts, [0] * (heads + 1), starts, q_starts
@@ -510,8 +512,8 @@ def backward(
         ds = delta if ds is None else ds
         ds_load = ds_tiles.descriptor(ds, (kv_step, q_tile)) if stored and tma else ds
         dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order, chunk),
-                                   lambda t: ds_tiles.chunk_schedule(t.query_num_blocks, block // kv_tile, num_k_tiles, order,
-                                                             chunk))  # fmt: skip
+                                   lambda t: ds_tiles.chunk_schedule(t.query_num_blocks, block // kv_tile, num_k_tiles,
+                                                                     order, chunk))  # fmt: skip
         if not (_gluon_dkdv(q, part, kv_tile, q_step, stored, any_token_major)
                 and _run_gluon_dkdv(q, k, v, grad_out, dk, dv, lse_t, delta_t, q_starts, q_ends, dkdv_schedule, ds,
                                     pair_slots, q_first, table=part, q_step=q_step, softmax_scale=softmax_scale,
