@@ -498,9 +498,8 @@ def backward(
     kv_descriptors = _descriptors(k, v, kv_step) if tma else None
     for chunk in chunks:
         h0, h1, stored = chunk[:3]
-        part = table  # the table cut to the chunk's key windows where it has them
-        if chunk.keys is not None:
-            part = table.form(("triton.bwd.window", chunk), lambda t: ds_tiles.window(t, chunk))
+        part = table if chunk.keys is None else table.form(("triton.bwd.window", chunk),  # cut to its key windows
+                                                           lambda t: ds_tiles.window(t, chunk))  # fmt: skip
         q_starts, q_ends = part.query_ranges
         starts, ends = part.range_starts.contiguous(), part.range_ends.contiguous()
         slots, head_first, pair_slots, q_first = starts, [0] * (heads + 1), starts, q_starts
