@@ -312,13 +312,13 @@ def main(argv=None) -> dict:
             row["energy_eff"] = row["density"] * joules_dense / row["joules"]
         result["rows"].append(row)
         eff = row.get("block_eff")
-        energy_said = f" {row['joules']:8.3f} J {row['watts']:4.0f} W" if "joules" in row else ""
-        energy_said += f" energy_eff {row['energy_eff']:.3f}" if "energy_eff" in row else ""
+        said = f" {row['joules']:8.3f} J {row['watts']:4.0f} W" if "joules" in row else ""
+        said += f" energy_eff {row['energy_eff']:.3f}" if "energy_eff" in row else ""
         if row.get("windowed_heads") or row.get("recomputed_heads"):
-            energy_said += (f" ({row['launches']} launches, {row['windowed_heads']} heads in key windows, "
+            said += (f" ({row['launches']} launches, {row['windowed_heads']} heads in key windows, "
                             f"{row['recomputed_heads']} recomputing)")  # fmt: skip
         print(f"  {row['shape']:14s} {row['kind']:10s} {row['density']:6.3f} {row['backend']:28s} {row['ms']:9.3f} ms "
-              f"eff {'-' if eff is None else f'{eff:.3f}'}{energy_said}", flush=True)  # fmt: skip
+              f"eff {'-' if eff is None else f'{eff:.3f}'}{said}", flush=True)  # fmt: skip
 
     for shape in shapes:
         layout = shape.layout

@@ -529,7 +529,7 @@ def backward(
             )  # fmt: skip
         dq_schedule = part.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1, windows),
                                 lambda t: ds_tiles.chunk_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
-                                                          ds_tiles.Chunk(h0, h1, True), windows))  # fmt: skip
+                                                                  chunk._replace(keys=None), windows))  # fmt: skip
         ranges = (starts.stride(0), starts.stride(1), n, layout.kv_len, heads, num_q_tiles, starts.shape[2])
         if stored:
             block_sparse_attention_bwd_dq_stored[(len(dq_schedule), batch)](

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ...block_table import BlockTable, pairs_by_column
-from .launcher import _schedule
+from .launcher import _schedule, tile_work
 
 
 def buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, allocate=None):
@@ -136,20 +136,23 @@ def _chunk(segments: list[tuple[int, int, int]], width: int) -> Chunk:
     return Chunk(h0, h1, True, tuple(windows[h] for h in range(h0, h1)))
 
 
+def _window_bounds(chunk: Chunk, heads: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` ``[heads]``: each head's key-block window in ``chunk`` (``[0, 0)``: a head outside it)."""
+    bounds = torch.zeros(2, heads, dtype=dtype)
+    bounds[:, chunk.h0 : chunk.h1] = torch.tensor(chunk.keys, dtype=dtype).T
+    return tuple(bounds.to(device))
+
+
 def window(table: BlockTable, chunk: Chunk) -> BlockTable:
     """``table`` cut to ``chunk``: its heads' key blocks within their windows, the other heads empty (the pairs,
     slots and transposed ranges of the chunk alone)."""
-    lo = torch.zeros(table.num_heads, dtype=torch.int32)
-    hi = torch.zeros(table.num_heads, dtype=torch.int32)
-    lo[chunk.h0 : chunk.h1] = torch.tensor([w[0] for w in chunk.keys], dtype=torch.int32)
-    hi[chunk.h0 : chunk.h1] = torch.tensor([w[1] for w in chunk.keys], dtype=torch.int32)
-    lo, hi = (t.to(table.device)[:, None, None] for t in (lo, hi))
+    lo, hi = (t[:, None, None] for t in _window_bounds(chunk, table.num_heads, torch.int32, table.device))
     starts, ends = (torch.minimum(torch.maximum(t, lo), hi) for t in (table.range_starts, table.range_ends))
     return BlockTable(table.layout, table.block_size, table.patterns, starts, ends, table.token_major)
 
 
-def chunk_schedule(work: torch.Tensor, tiles_per_block: int, num_tiles: int, order: str, chunk,
-                    busy_only: bool = False) -> torch.Tensor:
+def chunk_schedule(work: torch.Tensor, tiles_per_block: int, num_tiles: int, order: str, chunk: Chunk,
+                   busy_only: bool = False) -> torch.Tensor:
     """``launcher._schedule``'s work items restricted to the heads of ``chunk`` (:class:`Chunk`) and,
     where it has key windows, each head's tiles to its window; ``busy_only``: tiles with no work left out."""
     schedule = _schedule(work, tiles_per_block, num_tiles, order)
@@ -159,13 +162,11 @@ def chunk_schedule(work: torch.Tensor, tiles_per_block: int, num_tiles: int, ord
     head, tile = schedule // num_tiles, schedule % num_tiles
     keep = (head >= h0) & (head < h1)
     if chunk.keys is not None:
-        lo, hi = torch.zeros(work.shape[0], dtype=torch.long), torch.zeros(work.shape[0], dtype=torch.long)
-        lo[h0:h1], hi[h0:h1] = (torch.tensor([w[i] for w in chunk.keys]) for i in (0, 1))
-        lo, hi = lo.to(schedule.device), hi.to(schedule.device)
+        lo, hi = (t[head.long()] for t in _window_bounds(chunk, work.shape[0], torch.long, schedule.device))
         block_of = tile // tiles_per_block
-        keep &= (block_of >= lo[head.long()]) & (block_of < hi[head.long()])
+        keep &= (block_of >= lo) & (block_of < hi)
     if busy_only:
-        keep &= work.repeat_interleave(tiles_per_block, dim=1)[:, :num_tiles].flatten()[schedule.long()] > 0
+        keep &= tile_work(work, tiles_per_block, num_tiles).flatten()[schedule.long()] > 0
     return schedule[keep].contiguous()
 
 

@@ -147,6 +147,11 @@ def _device_facts(index: int) -> tuple[int, int]:
 SCHEDULES = ("work", "heads", "levels")
 
 
+def tile_work(block_work: torch.Tensor, tiles_per_block: int, num_tiles: int) -> torch.Tensor:
+    """``[H, num_tiles]``: each tile's work, its table block's (``block_work`` ``[H, blocks]``)."""
+    return block_work.repeat_interleave(tiles_per_block, dim=1)[:, :num_tiles]
+
+
 def _schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: int, order: str = "work") -> torch.Tensor:
     """Work items ``head * num_q_tiles + tile``, heavy work first (no idle tail behind dense heads).
 
@@ -159,7 +164,7 @@ def _schedule(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_q_tiles: in
     if order not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {order!r}")
     heads = kv_num_blocks.shape[0]
-    work = kv_num_blocks.repeat_interleave(tiles_per_block, dim=1)[:, :num_q_tiles]
+    work = tile_work(kv_num_blocks, tiles_per_block, num_q_tiles)
     if order == "work":
         result = torch.argsort(work.flatten(), descending=True, stable=True)
     elif order == "heads":
