@@ -106,6 +106,10 @@
 #   backward-d64-ab  head dim 64 (CogVideoX1.5 768p): default (the Triton dK/dV kernel there) vs gluon-all, band / mixed (~60)
 #   backward-ac    backward-ab's cells, default vs triton-dkdv (HunyuanVideo 50%: heads over the share in key-block
 #                  windows, no longer recomputing dQ) (#18)                                          (~300)
+#   tests-ad       tests-ab's selection (now with the side-out variant) and side-out's gradients through the
+#                  fused path against the default's, bit for bit (#18)                              (~110)
+#   backward-side-ad  mixed tables (token-major heads beside the others), default vs side-out: the passes back to
+#                  frame-major over token-major heads only; Wan-1.3B and HunyuanVideo, 10-50% (#18)  (~120)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -332,6 +336,12 @@ for name in "$@"; do
     backward-ac) TAIL=40 step backward-ac 450 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default triton-dkdv \
         --target-ms 80 --budget-s 420 --out "$R/backward-ac" ;;
+    tests-ad) TAIL=12 step tests-ad 280 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_backward.py \
+        -k "gpu_triton_backward_variants or random_layers or gluon" tests/kernels/test_gluon_backward.py \
+        tests/kernels/test_head_order_backward.py::test_gpu_side_out_gives_the_default_gradients ;;
+    backward-side-ad) TAIL=20 step backward-side-ad 240 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants default side-out --target-ms 80 \
+        --budget-s 220 --out "$R/backward-side-ad" ;;
     backward-ncu) TAIL=40 step backward-ncu 420 python3 bench/backward_counters.py profile --shape wan1.3b-480p \
         --cells mixed:0.1 band:0.1 --out "$R/backward-ncu" ;;
     *) echo "unknown step $name" >&2 ;;

@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("triton.experimental.gluon")
 
 from sparse_vdit import VideoLayout, clear_caches, compile_layer  # noqa: E402
-from sparse_vdit.kernels.triton import backward, gluon_backward  # noqa: E402
+from sparse_vdit.kernels.triton import backward, gluon_backward, gluon_choice  # noqa: E402
 from sparse_vdit.patterns import dense, diagonal  # noqa: E402
 
 torch.set_num_threads(1)
@@ -122,7 +122,7 @@ def test_a_triton_that_cannot_compile_it_runs_the_triton_kernel_after_one_warnin
     returns False (the caller runs the Triton dK/dV kernel); later launches do not try again."""
     from triton.compiler.errors import CompilationError
 
-    monkeypatch.setattr(backward, "_GLUON_FAILED", [])
+    monkeypatch.setattr(gluon_choice, "FAILED", [])
     attempts = []
 
     def broken(*args, **kwargs):
@@ -131,8 +131,8 @@ def test_a_triton_that_cannot_compile_it_runs_the_triton_kernel_after_one_warnin
 
     monkeypatch.setattr(gluon_backward, "dkdv", broken)
     with pytest.warns(RuntimeWarning, match="Triton dK/dV kernel runs instead"):
-        assert backward._run_gluon_dkdv() is False
-    assert attempts == [1] and "unsupported op" in backward._GLUON_FAILED[0]
+        assert gluon_choice.run() is False
+    assert attempts == [1] and "unsupported op" in gluon_choice.FAILED[0]
     q = torch.zeros(1, 8, 1, 128, dtype=torch.bfloat16)
     monkeypatch.setattr(torch.Tensor, "device", property(lambda t: torch.device("cuda")))  # as if on a GPU
-    assert backward._gluon_dkdv(q, None, 128, 32, True, False) is False  # not tried again
+    assert gluon_choice.takes(q, None, 128, 32, True, False, True) is False  # not tried again

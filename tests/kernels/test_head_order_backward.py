@@ -171,3 +171,50 @@ def test_other_backends_rotate_then_differentiate():
 def test_gpu_head_order_gradients_match_float64(case, pairs, dtype, monkeypatch):
     _needs_triton("cuda")
     _check(GPU_CASES[case], pairs, dtype, "cuda", 2e-3, monkeypatch)
+
+
+def _side_out_agrees(case, pairs: str, dtype, device: str, monkeypatch, budget_pairs: int | None = None) -> None:
+    """The ``side-out`` backward (token-major heads' gradients to a compact side buffer, the passes back over
+    those heads only) gives the default's gradients bit for bit, through the rotary's transpose; buffers poisoned.
+    ``budget_pairs``: a dS share of that many pairs' tiles (heads in key-block windows, dQ adding their parts)."""
+    from sparse_vdit.kernels.triton import backward, ds_tiles, rotary
+
+    layout, block, heads, batch, dim = case
+    table = compile_layer(heads, layout, block, device)
+    table.drop_forms()  # its windows built again here, seen by the spy
+    assert 0 < len(table.token_major_heads) < len(heads)
+    g = torch.Generator(device=device).manual_seed(3)
+    q, k, v, grad_out = (torch.randn(batch, layout.num_tokens, len(heads), dim, generator=g, device=device)
+                         for _ in range(4))  # fmt: skip
+    rot = _rotary(layout, dim, pairs, device)
+    sides, windows = [], []
+    real, window = rotary.grads_to_frame_major, ds_tiles.window
+    monkeypatch.setattr(backward, "grads_to_frame_major", lambda *a: sides.append(a[-1] is not None) or real(*a))
+    if budget_pairs is not None:
+        tile = batch * block * block * dtype.itemsize
+        monkeypatch.setattr(ds_tiles, "budget", lambda device, share: budget_pairs * tile)
+        monkeypatch.setattr(ds_tiles, "window", lambda *a: windows.append(1) or window(*a))
+    poison_empty_like(monkeypatch)
+    got = {}
+    for side_out in (False, True):
+        monkeypatch.setitem(backward.OPTIONS, "side_out", side_out)
+        got[side_out] = grads(lambda q, k, v: attention_in_head_order(q, k, v, table, backend="triton", rotary=rot),
+                              dtype, q, k, v, grad_out)  # fmt: skip
+    monkeypatch.undo()
+    assert sides == [False, True] and bool(windows) == (budget_pairs is not None)
+    for a, b in zip(got[False], got[True]):
+        assert not a.isnan().any() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("pairs", "budget_pairs"), [("interleaved", None), ("wan", 12)])  # 12: heads in windows
+def test_side_out_gives_the_default_gradients(pairs, budget_pairs, monkeypatch):
+    _needs_triton("cpu")
+    _side_out_agrees(CASES["suffix-padded-batch2"], pairs, torch.float16, "cpu", monkeypatch, budget_pairs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pairs", PAIRS)
+def test_gpu_side_out_gives_the_default_gradients(pairs, monkeypatch):
+    """On the GPU (bf16): the Gluon dK/dV kernel and both dQ kernels storing to the side buffers."""
+    _needs_triton("cuda")
+    _side_out_agrees(GPU_CASES["3x30x52+suffix77pad"], pairs, torch.bfloat16, "cuda", monkeypatch)

@@ -112,12 +112,9 @@ def backward_from_lse(grad_out, q, k, v, out, lse, table: BlockTable, softmax_sc
 def frame_major_grads(dq, dk, dv, table: BlockTable, rotary: Rotary | None = None):
     """Gradients of the head-ordered, rotated q, k, v back to frame-major rows and through the rotary's
     transpose: one pass for dq and dk, one for dv (none where there is nothing to undo)."""
-    from .triton.rotary import rotary_order
+    from .triton.rotary import grads_to_frame_major
 
-    token_major, shape = flags(table), geometry(table)
-    if rotary is not None or token_major is not None:
-        dq, dk = rotary_order(dq, token_major, shape, rotary, second=dk, to_head_order=False, transpose=True)
-    return dq, dk, in_head_order(dv, table, to_head_order=False)
+    return grads_to_frame_major(dq, dk, dv, flags(table), geometry(table), rotary)
 
 
 def in_head_order(x: torch.Tensor, table: BlockTable, to_head_order: bool = True) -> torch.Tensor:
@@ -171,8 +168,8 @@ def _head_order_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
     from .triton import backend
 
     table = table_by_key(table_key)
-    dq, dk, dv = backend.run_backward(grad_out, q, k, v, out, lse, table, softmax_scale, head_order=True)
-    return frame_major_grads(dq, dk, dv, table, rotary_of(cos, sin, rotary_start, rotary_pairs))
+    return backend.run_backward(grad_out, q, k, v, out, lse, table, softmax_scale, head_order=True,
+                                to_frame_major=True, rotary=rotary_of(cos, sin, rotary_start, rotary_pairs))
 
 
 @_head_order_backward_op.register_fake

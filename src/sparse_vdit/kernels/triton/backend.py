@@ -63,12 +63,16 @@ def run_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, softm
     return _run(q, k, v, table, softmax_scale, True, head_order)
 
 
-def run_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float, head_order: bool = False):
+def run_backward(grad_out, q, k, v, out, lse, table, softmax_scale: float, head_order: bool = False,
+                 to_frame_major: bool = False, rotary=None):  # fmt: skip
     """``(dq, dk, dv)`` of :func:`run_with_lse`'s attention (:mod:`.backward`'s two kernels); ``head_order``:
-    q, k, v as that forward ran them in head order, the gradients come back in that order."""
+    q, k, v as that forward ran them in head order, the gradients come back in that order, or with
+    ``to_frame_major`` frame-major (dq and dk through the transpose of ``rotary``: the backward of the pass that
+    made them)."""
     from .backward import backward as triton_backward
 
-    return triton_backward(grad_out, q, k, v, out, lse, table, softmax_scale, head_order=head_order)
+    return triton_backward(grad_out, q, k, v, out, lse, table, softmax_scale, head_order=head_order,
+                           to_frame_major=to_frame_major, rotary=rotary)  # fmt: skip
 
 
 def _run(q, k, v, table, softmax_scale: float, return_lse: bool, head_order: bool = False):

@@ -14,10 +14,12 @@ the matmul's registers, rows and columns in an order that needs no exchange betw
 Token-major heads are read and written through their order in place, as in the forward (their LSE
 and delta gathered into their order once, for the dK/dV kernel's whole steps), or, after the forward on
 head-ordered q, k, v (``head_order``: how eager training runs), as frame-major heads, the prologue
-putting grad_out and the statistics in head order. Every element of dQ, dK, dV is written (zeros for
+putting grad_out and the statistics in head order (``to_frame_major``: the gradients back by one pass for dq and dk,
+one for dv). Every element of dQ, dK, dV is written (zeros for
 keys nobody visits: skipped heads, padded text). On Hopper the stored-dS dK/dV launches on inputs in each
 head's own order go to a warp-specialised kernel in Gluon (:mod:`.gluon_backward`: a producer warp and two
-consumer warpgroups, as FlashAttention-3; ``OPTIONS["gluon"]``), the same tiles and results. The torch reference
+consumer warpgroups, as FlashAttention-3; ``OPTIONS["gluon"]``, :mod:`.gluon_choice`), the same tiles and
+results. The torch reference
 is autograd through ``sparse_vdit.kernels.reference``.
 """
 
@@ -29,9 +31,10 @@ import triton.language as tl
 
 from ...block_table import num_blocks
 from .kernel import dot, sequence_rows
-from . import ds_tiles
+from . import ds_tiles, gluon_choice
 from .backward_prologue import prologue, prologue_in_head_order
-from .launcher import LOG2E, _descriptors, _tma_ok, option, token_major_flags
+from .launcher import LOG2E, _descriptors, _tma_ok, option, side_slots, token_major_flags
+from .rotary import grads_to_frame_major
 
 # Options of the backward (None: DEFAULTS), set by benchmarks (bench/backward.py --variants) and tests:
 # ``tiles`` (dK/dV key tile, its query step, dQ query tile, its key step; None: the rule of _tiles),
@@ -42,27 +45,22 @@ from .launcher import LOG2E, _descriptors, _tma_ok, option, token_major_flags
 # stored tiles may take at once (heads go in chunks that fit, a head over it in key-block windows).
 # ``dp_early``: the dK/dV kernel's step computes dP before the exponentials (:func:`_dkdv_steps`).
 # ``gluon``: on sm90 the dK/dV launches at head dim 128 go to the warp-specialised Gluon kernel (gluon_backward.py)
-# where it applies; "all": also at head dim 64 and for heads whose dQ pass recomputes (no dS stored; on an H100 the
-# first passed the GPU tests, neither's speed is measured yet)
-# (H100, session ab: backward block efficiency 0.79-0.93 against the Triton dK/dV kernel's 0.69-0.79 in the same run,
-# equal where the dQ pass recomputes; BENCHMARKS.md).
+# where it applies (H100, session ab: backward block efficiency 0.79-0.93 against the Triton kernel's 0.69-0.79 in
+# the same run; BENCHMARKS.md); "all": also at head dim 64 and where dQ recomputes (speed not measured yet).
+# ``side_out``: with ``to_frame_major``, token-major heads' gradients go to compact side buffers, the others' in
+# place, so the passes back to frame-major move those heads only (not timed yet).
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
-                 "dp_early": None, "gluon": None}
+                 "dp_early": None, "gluon": None, "side_out": None}
 DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
-                  "dp_early": False, "gluon": True}
+                  "dp_early": False, "gluon": True, "side_out": False}
 
 
-# Candidate settings, timed against each other by ``bench/backward.py --variants`` (each checked first); a winner
-# becomes DEFAULTS, the losers go, their numbers (and where their code lies in git) in BENCHMARKS.md: a dK/dV kernel
-# that also adds dQ (atomics, TMA reductions), dS tiles through TMA stores, 64-key dK/dV tiles, 64- and 128-query
-# steps, 32- and 128-key dQ steps, other stages and warps, token-major q and dO copied to their order, dQ beside
-# dK/dV on a side stream, a Gluon dK/dV kernel pipelined within each warpgroup (sessions p-r; the warp-specialised
-# one of session ab won), the gradients stored at their frame-major rows after a head-ordered forward (sessions k,
-# o, t), dp-early with the recomputing dQ everywhere (session y), the step's exponentials by a polynomial on the FMA
-# units (session z, 547a648), 64-key tiles at 4 warps, two programs an SM (sessions l and z, e36cfb1), k and v as
-# the MMAs' register operands (session aa, 91a1b70), Triton 3.9 (session aa), LSE and delta a step ahead by
-# inline-PTX loads (session ab: ptxas put the loads at the step's end, the back edge's copy waits for them).
-# Tiles are for 128-token table blocks (tests scale them).
+# Candidates timed by ``bench/backward.py --variants`` (each checked first): a winner becomes DEFAULTS; lost (numbers
+# and git commits in BENCHMARKS.md): dQ added by the dK/dV kernel (atomics, TMA reductions), dS by TMA stores, 64-key
+# dK/dV tiles (also at 4 warps, two programs an SM), 64/128-query steps, 32/128-key dQ steps, other stages and warps,
+# token-major q and dO copied, dQ on a side stream, a Gluon kernel pipelined in each warpgroup, gradients stored at
+# frame-major rows (sessions k, o, t), recompute + dp-early, exponentials on the FMA units, k and v as register
+# operands, Triton 3.9, LSE and delta a step ahead. Tiles are for 128-token table blocks (tests scale them).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages; dK/dV by the Gluon kernel on sm90 where it applies
@@ -70,6 +68,7 @@ VARIANTS: dict[str, dict] = {
     "dp-early": {"dp_early": True},  # dP's MMAs beside the exponentials, dV's beside dS (sm90 SASS)
     "triton-dkdv": {"gluon": False},  # the Triton dK/dV kernel everywhere (its two warpgroups in lock step on sm90)
     "gluon-all": {"gluon": "all"},  # the Gluon kernel at head dim 64 too (CogVideoX), and where dQ recomputes
+    "side-out": {"side_out": True},  # the passes back to frame-major over token-major heads only (mixed tables)
 }
 
 
@@ -99,6 +98,16 @@ def _rows(offs, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES: tl
     if ANY_TOKEN_MAJOR:
         rows = sequence_rows(offs, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
     return rows
+
+
+@triton.jit
+def _side(SIDE_SLOT, head, batch, base, stride_n, stride_sb, stride_sn, HEAD_DIM: tl.constexpr):
+    """Where a (batch, head)'s gradient rows go with SIDE_OUT: ``(side, base, row stride)``, a token-major
+    head's to its slot of the compact side buffer ``[B, N, Ht, D]`` (``side``), the others' where they were."""
+    slot = tl.load(SIDE_SLOT + head)
+    side = slot >= 0
+    base = tl.where(side, batch.to(tl.int64) * stride_sb + slot * HEAD_DIM, base)
+    return side, base, tl.where(side, stride_sn, stride_n)
 
 
 @triton.jit
@@ -192,17 +201,20 @@ def block_sparse_attention_bwd_dkdv(
     DS,  # with STORE_DS: [B, ds_pairs, TABLE_BLOCK, TABLE_BLOCK] dS^T of each visited pair; else unused
     PAIR_SLOTS,  # with STORE_DS: int32 [pairs] the slots in the transposed table's order
     Q_FIRST,  # with STORE_DS: int32 [H, Kb, R], where each query range starts in PAIR_SLOTS
+    DK_SIDE, DV_SIDE, SIDE_SLOT,  # with SIDE_OUT: [B, N, Ht, D] token-major heads' dK, dV; int32 [H] their slots
     stride_b, stride_n, stride_h, stride_rh, stride_rm,
     N, KV_LEN, HEADS, NUM_K_TILES, NUM_RANGES,
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
     qk_scale, softmax_scale,
     ds_pairs, slot_base,  # DS holds slots [slot_base, slot_base + ds_pairs)
+    stride_sb, stride_sn,  # with SIDE_OUT: the side buffers' batch and row strides
     FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per step
     BLOCK_N: tl.constexpr,  # keys per program
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
     STORE_DS: tl.constexpr,
     DP_EARLY: tl.constexpr,  # the step's order (_dkdv_steps)
+    SIDE_OUT: tl.constexpr,  # token-major heads' rows to DK_SIDE, DV_SIDE (_side)
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
@@ -247,6 +259,9 @@ def block_sparse_attention_bwd_dkdv(
                              TABLE_BLOCK, False, DP_EARLY)  # fmt: skip
     out_ok = (offs_n < N)[:, None]  # rows of keys past KV_LEN are zeroed by the launcher
     dk = dk * softmax_scale  # (a tl.where here costs register spills in the loop on sm90)
+    if SIDE_OUT:
+        side, base, stride_n = _side(SIDE_SLOT, head, batch, base, stride_n, stride_sb, stride_sn, HEAD_DIM)
+        DK, DV = tl.where(side, DK_SIDE, DK), tl.where(side, DV_SIDE, DV)
     tl.store(DK + base + rows_n[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
     tl.store(DV + base + rows_n[:, None] * stride_n + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_ok)
 
@@ -279,15 +294,17 @@ def block_sparse_attention_bwd_dq(
     STARTS, ENDS,  # int32 [H, Qb, R]: the forward's key-block ranges
     SCHEDULE,  # int32 [H * NUM_Q_TILES]
     TOKEN_MAJOR,  # int8 [H]
+    DQ_SIDE, SIDE_SLOT,  # with SIDE_OUT: [B, N, Ht, D] token-major heads' dQ; int32 [H] their slots
     stride_b, stride_n, stride_h, stride_rh, stride_rm,
     N, KV_LEN, HEADS, NUM_Q_TILES, NUM_RANGES,
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-    qk_scale, softmax_scale,
+    qk_scale, softmax_scale, stride_sb, stride_sn,
     FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per step
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
     ACCUMULATE: tl.constexpr,  # add to DQ (a head's key blocks in windows, ds_tiles.head_chunks)
+    SIDE_OUT: tl.constexpr,  # token-major heads' rows to DQ_SIDE (_side)
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_Q_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
@@ -317,6 +334,9 @@ def block_sparse_attention_bwd_dq(
         dq = _dq_steps(dq, q, do, lse, delta, full, last, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
                        token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                        FRAMES, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True)  # fmt: skip
+    if SIDE_OUT:
+        side, base, stride_n = _side(SIDE_SLOT, head, batch, base, stride_n, stride_sb, stride_sn, HEAD_DIM)
+        DQ = tl.where(side, DQ_SIDE, DQ)
     _store_dq(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], dq * softmax_scale, q_ok, ACCUMULATE)
 
 
@@ -360,10 +380,11 @@ def block_sparse_attention_bwd_dq_stored(
     STARTS, ENDS, SLOTS,  # int32 [H, Qb, R]: the forward's key-block ranges, the slot of each range's first pair
     SCHEDULE,  # int32 [H * NUM_Q_TILES]
     TOKEN_MAJOR,  # int8 [H]
+    DQ_SIDE, SIDE_SLOT,  # with SIDE_OUT: [B, N, Ht, D] token-major heads' dQ; int32 [H] their slots
     stride_b, stride_n, stride_h, stride_rh, stride_rm,
     N, KV_LEN, HEADS, NUM_Q_TILES, NUM_RANGES,
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-    softmax_scale, ds_pairs, slot_base,
+    softmax_scale, ds_pairs, slot_base, stride_sb, stride_sn,
     FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per step
@@ -371,6 +392,7 @@ def block_sparse_attention_bwd_dq_stored(
     DS_TMA: tl.constexpr,  # DS is a descriptor of its [B * ds_pairs * TABLE_BLOCK, TABLE_BLOCK] view
     Q_STEP: tl.constexpr,  # the dK/dV kernel's query step (the tiles' columns in ds_tiles.store_order)
     ACCUMULATE: tl.constexpr,  # add to DQ (a head's key blocks in windows, ds_tiles.head_chunks)
+    SIDE_OUT: tl.constexpr,  # token-major heads' rows to DQ_SIDE (_side)
 ):  # fmt: skip
     """``dQ = dS K`` for one query tile: one matmul per step, the probabilities not recomputed; row ``i``
     of ``dq`` is the query at the tiles' column ``i``."""
@@ -405,6 +427,9 @@ def block_sparse_attention_bwd_dq_stored(
                               token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
                               FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True,
                               DS_TMA)  # fmt: skip
+    if SIDE_OUT:
+        side, base, stride_n = _side(SIDE_SLOT, head, batch, base, stride_n, stride_sb, stride_sn, HEAD_DIM)
+        DQ = tl.where(side, DQ_SIDE, DQ)
     _store_dq(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], dq * softmax_scale, offs_m < N, ACCUMULATE)
 
 
@@ -448,6 +473,8 @@ def backward(
     *,
     token_major: bool = True,
     head_order: bool = False,
+    to_frame_major: bool = False,
+    rotary=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of block-sparse attention over ``table`` for ``[B, N, H, D]`` tensors.
 
@@ -456,18 +483,21 @@ def backward(
     grad_out are already in each head's own order, as for FlashAttention-4's forward). ``head_order``:
     q, k, v are in each head's own order while grad_out, out and lse are frame-major, as the forward on
     head-ordered inputs leaves them (``launcher.forward(head_order=True)``): the prologue's pass puts
-    grad_out and the statistics in head order, and the gradients come back in head order. How the
-    kernels run: :data:`OPTIONS`. Memory besides the gradients: the stored dS tiles of one chunk of
-    heads (or of a head's key blocks), at most ``ds_budget`` of the device's memory (a chunk that finds no
-    memory free recomputes instead).
+    grad_out and the statistics in head order, and the gradients come back in head order, or with
+    ``to_frame_major`` frame-major, dq and dk through the transpose of ``rotary`` (a
+    :class:`~sparse_vdit.kernels.head_order_op.Rotary` or None): the backward of the forward's pass into head
+    order (:func:`.rotary.grads_to_frame_major`). How the kernels run: :data:`OPTIONS`. Memory besides the
+    gradients: the stored dS tiles of one chunk of heads (or of a head's key blocks), at most ``ds_budget`` of
+    the device's memory (a chunk that finds no memory free recomputes instead).
     """
+    if to_frame_major and not head_order:
+        raise ValueError("to_frame_major undoes the forward's head order: it needs head_order=True")
     batch, n, heads, dim = q.shape
     q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
     device = q.device
     block = table.block_size
     kv_tile, q_step, q_tile, kv_step = _tiles(block, device, backward_option("tiles"))
-    warps = backward_option("warps")
-    stages = backward_option("stages")
+    warps, stages = backward_option("warps"), backward_option("stages")
     tma = bool(backward_option("tma")) and _tma_ok(device)
     layout = table.layout
     if head_order and table.token_major_heads:  # the statistics and grad_out in the order q, k, v are in
@@ -479,17 +509,21 @@ def backward(
     any_token_major = token_major and not head_order and bool(table.token_major_heads)
     flags = token_major_flags(table) if any_token_major else delta
     dk, dv = torch.empty_like(k), torch.empty_like(v)
+    moved = len(table.token_major_heads) if head_order and to_frame_major else 0
+    sides = bool(backward_option("side_out")) and 0 < moved < heads  # a compact buffer for the heads to move
+    side_slot, side_strides = (side_slots(table), (n * moved * dim, moved * dim)) if sides else (delta, (0, 0))
+    side_shape = dict(size=(batch, n, moved, dim), dtype=q.dtype, device=device)
+    dk_side, dv_side = (torch.empty(**side_shape), torch.empty(**side_shape)) if sides else (dk, dv)
     launch = [{} if device.type == "cpu" else {"num_warps": w, "num_stages": s} for w, s in zip(warps, stages)]
-    common = dict(
-        FRAMES=layout.frames, TABLE_BLOCK=block, HEAD_DIM=dim, IEEE=q.dtype == torch.float32,
-        ANY_TOKEN_MAJOR=any_token_major,
-    )  # fmt: skip
+    common = dict(FRAMES=layout.frames, TABLE_BLOCK=block, HEAD_DIM=dim, IEEE=q.dtype == torch.float32,
+                  ANY_TOKEN_MAJOR=any_token_major)  # fmt: skip
     sizes = (layout.frame_tokens, layout.video_start, layout.video_tokens, softmax_scale * LOG2E, softmax_scale)
     chunks = [ds_tiles.Chunk(0, heads, False)]  # recompute: no slots
     if backward_option("dq") == "stored":
         chunks = ds_tiles.table_chunks(table, batch, q.element_size(), device, float(backward_option("ds_budget")))
     windows = any(c.keys is not None for c in chunks)  # a head's key blocks in parts: dQ adds them up
     dq = torch.zeros_like(q) if windows else torch.empty_like(q)
+    dq_side = (torch.zeros if windows else torch.empty)(**side_shape) if sides else dq
     q_descriptors = _descriptors(q, grad_out, q_step) if tma else None
     lse_t, delta_t = lse2, delta
     if any_token_major:  # token-major heads' LSE and delta in their order: read by position, not gathered
@@ -513,19 +547,20 @@ def backward(
         dkdv_schedule = table.form(("triton.bwd.dkdv_schedule", block // kv_tile, num_k_tiles, order, chunk),
                                    lambda t: ds_tiles.chunk_schedule(t.query_num_blocks, block // kv_tile, num_k_tiles,
                                                                      order, chunk))  # fmt: skip
-        if not (_gluon_dkdv(q, part, kv_tile, q_step, stored, any_token_major)
-                and _run_gluon_dkdv(q, k, v, grad_out, dk, dv, lse_t, delta_t, q_starts, q_ends, dkdv_schedule, ds,
+        if not (gluon_choice.takes(q, part, kv_tile, q_step, stored, any_token_major, backward_option("gluon"))
+                and gluon_choice.run(q, k, v, grad_out, dk, dv, lse_t, delta_t, q_starts, q_ends, dkdv_schedule, ds,
                                     pair_slots, q_first, table=part, q_step=q_step, softmax_scale=softmax_scale,
-                                    pairs=pairs, slot_base=head_first[h0], store_ds=stored)):  # fmt: skip
+                                    pairs=pairs, slot_base=head_first[h0], store_ds=stored,
+                                    sides=(dk_side, dv_side, side_slot) if sides else None)):  # fmt: skip
             block_sparse_attention_bwd_dkdv[(len(dkdv_schedule), batch)](
                 q, k, v, grad_out, dk, dv, *(q_descriptors or (delta, delta)), lse_t, delta_t,
                 lse2, delta, q_starts, q_ends,
-                dkdv_schedule, flags, ds, pair_slots, q_first,
+                dkdv_schedule, flags, ds, pair_slots, q_first, dk_side, dv_side, side_slot,
                 q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
                 n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
-                pairs, head_first[h0],
+                pairs, head_first[h0], *side_strides,
                 BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored,
-                DP_EARLY=bool(backward_option("dp_early")), **common, **launch[0],
+                DP_EARLY=bool(backward_option("dp_early")), SIDE_OUT=sides, **common, **launch[0],
             )  # fmt: skip
         dq_schedule = part.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1, windows),
                                 lambda t: ds_tiles.chunk_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
@@ -534,58 +569,24 @@ def backward(
         if stored:
             block_sparse_attention_bwd_dq_stored[(len(dq_schedule), batch)](
                 k, dq, kv_descriptors[0] if kv_descriptors else delta, ds_load, starts, ends, slots, dq_schedule, flags,
-                q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes[:3], softmax_scale, pairs, head_first[h0],
+                dq_side, side_slot, q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes[:3], softmax_scale, pairs,
+                head_first[h0], *side_strides,
                 BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, DS_TMA=tma, Q_STEP=q_step,
-                ACCUMULATE=windows, **common, **launch[1],
+                ACCUMULATE=windows, SIDE_OUT=sides, **common, **launch[1],
             )  # fmt: skip
         else:
             block_sparse_attention_bwd_dq[(len(dq_schedule), batch)](
                 q, k, v, grad_out, dq, *(kv_descriptors or (delta, delta)), lse2, delta, starts, ends, dq_schedule,
-                flags, q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes,
+                flags, dq_side, side_slot, q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes, *side_strides,
                 BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, ACCUMULATE=windows,
-                **common, **launch[1],
+                SIDE_OUT=sides, **common, **launch[1],
             )  # fmt: skip
-    if layout.kv_len < n:  # the kernel left the rows of padded keys as they came
+    if to_frame_major:
+        dq, dk, dv = grads_to_frame_major(dq, dk, dv, token_major_flags(table), (layout.frames, *sizes[:3]), rotary,
+                                          (side_slot, dq_side, dk_side, dv_side) if sides else None)  # fmt: skip
+    if layout.kv_len < n:  # the kernel left the rows of padded keys as they came (not moved: text rows)
         dk[:, layout.kv_len :], dv[:, layout.kv_len :] = 0, 0
     return dq, dk, dv
-
-
-_GLUON_FAILED: list[str] = []  # why the Gluon kernel could not be built here (said once; the Triton kernel runs)
-
-
-def _gluon_dkdv(q, table, kv_tile: int, q_step: int, stored: bool, any_token_major: bool) -> bool:
-    """Whether this dK/dV launch goes to the Gluon sm90 kernel (``OPTIONS["gluon"]`` and
-    :func:`.gluon_backward.applies`)."""
-    wanted = backward_option("gluon")
-    if not wanted or q.device.type != "cuda" or _GLUON_FAILED or (q.shape[-1] != 128 and wanted != "all"):
-        return False
-    try:
-        from .gluon_backward import applies
-    except ImportError as exc:  # Gluon is Triton's experimental layer: a Triton without it runs the Triton kernel
-        return _gluon_failed(exc)
-    return applies(q, table, kv_tile, q_step, stored, any_token_major, recompute=wanted == "all") is None
-
-
-def _run_gluon_dkdv(*args, **kwargs) -> bool:
-    """:func:`.gluon_backward.dkdv`; False (nothing launched) where this Triton cannot compile it."""
-    from triton.compiler.errors import CompilationError
-
-    from .gluon_backward import dkdv
-
-    try:
-        dkdv(*args, **kwargs)
-    except CompilationError as exc:
-        return _gluon_failed(exc)
-    return True
-
-
-def _gluon_failed(exc: Exception) -> bool:
-    import warnings
-
-    _GLUON_FAILED.append(f"{type(exc).__name__}: {str(exc)[:300]}")
-    warnings.warn(f"sparse-vdit: the Gluon dK/dV kernel is not available with this Triton ({_GLUON_FAILED[0]}); "
-                  "the Triton dK/dV kernel runs instead", RuntimeWarning, stacklevel=3)  # fmt: skip
-    return False
 
 
 def _stat_order(table, device: torch.device) -> torch.Tensor:

@@ -194,6 +194,16 @@ def token_major_flags(table) -> torch.Tensor | None:
     return table.form("triton.token_major_int8", lambda t: t.token_major.to(torch.int8))
 
 
+def side_slots(table) -> torch.Tensor:
+    """int32 ``[H]``, kept with ``table``: each token-major head's slot among them (in head order), -1 for others."""
+
+    def build(t):
+        flags = t.token_major.to(torch.int32)
+        return torch.where(flags != 0, flags.cumsum(0) - 1, -1).to(torch.int32)
+
+    return table.form("triton.side_slots", build)
+
+
 def _tma_ok(device: torch.device) -> bool:
     if device.type == "cpu":
         return interpreting()
