@@ -110,6 +110,8 @@
 #                  fused path against the default's, bit for bit (#18)                              (~110)
 #   backward-side-ad  mixed tables (token-major heads beside the others), default vs side-out: the passes back to
 #                  frame-major over token-major heads only; Wan-1.3B and HunyuanVideo, 10-50% (#18)  (~120)
+#   backward-ae    #18's grid (Gluon "all" the default), default vs side-out; then mixed tables with side-out timed
+#                  first; head dim 64 (CogVideoX1.5) default vs gluon-d128 (the earlier default) (#18)    (~160)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -342,6 +344,15 @@ for name in "$@"; do
     backward-side-ad) TAIL=20 step backward-side-ad 240 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds mixed --backends triton --variants default side-out --target-ms 80 \
         --budget-s 220 --out "$R/backward-side-ad" ;;
+    backward-ae) TAIL=30 step backward-ae 200 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default side-out \
+        --target-ms 80 --budget-s 180 --out "$R/backward-ae"
+        TAIL=12 step backward-side-ae 120 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p --densities 0.1 \
+        0.25 0.5 --kinds mixed --backends triton --variants side-out default --target-ms 80 --budget-s 100 \
+        --out "$R/backward-side-ae"
+        TAIL=12 step backward-d64-ae 100 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 0.25 0.5 \
+        --kinds band mixed --backends triton --variants default gluon-d128 --target-ms 150 --budget-s 80 \
+        --out "$R/backward-d64-ae" ;;
     backward-ncu) TAIL=40 step backward-ncu 420 python3 bench/backward_counters.py profile --shape wan1.3b-480p \
         --cells mixed:0.1 band:0.1 --out "$R/backward-ncu" ;;
     *) echo "unknown step $name" >&2 ;;

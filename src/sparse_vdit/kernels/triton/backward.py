@@ -44,15 +44,16 @@ from .rotary import grads_to_frame_major
 # (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of the device's memory the
 # stored tiles may take at once (heads go in chunks that fit, a head over it in key-block windows).
 # ``dp_early``: the dK/dV kernel's step computes dP before the exponentials (:func:`_dkdv_steps`).
-# ``gluon``: on sm90 the dK/dV launches at head dim 128 go to the warp-specialised Gluon kernel (gluon_backward.py)
-# where it applies (H100, session ab: backward block efficiency 0.79-0.93 against the Triton kernel's 0.69-0.79 in
-# the same run; BENCHMARKS.md); "all": also at head dim 64 and where dQ recomputes (speed not measured yet).
+# ``gluon``: on sm90 the dK/dV launches go to the warp-specialised Gluon kernel (gluon_backward.py) where it applies
+# (H100, session ab: backward block efficiency 0.79-0.93 against the Triton kernel's 0.69-0.79 in the same run;
+# BENCHMARKS.md); "all" (the default since session ad: +0.08-0.12 at head dim 64 on CogVideoX1.5): at head dims
+# 128 and 64, and where dQ recomputes (no dS stored); True: head dim 128 with dS stored only.
 # ``side_out``: with ``to_frame_major``, token-major heads' gradients go to compact side buffers, the others' in
 # place, so the passes back to frame-major move those heads only (not timed yet).
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
                  "dp_early": None, "gluon": None, "side_out": None}
 DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
-                  "dp_early": False, "gluon": True, "side_out": False}
+                  "dp_early": False, "gluon": "all", "side_out": False}
 
 
 # Candidates timed by ``bench/backward.py --variants`` (each checked first): a winner becomes DEFAULTS; lost (numbers
@@ -67,7 +68,8 @@ VARIANTS: dict[str, dict] = {
     "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
     "dp-early": {"dp_early": True},  # dP's MMAs beside the exponentials, dV's beside dS (sm90 SASS)
     "triton-dkdv": {"gluon": False},  # the Triton dK/dV kernel everywhere (its two warpgroups in lock step on sm90)
-    "gluon-all": {"gluon": "all"},  # the Gluon kernel at head dim 64 too (CogVideoX), and where dQ recomputes
+    "gluon-all": {"gluon": "all"},  # the Gluon kernel at head dim 64 too (CogVideoX), and where dQ recomputes (default)
+    "gluon-d128": {"gluon": True},  # the Gluon kernel at head dim 128 with dS stored only (the default until session ad)
     "side-out": {"side_out": True},  # the passes back to frame-major over token-major heads only (mixed tables)
 }
 
