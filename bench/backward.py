@@ -81,14 +81,15 @@ def input_sets(shape: Shape, count: int, batch: int, device, dtype) -> list:
 
 
 def measure(attend, sets, target_ms: float, trace: Path | None = None, energy=None) -> tuple[float, dict]:
-    """``(median ms, energy fields)`` of the backward of ``attend`` over ``sets`` (graphs built once, outside the
-    timing); ``trace``: one more backward under torch.profiler, its operator tables written there; ``energy``: a
-    :func:`common.energy_counter`, read around more backwards after the timed ones, giving the fields ``joules``
-    (a call) and ``watts`` (their mean draw); without it, none."""
+    """``(median ms, fields)`` of the backward of ``attend`` over ``sets`` (graphs built once, outside the timing):
+    ``host_ms``, the host's median time to issue a call (over the GPU's ms, the GPU waits for it), and ``reps``;
+    ``trace``: one more backward under torch.profiler, its operator tables written there; ``energy``: a
+    :func:`common.energy_counter`, read around more backwards after the timed ones, adding the fields ``joules``
+    (a call) and ``watts`` (their mean draw)."""
     prepare, run = backward_timer(attend)
     prepared = [prepare(*s) for s in sets]
-    ms, _, _ = time_fn(run, prepared, target_ms=target_ms)
-    spent = {}
+    ms, host_ms, reps = time_fn(run, prepared, target_ms=target_ms)
+    spent = {"host_ms": host_ms, "reps": reps}
     if energy is not None:
         joules, _, seconds = energy_per_call(run, prepared, energy)
         spent = {"joules": joules, "watts": joules / seconds}
@@ -314,6 +315,7 @@ def main(argv=None) -> dict:
         eff = row.get("block_eff")
         said = f" {row['joules']:8.3f} J {row['watts']:4.0f} W" if "joules" in row else ""
         said += f" energy_eff {row['energy_eff']:.3f}" if "energy_eff" in row else ""
+        said += f" (host {row['host_ms']:.2f} ms a call)" if "host_ms" in row else ""
         if row.get("windowed_heads") or row.get("recomputed_heads"):
             said += (f" ({row['launches']} launches, {row['windowed_heads']} heads in key windows, "
                             f"{row['recomputed_heads']} recomputing)")  # fmt: skip

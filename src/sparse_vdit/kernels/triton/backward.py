@@ -49,11 +49,12 @@ from .rotary import grads_to_frame_major
 # BENCHMARKS.md); "all" (the default since session ad: +0.08-0.12 at head dim 64 on CogVideoX1.5): at head dims
 # 128 and 64, and where dQ recomputes (no dS stored); True: head dim 128 with dS stored only.
 # ``side_out``: with ``to_frame_major``, token-major heads' gradients go to compact side buffers, the others' in
-# place, so the passes back to frame-major move those heads only (not timed yet).
+# place, so the passes back to frame-major move those heads only (default since session ad: Wan-1.3B mixed tables
+# +0.01-0.05 in three H100 runs; HunyuanVideo mixed 50% -0.02-0.03, still 0.84+).
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
                  "dp_early": None, "gluon": None, "side_out": None}
 DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
-                  "dp_early": False, "gluon": "all", "side_out": False}
+                  "dp_early": False, "gluon": "all", "side_out": True}
 
 
 # Candidates timed by ``bench/backward.py --variants`` (each checked first): a winner becomes DEFAULTS; lost (numbers
@@ -70,7 +71,8 @@ VARIANTS: dict[str, dict] = {
     "triton-dkdv": {"gluon": False},  # the Triton dK/dV kernel everywhere (its two warpgroups in lock step on sm90)
     "gluon-all": {"gluon": "all"},  # the Gluon kernel at head dim 64 too (CogVideoX), and where dQ recomputes (default)
     "gluon-d128": {"gluon": True},  # the Gluon kernel at head dim 128 with dS stored only (the default until session ad)
-    "side-out": {"side_out": True},  # the passes back to frame-major over token-major heads only (mixed tables)
+    "side-out": {"side_out": True},  # the passes back to frame-major over token-major heads only (the default)
+    "all-heads-out": {"side_out": False},  # the passes back over every head (the default until session ad)
 }
 
 
