@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -151,12 +152,18 @@ def use_variant(name: str | None) -> None:
 
 
 def variant_table(result: dict) -> str:
-    """Efficiency per (shape, kind, density[, whole call]) row and variant column, from ``result['rows']``."""
+    """Efficiency per (shape, kind, density[, whole call]) row and variant column, from ``result['rows']`` (the
+    median over rounds where a cell was timed in several, ``--rounds``)."""
     rows = [r for r in result["rows"] if r.get("variant") and "block_eff" in r]
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     keys = list(dict.fromkeys((r["shape"], r["kind"], r["target"], r.get("call")) for r in rows))
-    eff = {(r["shape"], r["kind"], r["target"], r.get("call"), r["variant"]): r["block_eff"] for r in rows}
-    lines = ["shape / kind / density " + " ".join(f"{v:>10s}" for v in variants)]
+    samples: dict = {}
+    for r in rows:
+        samples.setdefault((r["shape"], r["kind"], r["target"], r.get("call"), r["variant"]), []).append(r["block_eff"])
+    eff = {key: statistics.median(values) for key, values in samples.items()}
+    rounds = max((len(values) for values in samples.values()), default=1)
+    lines = [f"shape / kind / density{f' (median of {rounds} rounds)' if rounds > 1 else ''} "
+             + " ".join(f"{v:>10s}" for v in variants)]
     for key in keys:
         cells = (f"{eff[(*key, v)]:10.3f}" if (*key, v) in eff else f"{'-':>10s}" for v in variants)
         call = f" / call {key[3]}" if key[3] else ""
@@ -256,6 +263,9 @@ def parse(argv):
     p.add_argument("--sets", type=int, default=3, help="rotated input sets (L2 must not flatter)")
     p.add_argument("--target-ms", type=float, default=500.0)
     p.add_argument("--budget-s", type=float, default=500.0, help="stop starting new rows after this long")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every row (and cuDNN's) this many times, the variants in reversed order every other "
+                        "round (checked in the first); the summary table gives each cell's median over rounds")
     p.add_argument("--out", default=out_dir())
     p.add_argument("--dry-run", action="store_true", help="a tiny shape on the CPU: triton (interpreter) and reference")
     p.add_argument("--calls", action="store_true",
@@ -331,62 +341,71 @@ def main(argv=None) -> dict:
         dense = sdpa_with(SDPBackend.CUDNN_ATTENTION if device.type == "cuda" else SDPBackend.MATH)
 
         kv = layout.kv_len
-        t_dense, spent = measure(lambda q, k, v: dense(q, k[:, :kv], v[:, :kv]), sets, args.target_ms, energy=energy)
-        joules_dense = spent.get("joules")
-        record(shape=shape.name, kind="dense", target=1.0, density=1.0, backend="cudnn-backward", ms=t_dense,
-               block_eff=1.0, **spent)  # fmt: skip
-        tables = {}
-        calls = call_paths(shape, device, dense, kv) if args.calls and "triton" in backends else {}
-        t_dense_call = None
-        for name, fn in calls.pop("dense", {}).items():
-            ms, _ = measure(fn, sets, args.target_ms)
-            record(shape=shape.name, kind="dense", target=1.0, density=1.0, backend=f"dense-call[{name}]", ms=ms,
-                   block_eff=None)  # fmt: skip
-            t_dense_call = ms if t_dense_call is None else min(t_dense_call, ms)
-        for spec in backends:
-            backend = use_backend(spec)
-            for variant in variants if backend == "triton" else [None]:
-                use_variant(variant)
-                label = spec + (f"[{variant}]" if variant else "")
-                if (variant or backend == "fa4") and time.time() - t_start <= args.budget_s:  # checked, then timed
-                    try:
-                        check = check_variant(shape, device, dtype, backend=backend,
-                                              **({"batch": 1, "heads": 3} if args.dry_run else {}))  # fmt: skip
-                    except Exception as exc:  # reported, not fatal
-                        check = {"ok": False, "exception": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                    result.setdefault("checks", {}).setdefault(variant or spec, []).append({"shape": shape.name, **check})
-                    print(f"  check {label} on {shape.name}: {json.dumps(check)}", flush=True)
-                    if not check["ok"]:
+        tables, failed = {}, set()  # failed: variants whose check failed (not timed in any round)
+        for rnd in range(args.rounds):  # each round times every row again, the variants in the other order
+            in_round = {"round": rnd} if args.rounds > 1 else {}
+            t_dense, spent = measure(lambda q, k, v: dense(q, k[:, :kv], v[:, :kv]), sets, args.target_ms,
+                                     energy=energy)  # fmt: skip
+            joules_dense = spent.get("joules")
+            record(shape=shape.name, kind="dense", target=1.0, density=1.0, backend="cudnn-backward", ms=t_dense,
+                   block_eff=1.0, **spent, **in_round)  # fmt: skip
+            calls = call_paths(shape, device, dense, kv) if args.calls and "triton" in backends else {}
+            t_dense_call = None
+            for name, fn in calls.pop("dense", {}).items():
+                ms, _ = measure(fn, sets, args.target_ms)
+                record(shape=shape.name, kind="dense", target=1.0, density=1.0, backend=f"dense-call[{name}]", ms=ms,
+                       block_eff=None, **in_round)  # fmt: skip
+                t_dense_call = ms if t_dense_call is None else min(t_dense_call, ms)
+            for spec in backends:
+                backend = use_backend(spec)
+                for variant in (variants if rnd % 2 == 0 else variants[::-1]) if backend == "triton" else [None]:
+                    use_variant(variant)
+                    label = spec + (f"[{variant}]" if variant else "")
+                    if label in failed:
                         continue
-                for kind in args.kinds:
-                    for density in args.densities:
-                        if time.time() - t_start > args.budget_s:
-                            result["incomplete"].append(f"{shape.name}/{label}/{kind}/{density}")
-                            continue
-                        if (kind, density) not in tables:
-                            tables[kind, density] = table_for(kind, density, layout, shape.heads, device)[0]
-                        table = tables[kind, density]
-                        row_label, ran = backend_label(backend, variant, table, sets[0][0])
-                        row = dict(shape=shape.name, kind=kind, target=density, backend=row_label, variant=variant,
-                                   backward=ran)  # fmt: skip
-                        trace = (Path(args.out, "profile", f"{shape.name}-{kind}-{density:g}-{row_label}.txt")
-                                 if args.profile else None)  # fmt: skip
+                    if rnd == 0 and (variant or backend == "fa4") and time.time() - t_start <= args.budget_s:  # checked
                         try:
-                            ms, spent = measure(lambda q, k, v: sparse_attention(q, k, v, table, backend=backend),
-                                                sets, args.target_ms, trace, energy)  # fmt: skip
+                            check = check_variant(shape, device, dtype, backend=backend,
+                                                  **({"batch": 1, "heads": 3} if args.dry_run else {}))  # fmt: skip
                         except Exception as exc:  # reported, not fatal
-                            print(f"  {row_label} {kind} {density}: {type(exc).__name__}: {exc}", flush=True)
-                            result["rows"].append(dict(**row, error=str(exc)[:300]))
+                            check = {"ok": False, "exception": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                        checks = result.setdefault("checks", {}).setdefault(variant or spec, [])
+                        checks.append({"shape": shape.name, **check})
+                        print(f"  check {label} on {shape.name}: {json.dumps(check)}", flush=True)
+                        if not check["ok"]:
+                            failed.add(label)
                             continue
-                        if ran == "triton":
-                            row.update(triton_launches(table, sets[0][0]))
-                        record(**row, density=table.density, ms=ms, block_eff=table.density * t_dense / ms, **spent)
-                        for call, make in calls.items() if backend == "triton" else ():
-                            call_trace = trace and trace.with_name(f"{shape.name}-{kind}-{density:g}-call-{call}.txt")
-                            ms, _ = measure(make(table), sets, args.target_ms, call_trace)
-                            record(shape=shape.name, kind=kind, target=density, backend=f"{label}[{call}]",
-                                   variant=variant, call=call, backward="triton", density=table.density, ms=ms,
-                                   block_eff=table.density * (t_dense if call == "op-in-place" else t_dense_call) / ms)  # fmt: skip
+                    for kind in args.kinds:
+                        for density in args.densities:
+                            if time.time() - t_start > args.budget_s:
+                                result["incomplete"].append(f"{shape.name}/{label}/{kind}/{density}")
+                                continue
+                            if (kind, density) not in tables:
+                                tables[kind, density] = table_for(kind, density, layout, shape.heads, device)[0]
+                            table = tables[kind, density]
+                            row_label, ran = backend_label(backend, variant, table, sets[0][0])
+                            row = dict(shape=shape.name, kind=kind, target=density, backend=row_label, variant=variant,
+                                       backward=ran, **in_round)  # fmt: skip
+                            trace = (Path(args.out, "profile", f"{shape.name}-{kind}-{density:g}-{row_label}.txt")
+                                     if args.profile else None)  # fmt: skip
+                            try:
+                                ms, spent = measure(lambda q, k, v: sparse_attention(q, k, v, table, backend=backend),
+                                                    sets, args.target_ms, trace, energy)  # fmt: skip
+                            except Exception as exc:  # reported, not fatal
+                                print(f"  {row_label} {kind} {density}: {type(exc).__name__}: {exc}", flush=True)
+                                result["rows"].append(dict(**row, error=str(exc)[:300]))
+                                continue
+                            if ran == "triton":
+                                row.update(triton_launches(table, sets[0][0]))
+                            record(**row, density=table.density, ms=ms, block_eff=table.density * t_dense / ms, **spent)
+                            for call, make in calls.items() if backend == "triton" else ():
+                                call_trace = trace and trace.with_name(
+                                    f"{shape.name}-{kind}-{density:g}-call-{call}.txt")
+                                ms, _ = measure(make(table), sets, args.target_ms, call_trace)
+                                record(shape=shape.name, kind=kind, target=density, backend=f"{label}[{call}]",
+                                       variant=variant, call=call, backward="triton", density=table.density, ms=ms,
+                                       **in_round, block_eff=table.density
+                                       * (t_dense if call == "op-in-place" else t_dense_call) / ms)  # fmt: skip
         use_variant(None)
         use_backend(None)
         del sets, tables

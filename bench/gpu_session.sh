@@ -112,6 +112,8 @@
 #                  frame-major over token-major heads only; Wan-1.3B and HunyuanVideo, 10-50% (#18)  (~120)
 #   backward-ae    #18's grid (Gluon "all" the default), default vs side-out; then mixed tables with side-out timed
 #                  first; head dim 64 (CogVideoX1.5) default vs gluon-d128 (the earlier default) (#18)    (~160)
+#   backward-af    #18's grid, the default (side-out, Gluon "all") in 3 rounds (medians; host ms a call beside the
+#                  GPU's); then mixed tables, default vs all-heads-out, 3 rounds in alternating order (#18)  (~260)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -353,6 +355,12 @@ for name in "$@"; do
         TAIL=12 step backward-d64-ae 100 python3 bench/backward.py --shapes cogvideox1.5-768p --densities 0.1 0.25 0.5 \
         --kinds band mixed --backends triton --variants default gluon-d128 --target-ms 150 --budget-s 80 \
         --out "$R/backward-d64-ae" ;;
+    backward-af) TAIL=22 step backward-af 200 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default --rounds 3 \
+        --target-ms 80 --budget-s 180 --out "$R/backward-af"
+        TAIL=12 step backward-side-af 150 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p --densities 0.1 \
+        0.25 0.5 --kinds mixed --backends triton --variants default all-heads-out --rounds 3 --target-ms 80 \
+        --budget-s 130 --out "$R/backward-side-af" ;;
     backward-ncu) TAIL=40 step backward-ncu 420 python3 bench/backward_counters.py profile --shape wan1.3b-480p \
         --cells mixed:0.1 band:0.1 --out "$R/backward-ncu" ;;
     *) echo "unknown step $name" >&2 ;;

@@ -120,6 +120,30 @@ def test_backward_dry_run_times_the_calls_under_each_variant(load_script, tmp_pa
     assert "tiny / multi_diag / 0.10 / call call-fused " in table and "dp-early" in table.splitlines()[0]
 
 
+def test_backward_rounds_time_every_row_again_in_the_other_order(load_script, tmp_path):
+    """--rounds 2: cuDNN and every variant's rows timed in each round (the variants reversed in the second, checked
+    only in the first), each row saying its round and its host time a call; the table gives the median."""
+    from sparse_vdit.kernels import registry
+
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    script = load_script("backward")
+    result = script.main(["--dry-run", "--backends", "triton", "--kinds", "band", "--variants", "default", "side-out",
+                          "--rounds", "2", "--out", str(tmp_path)])  # fmt: skip
+    timed = [(r["round"], r["backend"]) for r in result["rows"] if r["backend"] != "reference"]
+    assert timed == [(0, "cudnn-backward"), (0, "triton[default]"), (0, "triton[side-out]"),
+                     (1, "cudnn-backward"), (1, "triton[side-out]"), (1, "triton[default]")]
+    assert {v: len(c) for v, c in result["checks"].items()} == {"default": 1, "side-out": 1}
+    assert all(r["host_ms"] > 0 and r["reps"] >= 1 for r in result["rows"])
+    dense = {r["round"]: r["ms"] for r in result["rows"] if r["backend"] == "cudnn-backward"}
+    effs = sorted(r["density"] * dense[r["round"]] / r["ms"] for r in result["rows"] if r.get("variant") == "default")
+    assert [r["block_eff"] for r in result["rows"] if r.get("variant") == "default"] == pytest.approx(
+        [r["density"] * dense[r["round"]] / r["ms"] for r in result["rows"] if r.get("variant") == "default"])
+    table = script.variant_table(result)
+    assert "(median of 2 rounds)" in table.splitlines()[0]
+    assert f"{sum(effs) / 2:10.3f}" in table.splitlines()[1]  # the median of two: their mean
+
+
 def test_check_layouts_build_for_every_shape(load_script):
     """Each shape's small check layout is valid: padded text only where the layout allows it (a suffix)."""
     from common import SHAPES
