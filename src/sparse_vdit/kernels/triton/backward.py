@@ -515,9 +515,9 @@ def backward(
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     moved = len(table.token_major_heads) if head_order and to_frame_major else 0
     sides = bool(backward_option("side_out")) and 0 < moved < heads  # a compact buffer for the heads to move
-    side_slot, side_strides = (side_slots(table), (n * moved * dim, moved * dim)) if sides else (delta, (0, 0))
     side_shape = dict(size=(batch, n, moved, dim), dtype=q.dtype, device=device)
     dk_side, dv_side = (torch.empty(**side_shape), torch.empty(**side_shape)) if sides else (dk, dv)
+    side_slot, side_strides = (side_slots(table), dk_side.stride()[:2]) if sides else (delta, (0, 0))
     launch = [{} if device.type == "cpu" else {"num_warps": w, "num_stages": s} for w, s in zip(warps, stages)]
     common = dict(FRAMES=layout.frames, TABLE_BLOCK=block, HEAD_DIM=dim, IEEE=q.dtype == torch.float32,
                   ANY_TOKEN_MAJOR=any_token_major)  # fmt: skip

@@ -316,7 +316,7 @@ def dkdv(q, k, v, grad_out, dk, dv, lse2, delta, q_starts, q_ends, schedule, ds,
         q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
         n, table.layout.kv_len, heads, num_blocks(n, 2 * HALF.value), q_starts.shape[2], softmax_scale * LOG2E,
         softmax_scale, pairs, slot_base, *(sides or (dk, dv, delta)),
-        *((n * sides[0].shape[2] * dim, sides[0].shape[2] * dim) if sides else (0, 0)),
+        *(sides[0].stride()[:2] if sides else (0, 0)),
         TABLE_BLOCK=table.block_size, BLOCK_M=q_step, BLOCK_N=2 * HALF.value, HEAD_DIM=dim, STAGES=STAGES,
         STORE_DS=store_ds, SIDE_OUT=sides is not None, num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip
