@@ -114,8 +114,8 @@
 #                  first; head dim 64 (CogVideoX1.5) default vs gluon-d128 (the earlier default) (#18)    (~160)
 #   backward-af    #18's grid, the default (side-out, Gluon "all") in 3 rounds (medians; host ms a call beside the
 #                  GPU's); then mixed tables, default vs all-heads-out, 3 rounds in alternating order (#18)  (~260)
-#   backward-ag    #18's grid in 3 rounds (medians): band tables by the default; multi_diag and mixed (token-major
-#                  heads) by the default and dkdv-rows-out (dK, dV stored frame-major by their kernel)  (~360)
+#   backward-ag    #18's grid under the default in 3 rounds (medians); then Wan-1.3B's multi_diag and mixed tables,
+#                  default vs dkdv-rows-out, 4 rounds in alternating order (#18)  (~280)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -137,7 +137,9 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $R/NAME.log,
     local name=$1 limit=$2
     shift 2
     local t0=$SECONDS
-    timeout "$limit" "$@" > "$R/$name.log" 2>&1
+    # past its limit a step gets SIGABRT first: Python's faulthandler writes every thread's stack to the log (session
+    # ae's first machine hung two steps, the GPU at 1980 MHz and ~130 W, with nothing logged to say where)
+    PYTHONFAULTHANDLER=1 timeout -k 15 -s ABRT "$limit" "$@" > "$R/$name.log" 2>&1
     echo "$name: rc $? in $((SECONDS - t0)) s"
     tail -n "${TAIL:-25}" "$R/$name.log"
     pack
@@ -363,12 +365,12 @@ for name in "$@"; do
         TAIL=12 step backward-side-af 150 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p --densities 0.1 \
         0.25 0.5 --kinds mixed --backends triton --variants default all-heads-out --rounds 3 --target-ms 80 \
         --budget-s 130 --out "$R/backward-side-af" ;;
-    backward-ag) TAIL=10 step backward-band-ag 100 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
-        --densities 0.1 0.25 0.5 --kinds band --backends triton --variants default --rounds 3 --target-ms 80 \
-        --budget-s 80 --out "$R/backward-band-ag"
-        TAIL=28 step backward-rows-ag 300 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p --densities 0.1 \
-        0.25 0.5 --kinds multi_diag mixed --backends triton --variants default dkdv-rows-out --rounds 3 --target-ms 80 \
-        --budget-s 270 --out "$R/backward-rows-ag" ;;
+    backward-ag) TAIL=22 step backward-ag 200 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
+        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default --rounds 3 \
+        --target-ms 80 --budget-s 180 --out "$R/backward-ag"
+        TAIL=12 step backward-rows-ag 100 python3 bench/backward.py --shapes wan1.3b-480p --densities 0.1 0.25 0.5 \
+        --kinds multi_diag mixed --backends triton --variants default dkdv-rows-out --rounds 4 --target-ms 60 \
+        --budget-s 85 --out "$R/backward-rows-ag" ;;
     backward-ncu) TAIL=40 step backward-ncu 420 python3 bench/backward_counters.py profile --shape wan1.3b-480p \
         --cells mixed:0.1 band:0.1 --out "$R/backward-ncu" ;;
     *) echo "unknown step $name" >&2 ;;

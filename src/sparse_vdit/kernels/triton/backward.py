@@ -15,12 +15,11 @@ Token-major heads are read and written through their order in place, as in the f
 and delta gathered into their order once, for the dK/dV kernel's whole steps), or, after the forward on
 head-ordered q, k, v (``head_order``: how eager training runs), as frame-major heads, the prologue
 putting grad_out and the statistics in head order (``to_frame_major``: the gradients back by one pass for dq and dk,
-one for dv). Every element of dQ, dK, dV is written (zeros for
-keys nobody visits: skipped heads, padded text). On Hopper the stored-dS dK/dV launches on inputs in each
-head's own order go to a warp-specialised kernel in Gluon (:mod:`.gluon_backward`: a producer warp and two
-consumer warpgroups, as FlashAttention-3; ``OPTIONS["gluon"]``, :mod:`.gluon_choice`), the same tiles and
-results. The torch reference
-is autograd through ``sparse_vdit.kernels.reference``.
+one for dv). Every element of dQ, dK, dV is written (zeros for keys nobody visits: skipped heads, padded text). On
+Hopper the dK/dV launches on inputs in each head's own order go to a warp-specialised kernel in Gluon
+(:mod:`.gluon_backward`: a producer warp and two consumer warpgroups, as FlashAttention-3; ``OPTIONS["gluon"]``,
+:mod:`.gluon_choice`), the same tiles and results. The torch reference is autograd through
+``sparse_vdit.kernels.reference``.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import triton.language as tl
 from ...block_table import num_blocks
 from .kernel import dot, sequence_rows
 from . import ds_tiles, gluon_choice
-from .backward_prologue import prologue, prologue_in_head_order
+from .backward_prologue import prologue, prologue_in_head_order, stats_in_head_order
 from .launcher import LOG2E, _descriptors, _tma_ok, option, side_slots, token_major_flags
 from .rotary import grads_to_frame_major
 
@@ -44,14 +43,11 @@ from .rotary import grads_to_frame_major
 # (the dQ kernel recomputes the probabilities: 7); ``ds_budget``: the share of the device's memory the
 # stored tiles may take at once (heads go in chunks that fit, a head over it in key-block windows).
 # ``dp_early``: the dK/dV kernel's step computes dP before the exponentials (:func:`_dkdv_steps`).
-# ``gluon``: on sm90 the dK/dV launches go to the warp-specialised Gluon kernel (gluon_backward.py) where it applies
-# (H100, session ab: backward block efficiency 0.79-0.93 against the Triton kernel's 0.69-0.79 in the same run;
-# BENCHMARKS.md); "all" (the default since session ad: +0.08-0.12 at head dim 64 on CogVideoX1.5): at head dims
-# 128 and 64, and where dQ recomputes (no dS stored); True: head dim 128 with dS stored only.
-# ``side_out``: with ``to_frame_major``, token-major heads' gradients go to compact side buffers, the others' in
-# place, so the passes back to frame-major move those heads only (default since session ad: Wan-1.3B mixed tables
-# +0.01-0.05 in three H100 runs; HunyuanVideo mixed 50% -0.02-0.03, still 0.84+). ``rows_out`` (no rotary): the
-# dK/dV kernels store token-major heads' rows at their frame-major rows, so only dQ goes back by a pass.
+# ``gluon``: on sm90 the dK/dV launches go to the warp-specialised Gluon kernel (gluon_backward.py) where it applies:
+# "all" at head dims 128 and 64 and where dQ recomputes, True at head dim 128 with dS stored only (BENCHMARKS.md).
+# ``side_out``: with ``to_frame_major``, token-major heads' gradients go to compact side buffers, the others' in place,
+# so the passes back to frame-major move those heads only. ``rows_out`` (no rotary): the dK/dV kernels store
+# token-major heads' rows at their frame-major rows, so only dQ goes back by a pass (a candidate: session ae).
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
                  "dp_early": None, "gluon": None, "side_out": None, "rows_out": None}
 DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
@@ -540,8 +536,7 @@ def backward(
     q_descriptors = _descriptors(q, grad_out, q_step) if tma else None
     lse_t, delta_t = lse2, delta
     if any_token_major:  # token-major heads' LSE and delta in their order: read by position, not gathered
-        index = table.form("triton.bwd.stat_order", lambda t: _stat_order(t, device))
-        lse_t, delta_t = (torch.gather(t, 2, index.expand_as(t)) for t in (lse2, delta))
+        lse_t, delta_t = stats_in_head_order(table, lse2, delta)
     kv_descriptors = _descriptors(k, v, kv_step) if tma else None
     for chunk in chunks:
         h0, h1, stored = chunk[:3]
@@ -603,15 +598,6 @@ def backward(
     if layout.kv_len < n:  # the kernel left the rows of padded keys as they came (not moved: text rows)
         dk[:, layout.kv_len :], dv[:, layout.kv_len :] = 0, 0
     return dq, dk, dv
-
-
-def _stat_order(table, device: torch.device) -> torch.Tensor:
-    """int64 ``[1, H, N]``: the memory row of each position in each head's own order (token-major heads
-    permuted, the others in place), to gather LSE and delta in that order."""
-    rows = torch.arange(table.layout.num_tokens, device=device).repeat(table.num_heads, 1)
-    if table.token_major_heads:
-        rows[list(table.token_major_heads)] = table.layout.token_major_order(device)
-    return rows[None]
 
 
 __all__ = ["OPTIONS", "VARIANTS", "backward"]

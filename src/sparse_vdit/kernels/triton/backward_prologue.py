@@ -77,4 +77,21 @@ def prologue_in_head_order(grad_out, out, lse, table) -> tuple[torch.Tensor, tor
     return delta, lse2, grad_in_order
 
 
-__all__ = ["prologue", "prologue_in_head_order"]
+def stats_in_head_order(table, *stats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``stats`` (float32 ``[B, H, N]`` by memory row) with token-major heads' rows put in their own order (the
+    index kept with ``table``), for the dK/dV kernel reading those heads through their order in place."""
+    device = stats[0].device
+    index = table.form("triton.bwd.stat_order", lambda t: _stat_order(t, device))
+    return tuple(torch.gather(s, 2, index.expand_as(s)) for s in stats)
+
+
+def _stat_order(table, device: torch.device) -> torch.Tensor:
+    """int64 ``[1, H, N]``: the memory row of each position in each head's own order (token-major heads
+    permuted, the others in place), to gather LSE and delta in that order."""
+    rows = torch.arange(table.layout.num_tokens, device=device).repeat(table.num_heads, 1)
+    if table.token_major_heads:
+        rows[list(table.token_major_heads)] = table.layout.token_major_order(device)
+    return rows[None]
+
+
+__all__ = ["prologue", "prologue_in_head_order", "stats_in_head_order"]
