@@ -114,9 +114,8 @@
 #                  first; head dim 64 (CogVideoX1.5) default vs gluon-d128 (the earlier default) (#18)    (~160)
 #   backward-af    #18's grid, the default (side-out, Gluon "all") in 3 rounds (medians; host ms a call beside the
 #                  GPU's); then mixed tables, default vs all-heads-out, 3 rounds in alternating order (#18)  (~260)
-#   backward-ag    #18's grid under the default in 3 rounds (medians); then Wan-1.3B's multi_diag and mixed tables,
-#                  default vs dkdv-rows-out, 4 rounds in alternating order (#18)  (~280)
-#   backward-ag2   backward-ag's two parts the other way round (the rows-out comparison first, for a short call) (~280)
+#   backward-ag    #18's grid under the default in 3 rounds (medians) (#18)  (~200; sessions ae-af also timed the
+#                  dkdv-rows-out variant here, removed with it: git 3606b85, 3b35f88)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -367,15 +366,6 @@ for name in "$@"; do
         0.25 0.5 --kinds mixed --backends triton --variants default all-heads-out --rounds 3 --target-ms 80 \
         --budget-s 130 --out "$R/backward-side-af" ;;
     backward-ag) TAIL=22 step backward-ag 200 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
-        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default --rounds 3 \
-        --target-ms 80 --budget-s 180 --out "$R/backward-ag"
-        TAIL=12 step backward-rows-ag 100 python3 bench/backward.py --shapes wan1.3b-480p --densities 0.1 0.25 0.5 \
-        --kinds multi_diag mixed --backends triton --variants default dkdv-rows-out --rounds 4 --target-ms 60 \
-        --budget-s 85 --out "$R/backward-rows-ag" ;;
-    backward-ag2) TAIL=12 step backward-rows-ag 100 python3 bench/backward.py --shapes wan1.3b-480p --densities 0.1 \
-        0.25 0.5 --kinds multi_diag mixed --backends triton --variants default dkdv-rows-out --rounds 4 --target-ms 60 \
-        --budget-s 85 --out "$R/backward-rows-ag"
-        TAIL=22 step backward-ag 200 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default --rounds 3 \
         --target-ms 80 --budget-s 180 --out "$R/backward-ag" ;;
     backward-ncu) TAIL=40 step backward-ncu 420 python3 bench/backward_counters.py profile --shape wan1.3b-480p \

@@ -61,7 +61,7 @@ def _tool(name: str) -> str:
 _TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "DS", "DQ_SIDE", "DK_SIDE", "DV_SIDE"), "*bf16"),
           **dict.fromkeys(("LSE", "LSE_T", "DELTA", "DELTA_T"), "*fp32"), "TOKEN_MAJOR": "*i8",
           **dict.fromkeys(("STARTS", "ENDS", "SLOTS", "SCHEDULE", "SELECTED", "COUNTS", "BLOCKS", "PAIR_SLOTS",
-                           "Q_FIRST", "SIDE_SLOT", "ROW_OF"), "*i32"),
+                           "Q_FIRST", "SIDE_SLOT"), "*i32"),
           **dict.fromkeys(("qk_scale", "softmax_scale"), "fp32")}  # fmt: skip
 
 
@@ -120,8 +120,7 @@ def compile_triton_dkdv(head_dim: int = 128, block: int = 128, variant: str = "d
     kv_tile, q_step, _, _ = _tiles(block, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=kv_tile, HEAD_DIM=head_dim, IEEE=False,
                       ANY_TOKEN_MAJOR=False, TMA=True, STORE_DS=options["dq"] == "stored",
-                      DP_EARLY=bool(options["dp_early"]), SIDE_OUT=bool(options["side_out"] and not options["rows_out"]),
-                      ROWS_OUT=bool(options["rows_out"]))  # fmt: skip
+                      DP_EARLY=bool(options["dp_early"]), SIDE_OUT=bool(options["side_out"]))  # fmt: skip
     desc = f"tensordesc<bf16[1,{q_step},1,{head_dim}]>"
     return _compile(block_sparse_attention_bwd_dkdv, constexprs, {"Q_DESC": desc, "DO_DESC": desc},
                     dict(num_warps=options["warps"][0], num_stages=options["stages"][0]))  # fmt: skip
@@ -136,16 +135,16 @@ def _gluon_descriptor(rows: int, head_dim: int) -> str:
     return f"tensordesc<bf16[1,{rows},{head_dim}],{layout!r}>"
 
 
-def compile_gluon_dkdv(head_dim: int = 128, block: int = 128, store_ds: bool = True, out: int = 0):
+def compile_gluon_dkdv(head_dim: int = 128, block: int = 128, store_ds: bool = True, side_out: bool = False):
     """The warp-specialised Gluon dK/dV kernel (``kernels.triton.gluon_backward``) at the Triton backward's query
-    step, storing dS or not (the heads whose dQ pass recomputes), token-major heads' rows in place, to side buffers
-    or to frame-major rows (``out`` 0, 1, 2: its OUT), compiled for sm_90a."""
+    step, storing dS or not (the heads whose dQ pass recomputes), token-major heads' rows to side buffers or not
+    (``side_out``), compiled for sm_90a."""
     from sparse_vdit.kernels.triton import gluon_backward as GB
     from sparse_vdit.kernels.triton.backward import _tiles
 
     _, q_step, _, _ = _tiles(block, _CUDA)
     constexprs = dict(TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=2 * GB.HALF.value, HEAD_DIM=head_dim, STAGES=GB.STAGES,
-                      STORE_DS=store_ds, OUT=out)  # fmt: skip
+                      STORE_DS=store_ds, SIDE_OUT=side_out)  # fmt: skip
     steps, keys = _gluon_descriptor(q_step, head_dim), _gluon_descriptor(GB.HALF.value, head_dim)
     descriptors = {"q_desc": steps, "do_desc": steps, "k_desc": keys, "v_desc": keys}
     return _compile(GB.block_sparse_attention_bwd_dkdv_ws, constexprs, descriptors,
@@ -358,9 +357,7 @@ def main(argv=None) -> list[Compiled]:
             rows.append(summarize(f"gluon backward dK/dV D{dim}", compile_gluon_dkdv(dim)))
             rows.append(summarize(f"gluon backward dK/dV D{dim} no dS", compile_gluon_dkdv(dim, store_ds=False)))
             if "side-out" in variants:
-                rows.append(summarize(f"gluon backward dK/dV D{dim} side-out", compile_gluon_dkdv(dim, out=1)))
-            if "dkdv-rows-out" in variants:
-                rows.append(summarize(f"gluon backward dK/dV D{dim} rows-out", compile_gluon_dkdv(dim, out=2)))
+                rows.append(summarize(f"gluon backward dK/dV D{dim} side-out", compile_gluon_dkdv(dim, side_out=True)))
     if args.json:
         print(json.dumps([{**asdict(row), "overlaps": overlaps_softmax(row.loop), "waits_for_all": waits_for_all(row.loop)}
                           for row in rows]))  # fmt: skip

@@ -183,20 +183,17 @@ def test_triton_forward_and_backward_on_random_layers(case, dtype, route, varian
 
 
 @examples(4)
-@given(case=layer_cases(), budget_pairs=st.integers(1, 6), route=st.sampled_from(["api", "op"]),
-       out=st.sampled_from(["in place", "side", "rows"]))
-def test_triton_backward_on_random_layers_in_key_block_windows(case, budget_pairs, route, out):
+@given(case=layer_cases(), budget_pairs=st.integers(1, 6), route=st.sampled_from(["api", "op"]), side_out=st.booleans())
+def test_triton_backward_on_random_layers_in_key_block_windows(case, budget_pairs, route, side_out):
     """Any layout and mix of patterns with a dS share of a few pairs' tiles: heads in key-block windows (dQ adding
     their parts) and, where one key block's tiles are over it, recomputing, against float64 autograd, every buffer
-    NaN-poisoned (fp16, the interpreter's tiles); ``out``: where token-major heads' gradients go after a head-ordered
-    forward (the op route): the passes back over every head, side buffers, or dK and dV at frame-major rows."""
+    NaN-poisoned (fp16, the interpreter's tiles); ``side_out``: token-major heads' gradients in side buffers too."""
     _needs_interpreter()
     from sparse_vdit.kernels.triton import backward, ds_tiles
 
     layout, block, heads, batch, _ = case
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setitem(backward.OPTIONS, "side_out", out == "side")
-        monkeypatch.setitem(backward.OPTIONS, "rows_out", out == "rows")
+        monkeypatch.setitem(backward.OPTIONS, "side_out", side_out)
         monkeypatch.setattr(ds_tiles, "budget", lambda device, share: budget_pairs * batch * block * block * 2)
         _check(case, "triton", torch.float16, "cpu", 2e-6, monkeypatch, route)
 

@@ -46,20 +46,20 @@ from .rotary import grads_to_frame_major
 # ``gluon``: on sm90 the dK/dV launches go to the warp-specialised Gluon kernel (gluon_backward.py) where it applies:
 # "all" at head dims 128 and 64 and where dQ recomputes, True at head dim 128 with dS stored only (BENCHMARKS.md).
 # ``side_out``: with ``to_frame_major``, token-major heads' gradients go to compact side buffers, the others' in place,
-# so the passes back to frame-major move those heads only. ``rows_out`` (no rotary): the dK/dV kernels store
-# token-major heads' rows at their frame-major rows, so only dQ goes back by a pass (a candidate: session ae).
+# so the passes back to frame-major move those heads only.
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
-                 "dp_early": None, "gluon": None, "side_out": None, "rows_out": None}
+                 "dp_early": None, "gluon": None, "side_out": None}
 DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
-                  "dp_early": False, "gluon": "all", "side_out": True, "rows_out": False}
+                  "dp_early": False, "gluon": "all", "side_out": True}
 
 
 # Candidates timed by ``bench/backward.py --variants`` (each checked first): a winner becomes DEFAULTS; lost (numbers
 # and git commits in BENCHMARKS.md): dQ added by the dK/dV kernel (atomics, TMA reductions), dS by TMA stores, 64-key
 # dK/dV tiles (also at 4 warps, two programs an SM), 64/128-query steps, 32/128-key dQ steps, other stages and warps,
 # token-major q and dO copied, dQ on a side stream, a Gluon kernel pipelined in each warpgroup, gradients stored at
-# frame-major rows (sessions k, o, t), recompute + dp-early, exponentials on the FMA units, k and v as register
-# operands, Triton 3.9, LSE and delta a step ahead. Tiles are for 128-token table blocks (tests scale them).
+# frame-major rows (sessions k, o, t; dK and dV only, ae-af), recompute + dp-early, exponentials on the FMA units, k
+# and v as register operands, Triton 3.9, LSE and delta a step ahead. Tiles are for 128-token table blocks (tests
+# scale them).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
     # dQ tiles with 64-key steps, 8 warps, 3 stages; dK/dV by the Gluon kernel on sm90 where it applies
@@ -70,7 +70,6 @@ VARIANTS: dict[str, dict] = {
     "gluon-d128": {"gluon": True},  # the Gluon kernel at head dim 128 with dS stored only (the default until session ad)
     "side-out": {"side_out": True},  # the passes back to frame-major over token-major heads only (the default)
     "all-heads-out": {"side_out": False},  # the passes back over every head (the default until session ad)
-    "dkdv-rows-out": {"rows_out": True},  # dK, dV stored frame-major by their kernel (dQ by the pass back)
 }
 
 
@@ -217,7 +216,6 @@ def block_sparse_attention_bwd_dkdv(
     STORE_DS: tl.constexpr,
     DP_EARLY: tl.constexpr,  # the step's order (_dkdv_steps)
     SIDE_OUT: tl.constexpr,  # token-major heads' rows to DK_SIDE, DV_SIDE (_side)
-    ROWS_OUT: tl.constexpr,  # (head-ordered inputs) token-major heads' rows (SIDE_SLOT >= 0) to their frame-major rows
 ):  # fmt: skip
     head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
@@ -265,8 +263,6 @@ def block_sparse_attention_bwd_dkdv(
     if SIDE_OUT:
         side, base, stride_n = _side(SIDE_SLOT, head, batch, base, stride_n, stride_sb, stride_sn, HEAD_DIM)
         DK, DV = tl.where(side, DK_SIDE, DK), tl.where(side, DV_SIDE, DV)
-    if ROWS_OUT:
-        rows_n = sequence_rows(offs_n, tl.load(SIDE_SLOT + head) >= 0, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
     tl.store(DK + base + rows_n[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
     tl.store(DV + base + rows_n[:, None] * stride_n + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_ok)
 
@@ -516,12 +512,9 @@ def backward(
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     moved = len(table.token_major_heads) if head_order and to_frame_major else 0
     sides = bool(backward_option("side_out")) and 0 < moved < heads  # a compact buffer for the heads to move
-    rows_out = bool(backward_option("rows_out")) and moved > 0 and rotary is None  # dK, dV frame-major at once
-    kv_sides = sides and not rows_out
     side_shape = dict(size=(batch, n, moved, dim), dtype=q.dtype, device=device)
-    dk_side, dv_side = (torch.empty(**side_shape), torch.empty(**side_shape)) if kv_sides else (dk, dv)
-    side_slot = side_slots(table) if sides or rows_out else delta
-    row_of = table.form("triton.bwd.row_of", lambda t: t.layout.token_major_order(device).int()) if rows_out else None
+    dk_side, dv_side = (torch.empty(**side_shape), torch.empty(**side_shape)) if sides else (dk, dv)
+    side_slot, side_strides = (side_slots(table), dk_side.stride()[:2]) if sides else (delta, (0, 0))
     launch = [{} if device.type == "cpu" else {"num_warps": w, "num_stages": s} for w, s in zip(warps, stages)]
     common = dict(FRAMES=layout.frames, TABLE_BLOCK=block, HEAD_DIM=dim, IEEE=q.dtype == torch.float32,
                   ANY_TOKEN_MAJOR=any_token_major)  # fmt: skip
@@ -532,7 +525,6 @@ def backward(
     windows = any(c.keys is not None for c in chunks)  # a head's key blocks in parts: dQ adds them up
     dq = torch.zeros_like(q) if windows else torch.empty_like(q)
     dq_side = (torch.zeros if windows else torch.empty)(**side_shape) if sides else dq
-    side_strides = dq_side.stride()[:2] if sides else (0, 0)
     q_descriptors = _descriptors(q, grad_out, q_step) if tma else None
     lse_t, delta_t = lse2, delta
     if any_token_major:  # token-major heads' LSE and delta in their order: read by position, not gathered
@@ -559,18 +551,16 @@ def backward(
                 and gluon_choice.run(q, k, v, grad_out, dk, dv, lse_t, delta_t, q_starts, q_ends, dkdv_schedule, ds,
                                     pair_slots, q_first, table=part, q_step=q_step, softmax_scale=softmax_scale,
                                     pairs=pairs, slot_base=head_first[h0], store_ds=stored,
-                                    sides=(dk_side, dv_side, side_slot) if kv_sides else None,
-                                    rows=(side_slot, row_of) if rows_out else None)):  # fmt: skip
+                                    sides=(dk_side, dv_side, side_slot) if sides else None)):  # fmt: skip
             block_sparse_attention_bwd_dkdv[(len(dkdv_schedule), batch)](
                 q, k, v, grad_out, dk, dv, *(q_descriptors or (delta, delta)), lse_t, delta_t,
                 lse2, delta, q_starts, q_ends,
                 dkdv_schedule, flags, ds, pair_slots, q_first, dk_side, dv_side, side_slot,
                 q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
                 n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
-                pairs, head_first[h0], *(dk_side.stride()[:2] if kv_sides else (0, 0)),
+                pairs, head_first[h0], *side_strides,
                 BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored,
-                DP_EARLY=bool(backward_option("dp_early")), SIDE_OUT=kv_sides, ROWS_OUT=rows_out, **common,
-                **launch[0],
+                DP_EARLY=bool(backward_option("dp_early")), SIDE_OUT=sides, **common, **launch[0],
             )  # fmt: skip
         dq_schedule = part.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1, windows),
                                 lambda t: ds_tiles.chunk_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
@@ -593,8 +583,7 @@ def backward(
             )  # fmt: skip
     if to_frame_major:
         dq, dk, dv = grads_to_frame_major(dq, dk, dv, token_major_flags(table), (layout.frames, *sizes[:3]), rotary,
-                                          (side_slot, dq_side, dk_side, dv_side) if sides else None,
-                                          kv_frame_major=rows_out)  # fmt: skip
+                                          (side_slot, dq_side, dk_side, dv_side) if sides else None)  # fmt: skip
     if layout.kv_len < n:  # the kernel left the rows of padded keys as they came (not moved: text rows)
         dk[:, layout.kv_len :], dv[:, layout.kv_len :] = 0, 0
     return dq, dk, dv

@@ -143,13 +143,13 @@ def _producer(a, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.c
 
 @gluon.jit
 def _consumer(a, part: gl.constexpr, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_DS: gl.constexpr, OUT: gl.constexpr):
+              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_DS: gl.constexpr, SIDE_OUT: gl.constexpr):
     """Warpgroup ``part``'s 64 keys: every step of every query range (STORE_DS: its dS tile stored), then its rows
-    of dK and dV (OUT 1: a token-major head's to its slot of DK_SIDE, DV_SIDE; 2: to their frame-major rows)."""
+    of dK and dV (SIDE_OUT: a token-major head's to its slot of DK_SIDE, DV_SIDE)."""
     (q_desc, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, full, empty, kv_bar, DK, DV, STARTS, ENDS,
      SCHEDULE, DS, PAIR_SLOTS, Q_FIRST, stride_b, stride_n, stride_h, stride_rh, stride_rm, N, KV_LEN, NUM_K_TILES,
      NUM_RANGES, qk_scale, softmax_scale, ds_pairs, slot_base, DK_SIDE, DV_SIDE, SIDE_SLOT, stride_sb,
-     stride_sn, ROW_OF) = a  # fmt: skip
+     stride_sn) = a  # fmt: skip
     head, tile, batch, _ = _work(SCHEDULE, NUM_K_TILES, HEAD_DIM)
     ds_pair0 = batch.to(gl.int64) * ds_pairs - slot_base
     s_layout: gl.constexpr = mma_layout(BLOCK_M)
@@ -201,16 +201,13 @@ def _consumer(a, part: gl.constexpr, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.cons
     offs_n = tile * BLOCK_N + part * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     base = batch.to(gl.int64) * stride_b + head * stride_h
-    out_ok = (offs_n < N)[:, None]
-    if OUT == 1:
+    if SIDE_OUT:
         slot = gl.load(SIDE_SLOT + head)
         side = slot >= 0
         base = gl.where(side, batch.to(gl.int64) * stride_sb + slot * HEAD_DIM, base)
         stride_n = gl.where(side, stride_sn, stride_n)
         DK, DV = gl.where(side, DK_SIDE, DK), gl.where(side, DV_SIDE, DV)
-    if OUT == 2:
-        moved = gl.load(SIDE_SLOT + head) >= 0
-        offs_n = gl.where(moved, gl.load(ROW_OF + offs_n, mask=offs_n < N, other=0), offs_n)
+    out_ok = (offs_n < N)[:, None]
     gl.store(DK + base + offs_n[:, None] * stride_n + offs_d[None, :], (dk * softmax_scale).to(DK.dtype.element_ty),
              mask=out_ok)  # fmt: skip
     gl.store(DV + base + offs_n[:, None] * stride_n + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_ok)
@@ -218,7 +215,7 @@ def _consumer(a, part: gl.constexpr, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.cons
 
 @gluon.jit
 def _worker(a, c, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-            STAGES: gl.constexpr, STORE_DS: gl.constexpr, OUT: gl.constexpr):
+            STAGES: gl.constexpr, STORE_DS: gl.constexpr, SIDE_OUT: gl.constexpr):
     """The producer partition (worker partitions share one signature: ``a`` the producer's arguments, ``c`` the
     consumers')."""
     _producer(a, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)
@@ -226,9 +223,9 @@ def _worker(a, c, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.
 
 @gluon.jit
 def _second_consumer(a, c, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                     HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_DS: gl.constexpr, OUT: gl.constexpr):
+                     HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_DS: gl.constexpr, SIDE_OUT: gl.constexpr):
     """The second consumer warpgroup's partition (keys 64-127 of the tile)."""
-    _consumer(c, 1, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, STORE_DS, OUT)
+    _consumer(c, 1, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, STORE_DS, SIDE_OUT)
 
 
 @gluon.jit
@@ -245,13 +242,10 @@ def block_sparse_attention_bwd_dkdv_ws(
     N, KV_LEN, HEADS, NUM_K_TILES, NUM_RANGES,
     qk_scale, softmax_scale,
     ds_pairs, slot_base,  # DS holds slots [slot_base, slot_base + ds_pairs)
-    DK_SIDE, DV_SIDE,  # with OUT 1: [B, N, Ht, D] token-major heads' dK, dV
-    SIDE_SLOT,  # with OUT 1 or 2: int32 [H], token-major heads' slots (-1: the others)
-    stride_sb, stride_sn,  # with OUT 1: the side buffers' batch and row strides
-    ROW_OF,  # with OUT 2: int32 [N], the frame-major row of each position of a token-major head
+    DK_SIDE, DV_SIDE, SIDE_SLOT,  # with SIDE_OUT: [B, N, Ht, D] token-major heads' dK, dV; int32 [H] their slots
+    stride_sb, stride_sn,  # with SIDE_OUT: the side buffers' batch and row strides
     TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-    STAGES: gl.constexpr, STORE_DS: gl.constexpr,
-    OUT: gl.constexpr,  # where dK, dV go: 0 in place, 1 token-major heads' to side buffers, 2 to frame-major rows
+    STAGES: gl.constexpr, STORE_DS: gl.constexpr, SIDE_OUT: gl.constexpr,
 ):  # fmt: skip
     gl.static_assert(BLOCK_N == 2 * HALF, "two consumer warpgroups of 64 keys")
     dtype: gl.constexpr = q_desc.dtype
@@ -275,13 +269,13 @@ def block_sparse_attention_bwd_dkdv_ws(
     consumer = (q_desc, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, full, empty, kv_bar, DK, DV, STARTS,
                 ENDS, SCHEDULE, DS, PAIR_SLOTS, Q_FIRST, stride_b, stride_n, stride_h, stride_rh, stride_rm, N,
                 KV_LEN, NUM_K_TILES, NUM_RANGES, qk_scale, softmax_scale, ds_pairs, slot_base, DK_SIDE, DV_SIDE,
-                SIDE_SLOT, stride_sb, stride_sn, ROW_OF)  # fmt: skip
+                SIDE_SLOT, stride_sb, stride_sn)  # fmt: skip
     gl.warp_specialize([(_consumer, (consumer, 0, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, STORE_DS,
-                                     OUT)),
+                                     SIDE_OUT)),
                         (_second_consumer, (producer, consumer, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                                            STORE_DS, OUT)),
+                                            STORE_DS, SIDE_OUT)),
                         (_worker, (producer, consumer, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, STORE_DS,
-                                   OUT))],
+                                   SIDE_OUT))],
                        [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
 
 
@@ -307,28 +301,24 @@ def applies(q: torch.Tensor, table, kv_tile: int, q_step: int, stored: bool, any
 
 def dkdv(q, k, v, grad_out, dk, dv, lse2, delta, q_starts, q_ends, schedule, ds, pair_slots, q_first, *, table,
          q_step: int, softmax_scale: float, pairs: int, slot_base: int, store_ds: bool = True,
-         sides: tuple | None = None, rows: tuple | None = None) -> None:  # fmt: skip
+         sides: tuple | None = None) -> None:  # fmt: skip
     """One dK/dV launch over ``schedule`` into ``dk``, ``dv`` and (``store_ds``) ``ds`` (:func:`applies` must
     hold), with the Triton kernel's arguments (``lse2`` in base 2, ``q_starts`` / ``q_ends`` the transposed table);
     ``sides`` = ``(dk_side, dv_side, slots)``: token-major heads' rows to their slot of those (the Triton
-    kernel's SIDE_OUT); ``rows`` = ``(slots, row_of)``: those heads' rows to their frame-major rows ``row_of``
-    (int32 ``[N]``; the Triton kernel's ROWS_OUT)."""
+    kernel's SIDE_OUT)."""
     from ...block_table import num_blocks
     from .launcher import LOG2E
 
-    if sides is not None and rows is not None:
-        raise ValueError("dK and dV go to side buffers or to frame-major rows, not both")
     batch, n, heads, dim = q.shape
-    dk_side, dv_side, slots = sides or (dk, dv, rows[0] if rows else delta)
     block_sparse_attention_bwd_dkdv_ws[(len(schedule), batch)](
         row_descriptor(q, q_step), row_descriptor(grad_out, q_step), row_descriptor(k, HALF.value), row_descriptor(v, HALF.value),
         dk, dv, lse2, delta, q_starts, q_ends, schedule, ds, pair_slots, q_first,
         q.stride(0), q.stride(1), q.stride(2), q_starts.stride(0), q_starts.stride(1),
         n, table.layout.kv_len, heads, num_blocks(n, 2 * HALF.value), q_starts.shape[2], softmax_scale * LOG2E,
-        softmax_scale, pairs, slot_base, dk_side, dv_side, slots, *(dk_side.stride()[:2] if sides else (0, 0)),
-        rows[1] if rows else slots,
+        softmax_scale, pairs, slot_base, *(sides or (dk, dv, delta)),
+        *(sides[0].stride()[:2] if sides else (0, 0)),
         TABLE_BLOCK=table.block_size, BLOCK_M=q_step, BLOCK_N=2 * HALF.value, HEAD_DIM=dim, STAGES=STAGES,
-        STORE_DS=store_ds, OUT=1 if sides else 2 if rows else 0, num_warps=4, maxnreg=MAXNREG,
+        STORE_DS=store_ds, SIDE_OUT=sides is not None, num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip
 
 

@@ -194,21 +194,11 @@ def rotary_order(
 
 
 def grads_to_frame_major(dq, dk, dv, token_major: torch.Tensor | None, geometry: tuple[int, int, int, int],
-                         rotary=None, sides: tuple | None = None, kv_frame_major: bool = False):  # fmt: skip
+                         rotary=None, sides: tuple | None = None):  # fmt: skip
     """Gradients of the head-ordered, rotated q, k, v back to frame-major rows and through the rotary's
     transpose: one pass for dq and dk, one for dv (none where there is nothing to undo). ``sides`` =
     ``(slots, dq_side, dk_side, dv_side)``: the token-major heads' gradients are in those (see
-    :func:`rotary_order`), the others already in place in ``dq``, ``dk``, ``dv``. ``kv_frame_major``: dk and dv
-    are frame-major already (no rotary; the dK/dV kernels' rows-out), only dq moves (from ``dq_side`` with
-    ``sides``)."""
-    if kv_frame_major:
-        if rotary is not None:
-            raise ValueError("kv_frame_major: dk would still need the rotary's transpose")
-        if sides is not None:
-            return rotary_order(dq, None, geometry, to_head_order=False, sides=(sides[0], sides[1], None))[0], dk, dv
-        if token_major is not None:
-            dq = rotary_order(dq, token_major, geometry, to_head_order=False)[0]
-        return dq, dk, dv
+    :func:`rotary_order`), the others already in place in ``dq``, ``dk``, ``dv``."""
     if sides is not None:
         slots, dq_side, dk_side, dv_side = sides
         dq, dk = rotary_order(dq, None, geometry, rotary, second=dk, to_head_order=False, transpose=True,
