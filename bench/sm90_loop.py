@@ -59,7 +59,7 @@ def _tool(name: str) -> str:
 
 # argument types by name across the kernels compiled here (anything else: an int32 scalar)
 _TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "DS", "DQ_SIDE", "DK_SIDE", "DV_SIDE"), "*bf16"),
-          **dict.fromkeys(("LSE", "LSE_T", "DELTA", "DELTA_T"), "*fp32"), "TOKEN_MAJOR": "*i8",
+          **dict.fromkeys(("LSE", "LSE_T", "DELTA", "DELTA_T"), "*fp32"), "TOKEN_MAJOR": "*i8", "RECOMPUTE": "*i8",
           **dict.fromkeys(("STARTS", "ENDS", "SLOTS", "SCHEDULE", "SELECTED", "COUNTS", "BLOCKS", "PAIR_SLOTS",
                            "Q_FIRST", "SIDE_SLOT"), "*i32"),
           **dict.fromkeys(("qk_scale", "softmax_scale"), "fp32")}  # fmt: skip
@@ -120,7 +120,8 @@ def compile_triton_dkdv(head_dim: int = 128, block: int = 128, variant: str = "d
     kv_tile, q_step, _, _ = _tiles(block, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=kv_tile, HEAD_DIM=head_dim, IEEE=False,
                       ANY_TOKEN_MAJOR=False, TMA=True, STORE_DS=options["dq"] == "stored",
-                      DP_EARLY=bool(options["dp_early"]), SIDE_OUT=bool(options["side_out"]))  # fmt: skip
+                      DP_EARLY=bool(options["dp_early"]), SIDE_OUT=bool(options["side_out"]),
+                      SLOTTED_ONLY=bool(options["dq_split"]))  # fmt: skip
     desc = f"tensordesc<bf16[1,{q_step},1,{head_dim}]>"
     return _compile(block_sparse_attention_bwd_dkdv, constexprs, {"Q_DESC": desc, "DO_DESC": desc},
                     dict(num_warps=options["warps"][0], num_stages=options["stages"][0]))  # fmt: skip
@@ -135,16 +136,18 @@ def _gluon_descriptor(rows: int, head_dim: int) -> str:
     return f"tensordesc<bf16[1,{rows},{head_dim}],{layout!r}>"
 
 
-def compile_gluon_dkdv(head_dim: int = 128, block: int = 128, store_ds: bool = True, side_out: bool = False):
+def compile_gluon_dkdv(head_dim: int = 128, block: int = 128, store_ds: bool = True, side_out: bool = False,
+                       slotted_only: bool = False):
     """The warp-specialised Gluon dK/dV kernel (``kernels.triton.gluon_backward``) at the Triton backward's query
     step, storing dS or not (the heads whose dQ pass recomputes), token-major heads' rows to side buffers or not
-    (``side_out``), compiled for sm_90a."""
+    (``side_out``), dS only for pairs with a slot or not (``slotted_only``: the ``dq_split`` variants), compiled
+    for sm_90a."""
     from sparse_vdit.kernels.triton import gluon_backward as GB
     from sparse_vdit.kernels.triton.backward import _tiles
 
     _, q_step, _, _ = _tiles(block, _CUDA)
     constexprs = dict(TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=2 * GB.HALF.value, HEAD_DIM=head_dim, STAGES=GB.STAGES,
-                      STORE_DS=store_ds, SIDE_OUT=side_out)  # fmt: skip
+                      STORE_DS=store_ds, SIDE_OUT=side_out, SLOTTED_ONLY=slotted_only)  # fmt: skip
     steps, keys = _gluon_descriptor(q_step, head_dim), _gluon_descriptor(GB.HALF.value, head_dim)
     descriptors = {"q_desc": steps, "do_desc": steps, "k_desc": keys, "v_desc": keys}
     return _compile(GB.block_sparse_attention_bwd_dkdv_ws, constexprs, descriptors,
@@ -154,15 +157,17 @@ def compile_gluon_dkdv(head_dim: int = 128, block: int = 128, store_ds: bool = T
 def compile_triton_dq(head_dim: int = 128, block: int = 128, variant: str = "default"):
     """The Triton backward's dQ kernel on stored dS tiles (``block_sparse_attention_bwd_dq_stored``: one MMA a
     step, dS and K by TMA) at its default tiles (128 queries a program, 64-key steps) and launch, compiled for
-    sm_90a under ``variant``'s options (``warps``, ``stages``)."""
-    from sparse_vdit.kernels.triton.backward import _tiles, block_sparse_attention_bwd_dq_stored
+    sm_90a under ``variant``'s options (``warps``, ``stages``; ``dq_split``: with the recomputing path beside)."""
+    from sparse_vdit.kernels.triton.backward import _tiles
+    from sparse_vdit.kernels.triton.backward_dq import block_sparse_attention_bwd_dq_stored
 
     options = backward_options(variant)
     _, q_step, q_tile, kv_step = _tiles(block, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_tile, BLOCK_N=kv_step, HEAD_DIM=head_dim, IEEE=False,
                       ANY_TOKEN_MAJOR=False, TMA=True, DS_TMA=True, Q_STEP=q_step, ACCUMULATE=False,
-                      SIDE_OUT=bool(options["side_out"]))  # fmt: skip
-    descriptors = {"K_DESC": f"tensordesc<bf16[1,{kv_step},1,{head_dim}]>", "DS": f"tensordesc<bf16[{kv_step},{q_tile}]>"}
+                      SIDE_OUT=bool(options["side_out"]), SPLIT=bool(options["dq_split"]))  # fmt: skip
+    keys = f"tensordesc<bf16[1,{kv_step},1,{head_dim}]>"
+    descriptors = {"K_DESC": keys, "V_DESC": keys, "DS": f"tensordesc<bf16[{kv_step},{q_tile}]>"}
     return _compile(block_sparse_attention_bwd_dq_stored, constexprs, descriptors,
                     dict(num_warps=options["warps"][1], num_stages=options["stages"][1]))  # fmt: skip
 
@@ -350,14 +355,18 @@ def main(argv=None) -> list[Compiled]:
             for variant in variants:
                 tag = "" if variant == "default" else f" {variant}"
                 rows.append(summarize(f"triton backward dK/dV D{dim}{tag}", compile_triton_dkdv(dim, variant=variant)))
+                differs = ("warps", "stages", "side_out", "dq_split")  # options its dQ kernel depends on
                 if variant == "default" or any(backward_options(variant)[key] != backward_options()[key]
-                                               for key in ("warps", "stages", "side_out")):  # its dQ kernel differs
+                                               for key in differs):  # fmt: skip
                     rows.append(summarize(f"triton backward dQ D{dim}{tag}", compile_triton_dq(dim, variant=variant)))
         if args.gluon_backward:
             rows.append(summarize(f"gluon backward dK/dV D{dim}", compile_gluon_dkdv(dim)))
             rows.append(summarize(f"gluon backward dK/dV D{dim} no dS", compile_gluon_dkdv(dim, store_ds=False)))
             if "side-out" in variants:
                 rows.append(summarize(f"gluon backward dK/dV D{dim} side-out", compile_gluon_dkdv(dim, side_out=True)))
+            if any(backward_options(variant)["dq_split"] for variant in variants):
+                rows.append(summarize(f"gluon backward dK/dV D{dim} slotted only",
+                                      compile_gluon_dkdv(dim, slotted_only=True)))
     if args.json:
         print(json.dumps([{**asdict(row), "overlaps": overlaps_softmax(row.loop), "waits_for_all": waits_for_all(row.loop)}
                           for row in rows]))  # fmt: skip

@@ -29,8 +29,10 @@ import triton
 import triton.language as tl
 
 from ...block_table import num_blocks
-from .kernel import dot, sequence_rows
+from .kernel import dot
 from . import ds_tiles, gluon_choice
+from .backward_dq import SIZES, block_sparse_attention_bwd_dq, block_sparse_attention_bwd_dq_stored
+from .backward_rows import load_step, memory_rows, side_rows, work_item
 from .backward_prologue import prologue, prologue_in_head_order, stats_in_head_order
 from .launcher import LOG2E, _descriptors, _tma_ok, option, side_slots, token_major_flags
 from .rotary import grads_to_frame_major
@@ -46,11 +48,13 @@ from .rotary import grads_to_frame_major
 # ``gluon``: on sm90 the dK/dV launches go to the warp-specialised Gluon kernel (gluon_backward.py) where it applies:
 # "all" at head dims 128 and 64 and where dQ recomputes, True at head dim 128 with dS stored only (BENCHMARKS.md).
 # ``side_out``: with ``to_frame_major``, token-major heads' gradients go to compact side buffers, the others' in place,
-# so the passes back to frame-major move those heads only.
+# so the passes back to frame-major move those heads only. ``dq_split``: with dS stored, that share of the dQ launch's
+# programs recompute the probabilities instead of reading tiles (spread through it: ds_tiles.recompute_rows), no tiles
+# stored for them; 0: none.
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
-                 "dp_early": None, "gluon": None, "side_out": None}
+                 "dp_early": None, "gluon": None, "side_out": None, "dq_split": None}
 DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
-                  "dp_early": False, "gluon": "all", "side_out": True}
+                  "dp_early": False, "gluon": "all", "side_out": True, "dq_split": 0.0}
 
 
 # Candidates timed by ``bench/backward.py --variants`` (each checked first): a winner becomes DEFAULTS; lost (numbers
@@ -70,72 +74,16 @@ VARIANTS: dict[str, dict] = {
     "gluon-d128": {"gluon": True},  # the Gluon kernel at head dim 128 with dS stored only (the default until session ad)
     "side-out": {"side_out": True},  # the passes back to frame-major over token-major heads only (the default)
     "all-heads-out": {"side_out": False},  # the passes back over every head (the default until session ad)
+    # dQ programs bound by the tensor cores beside those bound by reading stored tiles, in one launch
+    "dq-split-15": {"dq_split": 0.15},
+    "dq-split-25": {"dq_split": 0.25},
+    "dq-split-50": {"dq_split": 0.5},
 }
 
 
 def backward_option(name: str):
     """The backward option ``name`` in force: ``OPTIONS`` where set, else ``DEFAULTS``."""
     return DEFAULTS[name] if OPTIONS[name] is None else OPTIONS[name]
-
-
-@triton.jit
-def _program(SCHEDULE, TOKEN_MAJOR, NUM_TILES, N, HEADS, stride_b, stride_h, ANY_TOKEN_MAJOR: tl.constexpr):
-    """This program's work item (heaviest first): ``(head, tile, batch, token_major, base, stats)``, with
-    the offsets of its (batch, head) in the ``[B, N, H, D]`` tensors (``base``) and in LSE / DELTA (``stats``)."""
-    item = tl.load(SCHEDULE + tl.program_id(0))
-    head = item // NUM_TILES
-    batch = tl.program_id(1)  # int32: a TMA coordinate
-    token_major = False
-    if ANY_TOKEN_MAJOR:
-        token_major = tl.load(TOKEN_MAJOR + head) != 0
-    offset_b = batch.to(tl.int64)
-    return head, item % NUM_TILES, batch, token_major, offset_b * stride_b + head * stride_h, (offset_b * HEADS + head) * N
-
-
-@triton.jit
-def _rows(offs, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr):
-    """Memory rows of positions ``offs`` in the head's own order (token-major heads read in place)."""
-    rows = offs
-    if ANY_TOKEN_MAJOR:
-        rows = sequence_rows(offs, token_major, FRAMES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS)
-    return rows
-
-
-@triton.jit
-def _side(SIDE_SLOT, head, batch, base, stride_n, stride_sb, stride_sn, HEAD_DIM: tl.constexpr):
-    """Where a (batch, head)'s gradient rows go with SIDE_OUT: ``(side, base, row stride)``, a token-major
-    head's to its slot of the compact side buffer ``[B, N, Ht, D]`` (``side``), the others' where they were."""
-    slot = tl.load(SIDE_SLOT + head)
-    side = slot >= 0
-    base = tl.where(side, batch.to(tl.int64) * stride_sb + slot * HEAD_DIM, base)
-    return side, base, tl.where(side, stride_sn, stride_n)
-
-
-@triton.jit
-def _tile(PTR, DESC, base, rows, ok, batch, head, start, stride_n,
-          BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
-    """``[BLOCK, HEAD_DIM]``: rows ``rows`` of one (batch, head); through ``DESC`` (whole tiles of
-    contiguous rows from ``start``) with TMA, else by pointers (rows not ``ok`` read 0 when MASKED)."""
-    if TMA:
-        return DESC.load([batch, start, head, 0]).reshape(BLOCK, HEAD_DIM)
-    ptrs = PTR + base + rows[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :]
-    if MASKED:
-        return tl.load(ptrs, mask=ok[:, None], other=0.0)
-    return tl.load(ptrs)
-
-
-@triton.jit
-def _step(A, B, A_DESC, B_DESC, start, last, base, batch, head, stride_n, token_major, FRAME_TOKENS, VIDEO_START,
-          VIDEO_TOKENS, FRAMES: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-          ANY_TOKEN_MAJOR: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
-    """The ``BLOCK`` positions from ``start`` of a loop over ``[.., last)``: ``(rows, ok, a, b)``, their
-    memory rows, which are before ``last``, and their ``[BLOCK, HEAD_DIM]`` tiles of A and B."""
-    offs = start + tl.arange(0, BLOCK)
-    ok = offs < last
-    rows = _rows(offs, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
-    a = _tile(A, A_DESC, base, rows, ok, batch, head, start, stride_n, BLOCK, HEAD_DIM, MASKED, TMA)
-    b = _tile(B, B_DESC, base, rows, ok, batch, head, start, stride_n, BLOCK, HEAD_DIM, MASKED, TMA)
-    return rows, ok, a, b
 
 
 @triton.jit
@@ -146,21 +94,23 @@ def _dkdv_steps(
     FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
     STORE_DS: tl.constexpr, TABLE_BLOCK: tl.constexpr, STATS_IN_ORDER: tl.constexpr, DP_EARLY: tl.constexpr,
+    SLOTTED_ONLY: tl.constexpr,
 ):  # fmt: skip
     """Query steps ``[first, last)`` into ``(dk, dv)`` of one key tile; MASKED: rows ``>= last`` masked.
     Keys past the real ones are not masked: their rows of dK, dV are zeroed by the launcher.
     STORE_DS: each step's ``dS^T`` also goes to its pair's ``[TABLE_BLOCK keys, TABLE_BLOCK queries]``
     tile of DS (pair ``ds_pair0 + slot``, the slot of query block ``b`` at ``PAIR_SLOTS + b``), in
-    :func:`.ds_tiles.store_order` (``ds_keys``: the offsets of that order's rows in a pair), for the dQ kernel.
+    :func:`.ds_tiles.store_order` (``ds_keys``: the offsets of that order's rows in a pair), for the dQ kernel;
+    SLOTTED_ONLY: not for pairs whose slot is negative (their query block's dQ recomputes).
     STATS_IN_ORDER: LSE and DELTA hold the head's rows in its own order. DP_EARLY: ``dP = V dO^T`` written
     before the exponentials (the tutorial's order has it after the ``dV`` update): on sm90 its MMAs then run
     beside them, and ``dV``'s beside ``dS`` (bench/sm90_loop.py)."""
     for start in range(first, last, BLOCK_M):
         if STORE_DS:
             slot = tl.load(PAIR_SLOTS + start // TABLE_BLOCK)
-        rows_m, q_ok, q, do = _step(Q, DO, Q_DESC, DO_DESC, start, last, base, batch, head, stride_n, token_major,
-                                    FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, BLOCK_M, HEAD_DIM,
-                                    ANY_TOKEN_MAJOR, MASKED, TMA)  # fmt: skip
+        rows_m, q_ok, q, do = load_step(Q, DO, Q_DESC, DO_DESC, start, last, base, batch, head, stride_n,
+                                        token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, BLOCK_M, HEAD_DIM,
+                                        ANY_TOKEN_MAJOR, MASKED, TMA)  # fmt: skip
         if STATS_IN_ORDER:
             rows_m = start + tl.arange(0, BLOCK_M)
         if MASKED:
@@ -181,16 +131,15 @@ def _dkdv_steps(
         if STORE_DS:  # the whole box: columns of queries past ``last`` are never read back
             columns = tl.multiple_of(start % TABLE_BLOCK, BLOCK_M) + tl.arange(0, BLOCK_M)
             ptrs = DS + (ds_pair0 + slot) * (TABLE_BLOCK * TABLE_BLOCK) + ds_keys[:, None] + columns[None, :]
-            tl.store(ptrs, ds_tiles.store_order(ds_t))
+            if SLOTTED_ONLY:
+                if slot >= 0:
+                    tl.store(ptrs, ds_tiles.store_order(ds_t))
+            else:
+                tl.store(ptrs, ds_tiles.store_order(ds_t))
     return dk, dv
 
 
-# sizes and table shapes not specialised on (divisibility by 16): bench/backward.py's small check layouts
-# then run the very kernels it times, compiled once
-_SIZES = ["N", "KV_LEN", "HEADS", "NUM_RANGES", "FRAME_TOKENS", "VIDEO_START", "VIDEO_TOKENS", "stride_rh", "stride_rm"]
-
-
-@triton.jit(do_not_specialize=[*_SIZES, "NUM_K_TILES"])
+@triton.jit(do_not_specialize=[*SIZES, "NUM_K_TILES"])
 def block_sparse_attention_bwd_dkdv(
     Q, K, V, DO, DK, DV,  # [B, N, H, D], one set of strides (the launcher makes them contiguous)
     Q_DESC, DO_DESC,  # with TMA: descriptors of Q and DO, blocks [1, BLOCK_M, 1, D]; else unused
@@ -215,16 +164,17 @@ def block_sparse_attention_bwd_dkdv(
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
     STORE_DS: tl.constexpr,
     DP_EARLY: tl.constexpr,  # the step's order (_dkdv_steps)
-    SIDE_OUT: tl.constexpr,  # token-major heads' rows to DK_SIDE, DV_SIDE (_side)
+    SIDE_OUT: tl.constexpr,  # token-major heads' rows to DK_SIDE, DV_SIDE (side_rows)
+    SLOTTED_ONLY: tl.constexpr,  # with STORE_DS: no tile for pairs whose slot is negative (their dQ recomputes)
 ):  # fmt: skip
-    head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
-                                                           stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
+    head, tile, batch, token_major, base, stats = work_item(SCHEDULE, TOKEN_MAJOR, NUM_K_TILES, N, HEADS, stride_b,
+                                                            stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
     column = tile * BLOCK_N // TABLE_BLOCK  # the key block holding this tile
     ds_pair0 = batch.to(tl.int64) * ds_pairs - slot_base
     ds_keys = (tile * BLOCK_N % TABLE_BLOCK + ds_tiles.stored_key(tl.arange(0, BLOCK_N), BLOCK_N)) * TABLE_BLOCK
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions in the head's own order
     offs_d = tl.arange(0, HEAD_DIM)
-    rows_n = _rows(offs_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
+    rows_n = memory_rows(offs_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
     key_ok = offs_n < KV_LEN
     # addresses built from each tensor's own pointer: a shared [BLOCK, D] offset tensor would stay live
     # (in registers) across the loop for the stores at the end
@@ -246,200 +196,25 @@ def block_sparse_attention_bwd_dkdv(
                                  head, stride_n, True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                                  DS, ds_pair0, ds_keys, pair_slots,
                                  FRAMES, BLOCK_M, HEAD_DIM, IEEE, True, False, False, STORE_DS, TABLE_BLOCK,
-                                 True, DP_EARLY)  # fmt: skip
+                                 True, DP_EARLY, SLOTTED_ONLY)  # fmt: skip
         else:
             dk, dv = _dkdv_steps(dk, dv, k, v, first, full, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch,
                                  head, stride_n, False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                                  DS, ds_pair0, ds_keys, pair_slots,
                                  FRAMES, BLOCK_M, HEAD_DIM, IEEE, False, TMA, False, STORE_DS, TABLE_BLOCK,
-                                 False, DP_EARLY)  # fmt: skip
+                                 False, DP_EARLY, SLOTTED_ONLY)  # fmt: skip
         dk, dv = _dkdv_steps(dk, dv, k, v, full, last, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, base, stats, batch, head,
                              stride_n, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                              DS, ds_pair0, ds_keys, pair_slots,
                              FRAMES, BLOCK_M, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, STORE_DS,
-                             TABLE_BLOCK, False, DP_EARLY)  # fmt: skip
+                             TABLE_BLOCK, False, DP_EARLY, SLOTTED_ONLY)  # fmt: skip
     out_ok = (offs_n < N)[:, None]  # rows of keys past KV_LEN are zeroed by the launcher
     dk = dk * softmax_scale  # (a tl.where here costs register spills in the loop on sm90)
     if SIDE_OUT:
-        side, base, stride_n = _side(SIDE_SLOT, head, batch, base, stride_n, stride_sb, stride_sn, HEAD_DIM)
+        side, base, stride_n = side_rows(SIDE_SLOT, head, batch, base, stride_n, stride_sb, stride_sn, HEAD_DIM)
         DK, DV = tl.where(side, DK_SIDE, DK), tl.where(side, DV_SIDE, DV)
     tl.store(DK + base + rows_n[:, None] * stride_n + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_ok)
     tl.store(DV + base + rows_n[:, None] * stride_n + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_ok)
-
-
-@triton.jit
-def _dq_steps(
-    dq, q, do, lse, delta, first, last, K, V, K_DESC, V_DESC, base, batch, head, stride_n, token_major,
-    FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-    FRAMES: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
-    ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
-):  # fmt: skip
-    """Key steps ``[first, last)`` into ``dq`` of one query tile; MASKED: keys ``>= last`` masked."""
-    for start in range(first, last, BLOCK_N):
-        _, key_ok, k, v = _step(K, V, K_DESC, V_DESC, start, last, base, batch, head, stride_n, token_major,
-                                FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, BLOCK_N, HEAD_DIM,
-                                ANY_TOKEN_MAJOR, MASKED, TMA)  # fmt: skip
-        p = tl.math.exp2(dot(q, tl.trans(k), None, IEEE) * qk_scale - lse[:, None])
-        if MASKED:
-            p = tl.where(key_ok[None, :], p, 0.0)
-        ds = p * (dot(do, tl.trans(v), None, IEEE) - delta[:, None])
-        dq += dot(ds.to(k.dtype), k, None, IEEE)
-    return dq
-
-
-@triton.jit(do_not_specialize=[*_SIZES, "NUM_Q_TILES"])
-def block_sparse_attention_bwd_dq(
-    Q, K, V, DO, DQ,  # [B, N, H, D], one set of strides
-    K_DESC, V_DESC,  # with TMA: descriptors of K and V, blocks [1, BLOCK_N, 1, D]; else unused
-    LSE, DELTA,  # float32 [B, H, N] by memory row; LSE in base 2
-    STARTS, ENDS,  # int32 [H, Qb, R]: the forward's key-block ranges
-    SCHEDULE,  # int32 [H * NUM_Q_TILES]
-    TOKEN_MAJOR,  # int8 [H]
-    DQ_SIDE, SIDE_SLOT,  # with SIDE_OUT: [B, N, Ht, D] token-major heads' dQ; int32 [H] their slots
-    stride_b, stride_n, stride_h, stride_rh, stride_rm,
-    N, KV_LEN, HEADS, NUM_Q_TILES, NUM_RANGES,
-    FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-    qk_scale, softmax_scale, stride_sb, stride_sn,
-    FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # query rows per program
-    BLOCK_N: tl.constexpr,  # keys per step
-    HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
-    ACCUMULATE: tl.constexpr,  # add to DQ (a head's key blocks in windows, ds_tiles.head_chunks)
-    SIDE_OUT: tl.constexpr,  # token-major heads' rows to DQ_SIDE (_side)
-):  # fmt: skip
-    head, tile, batch, token_major, base, stats = _program(SCHEDULE, TOKEN_MAJOR, NUM_Q_TILES, N, HEADS, stride_b,
-                                                           stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
-    row = tile * BLOCK_M // TABLE_BLOCK
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    rows_m = _rows(offs_m, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
-    q_ok = offs_m < N
-    q = tl.load(Q + base + rows_m[:, None] * stride_n + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-    do = tl.load(DO + base + rows_m[:, None] * stride_n + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-    lse = tl.load(LSE + stats + rows_m, mask=q_ok, other=float("inf"))
-    delta = tl.load(DELTA + stats + rows_m, mask=q_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    ranges = head * stride_rh + row * stride_rm
-    for r in range(0, NUM_RANGES):
-        first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
-        last = tl.minimum(tl.load(ENDS + ranges + r) * TABLE_BLOCK, KV_LEN)
-        full = first + tl.maximum(last - first, 0) // BLOCK_N * BLOCK_N  # whole steps unmasked, one loop per
-        if token_major:  # kind of head; then the ragged step
-            dq = _dq_steps(dq, q, do, lse, delta, first, full, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
-                           True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                           FRAMES, BLOCK_N, HEAD_DIM, IEEE, True, False, False)  # fmt: skip
-        else:
-            dq = _dq_steps(dq, q, do, lse, delta, first, full, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
-                           False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                           FRAMES, BLOCK_N, HEAD_DIM, IEEE, False, TMA, False)  # fmt: skip
-        dq = _dq_steps(dq, q, do, lse, delta, full, last, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
-                       token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                       FRAMES, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True)  # fmt: skip
-    if SIDE_OUT:
-        side, base, stride_n = _side(SIDE_SLOT, head, batch, base, stride_n, stride_sb, stride_sn, HEAD_DIM)
-        DQ = tl.where(side, DQ_SIDE, DQ)
-    _store_dq(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], dq * softmax_scale, q_ok, ACCUMULATE)
-
-
-@triton.jit
-def _dq_stored_steps(
-    dq, ds_queries, ds_pair, first, lo, last, K, K_DESC, DS, base, batch, head, stride_n, token_major,
-    FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-    FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
-    DS_TMA: tl.constexpr,
-):  # fmt: skip
-    """Key steps ``[lo, last)`` of the range from ``first`` into ``dq``: ``dS K`` with dS read from the
-    pairs' stored tiles (``ds_pair``: the range's first pair); MASKED: keys ``>= last`` masked. DS_TMA:
-    DS a descriptor of the tiles' ``[pairs * TABLE_BLOCK, TABLE_BLOCK]`` view, ``ds_queries`` the first column."""
-    for start in range(lo, last, BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        key_ok = offs < last
-        rows = _rows(offs, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
-        k = _tile(K, K_DESC, base, rows, key_ok, batch, head, start, stride_n, BLOCK_N, HEAD_DIM, MASKED, TMA)
-        pair = ds_pair + (start - first) // TABLE_BLOCK
-        if DS_TMA:
-            ds = DS.load([(pair * TABLE_BLOCK + start % TABLE_BLOCK).to(tl.int32), ds_queries]).T
-            if MASKED:
-                ds = tl.where(key_ok[None, :], ds, 0.0)
-        else:
-            keys = (offs % TABLE_BLOCK) * TABLE_BLOCK
-            ptrs = DS + pair * (TABLE_BLOCK * TABLE_BLOCK) + ds_queries[:, None] + keys[None, :]
-            if MASKED:
-                ds = tl.load(ptrs, mask=key_ok[None, :], other=0.0)
-            else:
-                ds = tl.load(ptrs)
-        dq += dot(ds, k, None, IEEE)
-    return dq
-
-
-@triton.jit(do_not_specialize=[*_SIZES, "NUM_Q_TILES", "ds_pairs", "slot_base"])
-def block_sparse_attention_bwd_dq_stored(
-    K, DQ,  # [B, N, H, D], one set of strides
-    K_DESC,  # with TMA: descriptor of K, blocks [1, BLOCK_N, 1, D]; else unused
-    DS,  # [B, ds_pairs, TABLE_BLOCK, TABLE_BLOCK]: dS^T of each visited pair, from the dK/dV kernel
-    STARTS, ENDS, SLOTS,  # int32 [H, Qb, R]: the forward's key-block ranges, the slot of each range's first pair
-    SCHEDULE,  # int32 [H * NUM_Q_TILES]
-    TOKEN_MAJOR,  # int8 [H]
-    DQ_SIDE, SIDE_SLOT,  # with SIDE_OUT: [B, N, Ht, D] token-major heads' dQ; int32 [H] their slots
-    stride_b, stride_n, stride_h, stride_rh, stride_rm,
-    N, KV_LEN, HEADS, NUM_Q_TILES, NUM_RANGES,
-    FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-    softmax_scale, ds_pairs, slot_base, stride_sb, stride_sn,
-    FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # query rows per program
-    BLOCK_N: tl.constexpr,  # keys per step
-    HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
-    DS_TMA: tl.constexpr,  # DS is a descriptor of its [B * ds_pairs * TABLE_BLOCK, TABLE_BLOCK] view
-    Q_STEP: tl.constexpr,  # the dK/dV kernel's query step (the tiles' columns in ds_tiles.store_order)
-    ACCUMULATE: tl.constexpr,  # add to DQ (a head's key blocks in windows, ds_tiles.head_chunks)
-    SIDE_OUT: tl.constexpr,  # token-major heads' rows to DQ_SIDE (_side)
-):  # fmt: skip
-    """``dQ = dS K`` for one query tile: one matmul per step, the probabilities not recomputed; row ``i``
-    of ``dq`` is the query at the tiles' column ``i``."""
-    head, tile, batch, token_major, base, _ = _program(SCHEDULE, TOKEN_MAJOR, NUM_Q_TILES, N, HEADS, stride_b,
-                                                       stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
-    row = tile * BLOCK_M // TABLE_BLOCK
-    columns = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_m = ds_tiles.stored_query(columns, Q_STEP)
-    offs_d = tl.arange(0, HEAD_DIM)
-    rows_m = _rows(offs_m, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
-    if DS_TMA:
-        ds_queries = tile * BLOCK_M % TABLE_BLOCK
-    else:
-        ds_queries = columns % TABLE_BLOCK
-    ds_pair0 = batch.to(tl.int64) * ds_pairs - slot_base
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    ranges = head * stride_rh + row * stride_rm
-    for r in range(0, NUM_RANGES):
-        first = tl.load(STARTS + ranges + r) * TABLE_BLOCK
-        last = tl.minimum(tl.load(ENDS + ranges + r) * TABLE_BLOCK, KV_LEN)
-        ds_pair = ds_pair0 + tl.load(SLOTS + ranges + r)
-        full = first + tl.maximum(last - first, 0) // BLOCK_N * BLOCK_N
-        if token_major:
-            dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, first, full, K, K_DESC, DS, base, batch, head,
-                                  stride_n, True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-                                  FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, True, False, False, DS_TMA)  # fmt: skip
-        else:
-            dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, first, full, K, K_DESC, DS, base, batch, head,
-                                  stride_n, False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-                                  FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, False, TMA, False, DS_TMA)  # fmt: skip
-        dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, full, last, K, K_DESC, DS, base, batch, head, stride_n,
-                              token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-                              FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True,
-                              DS_TMA)  # fmt: skip
-    if SIDE_OUT:
-        side, base, stride_n = _side(SIDE_SLOT, head, batch, base, stride_n, stride_sb, stride_sn, HEAD_DIM)
-        DQ = tl.where(side, DQ_SIDE, DQ)
-    _store_dq(DQ + base + rows_m[:, None] * stride_n + offs_d[None, :], dq * softmax_scale, offs_m < N, ACCUMULATE)
-
-
-@triton.jit
-def _store_dq(ptrs, dq, ok, ACCUMULATE: tl.constexpr):
-    """``dq`` (float32) to ``ptrs``, rows ``ok`` only; ACCUMULATE: added to what is there."""
-    if ACCUMULATE:
-        dq += tl.load(ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(ptrs, dq.to(ptrs.dtype.element_ty), mask=ok[:, None])
 
 
 def _tiles(block_size: int, device: torch.device, override=None) -> tuple[int, int, int, int]:
@@ -523,6 +298,12 @@ def backward(
     if backward_option("dq") == "stored":
         chunks = ds_tiles.table_chunks(table, batch, q.element_size(), device, float(backward_option("ds_budget")))
     windows = any(c.keys is not None for c in chunks)  # a head's key blocks in parts: dQ adds them up
+    split = float(backward_option("dq_split")) if backward_option("dq") == "stored" else 0.0
+    recompute = None  # with split: the query blocks whose dQ recomputes though the tiles are stored
+    if split > 0:
+        recompute = table.form(("triton.bwd.recompute_rows", block // q_tile, num_q_tiles, order, split),
+                               lambda t: ds_tiles.recompute_rows(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
+                                                                 split))  # fmt: skip
     dq = torch.zeros_like(q) if windows else torch.empty_like(q)
     dq_side = (torch.zeros if windows else torch.empty)(**side_shape) if sides else dq
     q_descriptors = _descriptors(q, grad_out, q_step) if tma else None
@@ -538,7 +319,9 @@ def backward(
         starts, ends = part.range_starts.contiguous(), part.range_ends.contiguous()
         slots, head_first, pair_slots, q_first = starts, [0] * (heads + 1), starts, q_starts
         if stored:
-            slots, head_first, pair_slots, q_first = part.form("triton.bwd.ds_slots", ds_tiles.slots)
+            key = "triton.bwd.ds_slots" if recompute is None else ("triton.bwd.ds_slots", block // q_tile, num_q_tiles,
+                                                                   order, split)  # fmt: skip
+            slots, head_first, pair_slots, q_first = part.form(key, lambda t: ds_tiles.slots(t, recompute))
         pairs = head_first[h1] - head_first[h0]
         ds = ds_tiles.buffer((batch, max(pairs, 1), block, block), q.dtype, device) if stored else None
         stored = ds is not None  # no memory for them now: these heads recompute
@@ -551,6 +334,7 @@ def backward(
                 and gluon_choice.run(q, k, v, grad_out, dk, dv, lse_t, delta_t, q_starts, q_ends, dkdv_schedule, ds,
                                     pair_slots, q_first, table=part, q_step=q_step, softmax_scale=softmax_scale,
                                     pairs=pairs, slot_base=head_first[h0], store_ds=stored,
+                                    slotted_only=recompute is not None,
                                     sides=(dk_side, dv_side, side_slot) if sides else None)):  # fmt: skip
             block_sparse_attention_bwd_dkdv[(len(dkdv_schedule), batch)](
                 q, k, v, grad_out, dk, dv, *(q_descriptors or (delta, delta)), lse_t, delta_t,
@@ -560,19 +344,22 @@ def backward(
                 n, layout.kv_len, heads, num_k_tiles, q_starts.shape[2], *sizes,
                 pairs, head_first[h0], *side_strides,
                 BLOCK_M=q_step, BLOCK_N=kv_tile, TMA=q_descriptors is not None, STORE_DS=stored,
-                DP_EARLY=bool(backward_option("dp_early")), SIDE_OUT=sides, **common, **launch[0],
+                DP_EARLY=bool(backward_option("dp_early")), SIDE_OUT=sides, SLOTTED_ONLY=recompute is not None,
+                **common, **launch[0],
             )  # fmt: skip
         dq_schedule = part.form(("triton.bwd.dq_schedule", block // q_tile, num_q_tiles, order, h0, h1, windows),
                                 lambda t: ds_tiles.chunk_schedule(t.kv_num_blocks, block // q_tile, num_q_tiles, order,
                                                                   chunk._replace(keys=None), windows))  # fmt: skip
         ranges = (starts.stride(0), starts.stride(1), n, layout.kv_len, heads, num_q_tiles, starts.shape[2])
         if stored:
+            k_desc, v_desc = kv_descriptors or (delta, delta)
             block_sparse_attention_bwd_dq_stored[(len(dq_schedule), batch)](
-                k, dq, kv_descriptors[0] if kv_descriptors else delta, ds_load, starts, ends, slots, dq_schedule, flags,
-                dq_side, side_slot, q.stride(0), q.stride(1), q.stride(2), *ranges, *sizes[:3], softmax_scale, pairs,
-                head_first[h0], *side_strides,
+                k, dq, k_desc, q, v, grad_out, v_desc, lse2, delta, delta if recompute is None else recompute,
+                ds_load, starts, ends, slots, dq_schedule, flags, dq_side, side_slot, q.stride(0), q.stride(1),
+                q.stride(2), *ranges, *sizes, pairs, head_first[h0], *side_strides,
+                0 if recompute is None else recompute.stride(0),
                 BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, DS_TMA=tma, Q_STEP=q_step,
-                ACCUMULATE=windows, SIDE_OUT=sides, **common, **launch[1],
+                ACCUMULATE=windows, SIDE_OUT=sides, SPLIT=recompute is not None, **common, **launch[1],
             )  # fmt: skip
         else:
             block_sparse_attention_bwd_dq[(len(dq_schedule), batch)](

@@ -38,16 +38,53 @@ def descriptor(ds: torch.Tensor, box: tuple[int, int]):
     return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), list(box))
 
 
-def slots(table) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
+def slots(table, recompute: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
     """Where stored dS tiles go, pairs numbered head by head, query block by query block, key block
     ascending: int32 ``[H, Qb, R]``, the slot of each forward range's first pair (for the dQ kernel); the
     first slot of each head (``H + 1`` entries, the last the number of pairs); and, for the dK/dV kernel,
     int32 ``[pairs]`` the slot of each pair taken in the transposed table's order (head, key block,
-    query block) with int32 ``[H, Kb, R']``, where each of its query ranges starts in that list."""
+    query block) with int32 ``[H, Kb, R']``, where each of its query ranges starts in that list.
+    ``recompute`` (``[H, Qb]``, :func:`recompute_rows`): those query blocks' pairs get no slot (-1 in the
+    dK/dV kernel's list; the others numbered without them)."""
     _, _, by_column = pairs_by_column(table.range_starts, table.range_ends, table.num_q_blocks)
-    per_head = (table.range_ends - table.range_starts).sum((1, 2)).tolist()
-    return (_first_pairs(table.range_starts, table.range_ends), [0, *itertools.accumulate(per_head)],
-            by_column.to(torch.int32), _first_pairs(*table.query_ranges))  # fmt: skip
+    lengths = (table.range_ends - table.range_starts).sum(2)  # [H, Qb] pairs of each query block
+    if recompute is None:
+        return (_first_pairs(table.range_starts, table.range_ends),
+                [0, *itertools.accumulate(lengths.sum(1).tolist())], by_column.to(torch.int32),
+                _first_pairs(*table.query_ranges))  # fmt: skip
+    keep = (recompute == 0).to(lengths.device)
+    stored = keep.flatten().repeat_interleave(lengths.flatten().long()).long()  # each pair in the forward order
+    before = torch.cumsum(stored, 0) - stored  # stored pairs ahead of each pair: its slot where it is stored
+    slot = torch.where(stored > 0, before, -1)
+    first = _first_pairs(table.range_starts, table.range_ends).long()  # each range's first pair (forward order)
+    before = torch.cat([before, before.new_tensor([int(stored.sum())])])  # an empty range may point past the end
+    per_head = (lengths * keep).sum(1).tolist()
+    return (before[first].to(torch.int32).contiguous(), [0, *itertools.accumulate(per_head)],
+            slot[by_column].to(torch.int32), _first_pairs(*table.query_ranges))  # fmt: skip
+
+
+def recompute_rows(kv_num_blocks: torch.Tensor, tiles_per_block: int, num_tiles: int, order: str,
+                   share: float) -> torch.Tensor:
+    """int8 ``[H, Qb]``, 1 for the query blocks whose dQ recomputes the probabilities though the tiles are stored
+    (the backward's ``dq_split``): ``share`` of the dQ launch's busy programs, spread evenly through its order
+    (``launcher._schedule`` of ``kv_num_blocks``), so that programs bound by the tensor cores run beside programs
+    bound by reading tiles, and none in the last tenth of it (recomputing programs run longer: a longer tail).
+    Their dS tiles are not stored (:func:`slots`)."""
+    heads, q_blocks = kv_num_blocks.shape
+    rows = torch.zeros(heads, q_blocks, dtype=torch.int8)
+    if share <= 0:
+        return rows.to(kv_num_blocks.device)
+    schedule = _schedule(kv_num_blocks, tiles_per_block, num_tiles, order).long().cpu()
+    busy = tile_work(kv_num_blocks, tiles_per_block, num_tiles).flatten().cpu()[schedule] > 0
+    items = schedule[busy]
+    blocks = items // num_tiles * q_blocks + items % num_tiles // tiles_per_block  # a block's tiles decide together
+    unique, inverse = torch.unique(blocks, return_inverse=True)
+    first = torch.full_like(unique, len(blocks)).scatter_reduce(0, inverse, torch.arange(len(blocks)), "amin")
+    blocks = unique[torch.argsort(first)]  # each block at its first tile's place in the launch
+    place = torch.arange(len(blocks), dtype=torch.float64)
+    chosen = (torch.floor((place + 1) * share) > torch.floor(place * share)) & (place < 0.9 * len(blocks))
+    rows.view(-1)[blocks[chosen]] = 1
+    return rows.to(kv_num_blocks.device)
 
 
 def _first_pairs(starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:

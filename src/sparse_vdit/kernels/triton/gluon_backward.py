@@ -143,9 +143,11 @@ def _producer(a, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.c
 
 @gluon.jit
 def _consumer(a, part: gl.constexpr, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_DS: gl.constexpr, SIDE_OUT: gl.constexpr):
-    """Warpgroup ``part``'s 64 keys: every step of every query range (STORE_DS: its dS tile stored), then its rows
-    of dK and dV (SIDE_OUT: a token-major head's to its slot of DK_SIDE, DV_SIDE)."""
+              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_DS: gl.constexpr, SIDE_OUT: gl.constexpr,
+              SLOTTED_ONLY: gl.constexpr):
+    """Warpgroup ``part``'s 64 keys: every step of every query range (STORE_DS: its dS tile stored; SLOTTED_ONLY:
+    not where the pair's slot is negative), then its rows of dK and dV (SIDE_OUT: a token-major head's to its slot
+    of DK_SIDE, DV_SIDE)."""
     (q_desc, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, full, empty, kv_bar, DK, DV, STARTS, ENDS,
      SCHEDULE, DS, PAIR_SLOTS, Q_FIRST, stride_b, stride_n, stride_h, stride_rh, stride_rm, N, KV_LEN, NUM_K_TILES,
      NUM_RANGES, qk_scale, softmax_scale, ds_pairs, slot_base, DK_SIDE, DV_SIDE, SIDE_SLOT, stride_sb,
@@ -175,9 +177,9 @@ def _consumer(a, part: gl.constexpr, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.cons
         for i in range(0, nsteps):
             slot = g % STAGES
             start = first + i * BLOCK_M
-            pair = ds_pair0
+            pair_slot = 0
             if STORE_DS:
-                pair = ds_pair0 + gl.load(pair_slots + start // TABLE_BLOCK)
+                pair_slot = gl.load(pair_slots + start // TABLE_BLOCK)
             mbarrier.wait(full.index(slot), g // STAGES & 1)
             # read before the MMAs: issued among them, the reads queue behind their operand reads
             lse = lse_smem.index(slot).load(gl.SliceLayout(0, s_layout))
@@ -194,7 +196,11 @@ def _consumer(a, part: gl.constexpr, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.cons
             ds_op = gl.convert_layout(ds_t.to(dtype), a_layout)
             dk = warpgroup_mma(ds_op, q_smem.index(slot), dk, is_async=True)
             if STORE_DS:
-                _store_ds(ds_t.to(dtype), DS, pair, ds_rows, start, TABLE_BLOCK)
+                if SLOTTED_ONLY:
+                    if pair_slot >= 0:
+                        _store_ds(ds_t.to(dtype), DS, ds_pair0 + pair_slot, ds_rows, start, TABLE_BLOCK)
+                else:
+                    _store_ds(ds_t.to(dtype), DS, ds_pair0 + pair_slot, ds_rows, start, TABLE_BLOCK)
             dv, dk, p_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, p_op, ds_op))
             mbarrier.arrive(empty.index(slot), count=1)  # this warpgroup is done with the slot
             g += 1
@@ -215,7 +221,7 @@ def _consumer(a, part: gl.constexpr, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.cons
 
 @gluon.jit
 def _worker(a, c, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-            STAGES: gl.constexpr, STORE_DS: gl.constexpr, SIDE_OUT: gl.constexpr):
+            STAGES: gl.constexpr, STORE_DS: gl.constexpr, SIDE_OUT: gl.constexpr, SLOTTED_ONLY: gl.constexpr):
     """The producer partition (worker partitions share one signature: ``a`` the producer's arguments, ``c`` the
     consumers')."""
     _producer(a, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)
@@ -223,9 +229,10 @@ def _worker(a, c, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.
 
 @gluon.jit
 def _second_consumer(a, c, TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                     HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_DS: gl.constexpr, SIDE_OUT: gl.constexpr):
+                     HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_DS: gl.constexpr, SIDE_OUT: gl.constexpr,
+                     SLOTTED_ONLY: gl.constexpr):
     """The second consumer warpgroup's partition (keys 64-127 of the tile)."""
-    _consumer(c, 1, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, STORE_DS, SIDE_OUT)
+    _consumer(c, 1, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, STORE_DS, SIDE_OUT, SLOTTED_ONLY)
 
 
 @gluon.jit
@@ -246,6 +253,7 @@ def block_sparse_attention_bwd_dkdv_ws(
     stride_sb, stride_sn,  # with SIDE_OUT: the side buffers' batch and row strides
     TABLE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
     STAGES: gl.constexpr, STORE_DS: gl.constexpr, SIDE_OUT: gl.constexpr,
+    SLOTTED_ONLY: gl.constexpr,  # with STORE_DS: no tile for pairs whose slot is negative (their dQ recomputes)
 ):  # fmt: skip
     gl.static_assert(BLOCK_N == 2 * HALF, "two consumer warpgroups of 64 keys")
     dtype: gl.constexpr = q_desc.dtype
@@ -271,11 +279,11 @@ def block_sparse_attention_bwd_dkdv_ws(
                 KV_LEN, NUM_K_TILES, NUM_RANGES, qk_scale, softmax_scale, ds_pairs, slot_base, DK_SIDE, DV_SIDE,
                 SIDE_SLOT, stride_sb, stride_sn)  # fmt: skip
     gl.warp_specialize([(_consumer, (consumer, 0, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, STORE_DS,
-                                     SIDE_OUT)),
+                                     SIDE_OUT, SLOTTED_ONLY)),
                         (_second_consumer, (producer, consumer, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                                            STORE_DS, SIDE_OUT)),
+                                            STORE_DS, SIDE_OUT, SLOTTED_ONLY)),
                         (_worker, (producer, consumer, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, STORE_DS,
-                                   SIDE_OUT))],
+                                   SIDE_OUT, SLOTTED_ONLY))],
                        [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
 
 
@@ -301,11 +309,11 @@ def applies(q: torch.Tensor, table, kv_tile: int, q_step: int, stored: bool, any
 
 def dkdv(q, k, v, grad_out, dk, dv, lse2, delta, q_starts, q_ends, schedule, ds, pair_slots, q_first, *, table,
          q_step: int, softmax_scale: float, pairs: int, slot_base: int, store_ds: bool = True,
-         sides: tuple | None = None) -> None:  # fmt: skip
+         sides: tuple | None = None, slotted_only: bool = False) -> None:  # fmt: skip
     """One dK/dV launch over ``schedule`` into ``dk``, ``dv`` and (``store_ds``) ``ds`` (:func:`applies` must
     hold), with the Triton kernel's arguments (``lse2`` in base 2, ``q_starts`` / ``q_ends`` the transposed table);
     ``sides`` = ``(dk_side, dv_side, slots)``: token-major heads' rows to their slot of those (the Triton
-    kernel's SIDE_OUT)."""
+    kernel's SIDE_OUT); ``slotted_only``: no dS tile for pairs whose slot is negative."""
     from ...block_table import num_blocks
     from .launcher import LOG2E
 
@@ -318,7 +326,7 @@ def dkdv(q, k, v, grad_out, dk, dv, lse2, delta, q_starts, q_ends, schedule, ds,
         softmax_scale, pairs, slot_base, *(sides or (dk, dv, delta)),
         *(sides[0].stride()[:2] if sides else (0, 0)),
         TABLE_BLOCK=table.block_size, BLOCK_M=q_step, BLOCK_N=2 * HALF.value, HEAD_DIM=dim, STAGES=STAGES,
-        STORE_DS=store_ds, SIDE_OUT=sides is not None, num_warps=4, maxnreg=MAXNREG,
+        STORE_DS=store_ds, SIDE_OUT=sides is not None, SLOTTED_ONLY=slotted_only, num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip
 
 
