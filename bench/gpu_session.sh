@@ -116,12 +116,9 @@
 #                  GPU's); then mixed tables, default vs all-heads-out, 3 rounds in alternating order (#18)  (~260)
 #   backward-ag    #18's grid under the default in 3 rounds (medians) (#18)  (~200; sessions ae-af also timed the
 #                  dkdv-rows-out variant here, removed with it: git 3606b85, 3b35f88)
-#   backward-split-ag  the dQ split (dq-split-25/50: that share of the dQ launch's programs recompute beside those
+#   backward-split-ag  the dQ split (dq-split-15/25/50: that share of the dQ launch's programs recompute beside those
 #                  reading stored dS tiles) vs the default: Wan-1.3B's grid in 3 rounds, HunyuanVideo's in 2, then
-#                  Wan-1.3B multi-diagonal 10% under torch.profiler (#18; session ag also ran dq-split-15, removed) (~280)
-#   backward-split2-ag  the split with its recomputing programs in 32-query parts (two programs an SM, as without it:
-#                  dq-split-{25,40,50}-r32) vs dq-split-25 and the default, Wan-1.3B's grid in 3 rounds, its GPU tests
-#                  first, and Wan-1.3B multi-diagonal / mixed 10% under torch.profiler (#18)                  (~250)
+#                  Wan-1.3B multi-diagonal 10% under torch.profiler (#18)                                     (~280)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -375,7 +372,7 @@ for name in "$@"; do
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default --rounds 3 \
         --target-ms 80 --budget-s 180 --out "$R/backward-ag" ;;
     backward-split-ag) TAIL=40 step backward-split-ag 170 python3 bench/backward.py --shapes wan1.3b-480p \
-        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default \
+        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default dq-split-15 \
         dq-split-25 dq-split-50 --rounds 3 --target-ms 60 --budget-s 150 --out "$R/backward-split-ag"
         TAIL=20 step backward-split-hy-ag 130 python3 bench/backward.py --shapes hunyuan-720p --densities 0.1 0.25 0.5 \
         --kinds band multi_diag mixed --backends triton --variants default dq-split-25 --rounds 2 --target-ms 80 \
@@ -383,14 +380,6 @@ for name in "$@"; do
         TAIL=12 step backward-split-profile-ag 60 python3 bench/backward.py --shapes wan1.3b-480p --densities 0.1 \
         --kinds multi_diag --backends triton --variants default dq-split-25 --target-ms 40 --profile --budget-s 45 \
         --out "$R/backward-split-profile-ag" ;;
-    backward-split2-ag) TAIL=6 step tests-split-ag 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
-        tests/kernels/test_backward.py -k "gpu_triton_backward_variants and split"
-        TAIL=30 step backward-split2-ag 200 python3 bench/backward.py --shapes wan1.3b-480p --densities 0.1 0.25 0.5 \
-        --kinds band multi_diag mixed --backends triton --variants default dq-split-25 dq-split-25-r32 dq-split-40-r32 \
-        dq-split-50-r32 --rounds 3 --target-ms 60 --budget-s 180 --out "$R/backward-split2-ag"
-        TAIL=12 step backward-split2-profile-ag 80 python3 bench/backward.py --shapes wan1.3b-480p --densities 0.1 \
-        --kinds multi_diag mixed --backends triton --variants default dq-split-25-r32 dq-split-40-r32 dq-split-50-r32 \
-        --target-ms 40 --profile --budget-s 60 --out "$R/backward-split2-profile-ag" ;;
     backward-ncu) TAIL=40 step backward-ncu 420 python3 bench/backward_counters.py profile --shape wan1.3b-480p \
         --cells mixed:0.1 band:0.1 --out "$R/backward-ncu" ;;
     *) echo "unknown step $name" >&2 ;;

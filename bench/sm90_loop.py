@@ -165,15 +165,11 @@ def compile_triton_dq(head_dim: int = 128, block: int = 128, variant: str = "def
     _, q_step, q_tile, kv_step = _tiles(block, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_tile, BLOCK_N=kv_step, HEAD_DIM=head_dim, IEEE=False,
                       ANY_TOKEN_MAJOR=False, TMA=True, DS_TMA=True, Q_STEP=q_step, ACCUMULATE=False,
-                      SIDE_OUT=bool(options["side_out"]), SPLIT=bool(options["dq_split"]),
-                      SPLIT_ROWS=options["dq_split_rows"] or q_tile,
-                      SPLIT_STAGES=2 if options["dq_split_rows"] else None)  # fmt: skip
+                      SIDE_OUT=bool(options["side_out"]), SPLIT=bool(options["dq_split"]))  # fmt: skip
     keys = f"tensordesc<bf16[1,{kv_step},1,{head_dim}]>"
     descriptors = {"K_DESC": keys, "V_DESC": keys, "DS": f"tensordesc<bf16[{kv_step},{q_tile}]>"}
-    launch = dict(num_warps=options["warps"][1], num_stages=options["stages"][1])
-    if options["dq_split"] and options["dq_split_rows"]:  # as backward's launch: two programs an SM
-        launch["maxnreg"] = 65536 // (2 * 32 * launch["num_warps"])
-    return _compile(block_sparse_attention_bwd_dq_stored, constexprs, descriptors, launch)
+    return _compile(block_sparse_attention_bwd_dq_stored, constexprs, descriptors,
+                    dict(num_warps=options["warps"][1], num_stages=options["stages"][1]))  # fmt: skip
 
 
 class _Cuda:  # the backward's tile rule asks only for the device's type
@@ -359,7 +355,7 @@ def main(argv=None) -> list[Compiled]:
             for variant in variants:
                 tag = "" if variant == "default" else f" {variant}"
                 rows.append(summarize(f"triton backward dK/dV D{dim}{tag}", compile_triton_dkdv(dim, variant=variant)))
-                differs = ("warps", "stages", "side_out", "dq_split", "dq_split_rows")  # its dQ kernel's options
+                differs = ("warps", "stages", "side_out", "dq_split")  # options its dQ kernel depends on
                 if variant == "default" or any(backward_options(variant)[key] != backward_options()[key]
                                                for key in differs):  # fmt: skip
                     rows.append(summarize(f"triton backward dQ D{dim}{tag}", compile_triton_dq(dim, variant=variant)))

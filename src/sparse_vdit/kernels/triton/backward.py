@@ -50,13 +50,11 @@ from .rotary import grads_to_frame_major
 # ``side_out``: with ``to_frame_major``, token-major heads' gradients go to compact side buffers, the others' in place,
 # so the passes back to frame-major move those heads only. ``dq_split``: with dS stored, that share of the dQ launch's
 # programs recompute the probabilities instead of reading tiles (spread through it: ds_tiles.recompute_rows), no tiles
-# stored for them; 0: none. ``dq_split_rows``: those programs recompute that many queries at a time (for 128-query
-# tiles, scaled with the tile; None: the whole tile), their key loops in 2 stages, the launch capped at the registers
-# that let two programs share an SM (as the dQ kernel's programs do without the split).
+# stored for them; 0: none.
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
-                 "dp_early": None, "gluon": None, "side_out": None, "dq_split": None, "dq_split_rows": None}
+                 "dp_early": None, "gluon": None, "side_out": None, "dq_split": None}
 DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
-                  "dp_early": False, "gluon": "all", "side_out": True, "dq_split": 0.0, "dq_split_rows": None}
+                  "dp_early": False, "gluon": "all", "side_out": True, "dq_split": 0.0}
 
 
 # Candidates timed by ``bench/backward.py --variants`` (each checked first): a winner becomes DEFAULTS; lost (numbers
@@ -77,11 +75,9 @@ VARIANTS: dict[str, dict] = {
     "side-out": {"side_out": True},  # the passes back to frame-major over token-major heads only (the default)
     "all-heads-out": {"side_out": False},  # the passes back over every head (the default until session ad)
     # dQ programs bound by the tensor cores beside those bound by reading stored tiles, in one launch
+    "dq-split-15": {"dq_split": 0.15},
     "dq-split-25": {"dq_split": 0.25},
     "dq-split-50": {"dq_split": 0.5},
-    "dq-split-25-r32": {"dq_split": 0.25, "dq_split_rows": 32},  # two programs an SM, as without the split
-    "dq-split-40-r32": {"dq_split": 0.4, "dq_split_rows": 32},
-    "dq-split-50-r32": {"dq_split": 0.5, "dq_split_rows": 32},
 }
 
 
@@ -357,19 +353,13 @@ def backward(
         ranges = (starts.stride(0), starts.stride(1), n, layout.kv_len, heads, num_q_tiles, starts.shape[2])
         if stored:
             k_desc, v_desc = kv_descriptors or (delta, delta)
-            rows, split_launch = backward_option("dq_split_rows"), {}
-            if recompute is not None and rows is not None:  # recompute in parts, two programs an SM
-                rows = max(16, min(q_tile, rows * q_tile // 128))
-                if device.type == "cuda":
-                    split_launch = {"maxnreg": 65536 // (2 * 32 * warps[1])}
             block_sparse_attention_bwd_dq_stored[(len(dq_schedule), batch)](
                 k, dq, k_desc, q, v, grad_out, v_desc, lse2, delta, delta if recompute is None else recompute,
                 ds_load, starts, ends, slots, dq_schedule, flags, dq_side, side_slot, q.stride(0), q.stride(1),
                 q.stride(2), *ranges, *sizes, pairs, head_first[h0], *side_strides,
                 0 if recompute is None else recompute.stride(0),
                 BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, DS_TMA=tma, Q_STEP=q_step,
-                ACCUMULATE=windows, SIDE_OUT=sides, SPLIT=recompute is not None, SPLIT_ROWS=rows or q_tile,
-                SPLIT_STAGES=2 if split_launch else None, **common, **launch[1], **split_launch,
+                ACCUMULATE=windows, SIDE_OUT=sides, SPLIT=recompute is not None, **common, **launch[1],
             )  # fmt: skip
         else:
             block_sparse_attention_bwd_dq[(len(dq_schedule), batch)](

@@ -24,11 +24,10 @@ def _dq_steps(
     dq, q, do, lse, delta, first, last, K, V, K_DESC, V_DESC, base, batch, head, stride_n, token_major,
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
     FRAMES: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
-    ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr, STAGES: tl.constexpr,
+    ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """Key steps ``[first, last)`` into ``dq`` of one query tile; MASKED: keys ``>= last`` masked; STAGES: the loop's
-    pipeline depth (None: the launch's)."""
-    for start in tl.range(first, last, BLOCK_N, num_stages=STAGES):
+    """Key steps ``[first, last)`` into ``dq`` of one query tile; MASKED: keys ``>= last`` masked."""
+    for start in range(first, last, BLOCK_N):
         _, key_ok, k, v = load_step(K, V, K_DESC, V_DESC, start, last, base, batch, head, stride_n, token_major,
                                     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, BLOCK_N, HEAD_DIM,
                                     ANY_TOKEN_MAJOR, MASKED, TMA)  # fmt: skip
@@ -43,15 +42,14 @@ def _dq_steps(
 @triton.jit
 def _dq_recomputed(
     Q, K, V, DO, DQ, K_DESC, V_DESC, LSE, DELTA, STARTS, ENDS, DQ_SIDE, SIDE_SLOT,
-    head, m0, batch, token_major, base, stats, row, stride_n, stride_rh, stride_rm, N, KV_LEN, NUM_RANGES,
+    head, tile, batch, token_major, base, stats, row, stride_n, stride_rh, stride_rm, N, KV_LEN, NUM_RANGES,
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale, softmax_scale, stride_sb, stride_sn,
     FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
-    ACCUMULATE: tl.constexpr, SIDE_OUT: tl.constexpr, STAGES: tl.constexpr,
+    ACCUMULATE: tl.constexpr, SIDE_OUT: tl.constexpr,
 ):  # fmt: skip
-    """Queries ``m0 .. m0 + BLOCK_M`` of (``batch``, ``head``) (in table row ``row``), the probabilities recomputed:
-    their DQ rows (STAGES: the key loops' pipeline depth, None: the launch's)."""
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    """Query tile ``tile`` of (``batch``, ``head``) (table row ``row``), the probabilities recomputed: its DQ rows."""
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_m = memory_rows(offs_m, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
     q_ok = offs_m < N
@@ -68,14 +66,14 @@ def _dq_recomputed(
         if token_major:  # kind of head; then the ragged step
             dq = _dq_steps(dq, q, do, lse, delta, first, full, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
                            True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                           FRAMES, BLOCK_N, HEAD_DIM, IEEE, True, False, False, STAGES)  # fmt: skip
+                           FRAMES, BLOCK_N, HEAD_DIM, IEEE, True, False, False)  # fmt: skip
         else:
             dq = _dq_steps(dq, q, do, lse, delta, first, full, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
                            False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                           FRAMES, BLOCK_N, HEAD_DIM, IEEE, False, TMA, False, STAGES)  # fmt: skip
+                           FRAMES, BLOCK_N, HEAD_DIM, IEEE, False, TMA, False)  # fmt: skip
         dq = _dq_steps(dq, q, do, lse, delta, full, last, K, V, K_DESC, V_DESC, base, batch, head, stride_n,
                        token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
-                       FRAMES, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True, STAGES)  # fmt: skip
+                       FRAMES, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True)  # fmt: skip
     if SIDE_OUT:
         side, base, stride_n = side_rows(SIDE_SLOT, head, batch, base, stride_n, stride_sb, stride_sn, HEAD_DIM)
         DQ = tl.where(side, DQ_SIDE, DQ)
@@ -105,10 +103,10 @@ def block_sparse_attention_bwd_dq(
     head, tile, batch, token_major, base, stats = work_item(SCHEDULE, TOKEN_MAJOR, NUM_Q_TILES, N, HEADS, stride_b,
                                                             stride_h, ANY_TOKEN_MAJOR)  # fmt: skip
     _dq_recomputed(Q, K, V, DO, DQ, K_DESC, V_DESC, LSE, DELTA, STARTS, ENDS, DQ_SIDE, SIDE_SLOT,
-                   head, tile * BLOCK_M, batch, token_major, base, stats, tile * BLOCK_M // TABLE_BLOCK, stride_n,
-                   stride_rh, stride_rm, N, KV_LEN, NUM_RANGES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
+                   head, tile, batch, token_major, base, stats, tile * BLOCK_M // TABLE_BLOCK, stride_n, stride_rh,
+                   stride_rm, N, KV_LEN, NUM_RANGES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale,
                    softmax_scale, stride_sb, stride_sn, FRAMES, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, IEEE,
-                   ANY_TOKEN_MAJOR, TMA, ACCUMULATE, SIDE_OUT, None)  # fmt: skip
+                   ANY_TOKEN_MAJOR, TMA, ACCUMULATE, SIDE_OUT)  # fmt: skip
 
 
 @triton.jit
@@ -212,8 +210,6 @@ def block_sparse_attention_bwd_dq_stored(
     ACCUMULATE: tl.constexpr,  # add to DQ (a head's key blocks in windows, ds_tiles.head_chunks)
     SIDE_OUT: tl.constexpr,  # token-major heads' rows to DQ_SIDE (side_rows)
     SPLIT: tl.constexpr,  # query blocks marked in RECOMPUTE recompute the probabilities (stride_xh: its row stride)
-    SPLIT_ROWS: tl.constexpr,  # with SPLIT: the queries a recomputing program takes at a time (BLOCK_M or a part)
-    SPLIT_STAGES: tl.constexpr,  # with SPLIT: its key loops' pipeline depth (None: the launch's)
 ):  # fmt: skip
     """``dQ = dS K`` for one query tile: one matmul per step, the probabilities not recomputed (with SPLIT: but
     for the query blocks marked in RECOMPUTE)."""
@@ -223,13 +219,12 @@ def block_sparse_attention_bwd_dq_stored(
     recompute = False
     if SPLIT:
         recompute = tl.load(RECOMPUTE + head * stride_xh + row) != 0
-    if recompute:  # in parts of SPLIT_ROWS queries (fewer registers: the launch's programs fit as many an SM)
-        for part in tl.static_range(BLOCK_M // SPLIT_ROWS):
-            _dq_recomputed(Q, K, V, DO, DQ, K_DESC, V_DESC, LSE, DELTA, STARTS, ENDS, DQ_SIDE, SIDE_SLOT,
-                           head, tile * BLOCK_M + part * SPLIT_ROWS, batch, token_major, base, stats, row, stride_n,
-                           stride_rh, stride_rm, N, KV_LEN, NUM_RANGES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-                           qk_scale, softmax_scale, stride_sb, stride_sn, FRAMES, TABLE_BLOCK, SPLIT_ROWS, BLOCK_N,
-                           HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, TMA, ACCUMULATE, SIDE_OUT, SPLIT_STAGES)  # fmt: skip
+    if recompute:
+        _dq_recomputed(Q, K, V, DO, DQ, K_DESC, V_DESC, LSE, DELTA, STARTS, ENDS, DQ_SIDE, SIDE_SLOT,
+                       head, tile, batch, token_major, base, stats, row, stride_n, stride_rh, stride_rm, N, KV_LEN,
+                       NUM_RANGES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, qk_scale, softmax_scale, stride_sb,
+                       stride_sn, FRAMES, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, TMA,
+                       ACCUMULATE, SIDE_OUT)  # fmt: skip
     else:
         _dq_from_tiles(K, DQ, K_DESC, DS, STARTS, ENDS, SLOTS, DQ_SIDE, SIDE_SLOT,
                        head, tile, batch, token_major, base, row, stride_n, stride_rh, stride_rm, N, KV_LEN,
