@@ -15,7 +15,11 @@ permutation; flex and reference recompute their forward). The backend ``fa4/trit
 the Triton backward forced (``fa4.BACKWARD = "triton"``), the A/B of the two backwards behind one
 forward; fa4 rows are labelled with the backward that ran, ``fa4[bwd=fa4]`` or ``fa4[bwd=triton]``.
 Reported per row: ms (median over rotated input sets, CUDA events) and
-backward block efficiency ``density * t_cuDNN_dense_backward / t``. ``--variants`` times the
+backward block efficiency ``density * t_cuDNN_dense_backward / t``, cuDNN's backward timed beside each row
+(``--reference paired``, the default: the mean of its time just before and just after the row, so that both see the
+card in one state; a card heating up to its power cap runs rows late in a round at lower clocks than a reference
+timed at the round's start), besides ``block_eff_round`` against the round's first cuDNN time (``--reference round``
+makes that the row's ``block_eff``, as before session ag). ``--variants`` times the
 Triton backward's candidate settings (``kernels.triton.backward.VARIANTS``) against each other,
 each first checked on small layouts of each shape's frame count (sizes are not specialised on, so
 mostly the very kernels timed) against float64 autograd of the reference backend: relative RMS error of dq, dk, dv
@@ -266,6 +270,9 @@ def parse(argv):
     p.add_argument("--rounds", type=int, default=1,
                    help="time every row (and cuDNN's) this many times, the variants in reversed order every other "
                         "round (checked in the first); the summary table gives each cell's median over rounds")
+    p.add_argument("--reference", default="paired", choices=["paired", "round"],
+                   help="cuDNN's dense backward timed beside each row (paired: before and after it, the mean) or once "
+                        "at each round's start (round); rows keep both efficiencies")
     p.add_argument("--out", default=out_dir())
     p.add_argument("--dry-run", action="store_true", help="a tiny shape on the CPU: triton (interpreter) and reference")
     p.add_argument("--calls", action="store_true",
@@ -308,7 +315,7 @@ def main(argv=None) -> dict:
         print(f"skipping {name}: {why}", flush=True)
     result = {"command": "python bench/backward.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "versions": versions, "dtype": str(dtype).removeprefix("torch."), "batch": args.batch,
-              "skipped_backends": skipped, "rows": [], "incomplete": []}  # fmt: skip
+              "skipped_backends": skipped, "reference": args.reference, "rows": [], "incomplete": []}  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "backward.json")
 
@@ -340,12 +347,15 @@ def main(argv=None) -> dict:
 
         dense = sdpa_with(SDPBackend.CUDNN_ATTENTION if device.type == "cuda" else SDPBackend.MATH)
 
+        def dense_backward(q, k, v):
+            return dense(q, k[:, :kv], v[:, :kv])
+
         kv = layout.kv_len
         tables, failed = {}, set()  # failed: variants whose check failed (not timed in any round)
         for rnd in range(args.rounds):  # each round times every row again, the variants in the other order
             in_round = {"round": rnd} if args.rounds > 1 else {}
-            t_dense, spent = measure(lambda q, k, v: dense(q, k[:, :kv], v[:, :kv]), sets, args.target_ms,
-                                     energy=energy)  # fmt: skip
+            t_dense, spent = measure(dense_backward, sets, args.target_ms, energy=energy)
+            latest_dense = [t_dense]  # cuDNN's last time (paired: the next row's "before")
             joules_dense = spent.get("joules")
             record(shape=shape.name, kind="dense", target=1.0, density=1.0, backend="cudnn-backward", ms=t_dense,
                    block_eff=1.0, **spent, **in_round)  # fmt: skip
@@ -397,7 +407,12 @@ def main(argv=None) -> dict:
                                 continue
                             if ran == "triton":
                                 row.update(triton_launches(table, sets[0][0]))
-                            record(**row, density=table.density, ms=ms, block_eff=table.density * t_dense / ms, **spent)
+                            t_ref = t_dense
+                            if args.reference == "paired":  # cuDNN just before (the last one timed) and just after
+                                after, _ = measure(dense_backward, sets, args.target_ms)
+                                t_ref, latest_dense[0] = (latest_dense[0] + after) / 2, after
+                            record(**row, density=table.density, ms=ms, block_eff=table.density * t_ref / ms,
+                                   dense_ms=t_ref, block_eff_round=table.density * t_dense / ms, **spent)
                             for call, make in calls.items() if backend == "triton" else ():
                                 call_trace = trace and trace.with_name(
                                     f"{shape.name}-{kind}-{density:g}-call-{call}.txt")

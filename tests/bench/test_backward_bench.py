@@ -129,7 +129,7 @@ def test_backward_rounds_time_every_row_again_in_the_other_order(load_script, tm
         pytest.skip("needs triton and TRITON_INTERPRET=1")
     script = load_script("backward")
     result = script.main(["--dry-run", "--backends", "triton", "--kinds", "band", "--variants", "default", "side-out",
-                          "--rounds", "2", "--out", str(tmp_path)])  # fmt: skip
+                          "--rounds", "2", "--reference", "round", "--out", str(tmp_path)])  # fmt: skip
     timed = [(r["round"], r["backend"]) for r in result["rows"] if r["backend"] != "reference"]
     assert timed == [(0, "cudnn-backward"), (0, "triton[default]"), (0, "triton[side-out]"),
                      (1, "cudnn-backward"), (1, "triton[side-out]"), (1, "triton[default]")]
@@ -142,6 +142,33 @@ def test_backward_rounds_time_every_row_again_in_the_other_order(load_script, tm
     table = script.variant_table(result)
     assert "(median of 2 rounds)" in table.splitlines()[0]
     assert f"{sum(effs) / 2:10.3f}" in table.splitlines()[1]  # the median of two: their mean
+
+
+def test_paired_reference_is_cudnn_timed_just_before_and_after_each_row(load_script, tmp_path, monkeypatch):
+    """The default reference: each row's block efficiency against the mean of cuDNN's times just before it (the
+    round's first, or the one after the row before) and just after it; ``block_eff_round`` against the round's first."""
+    from sparse_vdit.kernels import registry
+
+    if not registry.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    script = load_script("backward")
+    dense_times = iter([10.0, 20.0, 30.0, 40.0])  # cuDNN slowing down, as a card heating up to its power cap
+
+    def fake_measure(attend, sets, target_ms, trace=None, energy=None):
+        if getattr(attend, "__name__", "") == "dense_backward":
+            return next(dense_times), {"host_ms": 0.1, "reps": 1}
+        return 2.0, {"host_ms": 0.1, "reps": 1}
+
+    monkeypatch.setattr(script, "measure", fake_measure)
+    result = script.main(["--dry-run", "--backends", "triton", "--kinds", "band", "--variants", "default", "side-out",
+                          "--out", str(tmp_path)])  # fmt: skip
+    assert result["reference"] == "paired"
+    rows = {r["backend"]: r for r in result["rows"] if r.get("variant")}
+    first, second = rows["triton[default]"], rows["triton[side-out]"]
+    assert (first["dense_ms"], second["dense_ms"]) == (15.0, 25.0)
+    assert first["block_eff"] == pytest.approx(first["density"] * 15.0 / 2.0)
+    assert second["block_eff"] == pytest.approx(second["density"] * 25.0 / 2.0)
+    assert second["block_eff_round"] == pytest.approx(second["density"] * 10.0 / 2.0)
 
 
 def test_check_layouts_build_for_every_shape(load_script):
