@@ -120,8 +120,8 @@
 #                  reading stored dS tiles) vs the default: Wan-1.3B's grid in 3 rounds, HunyuanVideo's in 2, then
 #                  Wan-1.3B multi-diagonal 10% under torch.profiler (#18)                                     (~280)
 #   backward-paired-ag  #18's grid with cuDNN timed beside each row (bench/backward.py's paired reference, now its
-#                  default): Wan-1.3B default vs dq-split-25 / dq-split-50 in 3 rounds, HunyuanVideo the default in
-#                  2 (#18)                                                                                     (~220)
+#                  default): Wan-1.3B default vs dq-split-25 / -25-deep / -50-deep (the split's tile loops 5 stages
+#                  deep) in 3 rounds, HunyuanVideo the default in 2 (#18)                                     (~250)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -383,9 +383,9 @@ for name in "$@"; do
         TAIL=12 step backward-split-profile-ag 60 python3 bench/backward.py --shapes wan1.3b-480p --densities 0.1 \
         --kinds multi_diag --backends triton --variants default dq-split-25 --target-ms 40 --profile --budget-s 45 \
         --out "$R/backward-split-profile-ag" ;;
-    backward-paired-ag) TAIL=16 step backward-paired-ag 150 python3 bench/backward.py --shapes wan1.3b-480p \
+    backward-paired-ag) TAIL=16 step backward-paired-ag 170 python3 bench/backward.py --shapes wan1.3b-480p \
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default dq-split-25 \
-        dq-split-50 --rounds 3 --target-ms 60 --budget-s 130 --out "$R/backward-paired-ag"
+        dq-split-25-deep dq-split-50-deep --rounds 3 --target-ms 60 --budget-s 150 --out "$R/backward-paired-ag"
         TAIL=16 step backward-paired-hy-ag 170 python3 bench/backward.py --shapes hunyuan-720p --densities 0.1 0.25 \
         0.5 --kinds band multi_diag mixed --backends triton --variants default --rounds 2 --target-ms 80 \
         --budget-s 150 --out "$R/backward-paired-hy-ag" ;;

@@ -165,7 +165,8 @@ def compile_triton_dq(head_dim: int = 128, block: int = 128, variant: str = "def
     _, q_step, q_tile, kv_step = _tiles(block, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_tile, BLOCK_N=kv_step, HEAD_DIM=head_dim, IEEE=False,
                       ANY_TOKEN_MAJOR=False, TMA=True, DS_TMA=True, Q_STEP=q_step, ACCUMULATE=False,
-                      SIDE_OUT=bool(options["side_out"]), SPLIT=bool(options["dq_split"]))  # fmt: skip
+                      SIDE_OUT=bool(options["side_out"]), SPLIT=bool(options["dq_split"]),
+                      SPLIT_STAGES=options["dq_split_stages"])  # fmt: skip
     keys = f"tensordesc<bf16[1,{kv_step},1,{head_dim}]>"
     descriptors = {"K_DESC": keys, "V_DESC": keys, "DS": f"tensordesc<bf16[{kv_step},{q_tile}]>"}
     return _compile(block_sparse_attention_bwd_dq_stored, constexprs, descriptors,
@@ -355,7 +356,7 @@ def main(argv=None) -> list[Compiled]:
             for variant in variants:
                 tag = "" if variant == "default" else f" {variant}"
                 rows.append(summarize(f"triton backward dK/dV D{dim}{tag}", compile_triton_dkdv(dim, variant=variant)))
-                differs = ("warps", "stages", "side_out", "dq_split")  # options its dQ kernel depends on
+                differs = ("warps", "stages", "side_out", "dq_split", "dq_split_stages")  # its dQ kernel's options
                 if variant == "default" or any(backward_options(variant)[key] != backward_options()[key]
                                                for key in differs):  # fmt: skip
                     rows.append(summarize(f"triton backward dQ D{dim}{tag}", compile_triton_dq(dim, variant=variant)))

@@ -50,11 +50,12 @@ from .rotary import grads_to_frame_major
 # ``side_out``: with ``to_frame_major``, token-major heads' gradients go to compact side buffers, the others' in place,
 # so the passes back to frame-major move those heads only. ``dq_split``: with dS stored, that share of the dQ launch's
 # programs recompute the probabilities instead of reading tiles (spread through it: ds_tiles.recompute_rows), no tiles
-# stored for them; 0: none.
+# stored for them; 0: none. ``dq_split_stages``: under the split, the pipeline depth of the loops reading tiles (None:
+# the launch's; the recomputing path's registers leave one program an SM, so deeper loops keep as many tiles in flight).
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
-                 "dp_early": None, "gluon": None, "side_out": None, "dq_split": None}
+                 "dp_early": None, "gluon": None, "side_out": None, "dq_split": None, "dq_split_stages": None}
 DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
-                  "dp_early": False, "gluon": "all", "side_out": True, "dq_split": 0.0}
+                  "dp_early": False, "gluon": "all", "side_out": True, "dq_split": 0.0, "dq_split_stages": None}
 
 
 # Candidates timed by ``bench/backward.py --variants`` (each checked first): a winner becomes DEFAULTS; lost (numbers
@@ -78,6 +79,8 @@ VARIANTS: dict[str, dict] = {
     "dq-split-15": {"dq_split": 0.15},
     "dq-split-25": {"dq_split": 0.25},
     "dq-split-50": {"dq_split": 0.5},
+    "dq-split-25-deep": {"dq_split": 0.25, "dq_split_stages": 5},  # 5 tiles in flight a program, as two programs
+    "dq-split-50-deep": {"dq_split": 0.5, "dq_split_stages": 5},
 }
 
 
@@ -359,7 +362,8 @@ def backward(
                 q.stride(2), *ranges, *sizes, pairs, head_first[h0], *side_strides,
                 0 if recompute is None else recompute.stride(0),
                 BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, DS_TMA=tma, Q_STEP=q_step,
-                ACCUMULATE=windows, SIDE_OUT=sides, SPLIT=recompute is not None, **common, **launch[1],
+                ACCUMULATE=windows, SIDE_OUT=sides, SPLIT=recompute is not None,
+                SPLIT_STAGES=backward_option("dq_split_stages"), **common, **launch[1],
             )  # fmt: skip
         else:
             block_sparse_attention_bwd_dq[(len(dq_schedule), batch)](

@@ -115,12 +115,13 @@ def _dq_stored_steps(
     FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
     FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
-    DS_TMA: tl.constexpr,
+    DS_TMA: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Key steps ``[lo, last)`` of the range from ``first`` into ``dq``: ``dS K`` with dS read from the
     pairs' stored tiles (``ds_pair``: the range's first pair); MASKED: keys ``>= last`` masked. DS_TMA:
-    DS a descriptor of the tiles' ``[pairs * TABLE_BLOCK, TABLE_BLOCK]`` view, ``ds_queries`` the first column."""
-    for start in range(lo, last, BLOCK_N):
+    DS a descriptor of the tiles' ``[pairs * TABLE_BLOCK, TABLE_BLOCK]`` view, ``ds_queries`` the first column.
+    STAGES: the loop's pipeline depth (None: the launch's)."""
+    for start in tl.range(lo, last, BLOCK_N, num_stages=STAGES):
         offs = start + tl.arange(0, BLOCK_N)
         key_ok = offs < last
         rows = memory_rows(offs, token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, FRAMES, ANY_TOKEN_MAJOR)
@@ -149,9 +150,11 @@ def _dq_from_tiles(
     FRAMES: tl.constexpr, TABLE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, ANY_TOKEN_MAJOR: tl.constexpr, TMA: tl.constexpr,
     DS_TMA: tl.constexpr, Q_STEP: tl.constexpr, ACCUMULATE: tl.constexpr, SIDE_OUT: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     """Query tile ``tile`` of (``batch``, ``head``) (table row ``row``) from the stored dS tiles: its rows of DQ;
-    row ``i`` of the accumulator is the query at the tiles' column ``i``."""
+    row ``i`` of the accumulator is the query at the tiles' column ``i`` (STAGES: the key loops' pipeline depth,
+    None: the launch's)."""
     columns = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_m = ds_tiles.stored_query(columns, Q_STEP)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -171,15 +174,17 @@ def _dq_from_tiles(
         if token_major:
             dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, first, full, K, K_DESC, DS, base, batch, head,
                                   stride_n, True, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-                                  FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, True, False, False, DS_TMA)  # fmt: skip
+                                  FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, True, False, False, DS_TMA,
+                                  STAGES)  # fmt: skip
         else:
             dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, first, full, K, K_DESC, DS, base, batch, head,
                                   stride_n, False, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
-                                  FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, False, TMA, False, DS_TMA)  # fmt: skip
+                                  FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, False, TMA, False, DS_TMA,
+                                  STAGES)  # fmt: skip
         dq = _dq_stored_steps(dq, ds_queries, ds_pair, first, full, last, K, K_DESC, DS, base, batch, head, stride_n,
                               token_major, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS,
                               FRAMES, TABLE_BLOCK, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR, False, True,
-                              DS_TMA)  # fmt: skip
+                              DS_TMA, STAGES)  # fmt: skip
     if SIDE_OUT:
         side, base, stride_n = side_rows(SIDE_SLOT, head, batch, base, stride_n, stride_sb, stride_sn, HEAD_DIM)
         DQ = tl.where(side, DQ_SIDE, DQ)
@@ -210,6 +215,7 @@ def block_sparse_attention_bwd_dq_stored(
     ACCUMULATE: tl.constexpr,  # add to DQ (a head's key blocks in windows, ds_tiles.head_chunks)
     SIDE_OUT: tl.constexpr,  # token-major heads' rows to DQ_SIDE (side_rows)
     SPLIT: tl.constexpr,  # query blocks marked in RECOMPUTE recompute the probabilities (stride_xh: its row stride)
+    SPLIT_STAGES: tl.constexpr,  # with SPLIT: the pipeline depth of the loops reading tiles (None: the launch's)
 ):  # fmt: skip
     """``dQ = dS K`` for one query tile: one matmul per step, the probabilities not recomputed (with SPLIT: but
     for the query blocks marked in RECOMPUTE)."""
@@ -230,7 +236,7 @@ def block_sparse_attention_bwd_dq_stored(
                        head, tile, batch, token_major, base, row, stride_n, stride_rh, stride_rm, N, KV_LEN,
                        NUM_RANGES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, softmax_scale, ds_pairs, slot_base,
                        stride_sb, stride_sn, FRAMES, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR,
-                       TMA, DS_TMA, Q_STEP, ACCUMULATE, SIDE_OUT)  # fmt: skip
+                       TMA, DS_TMA, Q_STEP, ACCUMULATE, SIDE_OUT, SPLIT_STAGES if SPLIT else None)  # fmt: skip
 
 
 @triton.jit
