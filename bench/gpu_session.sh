@@ -116,12 +116,10 @@
 #                  GPU's); then mixed tables, default vs all-heads-out, 3 rounds in alternating order (#18)  (~260)
 #   backward-ag    #18's grid under the default in 3 rounds (medians) (#18)  (~200; sessions ae-af also timed the
 #                  dkdv-rows-out variant here, removed with it: git 3606b85, 3b35f88)
-#   backward-split-ag  the dQ split (dq-split-15/25/50: that share of the dQ launch's programs recompute beside those
-#                  reading stored dS tiles) vs the default: Wan-1.3B's grid in 3 rounds, HunyuanVideo's in 2, then
-#                  Wan-1.3B multi-diagonal 10% under torch.profiler (#18)                                     (~280)
 #   backward-paired-ag  #18's grid with cuDNN timed beside each row (bench/backward.py's paired reference, now its
-#                  default): Wan-1.3B default vs dq-split-25 / -25-deep / -50-deep (the split's tile loops 5 stages
-#                  deep) in 3 rounds, HunyuanVideo the default in 2 (#18)                                     (~250)
+#                  default): Wan-1.3B default (the dQ split) vs no-split / dq-split-50 in 3 rounds, HunyuanVideo the
+#                  default in 2 (#18; session ag ran it at bbc688f's names: dq-split-25-deep, default, dq-split-50-deep,
+#                  and dq-split-25 with 3 stages)                                                              (~250)
 # Keep one call under 10 minutes: e.g. `svg-sweep triton-tuned search-cost`, then `e2e-compiled e2e-wan14b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -374,18 +372,9 @@ for name in "$@"; do
     backward-ag) TAIL=22 step backward-ag 200 python3 bench/backward.py --shapes wan1.3b-480p hunyuan-720p \
         --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default --rounds 3 \
         --target-ms 80 --budget-s 180 --out "$R/backward-ag" ;;
-    backward-split-ag) TAIL=40 step backward-split-ag 170 python3 bench/backward.py --shapes wan1.3b-480p \
-        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default dq-split-15 \
-        dq-split-25 dq-split-50 --rounds 3 --target-ms 60 --budget-s 150 --out "$R/backward-split-ag"
-        TAIL=20 step backward-split-hy-ag 130 python3 bench/backward.py --shapes hunyuan-720p --densities 0.1 0.25 0.5 \
-        --kinds band multi_diag mixed --backends triton --variants default dq-split-25 --rounds 2 --target-ms 80 \
-        --budget-s 110 --out "$R/backward-split-hy-ag"
-        TAIL=12 step backward-split-profile-ag 60 python3 bench/backward.py --shapes wan1.3b-480p --densities 0.1 \
-        --kinds multi_diag --backends triton --variants default dq-split-25 --target-ms 40 --profile --budget-s 45 \
-        --out "$R/backward-split-profile-ag" ;;
     backward-paired-ag) TAIL=16 step backward-paired-ag 170 python3 bench/backward.py --shapes wan1.3b-480p \
-        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default dq-split-25 \
-        dq-split-25-deep dq-split-50-deep --rounds 3 --target-ms 60 --budget-s 150 --out "$R/backward-paired-ag"
+        --densities 0.1 0.25 0.5 --kinds band multi_diag mixed --backends triton --variants default no-split \
+        dq-split-50 --rounds 3 --target-ms 60 --budget-s 150 --out "$R/backward-paired-ag"
         TAIL=16 step backward-paired-hy-ag 170 python3 bench/backward.py --shapes hunyuan-720p --densities 0.1 0.25 \
         0.5 --kinds band multi_diag mixed --backends triton --variants default --rounds 2 --target-ms 80 \
         --budget-s 150 --out "$R/backward-paired-hy-ag" ;;

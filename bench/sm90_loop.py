@@ -103,11 +103,15 @@ def compile_triton(tiles: tuple[int, int, int, int] = (128, 64, 8, 3), head_dim:
                     dict(num_warps=warps, num_stages=stages))  # fmt: skip
 
 
-def backward_options(variant: str = "default") -> dict:
-    """The Triton backward's options under ``variant`` (``backward.VARIANTS``), defaults filled in."""
+def backward_options(variant: str = "default", head_dim: int = 128) -> dict:
+    """The Triton backward's options under ``variant`` (``backward.VARIANTS``), defaults filled in, ``dq_split`` as
+    ``backward.split_share`` has it on sm90 at ``head_dim``."""
     from sparse_vdit.kernels.triton.backward import DEFAULTS, VARIANTS
 
-    return {**DEFAULTS, **VARIANTS[variant]}
+    options = {**DEFAULTS, **VARIANTS[variant]}
+    if "dq_split" not in VARIANTS[variant] and head_dim != 128:
+        options["dq_split"] = 0.0
+    return options
 
 
 def compile_triton_dkdv(head_dim: int = 128, block: int = 128, variant: str = "default"):
@@ -116,7 +120,7 @@ def compile_triton_dkdv(head_dim: int = 128, block: int = 128, variant: str = "d
     options (``dp_early``, ``warps``, ``stages``)."""
     from sparse_vdit.kernels.triton.backward import _tiles, block_sparse_attention_bwd_dkdv
 
-    options = backward_options(variant)
+    options = backward_options(variant, head_dim)
     kv_tile, q_step, _, _ = _tiles(block, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_step, BLOCK_N=kv_tile, HEAD_DIM=head_dim, IEEE=False,
                       ANY_TOKEN_MAJOR=False, TMA=True, STORE_DS=options["dq"] == "stored",
@@ -161,12 +165,12 @@ def compile_triton_dq(head_dim: int = 128, block: int = 128, variant: str = "def
     from sparse_vdit.kernels.triton.backward import _tiles
     from sparse_vdit.kernels.triton.backward_dq import block_sparse_attention_bwd_dq_stored
 
-    options = backward_options(variant)
+    options = backward_options(variant, head_dim)
     _, q_step, q_tile, kv_step = _tiles(block, _CUDA)
     constexprs = dict(FRAMES=21, TABLE_BLOCK=block, BLOCK_M=q_tile, BLOCK_N=kv_step, HEAD_DIM=head_dim, IEEE=False,
                       ANY_TOKEN_MAJOR=False, TMA=True, DS_TMA=True, Q_STEP=q_step, ACCUMULATE=False,
                       SIDE_OUT=bool(options["side_out"]), SPLIT=bool(options["dq_split"]),
-                      SPLIT_STAGES=options["dq_split_stages"])  # fmt: skip
+                      SPLIT_STAGES=options["dq_split_stages"] if options["dq_split"] else None)  # fmt: skip
     keys = f"tensordesc<bf16[1,{kv_step},1,{head_dim}]>"
     descriptors = {"K_DESC": keys, "V_DESC": keys, "DS": f"tensordesc<bf16[{kv_step},{q_tile}]>"}
     return _compile(block_sparse_attention_bwd_dq_stored, constexprs, descriptors,
@@ -357,15 +361,15 @@ def main(argv=None) -> list[Compiled]:
                 tag = "" if variant == "default" else f" {variant}"
                 rows.append(summarize(f"triton backward dK/dV D{dim}{tag}", compile_triton_dkdv(dim, variant=variant)))
                 differs = ("warps", "stages", "side_out", "dq_split", "dq_split_stages")  # its dQ kernel's options
-                if variant == "default" or any(backward_options(variant)[key] != backward_options()[key]
-                                               for key in differs):  # fmt: skip
+                mine, default = backward_options(variant, dim), backward_options("default", dim)
+                if variant == "default" or any(mine[key] != default[key] for key in differs):
                     rows.append(summarize(f"triton backward dQ D{dim}{tag}", compile_triton_dq(dim, variant=variant)))
         if args.gluon_backward:
             rows.append(summarize(f"gluon backward dK/dV D{dim}", compile_gluon_dkdv(dim)))
             rows.append(summarize(f"gluon backward dK/dV D{dim} no dS", compile_gluon_dkdv(dim, store_ds=False)))
             if "side-out" in variants:
                 rows.append(summarize(f"gluon backward dK/dV D{dim} side-out", compile_gluon_dkdv(dim, side_out=True)))
-            if any(backward_options(variant)["dq_split"] for variant in variants):
+            if any(backward_options(variant, dim)["dq_split"] for variant in variants):
                 rows.append(summarize(f"gluon backward dK/dV D{dim} slotted only",
                                       compile_gluon_dkdv(dim, slotted_only=True)))
     if args.json:

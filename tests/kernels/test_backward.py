@@ -183,17 +183,20 @@ def test_triton_forward_and_backward_on_random_layers(case, dtype, route, varian
 
 
 @examples(4)
-@given(case=layer_cases(), budget_pairs=st.integers(1, 6), route=st.sampled_from(["api", "op"]), side_out=st.booleans())
-def test_triton_backward_on_random_layers_in_key_block_windows(case, budget_pairs, route, side_out):
+@given(case=layer_cases(), budget_pairs=st.integers(1, 6), route=st.sampled_from(["api", "op"]), side_out=st.booleans(),
+       split=st.sampled_from([0.0, 0.5]))
+def test_triton_backward_on_random_layers_in_key_block_windows(case, budget_pairs, route, side_out, split):
     """Any layout and mix of patterns with a dS share of a few pairs' tiles: heads in key-block windows (dQ adding
     their parts) and, where one key block's tiles are over it, recomputing, against float64 autograd, every buffer
-    NaN-poisoned (fp16, the interpreter's tiles); ``side_out``: token-major heads' gradients in side buffers too."""
+    NaN-poisoned (fp16, the interpreter's tiles); ``side_out``: token-major heads' gradients in side buffers too;
+    ``split``: the dQ split's share (its recomputing blocks adding their windows' parts too)."""
     _needs_interpreter()
     from sparse_vdit.kernels.triton import backward, ds_tiles
 
     layout, block, heads, batch, _ = case
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setitem(backward.OPTIONS, "side_out", side_out)
+        monkeypatch.setitem(backward.OPTIONS, "dq_split", split)
         monkeypatch.setattr(ds_tiles, "budget", lambda device, share: budget_pairs * batch * block * block * 2)
         _check(case, "triton", torch.float16, "cpu", 2e-6, monkeypatch, route)
 
@@ -229,12 +232,16 @@ def test_head_chunks_fit_the_budget_in_order():
         assert bool((seen == 1).all())
 
 
-@pytest.mark.parametrize("budget_pairs, tma", [(None, False), (40, True), (15, False), (4, True), (1, False)])
-def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, tma, monkeypatch):
+CHUNK_CASES = [(None, False, 0.0), (40, True, 0.0), (15, False, 0.0), (4, True, 0.0), (1, False, 0.0), (40, True, 0.5),
+               (4, False, 0.5)]  # (dS share in pairs' tiles, descriptors, dQ split)
+
+
+@pytest.mark.parametrize("budget_pairs, tma, split", CHUNK_CASES)
+def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, tma, split, monkeypatch):
     """The stored-dS dQ with every head in one launch, heads in chunks of at most 40 pairs' tiles
     (several launches), heads over a 15- and a 4-pair budget (in key-block windows, dQ adding their parts),
-    and a budget no key block fits (those heads recompute); tiles by pointers and by descriptors: all
-    against float64, every buffer (the stored tiles too) NaN-poisoned."""
+    and a budget no key block fits (those heads recompute); tiles by pointers and by descriptors; under the dQ split
+    too: all against float64, every buffer (the stored tiles too) NaN-poisoned."""
     _needs_interpreter()
     from sparse_vdit.kernels.triton import backward, ds_tiles
 
@@ -244,6 +251,7 @@ def test_triton_backward_stored_ds_in_head_chunks(budget_pairs, tma, monkeypatch
     for key, value in _variant_options("default", block).items():
         monkeypatch.setitem(backward.OPTIONS, key, value)
     monkeypatch.setitem(backward.OPTIONS, "tma", tma)
+    monkeypatch.setitem(backward.OPTIONS, "dq_split", split)
     if budget_pairs is not None:
         monkeypatch.setattr(ds_tiles, "budget", lambda device, share: budget_pairs * pair_bytes)
     chunks = []

@@ -70,3 +70,18 @@ def test_slots_leave_out_the_pairs_of_recomputing_blocks():
         for qb in range(int(q_starts[h, kb, r]), int(q_ends[h, kb, r])):
             found[int(h), qb, int(kb)] = int(by_column[q_first[h, kb, r] + qb - q_starts[h, kb, r]])
     assert found == expected
+
+
+@pytest.mark.parametrize("capability, head_dim, expected",
+                         [((9, 0), 128, 0.25), ((9, 0), 64, 0.0), ((8, 0), 128, 0.0), ((10, 0), 128, 0.0)])
+def test_the_default_split_acts_on_hopper_at_head_dim_128_only(capability, head_dim, expected, monkeypatch):
+    """Where it was measured (an H100, head dim 128) the default splits a quarter of the dQ programs; elsewhere none,
+    unless the option is set; the CPU splits only when asked."""
+    from sparse_vdit.kernels.triton import backward
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert backward.split_share(torch.device("cuda", 0), head_dim) == expected
+    assert backward.split_share(torch.device("cpu"), 128) == 0.0
+    monkeypatch.setitem(backward.OPTIONS, "dq_split", 0.5)
+    assert backward.split_share(torch.device("cuda", 0), head_dim) == 0.5
+    assert backward.split_share(torch.device("cpu"), 64) == 0.5

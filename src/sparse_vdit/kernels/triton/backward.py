@@ -7,8 +7,9 @@ prologue kernel that also computes ``delta = rowsum(dO * O)``: :mod:`.backward_p
 kernel stores each visited pair's ``dS`` tile (heads in chunks within a memory share, :data:`DEFAULTS`),
 and ``dQ = dS K`` runs by query tile over the forward's key-block ranges: one matmul per block (a head whose
 tiles alone do not fit the share goes in key-block windows, dQ adding their parts: :func:`.ds_tiles.head_chunks`;
-``dq="recompute"``: dQ recomputes the probabilities, no tiles stored). Each range's whole
-steps run unmasked (frame-major heads read them, and the dQ kernel its dS tiles, through tensor
+``dq="recompute"``: dQ recomputes the probabilities, no tiles stored). On sm90 at head dim 128 a quarter of the dQ
+launch's query blocks recompute beside those reading tiles, none stored for them (the dQ split, :mod:`.backward_dq`).
+Each range's whole steps run unmasked (frame-major heads read them, and the dQ kernel its dS tiles, through tensor
 descriptors, TMA, on sm90+), only its ragged last step masked; the tiles go out as wide stores from
 the matmul's registers, rows and columns in an order that needs no exchange between threads.
 Token-major heads are read and written through their order in place, as in the forward (their LSE
@@ -55,7 +56,8 @@ from .rotary import grads_to_frame_major
 OPTIONS: dict = {"tiles": None, "warps": None, "stages": None, "tma": None, "dq": None, "ds_budget": None,
                  "dp_early": None, "gluon": None, "side_out": None, "dq_split": None, "dq_split_stages": None}
 DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True, "dq": "stored", "ds_budget": 0.15,
-                  "dp_early": False, "gluon": "all", "side_out": True, "dq_split": 0.0, "dq_split_stages": None}
+                  "dp_early": False, "gluon": "all", "side_out": True, "dq_split": 0.25, "dq_split_stages": 5}
+# (the default dq_split acts on sm90 at head dim 128 only: split_share)
 
 
 # Candidates timed by ``bench/backward.py --variants`` (each checked first): a winner becomes DEFAULTS; lost (numbers
@@ -63,11 +65,13 @@ DEFAULTS: dict = {"tiles": None, "warps": (8, 8), "stages": (3, 3), "tma": True,
 # dK/dV tiles (also at 4 warps, two programs an SM), 64/128-query steps, 32/128-key dQ steps, other stages and warps,
 # token-major q and dO copied, dQ on a side stream, a Gluon kernel pipelined in each warpgroup, gradients stored at
 # frame-major rows (sessions k, o, t; dK and dV only, ae-af), recompute + dp-early, exponentials on the FMA units, k
-# and v as register operands, Triton 3.9, LSE and delta a step ahead. Tiles are for 128-token table blocks (tests
+# and v as register operands, Triton 3.9, LSE and delta a step ahead, the dQ split with the launch's 3 stages (15%,
+# 25%, 50%) and with its recomputing programs in 32-query parts (ag). Tiles are for 128-token table blocks (tests
 # scale them).
 VARIANTS: dict[str, dict] = {
     "default": {},  # stored dS (through descriptors on sm90+), 128-key dK/dV tiles with 32-query steps, 128-query
-    # dQ tiles with 64-key steps, 8 warps, 3 stages; dK/dV by the Gluon kernel on sm90 where it applies
+    # dQ tiles with 64-key steps, 8 warps, 3 stages; dK/dV by the Gluon kernel on sm90 where it applies; a quarter of
+    # the dQ programs recomputing beside those reading tiles, 5 stages deep (since session ag)
     "recompute": {"dq": "recompute"},  # what heads over the memory share run (and devices with little memory)
     "dp-early": {"dp_early": True},  # dP's MMAs beside the exponentials, dV's beside dS (sm90 SASS)
     "triton-dkdv": {"gluon": False},  # the Triton dK/dV kernel everywhere (its two warpgroups in lock step on sm90)
@@ -75,18 +79,23 @@ VARIANTS: dict[str, dict] = {
     "gluon-d128": {"gluon": True},  # the Gluon kernel at head dim 128 with dS stored only (the default until session ad)
     "side-out": {"side_out": True},  # the passes back to frame-major over token-major heads only (the default)
     "all-heads-out": {"side_out": False},  # the passes back over every head (the default until session ad)
-    # dQ programs bound by the tensor cores beside those bound by reading stored tiles, in one launch
-    "dq-split-15": {"dq_split": 0.15},
-    "dq-split-25": {"dq_split": 0.25},
-    "dq-split-50": {"dq_split": 0.5},
-    "dq-split-25-deep": {"dq_split": 0.25, "dq_split_stages": 5},  # 5 tiles in flight a program, as two programs
-    "dq-split-50-deep": {"dq_split": 0.5, "dq_split_stages": 5},
+    "no-split": {"dq_split": 0.0},  # every dQ program reads tiles (the default until session ag)
+    "dq-split-50": {"dq_split": 0.5},  # half the dQ programs recompute
 }
 
 
 def backward_option(name: str):
     """The backward option ``name`` in force: ``OPTIONS`` where set, else ``DEFAULTS``."""
     return DEFAULTS[name] if OPTIONS[name] is None else OPTIONS[name]
+
+
+def split_share(device: torch.device, head_dim: int) -> float:
+    """The dQ split in force (``dq_split``): ``OPTIONS``' where set, else the default's on sm90 at head dim 128, where
+    it was measured (BENCHMARKS.md, session ag; its 5-stage loops need Hopper's shared memory), else none."""
+    if OPTIONS["dq_split"] is not None:
+        return float(OPTIONS["dq_split"])
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    return float(DEFAULTS["dq_split"]) if hopper and head_dim == 128 else 0.0
 
 
 @triton.jit
@@ -301,7 +310,7 @@ def backward(
     if backward_option("dq") == "stored":
         chunks = ds_tiles.table_chunks(table, batch, q.element_size(), device, float(backward_option("ds_budget")))
     windows = any(c.keys is not None for c in chunks)  # a head's key blocks in parts: dQ adds them up
-    split = float(backward_option("dq_split")) if backward_option("dq") == "stored" else 0.0
+    split = split_share(device, dim) if backward_option("dq") == "stored" else 0.0
     recompute = None  # with split: the query blocks whose dQ recomputes though the tiles are stored
     if split > 0:
         recompute = table.form(("triton.bwd.recompute_rows", block // q_tile, num_q_tiles, order, split),
@@ -363,7 +372,7 @@ def backward(
                 0 if recompute is None else recompute.stride(0),
                 BLOCK_M=q_tile, BLOCK_N=kv_step, TMA=kv_descriptors is not None, DS_TMA=tma, Q_STEP=q_step,
                 ACCUMULATE=windows, SIDE_OUT=sides, SPLIT=recompute is not None,
-                SPLIT_STAGES=backward_option("dq_split_stages"), **common, **launch[1],
+                SPLIT_STAGES=None if recompute is None else backward_option("dq_split_stages"), **common, **launch[1],
             )  # fmt: skip
         else:
             block_sparse_attention_bwd_dq[(len(dq_schedule), batch)](
@@ -380,4 +389,4 @@ def backward(
     return dq, dk, dv
 
 
-__all__ = ["OPTIONS", "VARIANTS", "backward"]
+__all__ = ["OPTIONS", "VARIANTS", "backward", "split_share"]
