@@ -355,7 +355,7 @@ def main(argv=None) -> dict:
         for rnd in range(args.rounds):  # each round times every row again, the variants in the other order
             in_round = {"round": rnd} if args.rounds > 1 else {}
             t_dense, spent = measure(dense_backward, sets, args.target_ms, energy=energy)
-            latest_dense = [t_dense]  # cuDNN's last time (paired: the next row's "before")
+            dense_before = t_dense  # cuDNN's last time (paired: the next row's "before")
             joules_dense = spent.get("joules")
             record(shape=shape.name, kind="dense", target=1.0, density=1.0, backend="cudnn-backward", ms=t_dense,
                    block_eff=1.0, **spent, **in_round)  # fmt: skip
@@ -410,7 +410,7 @@ def main(argv=None) -> dict:
                             t_ref = t_dense
                             if args.reference == "paired":  # cuDNN just before (the last one timed) and just after
                                 after, _ = measure(dense_backward, sets, args.target_ms)
-                                t_ref, latest_dense[0] = (latest_dense[0] + after) / 2, after
+                                t_ref, dense_before = (dense_before + after) / 2, after
                             record(**row, density=table.density, ms=ms, block_eff=table.density * t_ref / ms,
                                    dense_ms=t_ref, block_eff_round=table.density * t_dense / ms, **spent)
                             for call, make in calls.items() if backend == "triton" else ():

@@ -215,7 +215,7 @@ def block_sparse_attention_bwd_dq_stored(
     ACCUMULATE: tl.constexpr,  # add to DQ (a head's key blocks in windows, ds_tiles.head_chunks)
     SIDE_OUT: tl.constexpr,  # token-major heads' rows to DQ_SIDE (side_rows)
     SPLIT: tl.constexpr,  # query blocks marked in RECOMPUTE recompute the probabilities (stride_xh: its row stride)
-    SPLIT_STAGES: tl.constexpr,  # with SPLIT: the pipeline depth of the loops reading tiles (None: the launch's)
+    SPLIT_STAGES: tl.constexpr,  # the pipeline depth of the loops reading tiles (None: the launch's; set with SPLIT)
 ):  # fmt: skip
     """``dQ = dS K`` for one query tile: one matmul per step, the probabilities not recomputed (with SPLIT: but
     for the query blocks marked in RECOMPUTE)."""
@@ -236,7 +236,7 @@ def block_sparse_attention_bwd_dq_stored(
                        head, tile, batch, token_major, base, row, stride_n, stride_rh, stride_rm, N, KV_LEN,
                        NUM_RANGES, FRAME_TOKENS, VIDEO_START, VIDEO_TOKENS, softmax_scale, ds_pairs, slot_base,
                        stride_sb, stride_sn, FRAMES, TABLE_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, IEEE, ANY_TOKEN_MAJOR,
-                       TMA, DS_TMA, Q_STEP, ACCUMULATE, SIDE_OUT, SPLIT_STAGES if SPLIT else None)  # fmt: skip
+                       TMA, DS_TMA, Q_STEP, ACCUMULATE, SIDE_OUT, SPLIT_STAGES)  # fmt: skip
 
 
 @triton.jit

@@ -48,11 +48,7 @@ def slots(table, recompute: torch.Tensor | None = None) -> tuple[torch.Tensor, l
     dK/dV kernel's list; the others numbered without them)."""
     _, _, by_column = pairs_by_column(table.range_starts, table.range_ends, table.num_q_blocks)
     lengths = (table.range_ends - table.range_starts).sum(2)  # [H, Qb] pairs of each query block
-    if recompute is None:
-        return (_first_pairs(table.range_starts, table.range_ends),
-                [0, *itertools.accumulate(lengths.sum(1).tolist())], by_column.to(torch.int32),
-                _first_pairs(*table.query_ranges))  # fmt: skip
-    keep = (recompute == 0).to(lengths.device)
+    keep = torch.ones_like(lengths, dtype=torch.bool) if recompute is None else (recompute == 0).to(lengths.device)
     stored = keep.flatten().repeat_interleave(lengths.flatten().long()).long()  # each pair in the forward order
     before = torch.cumsum(stored, 0) - stored  # stored pairs ahead of each pair: its slot where it is stored
     slot = torch.where(stored > 0, before, -1)
